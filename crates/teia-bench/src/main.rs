@@ -1,0 +1,2 @@
+//! teia benchmarks (placeholder until the load generator lands).
+fn main() {}

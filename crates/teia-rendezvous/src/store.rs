@@ -1,0 +1,348 @@
+//! Durable storage of rendezvous records in SQLite (WAL), written by one thread that groups
+//! concurrent writes into one transaction (group commit).
+//!
+//! A change is acknowledged only once its transaction has committed, so an answered REGISTER
+//! survives `kill -9`. The queue to the writer is bounded ([`QUEUE_CAPACITY`]): when it is
+//! full, [`Store::try_reserve`] fails and the server answers `busy` instead of waiting.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::thread::JoinHandle;
+
+use rusqlite::{params, Connection};
+use teia_core::rendezvous::{Record, RecordKey, UnixMillis};
+use tokio::sync::{mpsc, oneshot};
+
+/// Changes waiting for the writer, at most.
+pub const QUEUE_CAPACITY: usize = 4096;
+/// Changes committed in one transaction, at most.
+const BATCH: usize = 512;
+const SCHEMA_VERSION: i64 = 1;
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The data directory could not be created.
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// SQLite refused an operation.
+    #[error("database {path}: {source}")]
+    Sqlite {
+        /// The database file.
+        path: PathBuf,
+        /// The cause.
+        source: rusqlite::Error,
+    },
+    /// The database was written by a newer teia.
+    #[error("database {path} has schema version {found}, newer than this teia understands ({SCHEMA_VERSION})")]
+    Schema {
+        /// The database file.
+        path: PathBuf,
+        /// The version found.
+        found: i64,
+    },
+    /// The writer thread has stopped (after an earlier error, or at shutdown).
+    #[error("the storage writer has stopped")]
+    Stopped,
+    /// The commit of a batch failed.
+    #[error("commit failed: {0}")]
+    Commit(String),
+}
+
+/// One change to persist.
+#[derive(Debug)]
+pub enum Change {
+    /// Insert or replace a record.
+    Upsert(Record),
+    /// Delete these records.
+    Delete(Vec<RecordKey>),
+    /// Delete every record expired at this time.
+    PurgeExpired(UnixMillis),
+}
+
+/// A change and who waits for its commit.
+#[derive(Debug)]
+pub struct Job {
+    change: Change,
+    done: Option<oneshot::Sender<Result<(), String>>>,
+}
+
+/// A place reserved in the writer's queue: sending through it cannot fail for lack of room,
+/// so a change can be queued in the same critical section that applied it in memory, and
+/// the writer sees changes in the order memory did.
+pub struct Reserved<'a>(mpsc::Permit<'a, Job>);
+
+impl Reserved<'_> {
+    /// Queues `change`; the receiver resolves once it is committed.
+    pub fn send(self, change: Change) -> Committed {
+        let (tx, rx) = oneshot::channel();
+        self.0.send(Job {
+            change,
+            done: Some(tx),
+        });
+        Committed(rx)
+    }
+
+    /// Queues `change` with nobody waiting for it.
+    pub fn send_detached(self, change: Change) {
+        self.0.send(Job { change, done: None });
+    }
+}
+
+/// Resolves when a queued change has been committed.
+pub struct Committed(oneshot::Receiver<Result<(), String>>);
+
+impl Committed {
+    /// Waits for the commit.
+    pub async fn wait(self) -> Result<(), StoreError> {
+        match self.0.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Commit(e)),
+            Err(_) => Err(StoreError::Stopped),
+        }
+    }
+}
+
+/// Handle to the writer thread.
+pub struct Store {
+    tx: mpsc::Sender<Job>,
+    writer: JoinHandle<()>,
+}
+
+impl Store {
+    /// Opens (creating if needed) `rendezvous.sqlite3` in `data_dir`, reads every record
+    /// back, and starts the writer thread.
+    pub fn open(data_dir: &Path) -> Result<(Self, Vec<Record>), StoreError> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        })?;
+        let path = data_dir.join("rendezvous.sqlite3");
+        let sql = |source| StoreError::Sqlite {
+            path: path.clone(),
+            source,
+        };
+        let conn = Connection::open(&path).map_err(sql)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(sql)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(sql)?;
+        let version: i64 = conn
+            .pragma_query_value(None, "user_version", |row| row.get(0))
+            .map_err(sql)?;
+        if version > SCHEMA_VERSION {
+            return Err(StoreError::Schema {
+                path: path.clone(),
+                found: version,
+            });
+        }
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS records (
+                namespace TEXT NOT NULL,
+                name TEXT NOT NULL,
+                ip TEXT NOT NULL,
+                port INTEGER NOT NULL,
+                ttl INTEGER NOT NULL,
+                observed_port INTEGER NOT NULL,
+                registered_at INTEGER NOT NULL,
+                expires_at INTEGER NOT NULL,
+                PRIMARY KEY (namespace, name, ip)
+            ) WITHOUT ROWID;
+            PRAGMA user_version = 1;",
+        )
+        .map_err(sql)?;
+        let records = load(&conn).map_err(sql)?;
+        let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
+        let writer = std::thread::Builder::new()
+            .name("rendezvous-store".into())
+            .spawn(move || write_loop(conn, rx))
+            .map_err(|source| StoreError::DataDir {
+                path: data_dir.to_owned(),
+                source,
+            })?;
+        Ok((Self { tx, writer }, records))
+    }
+
+    /// Reserves a place in the writer's queue, or `None` when it is full or stopped.
+    pub fn try_reserve(&self) -> Option<Reserved<'_>> {
+        self.tx.try_reserve().ok().map(Reserved)
+    }
+
+    /// Stops the writer once it has committed everything queued, and waits for it.
+    pub fn close(self) {
+        drop(self.tx);
+        if self.writer.join().is_err() {
+            tracing::error!("storage writer thread panicked");
+        }
+    }
+}
+
+fn load(conn: &Connection) -> rusqlite::Result<Vec<Record>> {
+    let mut statement = conn.prepare(
+        "SELECT namespace, name, ip, port, ttl, observed_port, registered_at, expires_at FROM records",
+    )?;
+    let rows = statement.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, i64>(3)?,
+            row.get::<_, i64>(4)?,
+            row.get::<_, i64>(5)?,
+            row.get::<_, i64>(6)?,
+            row.get::<_, i64>(7)?,
+        ))
+    })?;
+    let mut records = Vec::new();
+    for row in rows {
+        let (namespace, name, ip, port, ttl, observed_port, registered_at, expires_at) = row?;
+        let parsed = (|| {
+            Some(Record {
+                key: RecordKey {
+                    namespace,
+                    name,
+                    ip: ip.parse::<IpAddr>().ok()?,
+                },
+                port: u16::try_from(port).ok()?,
+                ttl: u32::try_from(ttl).ok()?,
+                observed_port: u16::try_from(observed_port).ok()?,
+                registered_at: u64::try_from(registered_at).ok()?,
+                expires_at: u64::try_from(expires_at).ok()?,
+            })
+        })();
+        match parsed {
+            Some(record) => records.push(record),
+            None => tracing::warn!(ip = %ip, "skipping a malformed stored record"),
+        }
+    }
+    Ok(records)
+}
+
+fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(BATCH);
+    while let Some(job) = rx.blocking_recv() {
+        batch.push(job);
+        while batch.len() < BATCH {
+            match rx.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let outcome = commit(&mut conn, &batch).map_err(|e| e.to_string());
+        if let Err(e) = &outcome {
+            tracing::error!(error = %e, changes = batch.len(), "storage commit failed");
+        }
+        for job in batch.drain(..) {
+            if let Some(done) = job.done {
+                let _ = done.send(outcome.clone());
+            }
+        }
+    }
+}
+
+fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    {
+        let mut upsert = tx.prepare_cached(
+            "INSERT OR REPLACE INTO records
+             (namespace, name, ip, port, ttl, observed_port, registered_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        let mut delete = tx
+            .prepare_cached("DELETE FROM records WHERE namespace = ?1 AND name = ?2 AND ip = ?3")?;
+        let mut purge = tx.prepare_cached("DELETE FROM records WHERE expires_at <= ?1")?;
+        for job in batch {
+            match &job.change {
+                Change::Upsert(r) => {
+                    upsert.execute(params![
+                        r.key.namespace,
+                        r.key.name,
+                        r.key.ip.to_string(),
+                        r.port,
+                        r.ttl,
+                        r.observed_port,
+                        clamp(r.registered_at),
+                        clamp(r.expires_at),
+                    ])?;
+                }
+                Change::Delete(keys) => {
+                    for k in keys {
+                        delete.execute(params![k.namespace, k.name, k.ip.to_string()])?;
+                    }
+                }
+                Change::PurgeExpired(now) => {
+                    purge.execute(params![clamp(*now)])?;
+                }
+            }
+        }
+    }
+    tx.commit()
+}
+
+fn clamp(millis: UnixMillis) -> i64 {
+    i64::try_from(millis).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::net::Ipv4Addr;
+
+    fn record(name: &str, expires_at: u64) -> Record {
+        Record {
+            key: RecordKey {
+                namespace: "ns".into(),
+                name: name.into(),
+                ip: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            },
+            port: 7070,
+            ttl: 60,
+            observed_port: 50_000,
+            registered_at: 1_000,
+            expires_at,
+        }
+    }
+
+    async fn apply(store: &Store, change: Change) {
+        store
+            .try_reserve()
+            .unwrap()
+            .send(change)
+            .wait()
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn changes_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, loaded) = Store::open(dir.path()).unwrap();
+        assert!(loaded.is_empty());
+        apply(&store, Change::Upsert(record("a", 5_000))).await;
+        apply(&store, Change::Upsert(record("b", 9_000))).await;
+        apply(&store, Change::Upsert(record("c", 9_000))).await;
+        apply(&store, Change::Delete(vec![record("c", 0).key])).await;
+        apply(&store, Change::PurgeExpired(5_000)).await;
+        store.close();
+        let (store, loaded) = Store::open(dir.path()).unwrap();
+        assert_eq!(loaded, vec![record("b", 9_000)]);
+        store.close();
+    }
+
+    #[test]
+    fn refuses_a_newer_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let conn = Connection::open(dir.path().join("rendezvous.sqlite3")).unwrap();
+        conn.pragma_update(None, "user_version", 99).unwrap();
+        drop(conn);
+        assert!(matches!(
+            Store::open(dir.path()),
+            Err(StoreError::Schema { found: 99, .. })
+        ));
+    }
+}

@@ -1,0 +1,8 @@
+//! teia wire protocol: message types and the JSON-lines codec.
+//!
+//! This crate does no I/O. It turns bytes into validated messages and messages into bytes,
+//! following `PROTOCOL.md`: strict when writing, liberal when reading.
+
+pub mod codec;
+pub mod fields;
+pub mod rendezvous;

@@ -1,0 +1,164 @@
+//! Command-line arguments as typed by the user (clap). Validation into the settings each
+//! command runs with happens in `commands`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// teia: one peer-to-peer node for chat, file sharing and distributed jobs.
+///
+/// Every flag can also be set by an environment variable (shown as [env: ...]); a flag on
+/// the command line wins over the variable.
+#[derive(Debug, Parser)]
+#[command(name = "teia", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// Log level or filter (error, warn, info, debug, trace, or a RUST_LOG-style filter such
+    /// as `teia_rendezvous=debug`). Without it, RUST_LOG is used, else `info`.
+    #[arg(long, global = true, env = "TEIA_LOG", value_name = "LEVEL")]
+    pub log: Option<String>,
+
+    /// Append logs to this file instead of standard error.
+    #[arg(long, global = true, env = "TEIA_LOG_FILE", value_name = "FILE")]
+    pub log_file: Option<PathBuf>,
+
+    /// What to run.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a rendezvous server: peers register `name@namespace` and discover each other.
+    Rendezvous(RendezvousArgs),
+    /// Talk to a rendezvous server once: register, discover or unregister, and print the answer.
+    #[command(subcommand)]
+    Rdv(RdvCommand),
+}
+
+/// Flags of `teia rendezvous`.
+#[derive(Debug, Args)]
+pub struct RendezvousArgs {
+    /// Address and port to listen on.
+    #[arg(
+        long,
+        env = "TEIA_LISTEN",
+        default_value = "0.0.0.0:8080",
+        value_name = "ADDR"
+    )]
+    pub listen: SocketAddr,
+
+    /// Directory for the record database (created if missing). Default: the platform's data
+    /// directory, e.g. ~/.local/share/teia.
+    #[arg(long, env = "TEIA_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Connections served at once; one more is answered `busy` and closed at once.
+    #[arg(long, env = "TEIA_MAX_CONNECTIONS", default_value_t = 1024, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_connections: u32,
+
+    /// Seconds a connection has to send its request line before it is answered `timeout`.
+    #[arg(
+        long,
+        env = "TEIA_IDLE_TIMEOUT",
+        default_value_t = 5.0,
+        value_name = "SECONDS"
+    )]
+    pub idle_timeout: f64,
+
+    /// Requests per second allowed per source IP (burst of the same size); 0 turns the limit
+    /// off. Excess connections are answered `rate_limited`.
+    #[arg(
+        long,
+        env = "TEIA_RATE_LIMIT",
+        default_value_t = 0,
+        value_name = "PER_SECOND"
+    )]
+    pub rate_limit: u32,
+
+    /// Records held in total; a REGISTER of a new record beyond it is answered `busy`.
+    #[arg(
+        long,
+        env = "TEIA_MAX_RECORDS",
+        default_value_t = 100_000,
+        value_name = "N"
+    )]
+    pub max_records: usize,
+
+    /// Records per source IP; a REGISTER of a new record beyond it is answered `over_quota`.
+    #[arg(
+        long,
+        env = "TEIA_MAX_RECORDS_PER_IP",
+        default_value_t = 1024,
+        value_name = "N"
+    )]
+    pub max_records_per_ip: usize,
+}
+
+/// `teia rdv` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum RdvCommand {
+    /// Register `NAME@NAMESPACE` listening on PORT.
+    Register {
+        /// Where to reach the server.
+        #[command(flatten)]
+        target: RdvTarget,
+        /// Namespace (room) to register in.
+        #[arg(long, value_name = "NS")]
+        namespace: String,
+        /// Name to register.
+        #[arg(long)]
+        name: String,
+        /// Port your peer listens on.
+        #[arg(long)]
+        port: u16,
+        /// Lifetime of the record in seconds (1 to 86400).
+        #[arg(long, default_value_t = 7200)]
+        ttl: u32,
+    },
+    /// List the peers of a namespace, or of every namespace.
+    Discover {
+        /// Where to reach the server.
+        #[command(flatten)]
+        target: RdvTarget,
+        /// Namespace to list; omit for all.
+        #[arg(long, value_name = "NS")]
+        namespace: Option<String>,
+    },
+    /// Remove your records from a namespace (only NAME and/or PORT when given).
+    Unregister {
+        /// Where to reach the server.
+        #[command(flatten)]
+        target: RdvTarget,
+        /// Namespace of the records.
+        #[arg(long, value_name = "NS")]
+        namespace: String,
+        /// Only the record of this name.
+        #[arg(long)]
+        name: Option<String>,
+        /// Only records of this port.
+        #[arg(long)]
+        port: Option<u16>,
+    },
+}
+
+/// Which server to ask and how to print.
+#[derive(Debug, Args)]
+pub struct RdvTarget {
+    /// Rendezvous server as HOST:PORT.
+    #[arg(
+        long,
+        env = "TEIA_RENDEZVOUS",
+        default_value = "127.0.0.1:8080",
+        value_name = "HOST:PORT"
+    )]
+    pub server: String,
+    /// Print the server's answer line as received instead of a summary.
+    #[arg(long)]
+    pub json: bool,
+    /// Seconds to wait for the connection and for the answer, each.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    pub timeout: f64,
+}

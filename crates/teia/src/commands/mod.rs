@@ -1,0 +1,67 @@
+//! The commands: each turns its arguments into settings and runs on a tokio runtime.
+
+mod rdv;
+mod rendezvous;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::cli::Command;
+
+/// Runs one command to completion.
+pub fn run(command: Command) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    runtime.block_on(async move {
+        match command {
+            Command::Rendezvous(args) => rendezvous::run(args).await,
+            Command::Rdv(command) => rdv::run(command).await,
+        }
+    })
+}
+
+/// The data directory: the one given, else the platform's data directory plus `teia`.
+fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    match given {
+        Some(dir) => Ok(dir),
+        None => dirs::data_dir()
+            .map(|d| d.join("teia"))
+            .context("no platform data directory is known here; pass --data-dir DIR"),
+    }
+}
+
+/// A duration given in (possibly fractional) seconds on the command line.
+fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
+    if !(value.is_finite() && value > 0.0 && value <= 86_400.0) {
+        bail!("{flag} must be a number of seconds between 0 and 86400, got {value}");
+    }
+    Ok(Duration::from_secs_f64(value))
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+async fn shutdown_signal() {
+    let interrupt = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = interrupt => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = interrupt.await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = interrupt.await;
+    }
+}

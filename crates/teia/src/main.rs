@@ -1,0 +1,22 @@
+//! The `teia` binary: parses the command line, sets up logging and runs one command.
+
+mod cli;
+mod commands;
+mod logging;
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = cli::Cli::parse();
+    if let Err(e) = logging::init(cli.log.as_deref(), cli.log_file.as_deref()) {
+        eprintln!("error: {e:#}");
+        return std::process::ExitCode::from(2);
+    }
+    match commands::run(cli.command) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
