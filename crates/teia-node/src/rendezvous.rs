@@ -277,3 +277,86 @@ impl Registrar {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use teia_rendezvous::{Config, Server};
+    use tokio::sync::{mpsc, oneshot};
+
+    async fn start_server(dir: &std::path::Path) -> (String, oneshot::Sender<()>) {
+        let server = Server::bind(Config::new("127.0.0.1:0".parse().unwrap(), dir.into()))
+            .await
+            .unwrap();
+        let addr = server.local_addr().unwrap().to_string();
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(server.serve(async {
+            let _ = stopped.await;
+        }));
+        (addr, stop)
+    }
+
+    #[tokio::test]
+    async fn client_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, _stop) = start_server(dir.path()).await;
+        let client = RendezvousClient::new(addr);
+        let reg = client.register("UnB", "alice", 7070, 60).await.unwrap();
+        assert_eq!(reg.ttl, 60);
+        assert_eq!(reg.observed_ip.as_deref(), Some("127.0.0.1"));
+        let peers = client.discover(Some("UnB")).await.unwrap();
+        assert_eq!(peers.len(), 1);
+        assert_eq!(peers[0].peer_id(), "alice@UnB");
+        client.unregister("UnB", Some("alice"), None).await.unwrap();
+        assert!(client.discover(None).await.unwrap().is_empty());
+        let refused = client.register("UnB", "a b", 1, 60).await.unwrap_err();
+        assert!(
+            matches!(&refused, ClientError::Answer { source: AnswerError::Server { code, .. }, .. } if code == "bad_name"),
+            "{refused}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unreachable_server_is_a_connect_error() {
+        let client = RendezvousClient::new("127.0.0.1:1");
+        assert!(matches!(
+            client.discover(None).await,
+            Err(ClientError::Connect { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn registrar_refreshes_before_expiry_and_unregisters_on_shutdown() {
+        let dir = tempfile::tempdir().unwrap();
+        let (addr, _stop) = start_server(dir.path()).await;
+        let registrar = Registrar {
+            client: RendezvousClient::new(addr.clone()),
+            namespace: "UnB".into(),
+            name: "alice".into(),
+            port: 7070,
+            ttl: 2,
+        };
+        let (events_tx, mut events) = mpsc::channel(16);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(registrar.run(
+            async {
+                let _ = stopped.await;
+            },
+            move |event| {
+                let _ = events_tx.try_send(event);
+            },
+        ));
+        for _ in 0..3 {
+            let event = tokio::time::timeout(Duration::from_secs(30), events.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(matches!(event, RegistrarEvent::Registered(_)), "{event:?}");
+        }
+        let client = RendezvousClient::new(addr);
+        assert_eq!(client.discover(Some("UnB")).await.unwrap().len(), 1);
+        stop.send(()).unwrap();
+        task.await.unwrap();
+        assert!(client.discover(Some("UnB")).await.unwrap().is_empty());
+    }
+}

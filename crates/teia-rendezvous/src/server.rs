@@ -27,6 +27,13 @@ use crate::store::{Change, Store, StoreError};
 const DISCOVER_MAX_RECORDS: usize = MAX_LINE / 64;
 /// Sources tracked by the rate limiter at most.
 const RATE_TABLE_SIZE: usize = 65_536;
+/// Refused connections being answered at once; beyond this they are closed unanswered.
+const MAX_REFUSALS: usize = 256;
+/// After answering, how long unread input is drained before closing, so the client reads
+/// the answer instead of a reset.
+const LINGER: Duration = Duration::from_secs(2);
+/// Bytes drained at most while lingering.
+const LINGER_BYTES: usize = 64 * 1024;
 
 /// Server settings.
 #[derive(Debug, Clone)]
@@ -144,13 +151,14 @@ impl Server {
             max_connections,
         } = self;
         let connections = Arc::new(Semaphore::new(max_connections));
+        let refusals = Arc::new(Semaphore::new(MAX_REFUSALS));
         let sweeper = tokio::spawn(sweep(Arc::clone(&shared)));
         tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 () = &mut shutdown => break,
                 accepted = listener.accept() => match accepted {
-                    Ok((stream, peer)) => admit(stream, peer, &shared, &connections, max_connections),
+                    Ok((stream, peer)) => admit(stream, peer, &shared, &connections, &refusals, max_connections),
                     Err(e) => {
                         tracing::warn!(error = %e, "accept failed; pausing");
                         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -197,6 +205,7 @@ fn admit(
     peer: SocketAddr,
     shared: &Arc<Shared>,
     connections: &Arc<Semaphore>,
+    refusals: &Arc<Semaphore>,
     max_connections: usize,
 ) {
     let ip = peer.ip().to_canonical();
@@ -207,17 +216,18 @@ fn admit(
             .unwrap_or_else(PoisonError::into_inner)
             .allow(&ip, now);
         if !allowed {
-            refuse(&stream, RdvError::new(ErrorCode::RateLimited));
+            refuse(stream, RdvError::new(ErrorCode::RateLimited), refusals);
             return;
         }
     }
     let Ok(permit) = Arc::clone(connections).try_acquire_owned() else {
         tracing::debug!(%peer, "connection limit reached");
         refuse(
-            &stream,
+            stream,
             RdvError::new(ErrorCode::Busy)
                 .detail("too many connections")
                 .limit(max_connections as u64),
+            refusals,
         );
         return;
     };
@@ -228,9 +238,35 @@ fn admit(
     });
 }
 
-/// Answers a connection that will not be served with one error line, without waiting.
-fn refuse(stream: &TcpStream, error: RdvError) {
-    let _ = stream.try_write(&error.to_line());
+/// Answers a connection that will not be served with one error line. At most
+/// [`MAX_REFUSALS`] are answered at once; past that a refused connection is just closed.
+fn refuse(stream: TcpStream, error: RdvError, refusals: &Arc<Semaphore>) {
+    let Ok(permit) = Arc::clone(refusals).try_acquire_owned() else {
+        return;
+    };
+    tokio::spawn(async move {
+        answer_and_close(stream, &error.to_line()).await;
+        drop(permit);
+    });
+}
+
+/// Writes `answer`, half-closes, and drains what the client still sends (bounded in bytes
+/// and time) so that closing does not reset the connection before the answer is read.
+async fn answer_and_close(mut stream: TcpStream, answer: &[u8]) {
+    if stream.write_all(answer).await.is_err() || stream.shutdown().await.is_err() {
+        return;
+    }
+    let drain = async {
+        let mut sink = [0u8; 4096];
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
@@ -241,12 +277,10 @@ async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shar
         Ok(Ok(None)) => None,
         Ok(Ok(Some(request))) => Some(execute(request, peer, shared).await),
     };
-    if let Some(answer) = answer {
-        if let Err(e) = stream.write_all(&answer).await {
-            tracing::debug!(%peer, error = %e, "could not write answer");
-        }
+    match answer {
+        Some(answer) => answer_and_close(stream, &answer).await,
+        None => drop(stream),
     }
-    let _ = stream.shutdown().await;
 }
 
 /// Reads the one request line of a connection. `Ok(None)` when the client closed without

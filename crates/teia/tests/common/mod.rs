@@ -1,0 +1,229 @@
+//! Helpers for integration tests: start real `teia` processes on 127.0.0.1, wait for their
+//! log lines, and talk to them over TCP.
+#![allow(
+    dead_code,
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::indexing_slicing
+)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpSocket, TcpStream};
+
+/// How long any wait in a test may last before it fails: generous, for loaded machines.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+/// The `teia` binary built for these tests.
+pub fn teia() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_teia"))
+}
+
+/// Lines a child printed on stderr, shared with the thread that reads them.
+#[derive(Default)]
+struct Lines {
+    lines: Mutex<Vec<String>>,
+    changed: Condvar,
+}
+
+/// A running `teia` process, killed when dropped.
+pub struct Process {
+    pub child: Child,
+    stderr: Arc<Lines>,
+}
+
+impl Process {
+    /// Spawns `teia ARGS` with stderr captured.
+    pub fn spawn(args: &[&str]) -> Self {
+        let mut child = teia()
+            .args(args)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn teia");
+        let stderr = Arc::new(Lines::default());
+        let pipe = child.stderr.take().unwrap();
+        let sink = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                sink.lines.lock().unwrap().push(line);
+                sink.changed.notify_all();
+            }
+        });
+        Self { child, stderr }
+    }
+
+    /// Waits until a stderr line contains `needle`, and returns it.
+    pub fn wait_for_log(&self, needle: &str) -> String {
+        self.wait_for_log_after(needle, 0).1
+    }
+
+    /// Waits for a stderr line containing `needle` among lines `from..`; returns its index.
+    pub fn wait_for_log_after(&self, needle: &str, from: usize) -> (usize, String) {
+        let deadline = Instant::now() + PATIENCE;
+        let mut lines = self.stderr.lines.lock().unwrap();
+        loop {
+            if let Some((i, line)) = lines
+                .iter()
+                .enumerate()
+                .skip(from)
+                .find(|(_, l)| l.contains(needle))
+            {
+                return (i, line.clone());
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "no log line with {needle:?}; log:\n{}",
+                lines.join("\n")
+            );
+            lines = self.stderr.changed.wait_timeout(lines, left).unwrap().0;
+        }
+    }
+
+    /// Number of stderr lines so far.
+    pub fn log_len(&self) -> usize {
+        self.stderr.lines.lock().unwrap().len()
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "teia did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills with SIGKILL (`kill -9`) and reaps.
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `teia rendezvous` on 127.0.0.1 with an ephemeral port.
+pub struct Rendezvous {
+    pub process: Process,
+    pub addr: SocketAddr,
+    /// Records it reported at start.
+    pub records_at_start: usize,
+}
+
+impl Rendezvous {
+    /// Starts a server on `data_dir` with extra flags.
+    pub fn start(data_dir: &Path, extra: &[&str]) -> Self {
+        let dir = data_dir.to_str().unwrap();
+        let mut args = vec!["rendezvous", "--listen", "127.0.0.1:0", "--data-dir", dir];
+        args.extend_from_slice(extra);
+        let process = Process::spawn(&args);
+        let line = process.wait_for_log("rendezvous listening");
+        let addr = field(&line, "addr").parse().unwrap();
+        let records_at_start = field(&line, "records").parse().unwrap();
+        Self {
+            process,
+            addr,
+            records_at_start,
+        }
+    }
+}
+
+/// The value of `key=value` in a log line.
+pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
+    let start = line
+        .find(&format!(" {key}="))
+        .unwrap_or_else(|| panic!("no {key}= in {line:?}"))
+        + key.len()
+        + 2;
+    line[start..].split_whitespace().next().unwrap()
+}
+
+/// Connects from `source` (any 127.x.y.z) to `addr`.
+pub async fn connect_from(source: &str, addr: SocketAddr) -> TcpStream {
+    let socket = TcpSocket::new_v4().unwrap();
+    socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// Sends raw bytes on a new connection from `source` and returns everything the server
+/// answered before closing.
+pub async fn exchange_from(source: &str, addr: SocketAddr, request: &[u8]) -> Vec<u8> {
+    let mut stream = connect_from(source, addr).await;
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(PATIENCE, stream.read_to_end(&mut answer))
+        .await
+        .expect("server answers and closes")
+        .unwrap();
+    answer
+}
+
+/// Sends one request line from 127.0.0.1 and parses the one answer line.
+pub async fn request(addr: SocketAddr, request: Value) -> Value {
+    request_from("127.0.0.1", addr, request).await
+}
+
+/// Sends one request line from `source` and parses the one answer line.
+pub async fn request_from(source: &str, addr: SocketAddr, request: Value) -> Value {
+    let mut line = request.to_string().into_bytes();
+    line.push(b'\n');
+    parse_answer(&exchange_from(source, addr, &line).await)
+}
+
+/// Parses one answer: a single JSON object ending in `\n`.
+pub fn parse_answer(answer: &[u8]) -> Value {
+    assert_eq!(
+        answer.last(),
+        Some(&b'\n'),
+        "answer ends with a newline: {answer:?}"
+    );
+    assert_eq!(
+        answer.iter().filter(|b| **b == b'\n').count(),
+        1,
+        "one line"
+    );
+    serde_json::from_slice(answer).unwrap()
+}
+
+/// Checks an error answer: status ERROR, `error` and `message` both equal to `code`.
+pub fn assert_error(answer: &Value, code: &str) {
+    assert_eq!(answer["status"], "ERROR", "{answer}");
+    assert_eq!(answer["error"], code, "{answer}");
+    assert_eq!(answer["message"], code, "{answer}");
+}
+
+/// Polls `check` until it returns true, failing after [`PATIENCE`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
