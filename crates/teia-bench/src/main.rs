@@ -1,2 +1,44 @@
-//! teia benchmarks (placeholder until the load generator lands).
-fn main() {}
+//! teia benchmarks. Each one measures teia and, in the same run and under the same load, a
+//! minimal reference that marks the ceiling of the machine, and prints the ratio.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod load;
+mod rendezvous;
+
+use clap::{Parser, Subcommand};
+
+/// Load generators for teia, each compared against a reference measured in the same run.
+#[derive(Debug, Parser)]
+#[command(name = "teia-bench", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Rendezvous server: N concurrent clients doing connect / REGISTER or DISCOVER / close,
+    /// against `teia rendezvous` and against a server that answers a constant line.
+    Rendezvous(rendezvous::Args),
+    /// The reference server: reads one line per connection, answers a constant line, closes.
+    /// Started by the benchmarks themselves.
+    #[command(hide = true)]
+    ReferenceServer {
+        /// Address to listen on.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        listen: std::net::SocketAddr,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Rendezvous(args) => rendezvous::run(args).await,
+            Command::ReferenceServer { listen } => rendezvous::reference_server(listen).await,
+        }
+    })
+}

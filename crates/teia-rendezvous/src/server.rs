@@ -245,16 +245,31 @@ fn refuse(stream: TcpStream, error: RdvError, refusals: &Arc<Semaphore>) {
         return;
     };
     tokio::spawn(async move {
-        answer_and_close(stream, &error.to_line()).await;
+        answer_and_close(stream, &error.to_line(), Linger::Always).await;
         drop(permit);
     });
 }
 
+/// When to drain a client's input before closing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Linger {
+    /// The request was not read whole (refused, too long, malformed): more may be coming.
+    Always,
+    /// The request was read whole: drain only what is already pending.
+    IfPending,
+}
+
 /// Writes `answer`, half-closes, and drains what the client still sends (bounded in bytes
 /// and time) so that closing does not reset the connection before the answer is read.
-async fn answer_and_close(mut stream: TcpStream, answer: &[u8]) {
+async fn answer_and_close(mut stream: TcpStream, answer: &[u8], linger: Linger) {
     if stream.write_all(answer).await.is_err() || stream.shutdown().await.is_err() {
         return;
+    }
+    if linger == Linger::IfPending {
+        let mut probe = [0u8; 512];
+        if !matches!(stream.try_read(&mut probe), Ok(n) if n > 0) {
+            return;
+        }
     }
     let drain = async {
         let mut sink = [0u8; 4096];
@@ -271,16 +286,14 @@ async fn answer_and_close(mut stream: TcpStream, answer: &[u8]) {
 
 async fn serve_connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let _ = stream.set_nodelay(true);
-    let answer = match tokio::time::timeout(shared.idle_timeout, read_request(&mut stream)).await {
-        Err(_) => Some(RdvError::new(ErrorCode::Timeout).to_line()),
-        Ok(Err(error)) => Some(error.to_line()),
-        Ok(Ok(None)) => None,
-        Ok(Ok(Some(request))) => Some(execute(request, peer, shared).await),
-    };
-    match answer {
-        Some(answer) => answer_and_close(stream, &answer).await,
-        None => drop(stream),
-    }
+    let (answer, linger) =
+        match tokio::time::timeout(shared.idle_timeout, read_request(&mut stream)).await {
+            Err(_) => (RdvError::new(ErrorCode::Timeout).to_line(), Linger::Always),
+            Ok(Err(error)) => (error.to_line(), Linger::Always),
+            Ok(Ok(None)) => return,
+            Ok(Ok(Some(request))) => (execute(request, peer, shared).await, Linger::IfPending),
+        };
+    answer_and_close(stream, &answer, linger).await;
 }
 
 /// Reads the one request line of a connection. `Ok(None)` when the client closed without

@@ -249,9 +249,12 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     {
         let mut upsert = tx.prepare_cached(
-            "INSERT OR REPLACE INTO records
+            "INSERT INTO records
              (namespace, name, ip, port, ttl, observed_port, registered_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+             ON CONFLICT (namespace, name, ip) DO UPDATE SET
+             port = excluded.port, ttl = excluded.ttl, observed_port = excluded.observed_port,
+             registered_at = excluded.registered_at, expires_at = excluded.expires_at",
         )?;
         let mut delete = tx
             .prepare_cached("DELETE FROM records WHERE namespace = ?1 AND name = ?2 AND ip = ?3")?;
