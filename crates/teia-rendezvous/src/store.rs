@@ -1,10 +1,16 @@
 //! Durable storage of rendezvous records in SQLite (WAL), written by one thread that groups
 //! concurrent writes into one transaction (group commit).
 //!
+//! Changes are appended to a `changes` log, which touches only the last pages of the file
+//! however scattered the records are; the `records` snapshot is rewritten from snapshot plus
+//! log at start and whenever the log outgrows the snapshot (see [`COMPACT_MIN`]), so the
+//! file stays proportional to the live records.
+//!
 //! A change is acknowledged only once its transaction has committed, so an answered REGISTER
 //! survives `kill -9`. The queue to the writer is bounded ([`QUEUE_CAPACITY`]): when it is
 //! full, [`Store::try_reserve`] fails and the server answers `busy` instead of waiting.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::thread::JoinHandle;
@@ -18,6 +24,13 @@ pub const QUEUE_CAPACITY: usize = 4096;
 /// Changes committed in one transaction, at most.
 const BATCH: usize = 512;
 const SCHEMA_VERSION: i64 = 1;
+/// Changes logged before the snapshot is rewritten: at least this many, and at least twice
+/// the live records, so rewriting costs O(1) per change.
+pub const COMPACT_MIN: usize = 50_000;
+
+const OP_UPSERT: i64 = 0;
+const OP_DELETE: i64 = 1;
+const OP_PURGE: i64 = 2;
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -153,14 +166,29 @@ impl Store {
                 expires_at INTEGER NOT NULL,
                 PRIMARY KEY (namespace, name, ip)
             ) WITHOUT ROWID;
+            CREATE TABLE IF NOT EXISTS changes (
+                seq INTEGER PRIMARY KEY,
+                op INTEGER NOT NULL,
+                namespace TEXT NOT NULL,
+                name TEXT NOT NULL,
+                ip TEXT NOT NULL,
+                port INTEGER NOT NULL,
+                ttl INTEGER NOT NULL,
+                observed_port INTEGER NOT NULL,
+                registered_at INTEGER NOT NULL,
+                expires_at INTEGER NOT NULL
+            );
             PRAGMA user_version = 1;",
         )
         .map_err(sql)?;
+        let mut conn = conn;
         let records = load(&conn).map_err(sql)?;
+        compact(&mut conn, &records).map_err(sql)?;
+        let live = records.len();
         let (tx, rx) = mpsc::channel(QUEUE_CAPACITY);
         let writer = std::thread::Builder::new()
             .name("rendezvous-store".into())
-            .spawn(move || write_loop(conn, rx))
+            .spawn(move || write_loop(conn, rx, live))
             .map_err(|source| StoreError::DataDir {
                 path: data_dir.to_owned(),
                 source,
@@ -182,49 +210,107 @@ impl Store {
     }
 }
 
-fn load(conn: &Connection) -> rusqlite::Result<Vec<Record>> {
-    let mut statement = conn.prepare(
-        "SELECT namespace, name, ip, port, ttl, observed_port, registered_at, expires_at FROM records",
-    )?;
-    let rows = statement.query_map([], |row| {
-        Ok((
-            row.get::<_, String>(0)?,
-            row.get::<_, String>(1)?,
-            row.get::<_, String>(2)?,
-            row.get::<_, i64>(3)?,
-            row.get::<_, i64>(4)?,
-            row.get::<_, i64>(5)?,
-            row.get::<_, i64>(6)?,
-            row.get::<_, i64>(7)?,
-        ))
-    })?;
-    let mut records = Vec::new();
-    for row in rows {
-        let (namespace, name, ip, port, ttl, observed_port, registered_at, expires_at) = row?;
-        let parsed = (|| {
-            Some(Record {
-                key: RecordKey {
-                    namespace,
-                    name,
-                    ip: ip.parse::<IpAddr>().ok()?,
-                },
-                port: u16::try_from(port).ok()?,
-                ttl: u32::try_from(ttl).ok()?,
-                observed_port: u16::try_from(observed_port).ok()?,
-                registered_at: u64::try_from(registered_at).ok()?,
-                expires_at: u64::try_from(expires_at).ok()?,
-            })
-        })();
-        match parsed {
-            Some(record) => records.push(record),
-            None => tracing::warn!(ip = %ip, "skipping a malformed stored record"),
-        }
-    }
-    Ok(records)
+type Row = (String, String, String, i64, i64, i64, i64, i64);
+
+fn read_row(row: &rusqlite::Row<'_>, first: usize) -> rusqlite::Result<Row> {
+    Ok((
+        row.get(first)?,
+        row.get(first + 1)?,
+        row.get(first + 2)?,
+        row.get(first + 3)?,
+        row.get(first + 4)?,
+        row.get(first + 5)?,
+        row.get(first + 6)?,
+        row.get(first + 7)?,
+    ))
 }
 
-fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
+/// A stored row as a record; `None` for a row that does not hold one (a damaged file).
+fn to_record(row: Row) -> Option<Record> {
+    let (namespace, name, ip, port, ttl, observed_port, registered_at, expires_at) = row;
+    Some(Record {
+        key: RecordKey {
+            namespace,
+            name,
+            ip: ip.parse::<IpAddr>().ok()?,
+        },
+        port: u16::try_from(port).ok()?,
+        ttl: u32::try_from(ttl).ok()?,
+        observed_port: u16::try_from(observed_port).ok()?,
+        registered_at: u64::try_from(registered_at).ok()?,
+        expires_at: u64::try_from(expires_at).ok()?,
+    })
+}
+
+/// The live records: the snapshot with the change log replayed over it in order.
+fn load(conn: &Connection) -> rusqlite::Result<Vec<Record>> {
+    let mut live = BTreeMap::new();
+    let mut skipped = 0usize;
+    let mut snapshot = conn.prepare(
+        "SELECT namespace, name, ip, port, ttl, observed_port, registered_at, expires_at FROM records",
+    )?;
+    for row in snapshot.query_map([], |row| read_row(row, 0))? {
+        match to_record(row?) {
+            Some(record) => {
+                live.insert(record.key.clone(), record);
+            }
+            None => skipped += 1,
+        }
+    }
+    let mut log = conn.prepare(
+        "SELECT op, namespace, name, ip, port, ttl, observed_port, registered_at, expires_at
+         FROM changes ORDER BY seq",
+    )?;
+    for row in log.query_map([], |row| Ok((row.get::<_, i64>(0)?, read_row(row, 1)?)))? {
+        let (op, row) = row?;
+        let purge_at = row.7;
+        match (op, to_record(row)) {
+            (OP_UPSERT, Some(record)) => {
+                live.insert(record.key.clone(), record);
+            }
+            (OP_DELETE, Some(record)) => {
+                live.remove(&record.key);
+            }
+            (OP_PURGE, _) => live.retain(|_, r: &mut Record| clamp(r.expires_at) > purge_at),
+            _ => skipped += 1,
+        }
+    }
+    if skipped > 0 {
+        tracing::warn!(skipped, "skipped malformed stored rows");
+    }
+    Ok(live.into_values().collect())
+}
+
+/// Rewrites the snapshot as exactly `live` and empties the change log, in one transaction.
+fn compact(conn: &mut Connection, live: &[Record]) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute("DELETE FROM records", [])?;
+    {
+        let mut insert = tx.prepare(
+            "INSERT OR REPLACE INTO records
+             (namespace, name, ip, port, ttl, observed_port, registered_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )?;
+        for r in live {
+            insert.execute(params![
+                r.key.namespace,
+                r.key.name,
+                r.key.ip.to_string(),
+                r.port,
+                r.ttl,
+                r.observed_port,
+                clamp(r.registered_at),
+                clamp(r.expires_at),
+            ])?;
+        }
+    }
+    tx.execute("DELETE FROM changes", [])?;
+    tx.commit()
+}
+
+fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, mut live: usize) {
     let mut batch = Vec::with_capacity(BATCH);
+    let mut logged = 0usize;
     while let Some(job) = rx.blocking_recv() {
         batch.push(job);
         while batch.len() < BATCH {
@@ -234,35 +320,44 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>) {
             }
         }
         let outcome = commit(&mut conn, &batch).map_err(|e| e.to_string());
-        if let Err(e) = &outcome {
-            tracing::error!(error = %e, changes = batch.len(), "storage commit failed");
+        match &outcome {
+            Ok(rows) => logged += rows,
+            Err(e) => tracing::error!(error = %e, changes = batch.len(), "storage commit failed"),
         }
         for job in batch.drain(..) {
             if let Some(done) = job.done {
-                let _ = done.send(outcome.clone());
+                let _ = done.send(outcome.clone().map(drop));
+            }
+        }
+        if logged >= COMPACT_MIN.max(live * 2) {
+            logged = 0;
+            let compacted = load(&conn).and_then(|records| {
+                compact(&mut conn, &records)?;
+                Ok(records.len())
+            });
+            match compacted {
+                Ok(count) => live = count,
+                Err(e) => tracing::error!(error = %e, "storage compaction failed"),
             }
         }
     }
 }
 
-fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
+/// Appends a batch to the change log in one transaction; returns the rows written.
+fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<usize> {
     let tx = conn.transaction()?;
+    let mut rows = 0;
     {
-        let mut upsert = tx.prepare_cached(
-            "INSERT INTO records
-             (namespace, name, ip, port, ttl, observed_port, registered_at, expires_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-             ON CONFLICT (namespace, name, ip) DO UPDATE SET
-             port = excluded.port, ttl = excluded.ttl, observed_port = excluded.observed_port,
-             registered_at = excluded.registered_at, expires_at = excluded.expires_at",
+        let mut append = tx.prepare_cached(
+            "INSERT INTO changes
+             (op, namespace, name, ip, port, ttl, observed_port, registered_at, expires_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
-        let mut delete = tx
-            .prepare_cached("DELETE FROM records WHERE namespace = ?1 AND name = ?2 AND ip = ?3")?;
-        let mut purge = tx.prepare_cached("DELETE FROM records WHERE expires_at <= ?1")?;
         for job in batch {
             match &job.change {
                 Change::Upsert(r) => {
-                    upsert.execute(params![
+                    rows += append.execute(params![
+                        OP_UPSERT,
                         r.key.namespace,
                         r.key.name,
                         r.key.ip.to_string(),
@@ -275,16 +370,28 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<()> {
                 }
                 Change::Delete(keys) => {
                     for k in keys {
-                        delete.execute(params![k.namespace, k.name, k.ip.to_string()])?;
+                        rows += append.execute(params![
+                            OP_DELETE,
+                            k.namespace,
+                            k.name,
+                            k.ip.to_string(),
+                            0,
+                            0,
+                            0,
+                            0,
+                            0
+                        ])?;
                     }
                 }
                 Change::PurgeExpired(now) => {
-                    purge.execute(params![clamp(*now)])?;
+                    rows +=
+                        append.execute(params![OP_PURGE, "", "", "", 0, 0, 0, 0, clamp(*now)])?;
                 }
             }
         }
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(rows)
 }
 
 fn clamp(millis: UnixMillis) -> i64 {
@@ -335,6 +442,25 @@ mod tests {
         let (store, loaded) = Store::open(dir.path()).unwrap();
         assert_eq!(loaded, vec![record("b", 9_000)]);
         store.close();
+    }
+
+    #[tokio::test]
+    async fn opening_compacts_the_log_into_the_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path()).unwrap();
+        for i in 0..50 {
+            apply(&store, Change::Upsert(record("a", 5_000 + i))).await;
+        }
+        store.close();
+        let (store, loaded) = Store::open(dir.path()).unwrap();
+        assert_eq!(loaded, vec![record("a", 5_049)]);
+        store.close();
+        let conn = Connection::open(dir.path().join("rendezvous.sqlite3")).unwrap();
+        let count = |table: &str| -> i64 {
+            conn.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+                .unwrap()
+        };
+        assert_eq!((count("records"), count("changes")), (1, 0));
     }
 
     #[test]
