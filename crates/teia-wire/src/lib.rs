@@ -5,4 +5,5 @@
 
 pub mod codec;
 pub mod fields;
+pub mod peer;
 pub mod rendezvous;
