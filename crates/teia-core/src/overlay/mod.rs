@@ -1,0 +1,1924 @@
+//! The peer overlay as a sans-IO state machine: link handshakes and keep-alive, SEND/ACK with
+//! retransmission, PUB flooding with deduplication, WHO_HAS route discovery and relay, peer
+//! exchange and reconnection (PROTOCOL.md sections 3 to 5).
+//!
+//! The runtime feeds it what happened (a link opened, a line arrived, a dial failed, time
+//! passed) and carries out what it asks for ([`Action`]: write a line, close a link, dial an
+//! address, report an event). It never touches a socket or reads a clock.
+
+mod dedup;
+mod routes;
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use teia_wire::codec::{DecodeError, MAX_LINE};
+use teia_wire::peer::{
+    code, feature, uuid_v4, Ack, Bye, Data, ErrorMsg, Hello, Message, Metrics, MetricsReq,
+    PeerEntry, PeerList, Ping, Relay, WhoHas, WhoHasHit, VERSION,
+};
+
+pub use dedup::SeenIds;
+pub use routes::{ReversePaths, Route, RouteTable};
+
+use crate::rate::RateLimiter;
+use crate::rng::SplitMix64;
+
+/// Identifies one connection, chosen by the runtime.
+pub type LinkId = u64;
+
+/// Settings of a node. [`Config::new`] gives the protocol's defaults.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// `name@namespace`.
+    pub peer_id: String,
+    /// Port other peers can dial us on, announced in HELLO; `None` when not listening.
+    pub listen_port: Option<u16>,
+    /// Software name announced in HELLO.
+    pub agent: String,
+    /// Interval between PINGs on each link.
+    pub ping_interval: Duration,
+    /// PINGs left unanswered before the link is closed.
+    pub max_missed_pings: u32,
+    /// Time allowed for the handshake.
+    pub hello_timeout: Duration,
+    /// Neighbours the node dials up to on its own (from the rendezvous and peer lists).
+    pub target_neighbours: usize,
+    /// Links at most, both directions; a HELLO beyond it is answered BYE `busy`.
+    pub max_links: usize,
+    /// ttl of messages this node originates.
+    pub default_ttl: u32,
+    /// Message ids remembered for deduplication.
+    pub dedup_capacity: usize,
+    /// Routes cached at most.
+    pub route_capacity: usize,
+    /// Age after which a cached route is dropped.
+    pub route_expiry: Duration,
+    /// Time to wait for a WHO_HAS_HIT.
+    pub discovery_timeout: Duration,
+    /// Messages waiting for a route, per destination; beyond it they are refused `busy`.
+    pub pending_per_destination: usize,
+    /// Destinations being discovered at once.
+    pub max_discoveries: usize,
+    /// Time a SEND is retransmitted for before it is reported undelivered.
+    pub send_deadline: Duration,
+    /// First retransmission delay; it doubles up to 8 times this.
+    pub retransmit_after: Duration,
+    /// Unacknowledged SENDs at most; beyond it `send` fails with `busy`.
+    pub outbox_capacity: usize,
+    /// Messages per second a neighbour may make this node handle (burst twice as many);
+    /// the excess is answered `over_quota`.
+    pub link_rate: u32,
+    /// First delay before redialing a lost or failed peer; it doubles per failure.
+    pub reconnect_initial: Duration,
+    /// Longest delay between two dials of the same peer.
+    pub reconnect_max_delay: Duration,
+    /// Failed dials in a row before an address is given up.
+    pub reconnect_attempts: u32,
+    /// Addresses remembered for dialing.
+    pub known_capacity: usize,
+    /// Seed of the node's random choices (message ids).
+    pub seed: u64,
+}
+
+impl Config {
+    /// The protocol's defaults for `peer_id`.
+    pub fn new(peer_id: impl Into<String>) -> Self {
+        Self {
+            peer_id: peer_id.into(),
+            listen_port: None,
+            agent: concat!("teia/", env!("CARGO_PKG_VERSION")).to_owned(),
+            ping_interval: Duration::from_secs(30),
+            max_missed_pings: 3,
+            hello_timeout: Duration::from_secs(10),
+            target_neighbours: 8,
+            max_links: 64,
+            default_ttl: teia_wire::peer::DEFAULT_TTL,
+            dedup_capacity: 16_384,
+            route_capacity: 4_096,
+            route_expiry: Duration::from_secs(300),
+            discovery_timeout: Duration::from_secs(5),
+            pending_per_destination: 64,
+            max_discoveries: 256,
+            send_deadline: Duration::from_secs(60),
+            retransmit_after: Duration::from_secs(1),
+            outbox_capacity: 1_024,
+            link_rate: 2_000,
+            reconnect_initial: Duration::from_secs(1),
+            reconnect_max_delay: Duration::from_secs(60),
+            reconnect_attempts: 10,
+            known_capacity: 1_024,
+            seed: 0,
+        }
+    }
+
+    fn namespace(&self) -> &str {
+        self.peer_id
+            .split_once('@')
+            .map_or("", |(_, namespace)| namespace)
+    }
+}
+
+/// What the runtime must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Write one line (with its `\n`) on a link.
+    Write {
+        /// The link.
+        link: LinkId,
+        /// The line.
+        line: Vec<u8>,
+    },
+    /// Close a link (after writing what was queued before this action).
+    Close {
+        /// The link.
+        link: LinkId,
+    },
+    /// Open a connection to `addr` and report it with [`Node::link_opened`] or
+    /// [`Node::dial_failed`].
+    Dial {
+        /// Where.
+        addr: SocketAddr,
+    },
+    /// Tell the application.
+    Event(Event),
+}
+
+/// How a delivered message was addressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cast {
+    /// SEND to this node.
+    Unicast,
+    /// PUB to this node's `#namespace`.
+    Namespace,
+    /// PUB to `*`.
+    Broadcast,
+}
+
+/// Direction of traffic in a [`Event::Traffic`] report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    /// Received.
+    In,
+    /// Sent.
+    Out,
+}
+
+/// What the application hears about.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A neighbour is connected.
+    LinkUp {
+        /// Its peer id.
+        peer: String,
+        /// Its address as connected.
+        addr: SocketAddr,
+        /// Whether it dialed us.
+        inbound: bool,
+        /// Features both sides use.
+        features: Vec<String>,
+    },
+    /// A neighbour is no longer connected.
+    LinkDown {
+        /// Its peer id.
+        peer: String,
+        /// Why.
+        reason: String,
+    },
+    /// A message for this node.
+    Message {
+        /// Its id.
+        msg_id: String,
+        /// Origin.
+        src: String,
+        /// As addressed.
+        dst: String,
+        /// How.
+        cast: Cast,
+        /// Content.
+        payload: Value,
+    },
+    /// A SEND of ours was acknowledged end to end.
+    Acked {
+        /// The SEND's id.
+        msg_id: String,
+        /// Who acknowledged.
+        from: String,
+        /// Time from the first transmission to the ACK.
+        elapsed: Duration,
+    },
+    /// A SEND of ours could not be delivered before its deadline.
+    Undelivered {
+        /// The SEND's id.
+        msg_id: String,
+        /// Its destination.
+        dst: String,
+        /// Why (last error seen, or `timeout`).
+        reason: String,
+    },
+    /// A hop reported on a SEND of ours (RELAY_OK or RELAY_FAIL).
+    Relayed {
+        /// The SEND's id.
+        msg_id: String,
+        /// The hop.
+        via: String,
+        /// True for RELAY_OK.
+        ok: bool,
+        /// Why it failed.
+        reason: Option<String>,
+    },
+    /// An ERROR addressed to this node.
+    RemoteError {
+        /// The error code.
+        code: String,
+        /// The offending message's id.
+        reference: Option<String>,
+        /// Detail given.
+        detail: Option<String>,
+        /// Who reported it.
+        from: String,
+    },
+    /// A METRICS answer.
+    Metrics {
+        /// The neighbour.
+        peer: String,
+        /// Its round-trip time to us, in ms.
+        rtt_ms: Option<u64>,
+        /// Messages it sent us.
+        sent: u64,
+        /// Messages it received from us.
+        received: u64,
+    },
+    /// A dial failed.
+    DialFailed {
+        /// Where.
+        addr: SocketAddr,
+        /// Why.
+        error: String,
+        /// When it is tried again, if it is.
+        retry_in: Option<Duration>,
+    },
+    /// One message in or out, reported only while watching (see [`Node::set_watch`]).
+    Traffic {
+        /// In or out.
+        direction: Direction,
+        /// The neighbour.
+        peer: String,
+        /// Message type.
+        kind: String,
+        /// Its id, if any.
+        msg_id: Option<String>,
+        /// Its origin, if any.
+        src: Option<String>,
+        /// Its destination, if any.
+        dst: Option<String>,
+    },
+}
+
+/// Why an API call was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ApiError {
+    /// The destination is not `name@namespace`, `#namespace` or `*`.
+    #[error("bad destination {0:?}: use name@namespace, #namespace or *")]
+    BadDestination(String),
+    /// Too many SENDs await their ACK.
+    #[error("too many messages await acknowledgement ({0}); try again later")]
+    Busy(usize),
+    /// The message would not fit in one line.
+    #[error("message too large: lines are limited to {MAX_LINE} bytes")]
+    TooLarge,
+    /// No neighbour by that name.
+    #[error("no neighbour {0}")]
+    NoNeighbour(String),
+}
+
+/// Counters for `/metrics`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Lines written.
+    pub sent: u64,
+    /// Lines received.
+    pub received: u64,
+    /// Messages forwarded for others.
+    pub forwarded: u64,
+    /// Duplicates dropped.
+    pub duplicates: u64,
+    /// Errors sent or received.
+    pub errors: u64,
+    /// Messages delivered to the application.
+    pub delivered: u64,
+}
+
+/// A neighbour, for `/peers` and `/routes`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NeighbourInfo {
+    /// Its peer id.
+    pub peer: String,
+    /// Connected address.
+    pub addr: SocketAddr,
+    /// Whether it dialed us.
+    pub inbound: bool,
+    /// Last measured round-trip time.
+    pub rtt: Option<Duration>,
+    /// Lines sent to it.
+    pub sent: u64,
+    /// Lines received from it.
+    pub received: u64,
+    /// Whether it speaks teia's extensions.
+    pub teia: bool,
+}
+
+/// A cached route, for `/routes`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteInfo {
+    /// Destination.
+    pub dst: String,
+    /// Neighbour to forward through.
+    pub next_hop: String,
+    /// Hops.
+    pub hops: u32,
+    /// Age.
+    pub age: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum LinkState {
+    /// Inbound: waiting for HELLO.
+    AwaitingHello,
+    /// Outbound: HELLO sent, waiting for HELLO_OK.
+    AwaitingHelloOk,
+    /// Handshake done.
+    Up,
+    /// BYE sent or received; closing.
+    Closing,
+}
+
+#[derive(Debug)]
+struct Link {
+    addr: SocketAddr,
+    inbound: bool,
+    opened: Instant,
+    state: LinkState,
+    peer: Option<String>,
+    features: Vec<String>,
+    /// Where the peer can be dialed (for PEER_LIST and reconnection).
+    dial_addr: Option<SocketAddr>,
+    next_ping: Instant,
+    outstanding_pings: VecDeque<(String, Instant)>,
+    rtt: Option<Duration>,
+    sent: u64,
+    received: u64,
+}
+
+impl Link {
+    fn has(&self, feature: &str) -> bool {
+        self.features.iter().any(|f| f == feature)
+    }
+
+    fn label(&self) -> String {
+        self.peer.clone().unwrap_or_else(|| self.addr.to_string())
+    }
+}
+
+#[derive(Debug)]
+struct Outgoing {
+    dst: String,
+    payload: Value,
+    first_sent: Instant,
+    deadline: Instant,
+    next_try: Instant,
+    backoff: Duration,
+    last_error: Option<String>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    message: Message,
+    /// For relayed SENDs: the link it came from, to answer the origin.
+    from: Option<LinkId>,
+}
+
+#[derive(Debug)]
+struct Discovery {
+    msg_id: String,
+    deadline: Instant,
+    pending: VecDeque<Pending>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dial {
+    Idle,
+    Dialing,
+    Connected,
+}
+
+#[derive(Debug)]
+struct Known {
+    peer: Option<String>,
+    /// Asked for by the user (`--peer`, `/connect`): kept connected.
+    pinned: bool,
+    state: Dial,
+    failures: u32,
+    next_attempt: Instant,
+    learned: Instant,
+}
+
+/// The overlay state machine of one node.
+pub struct Node {
+    config: Config,
+    namespace: String,
+    started: Instant,
+    wall_at_start: u64,
+    rng: SplitMix64,
+    links: HashMap<LinkId, Link>,
+    by_peer: HashMap<String, LinkId>,
+    seen: SeenIds,
+    delivered: SeenIds,
+    routes: RouteTable,
+    reverse: ReversePaths,
+    discoveries: HashMap<String, Discovery>,
+    outbox: HashMap<String, Outgoing>,
+    known: HashMap<SocketAddr, Known>,
+    quota: RateLimiter<LinkId>,
+    peer_list_due: Option<Instant>,
+    watch: bool,
+    stopping: bool,
+    counters: Counters,
+    actions: VecDeque<Action>,
+}
+
+/// Longest a PEER_LIST update waits, so several changes go out as one.
+const PEER_LIST_DELAY: Duration = Duration::from_millis(500);
+/// Neighbours listed in one PEER_LIST at most.
+const PEER_LIST_MAX: usize = 64;
+
+impl Node {
+    /// A node with no links, at monotonic time `now` and wall time `unix_ms`.
+    pub fn new(config: Config, now: Instant, unix_ms: u64) -> Self {
+        Self {
+            namespace: config.namespace().to_owned(),
+            started: now,
+            wall_at_start: unix_ms,
+            rng: SplitMix64::new(config.seed),
+            links: HashMap::new(),
+            by_peer: HashMap::new(),
+            seen: SeenIds::new(config.dedup_capacity),
+            delivered: SeenIds::new(config.dedup_capacity),
+            routes: RouteTable::new(config.route_capacity, config.route_expiry),
+            reverse: ReversePaths::new(config.dedup_capacity, config.discovery_timeout * 2),
+            discoveries: HashMap::new(),
+            outbox: HashMap::new(),
+            known: HashMap::new(),
+            quota: RateLimiter::new(config.link_rate, config.link_rate * 2, config.max_links),
+            peer_list_due: None,
+            watch: false,
+            stopping: false,
+            counters: Counters::default(),
+            actions: VecDeque::new(),
+            config,
+        }
+    }
+
+    /// This node's peer id.
+    pub fn peer_id(&self) -> &str {
+        &self.config.peer_id
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When [`Node::handle_timeout`] must be called next.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let links = self.links.values().map(|l| match l.state {
+            LinkState::Up => l.next_ping,
+            _ => l.opened + self.config.hello_timeout,
+        });
+        let outbox = self.outbox.values().map(|o| o.next_try.min(o.deadline));
+        let discoveries = self.discoveries.values().map(|d| d.deadline);
+        let room = self.by_peer.len() + self.dialing() < self.config.target_neighbours;
+        let dials = self
+            .known
+            .values()
+            .filter(|k| k.state == Dial::Idle && self.wants(k) && (k.pinned || room))
+            .map(|k| k.next_attempt);
+        links
+            .chain(outbox)
+            .chain(discoveries)
+            .chain(dials)
+            .chain(self.peer_list_due)
+            .min()
+    }
+
+    /// Starts or stops [`Event::Traffic`] reports.
+    pub fn set_watch(&mut self, on: bool) {
+        self.watch = on;
+    }
+
+    /// Counters since start.
+    pub fn counters(&self) -> Counters {
+        self.counters
+    }
+
+    /// Connected neighbours, sorted by peer id.
+    pub fn neighbours(&self) -> Vec<NeighbourInfo> {
+        let mut list: Vec<_> = self
+            .by_peer
+            .iter()
+            .filter_map(|(peer, id)| {
+                let link = self.links.get(id)?;
+                Some(NeighbourInfo {
+                    peer: peer.clone(),
+                    addr: link.addr,
+                    inbound: link.inbound,
+                    rtt: link.rtt,
+                    sent: link.sent,
+                    received: link.received,
+                    teia: link.has(feature::TEIA),
+                })
+            })
+            .collect();
+        list.sort_by(|a, b| a.peer.cmp(&b.peer));
+        list
+    }
+
+    /// Cached routes that are still fresh.
+    pub fn routes(&self, now: Instant) -> Vec<RouteInfo> {
+        self.routes
+            .all()
+            .into_iter()
+            .filter(|(dst, _)| self.routes.get(dst, now).is_some())
+            .filter_map(|(dst, route)| {
+                let next_hop = self.links.get(&route.next_hop)?.peer.clone()?;
+                Some(RouteInfo {
+                    dst,
+                    next_hop,
+                    hops: route.hops,
+                    age: now.saturating_duration_since(route.learned),
+                })
+            })
+            .collect()
+    }
+
+    /// Peers known by id but not connected (from the rendezvous or peer lists).
+    pub fn known_peers(&self) -> Vec<(String, SocketAddr)> {
+        let mut list: Vec<_> = self
+            .known
+            .iter()
+            .filter_map(|(addr, k)| k.peer.clone().map(|p| (p, *addr)))
+            .collect();
+        list.sort();
+        list
+    }
+
+    // ---------------------------------------------------------------- runtime inputs
+
+    /// A connection is open: dialed by us (`inbound == false`) or accepted.
+    pub fn link_opened(&mut self, now: Instant, link: LinkId, addr: SocketAddr, inbound: bool) {
+        if let Some(known) = self.known.get_mut(&addr).filter(|_| !inbound) {
+            known.state = Dial::Connected;
+        }
+        self.links.insert(
+            link,
+            Link {
+                addr,
+                inbound,
+                opened: now,
+                state: if inbound {
+                    LinkState::AwaitingHello
+                } else {
+                    LinkState::AwaitingHelloOk
+                },
+                peer: None,
+                features: Vec::new(),
+                dial_addr: (!inbound).then_some(addr),
+                next_ping: now + self.config.ping_interval,
+                outstanding_pings: VecDeque::new(),
+                rtt: None,
+                sent: 0,
+                received: 0,
+            },
+        );
+        if !inbound {
+            let hello = self.hello();
+            self.write(link, &Message::Hello(hello));
+        }
+    }
+
+    /// A dial asked for by [`Action::Dial`] failed.
+    pub fn dial_failed(&mut self, now: Instant, addr: SocketAddr, error: &str) {
+        let retry_in = self.schedule_redial(now, addr);
+        self.emit(Event::DialFailed {
+            addr,
+            error: error.to_owned(),
+            retry_in,
+        });
+    }
+
+    /// The connection closed (by the other side, an error, or after [`Action::Close`]).
+    pub fn link_closed(&mut self, now: Instant, link: LinkId, reason: &str) {
+        self.drop_link(now, link, reason, true);
+    }
+
+    /// A frame arrived on a link: a line, or the report that a line was too long.
+    pub fn line_received(
+        &mut self,
+        now: Instant,
+        link: LinkId,
+        frame: Result<Vec<u8>, DecodeError>,
+    ) {
+        let Some(state) = self.links.get_mut(&link).map(|l| {
+            l.received += 1;
+            l.state
+        }) else {
+            return;
+        };
+        self.counters.received += 1;
+        let line = match frame {
+            Ok(line) => line,
+            Err(DecodeError::LineTooLong { limit }) => {
+                let error = self.error_msg(code::LINE_TOO_LONG, None, None, None);
+                let error = ErrorMsg {
+                    limit: Some(limit as u64),
+                    ..error
+                };
+                self.write(link, &Message::Error(error));
+                return;
+            }
+            Err(other) => {
+                self.bad_format(link, None, &other.to_string());
+                return;
+            }
+        };
+        if teia_wire::codec::is_blank(&line) {
+            return;
+        }
+        let message = match Message::parse(&line) {
+            Ok(message) => message,
+            Err(e) => {
+                self.bad_format(link, e.msg_id, &e.detail);
+                return;
+            }
+        };
+        self.trace(Direction::In, link, &message);
+        match (state, message) {
+            (_, Message::Hello(hello)) => self.on_hello(now, link, hello),
+            (LinkState::AwaitingHelloOk, Message::HelloOk(hello)) => self.link_up(now, link, hello),
+            (_, Message::Bye(bye)) => self.on_bye(now, link, bye),
+            (_, Message::ByeOk(_)) => self.close(now, link, "closed"),
+            (LinkState::AwaitingHello | LinkState::AwaitingHelloOk, other) => {
+                let detail = format!("{} before HELLO", other.kind());
+                self.bad_format(link, None, &detail);
+            }
+            (_, message) => self.on_message(now, link, message),
+        }
+    }
+
+    /// Time passed: keep-alives, handshake deadlines, retransmissions, discoveries, dials.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        self.check_links(now);
+        self.retransmit(now);
+        self.expire_discoveries(now);
+        self.redial(now);
+        if self.peer_list_due.is_some_and(|due| due <= now) {
+            self.peer_list_due = None;
+            self.broadcast_peer_list();
+        }
+    }
+
+    // ---------------------------------------------------------------- API
+
+    /// Sends `payload` to `dst`: a SEND (acknowledged, retransmitted) for `name@namespace`,
+    /// a PUB for `#namespace` or `*`. Returns the message id.
+    pub fn send(&mut self, now: Instant, dst: &str, payload: Value) -> Result<String, ApiError> {
+        let dst = dst.trim();
+        if dst == "*" || dst.starts_with('#') {
+            return self.publish(now, dst, payload);
+        }
+        if !is_peer_id(dst) {
+            return Err(ApiError::BadDestination(dst.to_owned()));
+        }
+        if self.outbox.len() >= self.config.outbox_capacity {
+            return Err(ApiError::Busy(self.config.outbox_capacity));
+        }
+        let msg_id = self.new_id();
+        let data = Data {
+            msg_id: msg_id.clone(),
+            src: self.config.peer_id.clone(),
+            dst: dst.to_owned(),
+            payload: payload.clone(),
+            require_ack: true,
+            ttl: self.config.default_ttl,
+        };
+        if Message::Send(data.clone()).to_line().is_err() {
+            return Err(ApiError::TooLarge);
+        }
+        self.outbox.insert(
+            msg_id.clone(),
+            Outgoing {
+                dst: dst.to_owned(),
+                payload,
+                first_sent: now,
+                deadline: now + self.config.send_deadline,
+                next_try: now + self.config.retransmit_after,
+                backoff: self.config.retransmit_after,
+                last_error: None,
+            },
+        );
+        if dst == self.config.peer_id {
+            self.deliver_send(now, None, data);
+        } else {
+            self.route(now, Message::Send(data), None);
+        }
+        Ok(msg_id)
+    }
+
+    /// Floods `payload` to `#namespace` or `*` (bare `namespace` is read as `#namespace`).
+    pub fn publish(&mut self, now: Instant, dst: &str, payload: Value) -> Result<String, ApiError> {
+        let dst = match dst.trim() {
+            "*" => "*".to_owned(),
+            d if d.starts_with('#') && is_name(&d[1..]) => d.to_owned(),
+            d if is_name(d) => format!("#{d}"),
+            d => return Err(ApiError::BadDestination(d.to_owned())),
+        };
+        let msg_id = self.new_id();
+        let data = Data {
+            msg_id: msg_id.clone(),
+            src: self.config.peer_id.clone(),
+            dst,
+            payload,
+            require_ack: false,
+            ttl: self.config.default_ttl,
+        };
+        let message = Message::Pub(data);
+        if message.to_line().is_err() {
+            return Err(ApiError::TooLarge);
+        }
+        let Message::Pub(data) = message else {
+            return Err(ApiError::TooLarge);
+        };
+        self.seen.insert(&format!("PUB:{msg_id}"));
+        let links: Vec<LinkId> = self.by_peer.values().copied().collect();
+        let message = Message::Pub(data);
+        for link in links {
+            self.write(link, &message);
+        }
+        let _ = now;
+        Ok(msg_id)
+    }
+
+    /// Dials `addr` and keeps it connected (reconnecting with backoff) until shutdown.
+    pub fn connect(&mut self, now: Instant, addr: SocketAddr) {
+        let entry = self.known_entry(now, addr, None);
+        if let Some(known) = entry {
+            known.pinned = true;
+            known.failures = 0;
+            known.next_attempt = now;
+        }
+        self.redial(now);
+    }
+
+    /// Peers learnt from a rendezvous: dialed while below the neighbour target.
+    pub fn discovered(
+        &mut self,
+        now: Instant,
+        peers: impl IntoIterator<Item = (String, SocketAddr)>,
+    ) {
+        for (peer, addr) in peers {
+            if peer != self.config.peer_id {
+                self.known_entry(now, addr, Some(peer));
+            }
+        }
+        self.redial(now);
+    }
+
+    /// Dials every pinned peer that is not connected now, forgetting its backoff.
+    pub fn reconnect(&mut self, now: Instant) {
+        for known in self.known.values_mut() {
+            if known.state == Dial::Idle {
+                known.failures = 0;
+                known.next_attempt = now;
+            }
+        }
+        self.redial(now);
+    }
+
+    /// Asks a neighbour for its METRICS.
+    pub fn request_metrics(&mut self, peer: &str) -> Result<(), ApiError> {
+        let link = *self
+            .by_peer
+            .get(peer)
+            .ok_or_else(|| ApiError::NoNeighbour(peer.to_owned()))?;
+        let request = Message::MetricsReq(MetricsReq {
+            msg_id: self.new_id(),
+            src: self.config.peer_id.clone(),
+            dst: peer.to_owned(),
+            ttl: 1,
+        });
+        self.write(link, &request);
+        Ok(())
+    }
+
+    /// Says BYE on every link; the runtime closes them after a short grace period.
+    pub fn shutdown(&mut self, now: Instant) {
+        let links: Vec<LinkId> = self.links.keys().copied().collect();
+        for link in links {
+            self.say_bye(now, link, "shutdown");
+        }
+        self.stopping = true;
+    }
+
+    // ---------------------------------------------------------------- handshake
+
+    fn hello(&self) -> Hello {
+        Hello {
+            peer_id: self.config.peer_id.clone(),
+            version: VERSION.to_owned(),
+            features: feature::ALL.iter().map(|f| (*f).to_owned()).collect(),
+            listen_port: self.config.listen_port,
+            agent: Some(self.config.agent.clone()),
+            ttl: 1,
+        }
+    }
+
+    fn on_hello(&mut self, now: Instant, link: LinkId, hello: Hello) {
+        if hello.peer_id == self.config.peer_id {
+            self.say_bye(now, link, "self");
+            return;
+        }
+        let already = self.links.get(&link).map(|l| l.state);
+        if already == Some(LinkState::Up) {
+            return;
+        }
+        if self.by_peer.len() >= self.config.max_links && !self.by_peer.contains_key(&hello.peer_id)
+        {
+            self.say_bye(now, link, "busy");
+            return;
+        }
+        let agreed: Vec<String> = feature::ALL
+            .iter()
+            .filter(|f| hello.has(f))
+            .map(|f| (*f).to_owned())
+            .collect();
+        let answer = Hello {
+            features: agreed,
+            ..self.hello()
+        };
+        self.write(link, &Message::HelloOk(answer));
+        self.link_up(now, link, hello);
+    }
+
+    fn link_up(&mut self, now: Instant, link: LinkId, hello: Hello) {
+        let peer = hello.peer_id.clone();
+        if peer == self.config.peer_id {
+            self.say_bye(now, link, "self");
+            return;
+        }
+        let features: Vec<String> = feature::ALL
+            .iter()
+            .filter(|f| hello.has(f))
+            .map(|f| (*f).to_owned())
+            .collect();
+        let Some(state) = self.links.get_mut(&link) else {
+            return;
+        };
+        state.state = LinkState::Up;
+        state.peer = Some(peer.clone());
+        state.features = features.clone();
+        state.next_ping = now + self.config.ping_interval;
+        if let Some(port) = hello.listen_port {
+            state.dial_addr = Some(SocketAddr::new(state.addr.ip(), port));
+        }
+        let (addr, inbound, dial_addr) = (state.addr, state.inbound, state.dial_addr);
+        if let Some(addr) = dial_addr {
+            let entry = self.known_entry(now, addr, Some(peer.clone()));
+            if let Some(known) = entry {
+                known.state = Dial::Connected;
+                known.failures = 0;
+            }
+        }
+        if let Some(&old) = self.by_peer.get(&peer) {
+            if old != link {
+                let keep = self.tie_break(&peer, old, link);
+                let loser = if keep == link { old } else { link };
+                self.by_peer.insert(peer.clone(), keep);
+                self.routes.forget_link(loser);
+                self.say_bye(now, loser, "duplicate");
+                return;
+            }
+        }
+        self.by_peer.insert(peer.clone(), link);
+        self.routes.forget(&peer);
+        self.emit(Event::LinkUp {
+            peer,
+            addr,
+            inbound,
+            features: features.clone(),
+        });
+        if features.iter().any(|f| f == feature::TEIA) {
+            let list = self.peer_list_for(link);
+            self.write(link, &Message::PeerList(list));
+        }
+        self.schedule_peer_list(now);
+        self.flush_discovery_for_neighbour(now, link);
+    }
+
+    /// Of two links to `peer`, the one to keep: the one dialed by the peer whose id sorts
+    /// lower; if both were dialed by the same side, the newer.
+    fn tie_break(&self, peer: &str, old: LinkId, new: LinkId) -> LinkId {
+        let lower_is_us = self.config.peer_id.as_str() < peer;
+        let dialed_by_lower = |id: LinkId| {
+            self.links
+                .get(&id)
+                .is_some_and(|l| l.inbound != lower_is_us)
+        };
+        match (dialed_by_lower(old), dialed_by_lower(new)) {
+            (true, false) => old,
+            _ => new,
+        }
+    }
+
+    fn on_bye(&mut self, now: Instant, link: LinkId, bye: Bye) {
+        let answer = Message::ByeOk(Bye {
+            msg_id: bye.msg_id,
+            src: self.config.peer_id.clone(),
+            dst: bye.src,
+            reason: None,
+            ttl: 1,
+        });
+        self.write(link, &answer);
+        let reason = bye.reason.unwrap_or_else(|| "bye".to_owned());
+        let duplicate = reason == "duplicate";
+        self.drop_link(now, link, &format!("peer said bye ({reason})"), !duplicate);
+        self.actions.push_back(Action::Close { link });
+    }
+
+    fn say_bye(&mut self, now: Instant, link: LinkId, reason: &str) {
+        let Some(dst) = self
+            .links
+            .get(&link)
+            .map(|l| l.peer.clone().unwrap_or_default())
+        else {
+            return;
+        };
+        let bye = Message::Bye(Bye {
+            msg_id: self.new_id(),
+            src: self.config.peer_id.clone(),
+            dst,
+            reason: Some(reason.to_owned()),
+            ttl: 1,
+        });
+        self.write(link, &bye);
+        if let Some(state) = self.links.get_mut(&link) {
+            state.state = LinkState::Closing;
+            state.opened = now;
+        }
+    }
+
+    fn close(&mut self, now: Instant, link: LinkId, reason: &str) {
+        if self.links.contains_key(&link) {
+            self.drop_link(now, link, reason, true);
+            self.actions.push_back(Action::Close { link });
+        }
+    }
+
+    /// Forgets a link; reports the neighbour down if it was its link; schedules a redial.
+    fn drop_link(&mut self, now: Instant, link: LinkId, reason: &str, redial: bool) {
+        let Some(state) = self.links.remove(&link) else {
+            return;
+        };
+        self.routes.forget_link(link);
+        let was_active = state
+            .peer
+            .as_ref()
+            .is_some_and(|p| self.by_peer.get(p) == Some(&link));
+        if let Some(peer) = state.peer.filter(|_| was_active) {
+            self.by_peer.remove(&peer);
+            self.emit(Event::LinkDown {
+                peer,
+                reason: reason.to_owned(),
+            });
+            self.schedule_peer_list(now);
+        }
+        if let Some(addr) = state.dial_addr {
+            if let Some(known) = self.known.get_mut(&addr) {
+                if known.state != Dial::Dialing {
+                    known.state = Dial::Idle;
+                }
+                if !redial {
+                    known.pinned = false;
+                }
+            }
+            if redial && was_active {
+                self.schedule_redial(now, addr);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- messages
+
+    fn on_message(&mut self, now: Instant, link: LinkId, message: Message) {
+        let costly = matches!(
+            message,
+            Message::Send(_) | Message::Pub(_) | Message::WhoHas(_) | Message::Ack(_)
+        );
+        if costly && !self.quota.allow(&link, self.millis(now)) {
+            let reference = msg_id_of(&message);
+            let error = self.error_msg(code::OVER_QUOTA, reference, None, None);
+            self.write(link, &Message::Error(error));
+            self.counters.errors += 1;
+            return;
+        }
+        match message {
+            Message::Ping(ping) => {
+                let pong = Message::Pong(Ping {
+                    msg_id: ping.msg_id,
+                    timestamp: self.timestamp(now),
+                    ttl: 1,
+                });
+                self.write(link, &pong);
+            }
+            Message::Pong(pong) => self.on_pong(now, link, &pong.msg_id),
+            Message::Send(data) => self.on_send(now, link, data),
+            Message::Pub(data) => self.on_pub(now, link, data),
+            Message::Ack(ack) => self.on_ack(now, link, ack),
+            Message::WhoHas(who) => self.on_who_has(now, link, who),
+            Message::WhoHasHit(hit) => self.on_hit(now, link, hit),
+            Message::RelayOk(relay) => self.on_relay(now, link, relay, true),
+            Message::RelayFail(relay) => self.on_relay(now, link, relay, false),
+            Message::Error(error) => self.on_error(now, link, error),
+            Message::MetricsReq(request) => self.on_metrics_request(now, link, request),
+            Message::Metrics(metrics) => self.emit(Event::Metrics {
+                peer: self.peer_of(link),
+                rtt_ms: metrics.rtt_ms,
+                sent: metrics.sent_count,
+                received: metrics.recv_count,
+            }),
+            Message::PeerList(list) => self.on_peer_list(now, link, list),
+            Message::HelloOk(_) | Message::Unknown(_) => {}
+            Message::Hello(_) | Message::Bye(_) | Message::ByeOk(_) => {}
+        }
+    }
+
+    fn on_pong(&mut self, now: Instant, link: LinkId, msg_id: &str) {
+        if let Some(state) = self.links.get_mut(&link) {
+            if let Some(pos) = state
+                .outstanding_pings
+                .iter()
+                .position(|(id, _)| id == msg_id)
+            {
+                if let Some((_, sent)) = state.outstanding_pings.get(pos).cloned() {
+                    state.rtt = Some(now.saturating_duration_since(sent));
+                }
+                state.outstanding_pings.clear();
+            }
+        }
+    }
+
+    fn on_send(&mut self, now: Instant, link: LinkId, data: Data) {
+        self.learn_reverse(now, link, &data.src, data.ttl);
+        if data.dst == self.config.peer_id {
+            self.deliver_send(now, Some(link), data);
+            return;
+        }
+        if data.ttl <= 1 {
+            self.counters.errors += 1;
+            let error = self.error_msg(
+                code::TTL_EXPIRED,
+                Some(data.msg_id),
+                Some(format!("ttl ran out before {}", data.dst)),
+                Some(data.src.clone()),
+            );
+            self.reply(now, Message::Error(error), &data.src, Some(link));
+            return;
+        }
+        let forwarded = Data {
+            ttl: data.ttl - 1,
+            ..data
+        };
+        self.route(now, Message::Send(forwarded), Some(link));
+    }
+
+    fn deliver_send(&mut self, now: Instant, link: Option<LinkId>, data: Data) {
+        if self.delivered.insert(&data.msg_id) {
+            self.counters.delivered += 1;
+            self.emit(Event::Message {
+                msg_id: data.msg_id.clone(),
+                src: data.src.clone(),
+                dst: data.dst.clone(),
+                cast: Cast::Unicast,
+                payload: data.payload,
+            });
+        } else {
+            self.counters.duplicates += 1;
+        }
+        if !data.require_ack {
+            return;
+        }
+        let ack = Ack {
+            msg_id: data.msg_id.clone(),
+            src: Some(self.config.peer_id.clone()),
+            dst: Some(data.src.clone()),
+            from: Some(self.config.peer_id.clone()),
+            timestamp: Some(self.timestamp(now)),
+            ttl: self.config.default_ttl,
+        };
+        if data.src == self.config.peer_id {
+            self.on_ack(now, LinkId::MAX, ack);
+        } else {
+            self.reply(now, Message::Ack(ack), &data.src, link);
+        }
+    }
+
+    fn on_pub(&mut self, now: Instant, link: LinkId, data: Data) {
+        if !self.seen.insert(&format!("PUB:{}", data.msg_id)) {
+            self.counters.duplicates += 1;
+            return;
+        }
+        self.learn_reverse(now, link, &data.src, data.ttl);
+        let cast = if data.dst == "*" {
+            Some(Cast::Broadcast)
+        } else if data.dst.strip_prefix('#') == Some(self.namespace.as_str()) {
+            Some(Cast::Namespace)
+        } else {
+            None
+        };
+        if data.ttl > 1 {
+            let forwarded = Message::Pub(Data {
+                ttl: data.ttl - 1,
+                ..data.clone()
+            });
+            let others: Vec<LinkId> = self
+                .by_peer
+                .values()
+                .copied()
+                .filter(|l| *l != link)
+                .collect();
+            for other in others {
+                self.write(other, &forwarded);
+                self.counters.forwarded += 1;
+            }
+        }
+        if let Some(cast) = cast {
+            self.counters.delivered += 1;
+            self.emit(Event::Message {
+                msg_id: data.msg_id,
+                src: data.src,
+                dst: data.dst,
+                cast,
+                payload: data.payload,
+            });
+        }
+    }
+
+    fn on_ack(&mut self, now: Instant, link: LinkId, ack: Ack) {
+        let for_us = ack.dst.as_deref().is_none_or(|d| d == self.config.peer_id);
+        if !for_us {
+            if ack.ttl > 1 {
+                let forwarded = Ack {
+                    ttl: ack.ttl - 1,
+                    ..ack
+                };
+                self.route(now, Message::Ack(forwarded), Some(link));
+            } else {
+                self.counters.errors += 1;
+            }
+            return;
+        }
+        if let Some(outgoing) = self.outbox.remove(&ack.msg_id) {
+            let from = ack.from.or(ack.src).unwrap_or_else(|| self.peer_of(link));
+            self.emit(Event::Acked {
+                msg_id: ack.msg_id,
+                from,
+                elapsed: now.saturating_duration_since(outgoing.first_sent),
+            });
+        } else {
+            self.counters.duplicates += 1;
+        }
+    }
+
+    fn on_who_has(&mut self, now: Instant, link: LinkId, who: WhoHas) {
+        if !self.seen.insert(&format!("WHO_HAS:{}", who.msg_id)) {
+            self.counters.duplicates += 1;
+            return;
+        }
+        self.reverse.record(&who.msg_id, link, now);
+        self.learn_reverse(now, link, &who.src, who.ttl);
+        let hops = if who.dst == self.config.peer_id {
+            Some(0)
+        } else if self.by_peer.contains_key(&who.dst) {
+            Some(1)
+        } else {
+            self.routes
+                .get(&who.dst, now)
+                .filter(|r| r.next_hop != link)
+                .map(|r| r.hops)
+        };
+        if let Some(hops) = hops {
+            let hit = Message::WhoHasHit(WhoHasHit {
+                msg_id: who.msg_id,
+                src: self.config.peer_id.clone(),
+                dst: who.dst,
+                via: self.config.peer_id.clone(),
+                hops,
+                ttl: self.config.default_ttl,
+            });
+            self.write(link, &hit);
+            return;
+        }
+        if who.ttl > 1 {
+            let forwarded = Message::WhoHas(WhoHas {
+                ttl: who.ttl - 1,
+                ..who
+            });
+            self.flood(&forwarded, Some(link), feature::WHO_HAS);
+        }
+    }
+
+    fn on_hit(&mut self, now: Instant, link: LinkId, hit: WhoHasHit) {
+        let hops = hit.hops.saturating_add(1);
+        self.routes.learn(&hit.dst, link, hops, now);
+        let ours = self
+            .discoveries
+            .get(&hit.dst)
+            .is_some_and(|d| d.msg_id == hit.msg_id);
+        if ours {
+            if let Some(discovery) = self.discoveries.remove(&hit.dst) {
+                self.flush(now, discovery.pending);
+            }
+            return;
+        }
+        if !self.seen.insert(&format!("HIT:{}", hit.msg_id)) {
+            self.counters.duplicates += 1;
+            return;
+        }
+        if let Some(back) = self.reverse.back(&hit.msg_id, now) {
+            if hit.ttl > 1 && back != link {
+                let forwarded = Message::WhoHasHit(WhoHasHit {
+                    src: self.config.peer_id.clone(),
+                    hops,
+                    ttl: hit.ttl - 1,
+                    ..hit
+                });
+                self.write(back, &forwarded);
+                self.counters.forwarded += 1;
+            }
+        }
+    }
+
+    fn on_relay(&mut self, now: Instant, link: LinkId, relay: Relay, ok: bool) {
+        if relay.dst != self.config.peer_id && !relay.dst.is_empty() {
+            if relay.ttl > 1 {
+                let forwarded = Relay {
+                    ttl: relay.ttl - 1,
+                    ..relay
+                };
+                let message = if ok {
+                    Message::RelayOk(forwarded)
+                } else {
+                    Message::RelayFail(forwarded)
+                };
+                self.route(now, message, Some(link));
+            }
+            return;
+        }
+        if !ok {
+            if let Some(outgoing) = self.outbox.get_mut(&relay.msg_id) {
+                outgoing.last_error = relay.reason.clone();
+                outgoing.next_try = now;
+                let dst = outgoing.dst.clone();
+                self.routes.forget(&dst);
+            }
+        }
+        let via = if relay.src.is_empty() {
+            self.peer_of(link)
+        } else {
+            relay.src
+        };
+        self.emit(Event::Relayed {
+            msg_id: relay.msg_id,
+            via,
+            ok,
+            reason: relay.reason,
+        });
+    }
+
+    fn on_error(&mut self, now: Instant, link: LinkId, error: ErrorMsg) {
+        self.counters.errors += 1;
+        let elsewhere = error
+            .dst
+            .as_ref()
+            .is_some_and(|d| d != &self.config.peer_id && is_peer_id(d));
+        if elsewhere {
+            if error.ttl > 1 {
+                let forwarded = ErrorMsg {
+                    ttl: error.ttl - 1,
+                    ..error
+                };
+                self.route(now, Message::Error(forwarded), Some(link));
+            }
+            return;
+        }
+        if let Some(outgoing) = error
+            .reference
+            .as_ref()
+            .and_then(|r| self.outbox.get_mut(r))
+        {
+            outgoing.last_error = Some(error.error.clone());
+        }
+        let from = error.src.clone().unwrap_or_else(|| self.peer_of(link));
+        self.emit(Event::RemoteError {
+            code: error.error,
+            reference: error.reference,
+            detail: error.detail,
+            from,
+        });
+    }
+
+    fn on_metrics_request(&mut self, now: Instant, link: LinkId, request: MetricsReq) {
+        let Some(state) = self.links.get(&link) else {
+            return;
+        };
+        if !state.has(feature::METRICS) {
+            return;
+        }
+        let answer = Message::Metrics(Metrics {
+            msg_id: request.msg_id,
+            src: self.config.peer_id.clone(),
+            dst: request.src,
+            rtt_ms: state.rtt.map(|r| r.as_millis() as u64),
+            sent_count: state.sent,
+            recv_count: state.received,
+            last_seen: self.timestamp(now),
+            ttl: 1,
+        });
+        self.write(link, &answer);
+    }
+
+    fn on_peer_list(&mut self, now: Instant, link: LinkId, list: PeerList) {
+        let teia = self.links.get(&link).is_some_and(|l| l.has(feature::TEIA));
+        if !teia {
+            return;
+        }
+        for entry in list.peers.into_iter().take(PEER_LIST_MAX) {
+            if entry.peer_id == self.config.peer_id || !is_peer_id(&entry.peer_id) {
+                continue;
+            }
+            let Ok(ip) = entry.ip.parse() else {
+                continue;
+            };
+            self.known_entry(now, SocketAddr::new(ip, entry.port), Some(entry.peer_id));
+        }
+        self.redial(now);
+    }
+
+    // ---------------------------------------------------------------- routing
+
+    /// The link toward `dst`: a direct link, else a fresh cached route.
+    fn next_hop(&self, dst: &str, now: Instant) -> Option<LinkId> {
+        if let Some(&link) = self.by_peer.get(dst) {
+            return Some(link);
+        }
+        self.routes
+            .get(dst, now)
+            .map(|r| r.next_hop)
+            .filter(|l| self.links.get(l).is_some_and(|s| s.state == LinkState::Up))
+    }
+
+    /// Sends a routed message toward its destination, discovering a route if needed.
+    /// `from` is the link it arrived on, when relaying.
+    fn route(&mut self, now: Instant, message: Message, from: Option<LinkId>) {
+        let Some(dst) = routed_dst(&message) else {
+            return;
+        };
+        match self.next_hop(&dst, now) {
+            Some(link) if Some(link) != from || self.by_peer.get(&dst) == Some(&link) => {
+                self.forward(now, link, message, from);
+            }
+            _ => self.discover(now, dst, Pending { message, from }),
+        }
+    }
+
+    fn forward(&mut self, now: Instant, link: LinkId, message: Message, from: Option<LinkId>) {
+        self.write(link, &message);
+        let Some(from) = from else {
+            return;
+        };
+        self.counters.forwarded += 1;
+        if let Message::Send(data) = &message {
+            let ok = Message::RelayOk(Relay {
+                msg_id: data.msg_id.clone(),
+                src: self.config.peer_id.clone(),
+                dst: data.src.clone(),
+                reason: None,
+                ttl: self.config.default_ttl,
+            });
+            self.reply(now, ok, &data.src, Some(from));
+        }
+    }
+
+    /// Sends an answer to `origin`: directly if it is a neighbour, else back on the link
+    /// the triggering message came from, else by route.
+    fn reply(&mut self, now: Instant, message: Message, origin: &str, hint: Option<LinkId>) {
+        if let Some(&link) = self.by_peer.get(origin) {
+            self.write(link, &message);
+        } else if let Some(link) = hint.filter(|l| self.links.contains_key(l)) {
+            self.write(link, &message);
+        } else {
+            self.route(now, message, None);
+        }
+    }
+
+    fn discover(&mut self, now: Instant, dst: String, pending: Pending) {
+        if let Some(discovery) = self.discoveries.get_mut(&dst) {
+            if discovery.pending.len() < self.config.pending_per_destination {
+                discovery.pending.push_back(pending);
+            } else {
+                self.refuse_pending(now, pending, code::BUSY);
+            }
+            return;
+        }
+        if self.discoveries.len() >= self.config.max_discoveries {
+            self.refuse_pending(now, pending, code::BUSY);
+            return;
+        }
+        let msg_id = self.new_id();
+        let who = Message::WhoHas(WhoHas {
+            msg_id: msg_id.clone(),
+            src: self.config.peer_id.clone(),
+            dst: dst.clone(),
+            ttl: self.config.default_ttl,
+        });
+        self.seen.insert(&format!("WHO_HAS:{msg_id}"));
+        self.flood(&who, None, feature::WHO_HAS);
+        self.discoveries.insert(
+            dst,
+            Discovery {
+                msg_id,
+                deadline: now + self.config.discovery_timeout,
+                pending: VecDeque::from([pending]),
+            },
+        );
+    }
+
+    fn flush(&mut self, now: Instant, pending: VecDeque<Pending>) {
+        for Pending { message, from } in pending {
+            let Some(dst) = routed_dst(&message) else {
+                continue;
+            };
+            match self.next_hop(&dst, now) {
+                Some(link) => self.forward(now, link, message, from),
+                None => self.refuse_pending(now, Pending { message, from }, code::NO_ROUTE),
+            }
+        }
+    }
+
+    /// A newly connected neighbour may be a destination being discovered.
+    fn flush_discovery_for_neighbour(&mut self, now: Instant, link: LinkId) {
+        let Some(peer) = self.links.get(&link).and_then(|l| l.peer.clone()) else {
+            return;
+        };
+        if let Some(discovery) = self.discoveries.remove(&peer) {
+            self.flush(now, discovery.pending);
+        }
+    }
+
+    fn expire_discoveries(&mut self, now: Instant) {
+        let expired: Vec<String> = self
+            .discoveries
+            .iter()
+            .filter(|(_, d)| d.deadline <= now)
+            .map(|(dst, _)| dst.clone())
+            .collect();
+        for dst in expired {
+            if let Some(discovery) = self.discoveries.remove(&dst) {
+                for pending in discovery.pending {
+                    self.refuse_pending(now, pending, code::NO_ROUTE);
+                }
+            }
+        }
+    }
+
+    /// A message that cannot go on: relayed SENDs are answered RELAY_FAIL and ERROR; our own
+    /// SENDs wait for their retransmission; anything else is dropped.
+    fn refuse_pending(&mut self, now: Instant, pending: Pending, reason: &str) {
+        let Pending { message, from } = pending;
+        match message {
+            Message::Send(data) if from.is_some() => {
+                self.counters.errors += 1;
+                let fail = Message::RelayFail(Relay {
+                    msg_id: data.msg_id.clone(),
+                    src: self.config.peer_id.clone(),
+                    dst: data.src.clone(),
+                    reason: Some(reason.to_owned()),
+                    ttl: self.config.default_ttl,
+                });
+                let error = Message::Error(self.error_msg(
+                    reason,
+                    Some(data.msg_id.clone()),
+                    Some(format!("{} not reachable", data.dst)),
+                    Some(data.src.clone()),
+                ));
+                if let Some(link) = from.filter(|l| self.links.contains_key(l)) {
+                    self.write(link, &fail);
+                    self.write(link, &error);
+                }
+            }
+            Message::Send(data) => {
+                if let Some(outgoing) = self.outbox.get_mut(&data.msg_id) {
+                    outgoing.last_error = Some(reason.to_owned());
+                }
+            }
+            _ => self.counters.errors += 1,
+        }
+        let _ = now;
+    }
+
+    fn retransmit(&mut self, now: Instant) {
+        let due: Vec<String> = self
+            .outbox
+            .iter()
+            .filter(|(_, o)| o.next_try <= now || o.deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for msg_id in due {
+            let Some(outgoing) = self.outbox.get_mut(&msg_id) else {
+                continue;
+            };
+            if outgoing.deadline <= now {
+                if let Some(outgoing) = self.outbox.remove(&msg_id) {
+                    self.emit(Event::Undelivered {
+                        msg_id,
+                        dst: outgoing.dst,
+                        reason: outgoing.last_error.unwrap_or_else(|| "timeout".to_owned()),
+                    });
+                }
+                continue;
+            }
+            outgoing.backoff = (outgoing.backoff * 2).min(self.config.retransmit_after * 8);
+            outgoing.next_try = now + outgoing.backoff;
+            let data = Data {
+                msg_id: msg_id.clone(),
+                src: self.config.peer_id.clone(),
+                dst: outgoing.dst.clone(),
+                payload: outgoing.payload.clone(),
+                require_ack: true,
+                ttl: self.config.default_ttl,
+            };
+            self.route(now, Message::Send(data), None);
+        }
+    }
+
+    /// Learns "origin via this link" from a routed message, if no better route is known.
+    fn learn_reverse(&mut self, now: Instant, link: LinkId, origin: &str, ttl: u32) {
+        if origin == self.config.peer_id || self.by_peer.contains_key(origin) || !is_peer_id(origin)
+        {
+            return;
+        }
+        let hops = self
+            .config
+            .default_ttl
+            .saturating_sub(ttl)
+            .saturating_add(1)
+            .max(1);
+        self.routes.learn(origin, link, hops, now);
+    }
+
+    fn flood(&mut self, message: &Message, except: Option<LinkId>, needed: &str) {
+        let links: Vec<LinkId> = self
+            .by_peer
+            .values()
+            .copied()
+            .filter(|l| Some(*l) != except)
+            .filter(|l| self.links.get(l).is_some_and(|s| s.has(needed)))
+            .collect();
+        for link in links {
+            self.write(link, message);
+        }
+    }
+
+    // ---------------------------------------------------------------- keep-alive, dials
+
+    fn check_links(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        let mut pings = Vec::new();
+        for (&id, link) in &self.links {
+            match link.state {
+                LinkState::Up if link.next_ping <= now => {
+                    if link.outstanding_pings.len() >= self.config.max_missed_pings as usize {
+                        expired.push((id, "keep-alive timeout"));
+                    } else {
+                        pings.push(id);
+                    }
+                }
+                LinkState::AwaitingHello | LinkState::AwaitingHelloOk | LinkState::Closing
+                    if link.opened + self.config.hello_timeout <= now =>
+                {
+                    expired.push((id, "handshake timeout"));
+                }
+                _ => {}
+            }
+        }
+        for (id, reason) in expired {
+            self.close(now, id, reason);
+        }
+        for id in pings {
+            let msg_id = self.new_id();
+            let ping = Message::Ping(Ping {
+                msg_id: msg_id.clone(),
+                timestamp: self.timestamp(now),
+                ttl: 1,
+            });
+            if let Some(link) = self.links.get_mut(&id) {
+                link.outstanding_pings.push_back((msg_id, now));
+                link.next_ping = now + self.config.ping_interval;
+            }
+            self.write(id, &ping);
+        }
+    }
+
+    fn wants(&self, known: &Known) -> bool {
+        if self.stopping {
+            return false;
+        }
+        if known
+            .peer
+            .as_ref()
+            .is_some_and(|p| self.by_peer.contains_key(p))
+        {
+            return false;
+        }
+        known.pinned
+            || (known.failures < self.config.reconnect_attempts
+                && self.by_peer.len() < self.config.target_neighbours)
+    }
+
+    fn redial(&mut self, now: Instant) {
+        let mut budget = self
+            .config
+            .target_neighbours
+            .saturating_sub(self.by_peer.len() + self.dialing());
+        let mut due: Vec<(bool, SocketAddr)> = self
+            .known
+            .iter()
+            .filter(|(_, k)| k.state == Dial::Idle && k.next_attempt <= now && self.wants(k))
+            .map(|(addr, k)| (!k.pinned, *addr))
+            .collect();
+        due.sort();
+        for (unpinned, addr) in due {
+            if unpinned {
+                if budget == 0 {
+                    continue;
+                }
+                budget -= 1;
+            }
+            if let Some(known) = self.known.get_mut(&addr) {
+                known.state = Dial::Dialing;
+            }
+            self.actions.push_back(Action::Dial { addr });
+        }
+    }
+
+    fn dialing(&self) -> usize {
+        self.known
+            .values()
+            .filter(|k| k.state == Dial::Dialing)
+            .count()
+    }
+
+    /// After a failure or loss: the delay before the next dial of `addr`, if any.
+    fn schedule_redial(&mut self, now: Instant, addr: SocketAddr) -> Option<Duration> {
+        let config = &self.config;
+        let known = self.known.get_mut(&addr)?;
+        known.state = Dial::Idle;
+        known.failures = known.failures.saturating_add(1);
+        if known.failures > config.reconnect_attempts {
+            if !known.pinned {
+                self.known.remove(&addr);
+            } else {
+                known.next_attempt = now + config.reconnect_max_delay;
+            }
+            return None;
+        }
+        let factor = 1u32 << known.failures.saturating_sub(1).min(16);
+        let delay = (config.reconnect_initial * factor).min(config.reconnect_max_delay);
+        known.next_attempt = now + delay;
+        Some(delay)
+    }
+
+    /// The entry for `addr`, created if there is room; its peer id updated when given.
+    fn known_entry(
+        &mut self,
+        now: Instant,
+        addr: SocketAddr,
+        peer: Option<String>,
+    ) -> Option<&mut Known> {
+        if !self.known.contains_key(&addr) {
+            if self.known.len() >= self.config.known_capacity {
+                let stale = self
+                    .known
+                    .iter()
+                    .filter(|(_, k)| !k.pinned && k.state == Dial::Idle)
+                    .min_by_key(|(_, k)| k.learned)
+                    .map(|(a, _)| *a)?;
+                self.known.remove(&stale);
+            }
+            self.known.insert(
+                addr,
+                Known {
+                    peer: None,
+                    pinned: false,
+                    state: Dial::Idle,
+                    failures: 0,
+                    next_attempt: now,
+                    learned: now,
+                },
+            );
+        }
+        let known = self.known.get_mut(&addr)?;
+        if peer.is_some() {
+            known.peer = peer;
+        }
+        known.learned = now;
+        Some(known)
+    }
+
+    // ---------------------------------------------------------------- peer exchange
+
+    fn schedule_peer_list(&mut self, now: Instant) {
+        if self.peer_list_due.is_none() {
+            self.peer_list_due = Some(now + PEER_LIST_DELAY);
+        }
+    }
+
+    fn peer_list_for(&self, receiver: LinkId) -> PeerList {
+        let mut peers: Vec<PeerEntry> = self
+            .by_peer
+            .iter()
+            .filter(|(_, l)| **l != receiver)
+            .filter_map(|(peer, l)| {
+                let addr = self.links.get(l)?.dial_addr?;
+                Some(PeerEntry {
+                    peer_id: peer.clone(),
+                    ip: addr.ip().to_string(),
+                    port: addr.port(),
+                })
+            })
+            .collect();
+        peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        peers.truncate(PEER_LIST_MAX);
+        PeerList { peers, ttl: 1 }
+    }
+
+    fn broadcast_peer_list(&mut self) {
+        let links: Vec<LinkId> = self
+            .by_peer
+            .values()
+            .copied()
+            .filter(|l| self.links.get(l).is_some_and(|s| s.has(feature::TEIA)))
+            .collect();
+        for link in links {
+            let list = self.peer_list_for(link);
+            self.write(link, &Message::PeerList(list));
+        }
+    }
+
+    // ---------------------------------------------------------------- helpers
+
+    fn write(&mut self, link: LinkId, message: &Message) {
+        let Ok(line) = message.to_line() else {
+            self.counters.errors += 1;
+            return;
+        };
+        let Some(state) = self.links.get_mut(&link) else {
+            return;
+        };
+        state.sent += 1;
+        self.counters.sent += 1;
+        self.trace(Direction::Out, link, message);
+        self.actions.push_back(Action::Write { link, line });
+    }
+
+    fn emit(&mut self, event: Event) {
+        self.actions.push_back(Action::Event(event));
+    }
+
+    fn trace(&mut self, direction: Direction, link: LinkId, message: &Message) {
+        if !self.watch {
+            return;
+        }
+        let (src, dst) = match message {
+            Message::Send(d) | Message::Pub(d) => (Some(d.src.clone()), Some(d.dst.clone())),
+            Message::WhoHas(w) => (Some(w.src.clone()), Some(w.dst.clone())),
+            Message::WhoHasHit(h) => (Some(h.src.clone()), Some(h.dst.clone())),
+            Message::Ack(a) => (a.src.clone(), a.dst.clone()),
+            Message::RelayOk(r) | Message::RelayFail(r) => {
+                (Some(r.src.clone()), Some(r.dst.clone()))
+            }
+            Message::Error(e) => (e.src.clone(), e.dst.clone()),
+            _ => (None, None),
+        };
+        let event = Event::Traffic {
+            direction,
+            peer: self.peer_of(link),
+            kind: message.kind().to_owned(),
+            msg_id: msg_id_of(message),
+            src,
+            dst,
+        };
+        self.emit(event);
+    }
+
+    fn bad_format(&mut self, link: LinkId, reference: Option<String>, detail: &str) {
+        self.counters.errors += 1;
+        let error = self.error_msg(code::BAD_FORMAT, reference, Some(detail.to_owned()), None);
+        self.write(link, &Message::Error(error));
+    }
+
+    fn error_msg(
+        &self,
+        code: &str,
+        reference: Option<String>,
+        detail: Option<String>,
+        dst: Option<String>,
+    ) -> ErrorMsg {
+        ErrorMsg {
+            status: "ERROR".to_owned(),
+            error: code.to_owned(),
+            reference,
+            detail,
+            limit: None,
+            src: Some(self.config.peer_id.clone()),
+            ttl: if dst.is_some() {
+                self.config.default_ttl
+            } else {
+                1
+            },
+            dst,
+        }
+    }
+
+    fn peer_of(&self, link: LinkId) -> String {
+        self.links.get(&link).map(Link::label).unwrap_or_default()
+    }
+
+    fn new_id(&mut self) -> String {
+        let high = self.rng.next_u64();
+        let low = self.rng.next_u64();
+        uuid_v4(high, low)
+    }
+
+    fn millis(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// ISO-8601 UTC wall time at `now`.
+    fn timestamp(&self, now: Instant) -> String {
+        let unix = self.wall_at_start.saturating_add(self.millis(now));
+        let time = UNIX_EPOCH + Duration::from_millis(unix);
+        humantime::format_rfc3339_seconds(time.max(SystemTime::UNIX_EPOCH)).to_string()
+    }
+}
+
+/// The destination of a routed message.
+fn routed_dst(message: &Message) -> Option<String> {
+    match message {
+        Message::Send(d) => Some(d.dst.clone()),
+        Message::Ack(a) => a.dst.clone(),
+        Message::RelayOk(r) | Message::RelayFail(r) => Some(r.dst.clone()),
+        Message::Error(e) => e.dst.clone(),
+        _ => None,
+    }
+}
+
+fn msg_id_of(message: &Message) -> Option<String> {
+    match message {
+        Message::Ping(p) | Message::Pong(p) => Some(p.msg_id.clone()),
+        Message::Bye(b) | Message::ByeOk(b) => Some(b.msg_id.clone()),
+        Message::Send(d) | Message::Pub(d) => Some(d.msg_id.clone()),
+        Message::Ack(a) => Some(a.msg_id.clone()),
+        Message::WhoHas(w) => Some(w.msg_id.clone()),
+        Message::WhoHasHit(h) => Some(h.msg_id.clone()),
+        Message::RelayOk(r) | Message::RelayFail(r) => Some(r.msg_id.clone()),
+        Message::MetricsReq(m) => Some(m.msg_id.clone()),
+        Message::Metrics(m) => Some(m.msg_id.clone()),
+        Message::Error(e) => e.reference.clone(),
+        _ => None,
+    }
+}
+
+/// True for `name@namespace` with both parts valid.
+pub fn is_peer_id(text: &str) -> bool {
+    text.split_once('@')
+        .is_some_and(|(name, namespace)| is_name(name) && is_name(namespace))
+}
+
+fn is_name(text: &str) -> bool {
+    teia_wire::fields::validate_name(text).is_ok()
+}
+
+#[cfg(test)]
+mod sim;

@@ -1,0 +1,676 @@
+//! A deterministic in-process network of [`Node`]s: links are in-memory queues with a fixed
+//! latency, time is simulated, and every choice comes from a seed. Networks of hundreds of
+//! nodes run in milliseconds.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use super::*;
+use crate::rng::SplitMix64;
+
+const LATENCY: Duration = Duration::from_millis(5);
+
+#[derive(Debug)]
+enum Delivery {
+    Opened {
+        node: usize,
+        link: LinkId,
+        addr: SocketAddr,
+        inbound: bool,
+    },
+    Line {
+        node: usize,
+        link: LinkId,
+        line: Vec<u8>,
+    },
+    Closed {
+        node: usize,
+        link: LinkId,
+    },
+    DialFailed {
+        node: usize,
+        addr: SocketAddr,
+    },
+}
+
+struct SimNode {
+    node: Node,
+    addr: SocketAddr,
+    alive: bool,
+    /// A frozen node neither receives nor acts on time (a hung process).
+    frozen: bool,
+    events: Vec<Event>,
+}
+
+struct Sim {
+    now: Instant,
+    nodes: Vec<SimNode>,
+    /// link -> (node owning this end, the other end's link, the other node)
+    ends: HashMap<LinkId, (usize, LinkId, usize)>,
+    queue: BinaryHeap<Reverse<(Instant, u64)>>,
+    deliveries: HashMap<u64, Delivery>,
+    seq: u64,
+    next_link: LinkId,
+}
+
+fn addr_of(index: usize) -> SocketAddr {
+    SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10_000 + index as u16)
+}
+
+fn name(index: usize) -> String {
+    format!("n{index}@sim")
+}
+
+impl Sim {
+    fn new(count: usize, seed: u64, configure: impl Fn(&mut Config)) -> Self {
+        let now = Instant::now();
+        let nodes = (0..count)
+            .map(|i| {
+                let mut config = Config::new(name(i));
+                config.listen_port = Some(addr_of(i).port());
+                config.seed = seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
+                config.target_neighbours = 0;
+                configure(&mut config);
+                SimNode {
+                    node: Node::new(config, now, 1_700_000_000_000),
+                    addr: addr_of(i),
+                    alive: true,
+                    frozen: false,
+                    events: Vec::new(),
+                }
+            })
+            .collect();
+        Self {
+            now,
+            nodes,
+            ends: HashMap::new(),
+            queue: BinaryHeap::new(),
+            deliveries: HashMap::new(),
+            seq: 0,
+            next_link: 1,
+        }
+    }
+
+    fn schedule(&mut self, delay: Duration, delivery: Delivery) {
+        self.seq += 1;
+        self.queue.push(Reverse((self.now + delay, self.seq)));
+        self.deliveries.insert(self.seq, delivery);
+    }
+
+    fn node(&mut self, index: usize) -> &mut Node {
+        &mut self.nodes[index].node
+    }
+
+    /// Carries out every action the nodes have queued.
+    fn drain(&mut self) {
+        loop {
+            let mut any = false;
+            for index in 0..self.nodes.len() {
+                while let Some(action) = self.nodes[index].node.poll_action() {
+                    any = true;
+                    self.act(index, action);
+                }
+            }
+            if !any {
+                return;
+            }
+        }
+    }
+
+    fn act(&mut self, index: usize, action: Action) {
+        match action {
+            Action::Write { link, line } => {
+                if let Some(&(_, other, other_node)) = self.ends.get(&link) {
+                    let line = line[..line.len() - 1].to_vec();
+                    self.schedule(
+                        LATENCY,
+                        Delivery::Line {
+                            node: other_node,
+                            link: other,
+                            line,
+                        },
+                    );
+                }
+            }
+            Action::Close { link } => {
+                if let Some((_, other, other_node)) = self.ends.remove(&link) {
+                    self.ends.remove(&other);
+                    self.schedule(
+                        LATENCY,
+                        Delivery::Closed {
+                            node: other_node,
+                            link: other,
+                        },
+                    );
+                }
+            }
+            Action::Dial { addr } => {
+                let target = self.nodes.iter().position(|n| n.addr == addr && n.alive);
+                match target {
+                    Some(target) => {
+                        let (a, b) = (self.next_link, self.next_link + 1);
+                        self.next_link += 2;
+                        self.ends.insert(a, (index, b, target));
+                        self.ends.insert(b, (target, a, index));
+                        let from = self.nodes[index].addr;
+                        self.schedule(
+                            LATENCY,
+                            Delivery::Opened {
+                                node: index,
+                                link: a,
+                                addr,
+                                inbound: false,
+                            },
+                        );
+                        self.schedule(
+                            LATENCY,
+                            Delivery::Opened {
+                                node: target,
+                                link: b,
+                                addr: from,
+                                inbound: true,
+                            },
+                        );
+                    }
+                    None => self.schedule(LATENCY, Delivery::DialFailed { node: index, addr }),
+                }
+            }
+            Action::Event(event) => self.nodes[index].events.push(event),
+        }
+    }
+
+    fn deliver(&mut self, delivery: Delivery) {
+        let now = self.now;
+        let node_of = |d: &Delivery| match d {
+            Delivery::Opened { node, .. }
+            | Delivery::Line { node, .. }
+            | Delivery::Closed { node, .. }
+            | Delivery::DialFailed { node, .. } => *node,
+        };
+        let target = &mut self.nodes[node_of(&delivery)];
+        if !target.alive || (target.frozen && !matches!(delivery, Delivery::Closed { .. })) {
+            return;
+        }
+        let node = &mut target.node;
+        match delivery {
+            Delivery::Opened {
+                link,
+                addr,
+                inbound,
+                ..
+            } => node.link_opened(now, link, addr, inbound),
+            Delivery::Line { link, line, .. } => node.line_received(now, link, Ok(line)),
+            Delivery::Closed { link, .. } => node.link_closed(now, link, "closed by peer"),
+            Delivery::DialFailed { addr, .. } => node.dial_failed(now, addr, "connection refused"),
+        }
+    }
+
+    /// Runs the network until `duration` of simulated time has passed.
+    fn run(&mut self, duration: Duration) {
+        let end = self.now + duration;
+        loop {
+            self.drain();
+            let next_delivery = self.queue.peek().map(|Reverse((at, _))| *at);
+            let next_timer = self
+                .nodes
+                .iter()
+                .filter(|n| n.alive && !n.frozen)
+                .filter_map(|n| n.node.poll_timeout())
+                .min();
+            let next = match (next_delivery, next_timer) {
+                (Some(a), Some(b)) => a.min(b),
+                (a, b) => match a.or(b) {
+                    Some(t) => t,
+                    None => break,
+                },
+            };
+            if next > end {
+                break;
+            }
+            self.now = self.now.max(next);
+            while let Some(Reverse((at, seq))) = self.queue.peek().copied() {
+                if at > self.now {
+                    break;
+                }
+                self.queue.pop();
+                if let Some(delivery) = self.deliveries.remove(&seq) {
+                    self.deliver(delivery);
+                }
+            }
+            let now = self.now;
+            for n in self.nodes.iter_mut().filter(|n| n.alive && !n.frozen) {
+                if n.node.poll_timeout().is_some_and(|t| t <= now) {
+                    n.node.handle_timeout(now);
+                }
+            }
+        }
+        self.now = end;
+    }
+
+    /// Kills a node: its links close as a crash would close them.
+    fn kill(&mut self, index: usize) {
+        self.nodes[index].alive = false;
+        let ends: Vec<LinkId> = self
+            .ends
+            .iter()
+            .filter(|(_, (owner, _, _))| *owner == index)
+            .map(|(link, _)| *link)
+            .collect();
+        for link in ends {
+            if let Some((_, other, other_node)) = self.ends.remove(&link) {
+                self.ends.remove(&other);
+                self.schedule(
+                    LATENCY,
+                    Delivery::Closed {
+                        node: other_node,
+                        link: other,
+                    },
+                );
+            }
+        }
+    }
+
+    fn connect(&mut self, a: usize, b: usize) {
+        let now = self.now;
+        let addr = self.nodes[b].addr;
+        self.node(a).connect(now, addr);
+    }
+
+    /// Neighbour sets as the nodes see them.
+    fn adjacency(&self) -> Vec<HashSet<usize>> {
+        self.nodes
+            .iter()
+            .map(|n| {
+                n.node
+                    .neighbours()
+                    .iter()
+                    .filter_map(|info| {
+                        info.peer
+                            .strip_prefix('n')?
+                            .strip_suffix("@sim")?
+                            .parse()
+                            .ok()
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    /// Hop distances from `from` over live links.
+    fn distances(&self, from: usize) -> Vec<Option<usize>> {
+        let adjacency = self.adjacency();
+        let mut dist = vec![None; self.nodes.len()];
+        dist[from] = Some(0);
+        let mut queue = VecDeque::from([from]);
+        while let Some(at) = queue.pop_front() {
+            for &next in &adjacency[at] {
+                if dist[next].is_none() && self.nodes[next].alive {
+                    dist[next] = Some(dist[at].unwrap_or(0) + 1);
+                    queue.push_back(next);
+                }
+            }
+        }
+        dist
+    }
+
+    fn messages(&self, index: usize, msg_id: &str) -> usize {
+        self.nodes[index]
+            .events
+            .iter()
+            .filter(|e| matches!(e, Event::Message { msg_id: id, .. } if id == msg_id))
+            .count()
+    }
+
+    fn acked(&self, index: usize, msg_id: &str) -> bool {
+        self.nodes[index]
+            .events
+            .iter()
+            .any(|e| matches!(e, Event::Acked { msg_id: id, .. } if id == msg_id))
+    }
+
+    fn send(&mut self, from: usize, to: usize, text: &str) -> String {
+        let now = self.now;
+        self.node(from).send(now, &name(to), json!(text)).unwrap()
+    }
+}
+
+/// A random connected topology: a random tree plus `extra` random edges.
+fn random_topology(sim: &mut Sim, seed: u64, extra: usize) {
+    let mut rng = SplitMix64::new(seed);
+    let count = sim.nodes.len();
+    for i in 1..count {
+        let j = rng.below(i as u64) as usize;
+        sim.connect(i, j);
+    }
+    for _ in 0..extra {
+        let a = rng.below(count as u64) as usize;
+        let b = rng.below(count as u64) as usize;
+        if a != b {
+            sim.connect(a, b);
+        }
+    }
+}
+
+#[test]
+fn pub_reaches_every_node_of_200_exactly_once() {
+    for seed in [1, 2, 3] {
+        let mut sim = Sim::new(200, seed, |_| {});
+        random_topology(&mut sim, seed, 300);
+        sim.run(Duration::from_secs(2));
+        let dist = sim.distances(0);
+        assert!(dist.iter().all(Option::is_some), "connected");
+        let eccentricity = dist.iter().flatten().max().copied().unwrap_or(0);
+        assert!(
+            eccentricity < 8,
+            "seed {seed}: eccentricity {eccentricity} within the ttl"
+        );
+        let now = sim.now;
+        let star = sim.node(0).publish(now, "*", json!("hello all")).unwrap();
+        let ns = sim
+            .node(0)
+            .publish(now, "#sim", json!("hello sim"))
+            .unwrap();
+        let other = sim
+            .node(0)
+            .publish(now, "#elsewhere", json!("not for us"))
+            .unwrap();
+        sim.run(Duration::from_secs(2));
+        for i in 1..200 {
+            assert_eq!(
+                sim.messages(i, &star),
+                1,
+                "seed {seed}: node {i} got * once"
+            );
+            assert_eq!(
+                sim.messages(i, &ns),
+                1,
+                "seed {seed}: node {i} got #sim once"
+            );
+            assert_eq!(
+                sim.messages(i, &other),
+                0,
+                "not delivered outside its namespace"
+            );
+        }
+        let duplicates: u64 = sim.nodes.iter().map(|n| n.node.counters().duplicates).sum();
+        assert!(
+            duplicates > 0,
+            "the mesh has cycles, and their copies were dropped"
+        );
+    }
+}
+
+#[test]
+fn send_finds_its_route_by_who_has_and_is_acked() {
+    let mut sim = Sim::new(200, 7, |_| {});
+    random_topology(&mut sim, 7, 100);
+    sim.run(Duration::from_secs(2));
+    let dist = sim.distances(0);
+    let far = (1..200)
+        .filter(|i| dist[*i].is_some_and(|d| (3..8).contains(&d)))
+        .max_by_key(|i| dist[*i])
+        .expect("a node at least 3 hops away");
+    let msg = sim.send(0, far, "hi far");
+    sim.run(Duration::from_secs(3));
+    assert_eq!(sim.messages(far, &msg), 1, "delivered exactly once");
+    assert!(sim.acked(0, &msg), "the ACK came back");
+    let route = sim.nodes[0].node.routes(sim.now);
+    assert!(
+        route.iter().any(|r| r.dst == name(far)),
+        "the route is cached: {route:?}"
+    );
+    let relayed = sim.nodes[0]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::Relayed { ok: true, .. }));
+    assert!(relayed, "the first hop answered RELAY_OK");
+}
+
+#[test]
+fn sends_between_random_pairs_are_all_acked() {
+    let mut sim = Sim::new(200, 11, |_| {});
+    random_topology(&mut sim, 11, 150);
+    sim.run(Duration::from_secs(2));
+    let mut rng = SplitMix64::new(99);
+    let mut sent = Vec::new();
+    while sent.len() < 50 {
+        let a = rng.below(200) as usize;
+        let b = rng.below(200) as usize;
+        let within_ttl = sim.distances(a)[b].is_some_and(|d| d <= 8);
+        if a != b && within_ttl {
+            sent.push((a, b, sim.send(a, b, "ping")));
+        }
+    }
+    sim.run(Duration::from_secs(10));
+    for (a, b, msg) in sent {
+        assert_eq!(sim.messages(b, &msg), 1, "{a} -> {b} delivered once");
+        assert!(sim.acked(a, &msg), "{a} -> {b} acked");
+    }
+}
+
+#[test]
+fn dead_links_are_routed_around() {
+    // A ring: two ways from 0 to 5.
+    let mut sim = Sim::new(10, 3, |_| {});
+    for i in 0..10 {
+        sim.connect(i, (i + 1) % 10);
+    }
+    sim.run(Duration::from_secs(1));
+    let first = sim.send(0, 5, "before");
+    sim.run(Duration::from_secs(2));
+    assert!(sim.acked(0, &first));
+    let hop = sim.nodes[0]
+        .node
+        .routes(sim.now)
+        .into_iter()
+        .find(|r| r.dst == name(5))
+        .map(|r| r.next_hop)
+        .expect("route to n5");
+    let dead: usize = hop
+        .trim_start_matches('n')
+        .trim_end_matches("@sim")
+        .parse()
+        .unwrap();
+    sim.kill(dead);
+    sim.run(Duration::from_secs(1));
+    let second = sim.send(0, 5, "after");
+    sim.run(Duration::from_secs(10));
+    assert_eq!(sim.messages(5, &second), 1);
+    assert!(
+        sim.acked(0, &second),
+        "delivered the other way round after n{dead} died"
+    );
+}
+
+#[test]
+fn ttl_expiry_is_reported_to_the_origin() {
+    let mut sim = Sim::new(5, 5, |c| {
+        if c.peer_id == "n0@sim" {
+            c.default_ttl = 3;
+        }
+    });
+    for i in 0..4 {
+        sim.connect(i, i + 1);
+    }
+    sim.run(Duration::from_secs(1));
+    let msg = sim.send(0, 4, "too far");
+    sim.run(Duration::from_secs(2));
+    assert_eq!(sim.messages(4, &msg), 0);
+    let reported = sim.nodes[0].events.iter().any(|e| {
+        matches!(e, Event::RemoteError { code, reference: Some(r), .. } if code == "ttl_expired" && r == &msg)
+    });
+    assert!(reported, "events: {:?}", sim.nodes[0].events);
+    sim.run(Duration::from_secs(70));
+    let undelivered = sim.nodes[0].events.iter().any(|e| {
+        matches!(e, Event::Undelivered { msg_id, reason, .. } if msg_id == &msg && reason == "ttl_expired")
+    });
+    assert!(
+        undelivered,
+        "after the deadline the send is reported undelivered"
+    );
+}
+
+#[test]
+fn unknown_destination_is_undelivered_with_no_route() {
+    let mut sim = Sim::new(3, 9, |c| c.send_deadline = Duration::from_secs(10));
+    sim.connect(0, 1);
+    sim.connect(1, 2);
+    sim.run(Duration::from_secs(1));
+    let now = sim.now;
+    let msg = sim
+        .node(0)
+        .send(now, "ghost@sim", json!("anyone?"))
+        .unwrap();
+    sim.run(Duration::from_secs(15));
+    let undelivered = sim.nodes[0].events.iter().any(|e| {
+        matches!(e, Event::Undelivered { msg_id, reason, .. } if msg_id == &msg && reason == "no_route")
+    });
+    assert!(undelivered, "events: {:?}", sim.nodes[0].events);
+}
+
+#[test]
+fn peer_exchange_builds_a_mesh_that_survives_its_seed() {
+    let mut sim = Sim::new(30, 4, |c| c.target_neighbours = 4);
+    for i in 1..30 {
+        sim.connect(i, 0);
+        sim.run(Duration::from_millis(200));
+    }
+    sim.run(Duration::from_secs(5));
+    let adjacency = sim.adjacency();
+    for (i, neighbours) in adjacency.iter().enumerate() {
+        assert!(neighbours.len() >= 2, "n{i} has only {neighbours:?}");
+    }
+    sim.kill(0);
+    sim.run(Duration::from_secs(5));
+    let dist = sim.distances(1);
+    for (i, d) in dist.iter().enumerate().skip(1) {
+        assert!(d.is_some(), "n{i} is still reachable from n1 after n0 died");
+    }
+}
+
+#[test]
+fn simultaneous_dials_leave_one_link() {
+    let mut sim = Sim::new(2, 1, |_| {});
+    sim.connect(0, 1);
+    sim.connect(1, 0);
+    sim.run(Duration::from_secs(2));
+    assert_eq!(sim.nodes[0].node.neighbours().len(), 1);
+    assert_eq!(sim.nodes[1].node.neighbours().len(), 1);
+    assert_eq!(sim.ends.len(), 2, "one connection, two ends");
+    let msg = sim.send(0, 1, "still works");
+    sim.run(Duration::from_secs(1));
+    assert!(sim.acked(0, &msg));
+}
+
+#[test]
+fn silent_peer_is_closed_after_three_missed_pings_and_redialed() {
+    let mut sim = Sim::new(2, 1, |c| c.ping_interval = Duration::from_secs(1));
+    sim.connect(0, 1);
+    sim.run(Duration::from_secs(3));
+    assert!(
+        sim.nodes[0].node.neighbours()[0].rtt.is_some(),
+        "RTT measured"
+    );
+    sim.nodes[1].frozen = true;
+    sim.run(Duration::from_secs(6));
+    let down = sim.nodes[0]
+        .events
+        .iter()
+        .any(|e| matches!(e, Event::LinkDown { reason, .. } if reason == "keep-alive timeout"));
+    assert!(down, "{:?}", sim.nodes[0].events);
+    sim.nodes[1].frozen = false;
+    sim.run(Duration::from_secs(10));
+    assert_eq!(
+        sim.nodes[0].node.neighbours().len(),
+        1,
+        "pinned peer redialed"
+    );
+}
+
+#[test]
+fn duplicate_send_is_delivered_once_and_acked_twice() {
+    let now = Instant::now();
+    let mut node = Node::new(Config::new("b@U"), now, 0);
+    let addr = addr_of(1);
+    node.link_opened(now, 1, addr, true);
+    let hello = br#"{"type":"HELLO","peer_id":"a@U","version":"1.0","features":["ack"],"ttl":1}"#;
+    node.line_received(now, 1, Ok(hello.to_vec()));
+    let send = br#"{"type":"SEND","msg_id":"m1","src":"a@U","dst":"b@U","payload":"hi","require_ack":true,"ttl":1}"#;
+    node.line_received(now, 1, Ok(send.to_vec()));
+    node.line_received(now, 1, Ok(send.to_vec()));
+    let actions: Vec<Action> = std::iter::from_fn(|| node.poll_action()).collect();
+    let delivered = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Event(Event::Message { .. })))
+        .count();
+    let acks = actions
+        .iter()
+        .filter(
+            |a| matches!(a, Action::Write { line, .. } if line.starts_with(b"{\"type\":\"ACK\"")),
+        )
+        .count();
+    assert_eq!((delivered, acks), (1, 2));
+}
+
+#[test]
+fn malformed_input_gets_errors_and_the_link_stays() {
+    let now = Instant::now();
+    let mut node = Node::new(Config::new("b@U"), now, 0);
+    node.link_opened(now, 1, addr_of(1), true);
+    node.line_received(now, 1, Ok(br#"{"type":"SEND","msg_id":"early"}"#.to_vec()));
+    let hello = br#"{"type":"HELLO","peer_id":"a@U"}"#;
+    node.line_received(now, 1, Ok(hello.to_vec()));
+    node.line_received(now, 1, Ok(b"not json".to_vec()));
+    node.line_received(
+        now,
+        1,
+        Ok(br#"{"type":"SEND","msg_id":"m7","src":"a@U"}"#.to_vec()),
+    );
+    node.line_received(now, 1, Err(DecodeError::LineTooLong { limit: 32768 }));
+    node.line_received(now, 1, Ok(br#"{"type":"WHATEVER"}"#.to_vec()));
+    let written: Vec<String> = std::iter::from_fn(|| node.poll_action())
+        .filter_map(|a| match a {
+            Action::Write { line, .. } => Some(String::from_utf8(line).unwrap()),
+            Action::Close { .. } => panic!("the link must stay up"),
+            _ => None,
+        })
+        .collect();
+    let errors: Vec<&String> = written.iter().filter(|l| l.contains("\"ERROR\"")).collect();
+    assert_eq!(errors.len(), 4, "{written:#?}");
+    assert!(errors[0].contains("bad_format"));
+    assert!(errors[1].contains("bad_format"));
+    assert!(errors[2].contains("bad_format") && errors[2].contains("\"ref\":\"m7\""));
+    assert!(errors[3].contains("line_too_long") && errors[3].contains("32768"));
+    assert_eq!(node.neighbours().len(), 1);
+}
+
+#[test]
+fn over_quota_neighbour_gets_errors() {
+    let now = Instant::now();
+    let mut config = Config::new("b@U");
+    config.link_rate = 5;
+    let mut node = Node::new(config, now, 0);
+    node.link_opened(now, 1, addr_of(1), true);
+    node.line_received(now, 1, Ok(br#"{"type":"HELLO","peer_id":"a@U"}"#.to_vec()));
+    for i in 0..20 {
+        let line = format!(
+            r#"{{"type":"PUB","msg_id":"p{i}","src":"a@U","dst":"*","payload":"x","ttl":1}}"#
+        );
+        node.line_received(now, 1, Ok(line.into_bytes()));
+    }
+    let actions: Vec<Action> = std::iter::from_fn(|| node.poll_action()).collect();
+    let delivered = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Event(Event::Message { .. })))
+        .count();
+    let refused = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Write { line, .. } if String::from_utf8_lossy(line).contains("over_quota")))
+        .count();
+    assert_eq!(delivered, 10, "burst of twice the rate");
+    assert_eq!(refused, 10);
+}
