@@ -1,4 +1,5 @@
-//! The teia node's runtime: tokio networking around the sans-IO core. For now it holds the
-//! rendezvous client that nodes use to find each other.
+//! The teia node's runtime: tokio networking around the sans-IO overlay in `teia-core`,
+//! and the rendezvous client that nodes use to find each other.
 
+pub mod node;
 pub mod rendezvous;

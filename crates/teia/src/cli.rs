@@ -35,6 +35,116 @@ pub enum Command {
     /// Talk to a rendezvous server once: register, discover or unregister, and print the answer.
     #[command(subcommand)]
     Rdv(RdvCommand),
+    /// Run a peer node: links to other peers, relays for them, and opens the chat shell
+    /// (or, with --json, reads commands on stdin and prints one JSON event per line).
+    Node(NodeArgs),
+}
+
+/// Flags of `teia node`.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// Your name; your peer id is NAME@NAMESPACE.
+    #[arg(long, env = "TEIA_NAME")]
+    pub name: String,
+
+    /// Your namespace (room).
+    #[arg(
+        long,
+        env = "TEIA_NAMESPACE",
+        default_value = "teia",
+        value_name = "NS"
+    )]
+    pub namespace: String,
+
+    /// Port to accept links on (0: any free port, shown at start).
+    #[arg(long, env = "TEIA_PORT", default_value_t = 0)]
+    pub port: u16,
+
+    /// Address to accept links on.
+    #[arg(
+        long,
+        env = "TEIA_LISTEN_IP",
+        default_value = "0.0.0.0",
+        value_name = "IP"
+    )]
+    pub listen_ip: std::net::IpAddr,
+
+    /// Accept no links: only dial out (as a peer behind NAT does).
+    #[arg(long)]
+    pub no_listen: bool,
+
+    /// Rendezvous server to register with and discover peers from. Without it and without
+    /// --peer, the node uses 127.0.0.1:8080 and starts a rendezvous there itself if none
+    /// answers.
+    #[arg(long, env = "TEIA_RENDEZVOUS", value_name = "HOST:PORT")]
+    pub rendezvous: Option<String>,
+
+    /// A peer to dial at start and keep connected (repeatable); no rendezvous needed.
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    pub peers: Vec<String>,
+
+    /// Print one JSON event per line on stdout and read commands from stdin (for scripts).
+    #[arg(long)]
+    pub json: bool,
+
+    /// Directory for the node's data (the embedded rendezvous keeps its records there).
+    /// Default: the platform's data directory, e.g. ~/.local/share/teia.
+    #[arg(long, env = "TEIA_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+
+    /// Seconds between two PINGs on a link.
+    #[arg(
+        long,
+        env = "TEIA_PING_INTERVAL",
+        default_value_t = 30.0,
+        value_name = "SECONDS"
+    )]
+    pub ping_interval: f64,
+
+    /// Neighbours the node dials on its own (from the rendezvous and peer lists).
+    #[arg(
+        long,
+        env = "TEIA_MAX_NEIGHBOURS",
+        default_value_t = 8,
+        value_name = "N"
+    )]
+    pub max_neighbours: usize,
+
+    /// Seconds between two DISCOVERs at the rendezvous.
+    #[arg(
+        long,
+        env = "TEIA_DISCOVER_INTERVAL",
+        default_value_t = 30.0,
+        value_name = "SECONDS"
+    )]
+    pub discover_interval: f64,
+
+    /// Lifetime asked for the rendezvous registration, in seconds (renewed at half of it).
+    #[arg(
+        long,
+        env = "TEIA_REGISTER_TTL",
+        default_value_t = 120,
+        value_name = "SECONDS"
+    )]
+    pub register_ttl: u32,
+
+    /// Seconds a SEND is retransmitted for before it is reported undelivered.
+    #[arg(
+        long,
+        env = "TEIA_SEND_DEADLINE",
+        default_value_t = 60.0,
+        value_name = "SECONDS"
+    )]
+    pub send_deadline: f64,
+
+    /// Failed dials in a row before a peer's address is given up.
+    #[arg(
+        long,
+        env = "TEIA_RECONNECT_ATTEMPTS",
+        default_value_t = 10,
+        value_name = "N"
+    )]
+    pub reconnect_attempts: u32,
 }
 
 /// Flags of `teia rendezvous`.

@@ -1,5 +1,5 @@
 //! Log setup: `tracing` to standard error or a file, level from `--log`, else `RUST_LOG`,
-//! else `info`.
+//! else `info`; the level can be changed while running (`/log`).
 
 use std::fs::OpenOptions;
 use std::io::IsTerminal;
@@ -7,19 +7,33 @@ use std::path::Path;
 use std::sync::Mutex;
 
 use anyhow::Context;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{reload, EnvFilter, Registry};
+
+/// Changes the log filter of the running process.
+#[derive(Clone)]
+pub struct LogControl(reload::Handle<EnvFilter, Registry>);
+
+impl LogControl {
+    /// Replaces the filter (`debug`, `teia_node=trace,info`, ...).
+    pub fn set(&self, filter: &str) -> anyhow::Result<()> {
+        let filter =
+            EnvFilter::try_new(filter).with_context(|| format!("invalid log level {filter:?}"))?;
+        self.0.reload(filter).context("cannot change the log level")
+    }
+}
 
 /// Installs the global subscriber.
-pub fn init(level: Option<&str>, file: Option<&Path>) -> anyhow::Result<()> {
+pub fn init(level: Option<&str>, file: Option<&Path>) -> anyhow::Result<LogControl> {
     let filter = match level {
         Some(level) => {
             EnvFilter::try_new(level).with_context(|| format!("invalid --log value {level:?}"))?
         }
         None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(true);
+    let (filter, handle) = reload::Layer::new(filter);
+    let registry = tracing_subscriber::registry().with(filter);
     match file {
         Some(path) => {
             let file = OpenOptions::new()
@@ -27,15 +41,17 @@ pub fn init(level: Option<&str>, file: Option<&Path>) -> anyhow::Result<()> {
                 .append(true)
                 .open(path)
                 .with_context(|| format!("cannot open log file {}", path.display()))?;
-            builder
+            let layer = tracing_subscriber::fmt::layer()
                 .with_ansi(false)
-                .with_writer(Mutex::new(file))
-                .init();
+                .with_writer(Mutex::new(file));
+            registry.with(layer).init();
         }
-        None => builder
-            .with_ansi(std::io::stderr().is_terminal())
-            .with_writer(std::io::stderr)
-            .init(),
+        None => {
+            let layer = tracing_subscriber::fmt::layer()
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_writer(std::io::stderr);
+            registry.with(layer).init();
+        }
     }
-    Ok(())
+    Ok(LogControl(handle))
 }

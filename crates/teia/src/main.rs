@@ -1,5 +1,6 @@
 //! The `teia` binary: parses the command line, sets up logging and runs one command.
 
+mod chat;
 mod cli;
 mod commands;
 mod logging;
@@ -8,11 +9,14 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let cli = cli::Cli::parse();
-    if let Err(e) = logging::init(cli.log.as_deref(), cli.log_file.as_deref()) {
-        eprintln!("error: {e:#}");
-        return std::process::ExitCode::from(2);
-    }
-    match commands::run(cli.command) {
+    let log = match logging::init(cli.log.as_deref(), cli.log_file.as_deref()) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    match commands::run(cli.command, log) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");

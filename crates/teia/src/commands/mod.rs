@@ -1,5 +1,6 @@
 //! The commands: each turns its arguments into settings and runs on a tokio runtime.
 
+mod node;
 mod rdv;
 mod rendezvous;
 
@@ -9,9 +10,10 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::cli::Command;
+use crate::logging::LogControl;
 
 /// Runs one command to completion.
-pub fn run(command: Command) -> anyhow::Result<()> {
+pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -20,6 +22,7 @@ pub fn run(command: Command) -> anyhow::Result<()> {
         match command {
             Command::Rendezvous(args) => rendezvous::run(args).await,
             Command::Rdv(command) => rdv::run(command).await,
+            Command::Node(args) => node::run(args, log).await,
         }
     })
 }

@@ -1,0 +1,223 @@
+//! The chat commands typed in the shell or sent on stdin in `--json` mode, parsed into one
+//! enum so that both interfaces behave the same.
+
+/// A parsed chat command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ChatCommand {
+    /// `/peers [#ns|*]`: connected and known peers.
+    Peers(Option<String>),
+    /// `/connect <peer_id|host:port>`.
+    Connect(String),
+    /// `/msg @peer text`, `/msg #ns text`, `/msg * text`.
+    Msg {
+        /// `name@namespace`, `#namespace` or `*`.
+        dst: String,
+        /// The text.
+        text: String,
+    },
+    /// `/pub #ns|* text`.
+    Pub {
+        /// `#namespace` or `*`.
+        dst: String,
+        /// The text.
+        text: String,
+    },
+    /// `/routes`: neighbours with RTT and cached routes.
+    Routes,
+    /// `/watch`: toggle the live traffic log.
+    Watch,
+    /// `/conn`: connections.
+    Conn,
+    /// `/rtt`: round-trip times.
+    Rtt,
+    /// `/reconnect`: redial known peers now.
+    Reconnect,
+    /// `/log LEVEL`: change the log filter.
+    Log(String),
+    /// `/metrics [peer]`: counters, or a neighbour's METRICS.
+    Metrics(Option<String>),
+    /// `/help`.
+    Help,
+    /// `/quit`.
+    Quit,
+}
+
+/// The help text: one line per command.
+pub const HELP: &str = "\
+/peers [#ns|*]              connected and known peers (of one namespace, or all)
+/connect <peer_id|host:port> connect to a peer and keep the link up
+/msg @name@ns text          send to one peer (acknowledged end to end)
+/msg #ns text               send to everyone in a namespace
+/msg * text                 send to everyone
+/pub #ns|* text             same as /msg #ns or /msg *
+/routes                     neighbours with RTT, cached routes with next hop, hops and age
+/watch                      toggle a live log of all traffic
+/conn                       open connections
+/rtt                        round-trip time per neighbour
+/reconnect                  redial known peers now
+/log LEVEL                  change the log level (error, warn, info, debug, trace)
+/metrics [peer]             traffic counters, or ask a neighbour for its link metrics
+/help                       this help
+/quit                       say goodbye to every neighbour and exit";
+
+/// Parses one input line. A line without a leading `/` is not a command: `Ok(None)`.
+pub fn parse(line: &str) -> Result<Option<ChatCommand>, String> {
+    let line = line.trim();
+    if line.is_empty() {
+        return Ok(None);
+    }
+    let Some(body) = line.strip_prefix('/') else {
+        return Err(format!(
+            "not a command: {line:?}; messages are sent with /msg @peer text, /msg #ns text or /msg * text (see /help)"
+        ));
+    };
+    let (name, rest) = body.split_once(char::is_whitespace).unwrap_or((body, ""));
+    let rest = rest.trim();
+    let no_args = |command: ChatCommand| {
+        if rest.is_empty() {
+            Ok(Some(command))
+        } else {
+            Err(format!("/{name} takes no arguments"))
+        }
+    };
+    match name {
+        "peers" => match rest {
+            "" => Ok(Some(ChatCommand::Peers(None))),
+            "*" => Ok(Some(ChatCommand::Peers(Some("*".into())))),
+            ns if ns.starts_with('#') && ns.len() > 1 => {
+                Ok(Some(ChatCommand::Peers(Some(ns.into()))))
+            }
+            _ => Err("usage: /peers [#namespace|*]".into()),
+        },
+        "connect" if !rest.is_empty() && !rest.contains(char::is_whitespace) => {
+            Ok(Some(ChatCommand::Connect(rest.to_owned())))
+        }
+        "connect" => Err("usage: /connect <name@namespace|host:port>".into()),
+        "msg" => {
+            let (dst, text) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+            let text = text.trim();
+            if text.is_empty() {
+                return Err(
+                    "usage: /msg @name@namespace text | /msg #namespace text | /msg * text".into(),
+                );
+            }
+            let dst = match dst {
+                "*" => "*".to_owned(),
+                d if d.starts_with('#') && d.len() > 1 => d.to_owned(),
+                d if d.starts_with('@') && d[1..].contains('@') => d[1..].to_owned(),
+                d if d.contains('@') && !d.starts_with('@') => d.to_owned(),
+                _ => {
+                    return Err(
+                        "usage: /msg @name@namespace text | /msg #namespace text | /msg * text"
+                            .into(),
+                    )
+                }
+            };
+            Ok(Some(ChatCommand::Msg {
+                dst,
+                text: text.to_owned(),
+            }))
+        }
+        "pub" => {
+            let (dst, text) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+            let valid = dst == "*" || (dst.starts_with('#') && dst.len() > 1);
+            if !valid || text.trim().is_empty() {
+                return Err("usage: /pub #namespace text | /pub * text".into());
+            }
+            Ok(Some(ChatCommand::Pub {
+                dst: dst.to_owned(),
+                text: text.trim().to_owned(),
+            }))
+        }
+        "routes" => no_args(ChatCommand::Routes),
+        "watch" => no_args(ChatCommand::Watch),
+        "conn" => no_args(ChatCommand::Conn),
+        "rtt" => no_args(ChatCommand::Rtt),
+        "reconnect" => no_args(ChatCommand::Reconnect),
+        "help" => no_args(ChatCommand::Help),
+        "quit" | "exit" => no_args(ChatCommand::Quit),
+        "log" if !rest.is_empty() => Ok(Some(ChatCommand::Log(rest.to_owned()))),
+        "log" => Err("usage: /log error|warn|info|debug|trace".into()),
+        "metrics" => Ok(Some(ChatCommand::Metrics(
+            (!rest.is_empty()).then(|| rest.trim_start_matches('@').to_owned()),
+        ))),
+        _ => Err(format!("unknown command /{name}; /help lists the commands")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_every_command() {
+        let ok = |line: &str| parse(line).unwrap().unwrap();
+        assert_eq!(
+            ok("/msg @bob@UnB Olá Bob!"),
+            ChatCommand::Msg {
+                dst: "bob@UnB".into(),
+                text: "Olá Bob!".into()
+            }
+        );
+        assert_eq!(
+            ok("/msg bob@UnB hi"),
+            ChatCommand::Msg {
+                dst: "bob@UnB".into(),
+                text: "hi".into()
+            }
+        );
+        assert_eq!(
+            ok("/msg #UnB oi"),
+            ChatCommand::Msg {
+                dst: "#UnB".into(),
+                text: "oi".into()
+            }
+        );
+        assert_eq!(
+            ok("/msg * all"),
+            ChatCommand::Msg {
+                dst: "*".into(),
+                text: "all".into()
+            }
+        );
+        assert_eq!(
+            ok("/pub #UnB oi"),
+            ChatCommand::Pub {
+                dst: "#UnB".into(),
+                text: "oi".into()
+            }
+        );
+        assert_eq!(ok("/peers"), ChatCommand::Peers(None));
+        assert_eq!(ok("/peers #UnB"), ChatCommand::Peers(Some("#UnB".into())));
+        assert_eq!(
+            ok("/connect 127.0.0.1:7000"),
+            ChatCommand::Connect("127.0.0.1:7000".into())
+        );
+        assert_eq!(ok("/routes"), ChatCommand::Routes);
+        assert_eq!(ok("/log debug"), ChatCommand::Log("debug".into()));
+        assert_eq!(
+            ok("/metrics @bob@UnB"),
+            ChatCommand::Metrics(Some("bob@UnB".into()))
+        );
+        assert_eq!(ok("  /quit "), ChatCommand::Quit);
+        assert_eq!(parse("   ").unwrap(), None);
+    }
+
+    #[test]
+    fn malformed_commands_get_usage() {
+        for bad in [
+            "/msg",
+            "/msg @bob",
+            "/msg bob hi",
+            "/pub UnB hi",
+            "/connect",
+            "/frobnicate",
+            "hello",
+            "/routes now",
+            "/log",
+        ] {
+            let error = parse(bad).unwrap_err();
+            assert!(!error.is_empty(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,658 @@
+//! `teia node`: runs a node and its chat interface: the interactive shell on a terminal,
+//! plain text lines otherwise, or JSON events with `--json`.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use teia_core::overlay::{Cast, Config as OverlayConfig, Direction, Event};
+use teia_node::node::{start, NodeConfig, NodeEvent, NodeHandle};
+use teia_node::rendezvous::RegistrarEvent;
+use tokio::io::AsyncBufReadExt;
+use tokio::sync::mpsc;
+
+use super::{data_dir, seconds, shutdown_signal};
+use crate::chat::{self, ChatCommand};
+use crate::cli::NodeArgs;
+use crate::logging::LogControl;
+
+/// The rendezvous a node uses when told of none.
+const LOCAL_RENDEZVOUS: &str = "127.0.0.1:8080";
+/// Input lines waiting for the interface, at most.
+const INPUT_LINES: usize = 64;
+
+/// How events and command output are shown.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Style {
+    Json,
+    Text,
+}
+
+/// Runs the node until `/quit`, end of input, or a signal.
+pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
+    let peer_id = format!("{}@{}", args.name, args.namespace);
+    if !teia_core::overlay::is_peer_id(&peer_id) {
+        bail!("--name and --namespace must be 1 to 64 characters without '@', '#', '*' or spaces");
+    }
+    let mut overlay = OverlayConfig::new(peer_id);
+    overlay.ping_interval = seconds(args.ping_interval, "--ping-interval")?;
+    overlay.target_neighbours = args.max_neighbours;
+    overlay.send_deadline = seconds(args.send_deadline, "--send-deadline")?;
+    overlay.reconnect_attempts = args.reconnect_attempts;
+    overlay.seed = random_seed();
+    let mut peers = Vec::new();
+    for peer in &args.peers {
+        peers.push(resolve(peer).await?);
+    }
+    let mut embedded = None;
+    let rendezvous = match (args.rendezvous, peers.is_empty()) {
+        (Some(server), _) => Some(server),
+        (None, false) => None,
+        (None, true) => {
+            embedded = local_rendezvous(data_dir(args.data_dir)?).await?;
+            Some(LOCAL_RENDEZVOUS.to_owned())
+        }
+    };
+    let config = NodeConfig {
+        overlay,
+        listen: (!args.no_listen).then_some(SocketAddr::new(args.listen_ip, args.port)),
+        rendezvous,
+        peers,
+        discover_interval: seconds(args.discover_interval, "--discover-interval")?,
+        register_ttl: args.register_ttl.clamp(1, 86_400),
+    };
+    let (handle, events, task) = start(config).await?;
+    let style = if args.json { Style::Json } else { Style::Text };
+    let interactive = !args.json && std::io::stdin().is_terminal();
+    let result = if interactive {
+        shell(handle.clone(), events, log).await
+    } else {
+        lines(handle.clone(), events, style, log).await
+    };
+    let _ = handle.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    if let Some(stop) = embedded {
+        let _ = stop.send(());
+    }
+    result
+}
+
+/// Checks `127.0.0.1:8080`; when nothing answers there, starts a rendezvous on it.
+async fn local_rendezvous(
+    data_dir: std::path::PathBuf,
+) -> anyhow::Result<Option<tokio::sync::oneshot::Sender<()>>> {
+    let probe = tokio::time::timeout(
+        Duration::from_secs(1),
+        tokio::net::TcpStream::connect(LOCAL_RENDEZVOUS),
+    )
+    .await;
+    if matches!(probe, Ok(Ok(_))) {
+        return Ok(None);
+    }
+    let addr: SocketAddr = LOCAL_RENDEZVOUS.parse()?;
+    let config = teia_rendezvous::Config::new(addr, data_dir.join("rendezvous"));
+    let server = teia_rendezvous::Server::bind(config)
+        .await
+        .context("no rendezvous answers on 127.0.0.1:8080 and one cannot be started there")?;
+    tracing::info!(%addr, "started a local rendezvous");
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(server.serve(async {
+        let _ = stopped.await;
+    }));
+    Ok(Some(stop))
+}
+
+async fn resolve(peer: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(peer)
+        .await
+        .with_context(|| format!("cannot resolve peer {peer:?}; use HOST:PORT"))?
+        .next()
+        .with_context(|| format!("peer {peer:?} resolves to no address"))
+}
+
+fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    // The standard library seeds RandomState from the operating system's randomness.
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
+}
+
+/// Non-interactive interface: commands from stdin lines, events and output on stdout.
+async fn lines(
+    handle: NodeHandle,
+    mut events: mpsc::Receiver<NodeEvent>,
+    style: Style,
+    log: LogControl,
+) -> anyhow::Result<()> {
+    let (tx, mut input) = mpsc::channel::<String>(INPUT_LINES);
+    tokio::spawn(async move {
+        let mut stdin = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+        while let Ok(Some(line)) = stdin.next_line().await {
+            if tx.send(line).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut session = Session {
+        handle,
+        style,
+        log,
+        watching: false,
+        print: Box::new(|line: String| {
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "{line}");
+            let _ = out.flush();
+        }),
+    };
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let mut input_open = true;
+    loop {
+        tokio::select! {
+            () = &mut signal => return Ok(()),
+            event = events.recv() => match event {
+                Some(NodeEvent::Stopped) | None => return Ok(()),
+                Some(event) => session.show(&event),
+            },
+            line = input.recv(), if input_open => match line {
+                Some(line) => {
+                    if !session.command(&line).await {
+                        return Ok(());
+                    }
+                }
+                None => {
+                    input_open = false;
+                    if style == Style::Text {
+                        return Ok(());
+                    }
+                }
+            },
+        }
+    }
+}
+
+/// Interactive shell: line editing and history, incoming messages printed above the line
+/// being typed.
+async fn shell(
+    handle: NodeHandle,
+    mut events: mpsc::Receiver<NodeEvent>,
+    log: LogControl,
+) -> anyhow::Result<()> {
+    use rustyline::ExternalPrinter;
+    let mut editor = rustyline::DefaultEditor::new().context("cannot open the terminal")?;
+    let mut printer = editor
+        .create_external_printer()
+        .context("cannot print on the terminal")?;
+    let (tx, mut input) = mpsc::channel::<Option<String>>(INPUT_LINES);
+    std::thread::spawn(move || loop {
+        match editor.readline("> ") {
+            Ok(line) => {
+                if !line.trim().is_empty() {
+                    let _ = editor.add_history_entry(line.as_str());
+                }
+                if tx.blocking_send(Some(line)).is_err() {
+                    return;
+                }
+            }
+            Err(_) => {
+                let _ = tx.blocking_send(None);
+                return;
+            }
+        }
+    });
+    let mut session = Session {
+        handle,
+        style: Style::Text,
+        log,
+        watching: false,
+        print: Box::new(move |line: String| {
+            let _ = printer.print(format!("{line}\n"));
+        }),
+    };
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            () = &mut signal => return Ok(()),
+            event = events.recv() => match event {
+                Some(NodeEvent::Stopped) | None => return Ok(()),
+                Some(event) => session.show(&event),
+            },
+            line = input.recv() => match line.flatten() {
+                Some(line) => {
+                    if !session.command(&line).await {
+                        return Ok(());
+                    }
+                }
+                None => return Ok(()),
+            },
+        }
+    }
+}
+
+struct Session {
+    handle: NodeHandle,
+    style: Style,
+    log: LogControl,
+    watching: bool,
+    print: Box<dyn FnMut(String) + Send>,
+}
+
+impl Session {
+    fn emit(&mut self, json: Value, text: String) {
+        let line = match self.style {
+            Style::Json => json.to_string(),
+            Style::Text => text,
+        };
+        (self.print)(line);
+    }
+
+    fn output(&mut self, command: &str, data: Value, text: String) {
+        self.emit(
+            json!({"event":"output","command":command,"data":data}),
+            text,
+        );
+    }
+
+    fn usage(&mut self, error: &str) {
+        self.emit(json!({"event":"usage","error":error}), format!("! {error}"));
+    }
+
+    /// Runs one input line; false when the session should end.
+    async fn command(&mut self, line: &str) -> bool {
+        let command = match chat::parse(line) {
+            Ok(Some(command)) => command,
+            Ok(None) => return true,
+            Err(error) => {
+                self.usage(&error);
+                return true;
+            }
+        };
+        if let Err(e) = self.execute(command.clone()).await {
+            self.emit(
+                json!({"event":"command_error","error":format!("{e:#}")}),
+                format!("! {e:#}"),
+            );
+        }
+        command != ChatCommand::Quit
+    }
+
+    async fn execute(&mut self, command: ChatCommand) -> anyhow::Result<()> {
+        match command {
+            ChatCommand::Msg { dst, text } | ChatCommand::Pub { dst, text } => {
+                let msg_id = self.handle.send(&dst, Value::String(text)).await?;
+                self.emit(
+                    json!({"event":"sent","msg_id":msg_id,"dst":dst}),
+                    format!("… sent to {dst} ({})", short(&msg_id)),
+                );
+            }
+            ChatCommand::Connect(target) => {
+                let addr = match target.parse::<SocketAddr>() {
+                    Ok(addr) => addr,
+                    Err(_) if teia_core::overlay::is_peer_id(&target) => {
+                        let known = self.handle.snapshot().await?.known;
+                        known
+                            .into_iter()
+                            .find(|(peer, _)| *peer == target)
+                            .map(|(_, addr)| addr)
+                            .with_context(|| {
+                                format!("{target} is not known yet; use /connect HOST:PORT")
+                            })?
+                    }
+                    Err(_) => resolve(&target).await?,
+                };
+                self.handle.connect(addr).await?;
+                self.output(
+                    "connect",
+                    json!({"addr":addr.to_string()}),
+                    format!("… connecting to {addr}"),
+                );
+            }
+            ChatCommand::Peers(filter) => self.peers(filter).await?,
+            ChatCommand::Routes => self.routes().await?,
+            ChatCommand::Conn => self.conn().await?,
+            ChatCommand::Rtt => self.rtt().await?,
+            ChatCommand::Watch => {
+                self.watching = !self.watching;
+                self.handle.watch(self.watching).await?;
+                let state = if self.watching { "on" } else { "off" };
+                self.output(
+                    "watch",
+                    json!({"watching":self.watching}),
+                    format!("… watch {state}"),
+                );
+            }
+            ChatCommand::Reconnect => {
+                self.handle.reconnect().await?;
+                self.output("reconnect", json!({}), "… redialing known peers".into());
+            }
+            ChatCommand::Log(level) => {
+                self.log.set(&level)?;
+                self.output(
+                    "log",
+                    json!({"level":level}),
+                    format!("… log level {level}"),
+                );
+            }
+            ChatCommand::Metrics(Some(peer)) => {
+                self.handle.request_metrics(&peer).await?;
+            }
+            ChatCommand::Metrics(None) => {
+                let snapshot = self.handle.snapshot().await?;
+                let c = snapshot.counters;
+                self.output(
+                    "metrics",
+                    json!({"sent":c.sent,"received":c.received,"forwarded":c.forwarded,
+                           "duplicates":c.duplicates,"errors":c.errors,"delivered":c.delivered,
+                           "dropped":snapshot.dropped}),
+                    format!(
+                        "sent {} received {} forwarded {} duplicates dropped {} errors {} delivered {} queue drops {}",
+                        c.sent, c.received, c.forwarded, c.duplicates, c.errors, c.delivered, snapshot.dropped
+                    ),
+                );
+            }
+            ChatCommand::Help => self.output("help", json!(chat::HELP), chat::HELP.to_owned()),
+            ChatCommand::Quit => self.output("quit", json!({}), "… bye".into()),
+        }
+        Ok(())
+    }
+
+    async fn peers(&mut self, filter: Option<String>) -> anyhow::Result<()> {
+        let snapshot = self.handle.snapshot().await?;
+        let matches = |peer: &str| match filter.as_deref() {
+            None | Some("*") => true,
+            Some(ns) => peer.ends_with(&format!("@{}", ns.trim_start_matches('#'))),
+        };
+        let connected: Vec<&str> = snapshot
+            .neighbours
+            .iter()
+            .map(|n| n.peer.as_str())
+            .filter(|p| matches(p))
+            .collect();
+        let known: Vec<(String, String)> = snapshot
+            .known
+            .iter()
+            .filter(|(peer, _)| matches(peer) && !connected.contains(&peer.as_str()))
+            .map(|(peer, addr)| (peer.clone(), addr.to_string()))
+            .collect();
+        let mut text = String::from("connected:");
+        for peer in &connected {
+            text.push_str(&format!("\n  {peer}"));
+        }
+        text.push_str("\nknown, not connected:");
+        for (peer, addr) in &known {
+            text.push_str(&format!("\n  {peer} ({addr})"));
+        }
+        let known_json: Vec<Value> = known
+            .iter()
+            .map(|(peer, addr)| json!({"peer":peer,"addr":addr}))
+            .collect();
+        self.output(
+            "peers",
+            json!({"connected":connected,"known":known_json}),
+            text,
+        );
+        Ok(())
+    }
+
+    async fn routes(&mut self) -> anyhow::Result<()> {
+        let snapshot = self.handle.snapshot().await?;
+        let mut text = String::from("neighbours:");
+        let mut neighbours = Vec::new();
+        for n in &snapshot.neighbours {
+            let rtt = n.rtt.map(|r| r.as_secs_f64() * 1000.0);
+            text.push_str(&format!("\n  {:<30} rtt {}", n.peer, fmt_rtt(rtt)));
+            neighbours.push(json!({"peer":n.peer,"addr":n.addr.to_string(),"rtt_ms":rtt}));
+        }
+        text.push_str("\nroutes:");
+        let mut routes = Vec::new();
+        for r in &snapshot.routes {
+            text.push_str(&format!(
+                "\n  {:<30} via {:<30} {} hops, {} s old",
+                r.dst,
+                r.next_hop,
+                r.hops,
+                r.age.as_secs()
+            ));
+            routes.push(
+                json!({"dst":r.dst,"next_hop":r.next_hop,"hops":r.hops,"age_s":r.age.as_secs()}),
+            );
+        }
+        let c = snapshot.counters;
+        text.push_str(&format!(
+            "\ncounters: sent {} received {} forwarded {} duplicates {} errors {}",
+            c.sent, c.received, c.forwarded, c.duplicates, c.errors
+        ));
+        self.output(
+            "routes",
+            json!({"neighbours":neighbours,"routes":routes,
+                   "counters":{"sent":c.sent,"received":c.received,"forwarded":c.forwarded,
+                               "duplicates":c.duplicates,"errors":c.errors}}),
+            text,
+        );
+        Ok(())
+    }
+
+    async fn conn(&mut self) -> anyhow::Result<()> {
+        let snapshot = self.handle.snapshot().await?;
+        let mut text = String::from("connections:");
+        let mut list = Vec::new();
+        for n in &snapshot.neighbours {
+            let direction = if n.inbound { "in" } else { "out" };
+            text.push_str(&format!(
+                "\n  {:<30} {:<22} {:<3} sent {} received {}{}",
+                n.peer,
+                n.addr,
+                direction,
+                n.sent,
+                n.received,
+                if n.teia { "" } else { " (course peer)" }
+            ));
+            list.push(
+                json!({"peer":n.peer,"addr":n.addr.to_string(),"direction":direction,
+                             "sent":n.sent,"received":n.received,"teia":n.teia}),
+            );
+        }
+        self.output("conn", Value::Array(list), text);
+        Ok(())
+    }
+
+    async fn rtt(&mut self) -> anyhow::Result<()> {
+        let snapshot = self.handle.snapshot().await?;
+        let mut text = String::from("round-trip times:");
+        let mut list = Vec::new();
+        for n in &snapshot.neighbours {
+            let rtt = n.rtt.map(|r| r.as_secs_f64() * 1000.0);
+            text.push_str(&format!("\n  {:<30} {}", n.peer, fmt_rtt(rtt)));
+            list.push(json!({"peer":n.peer,"rtt_ms":rtt}));
+        }
+        self.output("rtt", Value::Array(list), text);
+        Ok(())
+    }
+
+    fn show(&mut self, event: &NodeEvent) {
+        let (json, text) = describe(event);
+        self.emit(json, text);
+    }
+}
+
+/// An event as a JSON object and as a line of text.
+fn describe(event: &NodeEvent) -> (Value, String) {
+    match event {
+        NodeEvent::Ready { peer_id, listen } => (
+            json!({"event":"ready","peer_id":peer_id,"listen":listen.map(|a| a.to_string())}),
+            match listen {
+                Some(addr) => {
+                    format!("teia node {peer_id}, accepting links on {addr}; /help lists commands")
+                }
+                None => format!("teia node {peer_id}, not accepting links; /help lists commands"),
+            },
+        ),
+        NodeEvent::Stopped => (json!({"event":"stopped"}), "… stopped".into()),
+        NodeEvent::Rendezvous(RegistrarEvent::Registered(r)) => (
+            json!({"event":"registered","ttl":r.ttl,"observed_ip":r.observed_ip}),
+            format!("… registered at the rendezvous for {} s", r.ttl),
+        ),
+        NodeEvent::Rendezvous(RegistrarEvent::Failed { error, retry_in }) => (
+            json!({"event":"rendezvous_error","error":error,"retry_in_ms":retry_in.as_millis() as u64}),
+            format!(
+                "! rendezvous: {error} (retrying in {} s)",
+                retry_in.as_secs()
+            ),
+        ),
+        NodeEvent::DiscoverFailed(error) => (
+            json!({"event":"rendezvous_error","error":error}),
+            format!("! rendezvous: {error}"),
+        ),
+        NodeEvent::Overlay(event) => describe_overlay(event),
+    }
+}
+
+fn describe_overlay(event: &Event) -> (Value, String) {
+    match event {
+        Event::LinkUp {
+            peer,
+            addr,
+            inbound,
+            features,
+        } => (
+            json!({"event":"link_up","peer":peer,"addr":addr.to_string(),"inbound":inbound,"features":features}),
+            format!("* {peer} connected ({addr})"),
+        ),
+        Event::LinkDown { peer, reason } => (
+            json!({"event":"link_down","peer":peer,"reason":reason}),
+            format!("* {peer} disconnected ({reason})"),
+        ),
+        Event::Message {
+            msg_id,
+            src,
+            dst,
+            cast,
+            payload,
+        } => {
+            let cast_name = match cast {
+                Cast::Unicast => "unicast",
+                Cast::Namespace => "namespace",
+                Cast::Broadcast => "broadcast",
+            };
+            let text = match payload {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            let shown = match cast {
+                Cast::Unicast => format!("[{src}] {text}"),
+                _ => format!("[{src} → {dst}] {text}"),
+            };
+            (
+                json!({"event":"message","msg_id":msg_id,"src":src,"dst":dst,"cast":cast_name,"payload":payload}),
+                shown,
+            )
+        }
+        Event::Acked {
+            msg_id,
+            from,
+            elapsed,
+        } => (
+            json!({"event":"ack","msg_id":msg_id,"from":from,"rtt_ms":elapsed.as_secs_f64() * 1000.0}),
+            format!(
+                "✓ {} delivered to {from} in {} ms",
+                short(msg_id),
+                elapsed.as_millis()
+            ),
+        ),
+        Event::Undelivered {
+            msg_id,
+            dst,
+            reason,
+        } => (
+            json!({"event":"undelivered","msg_id":msg_id,"dst":dst,"reason":reason}),
+            format!("! {} not delivered to {dst}: {reason}", short(msg_id)),
+        ),
+        Event::Relayed {
+            msg_id,
+            via,
+            ok,
+            reason,
+        } => (
+            json!({"event":"relay","msg_id":msg_id,"via":via,"ok":ok,"reason":reason}),
+            format!(
+                "… {} {} by {via}",
+                short(msg_id),
+                if *ok { "relayed" } else { "not relayed" }
+            ),
+        ),
+        Event::RemoteError {
+            code,
+            reference,
+            detail,
+            from,
+        } => (
+            json!({"event":"error","code":code,"ref":reference,"detail":detail,"from":from}),
+            format!(
+                "! error from {from}: {code}{}",
+                detail
+                    .as_deref()
+                    .map(|d| format!(" ({d})"))
+                    .unwrap_or_default()
+            ),
+        ),
+        Event::Metrics {
+            peer,
+            rtt_ms,
+            sent,
+            received,
+        } => (
+            json!({"event":"metrics","peer":peer,"rtt_ms":rtt_ms,"sent":sent,"received":received}),
+            format!(
+                "… {peer}: rtt {} sent {sent} received {received}",
+                fmt_rtt(rtt_ms.map(|r| r as f64))
+            ),
+        ),
+        Event::DialFailed {
+            addr,
+            error,
+            retry_in,
+        } => (
+            json!({"event":"dial_failed","addr":addr.to_string(),"error":error,
+                   "retry_in_ms":retry_in.map(|r| r.as_millis() as u64)}),
+            format!("! cannot reach {addr}: {error}"),
+        ),
+        Event::Traffic {
+            direction,
+            peer,
+            kind,
+            msg_id,
+            src,
+            dst,
+        } => {
+            let dir = match direction {
+                Direction::In => "in",
+                Direction::Out => "out",
+            };
+            (
+                json!({"event":"traffic","dir":dir,"peer":peer,"type":kind,"msg_id":msg_id,"src":src,"dst":dst}),
+                format!(
+                    "{} {kind:<12} {peer} {}→{}",
+                    if dir == "in" { "«" } else { "»" },
+                    src.as_deref().unwrap_or("-"),
+                    dst.as_deref().unwrap_or("-")
+                ),
+            )
+        }
+    }
+}
+
+fn short(msg_id: &str) -> &str {
+    msg_id.get(..8).unwrap_or(msg_id)
+}
+
+fn fmt_rtt(rtt_ms: Option<f64>) -> String {
+    rtt_ms.map_or_else(|| "-".to_owned(), |r| format!("{r:.1} ms"))
+}
