@@ -18,13 +18,16 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;
-    runtime.block_on(async move {
+    let result = runtime.block_on(async move {
         match command {
             Command::Rendezvous(args) => rendezvous::run(args).await,
             Command::Rdv(command) => rdv::run(command).await,
             Command::Node(args) => node::run(args, log).await,
         }
-    })
+    });
+    // A read of stdin blocks a thread that only ends with more input: do not wait for it.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
 }
 
 /// The data directory: the one given, else the platform's data directory plus `teia`.

@@ -154,23 +154,33 @@ async fn lines(
     let signal = shutdown_signal();
     tokio::pin!(signal);
     let mut input_open = true;
+    let mut stopping = false;
     loop {
         tokio::select! {
-            () = &mut signal => return Ok(()),
+            () = &mut signal, if !stopping => {
+                stopping = true;
+                let _ = session.handle.shutdown().await;
+            }
             event = events.recv() => match event {
-                Some(NodeEvent::Stopped) | None => return Ok(()),
+                Some(event @ NodeEvent::Stopped) => {
+                    session.show(&event);
+                    return Ok(());
+                }
+                None => return Ok(()),
                 Some(event) => session.show(&event),
             },
-            line = input.recv(), if input_open => match line {
+            line = input.recv(), if input_open && !stopping => match line {
                 Some(line) => {
                     if !session.command(&line).await {
-                        return Ok(());
+                        stopping = true;
+                        let _ = session.handle.shutdown().await;
                     }
                 }
                 None => {
                     input_open = false;
                     if style == Style::Text {
-                        return Ok(());
+                        stopping = true;
+                        let _ = session.handle.shutdown().await;
                     }
                 }
             },

@@ -97,16 +97,21 @@ impl Process {
     }
 
     /// Sends SIGTERM and waits for the exit status.
-    pub fn terminate(mut self) -> std::process::ExitStatus {
+    pub fn terminate(self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
         let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
         assert!(status.success());
+        self.wait_exit()
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait_exit(mut self) -> std::process::ExitStatus {
         let deadline = Instant::now() + PATIENCE;
         loop {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "teia did not exit after SIGTERM");
+            assert!(Instant::now() < deadline, "teia did not exit");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -225,5 +230,187 @@ where
     while !check().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A `teia node --json` process: commands on its stdin, events parsed from its stdout.
+pub struct NodeProcess {
+    _data: tempfile::TempDir,
+    pub process: Process,
+    stdin: std::process::ChildStdin,
+    events: Arc<Events>,
+    /// Peer id.
+    pub peer_id: String,
+    /// Port it accepts links on (0 with --no-listen).
+    pub port: u16,
+}
+
+#[derive(Default)]
+struct Events {
+    list: Mutex<Vec<Value>>,
+    changed: Condvar,
+}
+
+impl NodeProcess {
+    /// Starts `teia node --json --name NAME --namespace NS` on 127.0.0.1 with extra flags,
+    /// and waits for its `ready` event.
+    pub fn start(name: &str, namespace: &str, extra: &[&str]) -> Self {
+        let data = tempfile::tempdir().unwrap();
+        let mut child = teia()
+            .args(["node", "--json", "--name", name, "--namespace", namespace])
+            .args([
+                "--listen-ip",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--discover-interval",
+                "0.3",
+            ])
+            .arg("--data-dir")
+            .arg(data.path())
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn teia node");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let events = Arc::new(Events::default());
+        let sink = Arc::clone(&events);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let value: Value = serde_json::from_str(&line)
+                    .unwrap_or_else(|e| panic!("stdout line is not JSON ({e}): {line}"));
+                sink.list.lock().unwrap().push(value);
+                sink.changed.notify_all();
+            }
+        });
+        let stderr = Arc::new(Lines::default());
+        let pipe = child.stderr.take().unwrap();
+        let log = Arc::clone(&stderr);
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                log.lines.lock().unwrap().push(line);
+                log.changed.notify_all();
+            }
+        });
+        let mut node = Self {
+            _data: data,
+            process: Process { child, stderr },
+            stdin,
+            events,
+            peer_id: format!("{name}@{namespace}"),
+            port: 0,
+        };
+        let ready = node.wait_event("ready", |e| e["event"] == "ready");
+        node.port = ready["listen"]
+            .as_str()
+            .and_then(|a| a.rsplit(':').next())
+            .map_or(0, |p| p.parse().unwrap());
+        node
+    }
+
+    /// `127.0.0.1:PORT` of this node.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Types a command.
+    pub fn command(&mut self, line: &str) {
+        use std::io::Write;
+        writeln!(self.stdin, "{line}").unwrap();
+        self.stdin.flush().unwrap();
+    }
+
+    /// Waits for an event matching `predicate`, and returns it.
+    pub fn wait_event(&self, what: &str, predicate: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + PATIENCE;
+        let mut list = self.events.list.lock().unwrap();
+        loop {
+            if let Some(found) = list.iter().find(|e| predicate(e)) {
+                return found.clone();
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{}: no event {what}; events:\n{}\nlog:\n{}",
+                self.peer_id,
+                list.iter()
+                    .map(Value::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n"),
+                self.process.stderr.lines.lock().unwrap().join("\n")
+            );
+            list = self.events.changed.wait_timeout(list, left).unwrap().0;
+        }
+    }
+
+    /// Events matching `predicate` so far.
+    pub fn count(&self, predicate: impl Fn(&Value) -> bool) -> usize {
+        self.events
+            .list
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|e| predicate(e))
+            .count()
+    }
+
+    /// Waits until a link to `peer` is up.
+    pub fn wait_link(&self, peer: &str) {
+        self.wait_event(&format!("link_up {peer}"), |e| {
+            e["event"] == "link_up" && e["peer"] == peer
+        });
+    }
+
+    /// Sends `/msg DST TEXT` and returns the message id from the `sent` event.
+    pub fn msg(&mut self, dst: &str, text: &str) -> String {
+        let before = self.count(|e| e["event"] == "sent");
+        self.command(&format!("/msg {dst} {text}"));
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let sent: Vec<Value> = self
+                .events
+                .list
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|e| e["event"] == "sent")
+                .cloned()
+                .collect();
+            if sent.len() > before {
+                return sent[before]["msg_id"].as_str().unwrap().to_owned();
+            }
+            if let Some(usage) = self
+                .events
+                .list
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|e| e["event"] == "command_error" || e["event"] == "usage")
+            {
+                panic!("/msg refused: {usage}");
+            }
+            assert!(Instant::now() < deadline, "no sent event");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits for the message `msg_id` to be delivered here and returns it.
+    pub fn wait_message(&self, msg_id: &str) -> Value {
+        self.wait_event(&format!("message {msg_id}"), |e| {
+            e["event"] == "message" && e["msg_id"] == msg_id
+        })
+    }
+
+    /// Waits for the ACK of `msg_id`.
+    pub fn wait_ack(&self, msg_id: &str) -> Value {
+        self.wait_event(&format!("ack {msg_id}"), |e| {
+            e["event"] == "ack" && e["msg_id"] == msg_id
+        })
     }
 }
