@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
 mod load;
+mod overlay;
 mod rendezvous;
 
 use clap::{Parser, Subcommand};
@@ -20,6 +21,9 @@ enum Command {
     /// Rendezvous server: N concurrent clients doing connect / REGISTER or DISCOVER / close,
     /// against `teia rendezvous` and against a server that answers a constant line.
     Rendezvous(rendezvous::Args),
+    /// Overlay: SEND->ACK round trips over 0, 1 and 3 relays, PUB throughput over one link
+    /// against raw TCP lines, and one PUB flooding a 100-node mesh.
+    Overlay(overlay::Args),
     /// The reference server: reads one line per connection, answers a constant line, closes.
     /// Started by the benchmarks themselves.
     #[command(hide = true)]
@@ -38,6 +42,7 @@ fn main() -> anyhow::Result<()> {
     runtime.block_on(async move {
         match cli.command {
             Command::Rendezvous(args) => rendezvous::run(args).await,
+            Command::Overlay(args) => overlay::run(args).await,
             Command::ReferenceServer { listen } => rendezvous::reference_server(listen).await,
         }
     })

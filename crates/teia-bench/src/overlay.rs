@@ -1,0 +1,309 @@
+//! The overlay benchmark: real teia nodes (the `teia-node` runtime, real TCP on loopback)
+//! in this process. SEND→ACK round trips over 0, 1 and 3 relays; PUB throughput over one
+//! link against raw TCP lines measured in the same run; one PUB flooding a 100-node mesh.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde_json::json;
+use teia_core::overlay::{Config as OverlayConfig, Event};
+use teia_node::node::{start, NodeConfig, NodeEvent, NodeHandle};
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+
+use crate::load::mix;
+
+/// Flags of the overlay benchmark.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// SENDs per round-trip measurement.
+    #[arg(long, default_value_t = 200)]
+    sends: usize,
+    /// PUBs in the throughput measurement.
+    #[arg(long, default_value_t = 20_000)]
+    pubs: usize,
+    /// Nodes in the mesh.
+    #[arg(long, default_value_t = 100)]
+    mesh: usize,
+    /// PUBs flooded through the mesh (the median is reported).
+    #[arg(long, default_value_t = 5)]
+    floods: usize,
+}
+
+/// A node of the benchmark: its handle, address and the events it delivers.
+struct BenchNode {
+    handle: NodeHandle,
+    addr: SocketAddr,
+    events: mpsc::Receiver<(Instant, Event)>,
+}
+
+async fn spawn_node(
+    name: &str,
+    peers: Vec<SocketAddr>,
+    neighbours: usize,
+) -> anyhow::Result<BenchNode> {
+    let mut overlay = OverlayConfig::new(format!("{name}@bench"));
+    overlay.target_neighbours = neighbours;
+    overlay.link_rate = 1_000_000;
+    overlay.seed = mix(name.len() as u64 ^ name.bytes().map(u64::from).sum::<u64>() << 8);
+    let config = NodeConfig {
+        overlay,
+        listen: Some("127.0.0.1:0".parse()?),
+        rendezvous: None,
+        peers,
+        discover_interval: Duration::from_secs(3600),
+        register_ttl: 60,
+    };
+    let (handle, mut raw, _task) = start(config).await?;
+    let addr = match raw.recv().await {
+        Some(NodeEvent::Ready {
+            listen: Some(addr), ..
+        }) => addr,
+        _ => bail!("node {name} did not start"),
+    };
+    let (tx, events) = mpsc::channel(1 << 16);
+    tokio::spawn(async move {
+        while let Some(event) = raw.recv().await {
+            if let NodeEvent::Overlay(event) = event {
+                if tx.send((Instant::now(), event)).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(BenchNode {
+        handle,
+        addr,
+        events,
+    })
+}
+
+async fn wait_links(node: &mut BenchNode, count: usize) -> anyhow::Result<()> {
+    let mut up = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while up < count {
+        match tokio::time::timeout_at(deadline, node.events.recv()).await {
+            Ok(Some((_, Event::LinkUp { .. }))) => up += 1,
+            Ok(Some(_)) => {}
+            _ => bail!("links did not come up"),
+        }
+    }
+    Ok(())
+}
+
+/// Runs the benchmark and prints its figures.
+pub async fn run(args: Args) -> anyhow::Result<()> {
+    println!("overlay benchmark (teia nodes in this process, real TCP on 127.0.0.1)");
+    round_trips(&args).await?;
+    pub_throughput(&args).await?;
+    mesh_flood(&args).await?;
+    Ok(())
+}
+
+/// A chain n0 - n1 - n2 - n3 - n4, each linked only to its neighbours in the chain.
+async fn round_trips(args: &Args) -> anyhow::Result<()> {
+    let mut chain: Vec<BenchNode> = Vec::new();
+    for i in 0..5 {
+        let peers = chain.last().map(|n| vec![n.addr]).unwrap_or_default();
+        chain.push(spawn_node(&format!("n{i}"), peers, 0).await?);
+    }
+    for i in 1..5 {
+        wait_links(&mut chain[i], 1).await?;
+    }
+    println!(
+        "{:<34} {:>9} {:>9}",
+        "SEND -> ACK round trip", "p50 ms", "p99 ms"
+    );
+    for (relays, target) in [(0, 1), (1, 2), (3, 4)] {
+        let dst = format!("n{target}@bench");
+        let mut samples = Vec::with_capacity(args.sends);
+        for i in 0..args.sends {
+            let msg_id = chain[0]
+                .handle
+                .send(&dst, json!(format!("ping {i}")))
+                .await?;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                match tokio::time::timeout_at(deadline, chain[0].events.recv()).await {
+                    Ok(Some((
+                        _,
+                        Event::Acked {
+                            msg_id: id,
+                            elapsed,
+                            ..
+                        },
+                    ))) if id == msg_id => {
+                        samples.push(elapsed);
+                        break;
+                    }
+                    Ok(Some(_)) => {}
+                    _ => bail!("no ACK from {dst}"),
+                }
+            }
+        }
+        samples.sort();
+        let at = |p: f64| {
+            samples[((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1]
+        };
+        let name = match relays {
+            0 => "direct link".to_owned(),
+            1 => "1 relay hop".to_owned(),
+            n => format!("{n} relay hops"),
+        };
+        println!(
+            "{:<34} {:>9.3} {:>9.3}",
+            name,
+            at(0.5).as_secs_f64() * 1000.0,
+            at(0.99).as_secs_f64() * 1000.0
+        );
+    }
+    for node in chain {
+        let _ = node.handle.shutdown().await;
+    }
+    Ok(())
+}
+
+/// PUBs of 100-byte payloads over one link, against raw TCP lines of the same size.
+async fn pub_throughput(args: &Args) -> anyhow::Result<()> {
+    let payload = "x".repeat(100);
+    let count = args.pubs;
+
+    let mut receiver = spawn_node("sink", Vec::new(), 0).await?;
+    let sender = spawn_node("source", vec![receiver.addr], 0).await?;
+    wait_links(&mut receiver, 1).await?;
+    let started = Instant::now();
+    let publisher = {
+        let handle = sender.handle.clone();
+        let payload = payload.clone();
+        tokio::spawn(async move {
+            for _ in 0..count {
+                if handle.send("*", json!(payload)).await.is_err() {
+                    return;
+                }
+            }
+        })
+    };
+    let mut delivered = 0;
+    let mut last = started;
+    while delivered < count {
+        match tokio::time::timeout(Duration::from_secs(30), receiver.events.recv()).await {
+            Ok(Some((at, Event::Message { .. }))) => {
+                delivered += 1;
+                last = at;
+            }
+            Ok(Some(_)) => {}
+            _ => bail!("only {delivered} of {count} PUBs arrived"),
+        }
+    }
+    publisher.await?;
+    let teia = count as f64 / last.duration_since(started).as_secs_f64();
+    let _ = sender.handle.shutdown().await;
+    let _ = receiver.handle.shutdown().await;
+
+    let line = format!(
+        "{{\"type\":\"PUB\",\"msg_id\":\"00000000-0000-4000-8000-000000000000\",\"src\":\"source@bench\",\"dst\":\"*\",\"payload\":\"{payload}\",\"require_ack\":false,\"ttl\":8}}\n"
+    );
+    let raw = raw_lines(line.into_bytes(), count).await?;
+    println!(
+        "PUB throughput, 100-byte payloads, one link: teia {:.0} msg/s, raw TCP lines {:.0} msg/s, ratio {:.2}",
+        teia,
+        raw,
+        teia / raw
+    );
+    Ok(())
+}
+
+/// Lines per second from one writer to one line-reading reader over loopback TCP, one
+/// `write` per line as teia writes them.
+async fn raw_lines(line: Vec<u8>, count: usize) -> anyhow::Result<f64> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let reader = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await?;
+        let mut lines = tokio::io::BufReader::new(stream);
+        let mut buffer = Vec::new();
+        let mut seen = 0;
+        while seen < count {
+            buffer.clear();
+            if lines.read_until(b'\n', &mut buffer).await? == 0 {
+                break;
+            }
+            let _: serde_json::Value = serde_json::from_slice(&buffer)?;
+            seen += 1;
+        }
+        anyhow::Ok((seen, Instant::now()))
+    });
+    let mut stream = TcpStream::connect(addr).await?;
+    stream.set_nodelay(true)?;
+    let started = Instant::now();
+    for _ in 0..count {
+        stream.write_all(&line).await?;
+    }
+    let (seen, finished) = reader.await??;
+    if seen < count {
+        bail!("raw reader saw {seen} of {count} lines");
+    }
+    Ok(count as f64 / finished.duration_since(started).as_secs_f64())
+}
+
+/// A random mesh: node i dials two earlier nodes; each keeps up to 4 neighbours.
+async fn mesh_flood(args: &Args) -> anyhow::Result<()> {
+    let count = args.mesh.max(2);
+    let mut nodes: Vec<BenchNode> = Vec::new();
+    for i in 0..count {
+        let mut peers = Vec::new();
+        if i > 0 {
+            peers.push(nodes[mix(i as u64) as usize % i].addr);
+            peers.push(nodes[mix(i as u64 + 7919) as usize % i].addr);
+            peers.dedup();
+        }
+        nodes.push(
+            spawn_node(&format!("m{i}"), peers, 4)
+                .await
+                .context("mesh node")?,
+        );
+    }
+    for node in nodes.iter_mut().skip(1) {
+        wait_links(node, 1).await?;
+    }
+    // Let peer exchange settle.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut times = Vec::new();
+    for round in 0..args.floods.max(1) {
+        let started = Instant::now();
+        let msg_id = nodes[0]
+            .handle
+            .send("*", json!(format!("flood {round}")))
+            .await?;
+        let mut last = started;
+        for node in nodes.iter_mut().skip(1) {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+            loop {
+                match tokio::time::timeout_at(deadline, node.events.recv()).await {
+                    Ok(Some((at, Event::Message { msg_id: id, .. }))) if id == msg_id => {
+                        last = last.max(at);
+                        break;
+                    }
+                    Ok(Some(_)) => {}
+                    _ => bail!("the PUB did not reach every node of the mesh"),
+                }
+            }
+        }
+        times.push(last.duration_since(started));
+    }
+    times.sort();
+    let median = times[times.len() / 2];
+    println!(
+        "one PUB reaching all {count} nodes of a mesh: median {:.2} ms over {} floods (min {:.2}, max {:.2})",
+        median.as_secs_f64() * 1000.0,
+        times.len(),
+        times[0].as_secs_f64() * 1000.0,
+        times[times.len() - 1].as_secs_f64() * 1000.0
+    );
+    for node in nodes {
+        let _ = node.handle.shutdown().await;
+    }
+    Ok(())
+}
