@@ -109,8 +109,8 @@ async fn round_trips(args: &Args) -> anyhow::Result<()> {
         let peers = chain.last().map(|n| vec![n.addr]).unwrap_or_default();
         chain.push(spawn_node(&format!("n{i}"), peers, 0).await?);
     }
-    for i in 1..5 {
-        wait_links(&mut chain[i], 1).await?;
+    for node in chain.iter_mut().skip(1) {
+        wait_links(node, 1).await?;
     }
     println!(
         "{:<34} {:>9} {:>9}",
