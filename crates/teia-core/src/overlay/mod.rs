@@ -696,7 +696,7 @@ impl Node {
     pub fn send(&mut self, now: Instant, dst: &str, payload: Value) -> Result<String, ApiError> {
         let dst = dst.trim();
         if dst == "*" || dst.starts_with('#') {
-            return self.publish(now, dst, payload);
+            return self.publish(dst, payload);
         }
         if !is_peer_id(dst) {
             return Err(ApiError::BadDestination(dst.to_owned()));
@@ -737,7 +737,7 @@ impl Node {
     }
 
     /// Floods `payload` to `#namespace` or `*` (bare `namespace` is read as `#namespace`).
-    pub fn publish(&mut self, now: Instant, dst: &str, payload: Value) -> Result<String, ApiError> {
+    pub fn publish(&mut self, dst: &str, payload: Value) -> Result<String, ApiError> {
         let dst = match dst.trim() {
             "*" => "*".to_owned(),
             d if d.starts_with('#') && is_name(&d[1..]) => d.to_owned(),
@@ -745,28 +745,22 @@ impl Node {
             d => return Err(ApiError::BadDestination(d.to_owned())),
         };
         let msg_id = self.new_id();
-        let data = Data {
+        let message = Message::Pub(Data {
             msg_id: msg_id.clone(),
             src: self.config.peer_id.clone(),
             dst,
             payload,
             require_ack: false,
             ttl: self.config.default_ttl,
-        };
-        let message = Message::Pub(data);
+        });
         if message.to_line().is_err() {
             return Err(ApiError::TooLarge);
         }
-        let Message::Pub(data) = message else {
-            return Err(ApiError::TooLarge);
-        };
         self.seen.insert(&format!("PUB:{msg_id}"));
         let links: Vec<LinkId> = self.by_peer.values().copied().collect();
-        let message = Message::Pub(data);
         for link in links {
             self.write(link, &message);
         }
-        let _ = now;
         Ok(msg_id)
     }
 
@@ -1058,8 +1052,11 @@ impl Node {
                 received: metrics.recv_count,
             }),
             Message::PeerList(list) => self.on_peer_list(now, link, list),
-            Message::HelloOk(_) | Message::Unknown(_) => {}
-            Message::Hello(_) | Message::Bye(_) | Message::ByeOk(_) => {}
+            Message::Hello(_)
+            | Message::HelloOk(_)
+            | Message::Bye(_)
+            | Message::ByeOk(_)
+            | Message::Unknown(_) => {}
         }
     }
 
@@ -1437,12 +1434,12 @@ impl Node {
             if discovery.pending.len() < self.config.pending_per_destination {
                 discovery.pending.push_back(pending);
             } else {
-                self.refuse_pending(now, pending, code::BUSY);
+                self.refuse_pending(pending, code::BUSY);
             }
             return;
         }
         if self.discoveries.len() >= self.config.max_discoveries {
-            self.refuse_pending(now, pending, code::BUSY);
+            self.refuse_pending(pending, code::BUSY);
             return;
         }
         let msg_id = self.new_id();
@@ -1471,7 +1468,7 @@ impl Node {
             };
             match self.next_hop(&dst, now) {
                 Some(link) => self.forward(now, link, message, from),
-                None => self.refuse_pending(now, Pending { message, from }, code::NO_ROUTE),
+                None => self.refuse_pending(Pending { message, from }, code::NO_ROUTE),
             }
         }
     }
@@ -1496,7 +1493,7 @@ impl Node {
         for dst in expired {
             if let Some(discovery) = self.discoveries.remove(&dst) {
                 for pending in discovery.pending {
-                    self.refuse_pending(now, pending, code::NO_ROUTE);
+                    self.refuse_pending(pending, code::NO_ROUTE);
                 }
             }
         }
@@ -1504,7 +1501,7 @@ impl Node {
 
     /// A message that cannot go on: relayed SENDs are answered RELAY_FAIL and ERROR; our own
     /// SENDs wait for their retransmission; anything else is dropped.
-    fn refuse_pending(&mut self, now: Instant, pending: Pending, reason: &str) {
+    fn refuse_pending(&mut self, pending: Pending, reason: &str) {
         let Pending { message, from } = pending;
         match message {
             Message::Send(data) if from.is_some() => {
@@ -1534,7 +1531,6 @@ impl Node {
             }
             _ => self.counters.errors += 1,
         }
-        let _ = now;
     }
 
     fn retransmit(&mut self, now: Instant) {

@@ -368,15 +368,11 @@ fn pub_reaches_every_node_of_200_exactly_once() {
             eccentricity < 8,
             "seed {seed}: eccentricity {eccentricity} within the ttl"
         );
-        let now = sim.now;
-        let star = sim.node(0).publish(now, "*", json!("hello all")).unwrap();
-        let ns = sim
-            .node(0)
-            .publish(now, "#sim", json!("hello sim"))
-            .unwrap();
+        let star = sim.node(0).publish("*", json!("hello all")).unwrap();
+        let ns = sim.node(0).publish("#sim", json!("hello sim")).unwrap();
         let other = sim
             .node(0)
-            .publish(now, "#elsewhere", json!("not for us"))
+            .publish("#elsewhere", json!("not for us"))
             .unwrap();
         sim.run(Duration::from_secs(2));
         for i in 1..200 {
@@ -483,6 +479,59 @@ fn dead_links_are_routed_around() {
     assert!(
         sim.acked(0, &second),
         "delivered the other way round after n{dead} died"
+    );
+}
+
+#[test]
+fn dead_relays_are_routed_around_in_a_200_node_network() {
+    let mut sim = Sim::new(200, 21, |_| {});
+    random_topology(&mut sim, 21, 250);
+    sim.run(Duration::from_secs(2));
+    let mut rng = SplitMix64::new(5);
+    let mut rerouted = 0;
+    for _ in 0..40 {
+        if rerouted == 5 {
+            break;
+        }
+        let a = rng.below(200) as usize;
+        let b = rng.below(200) as usize;
+        let far = sim.distances(a)[b].is_some_and(|d| (3..=6).contains(&d));
+        if a == b || !far || !sim.nodes[a].alive || !sim.nodes[b].alive {
+            continue;
+        }
+        let first = sim.send(a, b, "before");
+        sim.run(Duration::from_secs(2));
+        assert!(sim.acked(a, &first), "{a} -> {b} before the failure");
+        let hop = sim.nodes[a]
+            .node
+            .routes(sim.now)
+            .into_iter()
+            .find(|r| r.dst == name(b))
+            .map(|r| r.next_hop)
+            .expect("a route was cached");
+        let relay: usize = hop
+            .trim_start_matches('n')
+            .trim_end_matches("@sim")
+            .parse()
+            .unwrap();
+        sim.kill(relay);
+        sim.run(Duration::from_millis(100));
+        if sim.distances(a)[b].is_none_or(|d| d > 8) {
+            continue;
+        }
+        let second = sim.send(a, b, "after");
+        sim.run(Duration::from_secs(15));
+        assert_eq!(
+            sim.messages(b, &second),
+            1,
+            "{a} -> {b} after n{relay} died"
+        );
+        assert!(sim.acked(a, &second));
+        rerouted += 1;
+    }
+    assert_eq!(
+        rerouted, 5,
+        "five routes lost their first hop and were found again"
     );
 }
 
