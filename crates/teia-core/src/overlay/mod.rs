@@ -852,13 +852,8 @@ impl Node {
             self.say_bye(now, link, "busy");
             return;
         }
-        let agreed: Vec<String> = feature::ALL
-            .iter()
-            .filter(|f| hello.has(f))
-            .map(|f| (*f).to_owned())
-            .collect();
         let answer = Hello {
-            features: agreed,
+            features: agreed_features(&hello),
             ..self.hello()
         };
         self.write(link, &Message::HelloOk(answer));
@@ -871,11 +866,7 @@ impl Node {
             self.say_bye(now, link, "self");
             return;
         }
-        let features: Vec<String> = feature::ALL
-            .iter()
-            .filter(|f| hello.has(f))
-            .map(|f| (*f).to_owned())
-            .collect();
+        let features = agreed_features(&hello);
         let Some(state) = self.links.get_mut(&link) else {
             return;
         };
@@ -1877,6 +1868,15 @@ impl Node {
         let time = UNIX_EPOCH + Duration::from_millis(unix);
         humantime::format_rfc3339_seconds(time.max(SystemTime::UNIX_EPOCH)).to_string()
     }
+}
+
+/// The features both we and the sender of `hello` speak.
+fn agreed_features(hello: &Hello) -> Vec<String> {
+    feature::ALL
+        .iter()
+        .filter(|f| hello.has(f))
+        .map(|f| (*f).to_owned())
+        .collect()
 }
 
 /// The destination of a routed message.
