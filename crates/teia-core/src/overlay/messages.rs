@@ -1,0 +1,599 @@
+//! Messages on live links: SEND/ACK, PUB flooding, WHO_HAS route discovery, relay, errors and metrics.
+
+use std::time::Instant;
+
+use super::*;
+
+impl Node {
+    pub(super) fn on_message(&mut self, now: Instant, link: LinkId, message: Message) {
+        let costly = matches!(
+            message,
+            Message::Send(_) | Message::Pub(_) | Message::WhoHas(_) | Message::Ack(_)
+        );
+        if costly && !self.quota.allow(&link, self.millis(now)) {
+            let reference = msg_id_of(&message);
+            let error = self.error_msg(code::OVER_QUOTA, reference, None, None);
+            self.write(link, &Message::Error(error));
+            self.counters.errors += 1;
+            return;
+        }
+        match message {
+            Message::Ping(ping) => {
+                let pong = Message::Pong(Ping {
+                    msg_id: ping.msg_id,
+                    timestamp: self.timestamp(now),
+                    ttl: 1,
+                });
+                self.write(link, &pong);
+            }
+            Message::Pong(pong) => self.on_pong(now, link, &pong.msg_id),
+            Message::Send(data) => self.on_send(now, link, data),
+            Message::Pub(data) => self.on_pub(now, link, data),
+            Message::Ack(ack) => self.on_ack(now, link, ack),
+            Message::WhoHas(who) => self.on_who_has(now, link, who),
+            Message::WhoHasHit(hit) => self.on_hit(now, link, hit),
+            Message::RelayOk(relay) => self.on_relay(now, link, relay, true),
+            Message::RelayFail(relay) => self.on_relay(now, link, relay, false),
+            Message::Error(error) => self.on_error(now, link, error),
+            Message::MetricsReq(request) => self.on_metrics_request(now, link, request),
+            Message::Metrics(metrics) => self.emit(Event::Metrics {
+                peer: self.peer_of(link),
+                rtt_ms: metrics.rtt_ms,
+                sent: metrics.sent_count,
+                received: metrics.recv_count,
+            }),
+            Message::PeerList(list) => self.on_peer_list(now, link, list),
+            Message::Hello(_)
+            | Message::HelloOk(_)
+            | Message::Bye(_)
+            | Message::ByeOk(_)
+            | Message::Unknown(_) => {}
+        }
+    }
+
+    pub(super) fn on_pong(&mut self, now: Instant, link: LinkId, msg_id: &str) {
+        if let Some(state) = self.links.get_mut(&link) {
+            if let Some(pos) = state
+                .outstanding_pings
+                .iter()
+                .position(|(id, _)| id == msg_id)
+            {
+                if let Some((_, sent)) = state.outstanding_pings.get(pos).cloned() {
+                    state.rtt = Some(now.saturating_duration_since(sent));
+                }
+                state.outstanding_pings.clear();
+            }
+        }
+    }
+
+    pub(super) fn on_send(&mut self, now: Instant, link: LinkId, data: Data) {
+        self.learn_reverse(now, link, &data.src, data.ttl);
+        if data.dst == self.config.peer_id {
+            self.deliver_send(now, Some(link), data);
+            return;
+        }
+        if data.ttl <= 1 {
+            self.counters.errors += 1;
+            let error = self.error_msg(
+                code::TTL_EXPIRED,
+                Some(data.msg_id),
+                Some(format!("ttl ran out before {}", data.dst)),
+                Some(data.src.clone()),
+            );
+            self.reply(now, Message::Error(error), &data.src, Some(link));
+            return;
+        }
+        let forwarded = Data {
+            ttl: data.ttl - 1,
+            ..data
+        };
+        self.route(now, Message::Send(forwarded), Some(link));
+    }
+
+    pub(super) fn deliver_send(&mut self, now: Instant, link: Option<LinkId>, data: Data) {
+        if self.delivered.insert(&data.msg_id) {
+            self.counters.delivered += 1;
+            self.emit(Event::Message {
+                msg_id: data.msg_id.clone(),
+                src: data.src.clone(),
+                dst: data.dst.clone(),
+                cast: Cast::Unicast,
+                payload: data.payload,
+            });
+        } else {
+            self.counters.duplicates += 1;
+        }
+        if !data.require_ack {
+            return;
+        }
+        let ack = Ack {
+            msg_id: data.msg_id.clone(),
+            src: Some(self.config.peer_id.clone()),
+            dst: Some(data.src.clone()),
+            from: Some(self.config.peer_id.clone()),
+            timestamp: Some(self.timestamp(now)),
+            ttl: self.config.default_ttl,
+        };
+        if data.src == self.config.peer_id {
+            self.on_ack(now, LinkId::MAX, ack);
+        } else {
+            self.reply(now, Message::Ack(ack), &data.src, link);
+        }
+    }
+
+    pub(super) fn on_pub(&mut self, now: Instant, link: LinkId, data: Data) {
+        if !self.seen.insert(&format!("PUB:{}", data.msg_id)) {
+            self.counters.duplicates += 1;
+            return;
+        }
+        self.learn_reverse(now, link, &data.src, data.ttl);
+        let cast = if data.dst == "*" {
+            Some(Cast::Broadcast)
+        } else if data.dst.strip_prefix('#') == Some(self.namespace.as_str()) {
+            Some(Cast::Namespace)
+        } else {
+            None
+        };
+        if data.ttl > 1 {
+            let forwarded = Message::Pub(Data {
+                ttl: data.ttl - 1,
+                ..data.clone()
+            });
+            let others: Vec<LinkId> = self
+                .by_peer
+                .values()
+                .copied()
+                .filter(|l| *l != link)
+                .collect();
+            for other in others {
+                self.write(other, &forwarded);
+                self.counters.forwarded += 1;
+            }
+        }
+        if let Some(cast) = cast {
+            self.counters.delivered += 1;
+            self.emit(Event::Message {
+                msg_id: data.msg_id,
+                src: data.src,
+                dst: data.dst,
+                cast,
+                payload: data.payload,
+            });
+        }
+    }
+
+    pub(super) fn on_ack(&mut self, now: Instant, link: LinkId, ack: Ack) {
+        let for_us = ack.dst.as_deref().is_none_or(|d| d == self.config.peer_id);
+        if !for_us {
+            if ack.ttl > 1 {
+                let forwarded = Ack {
+                    ttl: ack.ttl - 1,
+                    ..ack
+                };
+                self.route(now, Message::Ack(forwarded), Some(link));
+            } else {
+                self.counters.errors += 1;
+            }
+            return;
+        }
+        if let Some(outgoing) = self.outbox.remove(&ack.msg_id) {
+            let from = ack.from.or(ack.src).unwrap_or_else(|| self.peer_of(link));
+            self.emit(Event::Acked {
+                msg_id: ack.msg_id,
+                from,
+                elapsed: now.saturating_duration_since(outgoing.first_sent),
+            });
+        } else {
+            self.counters.duplicates += 1;
+        }
+    }
+
+    pub(super) fn on_who_has(&mut self, now: Instant, link: LinkId, who: WhoHas) {
+        if !self.seen.insert(&format!("WHO_HAS:{}", who.msg_id)) {
+            self.counters.duplicates += 1;
+            return;
+        }
+        self.reverse.record(&who.msg_id, link, now);
+        self.learn_reverse(now, link, &who.src, who.ttl);
+        let hops = if who.dst == self.config.peer_id {
+            Some(0)
+        } else if self.by_peer.contains_key(&who.dst) {
+            Some(1)
+        } else {
+            self.routes
+                .get(&who.dst, now)
+                .filter(|r| r.next_hop != link)
+                .map(|r| r.hops)
+        };
+        if let Some(hops) = hops {
+            let hit = Message::WhoHasHit(WhoHasHit {
+                msg_id: who.msg_id,
+                src: self.config.peer_id.clone(),
+                dst: who.dst,
+                via: self.config.peer_id.clone(),
+                hops,
+                ttl: self.config.default_ttl,
+            });
+            self.write(link, &hit);
+            return;
+        }
+        if who.ttl > 1 {
+            let forwarded = Message::WhoHas(WhoHas {
+                ttl: who.ttl - 1,
+                ..who
+            });
+            self.flood(&forwarded, Some(link), feature::WHO_HAS);
+        }
+    }
+
+    pub(super) fn on_hit(&mut self, now: Instant, link: LinkId, hit: WhoHasHit) {
+        let hops = hit.hops.saturating_add(1);
+        self.routes.learn(&hit.dst, link, hops, now);
+        let ours = self
+            .discoveries
+            .get(&hit.dst)
+            .is_some_and(|d| d.msg_id == hit.msg_id);
+        if ours {
+            if let Some(discovery) = self.discoveries.remove(&hit.dst) {
+                self.flush(now, discovery.pending);
+            }
+            return;
+        }
+        if !self.seen.insert(&format!("HIT:{}", hit.msg_id)) {
+            self.counters.duplicates += 1;
+            return;
+        }
+        if let Some(back) = self.reverse.back(&hit.msg_id, now) {
+            if hit.ttl > 1 && back != link {
+                let forwarded = Message::WhoHasHit(WhoHasHit {
+                    src: self.config.peer_id.clone(),
+                    hops,
+                    ttl: hit.ttl - 1,
+                    ..hit
+                });
+                self.write(back, &forwarded);
+                self.counters.forwarded += 1;
+            }
+        }
+    }
+
+    pub(super) fn on_relay(&mut self, now: Instant, link: LinkId, relay: Relay, ok: bool) {
+        if relay.dst != self.config.peer_id && !relay.dst.is_empty() {
+            if relay.ttl > 1 {
+                let forwarded = Relay {
+                    ttl: relay.ttl - 1,
+                    ..relay
+                };
+                let message = if ok {
+                    Message::RelayOk(forwarded)
+                } else {
+                    Message::RelayFail(forwarded)
+                };
+                self.route(now, message, Some(link));
+            }
+            return;
+        }
+        if !ok {
+            if let Some(outgoing) = self.outbox.get_mut(&relay.msg_id) {
+                outgoing.last_error = relay.reason.clone();
+                outgoing.next_try = now;
+                let dst = outgoing.dst.clone();
+                self.routes.forget(&dst);
+            }
+        }
+        let via = if relay.src.is_empty() {
+            self.peer_of(link)
+        } else {
+            relay.src
+        };
+        self.emit(Event::Relayed {
+            msg_id: relay.msg_id,
+            via,
+            ok,
+            reason: relay.reason,
+        });
+    }
+
+    pub(super) fn on_error(&mut self, now: Instant, link: LinkId, error: ErrorMsg) {
+        self.counters.errors += 1;
+        let elsewhere = error
+            .dst
+            .as_ref()
+            .is_some_and(|d| d != &self.config.peer_id && is_peer_id(d));
+        if elsewhere {
+            if error.ttl > 1 {
+                let forwarded = ErrorMsg {
+                    ttl: error.ttl - 1,
+                    ..error
+                };
+                self.route(now, Message::Error(forwarded), Some(link));
+            }
+            return;
+        }
+        if let Some(outgoing) = error
+            .reference
+            .as_ref()
+            .and_then(|r| self.outbox.get_mut(r))
+        {
+            outgoing.last_error = Some(error.error.clone());
+        }
+        let from = error.src.clone().unwrap_or_else(|| self.peer_of(link));
+        self.emit(Event::RemoteError {
+            code: error.error,
+            reference: error.reference,
+            detail: error.detail,
+            from,
+        });
+    }
+
+    pub(super) fn on_metrics_request(&mut self, now: Instant, link: LinkId, request: MetricsReq) {
+        let Some(state) = self.links.get(&link) else {
+            return;
+        };
+        if !state.has(feature::METRICS) {
+            return;
+        }
+        let answer = Message::Metrics(Metrics {
+            msg_id: request.msg_id,
+            src: self.config.peer_id.clone(),
+            dst: request.src,
+            rtt_ms: state.rtt.map(|r| r.as_millis() as u64),
+            sent_count: state.sent,
+            recv_count: state.received,
+            last_seen: self.timestamp(now),
+            ttl: 1,
+        });
+        self.write(link, &answer);
+    }
+
+    pub(super) fn on_peer_list(&mut self, now: Instant, link: LinkId, list: PeerList) {
+        let teia = self.links.get(&link).is_some_and(|l| l.has(feature::TEIA));
+        if !teia {
+            return;
+        }
+        for entry in list.peers.into_iter().take(PEER_LIST_MAX) {
+            if entry.peer_id == self.config.peer_id || !is_peer_id(&entry.peer_id) {
+                continue;
+            }
+            let Ok(ip) = entry.ip.parse() else {
+                continue;
+            };
+            self.known_entry(now, SocketAddr::new(ip, entry.port), Some(entry.peer_id));
+        }
+        self.redial(now);
+    }
+
+    /// The link toward `dst`: a direct link, else a fresh cached route.
+    pub(super) fn next_hop(&self, dst: &str, now: Instant) -> Option<LinkId> {
+        if let Some(&link) = self.by_peer.get(dst) {
+            return Some(link);
+        }
+        self.routes
+            .get(dst, now)
+            .map(|r| r.next_hop)
+            .filter(|l| self.links.get(l).is_some_and(|s| s.state == LinkState::Up))
+    }
+
+    /// Sends a routed message toward its destination, discovering a route if needed.
+    /// `from` is the link it arrived on, when relaying.
+    pub(super) fn route(&mut self, now: Instant, message: Message, from: Option<LinkId>) {
+        let Some(dst) = routed_dst(&message) else {
+            return;
+        };
+        match self.next_hop(&dst, now) {
+            Some(link) if Some(link) != from || self.by_peer.get(&dst) == Some(&link) => {
+                self.forward(now, link, message, from);
+            }
+            _ => self.discover(now, dst, Pending { message, from }),
+        }
+    }
+
+    pub(super) fn forward(
+        &mut self,
+        now: Instant,
+        link: LinkId,
+        message: Message,
+        from: Option<LinkId>,
+    ) {
+        self.write(link, &message);
+        let Some(from) = from else {
+            return;
+        };
+        self.counters.forwarded += 1;
+        if let Message::Send(data) = &message {
+            let ok = Message::RelayOk(Relay {
+                msg_id: data.msg_id.clone(),
+                src: self.config.peer_id.clone(),
+                dst: data.src.clone(),
+                reason: None,
+                ttl: self.config.default_ttl,
+            });
+            self.reply(now, ok, &data.src, Some(from));
+        }
+    }
+
+    /// Sends an answer to `origin`: directly if it is a neighbour, else back on the link
+    /// the triggering message came from, else by route.
+    pub(super) fn reply(
+        &mut self,
+        now: Instant,
+        message: Message,
+        origin: &str,
+        hint: Option<LinkId>,
+    ) {
+        if let Some(&link) = self.by_peer.get(origin) {
+            self.write(link, &message);
+        } else if let Some(link) = hint.filter(|l| self.links.contains_key(l)) {
+            self.write(link, &message);
+        } else {
+            self.route(now, message, None);
+        }
+    }
+
+    pub(super) fn discover(&mut self, now: Instant, dst: String, pending: Pending) {
+        if let Some(discovery) = self.discoveries.get_mut(&dst) {
+            if discovery.pending.len() < self.config.pending_per_destination {
+                discovery.pending.push_back(pending);
+            } else {
+                self.refuse_pending(pending, code::BUSY);
+            }
+            return;
+        }
+        if self.discoveries.len() >= self.config.max_discoveries {
+            self.refuse_pending(pending, code::BUSY);
+            return;
+        }
+        let msg_id = self.new_id();
+        let who = Message::WhoHas(WhoHas {
+            msg_id: msg_id.clone(),
+            src: self.config.peer_id.clone(),
+            dst: dst.clone(),
+            ttl: self.config.default_ttl,
+        });
+        self.seen.insert(&format!("WHO_HAS:{msg_id}"));
+        self.flood(&who, None, feature::WHO_HAS);
+        self.discoveries.insert(
+            dst,
+            Discovery {
+                msg_id,
+                deadline: now + self.config.discovery_timeout,
+                pending: VecDeque::from([pending]),
+            },
+        );
+    }
+
+    pub(super) fn flush(&mut self, now: Instant, pending: VecDeque<Pending>) {
+        for Pending { message, from } in pending {
+            let Some(dst) = routed_dst(&message) else {
+                continue;
+            };
+            match self.next_hop(&dst, now) {
+                Some(link) => self.forward(now, link, message, from),
+                None => self.refuse_pending(Pending { message, from }, code::NO_ROUTE),
+            }
+        }
+    }
+
+    /// A newly connected neighbour may be a destination being discovered.
+    pub(super) fn flush_discovery_for_neighbour(&mut self, now: Instant, link: LinkId) {
+        let Some(peer) = self.links.get(&link).and_then(|l| l.peer.clone()) else {
+            return;
+        };
+        if let Some(discovery) = self.discoveries.remove(&peer) {
+            self.flush(now, discovery.pending);
+        }
+    }
+
+    pub(super) fn expire_discoveries(&mut self, now: Instant) {
+        let expired: Vec<String> = self
+            .discoveries
+            .iter()
+            .filter(|(_, d)| d.deadline <= now)
+            .map(|(dst, _)| dst.clone())
+            .collect();
+        for dst in expired {
+            if let Some(discovery) = self.discoveries.remove(&dst) {
+                for pending in discovery.pending {
+                    self.refuse_pending(pending, code::NO_ROUTE);
+                }
+            }
+        }
+    }
+
+    /// A message that cannot go on: relayed SENDs are answered RELAY_FAIL and ERROR; our own
+    /// SENDs wait for their retransmission; anything else is dropped.
+    pub(super) fn refuse_pending(&mut self, pending: Pending, reason: &str) {
+        let Pending { message, from } = pending;
+        match message {
+            Message::Send(data) if from.is_some() => {
+                self.counters.errors += 1;
+                let fail = Message::RelayFail(Relay {
+                    msg_id: data.msg_id.clone(),
+                    src: self.config.peer_id.clone(),
+                    dst: data.src.clone(),
+                    reason: Some(reason.to_owned()),
+                    ttl: self.config.default_ttl,
+                });
+                let error = Message::Error(self.error_msg(
+                    reason,
+                    Some(data.msg_id.clone()),
+                    Some(format!("{} not reachable", data.dst)),
+                    Some(data.src.clone()),
+                ));
+                if let Some(link) = from.filter(|l| self.links.contains_key(l)) {
+                    self.write(link, &fail);
+                    self.write(link, &error);
+                }
+            }
+            Message::Send(data) => {
+                if let Some(outgoing) = self.outbox.get_mut(&data.msg_id) {
+                    outgoing.last_error = Some(reason.to_owned());
+                }
+            }
+            _ => self.counters.errors += 1,
+        }
+    }
+
+    pub(super) fn retransmit(&mut self, now: Instant) {
+        let due: Vec<String> = self
+            .outbox
+            .iter()
+            .filter(|(_, o)| o.next_try <= now || o.deadline <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for msg_id in due {
+            let Some(outgoing) = self.outbox.get_mut(&msg_id) else {
+                continue;
+            };
+            if outgoing.deadline <= now {
+                if let Some(outgoing) = self.outbox.remove(&msg_id) {
+                    self.emit(Event::Undelivered {
+                        msg_id,
+                        dst: outgoing.dst,
+                        reason: outgoing.last_error.unwrap_or_else(|| "timeout".to_owned()),
+                    });
+                }
+                continue;
+            }
+            outgoing.backoff = (outgoing.backoff * 2).min(self.config.retransmit_after * 8);
+            outgoing.next_try = now + outgoing.backoff;
+            let data = Data {
+                msg_id: msg_id.clone(),
+                src: self.config.peer_id.clone(),
+                dst: outgoing.dst.clone(),
+                payload: outgoing.payload.clone(),
+                require_ack: true,
+                ttl: self.config.default_ttl,
+            };
+            self.route(now, Message::Send(data), None);
+        }
+    }
+
+    /// Learns "origin via this link" from a routed message, if no better route is known.
+    pub(super) fn learn_reverse(&mut self, now: Instant, link: LinkId, origin: &str, ttl: u32) {
+        if origin == self.config.peer_id || self.by_peer.contains_key(origin) || !is_peer_id(origin)
+        {
+            return;
+        }
+        let hops = self
+            .config
+            .default_ttl
+            .saturating_sub(ttl)
+            .saturating_add(1)
+            .max(1);
+        self.routes.learn(origin, link, hops, now);
+    }
+
+    pub(super) fn flood(&mut self, message: &Message, except: Option<LinkId>, needed: &str) {
+        let links: Vec<LinkId> = self
+            .by_peer
+            .values()
+            .copied()
+            .filter(|l| Some(*l) != except)
+            .filter(|l| self.links.get(l).is_some_and(|s| s.has(needed)))
+            .collect();
+        for link in links {
+            self.write(link, message);
+        }
+    }
+}
