@@ -10,6 +10,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
@@ -32,6 +34,10 @@ pub const LINK_QUEUE: usize = 1024;
 pub const COMMANDS: usize = 256;
 /// Events waiting for the application, at most.
 pub const EVENTS: usize = 4096;
+/// Inputs handled in a row before the driver carries out the resulting actions.
+const INPUT_BATCH: usize = 64;
+/// Bytes written in one `write` at most when a link coalesces lines.
+const COALESCE_MAX: usize = 64 * 1024;
 /// Time allowed to connect to a peer.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Time BYEs get to go out at shutdown.
@@ -279,6 +285,8 @@ pub async fn start(
 struct LinkTasks {
     writer: mpsc::Sender<Vec<u8>>,
     reader: JoinHandle<()>,
+    /// Set when lines may be written several per `write`.
+    coalesce: Arc<AtomicBool>,
 }
 
 struct Driver {
@@ -303,6 +311,8 @@ impl Driver {
         for addr in peers {
             self.node.connect(Instant::now(), addr);
         }
+        let timer = tokio::time::sleep(Duration::from_secs(3600));
+        tokio::pin!(timer);
         loop {
             self.execute().await;
             let wake = self
@@ -310,16 +320,28 @@ impl Driver {
                 .poll_timeout()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            if timer.deadline() != wake {
+                timer.as_mut().reset(wake);
+            }
             tokio::select! {
                 input = inbox.recv() => match input {
-                    Some(input) => self.input(input).await,
+                    Some(input) => {
+                        self.input(input).await;
+                        // Take what else is already waiting before acting, up to a bound.
+                        for _ in 0..INPUT_BATCH {
+                            match inbox.try_recv() {
+                                Ok(input) => self.input(input).await,
+                                Err(_) => break,
+                            }
+                        }
+                    }
                     None => break,
                 },
                 command = commands.recv() => match command {
                     Some(Command::Shutdown) | None => break,
                     Some(command) => self.command(command),
                 },
-                () = tokio::time::sleep_until(wake) => self.node.handle_timeout(Instant::now()),
+                () = &mut timer => self.node.handle_timeout(Instant::now()),
             }
         }
         self.node.shutdown(Instant::now());
@@ -356,6 +378,11 @@ impl Driver {
                     if let Some(tasks) = self.links.remove(&link) {
                         drop(tasks.writer);
                         tasks.reader.abort();
+                    }
+                }
+                teia_core::overlay::Action::Coalesce { link } => {
+                    if let Some(tasks) = self.links.get(&link) {
+                        tasks.coalesce.store(true, Ordering::Relaxed);
                     }
                 }
                 teia_core::overlay::Action::Dial { addr } => {
@@ -444,9 +471,17 @@ impl Driver {
         self.next_link += 1;
         let (read_half, write_half) = stream.into_split();
         let (writer, lines) = mpsc::channel(LINK_QUEUE);
-        tokio::spawn(write_loop(write_half, lines));
+        let coalesce = Arc::new(AtomicBool::new(false));
+        tokio::spawn(write_loop(write_half, lines, Arc::clone(&coalesce)));
         let reader = tokio::spawn(read_loop(read_half, link, self.inputs.clone()));
-        self.links.insert(link, LinkTasks { writer, reader });
+        self.links.insert(
+            link,
+            LinkTasks {
+                writer,
+                reader,
+                coalesce,
+            },
+        );
         self.node.link_opened(now, link, addr, inbound);
     }
 }
@@ -493,13 +528,30 @@ async fn read_loop(
     let _ = inputs.send(Input::Closed(link, reason)).await;
 }
 
-/// Writes each line with its own `write` call (course clients read one line per read).
+/// Writes the queued lines: each with its own `write` call (course clients read one line
+/// per read), or, once the link may coalesce, as many as are queued (up to [`COALESCE_MAX`]
+/// bytes) in one.
 async fn write_loop(
     mut stream: tokio::net::tcp::OwnedWriteHalf,
     mut lines: mpsc::Receiver<Vec<u8>>,
+    coalesce: Arc<AtomicBool>,
 ) {
+    let mut batch = Vec::new();
     while let Some(line) = lines.recv().await {
-        if stream.write_all(&line).await.is_err() {
+        let written = if coalesce.load(Ordering::Relaxed) {
+            batch.clear();
+            batch.extend_from_slice(&line);
+            while batch.len() < COALESCE_MAX {
+                match lines.try_recv() {
+                    Ok(more) => batch.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            stream.write_all(&batch).await
+        } else {
+            stream.write_all(&line).await
+        };
+        if written.is_err() {
             return;
         }
     }

@@ -5,7 +5,7 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::codec::{encode_line, EncodeError};
+use crate::codec::{EncodeError, MAX_LINE};
 use crate::fields::{liberal_string, liberal_u64, message_type};
 
 /// Protocol version written in HELLO.
@@ -345,26 +345,40 @@ impl Message {
     /// Encodes the message as one line, `type` first.
     pub fn to_line(&self) -> Result<Vec<u8>, EncodeError> {
         let body = match self {
-            Self::Hello(m) | Self::HelloOk(m) => serde_json::to_value(m),
-            Self::Ping(m) | Self::Pong(m) => serde_json::to_value(m),
-            Self::Bye(m) | Self::ByeOk(m) => serde_json::to_value(m),
-            Self::Send(m) | Self::Pub(m) => serde_json::to_value(m),
-            Self::Ack(m) => serde_json::to_value(m),
-            Self::WhoHas(m) => serde_json::to_value(m),
-            Self::WhoHasHit(m) => serde_json::to_value(m),
-            Self::RelayOk(m) | Self::RelayFail(m) => serde_json::to_value(m),
-            Self::MetricsReq(m) => serde_json::to_value(m),
-            Self::Metrics(m) => serde_json::to_value(m),
-            Self::Error(m) => serde_json::to_value(m),
-            Self::PeerList(m) => serde_json::to_value(m),
-            Self::Unknown(_) => Ok(Value::Object(Map::new())),
+            Self::Hello(m) | Self::HelloOk(m) => serde_json::to_vec(m),
+            Self::Ping(m) | Self::Pong(m) => serde_json::to_vec(m),
+            Self::Bye(m) | Self::ByeOk(m) => serde_json::to_vec(m),
+            Self::Send(m) | Self::Pub(m) => serde_json::to_vec(m),
+            Self::Ack(m) => serde_json::to_vec(m),
+            Self::WhoHas(m) => serde_json::to_vec(m),
+            Self::WhoHasHit(m) => serde_json::to_vec(m),
+            Self::RelayOk(m) | Self::RelayFail(m) => serde_json::to_vec(m),
+            Self::MetricsReq(m) => serde_json::to_vec(m),
+            Self::Metrics(m) => serde_json::to_vec(m),
+            Self::Error(m) => serde_json::to_vec(m),
+            Self::PeerList(m) => serde_json::to_vec(m),
+            Self::Unknown(_) => Ok(b"{}".to_vec()),
         }?;
-        let mut object = Map::new();
-        object.insert("type".into(), Value::String(self.kind().to_owned()));
-        if let Value::Object(fields) = body {
-            object.extend(fields);
+        // `body` is an object, `{...}`: put `"type":KIND` first inside it.
+        let kind = serde_json::to_vec(self.kind())?;
+        let fields = body
+            .get(1..body.len().saturating_sub(1))
+            .unwrap_or_default();
+        let mut line = Vec::with_capacity(body.len() + kind.len() + 10);
+        line.extend_from_slice(b"{\"type\":");
+        line.extend_from_slice(&kind);
+        if !fields.is_empty() {
+            line.push(b',');
+            line.extend_from_slice(fields);
         }
-        encode_line(&Value::Object(object))
+        line.extend_from_slice(b"}\n");
+        if line.len() > MAX_LINE {
+            return Err(EncodeError::TooLong {
+                len: line.len(),
+                limit: MAX_LINE,
+            });
+        }
+        Ok(line)
     }
 
     /// Reads a message from a JSON object, liberally: numbers as strings, missing optional

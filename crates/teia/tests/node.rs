@@ -161,6 +161,7 @@ fn churn_kill_9_then_come_back() {
     let carol = NodeProcess::start("carol", "UnB", &flags);
     bob.wait_link("alice@UnB");
     bob.wait_link("carol@UnB");
+    alice.wait_link("carol@UnB");
     carol.process.kill9();
     bob.wait_event("carol down", |e| {
         e["event"] == "link_down" && e["peer"] == "carol@UnB"

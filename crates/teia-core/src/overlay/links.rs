@@ -83,6 +83,7 @@ impl Node {
             features: features.clone(),
         });
         if features.iter().any(|f| f == feature::TEIA) {
+            self.actions.push_back(Action::Coalesce { link });
             let list = self.peer_list_for(link);
             self.write(link, &Message::PeerList(list));
         }

@@ -145,9 +145,11 @@ impl Node {
                 .copied()
                 .filter(|l| *l != link)
                 .collect();
-            for other in others {
-                self.write(other, &forwarded);
-                self.counters.forwarded += 1;
+            if let Ok(line) = forwarded.to_line() {
+                for other in others {
+                    self.write_line(other, &forwarded, line.clone());
+                    self.counters.forwarded += 1;
+                }
             }
         }
         if let Some(cast) = cast {

@@ -139,6 +139,12 @@ pub enum Action {
         /// The link.
         link: LinkId,
     },
+    /// Lines for this link may from now on be written several per `write` (the peer speaks
+    /// teia; course peers read one line per read and need one line per write).
+    Coalesce {
+        /// The link.
+        link: LinkId,
+    },
     /// Open a connection to `addr` and report it with [`Node::link_opened`] or
     /// [`Node::dial_failed`].
     Dial {
@@ -756,13 +762,11 @@ impl Node {
             require_ack: false,
             ttl: self.config.default_ttl,
         });
-        if message.to_line().is_err() {
-            return Err(ApiError::TooLarge);
-        }
+        let line = message.to_line().map_err(|_| ApiError::TooLarge)?;
         self.seen.insert(&format!("PUB:{msg_id}"));
         let links: Vec<LinkId> = self.by_peer.values().copied().collect();
         for link in links {
-            self.write(link, &message);
+            self.write_line(link, &message, line.clone());
         }
         Ok(msg_id)
     }
@@ -831,10 +835,14 @@ impl Node {
     // ---------------------------------------------------------------- helpers
 
     fn write(&mut self, link: LinkId, message: &Message) {
-        let Ok(line) = message.to_line() else {
-            self.counters.errors += 1;
-            return;
-        };
+        match message.to_line() {
+            Ok(line) => self.write_line(link, message, line),
+            Err(_) => self.counters.errors += 1,
+        }
+    }
+
+    /// Writes `message`, already encoded as `line`, on `link`.
+    fn write_line(&mut self, link: LinkId, message: &Message, line: Vec<u8>) {
         let Some(state) = self.links.get_mut(&link) else {
             return;
         };

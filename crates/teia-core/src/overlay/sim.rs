@@ -180,6 +180,7 @@ impl Sim {
                 }
             }
             Action::Event(event) => self.nodes[index].events.push(event),
+            Action::Coalesce { .. } => {}
         }
     }
 
