@@ -40,6 +40,42 @@ pub struct Process {
 }
 
 impl Process {
+    /// Spawns `command` with stdin piped and both stdout and stderr captured as lines
+    /// (carriage returns removed), for [`Process::wait_for_log`].
+    pub fn spawn_capturing(mut command: Command) -> (Self, std::process::ChildStdin) {
+        let mut child = command
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn");
+        let lines = Arc::new(Lines::default());
+        let stdout = child.stdout.take().unwrap();
+        let stderr = child.stderr.take().unwrap();
+        for pipe in [
+            Box::new(stdout) as Box<dyn std::io::Read + Send>,
+            Box::new(stderr),
+        ] {
+            let sink = Arc::clone(&lines);
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).split(b'\n') {
+                    let Ok(line) = line else { break };
+                    let text = String::from_utf8_lossy(&line).replace('\r', "\n");
+                    sink.lines.lock().unwrap().push(text);
+                    sink.changed.notify_all();
+                }
+            });
+        }
+        let stdin = child.stdin.take().unwrap();
+        (
+            Self {
+                child,
+                stderr: lines,
+            },
+            stdin,
+        )
+    }
+
     /// Spawns `teia ARGS` with stderr captured.
     pub fn spawn(args: &[&str]) -> Self {
         let mut child = teia()
