@@ -55,6 +55,7 @@ async fn spawn_node(
         peers,
         discover_interval: Duration::from_secs(3600),
         register_ttl: 60,
+        store: None,
     };
     let (handle, mut raw, _task) = start(config).await?;
     let addr = match raw.recv().await {

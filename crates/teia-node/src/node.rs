@@ -25,6 +25,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::rendezvous::{Registrar, RegistrarEvent, RendezvousClient};
+use crate::store::{NodeStore, StoreError};
 
 /// Events waiting for the driver, at most.
 pub const INBOX: usize = 4096;
@@ -58,6 +59,9 @@ pub struct NodeConfig {
     pub discover_interval: Duration,
     /// ttl asked for when registering, in seconds.
     pub register_ttl: u32,
+    /// Database keeping SENDs awaiting their ACK and delivered ids across restarts; `None`
+    /// keeps them in memory only.
+    pub store: Option<std::path::PathBuf>,
 }
 
 /// What the application hears: the overlay's events plus the runtime's own.
@@ -143,6 +147,9 @@ pub enum NodeError {
     /// The node has stopped.
     #[error("the node has stopped")]
     Stopped,
+    /// The node's database could not be opened.
+    #[error(transparent)]
+    Store(#[from] StoreError),
     /// The overlay refused the request.
     #[error(transparent)]
     Api(#[from] ApiError),
@@ -259,8 +266,18 @@ pub async fn start(
             inputs.clone(),
         )));
     }
+    let mut node = Node::new(config.overlay.clone(), Instant::now(), unix_millis());
+    let store = match &config.store {
+        Some(path) => {
+            let (store, restored) = NodeStore::open(path)?;
+            node.restore(Instant::now(), restored.sends, restored.delivered);
+            Some(store)
+        }
+        None => None,
+    };
     let driver = Driver {
-        node: Node::new(config.overlay.clone(), Instant::now(), unix_millis()),
+        node,
+        store,
         inputs,
         events,
         links: HashMap::new(),
@@ -291,6 +308,7 @@ struct LinkTasks {
 
 struct Driver {
     node: Node,
+    store: Option<NodeStore>,
     inputs: mpsc::Sender<Input>,
     events: mpsc::Sender<NodeEvent>,
     links: HashMap<LinkId, LinkTasks>,
@@ -339,6 +357,12 @@ impl Driver {
                 },
                 command = commands.recv() => match command {
                     Some(Command::Shutdown) | None => break,
+                    Some(Command::Send { dst, payload, reply }) => {
+                        let sent = self.node.send(Instant::now(), &dst, payload);
+                        // Stored (and on its way) before the sender hears it was sent.
+                        self.execute().await;
+                        let _ = reply.send(sent);
+                    }
                     Some(command) => self.command(command),
                 },
                 () = &mut timer => self.node.handle_timeout(Instant::now()),
@@ -378,6 +402,27 @@ impl Driver {
                     if let Some(tasks) = self.links.remove(&link) {
                         drop(tasks.writer);
                         tasks.reader.abort();
+                    }
+                }
+                teia_core::overlay::Action::Remember(send) => {
+                    if let Some(store) = &mut self.store {
+                        if let Err(e) = store.remember(&send) {
+                            tracing::error!(error = %e, "message not stored");
+                        }
+                    }
+                }
+                teia_core::overlay::Action::Forget { msg_id } => {
+                    if let Some(store) = &mut self.store {
+                        if let Err(e) = store.forget(&msg_id) {
+                            tracing::error!(error = %e, "message not dropped from storage");
+                        }
+                    }
+                }
+                teia_core::overlay::Action::Delivered { msg_id } => {
+                    if let Some(store) = &mut self.store {
+                        if let Err(e) = store.delivered(&msg_id) {
+                            tracing::error!(error = %e, "delivery not stored");
+                        }
                     }
                 }
                 teia_core::overlay::Action::Coalesce { link } => {
@@ -435,13 +480,6 @@ impl Driver {
     fn command(&mut self, command: Command) {
         let now = Instant::now();
         match command {
-            Command::Send {
-                dst,
-                payload,
-                reply,
-            } => {
-                let _ = reply.send(self.node.send(now, &dst, payload));
-            }
             Command::Connect(addr) => self.node.connect(now, addr),
             Command::Reconnect => self.node.reconnect(now),
             Command::Watch(on) => self.node.set_watch(on),
@@ -457,7 +495,7 @@ impl Driver {
                     dropped: self.dropped,
                 });
             }
-            Command::Shutdown => {}
+            Command::Send { .. } | Command::Shutdown => {}
         }
     }
 

@@ -87,8 +87,9 @@ pub struct NodeArgs {
     #[arg(long)]
     pub json: bool,
 
-    /// Directory for the node's data (the embedded rendezvous keeps its records there).
-    /// Default: the platform's data directory, e.g. ~/.local/share/teia.
+    /// Directory for the node's data: messages awaiting their ACK and ids already delivered
+    /// (kept across restarts), and the embedded rendezvous's records. Default: the
+    /// platform's data directory, e.g. ~/.local/share/teia.
     #[arg(long, env = "TEIA_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
 

@@ -142,10 +142,8 @@ fn a_node_given_one_peer_reaches_the_whole_mesh() {
         nodes[4].wait_link(&format!("n{i}@mesh"));
     }
     // The mesh survives the loss of the peers it was built through.
-    let n3 = nodes.remove(3);
-    n3.process.kill9();
-    let n2 = nodes.remove(2);
-    n2.process.kill9();
+    nodes.remove(3).kill9();
+    nodes.remove(2).kill9();
     let msg = nodes[2].msg("@n0@mesh", "still here");
     nodes[0].wait_message(&msg);
     nodes[2].wait_ack(&msg);
@@ -162,7 +160,7 @@ fn churn_kill_9_then_come_back() {
     bob.wait_link("alice@UnB");
     bob.wait_link("carol@UnB");
     alice.wait_link("carol@UnB");
-    carol.process.kill9();
+    carol.kill9();
     bob.wait_event("carol down", |e| {
         e["event"] == "link_down" && e["peer"] == "carol@UnB"
     });
@@ -321,4 +319,28 @@ fn malformed_commands_get_usage_and_help_lists_commands() {
     node.wait_event("stopped", |e| e["event"] == "stopped");
     let status = node.process.wait_exit();
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_sent_message_survives_kill_9_of_its_sender() {
+    // bob's port is chosen now; bob starts only after alice has crashed.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let bob_addr = format!("127.0.0.1:{port}");
+    let mut alice = NodeProcess::start("alice", "UnB", &["--peer", &bob_addr]);
+    let msg = alice.msg("@bob@UnB", "guardado");
+    let data = alice.kill9();
+
+    let alice = NodeProcess::start_in(data, "alice", "UnB", &["--peer", &bob_addr]);
+    let bob = NodeProcess::start("bob", "UnB", &["--port", &port.to_string()]);
+    let got = bob.wait_message(&msg);
+    assert_eq!(got["payload"], "guardado");
+    alice.wait_ack(&msg);
+    assert_eq!(
+        bob.count(|e| e["event"] == "message" && e["msg_id"] == msg.as_str()),
+        1
+    );
 }

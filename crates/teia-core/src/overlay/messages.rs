@@ -93,6 +93,9 @@ impl Node {
     pub(super) fn deliver_send(&mut self, now: Instant, link: Option<LinkId>, data: Data) {
         if self.delivered.insert(&data.msg_id) {
             self.counters.delivered += 1;
+            self.actions.push_back(Action::Delivered {
+                msg_id: data.msg_id.clone(),
+            });
             self.emit(Event::Message {
                 msg_id: data.msg_id.clone(),
                 src: data.src.clone(),
@@ -179,6 +182,9 @@ impl Node {
             return;
         }
         if let Some(outgoing) = self.outbox.remove(&ack.msg_id) {
+            self.actions.push_back(Action::Forget {
+                msg_id: ack.msg_id.clone(),
+            });
             let from = ack.from.or(ack.src).unwrap_or_else(|| self.peer_of(link));
             self.emit(Event::Acked {
                 msg_id: ack.msg_id,
@@ -549,6 +555,9 @@ impl Node {
             };
             if outgoing.deadline <= now {
                 if let Some(outgoing) = self.outbox.remove(&msg_id) {
+                    self.actions.push_back(Action::Forget {
+                        msg_id: msg_id.clone(),
+                    });
                     self.emit(Event::Undelivered {
                         msg_id,
                         dst: outgoing.dst,

@@ -145,6 +145,20 @@ pub enum Action {
         /// The link.
         link: LinkId,
     },
+    /// Store a SEND of ours until its ACK (or its deadline), so that a restart resumes it.
+    /// Done before the application is told the message was sent.
+    Remember(PendingSend),
+    /// A remembered SEND was acknowledged or given up: drop it from storage.
+    Forget {
+        /// The SEND's id.
+        msg_id: String,
+    },
+    /// Store the id of a SEND delivered here, so that its retransmissions are not delivered
+    /// again after a restart.
+    Delivered {
+        /// The SEND's id.
+        msg_id: String,
+    },
     /// Open a connection to `addr` and report it with [`Node::link_opened`] or
     /// [`Node::dial_failed`].
     Dial {
@@ -153,6 +167,19 @@ pub enum Action {
     },
     /// Tell the application.
     Event(Event),
+}
+
+/// A SEND of ours awaiting its ACK, as kept in storage across restarts.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PendingSend {
+    /// Its id.
+    pub msg_id: String,
+    /// Its destination.
+    pub dst: String,
+    /// Its payload.
+    pub payload: Value,
+    /// Wall time (UNIX ms) after which it is reported undelivered.
+    pub deadline_unix_ms: u64,
 }
 
 /// How a delivered message was addressed.
@@ -725,6 +752,12 @@ impl Node {
         if Message::Send(data.clone()).to_line().is_err() {
             return Err(ApiError::TooLarge);
         }
+        self.actions.push_back(Action::Remember(PendingSend {
+            msg_id: msg_id.clone(),
+            dst: dst.to_owned(),
+            payload: payload.clone(),
+            deadline_unix_ms: self.unix_millis(now + self.config.send_deadline),
+        }));
         self.outbox.insert(
             msg_id.clone(),
             Outgoing {
@@ -805,6 +838,41 @@ impl Node {
             }
         }
         self.redial(now);
+    }
+
+    /// Resumes SENDs remembered before a restart (retransmitted at once; those past their
+    /// deadline are reported undelivered), and the ids of SENDs already delivered here.
+    pub fn restore(&mut self, now: Instant, sends: Vec<PendingSend>, delivered: Vec<String>) {
+        for id in delivered {
+            self.delivered.insert(&id);
+        }
+        let unix_now = self.unix_millis(now);
+        for send in sends {
+            if send.deadline_unix_ms <= unix_now {
+                self.actions.push_back(Action::Forget {
+                    msg_id: send.msg_id.clone(),
+                });
+                self.emit(Event::Undelivered {
+                    msg_id: send.msg_id,
+                    dst: send.dst,
+                    reason: "timeout".to_owned(),
+                });
+                continue;
+            }
+            let left = Duration::from_millis(send.deadline_unix_ms - unix_now);
+            self.outbox.insert(
+                send.msg_id,
+                Outgoing {
+                    dst: send.dst,
+                    payload: send.payload,
+                    first_sent: now,
+                    deadline: now + left,
+                    next_try: now,
+                    backoff: self.config.retransmit_after,
+                    last_error: None,
+                },
+            );
+        }
     }
 
     /// Asks a neighbour for its METRICS.
@@ -925,9 +993,14 @@ impl Node {
         u64::try_from(now.saturating_duration_since(self.started).as_millis()).unwrap_or(u64::MAX)
     }
 
+    /// Wall time (UNIX ms) at `now`.
+    fn unix_millis(&self, now: Instant) -> u64 {
+        self.wall_at_start.saturating_add(self.millis(now))
+    }
+
     /// ISO-8601 UTC wall time at `now`.
     fn timestamp(&self, now: Instant) -> String {
-        let unix = self.wall_at_start.saturating_add(self.millis(now));
+        let unix = self.unix_millis(now);
         let time = UNIX_EPOCH + Duration::from_millis(unix);
         humantime::format_rfc3339_seconds(time.max(SystemTime::UNIX_EPOCH)).to_string()
     }

@@ -44,6 +44,8 @@ struct SimNode {
     /// A frozen node neither receives nor acts on time (a hung process).
     frozen: bool,
     events: Vec<Event>,
+    /// SENDs the node asked to remember (its durable storage).
+    stored: Vec<PendingSend>,
 }
 
 struct Sim {
@@ -81,6 +83,7 @@ impl Sim {
                     alive: true,
                     frozen: false,
                     events: Vec::new(),
+                    stored: Vec::new(),
                 }
             })
             .collect();
@@ -180,7 +183,9 @@ impl Sim {
                 }
             }
             Action::Event(event) => self.nodes[index].events.push(event),
-            Action::Coalesce { .. } => {}
+            Action::Remember(send) => self.nodes[index].stored.push(send),
+            Action::Forget { msg_id } => self.nodes[index].stored.retain(|s| s.msg_id != msg_id),
+            Action::Coalesce { .. } | Action::Delivered { .. } => {}
         }
     }
 
@@ -639,6 +644,72 @@ fn silent_peer_is_closed_after_three_missed_pings_and_redialed() {
         1,
         "pinned peer redialed"
     );
+}
+
+#[test]
+fn remembered_sends_resume_after_a_restart() {
+    let mut sim = Sim::new(2, 3, |_| {});
+    let msg = sim.send(0, 1, "kept across a crash");
+    sim.run(Duration::from_secs(1));
+    assert_eq!(
+        sim.nodes[0].stored.len(),
+        1,
+        "remembered before anything else"
+    );
+    // Node 0 crashes and starts again from its storage; node 1 appears.
+    let stored = std::mem::take(&mut sim.nodes[0].stored);
+    let mut config = Config::new(name(0));
+    config.listen_port = Some(addr_of(0).port());
+    config.target_neighbours = 0;
+    sim.nodes[0].node = Node::new(config, sim.now, 1_700_000_001_000);
+    let now = sim.now;
+    sim.node(0).restore(now, stored, Vec::new());
+    sim.connect(0, 1);
+    sim.run(Duration::from_secs(5));
+    assert_eq!(sim.messages(1, &msg), 1);
+    assert!(sim.acked(0, &msg));
+    assert!(
+        sim.nodes[0].stored.is_empty(),
+        "forgotten once acknowledged"
+    );
+}
+
+#[test]
+fn restored_delivered_ids_are_not_delivered_again() {
+    let now = Instant::now();
+    let mut node = Node::new(Config::new("b@U"), now, 0);
+    node.restore(now, Vec::new(), vec!["m1".into()]);
+    node.link_opened(now, 1, addr_of(1), true);
+    node.line_received(now, 1, Ok(br#"{"type":"HELLO","peer_id":"a@U"}"#.to_vec()));
+    let send = br#"{"type":"SEND","msg_id":"m1","src":"a@U","dst":"b@U","payload":"hi","require_ack":true,"ttl":1}"#;
+    node.line_received(now, 1, Ok(send.to_vec()));
+    let actions: Vec<Action> = std::iter::from_fn(|| node.poll_action()).collect();
+    assert!(!actions
+        .iter()
+        .any(|a| matches!(a, Action::Event(Event::Message { .. }))));
+    assert!(actions.iter().any(
+        |a| matches!(a, Action::Write { line, .. } if line.starts_with(b"{\"type\":\"ACK\""))
+    ));
+}
+
+#[test]
+fn expired_remembered_sends_are_reported_undelivered() {
+    let now = Instant::now();
+    let mut node = Node::new(Config::new("a@U"), now, 10_000);
+    let stale = PendingSend {
+        msg_id: "old".into(),
+        dst: "b@U".into(),
+        payload: json!("late"),
+        deadline_unix_ms: 9_000,
+    };
+    node.restore(now, vec![stale], Vec::new());
+    let actions: Vec<Action> = std::iter::from_fn(|| node.poll_action()).collect();
+    assert!(actions.contains(&Action::Forget {
+        msg_id: "old".into()
+    }));
+    assert!(actions
+        .iter()
+        .any(|a| matches!(a, Action::Event(Event::Undelivered { msg_id, .. }) if msg_id == "old")));
 }
 
 #[test]

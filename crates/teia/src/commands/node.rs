@@ -36,7 +36,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     if !teia_core::overlay::is_peer_id(&peer_id) {
         bail!("--name and --namespace must be 1 to 64 characters without '@', '#', '*' or spaces");
     }
-    let mut overlay = OverlayConfig::new(peer_id);
+    let mut overlay = OverlayConfig::new(peer_id.clone());
     overlay.ping_interval = seconds(args.ping_interval, "--ping-interval")?;
     overlay.target_neighbours = args.max_neighbours;
     overlay.send_deadline = seconds(args.send_deadline, "--send-deadline")?;
@@ -46,12 +46,16 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     for peer in &args.peers {
         peers.push(resolve(peer).await?);
     }
+    let data_dir = data_dir(args.data_dir)?;
+    let store = data_dir
+        .join("nodes")
+        .join(format!("{}.sqlite3", file_name(&peer_id)));
     let mut embedded = None;
     let rendezvous = match (args.rendezvous, peers.is_empty()) {
         (Some(server), _) => Some(server),
         (None, false) => None,
         (None, true) => {
-            embedded = local_rendezvous(data_dir(args.data_dir)?).await?;
+            embedded = local_rendezvous(data_dir).await?;
             Some(LOCAL_RENDEZVOUS.to_owned())
         }
     };
@@ -62,6 +66,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         peers,
         discover_interval: seconds(args.discover_interval, "--discover-interval")?,
         register_ttl: args.register_ttl.clamp(1, 86_400),
+        store: Some(store),
     };
     let (handle, events, task) = start(config).await?;
     let style = if args.json { Style::Json } else { Style::Text };
@@ -102,6 +107,21 @@ async fn local_rendezvous(
         let _ = stopped.await;
     }));
     Ok(Some(stop))
+}
+
+/// A file name for a peer id: letters, digits, `.`, `-`, `_` and `@` kept, anything else
+/// (a `/` in a name, say) replaced by `_`.
+fn file_name(peer_id: &str) -> String {
+    peer_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 async fn resolve(peer: &str) -> anyhow::Result<SocketAddr> {

@@ -291,17 +291,14 @@ impl NodeProcess {
     /// Starts `teia node --json --name NAME --namespace NS` on 127.0.0.1 with extra flags,
     /// and waits for its `ready` event.
     pub fn start(name: &str, namespace: &str, extra: &[&str]) -> Self {
-        let data = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), name, namespace, extra)
+    }
+
+    /// Like [`NodeProcess::start`], with the node's data in `data`.
+    pub fn start_in(data: tempfile::TempDir, name: &str, namespace: &str, extra: &[&str]) -> Self {
         let mut child = teia()
             .args(["node", "--json", "--name", name, "--namespace", namespace])
-            .args([
-                "--listen-ip",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--discover-interval",
-                "0.3",
-            ])
+            .args(["--listen-ip", "127.0.0.1", "--discover-interval", "0.3"])
             .arg("--data-dir")
             .arg(data.path())
             .args(extra)
@@ -348,6 +345,13 @@ impl NodeProcess {
             .and_then(|a| a.rsplit(':').next())
             .map_or(0, |p| p.parse().unwrap());
         node
+    }
+
+    /// Kills the node with SIGKILL and hands back its data directory.
+    pub fn kill9(self) -> tempfile::TempDir {
+        let Self { _data, process, .. } = self;
+        process.kill9();
+        _data
     }
 
     /// `127.0.0.1:PORT` of this node.

@@ -1,0 +1,186 @@
+//! The node's durable state in SQLite (WAL): SENDs awaiting their ACK, so a restart resumes
+//! them, and the ids of SENDs delivered here, so their retransmissions are not delivered
+//! twice. Each change is committed before the node goes on, so nothing acknowledged to the
+//! user is lost on `kill -9`. At most [`DELIVERED_KEPT`] delivered ids are kept.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{params, Connection};
+use teia_core::overlay::PendingSend;
+
+/// Delivered ids kept; older ones are pruned.
+pub const DELIVERED_KEPT: i64 = 16_384;
+/// Deliveries between two prunings.
+const PRUNE_EVERY: u32 = 1_024;
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+#[error("node database {path}: {source}")]
+pub struct StoreError {
+    path: PathBuf,
+    source: rusqlite::Error,
+}
+
+/// The open database.
+pub struct NodeStore {
+    path: PathBuf,
+    conn: Connection,
+    since_prune: u32,
+}
+
+/// What a node finds in its database at start.
+pub struct Restored {
+    /// SENDs awaiting their ACK.
+    pub sends: Vec<PendingSend>,
+    /// Ids of SENDs already delivered here.
+    pub delivered: Vec<String>,
+}
+
+impl NodeStore {
+    /// Opens (creating if needed) the database at `path` and reads what it holds.
+    pub fn open(path: &Path) -> Result<(Self, Restored), StoreError> {
+        let fail = |source| StoreError {
+            path: path.to_owned(),
+            source,
+        };
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| fail(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
+        }
+        let conn = Connection::open(path).map_err(fail)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(fail)?;
+        conn.pragma_update(None, "synchronous", "NORMAL")
+            .map_err(fail)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS outbox (
+                msg_id TEXT PRIMARY KEY,
+                dst TEXT NOT NULL,
+                payload TEXT NOT NULL,
+                deadline INTEGER NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS delivered (
+                seq INTEGER PRIMARY KEY,
+                msg_id TEXT NOT NULL UNIQUE
+            );",
+        )
+        .map_err(fail)?;
+        let restored = read(&conn).map_err(fail)?;
+        Ok((
+            Self {
+                path: path.to_owned(),
+                conn,
+                since_prune: 0,
+            },
+            restored,
+        ))
+    }
+
+    /// Stores a SEND awaiting its ACK.
+    pub fn remember(&mut self, send: &PendingSend) -> Result<(), StoreError> {
+        let deadline = i64::try_from(send.deadline_unix_ms).unwrap_or(i64::MAX);
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO outbox (msg_id, dst, payload, deadline) VALUES (?1, ?2, ?3, ?4)",
+                params![send.msg_id, send.dst, send.payload.to_string(), deadline],
+            )
+            .map(drop)
+            .map_err(|source| self.error(source))
+    }
+
+    /// Drops a SEND that was acknowledged or given up.
+    pub fn forget(&mut self, msg_id: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM outbox WHERE msg_id = ?1", params![msg_id])
+            .map(drop)
+            .map_err(|source| self.error(source))
+    }
+
+    /// Records a SEND delivered here.
+    pub fn delivered(&mut self, msg_id: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR IGNORE INTO delivered (msg_id) VALUES (?1)",
+                params![msg_id],
+            )
+            .map_err(|source| self.error(source))?;
+        self.since_prune += 1;
+        if self.since_prune >= PRUNE_EVERY {
+            self.since_prune = 0;
+            self.conn
+                .execute(
+                    "DELETE FROM delivered WHERE seq <= (SELECT max(seq) FROM delivered) - ?1",
+                    params![DELIVERED_KEPT],
+                )
+                .map_err(|source| self.error(source))?;
+        }
+        Ok(())
+    }
+
+    fn error(&self, source: rusqlite::Error) -> StoreError {
+        StoreError {
+            path: self.path.clone(),
+            source,
+        }
+    }
+}
+
+fn read(conn: &Connection) -> rusqlite::Result<Restored> {
+    let mut sends = Vec::new();
+    let mut statement = conn.prepare("SELECT msg_id, dst, payload, deadline FROM outbox")?;
+    let rows = statement.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, i64>(3)?,
+        ))
+    })?;
+    for row in rows {
+        let (msg_id, dst, payload, deadline) = row?;
+        let Ok(payload) = serde_json::from_str(&payload) else {
+            tracing::warn!(%msg_id, "skipping a stored message whose payload cannot be read");
+            continue;
+        };
+        sends.push(PendingSend {
+            msg_id,
+            dst,
+            payload,
+            deadline_unix_ms: u64::try_from(deadline).unwrap_or(0),
+        });
+    }
+    let mut statement = conn.prepare("SELECT msg_id FROM delivered ORDER BY seq")?;
+    let delivered = statement
+        .query_map([], |row| row.get::<_, String>(0))?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(Restored { sends, delivered })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn outbox_and_delivered_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nodes/a@U.sqlite3");
+        let (mut store, restored) = NodeStore::open(&path).unwrap();
+        assert!(restored.sends.is_empty() && restored.delivered.is_empty());
+        let send = |id: &str| PendingSend {
+            msg_id: id.into(),
+            dst: "b@U".into(),
+            payload: json!({"text":"hi"}),
+            deadline_unix_ms: 99,
+        };
+        store.remember(&send("m1")).unwrap();
+        store.remember(&send("m2")).unwrap();
+        store.forget("m1").unwrap();
+        store.delivered("d1").unwrap();
+        store.delivered("d1").unwrap();
+        drop(store);
+        let (_, restored) = NodeStore::open(&path).unwrap();
+        assert_eq!(restored.sends, vec![send("m2")]);
+        assert_eq!(restored.delivered, vec!["d1".to_owned()]);
+    }
+}
