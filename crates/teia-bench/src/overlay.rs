@@ -39,10 +39,13 @@ struct BenchNode {
     events: mpsc::Receiver<(Instant, Event)>,
 }
 
+/// Starts a node; with `store`, its SENDs and deliveries are kept in SQLite there, as the
+/// `teia node` binary keeps them.
 async fn spawn_node(
     name: &str,
     peers: Vec<SocketAddr>,
     neighbours: usize,
+    store: Option<std::path::PathBuf>,
 ) -> anyhow::Result<BenchNode> {
     let mut overlay = OverlayConfig::new(format!("{name}@bench"));
     overlay.target_neighbours = neighbours;
@@ -55,7 +58,7 @@ async fn spawn_node(
         peers,
         discover_interval: Duration::from_secs(3600),
         register_ttl: 60,
-        store: None,
+        store,
     };
     let (handle, mut raw, _task) = start(config).await?;
     let addr = match raw.recv().await {
@@ -103,12 +106,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A chain n0 - n1 - n2 - n3 - n4, each linked only to its neighbours in the chain.
+/// A chain n0 - n1 - n2 - n3 - n4, each linked only to its neighbours in the chain, each
+/// keeping its SENDs and deliveries in SQLite as `teia node` does.
 async fn round_trips(args: &Args) -> anyhow::Result<()> {
+    let storage = std::env::temp_dir().join(format!("teia-bench-overlay-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&storage);
     let mut chain: Vec<BenchNode> = Vec::new();
     for i in 0..5 {
         let peers = chain.last().map(|n| vec![n.addr]).unwrap_or_default();
-        chain.push(spawn_node(&format!("n{i}"), peers, 0).await?);
+        let store = storage.join(format!("n{i}.sqlite3"));
+        chain.push(spawn_node(&format!("n{i}"), peers, 0, Some(store)).await?);
     }
     for node in chain.iter_mut().skip(1) {
         wait_links(node, 1).await?;
@@ -163,6 +170,7 @@ async fn round_trips(args: &Args) -> anyhow::Result<()> {
     for node in chain {
         let _ = node.handle.shutdown().await;
     }
+    let _ = std::fs::remove_dir_all(&storage);
     Ok(())
 }
 
@@ -171,8 +179,8 @@ async fn pub_throughput(args: &Args) -> anyhow::Result<()> {
     let payload = "x".repeat(100);
     let count = args.pubs;
 
-    let mut receiver = spawn_node("sink", Vec::new(), 0).await?;
-    let sender = spawn_node("source", vec![receiver.addr], 0).await?;
+    let mut receiver = spawn_node("sink", Vec::new(), 0, None).await?;
+    let sender = spawn_node("source", vec![receiver.addr], 0, None).await?;
     wait_links(&mut receiver, 1).await?;
     let started = Instant::now();
     let publisher = {
@@ -261,7 +269,7 @@ async fn mesh_flood(args: &Args) -> anyhow::Result<()> {
             peers.dedup();
         }
         nodes.push(
-            spawn_node(&format!("m{i}"), peers, 4)
+            spawn_node(&format!("m{i}"), peers, 4, None)
                 .await
                 .context("mesh node")?,
         );
