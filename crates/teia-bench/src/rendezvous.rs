@@ -100,30 +100,16 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
             .await,
         );
         discover.merge(
-            load::run(
-                args.clients,
-                duration,
-                move |client, iteration| async move {
-                    let ns = mix(salt | (client as u64) << 32 | iteration) as usize % namespaces;
-                    let line = format!("{{\"type\":\"DISCOVER\",\"namespace\":\"ns{ns}\"}}\n");
-                    exchange(teia_addr, line.as_bytes())
-                        .await
-                        .is_some_and(is_ok)
-                },
-            )
+            teia_load(args.clients, duration, teia_addr, salt, move |key| {
+                let ns = key as usize % namespaces;
+                format!("{{\"type\":\"DISCOVER\",\"namespace\":\"ns{ns}\"}}\n")
+            })
             .await,
         );
         register.merge(
-            load::run(
-                args.clients,
-                duration,
-                move |client, iteration| async move {
-                    let index = mix(salt | (client as u64) << 32 | iteration) as usize % records;
-                    exchange(teia_addr, register_line(index).as_bytes())
-                        .await
-                        .is_some_and(is_ok)
-                },
-            )
+            teia_load(args.clients, duration, teia_addr, salt, move |key| {
+                register_line(key as usize % records)
+            })
             .await,
         );
     }
@@ -160,6 +146,24 @@ async fn preload(addr: SocketAddr, clients: usize, records: usize) -> usize {
         total += task.await.unwrap_or(0);
     }
     total
+}
+
+/// Runs the load against teia: each exchange sends the line made from a pseudo-random key
+/// (a different sequence for each `salt`) and expects an OK answer.
+async fn teia_load(
+    clients: usize,
+    duration: Duration,
+    addr: SocketAddr,
+    salt: u64,
+    line_for: impl Fn(u64) -> String + Copy + Send + Sync + 'static,
+) -> Outcome {
+    load::run(clients, duration, move |client, iteration| async move {
+        let key = mix(salt ^ (client as u64) << 32 | iteration);
+        exchange(addr, line_for(key).as_bytes())
+            .await
+            .is_some_and(is_ok)
+    })
+    .await
 }
 
 fn is_ok(answer: Vec<u8>) -> bool {

@@ -292,16 +292,7 @@ fn compact(conn: &mut Connection, live: &[Record]) -> rusqlite::Result<()> {
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?;
         for r in live {
-            insert.execute(params![
-                r.key.namespace,
-                r.key.name,
-                r.key.ip.to_string(),
-                r.port,
-                r.ttl,
-                r.observed_port,
-                clamp(r.registered_at),
-                clamp(r.expires_at),
-            ])?;
+            execute_record(&mut insert, r, None)?;
         }
     }
     tx.execute("DELETE FROM changes", [])?;
@@ -350,28 +341,15 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<usize> {
     {
         let mut append = tx.prepare_cached(
             "INSERT INTO changes
-             (op, namespace, name, ip, port, ttl, observed_port, registered_at, expires_at)
+             (namespace, name, ip, port, ttl, observed_port, registered_at, expires_at, op)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
         )?;
         for job in batch {
             match &job.change {
-                Change::Upsert(r) => {
-                    rows += append.execute(params![
-                        OP_UPSERT,
-                        r.key.namespace,
-                        r.key.name,
-                        r.key.ip.to_string(),
-                        r.port,
-                        r.ttl,
-                        r.observed_port,
-                        clamp(r.registered_at),
-                        clamp(r.expires_at),
-                    ])?;
-                }
+                Change::Upsert(r) => rows += execute_record(&mut append, r, Some(OP_UPSERT))?,
                 Change::Delete(keys) => {
                     for k in keys {
                         rows += append.execute(params![
-                            OP_DELETE,
                             k.namespace,
                             k.name,
                             k.ip.to_string(),
@@ -379,19 +357,41 @@ fn commit(conn: &mut Connection, batch: &[Job]) -> rusqlite::Result<usize> {
                             0,
                             0,
                             0,
-                            0
+                            0,
+                            OP_DELETE
                         ])?;
                     }
                 }
                 Change::PurgeExpired(now) => {
                     rows +=
-                        append.execute(params![OP_PURGE, "", "", "", 0, 0, 0, 0, clamp(*now)])?;
+                        append.execute(params!["", "", "", 0, 0, 0, 0, clamp(*now), OP_PURGE])?;
                 }
             }
         }
     }
     tx.commit()?;
     Ok(rows)
+}
+
+/// Runs `statement` with a record's columns as ?1 to ?8 (namespace, name, ip, port, ttl,
+/// observed_port, registered_at, expires_at), and `op` as ?9 when given.
+fn execute_record(
+    statement: &mut rusqlite::Statement<'_>,
+    r: &Record,
+    op: Option<i64>,
+) -> rusqlite::Result<usize> {
+    statement.raw_bind_parameter(1, &r.key.namespace)?;
+    statement.raw_bind_parameter(2, &r.key.name)?;
+    statement.raw_bind_parameter(3, r.key.ip.to_string())?;
+    statement.raw_bind_parameter(4, r.port)?;
+    statement.raw_bind_parameter(5, r.ttl)?;
+    statement.raw_bind_parameter(6, r.observed_port)?;
+    statement.raw_bind_parameter(7, clamp(r.registered_at))?;
+    statement.raw_bind_parameter(8, clamp(r.expires_at))?;
+    if let Some(op) = op {
+        statement.raw_bind_parameter(9, op)?;
+    }
+    statement.raw_execute()
 }
 
 fn clamp(millis: UnixMillis) -> i64 {
