@@ -4,6 +4,7 @@
 //! takes the events and the current time it needs and returns what should happen, so a
 //! whole network can be simulated in one process, deterministically.
 
+pub mod identity;
 pub mod overlay;
 pub mod rate;
 pub mod rendezvous;

@@ -3,22 +3,32 @@
 //! client feed it events. No protocol decision is taken here.
 //!
 //! Bounds: the driver's inbox holds [`INBOX`] events (readers wait when it is full, which
-//! slows their peers through TCP); each link's write queue holds [`LINK_QUEUE`] lines (when
-//! full, further lines for that link are dropped and counted, so one slow peer never stalls
-//! the others); the command queue holds [`COMMANDS`] requests; events to the application
-//! queue up to [`EVENTS`] and then make the node wait for the application.
+//! slows their peers through TCP); each link's write queue holds at most [`LINK_QUEUE`] lines
+//! and [`LINK_QUEUE_BYTES`] bytes, and all links together [`TOTAL_QUEUE_BYTES`] (beyond,
+//! lines for that link are dropped and counted, so one slow peer never stalls the others; a
+//! link that keeps its queue full for [`STALL_LIMIT`] is closed); the command queue holds
+//! [`COMMANDS`] requests; events to the application queue up to [`EVENTS`] and then make the
+//! node wait for the application; at most [`MAX_OPEN_LINKS`] connections are open at once
+//! (one more is answered BYE `busy` and closed).
+//!
+//! Encrypted links: while a link is in its handshake its reader hands lines over one at a
+//! time and waits to hear whether the bytes after it are encrypted ([`Action::Encrypt`]);
+//! after that, the writer seals and the reader opens frames with the link's keys.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
+use teia_core::identity::PublicKey;
+use teia_core::overlay::secure::{SecureReader, SecureWriter};
 use teia_core::overlay::{
-    ApiError, Config as OverlayConfig, Counters, Event, LinkId, NeighbourInfo, Node, RouteInfo,
+    Action, ApiError, Config as OverlayConfig, Counters, Event, LinkCipher, LinkId, NeighbourInfo,
+    Node, RouteInfo,
 };
-use teia_wire::codec::LineDecoder;
+use teia_wire::codec::{DecodeError, LineDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot};
@@ -31,6 +41,14 @@ use crate::store::{NodeStore, StoreError};
 pub const INBOX: usize = 4096;
 /// Lines waiting to be written on one link, at most.
 pub const LINK_QUEUE: usize = 1024;
+/// Bytes waiting to be written on one link, at most.
+pub const LINK_QUEUE_BYTES: usize = 512 * 1024;
+/// Bytes waiting to be written on all links together, at most.
+pub const TOTAL_QUEUE_BYTES: usize = 64 * 1024 * 1024;
+/// Time a link may keep its write queue full (its lines dropped) before it is closed.
+pub const STALL_LIMIT: Duration = Duration::from_secs(10);
+/// Connections open at once, handshaking ones included; one more is answered BYE `busy`.
+pub const MAX_OPEN_LINKS: usize = 256;
 /// API requests waiting, at most.
 pub const COMMANDS: usize = 256;
 /// Events waiting for the application, at most.
@@ -41,6 +59,10 @@ const INPUT_BATCH: usize = 64;
 const COALESCE_MAX: usize = 64 * 1024;
 /// Time allowed to connect to a peer.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
+/// Wait before asking a rendezvous again that refused a DISCOVER as not yet registered.
+const DISCOVER_EARLY_RETRY: Duration = Duration::from_millis(500);
+/// Such early retries at most.
+const DISCOVER_EARLY_RETRIES: u32 = 10;
 /// Time BYEs get to go out at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
@@ -59,8 +81,8 @@ pub struct NodeConfig {
     pub discover_interval: Duration,
     /// ttl asked for when registering, in seconds.
     pub register_ttl: u32,
-    /// Database keeping SENDs awaiting their ACK and delivered ids across restarts; `None`
-    /// keeps them in memory only.
+    /// Database keeping SENDs awaiting their ACK, delivered messages and pinned keys
+    /// across restarts; `None` keeps them in memory only.
     pub store: Option<std::path::PathBuf>,
 }
 
@@ -73,6 +95,8 @@ pub enum NodeEvent {
         peer_id: String,
         /// Where we accept links.
         listen: Option<SocketAddr>,
+        /// Our public key, if the node has an identity.
+        key: Option<PublicKey>,
     },
     /// An overlay event.
     Overlay(Event),
@@ -93,10 +117,12 @@ pub struct Snapshot {
     pub routes: Vec<RouteInfo>,
     /// Peers known (from the rendezvous and peer lists).
     pub known: Vec<(String, SocketAddr)>,
-    /// Traffic counters.
+    /// Traffic counters (lines dropped because a write queue was full included).
     pub counters: Counters,
-    /// Lines dropped because a link's write queue was full.
-    pub dropped: u64,
+    /// Pinned keys.
+    pub pins: Vec<(String, PublicKey)>,
+    /// Our public key.
+    pub key: Option<PublicKey>,
 }
 
 enum Command {
@@ -113,14 +139,47 @@ enum Command {
         reply: oneshot::Sender<Result<(), ApiError>>,
     },
     Snapshot(oneshot::Sender<Snapshot>),
+    Trust {
+        peer_id: String,
+        key: PublicKey,
+        reply: oneshot::Sender<Result<(), ApiError>>,
+    },
+    Forget {
+        peer_id: String,
+        reply: oneshot::Sender<Option<PublicKey>>,
+    },
+    Shown(String),
     Shutdown,
+}
+
+/// What a link's reader does after handing over a line of the handshake.
+enum ReadNext {
+    /// Hand over the next line and wait again.
+    Lockstep,
+    /// Plaintext from now on: hand lines over freely.
+    Free,
+    /// What follows is encrypted with these keys.
+    Decrypt(LinkCipher),
+}
+
+/// What a link's writer is given.
+enum Out {
+    Line(Vec<u8>),
+    /// Seal everything after this with these keys.
+    Encrypt(LinkCipher),
 }
 
 enum Input {
     Accepted(TcpStream, SocketAddr),
     Dialed(TcpStream, SocketAddr),
     DialFailed(SocketAddr, String),
-    Frame(LinkId, Result<Vec<u8>, teia_wire::codec::DecodeError>),
+    Frame(LinkId, Result<Vec<u8>, DecodeError>),
+    /// A line of the handshake; the reader waits for the answer.
+    HandshakeFrame(
+        LinkId,
+        Result<Vec<u8>, DecodeError>,
+        oneshot::Sender<ReadNext>,
+    ),
     Closed(LinkId, String),
     Discovered(Vec<(String, SocketAddr)>),
     Registrar(RegistrarEvent),
@@ -202,6 +261,35 @@ impl NodeHandle {
         answer.await.map_err(|_| NodeError::Stopped)
     }
 
+    /// Pins `key` for `peer_id`, replacing any earlier pin.
+    pub async fn trust(&self, peer_id: &str, key: PublicKey) -> Result<(), NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.request(Command::Trust {
+            peer_id: peer_id.to_owned(),
+            key,
+            reply,
+        })
+        .await?;
+        Ok(answer.await.map_err(|_| NodeError::Stopped)??)
+    }
+
+    /// Drops the pin of `peer_id`; returns the key that was pinned.
+    pub async fn forget(&self, peer_id: &str) -> Result<Option<PublicKey>, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.request(Command::Forget {
+            peer_id: peer_id.to_owned(),
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// The application has shown the message `msg_id` to its user: it will not be handed
+    /// over again after a restart.
+    pub async fn shown(&self, msg_id: &str) -> Result<(), NodeError> {
+        self.request(Command::Shown(msg_id.to_owned())).await
+    }
+
     /// Says BYE to every neighbour, unregisters and stops.
     pub async fn shutdown(&self) -> Result<(), NodeError> {
         self.request(Command::Shutdown).await
@@ -270,7 +358,7 @@ pub async fn start(
     let store = match &config.store {
         Some(path) => {
             let (store, restored) = NodeStore::open(path)?;
-            node.restore(Instant::now(), restored.sends, restored.delivered);
+            node.restore(Instant::now(), restored);
             Some(store)
         }
         None => None,
@@ -282,7 +370,8 @@ pub async fn start(
         events,
         links: HashMap::new(),
         next_link: 1,
-        dropped: 0,
+        queued_total: Arc::new(AtomicUsize::new(0)),
+        warnings: Warnings::default(),
     };
     let peer_id = config.overlay.peer_id.clone();
     let peers = config.peers.clone();
@@ -300,10 +389,17 @@ pub async fn start(
 }
 
 struct LinkTasks {
-    writer: mpsc::Sender<Vec<u8>>,
+    writer: mpsc::Sender<Out>,
     reader: JoinHandle<()>,
     /// Set when lines may be written several per `write`.
     coalesce: Arc<AtomicBool>,
+    /// Bytes in this link's write queue.
+    queued: Arc<AtomicUsize>,
+    /// Since when this link's lines are being dropped.
+    full_since: Option<Instant>,
+    /// Keys for the reader, set by [`Action::Encrypt`] and handed over with the answer to
+    /// the handshake line that caused it.
+    read_cipher: Option<LinkCipher>,
 }
 
 struct Driver {
@@ -313,7 +409,36 @@ struct Driver {
     events: mpsc::Sender<NodeEvent>,
     links: HashMap<LinkId, LinkTasks>,
     next_link: LinkId,
-    dropped: u64,
+    /// Bytes in all write queues.
+    queued_total: Arc<AtomicUsize>,
+    warnings: Warnings,
+}
+
+/// Repeated warnings, summarised: the first of a kind is logged at once, the rest counted
+/// and logged as one line per [`WARNING_PERIOD`].
+#[derive(Default)]
+struct Warnings {
+    counts: HashMap<&'static str, (u64, Option<Instant>)>,
+}
+
+/// Shortest time between two log lines of one kind of warning.
+const WARNING_PERIOD: Duration = Duration::from_secs(10);
+
+impl Warnings {
+    fn warn(&mut self, kind: &'static str, detail: &dyn std::fmt::Display) {
+        let now = Instant::now();
+        let (count, last) = self.counts.entry(kind).or_insert((0, None));
+        *count += 1;
+        if last.is_none_or(|at| now.duration_since(at) >= WARNING_PERIOD) {
+            if *count > 1 {
+                tracing::warn!(count = *count, "{kind} (repeated; last: {detail})");
+            } else {
+                tracing::warn!("{kind}: {detail}");
+            }
+            *count = 0;
+            *last = Some(now);
+        }
+    }
 }
 
 impl Driver {
@@ -325,7 +450,15 @@ impl Driver {
         mut inbox: mpsc::Receiver<Input>,
         mut commands: mpsc::Receiver<Command>,
     ) {
-        let _ = self.events.send(NodeEvent::Ready { peer_id, listen }).await;
+        let key = self.node.public_key();
+        let _ = self
+            .events
+            .send(NodeEvent::Ready {
+                peer_id,
+                listen,
+                key,
+            })
+            .await;
         for addr in peers {
             self.node.connect(Instant::now(), addr);
         }
@@ -390,47 +523,62 @@ impl Driver {
     async fn execute(&mut self) {
         while let Some(action) = self.node.poll_action() {
             match action {
-                teia_core::overlay::Action::Write { link, line } => {
-                    if let Some(tasks) = self.links.get(&link) {
-                        if tasks.writer.try_send(line).is_err() {
-                            self.dropped += 1;
-                            tracing::warn!(link, "write queue full; line dropped");
-                        }
-                    }
-                }
-                teia_core::overlay::Action::Close { link } => {
+                Action::Write { link, line } => self.write(link, line),
+                Action::Close { link } => {
                     if let Some(tasks) = self.links.remove(&link) {
                         drop(tasks.writer);
                         tasks.reader.abort();
                     }
                 }
-                teia_core::overlay::Action::Remember(send) => {
+                Action::Encrypt { link, cipher } => {
+                    if let Some(tasks) = self.links.get_mut(&link) {
+                        tasks.read_cipher = Some(cipher.clone());
+                        if tasks.writer.try_send(Out::Encrypt(cipher)).is_err() {
+                            self.close_link(link, "write queue full during the handshake");
+                        }
+                    }
+                }
+                Action::Remember(send) => {
                     if let Some(store) = &mut self.store {
                         if let Err(e) = store.remember(&send) {
                             tracing::error!(error = %e, "message not stored");
                         }
                     }
                 }
-                teia_core::overlay::Action::Forget { msg_id } => {
+                Action::Forget { msg_id } => {
                     if let Some(store) = &mut self.store {
                         if let Err(e) = store.forget(&msg_id) {
                             tracing::error!(error = %e, "message not dropped from storage");
                         }
                     }
                 }
-                teia_core::overlay::Action::Delivered { msg_id } => {
+                Action::Delivered(message) => {
                     if let Some(store) = &mut self.store {
-                        if let Err(e) = store.delivered(&msg_id) {
+                        if let Err(e) = store.delivered(&message) {
                             tracing::error!(error = %e, "delivery not stored");
                         }
                     }
                 }
-                teia_core::overlay::Action::Coalesce { link } => {
+                Action::Pin { peer_id, key } => {
+                    if let Some(store) = &mut self.store {
+                        if let Err(e) = store.pin(&peer_id, &key) {
+                            tracing::error!(error = %e, "pinned key not stored");
+                        }
+                    }
+                }
+                Action::Unpin { peer_id } => {
+                    if let Some(store) = &mut self.store {
+                        if let Err(e) = store.unpin(&peer_id) {
+                            tracing::error!(error = %e, "pin not dropped from storage");
+                        }
+                    }
+                }
+                Action::Coalesce { link } => {
                     if let Some(tasks) = self.links.get(&link) {
                         tasks.coalesce.store(true, Ordering::Relaxed);
                     }
                 }
-                teia_core::overlay::Action::Dial { addr } => {
+                Action::Dial { addr } => {
                     let inputs = self.inputs.clone();
                     tokio::spawn(async move {
                         let input = match tokio::time::timeout(
@@ -446,12 +594,52 @@ impl Driver {
                         let _ = inputs.send(input).await;
                     });
                 }
-                teia_core::overlay::Action::Event(event) => {
-                    log_event(&event);
+                Action::Event(event) => {
+                    self.log_event(&event);
                     let _ = self.events.send(NodeEvent::Overlay(event)).await;
                 }
             }
         }
+    }
+
+    /// Queues a line for a link's writer within the byte budgets; a line beyond them is
+    /// dropped (and counted), and a link that keeps dropping for [`STALL_LIMIT`] is closed.
+    fn write(&mut self, link: LinkId, line: Vec<u8>) {
+        let Some(tasks) = self.links.get_mut(&link) else {
+            return;
+        };
+        let len = line.len();
+        let fits = tasks.queued.load(Ordering::Relaxed) + len <= LINK_QUEUE_BYTES
+            && self.queued_total.load(Ordering::Relaxed) + len <= TOTAL_QUEUE_BYTES;
+        if fits {
+            tasks.queued.fetch_add(len, Ordering::Relaxed);
+            self.queued_total.fetch_add(len, Ordering::Relaxed);
+            if tasks.writer.try_send(Out::Line(line)).is_ok() {
+                tasks.full_since = None;
+                return;
+            }
+            tasks.queued.fetch_sub(len, Ordering::Relaxed);
+            self.queued_total.fetch_sub(len, Ordering::Relaxed);
+        }
+        let now = Instant::now();
+        let since = *tasks.full_since.get_or_insert(now);
+        self.node.line_dropped(link);
+        self.warnings.warn(
+            "write queue full; line dropped",
+            &format_args!("link {link}"),
+        );
+        if now.duration_since(since) >= STALL_LIMIT {
+            self.close_link(link, "not reading: its write queue stayed full");
+        }
+    }
+
+    /// Closes a link on the runtime's own account and tells the overlay.
+    fn close_link(&mut self, link: LinkId, reason: &str) {
+        if let Some(tasks) = self.links.remove(&link) {
+            drop(tasks.writer);
+            tasks.reader.abort();
+        }
+        self.node.link_closed(Instant::now(), link, reason);
     }
 
     async fn input(&mut self, input: Input) {
@@ -461,6 +649,17 @@ impl Driver {
             Input::Dialed(stream, addr) => self.open(now, stream, addr, false),
             Input::DialFailed(addr, error) => self.node.dial_failed(now, addr, &error),
             Input::Frame(link, frame) => self.node.line_received(now, link, frame),
+            Input::HandshakeFrame(link, frame, reply) => {
+                self.node.line_received(now, link, frame);
+                self.execute().await;
+                let cipher = self.links.get_mut(&link).and_then(|t| t.read_cipher.take());
+                let next = match cipher {
+                    Some(cipher) => ReadNext::Decrypt(cipher),
+                    None if self.node.handshaking(link) => ReadNext::Lockstep,
+                    None => ReadNext::Free,
+                };
+                let _ = reply.send(next);
+            }
             Input::Closed(link, reason) => {
                 if let Some(tasks) = self.links.remove(&link) {
                     tasks.reader.abort();
@@ -492,8 +691,26 @@ impl Driver {
                     routes: self.node.routes(now),
                     known: self.node.known_peers(),
                     counters: self.node.counters(),
-                    dropped: self.dropped,
+                    pins: self.node.pins(),
+                    key: self.node.public_key(),
                 });
+            }
+            Command::Trust {
+                peer_id,
+                key,
+                reply,
+            } => {
+                let _ = reply.send(self.node.trust(&peer_id, key));
+            }
+            Command::Forget { peer_id, reply } => {
+                let _ = reply.send(self.node.forget_pin(&peer_id));
+            }
+            Command::Shown(msg_id) => {
+                if let Some(store) = &mut self.store {
+                    if let Err(e) = store.shown(&msg_id) {
+                        tracing::error!(error = %e, "shown message not dropped from storage");
+                    }
+                }
             }
             Command::Send { .. } | Command::Shutdown => {}
         }
@@ -501,7 +718,9 @@ impl Driver {
 
     fn open(&mut self, now: Instant, stream: TcpStream, addr: SocketAddr, inbound: bool) {
         if inbound && self.links.len() >= MAX_OPEN_LINKS {
-            tracing::warn!(%addr, "too many links; connection refused");
+            self.warnings
+                .warn("too many connections; answered busy", &addr);
+            tokio::spawn(refuse_busy(stream));
             return;
         }
         let _ = stream.set_nodelay(true);
@@ -510,7 +729,14 @@ impl Driver {
         let (read_half, write_half) = stream.into_split();
         let (writer, lines) = mpsc::channel(LINK_QUEUE);
         let coalesce = Arc::new(AtomicBool::new(false));
-        tokio::spawn(write_loop(write_half, lines, Arc::clone(&coalesce)));
+        let queued = Arc::new(AtomicUsize::new(0));
+        tokio::spawn(write_loop(
+            write_half,
+            lines,
+            Arc::clone(&coalesce),
+            Arc::clone(&queued),
+            Arc::clone(&self.queued_total),
+        ));
         let reader = tokio::spawn(read_loop(read_half, link, self.inputs.clone()));
         self.links.insert(
             link,
@@ -518,14 +744,64 @@ impl Driver {
                 writer,
                 reader,
                 coalesce,
+                queued,
+                full_since: None,
+                read_cipher: None,
             },
         );
         self.node.link_opened(now, link, addr, inbound);
     }
+
+    fn log_event(&mut self, event: &Event) {
+        match event {
+            Event::LinkUp { peer, addr, .. } => tracing::info!(%peer, %addr, "link up"),
+            Event::LinkDown { peer, reason } => tracing::info!(%peer, %reason, "link down"),
+            Event::Message {
+                msg_id, src, dst, ..
+            } => tracing::debug!(%msg_id, %src, %dst, "message"),
+            Event::Undelivered {
+                msg_id,
+                dst,
+                reason,
+            } => tracing::warn!(%msg_id, %dst, %reason, "undelivered"),
+            Event::KeyMismatch {
+                peer,
+                pinned,
+                offered,
+                ..
+            } => tracing::warn!(
+                %peer, %pinned, %offered,
+                "refused: {peer} is pinned to key {pinned} but offered key {offered}"
+            ),
+            Event::Forged {
+                from, src, reason, ..
+            } => self.warnings.warn(
+                "message refused: origin not authentic",
+                &format_args!("from {from} claiming {src}: {reason}"),
+            ),
+            Event::Refused { addr, reason, .. } => self
+                .warnings
+                .warn("connection refused", &format_args!("{addr}: {reason}")),
+            Event::DialGaveUp {
+                addr,
+                attempts,
+                reason,
+            } => tracing::warn!(%addr, attempts, %reason, "gave up dialing"),
+            Event::RemoteError { code, from, .. } => {
+                tracing::debug!(%code, %from, "error received")
+            }
+            Event::DialFailed { addr, error, .. } => tracing::debug!(%addr, %error, "dial failed"),
+            _ => {}
+        }
+    }
 }
 
-/// Connections open at once, handshaking ones included; more are refused.
-const MAX_OPEN_LINKS: usize = 256;
+/// Answers a connection beyond [`MAX_OPEN_LINKS`] with BYE `busy` and closes it.
+async fn refuse_busy(mut stream: TcpStream) {
+    let bye = b"{\"type\":\"BYE\",\"msg_id\":\"busy\",\"reason\":\"busy\",\"ttl\":1}\n";
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(bye)).await;
+    let _ = stream.shutdown().await;
+}
 
 async fn accept_loop(listener: TcpListener, inputs: mpsc::Sender<Input>) {
     loop {
@@ -543,23 +819,68 @@ async fn accept_loop(listener: TcpListener, inputs: mpsc::Sender<Input>) {
     }
 }
 
+/// Reads a link: while it is in its handshake, one line at a time, waiting after each to
+/// hear whether what follows is encrypted; then lines as fast as they come, decrypting
+/// frames on an encrypted link.
 async fn read_loop(
     mut stream: tokio::net::tcp::OwnedReadHalf,
     link: LinkId,
     inputs: mpsc::Sender<Input>,
 ) {
     let mut decoder = LineDecoder::default();
-    let mut chunk = vec![0u8; 16 * 1024];
-    let reason = loop {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let mut plain = Vec::new();
+    let mut lockstep = true;
+    let mut secure: Option<SecureReader> = None;
+    let reason = 'read: loop {
         let n = match stream.read(&mut chunk).await {
             Ok(0) => break "closed by peer".to_owned(),
             Ok(n) => n,
             Err(e) => break e.to_string(),
         };
         let mut input = chunk.get(..n).unwrap_or_default();
+        if let Some(reader) = &mut secure {
+            plain.clear();
+            if let Err(e) = reader.open(input, &mut plain) {
+                break e.to_string();
+            }
+            input = &plain;
+        }
         while let Some(frame) = decoder.decode(&mut input) {
-            if inputs.send(Input::Frame(link, frame)).await.is_err() {
+            if !lockstep {
+                if inputs.send(Input::Frame(link, frame)).await.is_err() {
+                    return;
+                }
+                continue;
+            }
+            let (reply, next) = oneshot::channel();
+            if inputs
+                .send(Input::HandshakeFrame(link, frame, reply))
+                .await
+                .is_err()
+            {
                 return;
+            }
+            match next.await {
+                Ok(ReadNext::Lockstep) => {}
+                Ok(ReadNext::Free) => lockstep = false,
+                Ok(ReadNext::Decrypt(cipher)) => {
+                    lockstep = false;
+                    let mut reader = cipher.reader();
+                    let mut opened = Vec::new();
+                    if let Err(e) = reader.open(input, &mut opened) {
+                        break 'read e.to_string();
+                    }
+                    secure = Some(reader);
+                    let mut rest = opened.as_slice();
+                    while let Some(frame) = decoder.decode(&mut rest) {
+                        if inputs.send(Input::Frame(link, frame)).await.is_err() {
+                            return;
+                        }
+                    }
+                    break;
+                }
+                Err(_) => return,
             }
         }
     };
@@ -568,32 +889,74 @@ async fn read_loop(
 
 /// Writes the queued lines: each with its own `write` call (course clients read one line
 /// per read), or, once the link may coalesce, as many as are queued (up to [`COALESCE_MAX`]
-/// bytes) in one.
+/// bytes) in one; sealed into frames once the link is encrypted. Releases each line's bytes
+/// from the budgets once written.
 async fn write_loop(
     mut stream: tokio::net::tcp::OwnedWriteHalf,
-    mut lines: mpsc::Receiver<Vec<u8>>,
+    mut lines: mpsc::Receiver<Out>,
     coalesce: Arc<AtomicBool>,
+    queued: Arc<AtomicUsize>,
+    total: Arc<AtomicUsize>,
 ) {
     let mut batch = Vec::new();
-    while let Some(line) = lines.recv().await {
-        let written = if coalesce.load(Ordering::Relaxed) {
-            batch.clear();
-            batch.extend_from_slice(&line);
+    let mut sealed = Vec::new();
+    let mut secure: Option<SecureWriter> = None;
+    let mut next_keys = None;
+    while let Some(out) = lines.recv().await {
+        let line = match out {
+            Out::Encrypt(cipher) => {
+                secure = Some(cipher.writer());
+                continue;
+            }
+            Out::Line(line) => line,
+        };
+        batch.clear();
+        batch.extend_from_slice(&line);
+        if coalesce.load(Ordering::Relaxed) {
             while batch.len() < COALESCE_MAX {
                 match lines.try_recv() {
-                    Ok(more) => batch.extend_from_slice(&more),
+                    Ok(Out::Line(more)) => batch.extend_from_slice(&more),
+                    Ok(Out::Encrypt(cipher)) => {
+                        next_keys = Some(cipher);
+                        break;
+                    }
                     Err(_) => break,
                 }
             }
-            stream.write_all(&batch).await
-        } else {
-            stream.write_all(&line).await
+        }
+        let bytes = match &mut secure {
+            Some(writer) => {
+                sealed.clear();
+                if writer.seal(&batch, &mut sealed).is_err() {
+                    return;
+                }
+                &sealed
+            }
+            None => &batch,
         };
+        let written = stream.write_all(bytes).await;
+        queued.fetch_sub(batch.len(), Ordering::Relaxed);
+        total.fetch_sub(batch.len(), Ordering::Relaxed);
         if written.is_err() {
+            release_all(&mut lines, &queued, &total);
             return;
+        }
+        if let Some(cipher) = next_keys.take() {
+            secure = Some(cipher.writer());
         }
     }
     let _ = stream.shutdown().await;
+}
+
+/// Gives back the budget of lines that will never be written.
+fn release_all(lines: &mut mpsc::Receiver<Out>, queued: &AtomicUsize, total: &AtomicUsize) {
+    lines.close();
+    while let Ok(out) = lines.try_recv() {
+        if let Out::Line(line) = out {
+            queued.fetch_sub(line.len(), Ordering::Relaxed);
+            total.fetch_sub(line.len(), Ordering::Relaxed);
+        }
+    }
 }
 
 async fn discover_loop(
@@ -602,6 +965,7 @@ async fn discover_loop(
     interval: Duration,
     inputs: mpsc::Sender<Input>,
 ) {
+    let mut refused_early = 0;
     loop {
         let input = match client.discover(Some(&namespace)).await {
             Ok(records) => Input::Discovered(
@@ -614,30 +978,19 @@ async fn discover_loop(
             ),
             Err(e) => Input::DiscoverFailed(e.to_string()),
         };
+        // A rendezvous that saw our DISCOVER before our first REGISTER refuses it: ask
+        // again soon rather than after a whole interval.
+        let early = matches!(&input, Input::DiscoverFailed(e) if e.contains("not_registered"));
         if inputs.send(input).await.is_err() {
             return;
         }
-        tokio::time::sleep(interval).await;
-    }
-}
-
-fn log_event(event: &Event) {
-    match event {
-        Event::LinkUp { peer, addr, .. } => tracing::info!(%peer, %addr, "link up"),
-        Event::LinkDown { peer, reason } => tracing::info!(%peer, %reason, "link down"),
-        Event::Message {
-            msg_id, src, dst, ..
-        } => tracing::debug!(%msg_id, %src, %dst, "message"),
-        Event::Undelivered {
-            msg_id,
-            dst,
-            reason,
-        } => {
-            tracing::warn!(%msg_id, %dst, %reason, "undelivered")
-        }
-        Event::RemoteError { code, from, .. } => tracing::debug!(%code, %from, "error received"),
-        Event::DialFailed { addr, error, .. } => tracing::debug!(%addr, %error, "dial failed"),
-        _ => {}
+        let wait = if early && refused_early < DISCOVER_EARLY_RETRIES {
+            refused_early += 1;
+            DISCOVER_EARLY_RETRY.min(interval)
+        } else {
+            interval
+        };
+        tokio::time::sleep(wait).await;
     }
 }
 

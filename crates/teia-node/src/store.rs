@@ -1,12 +1,15 @@
 //! The node's durable state in SQLite (WAL): SENDs awaiting their ACK, so a restart resumes
-//! them, and the ids of SENDs delivered here, so their retransmissions are not delivered
-//! twice. Each change is committed before the node goes on, so nothing acknowledged to the
-//! user is lost on `kill -9`. At most [`DELIVERED_KEPT`] delivered ids are kept.
+//! them; the ids of SENDs delivered here, so their retransmissions are not delivered twice;
+//! SENDs delivered but not yet shown by the application, so an acknowledged message is never
+//! lost; and the keys pinned per peer id. Each change is committed before the node goes on,
+//! so nothing acknowledged to the user or to a peer is lost on `kill -9`. At most
+//! [`DELIVERED_KEPT`] delivered ids are kept.
 
 use std::path::{Path, PathBuf};
 
 use rusqlite::{params, Connection};
-use teia_core::overlay::PendingSend;
+use teia_core::identity::PublicKey;
+use teia_core::overlay::{Inbound, PendingSend, Restored};
 
 /// Delivered ids kept; older ones are pruned.
 pub const DELIVERED_KEPT: i64 = 16_384;
@@ -26,14 +29,6 @@ pub struct NodeStore {
     path: PathBuf,
     conn: Connection,
     since_prune: u32,
-}
-
-/// What a node finds in its database at start.
-pub struct Restored {
-    /// SENDs awaiting their ACK.
-    pub sends: Vec<PendingSend>,
-    /// Ids of SENDs already delivered here.
-    pub delivered: Vec<String>,
 }
 
 impl NodeStore {
@@ -62,6 +57,17 @@ impl NodeStore {
             CREATE TABLE IF NOT EXISTS delivered (
                 seq INTEGER PRIMARY KEY,
                 msg_id TEXT NOT NULL UNIQUE
+            );
+            CREATE TABLE IF NOT EXISTS inbox (
+                seq INTEGER PRIMARY KEY,
+                msg_id TEXT NOT NULL UNIQUE,
+                src TEXT NOT NULL,
+                dst TEXT NOT NULL,
+                payload TEXT NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS pins (
+                peer_id TEXT PRIMARY KEY,
+                key TEXT NOT NULL
             );",
         )
         .map_err(fail)?;
@@ -96,14 +102,11 @@ impl NodeStore {
             .map_err(|source| self.error(source))
     }
 
-    /// Records a SEND delivered here.
-    pub fn delivered(&mut self, msg_id: &str) -> Result<(), StoreError> {
-        self.conn
-            .execute(
-                "INSERT OR IGNORE INTO delivered (msg_id) VALUES (?1)",
-                params![msg_id],
-            )
-            .map_err(|source| self.error(source))?;
+    /// Records a SEND delivered here, and keeps it until [`NodeStore::shown`], in one
+    /// transaction.
+    pub fn delivered(&mut self, message: &Inbound) -> Result<(), StoreError> {
+        let result = self.insert_delivered(message);
+        result.map_err(|source| self.error(source))?;
         self.since_prune += 1;
         if self.since_prune >= PRUNE_EVERY {
             self.since_prune = 0;
@@ -115,6 +118,51 @@ impl NodeStore {
                 .map_err(|source| self.error(source))?;
         }
         Ok(())
+    }
+
+    fn insert_delivered(&mut self, message: &Inbound) -> rusqlite::Result<()> {
+        let transaction = self.conn.transaction()?;
+        transaction.execute(
+            "INSERT OR IGNORE INTO delivered (msg_id) VALUES (?1)",
+            params![message.msg_id],
+        )?;
+        transaction.execute(
+            "INSERT OR IGNORE INTO inbox (msg_id, src, dst, payload) VALUES (?1, ?2, ?3, ?4)",
+            params![
+                message.msg_id,
+                message.src,
+                message.dst,
+                message.payload.to_string()
+            ],
+        )?;
+        transaction.commit()
+    }
+
+    /// The application has shown the message `msg_id`: it is not handed over again.
+    pub fn shown(&mut self, msg_id: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM inbox WHERE msg_id = ?1", params![msg_id])
+            .map(drop)
+            .map_err(|source| self.error(source))
+    }
+
+    /// Pins `key` for `peer_id`.
+    pub fn pin(&mut self, peer_id: &str, key: &PublicKey) -> Result<(), StoreError> {
+        self.conn
+            .execute(
+                "INSERT OR REPLACE INTO pins (peer_id, key) VALUES (?1, ?2)",
+                params![peer_id, key.to_string()],
+            )
+            .map(drop)
+            .map_err(|source| self.error(source))
+    }
+
+    /// Drops the pin of `peer_id`.
+    pub fn unpin(&mut self, peer_id: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM pins WHERE peer_id = ?1", params![peer_id])
+            .map(drop)
+            .map_err(|source| self.error(source))
     }
 
     fn error(&self, source: rusqlite::Error) -> StoreError {
@@ -153,34 +201,89 @@ fn read(conn: &Connection) -> rusqlite::Result<Restored> {
     let delivered = statement
         .query_map([], |row| row.get::<_, String>(0))?
         .collect::<rusqlite::Result<Vec<_>>>()?;
-    Ok(Restored { sends, delivered })
+    let mut unshown = Vec::new();
+    let mut statement = conn.prepare("SELECT msg_id, src, dst, payload FROM inbox ORDER BY seq")?;
+    let rows = statement.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            row.get::<_, String>(1)?,
+            row.get::<_, String>(2)?,
+            row.get::<_, String>(3)?,
+        ))
+    })?;
+    for row in rows {
+        let (msg_id, src, dst, payload) = row?;
+        let Ok(payload) = serde_json::from_str(&payload) else {
+            tracing::warn!(%msg_id, "skipping a delivered message whose payload cannot be read");
+            continue;
+        };
+        unshown.push(Inbound {
+            msg_id,
+            src,
+            dst,
+            payload,
+        });
+    }
+    let mut pins = Vec::new();
+    let mut statement = conn.prepare("SELECT peer_id, key FROM pins")?;
+    let rows = statement.query_map([], |row| {
+        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
+    })?;
+    for row in rows {
+        let (peer_id, key) = row?;
+        match PublicKey::parse(&key) {
+            Ok(key) => pins.push((peer_id, key)),
+            Err(e) => tracing::warn!(%peer_id, error = %e, "skipping an unreadable pinned key"),
+        }
+    }
+    Ok(Restored {
+        sends,
+        delivered,
+        unshown,
+        pins,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+    use teia_core::identity::Identity;
 
     #[test]
-    fn outbox_and_delivered_survive_reopen() {
+    fn state_survives_reopen() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nodes/a@U.sqlite3");
         let (mut store, restored) = NodeStore::open(&path).unwrap();
-        assert!(restored.sends.is_empty() && restored.delivered.is_empty());
+        assert_eq!(restored, Restored::default());
         let send = |id: &str| PendingSend {
             msg_id: id.into(),
             dst: "b@U".into(),
             payload: json!({"text":"hi"}),
             deadline_unix_ms: 99,
         };
+        let inbound = |id: &str| Inbound {
+            msg_id: id.into(),
+            src: "b@U".into(),
+            dst: "a@U".into(),
+            payload: json!("oi"),
+        };
         store.remember(&send("m1")).unwrap();
         store.remember(&send("m2")).unwrap();
         store.forget("m1").unwrap();
-        store.delivered("d1").unwrap();
-        store.delivered("d1").unwrap();
+        store.delivered(&inbound("d1")).unwrap();
+        store.delivered(&inbound("d1")).unwrap();
+        store.delivered(&inbound("d2")).unwrap();
+        store.shown("d1").unwrap();
+        let key = Identity::from_seed(&[3; 32]).public_key();
+        store.pin("b@U", &key).unwrap();
+        store.pin("c@U", &key).unwrap();
+        store.unpin("c@U").unwrap();
         drop(store);
         let (_, restored) = NodeStore::open(&path).unwrap();
         assert_eq!(restored.sends, vec![send("m2")]);
-        assert_eq!(restored.delivered, vec!["d1".to_owned()]);
+        assert_eq!(restored.delivered, vec!["d1".to_owned(), "d2".to_owned()]);
+        assert_eq!(restored.unshown, vec![inbound("d2")]);
+        assert_eq!(restored.pins, vec![("b@U".to_owned(), key)]);
     }
 }

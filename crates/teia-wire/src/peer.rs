@@ -12,6 +12,8 @@ use crate::fields::{liberal_string, liberal_u64, message_type};
 pub const VERSION: &str = "1.0";
 /// Default ttl of a routed message.
 pub const DEFAULT_TTL: u32 = 8;
+/// Largest ttl read; a larger one is malformed.
+pub const MAX_TTL: u32 = 255;
 
 /// Features a peer may announce in HELLO.
 pub mod feature {
@@ -44,6 +46,9 @@ pub struct Hello {
     /// Software of the sender (teia extension).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub agent: Option<String>,
+    /// A Noise handshake message, base64url (teia extension, PROTOCOL.md section 4.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub noise: Option<String>,
     /// Always 1.
     pub ttl: u32,
 }
@@ -97,6 +102,30 @@ pub struct Data {
     pub require_ack: bool,
     /// Hops left.
     pub ttl: u32,
+    /// The origin's signature (teia nodes; PROTOCOL.md section 4.1).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Auth>,
+}
+
+/// An origin signature: `sig` by `key` over the message's origin fields (PROTOCOL.md 4.1).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Auth {
+    /// The signer's ed25519 public key, base64url.
+    pub key: String,
+    /// The signature, base64url.
+    pub sig: String,
+    /// Who signed, when not `src`: the teia node a course peer's message entered through.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub signer: Option<String>,
+}
+
+/// NOISE (teia): the third message of the Noise handshake, after which the link is encrypted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Noise {
+    /// The handshake message, base64url.
+    pub msg: String,
+    /// Always 1.
+    pub ttl: u32,
 }
 
 /// ACK of a SEND, routed back to the SEND's origin.
@@ -118,6 +147,9 @@ pub struct Ack {
     pub timestamp: Option<String>,
     /// Hops left.
     pub ttl: u32,
+    /// The acknowledging node's signature (teia nodes).
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<Auth>,
 }
 
 /// WHO_HAS: route discovery for `dst`, flooded.
@@ -303,6 +335,8 @@ pub enum Message {
     Error(ErrorMsg),
     /// Peer exchange.
     PeerList(PeerList),
+    /// Last handshake message of an encrypted link.
+    Noise(Noise),
     /// A type this node does not know; ignored.
     Unknown(String),
 }
@@ -338,6 +372,7 @@ impl Message {
             Self::Metrics(_) => "METRICS",
             Self::Error(_) => "ERROR",
             Self::PeerList(_) => "PEER_LIST",
+            Self::Noise(_) => "NOISE",
             Self::Unknown(kind) => kind,
         }
     }
@@ -357,6 +392,7 @@ impl Message {
             Self::Metrics(m) => serde_json::to_vec(m),
             Self::Error(m) => serde_json::to_vec(m),
             Self::PeerList(m) => serde_json::to_vec(m),
+            Self::Noise(m) => serde_json::to_vec(m),
             Self::Unknown(_) => Ok(b"{}".to_vec()),
         }?;
         // `body` is an object, `{...}`: put `"type":KIND` first inside it.
@@ -413,13 +449,14 @@ impl Message {
                 dst: reader.text("dst"),
                 from: reader.text("from"),
                 timestamp: reader.text("timestamp"),
-                ttl: reader.ttl(),
+                ttl: reader.ttl()?,
+                auth: reader.auth(),
             }),
             "WHO_HAS" => Self::WhoHas(WhoHas {
                 msg_id: reader.required("msg_id")?,
                 src: reader.required("src")?,
                 dst: reader.required("dst")?,
-                ttl: reader.ttl(),
+                ttl: reader.ttl()?,
             }),
             "WHO_HAS_HIT" => Self::WhoHasHit(WhoHasHit {
                 msg_id: reader.required("msg_id")?,
@@ -427,7 +464,7 @@ impl Message {
                 dst: reader.required("dst")?,
                 via: reader.text("via").unwrap_or_default(),
                 hops: reader.number("hops").unwrap_or(0),
-                ttl: reader.ttl(),
+                ttl: reader.ttl()?,
             }),
             "RELAY_OK" => Self::RelayOk(reader.relay()?),
             "RELAY_FAIL" => Self::RelayFail(reader.relay()?),
@@ -457,6 +494,10 @@ impl Message {
                     .and_then(Value::as_array)
                     .map(|peers| peers.iter().filter_map(peer_entry).collect())
                     .unwrap_or_default(),
+                ttl: 1,
+            }),
+            "NOISE" => Self::Noise(Noise {
+                msg: reader.required("msg")?,
                 ttl: 1,
             }),
             _ => Self::Unknown(kind),
@@ -513,12 +554,24 @@ impl Reader<'_> {
             .ok_or_else(|| self.fail(format!("missing field {key}")))
     }
 
-    /// `ttl` as sent; a missing or unreadable ttl counts as 1 (link-local).
-    fn ttl(&self) -> u32 {
-        match self.0.get("ttl") {
-            Some(Value::Number(n)) if n.as_i64().is_some_and(|t| t <= 0) => 0,
-            _ => self.number("ttl").unwrap_or(1),
-        }
+    /// `ttl` as sent (an integer 0 to [`MAX_TTL`], or a string of its digits); a missing
+    /// ttl counts as 1 (link-local); anything else is malformed.
+    fn ttl(&self) -> Result<u32, ParseError> {
+        let Some(value) = self.0.get("ttl") else {
+            return Ok(1);
+        };
+        liberal_u64(value)
+            .and_then(|t| u32::try_from(t).ok())
+            .filter(|t| *t <= MAX_TTL)
+            .ok_or_else(|| self.fail(format!("ttl must be an integer from 0 to {MAX_TTL}")))
+    }
+
+    fn auth(&self) -> Option<Auth> {
+        Some(Auth {
+            key: self.text("key")?,
+            sig: self.text("sig")?,
+            signer: self.text("signer"),
+        })
     }
 
     fn timestamp(&self) -> String {
@@ -541,6 +594,7 @@ impl Reader<'_> {
             features,
             listen_port: self.number("listen_port").filter(|p: &u16| *p > 0),
             agent: self.text("agent"),
+            noise: self.text("noise"),
             ttl: 1,
         })
     }
@@ -574,7 +628,8 @@ impl Reader<'_> {
                 .get("require_ack")
                 .and_then(Value::as_bool)
                 .unwrap_or(require_ack),
-            ttl: self.ttl(),
+            ttl: self.ttl()?,
+            auth: self.auth(),
         })
     }
 
@@ -584,7 +639,7 @@ impl Reader<'_> {
             src: self.text("src").unwrap_or_default(),
             dst: self.text("dst").unwrap_or_default(),
             reason: self.text("reason"),
-            ttl: self.ttl(),
+            ttl: self.ttl()?,
         })
     }
 
@@ -601,7 +656,7 @@ impl Reader<'_> {
             limit: self.number("limit"),
             src: self.text("src"),
             dst: self.text("dst"),
-            ttl: self.ttl(),
+            ttl: self.ttl().unwrap_or(1),
         }
     }
 }
@@ -681,9 +736,13 @@ mod tests {
             matches!(p, Message::Pub(Data { ttl: 1, .. })),
             "missing ttl is link-local"
         );
-        let p =
-            parse(json!({"type":"SEND","msg_id":"m","src":"a@U","dst":"b@U","ttl":-1})).unwrap();
+        let p = parse(json!({"type":"SEND","msg_id":"m","src":"a@U","dst":"b@U","ttl":0})).unwrap();
         assert!(matches!(p, Message::Send(Data { ttl: 0, .. })));
+        for bad in [json!(-1), json!("x"), json!(1.5), json!(256)] {
+            let e = parse(json!({"type":"SEND","msg_id":"m","src":"a@U","dst":"b@U","ttl":bad}))
+                .unwrap_err();
+            assert!(e.detail.contains("ttl"), "{bad}: {e}");
+        }
         assert!(matches!(parse(json!({"type":"FOO"})), Ok(Message::Unknown(k)) if k == "FOO"));
         let bad = parse(json!({"type":"SEND","msg_id":"m9","src":"a@U"})).unwrap_err();
         assert_eq!(bad.msg_id.as_deref(), Some("m9"));
@@ -706,6 +765,7 @@ mod tests {
                 features: feature::ALL.iter().map(|f| f.to_string()).collect(),
                 listen_port: Some(7000),
                 agent: Some("teia/0.1".into()),
+                noise: Some("AAAA".into()),
                 ttl: 1,
             }),
             Message::Send(Data {
@@ -715,6 +775,15 @@ mod tests {
                 payload: json!("hi"),
                 require_ack: true,
                 ttl: 8,
+                auth: Some(Auth {
+                    key: "k".into(),
+                    sig: "s".into(),
+                    signer: None,
+                }),
+            }),
+            Message::Noise(Noise {
+                msg: "AAAA".into(),
+                ttl: 1,
             }),
             Message::WhoHasHit(WhoHasHit {
                 msg_id: "m".into(),

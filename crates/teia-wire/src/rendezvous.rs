@@ -261,10 +261,12 @@ fn required_name(
     field: &str,
     code: ErrorCode,
 ) -> Result<String, RdvError> {
-    let value = object
-        .get(field)
-        .and_then(liberal_string)
-        .ok_or_else(|| RdvError::new(code).detail(format!("{field} is required")))?;
+    // Names must be JSON strings (as the course server requires): a number is refused.
+    let value = match object.get(field) {
+        Some(Value::String(text)) => text.clone(),
+        Some(_) => return Err(RdvError::new(code).detail(format!("{field} must be a string"))),
+        None => return Err(RdvError::new(code).detail(format!("{field} is required"))),
+    };
     validate_name(&value).map_err(|e| RdvError::new(code).detail(format!("{field} {e}")))?;
     Ok(value)
 }

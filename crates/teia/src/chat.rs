@@ -36,6 +36,17 @@ pub enum ChatCommand {
     Log(String),
     /// `/metrics [peer]`: counters, or a neighbour's METRICS.
     Metrics(Option<String>),
+    /// `/trust PEER_ID KEY`: pin a key.
+    Trust {
+        /// `name@namespace`.
+        peer: String,
+        /// The key, as `teia id` prints it.
+        key: String,
+    },
+    /// `/forget PEER_ID`: drop a pin.
+    Forget(String),
+    /// `/id`: this node's key.
+    Id,
     /// `/help`.
     Help,
     /// `/quit`.
@@ -44,7 +55,7 @@ pub enum ChatCommand {
 
 /// The help text: one line per command.
 pub const HELP: &str = "\
-/peers [#ns|*]              connected and known peers (of one namespace, or all)
+/peers [#ns|*]              connected peers (key fingerprint, encrypted or not) and known peers
 /connect <peer_id|host:port> connect to a peer and keep the link up
 /msg @name@ns text          send to one peer (acknowledged end to end)
 /msg #ns text               send to everyone in a namespace
@@ -55,7 +66,10 @@ pub const HELP: &str = "\
 /conn                       open connections
 /rtt                        round-trip time per neighbour
 /reconnect                  redial known peers now
-/log LEVEL                  change the log level (error, warn, info, debug, trace)
+/log LEVEL                  change the log level (error, warn, info, debug, trace, off)
+/id                         this node's public key
+/trust PEER_ID KEY          pin KEY for PEER_ID (replacing the key seen first)
+/forget PEER_ID             drop PEER_ID's pin: the next key it shows is pinned
 /metrics [peer]             traffic counters, or ask a neighbour for its link metrics
 /help                       this help
 /quit                       say goodbye to every neighbour and exit";
@@ -136,13 +150,48 @@ pub fn parse(line: &str) -> Result<Option<ChatCommand>, String> {
         "reconnect" => no_args(ChatCommand::Reconnect),
         "help" => no_args(ChatCommand::Help),
         "quit" | "exit" => no_args(ChatCommand::Quit),
-        "log" if !rest.is_empty() => Ok(Some(ChatCommand::Log(rest.to_owned()))),
-        "log" => Err("usage: /log error|warn|info|debug|trace".into()),
+        "log" if is_log_filter(rest) => Ok(Some(ChatCommand::Log(rest.to_owned()))),
+        "log" => Err(
+            "usage: /log error|warn|info|debug|trace|off (or target=level,... like teia_node=debug,info)"
+                .into(),
+        ),
+        "id" => no_args(ChatCommand::Id),
+        "trust" => match rest.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [peer, key] => Ok(Some(ChatCommand::Trust {
+                peer: peer.trim_start_matches('@').to_owned(),
+                key: (*key).to_owned(),
+            })),
+            _ => Err("usage: /trust name@namespace KEY (the key as `teia id` prints it)".into()),
+        },
+        "forget" if !rest.is_empty() && !rest.contains(char::is_whitespace) => Ok(Some(
+            ChatCommand::Forget(rest.trim_start_matches('@').to_owned()),
+        )),
+        "forget" => Err("usage: /forget name@namespace".into()),
         "metrics" => Ok(Some(ChatCommand::Metrics(
             (!rest.is_empty()).then(|| rest.trim_start_matches('@').to_owned()),
         ))),
         _ => Err(format!("unknown command /{name}; /help lists the commands")),
     }
+}
+
+/// Log levels accepted by `/log` and `--log`.
+const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
+
+/// True for a level, or a list of `level` and `target=level` directives.
+pub fn is_log_filter(text: &str) -> bool {
+    !text.is_empty()
+        && text.split(',').all(|directive| {
+            let level = directive
+                .rsplit_once('=')
+                .map_or(directive, |(target, level)| {
+                    if target.is_empty() || target.contains(char::is_whitespace) {
+                        ""
+                    } else {
+                        level
+                    }
+                });
+            LEVELS.contains(&level.trim().to_ascii_lowercase().as_str())
+        })
 }
 
 #[cfg(test)]
@@ -196,6 +245,18 @@ mod tests {
         assert_eq!(ok("/routes"), ChatCommand::Routes);
         assert_eq!(ok("/log debug"), ChatCommand::Log("debug".into()));
         assert_eq!(
+            ok("/log teia_node=debug,info"),
+            ChatCommand::Log("teia_node=debug,info".into())
+        );
+        assert_eq!(
+            ok("/trust @bob@UnB abc"),
+            ChatCommand::Trust {
+                peer: "bob@UnB".into(),
+                key: "abc".into()
+            }
+        );
+        assert_eq!(ok("/forget bob@UnB"), ChatCommand::Forget("bob@UnB".into()));
+        assert_eq!(
             ok("/metrics @bob@UnB"),
             ChatCommand::Metrics(Some("bob@UnB".into()))
         );
@@ -215,6 +276,10 @@ mod tests {
             "hello",
             "/routes now",
             "/log",
+            "/log bogus",
+            "/log teia=loud",
+            "/trust bob@UnB",
+            "/forget",
         ] {
             let error = parse(bad).unwrap_err();
             assert!(!error.is_empty(), "{bad}");

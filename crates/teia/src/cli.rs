@@ -38,6 +38,29 @@ pub enum Command {
     /// Run a peer node: links to other peers, relays for them, and opens the chat shell
     /// (or, with --json, reads commands on stdin and prints one JSON event per line).
     Node(NodeArgs),
+    /// Print a node's public key (its identity; created on the node's first start).
+    Id(IdArgs),
+}
+
+/// Flags of `teia id`.
+#[derive(Debug, Args)]
+pub struct IdArgs {
+    /// The node's name; without it, every node of the data directory is listed.
+    #[arg(long, env = "TEIA_NAME")]
+    pub name: Option<String>,
+
+    /// The node's namespace.
+    #[arg(
+        long,
+        env = "TEIA_NAMESPACE",
+        default_value = "teia",
+        value_name = "NS"
+    )]
+    pub namespace: String,
+
+    /// Where the node keeps its state (default: the platform's data directory).
+    #[arg(long, env = "TEIA_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Flags of `teia node`.
@@ -146,6 +169,11 @@ pub struct NodeArgs {
         value_name = "N"
     )]
     pub reconnect_attempts: u32,
+
+    /// Refuse peers that do not complete the encrypted, authenticated handshake (course
+    /// clients, which speak plain JSON lines, are then refused).
+    #[arg(long, env = "TEIA_REQUIRE_ENCRYPTION")]
+    pub require_encryption: bool,
 }
 
 /// Flags of `teia rendezvous`.

@@ -18,6 +18,11 @@ pub struct LogControl(reload::Handle<EnvFilter, Registry>);
 impl LogControl {
     /// Replaces the filter (`debug`, `teia_node=trace,info`, ...).
     pub fn set(&self, filter: &str) -> anyhow::Result<()> {
+        if !crate::chat::is_log_filter(filter) {
+            anyhow::bail!(
+                "invalid log level {filter:?}: use error, warn, info, debug, trace or off"
+            );
+        }
         let filter =
             EnvFilter::try_new(filter).with_context(|| format!("invalid log level {filter:?}"))?;
         self.0.reload(filter).context("cannot change the log level")
@@ -27,6 +32,9 @@ impl LogControl {
 /// Installs the global subscriber.
 pub fn init(level: Option<&str>, file: Option<&Path>) -> anyhow::Result<LogControl> {
     let filter = match level {
+        Some(level) if !crate::chat::is_log_filter(level) => {
+            anyhow::bail!("invalid --log value {level:?}: use error, warn, info, debug, trace or off (or target=level,...)")
+        }
         Some(level) => {
             EnvFilter::try_new(level).with_context(|| format!("invalid --log value {level:?}"))?
         }

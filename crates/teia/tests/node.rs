@@ -160,7 +160,7 @@ fn churn_kill_9_then_come_back() {
     bob.wait_link("alice@UnB");
     bob.wait_link("carol@UnB");
     alice.wait_link("carol@UnB");
-    carol.kill9();
+    let carol_data = carol.kill9();
     bob.wait_event("carol down", |e| {
         e["event"] == "link_down" && e["peer"] == "carol@UnB"
     });
@@ -170,7 +170,8 @@ fn churn_kill_9_then_come_back() {
     let msg = bob.msg("@alice@UnB", "carol left");
     alice.wait_message(&msg);
 
-    let carol = NodeProcess::start("carol", "UnB", &flags);
+    // Back with its data directory, hence its key: the others' pins accept it.
+    let carol = NodeProcess::start_in(carol_data, "carol", "UnB", &flags);
     carol.wait_link("bob@UnB");
     let back = bob.msg("@carol@UnB", "welcome back");
     carol.wait_message(&back);

@@ -1,77 +1,352 @@
-//! Link life: the HELLO handshake, duplicate links, BYE, keep-alive, and dialing peers with backoff.
+//! Link life: admission of inbound connections, the HELLO handshake with its Noise exchange,
+//! key pinning, duplicate links, BYE, keep-alive, and dialing peers with backoff.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use super::*;
+use crate::identity;
 
 impl Node {
-    pub(super) fn hello(&self) -> Hello {
+    pub(super) fn hello(&self, noise: Option<String>) -> Hello {
         Hello {
             peer_id: self.config.peer_id.clone(),
             version: VERSION.to_owned(),
             features: feature::ALL.iter().map(|f| (*f).to_owned()).collect(),
             listen_port: self.config.listen_port,
             agent: Some(self.config.agent.clone()),
+            noise,
             ttl: 1,
         }
     }
 
+    /// Bounds inbound connections still in their handshake, in total and per source IP:
+    /// when a bound is reached, the oldest one that has not said a word is closed to make
+    /// room; if every one has spoken, the newcomer is answered BYE `busy`.
+    pub(super) fn admit(&mut self, link: LinkId, addr: SocketAddr) {
+        let pending: Vec<(LinkId, SocketAddr, Instant, bool)> = self
+            .links
+            .iter()
+            .filter(|(id, l)| **id != link && l.inbound && l.state != LinkState::Up)
+            .map(|(id, l)| (*id, l.addr, l.opened, l.heard))
+            .collect();
+        let same_ip = pending.iter().filter(|p| p.1.ip() == addr.ip()).count();
+        let bound = if same_ip >= self.config.pending_per_ip {
+            Some(true)
+        } else if pending.len() >= self.config.max_pending_handshakes {
+            Some(false)
+        } else {
+            None
+        };
+        let Some(per_ip) = bound else {
+            return;
+        };
+        let victim = pending
+            .iter()
+            .filter(|p| !p.3 && (!per_ip || p.1.ip() == addr.ip()))
+            .min_by_key(|p| p.2)
+            .map(|p| p.0);
+        match victim {
+            Some(victim) => self.refuse(victim, "busy", "silent while handshakes are full"),
+            None => self.refuse(link, "busy", "too many handshakes in progress"),
+        }
+    }
+
+    /// Says BYE with `reason` on a link that is not up, reports it, and closes it.
+    pub(super) fn refuse(&mut self, link: LinkId, reason: &str, detail: &str) {
+        let Some(state) = self.links.get(&link) else {
+            return;
+        };
+        let (addr, peer) = (state.addr, state.peer.clone());
+        self.say_bye(self.now, link, reason);
+        self.emit(Event::Refused {
+            peer,
+            addr,
+            reason: format!("{reason}: {detail}"),
+        });
+        self.close(self.now, link, reason);
+    }
+
+    /// Dialer: HELLO, with Noise message 1 when the node has an identity.
+    pub(super) fn start_handshake(&mut self, link: LinkId) {
+        let mut noise = None;
+        if let Some(identity) = &self.config.identity {
+            match Handshake::initiate(identity) {
+                Ok((handshake, first)) => {
+                    noise = Some(identity::encode(&first));
+                    if let Some(state) = self.links.get_mut(&link) {
+                        state.handshake = Some(handshake);
+                    }
+                }
+                Err(e) => self.emit(Event::Refused {
+                    peer: None,
+                    addr: self.links.get(&link).map_or(self.unspecified(), |l| l.addr),
+                    reason: e.to_string(),
+                }),
+            }
+        }
+        let hello = self.hello(noise);
+        self.write(link, &Message::Hello(hello));
+    }
+
+    fn unspecified(&self) -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    }
+
+    /// Listener: a HELLO arrived.
     pub(super) fn on_hello(&mut self, now: Instant, link: LinkId, hello: Hello) {
+        if let Some(state) = self.links.get_mut(&link) {
+            state.peer = Some(hello.peer_id.clone());
+        }
         if hello.peer_id == self.config.peer_id {
-            self.say_bye(now, link, "self");
+            self.refuse(link, "self", "a connection from this node itself");
             return;
         }
-        let already = self.links.get(&link).map(|l| l.state);
-        if already == Some(LinkState::Up) {
+        if !is_peer_id(&hello.peer_id) {
+            self.refuse(link, "bad_format", "peer_id is not name@namespace");
             return;
         }
         if self.by_peer.len() >= self.config.max_links && !self.by_peer.contains_key(&hello.peer_id)
         {
-            self.say_bye(now, link, "busy");
+            self.refuse(link, "busy", "links are full");
             return;
         }
+        let offered = hello.noise.as_deref().and_then(identity::decode);
+        let identity = self.config.identity.clone();
+        if let (Some(first), Some(identity), true) = (offered, identity, hello.has(feature::TEIA)) {
+            match Handshake::respond(&identity, &self.config.peer_id, &first) {
+                Ok((handshake, second)) => {
+                    let answer = Hello {
+                        features: agreed_features(&hello),
+                        ..self.hello(Some(identity::encode(&second)))
+                    };
+                    self.write(link, &Message::HelloOk(answer));
+                    if let Some(state) = self.links.get_mut(&link) {
+                        state.handshake = Some(handshake);
+                        state.pending_hello = Some(hello);
+                        state.state = LinkState::AwaitingNoise;
+                        state.opened = now;
+                    }
+                }
+                Err(e) => self.refuse(link, "handshake_failed", &e.to_string()),
+            }
+            return;
+        }
+        if !self.plaintext_allowed(link, &hello.peer_id) {
+            return;
+        }
+        let mut features = agreed_features(&hello);
+        if !self.config.plaintext_teia {
+            features.retain(|f| f != feature::TEIA);
+        }
         let answer = Hello {
-            features: agreed_features(&hello),
-            ..self.hello()
+            features,
+            ..self.hello(None)
         };
         self.write(link, &Message::HelloOk(answer));
         self.link_up(now, link, hello);
     }
 
-    pub(super) fn link_up(&mut self, now: Instant, link: LinkId, hello: Hello) {
-        let peer = hello.peer_id.clone();
-        if peer == self.config.peer_id {
-            self.say_bye(now, link, "self");
+    /// Dialer: the HELLO_OK arrived; finishes the Noise handshake if the listener took it.
+    pub(super) fn on_hello_ok(&mut self, now: Instant, link: LinkId, hello: Hello) {
+        if let Some(state) = self.links.get_mut(&link) {
+            state.peer = Some(hello.peer_id.clone());
+        }
+        if hello.peer_id == self.config.peer_id {
+            self.mark_own(link);
+            self.refuse(link, "self", "this address is this node itself");
             return;
         }
-        let features = agreed_features(&hello);
+        if !is_peer_id(&hello.peer_id) {
+            self.refuse(link, "bad_format", "peer_id is not name@namespace");
+            return;
+        }
+        let handshake = self.links.get_mut(&link).and_then(|l| l.handshake.take());
+        let identity = self.config.identity.clone();
+        let second = hello.noise.as_deref().map(identity::decode);
+        match (handshake, identity, second) {
+            (Some(handshake), Some(identity), Some(Some(second))) => {
+                let finished = handshake.finish_initiator(
+                    &identity,
+                    &self.config.peer_id,
+                    &hello.peer_id,
+                    &second,
+                );
+                match finished {
+                    Ok((key, third, cipher)) => {
+                        if !self.check_pin(&hello.peer_id, key, Some(link)) {
+                            self.refuse(link, "key_mismatch", "the key pinned for it differs");
+                            return;
+                        }
+                        let noise = Message::Noise(Noise {
+                            msg: identity::encode(&third),
+                            ttl: 1,
+                        });
+                        self.write(link, &noise);
+                        self.secured(link, key, cipher);
+                        self.link_up(now, link, hello);
+                    }
+                    Err(e) => self.refuse(link, "handshake_failed", &e.to_string()),
+                }
+            }
+            (_, _, Some(None)) => self.refuse(link, "bad_format", "noise is not base64url"),
+            _ => {
+                if self.plaintext_allowed(link, &hello.peer_id) {
+                    self.link_up(now, link, hello);
+                }
+            }
+        }
+    }
+
+    /// Listener: NOISE (handshake message 3) arrived.
+    pub(super) fn on_noise(&mut self, now: Instant, link: LinkId, noise: Noise) {
+        let Some(state) = self.links.get_mut(&link) else {
+            return;
+        };
+        let (Some(handshake), Some(hello)) = (state.handshake.take(), state.pending_hello.take())
+        else {
+            return;
+        };
+        let Some(third) = identity::decode(&noise.msg) else {
+            self.refuse(link, "bad_format", "noise is not base64url");
+            return;
+        };
+        match handshake.finish_responder(&hello.peer_id, &third) {
+            Ok((key, cipher)) => {
+                let pinned = self.check_pin(&hello.peer_id, key, Some(link));
+                // The dialer already encrypts: our answer, even a refusal, must be too.
+                self.secured(link, key, cipher);
+                if !pinned {
+                    self.refuse(link, "key_mismatch", "the key pinned for it differs");
+                    return;
+                }
+                self.link_up(now, link, hello);
+            }
+            Err(e) => self.refuse(link, "handshake_failed", &e.to_string()),
+        }
+    }
+
+    fn secured(&mut self, link: LinkId, key: PublicKey, cipher: LinkCipher) {
+        if let Some(state) = self.links.get_mut(&link) {
+            state.key = Some(key);
+            state.encrypted = true;
+        }
+        self.actions.push_back(Action::Encrypt { link, cipher });
+    }
+
+    /// Whether a plaintext link may come up for `peer`: not with `--require-encryption`,
+    /// and not for a peer id pinned to a key (a teia node must prove it). Refuses it if not.
+    fn plaintext_allowed(&mut self, link: LinkId, peer: &str) -> bool {
+        if self.config.require_encryption {
+            self.refuse(
+                link,
+                "encryption_required",
+                "this node accepts encrypted links only",
+            );
+            return false;
+        }
+        if let Some(pinned) = self.pins.get(peer) {
+            let detail = format!("{peer} is pinned to key {pinned} and did not prove it");
+            self.refuse(link, "unauthorized", &detail);
+            return false;
+        }
+        true
+    }
+
+    /// True when `key` may speak for `peer`: it is the pinned key, or no key is pinned yet
+    /// (then it is pinned, while there is room). A mismatch is reported.
+    pub(super) fn check_pin(&mut self, peer: &str, key: PublicKey, link: Option<LinkId>) -> bool {
+        match self.pins.get(peer) {
+            Some(pinned) if *pinned == key => true,
+            Some(pinned) => {
+                let pinned = *pinned;
+                let addr = link.and_then(|l| self.links.get(&l)).map(|l| l.addr);
+                self.emit(Event::KeyMismatch {
+                    peer: peer.to_owned(),
+                    pinned,
+                    offered: key,
+                    addr,
+                });
+                false
+            }
+            None => {
+                if self.pins.len() < self.config.pin_capacity {
+                    self.pins.insert(peer.to_owned(), key);
+                    self.actions.push_back(Action::Pin {
+                        peer_id: peer.to_owned(),
+                        key,
+                    });
+                }
+                true
+            }
+        }
+    }
+
+    /// Remembers the address `link` was dialed at as this node's own: never dialed again.
+    fn mark_own(&mut self, link: LinkId) {
+        let Some(addr) = self.links.get(&link).and_then(|l| l.dial_addr) else {
+            return;
+        };
+        if !self.own_addrs.contains(&addr) {
+            if self.own_addrs.len() >= OWN_ADDRS_KEPT {
+                self.own_addrs.remove(0);
+            }
+            self.own_addrs.push(addr);
+        }
+        if self.known.remove(&addr).is_some() {
+            self.emit(Event::DialGaveUp {
+                addr,
+                attempts: 1,
+                reason: "the address is this node itself".to_owned(),
+            });
+        }
+    }
+
+    pub(super) fn link_up(&mut self, now: Instant, link: LinkId, hello: Hello) {
+        let peer = hello.peer_id.clone();
+        let Some(state) = self.links.get(&link) else {
+            return;
+        };
+        let mut features = agreed_features(&hello);
+        if !state.encrypted && !self.config.plaintext_teia {
+            features.retain(|f| f != feature::TEIA);
+        }
+        if let Some(&old) = self.by_peer.get(&peer) {
+            if old != link {
+                let old_key = self.links.get(&old).and_then(|l| l.key);
+                let same_node = old_key.is_some() && old_key == state.key;
+                if !same_node {
+                    let detail = format!("{peer} is already connected on another link");
+                    self.refuse(link, "duplicate", &detail);
+                    return;
+                }
+                let keep = self.tie_break(&peer, old, link);
+                if keep == old {
+                    self.refuse(link, "duplicate", "simultaneous dial; the other link stays");
+                    return;
+                }
+                self.routes.forget_link(old);
+                self.say_bye(now, old, "duplicate");
+            }
+        }
         let Some(state) = self.links.get_mut(&link) else {
             return;
         };
         state.state = LinkState::Up;
+        state.opened = now;
         state.peer = Some(peer.clone());
         state.features = features.clone();
         state.next_ping = now + self.config.ping_interval;
+        state.paced_at = now;
         if let Some(port) = hello.listen_port {
             state.dial_addr = Some(SocketAddr::new(state.addr.ip(), port));
         }
         let (addr, inbound, dial_addr) = (state.addr, state.inbound, state.dial_addr);
         if let Some(addr) = dial_addr {
-            let entry = self.known_entry(now, addr, Some(peer.clone()));
+            let entry = self.known_entry(now, addr, Some(peer.clone()), None);
             if let Some(known) = entry {
                 known.state = Dial::Connected;
-                known.failures = 0;
-            }
-        }
-        if let Some(&old) = self.by_peer.get(&peer) {
-            if old != link {
-                let keep = self.tie_break(&peer, old, link);
-                let loser = if keep == link { old } else { link };
-                self.by_peer.insert(peer.clone(), keep);
-                self.routes.forget_link(loser);
-                self.say_bye(now, loser, "duplicate");
-                return;
+                known.departed = false;
             }
         }
         self.by_peer.insert(peer.clone(), link);
@@ -116,9 +391,39 @@ impl Node {
         });
         self.write(link, &answer);
         let reason = bye.reason.unwrap_or_else(|| "bye".to_owned());
-        let duplicate = reason == "duplicate";
-        self.drop_link(now, link, &format!("peer said bye ({reason})"), !duplicate);
+        let was_up = self
+            .links
+            .get(&link)
+            .is_some_and(|l| l.state == LinkState::Up);
+        if reason == "self" {
+            self.mark_own(link);
+        }
+        let dial_addr = self.links.get(&link).and_then(|l| l.dial_addr);
+        let why = format!("peer said bye ({reason})");
+        self.drop_link(now, link, &why, false);
         self.actions.push_back(Action::Close { link });
+        let Some(addr) = dial_addr else {
+            return;
+        };
+        match reason.as_str() {
+            // Another link to the same peer stays: nothing to redial.
+            "duplicate" | "self" => {}
+            // A peer that left is dialed again once it is seen again (a rendezvous or a
+            // neighbour lists it, or it dials us); one asked for by the user, after a
+            // backoff.
+            _ if was_up => {
+                if let Some(known) = self.known.get_mut(&addr) {
+                    if known.pinned {
+                        self.schedule_redial(now, addr, &why);
+                    } else {
+                        known.departed = true;
+                    }
+                }
+            }
+            _ => {
+                self.schedule_redial(now, addr, &why);
+            }
+        }
     }
 
     pub(super) fn say_bye(&mut self, now: Instant, link: LinkId, reason: &str) {
@@ -150,7 +455,9 @@ impl Node {
         }
     }
 
-    /// Forgets a link; reports the neighbour down if it was its link; schedules a redial.
+    /// Forgets a link; reports the neighbour down if it was its link; with `redial`,
+    /// schedules the next dial of its address (a dial that never came up counts as a
+    /// failure, so an address that accepts and drops connections is backed off too).
     pub(super) fn drop_link(&mut self, now: Instant, link: LinkId, reason: &str, redial: bool) {
         let Some(state) = self.links.remove(&link) else {
             return;
@@ -168,18 +475,25 @@ impl Node {
             });
             self.schedule_peer_list(now);
         }
-        if let Some(addr) = state.dial_addr {
+        let Some(addr) = state.dial_addr else {
+            return;
+        };
+        if let Some(known) = self.known.get_mut(&addr) {
+            if known.state != Dial::Dialing {
+                known.state = Dial::Idle;
+            }
+        }
+        // A link that stayed up a while wipes the address's record of failures; one that
+        // fell at once counts as a failure, so a peer that accepts and then drops us is
+        // backed off and given up like one that cannot be reached.
+        if was_active && now.saturating_duration_since(state.opened) >= STABLE_LINK {
             if let Some(known) = self.known.get_mut(&addr) {
-                if known.state != Dial::Dialing {
-                    known.state = Dial::Idle;
-                }
-                if !redial {
-                    known.pinned = false;
-                }
+                known.failures = 0;
             }
-            if redial && was_active {
-                self.schedule_redial(now, addr);
-            }
+        }
+        let never_up = !state.inbound && !was_active;
+        if redial && (was_active || never_up) {
+            self.schedule_redial(now, addr, reason);
         }
     }
 
@@ -195,7 +509,15 @@ impl Node {
                         pings.push(id);
                     }
                 }
-                LinkState::AwaitingHello | LinkState::AwaitingHelloOk | LinkState::Closing
+                LinkState::AwaitingHello
+                    if !link.heard && link.opened + self.config.first_line_timeout <= now =>
+                {
+                    expired.push((id, "silent connection"));
+                }
+                LinkState::AwaitingHello
+                | LinkState::AwaitingHelloOk
+                | LinkState::AwaitingNoise
+                | LinkState::Closing
                     if link.opened + self.config.hello_timeout <= now =>
                 {
                     expired.push((id, "handshake timeout"));
@@ -222,7 +544,7 @@ impl Node {
     }
 
     pub(super) fn wants(&self, known: &Known) -> bool {
-        if self.stopping {
+        if self.stopping || known.departed || known.failures > self.config.reconnect_attempts {
             return false;
         }
         if known
@@ -232,9 +554,29 @@ impl Node {
         {
             return false;
         }
-        known.pinned
-            || (known.failures < self.config.reconnect_attempts
-                && self.by_peer.len() < self.config.target_neighbours)
+        known.pinned || self.by_peer.len() < self.config.target_neighbours
+    }
+
+    /// When the node-wide dial budget next has a dial to spend.
+    pub(super) fn next_dial_token(&self) -> Instant {
+        if self.dial_tokens >= 1.0 || self.config.dial_rate == 0 {
+            return self.dial_tokens_at;
+        }
+        let missing = 1.0 - self.dial_tokens;
+        self.dial_tokens_at + Duration::from_secs_f64(missing / f64::from(self.config.dial_rate))
+    }
+
+    fn take_dial_token(&mut self, now: Instant) -> bool {
+        let rate = f64::from(self.config.dial_rate);
+        let elapsed = now.saturating_duration_since(self.dial_tokens_at);
+        self.dial_tokens = (self.dial_tokens + elapsed.as_secs_f64() * rate).min(rate * 2.0);
+        self.dial_tokens_at = now;
+        if self.dial_tokens >= 1.0 {
+            self.dial_tokens -= 1.0;
+            true
+        } else {
+            false
+        }
     }
 
     pub(super) fn redial(&mut self, now: Instant) {
@@ -256,6 +598,9 @@ impl Node {
                 }
                 budget -= 1;
             }
+            if !self.take_dial_token(now) {
+                return;
+            }
             if let Some(known) = self.known.get_mut(&addr) {
                 known.state = Dial::Dialing;
             }
@@ -270,18 +615,27 @@ impl Node {
             .count()
     }
 
-    /// After a failure or loss: the delay before the next dial of `addr`, if any.
-    pub(super) fn schedule_redial(&mut self, now: Instant, addr: SocketAddr) -> Option<Duration> {
+    /// After a failure or loss: the delay before the next dial of `addr`, if any. After
+    /// [`Config::reconnect_attempts`] failures in a row the address is given up, reported
+    /// once ([`Event::DialGaveUp`]).
+    pub(super) fn schedule_redial(
+        &mut self,
+        now: Instant,
+        addr: SocketAddr,
+        reason: &str,
+    ) -> Option<Duration> {
         let config = &self.config;
         let known = self.known.get_mut(&addr)?;
         known.state = Dial::Idle;
         known.failures = known.failures.saturating_add(1);
         if known.failures > config.reconnect_attempts {
-            if !known.pinned {
-                self.known.remove(&addr);
-            } else {
-                known.next_attempt = now + config.reconnect_max_delay;
-            }
+            let attempts = known.failures.saturating_sub(1);
+            self.known.remove(&addr);
+            self.emit(Event::DialGaveUp {
+                addr,
+                attempts,
+                reason: reason.to_owned(),
+            });
             return None;
         }
         let factor = 1u32 << known.failures.saturating_sub(1).min(16);
@@ -290,14 +644,38 @@ impl Node {
         Some(delay)
     }
 
+    /// True for an address this node must not dial: one found to be itself, or its own
+    /// listening port on a loopback or unspecified address.
+    fn is_own(&self, addr: SocketAddr) -> bool {
+        self.own_addrs.contains(&addr)
+            || (Some(addr.port()) == self.config.listen_port
+                && (addr.ip().is_loopback() || addr.ip().is_unspecified()))
+    }
+
     /// The entry for `addr`, created if there is room; its peer id updated when given.
+    /// `source` is the neighbour whose PEER_LIST named it: each neighbour may fill at most
+    /// [`Config::learned_per_peer`] entries. Seeing a departed peer again makes it dialable.
     pub(super) fn known_entry(
         &mut self,
         now: Instant,
         addr: SocketAddr,
         peer: Option<String>,
+        source: Option<String>,
     ) -> Option<&mut Known> {
+        if self.is_own(addr) {
+            return None;
+        }
         if !self.known.contains_key(&addr) {
+            if let Some(source) = &source {
+                let from_source = self
+                    .known
+                    .values()
+                    .filter(|k| k.source.as_ref() == Some(source))
+                    .count();
+                if from_source >= self.config.learned_per_peer {
+                    return None;
+                }
+            }
             if self.known.len() >= self.config.known_capacity {
                 let stale = self
                     .known
@@ -316,8 +694,12 @@ impl Node {
                     failures: 0,
                     next_attempt: now,
                     learned: now,
+                    source,
+                    departed: false,
                 },
             );
+        } else if let Some(known) = self.known.get_mut(&addr) {
+            known.departed = false;
         }
         let known = self.known.get_mut(&addr)?;
         if peer.is_some() {

@@ -2,6 +2,7 @@
 
 use std::time::Instant;
 
+use super::origin::Origin;
 use super::*;
 
 impl Node {
@@ -47,6 +48,7 @@ impl Node {
             | Message::HelloOk(_)
             | Message::Bye(_)
             | Message::ByeOk(_)
+            | Message::Noise(_)
             | Message::Unknown(_) => {}
         }
     }
@@ -66,9 +68,27 @@ impl Node {
         }
     }
 
-    pub(super) fn on_send(&mut self, now: Instant, link: LinkId, data: Data) {
+    pub(super) fn on_send(&mut self, now: Instant, link: LinkId, mut data: Data) {
+        let for_us = data.dst == self.config.peer_id;
+        // Delivered here: checked in full. Relayed: a course peer's src is checked (and
+        // vouched for); a teia origin's signature is checked where it is delivered.
+        if for_us || self.is_course_link(link) {
+            let origin = Origin {
+                kind: "SEND",
+                msg_id: &data.msg_id,
+                src: &data.src,
+                dst: &data.dst,
+                payload: Some(&data.payload),
+            };
+            if !self.authentic(link, &origin, data.auth.as_ref()) {
+                return;
+            }
+            if !for_us {
+                data.auth = self.vouch(link, &origin, data.auth.take());
+            }
+        }
         self.learn_reverse(now, link, &data.src, data.ttl);
-        if data.dst == self.config.peer_id {
+        if for_us {
             self.deliver_send(now, Some(link), data);
             return;
         }
@@ -93,9 +113,14 @@ impl Node {
     pub(super) fn deliver_send(&mut self, now: Instant, link: Option<LinkId>, data: Data) {
         if self.delivered.insert(&data.msg_id) {
             self.counters.delivered += 1;
-            self.actions.push_back(Action::Delivered {
+            // Stored before the ACK below is written: an acknowledged message survives a
+            // crash and is shown after the restart if it was not shown before.
+            self.actions.push_back(Action::Delivered(Inbound {
                 msg_id: data.msg_id.clone(),
-            });
+                src: data.src.clone(),
+                dst: data.dst.clone(),
+                payload: data.payload.clone(),
+            }));
             self.emit(Event::Message {
                 msg_id: data.msg_id.clone(),
                 src: data.src.clone(),
@@ -109,6 +134,13 @@ impl Node {
         if !data.require_ack {
             return;
         }
+        let auth = self.sign(&Origin {
+            kind: "ACK",
+            msg_id: &data.msg_id,
+            src: &self.config.peer_id,
+            dst: &data.src,
+            payload: None,
+        });
         let ack = Ack {
             msg_id: data.msg_id.clone(),
             src: Some(self.config.peer_id.clone()),
@@ -116,6 +148,7 @@ impl Node {
             from: Some(self.config.peer_id.clone()),
             timestamp: Some(self.timestamp(now)),
             ttl: self.config.default_ttl,
+            auth,
         };
         if data.src == self.config.peer_id {
             self.on_ack(now, LinkId::MAX, ack);
@@ -124,11 +157,24 @@ impl Node {
         }
     }
 
-    pub(super) fn on_pub(&mut self, now: Instant, link: LinkId, data: Data) {
-        if !self.seen.insert(&format!("PUB:{}", data.msg_id)) {
+    pub(super) fn on_pub(&mut self, now: Instant, link: LinkId, mut data: Data) {
+        let seen_key = format!("PUB:{}", data.msg_id);
+        if self.seen.contains(&seen_key) {
             self.counters.duplicates += 1;
             return;
         }
+        let origin = Origin {
+            kind: "PUB",
+            msg_id: &data.msg_id,
+            src: &data.src,
+            dst: &data.dst,
+            payload: Some(&data.payload),
+        };
+        if !self.authentic(link, &origin, data.auth.as_ref()) {
+            return;
+        }
+        data.auth = self.vouch(link, &origin, data.auth.take());
+        self.seen.insert(&seen_key);
         self.learn_reverse(now, link, &data.src, data.ttl);
         let cast = if data.dst == "*" {
             Some(Cast::Broadcast)
@@ -168,6 +214,22 @@ impl Node {
     }
 
     pub(super) fn on_ack(&mut self, now: Instant, link: LinkId, ack: Ack) {
+        if let Some(state) = self.links.get_mut(&link) {
+            if state
+                .awaiting_ack
+                .as_ref()
+                .is_some_and(|(id, _)| *id == ack.msg_id)
+            {
+                state.awaiting_ack = None;
+                self.pace(link);
+            }
+        }
+        if self.is_course_link(link) && !self.outbox.contains_key(&ack.msg_id) {
+            if let Some(origin) = self.relayed.get(&ack.msg_id).cloned() {
+                self.relay_course_ack(now, link, ack, origin);
+                return;
+            }
+        }
         let for_us = ack.dst.as_deref().is_none_or(|d| d == self.config.peer_id);
         if !for_us {
             if ack.ttl > 1 {
@@ -181,11 +243,27 @@ impl Node {
             }
             return;
         }
+        if !self.outbox.contains_key(&ack.msg_id) {
+            self.counters.duplicates += 1;
+            return;
+        }
+        let src = ack.src.clone().unwrap_or_else(|| self.peer_of(link));
+        let me = self.config.peer_id.clone();
+        let origin = Origin {
+            kind: "ACK",
+            msg_id: &ack.msg_id,
+            src: &src,
+            dst: &me,
+            payload: None,
+        };
+        if !self.authentic(link, &origin, ack.auth.as_ref()) {
+            return;
+        }
         if let Some(outgoing) = self.outbox.remove(&ack.msg_id) {
             self.actions.push_back(Action::Forget {
                 msg_id: ack.msg_id.clone(),
             });
-            let from = ack.from.or(ack.src).unwrap_or_else(|| self.peer_of(link));
+            let from = src;
             self.emit(Event::Acked {
                 msg_id: ack.msg_id,
                 from,
@@ -354,19 +432,35 @@ impl Node {
         self.write(link, &answer);
     }
 
+    /// Addresses are learnt only from authenticated teia neighbours (or, in a benchmark's
+    /// plaintext baseline, any teia neighbour), at most [`PEER_LIST_MAX`] per list and
+    /// [`Config::learned_per_peer`] per neighbour; dials then obey the node-wide rate and
+    /// each address's backoff.
     pub(super) fn on_peer_list(&mut self, now: Instant, link: LinkId, list: PeerList) {
-        let teia = self.links.get(&link).is_some_and(|l| l.has(feature::TEIA));
-        if !teia {
+        let Some(state) = self.links.get(&link) else {
+            return;
+        };
+        let trusted = state.has(feature::TEIA) && (state.encrypted || self.config.plaintext_teia);
+        if !trusted {
             return;
         }
+        let source = state.peer.clone();
         for entry in list.peers.into_iter().take(PEER_LIST_MAX) {
             if entry.peer_id == self.config.peer_id || !is_peer_id(&entry.peer_id) {
                 continue;
             }
-            let Ok(ip) = entry.ip.parse() else {
+            let Ok(ip) = entry.ip.parse::<std::net::IpAddr>() else {
                 continue;
             };
-            self.known_entry(now, SocketAddr::new(ip, entry.port), Some(entry.peer_id));
+            if ip.is_unspecified() || ip.is_multicast() {
+                continue;
+            }
+            self.known_entry(
+                now,
+                SocketAddr::new(ip, entry.port),
+                Some(entry.peer_id),
+                source.clone(),
+            );
         }
         self.redial(now);
     }
@@ -396,6 +490,55 @@ impl Node {
         }
     }
 
+    /// A course neighbour acknowledged a SEND this node relayed to it (its ACK names no
+    /// destination, or has no hops left): route the ACK to the SEND's origin, vouched for.
+    fn relay_course_ack(&mut self, now: Instant, link: LinkId, ack: Ack, origin: String) {
+        let neighbour = self.peer_of(link);
+        if ack.src.as_deref().is_some_and(|s| s != neighbour) {
+            self.counters.errors += 1;
+            return;
+        }
+        self.relayed.remove(&ack.msg_id);
+        let auth = self.sign(&Origin {
+            kind: "ACK",
+            msg_id: &ack.msg_id,
+            src: &neighbour,
+            dst: &origin,
+            payload: None,
+        });
+        let forwarded = Ack {
+            src: Some(neighbour.clone()),
+            dst: Some(origin.clone()),
+            from: Some(neighbour),
+            ttl: self.config.default_ttl,
+            auth,
+            ..ack
+        };
+        self.counters.forwarded += 1;
+        if origin == self.config.peer_id {
+            self.on_ack(now, LinkId::MAX, forwarded);
+        } else {
+            self.route(now, Message::Ack(forwarded), Some(link));
+        }
+    }
+
+    /// Remembers that the SEND `msg_id` from `origin` went to a course neighbour, whose
+    /// ACK will not name its destination.
+    fn remember_relayed(&mut self, msg_id: &str, origin: &str) {
+        if self.relayed.len() >= RELAYED_KEPT {
+            if let Some(oldest) = self.relayed_order.pop_front() {
+                self.relayed.remove(&oldest);
+            }
+        }
+        if self
+            .relayed
+            .insert(msg_id.to_owned(), origin.to_owned())
+            .is_none()
+        {
+            self.relayed_order.push_back(msg_id.to_owned());
+        }
+    }
+
     pub(super) fn forward(
         &mut self,
         now: Instant,
@@ -403,6 +546,11 @@ impl Node {
         message: Message,
         from: Option<LinkId>,
     ) {
+        if let Message::Send(data) = &message {
+            if from.is_some() && self.is_course_link(link) {
+                self.remember_relayed(&data.msg_id, &data.src);
+            }
+        }
         self.write(link, &message);
         let Some(from) = from else {
             return;
@@ -568,14 +716,11 @@ impl Node {
             }
             outgoing.backoff = (outgoing.backoff * 2).min(self.config.retransmit_after * 8);
             outgoing.next_try = now + outgoing.backoff;
-            let data = Data {
-                msg_id: msg_id.clone(),
-                src: self.config.peer_id.clone(),
-                dst: outgoing.dst.clone(),
-                payload: outgoing.payload.clone(),
-                require_ack: true,
-                ttl: self.config.default_ttl,
-            };
+            let (dst, payload) = (outgoing.dst.clone(), outgoing.payload.clone());
+            if self.queued_for_course(&msg_id) {
+                continue;
+            }
+            let data = self.originate("SEND", msg_id, dst, payload);
             self.route(now, Message::Send(data), None);
         }
     }

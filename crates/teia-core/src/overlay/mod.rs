@@ -1,6 +1,7 @@
 //! The peer overlay as a sans-IO state machine: link handshakes and keep-alive, SEND/ACK with
 //! retransmission, PUB flooding with deduplication, WHO_HAS route discovery and relay, peer
-//! exchange and reconnection (PROTOCOL.md sections 3 to 5).
+//! exchange and reconnection, node identity with encrypted links, key pinning and origin
+//! signatures (PROTOCOL.md sections 3 to 5).
 //!
 //! The runtime feeds it what happened (a link opened, a line arrived, a dial failed, time
 //! passed) and carries out what it asks for ([`Action`]: write a line, close a link, dial an
@@ -10,7 +11,9 @@ mod dedup;
 mod exchange;
 mod links;
 mod messages;
+mod origin;
 mod routes;
+pub mod secure;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -19,15 +22,18 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::Value;
 use teia_wire::codec::{DecodeError, MAX_LINE};
 use teia_wire::peer::{
-    code, feature, uuid_v4, Ack, Bye, Data, ErrorMsg, Hello, Message, Metrics, MetricsReq,
-    PeerEntry, PeerList, Ping, Relay, WhoHas, WhoHasHit, VERSION,
+    code, feature, uuid_v4, Ack, Auth, Bye, Data, ErrorMsg, Hello, Message, Metrics, MetricsReq,
+    Noise, PeerEntry, PeerList, Ping, Relay, WhoHas, WhoHasHit, VERSION,
 };
 
 pub use dedup::SeenIds;
 pub use routes::{ReversePaths, Route, RouteTable};
+pub use secure::LinkCipher;
 
+use crate::identity::{Identity, PublicKey};
 use crate::rate::RateLimiter;
 use crate::rng::SplitMix64;
+use secure::Handshake;
 
 /// Identifies one connection, chosen by the runtime.
 pub type LinkId = u64;
@@ -84,6 +90,37 @@ pub struct Config {
     pub known_capacity: usize,
     /// Seed of the node's random choices (message ids).
     pub seed: u64,
+    /// The node's key pair. With it, links to teia nodes are encrypted and authenticated
+    /// and the messages the node originates are signed; without it (benchmarks' plaintext
+    /// baseline), links stay plaintext.
+    pub identity: Option<Identity>,
+    /// Sign originated SEND, PUB and ACK, and deliver messages relayed from other origins
+    /// only with a valid origin signature.
+    pub sign_messages: bool,
+    /// Refuse peers that do not complete the encrypted handshake.
+    pub require_encryption: bool,
+    /// Believe a plaintext peer's claim of the `teia` feature. Only for a benchmark's
+    /// plaintext baseline: a course client that echoes features would be misread.
+    pub plaintext_teia: bool,
+    /// Keys pinned at most; beyond, new peer ids are not pinned (and a warning is given).
+    pub pin_capacity: usize,
+    /// Inbound connections that have not finished their handshake, at most; when full, the
+    /// oldest silent one is closed to make room, or the newcomer gets BYE `busy`.
+    pub max_pending_handshakes: usize,
+    /// The same, per source IP.
+    pub pending_per_ip: usize,
+    /// Time an inbound connection has to send its first line.
+    pub first_line_timeout: Duration,
+    /// New dials per second, node-wide (burst twice as many).
+    pub dial_rate: u32,
+    /// Addresses learnt from one neighbour's PEER_LISTs, at most.
+    pub learned_per_peer: usize,
+    /// Gap between two lines written to a course peer (they read one line per read).
+    pub course_gap: Duration,
+    /// Time a course peer has to ACK a SEND before the next SEND goes to it anyway.
+    pub course_ack_wait: Duration,
+    /// Lines waiting to be paced out to one course peer, at most; beyond, they are dropped.
+    pub course_queue: usize,
 }
 
 impl Config {
@@ -114,6 +151,19 @@ impl Config {
             reconnect_attempts: 10,
             known_capacity: 1_024,
             seed: 0,
+            identity: None,
+            sign_messages: true,
+            require_encryption: false,
+            plaintext_teia: false,
+            pin_capacity: 16_384,
+            max_pending_handshakes: 64,
+            pending_per_ip: 8,
+            first_line_timeout: Duration::from_secs(3),
+            dial_rate: 10,
+            learned_per_peer: 32,
+            course_gap: Duration::from_millis(15),
+            course_ack_wait: Duration::from_secs(1),
+            course_queue: 512,
         }
     }
 
@@ -145,6 +195,27 @@ pub enum Action {
         /// The link.
         link: LinkId,
     },
+    /// The handshake is done: every line written on this link after this action is
+    /// encrypted with `cipher`, and every byte read after the line that caused it is
+    /// decrypted with it (PROTOCOL.md section 4.1).
+    Encrypt {
+        /// The link.
+        link: LinkId,
+        /// Its keys.
+        cipher: LinkCipher,
+    },
+    /// Remember that `peer_id` has `key` (first key seen, or set by [`Node::trust`]).
+    Pin {
+        /// The peer.
+        peer_id: String,
+        /// Its key.
+        key: PublicKey,
+    },
+    /// Drop the pin of `peer_id` ([`Node::forget_pin`]).
+    Unpin {
+        /// The peer.
+        peer_id: String,
+    },
     /// Store a SEND of ours until its ACK (or its deadline), so that a restart resumes it.
     /// Done before the application is told the message was sent.
     Remember(PendingSend),
@@ -153,12 +224,10 @@ pub enum Action {
         /// The SEND's id.
         msg_id: String,
     },
-    /// Store the id of a SEND delivered here, so that its retransmissions are not delivered
-    /// again after a restart.
-    Delivered {
-        /// The SEND's id.
-        msg_id: String,
-    },
+    /// Store a SEND delivered here before its ACK goes out: its id, so that retransmissions
+    /// are not delivered again after a restart, and the message itself until the
+    /// application says it was shown ([`Node::restore`] hands back those not shown).
+    Delivered(Inbound),
     /// Open a connection to `addr` and report it with [`Node::link_opened`] or
     /// [`Node::dial_failed`].
     Dial {
@@ -180,6 +249,19 @@ pub struct PendingSend {
     pub payload: Value,
     /// Wall time (UNIX ms) after which it is reported undelivered.
     pub deadline_unix_ms: u64,
+}
+
+/// A SEND delivered here, as kept in storage until the application has shown it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Inbound {
+    /// Its id.
+    pub msg_id: String,
+    /// Its origin.
+    pub src: String,
+    /// As addressed.
+    pub dst: String,
+    /// Content.
+    pub payload: Value,
 }
 
 /// How a delivered message was addressed.
@@ -287,6 +369,46 @@ pub enum Event {
         /// Messages it received from us.
         received: u64,
     },
+    /// A peer offered a key other than the one pinned for its peer id: refused.
+    KeyMismatch {
+        /// The peer id claimed.
+        peer: String,
+        /// The key pinned for it.
+        pinned: PublicKey,
+        /// The key offered.
+        offered: PublicKey,
+        /// Where the link came from, when it was a link (not a relayed message).
+        addr: Option<SocketAddr>,
+    },
+    /// A connection was refused before its link came up.
+    Refused {
+        /// The peer id claimed, if it got that far.
+        peer: Option<String>,
+        /// The connection's address.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// An address was given up after its configured attempts (or because it is our own).
+    DialGaveUp {
+        /// Where.
+        addr: SocketAddr,
+        /// Failed attempts in a row.
+        attempts: u32,
+        /// The last failure.
+        reason: String,
+    },
+    /// A message was dropped because its origin could not be authenticated.
+    Forged {
+        /// The neighbour it came from.
+        from: String,
+        /// The origin it claimed.
+        src: String,
+        /// Its id.
+        msg_id: String,
+        /// Why it was refused.
+        reason: String,
+    },
     /// A dial failed.
     DialFailed {
         /// Where.
@@ -328,6 +450,22 @@ pub enum ApiError {
     /// No neighbour by that name.
     #[error("no neighbour {0}")]
     NoNeighbour(String),
+    /// Not `name@namespace`.
+    #[error("bad peer id {0:?}: use name@namespace")]
+    BadPeerId(String),
+}
+
+/// What storage hands back at start ([`Node::restore`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Restored {
+    /// SENDs of ours awaiting their ACK.
+    pub sends: Vec<PendingSend>,
+    /// Ids of SENDs already delivered here.
+    pub delivered: Vec<String>,
+    /// SENDs delivered (and acknowledged) but not yet shown by the application.
+    pub unshown: Vec<Inbound>,
+    /// Pinned keys.
+    pub pins: Vec<(String, PublicKey)>,
 }
 
 /// Counters for `/metrics`.
@@ -345,6 +483,10 @@ pub struct Counters {
     pub errors: u64,
     /// Messages delivered to the application.
     pub delivered: u64,
+    /// Lines dropped because a write queue was full.
+    pub dropped: u64,
+    /// Messages refused because their origin could not be authenticated.
+    pub forged: u64,
 }
 
 /// A neighbour, for `/peers` and `/routes`.
@@ -364,6 +506,10 @@ pub struct NeighbourInfo {
     pub received: u64,
     /// Whether it speaks teia's extensions.
     pub teia: bool,
+    /// The key it proved, if it is a teia node.
+    pub key: Option<PublicKey>,
+    /// Whether the link is encrypted.
+    pub encrypted: bool,
 }
 
 /// A cached route, for `/routes`.
@@ -385,6 +531,8 @@ enum LinkState {
     AwaitingHello,
     /// Outbound: HELLO sent, waiting for HELLO_OK.
     AwaitingHelloOk,
+    /// Inbound: HELLO_OK with Noise message 2 sent, waiting for NOISE.
+    AwaitingNoise,
     /// Handshake done.
     Up,
     /// BYE sent or received; closing.
@@ -406,6 +554,22 @@ struct Link {
     rtt: Option<Duration>,
     sent: u64,
     received: u64,
+    /// Noise handshake in progress.
+    handshake: Option<Handshake>,
+    /// The HELLO whose link comes up when the handshake completes.
+    pending_hello: Option<Hello>,
+    /// Key proven by the handshake.
+    key: Option<PublicKey>,
+    /// The link is encrypted.
+    encrypted: bool,
+    /// A line has arrived on this link.
+    heard: bool,
+    /// Lines waiting to be paced out to a course peer.
+    paced: VecDeque<(Option<String>, Vec<u8>)>,
+    /// Earliest time the next paced line may go.
+    paced_at: Instant,
+    /// A SEND written to this course peer and not yet acknowledged, with its wait's end.
+    awaiting_ack: Option<(String, Instant)>,
 }
 
 impl Link {
@@ -415,6 +579,11 @@ impl Link {
 
     fn label(&self) -> String {
         self.peer.clone().unwrap_or_else(|| self.addr.to_string())
+    }
+
+    /// A course peer: lines to it are paced.
+    fn paced(&self) -> bool {
+        self.state == LinkState::Up && !self.has(feature::TEIA)
     }
 }
 
@@ -459,6 +628,10 @@ struct Known {
     failures: u32,
     next_attempt: Instant,
     learned: Instant,
+    /// The neighbour whose PEER_LIST named it, for the per-neighbour cap.
+    source: Option<String>,
+    /// It said BYE: not dialed again until it is seen again.
+    departed: bool,
 }
 
 /// The overlay state machine of one node.
@@ -483,12 +656,31 @@ pub struct Node {
     stopping: bool,
     counters: Counters,
     actions: VecDeque<Action>,
+    /// Keys pinned per peer id.
+    pins: HashMap<String, PublicKey>,
+    /// Addresses found to be this node itself: never dialed.
+    own_addrs: Vec<SocketAddr>,
+    /// Node-wide dial budget.
+    dial_tokens: f64,
+    dial_tokens_at: Instant,
+    /// SENDs relayed to a course neighbour, by id: their origin, so the neighbour's bare
+    /// ACK can be routed back.
+    relayed: HashMap<String, String>,
+    relayed_order: VecDeque<String>,
+    /// The time of the latest input.
+    now: Instant,
 }
 
 /// Longest a PEER_LIST update waits, so several changes go out as one.
 const PEER_LIST_DELAY: Duration = Duration::from_millis(500);
-/// Neighbours listed in one PEER_LIST at most.
-const PEER_LIST_MAX: usize = 64;
+/// Neighbours listed in one PEER_LIST at most; entries beyond are ignored.
+const PEER_LIST_MAX: usize = 32;
+/// Time a link must stay up for its address's failures to be forgotten.
+const STABLE_LINK: Duration = Duration::from_secs(10);
+/// Relayed SENDs remembered for routing back course peers' ACKs.
+const RELAYED_KEPT: usize = 4_096;
+/// Addresses remembered as our own.
+const OWN_ADDRS_KEPT: usize = 16;
 
 impl Node {
     /// A node with no links, at monotonic time `now` and wall time `unix_ms`.
@@ -513,6 +705,13 @@ impl Node {
             stopping: false,
             counters: Counters::default(),
             actions: VecDeque::new(),
+            pins: HashMap::new(),
+            own_addrs: Vec::new(),
+            dial_tokens: f64::from(config.dial_rate) * 2.0,
+            dial_tokens_at: now,
+            relayed: HashMap::new(),
+            relayed_order: VecDeque::new(),
+            now,
             config,
         }
     }
@@ -531,8 +730,23 @@ impl Node {
     pub fn poll_timeout(&self) -> Option<Instant> {
         let links = self.links.values().map(|l| match l.state {
             LinkState::Up => l.next_ping,
+            LinkState::AwaitingHello if !l.heard => {
+                l.opened
+                    + self
+                        .config
+                        .first_line_timeout
+                        .min(self.config.hello_timeout)
+            }
             _ => l.opened + self.config.hello_timeout,
         });
+        let paced = self
+            .links
+            .values()
+            .filter(|l| !l.paced.is_empty())
+            .map(|l| match &l.awaiting_ack {
+                Some((_, until)) => l.paced_at.max(*until),
+                None => l.paced_at,
+            });
         let outbox = self.outbox.values().map(|o| o.next_try.min(o.deadline));
         let discoveries = self.discoveries.values().map(|d| d.deadline);
         let room = self.by_peer.len() + self.dialing() < self.config.target_neighbours;
@@ -540,8 +754,9 @@ impl Node {
             .known
             .values()
             .filter(|k| k.state == Dial::Idle && self.wants(k) && (k.pinned || room))
-            .map(|k| k.next_attempt);
+            .map(|k| k.next_attempt.max(self.next_dial_token()));
         links
+            .chain(paced)
             .chain(outbox)
             .chain(discoveries)
             .chain(dials)
@@ -559,6 +774,11 @@ impl Node {
         self.counters
     }
 
+    /// This node's public key, if it has an identity.
+    pub fn public_key(&self) -> Option<PublicKey> {
+        self.config.identity.as_ref().map(Identity::public_key)
+    }
+
     /// Connected neighbours, sorted by peer id.
     pub fn neighbours(&self) -> Vec<NeighbourInfo> {
         let mut list: Vec<_> = self
@@ -574,6 +794,8 @@ impl Node {
                     sent: link.sent,
                     received: link.received,
                     teia: link.has(feature::TEIA),
+                    key: link.key,
+                    encrypted: link.encrypted,
                 })
             })
             .collect();
@@ -610,10 +832,41 @@ impl Node {
         list
     }
 
+    /// Pinned keys, sorted by peer id.
+    pub fn pins(&self) -> Vec<(String, PublicKey)> {
+        let mut list: Vec<_> = self.pins.iter().map(|(p, k)| (p.clone(), *k)).collect();
+        list.sort();
+        list
+    }
+
+    /// Pins `key` for `peer_id`, replacing any earlier pin (`/trust`).
+    pub fn trust(&mut self, peer_id: &str, key: PublicKey) -> Result<(), ApiError> {
+        if !is_peer_id(peer_id) {
+            return Err(ApiError::BadPeerId(peer_id.to_owned()));
+        }
+        self.pins.insert(peer_id.to_owned(), key);
+        self.actions.push_back(Action::Pin {
+            peer_id: peer_id.to_owned(),
+            key,
+        });
+        Ok(())
+    }
+
+    /// Drops the pin of `peer_id` (`/forget`): the next key it shows is pinned anew.
+    /// Returns the key that was pinned.
+    pub fn forget_pin(&mut self, peer_id: &str) -> Option<PublicKey> {
+        let key = self.pins.remove(peer_id)?;
+        self.actions.push_back(Action::Unpin {
+            peer_id: peer_id.to_owned(),
+        });
+        Some(key)
+    }
+
     // ---------------------------------------------------------------- runtime inputs
 
     /// A connection is open: dialed by us (`inbound == false`) or accepted.
     pub fn link_opened(&mut self, now: Instant, link: LinkId, addr: SocketAddr, inbound: bool) {
+        self.now = now;
         if let Some(known) = self.known.get_mut(&addr).filter(|_| !inbound) {
             known.state = Dial::Connected;
         }
@@ -636,17 +889,27 @@ impl Node {
                 rtt: None,
                 sent: 0,
                 received: 0,
+                handshake: None,
+                pending_hello: None,
+                key: None,
+                encrypted: false,
+                heard: false,
+                paced: VecDeque::new(),
+                paced_at: now,
+                awaiting_ack: None,
             },
         );
-        if !inbound {
-            let hello = self.hello();
-            self.write(link, &Message::Hello(hello));
+        if inbound {
+            self.admit(link, addr);
+        } else {
+            self.start_handshake(link);
         }
     }
 
     /// A dial asked for by [`Action::Dial`] failed.
     pub fn dial_failed(&mut self, now: Instant, addr: SocketAddr, error: &str) {
-        let retry_in = self.schedule_redial(now, addr);
+        self.now = now;
+        let retry_in = self.schedule_redial(now, addr, error);
         self.emit(Event::DialFailed {
             addr,
             error: error.to_owned(),
@@ -656,7 +919,19 @@ impl Node {
 
     /// The connection closed (by the other side, an error, or after [`Action::Close`]).
     pub fn link_closed(&mut self, now: Instant, link: LinkId, reason: &str) {
+        self.now = now;
         self.drop_link(now, link, reason, true);
+    }
+
+    /// True while `link` is in its handshake: the runtime must hand its lines over one at a
+    /// time, since the bytes after one of them may be encrypted ([`Action::Encrypt`]).
+    pub fn handshaking(&self, link: LinkId) -> bool {
+        self.links.get(&link).is_some_and(|l| {
+            matches!(
+                l.state,
+                LinkState::AwaitingHello | LinkState::AwaitingHelloOk | LinkState::AwaitingNoise
+            )
+        })
     }
 
     /// A frame arrived on a link: a line, or the report that a line was too long.
@@ -666,8 +941,10 @@ impl Node {
         link: LinkId,
         frame: Result<Vec<u8>, DecodeError>,
     ) {
+        self.now = now;
         let Some(state) = self.links.get_mut(&link).map(|l| {
             l.received += 1;
+            l.heard = true;
             l.state
         }) else {
             return;
@@ -701,21 +978,28 @@ impl Node {
         };
         self.trace(Direction::In, link, &message);
         match (state, message) {
-            (_, Message::Hello(hello)) => self.on_hello(now, link, hello),
-            (LinkState::AwaitingHelloOk, Message::HelloOk(hello)) => self.link_up(now, link, hello),
+            (LinkState::AwaitingHello, Message::Hello(hello)) => self.on_hello(now, link, hello),
+            (LinkState::AwaitingHelloOk, Message::HelloOk(hello)) => {
+                self.on_hello_ok(now, link, hello)
+            }
+            (LinkState::AwaitingNoise, Message::Noise(noise)) => self.on_noise(now, link, noise),
             (_, Message::Bye(bye)) => self.on_bye(now, link, bye),
             (_, Message::ByeOk(_)) => self.close(now, link, "closed"),
-            (LinkState::AwaitingHello | LinkState::AwaitingHelloOk, other) => {
-                let detail = format!("{} before HELLO", other.kind());
+            (LinkState::Up | LinkState::Closing, Message::Hello(_) | Message::HelloOk(_)) => {}
+            (LinkState::Up, message) => self.on_message(now, link, message),
+            (LinkState::Closing, _) => {}
+            (_, other) => {
+                let detail = format!("{} during the handshake", other.kind());
                 self.bad_format(link, None, &detail);
             }
-            (_, message) => self.on_message(now, link, message),
         }
     }
 
     /// Time passed: keep-alives, handshake deadlines, retransmissions, discoveries, dials.
     pub fn handle_timeout(&mut self, now: Instant) {
+        self.now = now;
         self.check_links(now);
+        self.pace_all(now);
         self.retransmit(now);
         self.expire_discoveries(now);
         self.redial(now);
@@ -730,9 +1014,10 @@ impl Node {
     /// Sends `payload` to `dst`: a SEND (acknowledged, retransmitted) for `name@namespace`,
     /// a PUB for `#namespace` or `*`. Returns the message id.
     pub fn send(&mut self, now: Instant, dst: &str, payload: Value) -> Result<String, ApiError> {
+        self.now = now;
         let dst = dst.trim();
         if dst == "*" || dst.starts_with('#') {
-            return self.publish(dst, payload);
+            return self.publish(now, dst, payload);
         }
         if !is_peer_id(dst) {
             return Err(ApiError::BadDestination(dst.to_owned()));
@@ -741,14 +1026,7 @@ impl Node {
             return Err(ApiError::Busy(self.config.outbox_capacity));
         }
         let msg_id = self.new_id();
-        let data = Data {
-            msg_id: msg_id.clone(),
-            src: self.config.peer_id.clone(),
-            dst: dst.to_owned(),
-            payload: payload.clone(),
-            require_ack: true,
-            ttl: self.config.default_ttl,
-        };
+        let data = self.originate("SEND", msg_id.clone(), dst.to_owned(), payload.clone());
         if Message::Send(data.clone()).to_line().is_err() {
             return Err(ApiError::TooLarge);
         }
@@ -779,22 +1057,17 @@ impl Node {
     }
 
     /// Floods `payload` to `#namespace` or `*` (bare `namespace` is read as `#namespace`).
-    pub fn publish(&mut self, dst: &str, payload: Value) -> Result<String, ApiError> {
+    pub fn publish(&mut self, now: Instant, dst: &str, payload: Value) -> Result<String, ApiError> {
+        self.now = now;
         let dst = match dst.trim() {
             "*" => "*".to_owned(),
-            d if d.starts_with('#') && is_name(&d[1..]) => d.to_owned(),
+            d if d.starts_with('#') && is_name(d.get(1..).unwrap_or_default()) => d.to_owned(),
             d if is_name(d) => format!("#{d}"),
             d => return Err(ApiError::BadDestination(d.to_owned())),
         };
         let msg_id = self.new_id();
-        let message = Message::Pub(Data {
-            msg_id: msg_id.clone(),
-            src: self.config.peer_id.clone(),
-            dst,
-            payload,
-            require_ack: false,
-            ttl: self.config.default_ttl,
-        });
+        let data = self.originate("PUB", msg_id.clone(), dst, payload);
+        let message = Message::Pub(data);
         let line = message.to_line().map_err(|_| ApiError::TooLarge)?;
         self.seen.insert(&format!("PUB:{msg_id}"));
         let links: Vec<LinkId> = self.by_peer.values().copied().collect();
@@ -804,12 +1077,15 @@ impl Node {
         Ok(msg_id)
     }
 
-    /// Dials `addr` and keeps it connected (reconnecting with backoff) until shutdown.
+    /// Dials `addr` and keeps it connected (reconnecting with backoff) until shutdown or
+    /// until it fails the configured attempts in a row.
     pub fn connect(&mut self, now: Instant, addr: SocketAddr) {
-        let entry = self.known_entry(now, addr, None);
+        self.now = now;
+        let entry = self.known_entry(now, addr, None, None);
         if let Some(known) = entry {
             known.pinned = true;
             known.failures = 0;
+            known.departed = false;
             known.next_attempt = now;
         }
         self.redial(now);
@@ -821,30 +1097,53 @@ impl Node {
         now: Instant,
         peers: impl IntoIterator<Item = (String, SocketAddr)>,
     ) {
+        self.now = now;
         for (peer, addr) in peers {
             if peer != self.config.peer_id {
-                self.known_entry(now, addr, Some(peer));
+                self.known_entry(now, addr, Some(peer), None);
             }
         }
         self.redial(now);
     }
 
-    /// Dials every pinned peer that is not connected now, forgetting its backoff.
+    /// Dials every known peer that is not connected now, forgetting its backoff.
     pub fn reconnect(&mut self, now: Instant) {
+        self.now = now;
         for known in self.known.values_mut() {
             if known.state == Dial::Idle {
                 known.failures = 0;
+                known.departed = false;
                 known.next_attempt = now;
             }
         }
         self.redial(now);
     }
 
-    /// Resumes SENDs remembered before a restart (retransmitted at once; those past their
-    /// deadline are reported undelivered), and the ids of SENDs already delivered here.
-    pub fn restore(&mut self, now: Instant, sends: Vec<PendingSend>, delivered: Vec<String>) {
+    /// Resumes what storage kept across a restart: SENDs awaiting their ACK (retransmitted
+    /// at once; those past their deadline are reported undelivered), the ids of SENDs
+    /// already delivered here, messages delivered but not yet shown (reported again), and
+    /// pinned keys.
+    pub fn restore(&mut self, now: Instant, restored: Restored) {
+        self.now = now;
+        let Restored {
+            sends,
+            delivered,
+            unshown,
+            pins,
+        } = restored;
         for id in delivered {
             self.delivered.insert(&id);
+        }
+        self.pins.extend(pins);
+        for message in unshown {
+            self.delivered.insert(&message.msg_id);
+            self.emit(Event::Message {
+                msg_id: message.msg_id,
+                src: message.src,
+                dst: message.dst,
+                cast: Cast::Unicast,
+                payload: message.payload,
+            });
         }
         let unix_now = self.unix_millis(now);
         for send in sends {
@@ -893,6 +1192,7 @@ impl Node {
 
     /// Says BYE on every link; the runtime closes them after a short grace period.
     pub fn shutdown(&mut self, now: Instant) {
+        self.now = now;
         let links: Vec<LinkId> = self.links.keys().copied().collect();
         for link in links {
             self.say_bye(now, link, "shutdown");
@@ -910,14 +1210,91 @@ impl Node {
     }
 
     /// Writes `message`, already encoded as `line`, on `link`.
+    /// Lines to course peers wait in the link's pacing queue (see [`Node::pace`]).
     fn write_line(&mut self, link: LinkId, message: &Message, line: Vec<u8>) {
         let Some(state) = self.links.get_mut(&link) else {
             return;
         };
-        state.sent += 1;
+        if state.paced() {
+            if state.paced.len() >= self.config.course_queue {
+                self.counters.dropped += 1;
+                return;
+            }
+            let send_id = match message {
+                Message::Send(data) => Some(data.msg_id.clone()),
+                _ => None,
+            };
+            state.paced.push_back((send_id, line));
+        } else {
+            self.actions.push_back(Action::Write { link, line });
+        }
+        if let Some(state) = self.links.get_mut(&link) {
+            state.sent += 1;
+        }
         self.counters.sent += 1;
         self.trace(Direction::Out, link, message);
-        self.actions.push_back(Action::Write { link, line });
+        self.pace(link);
+    }
+
+    /// The runtime could not queue a line it was asked to write: it is counted as dropped,
+    /// not sent.
+    pub fn line_dropped(&mut self, link: LinkId) {
+        if let Some(state) = self.links.get_mut(&link) {
+            state.sent = state.sent.saturating_sub(1);
+        }
+        self.counters.sent = self.counters.sent.saturating_sub(1);
+        self.counters.dropped += 1;
+    }
+
+    /// Writes what the pacing of a course link allows now: one line per
+    /// [`Config::course_gap`], and a SEND only once the previous SEND was acknowledged (or
+    /// [`Config::course_ack_wait`] passed), so that clients that keep only the first line of
+    /// each read lose nothing.
+    fn pace(&mut self, link: LinkId) {
+        let now = self.now;
+        let Some(state) = self.links.get_mut(&link) else {
+            return;
+        };
+        while state.paced_at <= now {
+            let Some((send_id, _)) = state.paced.front() else {
+                break;
+            };
+            let waiting = state
+                .awaiting_ack
+                .as_ref()
+                .is_some_and(|(_, until)| *until > now);
+            if send_id.is_some() && waiting {
+                break;
+            }
+            let Some((send_id, line)) = state.paced.pop_front() else {
+                break;
+            };
+            if let Some(id) = send_id {
+                state.awaiting_ack = Some((id, now + self.config.course_ack_wait));
+            }
+            state.paced_at = now + self.config.course_gap;
+            self.actions.push_back(Action::Write { link, line });
+        }
+    }
+
+    fn pace_all(&mut self, now: Instant) {
+        let due: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(_, l)| !l.paced.is_empty() && l.paced_at <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        for link in due {
+            self.pace(link);
+        }
+    }
+
+    /// True when a SEND is still waiting in a course link's pacing queue (so retransmitting
+    /// it would only queue a copy).
+    fn queued_for_course(&self, msg_id: &str) -> bool {
+        self.links
+            .values()
+            .any(|l| l.paced.iter().any(|(id, _)| id.as_deref() == Some(msg_id)))
     }
 
     fn emit(&mut self, event: Event) {

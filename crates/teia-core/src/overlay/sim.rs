@@ -67,15 +67,30 @@ fn name(index: usize) -> String {
     format!("n{index}@sim")
 }
 
+/// The key pair of simulated node `index`: links between simulated nodes are encrypted
+/// handshakes and their messages signed, as between real teia nodes.
+fn identity(index: usize) -> crate::identity::Identity {
+    let mut seed = [0u8; 32];
+    seed[..8].copy_from_slice(&(index as u64 + 1).to_le_bytes());
+    crate::identity::Identity::from_seed(&seed)
+}
+
+/// The configuration of simulated node `index`.
+fn sim_config(index: usize) -> Config {
+    let mut config = Config::new(name(index));
+    config.listen_port = Some(addr_of(index).port());
+    config.target_neighbours = 0;
+    config.identity = Some(identity(index));
+    config
+}
+
 impl Sim {
     fn new(count: usize, seed: u64, configure: impl Fn(&mut Config)) -> Self {
         let now = Instant::now();
         let nodes = (0..count)
             .map(|i| {
-                let mut config = Config::new(name(i));
-                config.listen_port = Some(addr_of(i).port());
+                let mut config = sim_config(i);
                 config.seed = seed.wrapping_mul(1_000_003).wrapping_add(i as u64);
-                config.target_neighbours = 0;
                 configure(&mut config);
                 SimNode {
                     node: Node::new(config, now, 1_700_000_000_000),
@@ -185,7 +200,12 @@ impl Sim {
             Action::Event(event) => self.nodes[index].events.push(event),
             Action::Remember(send) => self.nodes[index].stored.push(send),
             Action::Forget { msg_id } => self.nodes[index].stored.retain(|s| s.msg_id != msg_id),
-            Action::Coalesce { .. } | Action::Delivered { .. } => {}
+            // Lines travel in memory: the transport's encryption has nothing to do here.
+            Action::Coalesce { .. }
+            | Action::Delivered(_)
+            | Action::Encrypt { .. }
+            | Action::Pin { .. }
+            | Action::Unpin { .. } => {}
         }
     }
 
@@ -374,11 +394,15 @@ fn pub_reaches_every_node_of_200_exactly_once() {
             eccentricity < 8,
             "seed {seed}: eccentricity {eccentricity} within the ttl"
         );
-        let star = sim.node(0).publish("*", json!("hello all")).unwrap();
-        let ns = sim.node(0).publish("#sim", json!("hello sim")).unwrap();
+        let now = sim.now;
+        let star = sim.node(0).publish(now, "*", json!("hello all")).unwrap();
+        let ns = sim
+            .node(0)
+            .publish(now, "#sim", json!("hello sim"))
+            .unwrap();
         let other = sim
             .node(0)
-            .publish("#elsewhere", json!("not for us"))
+            .publish(now, "#elsewhere", json!("not for us"))
             .unwrap();
         sim.run(Duration::from_secs(2));
         for i in 1..200 {
@@ -638,7 +662,9 @@ fn silent_peer_is_closed_after_three_missed_pings_and_redialed() {
         .any(|e| matches!(e, Event::LinkDown { reason, .. } if reason == "keep-alive timeout"));
     assert!(down, "{:?}", sim.nodes[0].events);
     sim.nodes[1].frozen = false;
-    sim.run(Duration::from_secs(10));
+    // The dial made while it was frozen times out (10 s), then the next comes after its
+    // backoff.
+    sim.run(Duration::from_secs(20));
     assert_eq!(
         sim.nodes[0].node.neighbours().len(),
         1,
@@ -658,12 +684,13 @@ fn remembered_sends_resume_after_a_restart() {
     );
     // Node 0 crashes and starts again from its storage; node 1 appears.
     let stored = std::mem::take(&mut sim.nodes[0].stored);
-    let mut config = Config::new(name(0));
-    config.listen_port = Some(addr_of(0).port());
-    config.target_neighbours = 0;
-    sim.nodes[0].node = Node::new(config, sim.now, 1_700_000_001_000);
+    sim.nodes[0].node = Node::new(sim_config(0), sim.now, 1_700_000_001_000);
     let now = sim.now;
-    sim.node(0).restore(now, stored, Vec::new());
+    let restored = Restored {
+        sends: stored,
+        ..Restored::default()
+    };
+    sim.node(0).restore(now, restored);
     sim.connect(0, 1);
     sim.run(Duration::from_secs(5));
     assert_eq!(sim.messages(1, &msg), 1);
@@ -678,7 +705,11 @@ fn remembered_sends_resume_after_a_restart() {
 fn restored_delivered_ids_are_not_delivered_again() {
     let now = Instant::now();
     let mut node = Node::new(Config::new("b@U"), now, 0);
-    node.restore(now, Vec::new(), vec!["m1".into()]);
+    let restored = Restored {
+        delivered: vec!["m1".into()],
+        ..Restored::default()
+    };
+    node.restore(now, restored);
     node.link_opened(now, 1, addr_of(1), true);
     node.line_received(now, 1, Ok(br#"{"type":"HELLO","peer_id":"a@U"}"#.to_vec()));
     let send = br#"{"type":"SEND","msg_id":"m1","src":"a@U","dst":"b@U","payload":"hi","require_ack":true,"ttl":1}"#;
@@ -702,7 +733,11 @@ fn expired_remembered_sends_are_reported_undelivered() {
         payload: json!("late"),
         deadline_unix_ms: 9_000,
     };
-    node.restore(now, vec![stale], Vec::new());
+    let restored = Restored {
+        sends: vec![stale],
+        ..Restored::default()
+    };
+    node.restore(now, restored);
     let actions: Vec<Action> = std::iter::from_fn(|| node.poll_action()).collect();
     assert!(actions.contains(&Action::Forget {
         msg_id: "old".into()
@@ -710,6 +745,17 @@ fn expired_remembered_sends_are_reported_undelivered() {
     assert!(actions
         .iter()
         .any(|a| matches!(a, Action::Event(Event::Undelivered { msg_id, .. }) if msg_id == "old")));
+}
+
+/// Every action of `node` over the next two seconds of simulated time (lines to course
+/// peers are paced out over time).
+fn actions_over_time(node: &mut Node, now: Instant) -> Vec<Action> {
+    let mut actions: Vec<Action> = std::iter::from_fn(|| node.poll_action()).collect();
+    for step in 1..=200 {
+        node.handle_timeout(now + Duration::from_millis(10 * step));
+        actions.extend(std::iter::from_fn(|| node.poll_action()));
+    }
+    actions
 }
 
 #[test]
@@ -723,7 +769,7 @@ fn duplicate_send_is_delivered_once_and_acked_twice() {
     let send = br#"{"type":"SEND","msg_id":"m1","src":"a@U","dst":"b@U","payload":"hi","require_ack":true,"ttl":1}"#;
     node.line_received(now, 1, Ok(send.to_vec()));
     node.line_received(now, 1, Ok(send.to_vec()));
-    let actions: Vec<Action> = std::iter::from_fn(|| node.poll_action()).collect();
+    let actions = actions_over_time(&mut node, now);
     let delivered = actions
         .iter()
         .filter(|a| matches!(a, Action::Event(Event::Message { .. })))
@@ -753,7 +799,8 @@ fn malformed_input_gets_errors_and_the_link_stays() {
     );
     node.line_received(now, 1, Err(DecodeError::LineTooLong { limit: 32768 }));
     node.line_received(now, 1, Ok(br#"{"type":"WHATEVER"}"#.to_vec()));
-    let written: Vec<String> = std::iter::from_fn(|| node.poll_action())
+    let written: Vec<String> = actions_over_time(&mut node, now)
+        .into_iter()
         .filter_map(|a| match a {
             Action::Write { line, .. } => Some(String::from_utf8(line).unwrap()),
             Action::Close { .. } => panic!("the link must stay up"),
@@ -783,7 +830,7 @@ fn over_quota_neighbour_gets_errors() {
         );
         node.line_received(now, 1, Ok(line.into_bytes()));
     }
-    let actions: Vec<Action> = std::iter::from_fn(|| node.poll_action()).collect();
+    let actions = actions_over_time(&mut node, now);
     let delivered = actions
         .iter()
         .filter(|a| matches!(a, Action::Event(Event::Message { .. })))

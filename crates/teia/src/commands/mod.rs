@@ -1,5 +1,6 @@
 //! The commands: each turns its arguments into settings and runs on a tokio runtime.
 
+mod id;
 mod node;
 mod rdv;
 mod rendezvous;
@@ -23,6 +24,7 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
             Command::Rendezvous(args) => rendezvous::run(args).await,
             Command::Rdv(command) => rdv::run(command).await,
             Command::Node(args) => node::run(args, log).await,
+            Command::Id(args) => id::run(args),
         }
     });
     // A read of stdin blocks a thread that only ends with more input: do not wait for it.
@@ -31,7 +33,7 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
 }
 
 /// The data directory: the one given, else the platform's data directory plus `teia`.
-fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+pub fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     match given {
         Some(dir) => Ok(dir),
         None => dirs::data_dir()
@@ -43,7 +45,7 @@ fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
 /// A duration given in (possibly fractional) seconds on the command line.
 fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
     if !(value.is_finite() && value > 0.0 && value <= 86_400.0) {
-        bail!("{flag} must be a number of seconds between 0 and 86400, got {value}");
+        bail!("{flag} must be a number of seconds above 0 and at most 86400, got {value}");
     }
     Ok(Duration::from_secs_f64(value))
 }
@@ -70,4 +72,20 @@ async fn shutdown_signal() {
     {
         let _ = interrupt.await;
     }
+}
+
+/// Where the files of node `peer_id` live in `data_dir` (`nodes/PEER_ID.EXT`), with any
+/// character that could break a path replaced by `_`.
+pub fn node_file(data_dir: &std::path::Path, peer_id: &str, extension: &str) -> PathBuf {
+    let name: String = peer_id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@') {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    data_dir.join("nodes").join(format!("{name}.{extension}"))
 }

@@ -13,7 +13,7 @@ use teia_node::rendezvous::RegistrarEvent;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
-use super::{data_dir, seconds, shutdown_signal};
+use super::{data_dir, node_file, seconds, shutdown_signal};
 use crate::chat::{self, ChatCommand};
 use crate::cli::NodeArgs;
 use crate::logging::LogControl;
@@ -42,14 +42,20 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     overlay.send_deadline = seconds(args.send_deadline, "--send-deadline")?;
     overlay.reconnect_attempts = args.reconnect_attempts;
     overlay.seed = random_seed();
+    overlay.require_encryption = args.require_encryption;
     let mut peers = Vec::new();
     for peer in &args.peers {
         peers.push(resolve(peer).await?);
     }
+    if let Some(server) = &args.rendezvous {
+        resolve(server).await?;
+    }
     let data_dir = data_dir(args.data_dir)?;
-    let store = data_dir
-        .join("nodes")
-        .join(format!("{}.sqlite3", file_name(&peer_id)));
+    let _lock = lock(&node_file(&data_dir, &peer_id, "lock"), &peer_id)?;
+    overlay.identity = Some(teia_node::identity::load_or_create(&node_file(
+        &data_dir, &peer_id, "key",
+    ))?);
+    let store = node_file(&data_dir, &peer_id, "sqlite3");
     let mut embedded = None;
     let rendezvous = match (args.rendezvous, peers.is_empty()) {
         (Some(server), _) => Some(server),
@@ -109,19 +115,27 @@ async fn local_rendezvous(
     Ok(Some(stop))
 }
 
-/// A file name for a peer id: letters, digits, `.`, `-`, `_` and `@` kept, anything else
-/// (a `/` in a name, say) replaced by `_`.
-fn file_name(peer_id: &str) -> String {
-    peer_id
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '.' | '-' | '_' | '@') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
+/// Holds the node's lock file for as long as it runs: a second node with the same peer id
+/// and data directory is refused.
+fn lock(path: &std::path::Path, peer_id: &str) -> anyhow::Result<std::fs::File> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the data directory {}", dir.display()))?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .with_context(|| format!("cannot open the lock file {}", path.display()))?;
+    if file.try_lock().is_err() {
+        bail!(
+            "node {peer_id} is already running with this data directory (its lock {} is held); \
+             stop it, or use another --name or --data-dir",
+            path.display()
+        );
+    }
+    Ok(file)
 }
 
 async fn resolve(peer: &str) -> anyhow::Result<SocketAddr> {
@@ -165,6 +179,7 @@ async fn lines(
         style,
         log,
         watching: false,
+        registered: false,
         print: Box::new(|line: String| {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
@@ -183,11 +198,11 @@ async fn lines(
             }
             event = events.recv() => match event {
                 Some(event @ NodeEvent::Stopped) => {
-                    session.show(&event);
+                    session.show(&event).await;
                     return Ok(());
                 }
                 None => return Ok(()),
-                Some(event) => session.show(&event),
+                Some(event) => session.show(&event).await,
             },
             line = input.recv(), if input_open && !stopping => match line {
                 Some(line) => {
@@ -242,6 +257,7 @@ async fn shell(
         style: Style::Text,
         log,
         watching: false,
+        registered: false,
         print: Box::new(move |line: String| {
             let _ = printer.print(format!("{line}\n"));
         }),
@@ -253,7 +269,7 @@ async fn shell(
             () = &mut signal => return Ok(()),
             event = events.recv() => match event {
                 Some(NodeEvent::Stopped) | None => return Ok(()),
-                Some(event) => session.show(&event),
+                Some(event) => session.show(&event).await,
             },
             line = input.recv() => match line.flatten() {
                 Some(line) => {
@@ -272,6 +288,8 @@ struct Session {
     style: Style,
     log: LogControl,
     watching: bool,
+    /// Registered at the rendezvous (so renewals are not shown again in text).
+    registered: bool,
     print: Box<dyn FnMut(String) + Send>,
 }
 
@@ -381,11 +399,41 @@ impl Session {
                     "metrics",
                     json!({"sent":c.sent,"received":c.received,"forwarded":c.forwarded,
                            "duplicates":c.duplicates,"errors":c.errors,"delivered":c.delivered,
-                           "dropped":snapshot.dropped}),
+                           "dropped":c.dropped,"forged":c.forged}),
                     format!(
-                        "sent {} received {} forwarded {} duplicates dropped {} errors {} delivered {} queue drops {}",
-                        c.sent, c.received, c.forwarded, c.duplicates, c.errors, c.delivered, snapshot.dropped
+                        "sent {} received {} forwarded {} duplicates dropped {} errors {} delivered {} queue drops {} forged refused {}",
+                        c.sent, c.received, c.forwarded, c.duplicates, c.errors, c.delivered, c.dropped, c.forged
                     ),
+                );
+            }
+            ChatCommand::Id => {
+                let key = self.handle.snapshot().await?.key;
+                let key = key.map(|k| k.to_string());
+                self.output(
+                    "id",
+                    json!({"key":key}),
+                    format!("… key {}", key.as_deref().unwrap_or("(none)")),
+                );
+            }
+            ChatCommand::Trust { peer, key } => {
+                let key = teia_core::identity::PublicKey::parse(&key)?;
+                self.handle.trust(&peer, key).await?;
+                self.output(
+                    "trust",
+                    json!({"peer":peer,"key":key.to_string()}),
+                    format!("… {peer} pinned to key {key}"),
+                );
+            }
+            ChatCommand::Forget(peer) => {
+                let old = self.handle.forget(&peer).await?;
+                let text = match &old {
+                    Some(key) => format!("… {} unpinned (was {key})", clean(&peer)),
+                    None => format!("… {} had no pinned key", clean(&peer)),
+                };
+                self.output(
+                    "forget",
+                    json!({"peer":peer,"was":old.map(|k| k.to_string())}),
+                    text,
                 );
             }
             ChatCommand::Help => self.output("help", json!(chat::HELP), chat::HELP.to_owned()),
@@ -400,12 +448,12 @@ impl Session {
             None | Some("*") => true,
             Some(ns) => peer.ends_with(&format!("@{}", ns.trim_start_matches('#'))),
         };
-        let connected: Vec<&str> = snapshot
+        let links: Vec<&teia_core::overlay::NeighbourInfo> = snapshot
             .neighbours
             .iter()
-            .map(|n| n.peer.as_str())
-            .filter(|p| matches(p))
+            .filter(|n| matches(&n.peer))
             .collect();
+        let connected: Vec<&str> = links.iter().map(|n| n.peer.as_str()).collect();
         let known: Vec<(String, String)> = snapshot
             .known
             .iter()
@@ -413,12 +461,20 @@ impl Session {
             .map(|(peer, addr)| (peer.clone(), addr.to_string()))
             .collect();
         let mut text = String::from("connected:");
-        for peer in &connected {
-            text.push_str(&format!("\n  {peer}"));
+        let mut links_json = Vec::new();
+        for n in &links {
+            let security = match (n.encrypted, n.key) {
+                (true, Some(key)) => format!("encrypted, key {}…", key.fingerprint()),
+                _ => "plaintext (course peer)".to_owned(),
+            };
+            text.push_str(&format!("\n  {:<30} {security}", clean(&n.peer)));
+            links_json.push(json!({"peer":n.peer,"encrypted":n.encrypted,
+                "key":n.key.map(|k| k.to_string()),
+                "fingerprint":n.key.map(|k| k.fingerprint())}));
         }
         text.push_str("\nknown, not connected:");
         for (peer, addr) in &known {
-            text.push_str(&format!("\n  {peer} ({addr})"));
+            text.push_str(&format!("\n  {} ({addr})", clean(peer)));
         }
         let known_json: Vec<Value> = known
             .iter()
@@ -426,7 +482,7 @@ impl Session {
             .collect();
         self.output(
             "peers",
-            json!({"connected":connected,"known":known_json}),
+            json!({"connected":connected,"links":links_json,"known":known_json}),
             text,
         );
         Ok(())
@@ -446,8 +502,8 @@ impl Session {
         for r in &snapshot.routes {
             text.push_str(&format!(
                 "\n  {:<30} via {:<30} {} hops, {} s old",
-                r.dst,
-                r.next_hop,
+                clean(&r.dst),
+                clean(&r.next_hop),
                 r.hops,
                 r.age.as_secs()
             ));
@@ -507,17 +563,41 @@ impl Session {
         Ok(())
     }
 
-    fn show(&mut self, event: &NodeEvent) {
+    /// Shows an event; a message is then marked shown, so a restart does not hand it over
+    /// again. A renewed registration is shown in text only the first time.
+    async fn show(&mut self, event: &NodeEvent) {
         let (json, text) = describe(event);
-        self.emit(json, text);
+        let renewal = matches!(event, NodeEvent::Rendezvous(RegistrarEvent::Registered(_)))
+            && std::mem::replace(&mut self.registered, true);
+        if matches!(event, NodeEvent::Rendezvous(RegistrarEvent::Failed { .. })) {
+            self.registered = false;
+        }
+        if !(renewal && self.style == Style::Text) {
+            self.emit(json, text);
+        }
+        if let NodeEvent::Overlay(Event::Message {
+            msg_id,
+            cast: Cast::Unicast,
+            ..
+        }) = event
+        {
+            let _ = self.handle.shown(msg_id).await;
+        }
     }
 }
 
-/// An event as a JSON object and as a line of text.
+/// An event as a JSON object and as a line of text. Everything a peer chose (ids, payloads,
+/// reasons) goes through [`clean`] in the text, so a peer never controls the terminal; the
+/// JSON keeps it exact.
 fn describe(event: &NodeEvent) -> (Value, String) {
     match event {
-        NodeEvent::Ready { peer_id, listen } => (
-            json!({"event":"ready","peer_id":peer_id,"listen":listen.map(|a| a.to_string())}),
+        NodeEvent::Ready {
+            peer_id,
+            listen,
+            key,
+        } => (
+            json!({"event":"ready","peer_id":peer_id,"listen":listen.map(|a| a.to_string()),
+                   "key":key.map(|k| k.to_string())}),
             match listen {
                 Some(addr) => {
                     format!("teia node {peer_id}, accepting links on {addr}; /help lists commands")
@@ -533,13 +613,14 @@ fn describe(event: &NodeEvent) -> (Value, String) {
         NodeEvent::Rendezvous(RegistrarEvent::Failed { error, retry_in }) => (
             json!({"event":"rendezvous_error","error":error,"retry_in_ms":retry_in.as_millis() as u64}),
             format!(
-                "! rendezvous: {error} (retrying in {} s)",
+                "! rendezvous: {} (retrying in {} s)",
+                clean(error),
                 retry_in.as_secs()
             ),
         ),
         NodeEvent::DiscoverFailed(error) => (
             json!({"event":"rendezvous_error","error":error}),
-            format!("! rendezvous: {error}"),
+            format!("! rendezvous: {}", clean(error)),
         ),
         NodeEvent::Overlay(event) => describe_overlay(event),
     }
@@ -554,11 +635,11 @@ fn describe_overlay(event: &Event) -> (Value, String) {
             features,
         } => (
             json!({"event":"link_up","peer":peer,"addr":addr.to_string(),"inbound":inbound,"features":features}),
-            format!("* {peer} connected ({addr})"),
+            format!("* {} connected ({addr})", clean(peer)),
         ),
         Event::LinkDown { peer, reason } => (
             json!({"event":"link_down","peer":peer,"reason":reason}),
-            format!("* {peer} disconnected ({reason})"),
+            format!("* {} disconnected ({})", clean(peer), clean(reason)),
         ),
         Event::Message {
             msg_id,
@@ -573,12 +654,12 @@ fn describe_overlay(event: &Event) -> (Value, String) {
                 Cast::Broadcast => "broadcast",
             };
             let text = match payload {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
+                Value::String(s) => clean(s),
+                other => clean(&other.to_string()),
             };
             let shown = match cast {
-                Cast::Unicast => format!("[{src}] {text}"),
-                _ => format!("[{src} → {dst}] {text}"),
+                Cast::Unicast => format!("[{}] {text}", clean(src)),
+                _ => format!("[{} → {}] {text}", clean(src), clean(dst)),
             };
             (
                 json!({"event":"message","msg_id":msg_id,"src":src,"dst":dst,"cast":cast_name,"payload":payload}),
@@ -592,8 +673,9 @@ fn describe_overlay(event: &Event) -> (Value, String) {
         } => (
             json!({"event":"ack","msg_id":msg_id,"from":from,"rtt_ms":elapsed.as_secs_f64() * 1000.0}),
             format!(
-                "✓ {} delivered to {from} in {} ms",
+                "✓ {} delivered to {} in {} ms",
                 short(msg_id),
+                clean(from),
                 elapsed.as_millis()
             ),
         ),
@@ -603,7 +685,12 @@ fn describe_overlay(event: &Event) -> (Value, String) {
             reason,
         } => (
             json!({"event":"undelivered","msg_id":msg_id,"dst":dst,"reason":reason}),
-            format!("! {} not delivered to {dst}: {reason}", short(msg_id)),
+            format!(
+                "! {} not delivered to {}: {}",
+                short(msg_id),
+                clean(dst),
+                clean(reason)
+            ),
         ),
         Event::Relayed {
             msg_id,
@@ -613,9 +700,10 @@ fn describe_overlay(event: &Event) -> (Value, String) {
         } => (
             json!({"event":"relay","msg_id":msg_id,"via":via,"ok":ok,"reason":reason}),
             format!(
-                "… {} {} by {via}",
+                "… {} {} by {}",
                 short(msg_id),
-                if *ok { "relayed" } else { "not relayed" }
+                if *ok { "relayed" } else { "not relayed" },
+                clean(via)
             ),
         ),
         Event::RemoteError {
@@ -626,10 +714,12 @@ fn describe_overlay(event: &Event) -> (Value, String) {
         } => (
             json!({"event":"error","code":code,"ref":reference,"detail":detail,"from":from}),
             format!(
-                "! error from {from}: {code}{}",
+                "! error from {}: {}{}",
+                clean(from),
+                clean(code),
                 detail
                     .as_deref()
-                    .map(|d| format!(" ({d})"))
+                    .map(|d| format!(" ({})", clean(d)))
                     .unwrap_or_default()
             ),
         ),
@@ -641,8 +731,55 @@ fn describe_overlay(event: &Event) -> (Value, String) {
         } => (
             json!({"event":"metrics","peer":peer,"rtt_ms":rtt_ms,"sent":sent,"received":received}),
             format!(
-                "… {peer}: rtt {} sent {sent} received {received}",
+                "… {}: rtt {} sent {sent} received {received}",
+                clean(peer),
                 fmt_rtt(rtt_ms.map(|r| r as f64))
+            ),
+        ),
+        Event::KeyMismatch {
+            peer,
+            pinned,
+            offered,
+            addr,
+        } => (
+            json!({"event":"key_mismatch","peer":peer,"pinned":pinned.to_string(),
+                   "offered":offered.to_string(),"addr":addr.map(|a| a.to_string())}),
+            format!(
+                "! refused {}: it offered key {offered}, but {pinned} is pinned for it (/trust to change)",
+                clean(peer)
+            ),
+        ),
+        Event::Refused { peer, addr, reason } => (
+            json!({"event":"refused","peer":peer,"addr":addr.to_string(),"reason":reason}),
+            format!(
+                "! refused {} ({addr}): {}",
+                clean(peer.as_deref().unwrap_or("a connection")),
+                clean(reason)
+            ),
+        ),
+        Event::DialGaveUp {
+            addr,
+            attempts,
+            reason,
+        } => (
+            json!({"event":"dial_gave_up","addr":addr.to_string(),"attempts":attempts,"reason":reason}),
+            format!(
+                "! gave up dialing {addr} after {attempts} attempts: {}",
+                clean(reason)
+            ),
+        ),
+        Event::Forged {
+            from,
+            src,
+            msg_id,
+            reason,
+        } => (
+            json!({"event":"forged","from":from,"src":src,"msg_id":msg_id,"reason":reason}),
+            format!(
+                "! dropped a message from {} claiming to come from {}: {}",
+                clean(from),
+                clean(src),
+                clean(reason)
             ),
         ),
         Event::DialFailed {
@@ -652,7 +789,7 @@ fn describe_overlay(event: &Event) -> (Value, String) {
         } => (
             json!({"event":"dial_failed","addr":addr.to_string(),"error":error,
                    "retry_in_ms":retry_in.map(|r| r.as_millis() as u64)}),
-            format!("! cannot reach {addr}: {error}"),
+            format!("! cannot reach {addr}: {}", clean(error)),
         ),
         Event::Traffic {
             direction,
@@ -669,14 +806,32 @@ fn describe_overlay(event: &Event) -> (Value, String) {
             (
                 json!({"event":"traffic","dir":dir,"peer":peer,"type":kind,"msg_id":msg_id,"src":src,"dst":dst}),
                 format!(
-                    "{} {kind:<12} {peer} {}→{}",
+                    "{} {:<12} {} {}→{}",
                     if dir == "in" { "«" } else { "»" },
-                    src.as_deref().unwrap_or("-"),
-                    dst.as_deref().unwrap_or("-")
+                    clean(kind),
+                    clean(peer),
+                    clean(src.as_deref().unwrap_or("-")),
+                    clean(dst.as_deref().unwrap_or("-"))
                 ),
             )
         }
     }
+}
+
+/// Text from a peer, made safe for a terminal: every control character (escape sequences,
+/// carriage returns, newlines, bidirectional overrides, ...) is shown as an escape such as
+/// `\n` or `\u{1b}` instead of acting on the screen.
+pub fn clean(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        let bidi = matches!(c, '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if c.is_control() || bidi {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 fn short(msg_id: &str) -> &str {
@@ -685,4 +840,19 @@ fn short(msg_id: &str) -> &str {
 
 fn fmt_rtt(rtt_ms: Option<f64>) -> String {
     rtt_ms.map_or_else(|| "-".to_owned(), |r| format!("{r:.1} ms"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn control_characters_are_escaped() {
+        assert_eq!(
+            clean("oi\x1b[2J\r\n[carol@UnB] x"),
+            "oi\\u{1b}[2J\\r\\n[carol@UnB] x"
+        );
+        assert_eq!(clean("\u{202e}abc\u{7}"), "\\u{202e}abc\\u{7}");
+        assert_eq!(clean("Olá, → ok"), "Olá, → ok");
+    }
 }
