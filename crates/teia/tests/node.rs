@@ -3,9 +3,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::TcpStream;
-
 use common::*;
 use serde_json::{json, Value};
 
@@ -176,48 +173,6 @@ fn churn_kill_9_then_come_back() {
     let back = bob.msg("@carol@UnB", "welcome back");
     carol.wait_message(&back);
     bob.wait_ack(&back);
-}
-
-/// A raw client in the style of the course's: plain TCP, `ttl:1`, no teia feature.
-struct CourseClient {
-    stream: TcpStream,
-    reader: BufReader<TcpStream>,
-}
-
-impl CourseClient {
-    fn connect(addr: &str, peer_id: &str) -> Self {
-        let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(PATIENCE)).unwrap();
-        let reader = BufReader::new(stream.try_clone().unwrap());
-        let mut client = Self { stream, reader };
-        client.send(&json!({"type":"HELLO","peer_id":peer_id,"version":"1.0","features":["ack","metrics"],"ttl":1}));
-        let ok = client.read_until(|m| m["type"] == "HELLO_OK");
-        assert!(
-            !ok["features"].as_array().unwrap().contains(&json!("teia")),
-            "no teia extensions toward a course peer"
-        );
-        client
-    }
-
-    fn send(&mut self, message: &Value) {
-        self.send_raw(format!("{message}\n").as_bytes());
-    }
-
-    fn send_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).unwrap();
-    }
-
-    fn read_until(&mut self, predicate: impl Fn(&Value) -> bool) -> Value {
-        loop {
-            let mut line = String::new();
-            let n = self.reader.read_line(&mut line).unwrap();
-            assert!(n > 0, "the node closed the link");
-            let message: Value = serde_json::from_str(&line).unwrap();
-            if predicate(&message) {
-                return message;
-            }
-        }
-    }
 }
 
 #[test]

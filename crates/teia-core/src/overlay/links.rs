@@ -646,7 +646,7 @@ impl Node {
 
     /// True for an address this node must not dial: one found to be itself, or its own
     /// listening port on a loopback or unspecified address.
-    fn is_own(&self, addr: SocketAddr) -> bool {
+    pub(super) fn is_own(&self, addr: SocketAddr) -> bool {
         self.own_addrs.contains(&addr)
             || (Some(addr.port()) == self.config.listen_port
                 && (addr.ip().is_loopback() || addr.ip().is_unspecified()))

@@ -119,8 +119,9 @@ pub struct Config {
     pub course_gap: Duration,
     /// Time a course peer has to ACK a SEND before the next SEND goes to it anyway.
     pub course_ack_wait: Duration,
-    /// Lines waiting to be paced out to one course peer, at most; beyond, they are dropped.
-    pub course_queue: usize,
+    /// Bytes waiting to be paced out to one course peer, at most; beyond, lines are dropped
+    /// (and counted).
+    pub course_queue_bytes: usize,
 }
 
 impl Config {
@@ -163,7 +164,7 @@ impl Config {
             learned_per_peer: 32,
             course_gap: Duration::from_millis(15),
             course_ack_wait: Duration::from_secs(1),
-            course_queue: 512,
+            course_queue_bytes: 256 * 1024,
         }
     }
 
@@ -566,6 +567,8 @@ struct Link {
     heard: bool,
     /// Lines waiting to be paced out to a course peer.
     paced: VecDeque<(Option<String>, Vec<u8>)>,
+    /// Bytes in `paced`.
+    paced_bytes: usize,
     /// Earliest time the next paced line may go.
     paced_at: Instant,
     /// A SEND written to this course peer and not yet acknowledged, with its wait's end.
@@ -895,6 +898,7 @@ impl Node {
                 encrypted: false,
                 heard: false,
                 paced: VecDeque::new(),
+                paced_bytes: 0,
                 paced_at: now,
                 awaiting_ack: None,
             },
@@ -1081,6 +1085,14 @@ impl Node {
     /// until it fails the configured attempts in a row.
     pub fn connect(&mut self, now: Instant, addr: SocketAddr) {
         self.now = now;
+        if self.is_own(addr) {
+            self.emit(Event::DialGaveUp {
+                addr,
+                attempts: 0,
+                reason: "the address is this node itself".to_owned(),
+            });
+            return;
+        }
         let entry = self.known_entry(now, addr, None, None);
         if let Some(known) = entry {
             known.pinned = true;
@@ -1216,10 +1228,11 @@ impl Node {
             return;
         };
         if state.paced() {
-            if state.paced.len() >= self.config.course_queue {
+            if state.paced_bytes + line.len() > self.config.course_queue_bytes {
                 self.counters.dropped += 1;
                 return;
             }
+            state.paced_bytes += line.len();
             let send_id = match message {
                 Message::Send(data) => Some(data.msg_id.clone()),
                 _ => None,
@@ -1269,6 +1282,7 @@ impl Node {
             let Some((send_id, line)) = state.paced.pop_front() else {
                 break;
             };
+            state.paced_bytes = state.paced_bytes.saturating_sub(line.len());
             if let Some(id) = send_id {
                 state.awaiting_ack = Some((id, now + self.config.course_ack_wait));
             }

@@ -7,14 +7,14 @@
     clippy::indexing_slicing
 )]
 
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -279,6 +279,7 @@ pub struct NodeProcess {
     pub peer_id: String,
     /// Port it accepts links on (0 with --no-listen).
     pub port: u16,
+    stdout_reader: std::thread::JoinHandle<()>,
 }
 
 #[derive(Default)]
@@ -312,7 +313,7 @@ impl NodeProcess {
         let stdout = child.stdout.take().unwrap();
         let events = Arc::new(Events::default());
         let sink = Arc::clone(&events);
-        std::thread::spawn(move || {
+        let stdout_reader = std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 let value: Value = serde_json::from_str(&line)
@@ -338,6 +339,7 @@ impl NodeProcess {
             events,
             peer_id: format!("{name}@{namespace}"),
             port: 0,
+            stdout_reader,
         };
         let ready = node.wait_event("ready", |e| e["event"] == "ready");
         node.port = ready["listen"]
@@ -349,9 +351,33 @@ impl NodeProcess {
 
     /// Kills the node with SIGKILL and hands back its data directory.
     pub fn kill9(self) -> tempfile::TempDir {
-        let Self { _data, process, .. } = self;
+        self.kill9_with_events().0
+    }
+
+    /// Kills the node with SIGKILL; hands back its data directory and every event it
+    /// printed before it died.
+    pub fn kill9_with_events(self) -> (tempfile::TempDir, Vec<Value>) {
+        let Self {
+            _data,
+            process,
+            events,
+            stdout_reader,
+            ..
+        } = self;
         process.kill9();
-        _data
+        let _ = stdout_reader.join();
+        let list = events.list.lock().unwrap().clone();
+        (_data, list)
+    }
+
+    /// Every event so far.
+    pub fn events(&self) -> Vec<Value> {
+        self.events.list.lock().unwrap().clone()
+    }
+
+    /// The node's data directory.
+    pub fn data_dir(&self) -> &Path {
+        self._data.path()
     }
 
     /// `127.0.0.1:PORT` of this node.
@@ -452,5 +478,47 @@ impl NodeProcess {
         self.wait_event(&format!("ack {msg_id}"), |e| {
             e["event"] == "ack" && e["msg_id"] == msg_id
         })
+    }
+}
+
+/// A raw client in the style of the course's: plain TCP, `ttl:1`, no teia feature.
+pub struct CourseClient {
+    pub stream: std::net::TcpStream,
+    reader: BufReader<std::net::TcpStream>,
+}
+
+impl CourseClient {
+    pub fn connect(addr: &str, peer_id: &str) -> Self {
+        let stream = std::net::TcpStream::connect(addr).unwrap();
+        stream.set_read_timeout(Some(PATIENCE)).unwrap();
+        let reader = BufReader::new(stream.try_clone().unwrap());
+        let mut client = Self { stream, reader };
+        client.send(&json!({"type":"HELLO","peer_id":peer_id,"version":"1.0","features":["ack","metrics"],"ttl":1}));
+        let ok = client.read_until(|m| m["type"] == "HELLO_OK");
+        assert!(
+            !ok["features"].as_array().unwrap().contains(&json!("teia")),
+            "no teia extensions toward a course peer"
+        );
+        client
+    }
+
+    pub fn send(&mut self, message: &Value) {
+        self.send_raw(format!("{message}\n").as_bytes());
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).unwrap();
+    }
+
+    pub fn read_until(&mut self, predicate: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let mut line = String::new();
+            let n = self.reader.read_line(&mut line).unwrap();
+            assert!(n > 0, "the node closed the link");
+            let message: Value = serde_json::from_str(&line).unwrap();
+            if predicate(&message) {
+                return message;
+            }
+        }
     }
 }
