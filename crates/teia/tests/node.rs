@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use serde_json::{json, Value};
+use serde_json::json;
 
 fn rendezvous() -> (tempfile::TempDir, Rendezvous) {
     let dir = tempfile::tempdir().unwrap();
