@@ -842,3 +842,214 @@ fn over_quota_neighbour_gets_errors() {
     assert_eq!(delivered, 10, "burst of twice the rate");
     assert_eq!(refused, 10);
 }
+
+#[test]
+fn links_between_teia_nodes_are_encrypted_and_keys_pinned() {
+    let mut sim = Sim::new(2, 1, |_| {});
+    sim.connect(0, 1);
+    sim.run(Duration::from_secs(1));
+    let neighbours = sim.nodes[0].node.neighbours();
+    assert_eq!(neighbours.len(), 1);
+    assert!(neighbours[0].encrypted && neighbours[0].teia);
+    assert_eq!(neighbours[0].key, Some(identity(1).public_key()));
+    assert_eq!(
+        sim.nodes[0].node.pins(),
+        vec![(name(1), identity(1).public_key())]
+    );
+}
+
+#[test]
+fn an_impostor_key_is_refused_and_the_existing_link_stays() {
+    // Node 2 claims node 1's peer id with its own key.
+    let mut sim = Sim::new(3, 1, |c| {
+        if c.peer_id == name(2) {
+            c.peer_id = name(1);
+        }
+    });
+    sim.connect(0, 1);
+    sim.run(Duration::from_secs(1));
+    sim.connect(0, 2);
+    sim.run(Duration::from_secs(1));
+    let mismatch = sim.nodes[0].events.iter().any(|e| {
+        matches!(e, Event::KeyMismatch { peer, pinned, offered, .. }
+            if *peer == name(1) && *pinned == identity(1).public_key() && *offered == identity(2).public_key())
+    });
+    assert!(mismatch, "{:?}", sim.nodes[0].events);
+    let neighbours = sim.nodes[0].node.neighbours();
+    assert_eq!(neighbours.len(), 1);
+    assert_eq!(neighbours[0].key, Some(identity(1).public_key()));
+    let msg = sim.send(0, 1, "still the real one");
+    sim.run(Duration::from_secs(1));
+    assert!(sim.acked(0, &msg));
+}
+
+#[test]
+fn a_relay_cannot_forge_a_message() {
+    let mut sim = Sim::new(3, 1, |_| {});
+    sim.connect(0, 1);
+    sim.connect(1, 2);
+    sim.run(Duration::from_secs(1));
+    // What n1 could inject on its link to n2: a PUB in n0's name, unsigned, then one with
+    // n0's real signature over other text.
+    let (&link, _) = sim
+        .ends
+        .iter()
+        .find(|(_, &(owner, _, other))| owner == 2 && other == 1)
+        .unwrap();
+    let now = sim.now;
+    let genuine = sim.node(0).publish(now, "*", json!("original")).unwrap();
+    sim.run(Duration::from_secs(1));
+    assert_eq!(
+        sim.messages(2, &genuine),
+        1,
+        "signed and relayed: delivered"
+    );
+    let signature = {
+        let bytes = crate::identity::origin_message(
+            "PUB",
+            "forged-2",
+            &name(0),
+            "*",
+            Some(&json!("original")),
+        );
+        crate::identity::encode(&identity(0).sign(&bytes))
+    };
+    let key = identity(0).public_key().to_string();
+    let unsigned = format!(
+        r#"{{"type":"PUB","msg_id":"forged-1","src":"{}","dst":"*","payload":"pague","ttl":7}}"#,
+        name(0)
+    );
+    let altered = format!(
+        r#"{{"type":"PUB","msg_id":"forged-2","src":"{}","dst":"*","payload":"pague","ttl":7,"key":"{key}","sig":"{signature}"}}"#,
+        name(0)
+    );
+    for line in [unsigned, altered] {
+        sim.schedule(
+            LATENCY,
+            Delivery::Line {
+                node: 2,
+                link,
+                line: line.into_bytes(),
+            },
+        );
+    }
+    sim.run(Duration::from_secs(1));
+    assert_eq!(sim.messages(2, "forged-1"), 0);
+    assert_eq!(sim.messages(2, "forged-2"), 0);
+    let forged = sim.nodes[2]
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Forged { .. }))
+        .count();
+    assert_eq!(forged, 2);
+    assert_eq!(sim.nodes[2].node.neighbours().len(), 1, "the link stays");
+}
+
+#[test]
+fn peer_lists_from_unproven_peers_are_not_dialed() {
+    let now = Instant::now();
+    let mut config = Config::new("b@U");
+    config.identity = Some(identity(9));
+    let mut node = Node::new(config, now, 0);
+    node.link_opened(now, 1, addr_of(1), true);
+    // A course client that claims `teia` without the handshake.
+    let hello = br#"{"type":"HELLO","peer_id":"evil@U","features":["ack","teia"],"ttl":1}"#;
+    node.line_received(now, 1, Ok(hello.to_vec()));
+    let peers: Vec<String> = (0..5)
+        .map(|i| {
+            format!(
+                r#"{{"peer_id":"v{i}@U","ip":"127.0.0.1","port":{}}}"#,
+                20_000 + i
+            )
+        })
+        .collect();
+    let list = format!(
+        r#"{{"type":"PEER_LIST","peers":[{}],"ttl":1}}"#,
+        peers.join(",")
+    );
+    node.line_received(now, 1, Ok(list.into_bytes()));
+    let actions = actions_over_time(&mut node, now);
+    assert!(!actions.iter().any(|a| matches!(a, Action::Dial { .. })));
+    assert!(
+        !node.neighbours()[0].teia,
+        "not a teia peer without its key"
+    );
+}
+
+#[test]
+fn new_dials_are_rate_limited_node_wide() {
+    let now = Instant::now();
+    let mut config = Config::new("b@U");
+    config.target_neighbours = 500;
+    let mut node = Node::new(config, now, 0);
+    let peers = (0..200).map(|i| (format!("p{i}@U"), addr_of(100 + i)));
+    node.discovered(now, peers);
+    let dials = |node: &mut Node| {
+        std::iter::from_fn(|| node.poll_action())
+            .filter(|a| matches!(a, Action::Dial { .. }))
+            .count()
+    };
+    assert_eq!(dials(&mut node), 20, "the burst");
+    node.handle_timeout(now + Duration::from_secs(1));
+    assert_eq!(dials(&mut node), 10, "then the rate");
+}
+
+#[test]
+fn a_peer_that_said_bye_is_dialed_again_only_once_seen_again() {
+    let mut sim = Sim::new(2, 1, |_| {});
+    let now = sim.now;
+    sim.nodes[0].node.config.target_neighbours = 4;
+    sim.node(0).discovered(now, [(name(1), addr_of(1))]);
+    sim.run(Duration::from_secs(1));
+    assert_eq!(sim.nodes[0].node.neighbours().len(), 1);
+    let now = sim.now;
+    sim.node(1).shutdown(now);
+    sim.run(Duration::from_secs(1));
+    // Node 1 starts again at once, but node 0 does not know it is back.
+    sim.nodes[1].node = Node::new(sim_config(1), sim.now, 1_700_000_010_000);
+    sim.run(Duration::from_secs(120));
+    assert!(sim.nodes[0].node.neighbours().is_empty(), "not redialed");
+    let now = sim.now;
+    sim.node(0).discovered(now, [(name(1), addr_of(1))]);
+    sim.run(Duration::from_secs(2));
+    assert_eq!(
+        sim.nodes[0].node.neighbours().len(),
+        1,
+        "seen again: dialed"
+    );
+}
+
+#[test]
+fn an_address_that_drops_every_link_is_given_up() {
+    let now = Instant::now();
+    let mut config = Config::new("a@U");
+    config.reconnect_attempts = 3;
+    let mut node = Node::new(config, now, 0);
+    let addr = addr_of(7);
+    node.connect(now, addr);
+    let mut dials = 0;
+    let mut link = 0;
+    let mut at = now;
+    for _ in 0..1_000 {
+        let actions: Vec<Action> = std::iter::from_fn(|| node.poll_action()).collect();
+        for action in actions {
+            match action {
+                Action::Dial { .. } => {
+                    dials += 1;
+                    link += 1;
+                    node.link_opened(at, link, addr, false);
+                    node.link_closed(at, link, "closed by peer");
+                }
+                Action::Event(Event::DialGaveUp { attempts, .. }) => {
+                    assert_eq!(attempts, 3);
+                    assert_eq!(dials, 4, "the first dial and 3 retries");
+                    return;
+                }
+                _ => {}
+            }
+        }
+        at = node.poll_timeout().unwrap_or(at + Duration::from_secs(1));
+        node.handle_timeout(at);
+    }
+    panic!("never gave up after {dials} dials");
+}
