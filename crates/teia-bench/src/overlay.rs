@@ -35,6 +35,9 @@ pub struct Args {
     floods: usize,
 }
 
+/// Tasks publishing at once in the PUB throughput measurement.
+const PUBLISHERS: usize = 8;
+
 /// How the benchmark's nodes secure their links.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Security {
@@ -297,19 +300,24 @@ async fn pub_rate(args: &Args, security: Security, relay: bool) -> anyhow::Resul
         None => wait_links(&mut receiver, 1).await?,
     }
     let started = Instant::now();
-    let publisher = {
-        let handle = sender.handle.clone();
-        let payload = payload.clone();
-        tokio::spawn(async move {
-            for _ in 0..count {
-                if handle.send("*", json!(payload)).await.is_err() {
-                    return;
+    // Several publishing tasks, as an application with several things to say has: the node
+    // signs what they publish in one turn as one batch.
+    let publishers: Vec<_> = (0..PUBLISHERS)
+        .map(|_| {
+            let handle = sender.handle.clone();
+            let payload = payload.clone();
+            tokio::spawn(async move {
+                for _ in 0..count / PUBLISHERS {
+                    if handle.send("*", json!(payload)).await.is_err() {
+                        return;
+                    }
                 }
-            }
+            })
         })
-    };
+        .collect();
     // PUBs are not acknowledged: a hop whose write queue is full drops them. Count what
     // arrives until the flow stops.
+    let count = count / PUBLISHERS * PUBLISHERS;
     let mut delivered = 0;
     let mut last = started;
     while delivered < count {
@@ -324,7 +332,9 @@ async fn pub_rate(args: &Args, security: Security, relay: bool) -> anyhow::Resul
             Err(_) => bail!("no PUB arrived"),
         }
     }
-    publisher.await?;
+    for publisher in publishers {
+        publisher.await?;
+    }
     let rate = delivered as f64 / last.duration_since(started).as_secs_f64();
     let _ = sender.handle.shutdown().await;
     let _ = receiver.handle.shutdown().await;

@@ -183,6 +183,87 @@ pub fn origin_message(
     message
 }
 
+/// Domain strings of the batch hash tree.
+const LEAF: &[u8] = b"teia-leaf-v1\n";
+const NODE: &[u8] = b"teia-node-v1\n";
+const BATCH: &[u8] = b"teia-batch-v1\n";
+/// Levels of a batch tree at most (batches of up to 2^16 messages).
+pub const MAX_PROOF_LEVELS: usize = 16;
+
+fn hash32(parts: &[&[u8]]) -> [u8; 32] {
+    let mut hasher = Sha512::new();
+    for part in parts {
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
+    let mut out = [0u8; 32];
+    out.copy_from_slice(digest.get(..32).unwrap_or(&[0u8; 32]));
+    out
+}
+
+/// The leaf hash of a message in a signed batch: SHA-512, truncated to 32 bytes, of a
+/// domain string and the message's [`origin_message`] bytes.
+pub fn leaf_hash(origin: &[u8]) -> [u8; 32] {
+    hash32(&[LEAF, origin])
+}
+
+fn node_hash(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    hash32(&[NODE, left, right])
+}
+
+/// What a batch signature signs: a domain string and the batch's root.
+pub fn batch_message(root: &[u8; 32]) -> Vec<u8> {
+    [BATCH, root.as_slice()].concat()
+}
+
+/// The root of the tree over `leaves` (padded with zero leaves to a power of two) and, for
+/// each leaf, its proof: the sibling hashes from the leaf up, concatenated.
+pub fn batch_tree(leaves: &[[u8; 32]]) -> ([u8; 32], Vec<Vec<u8>>) {
+    let width = leaves.len().max(1).next_power_of_two();
+    let mut level: Vec<[u8; 32]> = leaves.to_vec();
+    level.resize(width, [0u8; 32]);
+    let mut proofs = vec![Vec::new(); leaves.len()];
+    let mut positions: Vec<usize> = (0..leaves.len()).collect();
+    while level.len() > 1 {
+        for (proof, position) in proofs.iter_mut().zip(positions.iter_mut()) {
+            if let Some(sibling) = level.get(*position ^ 1) {
+                proof.extend_from_slice(sibling);
+            }
+            *position /= 2;
+        }
+        level = level
+            .chunks(2)
+            .map(|pair| match pair {
+                [left, right] => node_hash(left, right),
+                [single] => *single,
+                _ => [0u8; 32],
+            })
+            .collect();
+    }
+    (level.first().copied().unwrap_or([0u8; 32]), proofs)
+}
+
+/// The root that `leaf` at `index` reaches with `proof` (sibling hashes from the leaf up);
+/// `None` when the proof is malformed.
+pub fn batch_root(leaf: [u8; 32], index: u32, proof: &[u8]) -> Option<[u8; 32]> {
+    if !proof.len().is_multiple_of(32) || proof.len() / 32 > MAX_PROOF_LEVELS {
+        return None;
+    }
+    if u64::from(index) >> (proof.len() / 32) != 0 {
+        return None;
+    }
+    let mut hash = leaf;
+    for (level, sibling) in proof.chunks(32).enumerate() {
+        let sibling: [u8; 32] = sibling.try_into().ok()?;
+        hash = if (index >> level) & 1 == 0 {
+            node_hash(&hash, &sibling)
+        } else {
+            node_hash(&sibling, &hash)
+        };
+    }
+    Some(hash)
+}
+
 /// Encodes bytes as unpadded base64url, as keys and signatures travel.
 pub fn encode(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
@@ -214,6 +295,22 @@ mod tests {
         let binding = identity.sign_binding("a@U");
         assert!(key.verify_binding(identity.noise_public(), "a@U", &binding));
         assert!(!key.verify_binding(identity.noise_public(), "b@U", &binding));
+    }
+
+    #[test]
+    fn every_leaf_of_a_batch_reaches_its_root() {
+        for size in [1usize, 2, 3, 5, 8, 64] {
+            let leaves: Vec<[u8; 32]> = (0..size).map(|i| leaf_hash(&[i as u8])).collect();
+            let (root, proofs) = batch_tree(&leaves);
+            for (i, (leaf, proof)) in leaves.iter().zip(&proofs).enumerate() {
+                assert_eq!(batch_root(*leaf, i as u32, proof), Some(root), "{size}/{i}");
+                assert_ne!(batch_root(leaf_hash(b"other"), i as u32, proof), Some(root));
+            }
+        }
+        let (root, proofs) = batch_tree(&[leaf_hash(b"a"), leaf_hash(b"b")]);
+        assert_ne!(batch_root(leaf_hash(b"a"), 1, &proofs[0]), Some(root));
+        assert_eq!(batch_root(leaf_hash(b"a"), 2, &proofs[0]), None);
+        assert_eq!(batch_root(leaf_hash(b"a"), 0, &[0u8; 31]), None);
     }
 
     #[test]

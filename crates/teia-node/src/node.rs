@@ -488,16 +488,36 @@ impl Driver {
                     }
                     None => break,
                 },
-                command = commands.recv() => match command {
-                    Some(Command::Shutdown) | None => break,
-                    Some(Command::Send { dst, payload, reply }) => {
-                        let sent = self.node.send(Instant::now(), &dst, payload);
-                        // Stored (and on its way) before the sender hears it was sent.
-                        self.execute().await;
+                command = commands.recv() => {
+                    // Take what else is already waiting, so that the messages of one turn
+                    // are signed as one batch.
+                    let mut batch = vec![command];
+                    while batch.len() < INPUT_BATCH {
+                        match commands.try_recv() {
+                            Ok(more) => batch.push(Some(more)),
+                            Err(_) => break,
+                        }
+                    }
+                    let mut replies = Vec::new();
+                    let mut stop = false;
+                    for command in batch {
+                        match command {
+                            Some(Command::Shutdown) | None => stop = true,
+                            Some(Command::Send { dst, payload, reply }) => {
+                                replies.push((reply, self.node.send(Instant::now(), &dst, payload)));
+                            }
+                            Some(command) => self.command(command),
+                        }
+                    }
+                    // Stored (and on their way) before the senders hear they were sent.
+                    self.execute().await;
+                    for (reply, sent) in replies {
                         let _ = reply.send(sent);
                     }
-                    Some(command) => self.command(command),
-                },
+                    if stop {
+                        break;
+                    }
+                }
                 () = &mut timer => self.node.handle_timeout(Instant::now()),
             }
         }

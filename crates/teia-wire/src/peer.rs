@@ -117,6 +117,13 @@ pub struct Auth {
     /// Who signed, when not `src`: the teia node a course peer's message entered through.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub signer: Option<String>,
+    /// When the signature covers a batch of messages: the sibling hashes from this message's
+    /// leaf up to the batch's root, base64url.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub proof: Option<String>,
+    /// The message's position in its batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub leaf: Option<u32>,
 }
 
 /// NOISE (teia): the third message of the Noise handshake, after which the link is encrypted.
@@ -571,6 +578,8 @@ impl Reader<'_> {
             key: self.text("key")?,
             sig: self.text("sig")?,
             signer: self.text("signer"),
+            proof: self.text("proof"),
+            leaf: self.number("leaf"),
         })
     }
 
@@ -779,6 +788,8 @@ mod tests {
                     key: "k".into(),
                     sig: "s".into(),
                     signer: None,
+                    proof: Some("p".into()),
+                    leaf: Some(3),
                 }),
             }),
             Message::Noise(Noise {

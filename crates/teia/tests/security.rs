@@ -195,6 +195,7 @@ fn silent_connections_do_not_lock_out_a_real_peer() {
     let stop = Arc::new(AtomicBool::new(false));
     let attacking = Arc::clone(&stop);
     // 300 silent connections, then one more every time the node closes one.
+    let (under_way, attack_started) = std::sync::mpsc::channel();
     let attacker = std::thread::spawn(move || {
         let mut open = std::collections::VecDeque::new();
         let mut made = 0;
@@ -202,6 +203,9 @@ fn silent_connections_do_not_lock_out_a_real_peer() {
             if let Ok(stream) = TcpStream::connect(&target) {
                 open.push_back(stream);
                 made += 1;
+                if made == 300 {
+                    let _ = under_way.send(());
+                }
             }
             if open.len() > 300 {
                 open.pop_front();
@@ -209,6 +213,7 @@ fn silent_connections_do_not_lock_out_a_real_peer() {
         }
         made
     });
+    attack_started.recv_timeout(PATIENCE).unwrap();
     let bob = NodeProcess::start(
         "bob",
         "X",

@@ -134,13 +134,6 @@ impl Node {
         if !data.require_ack {
             return;
         }
-        let auth = self.sign(&Origin {
-            kind: "ACK",
-            msg_id: &data.msg_id,
-            src: &self.config.peer_id,
-            dst: &data.src,
-            payload: None,
-        });
         let ack = Ack {
             msg_id: data.msg_id.clone(),
             src: Some(self.config.peer_id.clone()),
@@ -148,12 +141,16 @@ impl Node {
             from: Some(self.config.peer_id.clone()),
             timestamp: Some(self.timestamp(now)),
             ttl: self.config.default_ttl,
-            auth,
+            auth: None,
         };
         if data.src == self.config.peer_id {
             self.on_ack(now, LinkId::MAX, ack);
         } else {
-            self.reply(now, Message::Ack(ack), &data.src, link);
+            self.defer(super::origin::Deferred::Ack {
+                ack,
+                origin: data.src,
+                hint: link,
+            });
         }
     }
 
@@ -721,7 +718,7 @@ impl Node {
                 continue;
             }
             let data = self.originate("SEND", msg_id, dst, payload);
-            self.route(now, Message::Send(data), None);
+            self.defer(super::origin::Deferred::Send(data));
         }
     }
 

@@ -672,6 +672,10 @@ pub struct Node {
     relayed_order: VecDeque<String>,
     /// The time of the latest input.
     now: Instant,
+    /// Messages of ours waiting to be signed at the end of the turn.
+    unsigned: Vec<origin::Deferred>,
+    /// Batch roots whose signature was verified (key and root).
+    verified_roots: SeenIds,
 }
 
 /// Longest a PEER_LIST update waits, so several changes go out as one.
@@ -682,6 +686,8 @@ const PEER_LIST_MAX: usize = 32;
 const STABLE_LINK: Duration = Duration::from_secs(10);
 /// Relayed SENDs remembered for routing back course peers' ACKs.
 const RELAYED_KEPT: usize = 4_096;
+/// Verified batch roots remembered.
+const VERIFIED_ROOTS_KEPT: usize = 4_096;
 /// Addresses remembered as our own.
 const OWN_ADDRS_KEPT: usize = 16;
 
@@ -715,6 +721,8 @@ impl Node {
             relayed: HashMap::new(),
             relayed_order: VecDeque::new(),
             now,
+            unsigned: Vec::new(),
+            verified_roots: SeenIds::new(VERIFIED_ROOTS_KEPT),
             config,
         }
     }
@@ -724,8 +732,12 @@ impl Node {
         &self.config.peer_id
     }
 
-    /// The next thing to do, if any.
+    /// The next thing to do, if any. When nothing else is left, the messages this node
+    /// originated in this turn are signed (as one batch) and sent.
     pub fn poll_action(&mut self) -> Option<Action> {
+        if self.actions.is_empty() && !self.unsigned.is_empty() {
+            self.flush_origins();
+        }
         self.actions.pop_front()
     }
 
@@ -1031,7 +1043,7 @@ impl Node {
         }
         let msg_id = self.new_id();
         let data = self.originate("SEND", msg_id.clone(), dst.to_owned(), payload.clone());
-        if Message::Send(data.clone()).to_line().is_err() {
+        if !fits_signed(&Message::Send(data.clone())) {
             return Err(ApiError::TooLarge);
         }
         self.actions.push_back(Action::Remember(PendingSend {
@@ -1055,7 +1067,7 @@ impl Node {
         if dst == self.config.peer_id {
             self.deliver_send(now, None, data);
         } else {
-            self.route(now, Message::Send(data), None);
+            self.defer(origin::Deferred::Send(data));
         }
         Ok(msg_id)
     }
@@ -1071,13 +1083,11 @@ impl Node {
         };
         let msg_id = self.new_id();
         let data = self.originate("PUB", msg_id.clone(), dst, payload);
-        let message = Message::Pub(data);
-        let line = message.to_line().map_err(|_| ApiError::TooLarge)?;
-        self.seen.insert(&format!("PUB:{msg_id}"));
-        let links: Vec<LinkId> = self.by_peer.values().copied().collect();
-        for link in links {
-            self.write_line(link, &message, line.clone());
+        if !fits_signed(&Message::Pub(data.clone())) {
+            return Err(ApiError::TooLarge);
         }
+        self.seen.insert(&format!("PUB:{msg_id}"));
+        self.defer(origin::Deferred::Pub(data));
         Ok(msg_id)
     }
 
@@ -1395,6 +1405,13 @@ impl Node {
         let time = UNIX_EPOCH + Duration::from_millis(unix);
         humantime::format_rfc3339_seconds(time.max(SystemTime::UNIX_EPOCH)).to_string()
     }
+}
+
+/// True when `message` still fits in a line once its signature fields are added.
+fn fits_signed(message: &Message) -> bool {
+    message
+        .to_line()
+        .is_ok_and(|line| line.len() + origin::AUTH_ROOM <= MAX_LINE)
 }
 
 /// The features both we and the sender of `hello` speak.

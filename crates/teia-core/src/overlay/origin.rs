@@ -1,7 +1,9 @@
 //! Authentic origins (PROTOCOL.md section 4.1): the messages this node originates are signed
-//! once, at the origin; a course neighbour may only speak for itself, and the teia node it
-//! enters through vouches for it with its own signature; a message is checked before it is
-//! delivered, so the application is never told that it came from someone who did not send it.
+//! once, at the origin, a whole batch at a time (the messages originated in one turn share
+//! one signature over the root of a hash tree, each carrying its proof); a course neighbour
+//! may only speak for itself, and the teia node it enters through vouches for it with its own
+//! signature; a message is checked before it is delivered (one signature check per batch),
+//! so the application is never told that it came from someone who did not send it.
 
 use serde_json::Value;
 
@@ -23,8 +25,50 @@ impl Origin<'_> {
     }
 }
 
+/// A message originated here, waiting for the end of the turn to be signed with the others
+/// and sent.
+#[derive(Debug)]
+pub(super) enum Deferred {
+    /// A PUB, to every neighbour.
+    Pub(Data),
+    /// A SEND, routed to its destination.
+    Send(Data),
+    /// An ACK, back to the SEND's origin (`hint`: the link the SEND came on).
+    Ack {
+        ack: Ack,
+        origin: String,
+        hint: Option<LinkId>,
+    },
+}
+
+/// Messages signed together at most; one more starts a new batch.
+const MAX_BATCH: usize = 64;
+/// Room kept in a line for the signature fields of a batch of [`MAX_BATCH`].
+pub(super) const AUTH_ROOM: usize = 512;
+
+impl Deferred {
+    fn origin(&self) -> Origin<'_> {
+        match self {
+            Self::Pub(data) | Self::Send(data) => Origin {
+                kind: if data.require_ack { "SEND" } else { "PUB" },
+                msg_id: &data.msg_id,
+                src: &data.src,
+                dst: &data.dst,
+                payload: Some(&data.payload),
+            },
+            Self::Ack { ack, origin, .. } => Origin {
+                kind: "ACK",
+                msg_id: &ack.msg_id,
+                src: ack.src.as_deref().unwrap_or_default(),
+                dst: origin,
+                payload: None,
+            },
+        }
+    }
+}
+
 impl Node {
-    /// A SEND or PUB originated here, signed when the node has an identity.
+    /// A SEND or PUB from this node, not signed yet.
     pub(super) fn originate(
         &mut self,
         kind: &str,
@@ -32,38 +76,102 @@ impl Node {
         dst: String,
         payload: Value,
     ) -> Data {
-        let src = self.config.peer_id.clone();
-        let auth = self.sign(&Origin {
-            kind,
-            msg_id: &msg_id,
-            src: &src,
-            dst: &dst,
-            payload: Some(&payload),
-        });
         Data {
             msg_id,
-            src,
+            src: self.config.peer_id.clone(),
             dst,
             payload,
             require_ack: kind == "SEND",
             ttl: self.config.default_ttl,
-            auth,
+            auth: None,
         }
     }
 
-    /// This node's signature of `origin`: as its origin, or, when `src` is a course
-    /// neighbour, as the teia node vouching for it (`signer`).
-    pub(super) fn sign(&self, origin: &Origin<'_>) -> Option<Auth> {
-        if !self.config.sign_messages {
-            return None;
+    /// Queues a message of ours until the end of the turn ([`Node::poll_action`]), when the
+    /// queue is signed as one batch and sent.
+    pub(super) fn defer(&mut self, message: Deferred) {
+        self.unsigned.push(message);
+        if self.unsigned.len() >= MAX_BATCH {
+            self.flush_origins();
         }
-        let identity = self.config.identity.as_ref()?;
-        let signature = identity.sign(&origin.bytes());
-        Some(Auth {
-            key: identity.public_key().to_string(),
-            sig: identity::encode(&signature),
-            signer: (origin.src != self.config.peer_id).then(|| self.config.peer_id.clone()),
-        })
+    }
+
+    /// Signs the queued messages as one batch and sends them.
+    pub(super) fn flush_origins(&mut self) {
+        let batch = std::mem::take(&mut self.unsigned);
+        let origins: Vec<Origin<'_>> = batch.iter().map(Deferred::origin).collect();
+        let auths = self.sign_batch(&origins);
+        drop(origins);
+        let now = self.now;
+        for (deferred, auth) in batch.into_iter().zip(auths) {
+            match deferred {
+                Deferred::Pub(mut data) => {
+                    data.auth = auth;
+                    let message = Message::Pub(data);
+                    let Ok(line) = message.to_line() else {
+                        self.counters.errors += 1;
+                        continue;
+                    };
+                    let links: Vec<LinkId> = self.by_peer.values().copied().collect();
+                    for link in links {
+                        self.write_line(link, &message, line.clone());
+                    }
+                }
+                Deferred::Send(mut data) => {
+                    data.auth = auth;
+                    self.route(now, Message::Send(data), None);
+                }
+                Deferred::Ack {
+                    mut ack,
+                    origin,
+                    hint,
+                } => {
+                    ack.auth = auth;
+                    self.reply(now, Message::Ack(ack), &origin, hint);
+                }
+            }
+        }
+    }
+
+    /// This node's signatures of `origins`, all under one signature of the root of their hash
+    /// tree: as their origin, or, when `src` is a course neighbour, as the teia node vouching
+    /// for it (`signer`). `None` each when the node does not sign.
+    pub(super) fn sign_batch(&self, origins: &[Origin<'_>]) -> Vec<Option<Auth>> {
+        let identity = match &self.config.identity {
+            Some(identity) if self.config.sign_messages => identity,
+            _ => return origins.iter().map(|_| None).collect(),
+        };
+        let leaves: Vec<[u8; 32]> = origins
+            .iter()
+            .map(|o| identity::leaf_hash(&o.bytes()))
+            .collect();
+        let (root, proofs) = identity::batch_tree(&leaves);
+        let sig = identity::encode(&identity.sign(&identity::batch_message(&root)));
+        let key = identity.public_key().to_string();
+        let batched = origins.len() > 1;
+        origins
+            .iter()
+            .zip(proofs)
+            .enumerate()
+            .map(|(index, (origin, proof))| {
+                Some(Auth {
+                    key: key.clone(),
+                    sig: sig.clone(),
+                    signer: (origin.src != self.config.peer_id)
+                        .then(|| self.config.peer_id.clone()),
+                    proof: batched.then(|| identity::encode(&proof)),
+                    leaf: batched.then(|| u32::try_from(index).unwrap_or(u32::MAX)),
+                })
+            })
+            .collect()
+    }
+
+    /// This node's signature of one message (a batch of one).
+    pub(super) fn sign(&self, origin: &Origin<'_>) -> Option<Auth> {
+        self.sign_batch(std::slice::from_ref(origin))
+            .into_iter()
+            .next()
+            .flatten()
     }
 
     /// True when `link` is a course peer's (no proven teia feature).
@@ -139,9 +247,21 @@ impl Node {
                 origin.src
             ));
         }
-        let signature = identity::decode(&auth.sig).unwrap_or_default();
-        if !key.verify(&origin.bytes(), &signature) {
-            return Err(format!("bad origin signature for {}", origin.src));
+        let proof = match &auth.proof {
+            Some(proof) => identity::decode(proof).ok_or("proof is not base64url")?,
+            None => Vec::new(),
+        };
+        let leaf = identity::leaf_hash(&origin.bytes());
+        let root = identity::batch_root(leaf, auth.leaf.unwrap_or(0), &proof)
+            .ok_or("malformed batch proof")?;
+        // A root verified once vouches for every message of its batch.
+        let verified = format!("{key}:{}", identity::encode(&root));
+        if !self.verified_roots.contains(&verified) {
+            let signature = identity::decode(&auth.sig).unwrap_or_default();
+            if !key.verify(&identity::batch_message(&root), &signature) {
+                return Err(format!("bad origin signature for {}", origin.src));
+            }
+            self.verified_roots.insert(&verified);
         }
         if !self.check_pin(signer, key, None) {
             return Err(format!(

@@ -904,6 +904,7 @@ fn a_relay_cannot_forge_a_message() {
         1,
         "signed and relayed: delivered"
     );
+    // n0's genuine signature of a batch of one PUB "forged-2" saying "original".
     let signature = {
         let bytes = crate::identity::origin_message(
             "PUB",
@@ -912,7 +913,8 @@ fn a_relay_cannot_forge_a_message() {
             "*",
             Some(&json!("original")),
         );
-        crate::identity::encode(&identity(0).sign(&bytes))
+        let root = crate::identity::leaf_hash(&bytes);
+        crate::identity::encode(&identity(0).sign(&crate::identity::batch_message(&root)))
     };
     let key = identity(0).public_key().to_string();
     let unsigned = format!(
