@@ -179,6 +179,14 @@ async fn every_validation_error_code() {
             "bad_name",
         ),
         (
+            json!({"type":"REGISTER","namespace":"UnB","name":42,"port":1}),
+            "bad_name",
+        ),
+        (
+            json!({"type":"REGISTER","namespace":7,"name":"a","port":1}),
+            "bad_namespace",
+        ),
+        (
             json!({"type":"REGISTER","name":"a","port":1}),
             "bad_namespace",
         ),

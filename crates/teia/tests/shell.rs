@@ -28,6 +28,8 @@ fn shell_chats_with_a_peer_and_quits() {
         keys.write_all(format!("{line}\r").as_bytes()).unwrap();
         keys.flush().unwrap();
     };
+    let logs = alice.wait_for_log("teia: logs go to");
+    assert!(logs.trim_end().ends_with("alice@UnB.log"), "{logs}");
     alice.wait_for_log("teia node alice@UnB");
     bob.wait_link("alice@UnB");
 
@@ -50,6 +52,13 @@ fn shell_chats_with_a_peer_and_quits() {
     bob.wait_event("alice says bye", |e| {
         e["event"] == "link_down" && e["peer"] == "alice@UnB"
     });
+    let screen = alice.lines().join("\n");
     let status = alice.wait_exit();
     assert!(status.success(), "{status}");
+    assert!(
+        !screen.contains(" INFO ") && !screen.contains(" WARN "),
+        "log lines in the chat:\n{screen}"
+    );
+    let log = std::fs::read_to_string(data.path().join("nodes/alice@UnB.log")).unwrap();
+    assert!(log.contains("link up"), "the log went to its file:\n{log}");
 }

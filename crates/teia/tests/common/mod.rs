@@ -127,6 +127,11 @@ impl Process {
         }
     }
 
+    /// Every line captured so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.stderr.lines.lock().unwrap().clone()
+    }
+
     /// Number of stderr lines so far.
     pub fn log_len(&self) -> usize {
         self.stderr.lines.lock().unwrap().len()
@@ -299,7 +304,12 @@ impl NodeProcess {
     pub fn start_in(data: tempfile::TempDir, name: &str, namespace: &str, extra: &[&str]) -> Self {
         let mut child = teia()
             .args(["node", "--json", "--name", name, "--namespace", namespace])
-            .args(["--listen-ip", "127.0.0.1", "--discover-interval", "0.3"])
+            .args(["--listen-ip", "127.0.0.1"])
+            .args(if extra.contains(&"--discover-interval") {
+                &[][..]
+            } else {
+                &["--discover-interval", "0.3"][..]
+            })
             .arg("--data-dir")
             .arg(data.path())
             .args(extra)
@@ -410,6 +420,21 @@ impl NodeProcess {
                     .collect::<Vec<_>>()
                     .join("\n"),
                 self.process.stderr.lines.lock().unwrap().join("\n")
+            );
+            list = self.events.changed.wait_timeout(list, left).unwrap().0;
+        }
+    }
+
+    /// Waits until `count` events match `predicate`.
+    pub fn wait_count(&self, what: &str, count: usize, predicate: impl Fn(&Value) -> bool) {
+        let deadline = Instant::now() + PATIENCE;
+        let mut list = self.events.list.lock().unwrap();
+        while list.iter().filter(|e| predicate(e)).count() < count {
+            let left = deadline.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "{}: fewer than {count} events {what}",
+                self.peer_id
             );
             list = self.events.changed.wait_timeout(list, left).unwrap().0;
         }

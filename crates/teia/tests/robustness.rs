@@ -1,0 +1,184 @@
+//! Integration tests of smaller defects found by attacking `teia node`: start-up checks,
+//! error messages, a rendezvous that refuses DISCOVER before REGISTER, and peers that never
+//! read. Real processes on 127.0.0.1.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{TcpListener, TcpStream};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// Runs `teia ARGS` to completion; returns its exit success and standard error.
+fn run(args: &[&str]) -> (bool, String) {
+    let data = tempfile::tempdir().unwrap();
+    let output = teia()
+        .args(args)
+        .arg("--data-dir")
+        .arg(data.path())
+        .env_remove("RUST_LOG")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn a_rendezvous_that_does_not_resolve_stops_the_node_as_a_bad_peer_does() {
+    for flag in ["--rendezvous", "--peer"] {
+        let (ok, stderr) = run(&["node", "--json", "--name", "a", flag, "nonsense"]);
+        assert!(!ok, "{flag}");
+        assert!(
+            stderr.contains("cannot resolve") && stderr.contains("nonsense"),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
+fn bad_durations_say_what_is_allowed() {
+    let (ok, stderr) = run(&["node", "--json", "--name", "a", "--ping-interval", "0"]);
+    assert!(!ok);
+    assert!(
+        stderr.contains("above 0 and at most 86400, got 0"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn an_error_cause_is_said_once() {
+    let busy = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = busy.local_addr().unwrap().port().to_string();
+    let (ok, stderr) = run(&[
+        "node",
+        "--json",
+        "--name",
+        "a",
+        "--listen-ip",
+        "127.0.0.1",
+        "--port",
+        &port,
+        "--peer",
+        "127.0.0.1:9",
+    ]);
+    assert!(!ok);
+    let line = stderr.lines().find(|l| l.starts_with("error:")).unwrap();
+    assert_eq!(line.matches("in use").count(), 1, "{line}");
+}
+
+/// A rendezvous in the style of the newer course server: DISCOVER from an address that has
+/// not registered yet is refused `peer_not_registered`. It lists one peer: `listed`.
+fn strict_rendezvous(listed: u16) -> String {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let registered = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(stream) = stream else { continue };
+            let registered = std::sync::Arc::clone(&registered);
+            std::thread::spawn(move || answer(stream, &registered, listed));
+        }
+    });
+    addr
+}
+
+fn answer(mut stream: TcpStream, registered: &std::sync::atomic::AtomicBool, listed: u16) {
+    use std::sync::atomic::Ordering;
+    let mut line = String::new();
+    if BufReader::new(&stream).read_line(&mut line).is_err() {
+        return;
+    }
+    let request: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
+    let answer = match request["type"].as_str() {
+        Some("REGISTER") => {
+            // The registration takes effect late, so the first DISCOVER comes first.
+            std::thread::sleep(std::time::Duration::from_millis(500));
+            registered.store(true, Ordering::SeqCst);
+            json!({"status":"OK","ttl":60,"ip":"127.0.0.1","port":1})
+        }
+        Some("DISCOVER") if !registered.load(Ordering::SeqCst) => {
+            json!({"status":"ERROR","error":"peer_not_registered","message":"peer_not_registered"})
+        }
+        Some("DISCOVER") => json!({"status":"OK","peers":[
+            {"ip":"127.0.0.1","port":listed,"name":"listed","namespace":"UnB","ttl":60}
+        ]}),
+        _ => json!({"status":"OK"}),
+    };
+    let _ = stream.write_all(format!("{answer}\n").as_bytes());
+}
+
+#[test]
+fn a_discover_refused_before_the_first_register_is_retried_soon() {
+    let peer = NodeProcess::start("listed", "UnB", &["--peer", "127.0.0.1:9"]);
+    let server = strict_rendezvous(peer.port);
+    // With a 1-hour interval, only a prompt retry can find the listed peer.
+    let node = NodeProcess::start(
+        "alice",
+        "UnB",
+        &["--rendezvous", &server, "--discover-interval", "3600"],
+    );
+    node.wait_event("refused at first", |e| {
+        e["event"] == "rendezvous_error"
+            && e["error"]
+                .as_str()
+                .is_some_and(|s| s.contains("not_registered"))
+    });
+    node.wait_link("listed@UnB");
+}
+
+#[test]
+fn peers_that_never_read_cannot_exhaust_memory() {
+    let (_dir, rdv) = {
+        let dir = tempfile::tempdir().unwrap();
+        let rdv = Rendezvous::start(dir.path(), &[]);
+        (dir, rdv)
+    };
+    let mut node = NodeProcess::start("teia", "UnB", &["--rendezvous", &rdv.addr.to_string()]);
+    let mut silent = Vec::new();
+    for i in 0..30 {
+        let mut stream = TcpStream::connect(node.addr()).unwrap();
+        let hello = format!(
+            "{{\"type\":\"HELLO\",\"peer_id\":\"slow{i}@UnB\",\"features\":[\"ack\"],\"ttl\":1}}\n"
+        );
+        stream.write_all(hello.as_bytes()).unwrap();
+        silent.push(stream);
+        node.wait_link(&format!("slow{i}@UnB"));
+    }
+    let mut reader = CourseClient::connect(&node.addr(), "reader@UnB");
+    node.wait_link("reader@UnB");
+    let big = "x".repeat(30_000);
+    for _ in 0..300 {
+        node.command(&format!("/pub #UnB {big}"));
+    }
+    node.wait_count("300 PUBs sent", 300, |e| e["event"] == "sent");
+    let last = node.msg("@reader@UnB", "still served");
+    let send = reader.read_until(|m| m["type"] == "SEND" && m["msg_id"] == last.as_str());
+    reader.send(&json!({"type":"ACK","msg_id":send["msg_id"]}));
+    node.wait_ack(&last);
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", node.process.child.id())).unwrap();
+    let peak_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        peak_kb < 150 * 1024,
+        "peak RSS {} MB with 30 peers that never read",
+        peak_kb / 1024
+    );
+    node.command("/metrics");
+    let metrics = node.wait_event("/metrics", |e| e["command"] == "metrics");
+    assert!(
+        metrics["data"]["dropped"].as_u64().unwrap() > 0,
+        "{metrics}"
+    );
+    drop(silent);
+}
