@@ -89,9 +89,11 @@ fn namespace_cast_and_broadcast_over_several_nodes() {
     let b = NodeProcess::start("b", "Giga", &["--peer", &a.addr()]);
     let c = NodeProcess::start("c", "UnB", &["--peer", &b.addr()]);
     let d = NodeProcess::start("d", "UnB", &["--rendezvous", &server]);
+    // PUBs are not retransmitted: wait until each sending side has its links up (on an
+    // encrypted link the listener's side comes up last, when the handshake's NOISE arrives).
     a.wait_link("b@Giga");
-    c.wait_link("b@Giga");
-    d.wait_link("a@UnB");
+    b.wait_link("c@UnB");
+    a.wait_link("d@UnB");
 
     let ns = a.msg("#UnB", "para a UnB");
     c.wait_message(&ns);

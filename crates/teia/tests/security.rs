@@ -400,3 +400,38 @@ fn a_second_node_with_the_same_name_and_data_dir_is_refused() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("already running"), "{stderr}");
 }
+
+#[test]
+fn require_encryption_refuses_plaintext_peers_only() {
+    let (_dir, rdv) = rendezvous();
+    let server = rdv.addr.to_string();
+    let strict = NodeProcess::start(
+        "strict",
+        "UnB",
+        &["--rendezvous", &server, "--require-encryption"],
+    );
+    let mut stream = TcpStream::connect(strict.addr()).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream
+        .write_all(
+            b"{\"type\":\"HELLO\",\"peer_id\":\"course@UnB\",\"features\":[\"ack\"],\"ttl\":1}\n",
+        )
+        .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(
+        answer.contains("\"BYE\"") && answer.contains("encryption_required"),
+        "{answer}"
+    );
+    assert!(!answer.contains("HELLO_OK"), "{answer}");
+    let teia = NodeProcess::start(
+        "teia",
+        "X",
+        &["--rendezvous", &server, "--peer", &strict.addr()],
+    );
+    teia.wait_link("strict@UnB");
+    assert_eq!(
+        strict.count(|e| e["event"] == "link_up" && e["peer"] == "course@UnB"),
+        0
+    );
+}
