@@ -73,19 +73,17 @@ impl Node {
         // Delivered here: checked in full. Relayed: a course peer's src is checked (and
         // vouched for); a teia origin's signature is checked where it is delivered.
         if for_us || self.is_course_link(link) {
-            let origin = Origin {
-                kind: "SEND",
-                msg_id: &data.msg_id,
-                src: &data.src,
-                dst: &data.dst,
-                payload: Some(&data.payload),
-            };
-            if !self.authentic(link, &origin, data.auth.as_ref()) {
+            let auth = data.auth.take();
+            let origin = Origin::of("SEND", &data);
+            if !self.authentic(link, &origin, auth.as_ref()) {
                 return;
             }
-            if !for_us {
-                data.auth = self.vouch(link, &origin, data.auth.take());
-            }
+            let auth = if for_us {
+                auth
+            } else {
+                self.vouch(link, &origin, auth)
+            };
+            data.auth = auth;
         }
         self.learn_reverse(now, link, &data.src, data.ttl);
         if for_us {
@@ -160,17 +158,13 @@ impl Node {
             self.counters.duplicates += 1;
             return;
         }
-        let origin = Origin {
-            kind: "PUB",
-            msg_id: &data.msg_id,
-            src: &data.src,
-            dst: &data.dst,
-            payload: Some(&data.payload),
-        };
-        if !self.authentic(link, &origin, data.auth.as_ref()) {
+        let auth = data.auth.take();
+        let origin = Origin::of("PUB", &data);
+        if !self.authentic(link, &origin, auth.as_ref()) {
             return;
         }
-        data.auth = self.vouch(link, &origin, data.auth.take());
+        let auth = self.vouch(link, &origin, auth);
+        data.auth = auth;
         self.seen.insert(&seen_key);
         self.learn_reverse(now, link, &data.src, data.ttl);
         let cast = if data.dst == "*" {

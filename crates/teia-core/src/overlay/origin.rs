@@ -19,7 +19,18 @@ pub(super) struct Origin<'a> {
     pub payload: Option<&'a Value>,
 }
 
-impl Origin<'_> {
+impl<'a> Origin<'a> {
+    /// The origin fields of a SEND or PUB (`kind`).
+    pub(super) fn of(kind: &'a str, data: &'a Data) -> Self {
+        Self {
+            kind,
+            msg_id: &data.msg_id,
+            src: &data.src,
+            dst: &data.dst,
+            payload: Some(&data.payload),
+        }
+    }
+
     fn bytes(&self) -> Vec<u8> {
         identity::origin_message(self.kind, self.msg_id, self.src, self.dst, self.payload)
     }
@@ -49,13 +60,8 @@ pub(super) const AUTH_ROOM: usize = 512;
 impl Deferred {
     fn origin(&self) -> Origin<'_> {
         match self {
-            Self::Pub(data) | Self::Send(data) => Origin {
-                kind: if data.require_ack { "SEND" } else { "PUB" },
-                msg_id: &data.msg_id,
-                src: &data.src,
-                dst: &data.dst,
-                payload: Some(&data.payload),
-            },
+            Self::Pub(data) => Origin::of("PUB", data),
+            Self::Send(data) => Origin::of("SEND", data),
             Self::Ack { ack, origin, .. } => Origin {
                 kind: "ACK",
                 msg_id: &ack.msg_id,
