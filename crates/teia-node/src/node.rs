@@ -469,6 +469,9 @@ impl Driver {
             let wake = self
                 .node
                 .poll_timeout()
+                .into_iter()
+                .chain(self.next_stall_check())
+                .min()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             if timer.deadline() != wake {
@@ -518,7 +521,10 @@ impl Driver {
                         break;
                     }
                 }
-                () = &mut timer => self.node.handle_timeout(Instant::now()),
+                () = &mut timer => {
+                    self.close_stalled();
+                    self.node.handle_timeout(Instant::now());
+                }
             }
         }
         self.node.shutdown(Instant::now());
@@ -649,6 +655,35 @@ impl Driver {
             &format_args!("link {link}"),
         );
         if now.duration_since(since) >= STALL_LIMIT {
+            self.close_link(link, "not reading: its write queue stayed full");
+        }
+    }
+
+    /// When the first link whose lines are being dropped reaches [`STALL_LIMIT`].
+    fn next_stall_check(&self) -> Option<Instant> {
+        self.links
+            .values()
+            .filter_map(|t| t.full_since)
+            .min()
+            .map(|since| since + STALL_LIMIT)
+    }
+
+    /// Closes the links whose queue has stayed full for [`STALL_LIMIT`]; a link whose queue
+    /// has drained below half its budget meanwhile is given a fresh start.
+    fn close_stalled(&mut self) {
+        let now = Instant::now();
+        let mut stalled = Vec::new();
+        for (&link, tasks) in &mut self.links {
+            let Some(since) = tasks.full_since else {
+                continue;
+            };
+            if tasks.queued.load(Ordering::Relaxed) < LINK_QUEUE_BYTES / 2 {
+                tasks.full_since = None;
+            } else if now.duration_since(since) >= STALL_LIMIT {
+                stalled.push(link);
+            }
+        }
+        for link in stalled {
             self.close_link(link, "not reading: its write queue stayed full");
         }
     }

@@ -182,3 +182,60 @@ fn peers_that_never_read_cannot_exhaust_memory() {
     );
     drop(silent);
 }
+
+#[test]
+fn a_teia_peer_that_stops_reading_is_disconnected_and_warnings_are_summarised() {
+    let (_dir, rdv) = {
+        let dir = tempfile::tempdir().unwrap();
+        let rdv = Rendezvous::start(dir.path(), &[]);
+        (dir, rdv)
+    };
+    let server = rdv.addr.to_string();
+    let mut alice = NodeProcess::start("alice", "UnB", &["--rendezvous", &server]);
+    let bob = NodeProcess::start(
+        "bob",
+        "UnB",
+        &["--rendezvous", &server, "--peer", &alice.addr()],
+    );
+    let carol = NodeProcess::start(
+        "carol",
+        "X",
+        &["--rendezvous", &server, "--peer", &alice.addr()],
+    );
+    alice.wait_link("bob@UnB");
+    alice.wait_link("carol@X");
+    // Bob hangs (as a stopped process does): it reads nothing more.
+    let pid = bob.process.child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let big = "x".repeat(30_000);
+    for _ in 0..1_500 {
+        alice.command(&format!("/pub #UnB {big}"));
+    }
+    let down = alice.wait_event("bob dropped", |e| {
+        e["event"] == "link_down" && e["peer"] == "bob@UnB"
+    });
+    assert!(
+        down["reason"].as_str().unwrap().contains("not reading"),
+        "{down}"
+    );
+    // The other peer is still served.
+    let msg = alice.msg("@carol@X", "ainda aqui");
+    carol.wait_message(&msg);
+    let warnings = alice
+        .process
+        .lines()
+        .iter()
+        .filter(|l| l.contains("write queue full"))
+        .count();
+    assert!(
+        (1..=3).contains(&warnings),
+        "{warnings} warnings for one cause"
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &pid])
+        .status();
+}

@@ -712,7 +712,10 @@ impl Node {
                 continue;
             }
             let data = self.originate("SEND", msg_id, dst, payload);
-            self.defer(super::origin::Deferred::Send(data));
+            self.defer(super::origin::Deferred::Send {
+                data,
+                remember: None,
+            });
         }
     }
 

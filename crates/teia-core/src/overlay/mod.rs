@@ -218,7 +218,9 @@ pub enum Action {
         peer_id: String,
     },
     /// Store a SEND of ours until its ACK (or its deadline), so that a restart resumes it.
-    /// Done before the application is told the message was sent.
+    /// It follows the SEND's first write (so the disk is not in the round trip's way) and
+    /// precedes any input the node handles next, so the runtime has stored it before it
+    /// tells the application the message was sent or hands over its ACK.
     Remember(PendingSend),
     /// A remembered SEND was acknowledged or given up: drop it from storage.
     Forget {
@@ -1046,12 +1048,12 @@ impl Node {
         if !fits_signed(&Message::Send(data.clone())) {
             return Err(ApiError::TooLarge);
         }
-        self.actions.push_back(Action::Remember(PendingSend {
+        let remember = PendingSend {
             msg_id: msg_id.clone(),
             dst: dst.to_owned(),
             payload: payload.clone(),
             deadline_unix_ms: self.unix_millis(now + self.config.send_deadline),
-        }));
+        };
         self.outbox.insert(
             msg_id.clone(),
             Outgoing {
@@ -1065,9 +1067,13 @@ impl Node {
             },
         );
         if dst == self.config.peer_id {
+            self.actions.push_back(Action::Remember(remember));
             self.deliver_send(now, None, data);
         } else {
-            self.defer(origin::Deferred::Send(data));
+            self.defer(origin::Deferred::Send {
+                data,
+                remember: Some(remember),
+            });
         }
         Ok(msg_id)
     }

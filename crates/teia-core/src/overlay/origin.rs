@@ -42,8 +42,12 @@ impl<'a> Origin<'a> {
 pub(super) enum Deferred {
     /// A PUB, to every neighbour.
     Pub(Data),
-    /// A SEND, routed to its destination.
-    Send(Data),
+    /// A SEND, routed to its destination, then remembered (when it is new, not a
+    /// retransmission).
+    Send {
+        data: Data,
+        remember: Option<PendingSend>,
+    },
     /// An ACK, back to the SEND's origin (`hint`: the link the SEND came on).
     Ack {
         ack: Ack,
@@ -61,7 +65,7 @@ impl Deferred {
     fn origin(&self) -> Origin<'_> {
         match self {
             Self::Pub(data) => Origin::of("PUB", data),
-            Self::Send(data) => Origin::of("SEND", data),
+            Self::Send { data, .. } => Origin::of("SEND", data),
             Self::Ack { ack, origin, .. } => Origin {
                 kind: "ACK",
                 msg_id: &ack.msg_id,
@@ -123,9 +127,12 @@ impl Node {
                         self.write_line(link, &message, line.clone());
                     }
                 }
-                Deferred::Send(mut data) => {
+                Deferred::Send { mut data, remember } => {
                     data.auth = auth;
                     self.route(now, Message::Send(data), None);
+                    if let Some(remember) = remember {
+                        self.actions.push_back(Action::Remember(remember));
+                    }
                 }
                 Deferred::Ack {
                     mut ack,
