@@ -89,3 +89,24 @@ pub fn node_file(data_dir: &std::path::Path, peer_id: &str, extension: &str) -> 
         .collect();
     data_dir.join("nodes").join(format!("{name}.{extension}"))
 }
+
+/// Descriptors kept free beyond the connections a server serves (database, listener, logs,
+/// a node's own links).
+const SPARE_DESCRIPTORS: u64 = 320;
+
+/// `wanted` connections, or fewer if the process may not open that many files even after
+/// raising its soft limit to the hard one: beyond the cap clients are answered `busy` at once
+/// rather than left waiting in the accept queue.
+pub fn connection_cap(wanted: u64) -> usize {
+    let limit = rlimit::increase_nofile_limit(wanted + SPARE_DESCRIPTORS).unwrap_or(1024);
+    let cap = wanted.min(limit.saturating_sub(SPARE_DESCRIPTORS)).max(1);
+    if cap < wanted {
+        tracing::warn!(
+            wanted,
+            cap,
+            open_files_limit = limit,
+            "the open-files limit allows fewer connections; raise `ulimit -n` to serve more"
+        );
+    }
+    usize::try_from(cap).unwrap_or(usize::MAX)
+}

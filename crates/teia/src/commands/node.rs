@@ -103,7 +103,8 @@ async fn local_rendezvous(
         return Ok(None);
     }
     let addr: SocketAddr = LOCAL_RENDEZVOUS.parse()?;
-    let config = teia_rendezvous::Config::new(addr, data_dir.join("rendezvous"));
+    let mut config = teia_rendezvous::Config::new(addr, data_dir.join("rendezvous"));
+    config.max_connections = super::connection_cap(config.max_connections as u64);
     let server = teia_rendezvous::Server::bind(config)
         .await
         .context("no rendezvous answers on 127.0.0.1:8080 and one cannot be started there")?;

@@ -4,11 +4,8 @@ use anyhow::Context;
 use teia_core::rendezvous::Limits;
 use teia_rendezvous::{Config, Server};
 
-use super::{data_dir, seconds, shutdown_signal};
+use super::{connection_cap, data_dir, seconds, shutdown_signal};
 use crate::cli::RendezvousArgs;
-
-/// Descriptors kept free beyond the connections served (database, listener, logs).
-const SPARE_DESCRIPTORS: u64 = 64;
 
 /// Starts the server and serves until a shutdown signal.
 pub async fn run(args: RendezvousArgs) -> anyhow::Result<()> {
@@ -35,21 +32,4 @@ pub async fn run(args: RendezvousArgs) -> anyhow::Result<()> {
     );
     server.serve(shutdown_signal()).await;
     Ok(())
-}
-
-/// `wanted` connections, or fewer if the process may not open that many files even after
-/// raising its soft limit to the hard one: beyond the cap clients are answered `busy` at once
-/// rather than left waiting in the accept queue.
-fn connection_cap(wanted: u64) -> usize {
-    let limit = rlimit::increase_nofile_limit(wanted + SPARE_DESCRIPTORS).unwrap_or(1024);
-    let cap = wanted.min(limit.saturating_sub(SPARE_DESCRIPTORS)).max(1);
-    if cap < wanted {
-        tracing::warn!(
-            wanted,
-            cap,
-            open_files_limit = limit,
-            "the open-files limit allows fewer connections; raise `ulimit -n` to serve more"
-        );
-    }
-    usize::try_from(cap).unwrap_or(usize::MAX)
 }
