@@ -78,19 +78,14 @@ impl Node {
                         state.handshake = Some(handshake);
                     }
                 }
-                Err(e) => self.emit(Event::Refused {
-                    peer: None,
-                    addr: self.links.get(&link).map_or(self.unspecified(), |l| l.addr),
-                    reason: e.to_string(),
-                }),
+                Err(e) => {
+                    self.refuse(link, "handshake_failed", &e.to_string());
+                    return;
+                }
             }
         }
         let hello = self.hello(noise);
         self.write(link, &Message::Hello(hello));
-    }
-
-    fn unspecified(&self) -> SocketAddr {
-        SocketAddr::from(([0, 0, 0, 0], 0))
     }
 
     /// Listener: a HELLO arrived.

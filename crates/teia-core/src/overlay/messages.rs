@@ -489,7 +489,6 @@ impl Node {
             self.counters.errors += 1;
             return;
         }
-        self.relayed.remove(&ack.msg_id);
         let auth = self.sign(&Origin {
             kind: "ACK",
             msg_id: &ack.msg_id,
@@ -516,7 +515,8 @@ impl Node {
     /// Remembers that the SEND `msg_id` from `origin` went to a course neighbour, whose
     /// ACK will not name its destination.
     fn remember_relayed(&mut self, msg_id: &str, origin: &str) {
-        if self.relayed.len() >= RELAYED_KEPT {
+        // Kept until pushed out by newer ones (an ACK may come again for a retransmission).
+        if self.relayed_order.len() >= RELAYED_KEPT {
             if let Some(oldest) = self.relayed_order.pop_front() {
                 self.relayed.remove(&oldest);
             }
