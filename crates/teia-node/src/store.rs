@@ -3,7 +3,7 @@
 //! SENDs delivered but not yet shown by the application, so an acknowledged message is never
 //! lost; and the keys pinned per peer id. Each change is committed before the node goes on,
 //! so nothing acknowledged to the user or to a peer is lost on `kill -9`. At most
-//! [`DELIVERED_KEPT`] delivered ids are kept.
+//! [`DELIVERED_KEPT`] delivered ids and [`UNSHOWN_KEPT`] unshown messages are kept.
 
 use std::path::{Path, PathBuf};
 
@@ -13,6 +13,9 @@ use teia_core::overlay::{Inbound, PendingSend, Restored};
 
 /// Delivered ids kept; older ones are pruned.
 pub const DELIVERED_KEPT: i64 = 16_384;
+/// Delivered messages kept while the application has not shown them (one that never marks
+/// them shown cannot fill the disk); older ones are pruned.
+pub const UNSHOWN_KEPT: i64 = 16_384;
 /// Deliveries between two prunings.
 const PRUNE_EVERY: u32 = 1_024;
 
@@ -111,10 +114,10 @@ impl NodeStore {
         if self.since_prune >= PRUNE_EVERY {
             self.since_prune = 0;
             self.conn
-                .execute(
-                    "DELETE FROM delivered WHERE seq <= (SELECT max(seq) FROM delivered) - ?1",
-                    params![DELIVERED_KEPT],
-                )
+                .execute_batch(&format!(
+                    "DELETE FROM delivered WHERE seq <= (SELECT max(seq) FROM delivered) - {DELIVERED_KEPT};
+                     DELETE FROM inbox WHERE seq <= (SELECT max(seq) FROM inbox) - {UNSHOWN_KEPT};"
+                ))
                 .map_err(|source| self.error(source))?;
         }
         Ok(())
