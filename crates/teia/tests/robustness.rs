@@ -239,3 +239,44 @@ fn a_teia_peer_that_stops_reading_is_disconnected_and_warnings_are_summarised() 
         .args(["-CONT", &pid])
         .status();
 }
+
+#[test]
+fn teia_id_prints_the_key_the_node_proves() {
+    let data = tempfile::tempdir().unwrap();
+    let dir = data.path().to_str().unwrap();
+    let id = |args: &[&str]| {
+        let output = teia()
+            .arg("id")
+            .args(args)
+            .args(["--data-dir", dir])
+            .output()
+            .unwrap();
+        (
+            output.status.success(),
+            String::from_utf8_lossy(&output.stdout).trim().to_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let (ok, _, stderr) = id(&[]);
+    assert!(!ok && stderr.contains("--name"), "{stderr}");
+    let (ok, key, _) = id(&["--name", "alice", "--namespace", "UnB"]);
+    assert!(ok);
+    assert_eq!(key.len(), 43, "{key}");
+    assert_eq!(id(&[]).1, key, "the only node of the data directory");
+    let node = NodeProcess::start_in(data, "alice", "UnB", &["--peer", "127.0.0.1:9"]);
+    let ready = node.wait_event("ready", |e| e["event"] == "ready");
+    assert_eq!(ready["key"], key.as_str());
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let file = node.data_dir().join("nodes/alice@UnB.key");
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let output = teia()
+            .args(["id", "--name", "alice", "--namespace", "UnB", "--data-dir"])
+            .arg(node.data_dir())
+            .output()
+            .unwrap();
+        assert!(!output.status.success());
+        assert!(String::from_utf8_lossy(&output.stderr).contains("chmod 600"));
+    }
+}

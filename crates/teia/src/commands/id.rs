@@ -1,7 +1,7 @@
 //! `teia id`: prints a node's public key, creating its key file when a node is named and has
 //! none yet (so the key can be shared before the node first runs).
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 
 use super::{data_dir, node_file};
 use crate::cli::IdArgs;
@@ -45,12 +45,11 @@ pub fn run(args: IdArgs) -> anyhow::Result<()> {
                 .filter_map(|p| p.file_stem())
                 .map(|s| s.to_string_lossy().into_owned())
                 .collect();
-            Err(anyhow::anyhow!(
-                "several nodes keep their keys in {}: {}",
+            bail!(
+                "several nodes keep their keys in {} ({}): choose one with --name NAME --namespace NS",
                 nodes.display(),
                 names.join(", ")
-            ))
-            .context("choose one with --name NAME --namespace NS")
+            )
         }
     }
 }
