@@ -33,6 +33,10 @@ pub struct Args {
     /// PUBs flooded through the mesh (the median is reported).
     #[arg(long, default_value_t = 5)]
     floods: usize,
+    /// Keep the chain's messages in memory only (no SQLite), to see what the durable
+    /// writes cost in the round trip.
+    #[arg(long)]
+    memory: bool,
 }
 
 /// Tasks publishing at once in the PUB throughput measurement.
@@ -177,8 +181,8 @@ async fn round_trips(
     let mut chain: Vec<BenchNode> = Vec::new();
     for i in 0..5 {
         let peers = chain.last().map(|n| vec![n.addr]).unwrap_or_default();
-        let store = storage.join(format!("n{i}.sqlite3"));
-        chain.push(spawn_node(&format!("n{i}"), peers, 0, Some(store), security).await?);
+        let store = (!args.memory).then(|| storage.join(format!("n{i}.sqlite3")));
+        chain.push(spawn_node(&format!("n{i}"), peers, 0, store, security).await?);
     }
     for node in chain.iter_mut().skip(1) {
         wait_links(node, 1).await?;
