@@ -40,7 +40,7 @@ pub struct Args {
 }
 
 /// Tasks publishing at once in the PUB throughput measurement.
-const PUBLISHERS: usize = 8;
+const PUBLISHERS: usize = 32;
 
 /// How the benchmark's nodes secure their links.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
