@@ -547,9 +547,26 @@ impl Driver {
     }
 
     async fn execute(&mut self) {
+        // Lines queued since the last storage write: let their writers run before the next
+        // (blocking) commit, so the disk is not in their way.
+        let mut queued_lines = false;
         while let Some(action) = self.node.poll_action() {
+            let storing = matches!(
+                action,
+                Action::Remember(_)
+                    | Action::Forget { .. }
+                    | Action::Delivered(_)
+                    | Action::Pin { .. }
+                    | Action::Unpin { .. }
+            );
+            if storing && std::mem::take(&mut queued_lines) {
+                tokio::task::yield_now().await;
+            }
             match action {
-                Action::Write { link, line } => self.write(link, line),
+                Action::Write { link, line } => {
+                    self.write(link, line);
+                    queued_lines = true;
+                }
                 Action::Close { link } => {
                     if let Some(tasks) = self.links.remove(&link) {
                         drop(tasks.writer);
