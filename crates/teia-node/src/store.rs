@@ -46,6 +46,10 @@ impl NodeStore {
                 .map_err(|e| fail(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
         }
         let conn = Connection::open(path).map_err(fail)?;
+        // The node holds its database alone (its lock file says so): no file locks per
+        // transaction, and the WAL index in memory.
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
+            .map_err(fail)?;
         conn.pragma_update(None, "journal_mode", "WAL")
             .map_err(fail)?;
         conn.pragma_update(None, "synchronous", "NORMAL")
@@ -89,10 +93,12 @@ impl NodeStore {
     pub fn remember(&mut self, send: &PendingSend) -> Result<(), StoreError> {
         let deadline = i64::try_from(send.deadline_unix_ms).unwrap_or(i64::MAX);
         self.conn
-            .execute(
+            .prepare_cached(
                 "INSERT OR REPLACE INTO outbox (msg_id, dst, payload, deadline) VALUES (?1, ?2, ?3, ?4)",
-                params![send.msg_id, send.dst, send.payload.to_string(), deadline],
             )
+            .and_then(|mut insert| {
+                insert.execute(params![send.msg_id, send.dst, send.payload.to_string(), deadline])
+            })
             .map(drop)
             .map_err(|source| self.error(source))
     }
@@ -100,7 +106,8 @@ impl NodeStore {
     /// Drops a SEND that was acknowledged or given up.
     pub fn forget(&mut self, msg_id: &str) -> Result<(), StoreError> {
         self.conn
-            .execute("DELETE FROM outbox WHERE msg_id = ?1", params![msg_id])
+            .prepare_cached("DELETE FROM outbox WHERE msg_id = ?1")
+            .and_then(|mut delete| delete.execute(params![msg_id]))
             .map(drop)
             .map_err(|source| self.error(source))
     }
@@ -125,26 +132,27 @@ impl NodeStore {
 
     fn insert_delivered(&mut self, message: &Inbound) -> rusqlite::Result<()> {
         let transaction = self.conn.transaction()?;
-        transaction.execute(
-            "INSERT OR IGNORE INTO delivered (msg_id) VALUES (?1)",
-            params![message.msg_id],
-        )?;
-        transaction.execute(
-            "INSERT OR IGNORE INTO inbox (msg_id, src, dst, payload) VALUES (?1, ?2, ?3, ?4)",
-            params![
+        transaction
+            .prepare_cached("INSERT OR IGNORE INTO delivered (msg_id) VALUES (?1)")?
+            .execute(params![message.msg_id])?;
+        transaction
+            .prepare_cached(
+                "INSERT OR IGNORE INTO inbox (msg_id, src, dst, payload) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![
                 message.msg_id,
                 message.src,
                 message.dst,
                 message.payload.to_string()
-            ],
-        )?;
+            ])?;
         transaction.commit()
     }
 
     /// The application has shown the message `msg_id`: it is not handed over again.
     pub fn shown(&mut self, msg_id: &str) -> Result<(), StoreError> {
         self.conn
-            .execute("DELETE FROM inbox WHERE msg_id = ?1", params![msg_id])
+            .prepare_cached("DELETE FROM inbox WHERE msg_id = ?1")
+            .and_then(|mut delete| delete.execute(params![msg_id]))
             .map(drop)
             .map_err(|source| self.error(source))
     }
