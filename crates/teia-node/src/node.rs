@@ -792,7 +792,7 @@ impl Driver {
         if inbound && self.links.len() >= MAX_OPEN_LINKS {
             self.warnings
                 .warn("too many connections; answered busy", &addr);
-            tokio::spawn(refuse_busy(stream));
+            tokio::spawn(refuse_busy(stream, self.node.busy_line()));
             return;
         }
         let _ = stream.set_nodelay(true);
@@ -869,9 +869,8 @@ impl Driver {
 }
 
 /// Answers a connection beyond [`MAX_OPEN_LINKS`] with BYE `busy` and closes it.
-async fn refuse_busy(mut stream: TcpStream) {
-    let bye = b"{\"type\":\"BYE\",\"msg_id\":\"busy\",\"reason\":\"busy\",\"ttl\":1}\n";
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(bye)).await;
+async fn refuse_busy(mut stream: TcpStream, bye: Vec<u8>) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bye)).await;
     let _ = stream.shutdown().await;
 }
 

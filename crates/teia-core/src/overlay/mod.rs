@@ -849,6 +849,19 @@ impl Node {
         list
     }
 
+    /// The line that refuses a connection the node has no room for at all (BYE `busy`),
+    /// for the runtime to write before it closes a connection the overlay never sees.
+    pub fn busy_line(&mut self) -> Vec<u8> {
+        let bye = Message::Bye(Bye {
+            msg_id: self.new_id(),
+            src: self.config.peer_id.clone(),
+            dst: String::new(),
+            reason: Some(code::BUSY.to_owned()),
+            ttl: 1,
+        });
+        bye.to_line().unwrap_or_default()
+    }
+
     /// Pinned keys, sorted by peer id.
     pub fn pins(&self) -> Vec<(String, PublicKey)> {
         let mut list: Vec<_> = self.pins.iter().map(|(p, k)| (p.clone(), *k)).collect();
