@@ -28,6 +28,14 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def cpu_percent(pid, seconds=10):
+    """The CPU a process uses over the next `seconds`, in percent of one core."""
+    before, start = cpu_seconds(pid), time.time()
+    time.sleep(seconds)
+    elapsed = time.time() - start
+    return 100 * (cpu_seconds(pid) - before) / elapsed, elapsed
+
+
 def hwm_mb(pid):
     with open(f"/proc/{pid}/status") as f:
         for line in f:
@@ -109,19 +117,16 @@ def redial():
     bad = Counter()
     p, _, events = node("alice", "--rendezvous", f"127.0.0.1:{rport}", "--peer", f"127.0.0.1:{bad.port}")
     time.sleep(2)
-    c0, n0, t0 = cpu_seconds(p.pid), bad.count, time.time()
-    time.sleep(10)
-    dt = time.time() - t0
+    n0 = bad.count
+    cpu, dt = cpu_percent(p.pid)
     print(f"redial: peer that closes at once: {(bad.count - n0) / dt:.1f} dials/s, "
-          f"{100 * (cpu_seconds(p.pid) - c0) / dt:.1f} % CPU over {dt:.0f} s (total dials {bad.count}); "
+          f"{cpu:.1f} % CPU over {dt:.0f} s (total dials {bad.count}); "
           f"gave up events {sum(1 for e in events if e.get('event') == 'dial_gave_up')}")
     stop(p)
     p, _, events = node("bob", "--rendezvous", f"127.0.0.1:{rport}", "--peer", f"127.0.0.1:{rport}")
     time.sleep(2)
-    c0, t0 = cpu_seconds(p.pid), time.time()
-    time.sleep(10)
-    dt = time.time() - t0
-    print(f"redial: --peer at the rendezvous: {100 * (cpu_seconds(p.pid) - c0) / dt:.1f} % CPU over {dt:.0f} s")
+    cpu, dt = cpu_percent(p.pid)
+    print(f"redial: --peer at the rendezvous: {cpu:.1f} % CPU over {dt:.0f} s")
     stop(p)
     stop(rdv)
 
@@ -133,10 +138,8 @@ def own():
                           "--data-dir", tempfile.mkdtemp()],
                          stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(3)
-    c0, t0 = cpu_seconds(p.pid), time.time()
-    time.sleep(10)
-    dt = time.time() - t0
-    print(f"self: --peer its own address: {100 * (cpu_seconds(p.pid) - c0) / dt:.1f} % CPU over {dt:.0f} s")
+    cpu, dt = cpu_percent(p.pid)
+    print(f"self: --peer its own address: {cpu:.1f} % CPU over {dt:.0f} s")
     stop(p)
 
 

@@ -185,74 +185,84 @@ impl NodeStore {
 }
 
 fn read(conn: &Connection) -> rusqlite::Result<Restored> {
-    let mut sends = Vec::new();
-    let mut statement = conn.prepare("SELECT msg_id, dst, payload, deadline FROM outbox")?;
-    let rows = statement.query_map([], |row| {
-        Ok((
-            row.get::<_, String>(0)?,
-            row.get::<_, String>(1)?,
-            row.get::<_, String>(2)?,
-            row.get::<_, i64>(3)?,
-        ))
+    let sends = rows(
+        conn,
+        "SELECT msg_id, dst, payload, deadline FROM outbox",
+        |row| {
+            let msg_id: String = row.get(0)?;
+            let (dst, deadline): (String, i64) = (row.get(1)?, row.get(3)?);
+            Ok(
+                payload(&msg_id, &row.get::<_, String>(2)?).map(|payload| PendingSend {
+                    msg_id,
+                    dst,
+                    payload,
+                    deadline_unix_ms: u64::try_from(deadline).unwrap_or(0),
+                }),
+            )
+        },
+    )?;
+    let delivered = rows(conn, "SELECT msg_id FROM delivered ORDER BY seq", |row| {
+        row.get(0).map(Some)
     })?;
-    for row in rows {
-        let (msg_id, dst, payload, deadline) = row?;
-        let Ok(payload) = serde_json::from_str(&payload) else {
-            tracing::warn!(%msg_id, "skipping a stored message whose payload cannot be read");
-            continue;
-        };
-        sends.push(PendingSend {
-            msg_id,
-            dst,
-            payload,
-            deadline_unix_ms: u64::try_from(deadline).unwrap_or(0),
-        });
-    }
-    let mut statement = conn.prepare("SELECT msg_id FROM delivered ORDER BY seq")?;
-    let delivered = statement
-        .query_map([], |row| row.get::<_, String>(0))?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    let mut unshown = Vec::new();
-    let mut statement = conn.prepare("SELECT msg_id, src, dst, payload FROM inbox ORDER BY seq")?;
-    let rows = statement.query_map([], |row| {
-        Ok((
-            row.get::<_, String>(0)?,
-            row.get::<_, String>(1)?,
-            row.get::<_, String>(2)?,
-            row.get::<_, String>(3)?,
-        ))
+    let unshown = rows(
+        conn,
+        "SELECT msg_id, src, dst, payload FROM inbox ORDER BY seq",
+        |row| {
+            let msg_id: String = row.get(0)?;
+            let (src, dst): (String, String) = (row.get(1)?, row.get(2)?);
+            Ok(
+                payload(&msg_id, &row.get::<_, String>(3)?).map(|payload| Inbound {
+                    msg_id,
+                    src,
+                    dst,
+                    payload,
+                }),
+            )
+        },
+    )?;
+    let pins = rows(conn, "SELECT peer_id, key FROM pins", |row| {
+        let (peer_id, key): (String, String) = (row.get(0)?, row.get(1)?);
+        Ok(match PublicKey::parse(&key) {
+            Ok(key) => Some((peer_id, key)),
+            Err(e) => {
+                tracing::warn!(%peer_id, error = %e, "skipping an unreadable pinned key");
+                None
+            }
+        })
     })?;
-    for row in rows {
-        let (msg_id, src, dst, payload) = row?;
-        let Ok(payload) = serde_json::from_str(&payload) else {
-            tracing::warn!(%msg_id, "skipping a delivered message whose payload cannot be read");
-            continue;
-        };
-        unshown.push(Inbound {
-            msg_id,
-            src,
-            dst,
-            payload,
-        });
-    }
-    let mut pins = Vec::new();
-    let mut statement = conn.prepare("SELECT peer_id, key FROM pins")?;
-    let rows = statement.query_map([], |row| {
-        Ok((row.get::<_, String>(0)?, row.get::<_, String>(1)?))
-    })?;
-    for row in rows {
-        let (peer_id, key) = row?;
-        match PublicKey::parse(&key) {
-            Ok(key) => pins.push((peer_id, key)),
-            Err(e) => tracing::warn!(%peer_id, error = %e, "skipping an unreadable pinned key"),
-        }
-    }
     Ok(Restored {
         sends,
         delivered,
         unshown,
         pins,
     })
+}
+
+/// The rows of `sql`, each made a value by `decode`; a row it cannot make sense of (`None`)
+/// is skipped.
+fn rows<T>(
+    conn: &Connection,
+    sql: &str,
+    decode: impl Fn(&rusqlite::Row<'_>) -> rusqlite::Result<Option<T>>,
+) -> rusqlite::Result<Vec<T>> {
+    let mut statement = conn.prepare(sql)?;
+    let decoded = statement.query_map([], |row| decode(row))?;
+    let mut values = Vec::new();
+    for value in decoded {
+        values.extend(value?);
+    }
+    Ok(values)
+}
+
+/// A stored payload; `None`, with a warning, when it cannot be read.
+fn payload(msg_id: &str, text: &str) -> Option<serde_json::Value> {
+    match serde_json::from_str(text) {
+        Ok(payload) => Some(payload),
+        Err(e) => {
+            tracing::warn!(%msg_id, error = %e, "skipping a stored message whose payload cannot be read");
+            None
+        }
+    }
 }
 
 #[cfg(test)]

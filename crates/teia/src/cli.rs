@@ -45,11 +45,18 @@ pub enum Command {
 /// Flags of `teia id`.
 #[derive(Debug, Args)]
 pub struct IdArgs {
-    /// The node's name; without it, every node of the data directory is listed.
+    /// The node's name; without it, the only node of the data directory.
     #[arg(long, env = "TEIA_NAME")]
     pub name: Option<String>,
 
-    /// The node's namespace.
+    #[command(flatten)]
+    pub home: NodeHome,
+}
+
+/// Where a node lives: its namespace and its data directory (`teia node` and `teia id`).
+#[derive(Debug, Args)]
+pub struct NodeHome {
+    /// Your namespace (room).
     #[arg(
         long,
         env = "TEIA_NAMESPACE",
@@ -58,9 +65,25 @@ pub struct IdArgs {
     )]
     pub namespace: String,
 
-    /// Where the node keeps its state (default: the platform's data directory).
+    /// Directory for the node's data: `nodes/NAME@NS.key` (its secret key),
+    /// `nodes/NAME@NS.sqlite3` (messages awaiting their ACK or not yet shown, ids already
+    /// delivered, pinned keys), and the embedded rendezvous's records. Default: the
+    /// platform's data directory, e.g. ~/.local/share/teia.
     #[arg(long, env = "TEIA_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+}
+
+impl NodeHome {
+    /// The peer id `name@namespace`, checked.
+    pub fn peer_id(&self, name: &str) -> anyhow::Result<String> {
+        let peer_id = format!("{name}@{}", self.namespace);
+        if !teia_core::overlay::is_peer_id(&peer_id) {
+            anyhow::bail!(
+                "--name and --namespace must be 1 to 64 characters without '@', '#', '*' or spaces"
+            );
+        }
+        Ok(peer_id)
+    }
 }
 
 /// Flags of `teia node`.
@@ -70,14 +93,8 @@ pub struct NodeArgs {
     #[arg(long, env = "TEIA_NAME")]
     pub name: String,
 
-    /// Your namespace (room).
-    #[arg(
-        long,
-        env = "TEIA_NAMESPACE",
-        default_value = "teia",
-        value_name = "NS"
-    )]
-    pub namespace: String,
+    #[command(flatten)]
+    pub home: NodeHome,
 
     /// Port to accept links on (0: any free port, shown at start).
     #[arg(long, env = "TEIA_PORT", default_value_t = 0)]
@@ -109,12 +126,6 @@ pub struct NodeArgs {
     /// Print one JSON event per line on stdout and read commands from stdin (for scripts).
     #[arg(long)]
     pub json: bool,
-
-    /// Directory for the node's data: messages awaiting their ACK and ids already delivered
-    /// (kept across restarts), and the embedded rendezvous's records. Default: the
-    /// platform's data directory, e.g. ~/.local/share/teia.
-    #[arg(long, env = "TEIA_DATA_DIR", value_name = "DIR")]
-    pub data_dir: Option<PathBuf>,
 
     /// Seconds between two PINGs on a link.
     #[arg(

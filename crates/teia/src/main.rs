@@ -46,8 +46,8 @@ fn shell_log_file(command: &cli::Command) -> Option<PathBuf> {
     if args.json || !std::io::stdin().is_terminal() {
         return None;
     }
-    let dir = commands::data_dir(args.data_dir.clone()).ok()?;
-    let path = commands::node_file(&dir, &format!("{}@{}", args.name, args.namespace), "log");
+    let dir = commands::data_dir(args.home.data_dir.clone()).ok()?;
+    let path = commands::node_file(&dir, &args.home.peer_id(&args.name).ok()?, "log");
     std::fs::create_dir_all(path.parent()?).ok()?;
     Some(path)
 }

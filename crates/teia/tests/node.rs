@@ -6,12 +6,6 @@ mod common;
 use common::*;
 use serde_json::json;
 
-fn rendezvous() -> (tempfile::TempDir, Rendezvous) {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Rendezvous::start(dir.path(), &[]);
-    (dir, server)
-}
-
 #[test]
 fn direct_chat_through_a_rendezvous() {
     let (_dir, rdv) = rendezvous();

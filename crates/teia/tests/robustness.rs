@@ -133,11 +133,7 @@ fn a_discover_refused_before_the_first_register_is_retried_soon() {
 
 #[test]
 fn peers_that_never_read_cannot_exhaust_memory() {
-    let (_dir, rdv) = {
-        let dir = tempfile::tempdir().unwrap();
-        let rdv = Rendezvous::start(dir.path(), &[]);
-        (dir, rdv)
-    };
+    let (_dir, rdv) = rendezvous();
     let mut node = NodeProcess::start("teia", "UnB", &["--rendezvous", &rdv.addr.to_string()]);
     let mut silent = Vec::new();
     for i in 0..30 {
@@ -185,23 +181,11 @@ fn peers_that_never_read_cannot_exhaust_memory() {
 
 #[test]
 fn a_teia_peer_that_stops_reading_is_disconnected_and_warnings_are_summarised() {
-    let (_dir, rdv) = {
-        let dir = tempfile::tempdir().unwrap();
-        let rdv = Rendezvous::start(dir.path(), &[]);
-        (dir, rdv)
-    };
+    let (_dir, rdv) = rendezvous();
     let server = rdv.addr.to_string();
     let mut alice = NodeProcess::start("alice", "UnB", &["--rendezvous", &server]);
-    let bob = NodeProcess::start(
-        "bob",
-        "UnB",
-        &["--rendezvous", &server, "--peer", &alice.addr()],
-    );
-    let carol = NodeProcess::start(
-        "carol",
-        "X",
-        &["--rendezvous", &server, "--peer", &alice.addr()],
-    );
+    let bob = NodeProcess::joining("bob", "UnB", &server, &alice.addr());
+    let carol = NodeProcess::joining("carol", "X", &server, &alice.addr());
     alice.wait_link("bob@UnB");
     alice.wait_link("carol@X");
     // Bob hangs (as a stopped process does): it reads nothing more.

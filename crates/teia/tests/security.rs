@@ -14,12 +14,6 @@ use std::sync::{Arc, Mutex};
 use common::*;
 use serde_json::{json, Value};
 
-fn rendezvous() -> (tempfile::TempDir, Rendezvous) {
-    let dir = tempfile::tempdir().unwrap();
-    let rdv = Rendezvous::start(dir.path(), &[]);
-    (dir, rdv)
-}
-
 /// Forwards one connection from a listening port to `target`, keeping a copy of every byte
 /// in both directions.
 fn recording_proxy(target: String) -> (String, Arc<Mutex<Vec<u8>>>) {
@@ -56,7 +50,7 @@ fn bytes_between_teia_nodes_are_unreadable_on_the_wire() {
     let server = rdv.addr.to_string();
     let alice = NodeProcess::start("alice", "A", &["--rendezvous", &server]);
     let (proxy, seen) = recording_proxy(alice.addr());
-    let mut bob = NodeProcess::start("bob", "B", &["--rendezvous", &server, "--peer", &proxy]);
+    let mut bob = NodeProcess::joining("bob", "B", &server, &proxy);
     bob.wait_link("alice@A");
     let to_alice = bob.msg("@alice@A", "segredo-de-bob-123");
     alice.wait_message(&to_alice);
@@ -83,18 +77,10 @@ fn an_impostor_with_another_key_is_refused_and_the_real_link_stays() {
     let (_dir, rdv) = rendezvous();
     let server = rdv.addr.to_string();
     let alice = NodeProcess::start("alice", "UnB", &["--rendezvous", &server]);
-    let mut bob = NodeProcess::start(
-        "bob",
-        "X",
-        &["--rendezvous", &server, "--peer", &alice.addr()],
-    );
+    let mut bob = NodeProcess::joining("bob", "X", &server, &alice.addr());
     alice.wait_link("bob@X");
     // Same peer id, another data directory, hence another key.
-    let impostor = NodeProcess::start(
-        "bob",
-        "X",
-        &["--rendezvous", &server, "--peer", &alice.addr()],
-    );
+    let impostor = NodeProcess::joining("bob", "X", &server, &alice.addr());
     let mismatch = alice.wait_event("key_mismatch", |e| e["event"] == "key_mismatch");
     assert_eq!(mismatch["peer"], "bob@X");
     let real = bob.wait_event("ready", |e| e["event"] == "ready")["key"].clone();
@@ -214,11 +200,7 @@ fn silent_connections_do_not_lock_out_a_real_peer() {
         made
     });
     attack_started.recv_timeout(PATIENCE).unwrap();
-    let bob = NodeProcess::start(
-        "bob",
-        "X",
-        &["--rendezvous", &server, "--peer", &alice.addr()],
-    );
+    let bob = NodeProcess::joining("bob", "X", &server, &alice.addr());
     bob.wait_link("alice@UnB");
     alice.wait_link("bob@X");
     stop.store(true, Ordering::SeqCst);
@@ -276,11 +258,7 @@ fn a_relayed_send_is_acknowledged_by_a_course_peer_through_the_relay() {
     let (_dir, rdv) = rendezvous();
     let server = rdv.addr.to_string();
     let relay = NodeProcess::start("relay", "UnB", &["--rendezvous", &server]);
-    let mut alice = NodeProcess::start(
-        "alice",
-        "X",
-        &["--rendezvous", &server, "--peer", &relay.addr()],
-    );
+    let mut alice = NodeProcess::joining("alice", "X", &server, &relay.addr());
     alice.wait_link("relay@UnB");
     let mut client = CourseClient::connect(&relay.addr(), "course@UnB");
     relay.wait_link("course@UnB");
@@ -347,11 +325,7 @@ fn acknowledged_messages_survive_kill_9_of_the_receiver() {
     let (_dir, rdv) = rendezvous();
     let server = rdv.addr.to_string();
     let mut alice = NodeProcess::start("alice", "UnB", &["--rendezvous", &server]);
-    let bob = NodeProcess::start(
-        "bob",
-        "X",
-        &["--rendezvous", &server, "--peer", &alice.addr()],
-    );
+    let bob = NodeProcess::joining("bob", "X", &server, &alice.addr());
     alice.wait_link("bob@X");
     let mut sent: Vec<String> = (0..15)
         .map(|i| alice.msg("@bob@X", &format!("a{i}")))
@@ -424,11 +398,7 @@ fn require_encryption_refuses_plaintext_peers_only() {
         "{answer}"
     );
     assert!(!answer.contains("HELLO_OK"), "{answer}");
-    let teia = NodeProcess::start(
-        "teia",
-        "X",
-        &["--rendezvous", &server, "--peer", &strict.addr()],
-    );
+    let teia = NodeProcess::joining("teia", "X", &server, &strict.addr());
     teia.wait_link("strict@UnB");
     assert_eq!(
         strict.count(|e| e["event"] == "link_up" && e["peer"] == "course@UnB"),

@@ -8,14 +8,9 @@ use crate::cli::IdArgs;
 
 /// Prints the key of `--name`, or of the data directory's only node.
 pub fn run(args: IdArgs) -> anyhow::Result<()> {
-    let dir = data_dir(args.data_dir)?;
-    if let Some(name) = args.name {
-        let peer_id = format!("{name}@{}", args.namespace);
-        if !teia_core::overlay::is_peer_id(&peer_id) {
-            bail!(
-                "--name and --namespace must be 1 to 64 characters without '@', '#', '*' or spaces"
-            );
-        }
+    let dir = data_dir(args.home.data_dir.clone())?;
+    if let Some(name) = &args.name {
+        let peer_id = args.home.peer_id(name)?;
         let identity = teia_node::identity::load_or_create(&node_file(&dir, &peer_id, "key"))?;
         println!("{}", identity.public_key());
         return Ok(());

@@ -32,10 +32,7 @@ enum Style {
 
 /// Runs the node until `/quit`, end of input, or a signal.
 pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
-    let peer_id = format!("{}@{}", args.name, args.namespace);
-    if !teia_core::overlay::is_peer_id(&peer_id) {
-        bail!("--name and --namespace must be 1 to 64 characters without '@', '#', '*' or spaces");
-    }
+    let peer_id = args.home.peer_id(&args.name)?;
     let mut overlay = OverlayConfig::new(peer_id.clone());
     overlay.ping_interval = seconds(args.ping_interval, "--ping-interval")?;
     overlay.target_neighbours = args.max_neighbours;
@@ -50,7 +47,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     if let Some(server) = &args.rendezvous {
         resolve(server).await?;
     }
-    let data_dir = data_dir(args.data_dir)?;
+    let data_dir = data_dir(args.home.data_dir)?;
     let _lock = lock(&node_file(&data_dir, &peer_id, "lock"), &peer_id)?;
     overlay.identity = Some(teia_node::identity::load_or_create(&node_file(
         &data_dir, &peer_id, "key",

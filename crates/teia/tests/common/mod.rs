@@ -197,6 +197,13 @@ impl Rendezvous {
     }
 }
 
+/// A `teia rendezvous` with its data in a directory of its own, removed with it.
+pub fn rendezvous() -> (tempfile::TempDir, Rendezvous) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Rendezvous::start(dir.path(), &[]);
+    (dir, server)
+}
+
 /// The value of `key=value` in a log line.
 pub fn field<'a>(line: &'a str, key: &str) -> &'a str {
     let start = line
@@ -298,6 +305,15 @@ impl NodeProcess {
     /// and waits for its `ready` event.
     pub fn start(name: &str, namespace: &str, extra: &[&str]) -> Self {
         Self::start_in(tempfile::tempdir().unwrap(), name, namespace, extra)
+    }
+
+    /// A node registered at `rendezvous` that dials `peer`.
+    pub fn joining(name: &str, namespace: &str, rendezvous: &str, peer: &str) -> Self {
+        Self::start(
+            name,
+            namespace,
+            &["--rendezvous", rendezvous, "--peer", peer],
+        )
     }
 
     /// Like [`NodeProcess::start`], with the node's data in `data`.
