@@ -111,6 +111,7 @@ async fn spawn_node(
         discover_interval: Duration::from_secs(3600),
         register_ttl: 60,
         store,
+        streams: None,
     };
     let (handle, mut raw, _task) = start(config).await?;
     let addr = match raw.recv().await {

@@ -5,3 +5,4 @@ pub mod identity;
 pub mod node;
 pub mod rendezvous;
 pub mod store;
+pub mod stream;

@@ -31,11 +31,12 @@ use teia_core::overlay::{
 use teia_wire::codec::{DecodeError, LineDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::rendezvous::{Registrar, RegistrarEvent, RendezvousClient};
 use crate::store::{NodeStore, StoreError};
+use crate::stream::{self, DataStream, StreamAcceptor, StreamError, StreamIdentity};
 
 /// Events waiting for the driver, at most.
 pub const INBOX: usize = 4096;
@@ -63,6 +64,10 @@ const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 const DISCOVER_EARLY_RETRY: Duration = Duration::from_millis(500);
 /// Such early retries at most.
 const DISCOVER_EARLY_RETRIES: u32 = 10;
+/// New connections being looked at, at once, to tell streams from links.
+const CLASSIFYING: usize = 64;
+/// Time a new connection has to send its first bytes before it is handed to the overlay.
+const CLASSIFY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Time BYEs get to go out at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
 
@@ -84,6 +89,9 @@ pub struct NodeConfig {
     /// Database keeping SENDs awaiting their ACK, delivered messages and pinned keys
     /// across restarts; `None` keeps them in memory only.
     pub store: Option<std::path::PathBuf>,
+    /// Where data streams opened towards us go (PROTOCOL.md section 6); `None` refuses them.
+    /// When the channel is full, a new stream is refused.
+    pub streams: Option<mpsc::Sender<DataStream>>,
 }
 
 /// What the application hears: the overlay's events plus the runtime's own.
@@ -190,6 +198,7 @@ enum Input {
 #[derive(Clone)]
 pub struct NodeHandle {
     commands: mpsc::Sender<Command>,
+    us: Option<StreamIdentity>,
 }
 
 /// Why the node could not do what was asked.
@@ -215,6 +224,18 @@ pub enum NodeError {
 }
 
 impl NodeHandle {
+    /// Opens a data stream to the peer listening at `addr` for `service`; when `expected` is
+    /// given, the peer must prove that key.
+    pub async fn open_stream(
+        &self,
+        addr: SocketAddr,
+        service: &str,
+        expected: Option<PublicKey>,
+    ) -> Result<DataStream, StreamError> {
+        let us = self.us.as_ref().ok_or(StreamError::NoIdentity)?;
+        stream::open(us, addr, service, expected).await
+    }
+
     /// Sends `payload` to `name@namespace` (acknowledged), `#namespace` or `*`; returns the
     /// message id.
     pub async fn send(&self, dst: &str, payload: Value) -> Result<String, NodeError> {
@@ -321,8 +342,25 @@ pub async fn start(
     let (commands, command_rx) = mpsc::channel(COMMANDS);
     let (events, event_rx) = mpsc::channel(EVENTS);
     let mut background = Vec::new();
+    let us = config
+        .overlay
+        .identity
+        .clone()
+        .map(|identity| StreamIdentity {
+            identity,
+            peer_id: config.overlay.peer_id.clone(),
+        });
     if let Some(listener) = listener {
-        background.push(tokio::spawn(accept_loop(listener, inputs.clone())));
+        let acceptor = StreamAcceptor {
+            us: us.clone(),
+            sink: config.streams.take(),
+            pending: Arc::new(Semaphore::new(stream::MAX_PENDING_ACCEPTS)),
+        };
+        background.push(tokio::spawn(accept_loop(
+            listener,
+            inputs.clone(),
+            acceptor,
+        )));
     }
     let (stop_registrar, registrar_stopped) = oneshot::channel::<()>();
     let mut registrar = None;
@@ -385,7 +423,7 @@ pub async fn start(
             task.abort();
         }
     });
-    Ok((NodeHandle { commands }, event_rx, task))
+    Ok((NodeHandle { commands, us }, event_rx, task))
 }
 
 struct LinkTasks {
@@ -874,17 +912,57 @@ async fn refuse_busy(mut stream: TcpStream, bye: Vec<u8>) {
     let _ = stream.shutdown().await;
 }
 
-async fn accept_loop(listener: TcpListener, inputs: mpsc::Sender<Input>) {
+/// Accepts connections: each is looked at (without reading it) until its first bytes tell a
+/// data stream from a peer link, at most [`CLASSIFYING`] at once for at most
+/// [`CLASSIFY_TIMEOUT`]; beyond that limit, connections go straight to the overlay, whose
+/// handshake admission applies.
+async fn accept_loop(listener: TcpListener, inputs: mpsc::Sender<Input>, streams: StreamAcceptor) {
+    let classifying = Arc::new(Semaphore::new(CLASSIFYING));
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
-                if inputs.send(Input::Accepted(stream, addr)).await.is_err() {
-                    return;
-                }
+                let Ok(permit) = Arc::clone(&classifying).try_acquire_owned() else {
+                    if inputs.send(Input::Accepted(stream, addr)).await.is_err() {
+                        return;
+                    }
+                    continue;
+                };
+                let inputs = inputs.clone();
+                let streams = streams.clone();
+                tokio::spawn(async move {
+                    let is_stream = is_stream(&stream).await;
+                    drop(permit);
+                    if is_stream {
+                        streams.handle(stream, addr).await;
+                    } else {
+                        let _ = inputs.send(Input::Accepted(stream, addr)).await;
+                    }
+                });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed; pausing");
                 tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// Whether a new connection opens a data stream, judged by peeking at its first bytes.
+async fn is_stream(stream: &TcpStream) -> bool {
+    let mut first = [0u8; 16];
+    let deadline = tokio::time::Instant::now() + CLASSIFY_TIMEOUT;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            _ => return false,
+        };
+        match stream::classify(first.get(..n).unwrap_or_default()) {
+            Some(decided) => return decided,
+            None => {
+                if tokio::time::Instant::now() >= deadline {
+                    return false;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
         }
     }

@@ -7,3 +7,4 @@ pub mod codec;
 pub mod fields;
 pub mod peer;
 pub mod rendezvous;
+pub mod stream;

@@ -71,7 +71,7 @@ impl Node {
     pub(super) fn start_handshake(&mut self, link: LinkId) {
         let mut noise = None;
         if let Some(identity) = &self.config.identity {
-            match Handshake::initiate(identity) {
+            match Handshake::initiate(identity, Suite::Link) {
                 Ok((handshake, first)) => {
                     noise = Some(identity::encode(&first));
                     if let Some(state) = self.links.get_mut(&link) {
@@ -109,7 +109,7 @@ impl Node {
         let offered = hello.noise.as_deref().and_then(identity::decode);
         let identity = self.config.identity.clone();
         if let (Some(first), Some(identity), true) = (offered, identity, hello.has(feature::TEIA)) {
-            match Handshake::respond(&identity, &self.config.peer_id, &first) {
+            match Handshake::respond(&identity, Suite::Link, &self.config.peer_id, &first) {
                 Ok((handshake, second)) => {
                     let answer = Hello {
                         features: agreed_features(&hello),

@@ -33,7 +33,7 @@ pub use secure::LinkCipher;
 use crate::identity::{Identity, PublicKey};
 use crate::rate::RateLimiter;
 use crate::rng::SplitMix64;
-use secure::Handshake;
+use secure::{Handshake, Suite};
 
 /// Identifies one connection, chosen by the runtime.
 pub type LinkId = u64;

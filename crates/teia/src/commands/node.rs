@@ -70,6 +70,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         discover_interval: seconds(args.discover_interval, "--discover-interval")?,
         register_ttl: args.register_ttl.clamp(1, 86_400),
         store: Some(store),
+        streams: None,
     };
     let (handle, events, task) = start(config).await?;
     let style = if args.json { Style::Json } else { Style::Text };

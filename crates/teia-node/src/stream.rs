@@ -1,0 +1,460 @@
+//! Data streams (PROTOCOL.md section 6): a second TCP connection to a peer's listen port for
+//! bulk bytes, opened with `STREAM` / `STREAM_OK` / `NOISE` (a Noise XX handshake proving both
+//! keys, AES-GCM) and carrying encrypted frames after that, so a download never queues behind
+//! chat on the link and chat never queues behind a download.
+//!
+//! A [`DataStream`] is a byte pipe: [`DataStream::queue`] seals bytes, [`DataStream::flush`]
+//! writes them; [`DataStream::fill`] reads and opens frames into a buffer that
+//! [`DataStream::buffered`] shows and [`DataStream::consume`] empties. Its buffers are bounded:
+//! one read of [`READ_CHUNK`] bytes, one partial frame, and what the owner leaves unconsumed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use teia_core::identity::{decode, encode, Identity, PublicKey};
+use teia_core::overlay::secure::{Handshake, SecureError, SecureReader, SecureWriter, Suite};
+use teia_wire::stream::{Opening, MAX_OPENING_LINE, STREAM_PREFIX};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Semaphore};
+
+/// Bytes read from the socket at once.
+pub const READ_CHUNK: usize = 256 * 1024;
+/// Time a stream's opening (connect and handshake) may take.
+pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Streams being opened towards us at once; beyond, a new one is refused `busy`.
+pub const MAX_PENDING_ACCEPTS: usize = 32;
+
+/// Why a stream could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    /// The connection failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The opening did not complete in time.
+    #[error("the stream's handshake timed out")]
+    Timeout,
+    /// The peer broke the opening protocol.
+    #[error("bad stream opening: {0}")]
+    Protocol(String),
+    /// The peer refused the stream.
+    #[error("stream refused: {code} {detail}")]
+    Refused {
+        /// Its code.
+        code: String,
+        /// Its explanation.
+        detail: String,
+    },
+    /// The Noise handshake or a frame failed.
+    #[error(transparent)]
+    Secure(#[from] SecureError),
+    /// The peer proved another key than the one expected.
+    #[error("{peer_id} proved key {proven}, expected {expected}")]
+    WrongKey {
+        /// The peer.
+        peer_id: String,
+        /// What it proved.
+        proven: PublicKey,
+        /// What we expected.
+        expected: PublicKey,
+    },
+    /// This node has no identity (streams need one).
+    #[error("this node has no key; data streams need one")]
+    NoIdentity,
+}
+
+/// Who we are on streams we open or accept.
+#[derive(Clone)]
+pub struct StreamIdentity {
+    /// Our key pair.
+    pub identity: Identity,
+    /// Our peer id.
+    pub peer_id: String,
+}
+
+/// One encrypted data stream with a peer whose key it proved.
+pub struct DataStream {
+    tcp: TcpStream,
+    reader: SecureReader,
+    writer: SecureWriter,
+    raw: Vec<u8>,
+    plain: Vec<u8>,
+    consumed: usize,
+    sealed: Vec<u8>,
+    peer_id: String,
+    key: PublicKey,
+    service: String,
+    remote: SocketAddr,
+}
+
+impl std::fmt::Debug for DataStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DataStream")
+            .field("peer_id", &self.peer_id)
+            .field("service", &self.service)
+            .field("remote", &self.remote)
+            .finish()
+    }
+}
+
+impl DataStream {
+    /// The peer's id as it claimed it (its key signs it).
+    pub fn peer_id(&self) -> &str {
+        &self.peer_id
+    }
+
+    /// The peer's proven key.
+    pub fn key(&self) -> PublicKey {
+        self.key
+    }
+
+    /// The service the stream was opened for.
+    pub fn service(&self) -> &str {
+        &self.service
+    }
+
+    /// The peer's address.
+    pub fn remote(&self) -> SocketAddr {
+        self.remote
+    }
+
+    /// Seals `data` for the next [`flush`](Self::flush).
+    pub fn queue(&mut self, data: &[u8]) -> Result<(), StreamError> {
+        self.writer.seal(data, &mut self.sealed)?;
+        Ok(())
+    }
+
+    /// Bytes sealed and not yet written.
+    pub fn queued(&self) -> usize {
+        self.sealed.len()
+    }
+
+    /// Writes everything sealed.
+    pub async fn flush(&mut self) -> Result<(), StreamError> {
+        if !self.sealed.is_empty() {
+            self.tcp.write_all(&self.sealed).await?;
+            self.sealed.clear();
+        }
+        Ok(())
+    }
+
+    /// Seals and writes `data`.
+    pub async fn write_all(&mut self, data: &[u8]) -> Result<(), StreamError> {
+        self.queue(data)?;
+        self.flush().await
+    }
+
+    /// Reads once from the socket and opens the frames that completed; `false` at the end
+    /// of the stream.
+    pub async fn fill(&mut self) -> Result<bool, StreamError> {
+        if self.consumed > 0 && self.consumed >= self.plain.len() / 2 {
+            self.plain.drain(..self.consumed);
+            self.consumed = 0;
+        }
+        self.raw.resize(READ_CHUNK, 0);
+        let n = self.tcp.read(&mut self.raw).await?;
+        if n == 0 {
+            return Ok(false);
+        }
+        let input = self.raw.get(..n).unwrap_or_default();
+        self.reader.open(input, &mut self.plain)?;
+        Ok(true)
+    }
+
+    /// Plaintext read and not yet consumed.
+    pub fn buffered(&self) -> &[u8] {
+        self.plain.get(self.consumed..).unwrap_or_default()
+    }
+
+    /// Drops the first `n` bytes of [`buffered`](Self::buffered).
+    pub fn consume(&mut self, n: usize) {
+        self.consumed = (self.consumed + n).min(self.plain.len());
+    }
+
+    /// Reads one `\n`-terminated line of at most `max` bytes (without its `\n`); `None` at
+    /// the end of the stream.
+    pub async fn read_line(&mut self, max: usize) -> Result<Option<Vec<u8>>, StreamError> {
+        loop {
+            let buffered = self.buffered();
+            if let Some(end) = buffered.iter().position(|&b| b == b'\n') {
+                let line = buffered.get(..end).unwrap_or_default().to_vec();
+                self.consume(end + 1);
+                return Ok(Some(line));
+            }
+            if buffered.len() > max {
+                return Err(StreamError::Protocol(format!(
+                    "line longer than {max} bytes"
+                )));
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Closes our side for writing (the peer reads the end of the stream).
+    pub async fn shutdown(&mut self) {
+        let _ = self.flush().await;
+        let _ = self.tcp.shutdown().await;
+    }
+
+    fn new(
+        tcp: TcpStream,
+        keys: teia_core::overlay::LinkCipher,
+        peer_id: String,
+        key: PublicKey,
+        service: String,
+        remote: SocketAddr,
+    ) -> Self {
+        Self {
+            tcp,
+            reader: keys.reader(),
+            writer: keys.writer(),
+            raw: Vec::new(),
+            plain: Vec::new(),
+            consumed: 0,
+            sealed: Vec::new(),
+            peer_id,
+            key,
+            service,
+            remote,
+        }
+    }
+}
+
+/// Reads one opening line byte by byte (the opening is lockstep: nothing follows it until
+/// the other side answers, so no byte of the encrypted part is read here).
+async fn read_opening(tcp: &mut TcpStream) -> Result<Opening, StreamError> {
+    let mut line = Vec::with_capacity(256);
+    let mut byte = [0u8; 1];
+    loop {
+        if tcp.read(&mut byte).await? == 0 {
+            return Err(StreamError::Protocol("closed during the opening".into()));
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+        if line.len() >= MAX_OPENING_LINE {
+            return Err(StreamError::Protocol("opening line too long".into()));
+        }
+    }
+    Opening::parse(&line).map_err(|e| StreamError::Protocol(e.to_string()))
+}
+
+fn noise_bytes(text: &str) -> Result<Vec<u8>, StreamError> {
+    decode(text).ok_or_else(|| StreamError::Protocol("noise is not base64url".into()))
+}
+
+/// Opens a stream to `addr` for `service`; when `expected` is given, the peer must prove
+/// that key.
+pub async fn open(
+    us: &StreamIdentity,
+    addr: SocketAddr,
+    service: &str,
+    expected: Option<PublicKey>,
+) -> Result<DataStream, StreamError> {
+    tokio::time::timeout(OPEN_TIMEOUT, open_inner(us, addr, service, expected))
+        .await
+        .map_err(|_| StreamError::Timeout)?
+}
+
+async fn open_inner(
+    us: &StreamIdentity,
+    addr: SocketAddr,
+    service: &str,
+    expected: Option<PublicKey>,
+) -> Result<DataStream, StreamError> {
+    let mut tcp = TcpStream::connect(addr).await?;
+    let _ = tcp.set_nodelay(true);
+    let (handshake, first) = Handshake::initiate(&us.identity, Suite::Stream)?;
+    let opening = Opening::Stream {
+        peer_id: us.peer_id.clone(),
+        service: service.to_owned(),
+        noise: encode(&first),
+    };
+    tcp.write_all(&opening.to_line()).await?;
+    let (peer_id, second) = match read_opening(&mut tcp).await? {
+        Opening::StreamOk { peer_id, noise } => (peer_id, noise_bytes(&noise)?),
+        Opening::Error { code, detail } => return Err(StreamError::Refused { code, detail }),
+        other => {
+            return Err(StreamError::Protocol(format!(
+                "expected STREAM_OK, got {other:?}"
+            )))
+        }
+    };
+    let (key, third, keys) =
+        handshake.finish_initiator(&us.identity, &us.peer_id, &peer_id, &second)?;
+    if let Some(expected) = expected {
+        if key != expected {
+            return Err(StreamError::WrongKey {
+                peer_id,
+                proven: key,
+                expected,
+            });
+        }
+    }
+    tcp.write_all(
+        &Opening::Noise {
+            noise: encode(&third),
+        }
+        .to_line(),
+    )
+    .await?;
+    Ok(DataStream::new(
+        tcp,
+        keys,
+        peer_id,
+        key,
+        service.to_owned(),
+        addr,
+    ))
+}
+
+/// Accepts a stream whose first bytes were seen to be [`STREAM_PREFIX`].
+async fn accept(
+    us: &StreamIdentity,
+    mut tcp: TcpStream,
+    remote: SocketAddr,
+) -> Result<DataStream, StreamError> {
+    let _ = tcp.set_nodelay(true);
+    let (peer_id, service, first) = match read_opening(&mut tcp).await? {
+        Opening::Stream {
+            peer_id,
+            service,
+            noise,
+        } => (peer_id, service, noise_bytes(&noise)?),
+        other => {
+            return Err(StreamError::Protocol(format!(
+                "expected STREAM, got {other:?}"
+            )))
+        }
+    };
+    let (handshake, second) = Handshake::respond(&us.identity, Suite::Stream, &us.peer_id, &first)?;
+    let answer = Opening::StreamOk {
+        peer_id: us.peer_id.clone(),
+        noise: encode(&second),
+    };
+    tcp.write_all(&answer.to_line()).await?;
+    let third = match read_opening(&mut tcp).await? {
+        Opening::Noise { noise } => noise_bytes(&noise)?,
+        other => {
+            return Err(StreamError::Protocol(format!(
+                "expected NOISE, got {other:?}"
+            )))
+        }
+    };
+    let (key, keys) = handshake.finish_responder(&peer_id, &third)?;
+    Ok(DataStream::new(tcp, keys, peer_id, key, service, remote))
+}
+
+/// Whether a connection's first bytes (as far as they came) may be a stream opening: `Some`
+/// once decided.
+pub(crate) fn classify(first: &[u8]) -> Option<bool> {
+    let n = first.len().min(STREAM_PREFIX.len());
+    if first.get(..n) != STREAM_PREFIX.get(..n) {
+        Some(false)
+    } else if n == STREAM_PREFIX.len() {
+        Some(true)
+    } else {
+        None
+    }
+}
+
+/// Accepts streams on behalf of a node: bounded handshakes, then hands each stream to the
+/// application's channel (a full channel refuses the stream `busy`).
+#[derive(Clone)]
+pub(crate) struct StreamAcceptor {
+    pub(crate) us: Option<StreamIdentity>,
+    pub(crate) sink: Option<mpsc::Sender<DataStream>>,
+    pub(crate) pending: Arc<Semaphore>,
+}
+
+impl StreamAcceptor {
+    /// Handles one connection that opened with [`STREAM_PREFIX`].
+    pub(crate) async fn handle(self, mut tcp: TcpStream, remote: SocketAddr) {
+        let refuse = |code: &str, detail: &str| {
+            Opening::Error {
+                code: code.into(),
+                detail: detail.into(),
+            }
+            .to_line()
+        };
+        let (Some(us), Some(sink)) = (self.us, self.sink) else {
+            let _ = tcp
+                .write_all(&refuse("unsupported", "this node accepts no data streams"))
+                .await;
+            return;
+        };
+        let Ok(_permit) = self.pending.try_acquire() else {
+            let _ = tcp
+                .write_all(&refuse("busy", "too many streams opening"))
+                .await;
+            return;
+        };
+        match tokio::time::timeout(OPEN_TIMEOUT, accept(&us, tcp, remote)).await {
+            Ok(Ok(stream)) => {
+                if let Err(mpsc::error::TrySendError::Full(mut stream)) = sink.try_send(stream) {
+                    tracing::debug!(%remote, "stream refused: the service is busy");
+                    stream.shutdown().await;
+                }
+            }
+            Ok(Err(e)) => tracing::debug!(%remote, error = %e, "stream opening failed"),
+            Err(_) => tracing::debug!(%remote, "stream opening timed out"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn classify_waits_for_enough_bytes() {
+        assert_eq!(classify(b""), None);
+        assert_eq!(classify(b"{\"type\":\"ST"), None);
+        assert_eq!(classify(b"{\"type\":\"STREAM\",\"peer_id\""), Some(true));
+        assert_eq!(classify(b"{\"type\":\"HELLO\""), Some(false));
+        assert_eq!(classify(b"x"), Some(false));
+    }
+
+    #[tokio::test]
+    async fn open_and_accept_carry_bytes_both_ways() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let bob = StreamIdentity {
+            identity: Identity::from_seed(&[2; 32]),
+            peer_id: "bob@t".into(),
+        };
+        let alice = StreamIdentity {
+            identity: Identity::from_seed(&[1; 32]),
+            peer_id: "alice@t".into(),
+        };
+        let bob_key = bob.identity.public_key();
+        let server = tokio::spawn(async move {
+            let (tcp, remote) = listener.accept().await.unwrap();
+            let mut stream = accept(&bob, tcp, remote).await.unwrap();
+            assert_eq!(stream.peer_id(), "alice@t");
+            let line = stream.read_line(100).await.unwrap().unwrap();
+            assert_eq!(line, b"hello");
+            let big = vec![7u8; 300_000];
+            stream.write_all(&big).await.unwrap();
+            stream.shutdown().await;
+        });
+        let mut stream = open(&alice, addr, "files", Some(bob_key)).await.unwrap();
+        stream.write_all(b"hello\n").await.unwrap();
+        let mut total = 0;
+        loop {
+            total += stream.buffered().len();
+            let n = stream.buffered().len();
+            stream.consume(n);
+            if !stream.fill().await.unwrap() {
+                break;
+            }
+        }
+        assert_eq!(total, 300_000);
+        server.await.unwrap();
+    }
+}
