@@ -157,6 +157,16 @@ enum Command {
         reply: oneshot::Sender<Option<PublicKey>>,
     },
     Shown(String),
+    Query {
+        service: String,
+        body: Value,
+        ttl: u32,
+        reply: oneshot::Sender<String>,
+    },
+    Answer {
+        query_id: String,
+        body: Value,
+    },
     Shutdown,
 }
 
@@ -199,6 +209,7 @@ enum Input {
 pub struct NodeHandle {
     commands: mpsc::Sender<Command>,
     us: Option<StreamIdentity>,
+    listen: Option<SocketAddr>,
 }
 
 /// Why the node could not do what was asked.
@@ -224,6 +235,34 @@ pub enum NodeError {
 }
 
 impl NodeHandle {
+    /// Where the node accepts links and streams, if it listens.
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen
+    }
+
+    /// Floods a question for `service` through the overlay (at most `ttl` hops); answers
+    /// come as [`Event::QueryHit`] with the returned id.
+    pub async fn query(&self, service: &str, body: Value, ttl: u32) -> Result<String, NodeError> {
+        let (reply, answer) = oneshot::channel();
+        self.request(Command::Query {
+            service: service.to_owned(),
+            body,
+            ttl,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| NodeError::Stopped)
+    }
+
+    /// Answers a query heard as [`Event::Query`].
+    pub async fn answer(&self, query_id: &str, body: Value) -> Result<(), NodeError> {
+        self.request(Command::Answer {
+            query_id: query_id.to_owned(),
+            body,
+        })
+        .await
+    }
+
     /// Opens a data stream to the peer listening at `addr` for `service`; when `expected` is
     /// given, the peer must prove that key.
     pub async fn open_stream(
@@ -423,7 +462,15 @@ pub async fn start(
             task.abort();
         }
     });
-    Ok((NodeHandle { commands, us }, event_rx, task))
+    Ok((
+        NodeHandle {
+            commands,
+            us,
+            listen,
+        },
+        event_rx,
+        task,
+    ))
 }
 
 struct LinkTasks {
@@ -822,6 +869,15 @@ impl Driver {
                     }
                 }
             }
+            Command::Query {
+                service,
+                body,
+                ttl,
+                reply,
+            } => {
+                let _ = reply.send(self.node.query(now, &service, body, ttl));
+            }
+            Command::Answer { query_id, body } => self.node.answer(now, &query_id, body),
             Command::Send { .. } | Command::Shutdown => {}
         }
     }

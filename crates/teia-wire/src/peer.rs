@@ -285,6 +285,37 @@ pub struct PeerList {
     pub ttl: u32,
 }
 
+/// QUERY (teia only): a service's question flooded through the overlay, Gnutella-style
+/// (PROTOCOL.md section 5): every teia node that has not seen `query_id` answers it if it
+/// can, and passes it on with `ttl` one lower.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Query {
+    /// Unique id, for dedup and for routing the answers back.
+    pub query_id: String,
+    /// Who asks.
+    pub src: String,
+    /// Which service answers (`files`).
+    pub service: String,
+    /// The question, as the service defines it.
+    pub body: Value,
+    /// Hops left.
+    pub ttl: u32,
+}
+
+/// QUERY_HIT (teia only): an answer to a QUERY, sent back hop by hop along the path the
+/// query came.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct QueryHit {
+    /// The query answered.
+    pub query_id: String,
+    /// Who answers.
+    pub src: String,
+    /// The answer, as the service defines it.
+    pub body: Value,
+    /// Hops left.
+    pub ttl: u32,
+}
+
 /// Error codes of peer links (PROTOCOL.md section 4).
 pub mod code {
     /// A routed message ran out of hops.
@@ -344,6 +375,10 @@ pub enum Message {
     PeerList(PeerList),
     /// Last handshake message of an encrypted link.
     Noise(Noise),
+    /// A flooded service query.
+    Query(Query),
+    /// An answer to a query.
+    QueryHit(QueryHit),
     /// A type this node does not know; ignored.
     Unknown(String),
 }
@@ -380,6 +415,8 @@ impl Message {
             Self::Error(_) => "ERROR",
             Self::PeerList(_) => "PEER_LIST",
             Self::Noise(_) => "NOISE",
+            Self::Query(_) => "QUERY",
+            Self::QueryHit(_) => "QUERY_HIT",
             Self::Unknown(kind) => kind,
         }
     }
@@ -400,6 +437,8 @@ impl Message {
             Self::Error(m) => serde_json::to_vec(m),
             Self::PeerList(m) => serde_json::to_vec(m),
             Self::Noise(m) => serde_json::to_vec(m),
+            Self::Query(m) => serde_json::to_vec(m),
+            Self::QueryHit(m) => serde_json::to_vec(m),
             Self::Unknown(_) => Ok(b"{}".to_vec()),
         }?;
         // `body` is an object, `{...}`: put `"type":KIND` first inside it.
@@ -506,6 +545,19 @@ impl Message {
             "NOISE" => Self::Noise(Noise {
                 msg: reader.required("msg")?,
                 ttl: 1,
+            }),
+            "QUERY" => Self::Query(Query {
+                query_id: reader.required("query_id")?,
+                src: reader.required("src")?,
+                service: reader.required("service")?,
+                body: object.get("body").cloned().unwrap_or(Value::Null),
+                ttl: reader.ttl()?,
+            }),
+            "QUERY_HIT" => Self::QueryHit(QueryHit {
+                query_id: reader.required("query_id")?,
+                src: reader.required("src")?,
+                body: object.get("body").cloned().unwrap_or(Value::Null),
+                ttl: reader.ttl()?,
             }),
             _ => Self::Unknown(kind),
         })

@@ -47,10 +47,38 @@ pub enum ChatCommand {
     Forget(String),
     /// `/id`: this node's key.
     Id,
+    /// A file-sharing command.
+    Files(FilesCommand),
     /// `/help`.
     Help,
     /// `/quit`.
     Quit,
+}
+
+/// A file-sharing command.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FilesCommand {
+    /// `/share PATH`.
+    Share(String),
+    /// `/unshare PATH`.
+    Unshare(String),
+    /// `/shared`.
+    Shared,
+    /// `/search TEXT`.
+    Search(String),
+    /// `/get HASH|NAME [DIR]`.
+    Get {
+        /// A hash, or a name a search found.
+        target: String,
+        /// Where to put it.
+        dir: Option<String>,
+    },
+    /// `/downloads`.
+    Downloads,
+    /// `/approve ID`.
+    Approve(u64),
+    /// `/deny ID`.
+    Deny(u64),
 }
 
 /// The help text: one line per command.
@@ -71,6 +99,13 @@ pub const HELP: &str = "\
 /trust PEER_ID KEY          pin KEY for PEER_ID (replacing the key seen first)
 /forget PEER_ID             drop PEER_ID's pin: the next key it shows is pinned
 /metrics [peer]             traffic counters, or ask a neighbour for its link metrics
+/share PATH                 share a folder or file (indexed now, rescanned every 30 s)
+/unshare PATH               stop sharing it
+/shared                     what this node shares
+/search TEXT                find files by name across the network (all words, any order)
+/get HASH|NAME [DIR]        download (from every holder at once, verified, resumable)
+/downloads                  downloads running: bytes, rate, holders, time left
+/approve ID | /deny ID      answer a download request (with --approve ask)
 /help                       this help
 /quit                       say goodbye to every neighbour and exit";
 
@@ -170,6 +205,35 @@ pub fn parse(line: &str) -> Result<Option<ChatCommand>, String> {
         "metrics" => Ok(Some(ChatCommand::Metrics(
             (!rest.is_empty()).then(|| rest.trim_start_matches('@').to_owned()),
         ))),
+        "share" | "unshare" if rest.is_empty() => Err(format!("usage: /{name} PATH")),
+        "share" => Ok(Some(ChatCommand::Files(FilesCommand::Share(rest.to_owned())))),
+        "unshare" => Ok(Some(ChatCommand::Files(FilesCommand::Unshare(
+            rest.to_owned(),
+        )))),
+        "shared" => no_args(ChatCommand::Files(FilesCommand::Shared)),
+        "downloads" => no_args(ChatCommand::Files(FilesCommand::Downloads)),
+        "search" if rest.is_empty() => Err("usage: /search TEXT".into()),
+        "search" => Ok(Some(ChatCommand::Files(FilesCommand::Search(
+            rest.to_owned(),
+        )))),
+        "get" => match rest.split_whitespace().collect::<Vec<_>>().as_slice() {
+            [target] => Ok(Some(ChatCommand::Files(FilesCommand::Get {
+                target: (*target).to_owned(),
+                dir: None,
+            }))),
+            [target, dir] => Ok(Some(ChatCommand::Files(FilesCommand::Get {
+                target: (*target).to_owned(),
+                dir: Some((*dir).to_owned()),
+            }))),
+            _ => Err("usage: /get HASH|NAME [DIR]".into()),
+        },
+        "approve" | "deny" => match rest.parse::<u64>() {
+            Ok(id) if name == "approve" => {
+                Ok(Some(ChatCommand::Files(FilesCommand::Approve(id))))
+            }
+            Ok(id) => Ok(Some(ChatCommand::Files(FilesCommand::Deny(id)))),
+            Err(_) => Err(format!("usage: /{name} ID (the number of the request)")),
+        },
         _ => Err(format!("unknown command /{name}; /help lists the commands")),
     }
 }
@@ -261,6 +325,21 @@ mod tests {
             ChatCommand::Metrics(Some("bob@UnB".into()))
         );
         assert_eq!(ok("  /quit "), ChatCommand::Quit);
+        assert_eq!(
+            ok("/get abc /tmp/x"),
+            ChatCommand::Files(FilesCommand::Get {
+                target: "abc".into(),
+                dir: Some("/tmp/x".into())
+            })
+        );
+        assert_eq!(
+            ok("/search week1 intro"),
+            ChatCommand::Files(FilesCommand::Search("week1 intro".into()))
+        );
+        assert_eq!(
+            ok("/approve 3"),
+            ChatCommand::Files(FilesCommand::Approve(3))
+        );
         assert_eq!(parse("   ").unwrap(), None);
     }
 
@@ -280,6 +359,11 @@ mod tests {
             "/log teia=loud",
             "/trust bob@UnB",
             "/forget",
+            "/share",
+            "/get",
+            "/get a b c",
+            "/approve x",
+            "/shared now",
         ] {
             let error = parse(bad).unwrap_err();
             assert!(!error.is_empty(), "{bad}");

@@ -185,6 +185,33 @@ pub struct NodeArgs {
     /// clients, which speak plain JSON lines, are then refused).
     #[arg(long, env = "TEIA_REQUIRE_ENCRYPTION")]
     pub require_encryption: bool,
+
+    /// Share a folder or file (repeatable; also /share). Shared folders are remembered.
+    #[arg(long = "share", value_name = "PATH")]
+    pub shares: Vec<PathBuf>,
+
+    /// Who may download what you share: all, ask (you /approve each requester), trusted
+    /// (only --trust keys) or none.
+    #[arg(
+        long,
+        env = "TEIA_APPROVE",
+        default_value = "all",
+        value_name = "POLICY"
+    )]
+    pub approve: teia_files::Approval,
+
+    /// A key trusted by `--approve trusted` (repeatable), as `teia id` prints it.
+    #[arg(long = "trust", value_name = "KEY")]
+    pub trusted: Vec<String>,
+
+    /// Folder downloads go to unless /get names one.
+    #[arg(
+        long,
+        env = "TEIA_DOWNLOAD_DIR",
+        default_value = ".",
+        value_name = "DIR"
+    )]
+    pub download_dir: PathBuf,
 }
 
 /// Flags of `teia rendezvous`.

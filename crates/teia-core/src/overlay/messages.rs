@@ -9,7 +9,11 @@ impl Node {
     pub(super) fn on_message(&mut self, now: Instant, link: LinkId, message: Message) {
         let costly = matches!(
             message,
-            Message::Send(_) | Message::Pub(_) | Message::WhoHas(_) | Message::Ack(_)
+            Message::Send(_)
+                | Message::Pub(_)
+                | Message::WhoHas(_)
+                | Message::Ack(_)
+                | Message::Query(_)
         );
         if costly && !self.quota.allow(&link, self.millis(now)) {
             let reference = msg_id_of(&message);
@@ -44,6 +48,8 @@ impl Node {
                 received: metrics.recv_count,
             }),
             Message::PeerList(list) => self.on_peer_list(now, link, list),
+            Message::Query(query) => self.on_query(now, link, query),
+            Message::QueryHit(hit) => self.on_query_hit(now, link, hit),
             Message::Hello(_)
             | Message::HelloOk(_)
             | Message::Bye(_)

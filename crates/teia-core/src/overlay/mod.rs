@@ -12,6 +12,7 @@ mod exchange;
 mod links;
 mod messages;
 mod origin;
+mod query;
 mod routes;
 pub mod secure;
 
@@ -27,6 +28,7 @@ use teia_wire::peer::{
 };
 
 pub use dedup::SeenIds;
+pub use query::{QUERY_FANOUT, QUERY_MAX_TTL};
 pub use routes::{ReversePaths, Route, RouteTable};
 pub use secure::LinkCipher;
 
@@ -290,6 +292,26 @@ pub enum Direction {
 /// What the application hears about.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
+    /// A service query heard from the overlay (answer it with [`Node::answer`]).
+    Query {
+        /// Its id.
+        query_id: String,
+        /// Who asks.
+        src: String,
+        /// For which service.
+        service: String,
+        /// The question.
+        body: Value,
+    },
+    /// An answer to a query of ours.
+    QueryHit {
+        /// The query.
+        query_id: String,
+        /// Who answers.
+        src: String,
+        /// The answer.
+        body: Value,
+    },
     /// A neighbour is connected.
     LinkUp {
         /// Its peer id.
@@ -678,6 +700,10 @@ pub struct Node {
     unsigned: Vec<origin::Deferred>,
     /// Batch roots whose signature was verified (key and root).
     verified_roots: SeenIds,
+    /// Queries we asked.
+    own_queries: SeenIds,
+    /// Where each query heard came from, for its answers.
+    query_paths: ReversePaths,
 }
 
 /// Longest a PEER_LIST update waits, so several changes go out as one.
@@ -725,6 +751,8 @@ impl Node {
             now,
             unsigned: Vec::new(),
             verified_roots: SeenIds::new(VERIFIED_ROOTS_KEPT),
+            own_queries: SeenIds::new(query::QUERIES_KEPT),
+            query_paths: ReversePaths::new(query::QUERIES_KEPT, query::QUERY_LIFETIME),
             config,
         }
     }

@@ -1055,3 +1055,48 @@ fn an_address_that_drops_every_link_is_given_up() {
     }
     panic!("never gave up after {dials} dials");
 }
+
+#[test]
+fn a_query_floods_once_per_node_within_its_ttl_and_hits_come_back() {
+    let mut sim = Sim::new(120, 11, |_| {});
+    random_topology(&mut sim, 11, 60);
+    sim.run(Duration::from_secs(2));
+    let dist = sim.distances(0);
+    let now = sim.now;
+    let query_id = sim
+        .node(0)
+        .query(now, "files", serde_json::json!({"text": "video"}), 3);
+    sim.run(Duration::from_secs(1));
+    for (index, distance) in dist.iter().enumerate().skip(1) {
+        let heard: Vec<String> = sim.nodes[index]
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::Query { query_id: q, .. } if *q == query_id => Some(q.clone()),
+                _ => None,
+            })
+            .collect();
+        let within = distance.is_some_and(|d| d <= 3);
+        assert_eq!(
+            heard.len(),
+            usize::from(within),
+            "node {index} at {distance:?}"
+        );
+        if within {
+            let now = sim.now;
+            sim.node(index)
+                .answer(now, &query_id, serde_json::json!({"name": name(index)}));
+        }
+    }
+    sim.run(Duration::from_secs(1));
+    let hits = sim.nodes[0]
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::QueryHit { query_id: q, .. } if *q == query_id))
+        .count();
+    let expected = (1..sim.nodes.len())
+        .filter(|i| dist[*i].is_some_and(|d| d <= 3))
+        .count();
+    assert!(expected > 3, "the topology reaches a few nodes");
+    assert_eq!(hits, expected, "every answer came back along its path");
+}

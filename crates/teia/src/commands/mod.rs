@@ -1,5 +1,6 @@
 //! The commands: each turns its arguments into settings and runs on a tokio runtime.
 
+mod files;
 mod id;
 mod node;
 mod rdv;

@@ -8,12 +8,13 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use teia_core::overlay::{Cast, Config as OverlayConfig, Direction, Event};
+use teia_files::{Files, FilesConfig, FilesEvent};
 use teia_node::node::{start, NodeConfig, NodeEvent, NodeHandle};
 use teia_node::rendezvous::RegistrarEvent;
 use tokio::io::AsyncBufReadExt;
 use tokio::sync::mpsc;
 
-use super::{data_dir, node_file, seconds, shutdown_signal};
+use super::{data_dir, files, node_file, seconds, shutdown_signal};
 use crate::chat::{self, ChatCommand};
 use crate::cli::NodeArgs;
 use crate::logging::LogControl;
@@ -22,6 +23,8 @@ use crate::logging::LogControl;
 const LOCAL_RENDEZVOUS: &str = "127.0.0.1:8080";
 /// Input lines waiting for the interface, at most.
 const INPUT_LINES: usize = 64;
+/// Data streams accepted and waiting for the file-sharing service, at most.
+const STREAMS_WAITING: usize = 16;
 
 /// How events and command output are shown.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +56,20 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         &data_dir, &peer_id, "key",
     ))?);
     let store = node_file(&data_dir, &peer_id, "sqlite3");
+    let files_db = node_file(&data_dir, &peer_id, "files.sqlite3");
+    let key = overlay
+        .identity
+        .as_ref()
+        .map(|i| i.public_key())
+        .context("the node has no key")?;
+    let mut trusted = Vec::new();
+    for text in &args.trusted {
+        trusted.push(
+            teia_core::identity::PublicKey::parse(text)
+                .with_context(|| format!("--trust {text:?} is not a key as `teia id` prints it"))?,
+        );
+    }
+    let (stream_tx, stream_rx) = mpsc::channel(STREAMS_WAITING);
     let mut embedded = None;
     let rendezvous = match (args.rendezvous, peers.is_empty()) {
         (Some(server), _) => Some(server),
@@ -70,15 +87,25 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         discover_interval: seconds(args.discover_interval, "--discover-interval")?,
         register_ttl: args.register_ttl.clamp(1, 86_400),
         store: Some(store),
-        streams: None,
+        streams: Some(stream_tx),
     };
     let (handle, events, task) = start(config).await?;
+    let files_config = FilesConfig {
+        db: files_db,
+        shares: args.shares.clone(),
+        approval: args.approve,
+        trusted,
+        download_dir: args.download_dir.clone(),
+        listen: handle.listen_addr(),
+        key,
+    };
+    let (files, files_events) = Files::start(files_config, handle.clone(), stream_rx).await?;
     let style = if args.json { Style::Json } else { Style::Text };
     let interactive = !args.json && std::io::stdin().is_terminal();
     let result = if interactive {
-        shell(handle.clone(), events, log).await
+        shell(handle.clone(), files, events, files_events, log).await
     } else {
-        lines(handle.clone(), events, style, log).await
+        lines(handle.clone(), files, events, files_events, style, log).await
     };
     let _ = handle.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
@@ -160,7 +187,9 @@ fn random_seed() -> u64 {
 /// Non-interactive interface: commands from stdin lines, events and output on stdout.
 async fn lines(
     handle: NodeHandle,
+    files: Files,
     mut events: mpsc::Receiver<NodeEvent>,
+    mut files_events: mpsc::Receiver<FilesEvent>,
     style: Style,
     log: LogControl,
 ) -> anyhow::Result<()> {
@@ -175,6 +204,7 @@ async fn lines(
     });
     let mut session = Session {
         handle,
+        files,
         style,
         log,
         watching: false,
@@ -203,6 +233,7 @@ async fn lines(
                 None => return Ok(()),
                 Some(event) => session.show(&event).await,
             },
+            Some(event) = files_events.recv() => session.show_files(&event),
             line = input.recv(), if input_open && !stopping => match line {
                 Some(line) => {
                     if !session.command(&line).await {
@@ -226,7 +257,9 @@ async fn lines(
 /// being typed.
 async fn shell(
     handle: NodeHandle,
+    files: Files,
     mut events: mpsc::Receiver<NodeEvent>,
+    mut files_events: mpsc::Receiver<FilesEvent>,
     log: LogControl,
 ) -> anyhow::Result<()> {
     use rustyline::ExternalPrinter;
@@ -253,6 +286,7 @@ async fn shell(
     });
     let mut session = Session {
         handle,
+        files,
         style: Style::Text,
         log,
         watching: false,
@@ -270,6 +304,7 @@ async fn shell(
                 Some(NodeEvent::Stopped) | None => return Ok(()),
                 Some(event) => session.show(&event).await,
             },
+            Some(event) = files_events.recv() => session.show_files(&event),
             line = input.recv() => match line.flatten() {
                 Some(line) => {
                     if !session.command(&line).await {
@@ -284,6 +319,7 @@ async fn shell(
 
 struct Session {
     handle: NodeHandle,
+    files: Files,
     style: Style,
     log: LogControl,
     watching: bool,
@@ -435,6 +471,10 @@ impl Session {
                     text,
                 );
             }
+            ChatCommand::Files(command) => {
+                let (name, data, text) = files::run(&self.files, command).await?;
+                self.output(name, data, text);
+            }
             ChatCommand::Help => self.output("help", json!(chat::HELP), chat::HELP.to_owned()),
             ChatCommand::Quit => self.output("quit", json!({}), "… bye".into()),
         }
@@ -565,6 +605,36 @@ impl Session {
     /// Shows an event; a message is then marked shown, so a restart does not hand it over
     /// again. A renewed registration is shown in text only the first time.
     async fn show(&mut self, event: &NodeEvent) {
+        match event {
+            NodeEvent::Overlay(Event::Query {
+                query_id,
+                service,
+                body,
+                ..
+            }) => {
+                if service == "files" {
+                    let (files, query_id, body) =
+                        (self.files.clone(), query_id.clone(), body.clone());
+                    tokio::spawn(async move { files.on_query(&query_id, &body).await });
+                }
+                return;
+            }
+            NodeEvent::Overlay(Event::QueryHit {
+                query_id,
+                src,
+                body,
+            }) => {
+                let (files, query_id, src, body) = (
+                    self.files.clone(),
+                    query_id.clone(),
+                    src.clone(),
+                    body.clone(),
+                );
+                tokio::spawn(async move { files.on_hit(&query_id, &src, &body).await });
+                return;
+            }
+            _ => {}
+        }
         let (json, text) = describe(event);
         let renewal = matches!(event, NodeEvent::Rendezvous(RegistrarEvent::Registered(_)))
             && std::mem::replace(&mut self.registered, true);
@@ -582,6 +652,14 @@ impl Session {
         {
             let _ = self.handle.shown(msg_id).await;
         }
+    }
+}
+
+impl Session {
+    /// Shows a file-sharing event.
+    fn show_files(&mut self, event: &FilesEvent) {
+        let (json, text) = files::describe(event);
+        self.emit(json, text);
     }
 }
 
@@ -627,6 +705,16 @@ fn describe(event: &NodeEvent) -> (Value, String) {
 
 fn describe_overlay(event: &Event) -> (Value, String) {
     match event {
+        Event::Query {
+            query_id, src, service, ..
+        } => (
+            json!({"event":"query","query_id":query_id,"src":src,"service":service}),
+            format!("* query from {}", clean(src)),
+        ),
+        Event::QueryHit { query_id, src, .. } => (
+            json!({"event":"query_hit","query_id":query_id,"src":src}),
+            format!("* answer from {}", clean(src)),
+        ),
         Event::LinkUp {
             peer,
             addr,

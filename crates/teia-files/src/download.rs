@@ -1,0 +1,651 @@
+//! Downloading one file from every holder at once: a stream per holder pulls chunks that
+//! the [`Planner`] hands out, each chunk is hashed as it lands in the partial file and
+//! checked against the outboard (so a bad byte costs one chunk and the holder that sent it),
+//! and the partial file is renamed once every chunk is verified.
+//!
+//! Resuming: the partial file and the verified outboard (in the database) survive an
+//! interruption or a `kill -9`; the next run re-hashes the partial file's chunks and asks
+//! only for those that do not verify.
+//!
+//! Bounds: [`MAX_HOLDERS`] holders per download at once, [`WINDOW_BYTES`] requested from one
+//! holder at a time, one read buffer per stream; a holder silent for [`STALL_TIMEOUT`] is
+//! dropped.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fs::{File, OpenOptions};
+use std::net::SocketAddr;
+use std::os::unix::fs::FileExt;
+use std::path::{Component, Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use teia_core::identity::PublicKey;
+use teia_node::stream::DataStream;
+use tokio::sync::{mpsc, Notify, OnceCell};
+use tokio::task::JoinSet;
+
+use crate::proto::msg::{self, Reply, Request, MAX_STREAM_LINE};
+use crate::proto::plan::{Arrival, HolderId, Planner};
+use crate::proto::tree::{Hash, Outboard, CV_LEN, MAX_CHUNKS};
+use crate::service::{lock, FilesEvent, Inner};
+use crate::store::PendingDownload;
+
+/// Holders one download uses at once.
+pub const MAX_HOLDERS: usize = 8;
+/// Bytes requested from one holder and not yet received, at most.
+pub const WINDOW_BYTES: u64 = 8 * 1024 * 1024;
+/// Time a holder may send nothing while chunks are requested from it.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Time a download waits with no holder (asking the network again) before it fails.
+pub const NO_HOLDER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Time between two progress events of one download.
+const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+/// Holders waiting to be tried, per download.
+const SOURCES_QUEUED: usize = 64;
+/// Suffix of a file being downloaded.
+pub const PARTIAL_SUFFIX: &str = ".teia-partial";
+
+/// A holder to fetch from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// Its peer id.
+    pub peer_id: String,
+    /// The key its stream must prove.
+    pub key: PublicKey,
+    /// Where to open the stream.
+    pub addrs: Vec<SocketAddr>,
+}
+
+/// What to download.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// The content.
+    pub hash: Hash,
+    /// The folder it goes to.
+    pub dir: PathBuf,
+    /// Its name (folders in it are kept, made safe).
+    pub name: String,
+    /// Its size, if known.
+    pub size: Option<u64>,
+}
+
+/// A download's state, for `/downloads` and progress events.
+#[derive(Debug, Clone)]
+pub struct DownloadInfo {
+    /// The content.
+    pub hash: Hash,
+    /// Its name.
+    pub name: String,
+    /// Its size, once known.
+    pub size: Option<u64>,
+    /// Bytes verified (including those on disk before this run).
+    pub bytes: u64,
+    /// Bytes fetched in this run.
+    pub fetched: u64,
+    /// Bytes per second, recently.
+    pub rate: f64,
+    /// Holders sending now.
+    pub holders: usize,
+    /// Seconds left at the current rate.
+    pub eta: Option<f64>,
+    /// Seconds since the download started (this run).
+    pub seconds: f64,
+}
+
+struct Ready {
+    outboard: Outboard,
+    file: File,
+}
+
+#[derive(Default)]
+struct State {
+    planner: Option<Planner>,
+    /// Holders sending now.
+    holders: HashMap<HolderId, String>,
+    /// Verified bytes each holder sent in this run.
+    by_peer: HashMap<String, u64>,
+    fetched: u64,
+    rate: f64,
+    sample: (u64, Option<Instant>),
+}
+
+/// One download in progress.
+pub struct Download {
+    spec: Spec,
+    started: Instant,
+    ready: OnceCell<Ready>,
+    state: Mutex<State>,
+    work: Notify,
+    sources: mpsc::Sender<Source>,
+    queued: Mutex<Option<mpsc::Receiver<Source>>>,
+}
+
+/// Why fetching from one holder stopped.
+enum HolderEnd {
+    /// Nothing left to fetch.
+    Finished,
+    /// This holder failed; others may go on.
+    Dropped(String),
+    /// The download cannot go on (disk full, write error).
+    Fatal(String),
+}
+
+/// The safe relative path for a name a peer chose: plain components only.
+fn safe_relative(name: &str, hash: &Hash) -> PathBuf {
+    let relative: PathBuf = Path::new(name)
+        .components()
+        .filter_map(|c| match c {
+            Component::Normal(part) => Some(part),
+            _ => None,
+        })
+        .collect();
+    if relative.as_os_str().is_empty() {
+        PathBuf::from(hash.to_hex())
+    } else {
+        relative
+    }
+}
+
+fn partial_path(path: &Path) -> PathBuf {
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(PARTIAL_SUFFIX);
+    PathBuf::from(partial)
+}
+
+impl Download {
+    pub(crate) fn new(spec: Spec) -> Self {
+        let (sources, queued) = mpsc::channel(SOURCES_QUEUED);
+        Self {
+            spec,
+            started: Instant::now(),
+            ready: OnceCell::new(),
+            state: Mutex::new(State::default()),
+            work: Notify::new(),
+            sources,
+            queued: Mutex::new(Some(queued)),
+        }
+    }
+
+    /// The content.
+    pub fn hash(&self) -> Hash {
+        self.spec.hash
+    }
+
+    /// Where the file goes once verified.
+    pub fn path(&self) -> PathBuf {
+        self.spec
+            .dir
+            .join(safe_relative(&self.spec.name, &self.spec.hash))
+    }
+
+    pub(crate) fn add_source(&self, source: Source) {
+        let _ = self.sources.try_send(source);
+    }
+
+    /// Its state now.
+    pub fn info(&self) -> DownloadInfo {
+        let state = lock(&self.state);
+        let size = self
+            .ready
+            .get()
+            .map(|r| r.outboard.layout().size)
+            .or(self.spec.size);
+        let bytes = state.planner.as_ref().map_or(0, Planner::done_bytes);
+        let eta = match (size, state.rate > 0.0) {
+            (Some(size), true) => Some(size.saturating_sub(bytes) as f64 / state.rate),
+            _ => None,
+        };
+        DownloadInfo {
+            hash: self.spec.hash,
+            name: self.spec.name.clone(),
+            size,
+            bytes,
+            fetched: state.fetched,
+            rate: state.rate,
+            holders: state.holders.len(),
+            eta,
+            seconds: self.started.elapsed().as_secs_f64(),
+        }
+    }
+
+    fn update_rate(&self) {
+        let mut state = lock(&self.state);
+        let now = Instant::now();
+        let (bytes, at) = state.sample;
+        if let Some(at) = at {
+            let elapsed = now.duration_since(at).as_secs_f64();
+            if elapsed > 0.0 {
+                let current = state.fetched.saturating_sub(bytes) as f64 / elapsed;
+                state.rate = if state.rate == 0.0 {
+                    current
+                } else {
+                    0.5 * state.rate + 0.5 * current
+                };
+            }
+        }
+        state.sample = (state.fetched, Some(now));
+    }
+
+    fn complete(&self) -> bool {
+        lock(&self.state)
+            .planner
+            .as_ref()
+            .is_some_and(Planner::is_complete)
+    }
+
+    /// Sets up the partial file and the plan from the first holder's outboard (checked
+    /// against the hash), re-hashing what a previous run left.
+    async fn prepare(
+        &self,
+        inner: &Arc<Inner>,
+        size: u64,
+        outboard: &[u8],
+    ) -> Result<&Ready, String> {
+        self.ready
+            .get_or_try_init(|| async {
+                let outboard = Outboard::verify(self.spec.hash, size, outboard)
+                    .map_err(|e| format!("the holder's outboard is wrong: {e}"))?;
+                let record = PendingDownload {
+                    hash: self.spec.hash,
+                    dir: self.spec.dir.clone(),
+                    name: self.spec.name.clone(),
+                    size,
+                    outboard: Some(outboard.to_bytes()),
+                };
+                lock(&inner.store)
+                    .put_download(&record)
+                    .map_err(|e| e.to_string())?;
+                let partial = partial_path(&self.path());
+                let checked = outboard.clone();
+                let (file, have) =
+                    tokio::task::spawn_blocking(move || open_partial(&partial, &checked))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| format!("cannot write the partial file: {e}"))?;
+                lock(&self.state).planner = Some(Planner::new(outboard.layout(), &have));
+                Ok(Ready { outboard, file })
+            })
+            .await
+    }
+}
+
+/// Opens (creating) the partial file at its size and finds the chunks already verified.
+fn open_partial(path: &Path, outboard: &Outboard) -> std::io::Result<(File, Vec<bool>)> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    let layout = outboard.layout();
+    let existing = file.metadata()?.len();
+    file.set_len(layout.size)?;
+    let mut have = Vec::with_capacity(layout.chunks() as usize);
+    let mut buffer = vec![0u8; 1024 * 1024];
+    for index in 0..layout.chunks() {
+        let Some((offset, len)) = layout.range(index) else {
+            break;
+        };
+        if offset + len > existing {
+            have.push(false);
+            continue;
+        }
+        let Some(mut hasher) = outboard.chunk_hasher(index) else {
+            have.push(false);
+            continue;
+        };
+        let mut done = 0u64;
+        while done < len {
+            let want = ((len - done) as usize).min(buffer.len());
+            let Some(piece) = buffer.get_mut(..want) else {
+                break;
+            };
+            file.read_exact_at(piece, offset + done)?;
+            hasher.update(piece);
+            done += want as u64;
+        }
+        have.push(hasher.matches());
+    }
+    Ok((file, have))
+}
+
+/// Runs a download to its end: done (renamed, verified) or failed (partial kept).
+pub(crate) async fn run(inner: Arc<Inner>, download: Arc<Download>) {
+    let hash = download.hash();
+    let outcome = drive(&inner, &download).await;
+    lock(&inner.downloads).remove(&hash);
+    match outcome {
+        Ok(path) => {
+            if let Err(e) = lock(&inner.store).remove_download(&hash) {
+                tracing::warn!(error = %e, "finished download not dropped from the database");
+            }
+            let sources = {
+                let state = lock(&download.state);
+                let mut sources: Vec<(String, u64)> =
+                    state.by_peer.iter().map(|(p, b)| (p.clone(), *b)).collect();
+                sources.sort();
+                sources
+            };
+            inner
+                .emit(FilesEvent::Done {
+                    info: download.info(),
+                    path,
+                    sources,
+                })
+                .await;
+        }
+        Err(reason) => {
+            inner
+                .emit(FilesEvent::Failed {
+                    hash,
+                    name: download.spec.name.clone(),
+                    reason,
+                })
+                .await;
+        }
+    }
+}
+
+async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, String> {
+    let hash = download.hash();
+    let target = download.path();
+    if download.spec.size == Some(0) || hash == Hash::of(b"") {
+        if hash != Hash::of(b"") {
+            return Err("the holder says the file is empty, but the hash says otherwise".into());
+        }
+        if let Some(dir) = target.parent() {
+            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        }
+        File::create(&target).map_err(|e| e.to_string())?;
+        return Ok(target);
+    }
+    lock(&inner.store)
+        .put_download(&PendingDownload {
+            hash,
+            dir: download.spec.dir.clone(),
+            name: download.spec.name.clone(),
+            size: download.spec.size.unwrap_or(0),
+            outboard: None,
+        })
+        .map_err(|e| e.to_string())?;
+    let Some(mut sources) = lock(&download.queued).take() else {
+        return Err("download already running".into());
+    };
+    let mut holders: JoinSet<(String, PublicKey, HolderEnd)> = JoinSet::new();
+    let mut tried: HashSet<String> = HashSet::new();
+    let mut bad_keys: HashSet<PublicKey> = HashSet::new();
+    let mut next_id: HolderId = 1;
+    let mut alone_since = Some(Instant::now());
+    let mut asked_at: Option<Instant> = None;
+    let mut last_reason = String::from("no holder answered");
+    let mut ticker = tokio::time::interval(PROGRESS_EVERY);
+    loop {
+        if download.complete() {
+            break;
+        }
+        if holders.is_empty() {
+            let since = *alone_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= NO_HOLDER_TIMEOUT {
+                return Err(format!(
+                    "no holder left ({last_reason}); what was verified is kept, /get again to resume"
+                ));
+            }
+            if asked_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
+                asked_at = Some(Instant::now());
+                tried.clear();
+                inner.ask_holders(hash).await;
+            }
+        }
+        tokio::select! {
+            source = sources.recv() => {
+                let Some(source) = source else { continue };
+                if holders.len() >= MAX_HOLDERS
+                    || bad_keys.contains(&source.key)
+                    || !tried.insert(source.peer_id.clone())
+                {
+                    continue;
+                }
+                let id = next_id;
+                next_id += 1;
+                alone_since = None;
+                lock(&download.state).holders.insert(id, source.peer_id.clone());
+                let inner = Arc::clone(inner);
+                let download = Arc::clone(download);
+                holders.spawn(async move {
+                    let end = fetch(&inner, &download, id, &source).await;
+                    {
+                        let mut state = lock(&download.state);
+                        state.holders.remove(&id);
+                        if let Some(planner) = state.planner.as_mut() {
+                            planner.remove_holder(id);
+                        }
+                    }
+                    download.work.notify_waiters();
+                    (source.peer_id, source.key, end)
+                });
+            }
+            Some(joined) = holders.join_next() => {
+                let Ok((peer, key, end)) = joined else { continue };
+                match end {
+                    HolderEnd::Finished => {}
+                    HolderEnd::Dropped(reason) => {
+                        if reason.starts_with("corrupt") {
+                            bad_keys.insert(key);
+                        }
+                        tracing::info!(%peer, %reason, "holder dropped");
+                        last_reason = format!("{peer}: {reason}");
+                        inner.emit(FilesEvent::HolderDropped { hash, holder: peer, reason }).await;
+                    }
+                    HolderEnd::Fatal(reason) => {
+                        holders.abort_all();
+                        return Err(reason);
+                    }
+                }
+            }
+            _ = ticker.tick() => {
+                download.update_rate();
+                if download.ready.get().is_some() {
+                    inner.emit_progress(FilesEvent::Progress(download.info()));
+                }
+            }
+        }
+    }
+    holders.abort_all();
+    download.update_rate();
+    let ready = download.ready.get().ok_or("no data")?;
+    ready
+        .file
+        .sync_all()
+        .map_err(|e| format!("cannot flush the file: {e}"))?;
+    let partial = partial_path(&target);
+    std::fs::rename(&partial, &target)
+        .map_err(|e| format!("cannot rename {}: {e}", partial.display()))?;
+    Ok(target)
+}
+
+/// Fetches chunks from one holder until none is left for it.
+async fn fetch(
+    inner: &Arc<Inner>,
+    download: &Download,
+    id: HolderId,
+    source: &Source,
+) -> HolderEnd {
+    let mut last_error = String::from("no address");
+    let mut opened = None;
+    for addr in &source.addrs {
+        match inner
+            .node
+            .open_stream(*addr, "files", Some(source.key))
+            .await
+        {
+            Ok(stream) => {
+                opened = Some(stream);
+                break;
+            }
+            Err(e) => last_error = e.to_string(),
+        }
+    }
+    let Some(mut stream) = opened else {
+        return HolderEnd::Dropped(format!("cannot open a stream: {last_error}"));
+    };
+    match fetch_on(inner, download, id, &mut stream).await {
+        Ok(()) => {
+            stream.shutdown().await;
+            HolderEnd::Finished
+        }
+        Err(end) => end,
+    }
+}
+
+async fn read_reply(stream: &mut DataStream, wait: Duration) -> Result<Reply, HolderEnd> {
+    match tokio::time::timeout(wait, stream.read_line(MAX_STREAM_LINE)).await {
+        Ok(Ok(Some(line))) => {
+            serde_json::from_slice(&line).map_err(|e| HolderEnd::Dropped(format!("bad reply: {e}")))
+        }
+        Ok(Ok(None)) => Err(HolderEnd::Dropped("the stream closed".into())),
+        Ok(Err(e)) => Err(HolderEnd::Dropped(e.to_string())),
+        Err(_) => Err(HolderEnd::Dropped("the holder stalled".into())),
+    }
+}
+
+async fn fill(stream: &mut DataStream) -> Result<(), HolderEnd> {
+    match tokio::time::timeout(STALL_TIMEOUT, stream.fill()).await {
+        Ok(Ok(true)) => Ok(()),
+        Ok(Ok(false)) => Err(HolderEnd::Dropped("the stream closed".into())),
+        Ok(Err(e)) => Err(HolderEnd::Dropped(e.to_string())),
+        Err(_) => Err(HolderEnd::Dropped("the holder stalled".into())),
+    }
+}
+
+async fn fetch_on(
+    inner: &Arc<Inner>,
+    download: &Download,
+    id: HolderId,
+    stream: &mut DataStream,
+) -> Result<(), HolderEnd> {
+    let get = Request::Get {
+        hash: download.hash().to_hex(),
+    };
+    stream
+        .write_all(&msg::line(&get))
+        .await
+        .map_err(|e| HolderEnd::Dropped(e.to_string()))?;
+    let (size, outboard_len) = loop {
+        match read_reply(stream, crate::serve::APPROVAL_TIMEOUT + STALL_TIMEOUT).await? {
+            Reply::Ok { size, outboard } => break (size, outboard),
+            Reply::Wait { .. } => continue,
+            Reply::Error { code, detail } => {
+                return Err(HolderEnd::Dropped(format!("{code}: {detail}")))
+            }
+            Reply::Data { .. } => return Err(HolderEnd::Dropped("DATA before OK".into())),
+        }
+    };
+    if download.spec.size.is_some_and(|s| s != size) && download.ready.get().is_none() {
+        tracing::debug!(size, "the holder's size differs from the search result's");
+    }
+    let max_outboard = MAX_CHUNKS as usize * CV_LEN;
+    let outboard_len = usize::try_from(outboard_len).unwrap_or(usize::MAX);
+    if outboard_len > max_outboard {
+        return Err(HolderEnd::Dropped("outboard too large".into()));
+    }
+    while stream.buffered().len() < outboard_len {
+        fill(stream).await?;
+    }
+    let outboard_bytes = stream
+        .buffered()
+        .get(..outboard_len)
+        .unwrap_or_default()
+        .to_vec();
+    stream.consume(outboard_len);
+    let ready = download
+        .prepare(inner, size, &outboard_bytes)
+        .await
+        .map_err(|e| HolderEnd::Dropped(format!("corrupt: {e}")))?;
+    if ready.outboard.layout().size != size {
+        return Err(HolderEnd::Dropped("corrupt: another size".into()));
+    }
+    let layout = ready.outboard.layout();
+    let window = (WINDOW_BYTES / layout.chunk).max(2) as usize;
+    if let Some(planner) = lock(&download.state).planner.as_mut() {
+        planner.add_holder(id);
+    }
+    let mut outstanding: VecDeque<u32> = VecDeque::new();
+    loop {
+        let asked = lock(&download.state)
+            .planner
+            .as_mut()
+            .map(|p| p.next_requests(id, window))
+            .unwrap_or_default();
+        if !asked.is_empty() {
+            let request = Request::Chunks {
+                chunks: asked.clone(),
+            };
+            stream
+                .write_all(&msg::line(&request))
+                .await
+                .map_err(|e| HolderEnd::Dropped(e.to_string()))?;
+            outstanding.extend(asked);
+        }
+        let Some(&expected) = outstanding.front() else {
+            if download.complete() {
+                return Ok(());
+            }
+            let _ = tokio::time::timeout(Duration::from_secs(1), download.work.notified()).await;
+            continue;
+        };
+        let (chunk, len) = match read_reply(stream, STALL_TIMEOUT).await? {
+            Reply::Data { chunk, len } => (chunk, len),
+            Reply::Error { code, detail } => {
+                return Err(HolderEnd::Dropped(format!("{code}: {detail}")))
+            }
+            other => return Err(HolderEnd::Dropped(format!("unexpected {other:?}"))),
+        };
+        let range = layout.range(chunk);
+        if chunk != expected || range.map(|(_, l)| l) != Some(len) {
+            return Err(HolderEnd::Dropped(format!(
+                "sent chunk {chunk} of {len} bytes, chunk {expected} was asked"
+            )));
+        }
+        let (offset, _) = range.unwrap_or_default();
+        let Some(mut hasher) = ready.outboard.chunk_hasher(chunk) else {
+            return Err(HolderEnd::Dropped("no such chunk".into()));
+        };
+        let mut written = 0u64;
+        while hasher.remaining() > 0 {
+            if stream.buffered().is_empty() {
+                fill(stream).await?;
+            }
+            let take = (stream.buffered().len() as u64).min(hasher.remaining()) as usize;
+            let piece = stream.buffered().get(..take).unwrap_or_default();
+            hasher.update(piece);
+            if let Err(e) = ready.file.write_all_at(piece, offset + written) {
+                return Err(HolderEnd::Fatal(format!(
+                    "cannot write {}: {e}",
+                    partial_path(&download.path()).display()
+                )));
+            }
+            written += take as u64;
+            stream.consume(take);
+        }
+        outstanding.pop_front();
+        if !hasher.matches() {
+            return Err(HolderEnd::Dropped(format!(
+                "corrupt: chunk {chunk} does not match the hash"
+            )));
+        }
+        let mut state = lock(&download.state);
+        let fresh = state
+            .planner
+            .as_mut()
+            .is_some_and(|p| p.arrived(id, chunk) == Arrival::Fresh);
+        if fresh {
+            state.fetched += len;
+            if let Some(peer) = state.holders.get(&id).cloned() {
+                *state.by_peer.entry(peer).or_default() += len;
+            }
+        }
+    }
+}

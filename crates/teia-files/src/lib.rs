@@ -1,0 +1,17 @@
+//! teia file sharing (seed 004, beyond Napster): content-addressed files, verified chunk by
+//! chunk, downloaded from every holder at once over encrypted data streams, resumable, found
+//! by a query flooded through the overlay or through an index server.
+//!
+//! `proto` holds the decisions, with no I/O: content addressing ([`proto::tree`]), the
+//! download planner ([`proto::plan`]), the messages ([`proto::msg`]) and name matching. The
+//! other modules are the runtime: the share index on disk, serving, downloading.
+
+pub mod download;
+pub mod proto;
+pub mod serve;
+pub mod service;
+pub mod share;
+pub mod store;
+
+pub use download::{DownloadInfo, Source};
+pub use service::{Approval, Files, FilesConfig, FilesError, FilesEvent};

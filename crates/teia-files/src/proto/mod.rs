@@ -1,0 +1,5 @@
+//! The sans-IO part of file sharing: no sockets, no files, no clock.
+
+pub mod msg;
+pub mod plan;
+pub mod tree;

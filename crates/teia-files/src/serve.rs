@@ -1,0 +1,175 @@
+//! Serving a `files` data stream: answer `GET` with the file's size and outboard (after the
+//! approval policy), then each `CHUNKS` with the chunks' bytes read from disk a piece at a
+//! time (never a whole file, nor a whole large chunk, in memory).
+
+use std::os::unix::fs::FileExt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use teia_node::stream::DataStream;
+
+use crate::proto::msg::{self, code, Reply, Request, MAX_CHUNKS_PER_REQUEST, MAX_STREAM_LINE};
+use crate::proto::tree::{Hash, Layout};
+use crate::service::{lock, Inner, MAX_SERVING, MAX_STREAMS_PER_PEER};
+use crate::share;
+
+/// Time a requester may stay silent between requests before the stream is closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Time the user has to approve a request under `--approve ask`.
+pub const APPROVAL_TIMEOUT: Duration = Duration::from_secs(300);
+/// Bytes read from disk and sealed at once.
+const PIECE: usize = 1024 * 1024;
+
+/// Counts a stream served to one peer; released on drop.
+struct Slot {
+    inner: Arc<Inner>,
+    peer: String,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut serving = lock(&self.inner.serving);
+        if let Some(count) = serving.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                serving.remove(&self.peer);
+            }
+        }
+    }
+}
+
+fn take_slot(inner: &Arc<Inner>, peer: &str) -> Option<Slot> {
+    let mut serving = lock(&inner.serving);
+    let total: usize = serving.values().sum();
+    let mine = serving.get(peer).copied().unwrap_or(0);
+    if total >= MAX_SERVING || mine >= MAX_STREAMS_PER_PEER {
+        return None;
+    }
+    serving.insert(peer.to_owned(), mine + 1);
+    Some(Slot {
+        inner: Arc::clone(inner),
+        peer: peer.to_owned(),
+    })
+}
+
+async fn read_request(stream: &mut DataStream) -> Result<Option<Request>, String> {
+    let line = match tokio::time::timeout(IDLE_TIMEOUT, stream.read_line(MAX_STREAM_LINE)).await {
+        Ok(Ok(Some(line))) => line,
+        Ok(Ok(None)) | Err(_) => return Ok(None),
+        Ok(Err(e)) => return Err(e.to_string()),
+    };
+    serde_json::from_slice(&line)
+        .map(Some)
+        .map_err(|e| format!("bad request: {e}"))
+}
+
+async fn refuse(stream: &mut DataStream, code: &str, detail: String) {
+    let _ = stream
+        .write_all(&msg::line(&Reply::error(code, detail)))
+        .await;
+    stream.shutdown().await;
+}
+
+/// Serves one stream until the requester closes it, goes idle, or errs.
+pub(crate) async fn serve(inner: Arc<Inner>, mut stream: DataStream) {
+    if stream.service() != "files" {
+        return refuse(&mut stream, code::BAD_REQUEST, "unknown service".into()).await;
+    }
+    let peer = stream.peer_id().to_owned();
+    let Some(_slot) = take_slot(&inner, &peer) else {
+        return refuse(
+            &mut stream,
+            code::BUSY,
+            "too many transfers; retry later".into(),
+        )
+        .await;
+    };
+    let hash = match read_request(&mut stream).await {
+        Ok(Some(Request::Get { hash })) => hash,
+        Ok(Some(Request::Chunks { .. })) => {
+            return refuse(&mut stream, code::BAD_REQUEST, "GET comes first".into()).await
+        }
+        Ok(None) => return,
+        Err(e) => return refuse(&mut stream, code::BAD_REQUEST, e).await,
+    };
+    let Some(hash) = Hash::from_hex(&hash) else {
+        return refuse(
+            &mut stream,
+            code::BAD_REQUEST,
+            "hash is not 64 hex digits".into(),
+        )
+        .await;
+    };
+    let found = lock(&inner.store).by_hash(&hash);
+    let (file, outboard) = match found {
+        Ok(Some(found)) => found,
+        Ok(None) => return refuse(&mut stream, code::NOT_FOUND, hash.to_hex()).await,
+        Err(e) => return refuse(&mut stream, code::IO, e.to_string()).await,
+    };
+    if !inner.approve(&peer, stream.key(), &file, &mut stream).await {
+        tracing::info!(%peer, file = %file.name, "download refused by the approval policy");
+        return refuse(
+            &mut stream,
+            code::DENIED,
+            "the holder did not approve".into(),
+        )
+        .await;
+    }
+    let opened = match share::open_served(&file) {
+        Ok(opened) => opened,
+        Err(e @ share::ServeError::Changed(_)) => {
+            return refuse(&mut stream, code::CHANGED, e.to_string()).await
+        }
+        Err(e) => return refuse(&mut stream, code::NOT_FOUND, e.to_string()).await,
+    };
+    let ok = Reply::Ok {
+        size: file.size,
+        outboard: outboard.len() as u64,
+    };
+    let mut head = msg::line(&ok);
+    head.extend_from_slice(&outboard);
+    if stream.write_all(&head).await.is_err() {
+        return;
+    }
+    tracing::info!(%peer, file = %file.name, "serving");
+    let layout = Layout::new(file.size);
+    let mut buffer = vec![0u8; PIECE.min(layout.chunk as usize)];
+    loop {
+        let chunks = match read_request(&mut stream).await {
+            Ok(Some(Request::Chunks { chunks })) if chunks.len() <= MAX_CHUNKS_PER_REQUEST => {
+                chunks
+            }
+            Ok(Some(_)) => {
+                let detail = format!("CHUNKS of at most {MAX_CHUNKS_PER_REQUEST} expected");
+                return refuse(&mut stream, code::BAD_REQUEST, detail).await;
+            }
+            Ok(None) => return,
+            Err(e) => return refuse(&mut stream, code::BAD_REQUEST, e).await,
+        };
+        for index in chunks {
+            let Some((offset, len)) = layout.range(index) else {
+                let detail = format!("no chunk {index}");
+                return refuse(&mut stream, code::BAD_REQUEST, detail).await;
+            };
+            let header = msg::line(&Reply::Data { chunk: index, len });
+            if stream.queue(&header).is_err() {
+                return;
+            }
+            let mut sent = 0u64;
+            while sent < len {
+                let want = ((len - sent) as usize).min(buffer.len());
+                let Some(piece) = buffer.get_mut(..want) else {
+                    return;
+                };
+                if let Err(e) = opened.read_exact_at(piece, offset + sent) {
+                    let detail = format!("{}: {e}", file.name);
+                    return refuse(&mut stream, code::IO, detail).await;
+                }
+                if stream.queue(piece).is_err() || stream.flush().await.is_err() {
+                    return;
+                }
+                sent += want as u64;
+            }
+        }
+    }
+}

@@ -1,0 +1,813 @@
+//! The file-sharing service: the handle interfaces call, and its state. It talks to the
+//! network only through the node's API (queries, answers, data streams).
+//!
+//! Bounds: [`MAX_DOWNLOADS`] downloads at once, [`MAX_SERVING`] streams served at once and
+//! [`MAX_STREAMS_PER_PEER`] per peer (one more is answered `busy`), [`MAX_PENDING_APPROVALS`]
+//! requests waiting for the user (more are denied), [`RESULTS_KEPT`] search results
+//! remembered, events to the interface up to [`EVENTS`] (progress events are dropped when
+//! the interface lags; the others wait).
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde_json::Value;
+use teia_core::identity::PublicKey;
+use teia_node::node::NodeHandle;
+use teia_node::stream::DataStream;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::download::{self, Download, DownloadInfo, Source};
+use crate::proto::msg::{self, Answer, Found, Question, MAX_RESULTS_PER_HIT, MAX_SEARCH_TEXT};
+use crate::proto::tree::Hash;
+use crate::serve;
+use crate::share;
+use crate::store::{FileStore, SharedFile, StoreError};
+
+/// Downloads running at once; one more is refused.
+pub const MAX_DOWNLOADS: usize = 16;
+/// Streams served at once.
+pub const MAX_SERVING: usize = 64;
+/// Streams served to one peer at once.
+pub const MAX_STREAMS_PER_PEER: usize = 4;
+/// Requests waiting for the user's approval at once.
+pub const MAX_PENDING_APPROVALS: usize = 64;
+/// Search results remembered (for `/get NAME` and for holders of a download).
+pub const RESULTS_KEPT: usize = 4_096;
+/// Approvals remembered (requester key and file); beyond, they are forgotten and asked again.
+pub const GRANTS_KEPT: usize = 4_096;
+/// Events waiting for the interface.
+pub const EVENTS: usize = 1_024;
+/// Hops a search travels.
+pub const SEARCH_TTL: u32 = 5;
+/// Time between two rescans of the shared folders.
+pub const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
+
+/// Who may download what this node shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Approval {
+    /// Anyone.
+    All,
+    /// The user approves each requester (`/approve ID`, `/deny ID`).
+    Ask,
+    /// Only keys given with `--trust`.
+    Trusted,
+    /// No one.
+    None,
+}
+
+impl std::str::FromStr for Approval {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, String> {
+        match text {
+            "all" => Ok(Self::All),
+            "ask" => Ok(Self::Ask),
+            "trusted" => Ok(Self::Trusted),
+            "none" => Ok(Self::None),
+            other => Err(format!(
+                "unknown approval policy {other:?}; use all, ask, trusted or none"
+            )),
+        }
+    }
+}
+
+/// How to run the service.
+#[derive(Debug, Clone)]
+pub struct FilesConfig {
+    /// Its database.
+    pub db: PathBuf,
+    /// Folders and files to share (added to those shared before).
+    pub shares: Vec<PathBuf>,
+    /// Who may download.
+    pub approval: Approval,
+    /// Keys `Approval::Trusted` lets in.
+    pub trusted: Vec<PublicKey>,
+    /// Where downloads go unless told otherwise.
+    pub download_dir: PathBuf,
+    /// Our listen address, advertised in answers (`None`: we do not listen).
+    pub listen: Option<SocketAddr>,
+    /// Our key.
+    pub key: PublicKey,
+}
+
+/// What the service tells the interface.
+#[derive(Debug, Clone)]
+pub enum FilesEvent {
+    /// A folder was (re)indexed.
+    Shared {
+        /// The folder or file.
+        path: PathBuf,
+        /// Files in it.
+        files: usize,
+        /// Their bytes.
+        bytes: u64,
+        /// Files hashed this time (new or changed).
+        hashed: usize,
+    },
+    /// A holder answered a search.
+    SearchResults {
+        /// The words searched.
+        text: String,
+        /// The holder.
+        holder: String,
+        /// What it has.
+        files: Vec<Found>,
+    },
+    /// A download's progress (a few per second at most).
+    Progress(DownloadInfo),
+    /// A download finished, verified.
+    Done {
+        /// Its state at the end.
+        info: DownloadInfo,
+        /// Where the file is.
+        path: PathBuf,
+        /// Bytes fetched from each holder this run.
+        sources: Vec<(String, u64)>,
+    },
+    /// A download failed; what was verified is kept for a later `/get`.
+    Failed {
+        /// The content.
+        hash: Hash,
+        /// Its name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// A holder was dropped from a download.
+    HolderDropped {
+        /// The content.
+        hash: Hash,
+        /// The holder.
+        holder: String,
+        /// Why (`denied`, a corrupt chunk, a broken stream).
+        reason: String,
+    },
+    /// A peer asks to download a file of ours; answer with [`Files::approve`] or
+    /// [`Files::deny`].
+    ApprovalRequest {
+        /// The request's id.
+        id: u64,
+        /// Who asks.
+        peer: String,
+        /// Its key.
+        key: PublicKey,
+        /// The file.
+        name: String,
+        /// Its size.
+        size: u64,
+        /// Its hash.
+        hash: Hash,
+    },
+    /// A warning about sharing (a folder that could not be read, ...).
+    Warning(String),
+}
+
+/// Why the service could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A path could not be used.
+    #[error("{path}: {source}")]
+    Path {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The node has stopped.
+    #[error("the node has stopped")]
+    Stopped,
+    /// The request is not valid.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// A search result remembered: a file and who has it.
+#[derive(Debug, Clone)]
+pub(crate) struct Holding {
+    pub(crate) name: String,
+    pub(crate) size: u64,
+    pub(crate) hash: Hash,
+    pub(crate) source: Source,
+}
+
+pub(crate) struct Approvals {
+    next: u64,
+    pending: HashMap<u64, oneshot::Sender<bool>>,
+    granted: HashSet<(PublicKey, Hash)>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) node: NodeHandle,
+    pub(crate) store: Mutex<FileStore>,
+    pub(crate) events: mpsc::Sender<FilesEvent>,
+    pub(crate) config: FilesConfig,
+    pub(crate) downloads: Mutex<HashMap<Hash, Arc<Download>>>,
+    pub(crate) results: Mutex<VecDeque<Holding>>,
+    pub(crate) approvals: Mutex<Approvals>,
+    pub(crate) serving: Mutex<HashMap<String, usize>>,
+    /// Our searches: query id → text.
+    pub(crate) searches: Mutex<VecDeque<(String, String)>>,
+    /// Our holder queries for downloads: query id → hash.
+    pub(crate) holder_queries: Mutex<VecDeque<(String, Hash)>>,
+}
+
+/// Locks a mutex, recovering it if a task panicked while holding it.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, cap: usize) {
+    if queue.len() >= cap {
+        queue.pop_front();
+    }
+    queue.push_back(item);
+}
+
+impl Inner {
+    pub(crate) async fn emit(&self, event: FilesEvent) {
+        let _ = self.events.send(event).await;
+    }
+
+    pub(crate) fn emit_progress(&self, event: FilesEvent) {
+        let _ = self.events.try_send(event);
+    }
+
+    /// Holders of `hash` heard in answers.
+    pub(crate) fn sources_of(&self, hash: &Hash) -> Vec<Source> {
+        let mut seen = HashSet::new();
+        lock(&self.results)
+            .iter()
+            .rev()
+            .filter(|h| h.hash == *hash)
+            .filter(|h| seen.insert(h.source.peer_id.clone()))
+            .map(|h| h.source.clone())
+            .collect()
+    }
+
+    /// Asks the network who holds `hash`; answers reach the download as new holders.
+    pub(crate) async fn ask_holders(&self, hash: Hash) {
+        let body = serde_json::to_value(Question::Holders {
+            hash: hash.to_hex(),
+        })
+        .unwrap_or(Value::Null);
+        if let Ok(query_id) = self.node.query("files", body, SEARCH_TTL).await {
+            push_bounded(&mut lock(&self.holder_queries), (query_id, hash), 256);
+        }
+    }
+}
+
+/// The file-sharing service's handle.
+#[derive(Clone)]
+pub struct Files {
+    pub(crate) inner: Arc<Inner>,
+}
+
+/// What `/share` found.
+#[derive(Debug, Clone)]
+pub struct ShareSummary {
+    /// The folder or file, as stored.
+    pub path: PathBuf,
+    /// Files in it.
+    pub files: usize,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+impl Files {
+    /// Starts the service: opens its database, indexes the shared folders (in the
+    /// background), serves the streams that `streams` brings, resumes unfinished downloads.
+    pub async fn start(
+        config: FilesConfig,
+        node: NodeHandle,
+        mut streams: mpsc::Receiver<DataStream>,
+    ) -> Result<(Self, mpsc::Receiver<FilesEvent>), FilesError> {
+        let store = FileStore::open(&config.db)?;
+        for path in &config.shares {
+            let path = path.canonicalize().map_err(|source| FilesError::Path {
+                path: path.clone(),
+                source,
+            })?;
+            store.add_share(&path)?;
+        }
+        let pending = store.downloads()?;
+        let (events, event_rx) = mpsc::channel(EVENTS);
+        let files = Self {
+            inner: Arc::new(Inner {
+                node,
+                store: Mutex::new(store),
+                events,
+                config,
+                downloads: Mutex::new(HashMap::new()),
+                results: Mutex::new(VecDeque::new()),
+                approvals: Mutex::new(Approvals {
+                    next: 1,
+                    pending: HashMap::new(),
+                    granted: HashSet::new(),
+                }),
+                serving: Mutex::new(HashMap::new()),
+                searches: Mutex::new(VecDeque::new()),
+                holder_queries: Mutex::new(VecDeque::new()),
+            }),
+        };
+        let server = files.clone();
+        tokio::spawn(async move {
+            while let Some(stream) = streams.recv().await {
+                tokio::spawn(serve::serve(Arc::clone(&server.inner), stream));
+            }
+        });
+        let scanner = files.clone();
+        tokio::spawn(async move {
+            loop {
+                scanner.rescan(true).await;
+                tokio::time::sleep(RESCAN_INTERVAL).await;
+            }
+        });
+        for download in pending {
+            let spec = download::Spec {
+                hash: download.hash,
+                dir: download.dir,
+                name: download.name,
+                size: Some(download.size),
+            };
+            if let Err(e) = files.start_download(spec).await {
+                files
+                    .inner
+                    .emit(FilesEvent::Warning(format!("download not resumed: {e}")))
+                    .await;
+            }
+        }
+        Ok((files, event_rx))
+    }
+
+    /// Re-indexes every shared folder: hashes new and changed files, forgets deleted ones.
+    pub async fn rescan(&self, quiet: bool) {
+        let shares = lock(&self.inner.store).shares();
+        let shares = match shares {
+            Ok(shares) => shares,
+            Err(e) => {
+                self.inner.emit(FilesEvent::Warning(e.to_string())).await;
+                return;
+            }
+        };
+        for root in shares {
+            match self.index(root.clone()).await {
+                Ok((summary, hashed)) => {
+                    if !quiet || hashed > 0 {
+                        self.inner
+                            .emit(FilesEvent::Shared {
+                                path: summary.path,
+                                files: summary.files,
+                                bytes: summary.bytes,
+                                hashed,
+                            })
+                            .await;
+                    }
+                }
+                Err(e) => {
+                    self.inner
+                        .emit(FilesEvent::Warning(format!(
+                            "cannot index {}: {e}",
+                            root.display()
+                        )))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Indexes one shared root (hashing in a blocking thread).
+    async fn index(&self, root: PathBuf) -> Result<(ShareSummary, usize), FilesError> {
+        let inner = Arc::clone(&self.inner);
+        tokio::task::spawn_blocking(move || {
+            let (found, truncated) = share::walk(&root).map_err(|source| FilesError::Path {
+                path: root.clone(),
+                source,
+            })?;
+            if truncated {
+                tracing::warn!(
+                    root = %root.display(),
+                    "more than {} files; the rest are not shared",
+                    share::MAX_FILES_PER_SHARE
+                );
+            }
+            let mut hashed = 0;
+            let mut bytes = 0;
+            for file in &found {
+                bytes += file.size;
+                if lock(&inner.store).cached(&file.path, file.size, file.mtime)? {
+                    continue;
+                }
+                let outboard = match share::hash_file(&file.path) {
+                    Ok(Some(outboard)) => outboard,
+                    Ok(None) => continue,
+                    Err(e) => {
+                        tracing::warn!(path = %file.path.display(), error = %e, "not shared");
+                        continue;
+                    }
+                };
+                hashed += 1;
+                let shared = SharedFile {
+                    path: file.path.clone(),
+                    root: root.clone(),
+                    name: file.name.clone(),
+                    size: file.size,
+                    mtime: file.mtime,
+                    hash: outboard.hash(),
+                };
+                lock(&inner.store).put_file(&shared, &outboard)?;
+            }
+            let paths: Vec<PathBuf> = found.iter().map(|f| f.path.clone()).collect();
+            lock(&inner.store).prune(&root, &paths)?;
+            Ok((
+                ShareSummary {
+                    path: root,
+                    files: found.len(),
+                    bytes,
+                },
+                hashed,
+            ))
+        })
+        .await
+        .map_err(|_| FilesError::Stopped)?
+    }
+
+    /// Shares a folder or file (indexing it now).
+    pub async fn share(&self, path: &Path) -> Result<ShareSummary, FilesError> {
+        let path = path.canonicalize().map_err(|source| FilesError::Path {
+            path: path.to_owned(),
+            source,
+        })?;
+        lock(&self.inner.store).add_share(&path)?;
+        let (summary, _) = self.index(path).await?;
+        Ok(summary)
+    }
+
+    /// Stops sharing a folder or file; false if it was not shared.
+    pub fn unshare(&self, path: &Path) -> Result<bool, FilesError> {
+        let path = path.canonicalize().unwrap_or_else(|_| path.to_owned());
+        Ok(lock(&self.inner.store).remove_share(&path)?)
+    }
+
+    /// Shared folders, and every file shared.
+    pub fn shared(&self) -> Result<(Vec<PathBuf>, Vec<SharedFile>), FilesError> {
+        let store = lock(&self.inner.store);
+        Ok((store.shares()?, store.files()?))
+    }
+
+    /// Floods a search for files whose names have every word of `text`; answers come as
+    /// [`FilesEvent::SearchResults`]. Shared files of this node match too.
+    pub async fn search(&self, text: &str) -> Result<Vec<Found>, FilesError> {
+        let text = text.trim();
+        if text.is_empty() || text.len() > MAX_SEARCH_TEXT {
+            return Err(FilesError::Invalid(format!(
+                "search for 1 to {MAX_SEARCH_TEXT} bytes of text"
+            )));
+        }
+        let body = serde_json::to_value(Question::Search {
+            text: text.to_owned(),
+        })
+        .unwrap_or(Value::Null);
+        let query_id = self
+            .inner
+            .node
+            .query("files", body, SEARCH_TTL)
+            .await
+            .map_err(|_| FilesError::Stopped)?;
+        push_bounded(
+            &mut lock(&self.inner.searches),
+            (query_id, text.to_owned()),
+            256,
+        );
+        Ok(self.local_matches(text)?)
+    }
+
+    fn local_matches(&self, text: &str) -> Result<Vec<Found>, StoreError> {
+        Ok(lock(&self.inner.store)
+            .files()?
+            .into_iter()
+            .filter(|f| msg::matches(&f.name, text))
+            .take(MAX_RESULTS_PER_HIT)
+            .map(|f| Found {
+                name: f.name,
+                size: f.size,
+                hash: f.hash.to_hex(),
+            })
+            .collect())
+    }
+
+    /// Answers a `files` query heard from the overlay.
+    pub async fn on_query(&self, query_id: &str, body: &Value) {
+        let Ok(question) = serde_json::from_value::<Question>(body.clone()) else {
+            return;
+        };
+        let found: Vec<Found> = match question {
+            Question::Search { text } if text.len() <= MAX_SEARCH_TEXT => {
+                self.local_matches(&text).unwrap_or_default()
+            }
+            Question::Search { .. } => Vec::new(),
+            Question::Holders { hash } => {
+                let Some(hash) = Hash::from_hex(&hash) else {
+                    return;
+                };
+                match lock(&self.inner.store).by_hash(&hash) {
+                    Ok(Some((file, _))) => vec![Found {
+                        name: file.name,
+                        size: file.size,
+                        hash: hash.to_hex(),
+                    }],
+                    _ => Vec::new(),
+                }
+            }
+        };
+        if found.is_empty() || self.inner.config.approval == Approval::None {
+            return;
+        }
+        let listen = self.inner.config.listen;
+        let answer = Answer {
+            key: self.inner.config.key.to_string(),
+            port: listen.map(|a| a.port()),
+            addrs: listen
+                .filter(|a| !a.ip().is_unspecified())
+                .map(|a| a.to_string())
+                .into_iter()
+                .collect(),
+            files: found,
+        };
+        if let Ok(body) = serde_json::to_value(answer) {
+            let _ = self.inner.node.answer(query_id, body).await;
+        }
+    }
+
+    /// Takes an answer to one of our queries.
+    pub async fn on_hit(&self, query_id: &str, holder: &str, body: &Value) {
+        let Ok(answer) = serde_json::from_value::<Answer>(body.clone()) else {
+            return;
+        };
+        let Ok(key) = PublicKey::parse(&answer.key) else {
+            return;
+        };
+        let addrs = self.addresses(holder, &answer).await;
+        let source = Source {
+            peer_id: holder.to_owned(),
+            key,
+            addrs,
+        };
+        let files: Vec<Found> = answer
+            .files
+            .into_iter()
+            .take(MAX_RESULTS_PER_HIT)
+            .filter(|f| Hash::from_hex(&f.hash).is_some())
+            .collect();
+        {
+            let mut results = lock(&self.inner.results);
+            for file in &files {
+                if let Some(hash) = Hash::from_hex(&file.hash) {
+                    push_bounded(
+                        &mut results,
+                        Holding {
+                            name: file.name.clone(),
+                            size: file.size,
+                            hash,
+                            source: source.clone(),
+                        },
+                        RESULTS_KEPT,
+                    );
+                }
+            }
+        }
+        for file in &files {
+            let Some(hash) = Hash::from_hex(&file.hash) else {
+                continue;
+            };
+            let download = lock(&self.inner.downloads).get(&hash).cloned();
+            if let Some(download) = download {
+                download.add_source(source.clone());
+            }
+        }
+        let search = lock(&self.inner.searches)
+            .iter()
+            .find(|(id, _)| id == query_id)
+            .map(|(_, text)| text.clone());
+        if let Some(text) = search {
+            self.inner
+                .emit(FilesEvent::SearchResults {
+                    text,
+                    holder: holder.to_owned(),
+                    files,
+                })
+                .await;
+        }
+    }
+
+    /// Where to open a stream to `holder`: the addresses it gave, and the addresses the
+    /// node knows for it with the port it gave.
+    async fn addresses(&self, holder: &str, answer: &Answer) -> Vec<SocketAddr> {
+        let mut addrs: Vec<SocketAddr> =
+            answer.addrs.iter().filter_map(|a| a.parse().ok()).collect();
+        if let (Some(port), Ok(snapshot)) = (answer.port, self.inner.node.snapshot().await) {
+            let ips: Vec<IpAddr> = snapshot
+                .known
+                .iter()
+                .filter(|(peer, _)| peer == holder)
+                .map(|(_, a)| a.ip())
+                .chain(
+                    snapshot
+                        .neighbours
+                        .iter()
+                        .filter(|n| n.peer == holder)
+                        .map(|n| n.addr.ip()),
+                )
+                .collect();
+            for ip in ips {
+                let addr = SocketAddr::new(ip, port);
+                if !addrs.contains(&addr) {
+                    addrs.push(addr);
+                }
+            }
+        }
+        addrs.truncate(4);
+        addrs
+    }
+
+    /// Starts (or joins) the download of `target`: a hex hash, or a name a search found
+    /// (it must name one content). Goes to `dir`, or the download folder.
+    pub async fn get(&self, target: &str, dir: Option<PathBuf>) -> Result<Hash, FilesError> {
+        let (hash, name, size) = self.resolve_target(target)?;
+        let dir = dir.unwrap_or_else(|| self.inner.config.download_dir.clone());
+        std::fs::create_dir_all(&dir).map_err(|source| FilesError::Path {
+            path: dir.clone(),
+            source,
+        })?;
+        let spec = download::Spec {
+            hash,
+            dir,
+            name,
+            size,
+        };
+        self.start_download(spec).await?;
+        Ok(hash)
+    }
+
+    fn resolve_target(&self, target: &str) -> Result<(Hash, String, Option<u64>), FilesError> {
+        let target = target.trim();
+        let results = lock(&self.inner.results);
+        if let Some(hash) = Hash::from_hex(target) {
+            let known = results.iter().rev().find(|h| h.hash == hash);
+            let name = known.map_or_else(|| hash.to_hex(), |h| h.name.clone());
+            return Ok((hash, name, known.map(|h| h.size)));
+        }
+        let exact: Vec<&Holding> = results.iter().filter(|h| h.name == target).collect();
+        let candidates: Vec<&Holding> = if exact.is_empty() {
+            results
+                .iter()
+                .filter(|h| msg::matches(&h.name, target))
+                .collect()
+        } else {
+            exact
+        };
+        let hashes: HashSet<Hash> = candidates.iter().map(|h| h.hash).collect();
+        match (hashes.len(), candidates.first()) {
+            (1, Some(h)) => Ok((h.hash, h.name.clone(), Some(h.size))),
+            (0, _) => Err(FilesError::Invalid(format!(
+                "no search result is named {target:?}; /search first, or /get HASH"
+            ))),
+            (n, _) => Err(FilesError::Invalid(format!(
+                "{n} different files match {target:?}; /get one of their hashes"
+            ))),
+        }
+    }
+
+    pub(crate) async fn start_download(&self, spec: download::Spec) -> Result<(), FilesError> {
+        let download = {
+            let mut downloads = lock(&self.inner.downloads);
+            if downloads.contains_key(&spec.hash) {
+                return Ok(());
+            }
+            if downloads.len() >= MAX_DOWNLOADS {
+                return Err(FilesError::Invalid(format!(
+                    "{MAX_DOWNLOADS} downloads are running; wait for one to finish"
+                )));
+            }
+            let download = Arc::new(Download::new(spec));
+            downloads.insert(download.hash(), Arc::clone(&download));
+            download
+        };
+        for source in self.inner.sources_of(&download.hash()) {
+            download.add_source(source);
+        }
+        tokio::spawn(download::run(Arc::clone(&self.inner), download));
+        Ok(())
+    }
+
+    /// Adds a holder to a download (from a ticket).
+    pub fn add_source(&self, hash: Hash, source: Source) {
+        let download = lock(&self.inner.downloads).get(&hash).cloned();
+        match download {
+            Some(download) => download.add_source(source),
+            None => push_bounded(
+                &mut lock(&self.inner.results),
+                Holding {
+                    name: hash.to_hex(),
+                    size: 0,
+                    hash,
+                    source,
+                },
+                RESULTS_KEPT,
+            ),
+        }
+    }
+
+    /// The downloads running.
+    pub fn downloads(&self) -> Vec<DownloadInfo> {
+        lock(&self.inner.downloads)
+            .values()
+            .map(|d| d.info())
+            .collect()
+    }
+
+    /// Approves request `id`; false if no such request waits.
+    pub fn approve(&self, id: u64) -> bool {
+        self.answer_approval(id, true)
+    }
+
+    /// Denies request `id`; false if no such request waits.
+    pub fn deny(&self, id: u64) -> bool {
+        self.answer_approval(id, false)
+    }
+
+    fn answer_approval(&self, id: u64, yes: bool) -> bool {
+        lock(&self.inner.approvals)
+            .pending
+            .remove(&id)
+            .is_some_and(|reply| reply.send(yes).is_ok())
+    }
+}
+
+impl Inner {
+    /// Decides whether `key` may download `file`: by policy, or by asking the user (the
+    /// stream is told to wait meanwhile).
+    pub(crate) async fn approve(
+        &self,
+        peer: &str,
+        key: PublicKey,
+        file: &SharedFile,
+        stream: &mut DataStream,
+    ) -> bool {
+        match self.config.approval {
+            Approval::All => true,
+            Approval::None => false,
+            Approval::Trusted => self.config.trusted.contains(&key),
+            Approval::Ask => {
+                let (id, answer) = {
+                    let mut approvals = lock(&self.approvals);
+                    if approvals.granted.contains(&(key, file.hash)) {
+                        return true;
+                    }
+                    if approvals.pending.len() >= MAX_PENDING_APPROVALS {
+                        return false;
+                    }
+                    let id = approvals.next;
+                    approvals.next += 1;
+                    let (reply, answer) = oneshot::channel();
+                    approvals.pending.insert(id, reply);
+                    (id, answer)
+                };
+                let wait = msg::line(&msg::Reply::Wait { request: id });
+                if stream.write_all(&wait).await.is_err() {
+                    lock(&self.approvals).pending.remove(&id);
+                    return false;
+                }
+                self.emit(FilesEvent::ApprovalRequest {
+                    id,
+                    peer: peer.to_owned(),
+                    key,
+                    name: file.name.clone(),
+                    size: file.size,
+                    hash: file.hash,
+                })
+                .await;
+                let yes = matches!(
+                    tokio::time::timeout(serve::APPROVAL_TIMEOUT, answer).await,
+                    Ok(Ok(true))
+                );
+                let mut approvals = lock(&self.approvals);
+                approvals.pending.remove(&id);
+                if yes {
+                    if approvals.granted.len() >= GRANTS_KEPT {
+                        approvals.granted.clear();
+                    }
+                    approvals.granted.insert((key, file.hash));
+                }
+                yes
+            }
+        }
+    }
+}

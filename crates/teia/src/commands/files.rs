@@ -1,0 +1,297 @@
+//! The file-sharing commands and events of `teia node`, as JSON and as text. Names and
+//! reasons that peers chose go through [`clean`] in text.
+
+use std::path::PathBuf;
+
+use serde_json::{json, Value};
+use teia_files::{DownloadInfo, Files, FilesEvent};
+
+use super::node::clean;
+use crate::chat::FilesCommand;
+
+/// Bytes in a human unit.
+pub fn human_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS.get(unit).unwrap_or(&"B"))
+    }
+}
+
+/// A text progress bar: `[#####.....] 50%`.
+pub fn bar(done: u64, total: u64) -> String {
+    const WIDTH: u64 = 24;
+    let filled = done
+        .saturating_mul(WIDTH)
+        .checked_div(total)
+        .unwrap_or(WIDTH);
+    let percent = done.saturating_mul(100).checked_div(total).unwrap_or(100);
+    format!(
+        "[{}{}] {percent:>3}%",
+        "#".repeat(filled.min(WIDTH) as usize),
+        ".".repeat(WIDTH.saturating_sub(filled) as usize)
+    )
+}
+
+fn info_json(info: &DownloadInfo) -> Value {
+    json!({"hash":info.hash.to_hex(),"name":info.name,"bytes":info.bytes,"size":info.size,
+           "fetched":info.fetched,"rate":info.rate.round(),"holders":info.holders,
+           "eta_seconds":info.eta.map(|e| (e * 10.0).round() / 10.0),
+           "seconds":(info.seconds * 1000.0).round() / 1000.0})
+}
+
+fn info_text(info: &DownloadInfo) -> String {
+    let size = info.size.unwrap_or(0);
+    let eta = info
+        .eta
+        .map_or_else(|| "?".to_owned(), |e| format!("{:.0} s", e.ceil()));
+    format!(
+        "⇣ {} {} {} of {} at {}/s from {} holder(s), {eta} left",
+        clean(&info.name),
+        bar(info.bytes, size),
+        human_bytes(info.bytes),
+        human_bytes(size),
+        human_bytes(info.rate as u64),
+        info.holders
+    )
+}
+
+/// Runs a file-sharing command: the command's name, its JSON data and its text.
+pub async fn run(
+    files: &Files,
+    command: FilesCommand,
+) -> anyhow::Result<(&'static str, Value, String)> {
+    Ok(match command {
+        FilesCommand::Share(path) => {
+            let summary = files.share(&PathBuf::from(path)).await?;
+            (
+                "share",
+                json!({"path":summary.path,"files":summary.files,"bytes":summary.bytes}),
+                format!(
+                    "… sharing {}: {} files, {}",
+                    summary.path.display(),
+                    summary.files,
+                    human_bytes(summary.bytes)
+                ),
+            )
+        }
+        FilesCommand::Unshare(path) => {
+            let removed = files.unshare(&PathBuf::from(&path))?;
+            let text = if removed {
+                format!("… no longer sharing {path}")
+            } else {
+                format!("! {path} was not shared")
+            };
+            ("unshare", json!({"path":path,"removed":removed}), text)
+        }
+        FilesCommand::Shared => {
+            let (shares, list) = files.shared()?;
+            let mut text = String::from("shared:");
+            for share in &shares {
+                text.push_str(&format!("\n  {}", share.display()));
+            }
+            text.push_str("\nfiles:");
+            for file in &list {
+                text.push_str(&format!(
+                    "\n  {:<40} {:>10}  {}",
+                    file.name,
+                    human_bytes(file.size),
+                    file.hash
+                ));
+            }
+            let files_json: Vec<Value> = list
+                .iter()
+                .map(|f| json!({"name":f.name,"size":f.size,"hash":f.hash.to_hex(),"path":f.path}))
+                .collect();
+            ("shared", json!({"shares":shares,"files":files_json}), text)
+        }
+        FilesCommand::Search(text) => {
+            let local = files.search(&text).await?;
+            let local_json: Vec<Value> = local
+                .iter()
+                .map(|f| json!({"name":f.name,"size":f.size,"hash":f.hash}))
+                .collect();
+            (
+                "search",
+                json!({"text":text,"local":local_json}),
+                format!("… searching the network for {text:?}"),
+            )
+        }
+        FilesCommand::Get { target, dir } => {
+            let hash = files.get(&target, dir.map(PathBuf::from)).await?;
+            (
+                "get",
+                json!({"hash":hash.to_hex()}),
+                format!("… downloading {hash}"),
+            )
+        }
+        FilesCommand::Downloads => {
+            let downloads = files.downloads();
+            let mut text = String::from("downloads:");
+            if downloads.is_empty() {
+                text.push_str(" none");
+            }
+            for info in &downloads {
+                text.push_str(&format!("\n  {}", info_text(info)));
+            }
+            let list: Vec<Value> = downloads.iter().map(info_json).collect();
+            ("downloads", Value::Array(list), text)
+        }
+        FilesCommand::Approve(id) => {
+            let ok = files.approve(id);
+            let text = if ok {
+                format!("… request {id} approved")
+            } else {
+                format!("! no request {id} is waiting")
+            };
+            ("approve", json!({"id":id,"ok":ok}), text)
+        }
+        FilesCommand::Deny(id) => {
+            let ok = files.deny(id);
+            let text = if ok {
+                format!("… request {id} denied")
+            } else {
+                format!("! no request {id} is waiting")
+            };
+            ("deny", json!({"id":id,"ok":ok}), text)
+        }
+    })
+}
+
+/// A file-sharing event as JSON and as text.
+pub fn describe(event: &FilesEvent) -> (Value, String) {
+    match event {
+        FilesEvent::Shared {
+            path,
+            files,
+            bytes,
+            hashed,
+        } => (
+            json!({"event":"shared","path":path,"files":files,"bytes":bytes,"hashed":hashed}),
+            format!(
+                "… sharing {}: {files} files, {} ({hashed} hashed now)",
+                path.display(),
+                human_bytes(*bytes)
+            ),
+        ),
+        FilesEvent::SearchResults {
+            text,
+            holder,
+            files,
+        } => {
+            let mut shown = format!("⌕ {} has {} match(es):", clean(holder), files.len());
+            for file in files {
+                shown.push_str(&format!(
+                    "\n    {:<40} {:>10}  {}",
+                    clean(&file.name),
+                    human_bytes(file.size),
+                    clean(&file.hash)
+                ));
+            }
+            let results: Vec<Value> = files
+                .iter()
+                .map(|f| json!({"name":f.name,"size":f.size,"hash":f.hash,"holder":holder}))
+                .collect();
+            (
+                json!({"event":"search_results","text":text,"holder":holder,"results":results}),
+                shown,
+            )
+        }
+        FilesEvent::Progress(info) => {
+            let mut json = info_json(info);
+            if let Some(object) = json.as_object_mut() {
+                object.insert("event".into(), json!("download_progress"));
+            }
+            (json, info_text(info))
+        }
+        FilesEvent::Done {
+            info,
+            path,
+            sources,
+        } => {
+            let size = info.size.unwrap_or(info.bytes);
+            let by_source: serde_json::Map<String, Value> = sources
+                .iter()
+                .map(|(peer, bytes)| (peer.clone(), json!(bytes)))
+                .collect();
+            let from: Vec<String> = sources
+                .iter()
+                .map(|(peer, bytes)| format!("{} {}", clean(peer), human_bytes(*bytes)))
+                .collect();
+            (
+                json!({"event":"download_done","hash":info.hash.to_hex(),"name":info.name,
+                       "path":path,"bytes":size,"fetched":info.fetched,
+                       "seconds":(info.seconds * 1000.0).round() / 1000.0,
+                       "sources":by_source}),
+                format!(
+                    "✓ {} verified: {} in {:.1} s → {} (from {})",
+                    clean(&info.name),
+                    human_bytes(size),
+                    info.seconds,
+                    path.display(),
+                    from.join(", ")
+                ),
+            )
+        }
+        FilesEvent::Failed { hash, name, reason } => (
+            json!({"event":"download_failed","hash":hash.to_hex(),"name":name,"reason":reason}),
+            format!("! download of {} failed: {}", clean(name), clean(reason)),
+        ),
+        FilesEvent::HolderDropped {
+            hash,
+            holder,
+            reason,
+        } => (
+            json!({"event":"holder_dropped","hash":hash.to_hex(),"holder":holder,"reason":reason}),
+            format!(
+                "! {} dropped from the download of {}: {}",
+                clean(holder),
+                hash.to_hex().chars().take(12).collect::<String>(),
+                clean(reason)
+            ),
+        ),
+        FilesEvent::ApprovalRequest {
+            id,
+            peer,
+            key,
+            name,
+            size,
+            hash,
+        } => (
+            json!({"event":"approval_request","id":id,"peer":peer,"key":key.to_string(),
+                   "name":name,"size":size,"hash":hash.to_hex()}),
+            format!(
+                "? {} (key {}…) asks for {} ({}): /approve {id} or /deny {id}",
+                clean(peer),
+                key.fingerprint(),
+                clean(name),
+                human_bytes(*size)
+            ),
+        ),
+        FilesEvent::Warning(message) => (
+            json!({"event":"files_warning","message":message}),
+            format!("! {}", clean(message)),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_bars_read_well() {
+        assert_eq!(human_bytes(512), "512 B");
+        assert_eq!(human_bytes(1536), "1.5 KiB");
+        assert_eq!(human_bytes(3 << 30), "3.0 GiB");
+        assert!(bar(50, 100).ends_with(" 50%"));
+        assert!(bar(0, 0).ends_with("100%"));
+    }
+}
