@@ -282,7 +282,18 @@ fn open_partial(path: &Path, outboard: &Outboard) -> std::io::Result<(File, Vec<
         .open(path)?;
     let layout = outboard.layout();
     let existing = file.metadata()?.len();
-    file.set_len(layout.size)?;
+    // Reserve the blocks now: a full disk fails here, before any transfer, and writing into
+    // reserved blocks costs the filesystem less than growing the file.
+    match rustix::fs::fallocate(&file, rustix::fs::FallocateFlags::empty(), 0, layout.size) {
+        Ok(()) => {}
+        Err(e) if e == rustix::io::Errno::NOSPC => {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::StorageFull,
+                format!("no room for {} bytes", layout.size),
+            ))
+        }
+        Err(_) => file.set_len(layout.size)?,
+    }
     let mut have = Vec::with_capacity(layout.chunks() as usize);
     let mut buffer = vec![0u8; 1024 * 1024];
     for index in 0..layout.chunks() {

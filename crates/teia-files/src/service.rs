@@ -656,6 +656,24 @@ impl Files {
         Ok(hash)
     }
 
+    /// Starts the download of `hash` under `name` (a ticket's), of `size` bytes.
+    pub async fn get_named(
+        &self,
+        hash: Hash,
+        name: &str,
+        size: u64,
+        dir: Option<PathBuf>,
+    ) -> Result<(), FilesError> {
+        let dir = dir.unwrap_or_else(|| self.inner.config.download_dir.clone());
+        self.start_download(download::Spec {
+            hash,
+            dir,
+            name: name.to_owned(),
+            size: Some(size),
+        })
+        .await
+    }
+
     fn resolve_target(&self, target: &str) -> Result<(Hash, String, Option<u64>), FilesError> {
         let target = target.trim();
         let results = lock(&self.inner.results);

@@ -34,6 +34,17 @@ pub enum IdentityError {
     Random(String),
 }
 
+fn random_seed() -> Result<[u8; 32], IdentityError> {
+    let mut seed = [0u8; 32];
+    getrandom::fill(&mut seed).map_err(|e| IdentityError::Random(e.to_string()))?;
+    Ok(seed)
+}
+
+/// A fresh key kept in memory only (for one-shot commands such as `teia send`).
+pub fn ephemeral() -> Result<Identity, IdentityError> {
+    Ok(Identity::from_seed(&random_seed()?))
+}
+
 /// Reads the key at `path`, or creates it (and its directory) if there is none.
 pub fn load_or_create(path: &Path) -> Result<Identity, IdentityError> {
     let io = |source| IdentityError::Io {
@@ -49,8 +60,7 @@ pub fn load_or_create(path: &Path) -> Result<Identity, IdentityError> {
             Ok(Identity::from_seed(&seed))
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let mut seed = [0u8; 32];
-            getrandom::fill(&mut seed).map_err(|e| IdentityError::Random(e.to_string()))?;
+            let seed = random_seed()?;
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(io)?;
             }

@@ -40,6 +40,38 @@ pub enum Command {
     Node(NodeArgs),
     /// Print a node's public key (its identity; created on the node's first start).
     Id(IdArgs),
+    /// Send one file without running a node: prints a ticket, then serves the file until
+    /// interrupted.
+    Send(SendArgs),
+    /// Fetch the file of a ticket printed by `teia send`, verified, and exit.
+    Receive(ReceiveArgs),
+}
+
+/// Flags of `teia send`.
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    /// The file to send.
+    pub path: PathBuf,
+    /// Address to serve it on (port 0: any free port).
+    #[arg(long, default_value = "0.0.0.0:0", value_name = "ADDR")]
+    pub listen: SocketAddr,
+    /// Print JSON lines (the ticket, then one per finished receiver) instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `teia receive`.
+#[derive(Debug, Args)]
+pub struct ReceiveArgs {
+    /// The ticket `teia send` printed.
+    pub ticket: String,
+    /// Folder to put the file in.
+    #[arg(long, default_value = ".", value_name = "DIR")]
+    pub to: PathBuf,
+    /// Print JSON events (download_progress, download_done, download_failed) instead of a
+    /// progress bar.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `teia id`.

@@ -2,4 +2,5 @@
 
 pub mod msg;
 pub mod plan;
+pub mod ticket;
 pub mod tree;

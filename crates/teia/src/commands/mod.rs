@@ -5,6 +5,7 @@ mod id;
 mod node;
 mod rdv;
 mod rendezvous;
+mod transfer;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,6 +27,8 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
             Command::Rdv(command) => rdv::run(command).await,
             Command::Node(args) => node::run(args, log).await,
             Command::Id(args) => id::run(args),
+            Command::Send(args) => transfer::send(args).await,
+            Command::Receive(args) => transfer::receive(args).await,
         }
     });
     // A read of stdin blocks a thread that only ends with more input: do not wait for it.
