@@ -20,6 +20,37 @@ pub const APPROVAL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Bytes read from disk and sealed at once.
 const PIECE: usize = 1024 * 1024;
 
+/// The node-wide upload limit: a token bucket in bytes (burst of a quarter second).
+pub(crate) struct Throttle {
+    rate: u64,
+    bucket: std::sync::Mutex<(f64, std::time::Instant)>,
+}
+
+impl Throttle {
+    pub(crate) fn new(rate: u64) -> Self {
+        Self {
+            rate: rate.max(1),
+            bucket: std::sync::Mutex::new((0.0, std::time::Instant::now())),
+        }
+    }
+
+    /// Waits until `bytes` may be sent.
+    async fn take(&self, bytes: usize) {
+        let wait = {
+            let mut bucket = lock(&self.bucket);
+            let now = std::time::Instant::now();
+            let rate = self.rate as f64;
+            let refill = now.duration_since(bucket.1).as_secs_f64() * rate;
+            bucket.0 = (bucket.0 + refill).min(rate / 4.0) - bytes as f64;
+            bucket.1 = now;
+            (bucket.0 < 0.0).then(|| Duration::from_secs_f64(-bucket.0 / rate))
+        };
+        if let Some(wait) = wait {
+            tokio::time::sleep(wait).await;
+        }
+    }
+}
+
 /// Counts a stream served to one peer; released on drop.
 struct Slot {
     inner: Arc<Inner>,
@@ -164,6 +195,9 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut stream: DataStream) {
                 if let Err(e) = opened.read_exact_at(piece, offset + sent) {
                     let detail = format!("{}: {e}", file.name);
                     return refuse(&mut stream, code::IO, detail).await;
+                }
+                if let Some(throttle) = &inner.throttle {
+                    throttle.take(want).await;
                 }
                 if stream.queue(piece).is_err() || stream.flush().await.is_err() {
                     return;

@@ -91,6 +91,8 @@ pub struct FilesConfig {
     pub listen: Option<SocketAddr>,
     /// Our key.
     pub key: PublicKey,
+    /// Bytes per second served at most, all streams together (`None`: no limit).
+    pub upload_limit: Option<u64>,
 }
 
 /// What the service tells the interface.
@@ -215,6 +217,7 @@ pub(crate) struct Inner {
     pub(crate) searches: Mutex<VecDeque<(String, String)>>,
     /// Our holder queries for downloads: query id → hash.
     pub(crate) holder_queries: Mutex<VecDeque<(String, Hash)>>,
+    pub(crate) throttle: Option<serve::Throttle>,
 }
 
 /// Locks a mutex, recovering it if a task panicked while holding it.
@@ -304,7 +307,6 @@ impl Files {
                 node,
                 store: Mutex::new(store),
                 events,
-                config,
                 downloads: Mutex::new(HashMap::new()),
                 results: Mutex::new(VecDeque::new()),
                 approvals: Mutex::new(Approvals {
@@ -315,6 +317,8 @@ impl Files {
                 serving: Mutex::new(HashMap::new()),
                 searches: Mutex::new(VecDeque::new()),
                 holder_queries: Mutex::new(VecDeque::new()),
+                throttle: config.upload_limit.map(serve::Throttle::new),
+                config,
             }),
         };
         let server = files.clone();

@@ -236,6 +236,11 @@ pub struct NodeArgs {
     #[arg(long = "trust", value_name = "KEY")]
     pub trusted: Vec<String>,
 
+    /// Bytes per second this node serves at most, all downloaders together (no limit by
+    /// default).
+    #[arg(long, env = "TEIA_UPLOAD_LIMIT", value_name = "BYTES_PER_SECOND")]
+    pub upload_limit: Option<u64>,
+
     /// Folder downloads go to unless /get names one.
     #[arg(
         long,

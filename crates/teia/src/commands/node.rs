@@ -98,6 +98,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         download_dir: args.download_dir.clone(),
         listen: handle.listen_addr(),
         key,
+        upload_limit: args.upload_limit,
     };
     let (files, files_events) = Files::start(files_config, handle.clone(), stream_rx).await?;
     let style = if args.json { Style::Json } else { Style::Text };

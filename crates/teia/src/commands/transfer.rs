@@ -88,6 +88,7 @@ async fn one_shot(
         download_dir,
         listen: node.listen_addr(),
         key,
+        upload_limit: None,
     };
     let (files, events) = Files::start(files_config, node.clone(), stream_rx).await?;
     Ok(OneShot {

@@ -1,0 +1,329 @@
+//! Integration tests of file sharing: real `teia` processes on 127.0.0.1 searching, fetching
+//! from several holders, surviving holders and downloaders that die, refusing corrupt bytes.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::*;
+use serde_json::Value;
+
+/// Writes `size` pseudo-random bytes (seeded) to `path`, a piece at a time.
+fn random_file(path: &Path, size: usize, seed: u64) {
+    use std::io::Write;
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path).unwrap());
+    let mut state = seed | 1;
+    let mut left = size;
+    let mut piece = vec![0u8; 1 << 20];
+    while left > 0 {
+        for byte in piece.iter_mut() {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            *byte = state as u8;
+        }
+        let n = left.min(piece.len());
+        file.write_all(&piece[..n]).unwrap();
+        left -= n;
+    }
+    file.flush().unwrap();
+}
+
+fn same_content(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+/// Searches from `node` until `holders` holders answered; returns the results.
+fn search(node: &mut NodeProcess, text: &str, holders: usize) -> Vec<Value> {
+    node.command(&format!("/search {text}"));
+    node.wait_count("search results", holders, |e| {
+        e["event"] == "search_results" && e["text"] == text
+    });
+    node.events()
+        .into_iter()
+        .filter(|e| e["event"] == "search_results" && e["text"] == text)
+        .flat_map(|e| e["results"].as_array().cloned().unwrap_or_default())
+        .collect()
+}
+
+fn wait_done(node: &NodeProcess, hash: &str) -> Value {
+    node.wait_event("download_done", |e| {
+        e["event"] == "download_done" && e["hash"] == hash
+    })
+}
+
+fn share_dir(name: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let share = dir.path().join(name);
+    std::fs::create_dir_all(&share).unwrap();
+    (dir, share)
+}
+
+fn start_holder(name: &str, share: &Path, extra: &[&str]) -> NodeProcess {
+    let mut args = vec!["--share", share.to_str().unwrap(), "--peer", "127.0.0.1:1"];
+    args.extend_from_slice(extra);
+    let node = NodeProcess::start(name, "files", &args);
+    node.wait_event("share indexed", |e| e["event"] == "shared");
+    node
+}
+
+fn start_downloader(name: &str, holders: &[&NodeProcess], extra: &[&str]) -> NodeProcess {
+    let addrs: Vec<String> = holders.iter().map(|h| h.addr()).collect();
+    let mut args: Vec<&str> = Vec::new();
+    for addr in &addrs {
+        args.extend(["--peer", addr.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    let node = NodeProcess::start(name, "files", &args);
+    for holder in holders {
+        node.wait_link(&holder.peer_id);
+    }
+    node
+}
+
+#[test]
+fn search_and_fetch_across_a_relay_keeping_folders() {
+    let (_a, share) = share_dir("lectures");
+    random_file(&share.join("week1/Intro Video.bin"), 3 << 20, 1);
+    random_file(&share.join("notes.txt"), 1000, 2);
+    let alice = start_holder("alice", &share, &["--max-neighbours", "1"]);
+    let carol = NodeProcess::start(
+        "carol",
+        "files",
+        &["--peer", &alice.addr(), "--max-neighbours", "2"],
+    );
+    carol.wait_link("alice@files");
+    let mut bob = NodeProcess::start(
+        "bob",
+        "files",
+        &["--peer", &carol.addr(), "--max-neighbours", "1"],
+    );
+    bob.wait_link("carol@files");
+    let results = search(&mut bob, "intro WEEK1", 1);
+    assert_eq!(results.len(), 1, "{results:?}");
+    assert_eq!(results[0]["name"], "lectures/week1/Intro Video.bin");
+    assert_eq!(results[0]["holder"], "alice@files");
+    assert_eq!(
+        bob.count(|e| e["event"] == "link_up" && e["peer"] == "alice@files"),
+        0,
+        "the search went through carol"
+    );
+    let hash = results[0]["hash"].as_str().unwrap().to_owned();
+    let out = tempfile::tempdir().unwrap();
+    bob.command(&format!("/get {hash} {}", out.path().display()));
+    let done = wait_done(&bob, &hash);
+    let path = out.path().join("lectures/week1/Intro Video.bin");
+    assert_eq!(done["path"], path.to_str().unwrap());
+    assert_eq!(done["bytes"], 3 << 20);
+    assert_eq!(done["sources"]["alice@files"], 3 << 20);
+    assert!(same_content(&path, &share.join("week1/Intro Video.bin")));
+    bob.command("/downloads");
+    bob.wait_event("downloads output", |e| {
+        e["event"] == "output" && e["command"] == "downloads" && e["data"] == Value::Array(vec![])
+    });
+}
+
+#[test]
+fn three_holders_each_serve_part_of_a_200_mb_file() {
+    let size = 200 << 20;
+    let (_a, share_a) = share_dir("a");
+    random_file(&share_a.join("big.bin"), size, 7);
+    let (_b, share_b) = share_dir("b");
+    std::fs::copy(share_a.join("big.bin"), share_b.join("big.bin")).unwrap();
+    let (_c, share_c) = share_dir("c");
+    std::fs::copy(share_a.join("big.bin"), share_c.join("big.bin")).unwrap();
+    // Each holder serves at most 40 MB/s, so no one of them can take it all.
+    let limit = ["--upload-limit", "40000000"];
+    let h1 = start_holder("h1", &share_a, &limit);
+    let h2 = start_holder("h2", &share_b, &limit);
+    let h3 = start_holder("h3", &share_c, &limit);
+    let mut downloader = start_downloader("d", &[&h1, &h2, &h3], &[]);
+    let results = search(&mut downloader, "big", 3);
+    let hash = results[0]["hash"].as_str().unwrap().to_owned();
+    let out = tempfile::tempdir().unwrap();
+    // By name: the three holders name it a/, b/ and c/big.bin, one content.
+    downloader.command(&format!("/get big.bin {}", out.path().display()));
+    let done = wait_done(&downloader, &hash);
+    let sources = done["sources"].as_object().unwrap();
+    assert_eq!(sources.len(), 3, "{done}");
+    for (holder, bytes) in sources {
+        assert!(
+            bytes.as_u64().unwrap() > 0,
+            "{holder} served nothing: {done}"
+        );
+    }
+    let total: u64 = sources.values().map(|b| b.as_u64().unwrap()).sum();
+    assert_eq!(total, size as u64);
+    assert!(same_content(
+        Path::new(done["path"].as_str().unwrap()),
+        &share_a.join("big.bin")
+    ));
+}
+
+#[test]
+fn a_holder_killed_mid_transfer_is_replaced_by_the_other() {
+    let size = 60 << 20;
+    let (_a, share_a) = share_dir("a");
+    random_file(&share_a.join("movie.bin"), size, 3);
+    let (_b, share_b) = share_dir("b");
+    std::fs::copy(share_a.join("movie.bin"), share_b.join("movie.bin")).unwrap();
+    let limit = ["--upload-limit", "10000000"];
+    let h1 = start_holder("h1", &share_a, &limit);
+    let h2 = start_holder("h2", &share_b, &limit);
+    let mut downloader = start_downloader("d", &[&h1, &h2], &[]);
+    let results = search(&mut downloader, "movie", 2);
+    let hash = results[0]["hash"].as_str().unwrap().to_owned();
+    let out = tempfile::tempdir().unwrap();
+    downloader.command(&format!("/get {hash} {}", out.path().display()));
+    downloader.wait_event("a tenth fetched", |e| {
+        e["event"] == "download_progress" && e["bytes"].as_u64().unwrap() > (size as u64) / 10
+    });
+    h1.kill9();
+    let done = wait_done(&downloader, &hash);
+    assert!(done["sources"]["h2@files"].as_u64().unwrap() > 0);
+    downloader.wait_event("h1 dropped", |e| {
+        e["event"] == "holder_dropped" && e["holder"] == "h1@files"
+    });
+    assert!(same_content(
+        Path::new(done["path"].as_str().unwrap()),
+        &share_b.join("movie.bin")
+    ));
+}
+
+#[test]
+fn a_killed_downloader_resumes_fetching_only_what_was_missing() {
+    let size: u64 = 60 << 20;
+    let (_a, share) = share_dir("a");
+    random_file(&share.join("resume.bin"), size as usize, 5);
+    let holder = start_holder("h", &share, &["--upload-limit", "15000000"]);
+    let mut downloader = start_downloader("d", &[&holder], &[]);
+    let results = search(&mut downloader, "resume", 1);
+    let hash = results[0]["hash"].as_str().unwrap().to_owned();
+    let out = tempfile::tempdir().unwrap();
+    downloader.command(&format!("/get {hash} {}", out.path().display()));
+    let progress = downloader.wait_event("40 % fetched", |e| {
+        e["event"] == "download_progress" && e["bytes"].as_u64().unwrap() > size * 4 / 10
+    });
+    let verified_before = progress["bytes"].as_u64().unwrap();
+    let data = downloader.kill9();
+    assert!(out.path().join("a/resume.bin.teia-partial").exists());
+    let again = NodeProcess::start_in(data, "d", "files", &["--peer", &holder.addr()]);
+    let done = wait_done(&again, &hash);
+    let fetched = done["fetched"].as_u64().unwrap();
+    assert!(
+        fetched <= size - verified_before + (16 << 20),
+        "fetched {fetched} again; {verified_before} of {size} were verified before"
+    );
+    assert!(same_content(
+        &out.path().join("a/resume.bin"),
+        &share.join("resume.bin")
+    ));
+}
+
+#[test]
+fn a_holder_serving_corrupt_bytes_is_dropped_and_the_file_is_still_right() {
+    let size = 8 << 20;
+    let (_a, good_share) = share_dir("good");
+    random_file(&good_share.join("data.bin"), size, 9);
+    let (_b, bad_share) = share_dir("bad");
+    let bad_path = bad_share.join("data.bin");
+    std::fs::copy(good_share.join("data.bin"), &bad_path).unwrap();
+    let good = start_holder("good", &good_share, &["--upload-limit", "4000000"]);
+    let bad = start_holder("bad", &bad_share, &[]);
+    // Corrupt one byte in every chunk after it was hashed, keeping size and mtime.
+    let modified = std::fs::metadata(&bad_path).unwrap().modified().unwrap();
+    let mut bytes = std::fs::read(&bad_path).unwrap();
+    for offset in (1000..size).step_by(256 * 1024) {
+        bytes[offset] ^= 0xff;
+    }
+    std::fs::write(&bad_path, &bytes).unwrap();
+    let file = std::fs::File::options()
+        .write(true)
+        .open(&bad_path)
+        .unwrap();
+    file.set_modified(modified).unwrap();
+    drop(file);
+    let mut downloader = start_downloader("d", &[&good, &bad], &[]);
+    let results = search(&mut downloader, "data", 2);
+    let hash = results[0]["hash"].as_str().unwrap().to_owned();
+    let out = tempfile::tempdir().unwrap();
+    downloader.command(&format!("/get {hash} {}", out.path().display()));
+    let done = wait_done(&downloader, &hash);
+    let dropped = downloader.wait_event("bad holder reported", |e| {
+        e["event"] == "holder_dropped" && e["holder"] == "bad@files"
+    });
+    assert!(
+        dropped["reason"].as_str().unwrap().contains("corrupt"),
+        "{dropped}"
+    );
+    assert_eq!(done["sources"]["good@files"], size);
+    assert!(same_content(
+        Path::new(done["path"].as_str().unwrap()),
+        &good_share.join("data.bin")
+    ));
+}
+
+#[test]
+fn ask_approval_approves_one_and_denies_another() {
+    let (_a, share) = share_dir("s");
+    random_file(&share.join("asked.bin"), 1 << 20, 11);
+    let mut holder = start_holder("h", &share, &["--approve", "ask"]);
+    let mut first = start_downloader("d1", &[&holder], &[]);
+    let results = search(&mut first, "asked", 1);
+    let hash = results[0]["hash"].as_str().unwrap().to_owned();
+    let out = tempfile::tempdir().unwrap();
+    first.command(&format!("/get {hash} {}", out.path().display()));
+    let request = holder.wait_event("approval request", |e| {
+        e["event"] == "approval_request" && e["peer"] == "d1@files"
+    });
+    assert_eq!(request["name"], "s/asked.bin");
+    holder.command(&format!("/approve {}", request["id"]));
+    wait_done(&first, &hash);
+
+    let mut second = start_downloader("d2", &[&holder], &[]);
+    search(&mut second, "asked", 1);
+    let out2 = tempfile::tempdir().unwrap();
+    second.command(&format!("/get {hash} {}", out2.path().display()));
+    let request = holder.wait_event("second approval request", |e| {
+        e["event"] == "approval_request" && e["peer"] == "d2@files"
+    });
+    holder.command(&format!("/deny {}", request["id"]));
+    let dropped = second.wait_event("told it was denied", |e| {
+        e["event"] == "holder_dropped" && e["holder"] == "h@files"
+    });
+    assert!(dropped["reason"].as_str().unwrap().contains("denied"));
+    assert!(!out2.path().join("s/asked.bin").exists());
+}
+
+#[test]
+fn send_and_receive_with_a_ticket() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("report.pdf");
+    random_file(&file, 5 << 20, 13);
+    let mut sender = teia();
+    sender
+        .args(["send", "--json", "--listen", "127.0.0.1:0"])
+        .arg(&file);
+    let (sender, _stdin) = Process::spawn_capturing(sender);
+    let line = sender.wait_for_log("\"ticket\"");
+    let start = line.find('{').unwrap();
+    let ticket: Value = serde_json::from_str(&line[start..]).unwrap();
+    let out = dir.path().join("received");
+    let status = teia()
+        .args(["receive", ticket["ticket"].as_str().unwrap(), "--to"])
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(same_content(&out.join("report.pdf"), &file));
+    let bad = teia()
+        .args(["receive", "teia1garbage", "--to"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("not a teia ticket"));
+    drop(sender);
+}
