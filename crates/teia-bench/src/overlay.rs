@@ -112,6 +112,7 @@ async fn spawn_node(
         register_ttl: 60,
         store,
         streams: None,
+        foreign: None,
     };
     let (handle, mut raw, _task) = start(config).await?;
     let addr = match raw.recv().await {

@@ -579,7 +579,11 @@ async fn fetch_on(
         return Err(HolderEnd::Dropped("corrupt: another size".into()));
     }
     let layout = ready.outboard.layout();
-    let window = (WINDOW_BYTES / layout.chunk).max(2) as usize;
+    // A holder asks for up to WINDOW_BYTES at once, but for at most an eighth of the file,
+    // so that on a small file every holder gets a share.
+    let window = (WINDOW_BYTES / layout.chunk)
+        .min(u64::from(layout.chunks()) / 8)
+        .max(2) as usize;
     if let Some(planner) = lock(&download.state).planner.as_mut() {
         planner.add_holder(id);
     }

@@ -7,7 +7,10 @@
 //! other modules are the runtime: the share index on disk, serving, downloading.
 
 pub mod download;
+pub mod index;
+mod index_client;
 pub mod proto;
+pub mod seed;
 pub mod serve;
 pub mod service;
 pub mod share;

@@ -35,7 +35,7 @@ impl Throttle {
     }
 
     /// Waits until `bytes` may be sent.
-    async fn take(&self, bytes: usize) {
+    pub(crate) async fn take(&self, bytes: usize) {
         let wait = {
             let mut bucket = lock(&self.bucket);
             let now = std::time::Instant::now();
@@ -137,7 +137,11 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut stream: DataStream) {
         Ok(None) => return refuse(&mut stream, code::NOT_FOUND, hash.to_hex()).await,
         Err(e) => return refuse(&mut stream, code::IO, e.to_string()).await,
     };
-    if !inner.approve(&peer, stream.key(), &file, &mut stream).await {
+    let key = stream.key();
+    if !inner
+        .approve(&peer, Some(key), &file, Some(&mut stream))
+        .await
+    {
         tracing::info!(%peer, file = %file.name, "download refused by the approval policy");
         return refuse(
             &mut stream,

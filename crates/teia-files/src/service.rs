@@ -20,8 +20,10 @@ use teia_node::stream::DataStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::download::{self, Download, DownloadInfo, Source};
+use crate::index_client::{self, IndexCommand};
 use crate::proto::msg::{self, Answer, Found, Question, MAX_RESULTS_PER_HIT, MAX_SEARCH_TEXT};
 use crate::proto::tree::Hash;
+use crate::seed;
 use crate::serve;
 use crate::share;
 use crate::store::{FileStore, SharedFile, StoreError};
@@ -93,6 +95,10 @@ pub struct FilesConfig {
     pub key: PublicKey,
     /// Bytes per second served at most, all streams together (`None`: no limit).
     pub upload_limit: Option<u64>,
+    /// Our peer id.
+    pub peer_id: String,
+    /// An index server to join (`HOST:PORT`).
+    pub index: Option<String>,
 }
 
 /// What the service tells the interface.
@@ -154,14 +160,38 @@ pub enum FilesEvent {
         id: u64,
         /// Who asks.
         peer: String,
-        /// Its key.
-        key: PublicKey,
+        /// Its key (none for a seed peer).
+        key: Option<PublicKey>,
         /// The file.
         name: String,
         /// Its size.
         size: u64,
         /// Its hash.
         hash: Hash,
+    },
+    /// A download from a course peer (seed 004) finished.
+    SeedDone {
+        /// The file's name.
+        name: String,
+        /// Where it is.
+        path: PathBuf,
+        /// Its size.
+        bytes: u64,
+        /// Its BLAKE3 hash, computed on the way.
+        hash: Hash,
+        /// Time taken.
+        seconds: f64,
+        /// The course peer.
+        holder: String,
+    },
+    /// A download from a course peer failed.
+    SeedFailed {
+        /// The file's name.
+        name: String,
+        /// The course peer.
+        holder: String,
+        /// Why.
+        reason: String,
     },
     /// A warning about sharing (a folder that could not be read, ...).
     Warning(String),
@@ -198,10 +228,17 @@ pub(crate) struct Holding {
     pub(crate) source: Source,
 }
 
+/// A course peer's file found through a seed 004 index (no hash, no key).
+#[derive(Debug, Clone)]
+pub(crate) struct SeedHolding {
+    pub(crate) name: String,
+    pub(crate) addr: SocketAddr,
+}
+
 pub(crate) struct Approvals {
     next: u64,
     pending: HashMap<u64, oneshot::Sender<bool>>,
-    granted: HashSet<(PublicKey, Hash)>,
+    granted: HashSet<(Option<PublicKey>, Hash)>,
 }
 
 pub(crate) struct Inner {
@@ -218,6 +255,8 @@ pub(crate) struct Inner {
     /// Our holder queries for downloads: query id → hash.
     pub(crate) holder_queries: Mutex<VecDeque<(String, Hash)>>,
     pub(crate) throttle: Option<serve::Throttle>,
+    pub(crate) seed_results: Mutex<VecDeque<SeedHolding>>,
+    pub(crate) index: Option<mpsc::Sender<IndexCommand>>,
 }
 
 /// Locks a mutex, recovering it if a task panicked while holding it.
@@ -235,6 +274,18 @@ fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, cap: usize) {
 }
 
 impl Inner {
+    pub(crate) fn node_peer_id(&self) -> String {
+        self.config.peer_id.clone()
+    }
+
+    pub(crate) fn remember(&self, holding: Holding) {
+        push_bounded(&mut lock(&self.results), holding, RESULTS_KEPT);
+    }
+
+    pub(crate) fn remember_seed(&self, holding: SeedHolding) {
+        push_bounded(&mut lock(&self.seed_results), holding, RESULTS_KEPT);
+    }
+
     pub(crate) async fn emit(&self, event: FilesEvent) {
         let _ = self.events.send(event).await;
     }
@@ -302,6 +353,8 @@ impl Files {
         }
         let pending = store.downloads()?;
         let (events, event_rx) = mpsc::channel(EVENTS);
+        let (index, index_rx) = mpsc::channel(index_client::COMMANDS);
+        let index_server = config.index.clone();
         let files = Self {
             inner: Arc::new(Inner {
                 node,
@@ -318,9 +371,12 @@ impl Files {
                 searches: Mutex::new(VecDeque::new()),
                 holder_queries: Mutex::new(VecDeque::new()),
                 throttle: config.upload_limit.map(serve::Throttle::new),
+                seed_results: Mutex::new(VecDeque::new()),
+                index: index_server.is_some().then_some(index),
                 config,
             }),
         };
+
         let server = files.clone();
         tokio::spawn(async move {
             while let Some(stream) = streams.recv().await {
@@ -329,9 +385,18 @@ impl Files {
         });
         let scanner = files.clone();
         tokio::spawn(async move {
+            scanner.rescan(true).await;
+            // The index hears of the files once they are indexed.
+            if let Some(server) = index_server {
+                tokio::spawn(index_client::run(
+                    Arc::clone(&scanner.inner),
+                    server,
+                    index_rx,
+                ));
+            }
             loop {
-                scanner.rescan(true).await;
                 tokio::time::sleep(RESCAN_INTERVAL).await;
+                scanner.rescan(true).await;
             }
         });
         for download in pending {
@@ -490,6 +555,9 @@ impl Files {
             (query_id, text.to_owned()),
             256,
         );
+        if let Some(index) = &self.inner.index {
+            let _ = index.try_send(IndexCommand::Search(text.to_owned()));
+        }
         Ok(self.local_matches(text)?)
     }
 
@@ -642,14 +710,34 @@ impl Files {
     }
 
     /// Starts (or joins) the download of `target`: a hex hash, or a name a search found
-    /// (it must name one content). Goes to `dir`, or the download folder.
-    pub async fn get(&self, target: &str, dir: Option<PathBuf>) -> Result<Hash, FilesError> {
-        let (hash, name, size) = self.resolve_target(target)?;
+    /// (it must name one content, or one course peer's file). Goes to `dir`, or the
+    /// download folder. Returns what is downloaded: the hash, or the course peer's address.
+    pub async fn get(&self, target: &str, dir: Option<PathBuf>) -> Result<String, FilesError> {
         let dir = dir.unwrap_or_else(|| self.inner.config.download_dir.clone());
         std::fs::create_dir_all(&dir).map_err(|source| FilesError::Path {
             path: dir.clone(),
             source,
         })?;
+        let (hash, name, size) = match self.resolve_target(target) {
+            Ok(found) => found,
+            Err(error) => {
+                let seed = lock(&self.inner.seed_results)
+                    .iter()
+                    .rev()
+                    .find(|h| h.name == target.trim())
+                    .cloned();
+                let Some(seed) = seed else {
+                    return Err(error);
+                };
+                tokio::spawn(seed::fetch(
+                    Arc::clone(&self.inner),
+                    seed.addr,
+                    seed.name,
+                    dir,
+                ));
+                return Ok(format!("from course peer {}", seed.addr));
+            }
+        };
         let spec = download::Spec {
             hash,
             dir,
@@ -657,7 +745,22 @@ impl Files {
             size,
         };
         self.start_download(spec).await?;
-        Ok(hash)
+        Ok(hash.to_hex())
+    }
+
+    /// Serves a course peer's connection (seed 004's DOWNLOAD_REQUEST) on our listen port.
+    pub fn serve_course_peer(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
+        tokio::spawn(seed::serve(Arc::clone(&self.inner), stream, peer));
+    }
+
+    /// Leaves the index, if one is joined (waiting a moment for its answer).
+    pub async fn shutdown(&self) {
+        if let Some(index) = &self.inner.index {
+            let (done, left) = oneshot::channel();
+            if index.send(IndexCommand::Leave(done)).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(2), left).await;
+            }
+        }
     }
 
     /// Starts the download of `hash` under `name` (a ticket's), of `size` bytes.
@@ -779,14 +882,14 @@ impl Inner {
     pub(crate) async fn approve(
         &self,
         peer: &str,
-        key: PublicKey,
+        key: Option<PublicKey>,
         file: &SharedFile,
-        stream: &mut DataStream,
+        stream: Option<&mut DataStream>,
     ) -> bool {
         match self.config.approval {
             Approval::All => true,
             Approval::None => false,
-            Approval::Trusted => self.config.trusted.contains(&key),
+            Approval::Trusted => key.is_some_and(|k| self.config.trusted.contains(&k)),
             Approval::Ask => {
                 let (id, answer) = {
                     let mut approvals = lock(&self.approvals);
@@ -802,10 +905,12 @@ impl Inner {
                     approvals.pending.insert(id, reply);
                     (id, answer)
                 };
-                let wait = msg::line(&msg::Reply::Wait { request: id });
-                if stream.write_all(&wait).await.is_err() {
-                    lock(&self.approvals).pending.remove(&id);
-                    return false;
+                if let Some(stream) = stream {
+                    let wait = msg::line(&msg::Reply::Wait { request: id });
+                    if stream.write_all(&wait).await.is_err() {
+                        lock(&self.approvals).pending.remove(&id);
+                        return false;
+                    }
                 }
                 self.emit(FilesEvent::ApprovalRequest {
                     id,

@@ -92,7 +92,15 @@ pub struct NodeConfig {
     /// Where data streams opened towards us go (PROTOCOL.md section 6); `None` refuses them.
     /// When the channel is full, a new stream is refused.
     pub streams: Option<mpsc::Sender<DataStream>>,
+    /// Where connections that open with [`COURSE_REQUEST_PREFIX`] go: requests of course
+    /// programs that are not peer links (seed 004's `DOWNLOAD_REQUEST`); `None` closes them.
+    /// When the channel is full, the connection is closed.
+    pub foreign: Option<mpsc::Sender<(TcpStream, SocketAddr)>>,
 }
+
+/// What a course program's request (one JSON object with a `method`, no newline) starts
+/// with, as the seeds' programs write it.
+pub const COURSE_REQUEST_PREFIX: &[u8] = b"{\"method\"";
 
 /// What the application hears: the overlay's events plus the runtime's own.
 #[derive(Debug, Clone)]
@@ -399,6 +407,7 @@ pub async fn start(
             listener,
             inputs.clone(),
             acceptor,
+            config.foreign.take(),
         )));
     }
     let (stop_registrar, registrar_stopped) = oneshot::channel::<()>();
@@ -972,7 +981,12 @@ async fn refuse_busy(mut stream: TcpStream, bye: Vec<u8>) {
 /// data stream from a peer link, at most [`CLASSIFYING`] at once for at most
 /// [`CLASSIFY_TIMEOUT`]; beyond that limit, connections go straight to the overlay, whose
 /// handshake admission applies.
-async fn accept_loop(listener: TcpListener, inputs: mpsc::Sender<Input>, streams: StreamAcceptor) {
+async fn accept_loop(
+    listener: TcpListener,
+    inputs: mpsc::Sender<Input>,
+    streams: StreamAcceptor,
+    foreign: Option<mpsc::Sender<(TcpStream, SocketAddr)>>,
+) {
     let classifying = Arc::new(Semaphore::new(CLASSIFYING));
     loop {
         match listener.accept().await {
@@ -985,13 +999,21 @@ async fn accept_loop(listener: TcpListener, inputs: mpsc::Sender<Input>, streams
                 };
                 let inputs = inputs.clone();
                 let streams = streams.clone();
+                let foreign = foreign.clone();
                 tokio::spawn(async move {
-                    let is_stream = is_stream(&stream).await;
+                    let kind = classify(&stream).await;
                     drop(permit);
-                    if is_stream {
-                        streams.handle(stream, addr).await;
-                    } else {
-                        let _ = inputs.send(Input::Accepted(stream, addr)).await;
+                    match (kind, foreign) {
+                        (Kind::Stream, _) => streams.handle(stream, addr).await,
+                        (Kind::Course, Some(foreign)) => {
+                            if foreign.try_send((stream, addr)).is_err() {
+                                tracing::debug!(%addr, "course request dropped: busy");
+                            }
+                        }
+                        (Kind::Course, None) => {}
+                        (Kind::Link, _) => {
+                            let _ = inputs.send(Input::Accepted(stream, addr)).await;
+                        }
                     }
                 });
             }
@@ -1003,20 +1025,45 @@ async fn accept_loop(listener: TcpListener, inputs: mpsc::Sender<Input>, streams
     }
 }
 
-/// Whether a new connection opens a data stream, judged by peeking at its first bytes.
-async fn is_stream(stream: &TcpStream) -> bool {
+/// What a new connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// A peer link (or anything else: the overlay judges it).
+    Link,
+    /// A data stream.
+    Stream,
+    /// A course program's request.
+    Course,
+}
+
+/// Decides what `first` (the bytes that came so far) opens; `None` until enough came.
+fn kind_of(first: &[u8]) -> Option<Kind> {
+    let course = COURSE_REQUEST_PREFIX;
+    let n = first.len().min(course.len());
+    let maybe_course = first.get(..n) == course.get(..n);
+    match stream::classify(first) {
+        Some(true) => Some(Kind::Stream),
+        None => None,
+        Some(false) if maybe_course && n == course.len() => Some(Kind::Course),
+        Some(false) if maybe_course => None,
+        Some(false) => Some(Kind::Link),
+    }
+}
+
+/// What a new connection opens, judged by peeking at its first bytes.
+async fn classify(stream: &TcpStream) -> Kind {
     let mut first = [0u8; 16];
     let deadline = tokio::time::Instant::now() + CLASSIFY_TIMEOUT;
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
             Ok(Ok(n)) if n > 0 => n,
-            _ => return false,
+            _ => return Kind::Link,
         };
-        match stream::classify(first.get(..n).unwrap_or_default()) {
-            Some(decided) => return decided,
+        match kind_of(first.get(..n).unwrap_or_default()) {
+            Some(kind) => return kind,
             None => {
                 if tokio::time::Instant::now() >= deadline {
-                    return false;
+                    return Kind::Link;
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -1211,4 +1258,19 @@ fn unix_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connections_are_told_apart_by_their_first_bytes() {
+        assert_eq!(kind_of(b"{\"type\":\"HELLO\""), Some(Kind::Link));
+        assert_eq!(kind_of(b"{\"type\":\"STREAM\",\"p"), Some(Kind::Stream));
+        assert_eq!(kind_of(b"{\"method\": \"DOWN"), Some(Kind::Course));
+        assert_eq!(kind_of(b"{\"meth"), None);
+        assert_eq!(kind_of(b"{\""), None);
+        assert_eq!(kind_of(b"GET / HTTP/1.1"), Some(Kind::Link));
+    }
 }

@@ -40,11 +40,40 @@ pub enum Command {
     Node(NodeArgs),
     /// Print a node's public key (its identity; created on the node's first start).
     Id(IdArgs),
+    /// Run an index server (the Napster role of seed 004): peers join with their files and
+    /// search by name; speaks the seed's messages and teia's.
+    Index(IndexArgs),
     /// Send one file without running a node: prints a ticket, then serves the file until
     /// interrupted.
     Send(SendArgs),
     /// Fetch the file of a ticket printed by `teia send`, verified, and exit.
     Receive(ReceiveArgs),
+}
+
+/// Flags of `teia index`.
+#[derive(Debug, Args)]
+pub struct IndexArgs {
+    /// Address and port to listen on.
+    #[arg(
+        long,
+        env = "TEIA_LISTEN",
+        default_value = "0.0.0.0:9000",
+        value_name = "ADDR"
+    )]
+    pub listen: SocketAddr,
+    /// Directory for the records (created if missing). Default: the platform's data
+    /// directory, e.g. ~/.local/share/teia.
+    #[arg(long, env = "TEIA_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Seconds a peer's record is kept after its connection is gone (it is kept if the
+    /// peer joins again within that time).
+    #[arg(
+        long,
+        env = "TEIA_INDEX_GRACE",
+        default_value_t = 60,
+        value_name = "SECONDS"
+    )]
+    pub grace: u64,
 }
 
 /// Flags of `teia send`.
@@ -240,6 +269,11 @@ pub struct NodeArgs {
     /// default).
     #[arg(long, env = "TEIA_UPLOAD_LIMIT", value_name = "BYTES_PER_SECOND")]
     pub upload_limit: Option<u64>,
+
+    /// An index server to join with the files you share (teia index, or a seed 004 index);
+    /// /search asks it too.
+    #[arg(long, env = "TEIA_INDEX", value_name = "HOST:PORT")]
+    pub index: Option<String>,
 
     /// Folder downloads go to unless /get names one.
     #[arg(

@@ -1,6 +1,7 @@
 //! The sans-IO part of file sharing: no sockets, no files, no clock.
 
 pub mod msg;
+pub mod napster;
 pub mod plan;
 pub mod ticket;
 pub mod tree;

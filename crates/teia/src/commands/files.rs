@@ -125,11 +125,11 @@ pub async fn run(
             )
         }
         FilesCommand::Get { target, dir } => {
-            let hash = files.get(&target, dir.map(PathBuf::from)).await?;
+            let what = files.get(&target, dir.map(PathBuf::from)).await?;
             (
                 "get",
-                json!({"hash":hash.to_hex()}),
-                format!("… downloading {hash}"),
+                json!({"hash":what,"target":target}),
+                format!("… downloading {} ({what})", clean(&target)),
             )
         }
         FilesCommand::Downloads => {
@@ -265,14 +265,50 @@ pub fn describe(event: &FilesEvent) -> (Value, String) {
             size,
             hash,
         } => (
-            json!({"event":"approval_request","id":id,"peer":peer,"key":key.to_string(),
+            json!({"event":"approval_request","id":id,"peer":peer,
+                   "key":key.map(|k| k.to_string()),
                    "name":name,"size":size,"hash":hash.to_hex()}),
             format!(
-                "? {} (key {}…) asks for {} ({}): /approve {id} or /deny {id}",
+                "? {} ({}) asks for {} ({}): /approve {id} or /deny {id}",
                 clean(peer),
-                key.fingerprint(),
+                key.map_or_else(
+                    || "a course peer, no key".to_owned(),
+                    |k| format!("key {}…", k.fingerprint())
+                ),
                 clean(name),
                 human_bytes(*size)
+            ),
+        ),
+        FilesEvent::SeedDone {
+            name,
+            path,
+            bytes,
+            hash,
+            seconds,
+            holder,
+        } => (
+            json!({"event":"download_done","hash":hash.to_hex(),"name":name,"path":path,
+                   "bytes":bytes,"fetched":bytes,"seconds":(seconds * 1000.0).round() / 1000.0,
+                   "sources":{holder.clone(): bytes},"course_peer":true}),
+            format!(
+                "✓ {} from course peer {}: {} in {seconds:.1} s → {} (BLAKE3 {hash})",
+                clean(name),
+                clean(holder),
+                human_bytes(*bytes),
+                path.display()
+            ),
+        ),
+        FilesEvent::SeedFailed {
+            name,
+            holder,
+            reason,
+        } => (
+            json!({"event":"download_failed","name":name,"holder":holder,"reason":reason}),
+            format!(
+                "! download of {} from course peer {} failed: {}",
+                clean(name),
+                clean(holder),
+                clean(reason)
             ),
         ),
         FilesEvent::Warning(message) => (

@@ -27,6 +27,7 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
             Command::Rdv(command) => rdv::run(command).await,
             Command::Node(args) => node::run(args, log).await,
             Command::Id(args) => id::run(args),
+            Command::Index(args) => index(args).await,
             Command::Send(args) => transfer::send(args).await,
             Command::Receive(args) => transfer::receive(args).await,
         }
@@ -34,6 +35,18 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
     // A read of stdin blocks a thread that only ends with more input: do not wait for it.
     runtime.shutdown_timeout(Duration::from_millis(200));
     result
+}
+
+/// `teia index`: serves the index until a signal.
+async fn index(args: crate::cli::IndexArgs) -> anyhow::Result<()> {
+    let dir = data_dir(args.data_dir)?.join("index");
+    let grace = Duration::from_secs(args.grace);
+    let server = teia_files::index::IndexServer::bind(args.listen, &dir, grace).await?;
+    if let Some(addr) = server.local_addr() {
+        tracing::info!(%addr, records = server.records(), "index listening");
+    }
+    server.serve(shutdown_signal()).await;
+    Ok(())
 }
 
 /// The data directory: the one given, else the platform's data directory plus `teia`.

@@ -70,6 +70,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         );
     }
     let (stream_tx, stream_rx) = mpsc::channel(STREAMS_WAITING);
+    let (course_tx, mut course_rx) = mpsc::channel(STREAMS_WAITING);
     let mut embedded = None;
     let rendezvous = match (args.rendezvous, peers.is_empty()) {
         (Some(server), _) => Some(server),
@@ -88,6 +89,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         register_ttl: args.register_ttl.clamp(1, 86_400),
         store: Some(store),
         streams: Some(stream_tx),
+        foreign: Some(course_tx),
     };
     let (handle, events, task) = start(config).await?;
     let files_config = FilesConfig {
@@ -99,15 +101,32 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         listen: handle.listen_addr(),
         key,
         upload_limit: args.upload_limit,
+        peer_id: peer_id.clone(),
+        index: args.index.clone(),
     };
     let (files, files_events) = Files::start(files_config, handle.clone(), stream_rx).await?;
+    let course_files = files.clone();
+    tokio::spawn(async move {
+        while let Some((stream, addr)) = course_rx.recv().await {
+            course_files.serve_course_peer(stream, addr);
+        }
+    });
     let style = if args.json { Style::Json } else { Style::Text };
     let interactive = !args.json && std::io::stdin().is_terminal();
     let result = if interactive {
-        shell(handle.clone(), files, events, files_events, log).await
+        shell(handle.clone(), files.clone(), events, files_events, log).await
     } else {
-        lines(handle.clone(), files, events, files_events, style, log).await
+        lines(
+            handle.clone(),
+            files.clone(),
+            events,
+            files_events,
+            style,
+            log,
+        )
+        .await
     };
+    files.shutdown().await;
     let _ = handle.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     if let Some(stop) = embedded {

@@ -77,6 +77,7 @@ async fn one_shot(
         register_ttl: 60,
         store: None,
         streams: Some(stream_tx),
+        foreign: None,
     };
     let (node, mut node_events, _task) = start(config).await?;
     tokio::spawn(async move { while node_events.recv().await.is_some() {} });
@@ -89,6 +90,8 @@ async fn one_shot(
         listen: node.listen_addr(),
         key,
         upload_limit: None,
+        peer_id: peer_id.clone(),
+        index: None,
     };
     let (files, events) = Files::start(files_config, node.clone(), stream_rx).await?;
     Ok(OneShot {

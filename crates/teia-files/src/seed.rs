@@ -1,0 +1,242 @@
+//! Seed 004's peer-to-peer download, both ways: answering a course peer's
+//! `DOWNLOAD_REQUEST` on the node's listen port, and downloading from a course peer.
+//!
+//! The seed's format: the request `{"method": "DOWNLOAD_REQUEST", "data": {"filename": N,
+//! "port": P}}`; the answers `{"status": "OK", "fileSize": S}` (or `fileNotFound`), then
+//! `{"status": "downloadAccepted"}` (or `downloadRejected`), then the file's raw bytes and the
+//! end of the connection. Its client reads each answer with one `recv`, so each is written
+//! alone, [`ANSWER_GAP`] apart. Course peers have no keys and no hashes: what comes from them
+//! is checked for its size, and its BLAKE3 hash is computed on the way to disk.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+use crate::download::PARTIAL_SUFFIX;
+use crate::proto::napster::{ObjectReader, Request};
+use crate::proto::tree::OutboardBuilder;
+use crate::service::{lock, FilesEvent, Inner};
+use crate::share;
+use crate::store::SharedFile;
+
+/// Pause between two answers, so a client reading each with one `recv` gets them apart.
+pub const ANSWER_GAP: Duration = Duration::from_millis(100);
+/// Time a course peer has to send its request.
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time a course peer may send nothing during a download from it.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Bytes read or written at once.
+const PIECE: usize = 1024 * 1024;
+
+async fn read_object(
+    stream: &mut TcpStream,
+    reader: &mut ObjectReader,
+    timeout: Duration,
+) -> Result<serde_json::Value, String> {
+    let mut buffer = vec![0u8; 16 * 1024];
+    loop {
+        match reader.next_object() {
+            Some(Ok(value)) => return Ok(value),
+            Some(Err(e)) => return Err(e.to_string()),
+            None => {}
+        }
+        let n = match tokio::time::timeout(timeout, stream.read(&mut buffer)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            Ok(Ok(_)) => return Err("the connection closed".into()),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("timed out".into()),
+        };
+        reader.push(buffer.get(..n).unwrap_or_default());
+    }
+}
+
+/// The shared file a course peer names: a path inside a shared folder, or the indexed name
+/// or base name of a shared file.
+fn find(inner: &Inner, filename: &str) -> Option<SharedFile> {
+    let store = lock(&inner.store);
+    let files = store.files().ok()?;
+    if let Some(file) = files
+        .iter()
+        .find(|f| f.name == filename || f.path.file_name().is_some_and(|n| n == filename))
+    {
+        return Some(file.clone());
+    }
+    for root in store.shares().ok()? {
+        if let Some(path) = share::resolve(&root, filename) {
+            if let Some(file) = files.iter().find(|f| f.path == path) {
+                return Some(file.clone());
+            }
+        }
+    }
+    None
+}
+
+/// Answers one course peer's DOWNLOAD_REQUEST.
+pub(crate) async fn serve(inner: Arc<Inner>, mut stream: TcpStream, peer: SocketAddr) {
+    let mut reader = ObjectReader::default();
+    let request = read_object(&mut stream, &mut reader, REQUEST_TIMEOUT)
+        .await
+        .and_then(|value| Request::from_value(&value));
+    let filename = match request {
+        Ok(Request::DownloadRequest { filename }) => filename,
+        Ok(_) => {
+            let answer = json!({"status": "ERROR", "error": "bad_request",
+                                "detail": "a peer answers DOWNLOAD_REQUEST only"});
+            let _ = stream.write_all(answer.to_string().as_bytes()).await;
+            return;
+        }
+        Err(detail) => {
+            let answer = json!({"status": "ERROR", "error": "bad_format", "detail": detail});
+            let _ = stream.write_all(answer.to_string().as_bytes()).await;
+            return;
+        }
+    };
+    let Some(file) = find(&inner, &filename) else {
+        tracing::info!(%peer, %filename, "course peer asked for a file not shared");
+        let _ = stream.write_all(br#"{"status": "fileNotFound"}"#).await;
+        return;
+    };
+    let opened = match share::open_served(&file) {
+        Ok(opened) => opened,
+        Err(e) => {
+            tracing::warn!(%peer, error = %e, "not served");
+            let _ = stream.write_all(br#"{"status": "fileNotFound"}"#).await;
+            return;
+        }
+    };
+    let ok = format!(r#"{{"status": "OK", "fileSize": {}}}"#, file.size);
+    if stream.write_all(ok.as_bytes()).await.is_err() {
+        return;
+    }
+    let who = format!("course peer {peer}");
+    let approved = inner.approve(&who, None, &file, None).await;
+    tokio::time::sleep(ANSWER_GAP).await;
+    if !approved {
+        let _ = stream.write_all(br#"{"status": "downloadRejected"}"#).await;
+        return;
+    }
+    if stream
+        .write_all(br#"{"status": "downloadAccepted"}"#)
+        .await
+        .is_err()
+    {
+        return;
+    }
+    tokio::time::sleep(ANSWER_GAP).await;
+    tracing::info!(%peer, file = %file.name, "serving a course peer");
+    let mut buffer = vec![0u8; PIECE];
+    let mut sent = 0u64;
+    while sent < file.size {
+        let want = ((file.size - sent) as usize).min(PIECE);
+        let Some(piece) = buffer.get_mut(..want) else {
+            return;
+        };
+        if std::os::unix::fs::FileExt::read_exact_at(&opened, piece, sent).is_err() {
+            return;
+        }
+        if let Some(throttle) = &inner.throttle {
+            throttle.take(want).await;
+        }
+        if stream.write_all(piece).await.is_err() {
+            return;
+        }
+        sent += want as u64;
+    }
+    let _ = stream.shutdown().await;
+}
+
+/// Downloads `filename` from the course peer at `addr` into `dir`.
+pub(crate) async fn fetch(inner: Arc<Inner>, addr: SocketAddr, filename: String, dir: PathBuf) {
+    let started = Instant::now();
+    let event = match fetch_inner(&addr, &filename, &dir).await {
+        Ok((path, size, hash)) => FilesEvent::SeedDone {
+            name: filename,
+            path,
+            bytes: size,
+            hash,
+            seconds: started.elapsed().as_secs_f64(),
+            holder: addr.to_string(),
+        },
+        Err(reason) => FilesEvent::SeedFailed {
+            name: filename,
+            holder: addr.to_string(),
+            reason,
+        },
+    };
+    inner.emit(event).await;
+}
+
+async fn fetch_inner(
+    addr: &SocketAddr,
+    filename: &str,
+    dir: &Path,
+) -> Result<(PathBuf, u64, crate::proto::tree::Hash), String> {
+    let name = Path::new(filename)
+        .file_name()
+        .ok_or("the file name has no final part")?
+        .to_owned();
+    let target = dir.join(&name);
+    let mut stream = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| "connect timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
+    let request = json!({"method": "DOWNLOAD_REQUEST",
+                         "data": {"filename": filename, "port": addr.port()}});
+    stream
+        .write_all(request.to_string().as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut reader = ObjectReader::default();
+    let first = read_object(&mut stream, &mut reader, REQUEST_TIMEOUT).await?;
+    if first.get("status").and_then(|s| s.as_str()) != Some("OK") {
+        return Err(format!("the peer answered {first}"));
+    }
+    let size = first
+        .get("fileSize")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or("the peer's answer has no fileSize")?;
+    let decision = read_object(&mut stream, &mut reader, crate::serve::APPROVAL_TIMEOUT).await?;
+    if decision.get("status").and_then(|s| s.as_str()) != Some("downloadAccepted") {
+        return Err(format!("the peer answered {decision}"));
+    }
+    let mut partial = target.as_os_str().to_owned();
+    partial.push(PARTIAL_SUFFIX);
+    let partial = PathBuf::from(partial);
+    let file =
+        std::fs::File::create(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
+    let mut hasher = OutboardBuilder::new(size);
+    let mut received = 0u64;
+    let rest = reader.take_rest();
+    let mut buffer = vec![0u8; PIECE];
+    let mut pending = rest;
+    loop {
+        let take = (pending.len() as u64).min(size - received) as usize;
+        let piece = pending.get(..take).unwrap_or_default();
+        hasher.update(piece);
+        std::os::unix::fs::FileExt::write_all_at(&file, piece, received)
+            .map_err(|e| format!("{}: {e}", partial.display()))?;
+        received += take as u64;
+        if received >= size {
+            break;
+        }
+        let n = match tokio::time::timeout(STALL_TIMEOUT, stream.read(&mut buffer)).await {
+            Ok(Ok(n)) if n > 0 => n,
+            Ok(Ok(_)) => return Err(format!("the peer closed after {received} of {size} bytes")),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err("the peer stalled".into()),
+        };
+        pending = buffer.get(..n).unwrap_or_default().to_vec();
+    }
+    file.sync_all().map_err(|e| e.to_string())?;
+    let hash = hasher
+        .finish()
+        .map(|o| o.hash())
+        .ok_or("size mismatch while hashing")?;
+    std::fs::rename(&partial, &target).map_err(|e| e.to_string())?;
+    Ok((target, size, hash))
+}
