@@ -2,6 +2,7 @@
 //! minimal reference that marks the ceiling of the machine, and prints the ratio.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod files;
 mod load;
 mod overlay;
 mod rendezvous;
@@ -24,6 +25,9 @@ enum Command {
     /// Overlay: SEND->ACK round trips over 0, 1 and 3 relays, PUB throughput over one link
     /// against raw TCP lines, and one PUB flooding a 100-node mesh.
     Overlay(overlay::Args),
+    /// File sharing: a 1 GiB file by /get and by teia receive (rate, peak RSS, CPU per GiB),
+    /// resume after kill -9 at 50 %, two holders, a 20 MiB file; against a raw TCP copy.
+    Files(files::Args),
     /// The reference server: reads one line per connection, answers a constant line, closes.
     /// Started by the benchmarks themselves.
     #[command(hide = true)]
@@ -43,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Rendezvous(args) => rendezvous::run(args).await,
             Command::Overlay(args) => overlay::run(args).await,
+            Command::Files(args) => files::run(args).await,
             Command::ReferenceServer { listen } => rendezvous::reference_server(listen).await,
         }
     })

@@ -95,6 +95,75 @@ pub struct DownloadInfo {
 struct Ready {
     outboard: Outboard,
     file: File,
+    /// The same file opened for direct I/O (`O_DIRECT`), where the file system allows it:
+    /// writes bypass the page cache, so a large download neither evicts the user's cache
+    /// nor pays for filling it.
+    direct: Option<File>,
+}
+
+/// Alignment of direct I/O buffers, offsets and lengths.
+const DIRECT_ALIGN: usize = 4096;
+/// Bytes staged before a write, at most.
+const STAGING: usize = 1024 * 1024;
+
+/// Bytes of one chunk waiting to be written, in a buffer aligned for direct I/O.
+struct Staging {
+    storage: Vec<u8>,
+    start: usize,
+    len: usize,
+    /// File offset of the first staged byte.
+    at: u64,
+}
+
+impl Staging {
+    fn new() -> Self {
+        let storage = vec![0u8; STAGING + DIRECT_ALIGN];
+        let start = storage
+            .as_ptr()
+            .align_offset(DIRECT_ALIGN)
+            .min(DIRECT_ALIGN);
+        Self {
+            storage,
+            start,
+            len: 0,
+            at: 0,
+        }
+    }
+
+    fn room(&self) -> usize {
+        STAGING - self.len
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        let end = self.start + self.len;
+        if let Some(target) = self.storage.get_mut(end..end + bytes.len()) {
+            target.copy_from_slice(bytes);
+            self.len += bytes.len();
+        }
+    }
+
+    /// Writes what is staged at its offset: the aligned part directly when possible.
+    fn flush(&mut self, ready: &Ready) -> std::io::Result<()> {
+        let data = self
+            .storage
+            .get(self.start..self.start + self.len)
+            .unwrap_or_default();
+        let aligned = if ready.direct.is_some() && self.at.is_multiple_of(DIRECT_ALIGN as u64) {
+            self.len / DIRECT_ALIGN * DIRECT_ALIGN
+        } else {
+            0
+        };
+        let (head, tail) = data.split_at(aligned);
+        if let (Some(direct), false) = (&ready.direct, head.is_empty()) {
+            if direct.write_all_at(head, self.at).is_err() {
+                ready.file.write_all_at(head, self.at)?;
+            }
+        }
+        ready.file.write_all_at(tail, self.at + aligned as u64)?;
+        self.at += self.len as u64;
+        self.len = 0;
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -263,10 +332,26 @@ impl Download {
                         .map_err(|e| e.to_string())?
                         .map_err(|e| format!("cannot write the partial file: {e}"))?;
                 lock(&self.state).planner = Some(Planner::new(outboard.layout(), &have));
-                Ok(Ready { outboard, file })
+                let direct = open_direct(&partial_path(&self.path()));
+                Ok(Ready {
+                    outboard,
+                    file,
+                    direct,
+                })
             })
             .await
     }
+}
+
+/// Opens the partial file for direct I/O, if the file system supports it.
+fn open_direct(path: &Path) -> Option<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = i32::try_from(rustix::fs::OFlags::DIRECT.bits()).ok()?;
+    OpenOptions::new()
+        .write(true)
+        .custom_flags(flags)
+        .open(path)
+        .ok()
 }
 
 /// Opens (creating) the partial file at its size and finds the chunks already verified.
@@ -480,7 +565,7 @@ async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, 
 /// Fetches chunks from one holder until none is left for it.
 async fn fetch(
     inner: &Arc<Inner>,
-    download: &Download,
+    download: &Arc<Download>,
     id: HolderId,
     source: &Source,
 ) -> HolderEnd {
@@ -533,7 +618,7 @@ async fn fill(stream: &mut DataStream) -> Result<(), HolderEnd> {
 
 async fn fetch_on(
     inner: &Arc<Inner>,
-    download: &Download,
+    download: &Arc<Download>,
     id: HolderId,
     stream: &mut DataStream,
 ) -> Result<(), HolderEnd> {
@@ -588,6 +673,7 @@ async fn fetch_on(
         planner.add_holder(id);
     }
     let mut outstanding: VecDeque<u32> = VecDeque::new();
+    let mut writes = Writes::new(Arc::clone(download));
     loop {
         let asked = lock(&download.state)
             .planner
@@ -605,6 +691,10 @@ async fn fetch_on(
             outstanding.extend(asked);
         }
         let Some(&expected) = outstanding.front() else {
+            if let Some(written) = writes.drain().await? {
+                arrived(download, id, written);
+                continue;
+            }
             if download.complete() {
                 return Ok(());
             }
@@ -628,22 +718,27 @@ async fn fetch_on(
         let Some(mut hasher) = ready.outboard.chunk_hasher(chunk) else {
             return Err(HolderEnd::Dropped("no such chunk".into()));
         };
-        let mut written = 0u64;
+        // A chunk of up to STAGING bytes is written only once verified; a larger one is
+        // written a staged piece at a time and checked at its end. The write runs in a
+        // blocking thread while the next chunk is read; a chunk counts as arrived once its
+        // bytes are written.
+        writes.start(offset);
         while hasher.remaining() > 0 {
             if stream.buffered().is_empty() {
                 fill(stream).await?;
             }
-            let take = (stream.buffered().len() as u64).min(hasher.remaining()) as usize;
+            let take = (stream.buffered().len() as u64)
+                .min(hasher.remaining())
+                .min(writes.room() as u64) as usize;
             let piece = stream.buffered().get(..take).unwrap_or_default();
             hasher.update(piece);
-            if let Err(e) = ready.file.write_all_at(piece, offset + written) {
-                return Err(HolderEnd::Fatal(format!(
-                    "cannot write {}: {e}",
-                    partial_path(&download.path()).display()
-                )));
-            }
-            written += take as u64;
+            writes.push(piece);
             stream.consume(take);
+            if writes.room() == 0 && hasher.remaining() > 0 {
+                if let Some(written) = writes.submit(None).await? {
+                    arrived(download, id, written);
+                }
+            }
         }
         outstanding.pop_front();
         if !hasher.matches() {
@@ -651,16 +746,97 @@ async fn fetch_on(
                 "corrupt: chunk {chunk} does not match the hash"
             )));
         }
-        let mut state = lock(&download.state);
-        let fresh = state
-            .planner
-            .as_mut()
-            .is_some_and(|p| p.arrived(id, chunk) == Arrival::Fresh);
-        if fresh {
-            state.fetched += len;
-            if let Some(peer) = state.holders.get(&id).cloned() {
-                *state.by_peer.entry(peer).or_default() += len;
-            }
+        if let Some(written) = writes.submit(Some((chunk, len))).await? {
+            arrived(download, id, written);
         }
+    }
+}
+
+/// Records that chunk `chunk` of `len` bytes from `id` is verified and on disk.
+fn arrived(download: &Download, id: HolderId, (chunk, len): (u32, u64)) {
+    let mut state = lock(&download.state);
+    let fresh = state
+        .planner
+        .as_mut()
+        .is_some_and(|p| p.arrived(id, chunk) == Arrival::Fresh);
+    if fresh {
+        state.fetched += len;
+        if let Some(peer) = state.holders.get(&id).cloned() {
+            *state.by_peer.entry(peer).or_default() += len;
+        }
+    }
+}
+
+type Written = tokio::task::JoinHandle<(Staging, std::io::Result<()>, Option<(u32, u64)>)>;
+
+/// Double-buffered writes of one holder's chunks: one buffer fills while the other is
+/// written in a blocking thread.
+struct Writes {
+    download: Arc<Download>,
+    current: Staging,
+    spare: Option<Staging>,
+    inflight: Option<Written>,
+}
+
+impl Writes {
+    fn new(download: Arc<Download>) -> Self {
+        Self {
+            download,
+            current: Staging::new(),
+            spare: Some(Staging::new()),
+            inflight: None,
+        }
+    }
+
+    fn start(&mut self, offset: u64) {
+        self.current.at = offset;
+    }
+
+    fn room(&self) -> usize {
+        self.current.room()
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.current.push(bytes);
+    }
+
+    fn fatal(&self, e: std::io::Error) -> HolderEnd {
+        HolderEnd::Fatal(format!(
+            "cannot write {}: {e}",
+            partial_path(&self.download.path()).display()
+        ))
+    }
+
+    /// Waits for the write in flight; returns the chunk it completed, if any.
+    async fn drain(&mut self) -> Result<Option<(u32, u64)>, HolderEnd> {
+        let Some(handle) = self.inflight.take() else {
+            return Ok(None);
+        };
+        let (buffer, result, chunk) = handle
+            .await
+            .map_err(|e| HolderEnd::Fatal(format!("writer failed: {e}")))?;
+        self.spare = Some(buffer);
+        result.map_err(|e| self.fatal(e))?;
+        Ok(chunk)
+    }
+
+    /// Writes what is staged (completing `chunk`, if given) in the background; returns the
+    /// chunk the previous write completed, if any.
+    async fn submit(&mut self, chunk: Option<(u32, u64)>) -> Result<Option<(u32, u64)>, HolderEnd> {
+        let previous = self.drain().await?;
+        let next_at = self.current.at + self.current.len as u64;
+        let mut fresh = self.spare.take().unwrap_or_else(Staging::new);
+        fresh.at = next_at;
+        let full = std::mem::replace(&mut self.current, fresh);
+        let download = Arc::clone(&self.download);
+        self.inflight = Some(tokio::task::spawn_blocking(move || {
+            let mut full = full;
+            let result = match download.ready.get() {
+                Some(ready) => full.flush(ready),
+                None => Err(std::io::Error::other("no partial file")),
+            };
+            (full, result, chunk)
+        }));
+        Ok(previous)
     }
 }

@@ -19,6 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 
+/// Bytes of kernel socket buffer asked for, each way.
+pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 /// Bytes read from the socket at once.
 pub const READ_CHUNK: usize = 256 * 1024;
 /// Time a stream's opening (connect and handshake) may take.
@@ -207,6 +209,10 @@ impl DataStream {
         service: String,
         remote: SocketAddr,
     ) -> Self {
+        // Large socket buffers let the sender seal the next bytes while the receiver is
+        // still checking and writing the last ones (the kernel caps them at its maximum).
+        let _ = rustix::net::sockopt::set_socket_send_buffer_size(&tcp, SOCKET_BUFFER);
+        let _ = rustix::net::sockopt::set_socket_recv_buffer_size(&tcp, SOCKET_BUFFER);
         Self {
             tcp,
             reader: keys.reader(),

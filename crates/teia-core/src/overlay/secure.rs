@@ -91,7 +91,6 @@ impl LinkCipher {
         SecureWriter {
             cipher: self.clone(),
             nonce: 0,
-            scratch: vec![0; NOISE_MAX],
         }
     }
 
@@ -101,7 +100,6 @@ impl LinkCipher {
             cipher: self.clone(),
             nonce: 0,
             pending: Vec::new(),
-            scratch: vec![0; NOISE_MAX],
         }
     }
 }
@@ -111,23 +109,23 @@ impl LinkCipher {
 pub struct SecureWriter {
     cipher: LinkCipher,
     nonce: u64,
-    scratch: Vec<u8>,
 }
 
 impl SecureWriter {
-    /// Appends the frames carrying `plaintext` to `out`.
+    /// Appends the frames carrying `plaintext` to `out` (sealed in place, no extra copy).
     pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), SecureError> {
         for chunk in plaintext.chunks(FRAME_PLAINTEXT) {
             let nonce = self.nonce;
             self.nonce = self.nonce.checked_add(1).ok_or(SecureError::Exhausted)?;
-            let len = self
-                .cipher
-                .0
-                .write_message(nonce, chunk, &mut self.scratch)?;
-            let sealed = self.scratch.get(..len).ok_or(SecureError::Frame)?;
+            let start = out.len();
+            out.resize(start + 2 + chunk.len() + TAG, 0);
+            let sealed = out.get_mut(start + 2..).unwrap_or_default();
+            let len = self.cipher.0.write_message(nonce, chunk, sealed)?;
             let prefix = u16::try_from(len).map_err(|_| SecureError::Frame)?;
-            out.extend_from_slice(&prefix.to_be_bytes());
-            out.extend_from_slice(sealed);
+            out.truncate(start + 2 + len);
+            if let Some(slot) = out.get_mut(start..start + 2) {
+                slot.copy_from_slice(&prefix.to_be_bytes());
+            }
         }
         Ok(())
     }
@@ -139,17 +137,45 @@ pub struct SecureReader {
     cipher: LinkCipher,
     nonce: u64,
     pending: Vec<u8>,
-    scratch: Vec<u8>,
 }
 
 impl SecureReader {
     /// Appends to `plaintext` what the complete frames in `input` (after what was held back)
-    /// carry; keeps an incomplete frame for the next call.
+    /// carry; keeps an incomplete frame for the next call. Frames are opened straight from
+    /// `input` into `plaintext` when nothing was held back (the common case in bulk reads).
     pub fn open(&mut self, input: &[u8], plaintext: &mut Vec<u8>) -> Result<(), SecureError> {
-        self.pending.extend_from_slice(input);
+        let mut input = input;
+        if !self.pending.is_empty() {
+            // Complete the held-back frame: its length first, then its body.
+            let take = 2usize.saturating_sub(self.pending.len()).min(input.len());
+            let (head, rest) = input.split_at(take);
+            self.pending.extend_from_slice(head);
+            input = rest;
+            let Some(&[high, low]) = self.pending.get(..2) else {
+                return Ok(());
+            };
+            let need = 2 + usize::from(u16::from_be_bytes([high, low]));
+            let take = need.saturating_sub(self.pending.len()).min(input.len());
+            let (head, rest) = input.split_at(take);
+            self.pending.extend_from_slice(head);
+            input = rest;
+            if self.pending.len() < need {
+                return Ok(());
+            }
+            let frame = std::mem::take(&mut self.pending);
+            self.open_frames(&frame, plaintext)?;
+        }
+        let used = self.open_frames(input, plaintext)?;
+        self.pending
+            .extend_from_slice(input.get(used..).unwrap_or_default());
+        Ok(())
+    }
+
+    /// Opens the complete frames at the start of `input`; returns the bytes they took.
+    fn open_frames(&mut self, input: &[u8], plaintext: &mut Vec<u8>) -> Result<usize, SecureError> {
         let mut used = 0;
         loop {
-            let rest = self.pending.get(used..).unwrap_or_default();
+            let rest = input.get(used..).unwrap_or_default();
             let Some(&[high, low]) = rest.get(..2) else {
                 break;
             };
@@ -159,16 +185,18 @@ impl SecureReader {
             };
             let nonce = self.nonce;
             self.nonce = self.nonce.checked_add(1).ok_or(SecureError::Exhausted)?;
+            let start = plaintext.len();
+            plaintext.resize(start + len, 0);
+            let out = plaintext.get_mut(start..).unwrap_or_default();
             let n = self
                 .cipher
                 .0
-                .read_message(nonce, sealed, &mut self.scratch)
+                .read_message(nonce, sealed, out)
                 .map_err(|_| SecureError::Frame)?;
-            plaintext.extend_from_slice(self.scratch.get(..n).unwrap_or_default());
+            plaintext.truncate(start + n);
             used += 2 + len;
         }
-        self.pending.drain(..used);
-        Ok(())
+        Ok(used)
     }
 }
 
