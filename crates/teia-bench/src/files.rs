@@ -239,8 +239,9 @@ impl Drop for Node {
 }
 
 /// The raw TCP copy: `size` bytes through loopback, 1 MiB buffers, read from the file,
-/// nothing verified or written. Returns bytes per second.
-async fn raw_copy(path: &Path, size: u64) -> anyhow::Result<f64> {
+/// nothing verified; written to `to` (then flushed to disk) when given, else dropped.
+/// Returns bytes per second.
+async fn raw_copy(path: &Path, size: u64, to: Option<&Path>) -> anyhow::Result<f64> {
     let listener = TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let path = path.to_owned();
@@ -261,14 +262,27 @@ async fn raw_copy(path: &Path, size: u64) -> anyhow::Result<f64> {
     let mut socket = TcpStream::connect(addr).await?;
     let mut buffer = vec![0u8; MIB as usize];
     let mut received = 0u64;
+    let mut out = match to {
+        Some(path) => Some(std::fs::File::create(path)?),
+        None => None,
+    };
     while received < size {
         let n = socket.read(&mut buffer).await?;
         if n == 0 {
             break;
         }
+        if let Some(out) = &mut out {
+            out.write_all(&buffer[..n])?;
+        }
         received += n as u64;
     }
+    if let Some(out) = &out {
+        out.sync_all()?;
+    }
     let seconds = started.elapsed().as_secs_f64();
+    if let Some(path) = to {
+        std::fs::remove_file(path)?;
+    }
     sender.await??;
     Ok(received as f64 / seconds)
 }
@@ -344,17 +358,23 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     let small = work.join("share/small.bin");
     random_file(&small, 20 * MIB, 7)?;
 
-    let raw = raw_copy(&big, size).await?;
+    let raw = raw_copy(&big, size, None).await?;
     println!(
         "raw TCP copy (1 MiB buffer, nothing verified or written): {}",
         gbps(raw)
     );
+    let raw_disk = raw_copy(&big, size, Some(&work.join("raw.out"))).await?;
+    println!(
+        "raw TCP copy written to disk (1 MiB writes, then fsync): {}",
+        gbps(raw_disk)
+    );
 
-    let result = tokio::task::spawn_blocking(move || measure(&teia, &work, size, raw)).await?;
+    let result =
+        tokio::task::spawn_blocking(move || measure(&teia, &work, size, raw, raw_disk)).await?;
     result
 }
 
-fn measure(teia: &Path, work: &Path, size: u64, raw: f64) -> anyhow::Result<()> {
+fn measure(teia: &Path, work: &Path, size: u64, raw: f64, raw_disk: f64) -> anyhow::Result<()> {
     let data = |name: &str| work.join("data").join(name);
     let share = work.join("share");
     let mut holder = Node::start(
@@ -378,10 +398,11 @@ fn measure(teia: &Path, work: &Path, size: u64, raw: f64) -> anyhow::Result<()> 
     let out = work.join("out1");
     let one = get(&mut downloader, holder.pid(), &hash, &out, size)?;
     println!(
-        "/get (encrypted, verified, on disk): {} in {:.2} s = {:.2} of raw TCP",
+        "/get (encrypted, verified, on disk): {} in {:.2} s = {:.2} of raw TCP, {:.2} of raw TCP to disk",
         gbps(one.rate),
         one.seconds,
-        one.rate / raw
+        one.rate / raw,
+        one.rate / raw_disk
     );
     println!(
         "  downloader: peak RSS {:.1} MB, {:.2} CPU-s/GiB; holder: peak RSS {:.1} MB, {:.2} CPU-s/GiB",
@@ -398,26 +419,48 @@ fn measure(teia: &Path, work: &Path, size: u64, raw: f64) -> anyhow::Result<()> 
     );
     std::fs::remove_dir_all(&out)?;
 
-    // Resume after a kill -9 at 50 %.
+    // Resume after a kill -9 at 50 %: from a holder serving 200 MB/s, so that the kill
+    // lands close to the half.
+    let mut slow = Node::start(
+        teia,
+        &data("h3"),
+        "h3",
+        &[
+            "--share",
+            share.to_str().unwrap_or(""),
+            "--peer",
+            "127.0.0.1:1",
+            "--upload-limit",
+            "200000000",
+        ],
+    )?;
+    slow.wait("share indexed", |e| e["event"] == "shared")?;
+    let mut resumer = Node::start(teia, &data("r"), "r", &["--peer", &slow.addr()])?;
+    resumer.wait("link", |e| e["event"] == "link_up")?;
+    resumer.search("big.bin", 1)?;
     let out = work.join("out-resume");
-    let from = downloader.seen.len();
-    downloader.command(&format!("/get {hash} {}", out.display()))?;
-    downloader.wait_from(from, "half", |e| {
+    let from = resumer.seen.len();
+    resumer.command(&format!("/get {hash} {}", out.display()))?;
+    let half = resumer.wait_from(from, "half", |e| {
         e["event"] == "download_progress"
             && e["hash"] == hash.as_str()
             && e["bytes"].as_u64().unwrap_or(0) >= size / 2
     })?;
-    downloader.kill();
-    let mut downloader = Node::start(teia, &data("d"), "d", &["--peer", &holder.addr()])?;
-    let done = downloader.wait("resumed download_done", |e| {
+    resumer.kill();
+    let verified = half["bytes"].as_u64().unwrap_or(0);
+    let mut resumer = Node::start(teia, &data("r"), "r", &["--peer", &slow.addr()])?;
+    let done = resumer.wait("resumed download_done", |e| {
         e["event"] == "download_done" && e["hash"] == hash.as_str()
     })?;
     let fetched = done["fetched"].as_u64().unwrap_or(0);
     println!(
-        "resume after kill -9 at 50 %: {:.1} % of the file fetched again",
+        "resume after kill -9 at {:.0} %: {:.1} % of the file fetched again",
+        verified as f64 * 100.0 / size as f64,
         fetched as f64 * 100.0 / size as f64
     );
     std::fs::remove_dir_all(&out)?;
+    drop(resumer);
+    drop(slow);
 
     // Two holders.
     let share2 = work.join("share2");
@@ -492,11 +535,13 @@ fn measure(teia: &Path, work: &Path, size: u64, raw: f64) -> anyhow::Result<()> 
     }
     let gib = size as f64 / (1024.0 * MIB as f64);
     println!(
-        "teia receive (encrypted, verified, on disk): {} in {:.2} s = {:.2} of raw TCP; \
-         receiver peak RSS ≥ {peak:.1} MB, ≥ {:.2} CPU-s/GiB; sender peak RSS {:.1} MB, {:.2} CPU-s/GiB",
+        "teia receive (encrypted, verified, on disk; process start included): {} in {:.2} s = \
+         {:.2} of raw TCP, {:.2} of raw TCP to disk; receiver peak RSS ≥ {peak:.1} MB, \
+         ≥ {:.2} CPU-s/GiB; sender peak RSS {:.1} MB, {:.2} CPU-s/GiB",
         gbps(size as f64 / seconds),
         seconds,
         size as f64 / seconds / raw,
+        size as f64 / seconds / raw_disk,
         cpu / gib,
         peak_rss_mb(sender.id()),
         (cpu_seconds(sender.id()) - sender_cpu) / gib

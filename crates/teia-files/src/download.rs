@@ -38,6 +38,9 @@ pub const WINDOW_BYTES: u64 = 8 * 1024 * 1024;
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time a download waits with no holder (asking the network again) before it fails.
 pub const NO_HOLDER_TIMEOUT: Duration = Duration::from_secs(20);
+/// Files from this size on are fetched over two streams per holder (each side then works
+/// on two cores).
+pub const PARALLEL_FROM: u64 = 64 * 1024 * 1024;
 /// Time between two progress events of one download.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// Holders waiting to be tried, per download.
@@ -187,6 +190,9 @@ pub struct Download {
     work: Notify,
     sources: mpsc::Sender<Source>,
     queued: Mutex<Option<mpsc::Receiver<Source>>>,
+    /// Holders that served the file and may take a second stream.
+    seconds: mpsc::Sender<Source>,
+    seconds_queued: Mutex<Option<mpsc::Receiver<Source>>>,
 }
 
 /// Why fetching from one holder stopped.
@@ -224,6 +230,7 @@ fn partial_path(path: &Path) -> PathBuf {
 impl Download {
     pub(crate) fn new(spec: Spec) -> Self {
         let (sources, queued) = mpsc::channel(SOURCES_QUEUED);
+        let (seconds, seconds_queued) = mpsc::channel(MAX_HOLDERS);
         Self {
             spec,
             started: Instant::now(),
@@ -232,6 +239,8 @@ impl Download {
             work: Notify::new(),
             sources,
             queued: Mutex::new(Some(queued)),
+            seconds,
+            seconds_queued: Mutex::new(Some(seconds_queued)),
         }
     }
 
@@ -264,6 +273,7 @@ impl Download {
             (Some(size), true) => Some(size.saturating_sub(bytes) as f64 / state.rate),
             _ => None,
         };
+        let peers: HashSet<&String> = state.holders.values().collect();
         DownloadInfo {
             hash: self.spec.hash,
             name: self.spec.name.clone(),
@@ -271,7 +281,7 @@ impl Download {
             bytes,
             fetched: state.fetched,
             rate: state.rate,
-            holders: state.holders.len(),
+            holders: peers.len(),
             eta,
             seconds: self.started.elapsed().as_secs_f64(),
         }
@@ -467,10 +477,13 @@ async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, 
             outboard: None,
         })
         .map_err(|e| e.to_string())?;
-    let Some(mut sources) = lock(&download.queued).take() else {
+    let (Some(mut sources), Some(mut seconds)) = (
+        lock(&download.queued).take(),
+        lock(&download.seconds_queued).take(),
+    ) else {
         return Err("download already running".into());
     };
-    let mut holders: JoinSet<(String, PublicKey, HolderEnd)> = JoinSet::new();
+    let mut holders: HolderTasks = JoinSet::new();
     let mut tried: HashSet<String> = HashSet::new();
     let mut bad_keys: HashSet<PublicKey> = HashSet::new();
     let mut next_id: HolderId = 1;
@@ -504,24 +517,15 @@ async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, 
                 {
                     continue;
                 }
-                let id = next_id;
-                next_id += 1;
                 alone_since = None;
-                lock(&download.state).holders.insert(id, source.peer_id.clone());
-                let inner = Arc::clone(inner);
-                let download = Arc::clone(download);
-                holders.spawn(async move {
-                    let end = fetch(&inner, &download, id, &source).await;
-                    {
-                        let mut state = lock(&download.state);
-                        state.holders.remove(&id);
-                        if let Some(planner) = state.planner.as_mut() {
-                            planner.remove_holder(id);
-                        }
-                    }
-                    download.work.notify_waiters();
-                    (source.peer_id, source.key, end)
-                });
+                spawn_holder(inner, download, &mut holders, next_id, source, true);
+                next_id += 1;
+            }
+            Some(source) = seconds.recv() => {
+                if holders.len() < MAX_HOLDERS && !bad_keys.contains(&source.key) {
+                    spawn_holder(inner, download, &mut holders, next_id, source, false);
+                    next_id += 1;
+                }
             }
             Some(joined) = holders.join_next() => {
                 let Ok((peer, key, end)) = joined else { continue };
@@ -562,12 +566,43 @@ async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, 
     Ok(target)
 }
 
+type HolderTasks = JoinSet<(String, PublicKey, HolderEnd)>;
+
+/// Starts fetching from `source` as holder `id`; a `first` stream may ask for a second.
+fn spawn_holder(
+    inner: &Arc<Inner>,
+    download: &Arc<Download>,
+    holders: &mut HolderTasks,
+    id: HolderId,
+    source: Source,
+    first: bool,
+) {
+    lock(&download.state)
+        .holders
+        .insert(id, source.peer_id.clone());
+    let inner = Arc::clone(inner);
+    let download = Arc::clone(download);
+    holders.spawn(async move {
+        let end = fetch(&inner, &download, id, &source, first).await;
+        {
+            let mut state = lock(&download.state);
+            state.holders.remove(&id);
+            if let Some(planner) = state.planner.as_mut() {
+                planner.remove_holder(id);
+            }
+        }
+        download.work.notify_waiters();
+        (source.peer_id, source.key, end)
+    });
+}
+
 /// Fetches chunks from one holder until none is left for it.
 async fn fetch(
     inner: &Arc<Inner>,
     download: &Arc<Download>,
     id: HolderId,
     source: &Source,
+    first: bool,
 ) -> HolderEnd {
     let mut last_error = String::from("no address");
     let mut opened = None;
@@ -587,7 +622,7 @@ async fn fetch(
     let Some(mut stream) = opened else {
         return HolderEnd::Dropped(format!("cannot open a stream: {last_error}"));
     };
-    match fetch_on(inner, download, id, &mut stream).await {
+    match fetch_on(inner, download, id, &mut stream, first.then_some(source)).await {
         Ok(()) => {
             stream.shutdown().await;
             HolderEnd::Finished
@@ -621,6 +656,7 @@ async fn fetch_on(
     download: &Arc<Download>,
     id: HolderId,
     stream: &mut DataStream,
+    first_of: Option<&Source>,
 ) -> Result<(), HolderEnd> {
     let get = Request::Get {
         hash: download.hash().to_hex(),
@@ -671,6 +707,9 @@ async fn fetch_on(
         .max(2) as usize;
     if let Some(planner) = lock(&download.state).planner.as_mut() {
         planner.add_holder(id);
+    }
+    if let Some(source) = first_of.filter(|_| layout.size >= PARALLEL_FROM) {
+        let _ = download.seconds.try_send(source.clone());
     }
     let mut outstanding: VecDeque<u32> = VecDeque::new();
     let mut writes = Writes::new(Arc::clone(download));
