@@ -42,6 +42,8 @@ pub const RESULTS_KEPT: usize = 4_096;
 pub const GRANTS_KEPT: usize = 4_096;
 /// Events waiting for the interface.
 pub const EVENTS: usize = 1_024;
+/// Holders whose answers to one search are shown; later ones are dropped.
+pub const MAX_ANSWERS_PER_SEARCH: usize = 64;
 /// Hops a search travels.
 pub const SEARCH_TTL: u32 = 5;
 /// Time between two rescans of the shared folders.
@@ -250,8 +252,8 @@ pub(crate) struct Inner {
     pub(crate) results: Mutex<VecDeque<Holding>>,
     pub(crate) approvals: Mutex<Approvals>,
     pub(crate) serving: Mutex<HashMap<String, usize>>,
-    /// Our searches: query id → text.
-    pub(crate) searches: Mutex<VecDeque<(String, String)>>,
+    /// Our searches: query id, text, holders that answered.
+    pub(crate) searches: Mutex<VecDeque<(String, String, usize)>>,
     /// Our holder queries for downloads: query id → hash.
     pub(crate) holder_queries: Mutex<VecDeque<(String, Hash)>>,
     pub(crate) throttle: Option<serve::Throttle>,
@@ -552,7 +554,7 @@ impl Files {
             .map_err(|_| FilesError::Stopped)?;
         push_bounded(
             &mut lock(&self.inner.searches),
-            (query_id, text.to_owned()),
+            (query_id, text.to_owned(), 0),
             256,
         );
         if let Some(index) = &self.inner.index {
@@ -665,9 +667,12 @@ impl Files {
             }
         }
         let search = lock(&self.inner.searches)
-            .iter()
-            .find(|(id, _)| id == query_id)
-            .map(|(_, text)| text.clone());
+            .iter_mut()
+            .find(|(id, _, _)| id == query_id)
+            .and_then(|(_, text, answers)| {
+                *answers += 1;
+                (*answers <= MAX_ANSWERS_PER_SEARCH).then(|| text.clone())
+            });
         if let Some(text) = search {
             self.inner
                 .emit(FilesEvent::SearchResults {

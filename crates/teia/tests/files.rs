@@ -327,3 +327,94 @@ fn send_and_receive_with_a_ticket() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a teia ticket"));
     drop(sender);
 }
+
+/// Opens a `files` stream to `addr` as a fresh identity.
+async fn raw_stream(addr: &str) -> teia_node::stream::DataStream {
+    let us = teia_node::stream::StreamIdentity {
+        identity: teia_node::identity::ephemeral().unwrap(),
+        peer_id: "prober@files".into(),
+    };
+    teia_node::stream::open(&us, addr.parse().unwrap(), "files", None)
+        .await
+        .unwrap()
+}
+
+async fn reply(stream: &mut teia_node::stream::DataStream) -> Value {
+    let line = stream.read_line(64 * 1024).await.unwrap().unwrap();
+    serde_json::from_slice(&line).unwrap()
+}
+
+#[tokio::test]
+async fn hostile_stream_requests_get_errors_and_the_node_keeps_serving() {
+    let (_a, share) = share_dir("s");
+    random_file(&share.join("ok.bin"), 1 << 20, 17);
+    let holder = start_holder("h", &share, &[]);
+    let addr = holder.addr();
+
+    let mut stream = raw_stream(&addr).await;
+    stream.write_all(b"garbage\n").await.unwrap();
+    assert_eq!(reply(&mut stream).await["code"], "bad_request");
+
+    let mut stream = raw_stream(&addr).await;
+    stream
+        .write_all(b"{\"op\":\"GET\",\"hash\":\"zz\"}\n")
+        .await
+        .unwrap();
+    assert_eq!(reply(&mut stream).await["code"], "bad_request");
+
+    let mut stream = raw_stream(&addr).await;
+    let unknown = format!("{{\"op\":\"GET\",\"hash\":\"{}\"}}\n", "0".repeat(64));
+    stream.write_all(unknown.as_bytes()).await.unwrap();
+    assert_eq!(reply(&mut stream).await["code"], "not_found");
+
+    let mut stream = raw_stream(&addr).await;
+    stream
+        .write_all(b"{\"op\":\"CHUNKS\",\"chunks\":[0]}\n")
+        .await
+        .unwrap();
+    assert_eq!(reply(&mut stream).await["code"], "bad_request");
+
+    let mut stream = raw_stream(&addr).await;
+    stream.write_all(&vec![b'x'; 100_000]).await.unwrap();
+    assert_eq!(reply(&mut stream).await["code"], "bad_request");
+
+    // A stream opening that is not Noise is refused without harm.
+    let mut tcp = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(
+        &mut tcp,
+        b"{\"type\":\"STREAM\",\"peer_id\":\"x@y\",\"service\":\"files\",\"noise\":\"!!\"}\n",
+    )
+    .await
+    .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::io::AsyncReadExt::read_to_end(&mut tcp, &mut rest).await;
+
+    // A valid GET, then a chunk that does not exist.
+    let hash = {
+        let events = holder.events();
+        let shared = events.iter().find(|e| e["event"] == "shared").unwrap();
+        assert_eq!(shared["files"], 1);
+        let mut downloader = start_downloader("d", &[&holder], &[]);
+        let results = search(&mut downloader, "ok.bin", 1);
+        let hash = results[0]["hash"].as_str().unwrap().to_owned();
+        let out = tempfile::tempdir().unwrap();
+        downloader.command(&format!("/get {hash} {}", out.path().display()));
+        wait_done(&downloader, &hash);
+        hash
+    };
+    let mut stream = raw_stream(&addr).await;
+    let get = format!("{{\"op\":\"GET\",\"hash\":\"{hash}\"}}\n");
+    stream.write_all(get.as_bytes()).await.unwrap();
+    let ok = reply(&mut stream).await;
+    assert_eq!(ok["op"], "OK");
+    let outboard = ok["outboard"].as_u64().unwrap() as usize;
+    while stream.buffered().len() < outboard {
+        assert!(stream.fill().await.unwrap());
+    }
+    stream.consume(outboard);
+    stream
+        .write_all(b"{\"op\":\"CHUNKS\",\"chunks\":[99999]}\n")
+        .await
+        .unwrap();
+    assert_eq!(reply(&mut stream).await["code"], "bad_request");
+}

@@ -225,6 +225,7 @@ async fn lines(
     let mut session = Session {
         handle,
         files,
+        progress_shown: Default::default(),
         style,
         log,
         watching: false,
@@ -307,6 +308,7 @@ async fn shell(
     let mut session = Session {
         handle,
         files,
+        progress_shown: Default::default(),
         style: Style::Text,
         log,
         watching: false,
@@ -340,6 +342,8 @@ async fn shell(
 struct Session {
     handle: NodeHandle,
     files: Files,
+    /// The last tenth of each download's progress shown in text.
+    progress_shown: std::collections::HashMap<teia_files::proto::tree::Hash, u64>,
     style: Style,
     log: LogControl,
     watching: bool,
@@ -676,8 +680,20 @@ impl Session {
 }
 
 impl Session {
-    /// Shows a file-sharing event.
+    /// Shows a file-sharing event. In text, a download's progress is shown at each tenth
+    /// only, so it does not crowd out the chat.
     fn show_files(&mut self, event: &FilesEvent) {
+        if let (Style::Text, FilesEvent::Progress(info)) = (self.style, event) {
+            let tenth = info.bytes.saturating_mul(10) / info.size.unwrap_or(u64::MAX).max(1);
+            let last = self.progress_shown.entry(info.hash).or_insert(0);
+            if tenth <= *last {
+                return;
+            }
+            *last = tenth;
+            if self.progress_shown.len() > 64 {
+                self.progress_shown.clear();
+            }
+        }
         let (json, text) = files::describe(event);
         self.emit(json, text);
     }
