@@ -619,8 +619,15 @@ async fn fetch(
             Err(e) => last_error = e.to_string(),
         }
     }
-    let Some(mut stream) = opened else {
-        return HolderEnd::Dropped(format!("cannot open a stream: {last_error}"));
+    let mut stream = match opened {
+        Some(stream) => stream,
+        // It cannot be dialed (no address, or none answers): ask it to dial us.
+        None => match inner.request_dial_back(source, download.hash()).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                return HolderEnd::Dropped(format!("cannot open a stream: {last_error}; {e}"))
+            }
+        },
     };
     match fetch_on(inner, download, id, &mut stream, first.then_some(source)).await {
         Ok(()) => {
@@ -672,7 +679,9 @@ async fn fetch_on(
             Reply::Error { code, detail } => {
                 return Err(HolderEnd::Dropped(format!("{code}: {detail}")))
             }
-            Reply::Data { .. } => return Err(HolderEnd::Dropped("DATA before OK".into())),
+            Reply::Data { .. } | Reply::Offer { .. } => {
+                return Err(HolderEnd::Dropped("a reply out of order before OK".into()))
+            }
         }
     };
     if download.spec.size.is_some_and(|s| s != size) && download.ready.get().is_none() {

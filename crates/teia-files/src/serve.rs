@@ -103,9 +103,34 @@ async fn refuse(stream: &mut DataStream, code: &str, detail: String) {
 
 /// Serves one stream until the requester closes it, goes idle, or errs.
 pub(crate) async fn serve(inner: Arc<Inner>, mut stream: DataStream) {
-    if stream.service() != "files" {
-        return refuse(&mut stream, code::BAD_REQUEST, "unknown service".into()).await;
+    match stream.service() {
+        "files" => serve_requests(inner, stream).await,
+        "files-back" => take_offer(&inner, stream).await,
+        _ => refuse(&mut stream, code::BAD_REQUEST, "unknown service".into()).await,
     }
+}
+
+/// A holder we asked to dial back opened this stream: hand it to the download waiting for
+/// it, if the token is ours and the holder proved the key we expect.
+async fn take_offer(inner: &Arc<Inner>, mut stream: DataStream) {
+    let line = tokio::time::timeout(IDLE_TIMEOUT, stream.read_line(MAX_STREAM_LINE)).await;
+    let Ok(Ok(Some(line))) = line else {
+        return;
+    };
+    let Ok(Reply::Offer { token }) = serde_json::from_slice::<Reply>(&line) else {
+        return refuse(&mut stream, code::BAD_REQUEST, "OFFER comes first".into()).await;
+    };
+    let waiting = lock(&inner.dial_backs).remove(&token);
+    match waiting {
+        Some((key, reply)) if key == stream.key() => {
+            let _ = reply.send(stream);
+        }
+        _ => refuse(&mut stream, code::NOT_FOUND, "no such request".into()).await,
+    }
+}
+
+/// Serves the requests of a stream: GET, then CHUNKS.
+pub(crate) async fn serve_requests(inner: Arc<Inner>, mut stream: DataStream) {
     let peer = stream.peer_id().to_owned();
     let Some(_slot) = take_slot(&inner, &peer) else {
         return refuse(

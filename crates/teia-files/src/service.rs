@@ -44,6 +44,13 @@ pub const GRANTS_KEPT: usize = 4_096;
 pub const EVENTS: usize = 1_024;
 /// Holders whose answers to one search are shown; later ones are dropped.
 pub const MAX_ANSWERS_PER_SEARCH: usize = 64;
+/// Streams this node opens back to askers (when it cannot be dialed), per minute at most;
+/// requests beyond are ignored.
+pub const DIAL_BACKS_PER_MINUTE: f64 = 10.0;
+/// Our dial-back requests waiting at once; more fail at once.
+pub const MAX_DIAL_BACKS_WAITING: usize = 64;
+/// Time a holder has to open a stream back to us.
+pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Hops a search travels.
 pub const SEARCH_TTL: u32 = 5;
 /// Time between two rescans of the shared folders.
@@ -259,7 +266,15 @@ pub(crate) struct Inner {
     pub(crate) throttle: Option<serve::Throttle>,
     pub(crate) seed_results: Mutex<VecDeque<SeedHolding>>,
     pub(crate) index: Option<mpsc::Sender<IndexCommand>>,
+    /// Our dial-back requests waiting for their stream: token → holder key and the waiter.
+    pub(crate) dial_backs: Mutex<HashMap<String, DialBackWaiter>>,
+    /// Dial-backs we may still make (a token bucket, refilled at [`DIAL_BACKS_PER_MINUTE`]).
+    pub(crate) dial_back_budget: Mutex<(f64, std::time::Instant)>,
+    pub(crate) tokens: std::sync::atomic::AtomicU64,
 }
+
+/// Who a dial-back request expects, and who waits for its stream.
+pub(crate) type DialBackWaiter = (PublicKey, oneshot::Sender<DataStream>);
 
 /// Locks a mutex, recovering it if a task panicked while holding it.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -275,7 +290,127 @@ fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, cap: usize) {
     queue.push_back(item);
 }
 
+/// The addresses we can be reached on: the one we listen on, or, listening on all
+/// interfaces, loopback and the address of the default route (found without sending
+/// anything: connecting a UDP socket only picks a route).
+pub fn reachable(listen: SocketAddr) -> Vec<SocketAddr> {
+    if !listen.ip().is_unspecified() {
+        return vec![listen];
+    }
+    let mut addrs = Vec::new();
+    let primary = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
+        .and_then(|socket| {
+            socket.connect((std::net::Ipv4Addr::new(192, 0, 2, 1), 9))?;
+            socket.local_addr()
+        })
+        .map(|a| a.ip())
+        .ok()
+        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback());
+    if let Some(ip) = primary {
+        addrs.push(SocketAddr::new(ip, listen.port()));
+    }
+    addrs.push(SocketAddr::new(
+        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
+        listen.port(),
+    ));
+    addrs
+}
+
 impl Inner {
+    /// Opens a stream back to an asker that cannot reach us, and serves `hash` on it: only
+    /// for content we share, with a policy that serves someone, within the dial-back budget,
+    /// to an asker proving `key`.
+    async fn dial_back(self: &Arc<Self>, hash: &str, key: &str, addrs: &[String], token: String) {
+        let (Some(hash), Ok(key)) = (Hash::from_hex(hash), PublicKey::parse(key)) else {
+            return;
+        };
+        if self.config.approval == Approval::None
+            || !matches!(lock(&self.store).by_hash(&hash), Ok(Some(_)))
+        {
+            return;
+        }
+        {
+            let mut budget = lock(&self.dial_back_budget);
+            let now = std::time::Instant::now();
+            let refill = now.duration_since(budget.1).as_secs_f64() * DIAL_BACKS_PER_MINUTE / 60.0;
+            budget.0 = (budget.0 + refill).min(DIAL_BACKS_PER_MINUTE / 2.0);
+            budget.1 = now;
+            if budget.0 < 1.0 {
+                tracing::warn!("dial-back request ignored: too many");
+                return;
+            }
+            budget.0 -= 1.0;
+        }
+        for addr in addrs
+            .iter()
+            .filter_map(|a| a.parse::<SocketAddr>().ok())
+            .take(4)
+        {
+            match self.node.open_stream(addr, "files-back", Some(key)).await {
+                Ok(mut stream) => {
+                    let offer = msg::line(&msg::Reply::Offer { token });
+                    if stream.write_all(&offer).await.is_ok() {
+                        serve::serve_requests(Arc::clone(self), stream).await;
+                    }
+                    return;
+                }
+                Err(e) => tracing::debug!(%addr, error = %e, "dial-back failed"),
+            }
+        }
+    }
+
+    /// Asks `source`, which we cannot dial, to open a stream to us; waits for it.
+    pub(crate) async fn request_dial_back(
+        &self,
+        source: &Source,
+        hash: Hash,
+    ) -> Result<DataStream, String> {
+        let Some(listen) = self.config.listen else {
+            return Err("neither side accepts connections".into());
+        };
+        let number = self
+            .tokens
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let token = blake3::hash(
+            format!(
+                "{}:{number}:{:?}",
+                self.config.key,
+                std::time::SystemTime::now()
+            )
+            .as_bytes(),
+        )
+        .to_hex()
+        .chars()
+        .take(24)
+        .collect::<String>();
+        let (reply, stream) = oneshot::channel();
+        {
+            let mut waiting = lock(&self.dial_backs);
+            if waiting.len() >= MAX_DIAL_BACKS_WAITING {
+                return Err("too many dial-back requests waiting".into());
+            }
+            waiting.insert(token.clone(), (source.key, reply));
+        }
+        let question = Question::DialBack {
+            holder: source.peer_id.clone(),
+            hash: hash.to_hex(),
+            key: self.config.key.to_string(),
+            addrs: reachable(listen).iter().map(ToString::to_string).collect(),
+            token: token.clone(),
+        };
+        let body = serde_json::to_value(question).unwrap_or(Value::Null);
+        if self.node.query("files", body, SEARCH_TTL).await.is_err() {
+            lock(&self.dial_backs).remove(&token);
+            return Err("the node has stopped".into());
+        }
+        let result = tokio::time::timeout(DIAL_BACK_TIMEOUT, stream).await;
+        lock(&self.dial_backs).remove(&token);
+        match result {
+            Ok(Ok(stream)) => Ok(stream),
+            _ => Err("the holder did not open a stream back".into()),
+        }
+    }
+
     pub(crate) fn node_peer_id(&self) -> String {
         self.config.peer_id.clone()
     }
@@ -375,6 +510,12 @@ impl Files {
                 throttle: config.upload_limit.map(serve::Throttle::new),
                 seed_results: Mutex::new(VecDeque::new()),
                 index: index_server.is_some().then_some(index),
+                dial_backs: Mutex::new(HashMap::new()),
+                dial_back_budget: Mutex::new((
+                    DIAL_BACKS_PER_MINUTE / 2.0,
+                    std::time::Instant::now(),
+                )),
+                tokens: std::sync::atomic::AtomicU64::new(0),
                 config,
             }),
         };
@@ -583,6 +724,21 @@ impl Files {
             return;
         };
         let found: Vec<Found> = match question {
+            Question::DialBack {
+                holder,
+                hash,
+                key,
+                addrs,
+                token,
+            } => {
+                if holder == self.inner.config.peer_id {
+                    let inner = Arc::clone(&self.inner);
+                    tokio::spawn(async move {
+                        inner.dial_back(&hash, &key, &addrs, token).await;
+                    });
+                }
+                return;
+            }
             Question::Search { text } if text.len() <= MAX_SEARCH_TEXT => {
                 self.local_matches(&text).unwrap_or_default()
             }

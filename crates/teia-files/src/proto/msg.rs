@@ -40,6 +40,12 @@ pub enum Reply {
         /// Bytes of outboard after this line.
         outboard: u64,
     },
+    /// First line of a stream a holder opened back to an asker (`files-back`): the asker
+    /// then sends its requests on it as on a stream it opened.
+    Offer {
+        /// The token of the asker's DIAL_BACK question.
+        token: String,
+    },
     /// The holder's user is asked to approve; an `OK` or `ERROR` follows.
     Wait {
         /// The approval request's id at the holder.
@@ -99,6 +105,20 @@ pub fn line<T: Serialize>(message: &T) -> Vec<u8> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Question {
+    /// Asks `holder`, which cannot be dialed, to open a stream to the asker (service
+    /// `files-back`) and serve `hash` on it; the stream starts with [`Reply::Offer`].
+    DialBack {
+        /// The holder asked.
+        holder: String,
+        /// The content.
+        hash: String,
+        /// The asker's key (its end of the stream must prove it).
+        key: String,
+        /// Where the asker listens.
+        addrs: Vec<String>,
+        /// Names the request on the stream.
+        token: String,
+    },
     /// Files whose name has every word of `text`.
     Search {
         /// The words.

@@ -4,7 +4,7 @@
 //! as a download between nodes.
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -104,29 +104,6 @@ async fn one_shot(
     })
 }
 
-/// The addresses a receiver may reach us on: the one we listen on, or, listening on all
-/// interfaces, loopback and the address of the default route (found without sending
-/// anything: connecting a UDP socket only picks a route).
-fn reachable(listen: SocketAddr) -> Vec<String> {
-    if !listen.ip().is_unspecified() {
-        return vec![listen.to_string()];
-    }
-    let mut addrs = Vec::new();
-    let primary = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))
-        .and_then(|socket| {
-            socket.connect((Ipv4Addr::new(192, 0, 2, 1), 9))?;
-            socket.local_addr()
-        })
-        .map(|a| a.ip())
-        .ok()
-        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback());
-    if let Some(ip) = primary {
-        addrs.push(SocketAddr::new(ip, listen.port()).to_string());
-    }
-    addrs.push(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), listen.port()).to_string());
-    addrs
-}
-
 /// `teia send PATH`: serves one file until interrupted.
 pub async fn send(args: SendArgs) -> anyhow::Result<()> {
     let path = args
@@ -158,7 +135,10 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
             .map_or_else(|| file.hash.to_hex(), |n| n.to_string_lossy().into_owned()),
         peer_id: shot.peer_id.clone(),
         key: shot.key.to_string(),
-        addrs: reachable(listen),
+        addrs: teia_files::service::reachable(listen)
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
     };
     let encoded = ticket.encode();
     if args.json {
