@@ -116,20 +116,10 @@ impl DataStream {
         &self.service
     }
 
-    /// The peer's address.
-    pub fn remote(&self) -> SocketAddr {
-        self.remote
-    }
-
     /// Seals `data` for the next [`flush`](Self::flush).
     pub fn queue(&mut self, data: &[u8]) -> Result<(), StreamError> {
         self.writer.seal(data, &mut self.sealed)?;
         Ok(())
-    }
-
-    /// Bytes sealed and not yet written.
-    pub fn queued(&self) -> usize {
-        self.sealed.len()
     }
 
     /// Writes everything sealed.

@@ -25,8 +25,6 @@ enum Chunk {
 #[derive(Debug, Default)]
 struct Holder {
     requested: BTreeSet<u32>,
-    bytes: u64,
-    chunks: u64,
 }
 
 /// What a holder's arrival of a chunk means.
@@ -92,16 +90,6 @@ impl Planner {
     /// Bytes verified so far (those on disk at the start included).
     pub fn done_bytes(&self) -> u64 {
         self.done_bytes
-    }
-
-    /// Holders taking part.
-    pub fn holders(&self) -> usize {
-        self.holders.len()
-    }
-
-    /// Bytes each holder sent that were used.
-    pub fn bytes_by_holder(&self) -> Vec<(HolderId, u64)> {
-        self.holders.iter().map(|(id, h)| (*id, h.bytes)).collect()
     }
 
     /// Adds a holder.
@@ -175,8 +163,6 @@ impl Planner {
             Some(Chunk::Done) => Arrival::Duplicate,
             Some(_) => {
                 let len = self.layout.range(index).map_or(0, |(_, len)| len);
-                holder.bytes += len;
-                holder.chunks += 1;
                 if let Some(chunk) = self.chunks.get_mut(index as usize) {
                     *chunk = Chunk::Done;
                 }
@@ -258,10 +244,9 @@ mod tests {
         plan.add_holder(2);
         assert_eq!(plan.next_requests(1, 4), vec![1]);
         assert!(plan.next_requests(2, 4).is_empty());
-        assert!(plan.busy(1) && !plan.busy(2));
         assert_eq!(plan.arrived(2, 1), Arrival::Unexpected);
         assert_eq!(plan.arrived(1, 1), Arrival::Fresh);
         assert!(plan.is_complete());
-        assert_eq!(plan.bytes_by_holder(), vec![(1, MIN_CHUNK), (2, 0)]);
+        assert_eq!(plan.done_bytes(), 3 * MIN_CHUNK);
     }
 }
