@@ -41,6 +41,10 @@ pub const NO_HOLDER_TIMEOUT: Duration = Duration::from_secs(20);
 /// Files from this size on are fetched over two streams per holder (each side then works
 /// on two cores).
 pub const PARALLEL_FROM: u64 = 64 * 1024 * 1024;
+/// Time between two questions for holders while a download has none.
+const ASK_ALONE_EVERY: Duration = Duration::from_secs(5);
+/// Time between two questions for more holders while a download has some.
+const ASK_MORE_EVERY: Duration = Duration::from_secs(30);
 /// Time between two progress events of one download.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// Holders waiting to be tried, per download.
@@ -502,11 +506,17 @@ async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, 
                     "no holder left ({last_reason}); what was verified is kept, /get again to resume"
                 ));
             }
-            if asked_at.is_none_or(|at| at.elapsed() >= Duration::from_secs(5)) {
+            if asked_at.is_none_or(|at| at.elapsed() >= ASK_ALONE_EVERY) {
                 asked_at = Some(Instant::now());
                 tried.clear();
                 inner.ask_holders(hash).await;
             }
+        } else if holders.len() < MAX_HOLDERS
+            && asked_at.is_none_or(|at| at.elapsed() >= ASK_MORE_EVERY)
+        {
+            // Look for more holders now and then: new ones join in.
+            asked_at = Some(Instant::now());
+            inner.ask_holders(hash).await;
         }
         tokio::select! {
             source = sources.recv() => {

@@ -879,6 +879,9 @@ impl Files {
             path: dir.clone(),
             source,
         })?;
+        if target.trim().ends_with('/') {
+            return self.get_folder(target.trim(), dir).await;
+        }
         let (hash, name, size) = match self.resolve_target(target) {
             Ok(found) => found,
             Err(error) => {
@@ -922,6 +925,34 @@ impl Files {
                 let _ = tokio::time::timeout(Duration::from_secs(2), left).await;
             }
         }
+    }
+
+    /// Starts the download of every file a search found under `folder` (`name/`), keeping
+    /// its structure.
+    async fn get_folder(&self, folder: &str, dir: PathBuf) -> Result<String, FilesError> {
+        let mut files: Vec<(Hash, String, u64)> = lock(&self.inner.results)
+            .iter()
+            .filter(|h| h.name.starts_with(folder))
+            .map(|h| (h.hash, h.name.clone(), h.size))
+            .collect();
+        files.sort();
+        files.dedup_by_key(|(hash, _, _)| *hash);
+        if files.is_empty() {
+            return Err(FilesError::Invalid(format!(
+                "no search result is in {folder:?}; /search first"
+            )));
+        }
+        let count = files.len();
+        for (hash, name, size) in files {
+            self.start_download(download::Spec {
+                hash,
+                dir: dir.clone(),
+                name,
+                size: Some(size),
+            })
+            .await?;
+        }
+        Ok(format!("{count} files"))
     }
 
     /// Starts the download of `hash` under `name` (a ticket's), of `size` bytes.

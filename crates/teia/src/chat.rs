@@ -103,7 +103,7 @@ pub const HELP: &str = "\
 /unshare PATH               stop sharing it
 /shared                     what this node shares
 /search TEXT                find files by name across the network (all words, any order)
-/get HASH|NAME [DIR]        download (from every holder at once, verified, resumable)
+/get HASH|NAME|FOLDER/ [DIR] download (from every holder at once, verified, resumable)
 /downloads                  downloads running: bytes, rate, holders, time left
 /approve ID | /deny ID      answer a download request (with --approve ask)
 /help                       this help

@@ -119,6 +119,22 @@ fn search_and_fetch_across_a_relay_keeping_folders() {
     assert_eq!(done["bytes"], 3 << 20);
     assert_eq!(done["sources"]["alice@files"], 3 << 20);
     assert!(same_content(&path, &share.join("week1/Intro Video.bin")));
+    // The whole folder, structure kept.
+    let results = search(&mut bob, "lectures", 1);
+    assert!(results.len() >= 2, "{results:?}");
+    let folder = tempfile::tempdir().unwrap();
+    bob.command(&format!("/get lectures/ {}", folder.path().display()));
+    bob.wait_count("both files of the folder", 3, |e| {
+        e["event"] == "download_done"
+    });
+    assert!(same_content(
+        &folder.path().join("lectures/notes.txt"),
+        &share.join("notes.txt")
+    ));
+    assert!(same_content(
+        &folder.path().join("lectures/week1/Intro Video.bin"),
+        &share.join("week1/Intro Video.bin")
+    ));
     bob.command("/downloads");
     bob.wait_event("downloads output", |e| {
         e["event"] == "output" && e["command"] == "downloads" && e["data"] == Value::Array(vec![])
@@ -145,6 +161,9 @@ fn three_holders_each_serve_part_of_a_200_mb_file() {
     let out = tempfile::tempdir().unwrap();
     // By name: the three holders name it a/, b/ and c/big.bin, one content.
     downloader.command(&format!("/get big.bin {}", out.path().display()));
+    // Chat goes on during the download: bytes travel on their own streams.
+    let during = downloader.msg("@h1@files", "still here?");
+    downloader.wait_ack(&during);
     let done = wait_done(&downloader, &hash);
     let sources = done["sources"].as_object().unwrap();
     assert_eq!(sources.len(), 3, "{done}");
