@@ -47,6 +47,8 @@ pub const MAX_ANSWERS_PER_SEARCH: usize = 64;
 /// Streams this node opens back to askers (when it cannot be dialed), per minute at most;
 /// requests beyond are ignored.
 pub const DIAL_BACKS_PER_MINUTE: f64 = 10.0;
+/// Queries this node answers per second at most (burst as many); beyond, it stays silent.
+pub const ANSWERS_PER_SECOND: f64 = 50.0;
 /// Our dial-back requests waiting at once; more fail at once.
 pub const MAX_DIAL_BACKS_WAITING: usize = 64;
 /// Time a holder has to open a stream back to us.
@@ -268,9 +270,43 @@ pub(crate) struct Inner {
     pub(crate) index: Option<mpsc::Sender<IndexCommand>>,
     /// Our dial-back requests waiting for their stream: token → holder key and the waiter.
     pub(crate) dial_backs: Mutex<HashMap<String, DialBackWaiter>>,
-    /// Dial-backs we may still make (a token bucket, refilled at [`DIAL_BACKS_PER_MINUTE`]).
-    pub(crate) dial_back_budget: Mutex<(f64, std::time::Instant)>,
+    /// Dial-backs we may still make ([`DIAL_BACKS_PER_MINUTE`]).
+    pub(crate) dial_back_budget: Mutex<Budget>,
+    /// Queries we may still answer ([`ANSWERS_PER_SECOND`]).
+    pub(crate) answer_budget: Mutex<Budget>,
     pub(crate) tokens: std::sync::atomic::AtomicU64,
+}
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved.
+pub(crate) struct Budget {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    at: std::time::Instant,
+}
+
+impl Budget {
+    fn new(rate: f64, burst: f64) -> Self {
+        Self {
+            tokens: burst,
+            rate,
+            burst,
+            at: std::time::Instant::now(),
+        }
+    }
+
+    /// Takes a token if there is one.
+    fn take(&mut self) -> bool {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.at = now;
+        if self.tokens < 1.0 {
+            return false;
+        }
+        self.tokens -= 1.0;
+        true
+    }
 }
 
 /// Who a dial-back request expects, and who waits for its stream.
@@ -329,17 +365,9 @@ impl Inner {
         {
             return;
         }
-        {
-            let mut budget = lock(&self.dial_back_budget);
-            let now = std::time::Instant::now();
-            let refill = now.duration_since(budget.1).as_secs_f64() * DIAL_BACKS_PER_MINUTE / 60.0;
-            budget.0 = (budget.0 + refill).min(DIAL_BACKS_PER_MINUTE / 2.0);
-            budget.1 = now;
-            if budget.0 < 1.0 {
-                tracing::warn!("dial-back request ignored: too many");
-                return;
-            }
-            budget.0 -= 1.0;
+        if !lock(&self.dial_back_budget).take() {
+            tracing::warn!("dial-back request ignored: too many");
+            return;
         }
         for addr in addrs
             .iter()
@@ -511,10 +539,8 @@ impl Files {
                 seed_results: Mutex::new(VecDeque::new()),
                 index: index_server.is_some().then_some(index),
                 dial_backs: Mutex::new(HashMap::new()),
-                dial_back_budget: Mutex::new((
-                    DIAL_BACKS_PER_MINUTE / 2.0,
-                    std::time::Instant::now(),
-                )),
+                dial_back_budget: Mutex::new(Budget::new(DIAL_BACKS_PER_MINUTE / 60.0, 5.0)),
+                answer_budget: Mutex::new(Budget::new(ANSWERS_PER_SECOND, ANSWERS_PER_SECOND)),
                 tokens: std::sync::atomic::AtomicU64::new(0),
                 config,
             }),
@@ -723,6 +749,9 @@ impl Files {
         let Ok(question) = serde_json::from_value::<Question>(body.clone()) else {
             return;
         };
+        if !lock(&self.inner.answer_budget).take() {
+            return;
+        }
         let found: Vec<Found> = match question {
             Question::DialBack {
                 holder,
