@@ -356,7 +356,14 @@ impl Inner {
     /// Opens a stream back to an asker that cannot reach us, and serves `hash` on it: only
     /// for content we share, with a policy that serves someone, within the dial-back budget,
     /// to an asker proving `key`.
-    async fn dial_back(self: &Arc<Self>, hash: &str, key: &str, addrs: &[String], token: String) {
+    async fn dial_back(
+        self: &Arc<Self>,
+        hash: &str,
+        key: &str,
+        addrs: &[String],
+        token: String,
+        splice: bool,
+    ) {
         let (Some(hash), Ok(key)) = (Hash::from_hex(hash), PublicKey::parse(key)) else {
             return;
         };
@@ -374,6 +381,13 @@ impl Inner {
             .filter_map(|a| a.parse::<SocketAddr>().ok())
             .take(4)
         {
+            if splice {
+                match self.node.accept_spliced_stream(addr, &token, key).await {
+                    Ok(stream) => serve::serve_requests(Arc::clone(self), stream).await,
+                    Err(e) => tracing::debug!(%addr, error = %e, "splice failed"),
+                }
+                return;
+            }
             match self.node.open_stream(addr, "files-back", Some(key)).await {
                 Ok(mut stream) => {
                     let offer = msg::line(&msg::Reply::Offer { token });
@@ -387,19 +401,11 @@ impl Inner {
         }
     }
 
-    /// Asks `source`, which we cannot dial, to open a stream to us; waits for it.
-    pub(crate) async fn request_dial_back(
-        &self,
-        source: &Source,
-        hash: Hash,
-    ) -> Result<DataStream, String> {
-        let Some(listen) = self.config.listen else {
-            return Err("neither side accepts connections".into());
-        };
+    fn new_token(&self) -> String {
         let number = self
             .tokens
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let token = blake3::hash(
+        blake3::hash(
             format!(
                 "{}:{number}:{:?}",
                 self.config.key,
@@ -409,8 +415,71 @@ impl Inner {
         )
         .to_hex()
         .chars()
-        .take(24)
-        .collect::<String>();
+        .take(32)
+        .collect()
+    }
+
+    /// Asks `source`, which we cannot dial, to join us at a neighbour of ours that
+    /// listens (a splice): tried through up to two such neighbours.
+    pub(crate) async fn request_splice(
+        &self,
+        source: &Source,
+        hash: Hash,
+    ) -> Result<DataStream, String> {
+        let snapshot = self
+            .node
+            .snapshot()
+            .await
+            .map_err(|_| "the node has stopped".to_owned())?;
+        let relays: Vec<SocketAddr> = snapshot
+            .neighbours
+            .iter()
+            .filter(|n| !n.inbound && n.teia)
+            .map(|n| n.addr)
+            .take(2)
+            .collect();
+        if relays.is_empty() {
+            return Err("no neighbour accepts connections to splice through".into());
+        }
+        let mut last = String::new();
+        for relay in relays {
+            let token = self.new_token();
+            let node = self.node.clone();
+            let (key, relay_token) = (source.key, token.clone());
+            let opening = tokio::spawn(async move {
+                node.open_spliced_stream(relay, &relay_token, "files", key)
+                    .await
+            });
+            let question = Question::DialBack {
+                holder: source.peer_id.clone(),
+                hash: hash.to_hex(),
+                key: self.config.key.to_string(),
+                addrs: vec![relay.to_string()],
+                token,
+                splice: true,
+            };
+            let body = serde_json::to_value(question).unwrap_or(Value::Null);
+            let _ = self.node.query("files", body, SEARCH_TTL).await;
+            match opening.await {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(e)) => last = format!("splice through {relay}: {e}"),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
+    }
+
+    /// Asks `source`, which we cannot dial, to open a stream to us (or, when we cannot be
+    /// dialed either, to join us at a neighbour); waits for it.
+    pub(crate) async fn request_dial_back(
+        &self,
+        source: &Source,
+        hash: Hash,
+    ) -> Result<DataStream, String> {
+        let Some(listen) = self.config.listen else {
+            return self.request_splice(source, hash).await;
+        };
+        let token = self.new_token();
         let (reply, stream) = oneshot::channel();
         {
             let mut waiting = lock(&self.dial_backs);
@@ -425,6 +494,7 @@ impl Inner {
             key: self.config.key.to_string(),
             addrs: reachable(listen).iter().map(ToString::to_string).collect(),
             token: token.clone(),
+            splice: false,
         };
         let body = serde_json::to_value(question).unwrap_or(Value::Null);
         if self.node.query("files", body, SEARCH_TTL).await.is_err() {
@@ -759,11 +829,12 @@ impl Files {
                 key,
                 addrs,
                 token,
+                splice,
             } => {
                 if holder == self.inner.config.peer_id {
                     let inner = Arc::clone(&self.inner);
                     tokio::spawn(async move {
-                        inner.dial_back(&hash, &key, &addrs, token).await;
+                        inner.dial_back(&hash, &key, &addrs, token, splice).await;
                     });
                 }
                 return;

@@ -36,7 +36,8 @@ use tokio::task::JoinHandle;
 
 use crate::rendezvous::{Registrar, RegistrarEvent, RendezvousClient};
 use crate::store::{NodeStore, StoreError};
-use crate::stream::{self, DataStream, StreamAcceptor, StreamError, StreamIdentity};
+use crate::stream::{self, DataStream, Splicer, StreamAcceptor, StreamError, StreamIdentity};
+use teia_wire::stream::{SPLICE_PREFIX, STREAM_PREFIX};
 
 /// Events waiting for the driver, at most.
 pub const INBOX: usize = 4096;
@@ -269,6 +270,31 @@ impl NodeHandle {
             body,
         })
         .await
+    }
+
+    /// Opens a data stream for `service` to the peer that joins `relay` with `token`; the
+    /// peer must prove `expected`.
+    pub async fn open_spliced_stream(
+        &self,
+        relay: SocketAddr,
+        token: &str,
+        service: &str,
+        expected: PublicKey,
+    ) -> Result<DataStream, StreamError> {
+        let us = self.us.as_ref().ok_or(StreamError::NoIdentity)?;
+        stream::open_spliced(us, relay, token, service, expected).await
+    }
+
+    /// Accepts, through `relay`, the data stream of the peer that joins it with `token`;
+    /// the peer must prove `expected`.
+    pub async fn accept_spliced_stream(
+        &self,
+        relay: SocketAddr,
+        token: &str,
+        expected: PublicKey,
+    ) -> Result<DataStream, StreamError> {
+        let us = self.us.as_ref().ok_or(StreamError::NoIdentity)?;
+        stream::accept_spliced(us, relay, token, expected).await
     }
 
     /// Opens a data stream to the peer listening at `addr` for `service`; when `expected` is
@@ -988,6 +1014,7 @@ async fn accept_loop(
     foreign: Option<mpsc::Sender<(TcpStream, SocketAddr)>>,
 ) {
     let classifying = Arc::new(Semaphore::new(CLASSIFYING));
+    let splicer = Splicer::default();
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
@@ -999,12 +1026,14 @@ async fn accept_loop(
                 };
                 let inputs = inputs.clone();
                 let streams = streams.clone();
+                let splicer = splicer.clone();
                 let foreign = foreign.clone();
                 tokio::spawn(async move {
                     let kind = classify(&stream).await;
                     drop(permit);
                     match (kind, foreign) {
                         (Kind::Stream, _) => streams.handle(stream, addr).await,
+                        (Kind::Splice, _) => splicer.handle(stream, addr).await,
                         (Kind::Course, Some(foreign)) => {
                             if foreign.try_send((stream, addr)).is_err() {
                                 tracing::debug!(%addr, "course request dropped: busy");
@@ -1032,27 +1061,35 @@ enum Kind {
     Link,
     /// A data stream.
     Stream,
+    /// A request to splice two connections into one stream.
+    Splice,
     /// A course program's request.
     Course,
 }
 
 /// Decides what `first` (the bytes that came so far) opens; `None` until enough came.
 fn kind_of(first: &[u8]) -> Option<Kind> {
-    let course = COURSE_REQUEST_PREFIX;
-    let n = first.len().min(course.len());
-    let maybe_course = first.get(..n) == course.get(..n);
-    match stream::classify(first) {
-        Some(true) => Some(Kind::Stream),
-        None => None,
-        Some(false) if maybe_course && n == course.len() => Some(Kind::Course),
-        Some(false) if maybe_course => None,
-        Some(false) => Some(Kind::Link),
+    let kinds = [
+        (STREAM_PREFIX, Kind::Stream),
+        (SPLICE_PREFIX, Kind::Splice),
+        (COURSE_REQUEST_PREFIX, Kind::Course),
+    ];
+    let mut undecided = false;
+    for (prefix, kind) in kinds {
+        let n = first.len().min(prefix.len());
+        if first.get(..n) == prefix.get(..n) {
+            if n == prefix.len() {
+                return Some(kind);
+            }
+            undecided = true;
+        }
     }
+    (!undecided).then_some(Kind::Link)
 }
 
 /// What a new connection opens, judged by peeking at its first bytes.
 async fn classify(stream: &TcpStream) -> Kind {
-    let mut first = [0u8; 16];
+    let mut first = [0u8; 17];
     let deadline = tokio::time::Instant::now() + CLASSIFY_TIMEOUT;
     loop {
         let n = match tokio::time::timeout_at(deadline, stream.peek(&mut first)).await {
@@ -1267,6 +1304,8 @@ mod tests {
     #[test]
     fn connections_are_told_apart_by_their_first_bytes() {
         assert_eq!(kind_of(b"{\"type\":\"HELLO\""), Some(Kind::Link));
+        assert_eq!(kind_of(b"{\"type\":\"SPLICE\",\"t"), Some(Kind::Splice));
+        assert_eq!(kind_of(b"{\"type\":\"S"), None);
         assert_eq!(kind_of(b"{\"type\":\"STREAM\",\"p"), Some(Kind::Stream));
         assert_eq!(kind_of(b"{\"method\": \"DOWN"), Some(Kind::Course));
         assert_eq!(kind_of(b"{\"meth"), None);

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use teia_core::identity::{decode, encode, Identity, PublicKey};
 use teia_core::overlay::secure::{Handshake, SecureError, SecureReader, SecureWriter, Suite};
-use teia_wire::stream::{Opening, MAX_OPENING_LINE, STREAM_PREFIX};
+use teia_wire::stream::{Opening, MAX_OPENING_LINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
@@ -25,6 +25,10 @@ pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 pub const READ_CHUNK: usize = 256 * 1024;
 /// Time a stream's opening (connect and handshake) may take.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
+/// Spliced pairs waiting, and joined, at once at most; beyond, a new one is refused `busy`.
+pub const MAX_SPLICES: usize = 32;
+/// Time the first connection of a splice waits for the second.
+pub const SPLICE_WAIT: Duration = Duration::from_secs(15);
 /// Streams being opened towards us at once; beyond, a new one is refused `busy`.
 pub const MAX_PENDING_ACCEPTS: usize = 32;
 
@@ -262,8 +266,19 @@ async fn open_inner(
     service: &str,
     expected: Option<PublicKey>,
 ) -> Result<DataStream, StreamError> {
-    let mut tcp = TcpStream::connect(addr).await?;
+    let tcp = TcpStream::connect(addr).await?;
     let _ = tcp.set_nodelay(true);
+    as_opener(us, tcp, addr, service, expected).await
+}
+
+/// The opener's side of the opening, on a connection already made.
+async fn as_opener(
+    us: &StreamIdentity,
+    mut tcp: TcpStream,
+    addr: SocketAddr,
+    service: &str,
+    expected: Option<PublicKey>,
+) -> Result<DataStream, StreamError> {
     let (handshake, first) = Handshake::initiate(&us.identity, Suite::Stream)?;
     let opening = Opening::Stream {
         peer_id: us.peer_id.clone(),
@@ -308,7 +323,146 @@ async fn open_inner(
     ))
 }
 
-/// Accepts a stream whose first bytes were seen to be [`STREAM_PREFIX`].
+/// Opens a stream to the peer that joins `relay` with `token` (the relay splices the two
+/// connections; the handshake runs end to end through it, so the relay sees only
+/// ciphertext); the peer must prove `expected`.
+pub async fn open_spliced(
+    us: &StreamIdentity,
+    relay: SocketAddr,
+    token: &str,
+    service: &str,
+    expected: PublicKey,
+) -> Result<DataStream, StreamError> {
+    let tcp = join_splice(relay, token).await?;
+    tokio::time::timeout(
+        OPEN_TIMEOUT,
+        as_opener(us, tcp, relay, service, Some(expected)),
+    )
+    .await
+    .map_err(|_| StreamError::Timeout)?
+}
+
+/// Accepts, through `relay`, the stream of the peer that joins it with `token`; the peer
+/// must prove `expected`.
+pub async fn accept_spliced(
+    us: &StreamIdentity,
+    relay: SocketAddr,
+    token: &str,
+    expected: PublicKey,
+) -> Result<DataStream, StreamError> {
+    let tcp = join_splice(relay, token).await?;
+    let stream = tokio::time::timeout(OPEN_TIMEOUT, accept(us, tcp, relay))
+        .await
+        .map_err(|_| StreamError::Timeout)??;
+    if stream.key() != expected {
+        return Err(StreamError::WrongKey {
+            peer_id: stream.peer_id().to_owned(),
+            proven: stream.key(),
+            expected,
+        });
+    }
+    Ok(stream)
+}
+
+/// Connects to `relay`, asks it to splice with `token`, and waits (at most
+/// [`SPLICE_WAIT`]) for the other end.
+async fn join_splice(relay: SocketAddr, token: &str) -> Result<TcpStream, StreamError> {
+    let mut tcp = tokio::time::timeout(OPEN_TIMEOUT, TcpStream::connect(relay))
+        .await
+        .map_err(|_| StreamError::Timeout)??;
+    let _ = tcp.set_nodelay(true);
+    let request = Opening::Splice {
+        token: token.to_owned(),
+    };
+    tcp.write_all(&request.to_line()).await?;
+    match tokio::time::timeout(SPLICE_WAIT, read_opening(&mut tcp))
+        .await
+        .map_err(|_| StreamError::Timeout)??
+    {
+        Opening::SpliceOk => Ok(tcp),
+        Opening::Error { code, detail } => Err(StreamError::Refused { code, detail }),
+        other => Err(StreamError::Protocol(format!(
+            "expected SPLICE_OK, got {other:?}"
+        ))),
+    }
+}
+
+/// Joins pairs of connections that ask for the same token (PROTOCOL.md section 6): at
+/// most [`MAX_SPLICES`] waiting and as many joined at once; one waits at most
+/// [`SPLICE_WAIT`].
+#[derive(Clone, Default)]
+pub(crate) struct Splicer {
+    waiting: Arc<std::sync::Mutex<std::collections::HashMap<String, TcpStream>>>,
+    active: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl Splicer {
+    /// Handles a connection that opened with `{"type":"SPLICE"`.
+    pub(crate) async fn handle(self, mut tcp: TcpStream, remote: SocketAddr) {
+        let token = match tokio::time::timeout(OPEN_TIMEOUT, read_opening(&mut tcp)).await {
+            Ok(Ok(Opening::Splice { token })) if !token.is_empty() && token.len() <= 128 => token,
+            _ => return,
+        };
+        let busy = || {
+            Opening::Error {
+                code: "busy".into(),
+                detail: "too many spliced streams".into(),
+            }
+            .to_line()
+        };
+        enum Pair {
+            Joined(TcpStream, TcpStream),
+            Full(TcpStream),
+            Waiting,
+        }
+        let pair = {
+            let mut waiting = self
+                .waiting
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match waiting.remove(&token) {
+                Some(other) => Pair::Joined(tcp, other),
+                None if waiting.len() >= MAX_SPLICES => Pair::Full(tcp),
+                None => {
+                    waiting.insert(token.clone(), tcp);
+                    Pair::Waiting
+                }
+            }
+        };
+        let (mut tcp, mut other) = match pair {
+            Pair::Joined(tcp, other) => (tcp, other),
+            Pair::Full(mut tcp) => {
+                let _ = tcp.write_all(&busy()).await;
+                return;
+            }
+            Pair::Waiting => {
+                // The first of the pair waits for the second.
+                tokio::time::sleep(SPLICE_WAIT).await;
+                let _ = self
+                    .waiting
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .remove(&token);
+                return;
+            }
+        };
+        use std::sync::atomic::Ordering;
+        if self.active.fetch_add(1, Ordering::Relaxed) >= MAX_SPLICES {
+            self.active.fetch_sub(1, Ordering::Relaxed);
+            let _ = tcp.write_all(&busy()).await;
+            let _ = other.write_all(&busy()).await;
+            return;
+        }
+        tracing::debug!(%remote, "splicing a stream");
+        let ok = Opening::SpliceOk.to_line();
+        if tcp.write_all(&ok).await.is_ok() && other.write_all(&ok).await.is_ok() {
+            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut other).await;
+        }
+        self.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Accepts a stream whose first bytes were seen to be `{"type":"STREAM"`.
 async fn accept(
     us: &StreamIdentity,
     mut tcp: TcpStream,
@@ -345,19 +499,6 @@ async fn accept(
     Ok(DataStream::new(tcp, keys, peer_id, key, service, remote))
 }
 
-/// Whether a connection's first bytes (as far as they came) may be a stream opening: `Some`
-/// once decided.
-pub(crate) fn classify(first: &[u8]) -> Option<bool> {
-    let n = first.len().min(STREAM_PREFIX.len());
-    if first.get(..n) != STREAM_PREFIX.get(..n) {
-        Some(false)
-    } else if n == STREAM_PREFIX.len() {
-        Some(true)
-    } else {
-        None
-    }
-}
-
 /// Accepts streams on behalf of a node: bounded handshakes, then hands each stream to the
 /// application's channel (a full channel refuses the stream `busy`).
 #[derive(Clone)]
@@ -368,7 +509,7 @@ pub(crate) struct StreamAcceptor {
 }
 
 impl StreamAcceptor {
-    /// Handles one connection that opened with [`STREAM_PREFIX`].
+    /// Handles one connection that opened with `{"type":"STREAM"`.
     pub(crate) async fn handle(self, mut tcp: TcpStream, remote: SocketAddr) {
         let refuse = |code: &str, detail: &str| {
             Opening::Error {
@@ -406,15 +547,6 @@ impl StreamAcceptor {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
-
-    #[test]
-    fn classify_waits_for_enough_bytes() {
-        assert_eq!(classify(b""), None);
-        assert_eq!(classify(b"{\"type\":\"ST"), None);
-        assert_eq!(classify(b"{\"type\":\"STREAM\",\"peer_id\""), Some(true));
-        assert_eq!(classify(b"{\"type\":\"HELLO\""), Some(false));
-        assert_eq!(classify(b"x"), Some(false));
-    }
 
     #[tokio::test]
     async fn open_and_accept_carry_bytes_both_ways() {

@@ -7,6 +7,9 @@ use serde::{Deserialize, Serialize};
 /// that a listener can tell a stream from a peer link before parsing it.
 pub const STREAM_PREFIX: &[u8] = b"{\"type\":\"STREAM\"";
 
+/// What a splice request's first line starts with, byte for byte.
+pub const SPLICE_PREFIX: &[u8] = b"{\"type\":\"SPLICE\"";
+
 /// Longest opening line, `\n` included.
 pub const MAX_OPENING_LINE: usize = 4096;
 
@@ -35,6 +38,15 @@ pub enum Opening {
         /// Noise message 3.
         noise: String,
     },
+    /// Asks a node to join this connection with the other one that gives the same token
+    /// (both ends then open a stream through it, end to end).
+    Splice {
+        /// Names the pair.
+        token: String,
+    },
+    /// The splicing node joined the two connections: from here on, its bytes are the other
+    /// end's.
+    SpliceOk,
     /// The acceptor refuses the stream.
     Error {
         /// Machine-readable reason (`busy`, `unsupported`, `bad_format`, `unauthorized`).
@@ -82,5 +94,8 @@ mod tests {
             }
         );
         assert!(Opening::parse(b"{\"type\":\"HELLO\"}").is_err());
+        let splice = Opening::Splice { token: "t".into() }.to_line();
+        assert!(splice.starts_with(SPLICE_PREFIX));
+        assert_eq!(Opening::SpliceOk.to_line(), b"{\"type\":\"SPLICE_OK\"}\n");
     }
 }

@@ -469,3 +469,36 @@ fn a_holder_that_cannot_be_dialed_opens_the_stream_itself() {
         &share.join("behind.bin")
     ));
 }
+
+#[test]
+fn when_neither_side_can_be_dialed_a_common_neighbour_splices_the_stream() {
+    let (_a, share) = share_dir("nat");
+    random_file(&share.join("both.bin"), 3 << 20, 23);
+    let relay = NodeProcess::start("relay", "files", &["--peer", "127.0.0.1:1"]);
+    let holder = NodeProcess::start(
+        "holder",
+        "files",
+        &[
+            "--no-listen",
+            "--share",
+            share.to_str().unwrap(),
+            "--peer",
+            &relay.addr(),
+        ],
+    );
+    holder.wait_event("shared", |e| e["event"] == "shared");
+    relay.wait_link("holder@files");
+    let mut downloader =
+        NodeProcess::start("d", "files", &["--no-listen", "--peer", &relay.addr()]);
+    downloader.wait_link("relay@files");
+    let results = search(&mut downloader, "both", 1);
+    let hash = results[0]["hash"].as_str().unwrap().to_owned();
+    let out = tempfile::tempdir().unwrap();
+    downloader.command(&format!("/get {hash} {}", out.path().display()));
+    let done = wait_done(&downloader, &hash);
+    assert_eq!(done["sources"]["holder@files"], 3 << 20);
+    assert!(same_content(
+        Path::new(done["path"].as_str().unwrap()),
+        &share.join("both.bin")
+    ));
+}

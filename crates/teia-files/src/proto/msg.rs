@@ -118,6 +118,10 @@ pub enum Question {
         addrs: Vec<String>,
         /// Names the request on the stream.
         token: String,
+        /// When true, `addrs` is a relay both can reach: the holder joins the asker there
+        /// with `token` (a splice) instead of opening a stream to the asker.
+        #[serde(default)]
+        splice: bool,
     },
     /// Files whose name has every word of `text`.
     Search {
