@@ -202,3 +202,49 @@ fn a_teia_node_downloads_from_a_course_peer_found_through_the_index() {
     assert_eq!(done["bytes"], content.len());
     assert_eq!(std::fs::read(out.path().join("aula.bin")).unwrap(), content);
 }
+
+/// Searches the index as a course peer until the answer ends with `expected`.
+fn eventually_searches(index: &Index, query: &str, expected: &str) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        let empty = tempfile::tempdir().unwrap();
+        let (probe, _) = join(index, empty.path(), &[query]);
+        let line = probe.wait_for_log(&format!("SEARCH {query}"));
+        if line.ends_with(expected) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "index never answered {expected}: {line}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
+}
+
+#[test]
+fn a_teia_node_updates_the_index_when_its_shares_change_and_leaves_on_exit() {
+    let data = tempfile::tempdir().unwrap();
+    let index = start_index(data.path(), "60");
+    let first = tempfile::tempdir().unwrap();
+    std::fs::write(first.path().join("first.bin"), b"1").unwrap();
+    let mut node = NodeProcess::start(
+        "updater",
+        "seed",
+        &[
+            "--share",
+            first.path().to_str().unwrap(),
+            "--index",
+            &index.addr.to_string(),
+            "--peer",
+            "127.0.0.1:1",
+        ],
+    );
+    let port = node.port;
+    eventually_searches(&index, "first.bin", &format!("[{port}]"));
+    let second = tempfile::tempdir().unwrap();
+    std::fs::write(second.path().join("second.bin"), b"2").unwrap();
+    node.command(&format!("/share {}", second.path().display()));
+    eventually_searches(&index, "second.bin", &format!("[{port}]"));
+    node.process.terminate();
+    eventually_searches(&index, "first.bin", "[]");
+}
