@@ -132,7 +132,8 @@ async fn take_offer(inner: &Arc<Inner>, mut stream: DataStream) {
 /// Serves the requests of a stream: GET, then CHUNKS.
 pub(crate) async fn serve_requests(inner: Arc<Inner>, mut stream: DataStream) {
     let peer = stream.peer_id().to_owned();
-    let Some(_slot) = take_slot(&inner, &peer) else {
+    // Streams are counted per key: a peer id costs nothing to change, a key proves itself.
+    let Some(_slot) = take_slot(&inner, &stream.key().to_string()) else {
         return refuse(
             &mut stream,
             code::BUSY,

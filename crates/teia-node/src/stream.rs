@@ -481,6 +481,14 @@ async fn accept(
             )))
         }
     };
+    if !teia_core::overlay::is_peer_id(&peer_id) || service.len() > 64 {
+        let refusal = Opening::Error {
+            code: "bad_format".into(),
+            detail: "peer_id must be name@namespace, service a short name".into(),
+        };
+        let _ = tcp.write_all(&refusal.to_line()).await;
+        return Err(StreamError::Protocol("bad peer id or service".into()));
+    }
     let (handshake, second) = Handshake::respond(&us.identity, Suite::Stream, &us.peer_id, &first)?;
     let answer = Opening::StreamOk {
         peer_id: us.peer_id.clone(),
