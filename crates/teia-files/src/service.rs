@@ -222,6 +222,14 @@ pub enum FilesError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A path to share cannot be read.
+    #[error("cannot share {path}: {source}")]
+    Share {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
     /// The node has stopped.
     #[error("the node has stopped")]
     Stopped,
@@ -580,7 +588,7 @@ impl Files {
     ) -> Result<(Self, mpsc::Receiver<FilesEvent>), FilesError> {
         let store = FileStore::open(&config.db)?;
         for path in &config.shares {
-            let path = path.canonicalize().map_err(|source| FilesError::Path {
+            let path = path.canonicalize().map_err(|source| FilesError::Share {
                 path: path.clone(),
                 source,
             })?;
@@ -749,7 +757,7 @@ impl Files {
 
     /// Shares a folder or file (indexing it now).
     pub async fn share(&self, path: &Path) -> Result<ShareSummary, FilesError> {
-        let path = path.canonicalize().map_err(|source| FilesError::Path {
+        let path = path.canonicalize().map_err(|source| FilesError::Share {
             path: path.to_owned(),
             source,
         })?;
