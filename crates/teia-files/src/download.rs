@@ -323,11 +323,12 @@ impl Download {
         inner: &Arc<Inner>,
         size: u64,
         outboard: &[u8],
-    ) -> Result<&Ready, String> {
+    ) -> Result<&Ready, HolderEnd> {
         self.ready
             .get_or_try_init(|| async {
-                let outboard = Outboard::verify(self.spec.hash, size, outboard)
-                    .map_err(|e| format!("the holder's outboard is wrong: {e}"))?;
+                let outboard = Outboard::verify(self.spec.hash, size, outboard).map_err(|e| {
+                    HolderEnd::Dropped(format!("corrupt: the holder's outboard is wrong: {e}"))
+                })?;
                 let record = PendingDownload {
                     hash: self.spec.hash,
                     dir: self.spec.dir.clone(),
@@ -337,14 +338,16 @@ impl Download {
                 };
                 lock(&inner.store)
                     .put_download(&record)
-                    .map_err(|e| e.to_string())?;
+                    .map_err(|e| HolderEnd::Fatal(e.to_string()))?;
                 let partial = partial_path(&self.path());
                 let checked = outboard.clone();
                 let (file, have) =
                     tokio::task::spawn_blocking(move || open_partial(&partial, &checked))
                         .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| format!("cannot write the partial file: {e}"))?;
+                        .map_err(|e| HolderEnd::Fatal(e.to_string()))?
+                        .map_err(|e| {
+                            HolderEnd::Fatal(format!("cannot write the partial file: {e}"))
+                        })?;
                 lock(&self.state).planner = Some(Planner::new(outboard.layout(), &have));
                 let direct = open_direct(&partial_path(&self.path()));
                 Ok(Ready {
@@ -711,10 +714,7 @@ async fn fetch_on(
         .unwrap_or_default()
         .to_vec();
     stream.consume(outboard_len);
-    let ready = download
-        .prepare(inner, size, &outboard_bytes)
-        .await
-        .map_err(|e| HolderEnd::Dropped(format!("corrupt: {e}")))?;
+    let ready = download.prepare(inner, size, &outboard_bytes).await?;
     if ready.outboard.layout().size != size {
         return Err(HolderEnd::Dropped("corrupt: another size".into()));
     }

@@ -216,6 +216,17 @@ pub fn parse(line: &str) -> Result<Option<ChatCommand>, String> {
         "search" => Ok(Some(ChatCommand::Files(FilesCommand::Search(
             rest.to_owned(),
         )))),
+        "get" if rest.starts_with('"') => {
+            let quoted = rest.get(1..).unwrap_or_default();
+            let Some((target, dir)) = quoted.split_once('"') else {
+                return Err("usage: /get \"NAME WITH SPACES\" [DIR]".into());
+            };
+            let dir = dir.trim();
+            Ok(Some(ChatCommand::Files(FilesCommand::Get {
+                target: target.to_owned(),
+                dir: (!dir.is_empty()).then(|| dir.to_owned()),
+            })))
+        }
         "get" => match rest.split_whitespace().collect::<Vec<_>>().as_slice() {
             [target] => Ok(Some(ChatCommand::Files(FilesCommand::Get {
                 target: (*target).to_owned(),
@@ -225,7 +236,7 @@ pub fn parse(line: &str) -> Result<Option<ChatCommand>, String> {
                 target: (*target).to_owned(),
                 dir: Some((*dir).to_owned()),
             }))),
-            _ => Err("usage: /get HASH|NAME [DIR]".into()),
+            _ => Err("usage: /get HASH|NAME|FOLDER/ [DIR] (quote a name with spaces)".into()),
         },
         "approve" | "deny" => match rest.parse::<u64>() {
             Ok(id) if name == "approve" => {
@@ -362,6 +373,7 @@ mod tests {
             "/share",
             "/get",
             "/get a b c",
+            "/get \"unclosed",
             "/approve x",
             "/shared now",
         ] {

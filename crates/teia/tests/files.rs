@@ -112,7 +112,10 @@ fn search_and_fetch_across_a_relay_keeping_folders() {
     );
     let hash = results[0]["hash"].as_str().unwrap().to_owned();
     let out = tempfile::tempdir().unwrap();
-    bob.command(&format!("/get {hash} {}", out.path().display()));
+    bob.command(&format!(
+        "/get \"lectures/week1/Intro Video.bin\" {}",
+        out.path().display()
+    ));
     let done = wait_done(&bob, &hash);
     let path = out.path().join("lectures/week1/Intro Video.bin");
     assert_eq!(done["path"], path.to_str().unwrap());
@@ -501,4 +504,42 @@ fn when_neither_side_can_be_dialed_a_common_neighbour_splices_the_stream() {
         Path::new(done["path"].as_str().unwrap()),
         &share.join("both.bin")
     ));
+}
+
+#[test]
+fn a_download_beyond_the_room_left_fails_cleanly_and_the_node_goes_on() {
+    let (_a, share) = share_dir("s");
+    random_file(&share.join("huge.bin"), 12 << 20, 25);
+    random_file(&share.join("small.bin"), 1 << 20, 27);
+    let holder = start_holder("h", &share, &[]);
+    // The downloader may write files of 4 MiB at most (`ulimit -f`, in 1 KiB blocks): as a
+    // disk that has 4 MiB left.
+    let data = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new("bash");
+    command
+        .args(["-c", "ulimit -f 4096 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_teia"));
+    let mut downloader =
+        NodeProcess::start_with(command, data, "d", "files", &["--peer", &holder.addr()]);
+    downloader.wait_link("h@files");
+    let results = search(&mut downloader, "bin", 1);
+    let hash_of = |name: &str| {
+        results.iter().find(|r| r["name"] == name).unwrap()["hash"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (huge, small) = (hash_of("s/huge.bin"), hash_of("s/small.bin"));
+    let out = tempfile::tempdir().unwrap();
+    downloader.command(&format!("/get {huge} {}", out.path().display()));
+    let failed = downloader.wait_event("download_failed", |e| {
+        e["event"] == "download_failed" && e["hash"] == huge.as_str()
+    });
+    assert!(
+        failed["reason"].as_str().unwrap().contains("large")
+            || failed["reason"].as_str().unwrap().contains("room"),
+        "{failed}"
+    );
+    downloader.command(&format!("/get {small} {}", out.path().display()));
+    wait_done(&downloader, &small);
 }

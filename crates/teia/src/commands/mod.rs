@@ -22,6 +22,7 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     let result = runtime.block_on(async move {
+        survive_file_size_limit();
         match command {
             Command::Rendezvous(args) => rendezvous::run(args).await,
             Command::Rdv(command) => rdv::run(command).await,
@@ -47,6 +48,21 @@ async fn index(args: crate::cli::IndexArgs) -> anyhow::Result<()> {
     }
     server.serve(shutdown_signal()).await;
     Ok(())
+}
+
+/// A write beyond the process's file-size limit (`ulimit -f`) then fails with an error
+/// the command reports (a download fails cleanly) instead of killing the process: SIGXFSZ
+/// is caught and ignored.
+fn survive_file_size_limit() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        /// SIGXFSZ on Linux.
+        const SIGXFSZ: i32 = 25;
+        if let Ok(mut limit) = signal(SignalKind::from_raw(SIGXFSZ)) {
+            tokio::spawn(async move { while limit.recv().await.is_some() {} });
+        }
+    }
 }
 
 /// The data directory: the one given, else the platform's data directory plus `teia`.

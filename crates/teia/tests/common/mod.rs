@@ -318,7 +318,19 @@ impl NodeProcess {
 
     /// Like [`NodeProcess::start`], with the node's data in `data`.
     pub fn start_in(data: tempfile::TempDir, name: &str, namespace: &str, extra: &[&str]) -> Self {
-        let mut child = teia()
+        Self::start_with(teia(), data, name, namespace, extra)
+    }
+
+    /// Like [`NodeProcess::start_in`], running `command` (the `teia` binary, or a wrapper
+    /// that runs it) with the node's arguments.
+    pub fn start_with(
+        mut command: Command,
+        data: tempfile::TempDir,
+        name: &str,
+        namespace: &str,
+        extra: &[&str],
+    ) -> Self {
+        let mut child = command
             .args(["node", "--json", "--name", name, "--namespace", namespace])
             .args(["--listen-ip", "127.0.0.1"])
             .args(if extra.contains(&"--discover-interval") {
