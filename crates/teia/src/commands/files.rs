@@ -3,7 +3,11 @@
 
 use std::path::PathBuf;
 
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
 use serde_json::{json, Value};
+use teia_files::proto::tree::Hash;
 use teia_files::{DownloadInfo, Files, FilesEvent};
 
 use super::node::clean;
@@ -61,6 +65,143 @@ fn info_text(info: &DownloadInfo) -> String {
         human_bytes(info.rate as u64),
         info.holders
     )
+}
+
+/// Prints a line above the shell's prompt.
+pub type LineSink = Arc<dyn Fn(String) + Send + Sync>;
+
+/// A terminal for `indicatif` that turns each drawing of a bar into one line printed above
+/// the shell's prompt (the prompt owns the terminal, so bars cannot redraw in place).
+struct LineTerm {
+    line: Mutex<String>,
+    sink: LineSink,
+}
+
+impl std::fmt::Debug for LineTerm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("LineTerm")
+    }
+}
+
+impl LineTerm {
+    fn emit(&self) {
+        let line = std::mem::take(&mut *self.line.lock().unwrap_or_else(|e| e.into_inner()));
+        let line = line.trim_end();
+        if !line.is_empty() {
+            (self.sink)(line.to_owned());
+        }
+    }
+}
+
+impl indicatif::TermLike for LineTerm {
+    fn width(&self) -> u16 {
+        100
+    }
+    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_line(&self, s: &str) -> std::io::Result<()> {
+        self.write_str(s)?;
+        self.emit();
+        Ok(())
+    }
+    fn write_str(&self, s: &str) -> std::io::Result<()> {
+        self.line
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push_str(s);
+        Ok(())
+    }
+    fn clear_line(&self) -> std::io::Result<()> {
+        self.line.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        Ok(())
+    }
+    fn flush(&self) -> std::io::Result<()> {
+        self.emit();
+        Ok(())
+    }
+}
+
+/// The shell's download progress bars (`indicatif`), one per download, drawn at each tenth.
+pub struct ShellBars {
+    sink: LineSink,
+    /// Each download's bar, its statistics (rendered when the bar is drawn) and the last
+    /// tenth drawn.
+    bars: HashMap<Hash, (indicatif::ProgressBar, Arc<Mutex<String>>, u64)>,
+}
+
+impl ShellBars {
+    /// Bars printed through `sink`.
+    pub fn new(sink: LineSink) -> Self {
+        Self {
+            sink,
+            bars: HashMap::new(),
+        }
+    }
+
+    /// Shows a download's progress (drawn when it reaches another tenth).
+    pub fn progress(&mut self, info: &DownloadInfo) {
+        let size = info.size.unwrap_or(0).max(1);
+        let tenth = info.bytes.saturating_mul(10) / size;
+        if self.bars.len() >= 64 && !self.bars.contains_key(&info.hash) {
+            self.bars.clear();
+        }
+        let sink = Arc::clone(&self.sink);
+        let (bar, stats, shown) = self.bars.entry(info.hash).or_insert_with(|| {
+            let term = LineTerm {
+                line: Mutex::new(String::new()),
+                sink,
+            };
+            let target = indicatif::ProgressDrawTarget::term_like(Box::new(term));
+            let bar = indicatif::ProgressBar::with_draw_target(Some(size), target);
+            let stats = Arc::new(Mutex::new(String::new()));
+            let shown_stats = Arc::clone(&stats);
+            let render = move |_: &indicatif::ProgressState, out: &mut dyn std::fmt::Write| {
+                let text = shown_stats.lock().map(|s| s.clone()).unwrap_or_default();
+                let _ = out.write_str(&text);
+            };
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "⇣ {prefix} [{bar:24}] {percent:>3}% {bytes}/{total_bytes} {stats}",
+                )
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .with_key("stats", render)
+                .progress_chars("#>."),
+            );
+            bar.set_prefix(clean(&info.name));
+            (bar, stats, 0)
+        });
+        if tenth > *shown {
+            *shown = tenth;
+            let eta = info
+                .eta
+                .map_or_else(|| "?".to_owned(), |e| format!("{:.0} s", e.ceil()));
+            if let Ok(mut text) = stats.lock() {
+                *text = format!(
+                    "at {}/s from {} holder(s), {eta} left",
+                    human_bytes(info.rate as u64),
+                    info.holders
+                );
+            }
+            bar.set_position(info.bytes);
+        }
+    }
+
+    /// Forgets a download's bar (it ended).
+    pub fn done(&mut self, hash: &Hash) {
+        if let Some((bar, _, _)) = self.bars.remove(hash) {
+            bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+        }
+    }
 }
 
 /// Runs a file-sharing command: the command's name, its JSON data and its text.

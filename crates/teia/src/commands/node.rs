@@ -3,6 +3,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -226,6 +227,7 @@ async fn lines(
         handle,
         files,
         progress_shown: Default::default(),
+        bars: None,
         style,
         log,
         watching: false,
@@ -285,9 +287,10 @@ async fn shell(
 ) -> anyhow::Result<()> {
     use rustyline::ExternalPrinter;
     let mut editor = rustyline::DefaultEditor::new().context("cannot open the terminal")?;
-    let mut printer = editor
+    let printer = editor
         .create_external_printer()
         .context("cannot print on the terminal")?;
+    let printer = Arc::new(std::sync::Mutex::new(printer));
     let (tx, mut input) = mpsc::channel::<Option<String>>(INPUT_LINES);
     std::thread::spawn(move || loop {
         match editor.readline("> ") {
@@ -313,8 +316,18 @@ async fn shell(
         log,
         watching: false,
         registered: false,
+        bars: Some(files::ShellBars::new(Arc::new({
+            let printer = Arc::clone(&printer);
+            move |line: String| {
+                if let Ok(mut printer) = printer.lock() {
+                    let _ = printer.print(format!("{line}\n"));
+                }
+            }
+        }))),
         print: Box::new(move |line: String| {
-            let _ = printer.print(format!("{line}\n"));
+            if let Ok(mut printer) = printer.lock() {
+                let _ = printer.print(format!("{line}\n"));
+            }
         }),
     };
     let signal = shutdown_signal();
@@ -344,6 +357,8 @@ struct Session {
     files: Files,
     /// The last tenth of each download's progress shown in text.
     progress_shown: std::collections::HashMap<teia_files::proto::tree::Hash, u64>,
+    /// The shell's progress bars (interactive shell only).
+    bars: Option<files::ShellBars>,
     style: Style,
     log: LogControl,
     watching: bool,
@@ -681,8 +696,16 @@ impl Session {
 
 impl Session {
     /// Shows a file-sharing event. In text, a download's progress is shown at each tenth
-    /// only, so it does not crowd out the chat.
+    /// only, so it does not crowd out the chat: in the shell as an `indicatif` bar.
     fn show_files(&mut self, event: &FilesEvent) {
+        if let Some(bars) = &mut self.bars {
+            match event {
+                FilesEvent::Progress(info) => return bars.progress(info),
+                FilesEvent::Done { info, .. } => bars.done(&info.hash),
+                FilesEvent::Failed { hash, .. } => bars.done(hash),
+                _ => {}
+            }
+        }
         if let (Style::Text, FilesEvent::Progress(info)) = (self.style, event) {
             let tenth = info.bytes.saturating_mul(10) / info.size.unwrap_or(u64::MAX).max(1);
             let last = self.progress_shown.entry(info.hash).or_insert(0);
