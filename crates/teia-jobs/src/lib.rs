@@ -1,0 +1,7 @@
+//! teia's job engine (seeds 000 and 001): evaluations of Python projects by their pytest
+//! suites, one test module per task, handed out by pull to the nodes that trust the owner.
+//!
+//! `proto` holds the decisions with no I/O: the ledger of an evaluation's modules (leases,
+//! results, retries), fair longest-first scheduling, grades, and module discovery.
+
+pub mod proto;

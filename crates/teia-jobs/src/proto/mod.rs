@@ -1,0 +1,4 @@
+//! The sans-IO part of the job engine: no processes, no files, no clock reads.
+
+pub mod discover;
+pub mod ledger;
