@@ -5,3 +5,4 @@
 //! results, retries), fair longest-first scheduling, grades, and module discovery.
 
 pub mod proto;
+pub mod runner;
