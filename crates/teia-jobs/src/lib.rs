@@ -4,5 +4,6 @@
 //! `proto` holds the decisions with no I/O: the ledger of an evaluation's modules (leases,
 //! results, retries), fair longest-first scheduling, grades, and module discovery.
 
+pub mod bundle;
 pub mod proto;
 pub mod runner;
