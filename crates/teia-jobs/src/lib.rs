@@ -5,5 +5,6 @@
 //! results, retries), fair longest-first scheduling, grades, and module discovery.
 
 pub mod bundle;
+pub mod engine;
 pub mod proto;
 pub mod runner;

@@ -37,7 +37,7 @@ pub enum Command {
     Rdv(RdvCommand),
     /// Run a peer node: links to other peers, relays for them, and opens the chat shell
     /// (or, with --json, reads commands on stdin and prints one JSON event per line).
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Print a node's public key (its identity; created on the node's first start).
     Id(IdArgs),
     /// Run an index server (the Napster role of seed 004): peers join with their files and
@@ -274,6 +274,33 @@ pub struct NodeArgs {
     /// /search asks it too.
     #[arg(long, env = "TEIA_INDEX", value_name = "HOST:PORT")]
     pub index: Option<String>,
+
+    /// Serve the HTTP API of seed 000 (evaluations of pytest suites) on this address; a bare
+    /// port means 127.0.0.1. Needs Python 3 with pytest.
+    #[arg(long, env = "TEIA_HTTP", value_name = "ADDR")]
+    pub http: Option<String>,
+
+    /// Python (with pytest) that runs test modules.
+    #[arg(
+        long,
+        env = "TEIA_PYTHON",
+        default_value = "python3",
+        value_name = "PATH"
+    )]
+    pub python: PathBuf,
+
+    /// Test modules run at once on this node (default: its cores).
+    #[arg(long, env = "TEIA_WORKERS", value_name = "N")]
+    pub workers: Option<usize>,
+
+    /// Seconds a test module may run before it is killed (its finished tests are kept).
+    #[arg(
+        long,
+        env = "TEIA_MODULE_TIMEOUT",
+        default_value_t = 120,
+        value_name = "SECONDS"
+    )]
+    pub module_timeout: u64,
 
     /// Folder downloads go to unless /get names one.
     #[arg(

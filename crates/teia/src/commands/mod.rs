@@ -26,7 +26,7 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
         match command {
             Command::Rendezvous(args) => rendezvous::run(args).await,
             Command::Rdv(command) => rdv::run(command).await,
-            Command::Node(args) => node::run(args, log).await,
+            Command::Node(args) => node::run(*args, log).await,
             Command::Id(args) => id::run(args),
             Command::Index(args) => index(args).await,
             Command::Send(args) => transfer::send(args).await,

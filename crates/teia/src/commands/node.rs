@@ -51,7 +51,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     if let Some(server) = &args.rendezvous {
         resolve(server).await?;
     }
-    let data_dir = data_dir(args.home.data_dir)?;
+    let data_dir = data_dir(args.home.data_dir.clone())?;
     let _lock = lock(&node_file(&data_dir, &peer_id, "lock"), &peer_id)?;
     overlay.identity = Some(teia_node::identity::load_or_create(&node_file(
         &data_dir, &peer_id, "key",
@@ -73,11 +73,11 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     let (stream_tx, stream_rx) = mpsc::channel(STREAMS_WAITING);
     let (course_tx, mut course_rx) = mpsc::channel(STREAMS_WAITING);
     let mut embedded = None;
-    let rendezvous = match (args.rendezvous, peers.is_empty()) {
+    let rendezvous = match (args.rendezvous.clone(), peers.is_empty()) {
         (Some(server), _) => Some(server),
         (None, false) => None,
         (None, true) => {
-            embedded = local_rendezvous(data_dir).await?;
+            embedded = local_rendezvous(data_dir.clone()).await?;
             Some(LOCAL_RENDEZVOUS.to_owned())
         }
     };
@@ -106,6 +106,10 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         index: args.index.clone(),
     };
     let (files, files_events) = Files::start(files_config, handle.clone(), stream_rx).await?;
+    let http = match &args.http {
+        Some(addr) => Some(start_http(&args, addr, &data_dir, &peer_id, &handle).await?),
+        None => None,
+    };
     let course_files = files.clone();
     tokio::spawn(async move {
         while let Some((stream, addr)) = course_rx.recv().await {
@@ -128,12 +132,86 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         .await
     };
     files.shutdown().await;
+    if let Some(stop) = http {
+        let _ = stop.send(());
+    }
     let _ = handle.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     if let Some(stop) = embedded {
         let _ = stop.send(());
     }
     result
+}
+
+/// Starts the job engine and the HTTP API on `addr`; returns what stops the API.
+async fn start_http(
+    args: &NodeArgs,
+    addr: &str,
+    data_dir: &std::path::Path,
+    peer_id: &str,
+    handle: &NodeHandle,
+) -> anyhow::Result<tokio::sync::oneshot::Sender<()>> {
+    let python = teia_jobs::runner::resolve_python(&args.python);
+    let version = teia_jobs::runner::check_python(&python)
+        .await
+        .map_err(|e| anyhow::anyhow!("--http needs Python 3 with pytest: {e}"))?;
+    let listen = handle.listen_addr();
+    let address = listen
+        .map(|a| {
+            if a.ip().is_unspecified() {
+                SocketAddr::from(([127, 0, 0, 1], a.port())).to_string()
+            } else {
+                a.to_string()
+            }
+        })
+        .unwrap_or_else(|| peer_id.to_owned());
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let jobs_dir = node_file(data_dir, peer_id, "jobs");
+    let config = teia_jobs::engine::EngineConfig {
+        dir: jobs_dir.clone(),
+        node: peer_id.to_owned(),
+        address: address.clone(),
+        python,
+        workers,
+        limits: teia_jobs::runner::Limits {
+            timeout: Duration::from_secs(args.module_timeout.max(1)),
+            ..teia_jobs::runner::Limits::default()
+        },
+        isolation: teia_jobs::runner::Isolation::detect(),
+    };
+    let engine = teia_jobs::engine::Engine::start(config)?;
+    let listener = teia_http::bind(addr)
+        .await
+        .with_context(|| format!("cannot serve the HTTP API on {addr}"))?;
+    let bound = listener.local_addr()?;
+    tracing::info!(%bound, python = %version, "HTTP API listening");
+    let view_handle = handle.clone();
+    let network: teia_http::NetworkView = std::sync::Arc::new(move || {
+        let handle = view_handle.clone();
+        let address = address.clone();
+        Box::pin(async move {
+            let links: Vec<String> = handle
+                .snapshot()
+                .await
+                .map(|s| s.neighbours.iter().map(|n| n.addr.to_string()).collect())
+                .unwrap_or_default();
+            json!({ address: links })
+        })
+    });
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    tokio::spawn(async move {
+        let stop = async {
+            let _ = stopped.await;
+        };
+        if let Err(e) =
+            teia_http::serve(listener, engine, network, jobs_dir.join("uploads"), stop).await
+        {
+            tracing::error!(error = %e, "HTTP API stopped");
+        }
+    });
+    Ok(stop)
 }
 
 /// Checks `127.0.0.1:8080`; when nothing answers there, starts a rendezvous on it.

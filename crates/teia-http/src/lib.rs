@@ -1,0 +1,229 @@
+//! teia's HTTP API (`teia node --http ADDR`), the routes of seed 000's course statement:
+//! `POST /evaluation` (a ZIP as `multipart/form-data` field `file`, or JSON
+//! `{"auth_token", "projects": [git URLs]}`), `GET /evaluation`, `GET /evaluation/<id>`,
+//! `GET /stats` and `GET /network`. Every error is a 4xx or 5xx with `{"error": "..."}`.
+//!
+//! Bounds: a request body of [`MAX_UPLOAD`] bytes at most (more is answered 413), 64
+//! repositories per submission, URLs of 2,048 bytes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Multipart, Path, Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde_json::{json, Value};
+use teia_jobs::engine::{Engine, EngineError};
+
+/// Bytes a request body may have at most.
+pub const MAX_UPLOAD: usize = 256 * 1024 * 1024;
+/// Repositories one JSON submission may list at most.
+pub const MAX_REPOSITORIES: usize = 64;
+
+/// What `/network` shows: each node's address and the addresses it has links to.
+pub type NetworkView = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Value> + Send>> + Send + Sync>;
+
+#[derive(Clone)]
+struct App {
+    engine: Engine,
+    network: NetworkView,
+    uploads: std::path::PathBuf,
+}
+
+/// An error answer.
+struct Problem(StatusCode, String);
+
+impl IntoResponse for Problem {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<EngineError> for Problem {
+    fn from(e: EngineError) -> Self {
+        let status = match &e {
+            EngineError::Bundle(_) | EngineError::Clone { .. } => StatusCode::BAD_REQUEST,
+            EngineError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::Store(_) | EngineError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self(status, e.to_string())
+    }
+}
+
+/// Serves the API on `listener` until `stop` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    engine: Engine,
+    network: NetworkView,
+    uploads: std::path::PathBuf,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(&uploads)?;
+    let app = App {
+        engine,
+        network,
+        uploads,
+    };
+    let router = Router::new()
+        .route("/evaluation", get(list).post(submit))
+        .route("/evaluation/{id}", get(detail))
+        .route("/stats", get(stats))
+        .route("/network", get(network_view))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(MAX_UPLOAD))
+        .with_state(app);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(stop)
+        .await
+}
+
+/// Binds `addr` (a bare port means 127.0.0.1).
+pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
+    let addr = match addr.parse::<u16>() {
+        Ok(port) => SocketAddr::from(([127, 0, 0, 1], port)).to_string(),
+        Err(_) => addr.to_owned(),
+    };
+    tokio::net::TcpListener::bind(addr).await
+}
+
+async fn not_found() -> Problem {
+    Problem(
+        StatusCode::NOT_FOUND,
+        "no such route: use /evaluation, /evaluation/<id>, /stats or /network".into(),
+    )
+}
+
+async fn list(State(app): State<App>) -> Json<Value> {
+    Json(app.engine.list())
+}
+
+async fn detail(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
+    let id: u64 = id.parse().map_err(|_| {
+        Problem(
+            StatusCode::BAD_REQUEST,
+            format!("{id:?} is not an evaluation id (a non-negative integer)"),
+        )
+    })?;
+    app.engine
+        .detail(id)
+        .map(Json)
+        .ok_or_else(|| Problem(StatusCode::NOT_FOUND, format!("no evaluation {id}")))
+}
+
+async fn stats(State(app): State<App>) -> Json<Value> {
+    Json(app.engine.stats())
+}
+
+async fn network_view(State(app): State<App>) -> Json<Value> {
+    Json((app.network)().await)
+}
+
+async fn submit(State(app): State<App>, request: Request) -> Result<Response, Problem> {
+    let content_type = request
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    let id = if content_type.starts_with("multipart/form-data") {
+        let multipart = <Multipart as axum::extract::FromRequest<()>>::from_request(request, &())
+            .await
+            .map_err(|e| Problem(StatusCode::BAD_REQUEST, e.body_text()))?;
+        submit_zip(&app, multipart).await?
+    } else if content_type.starts_with("application/json") {
+        let Json(body) =
+            <Json<Value> as axum::extract::FromRequest<()>>::from_request(request, &())
+                .await
+                .map_err(|e| Problem(StatusCode::BAD_REQUEST, e.body_text()))?;
+        submit_json(&app, &body).await?
+    } else {
+        return Err(Problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "send multipart/form-data with a `file` field (a ZIP), or application/json \
+             {\"auth_token\": ..., \"projects\": [git URLs]}"
+                .into(),
+        ));
+    };
+    Ok((StatusCode::CREATED, Json(json!({"id": id}))).into_response())
+}
+
+async fn submit_zip(app: &App, mut multipart: Multipart) -> Result<u64, Problem> {
+    use tokio::io::AsyncWriteExt;
+    let bad = |detail: String| Problem(StatusCode::BAD_REQUEST, detail);
+    loop {
+        let field = multipart
+            .next_field()
+            .await
+            .map_err(|e| bad(format!("malformed form: {}", e.body_text())))?;
+        let Some(mut field) = field else {
+            return Err(bad("no `file` field in the form".into()));
+        };
+        if field.name() != Some("file") {
+            continue;
+        }
+        let path = app.uploads.join(format!(
+            "upload-{}-{}.zip",
+            std::process::id(),
+            UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let mut out = tokio::fs::File::create(&path)
+            .await
+            .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let mut size = 0usize;
+        while let Some(chunk) = field.chunk().await.map_err(|e| {
+            let status = e.status();
+            Problem(status, format!("upload failed: {}", e.body_text()))
+        })? {
+            size += chunk.len();
+            out.write_all(&chunk)
+                .await
+                .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        }
+        drop(out);
+        if size == 0 {
+            let _ = tokio::fs::remove_file(&path).await;
+            return Err(bad("the `file` field is empty".into()));
+        }
+        let engine = app.engine.clone();
+        let archive = path.clone();
+        let result = tokio::task::spawn_blocking(move || engine.submit_zip(&archive))
+            .await
+            .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+        let _ = tokio::fs::remove_file(&path).await;
+        return result.map_err(Problem::from);
+    }
+}
+
+static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+async fn submit_json(app: &App, body: &Value) -> Result<u64, Problem> {
+    let bad = |detail: &str| Problem(StatusCode::BAD_REQUEST, detail.to_owned());
+    let projects = body
+        .get("projects")
+        .and_then(Value::as_array)
+        .ok_or_else(|| bad("`projects` must be a list of git repository URLs"))?;
+    if projects.is_empty() || projects.len() > MAX_REPOSITORIES {
+        return Err(bad("`projects` must list 1 to 64 repositories"));
+    }
+    let mut urls = Vec::new();
+    for project in projects {
+        let url = project
+            .as_str()
+            .filter(|u| !u.trim().is_empty() && u.len() <= 2048 && !u.starts_with('-'))
+            .ok_or_else(|| bad("each project must be a git URL (a string)"))?;
+        urls.push(url.trim().to_owned());
+    }
+    let token = match body.get("auth_token") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(token)) => Some(token.clone()),
+        Some(_) => return Err(bad("`auth_token` must be a string")),
+    };
+    app.engine
+        .submit_git(&urls, token.as_deref())
+        .await
+        .map_err(Problem::from)
+}

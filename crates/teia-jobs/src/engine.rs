@@ -1,0 +1,540 @@
+//! The job engine on one node: accepts submissions, keeps the ledger durable (SQLite), runs
+//! modules on this node's workers (as many at once as it has cores, or `--workers`), and
+//! answers the HTTP API's questions.
+//!
+//! This node runs the modules of the evaluations it owns; handing them to other nodes (by
+//! pull, over the overlay) and taking over a dead owner's evaluations are the next steps
+//! (see the README's status of the job engine).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rusqlite::{params, Connection};
+use serde_json::{json, Value};
+
+use crate::bundle::{self, BundleError};
+use crate::proto::ledger::{EvalId, Evaluation, Ledger, ModuleState, NewProject};
+use crate::runner::{self, Isolation, Limits};
+
+/// Evaluations running or queued at once on this node; one more is refused.
+pub const MAX_ACTIVE: usize = 64;
+
+/// How to run the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Where submissions, work folders and the database go.
+    pub dir: PathBuf,
+    /// This node's peer id (the owner of what it accepts).
+    pub node: String,
+    /// This node's overlay address, as `/stats` and `/network` show it.
+    pub address: String,
+    /// Python with pytest.
+    pub python: PathBuf,
+    /// Modules run at once.
+    pub workers: usize,
+    /// Limits of each module.
+    pub limits: Limits,
+    /// How modules are isolated.
+    pub isolation: Isolation,
+}
+
+/// Why the engine could not do what was asked.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The submission is not acceptable.
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    /// The database failed.
+    #[error("job database: {0}")]
+    Store(#[from] rusqlite::Error),
+    /// A file operation failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Too many evaluations.
+    #[error("{MAX_ACTIVE} evaluations are queued or running here; retry later")]
+    Busy,
+    /// Cloning a repository failed.
+    #[error("cannot clone {url}: {detail}")]
+    Clone {
+        /// The repository.
+        url: String,
+        /// What git said (the token removed).
+        detail: String,
+    },
+}
+
+/// Counts of this node's work since it started, for `/stats`.
+#[derive(Debug, Default, Clone)]
+struct Work {
+    passed: u64,
+    failed: u64,
+    modules: u64,
+    projects: std::collections::BTreeSet<(EvalId, String)>,
+    evaluations: std::collections::BTreeSet<EvalId>,
+}
+
+struct State {
+    ledger: Ledger,
+    db: Connection,
+    work: Work,
+    next: u64,
+}
+
+/// The engine's handle.
+#[derive(Clone)]
+pub struct Engine {
+    config: Arc<EngineConfig>,
+    state: Arc<Mutex<State>>,
+    started: Instant,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+fn round(value: f64) -> f64 {
+    (value * 100.0).round() / 100.0
+}
+
+impl State {
+    fn save(&self, evaluation: &Evaluation) {
+        let text = serde_json::to_string(evaluation).unwrap_or_default();
+        if let Err(e) = self.db.execute(
+            "INSERT OR REPLACE INTO evaluations (id, body) VALUES (?1, ?2)",
+            params![evaluation.id as i64, text],
+        ) {
+            tracing::error!(error = %e, "evaluation not stored");
+        }
+    }
+
+    fn add_totals(&self, passed: u64, failed: u64, projects: u64, evaluations: u64) {
+        if let Err(e) = self.db.execute(
+            "UPDATE totals SET passed = passed + ?1, failed = failed + ?2,
+             projects = projects + ?3, evaluations = evaluations + ?4",
+            params![
+                passed as i64,
+                failed as i64,
+                projects as i64,
+                evaluations as i64
+            ],
+        ) {
+            tracing::error!(error = %e, "totals not stored");
+        }
+    }
+}
+
+impl Engine {
+    /// Opens the engine's database in `config.dir` (its evaluations come back) and starts
+    /// its workers.
+    pub fn start(config: EngineConfig) -> Result<Self, EngineError> {
+        std::fs::create_dir_all(&config.dir)?;
+        let db = Connection::open(config.dir.join("jobs.sqlite3"))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "NORMAL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS evaluations (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS totals (passed INTEGER, failed INTEGER, projects INTEGER,
+                                                evaluations INTEGER);
+             INSERT INTO totals SELECT 0, 0, 0, 0 WHERE NOT EXISTS (SELECT 1 FROM totals);",
+        )?;
+        let mut ledger = Ledger::default();
+        {
+            let mut statement = db.prepare("SELECT body FROM evaluations")?;
+            let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
+            for body in rows.flatten() {
+                if let Ok(mut evaluation) = serde_json::from_str::<Evaluation>(&body) {
+                    // Modules that were running when the node stopped run again.
+                    for module in evaluation
+                        .projects
+                        .values_mut()
+                        .flat_map(|p| p.modules.values_mut())
+                    {
+                        if let ModuleState::Leased { attempt, .. } = module.state {
+                            module.state = ModuleState::Pending {
+                                attempt: attempt + 1,
+                            };
+                        }
+                    }
+                    ledger.replicate(evaluation);
+                }
+            }
+        }
+        let engine = Self {
+            config: Arc::new(config),
+            state: Arc::new(Mutex::new(State {
+                ledger,
+                db,
+                work: Work::default(),
+                next: 0,
+            })),
+            started: Instant::now(),
+        };
+        for slot in 0..engine.config.workers.max(1) {
+            let worker = engine.clone();
+            tokio::spawn(async move { worker.work(slot).await });
+        }
+        tracing::info!(
+            workers = engine.config.workers,
+            isolation = %engine.config.isolation.describe(),
+            "job engine ready"
+        );
+        Ok(engine)
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.started.elapsed().as_millis() as u64
+    }
+
+    /// A new id: unix seconds (32 bits), this node (10 bits of its id's hash) and a counter
+    /// (11 bits): below 2^53, unique across nodes without coordination.
+    fn new_id(&self, state: &mut State) -> EvalId {
+        let seconds = (unix_ms() / 1000) & 0xFFFF_FFFF;
+        let node = self
+            .config
+            .node
+            .bytes()
+            .fold(0u64, |h, b| h.wrapping_mul(131).wrapping_add(u64::from(b)))
+            & 0x3FF;
+        loop {
+            state.next = state.next.wrapping_add(1);
+            let id = (seconds << 21) | (node << 11) | (state.next & 0x7FF);
+            if state.ledger.get(id).is_none() {
+                return id;
+            }
+        }
+    }
+
+    /// Accepts a submitted ZIP (at `archive`): unpacks it, finds its projects, records the
+    /// evaluation; returns its id.
+    pub fn submit_zip(&self, archive: &Path) -> Result<EvalId, EngineError> {
+        let id = self.reserve()?;
+        let root = self.config.dir.join("evaluations").join(id.to_string());
+        let source = root.join("source");
+        let result =
+            bundle::unpack(archive, &source).and_then(|()| bundle::projects(&source, "project"));
+        match result {
+            Ok(found) => self.record(id, &root, found),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&root);
+                Err(e.into())
+            }
+        }
+    }
+
+    /// Accepts a list of git repositories: clones each (the token, if any, sent as an HTTP
+    /// header through git's environment: never on a command line, in a log or on disk).
+    pub async fn submit_git(
+        &self,
+        urls: &[String],
+        token: Option<&str>,
+    ) -> Result<EvalId, EngineError> {
+        let id = self.reserve()?;
+        let root = self.config.dir.join("evaluations").join(id.to_string());
+        let source = root.join("source");
+        std::fs::create_dir_all(&source)?;
+        let mut found = Vec::new();
+        for (index, url) in urls.iter().enumerate() {
+            let name = url
+                .trim_end_matches('/')
+                .rsplit('/')
+                .next()
+                .unwrap_or("project")
+                .trim_end_matches(".git");
+            let name = if name.is_empty() || name.starts_with('.') {
+                format!("project{index}")
+            } else {
+                name.to_owned()
+            };
+            let dir = source.join(&name);
+            if let Err(e) = clone(url, &dir, token).await {
+                let _ = std::fs::remove_dir_all(&root);
+                return Err(e);
+            }
+            match bundle::projects(&dir, &name) {
+                Ok(mut projects) => found.append(&mut projects),
+                Err(BundleError::NoProject) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if found.is_empty() {
+            let _ = std::fs::remove_dir_all(&root);
+            return Err(BundleError::NoProject.into());
+        }
+        self.record(id, &root, found)
+    }
+
+    fn reserve(&self) -> Result<EvalId, EngineError> {
+        let mut state = lock(&self.state);
+        let active = state
+            .ledger
+            .all()
+            .filter(|e| matches!(e.status(), "queued" | "running"))
+            .count();
+        if active >= MAX_ACTIVE {
+            return Err(EngineError::Busy);
+        }
+        Ok(self.new_id(&mut state))
+    }
+
+    fn record(
+        &self,
+        id: EvalId,
+        root: &Path,
+        found: Vec<bundle::FoundProject>,
+    ) -> Result<EvalId, EngineError> {
+        let packs = root.join("projects");
+        std::fs::create_dir_all(&packs)?;
+        let mut projects = Vec::new();
+        for project in found {
+            let packed = packs.join(format!("{}.zip", project.name));
+            bundle::pack(&project.dir, &packed)?;
+            let blob = blake3::hash(&std::fs::read(&packed)?).to_hex().to_string();
+            projects.push(NewProject {
+                name: project.name,
+                blob,
+                modules: project.modules,
+            });
+        }
+        let project_count = projects.len() as u64;
+        let mut state = lock(&self.state);
+        state
+            .ledger
+            .submit(id, &self.config.node, unix_ms(), projects);
+        if let Some(evaluation) = state.ledger.get(id).cloned() {
+            state.save(&evaluation);
+        }
+        state.add_totals(0, 0, project_count, 1);
+        tracing::info!(id, projects = project_count, "evaluation accepted");
+        Ok(id)
+    }
+
+    /// One worker: takes modules of this node's evaluations and runs them.
+    async fn work(&self, slot: usize) {
+        let lease_ms = (self.config.limits.timeout + Duration::from_secs(30)).as_millis() as u64;
+        loop {
+            let lease = {
+                let mut state = lock(&self.state);
+                let now = self.now_ms();
+                state.ledger.lease(
+                    &self.config.node,
+                    &self.config.address,
+                    now,
+                    lease_ms,
+                    unix_ms(),
+                )
+            };
+            let Some(lease) = lease else {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            };
+            let project = self
+                .config
+                .dir
+                .join("evaluations")
+                .join(lease.eval.to_string())
+                .join("projects");
+            let extracted = project.join(&lease.project);
+            if !extracted.is_dir() {
+                let packed = project.join(format!("{}.zip", lease.project));
+                if let Err(e) = bundle::unpack(&packed, &extracted) {
+                    tracing::error!(error = %e, "project not unpacked");
+                }
+            }
+            let work = self
+                .config
+                .dir
+                .join("work")
+                .join(format!("{}-{slot}-{}", lease.eval, lease.attempt));
+            let _ = std::fs::remove_dir_all(&work);
+            let outcome = runner::run_module(
+                &self.config.python,
+                &extracted,
+                &lease.module,
+                &work,
+                &self.config.limits,
+                &self.config.isolation,
+                &self.config.address,
+            )
+            .await;
+            let _ = std::fs::remove_dir_all(&work);
+            let result = match outcome {
+                Ok(outcome) => outcome.result,
+                Err(e) => {
+                    tracing::error!(error = %e, module = %lease.module, "module not run");
+                    crate::proto::ledger::ModuleResult {
+                        errors: 1,
+                        node: self.config.address.clone(),
+                        ..Default::default()
+                    }
+                }
+            };
+            let mut state = lock(&self.state);
+            let (passed, failed) = (
+                u64::from(result.passed),
+                u64::from(result.failed + result.errors),
+            );
+            if state.ledger.complete(&lease, result, unix_ms()) {
+                state.work.passed += passed;
+                state.work.failed += failed;
+                state.work.modules += 1;
+                state
+                    .work
+                    .projects
+                    .insert((lease.eval, lease.project.clone()));
+                state.work.evaluations.insert(lease.eval);
+                state.add_totals(passed, failed, 0, 0);
+                if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
+                    state.save(&evaluation);
+                }
+            }
+        }
+    }
+
+    /// `GET /evaluation`: every evaluation known.
+    pub fn list(&self) -> Value {
+        let state = lock(&self.state);
+        Value::Array(
+            state
+                .ledger
+                .all()
+                .map(|e| {
+                    json!({"id": e.id, "status": e.status(),
+                           "submitted_at": e.submitted_at as f64 / 1000.0})
+                })
+                .collect(),
+        )
+    }
+
+    /// `GET /evaluation/<id>`.
+    pub fn detail(&self, id: EvalId) -> Option<Value> {
+        let state = lock(&self.state);
+        let evaluation = state.ledger.get(id)?;
+        let (tests, modules) = evaluation.counts();
+        let end = evaluation.finished_at.unwrap_or_else(unix_ms);
+        let elapsed = evaluation
+            .started_at
+            .map_or(0.0, |start| end.saturating_sub(start) as f64 / 1000.0);
+        let mut projects = serde_json::Map::new();
+        for (name, project) in &evaluation.projects {
+            let (t, _) = Evaluation::project_counts(project);
+            let mut module_map = serde_json::Map::new();
+            for (path, module) in &project.modules {
+                let value = match &module.state {
+                    ModuleState::Pending { .. } => json!({"status": "pending"}),
+                    ModuleState::Leased { worker, .. } => {
+                        json!({"status": "running", "node": worker})
+                    }
+                    ModuleState::Done(r) => json!({
+                        "status": "done", "passed": r.passed, "failed": r.failed,
+                        "errors": r.errors, "skipped": r.skipped,
+                        "seconds": round(r.seconds), "node": r.node}),
+                };
+                module_map.insert(path.clone(), value);
+            }
+            projects.insert(
+                name.clone(),
+                json!({"percent_passed": round(t.percent_passed()),
+                       "percent_failed": round(t.percent_failed()),
+                       "grade": round(t.grade()), "tests": t, "modules": module_map}),
+            );
+        }
+        Some(json!({
+            "id": evaluation.id,
+            "status": evaluation.status(),
+            "owner": evaluation.owner,
+            "submitted_at": evaluation.submitted_at as f64 / 1000.0,
+            "elapsed_seconds": round(elapsed),
+            "percent_passed": round(tests.percent_passed()),
+            "percent_failed": round(tests.percent_failed()),
+            "grade": round(evaluation.grade()),
+            "error": evaluation.failure,
+            "tests": tests,
+            "modules": modules,
+            "projects": projects,
+        }))
+    }
+
+    /// `GET /stats`, in the course statement's format.
+    pub fn stats(&self) -> Value {
+        let state = lock(&self.state);
+        let totals = state
+            .db
+            .query_row(
+                "SELECT passed, failed, projects, evaluations FROM totals",
+                [],
+                |row| {
+                    Ok((
+                        row.get::<_, i64>(0)?,
+                        row.get::<_, i64>(1)?,
+                        row.get::<_, i64>(2)?,
+                        row.get::<_, i64>(3)?,
+                    ))
+                },
+            )
+            .unwrap_or_default();
+        let work = &state.work;
+        json!({
+            "all": {"failed": totals.1, "passed": totals.0, "projects": totals.2,
+                    "evaluations": totals.3},
+            "nodes": [{
+                "address": self.config.address,
+                "failed": work.failed,
+                "passed": work.passed,
+                "projects": work.projects.len(),
+                "modules": work.modules,
+                "evaluations": work.evaluations.iter().collect::<Vec<_>>(),
+            }],
+        })
+    }
+}
+
+/// Clones `url` into `dir` with git; the token goes in an HTTP header set through git's
+/// environment (`GIT_CONFIG_*`), so it is on no command line and in no file.
+async fn clone(url: &str, dir: &Path, token: Option<&str>) -> Result<(), EngineError> {
+    let mut command = tokio::process::Command::new("git");
+    command
+        .args(["clone", "--depth", "1", "--quiet", "--", url])
+        .arg(dir)
+        .env("GIT_TERMINAL_PROMPT", "0")
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+    if let Some(token) = token.filter(|t| !t.is_empty()) {
+        command
+            .env("GIT_CONFIG_COUNT", "1")
+            .env("GIT_CONFIG_KEY_0", "http.extraHeader")
+            .env(
+                "GIT_CONFIG_VALUE_0",
+                format!("Authorization: Bearer {token}"),
+            );
+    }
+    let output = tokio::time::timeout(Duration::from_secs(300), command.output())
+        .await
+        .map_err(|_| EngineError::Clone {
+            url: url.to_owned(),
+            detail: "timed out after 300 s".into(),
+        })?
+        .map_err(|e| EngineError::Clone {
+            url: url.to_owned(),
+            detail: format!("cannot run git: {e}"),
+        })?;
+    if !output.status.success() {
+        let mut detail = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        if let Some(token) = token.filter(|t| !t.is_empty()) {
+            detail = detail.replace(token, "***");
+        }
+        return Err(EngineError::Clone {
+            url: url.to_owned(),
+            detail,
+        });
+    }
+    Ok(())
+}
