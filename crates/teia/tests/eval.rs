@@ -1,0 +1,404 @@
+//! Integration tests of the job engine's HTTP API (seed 000) on real `teia` processes:
+//! ZIP and git submissions graded as pytest counts them, a module killed at its timeout,
+//! the shapes of `/stats` and `/network`, and every bad input answered with a 4xx.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::Value;
+
+/// One HTTP request with `Connection: close`; the status and the body as JSON.
+fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+fn get(addr: &str, path: &str) -> (u16, Value) {
+    http(addr, "GET", path, "text/plain", b"")
+}
+
+/// A multipart form with one `file` field holding `bytes`.
+fn post_zip(addr: &str, bytes: &[u8]) -> (u16, Value) {
+    let boundary = "teiaboundary7MA4YWxkTrZu0gW";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"all.zip\"\r\nContent-Type: application/zip\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    http(
+        addr,
+        "POST",
+        "/evaluation",
+        &format!("multipart/form-data; boundary={boundary}"),
+        &body,
+    )
+}
+
+/// A ZIP of `files` (path, content), built with Python's zipfile.
+fn zip_of(dir: &Path, files: &[(&str, &str)]) -> Vec<u8> {
+    let root = dir.join("zipsrc");
+    for (path, content) in files {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, content).unwrap();
+    }
+    let out = dir.join("out.zip");
+    let status = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile, os\nz = zipfile.ZipFile(sys.argv[2], 'w', zipfile.ZIP_DEFLATED)\nfor r, _, fs in os.walk(sys.argv[1]):\n    for f in sorted(fs):\n        p = os.path.join(r, f)\n        z.write(p, os.path.relpath(p, sys.argv[1]))\nz.close()",
+        ])
+        .arg(&root)
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let bytes = std::fs::read(&out).unwrap();
+    std::fs::remove_dir_all(&root).unwrap();
+    bytes
+}
+
+fn start(extra: &[&str]) -> (NodeProcess, String) {
+    let mut args = vec!["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"];
+    args.extend_from_slice(extra);
+    let node = NodeProcess::start("judge", "eval", &args);
+    let line = node.process.wait_for_log("HTTP API listening");
+    let addr = field(&line, "bound").to_owned();
+    (node, addr)
+}
+
+fn wait_done(addr: &str, id: u64) -> Value {
+    let deadline = Instant::now() + PATIENCE * 2;
+    loop {
+        let (status, detail) = get(addr, &format!("/evaluation/{id}"));
+        assert_eq!(status, 200, "{detail}");
+        if detail["status"] == "done" || detail["status"] == "failed" {
+            return detail;
+        }
+        assert!(Instant::now() < deadline, "not done: {detail}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// pytest's own counts for a project (one serial run that, like teia's runs by module,
+/// goes on past a module that fails to import): passed, failed, errors, skipped.
+fn serial_counts(project: &Path) -> (u64, u64, u64, u64) {
+    let output = Command::new("python3")
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .arg("--continue-on-collection-errors")
+        .current_dir(project)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&output.stdout);
+    let summary = text.lines().last().unwrap_or_default().to_owned();
+    let count = |word: &str| -> u64 {
+        summary
+            .split(", ")
+            .flat_map(|part| part.split(' '))
+            .collect::<Vec<_>>()
+            .windows(2)
+            .find(|w| w[1].starts_with(word))
+            .and_then(|w| {
+                w[0].trim_start_matches(|c: char| !c.is_ascii_digit())
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0)
+    };
+    (
+        count("passed"),
+        count("failed"),
+        count("error"),
+        count("skipped"),
+    )
+}
+
+const ALPHA_MATH: &str =
+    "def test_add():\n    assert 1 + 1 == 2\n\ndef test_wrong():\n    assert 1 + 1 == 3\n";
+const ALPHA_MORE: &str = "import pytest\n\n@pytest.mark.skip\ndef test_later():\n    pass\n\n@pytest.mark.parametrize('n', [1, 2, 3])\ndef test_n(n):\n    assert n > 0\n\n@pytest.fixture\ndef broken():\n    raise RuntimeError('fixture')\n\ndef test_uses_broken(broken):\n    pass\n";
+const BETA_DEEP: &str = "import time\n\ndef test_slow():\n    time.sleep(0.5)\n\ndef test_quick():\n    assert 'a' in 'abc'\n";
+const BETA_IMPORT: &str = "import no_such_module\n\ndef test_never():\n    pass\n";
+const HANG: &str = "import time\n\ndef test_before():\n    assert True\n\ndef test_hangs():\n    time.sleep(600)\n";
+
+#[test]
+fn a_zip_of_projects_is_graded_with_the_counts_of_a_serial_pytest() {
+    let dir = tempfile::tempdir().unwrap();
+    let files = [
+        ("alpha/tests/test_math.py", ALPHA_MATH),
+        ("alpha/tests/test_more.py", ALPHA_MORE),
+        ("alpha/src/lib.py", "VALUE = 1\n"),
+        ("beta/tests/deep/test_deep.py", BETA_DEEP),
+        ("beta/tests/test_import.py", BETA_IMPORT),
+        ("hang/tests/test_hang.py", HANG),
+    ];
+    let bytes = zip_of(dir.path(), &files);
+    let (_node, addr) = start(&["--module-timeout", "4"]);
+    let (status, created) = post_zip(&addr, &bytes);
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    assert!(id < (1u64 << 53));
+    let detail = wait_done(&addr, id);
+
+    for name in ["alpha", "beta"] {
+        let project = dir.path().join("serial").join(name);
+        for (path, content) in &files {
+            if let Some(rest) = path.strip_prefix(&format!("{name}/")) {
+                let target = project.join(rest);
+                std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+                std::fs::write(target, content).unwrap();
+            }
+        }
+        let (passed, failed, errors, skipped) = serial_counts(&project);
+        let tests = &detail["projects"][name]["tests"];
+        assert_eq!(
+            (
+                tests["passed"].as_u64().unwrap(),
+                tests["failed"].as_u64().unwrap(),
+                tests["errors"].as_u64().unwrap(),
+                tests["skipped"].as_u64().unwrap()
+            ),
+            (passed, failed, errors, skipped),
+            "{name}: {detail}"
+        );
+    }
+    // alpha: 4 passed, 1 failed, 1 error, 1 skipped → 4 / 6 passed.
+    let alpha = &detail["projects"]["alpha"];
+    assert_eq!(alpha["percent_passed"], 66.67);
+    assert_eq!(alpha["grade"], 13.33);
+    // The hanging module is killed at its timeout and keeps the test that passed.
+    let hang = &detail["projects"]["hang"]["modules"]["tests/test_hang.py"];
+    assert_eq!(
+        (hang["passed"].as_u64(), hang["errors"].as_u64()),
+        (Some(1), Some(1)),
+        "{hang}"
+    );
+    let grades: Vec<f64> = ["alpha", "beta", "hang"]
+        .iter()
+        .map(|p| detail["projects"][p]["grade"].as_f64().unwrap())
+        .collect();
+    let mean = grades.iter().sum::<f64>() / 3.0;
+    assert!(
+        (detail["grade"].as_f64().unwrap() - mean).abs() < 0.02,
+        "{detail}"
+    );
+    assert_eq!(detail["modules"]["executed"], 5);
+
+    let (status, list) = get(&addr, "/evaluation");
+    assert_eq!(status, 200);
+    assert_eq!(list[0]["id"], id);
+    assert_eq!(list[0]["status"], "done");
+    let (_, stats) = get(&addr, "/stats");
+    let all = stats["all"].as_object().unwrap();
+    let mut keys: Vec<&String> = all.keys().collect();
+    keys.sort();
+    assert_eq!(keys, ["evaluations", "failed", "passed", "projects"]);
+    assert_eq!(stats["all"]["evaluations"], 1);
+    assert_eq!(stats["all"]["projects"], 3);
+    let node = stats["nodes"][0].as_object().unwrap();
+    let mut keys: Vec<&String> = node.keys().collect();
+    keys.sort();
+    assert_eq!(
+        keys,
+        [
+            "address",
+            "evaluations",
+            "failed",
+            "modules",
+            "passed",
+            "projects"
+        ]
+    );
+    assert_eq!(stats["nodes"][0]["evaluations"][0], id);
+    let (_, network) = get(&addr, "/network");
+    let network = network.as_object().unwrap();
+    assert_eq!(network.len(), 1);
+    assert!(network.values().all(Value::is_array));
+}
+
+#[test]
+fn bad_submissions_are_answered_with_clear_4xx() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_node, addr) = start(&[]);
+    let expect = |(status, body): (u16, Value), code: u16, needle: &str| {
+        assert_eq!(status, code, "{body}");
+        let error = body["error"].as_str().unwrap_or_default().to_owned();
+        assert!(error.contains(needle), "{needle:?} not in {error:?}");
+    };
+    expect(post_zip(&addr, b"not a zip"), 400, "not a ZIP");
+    expect(post_zip(&addr, b""), 400, "empty");
+    let no_project = zip_of(dir.path(), &[("p/readme.txt", "hello")]);
+    expect(post_zip(&addr, &no_project), 400, "no project");
+    // zip-slip: an entry named ../evil.py, written by Python.
+    let slip = dir.path().join("slip.zip");
+    let status = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nz.writestr('../evil.py', 'x')\nz.writestr('p/tests/test_a.py', 'def test_a(): pass')\nz.close()",
+        ])
+        .arg(&slip)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    expect(
+        post_zip(&addr, &std::fs::read(&slip).unwrap()),
+        400,
+        "zip-slip",
+    );
+    // A zip bomb: 50 MiB of zeros in a few KiB.
+    let bomb = dir.path().join("bomb.zip");
+    let status = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED)\nz.writestr('p/tests/test_a.py', b'\\0' * (50 * 1024 * 1024))\nz.close()",
+        ])
+        .arg(&bomb)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    expect(
+        post_zip(&addr, &std::fs::read(&bomb).unwrap()),
+        400,
+        "zip bomb",
+    );
+    expect(
+        http(&addr, "POST", "/evaluation", "text/plain", b"hi"),
+        415,
+        "multipart",
+    );
+    expect(
+        http(&addr, "POST", "/evaluation", "application/json", b"{nope"),
+        400,
+        "",
+    );
+    expect(
+        http(
+            &addr,
+            "POST",
+            "/evaluation",
+            "application/json",
+            b"{\"projects\": []}",
+        ),
+        400,
+        "projects",
+    );
+    expect(
+        http(
+            &addr,
+            "POST",
+            "/evaluation",
+            "application/json",
+            b"{\"projects\": [\"file:///nowhere/at/all.git\"]}",
+        ),
+        400,
+        "cannot clone",
+    );
+    let boundary = "b0undary";
+    let form = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"other\"\r\n\r\nx\r\n--{boundary}--\r\n"
+    );
+    expect(
+        http(
+            &addr,
+            "POST",
+            "/evaluation",
+            &format!("multipart/form-data; boundary={boundary}"),
+            form.as_bytes(),
+        ),
+        400,
+        "no `file` field",
+    );
+    expect(get(&addr, "/evaluation/abc"), 400, "not an evaluation id");
+    expect(get(&addr, "/evaluation/12345"), 404, "no evaluation 12345");
+    expect(get(&addr, "/nowhere"), 404, "no such route");
+    assert!(!dir.path().parent().unwrap().join("evil.py").exists());
+}
+
+#[test]
+fn a_git_url_submission_clones_a_local_bare_repository_and_keeps_the_token_secret() {
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(work.join("tests")).unwrap();
+    std::fs::write(work.join("tests/test_repo.py"), ALPHA_MATH).unwrap();
+    let git = |args: &[&str], cwd: &Path| {
+        let status = Command::new("git")
+            .args([
+                "-c",
+                "user.name=t",
+                "-c",
+                "user.email=t@t",
+                "-c",
+                "init.defaultBranch=main",
+            ])
+            .args(args)
+            .current_dir(cwd)
+            .status()
+            .unwrap();
+        assert!(status.success(), "git {args:?}");
+    };
+    git(&["init", "-q"], &work);
+    git(&["add", "."], &work);
+    git(&["commit", "-q", "-m", "tests"], &work);
+    let bare = dir.path().join("course-project.git");
+    git(
+        &[
+            "clone",
+            "-q",
+            "--bare",
+            work.to_str().unwrap(),
+            bare.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    let (node, addr) = start(&[]);
+    let body = serde_json::json!({
+        "auth_token": "s3cr3t-t0ken",
+        "projects": [format!("file://{}", bare.display())],
+    });
+    let (status, created) = http(
+        &addr,
+        "POST",
+        "/evaluation",
+        "application/json",
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(status, 201, "{created}");
+    let detail = wait_done(&addr, created["id"].as_u64().unwrap());
+    let tests = &detail["projects"]["course-project"]["tests"];
+    assert_eq!(
+        (tests["passed"].as_u64(), tests["failed"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let data = node.data_dir().to_owned();
+    let (_, _) = node.kill9_with_events();
+    let found = Command::new("grep")
+        .args(["-r", "-l", "s3cr3t-t0ken"])
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(
+        found.stdout.is_empty(),
+        "the token is stored in clear: {:?}",
+        found
+    );
+}
