@@ -2,9 +2,9 @@
 //! modules on this node's workers (as many at once as it has cores, or `--workers`), and
 //! answers the HTTP API's questions.
 //!
-//! This node runs the modules of the evaluations it owns; handing them to other nodes (by
-//! pull, over the overlay) and taking over a dead owner's evaluations are the next steps
-//! (see the README's status of the job engine).
+//! Its workers run the modules of the evaluations it owns, and, when it has none waiting,
+//! those of trusted owners ([`crate::remote`]). Taking over a dead owner's evaluations is
+//! the next step (see the README's status of the job engine).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -14,7 +14,10 @@ use rusqlite::{params, Connection};
 use serde_json::{json, Value};
 
 use crate::bundle::{self, BundleError};
-use crate::proto::ledger::{EvalId, Evaluation, Ledger, ModuleState, NewProject};
+use crate::proto::ledger::{
+    EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState, NewProject,
+};
+use crate::remote::{Cluster, ClusterConfig};
 use crate::runner::{self, Isolation, Limits};
 
 /// Evaluations running or queued at once on this node; one more is refused.
@@ -84,9 +87,10 @@ struct State {
 /// The engine's handle.
 #[derive(Clone)]
 pub struct Engine {
-    config: Arc<EngineConfig>,
+    pub(crate) config: Arc<EngineConfig>,
     state: Arc<Mutex<State>>,
     started: Instant,
+    pub(crate) cluster: Option<Arc<Cluster>>,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -135,7 +139,10 @@ impl State {
 impl Engine {
     /// Opens the engine's database in `config.dir` (its evaluations come back) and starts
     /// its workers.
-    pub fn start(config: EngineConfig) -> Result<Self, EngineError> {
+    pub fn start(
+        config: EngineConfig,
+        cluster: Option<ClusterConfig>,
+    ) -> Result<Self, EngineError> {
         std::fs::create_dir_all(&config.dir)?;
         let db = Connection::open(config.dir.join("jobs.sqlite3"))?;
         db.pragma_update(None, "journal_mode", "WAL")?;
@@ -177,7 +184,9 @@ impl Engine {
                 next: 0,
             })),
             started: Instant::now(),
+            cluster: cluster.map(|c| Arc::new(Cluster::new(c))),
         };
+        engine.start_cluster();
         for slot in 0..engine.config.workers.max(1) {
             let worker = engine.clone();
             tokio::spawn(async move { worker.work(slot).await });
@@ -317,7 +326,8 @@ impl Engine {
         Ok(id)
     }
 
-    /// One worker: takes modules of this node's evaluations and runs them.
+    /// One worker: takes modules of this node's evaluations, or else of trusted owners',
+    /// and runs them.
     async fn work(&self, slot: usize) {
         let lease_ms = (self.config.limits.timeout + Duration::from_secs(30)).as_millis() as u64;
         loop {
@@ -333,70 +343,168 @@ impl Engine {
                 )
             };
             let Some(lease) = lease else {
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                if !self.work_remote(slot).await {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
                 continue;
             };
-            let project = self
+            let packs = self
                 .config
                 .dir
                 .join("evaluations")
                 .join(lease.eval.to_string())
                 .join("projects");
-            let extracted = project.join(&lease.project);
+            let extracted = packs.join(&lease.project);
             if !extracted.is_dir() {
-                let packed = project.join(format!("{}.zip", lease.project));
+                let packed = packs.join(format!("{}.zip", lease.project));
                 if let Err(e) = bundle::unpack(&packed, &extracted) {
                     tracing::error!(error = %e, "project not unpacked");
                 }
             }
-            let work = self
-                .config
-                .dir
-                .join("work")
-                .join(format!("{}-{slot}-{}", lease.eval, lease.attempt));
-            let _ = std::fs::remove_dir_all(&work);
-            let outcome = runner::run_module(
-                &self.config.python,
-                &extracted,
-                &lease.module,
-                &work,
-                &self.config.limits,
-                &self.config.isolation,
-                &self.config.address,
-            )
-            .await;
-            let _ = std::fs::remove_dir_all(&work);
-            let result = match outcome {
-                Ok(outcome) => outcome.result,
-                Err(e) => {
-                    tracing::error!(error = %e, module = %lease.module, "module not run");
-                    crate::proto::ledger::ModuleResult {
-                        errors: 1,
-                        node: self.config.address.clone(),
-                        ..Default::default()
-                    }
-                }
-            };
-            let mut state = lock(&self.state);
-            let (passed, failed) = (
-                u64::from(result.passed),
-                u64::from(result.failed + result.errors),
-            );
-            if state.ledger.complete(&lease, result, unix_ms()) {
-                state.work.passed += passed;
-                state.work.failed += failed;
-                state.work.modules += 1;
-                state
-                    .work
-                    .projects
-                    .insert((lease.eval, lease.project.clone()));
-                state.work.evaluations.insert(lease.eval);
-                state.add_totals(passed, failed, 0, 0);
-                if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
-                    state.save(&evaluation);
+            let result = self.run_lease(&lease, &extracted, slot).await;
+            self.count_work(&lease, &result);
+            self.complete(&lease, result, true);
+        }
+    }
+
+    /// Runs a leased module of the project in `project`.
+    pub(crate) async fn run_lease(
+        &self,
+        lease: &Lease,
+        project: &Path,
+        slot: usize,
+    ) -> ModuleResult {
+        let work = self
+            .config
+            .dir
+            .join("work")
+            .join(format!("{}-{slot}-{}", lease.eval, lease.attempt));
+        let _ = std::fs::remove_dir_all(&work);
+        let outcome = runner::run_module(
+            &self.config.python,
+            project,
+            &lease.module,
+            &work,
+            &self.config.limits,
+            &self.config.isolation,
+            &self.config.address,
+        )
+        .await;
+        let _ = std::fs::remove_dir_all(&work);
+        match outcome {
+            Ok(outcome) => outcome.result,
+            Err(e) => {
+                tracing::error!(error = %e, module = %lease.module, "module not run");
+                ModuleResult {
+                    errors: 1,
+                    node: self.config.address.clone(),
+                    ..Default::default()
                 }
             }
         }
+    }
+
+    /// Counts a module this node ran, for `/stats`.
+    pub(crate) fn count_work(&self, lease: &Lease, result: &ModuleResult) {
+        let mut state = lock(&self.state);
+        state.work.passed += u64::from(result.passed);
+        state.work.failed += u64::from(result.failed + result.errors);
+        state.work.modules += 1;
+        state
+            .work
+            .projects
+            .insert((lease.eval, lease.project.clone()));
+        state.work.evaluations.insert(lease.eval);
+    }
+
+    /// Records a module's result in our ledger (we own its evaluation).
+    pub(crate) fn complete(&self, lease: &Lease, result: ModuleResult, _local: bool) {
+        let (passed, failed) = (
+            u64::from(result.passed),
+            u64::from(result.failed + result.errors),
+        );
+        let mut state = lock(&self.state);
+        if state.ledger.complete(lease, result, unix_ms()) {
+            state.add_totals(passed, failed, 0, 0);
+            if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
+                state.save(&evaluation);
+            }
+        }
+    }
+
+    /// Modules of ours waiting for a worker.
+    pub(crate) fn pending_modules(&self) -> u32 {
+        let state = lock(&self.state);
+        state
+            .ledger
+            .owned_by(&self.config.node)
+            .map(|e| e.counts().1.pending)
+            .sum()
+    }
+
+    /// Takes back remote leases not renewed in time.
+    pub(crate) fn expire_leases(&self) {
+        let mut state = lock(&self.state);
+        let now = self.now_ms();
+        let taken = state.ledger.expire(now, unix_ms());
+        for lease in &taken {
+            tracing::warn!(module = %lease.module, "a worker went silent; its module goes to another");
+            if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
+                state.save(&evaluation);
+            }
+        }
+    }
+
+    /// Leases one of our modules to a remote worker.
+    pub(crate) fn lease_remote(&self, worker: &str) -> Option<Lease> {
+        let mut state = lock(&self.state);
+        let now = self.now_ms();
+        let lease = state.ledger.lease(
+            &self.config.node,
+            worker,
+            now,
+            crate::remote::REMOTE_LEASE_MS,
+            unix_ms(),
+        )?;
+        if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
+            state.save(&evaluation);
+        }
+        Some(lease)
+    }
+
+    /// Renews a remote worker's lease.
+    pub(crate) fn renew_remote(&self, lease: &Lease, worker: &str) {
+        let mut state = lock(&self.state);
+        let now = self.now_ms();
+        state
+            .ledger
+            .renew(lease, worker, now, crate::remote::REMOTE_LEASE_MS);
+    }
+
+    /// The packed project `blob` of ours, if `peer` holds a lease of one of its modules.
+    pub(crate) fn blob_for(&self, peer: &str, blob: &str) -> Option<PathBuf> {
+        let state = lock(&self.state);
+        for evaluation in state.ledger.owned_by(&self.config.node) {
+            for (name, project) in &evaluation.projects {
+                if project.blob != blob {
+                    continue;
+                }
+                let leased = project.modules.values().any(
+                    |m| matches!(&m.state, ModuleState::Leased { worker, .. } if worker == peer),
+                );
+                if leased {
+                    return Some(
+                        self.config
+                            .dir
+                            .join("evaluations")
+                            .join(evaluation.id.to_string())
+                            .join("projects")
+                            .join(format!("{name}.zip")),
+                    );
+                }
+            }
+        }
+        None
     }
 
     /// `GET /evaluation`: every evaluation known.

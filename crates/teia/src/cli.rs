@@ -261,7 +261,8 @@ pub struct NodeArgs {
     )]
     pub approve: teia_files::Approval,
 
-    /// A key trusted by `--approve trusted` (repeatable), as `teia id` prints it.
+    /// A trusted key (repeatable), as `teia id` prints it: `--approve trusted` serves it, and
+    /// the job engine runs its test modules and gives it modules to run.
     #[arg(long = "trust", value_name = "KEY")]
     pub trusted: Vec<String>,
 
@@ -279,6 +280,16 @@ pub struct NodeArgs {
     /// port means 127.0.0.1. Needs Python 3 with pytest.
     #[arg(long, env = "TEIA_HTTP", value_name = "ADDR")]
     pub http: Option<String>,
+
+    /// A secret shared by the nodes of your cluster: they run each other's test modules
+    /// (as they do for `--trust` keys).
+    #[arg(
+        long,
+        env = "TEIA_CLUSTER_SECRET",
+        value_name = "SECRET",
+        hide_env_values = true
+    )]
+    pub cluster_secret: Option<String>,
 
     /// Python (with pytest) that runs test modules.
     #[arg(

@@ -402,3 +402,82 @@ fn a_git_url_submission_clones_a_local_bare_repository_and_keeps_the_token_secre
         found
     );
 }
+
+#[test]
+fn modules_spread_over_three_nodes_and_a_killed_worker_is_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow =
+        "import time\n\ndef test_slow():\n    time.sleep(2)\n\ndef test_fast():\n    assert True\n";
+    let mut files = Vec::new();
+    let names: Vec<String> = (1..=6).map(|i| format!("p/tests/test_m{i}.py")).collect();
+    for name in &names {
+        files.push((name.as_str(), slow));
+    }
+    let bytes = zip_of(dir.path(), &files);
+    let secret = ["--cluster-secret", "our-lab", "--workers", "1"];
+    let mut owner_args = vec!["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"];
+    owner_args.extend_from_slice(&secret);
+    let owner = NodeProcess::start("owner", "eval", &owner_args);
+    let line = owner.process.wait_for_log("HTTP API listening");
+    let addr = field(&line, "bound").to_owned();
+    let mut worker_args = vec!["--peer".to_owned(), owner.addr()];
+    worker_args.extend(secret.iter().map(|s| (*s).to_owned()));
+    let worker_args: Vec<&str> = worker_args.iter().map(String::as_str).collect();
+    let doomed = NodeProcess::start("doomed", "eval", &worker_args);
+    let survivor = NodeProcess::start("survivor", "eval", &worker_args);
+    owner.wait_link("doomed@eval");
+    owner.wait_link("survivor@eval");
+    // An untrusted node (no secret) never gets a module.
+    let outsider = NodeProcess::start(
+        "outsider",
+        "eval",
+        &["--peer", &owner.addr(), "--workers", "1"],
+    );
+    owner.wait_link("outsider@eval");
+
+    let (status, created) = post_zip(&addr, &bytes);
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    // Wait until the doomed worker runs a module, then kill it.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, detail) = get(&addr, &format!("/evaluation/{id}"));
+        let running_there = detail["projects"]["p"]["modules"]
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|m| m["status"] == "running" && m["node"] == "doomed@eval");
+        if running_there {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "doomed never ran a module: {detail}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    doomed.kill9();
+    let detail = wait_done(&addr, id);
+    let tests = &detail["tests"];
+    assert_eq!(
+        (
+            tests["passed"].as_u64(),
+            tests["failed"].as_u64(),
+            tests["errors"].as_u64()
+        ),
+        (Some(12), Some(0), Some(0)),
+        "{detail}"
+    );
+    let nodes: std::collections::BTreeSet<String> = detail["projects"]["p"]["modules"]
+        .as_object()
+        .unwrap()
+        .values()
+        .map(|m| m["node"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(nodes.len() >= 2, "modules ran on {nodes:?}");
+    assert!(
+        !nodes.contains(&format!("127.0.0.1:{}", outsider.port)),
+        "{nodes:?}"
+    );
+    drop(survivor);
+}

@@ -70,6 +70,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
                 .with_context(|| format!("--trust {text:?} is not a key as `teia id` prints it"))?,
         );
     }
+    let trusted_keys = trusted.clone();
     let (stream_tx, stream_rx) = mpsc::channel(STREAMS_WAITING);
     let (course_tx, mut course_rx) = mpsc::channel(STREAMS_WAITING);
     let mut embedded = None;
@@ -97,7 +98,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         db: files_db,
         shares: args.shares.clone(),
         approval: args.approve,
-        trusted,
+        trusted: trusted.clone(),
         download_dir: args.download_dir.clone(),
         listen: handle.listen_addr(),
         key,
@@ -105,11 +106,25 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         peer_id: peer_id.clone(),
         index: args.index.clone(),
     };
-    let (files, files_events) = Files::start(files_config, handle.clone(), stream_rx).await?;
-    let http = match &args.http {
-        Some(addr) => Some(start_http(&args, addr, &data_dir, &peer_id, &handle).await?),
-        None => None,
-    };
+    let (files_streams, files_stream_rx) = mpsc::channel(STREAMS_WAITING);
+    let (files, files_events) = Files::start(files_config, handle.clone(), files_stream_rx).await?;
+    let (engine, http) = start_jobs(&args, &data_dir, &peer_id, &handle, trusted_keys).await?;
+    // Data streams go to their service: the job engine's, or file sharing's.
+    let stream_engine = engine.clone();
+    tokio::spawn(async move {
+        let mut stream_rx = stream_rx;
+        while let Some(stream) = stream_rx.recv().await {
+            match (&stream_engine, stream.service()) {
+                (Some(engine), teia_jobs::proto::messages::SERVICE) => {
+                    let engine = engine.clone();
+                    tokio::spawn(async move { engine.serve_stream(stream).await });
+                }
+                _ => {
+                    let _ = files_streams.try_send(stream);
+                }
+            }
+        }
+    });
     let course_files = files.clone();
     tokio::spawn(async move {
         while let Some((stream, addr)) = course_rx.recv().await {
@@ -118,18 +133,14 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     });
     let style = if args.json { Style::Json } else { Style::Text };
     let interactive = !args.json && std::io::stdin().is_terminal();
+    let services = Services {
+        files: files.clone(),
+        engine,
+    };
     let result = if interactive {
-        shell(handle.clone(), files.clone(), events, files_events, log).await
+        shell(handle.clone(), services, events, files_events, log).await
     } else {
-        lines(
-            handle.clone(),
-            files.clone(),
-            events,
-            files_events,
-            style,
-            log,
-        )
-        .await
+        lines(handle.clone(), services, events, files_events, style, log).await
     };
     files.shutdown().await;
     if let Some(stop) = http {
@@ -143,18 +154,34 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     result
 }
 
-/// Starts the job engine and the HTTP API on `addr`; returns what stops the API.
-async fn start_http(
+/// The services a session routes messages to.
+#[derive(Clone)]
+struct Services {
+    files: Files,
+    engine: Option<teia_jobs::engine::Engine>,
+}
+
+/// Starts the job engine when Python with pytest is here (required with `--http`), and the
+/// HTTP API when asked; returns the engine and what stops the API.
+async fn start_jobs(
     args: &NodeArgs,
-    addr: &str,
     data_dir: &std::path::Path,
     peer_id: &str,
     handle: &NodeHandle,
-) -> anyhow::Result<tokio::sync::oneshot::Sender<()>> {
+    trusted: Vec<teia_core::identity::PublicKey>,
+) -> anyhow::Result<(
+    Option<teia_jobs::engine::Engine>,
+    Option<tokio::sync::oneshot::Sender<()>>,
+)> {
     let python = teia_jobs::runner::resolve_python(&args.python);
-    let version = teia_jobs::runner::check_python(&python)
-        .await
-        .map_err(|e| anyhow::anyhow!("--http needs Python 3 with pytest: {e}"))?;
+    let version = match teia_jobs::runner::check_python(&python).await {
+        Ok(version) => version,
+        Err(e) if args.http.is_some() => bail!("--http needs Python 3 with pytest: {e}"),
+        Err(e) => {
+            tracing::warn!("this node runs no test modules: {e}");
+            return Ok((None, None));
+        }
+    };
     let listen = handle.listen_addr();
     let address = listen
         .map(|a| {
@@ -181,12 +208,21 @@ async fn start_http(
         },
         isolation: teia_jobs::runner::Isolation::detect(),
     };
-    let engine = teia_jobs::engine::Engine::start(config)?;
+    let cluster = teia_jobs::remote::ClusterConfig {
+        node: handle.clone(),
+        trusted,
+        secret: args.cluster_secret.clone(),
+    };
+    let engine = teia_jobs::engine::Engine::start(config, Some(cluster))?;
+    tracing::info!(python = %version, "job engine ready");
+    let Some(addr) = &args.http else {
+        return Ok((Some(engine), None));
+    };
     let listener = teia_http::bind(addr)
         .await
         .with_context(|| format!("cannot serve the HTTP API on {addr}"))?;
     let bound = listener.local_addr()?;
-    tracing::info!(%bound, python = %version, "HTTP API listening");
+    tracing::info!(%bound, "HTTP API listening");
     let view_handle = handle.clone();
     let network: teia_http::NetworkView = std::sync::Arc::new(move || {
         let handle = view_handle.clone();
@@ -201,17 +237,18 @@ async fn start_http(
         })
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let served = engine.clone();
     tokio::spawn(async move {
         let stop = async {
             let _ = stopped.await;
         };
         if let Err(e) =
-            teia_http::serve(listener, engine, network, jobs_dir.join("uploads"), stop).await
+            teia_http::serve(listener, served, network, jobs_dir.join("uploads"), stop).await
         {
             tracing::error!(error = %e, "HTTP API stopped");
         }
     });
-    Ok(stop)
+    Ok((Some(engine), Some(stop)))
 }
 
 /// Checks `127.0.0.1:8080`; when nothing answers there, starts a rendezvous on it.
@@ -286,7 +323,7 @@ fn random_seed() -> u64 {
 /// Non-interactive interface: commands from stdin lines, events and output on stdout.
 async fn lines(
     handle: NodeHandle,
-    files: Files,
+    services: Services,
     mut events: mpsc::Receiver<NodeEvent>,
     mut files_events: mpsc::Receiver<FilesEvent>,
     style: Style,
@@ -303,7 +340,8 @@ async fn lines(
     });
     let mut session = Session {
         handle,
-        files,
+        files: services.files,
+        engine: services.engine,
         progress_shown: Default::default(),
         bars: None,
         style,
@@ -358,7 +396,7 @@ async fn lines(
 /// being typed.
 async fn shell(
     handle: NodeHandle,
-    files: Files,
+    services: Services,
     mut events: mpsc::Receiver<NodeEvent>,
     mut files_events: mpsc::Receiver<FilesEvent>,
     log: LogControl,
@@ -388,7 +426,8 @@ async fn shell(
     });
     let mut session = Session {
         handle,
-        files,
+        files: services.files,
+        engine: services.engine,
         progress_shown: Default::default(),
         style: Style::Text,
         log,
@@ -433,6 +472,7 @@ async fn shell(
 struct Session {
     handle: NodeHandle,
     files: Files,
+    engine: Option<teia_jobs::engine::Engine>,
     /// The last tenth of each download's progress shown in text.
     progress_shown: std::collections::HashMap<teia_files::proto::tree::Hash, u64>,
     /// The shell's progress bars (interactive shell only).
@@ -733,7 +773,27 @@ impl Session {
                     let (files, query_id, body) =
                         (self.files.clone(), query_id.clone(), body.clone());
                     tokio::spawn(async move { files.on_query(&query_id, &body).await });
+                } else if let (Some(engine), teia_jobs::proto::messages::SERVICE) =
+                    (&self.engine, service.as_str())
+                {
+                    let (engine, body) = (engine.clone(), body.clone());
+                    tokio::spawn(async move { engine.on_query(&body).await });
                 }
+                return;
+            }
+            NodeEvent::Overlay(Event::Message {
+                msg_id,
+                src,
+                payload,
+                cast: Cast::Unicast,
+                ..
+            }) if teia_jobs::proto::messages::from_payload(payload).is_some() => {
+                // A job engine's message, not chat.
+                if let Some(engine) = &self.engine {
+                    let (engine, src, payload) = (engine.clone(), src.clone(), payload.clone());
+                    tokio::spawn(async move { engine.on_message(&src, &payload).await });
+                }
+                let _ = self.handle.shown(msg_id).await;
                 return;
             }
             NodeEvent::Overlay(Event::QueryHit {

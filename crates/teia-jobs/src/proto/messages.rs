@@ -1,0 +1,106 @@
+//! The job engine's messages between nodes (PROTOCOL.md section 8), named after seed 000's:
+//! carried as SEND payloads `{"svc":"jobs","msg":{...}}` (so they are acknowledged,
+//! retransmitted and signed by their origin like any SEND), except TASK_ANNOUNCE, which is
+//! flooded as a `jobs` QUERY.
+
+use serde::{Deserialize, Serialize};
+
+use super::ledger::{Lease, ModuleResult};
+
+/// The service name of the job engine's messages and streams.
+pub const SERVICE: &str = "jobs";
+
+/// One message of the job engine.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum JobMessage {
+    /// An owner has modules waiting (flooded now and then while it has).
+    TaskAnnounce {
+        /// The owner.
+        owner: String,
+        /// Its listen port (for fetching projects), if it listens.
+        port: Option<u16>,
+        /// Modules waiting.
+        pending: u32,
+        /// Proof that the owner holds the cluster secret, if it has one.
+        #[serde(default)]
+        proof: Option<String>,
+    },
+    /// A worker asks an owner for a module.
+    TaskRequest {
+        /// Names the request, echoed by the answer.
+        request: u64,
+        /// Proof that the worker holds the cluster secret, if it has one.
+        #[serde(default)]
+        proof: Option<String>,
+    },
+    /// The owner hands a module to the worker.
+    TaskSend {
+        /// The request answered.
+        request: u64,
+        /// What to run.
+        lease: Lease,
+        /// Seconds the module may run.
+        timeout_s: u64,
+        /// Milliseconds between two renewals the owner waits at most.
+        lease_ms: u64,
+    },
+    /// The owner has nothing for the worker.
+    NoTasks {
+        /// The request answered.
+        request: u64,
+    },
+    /// The worker still runs the module.
+    TaskRenew {
+        /// The lease.
+        lease: Lease,
+    },
+    /// The module's result.
+    TaskResult {
+        /// The lease.
+        lease: Lease,
+        /// The counts.
+        result: ModuleResult,
+    },
+}
+
+/// A SEND payload carrying `message`.
+pub fn payload(message: &JobMessage) -> serde_json::Value {
+    serde_json::json!({"svc": SERVICE, "msg": message})
+}
+
+/// The job message a SEND payload carries, if it is one.
+pub fn from_payload(payload: &serde_json::Value) -> Option<JobMessage> {
+    if payload.get("svc")?.as_str()? != SERVICE {
+        return None;
+    }
+    serde_json::from_value(payload.get("msg")?.clone()).ok()
+}
+
+/// Proof that `peer_id` holds the cluster secret: BLAKE3 keyed by a key derived from the
+/// secret, over the peer id (the message carrying it is signed by that peer).
+pub fn proof(secret: &str, peer_id: &str) -> String {
+    let key = blake3::derive_key("teia cluster secret v1", secret.as_bytes());
+    blake3::keyed_hash(&key, peer_id.as_bytes())
+        .to_hex()
+        .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip_and_proofs_bind_the_peer() {
+        let message = JobMessage::TaskRequest {
+            request: 7,
+            proof: Some(proof("s", "a@x")),
+        };
+        assert_eq!(from_payload(&payload(&message)), Some(message));
+        assert_eq!(from_payload(&serde_json::json!("hello")), None);
+        assert_eq!(from_payload(&serde_json::json!({"svc": "other"})), None);
+        assert_ne!(proof("s", "a@x"), proof("s", "b@x"));
+        assert_ne!(proof("s", "a@x"), proof("t", "a@x"));
+    }
+}

@@ -1,0 +1,431 @@
+//! The job engine across nodes: owners announce waiting modules, idle workers of nodes
+//! that trust them pull modules (TASK_REQUEST → TASK_SEND), renew their lease every second
+//! while they run (TASK_RENEW) and return the result (TASK_RESULT); an owner takes back a
+//! lease not renewed for [`REMOTE_LEASE_MS`], so a worker that dies is replaced within
+//! that time. Workers fetch a project's packed bytes from its owner on a `jobs` data stream,
+//! check them against their BLAKE3 hash, and keep them per hash.
+//!
+//! Trust: a node runs modules only for owners it trusts, and hands modules only to workers
+//! it trusts: itself, the keys given with `--trust`, or nodes proving the same
+//! `--cluster-secret`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use teia_core::identity::PublicKey;
+use teia_node::node::NodeHandle;
+use teia_node::stream::DataStream;
+use tokio::sync::oneshot;
+
+use crate::engine::Engine;
+use crate::proto::ledger::Lease;
+use crate::proto::messages::{self, JobMessage, SERVICE};
+
+/// Milliseconds a remote worker's lease lasts without a renewal.
+pub const REMOTE_LEASE_MS: u64 = 3_000;
+/// Time between two renewals by a worker.
+pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+/// Time between two announcements by an owner with waiting modules.
+pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
+/// Time an announcement is believed.
+pub const OWNER_FRESH: Duration = Duration::from_secs(5);
+/// Time a worker waits for an owner's answer.
+pub const ANSWER_WAIT: Duration = Duration::from_secs(3);
+/// Owners remembered at most.
+pub const MAX_OWNERS: usize = 256;
+/// Requests waiting for an answer at most.
+pub const MAX_WAITING: usize = 256;
+/// Bytes of a project's packed bytes at most.
+pub const MAX_BLOB: u64 = 1024 * 1024 * 1024;
+
+/// How this node takes part in a cluster.
+#[derive(Clone)]
+pub struct ClusterConfig {
+    /// The node.
+    pub node: NodeHandle,
+    /// Keys trusted as owners and workers.
+    pub trusted: Vec<PublicKey>,
+    /// A secret shared by the nodes of one cluster.
+    pub secret: Option<String>,
+}
+
+struct Owner {
+    port: Option<u16>,
+    seen: Instant,
+}
+
+/// The cluster side of an engine.
+pub(crate) struct Cluster {
+    config: ClusterConfig,
+    owners: Mutex<HashMap<String, Owner>>,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<JobMessage>>>,
+    next: AtomicU64,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Cluster {
+    pub(crate) fn new(config: ClusterConfig) -> Self {
+        Self {
+            config,
+            owners: Mutex::new(HashMap::new()),
+            waiting: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    fn proof(&self, me: &str) -> Option<String> {
+        self.config
+            .secret
+            .as_deref()
+            .map(|secret| messages::proof(secret, me))
+    }
+
+    /// Whether `peer` is trusted: itself, a `--trust` key, or the cluster's proof.
+    async fn trusted(&self, me: &str, peer: &str, proof: Option<&str>) -> bool {
+        if peer == me {
+            return true;
+        }
+        if let (Some(secret), Some(proof)) = (self.config.secret.as_deref(), proof) {
+            if messages::proof(secret, peer) == proof {
+                return true;
+            }
+        }
+        if self.config.trusted.is_empty() {
+            return false;
+        }
+        match self.config.node.snapshot().await {
+            Ok(snapshot) => snapshot
+                .pins
+                .iter()
+                .any(|(id, key)| id == peer && self.config.trusted.contains(key)),
+            Err(_) => false,
+        }
+    }
+
+    async fn send(&self, to: &str, message: &JobMessage) {
+        if let Err(e) = self.config.node.send(to, messages::payload(message)).await {
+            tracing::debug!(%to, error = %e, "job message not sent");
+        }
+    }
+
+    /// Where to reach `owner`: the addresses the node knows for it, with its listen port.
+    async fn addresses(&self, owner: &str, port: Option<u16>) -> Vec<SocketAddr> {
+        let Ok(snapshot) = self.config.node.snapshot().await else {
+            return Vec::new();
+        };
+        let mut addrs: Vec<SocketAddr> = snapshot
+            .known
+            .iter()
+            .filter(|(peer, _)| peer == owner)
+            .map(|(_, a)| *a)
+            .collect();
+        for neighbour in snapshot.neighbours.iter().filter(|n| n.peer == owner) {
+            let addr = match (neighbour.inbound, port) {
+                (true, Some(port)) => SocketAddr::new(neighbour.addr.ip(), port),
+                _ => neighbour.addr,
+            };
+            if !addrs.contains(&addr) {
+                addrs.push(addr);
+            }
+        }
+        addrs.truncate(4);
+        addrs
+    }
+}
+
+impl Engine {
+    /// Starts the owner's and worker's background tasks of the cluster.
+    pub(crate) fn start_cluster(&self) {
+        let Some(cluster) = self.cluster.clone() else {
+            return;
+        };
+        let owner = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(ANNOUNCE_EVERY).await;
+                owner.expire_leases();
+                let pending = owner.pending_modules();
+                if pending == 0 {
+                    continue;
+                }
+                let announce = JobMessage::TaskAnnounce {
+                    owner: owner.config.node.clone(),
+                    port: cluster.config.node.listen_addr().map(|a| a.port()),
+                    pending,
+                    proof: cluster.proof(&owner.config.node),
+                };
+                if let Ok(body) = serde_json::to_value(&announce) {
+                    let _ = cluster.config.node.query(SERVICE, body, 3).await;
+                }
+            }
+        });
+    }
+
+    /// A `jobs` QUERY heard from the overlay (an owner's announcement).
+    pub async fn on_query(&self, body: &serde_json::Value) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
+        let Ok(JobMessage::TaskAnnounce {
+            owner, port, proof, ..
+        }) = serde_json::from_value::<JobMessage>(body.clone())
+        else {
+            return;
+        };
+        if owner == self.config.node
+            || !cluster
+                .trusted(&self.config.node, &owner, proof.as_deref())
+                .await
+        {
+            return;
+        }
+        let mut owners = lock(&cluster.owners);
+        if owners.len() >= MAX_OWNERS && !owners.contains_key(&owner) {
+            return;
+        }
+        owners.insert(
+            owner,
+            Owner {
+                port,
+                seen: Instant::now(),
+            },
+        );
+    }
+
+    /// A SEND whose payload is a job message, from `src` (its origin is authenticated).
+    pub async fn on_message(&self, src: &str, payload: &serde_json::Value) {
+        let (Some(cluster), Some(message)) = (&self.cluster, messages::from_payload(payload))
+        else {
+            return;
+        };
+        match message {
+            JobMessage::TaskRequest { request, proof } => {
+                let answer = if cluster
+                    .trusted(&self.config.node, src, proof.as_deref())
+                    .await
+                {
+                    self.lease_remote(src).map(|lease| JobMessage::TaskSend {
+                        request,
+                        lease,
+                        timeout_s: self.config.limits.timeout.as_secs(),
+                        lease_ms: REMOTE_LEASE_MS,
+                    })
+                } else {
+                    tracing::warn!(%src, "module request from an untrusted node refused");
+                    None
+                };
+                let answer = answer.unwrap_or(JobMessage::NoTasks { request });
+                cluster.send(src, &answer).await;
+            }
+            JobMessage::TaskRenew { lease } => self.renew_remote(&lease, src),
+            JobMessage::TaskResult { lease, result } => self.complete(&lease, result, false),
+            JobMessage::TaskSend { request, .. } | JobMessage::NoTasks { request } => {
+                if let Some(waiter) = lock(&cluster.waiting).remove(&request) {
+                    let _ = waiter.send(message);
+                }
+            }
+            JobMessage::TaskAnnounce { .. } => {}
+        }
+    }
+
+    /// Asks a trusted owner with waiting modules for one, runs it, returns its result;
+    /// false when there was nothing to do.
+    pub(crate) async fn work_remote(&self, slot: usize) -> bool {
+        let Some(cluster) = &self.cluster else {
+            return false;
+        };
+        let owner = {
+            let mut owners = lock(&cluster.owners);
+            owners.retain(|_, o| o.seen.elapsed() < OWNER_FRESH);
+            let mut fresh: Vec<(&String, &Owner)> = owners.iter().collect();
+            fresh.sort_by_key(|(name, _)| (*name).clone());
+            let count = fresh.len();
+            (count > 0)
+                .then(|| fresh.get(slot % count).map(|(n, o)| ((*n).clone(), o.port)))
+                .flatten()
+        };
+        let Some((owner, port)) = owner else {
+            return false;
+        };
+        let request = cluster.next.fetch_add(1, Ordering::Relaxed);
+        let (reply, answer) = oneshot::channel();
+        {
+            let mut waiting = lock(&cluster.waiting);
+            if waiting.len() >= MAX_WAITING {
+                return false;
+            }
+            waiting.insert(request, reply);
+        }
+        let ask = JobMessage::TaskRequest {
+            request,
+            proof: cluster.proof(&self.config.node),
+        };
+        cluster.send(&owner, &ask).await;
+        let answer = tokio::time::timeout(ANSWER_WAIT, answer).await;
+        lock(&cluster.waiting).remove(&request);
+        let Ok(Ok(JobMessage::TaskSend { lease, .. })) = answer else {
+            // Nothing there now: forget the announcement until the next one.
+            lock(&cluster.owners).remove(&owner);
+            return false;
+        };
+        let project = match self.fetch_project(cluster, &owner, port, &lease).await {
+            Ok(project) => project,
+            Err(e) => {
+                tracing::warn!(%owner, error = %e, "project not fetched");
+                return true;
+            }
+        };
+        let renewing = {
+            let cluster_node = cluster.config.node.clone();
+            let (owner, lease) = (owner.clone(), lease.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(RENEW_EVERY).await;
+                    let renew = JobMessage::TaskRenew {
+                        lease: lease.clone(),
+                    };
+                    let _ = cluster_node.send(&owner, messages::payload(&renew)).await;
+                }
+            })
+        };
+        let result = self.run_lease(&lease, &project, slot).await;
+        renewing.abort();
+        self.count_work(&lease, &result);
+        cluster
+            .send(&owner, &JobMessage::TaskResult { lease, result })
+            .await;
+        true
+    }
+
+    /// The project's folder on this node, fetched from `owner` if not here yet.
+    async fn fetch_project(
+        &self,
+        cluster: &Cluster,
+        owner: &str,
+        port: Option<u16>,
+        lease: &Lease,
+    ) -> Result<PathBuf, String> {
+        let blobs = self.config.dir.join("blobs");
+        let folder = blobs.join(&lease.blob);
+        if folder.is_dir() {
+            return Ok(folder);
+        }
+        std::fs::create_dir_all(&blobs).map_err(|e| e.to_string())?;
+        let mut last = "no address".to_owned();
+        for addr in cluster.addresses(owner, port).await {
+            match cluster.config.node.open_stream(addr, SERVICE, None).await {
+                Ok(mut stream) if stream.peer_id() == owner => {
+                    let packed = blobs.join(format!("{}.zip", lease.blob));
+                    fetch_blob(&mut stream, &lease.blob, &packed).await?;
+                    let partial = blobs.join(format!("{}.unpacking", lease.blob));
+                    let _ = std::fs::remove_dir_all(&partial);
+                    crate::bundle::unpack(&packed, &partial).map_err(|e| e.to_string())?;
+                    std::fs::rename(&partial, &folder).map_err(|e| e.to_string())?;
+                    let _ = std::fs::remove_file(&packed);
+                    return Ok(folder);
+                }
+                Ok(stream) => last = format!("{addr} is {}, not {owner}", stream.peer_id()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
+    }
+
+    /// Serves a `jobs` stream: a worker holding a lease of one of our projects fetches its
+    /// packed bytes (`{"blob":H}` → `{"size":N}` and N bytes).
+    pub async fn serve_stream(&self, mut stream: DataStream) {
+        let Ok(Ok(Some(line))) =
+            tokio::time::timeout(Duration::from_secs(10), stream.read_line(4096)).await
+        else {
+            return;
+        };
+        let blob = serde_json::from_slice::<serde_json::Value>(&line)
+            .ok()
+            .and_then(|v| v.get("blob").and_then(|b| b.as_str()).map(str::to_owned));
+        let Some(blob) = blob else {
+            return;
+        };
+        let Some(path) = self.blob_for(stream.peer_id(), &blob) else {
+            let _ = stream
+                .write_all(b"{\"error\":\"no lease of yours uses this project\"}\n")
+                .await;
+            return;
+        };
+        let Ok(bytes) = std::fs::read(&path) else {
+            let _ = stream
+                .write_all(b"{\"error\":\"project not found\"}\n")
+                .await;
+            return;
+        };
+        let head = format!("{{\"size\":{}}}\n", bytes.len());
+        if stream.write_all(head.as_bytes()).await.is_err() {
+            return;
+        }
+        for piece in bytes.chunks(1024 * 1024) {
+            if stream.write_all(piece).await.is_err() {
+                return;
+            }
+        }
+        stream.shutdown().await;
+    }
+}
+
+/// Fetches `blob` on `stream` into `to`, checking its BLAKE3 hash.
+async fn fetch_blob(
+    stream: &mut DataStream,
+    blob: &str,
+    to: &std::path::Path,
+) -> Result<(), String> {
+    let request = format!("{{\"blob\":\"{blob}\"}}\n");
+    stream
+        .write_all(request.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let line = tokio::time::timeout(Duration::from_secs(30), stream.read_line(4096))
+        .await
+        .map_err(|_| "the owner did not answer".to_owned())?
+        .map_err(|e| e.to_string())?
+        .ok_or("the owner closed the stream")?;
+    let head: serde_json::Value = serde_json::from_slice(&line).map_err(|e| e.to_string())?;
+    let size = head
+        .get("size")
+        .and_then(serde_json::Value::as_u64)
+        .ok_or_else(|| format!("the owner answered {head}"))?;
+    if size > MAX_BLOB {
+        return Err("project too large".into());
+    }
+    let mut hasher = blake3::Hasher::new();
+    let mut file = std::fs::File::create(to).map_err(|e| e.to_string())?;
+    let mut received = 0u64;
+    while received < size {
+        if stream.buffered().is_empty() {
+            let more = tokio::time::timeout(Duration::from_secs(30), stream.fill())
+                .await
+                .map_err(|_| "the owner stalled".to_owned())?
+                .map_err(|e| e.to_string())?;
+            if !more {
+                return Err("the owner closed the stream early".into());
+            }
+        }
+        let take = (stream.buffered().len() as u64).min(size - received) as usize;
+        let piece = stream.buffered().get(..take).unwrap_or_default();
+        hasher.update(piece);
+        std::io::Write::write_all(&mut file, piece).map_err(|e| e.to_string())?;
+        stream.consume(take);
+        received += take as u64;
+    }
+    if hasher.finalize().to_hex().as_str() != blob {
+        let _ = std::fs::remove_file(to);
+        return Err("the project's bytes do not match their hash".into());
+    }
+    Ok(())
+}
