@@ -348,19 +348,10 @@ impl Engine {
                 }
                 continue;
             };
-            let packs = self
-                .config
-                .dir
-                .join("evaluations")
-                .join(lease.eval.to_string())
-                .join("projects");
-            let extracted = packs.join(&lease.project);
-            if !extracted.is_dir() {
-                let packed = packs.join(format!("{}.zip", lease.project));
-                if let Err(e) = bundle::unpack(&packed, &extracted) {
-                    tracing::error!(error = %e, "project not unpacked");
-                }
-            }
+            let Some(extracted) = self.local_project(&lease) else {
+                tracing::error!(module = %lease.module, "project bytes missing here");
+                continue;
+            };
             let result = self.run_lease(&lease, &extracted, slot).await;
             self.count_work(&lease, &result);
             self.complete(&lease, result, true);
@@ -442,6 +433,117 @@ impl Engine {
             .sum()
     }
 
+    /// Our evaluations not finished.
+    pub(crate) fn unfinished(&self) -> u32 {
+        let state = lock(&self.state);
+        state
+            .ledger
+            .owned_by(&self.config.node)
+            .filter(|e| matches!(e.status(), "queued" | "running"))
+            .count() as u32
+    }
+
+    /// Our evaluations not finished, for replicas.
+    pub(crate) fn replica_of_ours(&self) -> Vec<Evaluation> {
+        let state = lock(&self.state);
+        state
+            .ledger
+            .owned_by(&self.config.node)
+            .filter(|e| {
+                matches!(e.status(), "queued" | "running")
+                    || e.finished_at
+                        .is_some_and(|f| unix_ms().saturating_sub(f) < 60_000)
+            })
+            .cloned()
+            .collect()
+    }
+
+    /// Takes in evaluations replicated from `owner` (ours are never replaced).
+    pub(crate) fn take_replicas(&self, owner: &str, evaluations: Vec<Evaluation>) {
+        let mut state = lock(&self.state);
+        for evaluation in evaluations {
+            if evaluation.owner != owner {
+                continue;
+            }
+            let ours = state
+                .ledger
+                .get(evaluation.id)
+                .is_some_and(|e| e.owner == self.config.node);
+            if ours {
+                continue;
+            }
+            state.save(&evaluation);
+            state.ledger.replicate(evaluation);
+        }
+    }
+
+    /// Evaluations replicated here, not finished, whose owner is `owner`.
+    pub(crate) fn replicas_owned_by(&self, owner: &str) -> Vec<(EvalId, Vec<String>)> {
+        let state = lock(&self.state);
+        state
+            .ledger
+            .owned_by(owner)
+            .filter(|e| matches!(e.status(), "queued" | "running"))
+            .map(|e| (e.id, e.projects.values().map(|p| p.blob.clone()).collect()))
+            .collect()
+    }
+
+    /// Makes this node the owner of `eval` (its old owner is gone): modules that were
+    /// running go back to the queue; finished ones are kept.
+    pub(crate) fn take_over(&self, eval: EvalId) {
+        let mut state = lock(&self.state);
+        state.ledger.take_over(eval, &self.config.node);
+        if let Some(mut evaluation) = state.ledger.get(eval).cloned() {
+            for module in evaluation
+                .projects
+                .values_mut()
+                .flat_map(|p| p.modules.values_mut())
+            {
+                if let ModuleState::Leased { attempt, .. } = module.state {
+                    module.state = ModuleState::Pending {
+                        attempt: attempt + 1,
+                    };
+                }
+            }
+            state.save(&evaluation);
+            state.ledger.replicate(evaluation);
+        }
+        tracing::warn!(eval, "took over an evaluation whose owner is gone");
+    }
+
+    /// Records `owner` as the new owner of `eval`.
+    pub(crate) fn set_owner(&self, eval: EvalId, owner: &str) {
+        let mut state = lock(&self.state);
+        if state.ledger.take_over(eval, owner) {
+            if let Some(evaluation) = state.ledger.get(eval).cloned() {
+                state.save(&evaluation);
+            }
+        }
+    }
+
+    /// The folder of a leased module's project here: unpacked from the evaluation's own
+    /// packs (we accepted it) or from the cache of projects fetched by hash.
+    pub(crate) fn local_project(&self, lease: &Lease) -> Option<PathBuf> {
+        let packs = self
+            .config
+            .dir
+            .join("evaluations")
+            .join(lease.eval.to_string())
+            .join("projects");
+        let packed = packs.join(format!("{}.zip", lease.project));
+        if packed.is_file() {
+            let extracted = packs.join(&lease.project);
+            if !extracted.is_dir() {
+                if let Err(e) = bundle::unpack(&packed, &extracted) {
+                    tracing::error!(error = %e, "project not unpacked");
+                }
+            }
+            return Some(extracted);
+        }
+        let cached = self.config.dir.join("blobs").join(&lease.blob);
+        cached.is_dir().then_some(cached)
+    }
+
     /// Takes back remote leases not renewed in time.
     pub(crate) fn expire_leases(&self) {
         let mut state = lock(&self.state);
@@ -481,8 +583,15 @@ impl Engine {
             .renew(lease, worker, now, crate::remote::REMOTE_LEASE_MS);
     }
 
-    /// The packed project `blob` of ours, if `peer` holds a lease of one of its modules.
-    pub(crate) fn blob_for(&self, peer: &str, blob: &str) -> Option<PathBuf> {
+    /// The packed project `blob` of ours, if `peer` holds a lease of one of its modules (or
+    /// any of ours, when `trusted`: a replica).
+    pub(crate) fn blob_for(&self, peer: &str, blob: &str, trusted: bool) -> Option<PathBuf> {
+        if trusted {
+            let cached = self.config.dir.join("blobs").join(format!("{blob}.zip"));
+            if cached.is_file() {
+                return Some(cached);
+            }
+        }
         let state = lock(&self.state);
         for evaluation in state.ledger.owned_by(&self.config.node) {
             for (name, project) in &evaluation.projects {

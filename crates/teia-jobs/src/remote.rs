@@ -35,6 +35,10 @@ pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 pub const OWNER_FRESH: Duration = Duration::from_secs(5);
 /// Time a worker waits for an owner's answer.
 pub const ANSWER_WAIT: Duration = Duration::from_secs(3);
+/// Time an owner may not answer before its evaluations are taken over.
+pub const OWNER_GONE: Duration = Duration::from_secs(3);
+/// Time an election collects candidacies.
+pub const ELECTION_TIME: Duration = Duration::from_millis(1500);
 /// Owners remembered at most.
 pub const MAX_OWNERS: usize = 256;
 /// Requests waiting for an answer at most.
@@ -56,6 +60,12 @@ pub struct ClusterConfig {
 struct Owner {
     port: Option<u16>,
     seen: Instant,
+    pending: u32,
+}
+
+struct Election {
+    candidates: std::collections::BTreeSet<String>,
+    started: Instant,
 }
 
 /// The cluster side of an engine.
@@ -64,6 +74,12 @@ pub(crate) struct Cluster {
     owners: Mutex<HashMap<String, Owner>>,
     waiting: Mutex<HashMap<u64, oneshot::Sender<JobMessage>>>,
     next: AtomicU64,
+    /// Owners' listen ports, as announced.
+    ports: Mutex<HashMap<String, Option<u16>>>,
+    /// When each owner whose evaluations we replicate last answered.
+    heard: Mutex<HashMap<String, Instant>>,
+    /// Elections going on, by evaluation.
+    elections: Mutex<HashMap<u64, Election>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -79,6 +95,9 @@ impl Cluster {
             owners: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
+            ports: Mutex::new(HashMap::new()),
+            heard: Mutex::new(HashMap::new()),
+            elections: Mutex::new(HashMap::new()),
         }
     }
 
@@ -153,14 +172,16 @@ impl Engine {
             loop {
                 tokio::time::sleep(ANNOUNCE_EVERY).await;
                 owner.expire_leases();
-                let pending = owner.pending_modules();
-                if pending == 0 {
+                owner.replicate_and_watch(&cluster).await;
+                let unfinished = owner.unfinished();
+                if unfinished == 0 {
                     continue;
                 }
                 let announce = JobMessage::TaskAnnounce {
                     owner: owner.config.node.clone(),
                     port: cluster.config.node.listen_addr().map(|a| a.port()),
-                    pending,
+                    pending: owner.pending_modules(),
+                    unfinished,
                     proof: cluster.proof(&owner.config.node),
                 };
                 if let Ok(body) = serde_json::to_value(&announce) {
@@ -170,35 +191,216 @@ impl Engine {
         });
     }
 
-    /// A `jobs` QUERY heard from the overlay (an owner's announcement).
+    /// A `jobs` QUERY heard from the overlay: an owner's announcement, a candidacy in an
+    /// election, or an election's result.
     pub async fn on_query(&self, body: &serde_json::Value) {
         let Some(cluster) = &self.cluster else {
             return;
         };
-        let Ok(JobMessage::TaskAnnounce {
-            owner, port, proof, ..
-        }) = serde_json::from_value::<JobMessage>(body.clone())
-        else {
+        let Ok(message) = serde_json::from_value::<JobMessage>(body.clone()) else {
             return;
         };
-        if owner == self.config.node
-            || !cluster
-                .trusted(&self.config.node, &owner, proof.as_deref())
-                .await
-        {
-            return;
-        }
-        let mut owners = lock(&cluster.owners);
-        if owners.len() >= MAX_OWNERS && !owners.contains_key(&owner) {
-            return;
-        }
-        owners.insert(
-            owner,
-            Owner {
+        match message {
+            JobMessage::TaskAnnounce {
+                owner,
                 port,
-                seen: Instant::now(),
-            },
-        );
+                proof,
+                pending,
+                ..
+            } => {
+                if owner == self.config.node
+                    || !cluster
+                        .trusted(&self.config.node, &owner, proof.as_deref())
+                        .await
+                {
+                    return;
+                }
+                lock(&cluster.ports).insert(owner.clone(), port);
+                let mut owners = lock(&cluster.owners);
+                if owners.len() >= MAX_OWNERS && !owners.contains_key(&owner) {
+                    return;
+                }
+                owners.insert(
+                    owner,
+                    Owner {
+                        port,
+                        seen: Instant::now(),
+                        pending,
+                    },
+                );
+            }
+            JobMessage::RecoveryElection { eval, candidate } => {
+                let mut elections = lock(&cluster.elections);
+                if let Some(election) = elections.get_mut(&eval) {
+                    election.candidates.insert(candidate);
+                }
+            }
+            JobMessage::EvaluationResponsibilityUpdate { eval, owner } => {
+                lock(&cluster.elections).remove(&eval);
+                if owner != self.config.node {
+                    self.set_owner(eval, &owner);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Pulls the ledgers of the owners whose evaluations we replicate (and the projects
+    /// they need), and starts an election for the evaluations of an owner that stopped
+    /// answering for [`OWNER_GONE`].
+    pub(crate) async fn replicate_and_watch(&self, cluster: &Cluster) {
+        let mut owners: Vec<String> = lock(&cluster.owners)
+            .iter()
+            .filter(|(_, o)| o.seen.elapsed() < OWNER_FRESH)
+            .map(|(name, _)| name.clone())
+            .collect();
+        for (owner, _) in lock(&cluster.heard).iter() {
+            if !owners.contains(owner) {
+                owners.push(owner.clone());
+            }
+        }
+        for owner in owners {
+            if owner == self.config.node {
+                continue;
+            }
+            let port = lock(&cluster.ports).get(&owner).copied().flatten();
+            match self.pull_ledger(cluster, &owner, port).await {
+                Ok(()) => {
+                    lock(&cluster.heard).insert(owner, Instant::now());
+                }
+                Err(e) => {
+                    let gone = lock(&cluster.heard)
+                        .get(&owner)
+                        .is_none_or(|at| at.elapsed() >= OWNER_GONE);
+                    let replicas = self.replicas_owned_by(&owner);
+                    if gone && !replicas.is_empty() {
+                        tracing::warn!(%owner, error = %e, "an owner is gone; electing a new one");
+                        for (eval, _) in replicas {
+                            self.stand(cluster, eval).await;
+                        }
+                    } else if replicas.is_empty() && gone {
+                        lock(&cluster.heard).remove(&owner);
+                    }
+                }
+            }
+        }
+        self.count_votes(cluster).await;
+    }
+
+    /// Stands in the election for `eval` (once per election).
+    async fn stand(&self, cluster: &Cluster, eval: u64) {
+        {
+            let mut elections = lock(&cluster.elections);
+            if elections.contains_key(&eval) || elections.len() >= MAX_OWNERS {
+                return;
+            }
+            let mut candidates = std::collections::BTreeSet::new();
+            candidates.insert(self.config.node.clone());
+            elections.insert(
+                eval,
+                Election {
+                    candidates,
+                    started: Instant::now(),
+                },
+            );
+        }
+        let candidacy = JobMessage::RecoveryElection {
+            eval,
+            candidate: self.config.node.clone(),
+        };
+        if let Ok(body) = serde_json::to_value(&candidacy) {
+            let _ = cluster.config.node.query(SERVICE, body, 3).await;
+        }
+    }
+
+    /// Closes the elections whose candidacies are in: the lowest peer id takes over.
+    async fn count_votes(&self, cluster: &Cluster) {
+        let closed: Vec<(u64, String)> = {
+            let mut elections = lock(&cluster.elections);
+            let closed: Vec<(u64, String)> = elections
+                .iter()
+                .filter(|(_, e)| e.started.elapsed() >= ELECTION_TIME)
+                .filter_map(|(eval, e)| e.candidates.iter().next().map(|w| (*eval, w.clone())))
+                .collect();
+            for (eval, winner) in &closed {
+                if *winner == self.config.node {
+                    elections.remove(eval);
+                } else if let Some(election) = elections.get_mut(eval) {
+                    // The winner has a while to say so; then the election starts over.
+                    if election.started.elapsed() >= ELECTION_TIME * 4 {
+                        elections.remove(eval);
+                    }
+                }
+            }
+            closed
+        };
+        for (eval, winner) in closed {
+            if winner != self.config.node {
+                continue;
+            }
+            self.take_over(eval);
+            let update = JobMessage::EvaluationResponsibilityUpdate {
+                eval,
+                owner: self.config.node.clone(),
+            };
+            if let Ok(body) = serde_json::to_value(&update) {
+                let _ = cluster.config.node.query(SERVICE, body, 3).await;
+            }
+        }
+    }
+
+    /// Fetches `owner`'s unfinished evaluations and the projects we lack.
+    async fn pull_ledger(
+        &self,
+        cluster: &Cluster,
+        owner: &str,
+        port: Option<u16>,
+    ) -> Result<(), String> {
+        let mut stream = self.open_to(cluster, owner, port).await?;
+        let request =
+            serde_json::json!({"ledger": true, "proof": cluster.proof(&self.config.node)});
+        stream
+            .write_all(format!("{request}\n").as_bytes())
+            .await
+            .map_err(|e| e.to_string())?;
+        let bytes = read_sized(&mut stream).await?;
+        let evaluations: Vec<crate::proto::ledger::Evaluation> =
+            serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        let blobs: Vec<String> = evaluations
+            .iter()
+            .flat_map(|e| e.projects.values().map(|p| p.blob.clone()))
+            .collect();
+        self.take_replicas(owner, evaluations);
+        for blob in blobs {
+            if !self.config.dir.join("blobs").join(&blob).is_dir() {
+                let lease = Lease {
+                    eval: 0,
+                    project: String::new(),
+                    blob,
+                    module: String::new(),
+                    attempt: 0,
+                };
+                self.fetch_project(cluster, owner, port, &lease).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn open_to(
+        &self,
+        cluster: &Cluster,
+        owner: &str,
+        port: Option<u16>,
+    ) -> Result<DataStream, String> {
+        let mut last = "no address".to_owned();
+        for addr in cluster.addresses(owner, port).await {
+            match cluster.config.node.open_stream(addr, SERVICE, None).await {
+                Ok(stream) if stream.peer_id() == owner => return Ok(stream),
+                Ok(stream) => last = format!("{addr} is {}, not {owner}", stream.peer_id()),
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
     }
 
     /// A SEND whose payload is a job message, from `src` (its origin is authenticated).
@@ -233,7 +435,9 @@ impl Engine {
                     let _ = waiter.send(message);
                 }
             }
-            JobMessage::TaskAnnounce { .. } => {}
+            JobMessage::TaskAnnounce { .. }
+            | JobMessage::RecoveryElection { .. }
+            | JobMessage::EvaluationResponsibilityUpdate { .. } => {}
         }
     }
 
@@ -246,7 +450,8 @@ impl Engine {
         let owner = {
             let mut owners = lock(&cluster.owners);
             owners.retain(|_, o| o.seen.elapsed() < OWNER_FRESH);
-            let mut fresh: Vec<(&String, &Owner)> = owners.iter().collect();
+            let mut fresh: Vec<(&String, &Owner)> =
+                owners.iter().filter(|(_, o)| o.pending > 0).collect();
             fresh.sort_by_key(|(name, _)| (*name).clone());
             let count = fresh.len();
             (count > 0)
@@ -273,8 +478,10 @@ impl Engine {
         let answer = tokio::time::timeout(ANSWER_WAIT, answer).await;
         lock(&cluster.waiting).remove(&request);
         let Ok(Ok(JobMessage::TaskSend { lease, .. })) = answer else {
-            // Nothing there now: forget the announcement until the next one.
-            lock(&cluster.owners).remove(&owner);
+            // Nothing there now: wait for its next announcement.
+            if let Some(known) = lock(&cluster.owners).get_mut(&owner) {
+                known.pending = 0;
+            }
             return false;
         };
         let project = match self.fetch_project(cluster, &owner, port, &lease).await {
@@ -325,12 +532,17 @@ impl Engine {
             match cluster.config.node.open_stream(addr, SERVICE, None).await {
                 Ok(mut stream) if stream.peer_id() == owner => {
                     let packed = blobs.join(format!("{}.zip", lease.blob));
-                    fetch_blob(&mut stream, &lease.blob, &packed).await?;
+                    fetch_blob(
+                        &mut stream,
+                        &lease.blob,
+                        &packed,
+                        cluster.proof(&self.config.node),
+                    )
+                    .await?;
                     let partial = blobs.join(format!("{}.unpacking", lease.blob));
                     let _ = std::fs::remove_dir_all(&partial);
                     crate::bundle::unpack(&packed, &partial).map_err(|e| e.to_string())?;
                     std::fs::rename(&partial, &folder).map_err(|e| e.to_string())?;
-                    let _ = std::fs::remove_file(&packed);
                     return Ok(folder);
                 }
                 Ok(stream) => last = format!("{addr} is {}, not {owner}", stream.peer_id()),
@@ -340,29 +552,36 @@ impl Engine {
         Err(last)
     }
 
-    /// Serves a `jobs` stream: a worker holding a lease of one of our projects fetches its
-    /// packed bytes (`{"blob":H}` → `{"size":N}` and N bytes).
+    /// Serves a `jobs` stream: a project's packed bytes (`{"blob":H}`) to a worker holding
+    /// a lease of one of its modules or to a trusted replica, and our unfinished
+    /// evaluations (`{"ledger":true}`) to a trusted replica; answered `{"size":N}` and N
+    /// bytes, or `{"error":...}`.
     pub async fn serve_stream(&self, mut stream: DataStream) {
+        let Some(cluster) = &self.cluster else {
+            return;
+        };
         let Ok(Ok(Some(line))) =
             tokio::time::timeout(Duration::from_secs(10), stream.read_line(4096)).await
         else {
             return;
         };
-        let blob = serde_json::from_slice::<serde_json::Value>(&line)
-            .ok()
-            .and_then(|v| v.get("blob").and_then(|b| b.as_str()).map(str::to_owned));
-        let Some(blob) = blob else {
+        let Ok(request) = serde_json::from_slice::<serde_json::Value>(&line) else {
             return;
         };
-        let Some(path) = self.blob_for(stream.peer_id(), &blob) else {
-            let _ = stream
-                .write_all(b"{\"error\":\"no lease of yours uses this project\"}\n")
-                .await;
-            return;
+        let proof = request.get("proof").and_then(|p| p.as_str());
+        let peer = stream.peer_id().to_owned();
+        let trusted = cluster.trusted(&self.config.node, &peer, proof).await;
+        let bytes = if let Some(blob) = request.get("blob").and_then(|b| b.as_str()) {
+            self.blob_for(&peer, blob, trusted)
+                .and_then(|path| std::fs::read(path).ok())
+        } else if request.get("ledger").is_some() && trusted {
+            serde_json::to_vec(&self.replica_of_ours()).ok()
+        } else {
+            None
         };
-        let Ok(bytes) = std::fs::read(&path) else {
+        let Some(bytes) = bytes else {
             let _ = stream
-                .write_all(b"{\"error\":\"project not found\"}\n")
+                .write_all(b"{\"error\":\"not served to you\"}\n")
                 .await;
             return;
         };
@@ -379,17 +598,8 @@ impl Engine {
     }
 }
 
-/// Fetches `blob` on `stream` into `to`, checking its BLAKE3 hash.
-async fn fetch_blob(
-    stream: &mut DataStream,
-    blob: &str,
-    to: &std::path::Path,
-) -> Result<(), String> {
-    let request = format!("{{\"blob\":\"{blob}\"}}\n");
-    stream
-        .write_all(request.as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
+/// Reads a `{"size":N}` line.
+async fn read_size(stream: &mut DataStream) -> Result<u64, String> {
     let line = tokio::time::timeout(Duration::from_secs(30), stream.read_line(4096))
         .await
         .map_err(|_| "the owner did not answer".to_owned())?
@@ -401,8 +611,45 @@ async fn fetch_blob(
         .and_then(serde_json::Value::as_u64)
         .ok_or_else(|| format!("the owner answered {head}"))?;
     if size > MAX_BLOB {
-        return Err("project too large".into());
+        return Err("answer too large".into());
     }
+    Ok(size)
+}
+
+/// Reads a `{"size":N}` line and N bytes.
+async fn read_sized(stream: &mut DataStream) -> Result<Vec<u8>, String> {
+    let size = read_size(stream).await?;
+    let mut bytes = Vec::new();
+    while (bytes.len() as u64) < size {
+        if stream.buffered().is_empty() {
+            let more = tokio::time::timeout(Duration::from_secs(30), stream.fill())
+                .await
+                .map_err(|_| "the owner stalled".to_owned())?
+                .map_err(|e| e.to_string())?;
+            if !more {
+                return Err("the owner closed the stream early".into());
+            }
+        }
+        let take = (stream.buffered().len() as u64).min(size - bytes.len() as u64) as usize;
+        bytes.extend_from_slice(stream.buffered().get(..take).unwrap_or_default());
+        stream.consume(take);
+    }
+    Ok(bytes)
+}
+
+/// Fetches `blob` on `stream` into `to`, checking its BLAKE3 hash.
+async fn fetch_blob(
+    stream: &mut DataStream,
+    blob: &str,
+    to: &std::path::Path,
+    proof: Option<String>,
+) -> Result<(), String> {
+    let request = serde_json::json!({"blob": blob, "proof": proof});
+    stream
+        .write_all(format!("{request}\n").as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    let size = read_size(stream).await?;
     let mut hasher = blake3::Hasher::new();
     let mut file = std::fs::File::create(to).map_err(|e| e.to_string())?;
     let mut received = 0u64;

@@ -481,3 +481,74 @@ fn modules_spread_over_three_nodes_and_a_killed_worker_is_replaced() {
     );
     drop(survivor);
 }
+
+#[test]
+fn when_the_owner_dies_a_survivor_takes_over_and_finishes_without_recomputing() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = "import time\n\ndef test_slow():\n    time.sleep(1.5)\n\ndef test_fast():\n    assert True\n";
+    let names: Vec<String> = (1..=8).map(|i| format!("p/tests/test_m{i}.py")).collect();
+    let files: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), slow)).collect();
+    let bytes = zip_of(dir.path(), &files);
+    let common = [
+        "--cluster-secret",
+        "our-lab",
+        "--workers",
+        "1",
+        "--http",
+        "127.0.0.1:0",
+    ];
+    let mut owner_args = vec!["--peer", "127.0.0.1:1"];
+    owner_args.extend_from_slice(&common);
+    let owner = NodeProcess::start("a-owner", "eval", &owner_args);
+    let owner_http = field(&owner.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let owner_addr = owner.addr();
+    let mut worker_args = vec!["--peer", owner_addr.as_str()];
+    worker_args.extend_from_slice(&common);
+    let first = NodeProcess::start("b-worker", "eval", &worker_args);
+    let second = NodeProcess::start("c-worker", "eval", &worker_args);
+    let first_http = field(&first.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    owner.wait_link("b-worker@eval");
+    owner.wait_link("c-worker@eval");
+    first.wait_link("a-owner@eval");
+    second.wait_link("a-owner@eval");
+
+    let (status, created) = post_zip(&owner_http, &bytes);
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    // Wait until a survivor's replica shows some modules done, then kill the owner.
+    let deadline = Instant::now() + PATIENCE;
+    let before = loop {
+        let (status, replica) = get(&first_http, &format!("/evaluation/{id}"));
+        if status == 200 && replica["modules"]["executed"].as_u64().unwrap_or(0) >= 3 {
+            break replica;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no replica with progress: {replica}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    owner.kill9();
+    let after = wait_done(&first_http, id);
+    assert_ne!(after["owner"], "a-owner@eval", "{after}");
+    let tests = &after["tests"];
+    assert_eq!(
+        (
+            tests["passed"].as_u64(),
+            tests["failed"].as_u64(),
+            tests["errors"].as_u64()
+        ),
+        (Some(16), Some(0), Some(0)),
+        "{after}"
+    );
+    // Modules finished before the kill are kept as they were, not run again.
+    for (path, module) in before["projects"]["p"]["modules"].as_object().unwrap() {
+        if module["status"] == "done" {
+            assert_eq!(
+                &after["projects"]["p"]["modules"][path], module,
+                "{path} ran again"
+            );
+        }
+    }
+    drop(second);
+}

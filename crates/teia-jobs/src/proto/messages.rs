@@ -1,7 +1,8 @@
 //! The job engine's messages between nodes (PROTOCOL.md section 8), named after seed 000's:
 //! carried as SEND payloads `{"svc":"jobs","msg":{...}}` (so they are acknowledged,
-//! retransmitted and signed by their origin like any SEND), except TASK_ANNOUNCE, which is
-//! flooded as a `jobs` QUERY.
+//! retransmitted and signed by their origin like any SEND), except TASK_ANNOUNCE,
+//! RECOVERY_ELECTION and EVALUATION_RESPONSIBILITY_UPDATE, which are flooded as `jobs`
+//! QUERYs.
 
 use serde::{Deserialize, Serialize};
 
@@ -14,7 +15,7 @@ pub const SERVICE: &str = "jobs";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum JobMessage {
-    /// An owner has modules waiting (flooded now and then while it has).
+    /// An owner has evaluations not finished (flooded now and then while it has).
     TaskAnnounce {
         /// The owner.
         owner: String,
@@ -22,6 +23,9 @@ pub enum JobMessage {
         port: Option<u16>,
         /// Modules waiting.
         pending: u32,
+        /// Evaluations not finished.
+        #[serde(default)]
+        unfinished: u32,
         /// Proof that the owner holds the cluster secret, if it has one.
         #[serde(default)]
         proof: Option<String>,
@@ -61,6 +65,21 @@ pub enum JobMessage {
         lease: Lease,
         /// The counts.
         result: ModuleResult,
+    },
+    /// A node holding a replica of an evaluation whose owner is gone stands to take it over
+    /// (flooded); the lowest peer id among the candidates wins.
+    RecoveryElection {
+        /// The evaluation.
+        eval: u64,
+        /// The candidate.
+        candidate: String,
+    },
+    /// The new owner of an evaluation (flooded by the winner of the election).
+    EvaluationResponsibilityUpdate {
+        /// The evaluation.
+        eval: u64,
+        /// Its new owner.
+        owner: String,
     },
 }
 
