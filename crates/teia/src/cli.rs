@@ -43,11 +43,53 @@ pub enum Command {
     /// Run an index server (the Napster role of seed 004): peers join with their files and
     /// search by name; speaks the seed's messages and teia's.
     Index(IndexArgs),
+    /// Submit an evaluation to a node's HTTP API and follow it; or show or list evaluations.
+    Eval(EvalArgs),
     /// Send one file without running a node: prints a ticket, then serves the file until
     /// interrupted.
     Send(SendArgs),
     /// Fetch the file of a ticket printed by `teia send`, verified, and exit.
     Receive(ReceiveArgs),
+}
+
+/// Flags of `teia eval`.
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// The node's HTTP API (`http://HOST:PORT`, `HOST:PORT` or a port on 127.0.0.1).
+    #[arg(
+        long,
+        env = "TEIA_NODE",
+        default_value = "127.0.0.1:5001",
+        global = true
+    )]
+    pub node: String,
+    /// Print JSON lines instead of a progress bar and tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: EvalCommand,
+}
+
+/// `teia eval` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum EvalCommand {
+    /// Submit a ZIP, a folder (zipped for you) or git URLs, and follow it to its grades.
+    Submit {
+        /// `PATH.zip`, a folder, or one or more git URLs.
+        #[arg(required = true)]
+        targets: Vec<String>,
+        /// Token for cloning private repositories.
+        #[arg(long, env = "TEIA_GIT_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+    },
+    /// Show one evaluation.
+    Status {
+        /// Its id.
+        id: u64,
+    },
+    /// List the evaluations the node knows.
+    List,
 }
 
 /// Flags of `teia index`.

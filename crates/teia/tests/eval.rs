@@ -552,3 +552,44 @@ fn when_the_owner_dies_a_survivor_takes_over_and_finishes_without_recomputing() 
     }
     drop(second);
 }
+
+#[test]
+fn teia_eval_submits_a_folder_follows_it_and_lists_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let project = dir.path().join("submission/alpha/tests");
+    std::fs::create_dir_all(&project).unwrap();
+    std::fs::write(project.join("test_math.py"), ALPHA_MATH).unwrap();
+    let (_node, addr) = start(&[]);
+    let output = teia()
+        .args(["eval", "--node", &addr, "--json", "submit"])
+        .arg(dir.path().join("submission"))
+        .output()
+        .unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let done = lines.iter().find(|l| l["event"] == "done").unwrap();
+    let tests = &done["evaluation"]["projects"]["alpha"]["tests"];
+    assert_eq!(
+        (tests["passed"].as_u64(), tests["failed"].as_u64()),
+        (Some(1), Some(1))
+    );
+    let id = done["evaluation"]["id"].as_u64().unwrap();
+    let list = teia()
+        .args(["eval", "--node", &addr, "list"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&list.stdout).contains(&id.to_string()));
+    let missing = teia()
+        .args(["eval", "--node", &addr, "status", "1"])
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("404"));
+}

@@ -1,5 +1,6 @@
 //! The commands: each turns its arguments into settings and runs on a tokio runtime.
 
+mod eval;
 mod files;
 mod id;
 mod node;
@@ -29,6 +30,7 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
             Command::Node(args) => node::run(*args, log).await,
             Command::Id(args) => id::run(args),
             Command::Index(args) => index(args).await,
+            Command::Eval(args) => eval::run(args).await,
             Command::Send(args) => transfer::send(args).await,
             Command::Receive(args) => transfer::receive(args).await,
         }

@@ -1,0 +1,322 @@
+//! `teia eval`: a client of a node's HTTP API (seed 000): submit a ZIP, a folder or git
+//! URLs and follow the evaluation to its grades; show one evaluation, or list them.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::cli::{EvalArgs, EvalCommand};
+
+/// A field of a JSON object (null when absent).
+fn at<'a>(value: &'a Value, key: &str) -> &'a Value {
+    value.get(key).unwrap_or(&Value::Null)
+}
+
+/// Bytes of an answer read at most.
+const MAX_ANSWER: usize = 16 * 1024 * 1024;
+
+/// The node's `host:port` from `http://host:port`, `host:port` or a bare port.
+fn authority(node: &str) -> String {
+    let trimmed = node
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    if trimmed.parse::<u16>().is_ok() {
+        format!("127.0.0.1:{trimmed}")
+    } else {
+        trimmed
+    }
+}
+
+/// One HTTP/1.1 request; the body is given as bytes or streamed from a file.
+async fn request(
+    node: &str,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: Body<'_>,
+) -> anyhow::Result<(u16, Value)> {
+    let host = authority(node);
+    let mut stream = tokio::net::TcpStream::connect(&host)
+        .await
+        .with_context(|| format!("cannot reach the node's HTTP API at {host} (--node)"))?;
+    let length = match &body {
+        Body::Bytes(bytes) => bytes.len() as u64,
+        Body::Multipart { head, file, tail } => {
+            head.len() as u64 + std::fs::metadata(file)?.len() + tail.len() as u64
+        }
+    };
+    let header = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+    );
+    stream.write_all(header.as_bytes()).await?;
+    match body {
+        Body::Bytes(bytes) => stream.write_all(bytes).await?,
+        Body::Multipart { head, file, tail } => {
+            stream.write_all(head.as_bytes()).await?;
+            let mut source = tokio::fs::File::open(file).await?;
+            tokio::io::copy(&mut source, &mut stream).await?;
+            stream.write_all(tail.as_bytes()).await?;
+        }
+    }
+    let mut answer = Vec::new();
+    (&mut stream)
+        .take(MAX_ANSWER as u64)
+        .read_to_end(&mut answer)
+        .await?;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .context("the node's answer is not HTTP")?;
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
+}
+
+enum Body<'a> {
+    Bytes(&'a [u8]),
+    Multipart {
+        head: String,
+        file: &'a Path,
+        tail: String,
+    },
+}
+
+fn api_error(status: u16, body: &Value) -> anyhow::Error {
+    let error = at(body, "error").as_str().unwrap_or("(no detail)");
+    anyhow::anyhow!("the node answered {status}: {error}")
+}
+
+/// Runs `teia eval ...`.
+pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
+    match args.command {
+        EvalCommand::Submit { targets, token } => {
+            submit(&args.node, &targets, token, args.json).await
+        }
+        EvalCommand::Status { id } => {
+            let (status, body) = request(
+                &args.node,
+                "GET",
+                &format!("/evaluation/{id}"),
+                "text/plain",
+                Body::Bytes(b""),
+            )
+            .await?;
+            if status != 200 {
+                return Err(api_error(status, &body));
+            }
+            if args.json {
+                println!("{body}");
+            } else {
+                print_report(&body);
+            }
+            Ok(())
+        }
+        EvalCommand::List => {
+            let (status, body) = request(
+                &args.node,
+                "GET",
+                "/evaluation",
+                "text/plain",
+                Body::Bytes(b""),
+            )
+            .await?;
+            if status != 200 {
+                return Err(api_error(status, &body));
+            }
+            if args.json {
+                println!("{body}");
+            } else {
+                println!("{:<20} {:<8} submitted", "id", "status");
+                for evaluation in body.as_array().into_iter().flatten() {
+                    println!(
+                        "{:<20} {:<8} {}",
+                        at(evaluation, "id").to_string(),
+                        at(evaluation, "status").as_str().unwrap_or("?"),
+                        at(evaluation, "submitted_at")
+                    );
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+async fn submit(
+    node: &str,
+    targets: &[String],
+    token: Option<String>,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let urls: Vec<&String> = targets
+        .iter()
+        .filter(|t| t.contains("://") || t.starts_with("git@"))
+        .collect();
+    let (status, body) = if !urls.is_empty() {
+        if urls.len() != targets.len() {
+            bail!("give either git URLs or one ZIP or folder, not both");
+        }
+        let body = json!({"auth_token": token, "projects": urls});
+        request(
+            node,
+            "POST",
+            "/evaluation",
+            "application/json",
+            Body::Bytes(body.to_string().as_bytes()),
+        )
+        .await?
+    } else {
+        let [target] = targets else {
+            bail!("give one ZIP or folder (or git URLs)");
+        };
+        let path = Path::new(target);
+        let scratch;
+        let archive = if path.is_dir() {
+            scratch = std::env::temp_dir().join(format!("teia-eval-{}.zip", std::process::id()));
+            teia_jobs::bundle::pack(path, &scratch)
+                .with_context(|| format!("cannot pack {}", path.display()))?;
+            scratch.as_path()
+        } else if path.is_file() {
+            path
+        } else {
+            bail!("{target} is not a ZIP, a folder or a git URL");
+        };
+        let boundary = "teia-eval-boundary-4b1d";
+        let head = format!(
+            "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"submission.zip\"\r\nContent-Type: application/zip\r\n\r\n"
+        );
+        let tail = format!("\r\n--{boundary}--\r\n");
+        let answer = request(
+            node,
+            "POST",
+            "/evaluation",
+            &format!("multipart/form-data; boundary={boundary}"),
+            Body::Multipart {
+                head,
+                file: archive,
+                tail,
+            },
+        )
+        .await;
+        if path.is_dir() {
+            let _ = std::fs::remove_file(archive);
+        }
+        answer?
+    };
+    if status != 201 {
+        return Err(api_error(status, &body));
+    }
+    let id = at(&body, "id")
+        .as_u64()
+        .context("the node answered no id")?;
+    if json_output {
+        println!("{}", json!({"event": "submitted", "id": id}));
+    } else {
+        println!("evaluation {id} submitted");
+    }
+    follow(node, id, json_output).await
+}
+
+/// Polls the evaluation until it is done, with a progress bar (or JSON lines).
+async fn follow(node: &str, id: u64, json_output: bool) -> anyhow::Result<()> {
+    let bar = (!json_output).then(|| {
+        let bar = indicatif::ProgressBar::new(0);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} [{bar:30}] {pos}/{len} modules, {msg} ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+            .progress_chars("#>."),
+        );
+        bar
+    });
+    loop {
+        let (status, body) = request(
+            node,
+            "GET",
+            &format!("/evaluation/{id}"),
+            "text/plain",
+            Body::Bytes(b""),
+        )
+        .await?;
+        if status != 200 {
+            return Err(api_error(status, &body));
+        }
+        let modules = &at(&body, "modules");
+        let done = at(modules, "executed").as_u64().unwrap_or(0);
+        let total = done
+            + at(modules, "running").as_u64().unwrap_or(0)
+            + at(modules, "pending").as_u64().unwrap_or(0);
+        let tests = &at(&body, "tests");
+        if let Some(bar) = &bar {
+            bar.set_length(total);
+            bar.set_position(done);
+            bar.set_message(format!(
+                "tests passed {} failed {}",
+                at(tests, "passed"),
+                at(tests, "failed").as_u64().unwrap_or(0)
+                    + at(tests, "errors").as_u64().unwrap_or(0)
+            ));
+        } else {
+            println!(
+                "{}",
+                json!({"event": "progress", "id": id, "modules_done": done, "modules": total,
+                       "passed": at(tests, "passed"), "failed": at(tests, "failed"), "errors": at(tests, "errors")})
+            );
+        }
+        match at(&body, "status").as_str() {
+            Some("done") | Some("failed") => {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                    print_report(&body);
+                } else {
+                    println!("{}", json!({"event": "done", "evaluation": body}));
+                }
+                if at(&body, "status") == "failed" {
+                    bail!(
+                        "evaluation {id} failed: {}",
+                        at(&body, "error").as_str().unwrap_or("see its status")
+                    );
+                }
+                return Ok(());
+            }
+            _ => tokio::time::sleep(Duration::from_millis(500)).await,
+        }
+    }
+}
+
+/// A table of the projects' results and the grade.
+fn print_report(body: &Value) {
+    println!(
+        "evaluation {} {} in {} s",
+        at(body, "id"),
+        at(body, "status").as_str().unwrap_or("?"),
+        at(body, "elapsed_seconds")
+    );
+    println!(
+        "{:<24} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8}",
+        "project", "grade", "passed", "failed", "errors", "skipped", "modules"
+    );
+    for (name, project) in at(body, "projects").as_object().into_iter().flatten() {
+        let tests = &at(project, "tests");
+        let modules = at(project, "modules").as_object().map_or(0, |m| m.len());
+        println!(
+            "{:<24} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8}",
+            super::node::clean(name),
+            at(project, "grade").to_string(),
+            at(tests, "passed").to_string(),
+            at(tests, "failed").to_string(),
+            at(tests, "errors").to_string(),
+            at(tests, "skipped").to_string(),
+            modules
+        );
+    }
+    println!(
+        "grade {} / 20 ({} % passed)",
+        at(body, "grade"),
+        at(body, "percent_passed")
+    );
+}
