@@ -2,6 +2,7 @@
 //! minimal reference that marks the ceiling of the machine, and prints the ratio.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod eval;
 mod files;
 mod load;
 mod overlay;
@@ -28,6 +29,9 @@ enum Command {
     /// File sharing: a 1 GiB file by /get and by teia receive (rate, peak RSS, CPU per GiB),
     /// resume after kill -9 at 50 %, two holders, a 20 MiB file; against a raw TCP copy.
     Files(files::Args),
+    /// Evaluations: a corpus by serial pytest, pytest-xdist and teia with 2 and 3 nodes, and
+    /// the times to recover from a killed worker and a killed owner.
+    Eval(eval::Args),
     /// The reference server: reads one line per connection, answers a constant line, closes.
     /// Started by the benchmarks themselves.
     #[command(hide = true)]
@@ -48,6 +52,7 @@ fn main() -> anyhow::Result<()> {
             Command::Rendezvous(args) => rendezvous::run(args).await,
             Command::Overlay(args) => overlay::run(args).await,
             Command::Files(args) => files::run(args).await,
+            Command::Eval(args) => eval::run(args).await,
             Command::ReferenceServer { listen } => rendezvous::reference_server(listen).await,
         }
     })

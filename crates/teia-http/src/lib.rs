@@ -183,6 +183,10 @@ async fn submit_zip(app: &App, mut multipart: Multipart) -> Result<u64, Problem>
                 .await
                 .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         }
+        // A tokio file finishes its last write in the background unless flushed.
+        out.flush()
+            .await
+            .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         drop(out);
         if size == 0 {
             let _ = tokio::fs::remove_file(&path).await;

@@ -344,7 +344,7 @@ impl Engine {
             };
             let Some(lease) = lease else {
                 if !self.work_remote(slot).await {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 continue;
             };

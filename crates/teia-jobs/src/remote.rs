@@ -1,8 +1,8 @@
 //! The job engine across nodes: owners announce waiting modules, idle workers of nodes
 //! that trust them pull modules (TASK_REQUEST → TASK_SEND), renew their lease every second
-//! while they run (TASK_RENEW) and return the result (TASK_RESULT); an owner takes back a
-//! lease not renewed for [`REMOTE_LEASE_MS`], so a worker that dies is replaced within
-//! that time. Workers fetch a project's packed bytes from its owner on a `jobs` data stream,
+//! while they run (TASK_RENEW, twice a second) and return the result (TASK_RESULT); an
+//! owner takes back a lease not renewed for [`REMOTE_LEASE_MS`] (checked every
+//! [`EXPIRE_EVERY`]), so a worker that dies is replaced within about 2.5 s. Workers fetch a project's packed bytes from its owner on a `jobs` data stream,
 //! check them against their BLAKE3 hash, and keep them per hash.
 //!
 //! Trust: a node runs modules only for owners it trusts, and hands modules only to workers
@@ -26,9 +26,11 @@ use crate::proto::ledger::Lease;
 use crate::proto::messages::{self, JobMessage, SERVICE};
 
 /// Milliseconds a remote worker's lease lasts without a renewal.
-pub const REMOTE_LEASE_MS: u64 = 3_000;
+pub const REMOTE_LEASE_MS: u64 = 2_000;
 /// Time between two renewals by a worker.
-pub const RENEW_EVERY: Duration = Duration::from_secs(1);
+pub const RENEW_EVERY: Duration = Duration::from_millis(500);
+/// Time between two checks for leases past their deadline.
+pub const EXPIRE_EVERY: Duration = Duration::from_millis(250);
 /// Time between two announcements by an owner with waiting modules.
 pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 /// Time an announcement is believed.
@@ -167,11 +169,17 @@ impl Engine {
         let Some(cluster) = self.cluster.clone() else {
             return;
         };
+        let expirer = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(EXPIRE_EVERY).await;
+                expirer.expire_leases();
+            }
+        });
         let owner = self.clone();
         tokio::spawn(async move {
             loop {
                 tokio::time::sleep(ANNOUNCE_EVERY).await;
-                owner.expire_leases();
                 owner.replicate_and_watch(&cluster).await;
                 let unfinished = owner.unfinished();
                 if unfinished == 0 {
@@ -269,9 +277,10 @@ impl Engine {
                     lock(&cluster.heard).insert(owner, Instant::now());
                 }
                 Err(e) => {
+                    // Gone: it answered before, and not for OWNER_GONE since.
                     let gone = lock(&cluster.heard)
                         .get(&owner)
-                        .is_none_or(|at| at.elapsed() >= OWNER_GONE);
+                        .is_some_and(|at| at.elapsed() >= OWNER_GONE);
                     let replicas = self.replicas_owned_by(&owner);
                     if gone && !replicas.is_empty() {
                         tracing::warn!(%owner, error = %e, "an owner is gone; electing a new one");
@@ -280,6 +289,8 @@ impl Engine {
                         }
                     } else if replicas.is_empty() && gone {
                         lock(&cluster.heard).remove(&owner);
+                    } else {
+                        tracing::debug!(%owner, error = %e, "replication failed");
                     }
                 }
             }
@@ -371,6 +382,7 @@ impl Engine {
             .flat_map(|e| e.projects.values().map(|p| p.blob.clone()))
             .collect();
         self.take_replicas(owner, evaluations);
+        lock(&cluster.heard).insert(owner.to_owned(), Instant::now());
         for blob in blobs {
             if !self.config.dir.join("blobs").join(&blob).is_dir() {
                 let lease = Lease {
@@ -380,7 +392,9 @@ impl Engine {
                     module: String::new(),
                     attempt: 0,
                 };
-                self.fetch_project(cluster, owner, port, &lease).await?;
+                if let Err(e) = self.fetch_project(cluster, owner, port, &lease).await {
+                    tracing::debug!(%owner, error = %e, "project not replicated yet");
+                }
             }
         }
         Ok(())
@@ -531,7 +545,11 @@ impl Engine {
         for addr in cluster.addresses(owner, port).await {
             match cluster.config.node.open_stream(addr, SERVICE, None).await {
                 Ok(mut stream) if stream.peer_id() == owner => {
-                    let packed = blobs.join(format!("{}.zip", lease.blob));
+                    let packed = blobs.join(format!(
+                        "{}.zip.part-{}",
+                        lease.blob,
+                        cluster.next.fetch_add(1, Ordering::Relaxed)
+                    ));
                     fetch_blob(
                         &mut stream,
                         &lease.blob,
@@ -539,10 +557,21 @@ impl Engine {
                         cluster.proof(&self.config.node),
                     )
                     .await?;
-                    let partial = blobs.join(format!("{}.unpacking", lease.blob));
-                    let _ = std::fs::remove_dir_all(&partial);
+                    // Unpacked aside, then renamed: a project folder is whole or absent;
+                    // when two fetches race, the first rename wins and both use it.
+                    let partial = blobs.join(format!(
+                        "{}.unpacking-{}",
+                        lease.blob,
+                        cluster.next.fetch_add(1, Ordering::Relaxed)
+                    ));
                     crate::bundle::unpack(&packed, &partial).map_err(|e| e.to_string())?;
-                    std::fs::rename(&partial, &folder).map_err(|e| e.to_string())?;
+                    let _ = std::fs::rename(&packed, blobs.join(format!("{}.zip", lease.blob)));
+                    if std::fs::rename(&partial, &folder).is_err() {
+                        let _ = std::fs::remove_dir_all(&partial);
+                        if !folder.is_dir() {
+                            return Err("cannot store the project".into());
+                        }
+                    }
                     return Ok(folder);
                 }
                 Ok(stream) => last = format!("{addr} is {}, not {owner}", stream.peer_id()),

@@ -311,12 +311,14 @@ pub fn resolve_python(python: &Path) -> PathBuf {
         .unwrap_or_else(|| python.to_owned())
 }
 
-/// Checks that `python` runs and has pytest; says what is missing otherwise.
-pub async fn check_python(python: &Path) -> Result<String, String> {
+/// Checks that `python` runs and has pytest; says what is missing otherwise. Returns the
+/// interpreter's own path (`sys.executable`: a wrapper such as a pyenv shim costs every
+/// module a second start) and its versions.
+pub async fn check_python(python: &Path) -> Result<(PathBuf, String), String> {
     let output = tokio::process::Command::new(python)
         .args([
             "-c",
-            "import sys, pytest; print(sys.version.split()[0], pytest.__version__)",
+            "import sys, pytest; print(sys.executable); print(sys.version.split()[0], pytest.__version__)",
         ])
         .output()
         .await
@@ -327,7 +329,17 @@ pub async fn check_python(python: &Path) -> Result<String, String> {
             )
         })?;
     if output.status.success() {
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let mut lines = text.lines();
+        let executable = lines
+            .next()
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute() && p.is_file())
+            .unwrap_or_else(|| python.to_owned());
+        Ok((
+            executable,
+            lines.next().unwrap_or_default().trim().to_owned(),
+        ))
     } else {
         Err(format!(
             "{} has no pytest; install it (pip install pytest, or apt-get install python3-pytest)",
@@ -343,6 +355,13 @@ mod tests {
 
     fn python() -> PathBuf {
         resolve_python(Path::new("python3"))
+    }
+
+    async fn interpreter() -> PathBuf {
+        check_python(&python())
+            .await
+            .map(|(p, _)| p)
+            .unwrap_or_else(|_| python())
     }
 
     async fn have_pytest() -> bool {
@@ -373,8 +392,9 @@ mod tests {
             "import time\n\ndef test_first():\n    assert True\n\ndef test_hangs():\n    time.sleep(60)\n",
         );
         let limits = Limits::default();
+        let python = interpreter().await;
         let mix = run_module(
-            &python(),
+            &python,
             &src,
             "tests/test_mix.py",
             &dir.path().join("w1"),
@@ -396,7 +416,7 @@ mod tests {
             ..Limits::default()
         };
         let hang = run_module(
-            &python(),
+            &python,
             &src,
             "tests/test_hang.py",
             &dir.path().join("w2"),

@@ -173,7 +173,12 @@ fn churn_kill_9_then_come_back() {
 
 #[test]
 fn course_client_chats_both_ways_and_errors_keep_the_link() {
-    let mut node = NodeProcess::start("teia", "UnB", &["--send-deadline", "20"]);
+    // No rendezvous (a peer that never answers instead): other tests' nodes in UnB stay out.
+    let mut node = NodeProcess::start(
+        "teia",
+        "UnB",
+        &["--send-deadline", "20", "--peer", "127.0.0.1:1"],
+    );
     let mut client = CourseClient::connect(&node.addr(), "course@UnB");
     node.wait_link("course@UnB");
 

@@ -174,8 +174,8 @@ async fn start_jobs(
     Option<tokio::sync::oneshot::Sender<()>>,
 )> {
     let python = teia_jobs::runner::resolve_python(&args.python);
-    let version = match teia_jobs::runner::check_python(&python).await {
-        Ok(version) => version,
+    let (python, version) = match teia_jobs::runner::check_python(&python).await {
+        Ok(found) => found,
         Err(e) if args.http.is_some() => bail!("--http needs Python 3 with pytest: {e}"),
         Err(e) => {
             tracing::warn!("this node runs no test modules: {e}");
