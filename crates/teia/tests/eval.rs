@@ -593,3 +593,60 @@ fn teia_eval_submits_a_folder_follows_it_and_lists_it() {
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("404"));
 }
+
+#[test]
+fn two_evaluations_run_at_once_and_a_restarted_node_keeps_its_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let first = zip_of(dir.path(), &[("one/tests/test_a.py", ALPHA_MATH)]);
+    let second = zip_of(
+        dir.path(),
+        &[
+            ("two/tests/test_b.py", BETA_DEEP),
+            ("two/tests/test_c.py", ALPHA_MATH),
+        ],
+    );
+    let data = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start_in(
+        data,
+        "keeper",
+        "eval",
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--peer",
+            "127.0.0.1:1",
+            "--workers",
+            "2",
+        ],
+    );
+    let addr = field(&node.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let (_, a) = post_zip(&addr, &first);
+    let (_, b) = post_zip(&addr, &second);
+    let (a, b) = (a["id"].as_u64().unwrap(), b["id"].as_u64().unwrap());
+    assert_ne!(a, b);
+    let done_a = wait_done(&addr, a);
+    let done_b = wait_done(&addr, b);
+    assert_eq!(done_a["tests"]["passed"], 1);
+    assert_eq!(done_b["tests"]["passed"], 3);
+    let (_, stats) = get(&addr, "/stats");
+    assert_eq!(stats["all"]["evaluations"], 2);
+
+    // Restarted with its data directory, it still knows both, and its totals.
+    let data = node.kill9();
+    let node = NodeProcess::start_in(
+        data,
+        "keeper",
+        "eval",
+        &["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"],
+    );
+    let addr = field(&node.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let (status, again) = get(&addr, &format!("/evaluation/{b}"));
+    assert_eq!(status, 200);
+    assert_eq!(again["status"], "done");
+    assert_eq!(again["tests"], done_b["tests"]);
+    let (_, list) = get(&addr, "/evaluation");
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    let (_, stats) = get(&addr, "/stats");
+    assert_eq!(stats["all"]["evaluations"], 2);
+    assert_eq!(stats["all"]["passed"], 4);
+}
