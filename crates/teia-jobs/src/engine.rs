@@ -3,8 +3,8 @@
 //! answers the HTTP API's questions.
 //!
 //! Its workers run the modules of the evaluations it owns, and, when it has none waiting,
-//! those of trusted owners ([`crate::remote`]). Taking over a dead owner's evaluations is
-//! the next step (see the README's status of the job engine).
+//! those of trusted owners; it replicates their evaluations and takes one over when its
+//! owner is gone ([`crate::remote`]).
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
