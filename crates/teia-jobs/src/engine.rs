@@ -680,36 +680,67 @@ impl Engine {
         }))
     }
 
-    /// `GET /stats`, in the course statement's format.
-    pub fn stats(&self) -> Value {
+    /// This node's own status, as it floods it.
+    pub(crate) fn own_status(&self, neighbours: Vec<String>) -> crate::proto::messages::JobMessage {
         let state = lock(&self.state);
-        let totals = state
-            .db
-            .query_row(
-                "SELECT passed, failed, projects, evaluations FROM totals",
-                [],
-                |row| {
-                    Ok((
-                        row.get::<_, i64>(0)?,
-                        row.get::<_, i64>(1)?,
-                        row.get::<_, i64>(2)?,
-                        row.get::<_, i64>(3)?,
-                    ))
-                },
-            )
-            .unwrap_or_default();
         let work = &state.work;
+        crate::proto::messages::JobMessage::NodeStatus {
+            peer_id: self.config.node.clone(),
+            address: self.config.address.clone(),
+            neighbours,
+            passed: work.passed,
+            failed: work.failed,
+            projects: work.projects.len() as u64,
+            modules: work.modules,
+            evaluations: work.evaluations.iter().copied().collect(),
+        }
+    }
+
+    /// `GET /stats`, in the course statement's format: `all` from this node's durable
+    /// totals, `nodes` this node and the nodes heard from in the last seconds.
+    pub fn stats(&self) -> Value {
+        let totals = {
+            let state = lock(&self.state);
+            state
+                .db
+                .query_row(
+                    "SELECT passed, failed, projects, evaluations FROM totals",
+                    [],
+                    |row| {
+                        Ok((
+                            row.get::<_, i64>(0)?,
+                            row.get::<_, i64>(1)?,
+                            row.get::<_, i64>(2)?,
+                            row.get::<_, i64>(3)?,
+                        ))
+                    },
+                )
+                .unwrap_or_default()
+        };
+        let mut statuses = vec![self.own_status(Vec::new())];
+        statuses.extend(self.heard_statuses());
+        let nodes: Vec<Value> = statuses
+            .iter()
+            .filter_map(|status| match status {
+                crate::proto::messages::JobMessage::NodeStatus {
+                    address,
+                    passed,
+                    failed,
+                    projects,
+                    modules,
+                    evaluations,
+                    ..
+                } => Some(json!({
+                    "address": address, "failed": failed, "passed": passed,
+                    "projects": projects, "modules": modules, "evaluations": evaluations,
+                })),
+                _ => None,
+            })
+            .collect();
         json!({
             "all": {"failed": totals.1, "passed": totals.0, "projects": totals.2,
                     "evaluations": totals.3},
-            "nodes": [{
-                "address": self.config.address,
-                "failed": work.failed,
-                "passed": work.passed,
-                "projects": work.projects.len(),
-                "modules": work.modules,
-                "evaluations": work.evaluations.iter().collect::<Vec<_>>(),
-            }],
+            "nodes": nodes,
         })
     }
 }

@@ -13,7 +13,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use teia_core::identity::PublicKey;
@@ -37,6 +37,10 @@ pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
 pub const OWNER_FRESH: Duration = Duration::from_secs(5);
 /// Time a worker waits for an owner's answer.
 pub const ANSWER_WAIT: Duration = Duration::from_secs(3);
+/// Time between two status floods of a node.
+pub const STATUS_EVERY: Duration = Duration::from_secs(2);
+/// Time a node's status is shown after it came.
+pub const STATUS_FRESH: Duration = Duration::from_secs(7);
 /// Time an owner may not answer before its evaluations are taken over.
 pub const OWNER_GONE: Duration = Duration::from_secs(3);
 /// Time an election collects candidacies.
@@ -82,6 +86,8 @@ pub(crate) struct Cluster {
     heard: Mutex<HashMap<String, Instant>>,
     /// Elections going on, by evaluation.
     elections: Mutex<HashMap<u64, Election>>,
+    /// Other nodes' statuses, by peer id, and when they came.
+    statuses: Mutex<HashMap<String, (JobMessage, Instant)>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -100,6 +106,7 @@ impl Cluster {
             ports: Mutex::new(HashMap::new()),
             heard: Mutex::new(HashMap::new()),
             elections: Mutex::new(HashMap::new()),
+            statuses: Mutex::new(HashMap::new()),
         }
     }
 
@@ -164,6 +171,76 @@ impl Cluster {
 }
 
 impl Engine {
+    /// The statuses of the other nodes heard from lately.
+    pub(crate) fn heard_statuses(&self) -> Vec<JobMessage> {
+        let Some(cluster) = &self.cluster else {
+            return Vec::new();
+        };
+        let statuses = lock(&cluster.statuses);
+        let mut fresh: Vec<&(JobMessage, Instant)> = statuses
+            .values()
+            .filter(|(_, at)| at.elapsed() < STATUS_FRESH)
+            .collect();
+        fresh.sort_by_key(|(status, _)| match status {
+            JobMessage::NodeStatus { address, .. } => address.clone(),
+            _ => String::new(),
+        });
+        fresh
+            .into_iter()
+            .map(|(status, _)| status.clone())
+            .collect()
+    }
+
+    /// `GET /network`: each node's overlay address and the addresses of the nodes it has
+    /// links to (this node's from its links, the others' from their statuses).
+    pub async fn network(&self) -> serde_json::Value {
+        let mut addresses: HashMap<String, String> = HashMap::new();
+        let mut graph: Vec<(String, Vec<String>)> = Vec::new();
+        for status in self.heard_statuses() {
+            if let JobMessage::NodeStatus {
+                peer_id,
+                address,
+                neighbours,
+                ..
+            } = status
+            {
+                addresses.insert(peer_id, address.clone());
+                graph.push((address, neighbours));
+            }
+        }
+        let mut map = serde_json::Map::new();
+        if let Some(cluster) = &self.cluster {
+            if let Ok(snapshot) = cluster.config.node.snapshot().await {
+                let links: Vec<serde_json::Value> = snapshot
+                    .neighbours
+                    .iter()
+                    .map(|n| {
+                        addresses
+                            .get(&n.peer)
+                            .cloned()
+                            .unwrap_or_else(|| n.addr.to_string())
+                            .into()
+                    })
+                    .collect();
+                map.insert(self.config.address.clone(), links.into());
+            }
+        }
+        for (address, neighbours) in graph {
+            let links: Vec<serde_json::Value> = neighbours
+                .iter()
+                .filter_map(|peer| {
+                    if *peer == self.config.node {
+                        Some(self.config.address.clone().into())
+                    } else {
+                        addresses.get(peer).cloned().map(Into::into)
+                    }
+                })
+                .collect();
+            map.insert(address, links.into());
+        }
+        serde_json::Value::Object(map)
+    }
+
     /// Starts the owner's and worker's background tasks of the cluster.
     pub(crate) fn start_cluster(&self) {
         let Some(cluster) = self.cluster.clone() else {
@@ -174,6 +251,21 @@ impl Engine {
             loop {
                 tokio::time::sleep(EXPIRE_EVERY).await;
                 expirer.expire_leases();
+            }
+        });
+        let reporter = self.clone();
+        let reporter_cluster = Arc::clone(&cluster);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(STATUS_EVERY).await;
+                let neighbours = match reporter_cluster.config.node.snapshot().await {
+                    Ok(snapshot) => snapshot.neighbours.iter().map(|n| n.peer.clone()).collect(),
+                    Err(_) => return,
+                };
+                let status = reporter.own_status(neighbours);
+                if let Ok(body) = serde_json::to_value(&status) {
+                    let _ = reporter_cluster.config.node.query(SERVICE, body, 3).await;
+                }
             }
         });
         let owner = self.clone();
@@ -241,6 +333,16 @@ impl Engine {
                 let mut elections = lock(&cluster.elections);
                 if let Some(election) = elections.get_mut(&eval) {
                     election.candidates.insert(candidate);
+                }
+            }
+            JobMessage::NodeStatus { ref peer_id, .. } => {
+                if *peer_id == self.config.node {
+                    return;
+                }
+                let mut statuses = lock(&cluster.statuses);
+                statuses.retain(|_, (_, at)| at.elapsed() < STATUS_FRESH);
+                if statuses.len() < MAX_OWNERS || statuses.contains_key(peer_id) {
+                    statuses.insert(peer_id.clone(), (message.clone(), Instant::now()));
                 }
             }
             JobMessage::EvaluationResponsibilityUpdate { eval, owner } => {
@@ -451,6 +553,7 @@ impl Engine {
             }
             JobMessage::TaskAnnounce { .. }
             | JobMessage::RecoveryElection { .. }
+            | JobMessage::NodeStatus { .. }
             | JobMessage::EvaluationResponsibilityUpdate { .. } => {}
         }
     }

@@ -777,8 +777,9 @@ impl Driver {
         if fits {
             tasks.queued.fetch_add(len, Ordering::Relaxed);
             self.queued_total.fetch_add(len, Ordering::Relaxed);
+            // A small line that still fits does not end a stall: only a queue drained
+            // below half its budget does (see `close_stalled`).
             if tasks.writer.try_send(Out::Line(line)).is_ok() {
-                tasks.full_since = None;
                 return;
             }
             tasks.queued.fetch_sub(len, Ordering::Relaxed);

@@ -650,3 +650,53 @@ fn two_evaluations_run_at_once_and_a_restarted_node_keeps_its_history() {
     assert_eq!(stats["all"]["evaluations"], 2);
     assert_eq!(stats["all"]["passed"], 4);
 }
+
+#[test]
+fn stats_and_network_show_every_node_up() {
+    let a = NodeProcess::start(
+        "a-node",
+        "eval",
+        &["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"],
+    );
+    let http = field(&a.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let b = NodeProcess::start(
+        "b-node",
+        "eval",
+        &["--peer", &a.addr(), "--max-neighbours", "1"],
+    );
+    let c = NodeProcess::start(
+        "c-node",
+        "eval",
+        &["--peer", &b.addr(), "--max-neighbours", "1"],
+    );
+    b.wait_link("c-node@eval");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, stats) = get(&http, "/stats");
+        let (_, network) = get(&http, "/network");
+        let nodes = stats["nodes"].as_array().map_or(0, Vec::len);
+        let graph = network.as_object().cloned().unwrap_or_default();
+        let c_links = graph.get(&c.addr()).cloned().unwrap_or_default();
+        let all = [a.addr(), b.addr(), c.addr()];
+        let known_links = graph.values().all(|links| {
+            links
+                .as_array()
+                .is_some_and(|l| l.iter().all(|x| all.iter().any(|a| x == a.as_str())))
+        });
+        let c_to_b = c_links
+            .as_array()
+            .is_some_and(|l| l.iter().any(|x| x == b.addr().as_str()));
+        if nodes == 3 && graph.len() == 3 && known_links && c_to_b {
+            let addresses: Vec<&str> = stats["nodes"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|n| n["address"].as_str().unwrap())
+                .collect();
+            assert!(addresses.contains(&c.addr().as_str()), "{stats}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "stats {stats} network {network}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}

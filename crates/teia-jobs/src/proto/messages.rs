@@ -74,6 +74,25 @@ pub enum JobMessage {
         /// The candidate.
         candidate: String,
     },
+    /// A node's work and links, flooded every few seconds, for `/stats` and `/network`.
+    NodeStatus {
+        /// Its peer id.
+        peer_id: String,
+        /// Its overlay address (`ip:port`).
+        address: String,
+        /// The peer ids it has links to.
+        neighbours: Vec<String>,
+        /// Tests it ran that passed.
+        passed: u64,
+        /// Tests it ran that failed or erred.
+        failed: u64,
+        /// Projects it ran modules of.
+        projects: u64,
+        /// Modules it ran.
+        modules: u64,
+        /// Evaluations it worked on.
+        evaluations: Vec<u64>,
+    },
     /// The new owner of an evaluation (flooded by the winner of the election).
     EvaluationResponsibilityUpdate {
         /// The evaluation.

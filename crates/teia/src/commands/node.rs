@@ -223,18 +223,10 @@ async fn start_jobs(
         .with_context(|| format!("cannot serve the HTTP API on {addr}"))?;
     let bound = listener.local_addr()?;
     tracing::info!(%bound, "HTTP API listening");
-    let view_handle = handle.clone();
+    let viewer = engine.clone();
     let network: teia_http::NetworkView = std::sync::Arc::new(move || {
-        let handle = view_handle.clone();
-        let address = address.clone();
-        Box::pin(async move {
-            let links: Vec<String> = handle
-                .snapshot()
-                .await
-                .map(|s| s.neighbours.iter().map(|n| n.addr.to_string()).collect())
-                .unwrap_or_default();
-            json!({ address: links })
-        })
+        let engine = viewer.clone();
+        Box::pin(async move { engine.network().await })
     });
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = engine.clone();
