@@ -160,17 +160,7 @@ impl Engine {
             for body in rows.flatten() {
                 if let Ok(mut evaluation) = serde_json::from_str::<Evaluation>(&body) {
                     // Modules that were running when the node stopped run again.
-                    for module in evaluation
-                        .projects
-                        .values_mut()
-                        .flat_map(|p| p.modules.values_mut())
-                    {
-                        if let ModuleState::Leased { attempt, .. } = module.state {
-                            module.state = ModuleState::Pending {
-                                attempt: attempt + 1,
-                            };
-                        }
-                    }
+                    requeue_running(&mut evaluation);
                     ledger.replicate(evaluation);
                 }
             }
@@ -494,17 +484,7 @@ impl Engine {
         let mut state = lock(&self.state);
         state.ledger.take_over(eval, &self.config.node);
         if let Some(mut evaluation) = state.ledger.get(eval).cloned() {
-            for module in evaluation
-                .projects
-                .values_mut()
-                .flat_map(|p| p.modules.values_mut())
-            {
-                if let ModuleState::Leased { attempt, .. } = module.state {
-                    module.state = ModuleState::Pending {
-                        attempt: attempt + 1,
-                    };
-                }
-            }
+            requeue_running(&mut evaluation);
             state.save(&evaluation);
             state.ledger.replicate(evaluation);
         }
@@ -742,6 +722,22 @@ impl Engine {
                     "evaluations": totals.3},
             "nodes": nodes,
         })
+    }
+}
+
+/// Puts the modules of `evaluation` that were running back in the queue, their attempt
+/// raised (their worker's result will not count).
+fn requeue_running(evaluation: &mut Evaluation) {
+    for module in evaluation
+        .projects
+        .values_mut()
+        .flat_map(|p| p.modules.values_mut())
+    {
+        if let ModuleState::Leased { attempt, .. } = module.state {
+            module.state = ModuleState::Pending {
+                attempt: attempt + 1,
+            };
+        }
     }
 }
 

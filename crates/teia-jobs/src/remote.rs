@@ -748,19 +748,26 @@ async fn read_size(stream: &mut DataStream) -> Result<u64, String> {
     Ok(size)
 }
 
+/// Reads more of the owner's bytes: an error if it stalls or closes.
+async fn fill(stream: &mut DataStream) -> Result<(), String> {
+    let more = tokio::time::timeout(Duration::from_secs(30), stream.fill())
+        .await
+        .map_err(|_| "the owner stalled".to_owned())?
+        .map_err(|e| e.to_string())?;
+    if more {
+        Ok(())
+    } else {
+        Err("the owner closed the stream early".into())
+    }
+}
+
 /// Reads a `{"size":N}` line and N bytes.
 async fn read_sized(stream: &mut DataStream) -> Result<Vec<u8>, String> {
     let size = read_size(stream).await?;
     let mut bytes = Vec::new();
     while (bytes.len() as u64) < size {
         if stream.buffered().is_empty() {
-            let more = tokio::time::timeout(Duration::from_secs(30), stream.fill())
-                .await
-                .map_err(|_| "the owner stalled".to_owned())?
-                .map_err(|e| e.to_string())?;
-            if !more {
-                return Err("the owner closed the stream early".into());
-            }
+            fill(stream).await?;
         }
         let take = (stream.buffered().len() as u64).min(size - bytes.len() as u64) as usize;
         bytes.extend_from_slice(stream.buffered().get(..take).unwrap_or_default());
@@ -787,13 +794,7 @@ async fn fetch_blob(
     let mut received = 0u64;
     while received < size {
         if stream.buffered().is_empty() {
-            let more = tokio::time::timeout(Duration::from_secs(30), stream.fill())
-                .await
-                .map_err(|_| "the owner stalled".to_owned())?
-                .map_err(|e| e.to_string())?;
-            if !more {
-                return Err("the owner closed the stream early".into());
-            }
+            fill(stream).await?;
         }
         let take = (stream.buffered().len() as u64).min(size - received) as usize;
         let piece = stream.buffered().get(..take).unwrap_or_default();

@@ -441,10 +441,11 @@ async fn hostile_stream_requests_get_errors_and_the_node_keeps_serving() {
     assert_eq!(reply(&mut stream).await["code"], "bad_request");
 }
 
-#[test]
-fn a_holder_that_cannot_be_dialed_opens_the_stream_itself() {
+/// A holder with `--no-listen` behind a relay, and a downloader of the relay (listening or
+/// not) that fetches the holder's file of `size` bytes.
+fn fetch_from_a_holder_behind_a_relay(name: &str, size: usize, downloader_listens: bool) {
     let (_a, share) = share_dir("nat");
-    random_file(&share.join("behind.bin"), 2 << 20, 21);
+    random_file(&share.join(name), size, 21);
     let relay = NodeProcess::start("relay", "files", &["--peer", "127.0.0.1:1"]);
     let holder = NodeProcess::start(
         "holder",
@@ -459,51 +460,33 @@ fn a_holder_that_cannot_be_dialed_opens_the_stream_itself() {
     );
     holder.wait_event("shared", |e| e["event"] == "shared");
     relay.wait_link("holder@files");
-    let mut downloader = NodeProcess::start("d", "files", &["--peer", &relay.addr()]);
+    let relay_addr = relay.addr();
+    let mut args = vec!["--peer", relay_addr.as_str()];
+    if !downloader_listens {
+        args.push("--no-listen");
+    }
+    let mut downloader = NodeProcess::start("d", "files", &args);
     downloader.wait_link("relay@files");
-    let results = search(&mut downloader, "behind", 1);
+    let results = search(&mut downloader, name, 1);
     let hash = results[0]["hash"].as_str().unwrap().to_owned();
     let out = tempfile::tempdir().unwrap();
     downloader.command(&format!("/get {hash} {}", out.path().display()));
     let done = wait_done(&downloader, &hash);
-    assert_eq!(done["sources"]["holder@files"], 2 << 20);
+    assert_eq!(done["sources"]["holder@files"], size);
     assert!(same_content(
         Path::new(done["path"].as_str().unwrap()),
-        &share.join("behind.bin")
+        &share.join(name)
     ));
 }
 
 #[test]
+fn a_holder_that_cannot_be_dialed_opens_the_stream_itself() {
+    fetch_from_a_holder_behind_a_relay("behind.bin", 2 << 20, true);
+}
+
+#[test]
 fn when_neither_side_can_be_dialed_a_common_neighbour_splices_the_stream() {
-    let (_a, share) = share_dir("nat");
-    random_file(&share.join("both.bin"), 3 << 20, 23);
-    let relay = NodeProcess::start("relay", "files", &["--peer", "127.0.0.1:1"]);
-    let holder = NodeProcess::start(
-        "holder",
-        "files",
-        &[
-            "--no-listen",
-            "--share",
-            share.to_str().unwrap(),
-            "--peer",
-            &relay.addr(),
-        ],
-    );
-    holder.wait_event("shared", |e| e["event"] == "shared");
-    relay.wait_link("holder@files");
-    let mut downloader =
-        NodeProcess::start("d", "files", &["--no-listen", "--peer", &relay.addr()]);
-    downloader.wait_link("relay@files");
-    let results = search(&mut downloader, "both", 1);
-    let hash = results[0]["hash"].as_str().unwrap().to_owned();
-    let out = tempfile::tempdir().unwrap();
-    downloader.command(&format!("/get {hash} {}", out.path().display()));
-    let done = wait_done(&downloader, &hash);
-    assert_eq!(done["sources"]["holder@files"], 3 << 20);
-    assert!(same_content(
-        Path::new(done["path"].as_str().unwrap()),
-        &share.join("both.bin")
-    ));
+    fetch_from_a_holder_behind_a_relay("both.bin", 3 << 20, false);
 }
 
 #[test]

@@ -90,6 +90,15 @@ fn api_error(status: u16, body: &Value) -> anyhow::Error {
     anyhow::anyhow!("the node answered {status}: {error}")
 }
 
+/// A GET answered 200, as JSON; any other answer as an error.
+async fn get(node: &str, path: &str) -> anyhow::Result<Value> {
+    let (status, body) = request(node, "GET", path, "text/plain", Body::Bytes(b"")).await?;
+    if status != 200 {
+        return Err(api_error(status, &body));
+    }
+    Ok(body)
+}
+
 /// Runs `teia eval ...`.
 pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
     match args.command {
@@ -97,17 +106,7 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
             submit(&args.node, &targets, token, args.json).await
         }
         EvalCommand::Status { id } => {
-            let (status, body) = request(
-                &args.node,
-                "GET",
-                &format!("/evaluation/{id}"),
-                "text/plain",
-                Body::Bytes(b""),
-            )
-            .await?;
-            if status != 200 {
-                return Err(api_error(status, &body));
-            }
+            let body = get(&args.node, &format!("/evaluation/{id}")).await?;
             if args.json {
                 println!("{body}");
             } else {
@@ -116,17 +115,7 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
             Ok(())
         }
         EvalCommand::List => {
-            let (status, body) = request(
-                &args.node,
-                "GET",
-                "/evaluation",
-                "text/plain",
-                Body::Bytes(b""),
-            )
-            .await?;
-            if status != 200 {
-                return Err(api_error(status, &body));
-            }
+            let body = get(&args.node, "/evaluation").await?;
             if args.json {
                 println!("{body}");
             } else {
@@ -234,17 +223,7 @@ async fn follow(node: &str, id: u64, json_output: bool) -> anyhow::Result<()> {
         bar
     });
     loop {
-        let (status, body) = request(
-            node,
-            "GET",
-            &format!("/evaluation/{id}"),
-            "text/plain",
-            Body::Bytes(b""),
-        )
-        .await?;
-        if status != 200 {
-            return Err(api_error(status, &body));
-        }
+        let body = get(node, &format!("/evaluation/{id}")).await?;
         let modules = &at(&body, "modules");
         let done = at(modules, "executed").as_u64().unwrap_or(0);
         let total = done
