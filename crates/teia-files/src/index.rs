@@ -108,11 +108,7 @@ impl IndexServer {
             path: path.clone(),
             source,
         };
-        std::fs::create_dir_all(data_dir)
-            .map_err(|e| fail(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        let db = Connection::open(&path).map_err(fail)?;
-        db.pragma_update(None, "journal_mode", "WAL")
-            .map_err(fail)?;
+        let db = teia_node::store::open_database(&path, false).map_err(fail)?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS records (id TEXT PRIMARY KEY, record TEXT NOT NULL);",
         )

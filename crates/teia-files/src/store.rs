@@ -65,15 +65,7 @@ impl FileStore {
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| fail(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        }
-        let conn = Connection::open(path).map_err(fail)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(fail)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(fail)?;
+        let conn = teia_node::store::open_database(path, false).map_err(fail)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS shares (
                 path TEXT PRIMARY KEY

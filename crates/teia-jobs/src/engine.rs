@@ -144,9 +144,7 @@ impl Engine {
         cluster: Option<ClusterConfig>,
     ) -> Result<Self, EngineError> {
         std::fs::create_dir_all(&config.dir)?;
-        let db = Connection::open(config.dir.join("jobs.sqlite3"))?;
-        db.pragma_update(None, "journal_mode", "WAL")?;
-        db.pragma_update(None, "synchronous", "NORMAL")?;
+        let db = teia_node::store::open_database(&config.dir.join("jobs.sqlite3"), false)?;
         db.execute_batch(
             "CREATE TABLE IF NOT EXISTS evaluations (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS totals (passed INTEGER, failed INTEGER, projects INTEGER,

@@ -34,6 +34,24 @@ pub struct NodeStore {
     since_prune: u32,
 }
 
+/// Opens (creating it and its folder if needed) a SQLite database for durable state: WAL
+/// journal, `synchronous = NORMAL` (a commit survives `kill -9` of the process). With
+/// `exclusive`, for a database one process holds alone (its lock file says so), no file
+/// locks per transaction and the WAL index kept in memory.
+pub fn open_database(path: &Path, exclusive: bool) -> rusqlite::Result<Connection> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    }
+    let conn = Connection::open(path)?;
+    if exclusive {
+        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")?;
+    }
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(conn)
+}
+
 impl NodeStore {
     /// Opens (creating if needed) the database at `path` and reads what it holds.
     pub fn open(path: &Path) -> Result<(Self, Restored), StoreError> {
@@ -41,19 +59,7 @@ impl NodeStore {
             path: path.to_owned(),
             source,
         };
-        if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
-                .map_err(|e| fail(rusqlite::Error::ToSqlConversionFailure(Box::new(e))))?;
-        }
-        let conn = Connection::open(path).map_err(fail)?;
-        // The node holds its database alone (its lock file says so): no file locks per
-        // transaction, and the WAL index in memory.
-        conn.pragma_update(None, "locking_mode", "EXCLUSIVE")
-            .map_err(fail)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(fail)?;
-        conn.pragma_update(None, "synchronous", "NORMAL")
-            .map_err(fail)?;
+        let conn = open_database(path, true).map_err(fail)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS outbox (
                 msg_id TEXT PRIMARY KEY,

@@ -79,6 +79,21 @@ fn zip_of(dir: &Path, files: &[(&str, &str)]) -> Vec<u8> {
     bytes
 }
 
+/// The bytes of a ZIP that Python writes at `path` with `entries` (statements on `z`, a
+/// deflating `zipfile.ZipFile`): for archives no honest tool makes.
+fn python_zip(path: &Path, entries: &str) -> Vec<u8> {
+    let script = format!(
+        "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED)\n{entries}\nz.close()"
+    );
+    let status = Command::new("python3")
+        .args(["-c", &script])
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::read(path).unwrap()
+}
+
 fn start(extra: &[&str]) -> (NodeProcess, String) {
     let mut args = vec!["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"];
     args.extend_from_slice(extra);
@@ -250,37 +265,17 @@ fn bad_submissions_are_answered_with_clear_4xx() {
     let no_project = zip_of(dir.path(), &[("p/readme.txt", "hello")]);
     expect(post_zip(&addr, &no_project), 400, "no project");
     // zip-slip: an entry named ../evil.py, written by Python.
-    let slip = dir.path().join("slip.zip");
-    let status = Command::new("python3")
-        .args([
-            "-c",
-            "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nz.writestr('../evil.py', 'x')\nz.writestr('p/tests/test_a.py', 'def test_a(): pass')\nz.close()",
-        ])
-        .arg(&slip)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    expect(
-        post_zip(&addr, &std::fs::read(&slip).unwrap()),
-        400,
-        "zip-slip",
+    let slip = python_zip(
+        &dir.path().join("slip.zip"),
+        "z.writestr('../evil.py', 'x')\nz.writestr('p/tests/test_a.py', 'def test_a(): pass')",
     );
+    expect(post_zip(&addr, &slip), 400, "zip-slip");
     // A zip bomb: 50 MiB of zeros in a few KiB.
-    let bomb = dir.path().join("bomb.zip");
-    let status = Command::new("python3")
-        .args([
-            "-c",
-            "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w', zipfile.ZIP_DEFLATED)\nz.writestr('p/tests/test_a.py', b'\\0' * (50 * 1024 * 1024))\nz.close()",
-        ])
-        .arg(&bomb)
-        .status()
-        .unwrap();
-    assert!(status.success());
-    expect(
-        post_zip(&addr, &std::fs::read(&bomb).unwrap()),
-        400,
-        "zip bomb",
+    let bomb = python_zip(
+        &dir.path().join("bomb.zip"),
+        "z.writestr('p/tests/test_a.py', b'\\0' * (50 * 1024 * 1024))",
     );
+    expect(post_zip(&addr, &bomb), 400, "zip bomb");
     expect(
         http(&addr, "POST", "/evaluation", "text/plain", b"hi"),
         415,
