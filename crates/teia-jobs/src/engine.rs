@@ -18,7 +18,7 @@ use crate::proto::ledger::{
     EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState, NewProject,
 };
 use crate::remote::{Cluster, ClusterConfig};
-use crate::runner::{self, Isolation, Limits};
+use crate::runner::{Isolation, Limits, Runner};
 
 /// Evaluations running or queued at once on this node; one more is refused.
 pub const MAX_ACTIVE: usize = 64;
@@ -91,6 +91,7 @@ pub struct Engine {
     state: Arc<Mutex<State>>,
     started: Instant,
     pub(crate) cluster: Option<Arc<Cluster>>,
+    runner: Arc<Runner>,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -163,7 +164,14 @@ impl Engine {
                 }
             }
         }
+        let runner = Runner::new(
+            &config.dir,
+            config.python.clone(),
+            config.limits.clone(),
+            config.isolation.clone(),
+        )?;
         let engine = Self {
+            runner: Arc::new(runner),
             config: Arc::new(config),
             state: Arc::new(Mutex::new(State {
                 ledger,
@@ -175,6 +183,8 @@ impl Engine {
             cluster: cluster.map(|c| Arc::new(Cluster::new(c))),
         };
         engine.start_cluster();
+        let warming = Arc::clone(&engine.runner);
+        tokio::spawn(async move { warming.warm_up().await });
         for slot in 0..engine.config.workers.max(1) {
             let worker = engine.clone();
             tokio::spawn(async move { worker.work(slot).await });
@@ -310,6 +320,10 @@ impl Engine {
             state.save(&evaluation);
         }
         state.add_totals(0, 0, project_count, 1);
+        drop(state);
+        if let Some(cluster) = &self.cluster {
+            cluster.announce_now.notify_one();
+        }
         tracing::info!(id, projects = project_count, "evaluation accepted");
         Ok(id)
     }
@@ -359,16 +373,10 @@ impl Engine {
             .join("work")
             .join(format!("{}-{slot}-{}", lease.eval, lease.attempt));
         let _ = std::fs::remove_dir_all(&work);
-        let outcome = runner::run_module(
-            &self.config.python,
-            project,
-            &lease.module,
-            &work,
-            &self.config.limits,
-            &self.config.isolation,
-            &self.config.address,
-        )
-        .await;
+        let outcome = self
+            .runner
+            .run_module(project, &lease.module, &work, &self.config.address)
+            .await;
         let _ = std::fs::remove_dir_all(&work);
         match outcome {
             Ok(outcome) => outcome.result,

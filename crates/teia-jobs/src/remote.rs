@@ -88,6 +88,8 @@ pub(crate) struct Cluster {
     elections: Mutex<HashMap<u64, Election>>,
     /// Other nodes' statuses, by peer id, and when they came.
     statuses: Mutex<HashMap<String, (JobMessage, Instant)>>,
+    /// Wakes the owner's announcer before its period (a new evaluation to hand out).
+    pub(crate) announce_now: tokio::sync::Notify,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -107,6 +109,7 @@ impl Cluster {
             heard: Mutex::new(HashMap::new()),
             elections: Mutex::new(HashMap::new()),
             statuses: Mutex::new(HashMap::new()),
+            announce_now: tokio::sync::Notify::new(),
         }
     }
 
@@ -271,7 +274,10 @@ impl Engine {
         let owner = self.clone();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(ANNOUNCE_EVERY).await;
+                tokio::select! {
+                    () = tokio::time::sleep(ANNOUNCE_EVERY) => {}
+                    () = cluster.announce_now.notified() => {}
+                }
                 owner.replicate_and_watch(&cluster).await;
                 let unfinished = owner.unfinished();
                 if unfinished == 0 {

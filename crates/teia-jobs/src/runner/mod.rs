@@ -1,0 +1,651 @@
+//! Running one test module: `pytest MODULE` in a fresh copy of its project, with the
+//! project's `requirements.txt` installed in a cached virtual environment ([`venv`]), a
+//! clean environment, resource limits (`ulimit`: memory, processes, file size), its own
+//! process group (killed whole at the timeout), and under `bubblewrap` (no network, a
+//! read-only system) when it is installed. Without bubblewrap, modules are forked from a
+//! warm interpreter ([`warm`]) that has pytest imported already.
+//!
+//! Results are counted per test as they happen, by a small pytest plugin that writes one
+//! JSON line per test report to a file: a module killed at its timeout keeps the results of
+//! the tests that finished, and counts one error for the one it was in.
+
+mod venv;
+mod warm;
+
+pub use venv::{BUILD_TIME, MAX_REQUIREMENTS};
+pub use warm::MAX_WARM;
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+
+use crate::proto::ledger::ModuleResult;
+
+/// The pytest plugin that reports each test as it ends.
+const PLUGIN: &str = r#"
+import json, os
+
+_out = open(os.environ["TEIA_REPORT"], "a", buffering=1)
+
+def _write(kind, outcome, nodeid):
+    _out.write(json.dumps({"kind": kind, "outcome": outcome, "nodeid": nodeid}) + "\n")
+
+def pytest_collectreport(report):
+    if report.failed:
+        _write("collect", "error", report.nodeid)
+
+def pytest_runtest_logreport(report):
+    if report.when == "call":
+        _write("call", "skipped" if report.skipped else report.outcome, report.nodeid)
+    elif report.failed:
+        _write(report.when, "error", report.nodeid)
+    elif report.skipped and report.when == "setup":
+        _write("setup", "skipped", report.nodeid)
+"#;
+
+/// Bytes of a module's output kept (the rest is dropped).
+pub const OUTPUT_KEPT: usize = 64 * 1024;
+
+/// Limits a module runs under.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Wall time.
+    pub timeout: Duration,
+    /// Virtual memory, in MiB.
+    pub memory_mib: u64,
+    /// Processes of the user at once.
+    pub processes: u64,
+    /// Size of any file written, in MiB.
+    pub file_mib: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(120),
+            memory_mib: 2048,
+            processes: 256,
+            file_mib: 256,
+        }
+    }
+}
+
+/// How tasks are isolated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Isolation {
+    /// `bubblewrap`: no network, the system read-only, only the work folder writable.
+    Bubblewrap(PathBuf),
+    /// A clean environment, limits and a process group only.
+    Limits,
+}
+
+impl Isolation {
+    /// `bubblewrap` when installed, else limits only.
+    pub fn detect() -> Self {
+        std::env::var_os("PATH")
+            .and_then(|paths| {
+                std::env::split_paths(&paths)
+                    .map(|dir| dir.join("bwrap"))
+                    .find(|p| p.is_file())
+            })
+            .map_or(Self::Limits, Self::Bubblewrap)
+    }
+
+    /// For the log.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::Bubblewrap(path) => format!(
+                "bubblewrap ({}): no network, read-only system, limits",
+                path.display()
+            ),
+            Self::Limits => {
+                "clean environment, ulimits and a process group (install bubblewrap for \
+                 no network and a read-only system)"
+                    .to_owned()
+            }
+        }
+    }
+}
+
+/// Why a module could not be run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Preparing its folder failed.
+    #[error("cannot prepare {path}: {source}")]
+    Prepare {
+        /// The folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The process could not start.
+    #[error("cannot start python: {0}")]
+    Spawn(std::io::Error),
+}
+
+/// What a run produced.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    /// The counts.
+    pub result: ModuleResult,
+    /// Whether it was killed at its timeout.
+    pub timed_out: bool,
+    /// The end of its output (stdout and stderr).
+    pub output: String,
+}
+
+#[derive(Deserialize)]
+struct Report {
+    kind: String,
+    outcome: String,
+}
+
+/// pytest's arguments after the module.
+const PYTEST_ARGS: [&str; 5] = ["-q", "-p", "teia_report", "-p", "no:cacheprovider"];
+
+/// The `bash` script that sets a module's limits and runs the rest of its arguments.
+fn limits_script(limits: &Limits) -> String {
+    format!(
+        "ulimit -v {} && ulimit -u {} && ulimit -f {} && exec \"$@\"",
+        limits.memory_mib * 1024,
+        limits.processes,
+        limits.file_mib * 1024
+    )
+}
+
+/// Gives `command` the environment of a task: nothing of the node's but a minimal `PATH`,
+/// `HOME`, the report plugin on `PYTHONPATH`, and no bytecode written.
+fn clean_environment(command: &mut tokio::process::Command, support: &Path, home: &Path) {
+    command
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", home)
+        .env("LANG", "C.UTF-8")
+        .env("PYTHONPATH", support)
+        .env("PYTHONDONTWRITEBYTECODE", "1");
+}
+
+/// Copies `from` into `to` (created), recursively; symbolic links are not followed.
+pub fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        let target = to.join(entry.file_name());
+        if kind.is_dir() {
+            copy_tree(&entry.path(), &target)?;
+        } else if kind.is_file() {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs test modules on this node: its Python, limits, isolation, warm interpreters and
+/// requirements environments.
+pub struct Runner {
+    python: PathBuf,
+    limits: Limits,
+    isolation: Isolation,
+    support: PathBuf,
+    warm: Option<warm::WarmPool>,
+    venvs: venv::VenvCache,
+}
+
+impl Runner {
+    /// A runner keeping its files (plugin, sockets, environments) in `dir`.
+    pub fn new(
+        dir: &Path,
+        python: PathBuf,
+        limits: Limits,
+        isolation: Isolation,
+    ) -> std::io::Result<Self> {
+        let support = dir.join("support");
+        std::fs::create_dir_all(&support)?;
+        std::fs::write(support.join("teia_report.py"), PLUGIN)?;
+        let warm = (isolation == Isolation::Limits)
+            .then(|| warm::WarmPool::new(dir.join("warm"), support.clone(), limits.clone()));
+        Ok(Self {
+            venvs: venv::VenvCache::new(dir.join("venvs"), support.clone(), limits.clone()),
+            python,
+            limits,
+            isolation,
+            support,
+            warm,
+        })
+    }
+
+    /// Starts the warm interpreter of the node's Python ahead of the first module.
+    pub async fn warm_up(&self) {
+        if let Some(pool) = &self.warm {
+            pool.warm_up(&self.python).await;
+        }
+    }
+
+    /// Runs `module` of the project in `project` (copied into `work`, which must not
+    /// exist); `node` names this node in the result.
+    pub async fn run_module(
+        &self,
+        project: &Path,
+        module: &str,
+        work: &Path,
+        node: &str,
+    ) -> Result<Outcome, RunError> {
+        let prepare = |source| RunError::Prepare {
+            path: work.to_owned(),
+            source,
+        };
+        let started = Instant::now();
+        let mut result = ModuleResult {
+            node: node.to_owned(),
+            ..ModuleResult::default()
+        };
+        let python = match self.venvs.interpreter(&self.python, project).await {
+            Ok(python) => python,
+            Err(reason) => {
+                result.errors = 1;
+                result.seconds = started.elapsed().as_secs_f64();
+                return Ok(Outcome {
+                    result,
+                    timed_out: false,
+                    output: reason,
+                });
+            }
+        };
+        let tree = work.join("project");
+        copy_tree(project, &tree).map_err(prepare)?;
+        let report = work.join("report.jsonl");
+        let home = work.join("home");
+        std::fs::create_dir_all(&home).map_err(prepare)?;
+        let output_file = work.join("output.txt");
+        let request = warm::Request {
+            dir: &tree,
+            module,
+            output: &output_file,
+            home: &home,
+            report: &report,
+        };
+        let warm = match &self.warm {
+            Some(pool) => pool.run(&python, &request).await,
+            None => None,
+        };
+        let (timed_out, output) = match warm {
+            Some(timed_out) => {
+                let mut kept = Vec::new();
+                if let Ok(file) = std::fs::File::open(&output_file) {
+                    use std::io::Read;
+                    let _ = file.take(OUTPUT_KEPT as u64).read_to_end(&mut kept);
+                }
+                (timed_out, String::from_utf8_lossy(&kept).into_owned())
+            }
+            None => self.run_cold(&python, &request).await?,
+        };
+        result.seconds = started.elapsed().as_secs_f64();
+        let text = std::fs::read_to_string(&report).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(report) = serde_json::from_str::<Report>(line) else {
+                continue;
+            };
+            match (report.kind.as_str(), report.outcome.as_str()) {
+                ("call", "passed") => result.passed += 1,
+                ("call", "failed") => result.failed += 1,
+                (_, "skipped") => result.skipped += 1,
+                (_, "error") => result.errors += 1,
+                _ => {}
+            }
+        }
+        let counted = result.passed + result.failed + result.errors + result.skipped;
+        if timed_out || (counted == 0 && !output.contains("no tests ran")) {
+            // Killed at its timeout, or crashed before any report: the test it was in counts
+            // as one error.
+            result.errors += 1;
+        }
+        Ok(Outcome {
+            result,
+            timed_out,
+            output,
+        })
+    }
+
+    /// Starts `python -m pytest` for `request` as a process of its own (under bubblewrap
+    /// when it is here); whether it timed out, and its output.
+    async fn run_cold(
+        &self,
+        python: &Path,
+        request: &warm::Request<'_>,
+    ) -> Result<(bool, String), RunError> {
+        let script = limits_script(&self.limits);
+        let mut command = match &self.isolation {
+            Isolation::Bubblewrap(bwrap) => {
+                let mut command = tokio::process::Command::new(bwrap);
+                let work_text = request
+                    .dir
+                    .parent()
+                    .unwrap_or(request.dir)
+                    .to_string_lossy()
+                    .into_owned();
+                command
+                    .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
+                    .args(["--tmpfs", "/tmp", "--bind", &work_text, &work_text])
+                    .args(["--unshare-net", "--unshare-pid", "--die-with-parent"])
+                    .arg("--chdir")
+                    .arg(request.dir)
+                    .args(["bash", "-c", &script, "bash"]);
+                command
+            }
+            Isolation::Limits => {
+                let mut command = tokio::process::Command::new("bash");
+                command.args(["-c", &script, "bash"]);
+                command
+            }
+        };
+        command
+            .arg(python)
+            .args(["-m", "pytest", request.module])
+            .args(PYTEST_ARGS)
+            .current_dir(request.dir);
+        clean_environment(&mut command, &self.support, request.home);
+        command
+            .env("TEIA_REPORT", request.report)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = command.spawn().map_err(RunError::Spawn)?;
+        let pid = child.id();
+        let stdout = child.stdout.take();
+        let stderr = child.stderr.take();
+        let collect = async move {
+            use tokio::io::AsyncReadExt;
+            let mut output = Vec::new();
+            let mut buffer = vec![0u8; 8192];
+            for pipe in [
+                stdout.map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+                stderr.map(|p| Box::new(p) as Box<dyn tokio::io::AsyncRead + Unpin + Send>),
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let mut pipe = pipe;
+                while let Ok(n) = pipe.read(&mut buffer).await {
+                    if n == 0 {
+                        break;
+                    }
+                    let room = OUTPUT_KEPT.saturating_sub(output.len());
+                    output.extend_from_slice(buffer.get(..n.min(room)).unwrap_or_default());
+                }
+            }
+            output
+        };
+        let output_task = tokio::spawn(collect);
+        let timed_out = tokio::time::timeout(self.limits.timeout, child.wait())
+            .await
+            .is_err();
+        if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            // The whole group: pytest and whatever the tests started.
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+        let _ = child.wait().await;
+        let output = match tokio::time::timeout(Duration::from_secs(2), output_task).await {
+            Ok(Ok(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+            _ => String::new(),
+        };
+        Ok((timed_out, output))
+    }
+}
+
+/// `python` as an absolute path, found on this process's `PATH` when it is a bare name
+/// (tasks run with a minimal `PATH`).
+pub fn resolve_python(python: &Path) -> PathBuf {
+    if python.components().count() > 1 {
+        return python.to_owned();
+    }
+    std::env::var_os("PATH")
+        .and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join(python))
+                .find(|p| p.is_file())
+        })
+        .unwrap_or_else(|| python.to_owned())
+}
+
+/// Checks that `python` runs and has pytest; says what is missing otherwise. Returns the
+/// interpreter's own path (`sys.executable`: a wrapper such as a pyenv shim costs every
+/// module a second start) and its versions.
+pub async fn check_python(python: &Path) -> Result<(PathBuf, String), String> {
+    let output = tokio::process::Command::new(python)
+        .args([
+            "-c",
+            "import sys, pytest; print(sys.executable); print(sys.version.split()[0], pytest.__version__)",
+        ])
+        .output()
+        .await
+        .map_err(|e| {
+            format!(
+                "{} cannot run ({e}); install Python 3 or give --python PATH",
+                python.display()
+            )
+        })?;
+    if output.status.success() {
+        let text = String::from_utf8_lossy(&output.stdout).into_owned();
+        let mut lines = text.lines();
+        let executable = lines
+            .next()
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute() && p.is_file())
+            .unwrap_or_else(|| python.to_owned());
+        Ok((
+            executable,
+            lines.next().unwrap_or_default().trim().to_owned(),
+        ))
+    } else {
+        Err(format!(
+            "{} has no pytest; install it (pip install pytest, or apt-get install python3-pytest)",
+            python.display()
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn python() -> PathBuf {
+        resolve_python(Path::new("python3"))
+    }
+
+    async fn interpreter() -> PathBuf {
+        let found = check_python(&python()).await;
+        assert!(
+            found.is_ok(),
+            "these tests run pytest: install it (.ci/run does)"
+        );
+        found.map(|(p, _)| p).unwrap_or_else(|_| python())
+    }
+
+    fn project(dir: &Path, module: &str, source: &str) {
+        std::fs::create_dir_all(dir.join("tests")).unwrap();
+        std::fs::write(dir.join("tests").join(module), source).unwrap();
+    }
+
+    const MIX: &str = "import pytest\n\ndef test_ok():\n    assert True\n\ndef test_no():\n    assert False\n\n@pytest.mark.skip\ndef test_skip():\n    pass\n\n@pytest.fixture\ndef broken():\n    raise RuntimeError\n\ndef test_error(broken):\n    pass\n";
+
+    const HANG: &str = "import subprocess, time\n\ndef test_first():\n    assert True\n\ndef test_hangs():\n    subprocess.Popen(['sleep', '300'])\n    time.sleep(60)\n";
+
+    /// Both ways of starting a module (forked from a warm interpreter, and cold) count
+    /// each outcome, keep the results of a module killed at its timeout, and kill what it
+    /// started.
+    #[tokio::test]
+    async fn counts_each_outcome_and_keeps_results_of_a_module_killed_at_its_timeout() {
+        let python = interpreter().await;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("p");
+        project(&src, "test_mix.py", MIX);
+        project(&src, "test_hang.py", HANG);
+        let limits = Limits {
+            timeout: Duration::from_secs(4),
+            ..Limits::default()
+        };
+        let warm = Runner::new(
+            &dir.path().join("warm"),
+            python.clone(),
+            limits.clone(),
+            Isolation::Limits,
+        )
+        .unwrap();
+        let mut cold =
+            Runner::new(&dir.path().join("cold"), python, limits, Isolation::Limits).unwrap();
+        cold.warm = None;
+        for (name, runner) in [("warm", &warm), ("cold", &cold)] {
+            let work = dir.path().join(format!("{name}-mix"));
+            let mix = runner
+                .run_module(&src, "tests/test_mix.py", &work, "n")
+                .await
+                .unwrap();
+            let r = mix.result;
+            assert_eq!(
+                (r.passed, r.failed, r.skipped, r.errors),
+                (1, 1, 1, 1),
+                "{name}: {}",
+                mix.output
+            );
+            assert!(mix.output.contains("1 failed"), "{name}: {}", mix.output);
+            let work = dir.path().join(format!("{name}-hang"));
+            let hang = runner
+                .run_module(&src, "tests/test_hang.py", &work, "n")
+                .await
+                .unwrap();
+            assert!(hang.timed_out, "{name}");
+            assert_eq!((hang.result.passed, hang.result.errors), (1, 1), "{name}");
+        }
+        let warm_running = match &warm.warm {
+            Some(pool) => pool.count().await,
+            None => 0,
+        };
+        assert_eq!(warm_running, 1, "the warm runner forked its modules");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let sleepers = std::process::Command::new("pgrep")
+                .args(["-f", "^sleep 300$"])
+                .output()
+                .unwrap();
+            if sleepers.stdout.is_empty() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "what a module started outlived it"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Writes a minimal wheel of a package `teia_minidep` (VALUE = 42) to `path`.
+    fn wheel(path: &Path) {
+        use std::io::Write;
+        let file = std::fs::File::create(path).unwrap();
+        let mut zip = zip::ZipWriter::new(file);
+        let options = zip::write::SimpleFileOptions::default();
+        let info = "teia_minidep-1.0.dist-info";
+        for (name, body) in [
+            ("teia_minidep/__init__.py".to_owned(), "VALUE = 42\n".to_owned()),
+            (
+                format!("{info}/METADATA"),
+                "Metadata-Version: 2.1\nName: teia_minidep\nVersion: 1.0\n".to_owned(),
+            ),
+            (
+                format!("{info}/WHEEL"),
+                "Wheel-Version: 1.0\nGenerator: teia-test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+                    .to_owned(),
+            ),
+            (
+                format!("{info}/RECORD"),
+                format!("teia_minidep/__init__.py,,\n{info}/METADATA,,\n{info}/WHEEL,,\n{info}/RECORD,,\n"),
+            ),
+        ] {
+            zip.start_file(name, options).unwrap();
+            zip.write_all(body.as_bytes()).unwrap();
+        }
+        zip.finish().unwrap();
+    }
+
+    /// A project's requirements are installed once into an environment that its modules
+    /// (and another project with the same file) then use; a requirement that cannot be
+    /// installed fails the module with pip's reason.
+    #[tokio::test]
+    async fn requirements_are_installed_once_in_a_cached_environment() {
+        let python = interpreter().await;
+        let dir = tempfile::tempdir().unwrap();
+        let runner = Runner::new(
+            &dir.path().join("runner"),
+            python,
+            Limits::default(),
+            Isolation::Limits,
+        )
+        .unwrap();
+        let uses =
+            "import teia_minidep\n\ndef test_value():\n    assert teia_minidep.VALUE == 42\n";
+        for name in ["a", "b"] {
+            let src = dir.path().join(name);
+            project(&src, "test_one.py", uses);
+            project(&src, "test_two.py", uses);
+            std::fs::create_dir_all(src.join("wheels")).unwrap();
+            wheel(&src.join("wheels").join("teia_minidep-1.0-py3-none-any.whl"));
+            std::fs::write(
+                src.join("requirements.txt"),
+                "# the test's own package\n./wheels/teia_minidep-1.0-py3-none-any.whl\n",
+            )
+            .unwrap();
+            for module in ["tests/test_one.py", "tests/test_two.py"] {
+                let work = dir.path().join(format!("w-{name}-{}", module.len()));
+                let _ = std::fs::remove_dir_all(&work);
+                let outcome = runner.run_module(&src, module, &work, "n").await.unwrap();
+                assert_eq!(
+                    (outcome.result.passed, outcome.result.errors),
+                    (1, 0),
+                    "{}",
+                    outcome.output
+                );
+            }
+        }
+        let environments = std::fs::read_dir(dir.path().join("runner").join("venvs"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name() != "home")
+            .count();
+        assert_eq!(environments, 1, "one environment for one requirements file");
+        let warm_running = match &runner.warm {
+            Some(pool) => pool.count().await,
+            None => 0,
+        };
+        assert_eq!(
+            warm_running, 1,
+            "modules forked from the environment's interpreter"
+        );
+
+        let broken = dir.path().join("broken");
+        project(&broken, "test_one.py", uses);
+        std::fs::write(broken.join("requirements.txt"), "./wheels/absent.whl\n").unwrap();
+        let outcome = runner
+            .run_module(
+                &broken,
+                "tests/test_one.py",
+                &dir.path().join("w-broken"),
+                "n",
+            )
+            .await
+            .unwrap();
+        assert_eq!(outcome.result.errors, 1);
+        assert!(
+            outcome
+                .output
+                .contains("pip install -r requirements.txt failed"),
+            "{}",
+            outcome.output
+        );
+    }
+}
