@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use teia_core::identity::PublicKey;
 use teia_node::node::NodeHandle;
-use teia_node::stream::DataStream;
+use teia_node::stream::{DataStream, StreamError};
 use tokio::sync::oneshot;
 
 use crate::engine::Engine;
@@ -51,6 +51,12 @@ pub const MAX_OWNERS: usize = 256;
 pub const MAX_WAITING: usize = 256;
 /// Bytes of a project's packed bytes at most.
 pub const MAX_BLOB: u64 = 1024 * 1024 * 1024;
+/// Workers remembered as holding a project's bytes, per project; the oldest is forgotten.
+pub const MAX_HOLDERS: usize = 8;
+/// Projects whose holders are remembered; past it, all are forgotten.
+pub const MAX_HELD_BLOBS: usize = 1024;
+/// Holders a worker tries before the owner.
+const HOLDERS_TRIED: usize = 2;
 
 /// How this node takes part in a cluster.
 #[derive(Clone)]
@@ -88,6 +94,8 @@ pub(crate) struct Cluster {
     elections: Mutex<HashMap<u64, Election>>,
     /// Other nodes' statuses, by peer id, and when they came.
     statuses: Mutex<HashMap<String, (JobMessage, Instant)>>,
+    /// Workers that fetched a project's bytes, by their hash (for TASK_SEND's holders).
+    holders: Mutex<HashMap<String, Vec<String>>>,
     /// Wakes the owner's announcer before its period (a new evaluation to hand out).
     pub(crate) announce_now: tokio::sync::Notify,
 }
@@ -109,6 +117,7 @@ impl Cluster {
             heard: Mutex::new(HashMap::new()),
             elections: Mutex::new(HashMap::new()),
             statuses: Mutex::new(HashMap::new()),
+            holders: Mutex::new(HashMap::new()),
             announce_now: tokio::sync::Notify::new(),
         }
     }
@@ -146,6 +155,22 @@ impl Cluster {
         if let Err(e) = self.config.node.send(to, messages::payload(message)).await {
             tracing::debug!(%to, error = %e, "job message not sent");
         }
+    }
+
+    /// Remembers that `worker` has the bytes of project `blob`.
+    fn add_holder(&self, blob: &str, worker: &str) {
+        let mut holders = lock(&self.holders);
+        if holders.len() >= MAX_HELD_BLOBS && !holders.contains_key(blob) {
+            holders.clear();
+        }
+        let known = holders.entry(blob.to_owned()).or_default();
+        if known.iter().any(|w| w == worker) {
+            return;
+        }
+        if known.len() >= MAX_HOLDERS {
+            known.remove(0);
+        }
+        known.push(worker.to_owned());
     }
 
     /// Where to reach `owner`: the addresses the node knows for it, with its listen port.
@@ -500,7 +525,7 @@ impl Engine {
                     module: String::new(),
                     attempt: 0,
                 };
-                if let Err(e) = self.fetch_project(cluster, owner, port, &lease).await {
+                if let Err(e) = self.fetch_project(cluster, owner, port, &[], &lease).await {
                     tracing::debug!(%owner, error = %e, "project not replicated yet");
                 }
             }
@@ -537,11 +562,18 @@ impl Engine {
                     .trusted(&self.config.node, src, proof.as_deref())
                     .await
                 {
-                    self.lease_remote(src).map(|lease| JobMessage::TaskSend {
-                        request,
-                        lease,
-                        timeout_s: self.config.limits.timeout.as_secs(),
-                        lease_ms: REMOTE_LEASE_MS,
+                    self.lease_remote(src).map(|lease| {
+                        let holders = lock(&cluster.holders)
+                            .get(&lease.blob)
+                            .map(|h| h.iter().filter(|w| *w != src).cloned().collect())
+                            .unwrap_or_default();
+                        JobMessage::TaskSend {
+                            request,
+                            lease,
+                            timeout_s: self.config.limits.timeout.as_secs(),
+                            lease_ms: REMOTE_LEASE_MS,
+                            holders,
+                        }
                     })
                 } else {
                     tracing::warn!(%src, "module request from an untrusted node refused");
@@ -551,7 +583,10 @@ impl Engine {
                 cluster.send(src, &answer).await;
             }
             JobMessage::TaskRenew { lease } => self.renew_remote(&lease, src),
-            JobMessage::TaskResult { lease, result } => self.complete(&lease, result, false),
+            JobMessage::TaskResult { lease, result } => {
+                cluster.add_holder(&lease.blob, src);
+                self.complete(&lease, result, false);
+            }
             JobMessage::TaskSend { request, .. } | JobMessage::NoTasks { request } => {
                 if let Some(waiter) = lock(&cluster.waiting).remove(&request) {
                     let _ = waiter.send(message);
@@ -600,14 +635,17 @@ impl Engine {
         cluster.send(&owner, &ask).await;
         let answer = tokio::time::timeout(ANSWER_WAIT, answer).await;
         lock(&cluster.waiting).remove(&request);
-        let Ok(Ok(JobMessage::TaskSend { lease, .. })) = answer else {
+        let Ok(Ok(JobMessage::TaskSend { lease, holders, .. })) = answer else {
             // Nothing there now: wait for its next announcement.
             if let Some(known) = lock(&cluster.owners).get_mut(&owner) {
                 known.pending = 0;
             }
             return false;
         };
-        let project = match self.fetch_project(cluster, &owner, port, &lease).await {
+        let project = match self
+            .fetch_project(cluster, &owner, port, &holders, &lease)
+            .await
+        {
             Ok(project) => project,
             Err(e) => {
                 tracing::warn!(%owner, error = %e, "project not fetched");
@@ -636,12 +674,14 @@ impl Engine {
         true
     }
 
-    /// The project's folder on this node, fetched from `owner` if not here yet.
+    /// The project's folder on this node, fetched if not here yet: from one of the
+    /// `holders` (other workers that have it), else from `owner`; its hash is checked.
     async fn fetch_project(
         &self,
         cluster: &Cluster,
         owner: &str,
         port: Option<u16>,
+        holders: &[String],
         lease: &Lease,
     ) -> Result<PathBuf, String> {
         let blobs = self.config.dir.join("blobs");
@@ -650,44 +690,73 @@ impl Engine {
             return Ok(folder);
         }
         std::fs::create_dir_all(&blobs).map_err(|e| e.to_string())?;
+        let packed = blobs.join(format!(
+            "{}.zip.part-{}",
+            lease.blob,
+            cluster.next.fetch_add(1, Ordering::Relaxed)
+        ));
+        // Holders in turn, so that the owner does not serve every worker.
+        let turn = cluster.next.fetch_add(1, Ordering::Relaxed) as usize;
+        let mut sources: Vec<(&str, Option<u16>)> = holders
+            .iter()
+            .cycle()
+            .skip(turn % holders.len().max(1))
+            .take(holders.len().min(HOLDERS_TRIED))
+            .map(|h| (h.as_str(), None))
+            .collect();
+        sources.push((owner, port));
         let mut last = "no address".to_owned();
-        for addr in cluster.addresses(owner, port).await {
-            match cluster.config.node.open_stream(addr, SERVICE, None).await {
-                Ok(mut stream) if stream.peer_id() == owner => {
-                    let packed = blobs.join(format!(
-                        "{}.zip.part-{}",
-                        lease.blob,
-                        cluster.next.fetch_add(1, Ordering::Relaxed)
-                    ));
-                    fetch_blob(
-                        &mut stream,
-                        &lease.blob,
-                        &packed,
-                        cluster.proof(&self.config.node),
-                    )
-                    .await?;
-                    // Unpacked aside, then renamed: a project folder is whole or absent;
-                    // when two fetches race, the first rename wins and both use it.
-                    let partial = blobs.join(format!(
-                        "{}.unpacking-{}",
-                        lease.blob,
-                        cluster.next.fetch_add(1, Ordering::Relaxed)
-                    ));
-                    crate::bundle::unpack(&packed, &partial).map_err(|e| e.to_string())?;
-                    let _ = std::fs::rename(&packed, blobs.join(format!("{}.zip", lease.blob)));
-                    if std::fs::rename(&partial, &folder).is_err() {
-                        let _ = std::fs::remove_dir_all(&partial);
-                        if !folder.is_dir() {
-                            return Err("cannot store the project".into());
+        let mut fetched = false;
+        'sources: for (source, port) in sources {
+            for addr in cluster.addresses(source, port).await {
+                match cluster.config.node.open_stream(addr, SERVICE, None).await {
+                    Ok(mut stream) if stream.peer_id() == source => {
+                        match fetch_blob(
+                            &mut stream,
+                            &lease.blob,
+                            &packed,
+                            cluster.proof(&self.config.node),
+                        )
+                        .await
+                        {
+                            Ok(()) => {
+                                tracing::info!(from = %source, blob = %lease.blob, "project fetched");
+                                fetched = true;
+                                break 'sources;
+                            }
+                            Err(e) => last = format!("{source}: {e}"),
                         }
                     }
-                    return Ok(folder);
+                    Ok(stream) => last = format!("{addr} is {}, not {source}", stream.peer_id()),
+                    Err(e) => last = format!("{source}: {e}"),
                 }
-                Ok(stream) => last = format!("{addr} is {}, not {owner}", stream.peer_id()),
-                Err(e) => last = e.to_string(),
             }
         }
-        Err(last)
+        if !fetched {
+            let _ = std::fs::remove_file(&packed);
+            return Err(last);
+        }
+        // Unpacked aside, then renamed: a project folder is whole or absent; when two
+        // fetches race, the first rename wins and both use it.
+        let partial = blobs.join(format!(
+            "{}.unpacking-{}",
+            lease.blob,
+            cluster.next.fetch_add(1, Ordering::Relaxed)
+        ));
+        let unpacked = crate::bundle::unpack(&packed, &partial).map_err(|e| e.to_string());
+        if let Err(e) = unpacked {
+            let _ = std::fs::remove_file(&packed);
+            let _ = std::fs::remove_dir_all(&partial);
+            return Err(e);
+        }
+        let _ = std::fs::rename(&packed, blobs.join(format!("{}.zip", lease.blob)));
+        if std::fs::rename(&partial, &folder).is_err() {
+            let _ = std::fs::remove_dir_all(&partial);
+            if !folder.is_dir() {
+                return Err("cannot store the project".into());
+            }
+        }
+        Ok(folder)
     }
 
     /// Serves a `jobs` stream: a project's packed bytes (`{"blob":H}`) to a worker holding
@@ -709,30 +778,66 @@ impl Engine {
         let proof = request.get("proof").and_then(|p| p.as_str());
         let peer = stream.peer_id().to_owned();
         let trusted = cluster.trusted(&self.config.node, &peer, proof).await;
-        let bytes = if let Some(blob) = request.get("blob").and_then(|b| b.as_str()) {
+        let served = if let Some(blob) = request.get("blob").and_then(|b| b.as_str()) {
             self.blob_for(&peer, blob, trusted)
-                .and_then(|path| std::fs::read(path).ok())
+                .and_then(|path| std::fs::File::open(path).ok())
+                .map(Served::File)
         } else if request.get("ledger").is_some() && trusted {
-            serde_json::to_vec(&self.replica_of_ours()).ok()
+            serde_json::to_vec(&self.replica_of_ours())
+                .ok()
+                .map(Served::Bytes)
         } else {
             None
         };
-        let Some(bytes) = bytes else {
+        let Some(served) = served else {
             let _ = stream
                 .write_all(b"{\"error\":\"not served to you\"}\n")
                 .await;
             return;
         };
-        let head = format!("{{\"size\":{}}}\n", bytes.len());
-        if stream.write_all(head.as_bytes()).await.is_err() {
-            return;
+        if served.send(&mut stream).await.is_ok() {
+            stream.shutdown().await;
         }
-        for piece in bytes.chunks(1024 * 1024) {
-            if stream.write_all(piece).await.is_err() {
-                return;
+    }
+}
+
+/// What a `jobs` stream serves: a project's file (read a piece at a time) or a ledger.
+enum Served {
+    File(std::fs::File),
+    Bytes(Vec<u8>),
+}
+
+/// Bytes of a project's file read and written at once.
+const SERVE_PIECE: usize = 1024 * 1024;
+
+impl Served {
+    /// Writes `{"size":N}` and the N bytes.
+    async fn send(self, stream: &mut DataStream) -> Result<(), StreamError> {
+        match self {
+            Self::Bytes(bytes) => {
+                let head = format!("{{\"size\":{}}}\n", bytes.len());
+                stream.write_all(head.as_bytes()).await?;
+                for piece in bytes.chunks(SERVE_PIECE) {
+                    stream.write_all(piece).await?;
+                }
+            }
+            Self::File(mut file) => {
+                use std::io::Read;
+                let size = file.metadata()?.len();
+                let head = format!("{{\"size\":{size}}}\n");
+                stream.write_all(head.as_bytes()).await?;
+                let mut piece = vec![0u8; SERVE_PIECE];
+                let mut left = size;
+                while left > 0 {
+                    let want = piece.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+                    let buffer = piece.get_mut(..want).unwrap_or_default();
+                    file.read_exact(buffer)?;
+                    stream.write_all(buffer).await?;
+                    left -= want as u64;
+                }
             }
         }
-        stream.shutdown().await;
+        Ok(())
     }
 }
 

@@ -477,6 +477,53 @@ fn modules_spread_over_three_nodes_and_a_killed_worker_is_replaced() {
     drop(survivor);
 }
 
+/// A worker that joins late fetches the project's bytes from a worker that has them,
+/// not from the owner.
+#[test]
+fn a_late_worker_fetches_the_project_from_a_worker_that_has_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let slow = "import time\n\ndef test_slow():\n    time.sleep(1)\n";
+    let names: Vec<String> = (1..=10).map(|i| format!("p/tests/test_m{i}.py")).collect();
+    let files: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), slow)).collect();
+    let bytes = zip_of(dir.path(), &files);
+    let secret = ["--cluster-secret", "our-lab", "--workers", "1"];
+    let mut owner_args = vec!["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"];
+    owner_args.extend_from_slice(&secret);
+    let owner = NodeProcess::start("owner", "eval", &owner_args);
+    let line = owner.process.wait_for_log("HTTP API listening");
+    let addr = field(&line, "bound").to_owned();
+    let mut worker_args = vec!["--peer".to_owned(), owner.addr()];
+    worker_args.extend(secret.iter().map(|s| (*s).to_owned()));
+    let worker_args: Vec<&str> = worker_args.iter().map(String::as_str).collect();
+    let early = NodeProcess::start("early", "eval", &worker_args);
+    owner.wait_link("early@eval");
+    let (status, created) = post_zip(&addr, &bytes);
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    early.process.wait_for_log("from=owner@eval");
+    // Once early has returned a result, the owner knows it holds the project.
+    let early_address = format!("127.0.0.1:{}", early.port);
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, detail) = get(&addr, &format!("/evaluation/{id}"));
+        let done_there = detail["projects"]["p"]["modules"]
+            .as_object()
+            .unwrap()
+            .values()
+            .any(|m| m["status"] == "done" && m["node"] == early_address.as_str());
+        if done_there {
+            break;
+        }
+        assert!(Instant::now() < deadline, "early ran nothing: {detail}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let late = NodeProcess::start("late", "eval", &worker_args);
+    let fetched = late.process.wait_for_log("project fetched");
+    assert_eq!(field(&fetched, "from"), "early@eval", "{fetched}");
+    let detail = wait_done(&addr, id);
+    assert_eq!(detail["tests"]["passed"], 10, "{detail}");
+}
+
 #[test]
 fn when_the_owner_dies_a_survivor_takes_over_and_finishes_without_recomputing() {
     let dir = tempfile::tempdir().unwrap();

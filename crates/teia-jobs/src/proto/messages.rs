@@ -48,6 +48,10 @@ pub enum JobMessage {
         timeout_s: u64,
         /// Milliseconds between two renewals the owner waits at most.
         lease_ms: u64,
+        /// Other workers that have the project's bytes (ran one of its modules), to fetch
+        /// them from instead of the owner.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        holders: Vec<String>,
     },
     /// The owner has nothing for the worker.
     NoTasks {
