@@ -63,20 +63,25 @@ fn zip_of(dir: &Path, files: &[(&str, &str)]) -> Vec<u8> {
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(path, content).unwrap();
     }
-    let out = dir.join("out.zip");
+    let bytes = zip_tree(&root, &dir.join("out.zip"));
+    std::fs::remove_dir_all(&root).unwrap();
+    bytes
+}
+
+/// A ZIP of the folder `root` (its entries relative to it), written at `out` by Python's
+/// zipfile.
+fn zip_tree(root: &Path, out: &Path) -> Vec<u8> {
     let status = Command::new("python3")
         .args([
             "-c",
             "import sys, zipfile, os\nz = zipfile.ZipFile(sys.argv[2], 'w', zipfile.ZIP_DEFLATED)\nfor r, _, fs in os.walk(sys.argv[1]):\n    for f in sorted(fs):\n        p = os.path.join(r, f)\n        z.write(p, os.path.relpath(p, sys.argv[1]))\nz.close()",
         ])
-        .arg(&root)
-        .arg(&out)
+        .arg(root)
+        .arg(out)
         .status()
         .unwrap();
     assert!(status.success());
-    let bytes = std::fs::read(&out).unwrap();
-    std::fs::remove_dir_all(&root).unwrap();
-    bytes
+    std::fs::read(out).unwrap()
 }
 
 /// The bytes of a ZIP that Python writes at `path` with `entries` (statements on `z`, a
@@ -154,6 +159,7 @@ const ALPHA_MATH: &str =
 const ALPHA_MORE: &str = "import pytest\n\n@pytest.mark.skip\ndef test_later():\n    pass\n\n@pytest.mark.parametrize('n', [1, 2, 3])\ndef test_n(n):\n    assert n > 0\n\n@pytest.fixture\ndef broken():\n    raise RuntimeError('fixture')\n\ndef test_uses_broken(broken):\n    pass\n";
 const BETA_DEEP: &str = "import time\n\ndef test_slow():\n    time.sleep(0.5)\n\ndef test_quick():\n    assert 'a' in 'abc'\n";
 const BETA_IMPORT: &str = "import no_such_module\n\ndef test_never():\n    pass\n";
+const BETA_SUBTESTS: &str = "def test_parts(subtests):\n    for i in range(3):\n        with subtests.test(i=i):\n            assert i != 1\n";
 const HANG: &str = "import time\n\ndef test_before():\n    assert True\n\ndef test_hangs():\n    time.sleep(600)\n";
 
 #[test]
@@ -165,6 +171,7 @@ fn a_zip_of_projects_is_graded_with_the_counts_of_a_serial_pytest() {
         ("alpha/src/lib.py", "VALUE = 1\n"),
         ("beta/tests/deep/test_deep.py", BETA_DEEP),
         ("beta/tests/test_import.py", BETA_IMPORT),
+        ("beta/tests/test_subtests.py", BETA_SUBTESTS),
         ("hang/tests/test_hang.py", HANG),
     ];
     let bytes = zip_of(dir.path(), &files);
@@ -217,7 +224,7 @@ fn a_zip_of_projects_is_graded_with_the_counts_of_a_serial_pytest() {
         (detail["grade"].as_f64().unwrap() - mean).abs() < 0.02,
         "{detail}"
     );
-    assert_eq!(detail["modules"]["executed"], 5);
+    assert_eq!(detail["modules"]["executed"], 6);
 
     let (status, list) = get(&addr, "/evaluation");
     assert_eq!(status, 200);
@@ -475,6 +482,72 @@ fn modules_spread_over_three_nodes_and_a_killed_worker_is_replaced() {
         "{nodes:?}"
     );
     drop(survivor);
+}
+
+/// Two real projects from PyPI that ship their tests (`tests/corpus`: cachetools 8.0.1 with
+/// its `src/` folder flattened, and tabulate 0.10.0 with `test/` renamed `tests/`), run on
+/// three nodes, get the counts of a serial pytest of each.
+#[test]
+fn real_projects_from_pypi_get_the_counts_of_a_serial_pytest_on_three_nodes() {
+    let dir = tempfile::tempdir().unwrap();
+    let corpus = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("corpus");
+    let bytes = zip_tree(&corpus, &dir.path().join("corpus.zip"));
+    let secret = ["--cluster-secret", "our-lab", "--workers", "1"];
+    let mut owner_args = vec!["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"];
+    owner_args.extend_from_slice(&secret);
+    let owner = NodeProcess::start("owner", "eval", &owner_args);
+    let line = owner.process.wait_for_log("HTTP API listening");
+    let addr = field(&line, "bound").to_owned();
+    let mut worker_args = vec!["--peer".to_owned(), owner.addr()];
+    worker_args.extend(secret.iter().map(|s| (*s).to_owned()));
+    let worker_args: Vec<&str> = worker_args.iter().map(String::as_str).collect();
+    let _one = NodeProcess::start("one", "eval", &worker_args);
+    let _two = NodeProcess::start("two", "eval", &worker_args);
+    owner.wait_link("one@eval");
+    owner.wait_link("two@eval");
+    let (status, created) = post_zip(&addr, &bytes);
+    assert_eq!(status, 201, "{created}");
+    let detail = wait_done(&addr, created["id"].as_u64().unwrap());
+    for name in ["cachetools", "tabulate"] {
+        // A copy, so that the serial run leaves nothing in the repository.
+        let project = dir.path().join("serial").join(name);
+        copy_dir(&corpus.join(name), &project);
+        let (passed, failed, errors, skipped) = serial_counts(&project);
+        assert!(passed > 100, "{name}: pytest passed only {passed}");
+        let tests = &detail["projects"][name]["tests"];
+        assert_eq!(
+            (
+                tests["passed"].as_u64().unwrap(),
+                tests["failed"].as_u64().unwrap(),
+                tests["errors"].as_u64().unwrap(),
+                tests["skipped"].as_u64().unwrap()
+            ),
+            (passed, failed, errors, skipped),
+            "{name}: {detail}"
+        );
+    }
+    let nodes: std::collections::BTreeSet<&str> = detail["projects"]
+        .as_object()
+        .unwrap()
+        .values()
+        .flat_map(|p| p["modules"].as_object().unwrap().values())
+        .map(|m| m["node"].as_str().unwrap())
+        .collect();
+    assert!(nodes.len() >= 2, "modules ran on {nodes:?}");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
 }
 
 /// A worker that joins late fetches the project's bytes from a worker that has them,

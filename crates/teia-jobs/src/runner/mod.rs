@@ -37,6 +37,12 @@ def pytest_collectreport(report):
         _write("collect", "error", report.nodeid)
 
 def pytest_runtest_logreport(report):
+    if type(report).__name__ == "SubtestReport":
+        # As pytest's summary counts them: a failed subtest is a failure, a passed one
+        # is not a test.
+        if report.failed:
+            _write("call", "failed", report.nodeid)
+        return
     if report.when == "call":
         _write("call", "skipped" if report.skipped else report.outcome, report.nodeid)
     elif report.failed:
