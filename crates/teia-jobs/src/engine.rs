@@ -120,21 +120,6 @@ impl State {
             tracing::error!(error = %e, "evaluation not stored");
         }
     }
-
-    fn add_totals(&self, passed: u64, failed: u64, projects: u64, evaluations: u64) {
-        if let Err(e) = self.db.execute(
-            "UPDATE totals SET passed = passed + ?1, failed = failed + ?2,
-             projects = projects + ?3, evaluations = evaluations + ?4",
-            params![
-                passed as i64,
-                failed as i64,
-                projects as i64,
-                evaluations as i64
-            ],
-        ) {
-            tracing::error!(error = %e, "totals not stored");
-        }
-    }
 }
 
 impl Engine {
@@ -147,10 +132,7 @@ impl Engine {
         std::fs::create_dir_all(&config.dir)?;
         let db = teia_node::store::open_database(&config.dir.join("jobs.sqlite3"), false)?;
         db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS evaluations (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
-             CREATE TABLE IF NOT EXISTS totals (passed INTEGER, failed INTEGER, projects INTEGER,
-                                                evaluations INTEGER);
-             INSERT INTO totals SELECT 0, 0, 0, 0 WHERE NOT EXISTS (SELECT 1 FROM totals);",
+            "CREATE TABLE IF NOT EXISTS evaluations (id INTEGER PRIMARY KEY, body TEXT NOT NULL);",
         )?;
         let mut ledger = Ledger::default();
         {
@@ -319,7 +301,6 @@ impl Engine {
         if let Some(evaluation) = state.ledger.get(id).cloned() {
             state.save(&evaluation);
         }
-        state.add_totals(0, 0, project_count, 1);
         drop(state);
         if let Some(cluster) = &self.cluster {
             cluster.announce_now.notify_one();
@@ -406,13 +387,8 @@ impl Engine {
 
     /// Records a module's result in our ledger (we own its evaluation).
     pub(crate) fn complete(&self, lease: &Lease, result: ModuleResult, _local: bool) {
-        let (passed, failed) = (
-            u64::from(result.passed),
-            u64::from(result.failed + result.errors),
-        );
         let mut state = lock(&self.state);
         if state.ledger.complete(lease, result, unix_ms()) {
-            state.add_totals(passed, failed, 0, 0);
             if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
                 state.save(&evaluation);
             }
@@ -682,27 +658,19 @@ impl Engine {
         }
     }
 
-    /// `GET /stats`, in the course statement's format: `all` from this node's durable
-    /// totals, `nodes` this node and the nodes heard from in the last seconds.
+    /// `GET /stats`, in the course statement's format: `all` sums every evaluation this
+    /// node keeps (its own and those it replicates from the owners it trusts, so every node
+    /// of a cluster sums the same; kept in SQLite across restarts), `nodes` this node and
+    /// the nodes heard from in the last seconds.
     pub fn stats(&self) -> Value {
-        let totals = {
-            let state = lock(&self.state);
-            state
-                .db
-                .query_row(
-                    "SELECT passed, failed, projects, evaluations FROM totals",
-                    [],
-                    |row| {
-                        Ok((
-                            row.get::<_, i64>(0)?,
-                            row.get::<_, i64>(1)?,
-                            row.get::<_, i64>(2)?,
-                            row.get::<_, i64>(3)?,
-                        ))
-                    },
-                )
-                .unwrap_or_default()
-        };
+        let (mut passed, mut failed, mut projects, mut evaluations) = (0u64, 0u64, 0u64, 0u64);
+        for evaluation in lock(&self.state).ledger.all() {
+            let (tests, _) = evaluation.counts();
+            passed += u64::from(tests.passed);
+            failed += u64::from(tests.failed + tests.errors);
+            projects += evaluation.projects.len() as u64;
+            evaluations += 1;
+        }
         let mut statuses = vec![self.own_status(Vec::new())];
         statuses.extend(self.heard_statuses());
         let nodes: Vec<Value> = statuses
@@ -724,8 +692,8 @@ impl Engine {
             })
             .collect();
         json!({
-            "all": {"failed": totals.1, "passed": totals.0, "projects": totals.2,
-                    "evaluations": totals.3},
+            "all": {"failed": failed, "passed": passed, "projects": projects,
+                    "evaluations": evaluations},
             "nodes": nodes,
         })
     }

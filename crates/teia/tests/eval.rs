@@ -665,6 +665,17 @@ fn when_the_owner_dies_a_survivor_takes_over_and_finishes_without_recomputing() 
             );
         }
     }
+    // The survivor's totals cover the network's evaluation, though another node took it.
+    let (_, stats) = get(&first_http, "/stats");
+    assert_eq!(
+        (
+            stats["all"]["evaluations"].as_u64(),
+            stats["all"]["passed"].as_u64(),
+            stats["all"]["projects"].as_u64()
+        ),
+        (Some(1), Some(16), Some(1)),
+        "{stats}"
+    );
     drop(second);
 }
 
