@@ -20,6 +20,9 @@ use crate::proto::ledger::{
 use crate::remote::{Cluster, ClusterConfig};
 use crate::runner::{Isolation, Limits, Runner};
 
+/// Numbers the folders projects are unpacked in before they are renamed.
+static UNPACKING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 /// Evaluations running or queued at once on this node; one more is refused.
 pub const MAX_ACTIVE: usize = 64;
 
@@ -496,8 +499,19 @@ impl Engine {
         if packed.is_file() {
             let extracted = packs.join(&lease.project);
             if !extracted.is_dir() {
-                if let Err(e) = bundle::unpack(&packed, &extracted) {
+                // Unpacked aside, then renamed: another worker of this node never sees a
+                // project half unpacked; when two race, the first rename wins.
+                let partial = packs.join(format!(
+                    ".{}.unpacking-{}",
+                    lease.project,
+                    UNPACKING.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ));
+                let unpacked = bundle::unpack(&packed, &partial);
+                if let Err(e) = &unpacked {
                     tracing::error!(error = %e, "project not unpacked");
+                }
+                if unpacked.is_err() || std::fs::rename(&partial, &extracted).is_err() {
+                    let _ = std::fs::remove_dir_all(&partial);
                 }
             }
             return Some(extracted);

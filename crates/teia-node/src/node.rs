@@ -484,6 +484,7 @@ pub async fn start(
         next_link: 1,
         queued_total: Arc::new(AtomicUsize::new(0)),
         warnings: Warnings::default(),
+        service_sends: ServiceSends::default(),
     };
     let peer_id = config.overlay.peer_id.clone();
     let peers = config.peers.clone();
@@ -532,6 +533,43 @@ struct Driver {
     /// Bytes in all write queues.
     queued_total: Arc<AtomicUsize>,
     warnings: Warnings,
+    service_sends: ServiceSends,
+}
+
+/// SENDs of services awaiting their ACK (payloads `{"svc":...}`, such as the job engine's):
+/// their acknowledgement or failure is the service's business, not shown as chat events.
+#[derive(Default)]
+struct ServiceSends {
+    ids: std::collections::HashSet<String>,
+    order: std::collections::VecDeque<String>,
+}
+
+/// Service SENDs remembered; past it, the oldest is forgotten (its ACK would be shown).
+const MAX_SERVICE_SENDS: usize = 4096;
+
+impl ServiceSends {
+    fn remember(&mut self, msg_id: &str) {
+        if self.order.len() >= MAX_SERVICE_SENDS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.ids.remove(&oldest);
+            }
+        }
+        if self.ids.insert(msg_id.to_owned()) {
+            self.order.push_back(msg_id.to_owned());
+        }
+    }
+
+    /// Whether `event` ends a service SEND (and forgets it).
+    fn ends(&mut self, event: &Event) -> bool {
+        let (Event::Acked { msg_id, .. } | Event::Undelivered { msg_id, .. }) = event else {
+            return false;
+        };
+        if !self.ids.remove(msg_id) {
+            return false;
+        }
+        self.order.retain(|id| id != msg_id);
+        true
+    }
 }
 
 /// Repeated warnings, summarised: the first of a kind is logged at once, the rest counted
@@ -627,7 +665,12 @@ impl Driver {
                         match command {
                             Some(Command::Shutdown) | None => stop = true,
                             Some(Command::Send { dst, payload, reply }) => {
-                                replies.push((reply, self.node.send(Instant::now(), &dst, payload)));
+                                let service = payload.get("svc").is_some();
+                                let sent = self.node.send(Instant::now(), &dst, payload);
+                                if let (true, Ok(msg_id)) = (service, &sent) {
+                                    self.service_sends.remember(msg_id);
+                                }
+                                replies.push((reply, sent));
                             }
                             Some(command) => self.command(command),
                         }
@@ -759,7 +802,9 @@ impl Driver {
                 }
                 Action::Event(event) => {
                     self.log_event(&event);
-                    let _ = self.events.send(NodeEvent::Overlay(event)).await;
+                    if !self.service_sends.ends(&event) {
+                        let _ = self.events.send(NodeEvent::Overlay(event)).await;
+                    }
                 }
             }
         }

@@ -303,7 +303,19 @@ impl Runner {
             }
         }
         let counted = result.passed + result.failed + result.errors + result.skipped;
-        if timed_out || (counted == 0 && !output.contains("no tests ran")) {
+        let crashed = counted == 0 && !output.contains("no tests ran");
+        if crashed && !timed_out {
+            let start = output.len().saturating_sub(2048);
+            let start = (start..output.len())
+                .find(|&i| output.is_char_boundary(i))
+                .unwrap_or(output.len());
+            tracing::warn!(
+                module,
+                output = output.get(start..).unwrap_or_default(),
+                "module ended before reporting any test"
+            );
+        }
+        if timed_out || crashed {
             // Killed at its timeout, or crashed before any report: the test it was in counts
             // as one error.
             result.errors += 1;

@@ -34,13 +34,20 @@ const MAX_BROKEN: usize = 16;
 const ZYGOTE: &str = r#"
 import json, os, selectors, signal, socket, sys, traceback
 import pytest
+# Plugins' dependencies stay imported; the plugins themselves are imported again by each
+# run, so that pytest can rewrite their asserts (and does not warn that it cannot).
 try:
     from importlib.metadata import entry_points
+    plugins = set()
     for plugin in entry_points(group="pytest11"):
         try:
             plugin.load()
+            plugins.add(plugin.module.split(".")[0])
         except Exception:
             pass
+    for name in list(sys.modules):
+        if name.split(".")[0] in plugins:
+            del sys.modules[name]
 except Exception:
     pass
 

@@ -140,7 +140,19 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     let result = if interactive {
         shell(handle.clone(), services, events, files_events, log).await
     } else {
-        lines(handle.clone(), services, events, files_events, style, log).await
+        // A node that serves the HTTP API or works for a cluster is a server: the end of its
+        // input (`</dev/null`, a service manager) does not stop it; a signal does.
+        let server = args.http.is_some() || args.cluster_secret.is_some();
+        let stop_at_end = style == Style::Text && !server;
+        lines(
+            handle.clone(),
+            services,
+            (events, files_events),
+            style,
+            stop_at_end,
+            log,
+        )
+        .await
     };
     files.shutdown().await;
     if let Some(stop) = http {
@@ -312,13 +324,14 @@ fn random_seed() -> u64 {
     hasher.finish()
 }
 
-/// Non-interactive interface: commands from stdin lines, events and output on stdout.
+/// Non-interactive interface: commands from stdin lines, events and output on stdout; the
+/// end of stdin stops the node when `stop_at_end`, else it runs until a signal.
 async fn lines(
     handle: NodeHandle,
     services: Services,
-    mut events: mpsc::Receiver<NodeEvent>,
-    mut files_events: mpsc::Receiver<FilesEvent>,
+    (mut events, mut files_events): (mpsc::Receiver<NodeEvent>, mpsc::Receiver<FilesEvent>),
     style: Style,
+    stop_at_end: bool,
     log: LogControl,
 ) -> anyhow::Result<()> {
     let (tx, mut input) = mpsc::channel::<String>(INPUT_LINES);
@@ -374,7 +387,7 @@ async fn lines(
                 }
                 None => {
                     input_open = false;
-                    if style == Style::Text {
+                    if stop_at_end {
                         stopping = true;
                         let _ = session.handle.shutdown().await;
                     }
