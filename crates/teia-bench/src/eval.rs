@@ -396,6 +396,17 @@ fn measure(args: Args) -> anyhow::Result<()> {
     };
     println!("kill -9 of the owner → the evaluation progressing again: {resumed:.2} s");
     drop(nodes);
-    let _ = std::fs::remove_dir_all(&dir);
+    remove_all(&dir);
     Ok(())
+}
+
+/// Removes the benchmark's folder, again if processes of the nodes just killed were still
+/// leaving files in it.
+fn remove_all(dir: &Path) {
+    for _ in 0..10 {
+        if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }

@@ -44,7 +44,9 @@ pub const STATUS_FRESH: Duration = Duration::from_secs(7);
 /// Time an owner may not answer before its evaluations are taken over.
 pub const OWNER_GONE: Duration = Duration::from_secs(3);
 /// Time an election collects candidacies.
-pub const ELECTION_TIME: Duration = Duration::from_millis(1500);
+pub const ELECTION_TIME: Duration = Duration::from_millis(1000);
+/// Period of the watch on owners that stopped answering and on elections.
+pub const WATCH_EVERY: Duration = Duration::from_millis(250);
 /// Owners remembered at most.
 pub const MAX_OWNERS: usize = 256;
 /// Requests waiting for an answer at most.
@@ -96,6 +98,8 @@ pub(crate) struct Cluster {
     statuses: Mutex<HashMap<String, (JobMessage, Instant)>>,
     /// Workers that fetched a project's bytes, by their hash (for TASK_SEND's holders).
     holders: Mutex<HashMap<String, Vec<String>>>,
+    /// Owners whose last ledger pull failed, pulled again every [`WATCH_EVERY`].
+    suspects: Mutex<std::collections::HashSet<String>>,
     /// Wakes the owner's announcer before its period (a new evaluation to hand out).
     pub(crate) announce_now: tokio::sync::Notify,
 }
@@ -118,6 +122,7 @@ impl Cluster {
             elections: Mutex::new(HashMap::new()),
             statuses: Mutex::new(HashMap::new()),
             holders: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(std::collections::HashSet::new()),
             announce_now: tokio::sync::Notify::new(),
         }
     }
@@ -296,6 +301,14 @@ impl Engine {
                 }
             }
         });
+        let watcher = self.clone();
+        let watched = Arc::clone(&cluster);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(WATCH_EVERY).await;
+                watcher.watch_suspects(&watched).await;
+            }
+        });
         let owner = self.clone();
         tokio::spawn(async move {
             loop {
@@ -401,12 +414,32 @@ impl Engine {
             }
         }
         for owner in owners {
-            if owner == self.config.node {
-                continue;
+            if owner != self.config.node {
+                self.replicate_from(cluster, owner).await;
             }
+        }
+        self.count_votes(cluster).await;
+    }
+
+    /// Every [`WATCH_EVERY`]: pulls again from the owners whose last pull failed (so that
+    /// one gone is found [`OWNER_GONE`] after it last answered, not up to a period later),
+    /// and closes the elections whose time is up.
+    async fn watch_suspects(&self, cluster: &Cluster) {
+        let suspects: Vec<String> = lock(&cluster.suspects).iter().cloned().collect();
+        for owner in suspects {
+            self.replicate_from(cluster, owner).await;
+        }
+        self.count_votes(cluster).await;
+    }
+
+    /// Pulls `owner`'s ledger; when it has not answered for [`OWNER_GONE`], stands for
+    /// its evaluations.
+    async fn replicate_from(&self, cluster: &Cluster, owner: String) {
+        {
             let port = lock(&cluster.ports).get(&owner).copied().flatten();
             match self.pull_ledger(cluster, &owner, port).await {
                 Ok(()) => {
+                    lock(&cluster.suspects).remove(&owner);
                     lock(&cluster.heard).insert(owner, Instant::now());
                 }
                 Err(e) => {
@@ -415,6 +448,14 @@ impl Engine {
                         .get(&owner)
                         .is_some_and(|at| at.elapsed() >= OWNER_GONE);
                     let replicas = self.replicas_owned_by(&owner);
+                    {
+                        let mut suspects = lock(&cluster.suspects);
+                        if replicas.is_empty() || suspects.len() >= MAX_OWNERS {
+                            suspects.remove(&owner);
+                        } else {
+                            suspects.insert(owner.clone());
+                        }
+                    }
                     if gone && !replicas.is_empty() {
                         tracing::warn!(%owner, error = %e, "an owner is gone; electing a new one");
                         for (eval, _) in replicas {
@@ -428,7 +469,6 @@ impl Engine {
                 }
             }
         }
-        self.count_votes(cluster).await;
     }
 
     /// Stands in the election for `eval` (once per election).
