@@ -2,8 +2,8 @@
 //! project's `requirements.txt` installed in a cached virtual environment ([`venv`]), a
 //! clean environment, resource limits (`ulimit`: memory, processes, file size), its own
 //! process group (killed whole at the timeout), and under `bubblewrap` (no network, a
-//! read-only system) when it is installed. Without bubblewrap, modules are forked from a
-//! warm interpreter ([`warm`]) that has pytest imported already.
+//! read-only system) when it is installed and works. Modules are forked from a warm
+//! interpreter ([`warm`]) that has pytest imported already (in one sandbox with bubblewrap).
 //!
 //! Results are counted per test as they happen, by a small pytest plugin that writes one
 //! JSON line per test report to a file: a module killed at its timeout keeps the results of
@@ -88,15 +88,43 @@ pub enum Isolation {
 }
 
 impl Isolation {
-    /// `bubblewrap` when installed, else limits only.
+    /// `bubblewrap` when installed and able to make its sandbox here (it needs user or
+    /// root namespaces, which some containers deny; the log says why not), else limits
+    /// only.
     pub fn detect() -> Self {
-        std::env::var_os("PATH")
-            .and_then(|paths| {
-                std::env::split_paths(&paths)
-                    .map(|dir| dir.join("bwrap"))
-                    .find(|p| p.is_file())
-            })
-            .map_or(Self::Limits, Self::Bubblewrap)
+        let Some(bwrap) = std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|dir| dir.join("bwrap"))
+                .find(|p| p.is_file())
+        }) else {
+            return Self::Limits;
+        };
+        let probe = std::process::Command::new(&bwrap)
+            .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
+            .args([
+                "--unshare-net",
+                "--unshare-pid",
+                "--die-with-parent",
+                "true",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output();
+        match probe {
+            Ok(output) if output.status.success() => Self::Bubblewrap(bwrap),
+            Ok(output) => {
+                tracing::warn!(
+                    said = %String::from_utf8_lossy(&output.stderr).trim(),
+                    "bubblewrap is installed but cannot make a sandbox here"
+                );
+                Self::Limits
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "bubblewrap is installed but does not run");
+                Self::Limits
+            }
+        }
     }
 
     /// For the log.
@@ -211,10 +239,23 @@ impl Runner {
         let support = dir.join("support");
         std::fs::create_dir_all(&support)?;
         std::fs::write(support.join("teia_report.py"), PLUGIN)?;
-        let warm = (isolation == Isolation::Limits)
-            .then(|| warm::WarmPool::new(dir.join("warm"), support.clone(), limits.clone()));
+        let venvs = venv::VenvCache::new(dir.join("venvs"), support.clone(), limits.clone());
+        let sandbox = match &isolation {
+            Isolation::Bubblewrap(bwrap) => Some(warm::Sandbox {
+                bwrap: bwrap.clone(),
+                readable: vec![support.clone(), venvs.dir().to_owned()],
+                writable: vec![dir.join("work")],
+            }),
+            Isolation::Limits => None,
+        };
+        let warm = Some(warm::WarmPool::new(
+            dir.join("warm"),
+            support.clone(),
+            limits.clone(),
+            sandbox,
+        ));
         Ok(Self {
-            venvs: venv::VenvCache::new(dir.join("venvs"), support.clone(), limits.clone()),
+            venvs,
             python,
             limits,
             isolation,
@@ -346,7 +387,18 @@ impl Runner {
                     .into_owned();
                 command
                     .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
-                    .args(["--tmpfs", "/tmp", "--bind", &work_text, &work_text])
+                    .args(["--tmpfs", "/tmp"]);
+                // Under a fresh /tmp, what the module needs of the node's folder (which may
+                // be in /tmp): the report plugin and its environment, read-only.
+                let mut visible = vec![self.support.as_path()];
+                if python.starts_with(self.venvs.dir()) {
+                    visible.extend(python.parent().and_then(Path::parent));
+                }
+                for path in visible {
+                    command.arg("--ro-bind").arg(path).arg(path);
+                }
+                command
+                    .args(["--bind", &work_text, &work_text])
                     .args(["--unshare-net", "--unshare-pid", "--die-with-parent"])
                     .arg("--chdir")
                     .arg(request.dir)
@@ -545,14 +597,88 @@ mod tests {
             None => 0,
         };
         assert_eq!(warm_running, 1, "the warm runner forked its modules");
+        sleepers_gone(300).await;
+    }
+
+    /// Under bubblewrap (when it works here), a module, forked warm or started cold, has no
+    /// network, cannot write to the system and does not see the node's folder.
+    #[tokio::test]
+    async fn under_bubblewrap_a_module_has_no_network_and_sees_only_its_folder() {
+        let isolation = Isolation::detect();
+        if isolation == Isolation::Limits {
+            // No usable bubblewrap here (.ci/run installs it): `detect` said why in the log.
+            return;
+        }
+        let python = interpreter().await;
+        let dir = tempfile::tempdir().unwrap();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let secret = dir.path().join("runner").join("secret.txt");
+        let source = format!(
+            "import os, socket, pytest\n\ndef test_no_network():\n    s = socket.socket()\n    s.settimeout(2)\n    with pytest.raises(OSError):\n        s.connect(('127.0.0.1', {port}))\n\ndef test_system_read_only():\n    with pytest.raises(OSError):\n        open('/usr/teia-probe', 'w')\n\ndef test_node_folder_hidden():\n    assert not os.path.exists({secret:?})\n\ndef test_own_folder_writable():\n    open('written.txt', 'w').write('ok')\n",
+            secret = secret.to_string_lossy()
+        );
+        let src = dir.path().join("p");
+        project(&src, "test_sandbox.py", &source);
+        // Its own sleep, not to be mistaken for another test's.
+        project(&src, "test_hang.py", &HANG.replace("300", "301"));
+        let runner_dir = dir.path().join("runner");
+        let limits = Limits {
+            timeout: Duration::from_secs(4),
+            ..Limits::default()
+        };
+        let warm = Runner::new(
+            &runner_dir,
+            python.clone(),
+            limits.clone(),
+            isolation.clone(),
+        )
+        .unwrap();
+        std::fs::write(&secret, "the node's").unwrap();
+        let mut cold = Runner::new(&runner_dir, python, limits, isolation).unwrap();
+        cold.warm = None;
+        for (name, runner) in [("warm", &warm), ("cold", &cold)] {
+            let work = runner_dir.join("work").join(name);
+            let outcome = runner
+                .run_module(&src, "tests/test_sandbox.py", &work, "n")
+                .await
+                .unwrap();
+            let r = outcome.result;
+            assert_eq!(
+                (r.passed, r.failed, r.errors),
+                (4, 0, 0),
+                "{name}: {}",
+                outcome.output
+            );
+            let work = runner_dir.join("work").join(format!("{name}-hang"));
+            let hang = runner
+                .run_module(&src, "tests/test_hang.py", &work, "n")
+                .await
+                .unwrap();
+            assert!(hang.timed_out, "{name}");
+            assert_eq!((hang.result.passed, hang.result.errors), (1, 1), "{name}");
+        }
+        sleepers_gone(301).await;
+        let warm_running = match &warm.warm {
+            Some(pool) => pool.count().await,
+            None => 0,
+        };
+        assert_eq!(
+            warm_running, 1,
+            "the sandboxed warm interpreter forked its module"
+        );
+    }
+
+    /// Waits until no `sleep SECONDS` (as [`HANG`] starts them) is left; fails after 10 s.
+    async fn sleepers_gone(seconds: u32) {
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let sleepers = std::process::Command::new("pgrep")
-                .args(["-f", "^sleep 300$"])
+                .args(["-f", &format!("^sleep {seconds}$")])
                 .output()
                 .unwrap();
             if sleepers.stdout.is_empty() {
-                break;
+                return;
             }
             assert!(
                 Instant::now() < deadline,

@@ -46,6 +46,11 @@ impl VenvCache {
         }
     }
 
+    /// The folder the environments are in.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The interpreter for `project`: `python` itself when it has no requirements, else
     /// that of its environment (made now if needed). `Err` says why it could not be made.
     pub async fn interpreter(&self, python: &Path, project: &Path) -> Result<PathBuf, String> {

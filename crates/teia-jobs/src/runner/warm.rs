@@ -1,8 +1,9 @@
 //! Warm interpreters: one Python per interpreter that has imported pytest and its plugins
-//! once, under the same clean environment and limits as a module, and forks a child per
-//! module (which then runs in its own session, work folder and environment). A module so
-//! starts in about 0.07 s instead of 0.25 s. Used when tasks are not under bubblewrap (a
-//! module there starts its own sandbox).
+//! once, under the same clean environment and limits as a module (and, with bubblewrap,
+//! in one sandbox: no network, the system read-only, only the folder of the modules' work
+//! folders writable), and forks a child per module (which then runs in its own session,
+//! work folder and environment). A module so starts in about 0.1 s instead of 0.25 s
+//! (0.6 s in a sandbox of its own).
 //!
 //! The node talks to each one over a Unix socket in a folder only its user can enter: a
 //! request is one JSON line; the child answers its pid on a line and keeps the connection
@@ -110,6 +111,13 @@ while True:
         except Exception:
             conn.close()
             continue
+        if "kill" in request:
+            try:
+                os.killpg(int(request["kill"]), signal.SIGKILL)
+            except Exception:
+                pass
+            conn.close()
+            continue
         if os.fork() == 0:
             run(conn, request)
         conn.close()
@@ -138,11 +146,22 @@ pub(crate) struct Request<'a> {
     pub report: &'a Path,
 }
 
+/// The bubblewrap sandbox warm interpreters run in.
+pub(crate) struct Sandbox {
+    /// The `bwrap` program.
+    pub bwrap: PathBuf,
+    /// Folders visible read-only (under a fresh `/tmp`): the report plugin, environments.
+    pub readable: Vec<PathBuf>,
+    /// Folders visible and writable: where the modules' work folders are.
+    pub writable: Vec<PathBuf>,
+}
+
 /// The node's warm interpreters.
 pub(crate) struct WarmPool {
     sockets: PathBuf,
     support: PathBuf,
     limits: Limits,
+    sandbox: Option<Sandbox>,
     running: tokio::sync::Mutex<(Vec<Warm>, Vec<PathBuf>)>,
     next: AtomicU64,
 }
@@ -150,11 +169,17 @@ pub(crate) struct WarmPool {
 impl WarmPool {
     /// A pool whose sockets go in `sockets` (made private to this user); `support` holds
     /// the report plugin.
-    pub fn new(sockets: PathBuf, support: PathBuf, limits: Limits) -> Self {
+    pub fn new(
+        sockets: PathBuf,
+        support: PathBuf,
+        limits: Limits,
+        sandbox: Option<Sandbox>,
+    ) -> Self {
         Self {
             sockets,
             support,
             limits,
+            sandbox,
             running: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
             next: AtomicU64::new(0),
         }
@@ -198,8 +223,18 @@ impl WarmPool {
             }
         };
         let timed_out = tokio::time::timeout(left, ended).await.is_err();
-        // The whole session: pytest and whatever the tests started.
-        let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        // The whole session: pytest and whatever the tests started. In a sandbox, pids are
+        // the sandbox's own: the warm interpreter kills it.
+        if self.sandbox.is_some() {
+            let kill = format!("{{\"kill\":{}}}\n", pid.as_raw_nonzero());
+            let asked = async {
+                let mut conn = tokio::net::UnixStream::connect(&socket).await.ok()?;
+                conn.write_all(kill.as_bytes()).await.ok()
+            };
+            let _ = tokio::time::timeout(FORK_TIME, asked).await;
+        } else {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
         Some(timed_out)
     }
 
@@ -266,7 +301,29 @@ impl WarmPool {
                 socket.display()
             ));
         }
-        let mut command = tokio::process::Command::new("bash");
+        let mut command = match &self.sandbox {
+            Some(sandbox) => {
+                let mut command = tokio::process::Command::new(&sandbox.bwrap);
+                command
+                    .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
+                    .args(["--tmpfs", "/tmp"]);
+                for path in &sandbox.readable {
+                    std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+                    command.arg("--ro-bind").arg(path).arg(path);
+                }
+                for path in sandbox.writable.iter().chain([&self.sockets]) {
+                    std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+                    command.arg("--bind").arg(path).arg(path);
+                }
+                command
+                    .args(["--unshare-net", "--unshare-pid", "--die-with-parent"])
+                    .arg("--chdir")
+                    .arg(&self.sockets)
+                    .arg("bash");
+                command
+            }
+            None => tokio::process::Command::new("bash"),
+        };
         command
             .args(["-c", &limits_script(&self.limits), "bash"])
             .arg(python)
