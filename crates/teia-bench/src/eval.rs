@@ -142,6 +142,7 @@ impl Node {
         let mut command = Command::new(teia);
         command
             .args(["node", "--json", "--name", name, "--namespace", "bench"])
+            .arg("--no-lan")
             .args([
                 "--listen-ip",
                 "127.0.0.1",

@@ -120,6 +120,7 @@ impl Node {
     fn start(teia: &Path, data: &Path, name: &str, extra: &[&str]) -> anyhow::Result<Self> {
         let mut child = Command::new(teia)
             .args(["node", "--json", "--name", name, "--namespace", "bench"])
+            .arg("--no-lan")
             .args(["--listen-ip", "127.0.0.1", "--log", "warn", "--data-dir"])
             .arg(data)
             .args(extra)

@@ -113,6 +113,7 @@ async fn spawn_node(
         store,
         streams: None,
         foreign: None,
+        lan: None,
     };
     let (handle, mut raw, _task) = start(config).await?;
     let addr = match raw.recv().await {

@@ -5,6 +5,7 @@
 //! whole network can be simulated in one process, deterministically.
 
 pub mod identity;
+pub mod lan;
 pub mod overlay;
 pub mod rate;
 pub mod rendezvous;

@@ -1,7 +1,8 @@
 //! The teia node's runtime: tokio networking around the sans-IO overlay in `teia-core`,
-//! and the rendezvous client that nodes use to find each other.
+//! the rendezvous client and LAN discovery that nodes use to find each other.
 
 pub mod identity;
+pub mod lan;
 pub mod node;
 pub mod rendezvous;
 pub mod store;

@@ -97,6 +97,8 @@ pub struct NodeConfig {
     /// programs that are not peer links (seed 004's `DOWNLOAD_REQUEST`); `None` closes them.
     /// When the channel is full, the connection is closed.
     pub foreign: Option<mpsc::Sender<(TcpStream, SocketAddr)>>,
+    /// LAN discovery (needs an identity to sign with); `None` turns it off.
+    pub lan: Option<crate::lan::LanSettings>,
 }
 
 /// What a course program's request (one JSON object with a `method`, no newline) starts
@@ -464,6 +466,19 @@ pub async fn start(
             namespace,
             config.discover_interval,
             inputs.clone(),
+        )));
+    }
+    if let (Some(settings), Some(identity)) = (config.lan.clone(), &config.overlay.identity) {
+        let lan =
+            teia_core::lan::Lan::new(&config.overlay.peer_id, identity, listen.map(|a| a.port()));
+        let sink = inputs.clone();
+        background.push(tokio::spawn(crate::lan::run(
+            lan,
+            settings,
+            move |peer, addr| {
+                // A full inbox drops it: the next announcement comes within 30 s.
+                let _ = sink.try_send(Input::Discovered(vec![(peer, addr)]));
+            },
         )));
     }
     let mut node = Node::new(config.overlay.clone(), Instant::now(), unix_millis());

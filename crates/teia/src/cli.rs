@@ -1,7 +1,7 @@
 //! Command-line arguments as typed by the user (clap). Validation into the settings each
 //! command runs with happens in `commands`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
@@ -215,6 +215,24 @@ pub struct NodeArgs {
     /// Accept no links: only dial out (as a peer behind NAT does).
     #[arg(long)]
     pub no_listen: bool,
+
+    /// Turn LAN discovery off (UDP broadcasts that find the namespace's nodes on this LAN
+    /// with no rendezvous and no --peer).
+    #[arg(long, env = "TEIA_NO_LAN", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_lan: bool,
+
+    /// UDP port of LAN discovery (the same on every node of the LAN).
+    #[arg(long, env = "TEIA_LAN_PORT", value_name = "PORT", default_value_t = teia_core::lan::LAN_PORT)]
+    pub lan_port: u16,
+
+    /// Address LAN announcements are broadcast to (repeatable; 127.255.255.255 keeps them
+    /// on this machine).
+    #[arg(
+        long = "lan-broadcast",
+        value_name = "IP",
+        default_value = "255.255.255.255"
+    )]
+    pub lan_broadcast: Vec<IpAddr>,
 
     /// Rendezvous server to register with and discover peers from. Without it and without
     /// --peer, the node uses 127.0.0.1:8080 and starts a rendezvous there itself if none

@@ -501,7 +501,8 @@ fn a_download_beyond_the_room_left_fails_cleanly_and_the_node_goes_on() {
     let mut command = std::process::Command::new("bash");
     command
         .args(["-c", "ulimit -f 4096 && exec \"$0\" \"$@\""])
-        .arg(env!("CARGO_BIN_EXE_teia"));
+        .arg(env!("CARGO_BIN_EXE_teia"))
+        .env("TEIA_NO_LAN", "1");
     let mut downloader =
         NodeProcess::start_with(command, data, "d", "files", &["--peer", &holder.addr()]);
     downloader.wait_link("h@files");

@@ -22,6 +22,7 @@ fn shell_chats_with_a_peer_and_quits() {
     let mut script = Command::new("script");
     script
         .args(["-qfec", &node, "/dev/null"])
+        .env("TEIA_NO_LAN", "1")
         .env_remove("RUST_LOG");
     let (alice, mut keys) = Process::spawn_capturing(script);
     let mut type_line = |line: &str| {

@@ -92,6 +92,10 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         store: Some(store),
         streams: Some(stream_tx),
         foreign: Some(course_tx),
+        lan: (!args.no_lan).then(|| teia_node::lan::LanSettings {
+            port: args.lan_port,
+            broadcast: args.lan_broadcast.clone(),
+        }),
     };
     let (handle, events, task) = start(config).await?;
     let files_config = FilesConfig {

@@ -78,6 +78,7 @@ async fn one_shot(
         store: None,
         streams: Some(stream_tx),
         foreign: None,
+        lan: None,
     };
     let (node, mut node_events, _task) = start(config).await?;
     tokio::spawn(async move { while node_events.recv().await.is_some() {} });

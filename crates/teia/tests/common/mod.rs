@@ -22,8 +22,12 @@ use tokio::net::{TcpSocket, TcpStream};
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
 /// The `teia` binary built for these tests.
+/// LAN discovery is off (`TEIA_NO_LAN`): tests broadcast nothing, and nodes of different
+/// tests never find each other.
 pub fn teia() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_teia"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_teia"));
+    command.env("TEIA_NO_LAN", "1");
+    command
 }
 
 /// Lines a child printed on stderr, shared with the thread that reads them.

@@ -1,0 +1,109 @@
+//! LAN discovery's runtime: the UDP sockets around [`teia_core::lan::Lan`].
+//!
+//! Two sockets: one bound to the discovery port with `SO_REUSEADDR` and `SO_REUSEPORT`
+//! (so every node of a machine hears the broadcasts), and one on a port of its own, from
+//! which the node sends, and to which answers come back unicast (a unicast datagram to the
+//! shared port would reach only one of the machine's nodes).
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::time::Instant;
+
+use teia_core::lan::{Lan, LanAction, MAX_DATAGRAM};
+use tokio::net::UdpSocket;
+
+/// Where LAN discovery listens and broadcasts.
+#[derive(Debug, Clone)]
+pub struct LanSettings {
+    /// The UDP port (every node of the LAN uses the same).
+    pub port: u16,
+    /// Addresses broadcasts go to (`255.255.255.255`, or `127.255.255.255` for one
+    /// machine's loopback).
+    pub broadcast: Vec<IpAddr>,
+}
+
+/// Binds a UDP socket on `port` of every IPv4 address, able to broadcast; `shared` lets
+/// other sockets (other nodes of this machine) bind the same port.
+fn bind(port: u16, shared: bool) -> std::io::Result<UdpSocket> {
+    use rustix::net::{sockopt, AddressFamily, SocketType};
+    let fd = rustix::net::socket(AddressFamily::INET, SocketType::DGRAM, None)?;
+    if shared {
+        sockopt::set_socket_reuseaddr(&fd, true)?;
+        sockopt::set_socket_reuseport(&fd, true)?;
+    }
+    sockopt::set_socket_broadcast(&fd, true)?;
+    rustix::net::bind(&fd, &SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))?;
+    let socket = std::net::UdpSocket::from(fd);
+    socket.set_nonblocking(true)?;
+    UdpSocket::from_std(socket)
+}
+
+/// Runs discovery until the node stops: `found` gets each node of our namespace heard.
+pub(crate) async fn run(
+    mut lan: Lan,
+    settings: LanSettings,
+    found: impl Fn(String, SocketAddr) + Send + 'static,
+) {
+    let sockets = bind(settings.port, true).and_then(|shared| Ok((shared, bind(0, false)?)));
+    let (shared, own) = match sockets {
+        Ok(sockets) => sockets,
+        Err(e) => {
+            tracing::warn!(port = settings.port, error = %e, "no LAN discovery: cannot bind its UDP port");
+            return;
+        }
+    };
+    tracing::info!(port = settings.port, "LAN discovery on");
+    let mut actions = lan.start(Instant::now());
+    let mut shared_buffer = vec![0u8; MAX_DATAGRAM + 1];
+    let mut own_buffer = vec![0u8; MAX_DATAGRAM + 1];
+    loop {
+        for action in actions.drain(..) {
+            match action {
+                LanAction::Broadcast(bytes) => {
+                    for ip in &settings.broadcast {
+                        let to = SocketAddr::new(*ip, settings.port);
+                        if let Err(e) = own.send_to(&bytes, to).await {
+                            tracing::debug!(%to, error = %e, "LAN broadcast not sent");
+                        }
+                    }
+                }
+                LanAction::Send(to, bytes) => {
+                    if let Err(e) = own.send_to(&bytes, to).await {
+                        tracing::debug!(%to, error = %e, "LAN answer not sent");
+                    }
+                }
+                LanAction::Found { peer_id, key, addr } => {
+                    tracing::debug!(%peer_id, key = %key.fingerprint(), %addr, "found on the LAN");
+                    found(peer_id, addr);
+                }
+            }
+        }
+        let due = lan
+            .poll_timeout()
+            .map_or_else(tokio::time::Instant::now, tokio::time::Instant::from_std);
+        let received = tokio::select! {
+            got = shared.recv_from(&mut shared_buffer) => got.map(|(n, from)| (n, from, true)),
+            got = own.recv_from(&mut own_buffer) => got.map(|(n, from)| (n, from, false)),
+            () = tokio::time::sleep_until(due) => {
+                actions = lan.handle_timeout(Instant::now());
+                continue;
+            }
+        };
+        let (len, from, on_shared) = match received {
+            Ok(got) => got,
+            Err(e) => {
+                tracing::debug!(error = %e, "LAN receive failed");
+                continue;
+            }
+        };
+        let buffer = if on_shared {
+            &shared_buffer
+        } else {
+            &own_buffer
+        };
+        let bytes = buffer.get(..len).unwrap_or_default();
+        match lan.handle_datagram(Instant::now(), from, bytes) {
+            Ok(more) => actions = more,
+            Err(e) => tracing::debug!(%from, error = %e, "LAN datagram ignored"),
+        }
+    }
+}
