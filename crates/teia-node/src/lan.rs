@@ -16,9 +16,29 @@ use tokio::net::UdpSocket;
 pub struct LanSettings {
     /// The UDP port (every node of the LAN uses the same).
     pub port: u16,
-    /// Addresses broadcasts go to (`255.255.255.255`, or `127.255.255.255` for one
-    /// machine's loopback).
+    /// Addresses broadcasts go to (`127.255.255.255` keeps them on one machine); empty:
+    /// `255.255.255.255` and the broadcast address of every IPv4 interface but loopback
+    /// (so a host with no default route, or with several networks, reaches all of them).
     pub broadcast: Vec<IpAddr>,
+}
+
+/// Where a broadcast goes now: the given addresses, or those of the interfaces.
+fn targets(settings: &LanSettings) -> Vec<IpAddr> {
+    if !settings.broadcast.is_empty() {
+        return settings.broadcast.clone();
+    }
+    let mut targets = vec![IpAddr::V4(Ipv4Addr::BROADCAST)];
+    for interface in if_addrs::get_if_addrs().unwrap_or_default() {
+        if let if_addrs::IfAddr::V4(v4) = &interface.addr {
+            if let (false, Some(broadcast)) = (interface.is_loopback(), v4.broadcast) {
+                let target = IpAddr::V4(broadcast);
+                if !targets.contains(&target) {
+                    targets.push(target);
+                }
+            }
+        }
+    }
+    targets
 }
 
 /// Binds a UDP socket on `port` of every IPv4 address, able to broadcast; `shared` lets
@@ -59,8 +79,8 @@ pub(crate) async fn run(
         for action in actions.drain(..) {
             match action {
                 LanAction::Broadcast(bytes) => {
-                    for ip in &settings.broadcast {
-                        let to = SocketAddr::new(*ip, settings.port);
+                    for ip in targets(&settings) {
+                        let to = SocketAddr::new(ip, settings.port);
                         if let Err(e) = own.send_to(&bytes, to).await {
                             tracing::debug!(%to, error = %e, "LAN broadcast not sent");
                         }

@@ -226,12 +226,9 @@ pub struct NodeArgs {
     pub lan_port: u16,
 
     /// Address LAN announcements are broadcast to (repeatable; 127.255.255.255 keeps them
-    /// on this machine).
-    #[arg(
-        long = "lan-broadcast",
-        value_name = "IP",
-        default_value = "255.255.255.255"
-    )]
+    /// on this machine). Default: 255.255.255.255 and each network interface's broadcast
+    /// address.
+    #[arg(long = "lan-broadcast", value_name = "IP")]
     pub lan_broadcast: Vec<IpAddr>,
 
     /// Rendezvous server to register with and discover peers from. Without it and without
