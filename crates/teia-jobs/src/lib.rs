@@ -2,10 +2,12 @@
 //! suites, one test module per task, handed out by pull to the nodes that trust the owner.
 //!
 //! `proto` holds the decisions with no I/O: the ledger of an evaluation's modules (leases,
-//! results, retries), fair longest-first scheduling, grades, and module discovery.
+//! results, retries), fair longest-first scheduling, grades, module discovery, and seed
+//! 001's master/worker messages and task table; [`master`] serves seed 001's workers.
 
 pub mod bundle;
 pub mod engine;
+pub mod master;
 pub mod proto;
 pub mod remote;
 pub mod runner;

@@ -370,6 +370,31 @@ pub struct NodeArgs {
     )]
     pub module_timeout: u64,
 
+    /// Serve seed 001's course workers (master/worker computing): hand out the ZIPs dropped
+    /// in this folder (`main.py` and its inputs) and write `result_<task>.zip` to
+    /// --results-dir.
+    #[arg(long, env = "TEIA_TASKS_DIR", value_name = "DIR")]
+    pub tasks_dir: Option<PathBuf>,
+
+    /// Where seed 001 results go (default: `results` beside --tasks-dir).
+    #[arg(long, env = "TEIA_RESULTS_DIR", value_name = "DIR")]
+    pub results_dir: Option<PathBuf>,
+
+    /// TCP address seed 001 workers connect to (a bare port means every address; workers
+    /// learn it from the discovery answer).
+    #[arg(
+        long,
+        env = "TEIA_MASTER_PORT",
+        value_name = "[IP:]PORT",
+        default_value = "0"
+    )]
+    pub master_port: String,
+
+    /// UDP port answering seed 001's DISCOVER_MASTER (repeatable; default 9999 and 55001,
+    /// the ports known workers broadcast to).
+    #[arg(long = "discovery-port", value_name = "PORT")]
+    pub discovery_ports: Vec<u16>,
+
     /// Folder downloads go to unless /get names one.
     #[arg(
         long,

@@ -3,3 +3,4 @@
 pub mod discover;
 pub mod ledger;
 pub mod messages;
+pub mod seed001;

@@ -113,6 +113,9 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     let (files_streams, files_stream_rx) = mpsc::channel(STREAMS_WAITING);
     let (files, files_events) = Files::start(files_config, handle.clone(), files_stream_rx).await?;
     let (engine, http) = start_jobs(&args, &data_dir, &peer_id, &handle, trusted_keys).await?;
+    if let Some(tasks) = &args.tasks_dir {
+        start_master(&args, tasks).await?;
+    }
     // Data streams go to their service: the job engine's, or file sharing's.
     let stream_engine = engine.clone();
     tokio::spawn(async move {
@@ -175,6 +178,38 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
 struct Services {
     files: Files,
     engine: Option<teia_jobs::engine::Engine>,
+}
+
+/// Starts the seed 001 master on `tasks`.
+async fn start_master(args: &NodeArgs, tasks: &std::path::Path) -> anyhow::Result<()> {
+    let listen = match args.master_port.parse::<u16>() {
+        Ok(port) => SocketAddr::from(([0, 0, 0, 0], port)),
+        Err(_) => args.master_port.parse().with_context(|| {
+            format!(
+                "--master-port {:?} is neither a port nor IP:PORT",
+                args.master_port
+            )
+        })?,
+    };
+    let results = args.results_dir.clone().unwrap_or_else(|| {
+        tasks
+            .parent()
+            .unwrap_or_else(|| std::path::Path::new("."))
+            .join("results")
+    });
+    let discovery_ports = if args.discovery_ports.is_empty() {
+        vec![9999, 55001]
+    } else {
+        args.discovery_ports.clone()
+    };
+    teia_jobs::master::start(teia_jobs::master::MasterConfig {
+        tasks: tasks.to_owned(),
+        results,
+        listen,
+        discovery_ports,
+    })
+    .await?;
+    Ok(())
 }
 
 /// Starts the job engine when Python with pytest is here (required with `--http`), and the

@@ -1,0 +1,369 @@
+//! The seed 001 master on a teia node: course workers (written by others, in Python)
+//! discover it by UDP broadcast, register, heartbeat, pull the ZIPs dropped in the tasks
+//! folder, and return their results, which are written to the results folder as
+//! `result_<task>.zip` (as the seed's master does). The protocol decisions are in
+//! [`crate::proto::seed001`]; this is the I/O around them.
+//!
+//! A task is done when its result file exists: results are written (to a file beside,
+//! then renamed) before the worker hears `OK`, so a master killed at any time loses
+//! nothing acknowledged, and a restarted one hands out only the tasks without a result.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::STANDARD;
+use base64::Engine as _;
+use teia_core::rate::RateLimiter;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use crate::proto::seed001::{
+    encode, parse, Envelope, Framer, Master, Reply, Request, Submitted, MAX_PACKAGE,
+};
+
+/// Course-worker connections served at once; more wait for a free one.
+pub const MAX_CONNECTIONS: usize = 64;
+
+/// Time a worker has to send its whole message.
+pub const READ_TIME: Duration = Duration::from_secs(30);
+
+/// Period of the scan of the tasks folder and of the lease check.
+pub const SCAN_EVERY: Duration = Duration::from_secs(1);
+
+/// Bytes read and dropped after a refused message, before closing.
+const DRAINED: usize = 1024 * 1024;
+
+/// Largest UDP datagram read; a discovery answer is well under it.
+const MAX_DATAGRAM: usize = 1024;
+
+/// Where the master listens and keeps its files.
+#[derive(Debug, Clone)]
+pub struct MasterConfig {
+    /// ZIPs to hand out (`main.py`, `input.csv`, ...).
+    pub tasks: PathBuf,
+    /// Where `result_<task>.zip` files go.
+    pub results: PathBuf,
+    /// The TCP address course workers connect to.
+    pub listen: SocketAddr,
+    /// UDP ports answering `DISCOVER_MASTER` (course workers use 9999 and 55001).
+    pub discovery_ports: Vec<u16>,
+}
+
+/// Why the master could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterError {
+    /// A folder could not be made.
+    #[error("cannot make {path}: {source}")]
+    Folder {
+        /// The folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A port could not be bound.
+    #[error("cannot bind {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
+struct Shared {
+    config: MasterConfig,
+    master: Mutex<Master>,
+    port: u16,
+}
+
+fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Master> {
+    shared
+        .master
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Starts the master: binds its ports, then serves until the runtime stops. Returns the
+/// TCP address it listens on.
+pub async fn start(config: MasterConfig) -> Result<SocketAddr, MasterError> {
+    for path in [&config.tasks, &config.results] {
+        std::fs::create_dir_all(path).map_err(|source| MasterError::Folder {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| MasterError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let bound = listener.local_addr().map_err(|source| MasterError::Bind {
+        addr: config.listen,
+        source,
+    })?;
+    let mut sockets = Vec::new();
+    for port in &config.discovery_ports {
+        let addr = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), *port);
+        let socket = UdpSocket::bind(addr)
+            .await
+            .map_err(|source| MasterError::Bind { addr, source })?;
+        sockets.push(socket);
+    }
+    let shared = Arc::new(Shared {
+        config,
+        master: Mutex::new(Master::default()),
+        port: bound.port(),
+    });
+    scan(&shared);
+    tracing::info!(
+        %bound,
+        discovery = ?shared.config.discovery_ports,
+        tasks = %shared.config.tasks.display(),
+        "seed 001 master listening"
+    );
+    let scanner = Arc::clone(&shared);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(SCAN_EVERY).await;
+            for task in lock(&scanner).expire(Instant::now()) {
+                tracing::warn!(%task, "a worker went silent; its task goes to another");
+            }
+            scan(&scanner);
+        }
+    });
+    for socket in sockets {
+        let answering = Arc::clone(&shared);
+        tokio::spawn(async move { answer_discovery(socket, answering).await });
+    }
+    tokio::spawn(async move {
+        let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+                return;
+            };
+            let Ok((stream, peer)) = listener.accept().await else {
+                continue;
+            };
+            let serving = Arc::clone(&shared);
+            tokio::spawn(async move {
+                serve(stream, peer, &serving).await;
+                drop(permit);
+            });
+        }
+    });
+    Ok(bound)
+}
+
+/// Adds the tasks folder's new ZIPs that have no result yet.
+fn scan(shared: &Shared) {
+    let Ok(entries) = std::fs::read_dir(&shared.config.tasks) else {
+        return;
+    };
+    let mut found = Vec::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let is_file = entry.file_type().is_ok_and(|t| t.is_file());
+        if !is_file || !name.ends_with(".zip") || name.starts_with('.') {
+            continue;
+        }
+        if shared.config.results.join(result_name(&name)).exists() {
+            continue;
+        }
+        let size = entry.metadata().map_or(u64::MAX, |m| m.len());
+        found.push((name, size));
+    }
+    found.sort();
+    let mut master = lock(shared);
+    for (name, size) in found {
+        if master.add(&name, size) {
+            tracing::info!(task = %name, size, "task queued");
+            if size > MAX_PACKAGE as u64 {
+                tracing::warn!(task = %name, "over 64 KiB in base64: no course worker can take it");
+            }
+        }
+    }
+}
+
+/// `result_<task>` (one `.zip` however the task was named).
+fn result_name(task: &str) -> String {
+    format!("result_{}.zip", task.trim_end_matches(".zip"))
+}
+
+/// Answers `DISCOVER_MASTER` datagrams on `socket`, unicast to each sender in its own
+/// envelope, at most once a second per source IP (two at once): one known worker
+/// broadcasts again at once on any answer it does not understand.
+async fn answer_discovery(socket: UdpSocket, shared: Arc<Shared>) {
+    let mut limiter = RateLimiter::new(1, 2, 4096);
+    let origin = Instant::now();
+    let mut buffer = vec![0u8; MAX_DATAGRAM + 1];
+    loop {
+        let Ok((len, from)) = socket.recv_from(&mut buffer).await else {
+            continue;
+        };
+        let Some(bytes) = buffer.get(..len).filter(|_| len <= MAX_DATAGRAM) else {
+            continue;
+        };
+        let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
+            continue;
+        };
+        let Ok((envelope, Request::DiscoverMaster)) = parse(&value) else {
+            continue;
+        };
+        if !limiter.allow(&from.ip(), origin.elapsed().as_millis() as u64) {
+            continue;
+        }
+        let ip = local_ip_towards(from).unwrap_or(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let reply = encode(
+            envelope,
+            &Reply::MasterAnnounce {
+                ip: ip.to_string(),
+                port: shared.port,
+            },
+        );
+        if let Err(e) = socket.send_to(&reply, from).await {
+            tracing::debug!(%from, error = %e, "discovery answer not sent");
+        }
+    }
+}
+
+/// The address of ours on the route to `peer` (a UDP socket's `connect` sends nothing).
+fn local_ip_towards(peer: SocketAddr) -> Option<IpAddr> {
+    let socket = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).ok()?;
+    socket.connect(peer).ok()?;
+    Some(socket.local_addr().ok()?.ip())
+}
+
+/// One connection: one message read whole (however it is split), one reply written in
+/// one piece.
+async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+    let mut framer = Framer::default();
+    let mut buffer = vec![0u8; 64 * 1024];
+    let read = async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) => return framer.finish().map_err(|e| e.to_string()),
+                Ok(n) => match framer.push(buffer.get(..n).unwrap_or_default()) {
+                    Ok(Some(value)) => return Ok(value),
+                    Ok(None) => {}
+                    Err(e) => return Err(e.to_string()),
+                },
+                Err(e) => return Err(e.to_string()),
+            }
+        }
+    };
+    let value = match tokio::time::timeout(READ_TIME, read).await {
+        Ok(Ok(value)) => value,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "course worker's message refused");
+            let reply = encode(Envelope::Flat, &Reply::Error(e));
+            let _ = stream.write_all(&reply).await;
+            let _ = stream.shutdown().await;
+            // What it still sends is read and dropped (a little, for a little while), so
+            // that closing does not reset the connection before it reads the error.
+            let drain = async {
+                let mut left = DRAINED;
+                while let Ok(n @ 1..) = stream.read(&mut buffer).await {
+                    left = left.saturating_sub(n);
+                    if left == 0 {
+                        break;
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
+            return;
+        }
+        Err(_) => return,
+    };
+    let reply = match parse(&value) {
+        Ok((envelope, request)) => encode(envelope, &handle(shared, request)),
+        Err(e) => encode(Envelope::Flat, &Reply::Error(e.to_string())),
+    };
+    let _ = stream.write_all(&reply).await;
+    let _ = stream.shutdown().await;
+}
+
+fn handle(shared: &Shared, request: Request) -> Reply {
+    let now = Instant::now();
+    match request {
+        Request::DiscoverMaster => Reply::MasterAnnounce {
+            ip: IpAddr::V4(Ipv4Addr::LOCALHOST).to_string(),
+            port: shared.port,
+        },
+        Request::Register { peer_id } => {
+            if lock(shared).heard(&peer_id, now) {
+                tracing::info!(worker = %peer_id, "course worker registered");
+                Reply::Registered
+            } else {
+                Reply::Error("too many workers".into())
+            }
+        }
+        Request::Heartbeat { peer_id } => {
+            lock(shared).heard(&peer_id, now);
+            Reply::Alive
+        }
+        Request::RequestTask { peer_id } => {
+            // Base64 makes 4 bytes of 3, and the envelope takes a few hundred.
+            let fits = (MAX_PACKAGE as u64 - 512) / 4 * 3;
+            let task = lock(shared).request(&peer_id, now, fits);
+            let Some(task) = task else {
+                return Reply::NoTasks;
+            };
+            match std::fs::read(shared.config.tasks.join(&task.name)) {
+                Ok(bytes) => {
+                    tracing::info!(task = %task.name, worker = %peer_id, attempt = task.attempts, "task handed out");
+                    Reply::TaskPackage {
+                        name: task.name,
+                        data: STANDARD.encode(bytes),
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(task = %task.name, error = %e, "task unreadable; dropped");
+                    lock(shared).submit(&peer_id, Some(&task.name), now);
+                    Reply::NoTasks
+                }
+            }
+        }
+        Request::SubmitResult {
+            peer_id,
+            task,
+            data,
+        } => {
+            let Ok(bytes) = STANDARD.decode(data.trim()) else {
+                return Reply::Error("result_data is not base64".into());
+            };
+            let done = lock(shared).submit(&peer_id, task.as_deref(), now);
+            match done {
+                Submitted::Done(task) => {
+                    match write_result(&shared.config.results, &task.name, &bytes) {
+                        Ok(path) => {
+                            tracing::info!(task = %task.name, worker = %peer_id, result = %path.display(), "result stored");
+                            Reply::Ok
+                        }
+                        Err(e) => {
+                            tracing::error!(task = %task.name, error = %e, "result not stored; the task goes out again");
+                            lock(shared).add(&task.name, task.size);
+                            Reply::Error(format!("result not stored: {e}"))
+                        }
+                    }
+                }
+                // A second result of a task already done, or of one taken back: thanks.
+                Submitted::Unmatched => Reply::Ok,
+            }
+        }
+    }
+}
+
+/// Writes `result_<task>.zip` (beside, flushed, then renamed): whole or absent.
+fn write_result(results: &Path, task: &str, bytes: &[u8]) -> std::io::Result<PathBuf> {
+    use std::io::Write;
+    let path = results.join(result_name(task));
+    let partial = results.join(format!(".{}.part", result_name(task)));
+    let mut file = std::fs::File::create(&partial)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&partial, &path)?;
+    Ok(path)
+}

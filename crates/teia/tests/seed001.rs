@@ -1,0 +1,236 @@
+//! Seed 001 compatibility on real processes: course workers written in Python from the
+//! seed's messages (`tests/seed001/worker.py`), in both envelopes, discover a teia node by
+//! UDP broadcast (on loopback), pull the ZIPs of its tasks folder, run them and return
+//! their results; a worker that dies with a task has it handed to another; bad messages get
+//! an error and the master keeps serving.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A task ZIP `NAME.zip` in `tasks`: a `main.py` that prints the sum of `input.csv`'s
+/// second column, and its `input.csv`.
+fn task(tasks: &Path, name: &str, values: &[u32]) {
+    let csv: String = std::iter::once("name,value\n".to_owned())
+        .chain(
+            values
+                .iter()
+                .enumerate()
+                .map(|(i, v)| format!("r{i},{v}\n")),
+        )
+        .collect();
+    let main = "import csv, sys\nrows = list(csv.DictReader(open(sys.argv[1])))\nprint('sum', sum(int(r['value']) for r in rows))\nprint('rows', len(rows), file=sys.stderr)\n";
+    let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nz.writestr('main.py', sys.argv[2])\nz.writestr('input.csv', sys.argv[3])\nz.close()";
+    let status = Command::new("python3")
+        .args(["-c", script])
+        .arg(tasks.join(format!("{name}.zip")))
+        .args([main, &csv])
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
+
+/// A teia node serving `tasks` to course workers on discovery port `port`.
+fn master(dir: &Path, port: u16) -> NodeProcess {
+    let tasks = dir.join("tasks");
+    let results = dir.join("results");
+    let node = NodeProcess::start(
+        "master",
+        "seed001",
+        &[
+            "--peer",
+            "127.0.0.1:1",
+            "--tasks-dir",
+            tasks.to_str().unwrap(),
+            "--results-dir",
+            results.to_str().unwrap(),
+            "--master-port",
+            "127.0.0.1:0",
+            "--discovery-port",
+            &port.to_string(),
+        ],
+    );
+    node.process.wait_for_log("seed 001 master listening");
+    node
+}
+
+/// A course worker; killed when dropped.
+struct Worker(Child);
+
+impl Worker {
+    fn start(dir: &Path, port: u16, envelope: &str, extra: &[&str]) -> Self {
+        let work = dir.join(format!("work-{envelope}-{}", extra.len()));
+        std::fs::create_dir_all(&work).unwrap();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/seed001/worker.py");
+        let child = Command::new("python3")
+            .arg(script)
+            .args([
+                "--discovery-port",
+                &port.to_string(),
+                "--envelope",
+                envelope,
+            ])
+            .arg("--work")
+            .arg(&work)
+            .args(extra)
+            .spawn()
+            .unwrap();
+        Self(child)
+    }
+
+    /// Waits for it to exit, with its status.
+    fn wait(mut self) -> std::process::ExitStatus {
+        let deadline = Instant::now() + PATIENCE * 2;
+        loop {
+            if let Some(status) = self.0.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the worker did not finish");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `stdout.txt` of `results/result_NAME.zip`, once it exists.
+fn result_stdout(results: &Path, name: &str, patience: Duration) -> String {
+    let path: PathBuf = results.join(format!("result_{name}.zip"));
+    let deadline = Instant::now() + patience;
+    while !path.exists() {
+        assert!(Instant::now() < deadline, "no {}", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let script = "import sys, zipfile\nsys.stdout.write(zipfile.ZipFile(sys.argv[1]).read('stdout.txt').decode())";
+    let output = Command::new("python3")
+        .args(["-c", script])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{}", path.display());
+    String::from_utf8(output.stdout).unwrap()
+}
+
+#[test]
+fn course_workers_in_both_envelopes_discover_pull_run_and_return_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    for i in 0..6u32 {
+        task(&tasks, &format!("t{i}"), &[i, 10, 100]);
+    }
+    let port = free_udp_port();
+    let _master = master(dir.path(), port);
+    let flat = Worker::start(dir.path(), port, "flat", &[]);
+    let typed = Worker::start(dir.path(), port, "typed", &[]);
+    // A task dropped in while they work is handed out too.
+    task(&tasks, "late", &[1, 2, 3]);
+    assert!(flat.wait().success());
+    assert!(typed.wait().success());
+    let results = dir.path().join("results");
+    for i in 0..6u32 {
+        let stdout = result_stdout(&results, &format!("t{i}"), PATIENCE);
+        assert_eq!(stdout.trim(), format!("sum {}", i + 110));
+    }
+    assert_eq!(result_stdout(&results, "late", PATIENCE).trim(), "sum 6");
+}
+
+#[test]
+fn a_worker_that_dies_with_a_task_has_it_handed_to_another() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    task(&tasks, "only", &[4, 5]);
+    let port = free_udp_port();
+    let master = master(dir.path(), port);
+    let doomed = Worker::start(dir.path(), port, "flat", &["--die-with-task"]);
+    assert!(doomed.wait().success());
+    master.process.wait_for_log("task handed out");
+    // Another worker waits for it (NO_TASKS meanwhile) until the first is found silent.
+    let patient = Worker::start(dir.path(), port, "typed", &["--idle-exit", "200"]);
+    let stdout = result_stdout(&dir.path().join("results"), "only", PATIENCE * 2);
+    assert_eq!(stdout.trim(), "sum 9");
+    master
+        .process
+        .wait_for_log("a worker went silent; its task goes to another");
+    drop(patient);
+}
+
+/// Sends `bytes` on a new connection to the master and reads its whole answer.
+fn exchange(addr: &str, bytes: &[u8]) -> String {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _ = stream.write_all(bytes);
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
+#[test]
+fn malformed_and_oversized_messages_get_an_error_and_the_master_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let master = master(dir.path(), port);
+    let line = master.process.wait_for_log("seed 001 master listening");
+    let addr = field(&line, "bound").to_owned();
+    let answer = exchange(&addr, b"{\"action\": REGISTER}");
+    assert!(answer.contains("\"ERROR\""), "{answer}");
+    let answer = exchange(&addr, b"{\"action\": \"FLY\", \"peer_id\": \"w\"}");
+    assert!(answer.contains("FLY"), "{answer}");
+    let answer = exchange(&addr, b"{\"type\": \"REGISTER\", \"data\": {}}");
+    assert!(answer.contains("peer_id"), "{answer}");
+    let mut huge =
+        b"{\"action\": \"SUBMIT_RESULT\", \"peer_id\": \"w\", \"result_data\": \"".to_vec();
+    huge.extend(std::iter::repeat_n(b'A', 16 * 1024 * 1024));
+    let answer = exchange(&addr, &huge);
+    assert!(answer.contains("over"), "{answer}");
+    // A message in pieces, with no newline, is answered without waiting for the end.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    stream.write_all(b"{\"action\": \"REGISTER\", ").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    stream.write_all(b"\"peer_id\": \"w1\"}").unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert_eq!(answer, "{\"status\":\"REGISTERED\"}");
+    // Discovery in the typed envelope is answered in it, unicast.
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    udp.set_read_timeout(Some(PATIENCE)).unwrap();
+    udp.send_to(
+        b"{\"type\": \"DISCOVER_MASTER\", \"data\": {\"peer_id\": \"w1\"}}",
+        ("127.0.0.1", port),
+    )
+    .unwrap();
+    let mut buffer = [0u8; 1024];
+    let (len, _) = udp.recv_from(&mut buffer).unwrap();
+    let announce: serde_json::Value = serde_json::from_slice(&buffer[..len]).unwrap();
+    assert_eq!(announce["type"], "MASTER_ANNOUNCE");
+    assert_eq!(
+        format!(
+            "{}:{}",
+            announce["data"]["master_ip"].as_str().unwrap(),
+            announce["data"]["master_port"]
+        ),
+        addr
+    );
+}
