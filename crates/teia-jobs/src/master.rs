@@ -279,7 +279,14 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     };
     let reply = match parse(&value) {
         Ok((envelope, request)) => encode(envelope, &handle(shared, request)),
-        Err(e) => encode(Envelope::Flat, &Reply::Error(e.to_string())),
+        Err(e) => {
+            let envelope = if value.get("type").is_some() && value.get("action").is_none() {
+                Envelope::Typed
+            } else {
+                Envelope::Flat
+            };
+            encode(envelope, &Reply::Error(e.to_string()))
+        }
     };
     let _ = stream.write_all(&reply).await;
     let _ = stream.shutdown().await;

@@ -198,7 +198,10 @@ fn malformed_and_oversized_messages_get_an_error_and_the_master_keeps_serving() 
     let answer = exchange(&addr, b"{\"action\": \"FLY\", \"peer_id\": \"w\"}");
     assert!(answer.contains("FLY"), "{answer}");
     let answer = exchange(&addr, b"{\"type\": \"REGISTER\", \"data\": {}}");
-    assert!(answer.contains("peer_id"), "{answer}");
+    assert!(
+        answer.starts_with("{\"type\":\"ERROR\"") && answer.contains("peer_id"),
+        "{answer}"
+    );
     let mut huge =
         b"{\"action\": \"SUBMIT_RESULT\", \"peer_id\": \"w\", \"result_data\": \"".to_vec();
     huge.extend(std::iter::repeat_n(b'A', 16 * 1024 * 1024));
