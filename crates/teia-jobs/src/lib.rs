@@ -3,9 +3,11 @@
 //!
 //! `proto` holds the decisions with no I/O: the ledger of an evaluation's modules (leases,
 //! results, retries), fair longest-first scheduling, grades, module discovery, and seed
-//! 001's master/worker messages and task table; [`master`] serves seed 001's workers.
+//! 001's master/worker messages and task table; [`master`] serves seed 001's workers and
+//! [`course_worker`] works for seed 001's masters.
 
 pub mod bundle;
+pub mod course_worker;
 pub mod engine;
 pub mod master;
 pub mod proto;

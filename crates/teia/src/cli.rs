@@ -50,6 +50,46 @@ pub enum Command {
     Send(SendArgs),
     /// Fetch the file of a ticket printed by `teia send`, verified, and exit.
     Receive(ReceiveArgs),
+    /// Work for a seed 001 master written by others (--master-compat): find it by UDP
+    /// broadcast, run its tasks (`main.py input.csv`) in the sandbox, return the results.
+    Worker(WorkerArgs),
+}
+
+/// Flags of `teia worker`.
+#[derive(Debug, Args)]
+pub struct WorkerArgs {
+    /// Speak seed 001's master/worker messages (the only kind of master for now).
+    #[arg(long)]
+    pub master_compat: bool,
+
+    /// UDP port the master answers discovery on (repeatable; default 9999 and 55001).
+    #[arg(long = "discovery-port", value_name = "PORT")]
+    pub discovery_ports: Vec<u16>,
+
+    /// Where discovery is broadcast (repeatable; 127.255.255.255 stays on this machine).
+    #[arg(long, value_name = "IP", default_value = "255.255.255.255")]
+    pub broadcast: Vec<std::net::IpAddr>,
+
+    /// This worker's id, as the master sees it (default: a new one each start).
+    #[arg(long, value_name = "ID")]
+    pub peer_id: Option<String>,
+
+    /// Python that runs the tasks.
+    #[arg(
+        long,
+        env = "TEIA_PYTHON",
+        default_value = "python3",
+        value_name = "PATH"
+    )]
+    pub python: PathBuf,
+
+    /// Seconds a task may run; then it is killed with its process group.
+    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
+    pub task_timeout: u64,
+
+    /// Where the worker keeps its files (tasks run in `worker/work/` under it).
+    #[arg(long, env = "TEIA_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Flags of `teia eval`.

@@ -237,3 +237,56 @@ fn malformed_and_oversized_messages_get_an_error_and_the_master_keeps_serving() 
         addr
     );
 }
+
+/// `teia worker --master-compat` works for a Python master written from the seed
+/// (`tests/seed001/master.py`), in each envelope: it discovers it by broadcast, registers,
+/// heartbeats, runs its tasks and submits their results.
+#[test]
+fn a_teia_worker_works_for_a_python_master_in_both_envelopes() {
+    for envelope in ["flat", "typed"] {
+        let dir = tempfile::tempdir().unwrap();
+        let tasks = dir.path().join("tasks");
+        std::fs::create_dir_all(&tasks).unwrap();
+        for i in 0..3u32 {
+            task(&tasks, &format!("t{i}"), &[i, 1000]);
+        }
+        let results = dir.path().join("results");
+        let port = free_udp_port();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/seed001/master.py");
+        let mut master = Command::new("python3");
+        master
+            .arg(script)
+            .args([
+                "--discovery-port",
+                &port.to_string(),
+                "--envelope",
+                envelope,
+            ])
+            .arg("--tasks")
+            .arg(&tasks)
+            .arg("--results")
+            .arg(&results)
+            .stdout(std::process::Stdio::piped());
+        let mut master = Worker(master.spawn().unwrap());
+        let mut lines = std::io::BufReader::new(master.0.stdout.take().unwrap());
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut lines, &mut line).unwrap();
+        assert!(line.starts_with("master listening"), "{line}");
+        let data = tempfile::tempdir().unwrap();
+        let worker = Process::spawn(&[
+            "worker",
+            "--master-compat",
+            "--discovery-port",
+            &port.to_string(),
+            "--broadcast",
+            "127.255.255.255",
+            "--data-dir",
+            data.path().to_str().unwrap(),
+        ]);
+        for i in 0..3u32 {
+            let stdout = result_stdout(&results, &format!("t{i}"), PATIENCE);
+            assert_eq!(stdout.trim(), format!("sum {}", i + 1000), "{envelope}");
+        }
+        drop(worker);
+    }
+}

@@ -143,6 +143,17 @@ impl Isolation {
     }
 }
 
+/// How a script task ended.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScriptOutcome {
+    /// Its exit code (none when killed by a signal).
+    pub exit_code: Option<i32>,
+    /// Whether it was killed at its timeout.
+    pub timed_out: bool,
+    /// How long it ran.
+    pub seconds: f64,
+}
+
 /// Why a module could not be run at all.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -365,6 +376,71 @@ impl Runner {
             result,
             timed_out,
             output,
+        })
+    }
+
+    /// Runs a script task (seed 001): `python main.py ARGS...` in `dir` (the task's files,
+    /// in a work folder of its own), with the modules' environment, limits and isolation;
+    /// its stdout and stderr go to `stdout.txt` and `stderr.txt` in `dir`. Killed with its
+    /// process group at the timeout.
+    pub async fn run_script(&self, dir: &Path, args: &[&str]) -> Result<ScriptOutcome, RunError> {
+        let prepare = |source| RunError::Prepare {
+            path: dir.to_owned(),
+            source,
+        };
+        let stdout = std::fs::File::create(dir.join("stdout.txt")).map_err(prepare)?;
+        let stderr = std::fs::File::create(dir.join("stderr.txt")).map_err(prepare)?;
+        let home = dir.join(".home");
+        std::fs::create_dir_all(&home).map_err(prepare)?;
+        let script = limits_script(&self.limits);
+        let mut command = match &self.isolation {
+            Isolation::Bubblewrap(bwrap) => {
+                let mut command = tokio::process::Command::new(bwrap);
+                command
+                    .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
+                    .args(["--tmpfs", "/tmp"])
+                    .arg("--bind")
+                    .arg(dir)
+                    .arg(dir)
+                    .args(["--unshare-net", "--unshare-pid", "--die-with-parent"])
+                    .arg("--chdir")
+                    .arg(dir)
+                    .args(["bash", "-c", &script, "bash"]);
+                command
+            }
+            Isolation::Limits => {
+                let mut command = tokio::process::Command::new("bash");
+                command.args(["-c", &script, "bash"]);
+                command
+            }
+        };
+        command
+            .arg(&self.python)
+            .arg("main.py")
+            .args(args)
+            .current_dir(dir);
+        clean_environment(&mut command, &self.support, &home);
+        command
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
+            .process_group(0)
+            .kill_on_drop(true);
+        let started = Instant::now();
+        let mut child = command.spawn().map_err(RunError::Spawn)?;
+        let pid = child.id();
+        let waited = tokio::time::timeout(self.limits.timeout, child.wait()).await;
+        if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
+            let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
+        }
+        let (timed_out, status) = match waited {
+            Ok(status) => (false, status.ok()),
+            Err(_) => (true, child.wait().await.ok()),
+        };
+        Ok(ScriptOutcome {
+            exit_code: status.and_then(|s| s.code()),
+            timed_out,
+            seconds: started.elapsed().as_secs_f64(),
         })
     }
 

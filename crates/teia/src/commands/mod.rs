@@ -33,11 +33,61 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
             Command::Eval(args) => eval::run(args).await,
             Command::Send(args) => transfer::send(args).await,
             Command::Receive(args) => transfer::receive(args).await,
+            Command::Worker(args) => worker(args).await,
         }
     });
     // A read of stdin blocks a thread that only ends with more input: do not wait for it.
     runtime.shutdown_timeout(Duration::from_millis(200));
     result
+}
+
+/// `teia worker --master-compat`: works for seed 001 masters until a signal.
+async fn worker(args: crate::cli::WorkerArgs) -> anyhow::Result<()> {
+    if !args.master_compat {
+        bail!("teia worker works only for seed 001 masters for now: pass --master-compat");
+    }
+    let dir = data_dir(args.data_dir)?.join("worker");
+    let python = teia_jobs::runner::resolve_python(&args.python);
+    let (python, version) = teia_jobs::runner::check_python(&python)
+        .await
+        .map_err(|e| anyhow::anyhow!("tasks need Python: {e}"))?;
+    let isolation = teia_jobs::runner::Isolation::detect();
+    tracing::info!(python = %version, isolation = %isolation.describe(), "worker ready");
+    let limits = teia_jobs::runner::Limits {
+        timeout: Duration::from_secs(args.task_timeout.max(1)),
+        ..teia_jobs::runner::Limits::default()
+    };
+    let runner = teia_jobs::runner::Runner::new(&dir, python, limits, isolation)
+        .with_context(|| format!("cannot prepare {}", dir.display()))?;
+    let config = teia_jobs::course_worker::CourseWorkerConfig {
+        peer_id: args
+            .peer_id
+            .unwrap_or_else(|| format!("teia-{:016x}", random_seed())),
+        discovery_ports: if args.discovery_ports.is_empty() {
+            vec![9999, 55001]
+        } else {
+            args.discovery_ports
+        },
+        broadcast: args.broadcast,
+        work: dir.join("work"),
+    };
+    tokio::select! {
+        () = teia_jobs::course_worker::run(config, std::sync::Arc::new(runner)) => Ok(()),
+        () = shutdown_signal() => Ok(()),
+    }
+}
+
+/// A random 64-bit number (the standard library seeds `RandomState` from the operating
+/// system's randomness).
+pub fn random_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u128(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos()),
+    );
+    hasher.finish()
 }
 
 /// `teia index`: serves the index until a signal.

@@ -42,7 +42,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     overlay.target_neighbours = args.max_neighbours;
     overlay.send_deadline = seconds(args.send_deadline, "--send-deadline")?;
     overlay.reconnect_attempts = args.reconnect_attempts;
-    overlay.seed = random_seed();
+    overlay.seed = super::random_seed();
     overlay.require_encryption = args.require_encryption;
     let mut peers = Vec::new();
     for peer in &args.peers {
@@ -349,18 +349,6 @@ async fn resolve(peer: &str) -> anyhow::Result<SocketAddr> {
         .with_context(|| format!("cannot resolve peer {peer:?}; use HOST:PORT"))?
         .next()
         .with_context(|| format!("peer {peer:?} resolves to no address"))
-}
-
-fn random_seed() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    // The standard library seeds RandomState from the operating system's randomness.
-    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
-    hasher.write_u128(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos()),
-    );
-    hasher.finish()
 }
 
 /// Non-interactive interface: commands from stdin lines, events and output on stdout; the
