@@ -22,6 +22,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use crate::proto::seed001::{
     encode, parse, Envelope, Framer, Master, Reply, Request, Submitted, MAX_PACKAGE,
 };
+use crate::runner::Runner;
 
 /// Course-worker connections served at once; more wait for a free one.
 pub const MAX_CONNECTIONS: usize = 64;
@@ -49,7 +50,37 @@ pub struct MasterConfig {
     pub listen: SocketAddr,
     /// UDP ports answering `DISCOVER_MASTER` (course workers use 9999 and 55001).
     pub discovery_ports: Vec<u16>,
+    /// The node's own workers for these tasks: how many run at once (0: none, the tasks
+    /// go to course workers only), the runner, and where they work.
+    pub local: Option<LocalWorkers>,
 }
+
+/// The node's own workers for seed 001 tasks.
+#[derive(Clone)]
+pub struct LocalWorkers {
+    /// Tasks run at once.
+    pub slots: usize,
+    /// Runs them.
+    pub runner: Arc<Runner>,
+    /// Where each unpacks and runs its task.
+    pub work: PathBuf,
+}
+
+impl std::fmt::Debug for LocalWorkers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalWorkers")
+            .field("slots", &self.slots)
+            .field("work", &self.work)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes of each file kept in a result made here (stdout, stderr, an output); the rest is
+/// left out.
+pub const MAX_OUTPUT_FILE: u64 = 64 * 1024 * 1024;
+
+/// Output files kept in a result.
+pub const MAX_OUTPUT_FILES: usize = 256;
 
 /// Why the master could not start.
 #[derive(Debug, thiserror::Error)]
@@ -138,7 +169,9 @@ pub async fn start(config: MasterConfig) -> Result<SocketAddr, MasterError> {
         let answering = Arc::clone(&shared);
         tokio::spawn(async move { answer_discovery(socket, answering).await });
     }
+    let accepting = Arc::clone(&shared);
     tokio::spawn(async move {
+        let shared = accepting;
         let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
         loop {
             let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
@@ -154,7 +187,159 @@ pub async fn start(config: MasterConfig) -> Result<SocketAddr, MasterError> {
             });
         }
     });
+    if let Some(local) = shared.config.local.clone() {
+        for slot in 0..local.slots {
+            let working = Arc::clone(&shared);
+            let local = local.clone();
+            tokio::spawn(async move { work_locally(&working, &local, slot).await });
+        }
+    }
     Ok(bound)
+}
+
+/// One of the node's own workers: takes a task, runs it, stores its result.
+async fn work_locally(shared: &Arc<Shared>, local: &LocalWorkers, slot: usize) {
+    let me = format!("teia:local-{slot}");
+    loop {
+        let task = lock(shared).request(&me, Instant::now(), u64::MAX);
+        let Some(task) = task else {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            continue;
+        };
+        tracing::info!(task = %task.name, worker = %me, "task run here");
+        let alive = {
+            let (shared, me) = (Arc::clone(shared), me.clone());
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(SCAN_EVERY).await;
+                    lock(&shared).heard(&me, Instant::now());
+                }
+            })
+        };
+        let folder = local.work.join(format!("{slot}"));
+        let partial = shared
+            .config
+            .results
+            .join(format!(".{}.local", result_name(&task.name)));
+        let made = run_here(shared, local, &task.name, &folder, &partial).await;
+        alive.abort();
+        let _ = std::fs::remove_dir_all(&folder);
+        if let Err(e) = &made {
+            tracing::error!(task = %task.name, error = %e, "task not run here");
+        }
+        let done = lock(shared).submit(&me, Some(&task.name), Instant::now());
+        let stored = match (done, made) {
+            (Submitted::Done(_), Ok(())) => std::fs::rename(
+                &partial,
+                shared.config.results.join(result_name(&task.name)),
+            )
+            .map_err(|e| e.to_string()),
+            (Submitted::Done(task), Err(e)) => {
+                // Not run (unreadable, not a ZIP...): it waits for a course worker.
+                lock(shared).add(&task.name, task.size);
+                Err(e)
+            }
+            (Submitted::Unmatched, _) => Ok(()),
+        };
+        let _ = std::fs::remove_file(&partial);
+        match stored {
+            Ok(()) => tracing::info!(task = %task.name, "result stored"),
+            Err(e) => tracing::warn!(task = %task.name, error = %e, "no result stored"),
+        }
+    }
+}
+
+/// Unpacks `task` in `folder`, runs `main.py input.csv`, and writes the result ZIP to
+/// `to`: `stdout.txt`, `stderr.txt`, `result.json` (exit code, seconds, whether it timed
+/// out) and, under `outputs/`, the files the script made.
+async fn run_here(
+    shared: &Shared,
+    local: &LocalWorkers,
+    task: &str,
+    folder: &Path,
+    to: &Path,
+) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(folder);
+    crate::bundle::unpack(&shared.config.tasks.join(task), folder).map_err(|e| e.to_string())?;
+    let inputs = list_files(folder);
+    let outcome = local
+        .runner
+        .run_script(folder, &["input.csv"])
+        .await
+        .map_err(|e| e.to_string())?;
+    let summary = serde_json::json!({
+        "task": task,
+        "exit_code": outcome.exit_code,
+        "timed_out": outcome.timed_out,
+        "seconds": outcome.seconds,
+    });
+    let outputs: Vec<PathBuf> = list_files(folder)
+        .into_iter()
+        .filter(|p| !inputs.contains(p))
+        .filter(|p| {
+            let name = p.to_string_lossy();
+            name != "stdout.txt" && name != "stderr.txt" && !name.starts_with(".home")
+        })
+        .take(MAX_OUTPUT_FILES)
+        .collect();
+    write_result_zip(folder, &summary, &outputs, to).map_err(|e| e.to_string())
+}
+
+/// The files under `dir`, relative to it (links not followed).
+fn list_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(relative) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(dir.join(&relative)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = relative.join(entry.file_name());
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => stack.push(path),
+                Ok(kind) if kind.is_file() => found.push(path),
+                _ => {}
+            }
+        }
+    }
+    found
+}
+
+/// Writes the result ZIP, each file copied a piece at a time.
+fn write_result_zip(
+    folder: &Path,
+    summary: &serde_json::Value,
+    outputs: &[PathBuf],
+    to: &Path,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let file = std::fs::File::create(to)?;
+    let mut zip = zip::ZipWriter::new(file);
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
+    let mut add = |name: String, path: &Path| -> std::io::Result<()> {
+        let mut source = std::fs::File::open(path)?;
+        zip.start_file(name, options)
+            .map_err(std::io::Error::other)?;
+        std::io::copy(
+            &mut std::io::Read::take(&mut source, MAX_OUTPUT_FILE),
+            &mut zip,
+        )?;
+        Ok(())
+    };
+    add("stdout.txt".into(), &folder.join("stdout.txt"))?;
+    add("stderr.txt".into(), &folder.join("stderr.txt"))?;
+    for output in outputs {
+        add(
+            format!("outputs/{}", output.to_string_lossy()),
+            &folder.join(output),
+        )?;
+    }
+    zip.start_file("result.json", options)
+        .map_err(std::io::Error::other)?;
+    zip.write_all(summary.to_string().as_bytes())?;
+    zip.finish().map_err(std::io::Error::other)?.sync_all()
 }
 
 /// Adds the tasks folder's new ZIPs that have no result yet.

@@ -430,6 +430,11 @@ pub struct NodeArgs {
     )]
     pub master_port: String,
 
+    /// Tasks of --tasks-dir this node runs itself at once (default: its cores; 0: they go
+    /// to course workers only).
+    #[arg(long, env = "TEIA_TASK_WORKERS", value_name = "N")]
+    pub task_workers: Option<usize>,
+
     /// UDP port answering seed 001's DISCOVER_MASTER (repeatable; default 9999 and 55001,
     /// the ports known workers broadcast to).
     #[arg(long = "discovery-port", value_name = "PORT")]

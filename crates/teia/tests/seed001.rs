@@ -44,14 +44,22 @@ fn task(tasks: &Path, name: &str, values: &[u32]) {
     assert!(status.success());
 }
 
-/// A teia node serving `tasks` to course workers on discovery port `port`.
+/// A teia node serving `tasks` to course workers on discovery port `port` (running none
+/// itself).
 fn master(dir: &Path, port: u16) -> NodeProcess {
+    master_running(dir, port, "0")
+}
+
+/// A teia node serving `tasks` on discovery port `port` and running `task_workers` itself.
+fn master_running(dir: &Path, port: u16, task_workers: &str) -> NodeProcess {
     let tasks = dir.join("tasks");
     let results = dir.join("results");
     let node = NodeProcess::start(
         "master",
         "seed001",
         &[
+            "--task-workers",
+            task_workers,
             "--peer",
             "127.0.0.1:1",
             "--tasks-dir",
@@ -173,6 +181,53 @@ fn a_worker_that_dies_with_a_task_has_it_handed_to_another() {
         .process
         .wait_for_log("a worker went silent; its task goes to another");
     drop(patient);
+}
+
+/// A file of a result ZIP, once the result exists.
+fn result_file(results: &Path, name: &str, file: &str) -> String {
+    result_stdout(results, name, PATIENCE);
+    let script = "import sys, zipfile\nsys.stdout.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]).decode())";
+    let output = Command::new("python3")
+        .args(["-c", script])
+        .arg(results.join(format!("result_{name}.zip")))
+        .arg(file)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{name}: no {file}");
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// With no course worker, the node runs its tasks itself, in the sandbox: the result keeps
+/// stdout, stderr, the exit code and duration, and the files the script made.
+#[test]
+fn the_node_runs_its_tasks_itself_and_keeps_exit_code_and_output_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    task(&tasks, "plain", &[7, 8]);
+    let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nz.writestr('main.py', \"open('report.txt', 'w').write('made here')\\nraise SystemExit(3)\\n\")\nz.writestr('input.csv', 'a\\n1\\n')\nz.close()";
+    let status = Command::new("python3")
+        .args(["-c", script])
+        .arg(tasks.join("fails.zip"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let _master = master_running(dir.path(), free_udp_port(), "2");
+    let results = dir.path().join("results");
+    assert_eq!(result_stdout(&results, "plain", PATIENCE).trim(), "sum 15");
+    assert_eq!(
+        result_file(&results, "plain", "stderr.txt").trim(),
+        "rows 2"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&result_file(&results, "fails", "result.json")).unwrap();
+    assert_eq!(summary["exit_code"], 3, "{summary}");
+    assert_eq!(summary["timed_out"], false);
+    assert!(summary["seconds"].as_f64().unwrap() > 0.0);
+    assert_eq!(
+        result_file(&results, "fails", "outputs/report.txt"),
+        "made here"
+    );
 }
 
 /// Sends `bytes` on a new connection to the master and reads its whole answer.

@@ -114,7 +114,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     let (files, files_events) = Files::start(files_config, handle.clone(), files_stream_rx).await?;
     let (engine, http) = start_jobs(&args, &data_dir, &peer_id, &handle, trusted_keys).await?;
     if let Some(tasks) = &args.tasks_dir {
-        start_master(&args, tasks).await?;
+        start_master(&args, tasks, &node_file(&data_dir, &peer_id, "tasks")).await?;
     }
     // Data streams go to their service: the job engine's, or file sharing's.
     let stream_engine = engine.clone();
@@ -180,8 +180,38 @@ struct Services {
     engine: Option<teia_jobs::engine::Engine>,
 }
 
-/// Starts the seed 001 master on `tasks`.
-async fn start_master(args: &NodeArgs, tasks: &std::path::Path) -> anyhow::Result<()> {
+/// Starts the seed 001 master on `tasks`, with the node's own workers (which keep their
+/// files in `dir`) when it has Python.
+async fn start_master(
+    args: &NodeArgs,
+    tasks: &std::path::Path,
+    dir: &std::path::Path,
+) -> anyhow::Result<()> {
+    let slots = args.task_workers.unwrap_or_else(|| {
+        std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+    });
+    let python = teia_jobs::runner::resolve_python(&args.python);
+    let local = match (slots, teia_jobs::runner::check_python(&python).await) {
+        (0, _) => None,
+        (_, Err(e)) => {
+            tracing::warn!("tasks go to course workers only: {e}");
+            None
+        }
+        (slots, Ok((python, _))) => {
+            let limits = teia_jobs::runner::Limits {
+                timeout: Duration::from_secs(args.module_timeout.max(1)),
+                ..teia_jobs::runner::Limits::default()
+            };
+            let isolation = teia_jobs::runner::Isolation::detect();
+            let runner = teia_jobs::runner::Runner::new(dir, python, limits, isolation)
+                .with_context(|| format!("cannot prepare {}", dir.display()))?;
+            Some(teia_jobs::master::LocalWorkers {
+                slots,
+                runner: std::sync::Arc::new(runner),
+                work: dir.join("work"),
+            })
+        }
+    };
     let listen = match args.master_port.parse::<u16>() {
         Ok(port) => SocketAddr::from(([0, 0, 0, 0], port)),
         Err(_) => args.master_port.parse().with_context(|| {
@@ -207,6 +237,7 @@ async fn start_master(args: &NodeArgs, tasks: &std::path::Path) -> anyhow::Resul
         results,
         listen,
         discovery_ports,
+        local,
     })
     .await?;
     Ok(())
