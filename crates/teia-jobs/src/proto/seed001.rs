@@ -6,7 +6,7 @@
 //! another when its worker stops heartbeating or its lease runs out, a result that does not
 //! name its task matched by the worker's lease.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
@@ -28,6 +28,10 @@ pub const LEASE: Duration = Duration::from_secs(300);
 /// Workers tracked; past it, the longest silent without a task is forgotten, and if all
 /// hold tasks, a new worker is refused.
 pub const MAX_WORKERS: usize = 1024;
+
+/// Tasks queued or leased at once; past it, new ones wait in the folder until there is
+/// room (the folder is scanned again every second).
+pub const MAX_TASKS: usize = 100_000;
 
 /// How a message was wrapped, so that its answer is wrapped the same way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,17 +293,21 @@ pub enum Submitted {
 /// The master's tasks and workers.
 #[derive(Debug, Default)]
 pub struct Master {
+    /// Names of the tasks waiting or leased.
+    names: HashSet<String>,
     waiting: VecDeque<Task>,
     leased: BTreeMap<String, Task>,
     workers: HashMap<String, Worker>,
 }
 
 impl Master {
-    /// Adds a task to hand out (a name already waiting or leased is ignored).
+    /// Adds a task to hand out (a name already waiting or leased is ignored, and so is any
+    /// past [`MAX_TASKS`]).
     pub fn add(&mut self, name: &str, size: u64) -> bool {
-        if self.leased.contains_key(name) || self.waiting.iter().any(|t| t.name == name) {
+        if self.names.len() >= MAX_TASKS || self.names.contains(name) {
             return false;
         }
+        self.names.insert(name.to_owned());
         self.waiting.push_back(Task {
             name: name.to_owned(),
             size,
@@ -382,6 +390,7 @@ impl Master {
         let Some(task) = self.leased.remove(&name) else {
             return Submitted::Unmatched;
         };
+        self.names.remove(&name);
         for known in self.workers.values_mut() {
             if known.lease.as_ref().is_some_and(|(t, _)| *t == name) {
                 known.lease = None;
