@@ -1,7 +1,9 @@
 //! teia's HTTP API (`teia node --http ADDR`), the routes of seed 000's course statement:
 //! `POST /evaluation` (a ZIP as `multipart/form-data` field `file`, or JSON
 //! `{"auth_token", "projects": [git URLs]}`), `GET /evaluation`, `GET /evaluation/<id>`,
-//! `GET /stats` and `GET /network`. Every error is a 4xx or 5xx with `{"error": "..."}`.
+//! `GET /stats` and `GET /network`; and script jobs (seed 001) on a node with
+//! `--tasks-dir`: `POST /jobs` (a ZIP with `main.py`, field `file`) and `GET /jobs/<id>`.
+//! Every error is a 4xx or 5xx with `{"error": "..."}`.
 //!
 //! Bounds: a request body of [`MAX_UPLOAD`] bytes at most (more is answered 413), 64
 //! repositories per submission, URLs of 2,048 bytes.
@@ -18,6 +20,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::{json, Value};
 use teia_jobs::engine::{Engine, EngineError};
+use teia_jobs::master::{JobError, MasterHandle};
 
 /// Bytes a request body may have at most.
 pub const MAX_UPLOAD: usize = 256 * 1024 * 1024;
@@ -27,9 +30,19 @@ pub const MAX_REPOSITORIES: usize = 64;
 /// What `/network` shows: each node's address and the addresses it has links to.
 pub type NetworkView = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Value> + Send>> + Send + Sync>;
 
+/// The services the API answers for.
+#[derive(Clone)]
+pub struct Services {
+    /// The job engine (evaluations).
+    pub engine: Engine,
+    /// The seed 001 task queue, on a node with `--tasks-dir`.
+    pub master: Option<MasterHandle>,
+}
+
 #[derive(Clone)]
 struct App {
     engine: Engine,
+    master: Option<MasterHandle>,
     network: NetworkView,
     uploads: std::path::PathBuf,
 }
@@ -57,14 +70,15 @@ impl From<EngineError> for Problem {
 /// Serves the API on `listener` until `stop` completes.
 pub async fn serve(
     listener: tokio::net::TcpListener,
-    engine: Engine,
+    services: Services,
     network: NetworkView,
     uploads: std::path::PathBuf,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     std::fs::create_dir_all(&uploads)?;
     let app = App {
-        engine,
+        engine: services.engine,
+        master: services.master,
         network,
         uploads,
     };
@@ -73,6 +87,8 @@ pub async fn serve(
         .route("/evaluation/{id}", get(detail))
         .route("/stats", get(stats))
         .route("/network", get(network_view))
+        .route("/jobs", axum::routing::post(submit_job))
+        .route("/jobs/{id}", get(job_detail))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_UPLOAD))
         .with_state(app);
@@ -93,7 +109,9 @@ pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
 async fn not_found() -> Problem {
     Problem(
         StatusCode::NOT_FOUND,
-        "no such route: use /evaluation, /evaluation/<id>, /stats or /network".into(),
+        "no such route: use /evaluation, /evaluation/<id>, /stats, /network, /jobs or \
+         /jobs/<id>"
+            .into(),
     )
 }
 
@@ -151,7 +169,19 @@ async fn submit(State(app): State<App>, request: Request) -> Result<Response, Pr
     Ok((StatusCode::CREATED, Json(json!({"id": id}))).into_response())
 }
 
-async fn submit_zip(app: &App, mut multipart: Multipart) -> Result<u64, Problem> {
+async fn submit_zip(app: &App, multipart: Multipart) -> Result<u64, Problem> {
+    let path = save_upload(app, multipart).await?;
+    let engine = app.engine.clone();
+    let archive = path.clone();
+    let result = tokio::task::spawn_blocking(move || engine.submit_zip(&archive))
+        .await
+        .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let _ = tokio::fs::remove_file(&path).await;
+    result.map_err(Problem::from)
+}
+
+/// Saves the form's `file` field in the uploads folder; its path.
+async fn save_upload(app: &App, mut multipart: Multipart) -> Result<std::path::PathBuf, Problem> {
     use tokio::io::AsyncWriteExt;
     let bad = |detail: String| Problem(StatusCode::BAD_REQUEST, detail);
     loop {
@@ -192,14 +222,60 @@ async fn submit_zip(app: &App, mut multipart: Multipart) -> Result<u64, Problem>
             let _ = tokio::fs::remove_file(&path).await;
             return Err(bad("the `file` field is empty".into()));
         }
-        let engine = app.engine.clone();
-        let archive = path.clone();
-        let result = tokio::task::spawn_blocking(move || engine.submit_zip(&archive))
-            .await
-            .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-        let _ = tokio::fs::remove_file(&path).await;
-        return result.map_err(Problem::from);
+        return Ok(path);
     }
+}
+
+/// The task queue, or why there is none.
+fn master(app: &App) -> Result<MasterHandle, Problem> {
+    app.master.clone().ok_or_else(|| {
+        Problem(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "this node takes script jobs only when started with --tasks-dir DIR".into(),
+        )
+    })
+}
+
+async fn submit_job(State(app): State<App>, request: Request) -> Result<Response, Problem> {
+    let master = master(&app)?;
+    let multipart = <Multipart as axum::extract::FromRequest<()>>::from_request(request, &())
+        .await
+        .map_err(|e| {
+            Problem(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "send multipart/form-data with a `file` field (a ZIP with main.py): {}",
+                    e.body_text()
+                ),
+            )
+        })?;
+    let path = save_upload(&app, multipart).await?;
+    let archive = path.clone();
+    let result = tokio::task::spawn_blocking(move || master.submit(&archive))
+        .await
+        .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let _ = tokio::fs::remove_file(&path).await;
+    let id = result.map_err(|e| {
+        let status = match e {
+            JobError::NotATask(_) => StatusCode::BAD_REQUEST,
+            JobError::Queue(_) => StatusCode::SERVICE_UNAVAILABLE,
+        };
+        Problem(status, e.to_string())
+    })?;
+    Ok((StatusCode::CREATED, Json(json!({"id": id}))).into_response())
+}
+
+async fn job_detail(
+    State(app): State<App>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, Problem> {
+    let master = master(&app)?;
+    let answer = tokio::task::spawn_blocking(move || master.status(&id).ok_or(id))
+        .await
+        .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    answer
+        .map(Json)
+        .map_err(|id| Problem(StatusCode::NOT_FOUND, format!("no job {id:?}")))
 }
 
 static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -118,7 +118,7 @@ fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Master> {
 
 /// Starts the master: binds its ports, then serves until the runtime stops. Returns the
 /// TCP address it listens on.
-pub async fn start(config: MasterConfig) -> Result<SocketAddr, MasterError> {
+pub async fn start(config: MasterConfig) -> Result<(SocketAddr, MasterHandle), MasterError> {
     for path in [&config.tasks, &config.results] {
         std::fs::create_dir_all(path).map_err(|source| MasterError::Folder {
             path: path.clone(),
@@ -194,7 +194,96 @@ pub async fn start(config: MasterConfig) -> Result<SocketAddr, MasterError> {
             tokio::spawn(async move { work_locally(&working, &local, slot).await });
         }
     }
-    Ok(bound)
+    Ok((bound, MasterHandle(shared)))
+}
+
+/// A handle on the master's queue, for the HTTP API's `/jobs`.
+#[derive(Clone)]
+pub struct MasterHandle(Arc<Shared>);
+
+/// Why a job was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Not a ZIP with `main.py`.
+    #[error("a job is a ZIP with main.py at its root (and its inputs, input.csv): {0}")]
+    NotATask(String),
+    /// The queue is full or the file could not be stored.
+    #[error("cannot queue the job: {0}")]
+    Queue(String),
+}
+
+/// Jobs numbered since the node started, for their names.
+static JOB_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+impl MasterHandle {
+    /// Queues the ZIP at `archive` (moved into the tasks folder) as a job; its id.
+    pub fn submit(&self, archive: &Path) -> Result<String, JobError> {
+        let file = std::fs::File::open(archive).map_err(|e| JobError::NotATask(e.to_string()))?;
+        let zip = zip::ZipArchive::new(file).map_err(|e| JobError::NotATask(e.to_string()))?;
+        if zip.index_for_name("main.py").is_none() {
+            return Err(JobError::NotATask("no main.py".into()));
+        }
+        let id = format!(
+            "job-{}-{}",
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis()),
+            JOB_COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let name = format!("{id}.zip");
+        let size = std::fs::metadata(archive).map_or(0, |m| m.len());
+        std::fs::rename(archive, self.0.config.tasks.join(&name))
+            .map_err(|e| JobError::Queue(e.to_string()))?;
+        if !lock(&self.0).add(&name, size) {
+            let _ = std::fs::remove_file(self.0.config.tasks.join(&name));
+            return Err(JobError::Queue("the queue is full".into()));
+        }
+        tracing::info!(job = %id, size, "job queued");
+        Ok(id)
+    }
+
+    /// A job's status: `queued`, `running` or `done` (with `result.json`'s fields when the
+    /// node ran it, and the start of its stdout); `None` when unknown.
+    pub fn status(&self, id: &str) -> Option<serde_json::Value> {
+        let name = format!("{id}.zip");
+        if let Some(path) = self.result(id) {
+            let read = |file: &str| -> Option<Vec<u8>> {
+                let mut zip = zip::ZipArchive::new(std::fs::File::open(&path).ok()?).ok()?;
+                let entry = zip.by_name(file).ok()?;
+                let mut bytes = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::Read::take(entry, 64 * 1024), &mut bytes)
+                    .ok()?;
+                Some(bytes)
+            };
+            // result.json as the node wrote it; a course worker's result has none.
+            let mut status = read("result.json")
+                .and_then(|b| {
+                    serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&b).ok()
+                })
+                .unwrap_or_default();
+            status.insert("id".into(), id.into());
+            status.insert("status".into(), "done".into());
+            let stdout = read("stdout.txt").map(|b| String::from_utf8_lossy(&b).into_owned());
+            status.insert("stdout".into(), stdout.into());
+            return Some(serde_json::Value::Object(status));
+        }
+        let leased = lock(&self.0).leased(&name)?;
+        let state = if leased { "running" } else { "queued" };
+        Some(serde_json::json!({"id": id, "status": state}))
+    }
+
+    /// The result ZIP of job `id`, once done.
+    pub fn result(&self, id: &str) -> Option<PathBuf> {
+        let safe = id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        let path = self
+            .0
+            .config
+            .results
+            .join(result_name(&format!("{id}.zip")));
+        (safe && path.is_file()).then_some(path)
+    }
 }
 
 /// One of the node's own workers: takes a task, runs it, stores its result.

@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -13,46 +12,9 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::Value;
 
-/// One HTTP request with `Connection: close`; the status and the body as JSON.
-fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).unwrap();
-    let text = String::from_utf8_lossy(&answer);
-    let status = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-    (status, serde_json::from_str(body).unwrap_or(Value::Null))
-}
-
-fn get(addr: &str, path: &str) -> (u16, Value) {
-    http(addr, "GET", path, "text/plain", b"")
-}
-
-/// A multipart form with one `file` field holding `bytes`.
+/// A multipart form with one `file` field holding `bytes`, to `/evaluation`.
 fn post_zip(addr: &str, bytes: &[u8]) -> (u16, Value) {
-    let boundary = "teiaboundary7MA4YWxkTrZu0gW";
-    let mut body = format!(
-        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"all.zip\"\r\nContent-Type: application/zip\r\n\r\n"
-    )
-    .into_bytes();
-    body.extend_from_slice(bytes);
-    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
-    http(
-        addr,
-        "POST",
-        "/evaluation",
-        &format!("multipart/form-data; boundary={boundary}"),
-        &body,
-    )
+    post_file(addr, "/evaluation", bytes)
 }
 
 /// A ZIP of `files` (path, content), built with Python's zipfile.

@@ -345,3 +345,86 @@ fn a_teia_worker_works_for_a_python_master_in_both_envelopes() {
         drop(worker);
     }
 }
+
+/// `POST /jobs` queues a script job on a node with `--tasks-dir`; `GET /jobs/<id>` follows
+/// it to its exit code and stdout. Bad jobs get a 4xx; a node without a tasks folder a 503.
+#[test]
+fn script_jobs_are_submitted_and_followed_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    task(&staging, "sum", &[20, 22]);
+    let node = NodeProcess::start(
+        "jobs",
+        "seed001",
+        &[
+            "--peer",
+            "127.0.0.1:1",
+            "--http",
+            "127.0.0.1:0",
+            "--tasks-dir",
+            tasks.to_str().unwrap(),
+            "--master-port",
+            "127.0.0.1:0",
+            "--discovery-port",
+            &free_udp_port().to_string(),
+            "--task-workers",
+            "1",
+        ],
+    );
+    let line = node.process.wait_for_log("HTTP API listening");
+    let addr = field(&line, "bound").to_owned();
+    let (status, created) = post_file(
+        &addr,
+        "/jobs",
+        &std::fs::read(staging.join("sum.zip")).unwrap(),
+    );
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + PATIENCE;
+    let done = loop {
+        let (status, job) = get(&addr, &format!("/jobs/{id}"));
+        assert_eq!(status, 200, "{job}");
+        if job["status"] == "done" {
+            break job;
+        }
+        assert!(
+            ["queued", "running"].contains(&job["status"].as_str().unwrap()),
+            "{job}"
+        );
+        assert!(Instant::now() < deadline, "not done: {job}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(done["exit_code"], 0, "{done}");
+    assert_eq!(done["stdout"].as_str().unwrap().trim(), "sum 42");
+    let (status, answer) = post_file(&addr, "/jobs", b"not a zip");
+    assert_eq!(status, 400, "{answer}");
+    assert!(
+        answer["error"].as_str().unwrap().contains("main.py"),
+        "{answer}"
+    );
+    let (status, _) = get(&addr, "/jobs/job-0-0");
+    assert_eq!(status, 404);
+    let (status, _) = get(&addr, "/jobs/..%2F..%2Fetc");
+    assert_eq!(status, 404);
+
+    let (plain, plain_addr) = {
+        let node = NodeProcess::start(
+            "plain",
+            "seed001",
+            &["--peer", "127.0.0.1:1", "--http", "127.0.0.1:0"],
+        );
+        let line = node.process.wait_for_log("HTTP API listening");
+        let addr = field(&line, "bound").to_owned();
+        (node, addr)
+    };
+    let (status, answer) = post_file(
+        &plain_addr,
+        "/jobs",
+        &std::fs::read(staging.join("sum.zip")).unwrap(),
+    );
+    assert_eq!(status, 503, "{answer}");
+    drop(plain);
+}

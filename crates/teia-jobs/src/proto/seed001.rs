@@ -321,6 +321,15 @@ impl Master {
         (self.waiting.len(), self.leased.len())
     }
 
+    /// Whether `name` is waiting (`Some(false)`), leased (`Some(true)`) or neither.
+    pub fn leased(&self, name: &str) -> Option<bool> {
+        if self.leased.contains_key(name) {
+            Some(true)
+        } else {
+            self.names.contains(name).then_some(false)
+        }
+    }
+
     /// Notes that `worker` spoke; false when the table of workers is full.
     pub fn heard(&mut self, worker: &str, now: Instant) -> bool {
         if let Some(known) = self.workers.get_mut(worker) {

@@ -112,10 +112,14 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     };
     let (files_streams, files_stream_rx) = mpsc::channel(STREAMS_WAITING);
     let (files, files_events) = Files::start(files_config, handle.clone(), files_stream_rx).await?;
-    let (engine, http) = start_jobs(&args, &data_dir, &peer_id, &handle, trusted_keys).await?;
-    if let Some(tasks) = &args.tasks_dir {
-        start_master(&args, tasks, &node_file(&data_dir, &peer_id, "tasks")).await?;
-    }
+    let master = match &args.tasks_dir {
+        Some(tasks) => {
+            Some(start_master(&args, tasks, &node_file(&data_dir, &peer_id, "tasks")).await?)
+        }
+        None => None,
+    };
+    let (engine, http) =
+        start_jobs(&args, &data_dir, &peer_id, &handle, trusted_keys, master).await?;
     // Data streams go to their service: the job engine's, or file sharing's.
     let stream_engine = engine.clone();
     tokio::spawn(async move {
@@ -186,7 +190,7 @@ async fn start_master(
     args: &NodeArgs,
     tasks: &std::path::Path,
     dir: &std::path::Path,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<teia_jobs::master::MasterHandle> {
     let slots = args.task_workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
@@ -232,7 +236,7 @@ async fn start_master(
     } else {
         args.discovery_ports.clone()
     };
-    teia_jobs::master::start(teia_jobs::master::MasterConfig {
+    let master = teia_jobs::master::start(teia_jobs::master::MasterConfig {
         tasks: tasks.to_owned(),
         results,
         listen,
@@ -240,7 +244,7 @@ async fn start_master(
         local,
     })
     .await?;
-    Ok(())
+    Ok(master.1)
 }
 
 /// Starts the job engine when Python with pytest is here (required with `--http`), and the
@@ -251,6 +255,7 @@ async fn start_jobs(
     peer_id: &str,
     handle: &NodeHandle,
     trusted: Vec<teia_core::identity::PublicKey>,
+    master: Option<teia_jobs::master::MasterHandle>,
 ) -> anyhow::Result<(
     Option<teia_jobs::engine::Engine>,
     Option<tokio::sync::oneshot::Sender<()>>,
@@ -316,8 +321,17 @@ async fn start_jobs(
         let stop = async {
             let _ = stopped.await;
         };
-        if let Err(e) =
-            teia_http::serve(listener, served, network, jobs_dir.join("uploads"), stop).await
+        if let Err(e) = teia_http::serve(
+            listener,
+            teia_http::Services {
+                engine: served,
+                master,
+            },
+            network,
+            jobs_dir.join("uploads"),
+            stop,
+        )
+        .await
         {
             tracing::error!(error = %e, "HTTP API stopped");
         }

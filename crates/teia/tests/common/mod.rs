@@ -7,7 +7,7 @@
     clippy::indexing_slicing
 )]
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -578,4 +578,46 @@ impl CourseClient {
             }
         }
     }
+}
+
+/// One HTTP request with `Connection: close`; the status and the body as JSON.
+pub fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    let status = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    (status, serde_json::from_str(body).unwrap_or(Value::Null))
+}
+
+pub fn get(addr: &str, path: &str) -> (u16, Value) {
+    http(addr, "GET", path, "text/plain", b"")
+}
+
+/// A multipart form with one `file` field holding `bytes`, POSTed to `path`.
+pub fn post_file(addr: &str, path: &str, bytes: &[u8]) -> (u16, Value) {
+    let boundary = "teiaboundary7MA4YWxkTrZu0gW";
+    let mut body = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"all.zip\"\r\nContent-Type: application/zip\r\n\r\n"
+    )
+    .into_bytes();
+    body.extend_from_slice(bytes);
+    body.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    http(
+        addr,
+        "POST",
+        path,
+        &format!("multipart/form-data; boundary={boundary}"),
+        &body,
+    )
 }
