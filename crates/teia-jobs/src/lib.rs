@@ -13,3 +13,4 @@ pub mod master;
 pub mod proto;
 pub mod remote;
 pub mod runner;
+pub mod split;

@@ -50,9 +50,53 @@ pub enum Command {
     Send(SendArgs),
     /// Fetch the file of a ticket printed by `teia send`, verified, and exit.
     Receive(ReceiveArgs),
+    /// Submit script jobs (seed 001: `main.py` over `input.csv`) to a node's HTTP API and
+    /// follow them; or show one.
+    Job(JobArgs),
     /// Work for a seed 001 master written by others (--master-compat): find it by UDP
     /// broadcast, run its tasks (`main.py input.csv`) in the sandbox, return the results.
     Worker(WorkerArgs),
+}
+
+/// Flags of `teia job`.
+#[derive(Debug, Args)]
+pub struct JobArgs {
+    /// The node's HTTP API (`http://HOST:PORT`, `HOST:PORT` or a port on 127.0.0.1); the
+    /// node needs --tasks-dir.
+    #[arg(
+        long,
+        env = "TEIA_NODE",
+        default_value = "127.0.0.1:5001",
+        global = true
+    )]
+    pub node: String,
+    /// Print JSON lines instead of a progress bar and a summary.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: JobCommand,
+}
+
+/// `teia job` commands.
+#[derive(Debug, Subcommand)]
+pub enum JobCommand {
+    /// Submit tasks (ZIPs, or folders zipped for you, each with main.py and input.csv) and
+    /// follow them to the end.
+    Submit {
+        /// ZIPs or folders.
+        #[arg(required = true)]
+        targets: Vec<PathBuf>,
+        /// Cut each task's input.csv into N row ranges (header kept), run as N tasks whose
+        /// stdouts are printed concatenated in order.
+        #[arg(long, value_name = "N")]
+        split_csv: Option<usize>,
+    },
+    /// Show one job.
+    Status {
+        /// Its id.
+        id: String,
+    },
 }
 
 /// Flags of `teia worker`.

@@ -428,3 +428,81 @@ fn script_jobs_are_submitted_and_followed_over_http() {
     assert_eq!(status, 503, "{answer}");
     drop(plain);
 }
+
+/// `teia job submit --split-csv 3` cuts a task's input.csv into three row ranges run as
+/// three jobs, and prints their stdouts concatenated in order: those of the whole task.
+#[test]
+fn teia_job_submit_splits_a_csv_and_concatenates_the_stdouts_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    let folder = dir.path().join("rows");
+    std::fs::create_dir_all(&folder).unwrap();
+    std::fs::write(
+        folder.join("main.py"),
+        "import csv, sys\nfor row in csv.DictReader(open(sys.argv[1])):\n    print(row['value'])\n",
+    )
+    .unwrap();
+    let values: Vec<String> = (1..=10).map(|v| (v * 7).to_string()).collect();
+    let csv = format!("value\n{}\n", values.join("\n"));
+    std::fs::write(folder.join("input.csv"), csv).unwrap();
+    let node = NodeProcess::start(
+        "jobs",
+        "seed001",
+        &[
+            "--peer",
+            "127.0.0.1:1",
+            "--http",
+            "127.0.0.1:0",
+            "--tasks-dir",
+            tasks.to_str().unwrap(),
+            "--master-port",
+            "127.0.0.1:0",
+            "--discovery-port",
+            &free_udp_port().to_string(),
+            "--task-workers",
+            "2",
+        ],
+    );
+    let line = node.process.wait_for_log("HTTP API listening");
+    let addr = field(&line, "bound").to_owned();
+    let mut child = teia()
+        .args(["job", "--node", &addr, "submit", "--split-csv", "3"])
+        .arg(&folder)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "teia job submit did not finish");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut stdout = String::new();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut stdout)
+        .unwrap();
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("3 job(s) submitted"), "{stdout}");
+    let printed: Vec<&str> = stdout
+        .split_once("--- stdout of")
+        .unwrap()
+        .1
+        .lines()
+        .skip(1)
+        .collect();
+    assert_eq!(printed, values, "{stdout}");
+}

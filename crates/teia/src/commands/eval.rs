@@ -11,7 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::cli::{EvalArgs, EvalCommand};
 
 /// A field of a JSON object (null when absent).
-fn at<'a>(value: &'a Value, key: &str) -> &'a Value {
+pub(super) fn at<'a>(value: &'a Value, key: &str) -> &'a Value {
     value.get(key).unwrap_or(&Value::Null)
 }
 
@@ -32,7 +32,7 @@ fn authority(node: &str) -> String {
 }
 
 /// One HTTP/1.1 request; the body is given as bytes or streamed from a file.
-async fn request(
+pub(super) async fn request(
     node: &str,
     method: &str,
     path: &str,
@@ -76,7 +76,7 @@ async fn request(
     Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
 }
 
-enum Body<'a> {
+pub(super) enum Body<'a> {
     Bytes(&'a [u8]),
     Multipart {
         head: String,
@@ -85,13 +85,13 @@ enum Body<'a> {
     },
 }
 
-fn api_error(status: u16, body: &Value) -> anyhow::Error {
+pub(super) fn api_error(status: u16, body: &Value) -> anyhow::Error {
     let error = at(body, "error").as_str().unwrap_or("(no detail)");
     anyhow::anyhow!("the node answered {status}: {error}")
 }
 
 /// A GET answered 200, as JSON; any other answer as an error.
-async fn get(node: &str, path: &str) -> anyhow::Result<Value> {
+pub(super) async fn get(node: &str, path: &str) -> anyhow::Result<Value> {
     let (status, body) = request(node, "GET", path, "text/plain", Body::Bytes(b"")).await?;
     if status != 200 {
         return Err(api_error(status, &body));

@@ -3,6 +3,7 @@
 mod eval;
 mod files;
 mod id;
+mod job;
 mod node;
 mod rdv;
 mod rendezvous;
@@ -34,6 +35,7 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
             Command::Send(args) => transfer::send(args).await,
             Command::Receive(args) => transfer::receive(args).await,
             Command::Worker(args) => worker(args).await,
+            Command::Job(args) => job::run(args).await,
         }
     });
     // A read of stdin blocks a thread that only ends with more input: do not wait for it.

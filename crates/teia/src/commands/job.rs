@@ -1,0 +1,210 @@
+//! `teia job`: script jobs (seed 001) through a node's HTTP API: `submit` sends each task
+//! (`POST /jobs`; with `--split-csv N`, each cut into N parts), follows them with a
+//! progress bar until all are done, then prints a summary and the stdouts (a split task's
+//! parts concatenated in order); `status` shows one job.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
+
+use super::eval::{api_error, at, get, request, Body};
+use crate::cli::{JobArgs, JobCommand};
+
+/// Time between two polls of the jobs.
+const POLL_EVERY: Duration = Duration::from_millis(200);
+
+/// Runs `teia job ...`.
+pub async fn run(args: JobArgs) -> anyhow::Result<()> {
+    match args.command {
+        JobCommand::Submit { targets, split_csv } => {
+            submit(&args.node, &targets, split_csv, args.json).await
+        }
+        JobCommand::Status { id } => {
+            let body = get(&args.node, &format!("/jobs/{id}")).await?;
+            println!("{body}");
+            Ok(())
+        }
+    }
+}
+
+/// One task as submitted: what it came from, its part (when split), its job id.
+struct Submitted {
+    label: String,
+    part: Option<usize>,
+    id: String,
+}
+
+async fn submit(
+    node: &str,
+    targets: &[PathBuf],
+    split: Option<usize>,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    let scratch = std::env::temp_dir().join(format!("teia-job-{}", std::process::id()));
+    std::fs::create_dir_all(&scratch)?;
+    let result = submit_all(node, targets, split, json_output, &scratch).await;
+    let _ = std::fs::remove_dir_all(&scratch);
+    let jobs = result?;
+    follow(node, &jobs, json_output).await
+}
+
+async fn submit_all(
+    node: &str,
+    targets: &[PathBuf],
+    split: Option<usize>,
+    json_output: bool,
+    scratch: &Path,
+) -> anyhow::Result<Vec<Submitted>> {
+    let mut jobs = Vec::new();
+    for (index, target) in targets.iter().enumerate() {
+        let label = target.display().to_string();
+        let archive = if target.is_dir() {
+            let packed = scratch.join(format!("task{index}.zip"));
+            teia_jobs::bundle::pack(target, &packed)
+                .with_context(|| format!("cannot pack {label}"))?;
+            packed
+        } else if target.is_file() {
+            target.clone()
+        } else {
+            bail!("{label} is neither a ZIP nor a folder");
+        };
+        let parts: Vec<(Option<usize>, PathBuf)> = match split {
+            Some(n) => {
+                teia_jobs::split::split_task(&archive, n, &scratch.join(format!("parts{index}")))
+                    .with_context(|| format!("cannot split {label}"))?
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, p)| (Some(i + 1), p))
+                    .collect()
+            }
+            None => vec![(None, archive)],
+        };
+        for (part, path) in parts {
+            let id = post(node, &path).await?;
+            if json_output {
+                println!(
+                    "{}",
+                    json!({"event": "submitted", "task": label, "part": part, "id": id})
+                );
+            }
+            jobs.push(Submitted {
+                label: label.clone(),
+                part,
+                id,
+            });
+        }
+    }
+    if !json_output {
+        println!("{} job(s) submitted", jobs.len());
+    }
+    Ok(jobs)
+}
+
+/// `POST /jobs` with the ZIP at `path`; the job's id.
+async fn post(node: &str, path: &Path) -> anyhow::Result<String> {
+    let boundary = "teia-job-boundary-7c2e";
+    let head = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"task.zip\"\r\nContent-Type: application/zip\r\n\r\n"
+    );
+    let tail = format!("\r\n--{boundary}--\r\n");
+    let (status, body) = request(
+        node,
+        "POST",
+        "/jobs",
+        &format!("multipart/form-data; boundary={boundary}"),
+        Body::Multipart {
+            head,
+            file: path,
+            tail,
+        },
+    )
+    .await?;
+    if status != 201 {
+        return Err(api_error(status, &body));
+    }
+    at(&body, "id")
+        .as_str()
+        .map(str::to_owned)
+        .context("the node answered no job id")
+}
+
+/// Polls every job until all are done, then prints the summary.
+async fn follow(node: &str, jobs: &[Submitted], json_output: bool) -> anyhow::Result<()> {
+    let bar = (!json_output).then(|| {
+        let bar = indicatif::ProgressBar::new(jobs.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} {pos}/{len} jobs done  {msg}  ETA {eta}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar
+    });
+    let mut done: Vec<Option<Value>> = vec![None; jobs.len()];
+    while done.iter().any(Option::is_none) {
+        for (job, slot) in jobs.iter().zip(done.iter_mut()) {
+            if slot.is_some() {
+                continue;
+            }
+            let status = get(node, &format!("/jobs/{}", job.id)).await?;
+            if at(&status, "status") == "done" {
+                if json_output {
+                    println!("{}", json!({"event": "done", "job": status}));
+                }
+                *slot = Some(status);
+            }
+        }
+        let finished = done.iter().flatten().count() as u64;
+        let failed = done
+            .iter()
+            .flatten()
+            .filter(|s| at(s, "exit_code").as_i64().is_some_and(|c| c != 0))
+            .count();
+        if let Some(bar) = &bar {
+            bar.set_position(finished);
+            bar.set_message(format!("{failed} failed"));
+        }
+        if done.iter().any(Option::is_none) {
+            tokio::time::sleep(POLL_EVERY).await;
+        }
+    }
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    let results: Vec<Value> = done.into_iter().flatten().collect();
+    if json_output {
+        println!("{}", json!({"event": "summary", "jobs": results.len()}));
+        return Ok(());
+    }
+    println!(
+        "{:<40} {:<28} {:>5} {:>8}",
+        "task", "job", "exit", "seconds"
+    );
+    for (job, status) in jobs.iter().zip(&results) {
+        let name = match job.part {
+            Some(part) => format!("{} (part {part})", job.label),
+            None => job.label.clone(),
+        };
+        println!(
+            "{:<40} {:<28} {:>5} {:>8}",
+            name,
+            job.id,
+            at(status, "exit_code").to_string(),
+            at(status, "seconds")
+                .as_f64()
+                .map_or_else(|| "-".to_owned(), |s| format!("{s:.2}"))
+        );
+    }
+    // Stdouts, a split task's parts in order, as one.
+    let mut previous: Option<&str> = None;
+    for (job, status) in jobs.iter().zip(&results) {
+        if previous != Some(job.label.as_str()) {
+            println!("--- stdout of {} ---", job.label);
+            previous = Some(job.label.as_str());
+        }
+        print!("{}", at(status, "stdout").as_str().unwrap_or_default());
+    }
+    Ok(())
+}
