@@ -70,6 +70,42 @@ fn start(extra: &[&str]) -> (NodeProcess, String) {
     (node, addr)
 }
 
+/// An owner in the cluster of secret "our-lab" (one worker), with the HTTP API; its
+/// address.
+fn cluster_owner() -> (NodeProcess, String) {
+    let owner = NodeProcess::start(
+        "owner",
+        "eval",
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--peer",
+            "127.0.0.1:1",
+            "--cluster-secret",
+            "our-lab",
+            "--workers",
+            "1",
+        ],
+    );
+    let line = owner.process.wait_for_log("HTTP API listening");
+    let addr = field(&line, "bound").to_owned();
+    (owner, addr)
+}
+
+/// A worker of `owner`'s cluster (one worker), linked to it.
+fn cluster_worker(owner: &NodeProcess, name: &str) -> NodeProcess {
+    let peer = owner.addr();
+    let args = [
+        "--peer",
+        &peer,
+        "--cluster-secret",
+        "our-lab",
+        "--workers",
+        "1",
+    ];
+    NodeProcess::start(name, "eval", &args)
+}
+
 fn wait_done(addr: &str, id: u64) -> Value {
     let deadline = Instant::now() + PATIENCE * 2;
     loop {
@@ -378,17 +414,9 @@ fn modules_spread_over_three_nodes_and_a_killed_worker_is_replaced() {
         files.push((name.as_str(), slow));
     }
     let bytes = zip_of(dir.path(), &files);
-    let secret = ["--cluster-secret", "our-lab", "--workers", "1"];
-    let mut owner_args = vec!["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"];
-    owner_args.extend_from_slice(&secret);
-    let owner = NodeProcess::start("owner", "eval", &owner_args);
-    let line = owner.process.wait_for_log("HTTP API listening");
-    let addr = field(&line, "bound").to_owned();
-    let mut worker_args = vec!["--peer".to_owned(), owner.addr()];
-    worker_args.extend(secret.iter().map(|s| (*s).to_owned()));
-    let worker_args: Vec<&str> = worker_args.iter().map(String::as_str).collect();
-    let doomed = NodeProcess::start("doomed", "eval", &worker_args);
-    let survivor = NodeProcess::start("survivor", "eval", &worker_args);
+    let (owner, addr) = cluster_owner();
+    let doomed = cluster_worker(&owner, "doomed");
+    let survivor = cluster_worker(&owner, "survivor");
     owner.wait_link("doomed@eval");
     owner.wait_link("survivor@eval");
     // An untrusted node (no secret) never gets a module.
@@ -456,17 +484,9 @@ fn real_projects_from_pypi_get_the_counts_of_a_serial_pytest_on_three_nodes() {
         .join("tests")
         .join("corpus");
     let bytes = zip_tree(&corpus, &dir.path().join("corpus.zip"));
-    let secret = ["--cluster-secret", "our-lab", "--workers", "1"];
-    let mut owner_args = vec!["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"];
-    owner_args.extend_from_slice(&secret);
-    let owner = NodeProcess::start("owner", "eval", &owner_args);
-    let line = owner.process.wait_for_log("HTTP API listening");
-    let addr = field(&line, "bound").to_owned();
-    let mut worker_args = vec!["--peer".to_owned(), owner.addr()];
-    worker_args.extend(secret.iter().map(|s| (*s).to_owned()));
-    let worker_args: Vec<&str> = worker_args.iter().map(String::as_str).collect();
-    let _one = NodeProcess::start("one", "eval", &worker_args);
-    let _two = NodeProcess::start("two", "eval", &worker_args);
+    let (owner, addr) = cluster_owner();
+    let _one = cluster_worker(&owner, "one");
+    let _two = cluster_worker(&owner, "two");
     owner.wait_link("one@eval");
     owner.wait_link("two@eval");
     let (status, created) = post_zip(&addr, &bytes);
@@ -521,16 +541,8 @@ fn a_late_worker_fetches_the_project_from_a_worker_that_has_it() {
     let names: Vec<String> = (1..=10).map(|i| format!("p/tests/test_m{i}.py")).collect();
     let files: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), slow)).collect();
     let bytes = zip_of(dir.path(), &files);
-    let secret = ["--cluster-secret", "our-lab", "--workers", "1"];
-    let mut owner_args = vec!["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"];
-    owner_args.extend_from_slice(&secret);
-    let owner = NodeProcess::start("owner", "eval", &owner_args);
-    let line = owner.process.wait_for_log("HTTP API listening");
-    let addr = field(&line, "bound").to_owned();
-    let mut worker_args = vec!["--peer".to_owned(), owner.addr()];
-    worker_args.extend(secret.iter().map(|s| (*s).to_owned()));
-    let worker_args: Vec<&str> = worker_args.iter().map(String::as_str).collect();
-    let early = NodeProcess::start("early", "eval", &worker_args);
+    let (owner, addr) = cluster_owner();
+    let early = cluster_worker(&owner, "early");
     owner.wait_link("early@eval");
     let (status, created) = post_zip(&addr, &bytes);
     assert_eq!(status, 201, "{created}");
@@ -552,7 +564,7 @@ fn a_late_worker_fetches_the_project_from_a_worker_that_has_it() {
         assert!(Instant::now() < deadline, "early ran nothing: {detail}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let late = NodeProcess::start("late", "eval", &worker_args);
+    let late = cluster_worker(&owner, "late");
     let fetched = late.process.wait_for_log("project fetched");
     assert_eq!(field(&fetched, "from"), "early@eval", "{fetched}");
     let detail = wait_done(&addr, id);

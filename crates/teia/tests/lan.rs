@@ -6,15 +6,6 @@ mod common;
 
 use common::*;
 
-/// A UDP port free now, for this test's discovery alone.
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A node with LAN discovery on `port`, broadcasting on loopback, and a rendezvous that
 /// cannot be reached (so that only the LAN can bring it a peer).
 fn lan_node(name: &str, namespace: &str, port: &str) -> NodeProcess {

@@ -14,14 +14,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-fn free_udp_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// A task ZIP `NAME.zip` in `tasks`: a `main.py` that prints the sum of `input.csv`'s
 /// second column, and its `input.csv`.
 fn task(tasks: &Path, name: &str, values: &[u32]) {
@@ -346,16 +338,9 @@ fn a_teia_worker_works_for_a_python_master_in_both_envelopes() {
     }
 }
 
-/// `POST /jobs` queues a script job on a node with `--tasks-dir`; `GET /jobs/<id>` follows
-/// it to its exit code and stdout. Bad jobs get a 4xx; a node without a tasks folder a 503.
-#[test]
-fn script_jobs_are_submitted_and_followed_over_http() {
-    let dir = tempfile::tempdir().unwrap();
-    let tasks = dir.path().join("tasks");
-    std::fs::create_dir_all(&tasks).unwrap();
-    let staging = dir.path().join("staging");
-    std::fs::create_dir_all(&staging).unwrap();
-    task(&staging, "sum", &[20, 22]);
+/// A node serving script jobs from `tasks` over HTTP, running `task_workers` itself; its
+/// HTTP address.
+fn jobs_node(tasks: &Path, task_workers: &str) -> (NodeProcess, String) {
     let node = NodeProcess::start(
         "jobs",
         "seed001",
@@ -371,11 +356,25 @@ fn script_jobs_are_submitted_and_followed_over_http() {
             "--discovery-port",
             &free_udp_port().to_string(),
             "--task-workers",
-            "1",
+            task_workers,
         ],
     );
     let line = node.process.wait_for_log("HTTP API listening");
     let addr = field(&line, "bound").to_owned();
+    (node, addr)
+}
+
+/// `POST /jobs` queues a script job on a node with `--tasks-dir`; `GET /jobs/<id>` follows
+/// it to its exit code and stdout. Bad jobs get a 4xx; a node without a tasks folder a 503.
+#[test]
+fn script_jobs_are_submitted_and_followed_over_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    task(&staging, "sum", &[20, 22]);
+    let (_node, addr) = jobs_node(&tasks, "1");
     let (status, created) = post_file(
         &addr,
         "/jobs",
@@ -446,26 +445,7 @@ fn teia_job_submit_splits_a_csv_and_concatenates_the_stdouts_in_order() {
     let values: Vec<String> = (1..=10).map(|v| (v * 7).to_string()).collect();
     let csv = format!("value\n{}\n", values.join("\n"));
     std::fs::write(folder.join("input.csv"), csv).unwrap();
-    let node = NodeProcess::start(
-        "jobs",
-        "seed001",
-        &[
-            "--peer",
-            "127.0.0.1:1",
-            "--http",
-            "127.0.0.1:0",
-            "--tasks-dir",
-            tasks.to_str().unwrap(),
-            "--master-port",
-            "127.0.0.1:0",
-            "--discovery-port",
-            &free_udp_port().to_string(),
-            "--task-workers",
-            "2",
-        ],
-    );
-    let line = node.process.wait_for_log("HTTP API listening");
-    let addr = field(&line, "bound").to_owned();
+    let (_node, addr) = jobs_node(&tasks, "2");
     let mut child = teia()
         .args(["job", "--node", &addr, "submit", "--split-csv", "3"])
         .arg(&folder)

@@ -392,28 +392,7 @@ impl Runner {
         let stderr = std::fs::File::create(dir.join("stderr.txt")).map_err(prepare)?;
         let home = dir.join(".home");
         std::fs::create_dir_all(&home).map_err(prepare)?;
-        let script = limits_script(&self.limits);
-        let mut command = match &self.isolation {
-            Isolation::Bubblewrap(bwrap) => {
-                let mut command = tokio::process::Command::new(bwrap);
-                command
-                    .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
-                    .args(["--tmpfs", "/tmp"])
-                    .arg("--bind")
-                    .arg(dir)
-                    .arg(dir)
-                    .args(["--unshare-net", "--unshare-pid", "--die-with-parent"])
-                    .arg("--chdir")
-                    .arg(dir)
-                    .args(["bash", "-c", &script, "bash"]);
-                command
-            }
-            Isolation::Limits => {
-                let mut command = tokio::process::Command::new("bash");
-                command.args(["-c", &script, "bash"]);
-                command
-            }
-        };
+        let mut command = self.task_command(dir, &[], dir);
         command
             .arg(&self.python)
             .arg("main.py")
@@ -444,40 +423,32 @@ impl Runner {
         })
     }
 
-    /// Starts `python -m pytest` for `request` as a process of its own (under bubblewrap
-    /// when it is here); whether it timed out, and its output.
-    async fn run_cold(
+    /// A command that runs its arguments with the tasks' limits, in `chdir`: under
+    /// bubblewrap, with the system read-only, a fresh `/tmp`, `readable` visible read-only,
+    /// only `writable` writable, and no network.
+    fn task_command(
         &self,
-        python: &Path,
-        request: &warm::Request<'_>,
-    ) -> Result<(bool, String), RunError> {
+        writable: &Path,
+        readable: &[&Path],
+        chdir: &Path,
+    ) -> tokio::process::Command {
         let script = limits_script(&self.limits);
-        let mut command = match &self.isolation {
+        match &self.isolation {
             Isolation::Bubblewrap(bwrap) => {
                 let mut command = tokio::process::Command::new(bwrap);
-                let work_text = request
-                    .dir
-                    .parent()
-                    .unwrap_or(request.dir)
-                    .to_string_lossy()
-                    .into_owned();
                 command
                     .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
                     .args(["--tmpfs", "/tmp"]);
-                // Under a fresh /tmp, what the module needs of the node's folder (which may
-                // be in /tmp): the report plugin and its environment, read-only.
-                let mut visible = vec![self.support.as_path()];
-                if python.starts_with(self.venvs.dir()) {
-                    visible.extend(python.parent().and_then(Path::parent));
-                }
-                for path in visible {
+                for path in readable {
                     command.arg("--ro-bind").arg(path).arg(path);
                 }
                 command
-                    .args(["--bind", &work_text, &work_text])
+                    .arg("--bind")
+                    .arg(writable)
+                    .arg(writable)
                     .args(["--unshare-net", "--unshare-pid", "--die-with-parent"])
                     .arg("--chdir")
-                    .arg(request.dir)
+                    .arg(chdir)
                     .args(["bash", "-c", &script, "bash"]);
                 command
             }
@@ -486,7 +457,24 @@ impl Runner {
                 command.args(["-c", &script, "bash"]);
                 command
             }
-        };
+        }
+    }
+
+    /// Starts `python -m pytest` for `request` as a process of its own (under bubblewrap
+    /// when it is here); whether it timed out, and its output.
+    async fn run_cold(
+        &self,
+        python: &Path,
+        request: &warm::Request<'_>,
+    ) -> Result<(bool, String), RunError> {
+        // What the module needs of the node's folder (which may be in /tmp): the report
+        // plugin and its environment, read-only.
+        let mut readable = vec![self.support.as_path()];
+        if python.starts_with(self.venvs.dir()) {
+            readable.extend(python.parent().and_then(Path::parent));
+        }
+        let work = request.dir.parent().unwrap_or(request.dir);
+        let mut command = self.task_command(work, &readable, request.dir);
         command
             .arg(python)
             .args(["-m", "pytest", request.module])

@@ -621,3 +621,12 @@ pub fn post_file(addr: &str, path: &str, bytes: &[u8]) -> (u16, Value) {
         &body,
     )
 }
+
+/// A UDP port free now on 127.0.0.1, for one test's discovery alone.
+pub fn free_udp_port() -> u16 {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
