@@ -160,6 +160,24 @@ const BETA_IMPORT: &str = "import no_such_module\n\ndef test_never():\n    pass\
 const BETA_SUBTESTS: &str = "def test_parts(subtests):\n    for i in range(3):\n        with subtests.test(i=i):\n            assert i != 1\n";
 const HANG: &str = "import time\n\ndef test_before():\n    assert True\n\ndef test_hangs():\n    time.sleep(600)\n";
 
+/// Checks that project `name` of the evaluation `detail` has the counts of a serial pytest
+/// of `project`; the tests that passed.
+fn assert_serial_counts(detail: &Value, name: &str, project: &Path) -> u64 {
+    let (passed, failed, errors, skipped) = serial_counts(project);
+    let tests = &detail["projects"][name]["tests"];
+    assert_eq!(
+        (
+            tests["passed"].as_u64().unwrap(),
+            tests["failed"].as_u64().unwrap(),
+            tests["errors"].as_u64().unwrap(),
+            tests["skipped"].as_u64().unwrap()
+        ),
+        (passed, failed, errors, skipped),
+        "{name}: {detail}"
+    );
+    passed
+}
+
 #[test]
 fn a_zip_of_projects_is_graded_with_the_counts_of_a_serial_pytest() {
     let dir = tempfile::tempdir().unwrap();
@@ -189,18 +207,7 @@ fn a_zip_of_projects_is_graded_with_the_counts_of_a_serial_pytest() {
                 std::fs::write(target, content).unwrap();
             }
         }
-        let (passed, failed, errors, skipped) = serial_counts(&project);
-        let tests = &detail["projects"][name]["tests"];
-        assert_eq!(
-            (
-                tests["passed"].as_u64().unwrap(),
-                tests["failed"].as_u64().unwrap(),
-                tests["errors"].as_u64().unwrap(),
-                tests["skipped"].as_u64().unwrap()
-            ),
-            (passed, failed, errors, skipped),
-            "{name}: {detail}"
-        );
+        assert_serial_counts(&detail, name, &project);
     }
     // alpha: 4 passed, 1 failed, 1 error, 1 skipped → 4 / 6 passed.
     let alpha = &detail["projects"]["alpha"];
@@ -496,19 +503,8 @@ fn real_projects_from_pypi_get_the_counts_of_a_serial_pytest_on_three_nodes() {
         // A copy, so that the serial run leaves nothing in the repository.
         let project = dir.path().join("serial").join(name);
         copy_dir(&corpus.join(name), &project);
-        let (passed, failed, errors, skipped) = serial_counts(&project);
+        let passed = assert_serial_counts(&detail, name, &project);
         assert!(passed > 100, "{name}: pytest passed only {passed}");
-        let tests = &detail["projects"][name]["tests"];
-        assert_eq!(
-            (
-                tests["passed"].as_u64().unwrap(),
-                tests["failed"].as_u64().unwrap(),
-                tests["errors"].as_u64().unwrap(),
-                tests["skipped"].as_u64().unwrap()
-            ),
-            (passed, failed, errors, skipped),
-            "{name}: {detail}"
-        );
     }
     let nodes: std::collections::BTreeSet<&str> = detail["projects"]
         .as_object()
