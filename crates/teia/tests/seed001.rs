@@ -112,22 +112,28 @@ impl Drop for Worker {
     }
 }
 
-/// `stdout.txt` of `results/result_NAME.zip`, once it exists.
-fn result_stdout(results: &Path, name: &str, patience: Duration) -> String {
+/// `file` of `results/result_NAME.zip`, once it exists (waiting up to `patience`).
+fn result_file(results: &Path, name: &str, file: &str, patience: Duration) -> String {
     let path: PathBuf = results.join(format!("result_{name}.zip"));
     let deadline = Instant::now() + patience;
     while !path.exists() {
         assert!(Instant::now() < deadline, "no {}", path.display());
         std::thread::sleep(Duration::from_millis(50));
     }
-    let script = "import sys, zipfile\nsys.stdout.write(zipfile.ZipFile(sys.argv[1]).read('stdout.txt').decode())";
+    let script = "import sys, zipfile\nsys.stdout.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]).decode())";
     let output = Command::new("python3")
         .args(["-c", script])
         .arg(&path)
+        .arg(file)
         .output()
         .unwrap();
-    assert!(output.status.success(), "{}", path.display());
+    assert!(output.status.success(), "{name}: no {file}");
     String::from_utf8(output.stdout).unwrap()
+}
+
+/// `stdout.txt` of `results/result_NAME.zip`, once it exists.
+fn result_stdout(results: &Path, name: &str, patience: Duration) -> String {
+    result_file(results, name, "stdout.txt", patience)
 }
 
 #[test]
@@ -175,20 +181,6 @@ fn a_worker_that_dies_with_a_task_has_it_handed_to_another() {
     drop(patient);
 }
 
-/// A file of a result ZIP, once the result exists.
-fn result_file(results: &Path, name: &str, file: &str) -> String {
-    result_stdout(results, name, PATIENCE);
-    let script = "import sys, zipfile\nsys.stdout.write(zipfile.ZipFile(sys.argv[1]).read(sys.argv[2]).decode())";
-    let output = Command::new("python3")
-        .args(["-c", script])
-        .arg(results.join(format!("result_{name}.zip")))
-        .arg(file)
-        .output()
-        .unwrap();
-    assert!(output.status.success(), "{name}: no {file}");
-    String::from_utf8(output.stdout).unwrap()
-}
-
 /// With no course worker, the node runs its tasks itself, in the sandbox: the result keeps
 /// stdout, stderr, the exit code and duration, and the files the script made.
 #[test]
@@ -208,16 +200,16 @@ fn the_node_runs_its_tasks_itself_and_keeps_exit_code_and_output_files() {
     let results = dir.path().join("results");
     assert_eq!(result_stdout(&results, "plain", PATIENCE).trim(), "sum 15");
     assert_eq!(
-        result_file(&results, "plain", "stderr.txt").trim(),
+        result_file(&results, "plain", "stderr.txt", PATIENCE).trim(),
         "rows 2"
     );
     let summary: serde_json::Value =
-        serde_json::from_str(&result_file(&results, "fails", "result.json")).unwrap();
+        serde_json::from_str(&result_file(&results, "fails", "result.json", PATIENCE)).unwrap();
     assert_eq!(summary["exit_code"], 3, "{summary}");
     assert_eq!(summary["timed_out"], false);
     assert!(summary["seconds"].as_f64().unwrap() > 0.0);
     assert_eq!(
-        result_file(&results, "fails", "outputs/report.txt"),
+        result_file(&results, "fails", "outputs/report.txt", PATIENCE),
         "made here"
     );
 }

@@ -656,10 +656,7 @@ mod tests {
             assert!(hang.timed_out, "{name}");
             assert_eq!((hang.result.passed, hang.result.errors), (1, 1), "{name}");
         }
-        let warm_running = match &warm.warm {
-            Some(pool) => pool.count().await,
-            None => 0,
-        };
+        let warm_running = warm_count(&warm).await;
         assert_eq!(warm_running, 1, "the warm runner forked its modules");
         sleepers_gone(300).await;
     }
@@ -723,14 +720,19 @@ mod tests {
             assert_eq!((hang.result.passed, hang.result.errors), (1, 1), "{name}");
         }
         sleepers_gone(301).await;
-        let warm_running = match &warm.warm {
-            Some(pool) => pool.count().await,
-            None => 0,
-        };
+        let warm_running = warm_count(&warm).await;
         assert_eq!(
             warm_running, 1,
             "the sandboxed warm interpreter forked its module"
         );
+    }
+
+    /// Warm interpreters `runner` has running.
+    async fn warm_count(runner: &Runner) -> usize {
+        match &runner.warm {
+            Some(pool) => pool.count().await,
+            None => 0,
+        }
     }
 
     /// Waits until no `sleep SECONDS` (as [`HANG`] starts them) is left; fails after 10 s.
@@ -826,10 +828,7 @@ mod tests {
             .filter(|e| e.file_name() != "home")
             .count();
         assert_eq!(environments, 1, "one environment for one requirements file");
-        let warm_running = match &runner.warm {
-            Some(pool) => pool.count().await,
-            None => 0,
-        };
+        let warm_running = warm_count(&runner).await;
         assert_eq!(
             warm_running, 1,
             "modules forked from the environment's interpreter"
