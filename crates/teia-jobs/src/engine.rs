@@ -94,7 +94,7 @@ pub struct Engine {
     state: Arc<Mutex<State>>,
     started: Instant,
     pub(crate) cluster: Option<Arc<Cluster>>,
-    runner: Arc<Runner>,
+    pub(crate) runner: Arc<Runner>,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -329,7 +329,7 @@ impl Engine {
                 )
             };
             let Some(lease) = lease else {
-                if !self.work_remote(slot).await {
+                if !self.work_remote(slot).await && !self.work_remote_script(slot).await {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 continue;

@@ -12,5 +12,7 @@ pub mod engine;
 pub mod master;
 pub mod proto;
 pub mod remote;
+pub mod remote_scripts;
 pub mod runner;
+pub mod script;
 pub mod split;

@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::proto::seed001::{
-    encode, parse, Envelope, Framer, Master, Reply, Request, Submitted, MAX_PACKAGE,
+    encode, parse, Envelope, Framer, Master, Reply, Request, Submitted, Task, MAX_PACKAGE,
 };
 use crate::runner::Runner;
 
@@ -75,13 +75,6 @@ impl std::fmt::Debug for LocalWorkers {
     }
 }
 
-/// Bytes of each file kept in a result made here (stdout, stderr, an output); the rest is
-/// left out.
-pub const MAX_OUTPUT_FILE: u64 = 64 * 1024 * 1024;
-
-/// Output files kept in a result.
-pub const MAX_OUTPUT_FILES: usize = 256;
-
 /// Why the master could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum MasterError {
@@ -107,6 +100,8 @@ struct Shared {
     config: MasterConfig,
     master: Mutex<Master>,
     port: u16,
+    /// Woken when tasks are queued.
+    queued: tokio::sync::Notify,
 }
 
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Master> {
@@ -147,6 +142,7 @@ pub async fn start(config: MasterConfig) -> Result<(SocketAddr, MasterHandle), M
         config,
         master: Mutex::new(Master::default()),
         port: bound.port(),
+        queued: tokio::sync::Notify::new(),
     });
     scan(&shared);
     tracing::info!(
@@ -239,7 +235,70 @@ impl MasterHandle {
             return Err(JobError::Queue("the queue is full".into()));
         }
         tracing::info!(job = %id, size, "job queued");
+        self.0.queued.notify_one();
         Ok(id)
+    }
+
+    /// Tasks waiting for a worker.
+    pub fn waiting(&self) -> u32 {
+        u32::try_from(lock(&self.0).counts().0).unwrap_or(u32::MAX)
+    }
+
+    /// Wakes when tasks are queued (for the node's announcement to its cluster).
+    pub fn queued(&self) -> &tokio::sync::Notify {
+        &self.0.queued
+    }
+
+    /// Leases a task, of any size, to the teia worker `worker`: the task and its ZIP.
+    pub(crate) fn take(&self, worker: &str) -> Option<(Task, PathBuf)> {
+        let task = lock(&self.0).request(worker, Instant::now(), u64::MAX)?;
+        let path = self.0.config.tasks.join(&task.name);
+        Some((task, path))
+    }
+
+    /// Notes that the teia worker `worker` still runs its task (its lease is renewed).
+    pub(crate) fn alive(&self, worker: &str) {
+        lock(&self.0).renew(worker, Instant::now());
+    }
+
+    /// Where a result being received from `worker` is written.
+    pub(crate) fn partial(&self, worker: &str, task: &str) -> PathBuf {
+        let safe: String = worker
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
+        self.0
+            .config
+            .results
+            .join(format!(".{}.{safe}.part", result_name(task)))
+    }
+
+    /// Stores the result at `partial` (complete and flushed) as that of the task `worker`
+    /// holds: true when stored, false when the task is no longer its own (done by another,
+    /// or taken back), the result then dropped.
+    pub(crate) fn finish(&self, worker: &str, task: &str, partial: &Path) -> Result<bool, String> {
+        let done = lock(&self.0).submit(worker, Some(task), Instant::now());
+        let Submitted::Done(task) = done else {
+            let _ = std::fs::remove_file(partial);
+            return Ok(false);
+        };
+        let path = self.0.config.results.join(result_name(&task.name));
+        if let Err(e) = std::fs::rename(partial, &path) {
+            let _ = std::fs::remove_file(partial);
+            lock(&self.0).add(&task.name, task.size);
+            return Err(format!("result not stored: {e}"));
+        }
+        tracing::info!(task = %task.name, %worker, "result stored");
+        Ok(true)
+    }
+
+    /// Forgets the teia worker `worker` and takes back the task it held, if any.
+    pub(crate) fn give_back(&self, worker: &str) -> Option<String> {
+        let task = lock(&self.0).give_back(worker);
+        if task.is_some() {
+            self.0.queued.notify_one();
+        }
+        task
     }
 
     /// A job's status: `queued`, `running` or `done` (with `result.json`'s fields when the
@@ -310,7 +369,14 @@ async fn work_locally(shared: &Arc<Shared>, local: &LocalWorkers, slot: usize) {
             .config
             .results
             .join(format!(".{}.local", result_name(&task.name)));
-        let made = run_here(shared, local, &task.name, &folder, &partial).await;
+        let made = crate::script::run_task(
+            &local.runner,
+            &shared.config.tasks.join(&task.name),
+            &task.name,
+            &folder,
+            &partial,
+        )
+        .await;
         alive.abort();
         let _ = std::fs::remove_dir_all(&folder);
         if let Err(e) = &made {
@@ -328,107 +394,14 @@ async fn work_locally(shared: &Arc<Shared>, local: &LocalWorkers, slot: usize) {
                 lock(shared).add(&task.name, task.size);
                 Err(e)
             }
-            (Submitted::Unmatched, _) => Ok(()),
+            (Submitted::Unmatched, _) => Err("the task was taken back; another runs it".into()),
         };
         let _ = std::fs::remove_file(&partial);
         match stored {
-            Ok(()) => tracing::info!(task = %task.name, "result stored"),
+            Ok(()) => tracing::info!(task = %task.name, worker = %me, "result stored"),
             Err(e) => tracing::warn!(task = %task.name, error = %e, "no result stored"),
         }
     }
-}
-
-/// Unpacks `task` in `folder`, runs `main.py input.csv`, and writes the result ZIP to
-/// `to`: `stdout.txt`, `stderr.txt`, `result.json` (exit code, seconds, whether it timed
-/// out) and, under `outputs/`, the files the script made.
-async fn run_here(
-    shared: &Shared,
-    local: &LocalWorkers,
-    task: &str,
-    folder: &Path,
-    to: &Path,
-) -> Result<(), String> {
-    let _ = std::fs::remove_dir_all(folder);
-    crate::bundle::unpack(&shared.config.tasks.join(task), folder).map_err(|e| e.to_string())?;
-    let inputs = list_files(folder);
-    let outcome = local
-        .runner
-        .run_script(folder, &["input.csv"])
-        .await
-        .map_err(|e| e.to_string())?;
-    let summary = serde_json::json!({
-        "task": task,
-        "exit_code": outcome.exit_code,
-        "timed_out": outcome.timed_out,
-        "seconds": outcome.seconds,
-    });
-    let outputs: Vec<PathBuf> = list_files(folder)
-        .into_iter()
-        .filter(|p| !inputs.contains(p))
-        .filter(|p| {
-            let name = p.to_string_lossy();
-            name != "stdout.txt" && name != "stderr.txt" && !name.starts_with(".home")
-        })
-        .take(MAX_OUTPUT_FILES)
-        .collect();
-    write_result_zip(folder, &summary, &outputs, to).map_err(|e| e.to_string())
-}
-
-/// The files under `dir`, relative to it (links not followed).
-fn list_files(dir: &Path) -> Vec<PathBuf> {
-    let mut found = Vec::new();
-    let mut stack = vec![PathBuf::new()];
-    while let Some(relative) = stack.pop() {
-        let Ok(entries) = std::fs::read_dir(dir.join(&relative)) else {
-            continue;
-        };
-        for entry in entries.flatten() {
-            let path = relative.join(entry.file_name());
-            match entry.file_type() {
-                Ok(kind) if kind.is_dir() => stack.push(path),
-                Ok(kind) if kind.is_file() => found.push(path),
-                _ => {}
-            }
-        }
-    }
-    found
-}
-
-/// Writes the result ZIP, each file copied a piece at a time.
-fn write_result_zip(
-    folder: &Path,
-    summary: &serde_json::Value,
-    outputs: &[PathBuf],
-    to: &Path,
-) -> std::io::Result<()> {
-    use std::io::Write;
-    let file = std::fs::File::create(to)?;
-    let mut zip = zip::ZipWriter::new(file);
-    let options = zip::write::SimpleFileOptions::default()
-        .compression_method(zip::CompressionMethod::Deflated)
-        .large_file(true);
-    let mut add = |name: String, path: &Path| -> std::io::Result<()> {
-        let mut source = std::fs::File::open(path)?;
-        zip.start_file(name, options)
-            .map_err(std::io::Error::other)?;
-        std::io::copy(
-            &mut std::io::Read::take(&mut source, MAX_OUTPUT_FILE),
-            &mut zip,
-        )?;
-        Ok(())
-    };
-    add("stdout.txt".into(), &folder.join("stdout.txt"))?;
-    add("stderr.txt".into(), &folder.join("stderr.txt"))?;
-    for output in outputs {
-        add(
-            format!("outputs/{}", output.to_string_lossy()),
-            &folder.join(output),
-        )?;
-    }
-    zip.start_file("result.json", options)
-        .map_err(std::io::Error::other)?;
-    zip.write_all(summary.to_string().as_bytes())?;
-    zip.finish().map_err(std::io::Error::other)?.sync_all()
 }
 
 /// Adds the tasks folder's new ZIPs that have no result yet.
@@ -453,6 +426,7 @@ fn scan(shared: &Shared) {
     let mut master = lock(shared);
     for (name, size) in found {
         if master.add(&name, size) {
+            shared.queued.notify_one();
             tracing::info!(task = %name, size, "task queued");
             if size > MAX_PACKAGE as u64 {
                 tracing::warn!(task = %name, "over 64 KiB in base64: no course worker can take it");

@@ -69,12 +69,16 @@ pub struct ClusterConfig {
     pub trusted: Vec<PublicKey>,
     /// A secret shared by the nodes of one cluster.
     pub secret: Option<String>,
+    /// The script tasks this node hands out (`--tasks-dir`), if any.
+    pub scripts: Option<crate::master::MasterHandle>,
 }
 
-struct Owner {
-    port: Option<u16>,
-    seen: Instant,
+pub(crate) struct Owner {
+    pub(crate) port: Option<u16>,
+    pub(crate) seen: Instant,
     pending: u32,
+    /// Script tasks it has waiting.
+    pub(crate) scripts: u32,
 }
 
 struct Election {
@@ -84,10 +88,10 @@ struct Election {
 
 /// The cluster side of an engine.
 pub(crate) struct Cluster {
-    config: ClusterConfig,
-    owners: Mutex<HashMap<String, Owner>>,
+    pub(crate) config: ClusterConfig,
+    pub(crate) owners: Mutex<HashMap<String, Owner>>,
     waiting: Mutex<HashMap<u64, oneshot::Sender<JobMessage>>>,
-    next: AtomicU64,
+    pub(crate) next: AtomicU64,
     /// Owners' listen ports, as announced.
     ports: Mutex<HashMap<String, Option<u16>>>,
     /// When each owner whose evaluations we replicate last answered.
@@ -104,7 +108,7 @@ pub(crate) struct Cluster {
     pub(crate) announce_now: tokio::sync::Notify,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -127,7 +131,7 @@ impl Cluster {
         }
     }
 
-    fn proof(&self, me: &str) -> Option<String> {
+    pub(crate) fn proof(&self, me: &str) -> Option<String> {
         self.config
             .secret
             .as_deref()
@@ -135,7 +139,7 @@ impl Cluster {
     }
 
     /// Whether `peer` is trusted: itself, a `--trust` key, or the cluster's proof.
-    async fn trusted(&self, me: &str, peer: &str, proof: Option<&str>) -> bool {
+    pub(crate) async fn trusted(&self, me: &str, peer: &str, proof: Option<&str>) -> bool {
         if peer == me {
             return true;
         }
@@ -311,14 +315,17 @@ impl Engine {
         });
         let owner = self.clone();
         tokio::spawn(async move {
+            let scripts = cluster.config.scripts.clone();
             loop {
                 tokio::select! {
                     () = tokio::time::sleep(ANNOUNCE_EVERY) => {}
                     () = cluster.announce_now.notified() => {}
+                    () = scripts_queued(scripts.as_ref()) => {}
                 }
                 owner.replicate_and_watch(&cluster).await;
                 let unfinished = owner.unfinished();
-                if unfinished == 0 {
+                let waiting_scripts = scripts.as_ref().map_or(0, |m| m.waiting());
+                if unfinished == 0 && waiting_scripts == 0 {
                     continue;
                 }
                 let announce = JobMessage::TaskAnnounce {
@@ -326,6 +333,7 @@ impl Engine {
                     port: cluster.config.node.listen_addr().map(|a| a.port()),
                     pending: owner.pending_modules(),
                     unfinished,
+                    scripts: waiting_scripts,
                     proof: cluster.proof(&owner.config.node),
                 };
                 if let Ok(body) = serde_json::to_value(&announce) {
@@ -350,6 +358,7 @@ impl Engine {
                 port,
                 proof,
                 pending,
+                scripts,
                 ..
             } => {
                 if owner == self.config.node
@@ -370,6 +379,7 @@ impl Engine {
                         port,
                         seen: Instant::now(),
                         pending,
+                        scripts,
                     },
                 );
             }
@@ -573,7 +583,7 @@ impl Engine {
         Ok(())
     }
 
-    async fn open_to(
+    pub(crate) async fn open_to(
         &self,
         cluster: &Cluster,
         owner: &str,
@@ -818,6 +828,9 @@ impl Engine {
         let proof = request.get("proof").and_then(|p| p.as_str());
         let peer = stream.peer_id().to_owned();
         let trusted = cluster.trusted(&self.config.node, &peer, proof).await;
+        if request.get("script").is_some() {
+            return self.serve_script(cluster, stream, trusted).await;
+        }
         let served = if let Some(blob) = request.get("blob").and_then(|b| b.as_str()) {
             self.blob_for(&peer, blob, trusted)
                 .and_then(|path| std::fs::File::open(path).ok())
@@ -838,6 +851,14 @@ impl Engine {
         if served.send(&mut stream).await.is_ok() {
             stream.shutdown().await;
         }
+    }
+}
+
+/// Returns when `scripts` queued tasks (never without a tasks folder).
+async fn scripts_queued(scripts: Option<&crate::master::MasterHandle>) {
+    match scripts {
+        Some(master) => master.queued().notified().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -862,33 +883,51 @@ impl Served {
                 }
             }
             Self::File(mut file) => {
-                use std::io::Read;
                 let size = file.metadata()?.len();
                 let head = format!("{{\"size\":{size}}}\n");
                 stream.write_all(head.as_bytes()).await?;
-                let mut piece = vec![0u8; SERVE_PIECE];
-                let mut left = size;
-                while left > 0 {
-                    let want = piece.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-                    let buffer = piece.get_mut(..want).unwrap_or_default();
-                    file.read_exact(buffer)?;
-                    stream.write_all(buffer).await?;
-                    left -= want as u64;
-                }
+                send_file(stream, &mut file, size).await?;
             }
         }
         Ok(())
     }
 }
 
+/// Writes the first `size` bytes of `file` on `stream`, a piece at a time.
+pub(crate) async fn send_file(
+    stream: &mut DataStream,
+    file: &mut std::fs::File,
+    size: u64,
+) -> Result<(), StreamError> {
+    use std::io::Read;
+    let mut piece = vec![0u8; SERVE_PIECE];
+    let mut left = size;
+    while left > 0 {
+        let want = piece.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let buffer = piece.get_mut(..want).unwrap_or_default();
+        file.read_exact(buffer)?;
+        stream.write_all(buffer).await?;
+        left -= want as u64;
+    }
+    Ok(())
+}
+
+/// Reads one JSON line of at most 4 KiB, waiting up to `wait`.
+pub(crate) async fn read_head(
+    stream: &mut DataStream,
+    wait: Duration,
+) -> Result<serde_json::Value, String> {
+    let line = tokio::time::timeout(wait, stream.read_line(4096))
+        .await
+        .map_err(|_| format!("{} did not answer", stream.peer_id()))?
+        .map_err(|e| e.to_string())?
+        .ok_or_else(|| format!("{} closed the stream", stream.peer_id()))?;
+    serde_json::from_slice(&line).map_err(|e| e.to_string())
+}
+
 /// Reads a `{"size":N}` line.
 async fn read_size(stream: &mut DataStream) -> Result<u64, String> {
-    let line = tokio::time::timeout(Duration::from_secs(30), stream.read_line(4096))
-        .await
-        .map_err(|_| "the owner did not answer".to_owned())?
-        .map_err(|e| e.to_string())?
-        .ok_or("the owner closed the stream")?;
-    let head: serde_json::Value = serde_json::from_slice(&line).map_err(|e| e.to_string())?;
+    let head = read_head(stream, Duration::from_secs(30)).await?;
     let size = head
         .get("size")
         .and_then(serde_json::Value::as_u64)
@@ -899,16 +938,16 @@ async fn read_size(stream: &mut DataStream) -> Result<u64, String> {
     Ok(size)
 }
 
-/// Reads more of the owner's bytes: an error if it stalls or closes.
+/// Reads more of the peer's bytes: an error if it stalls for 30 s or closes.
 async fn fill(stream: &mut DataStream) -> Result<(), String> {
     let more = tokio::time::timeout(Duration::from_secs(30), stream.fill())
         .await
-        .map_err(|_| "the owner stalled".to_owned())?
+        .map_err(|_| format!("{} stalled", stream.peer_id()))?
         .map_err(|e| e.to_string())?;
     if more {
         Ok(())
     } else {
-        Err("the owner closed the stream early".into())
+        Err(format!("{} closed the stream early", stream.peer_id()))
     }
 }
 
@@ -940,6 +979,21 @@ async fn fetch_blob(
         .await
         .map_err(|e| e.to_string())?;
     let size = read_size(stream).await?;
+    let hash = receive_file(stream, size, to).await?;
+    if hash.to_hex().as_str() != blob {
+        let _ = std::fs::remove_file(to);
+        return Err("the project's bytes do not match their hash".into());
+    }
+    Ok(())
+}
+
+/// Reads `size` bytes from `stream` into a new file at `to`, flushed to disk; their BLAKE3
+/// hash.
+pub(crate) async fn receive_file(
+    stream: &mut DataStream,
+    size: u64,
+    to: &std::path::Path,
+) -> Result<blake3::Hash, String> {
     let mut hasher = blake3::Hasher::new();
     let mut file = std::fs::File::create(to).map_err(|e| e.to_string())?;
     let mut received = 0u64;
@@ -954,9 +1008,6 @@ async fn fetch_blob(
         stream.consume(take);
         received += take as u64;
     }
-    if hasher.finalize().to_hex().as_str() != blob {
-        let _ = std::fs::remove_file(to);
-        return Err("the project's bytes do not match their hash".into());
-    }
-    Ok(())
+    file.sync_all().map_err(|e| e.to_string())?;
+    Ok(hasher.finalize())
 }

@@ -26,11 +26,16 @@ fn task(tasks: &Path, name: &str, values: &[u32]) {
         )
         .collect();
     let main = "import csv, sys\nrows = list(csv.DictReader(open(sys.argv[1])))\nprint('sum', sum(int(r['value']) for r in rows))\nprint('rows', len(rows), file=sys.stderr)\n";
+    zip_task(&tasks.join(format!("{name}.zip")), main, &csv);
+}
+
+/// Writes a task ZIP at `path` with `main` as `main.py` and `csv` as `input.csv`.
+fn zip_task(path: &Path, main: &str, csv: &str) {
     let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nz.writestr('main.py', sys.argv[2])\nz.writestr('input.csv', sys.argv[3])\nz.close()";
     let status = Command::new("python3")
         .args(["-c", script])
-        .arg(tasks.join(format!("{name}.zip")))
-        .args([main, &csv])
+        .arg(path)
+        .args([main, csv])
         .status()
         .unwrap();
     assert!(status.success());
@@ -477,4 +482,102 @@ fn teia_job_submit_splits_a_csv_and_concatenates_the_stdouts_in_order() {
         .skip(1)
         .collect();
     assert_eq!(printed, values, "{stdout}");
+}
+
+/// A script job of 20 tasks dropped in the tasks folder of a node with one worker of its
+/// own, run with two more nodes of its cluster (one worker each); one of them is killed
+/// with `kill -9` while it runs a task. Every task gets one result, with its own output:
+/// the killed node's task went to another node.
+#[test]
+fn a_script_job_over_three_nodes_survives_a_node_killed_mid_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tasks, results, staging) = (
+        dir.path().join("tasks"),
+        dir.path().join("results"),
+        dir.path().join("staging"),
+    );
+    std::fs::create_dir_all(&staging).unwrap();
+    let owner = NodeProcess::start(
+        "owner",
+        "scripts",
+        &[
+            "--peer",
+            "127.0.0.1:1",
+            "--cluster-secret",
+            "our-lab",
+            "--workers",
+            "1",
+            "--task-workers",
+            "1",
+            "--tasks-dir",
+            tasks.to_str().unwrap(),
+            "--results-dir",
+            results.to_str().unwrap(),
+            "--master-port",
+            "127.0.0.1:0",
+            "--discovery-port",
+            &free_udp_port().to_string(),
+        ],
+    );
+    owner.process.wait_for_log("seed 001 master listening");
+    let peer = owner.addr();
+    let worker_args = [
+        "--peer",
+        &peer,
+        "--cluster-secret",
+        "our-lab",
+        "--workers",
+        "1",
+    ];
+    let steady = NodeProcess::start("steady", "scripts", &worker_args);
+    let mut doomed = NodeProcess::start("doomed", "scripts", &worker_args);
+    owner.wait_link(&steady.peer_id);
+    owner.wait_link(&doomed.peer_id);
+    let main =
+        "import sys, time\ntime.sleep(1.5)\nprint('task', open(sys.argv[1]).read().split()[1])\n";
+    for n in 0..20 {
+        let name = format!("t{n:02}.zip");
+        zip_task(&staging.join(&name), main, &format!("n\n{n}\n"));
+        std::fs::rename(staging.join(&name), tasks.join(&name)).unwrap();
+    }
+    let (_, running) = doomed
+        .process
+        .wait_for_log_after("script task running here", 0);
+    let held = field(&running, "task").to_owned();
+    steady.process.wait_for_log("script task running here");
+    doomed.process.child.kill().unwrap();
+    doomed.process.child.wait().unwrap();
+
+    for n in 0..20 {
+        let stdout = result_stdout(&results, &format!("t{n:02}"), PATIENCE * 2);
+        assert_eq!(stdout.trim(), format!("task {n}"), "t{n:02}");
+    }
+    // The task the killed node held went to another, unless it had delivered it.
+    let delivered = doomed
+        .process
+        .lines()
+        .iter()
+        .any(|l| l.contains("result delivered") && field(l, "task") == held);
+    if !delivered {
+        owner.process.wait_for_log("let its task go");
+    }
+    let stored: Vec<String> = owner
+        .process
+        .lines()
+        .into_iter()
+        .filter(|l| l.contains("result stored"))
+        .collect();
+    assert_eq!(
+        stored.len(),
+        20,
+        "one result per task:\n{}",
+        stored.join("\n")
+    );
+    let ran_remotely = steady
+        .process
+        .lines()
+        .iter()
+        .filter(|l| l.contains("result delivered"))
+        .count();
+    assert!(ran_remotely > 0, "the steady node ran none");
 }

@@ -26,6 +26,9 @@ pub enum JobMessage {
         /// Evaluations not finished.
         #[serde(default)]
         unfinished: u32,
+        /// Script tasks (seed 001) waiting, taken over a `jobs` stream.
+        #[serde(default)]
+        scripts: u32,
         /// Proof that the owner holds the cluster secret, if it has one.
         #[serde(default)]
         proof: Option<String>,

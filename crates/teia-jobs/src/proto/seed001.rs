@@ -408,6 +408,26 @@ impl Master {
         Submitted::Done(task)
     }
 
+    /// Notes that `worker` still runs the task it holds, which it keeps [`LEASE`] longer
+    /// (teia workers say so on their stream; course workers cannot).
+    pub fn renew(&mut self, worker: &str, now: Instant) {
+        if let Some(known) = self.workers.get_mut(worker) {
+            known.heard = now;
+            if let Some((_, until)) = known.lease.as_mut() {
+                *until = now + LEASE;
+            }
+        }
+    }
+
+    /// Forgets `worker` (its connection ended) and takes back the task it held, if any: it
+    /// waits again, first in line. Returns the task's name.
+    pub fn give_back(&mut self, worker: &str) -> Option<String> {
+        let (name, _) = self.workers.remove(worker)?.lease?;
+        let task = self.leased.remove(&name)?;
+        self.waiting.push_front(task);
+        Some(name)
+    }
+
     /// Takes back the tasks of workers silent for [`WORKER_SILENT`] or past their lease:
     /// they wait again, first in line; returns their names.
     pub fn expire(&mut self, now: Instant) -> Vec<String> {
@@ -582,6 +602,37 @@ mod tests {
         assert_eq!(
             master.submit("w2", Some("result_b.zip"), later),
             Submitted::Done(b)
+        );
+        assert_eq!(master.counts(), (1, 0));
+    }
+
+    #[test]
+    fn a_task_given_back_goes_first_to_the_next_worker() {
+        let now = Instant::now();
+        let mut master = Master::default();
+        assert!(master.add("a.zip", 10));
+        assert!(master.add("b.zip", 10));
+        let a = master.request("teia:x#1", now, u64::MAX).unwrap();
+        // Renewed, a lease outlives LEASE.
+        master.renew("teia:x#1", now + LEASE - Duration::from_secs(1));
+        assert!(master.expire(now + LEASE).is_empty());
+        assert_eq!(master.give_back("teia:x#1"), Some(a.name.clone()));
+        assert_eq!(
+            master.give_back("teia:x#1"),
+            None,
+            "the worker is forgotten"
+        );
+        assert_eq!(master.counts(), (2, 0));
+        let again = master.request("teia:y#2", now, u64::MAX).unwrap();
+        assert_eq!((again.name.as_str(), again.attempts), ("a.zip", 2));
+        assert_eq!(
+            master.submit("teia:y#2", Some("a.zip"), now),
+            Submitted::Done(again)
+        );
+        assert_eq!(
+            master.give_back("teia:y#2"),
+            None,
+            "nothing held after its result"
         );
         assert_eq!(master.counts(), (1, 0));
     }

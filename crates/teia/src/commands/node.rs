@@ -299,6 +299,7 @@ async fn start_jobs(
         node: handle.clone(),
         trusted,
         secret: args.cluster_secret.clone(),
+        scripts: master.clone(),
     };
     let engine = teia_jobs::engine::Engine::start(config, Some(cluster))?;
     tracing::info!(python = %version, "job engine ready");

@@ -1,0 +1,117 @@
+//! One script task (seed 001) run on this node: its ZIP unpacked in a work folder,
+//! `python main.py input.csv` run there in the sandbox, and the result ZIP written, the same
+//! whether the task came from this node's tasks folder or from another node's.
+
+use std::path::{Path, PathBuf};
+
+use crate::runner::Runner;
+
+/// Bytes of each file kept in a result made here (stdout, stderr, an output); the rest is
+/// left out.
+pub const MAX_OUTPUT_FILE: u64 = 64 * 1024 * 1024;
+
+/// Output files kept in a result.
+pub const MAX_OUTPUT_FILES: usize = 256;
+
+/// Bytes of all the files kept in a result, before compression; past it, the last files
+/// are cut short or left out.
+pub const MAX_RESULT_CONTENT: u64 = 1024 * 1024 * 1024;
+
+/// Bytes of a result ZIP at most, as a node receives it from another (the content, and
+/// room for the ZIP's own records).
+pub const MAX_RESULT: u64 = MAX_RESULT_CONTENT + 16 * 1024 * 1024;
+
+/// Unpacks the task ZIP at `archive` (named `task`) in `folder`, runs `main.py input.csv`
+/// there with `runner`, and writes the result ZIP to `to`: `stdout.txt`, `stderr.txt`,
+/// `result.json` (exit code, seconds, whether it timed out) and, under `outputs/`, the
+/// files the script made.
+pub async fn run_task(
+    runner: &Runner,
+    archive: &Path,
+    task: &str,
+    folder: &Path,
+    to: &Path,
+) -> Result<(), String> {
+    let _ = std::fs::remove_dir_all(folder);
+    crate::bundle::unpack(archive, folder).map_err(|e| e.to_string())?;
+    let inputs = list_files(folder);
+    let outcome = runner
+        .run_script(folder, &["input.csv"])
+        .await
+        .map_err(|e| e.to_string())?;
+    let summary = serde_json::json!({
+        "task": task,
+        "exit_code": outcome.exit_code,
+        "timed_out": outcome.timed_out,
+        "seconds": outcome.seconds,
+    });
+    let outputs: Vec<PathBuf> = list_files(folder)
+        .into_iter()
+        .filter(|p| !inputs.contains(p))
+        .filter(|p| {
+            let name = p.to_string_lossy();
+            name != "stdout.txt" && name != "stderr.txt" && !name.starts_with(".home")
+        })
+        .take(MAX_OUTPUT_FILES)
+        .collect();
+    write_result_zip(folder, &summary, &outputs, to).map_err(|e| e.to_string())
+}
+
+/// The files under `dir`, relative to it (links not followed).
+fn list_files(dir: &Path) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(relative) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(dir.join(&relative)) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = relative.join(entry.file_name());
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => stack.push(path),
+                Ok(kind) if kind.is_file() => found.push(path),
+                _ => {}
+            }
+        }
+    }
+    found
+}
+
+/// Writes the result ZIP, each file copied a piece at a time.
+fn write_result_zip(
+    folder: &Path,
+    summary: &serde_json::Value,
+    outputs: &[PathBuf],
+    to: &Path,
+) -> std::io::Result<()> {
+    use std::io::Write;
+    let file = std::fs::File::create(to)?;
+    let mut zip = zip::ZipWriter::new(file);
+    let options = zip::write::SimpleFileOptions::default()
+        .compression_method(zip::CompressionMethod::Deflated)
+        .large_file(true);
+    let mut left = MAX_RESULT_CONTENT;
+    let mut add = |name: String, path: &Path| -> std::io::Result<()> {
+        let mut source = std::fs::File::open(path)?;
+        zip.start_file(name, options)
+            .map_err(std::io::Error::other)?;
+        let copied = std::io::copy(
+            &mut std::io::Read::take(&mut source, MAX_OUTPUT_FILE.min(left)),
+            &mut zip,
+        )?;
+        left -= copied;
+        Ok(())
+    };
+    add("stdout.txt".into(), &folder.join("stdout.txt"))?;
+    add("stderr.txt".into(), &folder.join("stderr.txt"))?;
+    for output in outputs {
+        add(
+            format!("outputs/{}", output.to_string_lossy()),
+            &folder.join(output),
+        )?;
+    }
+    zip.start_file("result.json", options)
+        .map_err(std::io::Error::other)?;
+    zip.write_all(summary.to_string().as_bytes())?;
+    zip.finish().map_err(std::io::Error::other)?.sync_all()
+}
