@@ -62,15 +62,15 @@ pub struct LocalWorkers {
     pub slots: usize,
     /// Runs them.
     pub runner: Arc<Runner>,
-    /// Where each unpacks and runs its task.
-    pub work: PathBuf,
+    /// The node's peer id, recorded in the results they make.
+    pub node: String,
 }
 
 impl std::fmt::Debug for LocalWorkers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LocalWorkers")
             .field("slots", &self.slots)
-            .field("work", &self.work)
+            .field("node", &self.node)
             .finish_non_exhaustive()
     }
 }
@@ -364,7 +364,7 @@ async fn work_locally(shared: &Arc<Shared>, local: &LocalWorkers, slot: usize) {
                 }
             })
         };
-        let folder = local.work.join(format!("{slot}"));
+        let folder = local.runner.work_dir().join(format!("local-{slot}"));
         let partial = shared
             .config
             .results
@@ -373,6 +373,7 @@ async fn work_locally(shared: &Arc<Shared>, local: &LocalWorkers, slot: usize) {
             &local.runner,
             &shared.config.tasks.join(&task.name),
             &task.name,
+            &local.node,
             &folder,
             &partial,
         )

@@ -152,7 +152,7 @@ impl Engine {
             return Err(format!("{owner}'s task is {size} bytes, over {MAX_BLOB}"));
         }
         let task = task.to_owned();
-        let work = self.config.dir.join("scripts").join(slot.to_string());
+        let work = self.runner.work_dir().join(format!("script-{slot}"));
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
         let done = self.run_taken(&mut stream, owner, &task, size, &work).await;
@@ -174,7 +174,14 @@ impl Engine {
         receive_file(stream, size, &archive).await?;
         tracing::info!(%task, %owner, "script task running here");
         let (folder, result) = (work.join("run"), work.join("result.zip"));
-        let run = crate::script::run_task(&self.runner, &archive, task, &folder, &result);
+        let run = crate::script::run_task(
+            &self.runner,
+            &archive,
+            task,
+            &self.config.node,
+            &folder,
+            &result,
+        );
         tokio::pin!(run);
         let made = loop {
             tokio::select! {

@@ -23,12 +23,13 @@ pub const MAX_RESULT: u64 = MAX_RESULT_CONTENT + 16 * 1024 * 1024;
 
 /// Unpacks the task ZIP at `archive` (named `task`) in `folder`, runs `main.py input.csv`
 /// there with `runner`, and writes the result ZIP to `to`: `stdout.txt`, `stderr.txt`,
-/// `result.json` (exit code, seconds, whether it timed out) and, under `outputs/`, the
-/// files the script made.
+/// `result.json` (exit code, seconds, whether it timed out, the `node` that ran it) and,
+/// under `outputs/`, the files the script made.
 pub async fn run_task(
     runner: &Runner,
     archive: &Path,
     task: &str,
+    node: &str,
     folder: &Path,
     to: &Path,
 ) -> Result<(), String> {
@@ -44,6 +45,7 @@ pub async fn run_task(
         "exit_code": outcome.exit_code,
         "timed_out": outcome.timed_out,
         "seconds": outcome.seconds,
+        "node": node,
     });
     let outputs: Vec<PathBuf> = list_files(folder)
         .into_iter()

@@ -237,6 +237,8 @@ pub struct Runner {
     support: PathBuf,
     warm: Option<warm::WarmPool>,
     venvs: venv::VenvCache,
+    /// Where tasks' work folders go (writable in the sandbox).
+    work: PathBuf,
 }
 
 impl Runner {
@@ -251,11 +253,12 @@ impl Runner {
         std::fs::create_dir_all(&support)?;
         std::fs::write(support.join("teia_report.py"), PLUGIN)?;
         let venvs = venv::VenvCache::new(dir.join("venvs"), support.clone(), limits.clone());
+        let work = dir.join("work");
         let sandbox = match &isolation {
             Isolation::Bubblewrap(bwrap) => Some(warm::Sandbox {
                 bwrap: bwrap.clone(),
                 readable: vec![support.clone(), venvs.dir().to_owned()],
-                writable: vec![dir.join("work")],
+                writable: vec![work.clone()],
             }),
             Isolation::Limits => None,
         };
@@ -272,7 +275,14 @@ impl Runner {
             isolation,
             support,
             warm,
+            work,
         })
+    }
+
+    /// The folder tasks' work folders go in: a script task run in a folder under it is
+    /// forked from a warm interpreter (under bubblewrap, only it is writable to them).
+    pub fn work_dir(&self) -> &Path {
+        &self.work
     }
 
     /// Starts the warm interpreter of the node's Python ahead of the first module.
@@ -381,17 +391,39 @@ impl Runner {
 
     /// Runs a script task (seed 001): `python main.py ARGS...` in `dir` (the task's files,
     /// in a work folder of its own), with the modules' environment, limits and isolation;
-    /// its stdout and stderr go to `stdout.txt` and `stderr.txt` in `dir`. Killed with its
-    /// process group at the timeout.
+    /// its stdout and stderr go to `stdout.txt` and `stderr.txt` in `dir`. Forked from the
+    /// warm interpreter when `dir` is under [`Runner::work_dir`], else started cold. Killed
+    /// with its process group at the timeout.
     pub async fn run_script(&self, dir: &Path, args: &[&str]) -> Result<ScriptOutcome, RunError> {
         let prepare = |source| RunError::Prepare {
             path: dir.to_owned(),
             source,
         };
-        let stdout = std::fs::File::create(dir.join("stdout.txt")).map_err(prepare)?;
-        let stderr = std::fs::File::create(dir.join("stderr.txt")).map_err(prepare)?;
+        let (stdout_file, stderr_file) = (dir.join("stdout.txt"), dir.join("stderr.txt"));
+        let stdout = std::fs::File::create(&stdout_file).map_err(prepare)?;
+        let stderr = std::fs::File::create(&stderr_file).map_err(prepare)?;
         let home = dir.join(".home");
         std::fs::create_dir_all(&home).map_err(prepare)?;
+        let started = Instant::now();
+        if let (Some(pool), true) = (&self.warm, dir.starts_with(&self.work)) {
+            let main: Vec<&str> = std::iter::once("main.py")
+                .chain(args.iter().copied())
+                .collect();
+            let request = warm::ScriptRequest {
+                dir,
+                args: &main,
+                stdout: &stdout_file,
+                stderr: &stderr_file,
+                home: &home,
+            };
+            if let Some(end) = pool.run_script(&self.python, &request).await {
+                return Ok(ScriptOutcome {
+                    exit_code: end.exit_code,
+                    timed_out: end.timed_out,
+                    seconds: started.elapsed().as_secs_f64(),
+                });
+            }
+        }
         let mut command = self.task_command(dir, &[], dir);
         command
             .arg(&self.python)
@@ -405,7 +437,6 @@ impl Runner {
             .stderr(Stdio::from(stderr))
             .process_group(0)
             .kill_on_drop(true);
-        let started = Instant::now();
         let mut child = command.spawn().map_err(RunError::Spawn)?;
         let pid = child.id();
         let waited = tokio::time::timeout(self.limits.timeout, child.wait()).await;
@@ -724,6 +755,66 @@ mod tests {
         assert_eq!(
             warm_running, 1,
             "the sandboxed warm interpreter forked its module"
+        );
+    }
+
+    /// A script task forked from the warm interpreter behaves as one started cold (in the
+    /// sandbox when bubblewrap works here): its arguments, its own module named like one
+    /// pytest imports, stdout and stderr, the files it writes, `atexit`, exit codes
+    /// (`sys.exit(3)`, an exception: 1), and a kill at its timeout with what it started.
+    #[tokio::test]
+    async fn scripts_forked_warm_behave_as_scripts_started_cold() {
+        let python = interpreter().await;
+        let dir = tempfile::tempdir().unwrap();
+        let runner_dir = dir.path().join("runner");
+        let limits = Limits {
+            timeout: Duration::from_secs(4),
+            ..Limits::default()
+        };
+        let isolation = Isolation::detect();
+        let warm = Runner::new(
+            &runner_dir,
+            python.clone(),
+            limits.clone(),
+            isolation.clone(),
+        )
+        .unwrap();
+        let mut cold = Runner::new(&runner_dir, python, limits, isolation).unwrap();
+        cold.warm = None;
+        let main = "import atexit, sys\nimport pluggy\nprint('args', sys.argv)\nprint('mine', pluggy.MINE)\nprint('to stderr', file=sys.stderr)\nopen('out.txt', 'w').write('made')\natexit.register(lambda: print('bye'))\nif sys.argv[1] == 'raise':\n    raise ValueError('no')\nif sys.argv[1] == 'hang':\n    import subprocess, time\n    subprocess.Popen(['sleep', '302'])\n    time.sleep(60)\nsys.exit(3)\n";
+        for (name, runner) in [("warm", &warm), ("cold", &cold)] {
+            for (arg, code) in [("exit", Some(3)), ("raise", Some(1)), ("hang", None)] {
+                let folder = runner.work_dir().join(format!("{name}-{arg}"));
+                std::fs::create_dir_all(&folder).unwrap();
+                std::fs::write(folder.join("main.py"), main).unwrap();
+                std::fs::write(folder.join("pluggy.py"), "MINE = 1\n").unwrap();
+                let outcome = runner.run_script(&folder, &[arg]).await.unwrap();
+                let stdout = std::fs::read_to_string(folder.join("stdout.txt")).unwrap();
+                let stderr = std::fs::read_to_string(folder.join("stderr.txt")).unwrap();
+                let what = format!("{name} {arg}: {stdout} {stderr}");
+                assert_eq!(outcome.exit_code, code, "{what}");
+                assert_eq!(outcome.timed_out, arg == "hang", "{what}");
+                assert!(stderr.starts_with("to stderr\n"), "{what}");
+                assert_eq!(
+                    std::fs::read_to_string(folder.join("out.txt")).unwrap(),
+                    "made"
+                );
+                // Killed, a script leaves what it buffered unwritten, as Python does.
+                if arg != "hang" {
+                    let expected = format!("args ['main.py', '{arg}']\nmine 1\n");
+                    assert!(stdout.starts_with(&expected), "{what}");
+                    assert!(stdout.ends_with("bye\n"), "{what}");
+                }
+                if arg == "raise" {
+                    assert!(stderr.contains("ValueError: no"), "{what}");
+                }
+            }
+        }
+        sleepers_gone(302).await;
+        assert_eq!(
+            warm_count(&warm).await,
+            1,
+            "the warm runner forked its scripts"
         );
     }
 

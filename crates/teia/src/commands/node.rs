@@ -113,9 +113,15 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     let (files_streams, files_stream_rx) = mpsc::channel(STREAMS_WAITING);
     let (files, files_events) = Files::start(files_config, handle.clone(), files_stream_rx).await?;
     let master = match &args.tasks_dir {
-        Some(tasks) => {
-            Some(start_master(&args, tasks, &node_file(&data_dir, &peer_id, "tasks")).await?)
-        }
+        Some(tasks) => Some(
+            start_master(
+                &args,
+                &peer_id,
+                tasks,
+                &node_file(&data_dir, &peer_id, "tasks"),
+            )
+            .await?,
+        ),
         None => None,
     };
     let (engine, http) =
@@ -188,6 +194,7 @@ struct Services {
 /// files in `dir`) when it has Python.
 async fn start_master(
     args: &NodeArgs,
+    peer_id: &str,
     tasks: &std::path::Path,
     dir: &std::path::Path,
 ) -> anyhow::Result<teia_jobs::master::MasterHandle> {
@@ -212,7 +219,7 @@ async fn start_master(
             Some(teia_jobs::master::LocalWorkers {
                 slots,
                 runner: std::sync::Arc::new(runner),
-                work: dir.join("work"),
+                node: peer_id.to_owned(),
             })
         }
     };
