@@ -8,13 +8,15 @@
 //! 0.1 s to 2 s (the work is waiting, so the machine's two cores do not cap the speed-up of
 //! three workers), spread over three projects.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::Value;
+
+use crate::node::{remove_all, Node};
 
 /// Flags of the evaluation benchmark.
 #[derive(Debug, clap::Args)]
@@ -130,107 +132,25 @@ fn detail(addr: &str, id: u64) -> anyhow::Result<Value> {
     Ok(http(addr, "GET", &format!("/evaluation/{id}"), "text/plain", b"")?.1)
 }
 
-struct Node {
-    child: Child,
-    http: String,
-    port: u16,
-    name: String,
-}
-
-impl Node {
-    fn start(teia: &Path, data: &Path, name: &str, peer: Option<&str>) -> anyhow::Result<Self> {
-        let mut command = Command::new(teia);
-        command
-            .args(["node", "--json", "--name", name, "--namespace", "bench"])
-            .arg("--no-lan")
-            .args([
-                "--listen-ip",
-                "127.0.0.1",
-                "--log",
-                "warn,teia=info",
-                "--data-dir",
-            ])
-            .arg(data)
-            .args([
-                "--workers",
-                "1",
-                "--cluster-secret",
-                "bench",
-                "--http",
-                "127.0.0.1:0",
-            ])
-            .args(["--peer", peer.unwrap_or("127.0.0.1:1")])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        let mut child = command.spawn()?;
-        let stdout = child.stdout.take().context("no stdout")?;
-        let stderr = child.stderr.take().context("no stderr")?;
-        let mut port = 0;
-        let mut stdout = BufReader::new(stdout).lines();
-        for line in stdout.by_ref() {
-            let line = line?;
-            if let Ok(event) = serde_json::from_str::<Value>(&line) {
-                if event["event"] == "ready" {
-                    port = event["listen"]
-                        .as_str()
-                        .and_then(|a| a.rsplit(':').next())
-                        .and_then(|p| p.parse().ok())
-                        .unwrap_or(0);
-                    break;
-                }
-            }
-        }
-        let mut http = String::new();
-        let mut stderr = BufReader::new(stderr).lines();
-        for line in stderr.by_ref() {
-            let line = line?;
-            if let Some(at) = line.find("bound=") {
-                http = line[at + 6..]
-                    .split_whitespace()
-                    .next()
-                    .unwrap_or("")
-                    .to_owned();
-                break;
-            }
-        }
-        // Keep reading both, so the node never blocks on a full pipe; say its warnings.
-        std::thread::spawn(move || stdout.for_each(drop));
-        let who = name.to_owned();
-        std::thread::spawn(move || {
-            for line in stderr.map_while(Result::ok) {
-                if line.contains("WARN") || line.contains("ERROR") {
-                    eprintln!("[{who}] {line}");
-                }
-            }
-        });
-        if http.is_empty() || port == 0 {
-            bail!("node {name} did not start");
-        }
-        Ok(Self {
-            child,
-            http,
-            port,
-            name: format!("{name}@bench"),
-        })
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
+/// Flags of each node of an evaluation cluster: one worker, the HTTP API.
+const NODE_FLAGS: [&str; 6] = [
+    "--workers",
+    "1",
+    "--cluster-secret",
+    "bench",
+    "--http",
+    "127.0.0.1:0",
+];
 
 fn cluster(teia: &Path, dir: &Path, count: usize) -> anyhow::Result<Vec<Node>> {
     let mut nodes = Vec::new();
-    let owner = Node::start(teia, &dir.join("n0"), "n0", None)?;
+    let owner = Node::start(teia, &dir.join("n0"), "n0", None, &NODE_FLAGS)?;
     let first = format!("127.0.0.1:{}", owner.port);
     nodes.push(owner);
     for index in 1..count {
         let name = format!("n{index}");
-        nodes.push(Node::start(teia, &dir.join(&name), &name, Some(&first))?);
+        let node = Node::start(teia, &dir.join(&name), &name, Some(&first), &NODE_FLAGS)?;
+        nodes.push(node);
     }
     // Let the links come up and the announcements flow.
     std::thread::sleep(Duration::from_secs(2));
@@ -399,15 +319,4 @@ fn measure(args: Args) -> anyhow::Result<()> {
     drop(nodes);
     remove_all(&dir);
     Ok(())
-}
-
-/// Removes the benchmark's folder, again if processes of the nodes just killed were still
-/// leaving files in it.
-fn remove_all(dir: &Path) {
-    for _ in 0..10 {
-        if std::fs::remove_dir_all(dir).is_ok() || !dir.exists() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(200));
-    }
 }

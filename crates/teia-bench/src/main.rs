@@ -4,7 +4,9 @@
 
 mod eval;
 mod files;
+mod jobs;
 mod load;
+mod node;
 mod overlay;
 mod rendezvous;
 
@@ -32,6 +34,10 @@ enum Command {
     /// Evaluations: a corpus by serial pytest, pytest-xdist and teia with 2 and 3 nodes, and
     /// the times to recover from a killed worker and a killed owner.
     Eval(eval::Args),
+    /// Script tasks (seed 001): 200 tasks of 50 ms over 3 nodes against the ideal and
+    /// against `xargs -P 3 python`, and the time from a worker's kill -9 to its task
+    /// running elsewhere.
+    Jobs(jobs::Args),
     /// The reference server: reads one line per connection, answers a constant line, closes.
     /// Started by the benchmarks themselves.
     #[command(hide = true)]
@@ -53,6 +59,7 @@ fn main() -> anyhow::Result<()> {
             Command::Overlay(args) => overlay::run(args).await,
             Command::Files(args) => files::run(args).await,
             Command::Eval(args) => eval::run(args).await,
+            Command::Jobs(args) => jobs::run(args).await,
             Command::ReferenceServer { listen } => rendezvous::reference_server(listen).await,
         }
     })
