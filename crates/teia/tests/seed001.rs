@@ -49,26 +49,30 @@ fn master(dir: &Path, port: u16) -> NodeProcess {
 
 /// A teia node serving `tasks` on discovery port `port` and running `task_workers` itself.
 fn master_running(dir: &Path, port: u16, task_workers: &str) -> NodeProcess {
+    master_with(dir, port, task_workers, &[])
+}
+
+/// [`master_running`] with `extra` flags.
+fn master_with(dir: &Path, port: u16, task_workers: &str, extra: &[&str]) -> NodeProcess {
     let tasks = dir.join("tasks");
     let results = dir.join("results");
-    let node = NodeProcess::start(
-        "master",
-        "seed001",
-        &[
-            "--task-workers",
-            task_workers,
-            "--peer",
-            "127.0.0.1:1",
-            "--tasks-dir",
-            tasks.to_str().unwrap(),
-            "--results-dir",
-            results.to_str().unwrap(),
-            "--master-port",
-            "127.0.0.1:0",
-            "--discovery-port",
-            &port.to_string(),
-        ],
-    );
+    let port = port.to_string();
+    let mut args = vec![
+        "--task-workers",
+        task_workers,
+        "--peer",
+        "127.0.0.1:1",
+        "--tasks-dir",
+        tasks.to_str().unwrap(),
+        "--results-dir",
+        results.to_str().unwrap(),
+        "--master-port",
+        "127.0.0.1:0",
+        "--discovery-port",
+        &port,
+    ];
+    args.extend_from_slice(extra);
+    let node = NodeProcess::start("master", "seed001", &args);
     node.process.wait_for_log("seed 001 master listening");
     node
 }
@@ -497,29 +501,8 @@ fn a_script_job_over_three_nodes_survives_a_node_killed_mid_run() {
         dir.path().join("staging"),
     );
     std::fs::create_dir_all(&staging).unwrap();
-    let owner = NodeProcess::start(
-        "owner",
-        "scripts",
-        &[
-            "--peer",
-            "127.0.0.1:1",
-            "--cluster-secret",
-            "our-lab",
-            "--workers",
-            "1",
-            "--task-workers",
-            "1",
-            "--tasks-dir",
-            tasks.to_str().unwrap(),
-            "--results-dir",
-            results.to_str().unwrap(),
-            "--master-port",
-            "127.0.0.1:0",
-            "--discovery-port",
-            &free_udp_port().to_string(),
-        ],
-    );
-    owner.process.wait_for_log("seed 001 master listening");
+    let extra = ["--cluster-secret", "our-lab", "--workers", "1"];
+    let owner = master_with(dir.path(), free_udp_port(), "1", &extra);
     let peer = owner.addr();
     let worker_args = [
         "--peer",
@@ -529,8 +512,8 @@ fn a_script_job_over_three_nodes_survives_a_node_killed_mid_run() {
         "--workers",
         "1",
     ];
-    let steady = NodeProcess::start("steady", "scripts", &worker_args);
-    let mut doomed = NodeProcess::start("doomed", "scripts", &worker_args);
+    let steady = NodeProcess::start("steady", "seed001", &worker_args);
+    let mut doomed = NodeProcess::start("doomed", "seed001", &worker_args);
     owner.wait_link(&steady.peer_id);
     owner.wait_link(&doomed.peer_id);
     let main =

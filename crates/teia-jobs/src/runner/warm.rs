@@ -66,19 +66,23 @@ events.register(server, selectors.EVENT_READ, "accept")
 events.register(0, selectors.EVENT_READ, "node")
 print("ready", flush=True)
 
+def detach(conn):
+    # The forked child: its own session, no listening, its pid said, no stdin.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.setsid()
+    events.close()
+    server.close()
+    conn.sendall(b"%d\n" % os.getpid())
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+
 def run_script(conn, request):
     # As `python main.py ARGS` would: the script as __main__, its folder first on the path,
     # and only the standard library already imported (so its own modules are its own).
     import atexit, runpy
     code = 1
     try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        os.setsid()
-        events.close()
-        server.close()
-        conn.sendall(b"%d\n" % os.getpid())
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
+        detach(conn)
         for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
             out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(out, fd)
@@ -122,13 +126,7 @@ def run(conn, request):
         run_script(conn, request)
     code = 3
     try:
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        os.setsid()
-        events.close()
-        server.close()
-        conn.sendall(b"%d\n" % os.getpid())
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
+        detach(conn)
         out = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(out, 1)
         os.dup2(out, 2)
