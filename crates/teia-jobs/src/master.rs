@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::proto::seed001::{
-    encode, parse, Envelope, Framer, Master, Reply, Request, Submitted, Task, MAX_PACKAGE,
+    encode, parse, Envelope, Failed, Framer, Master, Reply, Request, Submitted, Task, MAX_PACKAGE,
 };
 use crate::runner::Runner;
 
@@ -32,6 +32,14 @@ pub const READ_TIME: Duration = Duration::from_secs(30);
 
 /// Period of the scan of the tasks folder and of the lease check.
 pub const SCAN_EVERY: Duration = Duration::from_secs(1);
+
+/// Time an idle local worker waits before it looks at the queue again (it is woken sooner
+/// when a task is queued).
+const IDLE_POLL: Duration = Duration::from_millis(250);
+
+/// Time a file of the tasks folder that is not a whole ZIP yet may still be being written;
+/// older, it is given up as not a task.
+const SETTLE: Duration = Duration::from_secs(10);
 
 /// Bytes read and dropped after a refused message, before closing.
 const DRAINED: usize = 1024 * 1024;
@@ -100,8 +108,18 @@ struct Shared {
     config: MasterConfig,
     master: Mutex<Master>,
     port: u16,
-    /// Woken when tasks are queued.
+    /// Woken when tasks are queued (the node's announcement to its cluster).
     queued: tokio::sync::Notify,
+    /// Wakes the idle local workers when tasks are queued.
+    wake: tokio::sync::Notify,
+}
+
+impl Shared {
+    /// Says that tasks wait: to the cluster's announcer and to idle local workers.
+    fn queued(&self) {
+        self.queued.notify_one();
+        self.wake.notify_waiters();
+    }
 }
 
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Master> {
@@ -143,6 +161,7 @@ pub async fn start(config: MasterConfig) -> Result<(SocketAddr, MasterHandle), M
         master: Mutex::new(Master::default()),
         port: bound.port(),
         queued: tokio::sync::Notify::new(),
+        wake: tokio::sync::Notify::new(),
     });
     scan(&shared);
     tracing::info!(
@@ -235,7 +254,7 @@ impl MasterHandle {
             return Err(JobError::Queue("the queue is full".into()));
         }
         tracing::info!(job = %id, size, "job queued");
-        self.0.queued.notify_one();
+        self.0.queued();
         Ok(id)
     }
 
@@ -296,9 +315,24 @@ impl MasterHandle {
     pub(crate) fn give_back(&self, worker: &str) -> Option<String> {
         let task = lock(&self.0).give_back(worker);
         if task.is_some() {
-            self.0.queued.notify_one();
+            self.0.queued();
         }
         task
+    }
+
+    /// `worker` could not run the task it holds (`error`): it waits again, last in line, or,
+    /// after [`crate::proto::seed001::MAX_FAILURES`] times, is done with the error as its
+    /// result.
+    pub(crate) fn fail(&self, worker: &str, error: &str) {
+        let failed = lock(&self.0).failed(worker, Instant::now());
+        match failed {
+            Failed::Retry => {
+                tracing::warn!(%worker, %error, "a task could not be run; it goes back in line");
+                self.0.queued();
+            }
+            Failed::GiveUp(task) => give_up(&self.0, &task.name, error),
+            Failed::Unmatched => {}
+        }
     }
 
     /// A job's status: `queued`, `running` or `done` (with `result.json`'s fields when the
@@ -348,10 +382,14 @@ impl MasterHandle {
 /// One of the node's own workers: takes a task, runs it, stores its result.
 async fn work_locally(shared: &Arc<Shared>, local: &LocalWorkers, slot: usize) {
     let me = format!("teia:local-{slot}");
+    let handle = MasterHandle(Arc::clone(shared));
     loop {
         let task = lock(shared).request(&me, Instant::now(), u64::MAX);
         let Some(task) = task else {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+            tokio::select! {
+                () = tokio::time::sleep(IDLE_POLL) => {}
+                () = shared.wake.notified() => {}
+            }
             continue;
         };
         tracing::info!(task = %task.name, worker = %me, "task run here");
@@ -360,15 +398,12 @@ async fn work_locally(shared: &Arc<Shared>, local: &LocalWorkers, slot: usize) {
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(SCAN_EVERY).await;
-                    lock(&shared).heard(&me, Instant::now());
+                    lock(&shared).renew(&me, Instant::now());
                 }
             })
         };
         let folder = local.runner.work_dir().join(format!("local-{slot}"));
-        let partial = shared
-            .config
-            .results
-            .join(format!(".{}.local", result_name(&task.name)));
+        let partial = handle.partial(&me, &task.name);
         let made = crate::script::run_task(
             &local.runner,
             &shared.config.tasks.join(&task.name),
@@ -380,32 +415,27 @@ async fn work_locally(shared: &Arc<Shared>, local: &LocalWorkers, slot: usize) {
         .await;
         alive.abort();
         let _ = std::fs::remove_dir_all(&folder);
-        if let Err(e) = &made {
-            tracing::error!(task = %task.name, error = %e, "task not run here");
-        }
-        let done = lock(shared).submit(&me, Some(&task.name), Instant::now());
-        let stored = match (done, made) {
-            (Submitted::Done(_), Ok(())) => std::fs::rename(
-                &partial,
-                shared.config.results.join(result_name(&task.name)),
-            )
-            .map_err(|e| e.to_string()),
-            (Submitted::Done(task), Err(e)) => {
-                // Not run (unreadable, not a ZIP...): it waits for a course worker.
-                lock(shared).add(&task.name, task.size);
-                Err(e)
+        let stored = match made {
+            Ok(()) => handle.finish(&me, &task.name, &partial),
+            Err(e) => {
+                let _ = std::fs::remove_file(&partial);
+                handle.fail(&me, &e);
+                continue;
             }
-            (Submitted::Unmatched, _) => Err("the task was taken back; another runs it".into()),
         };
-        let _ = std::fs::remove_file(&partial);
         match stored {
-            Ok(()) => tracing::info!(task = %task.name, worker = %me, "result stored"),
+            Ok(true) => {}
+            Ok(false) => {
+                tracing::warn!(task = %task.name, "the task was taken back; another runs it")
+            }
             Err(e) => tracing::warn!(task = %task.name, error = %e, "no result stored"),
         }
     }
 }
 
-/// Adds the tasks folder's new ZIPs that have no result yet.
+/// Adds the tasks folder's new ZIPs that have no result yet. A file that is not a whole ZIP
+/// is left for the next scan while it may still be being written ([`SETTLE`]), then given
+/// up with a result that says so.
 fn scan(shared: &Shared) {
     let Ok(entries) = std::fs::read_dir(&shared.config.tasks) else {
         return;
@@ -417,21 +447,64 @@ fn scan(shared: &Shared) {
         if !is_file || !name.ends_with(".zip") || name.starts_with('.') {
             continue;
         }
-        if shared.config.results.join(result_name(&name)).exists() {
+        if lock(shared).leased(&name).is_some()
+            || shared.config.results.join(result_name(&name)).exists()
+        {
             continue;
         }
-        let size = entry.metadata().map_or(u64::MAX, |m| m.len());
-        found.push((name, size));
+        let metadata = entry.metadata().ok();
+        let whole = std::fs::File::open(entry.path())
+            .map_err(|e| e.to_string())
+            .and_then(|file| {
+                zip::ZipArchive::new(file)
+                    .map(drop)
+                    .map_err(|e| e.to_string())
+            });
+        if let Err(e) = whole {
+            let age = metadata
+                .as_ref()
+                .and_then(|m| m.modified().ok())
+                .and_then(|at| at.elapsed().ok())
+                .unwrap_or(SETTLE);
+            if age >= SETTLE {
+                give_up(shared, &name, &format!("not a ZIP: {e}"));
+            }
+            continue;
+        }
+        found.push((name, metadata.map_or(u64::MAX, |m| m.len())));
     }
     found.sort();
     let mut master = lock(shared);
+    let mut added = false;
     for (name, size) in found {
         if master.add(&name, size) {
-            shared.queued.notify_one();
+            added = true;
             tracing::info!(task = %name, size, "task queued");
             if size > MAX_PACKAGE as u64 {
                 tracing::warn!(task = %name, "over 64 KiB in base64: no course worker can take it");
             }
+        }
+    }
+    drop(master);
+    if added {
+        shared.queued();
+    }
+}
+
+/// Records `error` as the result of `task`, which will not be run.
+fn give_up(shared: &Shared, task: &str, error: &str) {
+    let path = shared.config.results.join(result_name(task));
+    let partial = shared
+        .config
+        .results
+        .join(format!(".{}.give-up.part", result_name(task)));
+    let written = crate::script::write_error_result(task, error, &partial)
+        .and_then(|()| std::fs::rename(&partial, &path));
+    match written {
+        Ok(()) => tracing::error!(%task, %error, "task given up; its result says why"),
+        Err(e) => {
+            let _ = std::fs::remove_file(&partial);
+            tracing::error!(%task, %error, write_error = %e, "task given up");
         }
     }
 }

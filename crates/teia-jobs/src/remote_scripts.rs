@@ -244,6 +244,8 @@ async fn lend(
             continue;
         }
         if let Some(failure) = said.get("failed") {
+            let failure = failure.as_str().unwrap_or("no reason given");
+            master.fail(worker, &format!("{worker}: {failure}"));
             return Err(format!("the task failed to run: {failure}"));
         }
         let Some(size) = said.get("result").and_then(serde_json::Value::as_u64) else {

@@ -117,3 +117,28 @@ fn write_result_zip(
     zip.write_all(summary.to_string().as_bytes())?;
     zip.finish().map_err(std::io::Error::other)?.sync_all()
 }
+
+/// Writes the result ZIP of a task that could not be run: an empty `stdout.txt`, `error`
+/// as `stderr.txt`, and `result.json` with the `error` and no exit code.
+pub fn write_error_result(task: &str, error: &str, to: &Path) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::fs::File::create(to)?);
+    let options = zip::write::SimpleFileOptions::default();
+    let summary = serde_json::json!({
+        "task": task,
+        "exit_code": null,
+        "timed_out": false,
+        "seconds": 0.0,
+        "error": error,
+    });
+    for (name, bytes) in [
+        ("stdout.txt", Vec::new()),
+        ("stderr.txt", format!("{error}\n").into_bytes()),
+        ("result.json", summary.to_string().into_bytes()),
+    ] {
+        zip.start_file(name, options)
+            .map_err(std::io::Error::other)?;
+        zip.write_all(&bytes)?;
+    }
+    zip.finish().map_err(std::io::Error::other)?.sync_all()
+}

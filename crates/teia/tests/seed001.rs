@@ -223,6 +223,62 @@ fn the_node_runs_its_tasks_itself_and_keeps_exit_code_and_output_files() {
     );
 }
 
+/// Tasks that cannot run do not loop: a ZIP whose entry leaves its folder fails to unpack
+/// three times and is given up, its result saying why; a file that is not a ZIP is left
+/// alone while it may still be being written, then given up; a half-written ZIP waits and
+/// runs once whole. The node keeps running the others.
+#[test]
+fn tasks_that_cannot_run_are_given_up_with_a_result_that_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nz.writestr('main.py', 'print(1)')\nz.writestr('../escape.txt', 'out')\nz.close()";
+    let status = Command::new("python3")
+        .args(["-c", script])
+        .arg(tasks.join("evil.zip"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::write(tasks.join("junk.zip"), "not a zip").unwrap();
+    let status = Command::new("touch")
+        .args(["-d", "1 minute ago"])
+        .arg(tasks.join("junk.zip"))
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    task(&staging, "late", &[1, 2]);
+    let whole = std::fs::read(staging.join("late.zip")).unwrap();
+    std::fs::write(tasks.join("late.zip"), &whole[..whole.len() / 2]).unwrap();
+    let master = master_running(dir.path(), free_udp_port(), "1");
+    let results = dir.path().join("results");
+    for (name, reason) in [("evil", "escape"), ("junk", "not a ZIP")] {
+        let summary: serde_json::Value =
+            serde_json::from_str(&result_file(&results, name, "result.json", PATIENCE)).unwrap();
+        let error = summary["error"].as_str().unwrap_or_default();
+        assert!(error.contains(reason), "{name}: {summary}");
+        assert_eq!(summary["exit_code"], serde_json::Value::Null);
+        let stderr = result_file(&results, name, "stderr.txt", PATIENCE);
+        assert!(stderr.contains(reason), "{name}: {stderr}");
+    }
+    assert!(!dir.path().join("escape.txt").exists());
+    assert!(!tasks.join("escape.txt").exists());
+    let tries = master
+        .process
+        .lines()
+        .iter()
+        .filter(|l| l.contains("task run here") && l.contains("evil.zip"))
+        .count();
+    assert_eq!(tries, 3, "tried three times, then given up");
+    assert!(
+        !results.join("result_late.zip").exists(),
+        "half a ZIP waits"
+    );
+    std::fs::write(tasks.join("late.zip"), &whole).unwrap();
+    assert_eq!(result_stdout(&results, "late", PATIENCE).trim(), "sum 3");
+}
+
 /// Sends `bytes` on a new connection to the master and reads its whole answer.
 fn exchange(addr: &str, bytes: &[u8]) -> String {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();

@@ -33,6 +33,10 @@ pub const MAX_WORKERS: usize = 1024;
 /// room (the folder is scanned again every second).
 pub const MAX_TASKS: usize = 100_000;
 
+/// Times a task may fail to run (its ZIP cannot be unpacked, has no `main.py`, the worker
+/// cannot start Python) before it is given up, with the reason as its result.
+pub const MAX_FAILURES: u32 = 3;
+
 /// How a message was wrapped, so that its answer is wrapped the same way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Envelope {
@@ -290,6 +294,17 @@ pub enum Submitted {
     Unmatched,
 }
 
+/// What the master's table decided for a task its worker could not run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Failed {
+    /// It waits again, last in line.
+    Retry,
+    /// It failed [`MAX_FAILURES`] times: it is dropped, for the caller to record why.
+    GiveUp(Task),
+    /// The worker held no task.
+    Unmatched,
+}
+
 /// The master's tasks and workers.
 #[derive(Debug, Default)]
 pub struct Master {
@@ -298,6 +313,8 @@ pub struct Master {
     waiting: VecDeque<Task>,
     leased: BTreeMap<String, Task>,
     workers: HashMap<String, Worker>,
+    /// Times each task waiting or leased failed to run (none when it never did).
+    failures: HashMap<String, u32>,
 }
 
 impl Master {
@@ -400,12 +417,32 @@ impl Master {
             return Submitted::Unmatched;
         };
         self.names.remove(&name);
+        self.failures.remove(&name);
         for known in self.workers.values_mut() {
             if known.lease.as_ref().is_some_and(|(t, _)| *t == name) {
                 known.lease = None;
             }
         }
         Submitted::Done(task)
+    }
+
+    /// `worker` could not run the task it holds: it waits again, last in line, unless it
+    /// failed [`MAX_FAILURES`] times.
+    pub fn failed(&mut self, worker: &str, now: Instant) -> Failed {
+        self.heard(worker, now);
+        let held = self.workers.get_mut(worker).and_then(|w| w.lease.take());
+        let Some(task) = held.and_then(|(name, _)| self.leased.remove(&name)) else {
+            return Failed::Unmatched;
+        };
+        let count = self.failures.entry(task.name.clone()).or_default();
+        *count += 1;
+        if *count >= MAX_FAILURES {
+            self.failures.remove(&task.name);
+            self.names.remove(&task.name);
+            return Failed::GiveUp(task);
+        }
+        self.waiting.push_back(task);
+        Failed::Retry
     }
 
     /// Notes that `worker` still runs the task it holds, which it keeps [`LEASE`] longer
@@ -635,5 +672,41 @@ mod tests {
             "nothing held after its result"
         );
         assert_eq!(master.counts(), (1, 0));
+    }
+
+    #[test]
+    fn a_task_that_cannot_run_is_retried_last_in_line_then_given_up() {
+        let now = Instant::now();
+        let mut master = Master::default();
+        assert!(master.add("broken.zip", 10));
+        assert!(master.add("fine.zip", 10));
+        assert_eq!(master.failed("w", now), Failed::Unmatched);
+        let first = master.request("w", now, u64::MAX).unwrap();
+        assert_eq!(first.name, "broken.zip");
+        assert_eq!(master.failed("w", now), Failed::Retry);
+        assert_eq!(master.request("w", now, u64::MAX).unwrap().name, "fine.zip");
+        assert_eq!(
+            master.submit("w", None, now),
+            Submitted::Done(Task {
+                name: "fine.zip".into(),
+                size: 10,
+                attempts: 1
+            })
+        );
+        for attempt in 2..MAX_FAILURES {
+            assert_eq!(
+                master.request("w", now, u64::MAX).unwrap().attempts,
+                attempt
+            );
+            assert_eq!(master.failed("w", now), Failed::Retry);
+        }
+        let last = master.request("w", now, u64::MAX).unwrap();
+        assert_eq!(master.failed("w", now), Failed::GiveUp(last));
+        assert_eq!(master.counts(), (0, 0));
+        assert_eq!(master.leased("broken.zip"), None);
+        assert!(
+            master.add("broken.zip", 10),
+            "a new file of that name is a new task"
+        );
     }
 }

@@ -160,7 +160,12 @@ async fn follow(node: &str, jobs: &[Submitted], json_output: bool) -> anyhow::Re
         let failed = done
             .iter()
             .flatten()
-            .filter(|s| at(s, "exit_code").as_i64().is_some_and(|c| c != 0))
+            .filter(|s| {
+                // A course worker's result says no exit code: only its stdout and stderr.
+                at(s, "exit_code").as_i64().is_some_and(|c| c != 0)
+                    || at(s, "error").is_string()
+                    || at(s, "timed_out").as_bool() == Some(true)
+            })
             .count();
         if let Some(bar) = &bar {
             bar.set_position(finished);
@@ -191,11 +196,21 @@ async fn follow(node: &str, jobs: &[Submitted], json_output: bool) -> anyhow::Re
             "{:<40} {:<28} {:>5} {:>8}",
             name,
             job.id,
-            at(status, "exit_code").to_string(),
+            at(status, "exit_code")
+                .as_i64()
+                .map_or_else(|| "-".to_owned(), |c| c.to_string()),
             at(status, "seconds")
                 .as_f64()
                 .map_or_else(|| "-".to_owned(), |s| format!("{s:.2}"))
         );
+    }
+    // Why a job has no exit code: killed at its timeout, or not run at all.
+    for (job, status) in jobs.iter().zip(&results) {
+        if let Some(error) = at(status, "error").as_str() {
+            println!("{} was not run: {error}", job.id);
+        } else if at(status, "timed_out").as_bool() == Some(true) {
+            println!("{} was killed at its timeout", job.id);
+        }
     }
     // Stdouts, a split task's parts in order, as one.
     let mut previous: Option<&str> = None;
