@@ -138,6 +138,7 @@ pub async fn start(config: MasterConfig) -> Result<(SocketAddr, MasterHandle), M
             source,
         })?;
     }
+    remove_partials(&config.results);
     let listener = TcpListener::bind(config.listen)
         .await
         .map_err(|source| MasterError::Bind {
@@ -488,6 +489,20 @@ fn scan(shared: &Shared) {
     drop(master);
     if added {
         shared.queued();
+    }
+}
+
+/// Removes the results being written when the node last stopped (`.*.part`): their tasks
+/// run again.
+fn remove_partials(results: &Path) {
+    let Ok(entries) = std::fs::read_dir(results) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') && name.ends_with(".part") {
+            let _ = std::fs::remove_file(entry.path());
+        }
     }
 }
 

@@ -54,6 +54,18 @@ fn master_running(dir: &Path, port: u16, task_workers: &str) -> NodeProcess {
 
 /// [`master_running`] with `extra` flags.
 fn master_with(dir: &Path, port: u16, task_workers: &str, extra: &[&str]) -> NodeProcess {
+    let data = tempfile::tempdir().unwrap();
+    master_in(data, dir, port, task_workers, extra)
+}
+
+/// [`master_with`], the node's own data in `data`.
+fn master_in(
+    data: tempfile::TempDir,
+    dir: &Path,
+    port: u16,
+    task_workers: &str,
+    extra: &[&str],
+) -> NodeProcess {
     let tasks = dir.join("tasks");
     let results = dir.join("results");
     let port = port.to_string();
@@ -72,7 +84,7 @@ fn master_with(dir: &Path, port: u16, task_workers: &str, extra: &[&str]) -> Nod
         &port,
     ];
     args.extend_from_slice(extra);
-    let node = NodeProcess::start("master", "seed001", &args);
+    let node = NodeProcess::start_in(data, "master", "seed001", &args);
     node.process.wait_for_log("seed 001 master listening");
     node
 }
@@ -619,4 +631,74 @@ fn a_script_job_over_three_nodes_survives_a_node_killed_mid_run() {
         .filter(|l| l.contains("result delivered"))
         .count();
     assert!(ran_remotely > 0, "the steady node ran none");
+}
+
+/// The owner of a script job killed with `kill -9` while a node of its cluster runs one of
+/// its tasks, and started again on the same folders, finishes the job: every task gets its
+/// result, and no partial result is left behind.
+#[test]
+fn a_script_job_survives_its_owner_killed_and_started_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let (tasks, results, staging) = (
+        dir.path().join("tasks"),
+        dir.path().join("results"),
+        dir.path().join("staging"),
+    );
+    std::fs::create_dir_all(&staging).unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let discovery = free_udp_port();
+    let extra = [
+        "--cluster-secret",
+        "our-lab",
+        "--workers",
+        "1",
+        "--port",
+        &port,
+    ];
+    let owner = master_with(dir.path(), discovery, "1", &extra);
+    let peer = format!("127.0.0.1:{port}");
+    let helper = NodeProcess::start(
+        "helper",
+        "seed001",
+        &[
+            "--peer",
+            &peer,
+            "--cluster-secret",
+            "our-lab",
+            "--workers",
+            "1",
+        ],
+    );
+    owner.wait_link(&helper.peer_id);
+    let main =
+        "import sys, time\ntime.sleep(1)\nprint('task', open(sys.argv[1]).read().split()[1])\n";
+    for n in 0..8 {
+        let name = format!("t{n}.zip");
+        zip_task(&staging.join(&name), main, &format!("n\n{n}\n"));
+        std::fs::rename(staging.join(&name), tasks.join(&name)).unwrap();
+    }
+    helper.process.wait_for_log("script task running here");
+    let data = owner.kill9();
+    let restarted_at = helper.process.log_len();
+    let owner = master_in(data, dir.path(), discovery, "1", &extra);
+    for n in 0..8 {
+        let stdout = result_stdout(&results, &format!("t{n}"), PATIENCE * 2);
+        assert_eq!(stdout.trim(), format!("task {n}"), "t{n}");
+    }
+    helper
+        .process
+        .wait_for_log_after("result delivered", restarted_at);
+    let litter: Vec<String> = std::fs::read_dir(&results)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with('.'))
+        .collect();
+    assert!(litter.is_empty(), "partial results left: {litter:?}");
+    drop(owner);
 }
