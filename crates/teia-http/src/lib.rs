@@ -87,7 +87,7 @@ pub async fn serve(
         .route("/evaluation/{id}", get(detail))
         .route("/stats", get(stats))
         .route("/network", get(network_view))
-        .route("/jobs", axum::routing::post(submit_job))
+        .route("/jobs", get(list_jobs).post(submit_job))
         .route("/jobs/{id}", get(job_detail))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_UPLOAD))
@@ -263,6 +263,13 @@ async fn submit_job(State(app): State<App>, request: Request) -> Result<Response
         Problem(status, e.to_string())
     })?;
     Ok((StatusCode::CREATED, Json(json!({"id": id}))).into_response())
+}
+
+async fn list_jobs(State(app): State<App>) -> Result<Json<Value>, Problem> {
+    let master = master(&app)?;
+    tokio::task::spawn_blocking(move || Json(master.list()))
+        .await
+        .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
 }
 
 async fn job_detail(

@@ -33,6 +33,9 @@ pub const READ_TIME: Duration = Duration::from_secs(30);
 /// Period of the scan of the tasks folder and of the lease check.
 pub const SCAN_EVERY: Duration = Duration::from_secs(1);
 
+/// Jobs `GET /jobs` lists at most (its counts cover them all).
+pub const MAX_LISTED: usize = 1000;
+
 /// Time an idle local worker waits before it looks at the queue again (it is woken sooner
 /// when a task is queued).
 const IDLE_POLL: Duration = Duration::from_millis(250);
@@ -361,9 +364,68 @@ impl MasterHandle {
             status.insert("stdout".into(), stdout.into());
             return Some(serde_json::Value::Object(status));
         }
-        let leased = lock(&self.0).leased(&name)?;
-        let state = if leased { "running" } else { "queued" };
-        Some(serde_json::json!({"id": id, "status": state}))
+        let master = lock(&self.0);
+        match (master.leased(&name)?, master.holder(&name)) {
+            (true, Some(worker)) => {
+                Some(serde_json::json!({"id": id, "status": "running", "worker": worker}))
+            }
+            _ => Some(serde_json::json!({"id": id, "status": "queued"})),
+        }
+    }
+
+    /// `GET /jobs`: how many jobs (tasks of the tasks folder) are queued, running and done,
+    /// and the first [`MAX_LISTED`] by name with their status (and the worker of each
+    /// running one).
+    pub fn list(&self) -> serde_json::Value {
+        let mut names: Vec<String> = std::fs::read_dir(&self.0.config.tasks)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| n.ends_with(".zip") && !n.starts_with('.'))
+                    .collect()
+            })
+            .unwrap_or_default();
+        names.sort();
+        // The files looked at first, not to hold the table meanwhile.
+        let finished: Vec<bool> = names
+            .iter()
+            .map(|name| self.0.config.results.join(result_name(name)).is_file())
+            .collect();
+        let (mut queued, mut running, mut done, mut listed) = (0u64, 0u64, 0u64, Vec::new());
+        let master = lock(&self.0);
+        for (name, finished) in names.iter().zip(finished) {
+            let id = name.trim_end_matches(".zip");
+            let (status, worker) = if finished {
+                done += 1;
+                ("done", None)
+            } else {
+                match master.leased(name) {
+                    Some(true) => {
+                        running += 1;
+                        ("running", master.holder(name))
+                    }
+                    _ => {
+                        queued += 1;
+                        ("queued", None)
+                    }
+                }
+            };
+            if listed.len() < MAX_LISTED {
+                listed.push(match worker {
+                    Some(worker) => {
+                        serde_json::json!({"id": id, "status": status, "worker": worker})
+                    }
+                    None => serde_json::json!({"id": id, "status": status}),
+                });
+            }
+        }
+        serde_json::json!({
+            "queued": queued,
+            "running": running,
+            "done": done,
+            "jobs": listed,
+        })
     }
 
     /// The result ZIP of job `id`, once done.

@@ -97,6 +97,8 @@ pub enum JobCommand {
         /// Its id.
         id: String,
     },
+    /// List the node's jobs: how many are queued, running and done, and each one's status.
+    List,
 }
 
 /// Flags of `teia worker`.

@@ -467,6 +467,15 @@ fn script_jobs_are_submitted_and_followed_over_http() {
     };
     assert_eq!(done["exit_code"], 0, "{done}");
     assert_eq!(done["stdout"].as_str().unwrap().trim(), "sum 42");
+    let (status, list) = get(&addr, "/jobs");
+    assert_eq!(status, 200, "{list}");
+    assert_eq!(
+        (list["queued"].as_u64(), list["running"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(list["done"], 1, "{list}");
+    assert_eq!(list["jobs"][0]["id"], id.as_str(), "{list}");
+    assert_eq!(list["jobs"][0]["status"], "done", "{list}");
     let (status, answer) = post_file(&addr, "/jobs", b"not a zip");
     assert_eq!(status, 400, "{answer}");
     assert!(

@@ -347,6 +347,14 @@ impl Master {
         }
     }
 
+    /// The worker holding `name`, if it is leased.
+    pub fn holder(&self, name: &str) -> Option<&str> {
+        self.workers
+            .iter()
+            .find(|(_, w)| w.lease.as_ref().is_some_and(|(held, _)| held == name))
+            .map(|(id, _)| id.as_str())
+    }
+
     /// Notes that `worker` spoke; false when the table of workers is full.
     pub fn heard(&mut self, worker: &str, now: Instant) -> bool {
         if let Some(known) = self.workers.get_mut(worker) {
@@ -650,6 +658,8 @@ mod tests {
         assert!(master.add("a.zip", 10));
         assert!(master.add("b.zip", 10));
         let a = master.request("teia:x#1", now, u64::MAX).unwrap();
+        assert_eq!(master.holder("a.zip"), Some("teia:x#1"));
+        assert_eq!(master.holder("b.zip"), None);
         // Renewed, a lease outlives LEASE.
         master.renew("teia:x#1", now + LEASE - Duration::from_secs(1));
         assert!(master.expire(now + LEASE).is_empty());

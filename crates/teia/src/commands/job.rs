@@ -1,7 +1,7 @@
 //! `teia job`: script jobs (seed 001) through a node's HTTP API: `submit` sends each task
 //! (`POST /jobs`; with `--split-csv N`, each cut into N parts), follows them with a
 //! progress bar until all are done, then prints a summary and the stdouts (a split task's
-//! parts concatenated in order); `status` shows one job.
+//! parts concatenated in order); `status` shows one job, `list` them all.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -24,6 +24,28 @@ pub async fn run(args: JobArgs) -> anyhow::Result<()> {
         JobCommand::Status { id } => {
             let body = get(&args.node, &format!("/jobs/{id}")).await?;
             println!("{body}");
+            Ok(())
+        }
+        JobCommand::List => {
+            let body = get(&args.node, "/jobs").await?;
+            if args.json {
+                println!("{body}");
+                return Ok(());
+            }
+            println!(
+                "{} queued, {} running, {} done",
+                at(&body, "queued"),
+                at(&body, "running"),
+                at(&body, "done")
+            );
+            for job in at(&body, "jobs").as_array().into_iter().flatten() {
+                println!(
+                    "{:<40} {:<8} {}",
+                    at(job, "id").as_str().unwrap_or_default(),
+                    at(job, "status").as_str().unwrap_or_default(),
+                    at(job, "worker").as_str().unwrap_or_default()
+                );
+            }
             Ok(())
         }
     }
