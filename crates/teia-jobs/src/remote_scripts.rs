@@ -27,6 +27,27 @@ use crate::script::MAX_RESULT;
 /// Time the worker has to say what it sends after the task ran, and the owner to answer.
 const RESULT_WAIT: Duration = Duration::from_secs(30);
 
+/// Slowest rate a task or result is sent at (bytes a second) before the peer is deemed
+/// stalled: a peer that stops reading does not hold the sender forever.
+const MIN_RATE: u64 = 1024 * 1024;
+
+/// Sends the first `size` bytes of `file` within [`RESULT_WAIT`] plus a second per
+/// [`MIN_RATE`] bytes.
+async fn send_within(
+    stream: &mut DataStream,
+    file: &mut std::fs::File,
+    size: u64,
+) -> Result<(), String> {
+    let time = RESULT_WAIT + Duration::from_secs(size / MIN_RATE);
+    match tokio::time::timeout(time, send_file(stream, file, size)).await {
+        Ok(sent) => sent.map_err(|e| e.to_string()),
+        Err(_) => Err(format!(
+            "{} did not read {size} bytes in {time:?}",
+            stream.peer_id()
+        )),
+    }
+}
+
 /// A line written on the stream (a JSON object and a newline).
 fn line(value: &serde_json::Value) -> Vec<u8> {
     let mut bytes = value.to_string().into_bytes();
@@ -205,9 +226,7 @@ impl Engine {
             .write_all(&line(&json!({ "result": size })))
             .await
             .map_err(|e| e.to_string())?;
-        send_file(stream, &mut file, size)
-            .await
-            .map_err(|e| e.to_string())?;
+        send_within(stream, &mut file, size).await?;
         let answer = read_head(stream, RESULT_WAIT).await?;
         if answer.get("ok").is_some() {
             tracing::info!(%task, %owner, "script task's result delivered");
@@ -233,9 +252,7 @@ async fn lend(
         .write_all(&line(&json!({"task": task.name, "size": size})))
         .await
         .map_err(|e| e.to_string())?;
-    send_file(stream, &mut file, size)
-        .await
-        .map_err(|e| e.to_string())?;
+    send_within(stream, &mut file, size).await?;
     let silence = Duration::from_millis(REMOTE_LEASE_MS);
     loop {
         let said = read_head(stream, silence).await?;
