@@ -30,7 +30,13 @@ fn targets(settings: &LanSettings) -> Vec<IpAddr> {
     let mut targets = vec![IpAddr::V4(Ipv4Addr::BROADCAST)];
     for interface in if_addrs::get_if_addrs().unwrap_or_default() {
         if let if_addrs::IfAddr::V4(v4) = &interface.addr {
-            if let (false, Some(broadcast)) = (interface.is_loopback(), v4.broadcast) {
+            // An address set without a broadcast (`ip addr add A/24`) is reported with
+            // itself as its broadcast: its network's is used.
+            let broadcast = v4
+                .broadcast
+                .filter(|b| *b != v4.ip && !b.is_unspecified())
+                .or_else(|| network_broadcast(v4.ip, v4.netmask));
+            if let (false, Some(broadcast)) = (interface.is_loopback(), broadcast) {
                 let target = IpAddr::V4(broadcast);
                 if !targets.contains(&target) {
                     targets.push(target);
@@ -39,6 +45,12 @@ fn targets(settings: &LanSettings) -> Vec<IpAddr> {
         }
     }
     targets
+}
+
+/// The broadcast address of `ip`'s network (none for a /31 or /32, which have none).
+fn network_broadcast(ip: Ipv4Addr, netmask: Ipv4Addr) -> Option<Ipv4Addr> {
+    let mask = u32::from(netmask);
+    (mask < 0xFFFF_FFFE).then(|| Ipv4Addr::from(u32::from(ip) | !mask))
 }
 
 /// Binds a UDP socket on `port` of every IPv4 address, able to broadcast; `shared` lets
@@ -125,5 +137,28 @@ pub(crate) async fn run(
             Ok(more) => actions = more,
             Err(e) => tracing::debug!(%from, error = %e, "LAN datagram ignored"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_network_broadcast_comes_from_the_mask() {
+        let ip = Ipv4Addr::new(10, 99, 0, 1);
+        assert_eq!(
+            network_broadcast(ip, Ipv4Addr::new(255, 255, 255, 0)),
+            Some(Ipv4Addr::new(10, 99, 0, 255))
+        );
+        assert_eq!(
+            network_broadcast(ip, Ipv4Addr::new(255, 255, 240, 0)),
+            Some(Ipv4Addr::new(10, 99, 15, 255))
+        );
+        assert_eq!(
+            network_broadcast(ip, Ipv4Addr::new(255, 255, 255, 254)),
+            None
+        );
+        assert_eq!(network_broadcast(ip, Ipv4Addr::BROADCAST), None);
     }
 }

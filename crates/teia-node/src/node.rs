@@ -1041,6 +1041,9 @@ impl Driver {
                 "message refused: origin not authentic",
                 &format_args!("from {from} claiming {src}: {reason}"),
             ),
+            Event::Refused { addr, reason, .. } if reason.starts_with("duplicate") => {
+                tracing::debug!(%addr, %reason, "second link to a peer refused");
+            }
             Event::Refused { addr, reason, .. } => self
                 .warnings
                 .warn("connection refused", &format_args!("{addr}: {reason}")),

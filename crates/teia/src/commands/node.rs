@@ -433,6 +433,7 @@ async fn lines(
         log,
         watching: false,
         registered: false,
+        connected: std::collections::HashSet::new(),
         print: Box::new(|line: String| {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
@@ -518,6 +519,7 @@ async fn shell(
         log,
         watching: false,
         registered: false,
+        connected: std::collections::HashSet::new(),
         bars: Some(files::ShellBars::new(Arc::new({
             let printer = Arc::clone(&printer);
             move |line: String| {
@@ -567,6 +569,9 @@ struct Session {
     watching: bool,
     /// Registered at the rendezvous (so renewals are not shown again in text).
     registered: bool,
+    /// Peers shown connected in text (a link replaced by a simultaneous one is not shown
+    /// again); at most one per link.
+    connected: std::collections::HashSet<String>,
     print: Box<dyn FnMut(String) + Send>,
 }
 
@@ -903,7 +908,20 @@ impl Session {
         if matches!(event, NodeEvent::Rendezvous(RegistrarEvent::Failed { .. })) {
             self.registered = false;
         }
-        if !(renewal && self.style == Style::Text) {
+        // Two nodes that found each other at once both dial: one link stays, nothing to say.
+        let simultaneous = matches!(
+            event,
+            NodeEvent::Overlay(Event::Refused { reason, .. }) if reason.starts_with("duplicate")
+        );
+        let again = match event {
+            NodeEvent::Overlay(Event::LinkUp { peer, .. }) => !self.connected.insert(peer.clone()),
+            NodeEvent::Overlay(Event::LinkDown { peer, .. }) => {
+                self.connected.remove(peer);
+                false
+            }
+            _ => false,
+        };
+        if !((renewal || simultaneous || again) && self.style == Style::Text) {
             self.emit(json, text);
         }
         if let NodeEvent::Overlay(Event::Message {
