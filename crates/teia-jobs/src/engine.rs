@@ -43,6 +43,9 @@ pub struct EngineConfig {
     pub limits: Limits,
     /// How modules are isolated.
     pub isolation: Isolation,
+    /// Whether this node runs test modules (its Python has pytest); without, it runs only
+    /// script tasks, and neither replicates nor takes over evaluations.
+    pub modules: bool,
 }
 
 /// Why the engine could not do what was asked.
@@ -329,7 +332,8 @@ impl Engine {
                 )
             };
             let Some(lease) = lease else {
-                if !self.work_remote(slot).await && !self.work_remote_script(slot).await {
+                let modules = self.config.modules && self.work_remote(slot).await;
+                if !modules && !self.work_remote_script(slot).await {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 continue;

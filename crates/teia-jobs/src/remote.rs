@@ -322,7 +322,9 @@ impl Engine {
                     () = cluster.announce_now.notified() => {}
                     () = scripts_queued(scripts.as_ref()) => {}
                 }
-                owner.replicate_and_watch(&cluster).await;
+                if owner.config.modules {
+                    owner.replicate_and_watch(&cluster).await;
+                }
                 let unfinished = owner.unfinished();
                 let waiting_scripts = scripts.as_ref().map_or(0, |m| m.waiting());
                 if unfinished == 0 && waiting_scripts == 0 {

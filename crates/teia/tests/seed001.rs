@@ -711,3 +711,58 @@ fn a_script_job_survives_its_owner_killed_and_started_again() {
     assert!(litter.is_empty(), "partial results left: {litter:?}");
     drop(owner);
 }
+
+/// Script tasks need Python, not pytest: a node of the cluster whose Python has no pytest
+/// (a bare virtual environment) runs them, and says it runs no test modules.
+#[test]
+fn a_node_whose_python_has_no_pytest_runs_script_tasks() {
+    let dir = tempfile::tempdir().unwrap();
+    // Not under /tmp, which the sandbox replaces with its own.
+    let python_home = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let venv = python_home.path().join("bare");
+    let status = Command::new("python3")
+        .args(["-m", "venv", "--without-pip"])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    assert!(
+        status.success(),
+        "python3 -m venv (.ci/run installs python3-venv)"
+    );
+    let bare = venv.join("bin").join("python");
+    let probe = Command::new(&bare)
+        .args(["-c", "import pytest"])
+        .output()
+        .unwrap();
+    assert!(!probe.status.success(), "the bare environment has pytest");
+    let extra = ["--cluster-secret", "our-lab", "--workers", "1"];
+    let owner = master_with(dir.path(), free_udp_port(), "0", &extra);
+    let peer = owner.addr();
+    let worker = NodeProcess::start(
+        "bare",
+        "seed001",
+        &[
+            "--peer",
+            &peer,
+            "--cluster-secret",
+            "our-lab",
+            "--workers",
+            "1",
+            "--python",
+            bare.to_str().unwrap(),
+        ],
+    );
+    worker
+        .process
+        .wait_for_log("runs script tasks but no test modules");
+    owner.wait_link(&worker.peer_id);
+    let tasks = dir.path().join("tasks");
+    task(&tasks, "first", &[1, 2, 3]);
+    task(&tasks, "second", &[4]);
+    let results = dir.path().join("results");
+    assert_eq!(result_stdout(&results, "first", PATIENCE).trim(), "sum 6");
+    assert_eq!(result_stdout(&results, "second", PATIENCE).trim(), "sum 4");
+    let summary: serde_json::Value =
+        serde_json::from_str(&result_file(&results, "first", "result.json", PATIENCE)).unwrap();
+    assert_eq!(summary["node"], worker.peer_id.as_str(), "{summary}");
+}

@@ -577,15 +577,23 @@ pub fn resolve_python(python: &Path) -> PathBuf {
         .unwrap_or_else(|| python.to_owned())
 }
 
-/// Checks that `python` runs and has pytest; says what is missing otherwise. Returns the
-/// interpreter's own path (`sys.executable`: a wrapper such as a pyenv shim costs every
-/// module a second start) and its versions.
-pub async fn check_python(python: &Path) -> Result<(PathBuf, String), String> {
+/// A Python found on this machine.
+#[derive(Debug, Clone)]
+pub struct FoundPython {
+    /// The interpreter's own path (`sys.executable`: a wrapper such as a pyenv shim costs
+    /// every task a second start).
+    pub executable: PathBuf,
+    /// Its version.
+    pub version: String,
+    /// pytest's version, when it is installed (test modules need it; script tasks do not).
+    pub pytest: Option<String>,
+}
+
+/// Checks that `python` runs, and whether it has pytest; says what is wrong otherwise.
+pub async fn find_python(python: &Path) -> Result<FoundPython, String> {
+    let probe = "import sys\nprint(sys.executable)\nprint(sys.version.split()[0])\ntry:\n    import pytest\n    print(pytest.__version__)\nexcept Exception:\n    print('')";
     let output = tokio::process::Command::new(python)
-        .args([
-            "-c",
-            "import sys, pytest; print(sys.executable); print(sys.version.split()[0], pytest.__version__)",
-        ])
+        .args(["-c", probe])
         .output()
         .await
         .map_err(|e| {
@@ -594,23 +602,43 @@ pub async fn check_python(python: &Path) -> Result<(PathBuf, String), String> {
                 python.display()
             )
         })?;
-    if output.status.success() {
-        let text = String::from_utf8_lossy(&output.stdout).into_owned();
-        let mut lines = text.lines();
-        let executable = lines
-            .next()
-            .map(PathBuf::from)
-            .filter(|p| p.is_absolute() && p.is_file())
-            .unwrap_or_else(|| python.to_owned());
-        Ok((
-            executable,
-            lines.next().unwrap_or_default().trim().to_owned(),
-        ))
-    } else {
-        Err(format!(
+    if !output.status.success() {
+        return Err(format!(
+            "{} does not run Python 3: {}",
+            python.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        ));
+    }
+    let text = String::from_utf8_lossy(&output.stdout).into_owned();
+    let mut lines = text.lines();
+    let executable = lines
+        .next()
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute() && p.is_file())
+        .unwrap_or_else(|| python.to_owned());
+    let version = lines.next().unwrap_or_default().trim().to_owned();
+    let pytest = lines
+        .next()
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(str::to_owned);
+    Ok(FoundPython {
+        executable,
+        version,
+        pytest,
+    })
+}
+
+/// Checks that `python` runs and has pytest; says what is missing otherwise. Returns the
+/// interpreter's own path and its and pytest's versions.
+pub async fn check_python(python: &Path) -> Result<(PathBuf, String), String> {
+    let found = find_python(python).await?;
+    match found.pytest {
+        Some(pytest) => Ok((found.executable, format!("{} {pytest}", found.version))),
+        None => Err(format!(
             "{} has no pytest; install it (pip install pytest, or apt-get install python3-pytest)",
             python.display()
-        ))
+        )),
     }
 }
 

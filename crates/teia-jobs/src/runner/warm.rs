@@ -35,7 +35,11 @@ const MAX_BROKEN: usize = 16;
 /// The warm interpreter's program: preload, then accept, fork, run.
 const ZYGOTE: &str = r#"
 import json, os, selectors, signal, socket, sys, traceback
-import pytest
+# Script tasks need no pytest: without it, this interpreter forks them only.
+try:
+    import pytest
+except ImportError:
+    pytest = None
 # Plugins' dependencies stay imported; the plugins themselves are imported again by each
 # run, so that pytest can rewrite their asserts (and does not warn that it cannot).
 try:
@@ -456,7 +460,7 @@ impl WarmPool {
         )
         .await;
         if !matches!(said, Ok(Ok(_))) || ready.trim() != "ready" {
-            return Err("it did not start (is pytest importable?)".into());
+            return Err("it did not start (does the Python run?)".into());
         }
         tracing::info!(python = %python.display(), "warm interpreter ready");
         Ok(Warm {

@@ -50,9 +50,10 @@ async fn worker(args: crate::cli::WorkerArgs) -> anyhow::Result<()> {
     }
     let dir = data_dir(args.data_dir)?.join("worker");
     let python = teia_jobs::runner::resolve_python(&args.python);
-    let (python, version) = teia_jobs::runner::check_python(&python)
+    let found = teia_jobs::runner::find_python(&python)
         .await
         .map_err(|e| anyhow::anyhow!("tasks need Python: {e}"))?;
+    let (python, version) = (found.executable, found.version);
     let isolation = teia_jobs::runner::Isolation::detect();
     tracing::info!(python = %version, isolation = %isolation.describe(), "worker ready");
     let limits = teia_jobs::runner::Limits {

@@ -202,13 +202,14 @@ async fn start_master(
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
     let python = teia_jobs::runner::resolve_python(&args.python);
-    let local = match (slots, teia_jobs::runner::check_python(&python).await) {
+    let local = match (slots, teia_jobs::runner::find_python(&python).await) {
         (0, _) => None,
         (_, Err(e)) => {
             tracing::warn!("tasks go to course workers only: {e}");
             None
         }
-        (slots, Ok((python, _))) => {
+        (slots, Ok(found)) => {
+            let python = found.executable;
             let limits = teia_jobs::runner::Limits {
                 timeout: Duration::from_secs(args.module_timeout.max(1)),
                 ..teia_jobs::runner::Limits::default()
@@ -268,14 +269,28 @@ async fn start_jobs(
     Option<tokio::sync::oneshot::Sender<()>>,
 )> {
     let python = teia_jobs::runner::resolve_python(&args.python);
-    let (python, version) = match teia_jobs::runner::check_python(&python).await {
+    let found = match teia_jobs::runner::find_python(&python).await {
         Ok(found) => found,
         Err(e) if args.http.is_some() => bail!("--http needs Python 3 with pytest: {e}"),
         Err(e) => {
-            tracing::warn!("this node runs no test modules: {e}");
+            tracing::warn!("this node runs no test modules and no script tasks: {e}");
             return Ok((None, None));
         }
     };
+    let modules = found.pytest.is_some();
+    match (&found.pytest, &args.http) {
+        (Some(pytest), _) => tracing::info!(python = %found.version, %pytest, "job engine's Python"),
+        (None, Some(_)) => bail!(
+            "--http needs Python 3 with pytest: {} has no pytest; install it (pip install pytest, or apt-get install python3-pytest)",
+            python.display()
+        ),
+        (None, None) => tracing::warn!(
+            python = %found.version,
+            "this node runs script tasks but no test modules: {} has no pytest",
+            python.display()
+        ),
+    }
+    let python = found.executable;
     let listen = handle.listen_addr();
     let address = listen
         .map(|a| {
@@ -301,6 +316,7 @@ async fn start_jobs(
             ..teia_jobs::runner::Limits::default()
         },
         isolation: teia_jobs::runner::Isolation::detect(),
+        modules,
     };
     let cluster = teia_jobs::remote::ClusterConfig {
         node: handle.clone(),
@@ -309,7 +325,7 @@ async fn start_jobs(
         scripts: master.clone(),
     };
     let engine = teia_jobs::engine::Engine::start(config, Some(cluster))?;
-    tracing::info!(python = %version, "job engine ready");
+
     let Some(addr) = &args.http else {
         return Ok((Some(engine), None));
     };
