@@ -41,6 +41,46 @@ fn zip_task(path: &Path, main: &str, csv: &str) {
     assert!(status.success());
 }
 
+/// Drops `count` script tasks `tNN.zip` into `dir`'s tasks folder (each made beside, then
+/// moved in whole): each sleeps `seconds` and prints `task N`, checked by
+/// [`assert_task_outputs`].
+fn drop_script_tasks(dir: &Path, count: usize, seconds: f64) {
+    let (staging, tasks) = (dir.join("staging"), dir.join("tasks"));
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::create_dir_all(&tasks).unwrap();
+    let main = format!(
+        "import sys, time\ntime.sleep({seconds})\nprint('task', open(sys.argv[1]).read().split()[1])\n"
+    );
+    for n in 0..count {
+        let name = format!("t{n:02}.zip");
+        zip_task(&staging.join(&name), &main, &format!("n\n{n}\n"));
+        std::fs::rename(staging.join(&name), tasks.join(&name)).unwrap();
+    }
+}
+
+/// Waits for the results of the tasks of [`drop_script_tasks`] and checks each one's
+/// output.
+fn assert_task_outputs(dir: &Path, count: usize) {
+    for n in 0..count {
+        let stdout = result_stdout(&dir.join("results"), &format!("t{n:02}"), PATIENCE * 2);
+        assert_eq!(stdout.trim(), format!("task {n}"), "t{n:02}");
+    }
+}
+
+/// A node of the cluster of our masters (secret `our-lab`), one worker, linked to `peer`.
+fn cluster_node(name: &str, peer: &str, extra: &[&str]) -> NodeProcess {
+    let mut args = vec![
+        "--peer",
+        peer,
+        "--cluster-secret",
+        "our-lab",
+        "--workers",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    NodeProcess::start(name, "seed001", &args)
+}
+
 /// A teia node serving `tasks` to course workers on discovery port `port` (running none
 /// itself).
 fn master(dir: &Path, port: u16) -> NodeProcess {
@@ -572,34 +612,13 @@ fn teia_job_submit_splits_a_csv_and_concatenates_the_stdouts_in_order() {
 #[test]
 fn a_script_job_over_three_nodes_survives_a_node_killed_mid_run() {
     let dir = tempfile::tempdir().unwrap();
-    let (tasks, results, staging) = (
-        dir.path().join("tasks"),
-        dir.path().join("results"),
-        dir.path().join("staging"),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
     let extra = ["--cluster-secret", "our-lab", "--workers", "1"];
     let owner = master_with(dir.path(), free_udp_port(), "1", &extra);
-    let peer = owner.addr();
-    let worker_args = [
-        "--peer",
-        &peer,
-        "--cluster-secret",
-        "our-lab",
-        "--workers",
-        "1",
-    ];
-    let steady = NodeProcess::start("steady", "seed001", &worker_args);
-    let mut doomed = NodeProcess::start("doomed", "seed001", &worker_args);
+    let steady = cluster_node("steady", &owner.addr(), &[]);
+    let mut doomed = cluster_node("doomed", &owner.addr(), &[]);
     owner.wait_link(&steady.peer_id);
     owner.wait_link(&doomed.peer_id);
-    let main =
-        "import sys, time\ntime.sleep(1.5)\nprint('task', open(sys.argv[1]).read().split()[1])\n";
-    for n in 0..20 {
-        let name = format!("t{n:02}.zip");
-        zip_task(&staging.join(&name), main, &format!("n\n{n}\n"));
-        std::fs::rename(staging.join(&name), tasks.join(&name)).unwrap();
-    }
+    drop_script_tasks(dir.path(), 20, 1.5);
     let (_, running) = doomed
         .process
         .wait_for_log_after("script task running here", 0);
@@ -608,10 +627,7 @@ fn a_script_job_over_three_nodes_survives_a_node_killed_mid_run() {
     doomed.process.child.kill().unwrap();
     doomed.process.child.wait().unwrap();
 
-    for n in 0..20 {
-        let stdout = result_stdout(&results, &format!("t{n:02}"), PATIENCE * 2);
-        assert_eq!(stdout.trim(), format!("task {n}"), "t{n:02}");
-    }
+    assert_task_outputs(dir.path(), 20);
     // The task the killed node held went to another, unless it had delivered it.
     let delivered = doomed
         .process
@@ -648,12 +664,6 @@ fn a_script_job_over_three_nodes_survives_a_node_killed_mid_run() {
 #[test]
 fn a_script_job_survives_its_owner_killed_and_started_again() {
     let dir = tempfile::tempdir().unwrap();
-    let (tasks, results, staging) = (
-        dir.path().join("tasks"),
-        dir.path().join("results"),
-        dir.path().join("staging"),
-    );
-    std::fs::create_dir_all(&staging).unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -670,39 +680,18 @@ fn a_script_job_survives_its_owner_killed_and_started_again() {
         &port,
     ];
     let owner = master_with(dir.path(), discovery, "1", &extra);
-    let peer = format!("127.0.0.1:{port}");
-    let helper = NodeProcess::start(
-        "helper",
-        "seed001",
-        &[
-            "--peer",
-            &peer,
-            "--cluster-secret",
-            "our-lab",
-            "--workers",
-            "1",
-        ],
-    );
+    let helper = cluster_node("helper", &format!("127.0.0.1:{port}"), &[]);
     owner.wait_link(&helper.peer_id);
-    let main =
-        "import sys, time\ntime.sleep(1)\nprint('task', open(sys.argv[1]).read().split()[1])\n";
-    for n in 0..8 {
-        let name = format!("t{n}.zip");
-        zip_task(&staging.join(&name), main, &format!("n\n{n}\n"));
-        std::fs::rename(staging.join(&name), tasks.join(&name)).unwrap();
-    }
+    drop_script_tasks(dir.path(), 8, 1.0);
     helper.process.wait_for_log("script task running here");
     let data = owner.kill9();
     let restarted_at = helper.process.log_len();
     let owner = master_in(data, dir.path(), discovery, "1", &extra);
-    for n in 0..8 {
-        let stdout = result_stdout(&results, &format!("t{n}"), PATIENCE * 2);
-        assert_eq!(stdout.trim(), format!("task {n}"), "t{n}");
-    }
+    assert_task_outputs(dir.path(), 8);
     helper
         .process
         .wait_for_log_after("result delivered", restarted_at);
-    let litter: Vec<String> = std::fs::read_dir(&results)
+    let litter: Vec<String> = std::fs::read_dir(dir.path().join("results"))
         .unwrap()
         .flatten()
         .map(|e| e.file_name().to_string_lossy().into_owned())
@@ -737,21 +726,7 @@ fn a_node_whose_python_has_no_pytest_runs_script_tasks() {
     assert!(!probe.status.success(), "the bare environment has pytest");
     let extra = ["--cluster-secret", "our-lab", "--workers", "1"];
     let owner = master_with(dir.path(), free_udp_port(), "0", &extra);
-    let peer = owner.addr();
-    let worker = NodeProcess::start(
-        "bare",
-        "seed001",
-        &[
-            "--peer",
-            &peer,
-            "--cluster-secret",
-            "our-lab",
-            "--workers",
-            "1",
-            "--python",
-            bare.to_str().unwrap(),
-        ],
-    );
+    let worker = cluster_node("bare", &owner.addr(), &["--python", bare.to_str().unwrap()]);
     worker
         .process
         .wait_for_log("runs script tasks but no test modules");
