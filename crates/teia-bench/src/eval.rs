@@ -9,24 +9,20 @@
 //! three workers), spread over three projects.
 
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use serde_json::Value;
 
-use crate::node::{remove_all, Node};
+use crate::node::{remove_all, Node, Programs};
 
 /// Flags of the evaluation benchmark.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Python with pytest and pytest-xdist.
-    #[arg(long, default_value = "python3")]
-    python: String,
-    /// The `teia` binary (default: beside this one).
-    #[arg(long)]
-    teia: Option<PathBuf>,
+    #[command(flatten)]
+    programs: Programs,
 }
 
 /// Seconds of sleep of each module's tests, by project: 24 modules, 22.3 s of work.
@@ -177,19 +173,14 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn measure(args: Args) -> anyhow::Result<()> {
-    let teia = match args.teia {
-        Some(path) => path,
-        None => std::env::current_exe()?
-            .parent()
-            .context("no folder")?
-            .join("teia"),
-    };
+    let teia = args.programs.teia()?;
+    let python = args.programs.python;
     let dir = std::env::temp_dir().join(format!("teia-bench-eval-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let corpus = dir.join("corpus");
     let work = write_corpus(&corpus)?;
     let zip_path = dir.join("corpus.zip");
-    zip_corpus(&args.python, &corpus, &zip_path)?;
+    zip_corpus(&python, &corpus, &zip_path)?;
     let zip = std::fs::read(&zip_path)?;
     println!(
         "corpus: 3 projects, 24 modules, 48 tests, {work:.1} s of work (longest module 2.0 s)"
@@ -197,7 +188,7 @@ fn measure(args: Args) -> anyhow::Result<()> {
 
     let mut serial = 0.0;
     for (project, _) in CORPUS {
-        let mut command = Command::new(&args.python);
+        let mut command = Command::new(&python);
         command
             .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
             .current_dir(corpus.join(project));
@@ -210,7 +201,7 @@ fn measure(args: Args) -> anyhow::Result<()> {
 
     for n in [2usize, 3] {
         let ideal = (work / n as f64).max(2.0);
-        let mut command = Command::new(&args.python);
+        let mut command = Command::new(&python);
         command
             .args([
                 "-m",

@@ -11,17 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
-use crate::node::{log_field, remove_all, Node};
+use crate::node::{log_field, remove_all, Node, Programs};
 
 /// Flags of the benchmark.
 #[derive(Debug, clap::Args)]
 pub struct Args {
-    /// Python that runs the tasks.
-    #[arg(long, default_value = "python3")]
-    python: String,
-    /// The `teia` binary (default: beside this one).
-    #[arg(long)]
-    teia: Option<PathBuf>,
+    #[command(flatten)]
+    programs: Programs,
     /// Tasks in the job.
     #[arg(long, default_value_t = 200)]
     tasks: usize,
@@ -188,27 +184,33 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
 }
 
 fn measure(args: Args) -> anyhow::Result<()> {
-    let teia = match &args.teia {
-        Some(path) => path.clone(),
-        None => std::env::current_exe()?
-            .parent()
-            .context("no folder")?
-            .join("teia"),
-    };
+    let teia = args.programs.teia()?;
     // The interpreter itself, not a wrapper (a pyenv shim costs 60 ms a start), as the
     // nodes run it.
-    let output = Command::new(&args.python)
+    let output = Command::new(&args.programs.python)
         .args(["-c", "import sys; print(sys.executable)"])
         .output()?;
     let python = String::from_utf8_lossy(&output.stdout).trim().to_owned();
     if !output.status.success() || python.is_empty() {
-        bail!("{} does not run", args.python);
+        bail!("{} does not run", args.programs.python);
     }
-    let args = Args { python, ..args };
+    let args = Args {
+        programs: Programs {
+            python,
+            ..args.programs
+        },
+        ..args
+    };
     let dir = std::env::temp_dir().join(format!("teia-bench-jobs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let (zips, folders) = (dir.join("zips"), dir.join("folders"));
-    write_tasks(&args.python, &zips, &folders, args.tasks, args.seconds)?;
+    write_tasks(
+        &args.programs.python,
+        &zips,
+        &folders,
+        args.tasks,
+        args.seconds,
+    )?;
     let ideal = args.tasks as f64 * args.seconds / WORKERS as f64;
     println!(
         "{} tasks of {:.0} ms, {WORKERS} workers: ideal {:.2} s ({:.0} tasks/s)",
@@ -223,7 +225,7 @@ fn measure(args: Args) -> anyhow::Result<()> {
         .args([
             "-c",
             "ls | xargs -P 3 -I{} sh -c 'cd \"$1\" && \"$0\" main.py input.csv > stdout.txt' \"$0\" {}",
-            &args.python,
+            &args.programs.python,
         ])
         .current_dir(&folders)
         .status()?;
@@ -255,7 +257,7 @@ fn measure(args: Args) -> anyhow::Result<()> {
     );
     println!(
         "  tasks per node: {}",
-        tally(&args.python, &run_dir.join("results"))?
+        tally(&args.programs.python, &run_dir.join("results"))?
     );
     drop(nodes);
 
@@ -270,7 +272,7 @@ fn failover(args: &Args, teia: &Path, dir: &Path) -> anyhow::Result<()> {
     let run_dir = dir.join("failover");
     let mut nodes = cluster(teia, &run_dir, 0)?;
     let (zips, folders) = (run_dir.join("zips"), run_dir.join("folders"));
-    write_tasks(&args.python, &zips, &folders, args.kills, 5.0)?;
+    write_tasks(&args.programs.python, &zips, &folders, args.kills, 5.0)?;
     let mut names: Vec<PathBuf> = std::fs::read_dir(&zips)?
         .flatten()
         .map(|e| e.path())

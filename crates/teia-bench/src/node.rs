@@ -10,6 +10,30 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use serde_json::Value;
 
+/// The programs a benchmark runs: Python, and the `teia` binary.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Programs {
+    /// Python (with pytest and pytest-xdist for `eval`).
+    #[arg(long, default_value = "python3")]
+    pub python: String,
+    /// The `teia` binary (default: beside this one).
+    #[arg(long)]
+    pub teia: Option<std::path::PathBuf>,
+}
+
+impl Programs {
+    /// The `teia` binary to run.
+    pub fn teia(&self) -> anyhow::Result<std::path::PathBuf> {
+        match &self.teia {
+            Some(path) => Ok(path.clone()),
+            None => Ok(std::env::current_exe()?
+                .parent()
+                .context("no folder")?
+                .join("teia")),
+        }
+    }
+}
+
 /// A running node, killed when dropped.
 pub struct Node {
     pub child: Child,

@@ -743,20 +743,8 @@ mod tests {
         // Its own sleep, not to be mistaken for another test's.
         project(&src, "test_hang.py", &HANG.replace("300", "301"));
         let runner_dir = dir.path().join("runner");
-        let limits = Limits {
-            timeout: Duration::from_secs(4),
-            ..Limits::default()
-        };
-        let warm = Runner::new(
-            &runner_dir,
-            python.clone(),
-            limits.clone(),
-            isolation.clone(),
-        )
-        .unwrap();
+        let (warm, cold) = warm_and_cold(&runner_dir, python, isolation);
         std::fs::write(&secret, "the node's").unwrap();
-        let mut cold = Runner::new(&runner_dir, python, limits, isolation).unwrap();
-        cold.warm = None;
         for (name, runner) in [("warm", &warm), ("cold", &cold)] {
             let work = runner_dir.join("work").join(name);
             let outcome = runner
@@ -794,21 +782,7 @@ mod tests {
     async fn scripts_forked_warm_behave_as_scripts_started_cold() {
         let python = interpreter().await;
         let dir = tempfile::tempdir().unwrap();
-        let runner_dir = dir.path().join("runner");
-        let limits = Limits {
-            timeout: Duration::from_secs(4),
-            ..Limits::default()
-        };
-        let isolation = Isolation::detect();
-        let warm = Runner::new(
-            &runner_dir,
-            python.clone(),
-            limits.clone(),
-            isolation.clone(),
-        )
-        .unwrap();
-        let mut cold = Runner::new(&runner_dir, python, limits, isolation).unwrap();
-        cold.warm = None;
+        let (warm, cold) = warm_and_cold(&dir.path().join("runner"), python, Isolation::detect());
         let main = "import atexit, sys\nimport pluggy\nprint('args', sys.argv)\nprint('mine', pluggy.MINE)\nprint('to stderr', file=sys.stderr)\nopen('out.txt', 'w').write('made')\natexit.register(lambda: print('bye'))\nif sys.argv[1] == 'raise':\n    raise ValueError('no')\nif sys.argv[1] == 'hang':\n    import subprocess, time\n    subprocess.Popen(['sleep', '302'])\n    time.sleep(60)\nsys.exit(3)\n";
         for (name, runner) in [("warm", &warm), ("cold", &cold)] {
             for (arg, code) in [("exit", Some(3)), ("raise", Some(1)), ("hang", None)] {
@@ -844,6 +818,19 @@ mod tests {
             1,
             "the warm runner forked its scripts"
         );
+    }
+
+    /// Two runners on `dir` with a 4 s timeout: one that forks from warm interpreters, one
+    /// that starts every module and script cold.
+    fn warm_and_cold(dir: &Path, python: PathBuf, isolation: Isolation) -> (Runner, Runner) {
+        let limits = Limits {
+            timeout: Duration::from_secs(4),
+            ..Limits::default()
+        };
+        let warm = Runner::new(dir, python.clone(), limits.clone(), isolation.clone()).unwrap();
+        let mut cold = Runner::new(dir, python, limits, isolation).unwrap();
+        cold.warm = None;
+        (warm, cold)
     }
 
     /// Warm interpreters `runner` has running.
