@@ -89,6 +89,7 @@ pub async fn serve(
         .route("/network", get(network_view))
         .route("/jobs", get(list_jobs).post(submit_job))
         .route("/jobs/{id}", get(job_detail))
+        .route("/jobs/{id}/result", get(job_result))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_UPLOAD))
         .with_state(app);
@@ -270,6 +271,51 @@ async fn list_jobs(State(app): State<App>) -> Result<Json<Value>, Problem> {
     tokio::task::spawn_blocking(move || Json(master.list()))
         .await
         .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))
+}
+
+/// Bytes of a result ZIP read and sent at once.
+const RESULT_PIECE: usize = 256 * 1024;
+
+/// `GET /jobs/<id>/result`: the job's result ZIP, streamed from its file.
+async fn job_result(State(app): State<App>, Path(id): Path<String>) -> Result<Response, Problem> {
+    use tokio::io::AsyncReadExt;
+    let master = master(&app)?;
+    let Some(path) = master.result(&id) else {
+        return Err(Problem(
+            StatusCode::NOT_FOUND,
+            format!("no result for job {id:?}: unknown, or not done yet"),
+        ));
+    };
+    let file = tokio::fs::File::open(&path)
+        .await
+        .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
+    let size = file
+        .metadata()
+        .await
+        .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .len();
+    let pieces = futures_util::stream::unfold(Some(file), |file| async move {
+        let mut file = file?;
+        let mut piece = vec![0u8; RESULT_PIECE];
+        match file.read(&mut piece).await {
+            Ok(0) => None,
+            Ok(n) => {
+                piece.truncate(n);
+                Some((Ok(axum::body::Bytes::from(piece)), Some(file)))
+            }
+            Err(e) => Some((Err(e), None)),
+        }
+    });
+    let disposition = format!("attachment; filename=\"result_{id}.zip\"");
+    Ok((
+        [
+            (header::CONTENT_TYPE, "application/zip".to_owned()),
+            (header::CONTENT_LENGTH, size.to_string()),
+            (header::CONTENT_DISPOSITION, disposition),
+        ],
+        axum::body::Body::from_stream(pieces),
+    )
+        .into_response())
 }
 
 async fn job_detail(

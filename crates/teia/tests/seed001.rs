@@ -516,6 +516,22 @@ fn script_jobs_are_submitted_and_followed_over_http() {
     assert_eq!(list["done"], 1, "{list}");
     assert_eq!(list["jobs"][0]["id"], id.as_str(), "{list}");
     assert_eq!(list["jobs"][0]["status"], "done", "{list}");
+    // The result ZIP itself, as the node stored it.
+    let mut stream = std::net::TcpStream::connect(&addr).unwrap();
+    let head =
+        format!("GET /jobs/{id}/result HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let split = answer.windows(4).position(|w| w == b"\r\n\r\n").unwrap();
+    let head = String::from_utf8_lossy(&answer[..split]).to_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("content-type: application/zip"), "{head}");
+    let stored =
+        std::fs::read(dir.path().join("results").join(format!("result_{id}.zip"))).unwrap();
+    assert_eq!(&answer[split + 4..], &stored[..]);
+    let (status, missing) = get(&addr, "/jobs/job-0-0/result");
+    assert_eq!(status, 404, "{missing}");
     let (status, answer) = post_file(&addr, "/jobs", b"not a zip");
     assert_eq!(status, 400, "{answer}");
     assert!(
