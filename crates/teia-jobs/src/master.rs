@@ -207,6 +207,9 @@ pub async fn start(config: MasterConfig) -> Result<(SocketAddr, MasterHandle), M
         }
     });
     if let Some(local) = shared.config.local.clone() {
+        // The warm interpreter started now, not by the first task.
+        let warming = Arc::clone(&local.runner);
+        tokio::spawn(async move { warming.warm_up().await });
         for slot in 0..local.slots {
             let working = Arc::clone(&shared);
             let local = local.clone();

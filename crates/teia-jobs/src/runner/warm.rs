@@ -80,10 +80,11 @@ def detach(conn):
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
 
+import atexit, runpy
+
 def run_script(conn, request):
     # As `python main.py ARGS` would: the script as __main__, its folder first on the path,
-    # and only the standard library already imported (so its own modules are its own).
-    import atexit, runpy
+    # and its own modules its own (those imported here under the same names forgotten).
     code = 1
     try:
         detach(conn)
@@ -93,12 +94,14 @@ def run_script(conn, request):
             os.close(out)
         os.chdir(request["dir"])
         os.environ.update(request["env"])
-        stdlib = getattr(sys, "stdlib_module_names", None)
-        if stdlib is not None:
-            for name in list(sys.modules):
-                top = name.split(".")[0]
-                if top not in stdlib and top not in sys.builtin_module_names and name != "__main__":
-                    del sys.modules[name]
+        own = set()
+        for entry in os.listdir(request["dir"]):
+            stem, ext = os.path.splitext(entry)
+            if ext in (".py", ".pyc", ".so", ".pyd") or os.path.isdir(os.path.join(request["dir"], entry)):
+                own.add(stem.split(".")[0])
+        for name in list(sys.modules):
+            if name.split(".")[0] in own:
+                del sys.modules[name]
         sys.path[0] = request["dir"]
         sys.argv = list(request["args"])
         try:
