@@ -217,7 +217,11 @@ fn measure(args: Args) -> anyhow::Result<()> {
         args.tasks,
         args.seconds * 1000.0,
         ideal,
-        args.tasks as f64 / ideal
+        if ideal > 0.0 {
+            args.tasks as f64 / ideal
+        } else {
+            f64::INFINITY
+        }
     );
 
     let started = Instant::now();
@@ -233,12 +237,20 @@ fn measure(args: Args) -> anyhow::Result<()> {
         bail!("the reference run failed");
     }
     let reference = started.elapsed().as_secs_f64();
+    // The rate as a share of the ideal's (none when the tasks do no work).
+    let of_ideal = |elapsed: f64| {
+        if ideal > 0.0 {
+            format!("{:.2} of the ideal rate", ideal / elapsed)
+        } else {
+            "no ideal: the tasks do no work".to_owned()
+        }
+    };
     println!(
-        "{:<46} {:>7.2} s  {:>6.1} tasks/s  ({:.2} of ideal)",
+        "{:<46} {:>7.2} s  {:>6.1} tasks/s  ({})",
         "reference: xargs -P 3 python main.py",
         reference,
         args.tasks as f64 / reference,
-        ideal / reference
+        of_ideal(reference)
     );
 
     let run_dir = dir.join("run");
@@ -248,11 +260,11 @@ fn measure(args: Args) -> anyhow::Result<()> {
     wait_results(&run_dir.join("results"), args.tasks)?;
     let elapsed = started.elapsed().as_secs_f64();
     println!(
-        "{:<46} {:>7.2} s  {:>6.1} tasks/s  ({:.2} of ideal, {:.2} of the reference)",
+        "{:<46} {:>7.2} s  {:>6.1} tasks/s  ({}; {:.2} times the reference's)",
         "teia: 3 nodes, 1 worker each",
         elapsed,
         args.tasks as f64 / elapsed,
-        ideal / elapsed,
+        of_ideal(elapsed),
         reference / elapsed
     );
     println!(
