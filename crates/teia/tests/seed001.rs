@@ -718,13 +718,12 @@ fn a_script_job_survives_its_owner_killed_and_started_again() {
 }
 
 /// Script tasks need Python, not pytest: a node of the cluster whose Python has no pytest
-/// (a bare virtual environment) runs them, and says it runs no test modules.
+/// (a bare virtual environment, in /tmp) runs them, and says it runs no test modules.
 #[test]
 fn a_node_whose_python_has_no_pytest_runs_script_tasks() {
     let dir = tempfile::tempdir().unwrap();
-    // Not under /tmp, which the sandbox replaces with its own.
-    let python_home = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
-    let venv = python_home.path().join("bare");
+    // In /tmp, which the sandbox replaces with its own: the interpreter's prefix is shown.
+    let venv = dir.path().join("bare");
     let status = Command::new("python3")
         .args(["-m", "venv", "--without-pip"])
         .arg(&venv)

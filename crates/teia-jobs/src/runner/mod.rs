@@ -257,7 +257,11 @@ impl Runner {
         let sandbox = match &isolation {
             Isolation::Bubblewrap(bwrap) => Some(warm::Sandbox {
                 bwrap: bwrap.clone(),
-                readable: vec![support.clone(), venvs.dir().to_owned()],
+                readable: [support.as_path(), venvs.dir()]
+                    .into_iter()
+                    .chain(python_prefix(&python))
+                    .map(Path::to_path_buf)
+                    .collect(),
                 writable: vec![work.clone()],
             }),
             Isolation::Limits => None,
@@ -470,7 +474,8 @@ impl Runner {
                 command
                     .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
                     .args(["--tmpfs", "/tmp"]);
-                for path in readable {
+                // The interpreter's own prefix too (a virtual environment may be in /tmp).
+                for path in readable.iter().copied().chain(python_prefix(&self.python)) {
                     command.arg("--ro-bind").arg(path).arg(path);
                 }
                 command
@@ -575,6 +580,12 @@ pub fn resolve_python(python: &Path) -> PathBuf {
                 .find(|p| p.is_file())
         })
         .unwrap_or_else(|| python.to_owned())
+}
+
+/// The prefix of the interpreter at `python` (`P` for `P/bin/python`): what a sandbox must
+/// show of it, a virtual environment's `pyvenv.cfg` included.
+fn python_prefix(python: &Path) -> Option<&Path> {
+    python.parent().and_then(Path::parent)
 }
 
 /// A Python found on this machine.
