@@ -91,6 +91,10 @@ pub enum JobCommand {
         /// stdouts are printed concatenated in order.
         #[arg(long, value_name = "N")]
         split_csv: Option<usize>,
+        /// Save each job's result ZIP (stdout, stderr, result.json, output files) in DIR,
+        /// as result_<job>.zip.
+        #[arg(long, value_name = "DIR")]
+        results: Option<PathBuf>,
     },
     /// Show one job.
     Status {

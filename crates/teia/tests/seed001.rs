@@ -580,9 +580,12 @@ fn teia_job_submit_splits_a_csv_and_concatenates_the_stdouts_in_order() {
     let csv = format!("value\n{}\n", values.join("\n"));
     std::fs::write(folder.join("input.csv"), csv).unwrap();
     let (_node, addr) = jobs_node(&tasks, "2");
+    let saved = dir.path().join("saved");
     let mut child = teia()
         .args(["job", "--node", &addr, "submit", "--split-csv", "3"])
         .arg(&folder)
+        .arg("--results")
+        .arg(&saved)
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
@@ -617,8 +620,27 @@ fn teia_job_submit_splits_a_csv_and_concatenates_the_stdouts_in_order() {
         .1
         .lines()
         .skip(1)
+        .take_while(|l| !l.contains("result(s) saved"))
         .collect();
     assert_eq!(printed, values, "{stdout}");
+    // --results saved each part's result ZIP, its stdout the part's rows.
+    assert!(stdout.contains("3 result(s) saved"), "{stdout}");
+    let mut rows = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir(&saved)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    assert_eq!(names.len(), 3, "{names:?}");
+    for name in names {
+        let id = name.trim_start_matches("result_").trim_end_matches(".zip");
+        rows.extend(
+            result_stdout(&saved, id, PATIENCE)
+                .lines()
+                .map(str::to_owned),
+        );
+    }
+    assert_eq!(rows, values);
 }
 
 /// A script job of 20 tasks dropped in the tasks folder of a node with one worker of its

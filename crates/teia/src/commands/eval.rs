@@ -76,6 +76,68 @@ pub(super) async fn request(
     Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
 }
 
+/// Bytes of an answer's head read at most.
+const MAX_HEAD: usize = 64 * 1024;
+
+/// A GET whose `200` answer's body is written to `to` as it comes (to a file beside, then
+/// renamed: whole or absent); its size. Any other answer is an error with the node's
+/// message.
+pub(super) async fn download(node: &str, path: &str, to: &Path) -> anyhow::Result<u64> {
+    let host = authority(node);
+    let mut stream = tokio::net::TcpStream::connect(&host)
+        .await
+        .with_context(|| format!("cannot reach the node's HTTP API at {host} (--node)"))?;
+    let header = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    stream.write_all(header.as_bytes()).await?;
+    let mut head = Vec::new();
+    let mut piece = vec![0u8; 16 * 1024];
+    let split = loop {
+        if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
+            break at;
+        }
+        if head.len() > MAX_HEAD {
+            bail!("the node's answer is not HTTP");
+        }
+        let n = stream.read(&mut piece).await?;
+        if n == 0 {
+            bail!("the node closed the connection before answering");
+        }
+        head.extend_from_slice(piece.get(..n).unwrap_or_default());
+    };
+    let body_start = head.split_off(split + 4);
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let status: u16 = text
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .context("the node's answer is not HTTP")?;
+    if status != 200 {
+        let mut body = body_start;
+        (&mut stream)
+            .take(MAX_ANSWER as u64)
+            .read_to_end(&mut body)
+            .await?;
+        let body = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        return Err(api_error(status, &body));
+    }
+    let length: Option<u64> = text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok());
+    let partial = to.with_extension("part");
+    let mut file = tokio::fs::File::create(&partial)
+        .await
+        .with_context(|| format!("cannot write {}", partial.display()))?;
+    file.write_all(&body_start).await?;
+    let size = body_start.len() as u64 + tokio::io::copy(&mut stream, &mut file).await?;
+    file.sync_all().await?;
+    if length.is_some_and(|expected| expected != size) {
+        let _ = tokio::fs::remove_file(&partial).await;
+        bail!("the node's answer ended early ({size} bytes of {length:?})");
+    }
+    tokio::fs::rename(&partial, to).await?;
+    Ok(size)
+}
+
 pub(super) enum Body<'a> {
     Bytes(&'a [u8]),
     Multipart {

@@ -1,7 +1,8 @@
 //! `teia job`: script jobs (seed 001) through a node's HTTP API: `submit` sends each task
 //! (`POST /jobs`; with `--split-csv N`, each cut into N parts), follows them with a
 //! progress bar until all are done, then prints a summary and the stdouts (a split task's
-//! parts concatenated in order); `status` shows one job, `list` them all.
+//! parts concatenated in order) and, with `--results DIR`, saves their result ZIPs;
+//! `status` shows one job, `list` them all.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
-use super::eval::{api_error, at, get, request, Body};
+use super::eval::{api_error, at, download, get, request, Body};
 use crate::cli::{JobArgs, JobCommand};
 
 /// Time between two polls of the jobs.
@@ -18,8 +19,16 @@ const POLL_EVERY: Duration = Duration::from_millis(200);
 /// Runs `teia job ...`.
 pub async fn run(args: JobArgs) -> anyhow::Result<()> {
     match args.command {
-        JobCommand::Submit { targets, split_csv } => {
-            submit(&args.node, &targets, split_csv, args.json).await
+        JobCommand::Submit {
+            targets,
+            split_csv,
+            results,
+        } => {
+            let jobs = submit(&args.node, &targets, split_csv, args.json).await?;
+            match results {
+                Some(dir) => save_results(&args.node, &jobs, &dir, args.json).await,
+                None => Ok(()),
+            }
         }
         JobCommand::Status { id } => {
             let body = get(&args.node, &format!("/jobs/{id}")).await?;
@@ -58,18 +67,55 @@ struct Submitted {
     id: String,
 }
 
+/// Submits the tasks and follows them to the end; the jobs.
 async fn submit(
     node: &str,
     targets: &[PathBuf],
     split: Option<usize>,
     json_output: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Vec<Submitted>> {
     let scratch = std::env::temp_dir().join(format!("teia-job-{}", std::process::id()));
     std::fs::create_dir_all(&scratch)?;
     let result = submit_all(node, targets, split, json_output, &scratch).await;
     let _ = std::fs::remove_dir_all(&scratch);
     let jobs = result?;
-    follow(node, &jobs, json_output).await
+    follow(node, &jobs, json_output).await?;
+    Ok(jobs)
+}
+
+/// Saves each job's result ZIP in `dir` (`GET /jobs/<id>/result`).
+async fn save_results(
+    node: &str,
+    jobs: &[Submitted],
+    dir: &Path,
+    json_output: bool,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    for job in jobs {
+        // The id comes from the node: it names a file here only if it is a plain name.
+        let plain = !job.id.is_empty()
+            && job
+                .id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+        if !plain {
+            bail!("the node named a job {:?}: not saved", job.id);
+        }
+        let to = dir.join(format!("result_{}.zip", job.id));
+        let size = download(node, &format!("/jobs/{}/result", job.id), &to)
+            .await
+            .with_context(|| format!("result of {} not saved", job.id))?;
+        if json_output {
+            println!(
+                "{}",
+                json!({"event": "saved", "id": job.id, "path": to, "bytes": size})
+            );
+        }
+    }
+    if !json_output {
+        println!("{} result(s) saved in {}", jobs.len(), dir.display());
+    }
+    Ok(())
 }
 
 async fn submit_all(
