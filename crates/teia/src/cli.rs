@@ -460,8 +460,9 @@ pub struct NodeArgs {
     )]
     pub module_timeout: u64,
 
-    /// Serve seed 001's course workers (master/worker computing): hand out the ZIPs dropped
-    /// in this folder (`main.py` and its inputs) and write `result_<task>.zip` to
+    /// Run script jobs (seed 001, master/worker computing): hand out the ZIPs dropped in
+    /// this folder (`main.py` and its inputs) to this node's workers, the nodes of its
+    /// cluster and seed 001's course workers, and write `result_<task>.zip` to
     /// --results-dir.
     #[arg(long, env = "TEIA_TASKS_DIR", value_name = "DIR")]
     pub tasks_dir: Option<PathBuf>,
@@ -481,7 +482,7 @@ pub struct NodeArgs {
     pub master_port: String,
 
     /// Tasks of --tasks-dir this node runs itself at once (default: its cores; 0: they go
-    /// to course workers only).
+    /// to course workers and to the nodes of its cluster only).
     #[arg(long, env = "TEIA_TASK_WORKERS", value_name = "N")]
     pub task_workers: Option<usize>,
 
