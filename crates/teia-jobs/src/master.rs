@@ -481,6 +481,12 @@ async fn work_locally(shared: &Arc<Shared>, local: &LocalWorkers, slot: usize) {
         .await;
         alive.abort();
         let _ = std::fs::remove_dir_all(&folder);
+        // Flushed before it is renamed into the results: a result is whole or absent.
+        let made = made.and_then(|()| {
+            std::fs::File::open(&partial)
+                .and_then(|file| file.sync_all())
+                .map_err(|e| format!("result not flushed: {e}"))
+        });
         let stored = match made {
             Ok(()) => handle.finish(&me, &task.name, &partial),
             Err(e) => {

@@ -192,7 +192,8 @@ impl Engine {
         work: &std::path::Path,
     ) -> Result<(), String> {
         let archive = work.join("task.zip");
-        receive_file(stream, size, &archive).await?;
+        // A work file: lost with the node, the task goes to another anyway.
+        receive_file(stream, size, &archive, false).await?;
         tracing::info!(%task, %owner, "script task running here");
         let (folder, result) = (work.join("run"), work.join("result.zip"));
         let run = crate::script::run_task(
@@ -273,7 +274,7 @@ async fn lend(
         }
         let partial = master.partial(worker, &task.name);
         // Each piece must come within 30 s (the worker stalled, the task goes back).
-        if let Err(e) = receive_file(stream, size, &partial).await {
+        if let Err(e) = receive_file(stream, size, &partial, true).await {
             let _ = std::fs::remove_file(&partial);
             return Err(e);
         }

@@ -24,7 +24,8 @@ pub const MAX_RESULT: u64 = MAX_RESULT_CONTENT + 16 * 1024 * 1024;
 /// Unpacks the task ZIP at `archive` (named `task`) in `folder`, runs `main.py input.csv`
 /// there with `runner`, and writes the result ZIP to `to`: `stdout.txt`, `stderr.txt`,
 /// `result.json` (exit code, seconds, whether it timed out, the `node` that ran it) and,
-/// under `outputs/`, the files the script made.
+/// under `outputs/`, the files the script made. The ZIP is not flushed to disk: the caller
+/// does, if it keeps it.
 pub async fn run_task(
     runner: &Runner,
     archive: &Path,
@@ -115,7 +116,8 @@ fn write_result_zip(
     zip.start_file("result.json", options)
         .map_err(std::io::Error::other)?;
     zip.write_all(summary.to_string().as_bytes())?;
-    zip.finish().map_err(std::io::Error::other)?.sync_all()
+    zip.finish().map_err(std::io::Error::other)?;
+    Ok(())
 }
 
 /// Writes the result ZIP of a task that could not be run: an empty `stdout.txt`, `error`
