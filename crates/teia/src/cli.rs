@@ -438,7 +438,7 @@ pub struct NodeArgs {
     )]
     pub cluster_secret: Option<String>,
 
-    /// Python (with pytest) that runs test modules.
+    /// Python that runs script tasks, and test modules when it has pytest.
     #[arg(
         long,
         env = "TEIA_PYTHON",

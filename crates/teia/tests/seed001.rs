@@ -29,13 +29,26 @@ fn task(tasks: &Path, name: &str, values: &[u32]) {
     zip_task(&tasks.join(format!("{name}.zip")), main, &csv);
 }
 
+/// A test's folder and its `tasks` folder in it, made.
+fn tasks_folder() -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let tasks = dir.path().join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    (dir, tasks)
+}
+
 /// Writes a task ZIP at `path` with `main` as `main.py` and `csv` as `input.csv`.
 fn zip_task(path: &Path, main: &str, csv: &str) {
-    let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nz.writestr('main.py', sys.argv[2])\nz.writestr('input.csv', sys.argv[3])\nz.close()";
+    zip_files(path, &[("main.py", main), ("input.csv", csv)]);
+}
+
+/// Writes a ZIP at `path` holding each (name, content) as given, names unchecked.
+fn zip_files(path: &Path, files: &[(&str, &str)]) {
+    let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nfor i in range(2, len(sys.argv), 2):\n    z.writestr(sys.argv[i], sys.argv[i + 1])\nz.close()";
     let status = Command::new("python3")
         .args(["-c", script])
         .arg(path)
-        .args([main, csv])
+        .args(files.iter().flat_map(|(name, content)| [name, content]))
         .status()
         .unwrap();
     assert!(status.success());
@@ -199,9 +212,7 @@ fn result_stdout(results: &Path, name: &str, patience: Duration) -> String {
 
 #[test]
 fn course_workers_in_both_envelopes_discover_pull_run_and_return_tasks() {
-    let dir = tempfile::tempdir().unwrap();
-    let tasks = dir.path().join("tasks");
-    std::fs::create_dir_all(&tasks).unwrap();
+    let (dir, tasks) = tasks_folder();
     for i in 0..6u32 {
         task(&tasks, &format!("t{i}"), &[i, 10, 100]);
     }
@@ -223,9 +234,7 @@ fn course_workers_in_both_envelopes_discover_pull_run_and_return_tasks() {
 
 #[test]
 fn a_worker_that_dies_with_a_task_has_it_handed_to_another() {
-    let dir = tempfile::tempdir().unwrap();
-    let tasks = dir.path().join("tasks");
-    std::fs::create_dir_all(&tasks).unwrap();
+    let (dir, tasks) = tasks_folder();
     task(&tasks, "only", &[4, 5]);
     let port = free_udp_port();
     let master = master(dir.path(), port);
@@ -246,17 +255,13 @@ fn a_worker_that_dies_with_a_task_has_it_handed_to_another() {
 /// stdout, stderr, the exit code and duration, and the files the script made.
 #[test]
 fn the_node_runs_its_tasks_itself_and_keeps_exit_code_and_output_files() {
-    let dir = tempfile::tempdir().unwrap();
-    let tasks = dir.path().join("tasks");
-    std::fs::create_dir_all(&tasks).unwrap();
+    let (dir, tasks) = tasks_folder();
     task(&tasks, "plain", &[7, 8]);
-    let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nz.writestr('main.py', \"open('report.txt', 'w').write('made here')\\nraise SystemExit(3)\\n\")\nz.writestr('input.csv', 'a\\n1\\n')\nz.close()";
-    let status = Command::new("python3")
-        .args(["-c", script])
-        .arg(tasks.join("fails.zip"))
-        .status()
-        .unwrap();
-    assert!(status.success());
+    zip_task(
+        &tasks.join("fails.zip"),
+        "open('report.txt', 'w').write('made here')\nraise SystemExit(3)\n",
+        "a\n1\n",
+    );
     let _master = master_running(dir.path(), free_udp_port(), "2");
     let results = dir.path().join("results");
     assert_eq!(result_stdout(&results, "plain", PATIENCE).trim(), "sum 15");
@@ -281,16 +286,11 @@ fn the_node_runs_its_tasks_itself_and_keeps_exit_code_and_output_files() {
 /// runs once whole. The node keeps running the others.
 #[test]
 fn tasks_that_cannot_run_are_given_up_with_a_result_that_says_why() {
-    let dir = tempfile::tempdir().unwrap();
-    let tasks = dir.path().join("tasks");
-    std::fs::create_dir_all(&tasks).unwrap();
-    let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nz.writestr('main.py', 'print(1)')\nz.writestr('../escape.txt', 'out')\nz.close()";
-    let status = Command::new("python3")
-        .args(["-c", script])
-        .arg(tasks.join("evil.zip"))
-        .status()
-        .unwrap();
-    assert!(status.success());
+    let (dir, tasks) = tasks_folder();
+    zip_files(
+        &tasks.join("evil.zip"),
+        &[("main.py", "print(1)"), ("../escape.txt", "out")],
+    );
     std::fs::write(tasks.join("junk.zip"), "not a zip").unwrap();
     let status = Command::new("touch")
         .args(["-d", "1 minute ago"])
@@ -400,9 +400,7 @@ fn malformed_and_oversized_messages_get_an_error_and_the_master_keeps_serving() 
 #[test]
 fn a_teia_worker_works_for_a_python_master_in_both_envelopes() {
     for envelope in ["flat", "typed"] {
-        let dir = tempfile::tempdir().unwrap();
-        let tasks = dir.path().join("tasks");
-        std::fs::create_dir_all(&tasks).unwrap();
+        let (dir, tasks) = tasks_folder();
         for i in 0..3u32 {
             task(&tasks, &format!("t{i}"), &[i, 1000]);
         }
@@ -477,9 +475,7 @@ fn jobs_node(tasks: &Path, task_workers: &str) -> (NodeProcess, String) {
 /// it to its exit code and stdout. Bad jobs get a 4xx; a node without a tasks folder a 503.
 #[test]
 fn script_jobs_are_submitted_and_followed_over_http() {
-    let dir = tempfile::tempdir().unwrap();
-    let tasks = dir.path().join("tasks");
-    std::fs::create_dir_all(&tasks).unwrap();
+    let (dir, tasks) = tasks_folder();
     let staging = dir.path().join("staging");
     std::fs::create_dir_all(&staging).unwrap();
     task(&staging, "sum", &[20, 22]);
@@ -566,9 +562,7 @@ fn script_jobs_are_submitted_and_followed_over_http() {
 /// three jobs, and prints their stdouts concatenated in order: those of the whole task.
 #[test]
 fn teia_job_submit_splits_a_csv_and_concatenates_the_stdouts_in_order() {
-    let dir = tempfile::tempdir().unwrap();
-    let tasks = dir.path().join("tasks");
-    std::fs::create_dir_all(&tasks).unwrap();
+    let (dir, tasks) = tasks_folder();
     let folder = dir.path().join("rows");
     std::fs::create_dir_all(&folder).unwrap();
     std::fs::write(

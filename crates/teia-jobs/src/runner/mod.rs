@@ -690,20 +690,7 @@ mod tests {
         let src = dir.path().join("p");
         project(&src, "test_mix.py", MIX);
         project(&src, "test_hang.py", HANG);
-        let limits = Limits {
-            timeout: Duration::from_secs(4),
-            ..Limits::default()
-        };
-        let warm = Runner::new(
-            &dir.path().join("warm"),
-            python.clone(),
-            limits.clone(),
-            Isolation::Limits,
-        )
-        .unwrap();
-        let mut cold =
-            Runner::new(&dir.path().join("cold"), python, limits, Isolation::Limits).unwrap();
-        cold.warm = None;
+        let (warm, cold) = warm_and_cold(&dir.path().join("runner"), python, Isolation::Limits);
         for (name, runner) in [("warm", &warm), ("cold", &cold)] {
             let work = dir.path().join(format!("{name}-mix"));
             let mix = runner
@@ -718,13 +705,7 @@ mod tests {
                 mix.output
             );
             assert!(mix.output.contains("1 failed"), "{name}: {}", mix.output);
-            let work = dir.path().join(format!("{name}-hang"));
-            let hang = runner
-                .run_module(&src, "tests/test_hang.py", &work, "n")
-                .await
-                .unwrap();
-            assert!(hang.timed_out, "{name}");
-            assert_eq!((hang.result.passed, hang.result.errors), (1, 1), "{name}");
+            assert_killed_at_timeout(runner, &src, &dir.path().join(format!("{name}-hang"))).await;
         }
         let warm_running = warm_count(&warm).await;
         assert_eq!(warm_running, 1, "the warm runner forked its modules");
@@ -770,12 +751,7 @@ mod tests {
                 outcome.output
             );
             let work = runner_dir.join("work").join(format!("{name}-hang"));
-            let hang = runner
-                .run_module(&src, "tests/test_hang.py", &work, "n")
-                .await
-                .unwrap();
-            assert!(hang.timed_out, "{name}");
-            assert_eq!((hang.result.passed, hang.result.errors), (1, 1), "{name}");
+            assert_killed_at_timeout(runner, &src, &work).await;
         }
         sleepers_gone(301).await;
         let warm_running = warm_count(&warm).await;
@@ -828,6 +804,22 @@ mod tests {
             warm_count(&warm).await,
             1,
             "the warm runner forked its scripts"
+        );
+    }
+
+    /// Runs `src`'s `tests/test_hang.py` in `work`: killed at the timeout, the test it
+    /// finished kept and the one it was in counted as an error.
+    async fn assert_killed_at_timeout(runner: &Runner, src: &Path, work: &Path) {
+        let hang = runner
+            .run_module(src, "tests/test_hang.py", work, "n")
+            .await
+            .unwrap();
+        assert!(hang.timed_out, "{}", hang.output);
+        assert_eq!(
+            (hang.result.passed, hang.result.errors),
+            (1, 1),
+            "{}",
+            hang.output
         );
     }
 
