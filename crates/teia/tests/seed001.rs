@@ -142,6 +142,22 @@ fn master_in(
     node
 }
 
+/// `python3 tests/seed001/PROGRAM --discovery-port PORT --envelope ENVELOPE`: a course
+/// worker or master written from the seed.
+fn course_program(program: &str, port: u16, envelope: &str) -> Command {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/seed001")
+        .join(program);
+    let mut command = Command::new("python3");
+    command.arg(script).args([
+        "--discovery-port",
+        &port.to_string(),
+        "--envelope",
+        envelope,
+    ]);
+    command
+}
+
 /// A course worker; killed when dropped.
 struct Worker(Child);
 
@@ -149,15 +165,7 @@ impl Worker {
     fn start(dir: &Path, port: u16, envelope: &str, extra: &[&str]) -> Self {
         let work = dir.join(format!("work-{envelope}-{}", extra.len()));
         std::fs::create_dir_all(&work).unwrap();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/seed001/worker.py");
-        let child = Command::new("python3")
-            .arg(script)
-            .args([
-                "--discovery-port",
-                &port.to_string(),
-                "--envelope",
-                envelope,
-            ])
+        let child = course_program("worker.py", port, envelope)
             .arg("--work")
             .arg(&work)
             .args(extra)
@@ -406,16 +414,8 @@ fn a_teia_worker_works_for_a_python_master_in_both_envelopes() {
         }
         let results = dir.path().join("results");
         let port = free_udp_port();
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/seed001/master.py");
-        let mut master = Command::new("python3");
+        let mut master = course_program("master.py", port, envelope);
         master
-            .arg(script)
-            .args([
-                "--discovery-port",
-                &port.to_string(),
-                "--envelope",
-                envelope,
-            ])
             .arg("--tasks")
             .arg(&tasks)
             .arg("--results")
