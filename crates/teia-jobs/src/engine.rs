@@ -344,7 +344,7 @@ impl Engine {
             };
             let result = self.run_lease(&lease, &extracted, slot).await;
             self.count_work(&lease, &result);
-            self.complete(&lease, result, true);
+            self.complete(&lease, &self.config.address, result);
         }
     }
 
@@ -393,13 +393,17 @@ impl Engine {
     }
 
     /// Records a module's result in our ledger (we own its evaluation).
-    pub(crate) fn complete(&self, lease: &Lease, result: ModuleResult, _local: bool) {
+    /// Records `worker`'s result of `lease`; false (nothing recorded) unless `worker` holds
+    /// that lease for the module's current attempt.
+    pub(crate) fn complete(&self, lease: &Lease, worker: &str, result: ModuleResult) -> bool {
         let mut state = lock(&self.state);
-        if state.ledger.complete(lease, result, unix_ms()) {
-            if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
-                state.save(&evaluation);
-            }
+        if !state.ledger.complete(lease, worker, result, unix_ms()) {
+            return false;
         }
+        if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
+            state.save(&evaluation);
+        }
+        true
     }
 
     /// Modules of ours waiting for a worker.

@@ -7,7 +7,12 @@
 //!
 //! Trust: a node runs modules only for owners it trusts, and hands modules only to workers
 //! it trusts: itself, the keys given with `--trust`, or nodes proving the same
-//! `--cluster-secret`.
+//! `--cluster-secret` bound to their key. Such a node becomes a *member* once its
+//! CLUSTER_HELLO, signed by its key, proved it; every other job message is then accepted
+//! only from a member, by the key that proved its origin, and sent only to members (nothing
+//! of the engine is flooded). A result counts only from the worker holding that module's
+//! lease for its current attempt. Refusals are logged once per sender every
+//! [`REFUSAL_LOG_EVERY`], with how many there were.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -59,6 +64,13 @@ pub const MAX_HOLDERS: usize = 8;
 pub const MAX_HELD_BLOBS: usize = 1024;
 /// Holders a worker tries before the owner.
 const HOLDERS_TRIED: usize = 2;
+/// Time between two CLUSTER_HELLOs to one node that is not (or no longer) a member.
+pub const HELLO_EVERY: Duration = Duration::from_secs(5);
+/// Time a member stays one without being heard (members send a status every
+/// [`STATUS_EVERY`]); then it must say CLUSTER_HELLO again.
+pub const MEMBER_FRESH: Duration = Duration::from_secs(15);
+/// Time between two log lines about one sender's refused messages.
+pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// How this node takes part in a cluster.
 #[derive(Clone)]
@@ -81,6 +93,14 @@ pub(crate) struct Owner {
     pub(crate) scripts: u32,
 }
 
+/// A node proven to belong to the cluster.
+struct Member {
+    /// The key that proved it.
+    key: PublicKey,
+    /// When it was last heard.
+    seen: Instant,
+}
+
 struct Election {
     candidates: std::collections::BTreeSet<String>,
     started: Instant,
@@ -90,7 +110,14 @@ struct Election {
 pub(crate) struct Cluster {
     pub(crate) config: ClusterConfig,
     pub(crate) owners: Mutex<HashMap<String, Owner>>,
-    waiting: Mutex<HashMap<u64, oneshot::Sender<JobMessage>>>,
+    /// Requests for a module waiting for their answer: the owner asked, and where to tell.
+    waiting: Mutex<HashMap<u64, (String, oneshot::Sender<JobMessage>)>>,
+    /// Nodes proven to belong to the cluster, by peer id (at most [`MAX_OWNERS`]).
+    members: Mutex<HashMap<String, Member>>,
+    /// When a CLUSTER_HELLO last went to each node (at most [`MAX_OWNERS`]).
+    greeted: Mutex<HashMap<String, Instant>>,
+    /// Refused messages by sender: when last logged, and how many since.
+    refusals: Mutex<HashMap<String, (Instant, u64)>>,
     pub(crate) next: AtomicU64,
     /// Owners' listen ports, as announced.
     ports: Mutex<HashMap<String, Option<u16>>>,
@@ -120,6 +147,9 @@ impl Cluster {
             config,
             owners: Mutex::new(HashMap::new()),
             waiting: Mutex::new(HashMap::new()),
+            members: Mutex::new(HashMap::new()),
+            greeted: Mutex::new(HashMap::new()),
+            refusals: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             ports: Mutex::new(HashMap::new()),
             heard: Mutex::new(HashMap::new()),
@@ -131,32 +161,174 @@ impl Cluster {
         }
     }
 
+    /// Our proof of the cluster secret, bound to our key.
     pub(crate) fn proof(&self, me: &str) -> Option<String> {
+        let key = self.config.node.public_key()?;
         self.config
             .secret
             .as_deref()
-            .map(|secret| messages::proof(secret, me))
+            .map(|secret| messages::proof(secret, me, &key))
     }
 
-    /// Whether `peer` is trusted: itself, a `--trust` key, or the cluster's proof.
-    pub(crate) async fn trusted(&self, me: &str, peer: &str, proof: Option<&str>) -> bool {
+    /// Whether `peer`, whose origin `key` proved (none: nothing did), is trusted: this node
+    /// itself, a `--trust` key, or a proof of the cluster secret bound to that key.
+    pub(crate) fn trusted(
+        &self,
+        me: &str,
+        peer: &str,
+        key: Option<PublicKey>,
+        proof: Option<&str>,
+    ) -> bool {
+        let Some(key) = key else {
+            return false;
+        };
         if peer == me {
+            return Some(key) == self.config.node.public_key();
+        }
+        if self.config.trusted.contains(&key) {
             return true;
         }
-        if let (Some(secret), Some(proof)) = (self.config.secret.as_deref(), proof) {
-            if messages::proof(secret, peer) == proof {
-                return true;
+        match (self.config.secret.as_deref(), proof) {
+            (Some(secret), Some(proof)) => messages::proof(secret, peer, &key) == proof,
+            _ => false,
+        }
+    }
+
+    /// Makes `peer` (proven by `key`) a member; the stalest member is forgotten when there
+    /// are [`MAX_OWNERS`].
+    fn admit(&self, peer: &str, key: PublicKey) {
+        let mut members = lock(&self.members);
+        if members.len() >= MAX_OWNERS && !members.contains_key(peer) {
+            let stalest = members
+                .iter()
+                .min_by_key(|(_, m)| m.seen)
+                .map(|(name, _)| name.clone());
+            if let Some(stalest) = stalest {
+                members.remove(&stalest);
             }
         }
-        if self.config.trusted.is_empty() {
+        members.insert(
+            peer.to_owned(),
+            Member {
+                key,
+                seen: Instant::now(),
+            },
+        );
+    }
+
+    /// Whether `peer` is a fresh member proven by `key`; if so it was just heard.
+    fn heard_member(&self, peer: &str, key: Option<PublicKey>) -> bool {
+        let mut members = lock(&self.members);
+        match members.get_mut(peer) {
+            Some(member) if Some(member.key) == key && member.seen.elapsed() < MEMBER_FRESH => {
+                member.seen = Instant::now();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The key of member `peer`, if it is a fresh member.
+    fn member_key(&self, peer: &str) -> Option<PublicKey> {
+        lock(&self.members)
+            .get(peer)
+            .filter(|m| m.seen.elapsed() < MEMBER_FRESH)
+            .map(|m| m.key)
+    }
+
+    /// The fresh members.
+    fn members(&self) -> Vec<String> {
+        lock(&self.members)
+            .iter()
+            .filter(|(_, m)| m.seen.elapsed() < MEMBER_FRESH)
+            .map(|(name, _)| name.clone())
+            .collect()
+    }
+
+    /// Logs a refused message from `src`: the first at once, then one line with the count
+    /// every [`REFUSAL_LOG_EVERY`].
+    pub(crate) fn refuse(&self, src: &str, what: &str) {
+        let mut refusals = lock(&self.refusals);
+        if refusals.len() >= MAX_OWNERS && !refusals.contains_key(src) {
+            refusals.retain(|_, (at, _)| at.elapsed() < REFUSAL_LOG_EVERY);
+            if refusals.len() >= MAX_OWNERS {
+                return;
+            }
+        }
+        let entry = refusals
+            .entry(src.to_owned())
+            .or_insert((Instant::now() - REFUSAL_LOG_EVERY * 2, 0));
+        entry.1 += 1;
+        if entry.0.elapsed() >= REFUSAL_LOG_EVERY {
+            tracing::warn!(
+                %src,
+                refused = entry.1,
+                "{what} refused: the sender is not a proven member of this cluster (--trust its key, or give both nodes the same --cluster-secret)"
+            );
+            *entry = (Instant::now(), 0);
+        }
+    }
+
+    /// Sends `message` to every fresh member.
+    async fn to_members(&self, message: &JobMessage) {
+        for member in self.members() {
+            self.send(&member, message).await;
+        }
+    }
+
+    /// Whether a CLUSTER_HELLO may go to `peer` now (none went for [`HELLO_EVERY`]); if so
+    /// it is counted as sent.
+    fn greet_due(&self, peer: &str) -> bool {
+        let mut greeted = lock(&self.greeted);
+        if greeted
+            .get(peer)
+            .is_some_and(|at| at.elapsed() < HELLO_EVERY)
+        {
             return false;
         }
-        match self.config.node.snapshot().await {
-            Ok(snapshot) => snapshot
-                .pins
-                .iter()
-                .any(|(id, key)| id == peer && self.config.trusted.contains(key)),
-            Err(_) => false,
+        if greeted.len() >= MAX_OWNERS && !greeted.contains_key(peer) {
+            greeted.retain(|_, at| at.elapsed() < HELLO_EVERY);
+            if greeted.len() >= MAX_OWNERS {
+                return false;
+            }
+        }
+        greeted.insert(peer.to_owned(), Instant::now());
+        true
+    }
+
+    /// Says CLUSTER_HELLO to `peer`.
+    async fn greet(&self, me: &str, peer: &str) {
+        let hello = JobMessage::ClusterHello {
+            proof: self.proof(me),
+            port: self.config.node.listen_addr().map(|a| a.port()),
+        };
+        self.send(peer, &hello).await;
+    }
+
+    /// Says CLUSTER_HELLO to the teia neighbours (those with a pinned key) and the nodes
+    /// members have links to, that are not fresh members, at most every [`HELLO_EVERY`].
+    async fn greet_candidates(&self, me: &str) {
+        let Ok(snapshot) = self.config.node.snapshot().await else {
+            return;
+        };
+        let mut candidates: Vec<String> = snapshot
+            .neighbours
+            .iter()
+            .filter(|n| snapshot.pins.iter().any(|(id, _)| *id == n.peer))
+            .map(|n| n.peer.clone())
+            .collect();
+        for (status, _) in lock(&self.statuses).values() {
+            if let JobMessage::NodeStatus { neighbours, .. } = status {
+                candidates.extend(neighbours.iter().cloned());
+            }
+        }
+        candidates.sort();
+        candidates.dedup();
+        candidates.truncate(MAX_OWNERS);
+        for peer in candidates {
+            if peer != me && self.member_key(&peer).is_none() && self.greet_due(&peer) {
+                self.greet(me, &peer).await;
+            }
         }
     }
 
@@ -228,8 +400,9 @@ impl Engine {
             .collect()
     }
 
-    /// `GET /network`: each node's overlay address and the addresses of the nodes it has
-    /// links to (this node's from its links, the others' from their statuses).
+    /// `GET /network`: each node of the cluster's overlay address and the addresses of the
+    /// nodes of the cluster it has links to (this node's from its links, the others' from
+    /// their statuses): strangers are not shown.
     pub async fn network(&self) -> serde_json::Value {
         let mut addresses: HashMap<String, String> = HashMap::new();
         let mut graph: Vec<(String, Vec<String>)> = Vec::new();
@@ -251,6 +424,7 @@ impl Engine {
                 let links: Vec<serde_json::Value> = snapshot
                     .neighbours
                     .iter()
+                    .filter(|n| cluster.member_key(&n.peer).is_some())
                     .map(|n| {
                         addresses
                             .get(&n.peer)
@@ -300,9 +474,7 @@ impl Engine {
                     Err(_) => return,
                 };
                 let status = reporter.own_status(neighbours);
-                if let Ok(body) = serde_json::to_value(&status) {
-                    let _ = reporter_cluster.config.node.query(SERVICE, body, 3).await;
-                }
+                reporter_cluster.to_members(&status).await;
             }
         });
         let watcher = self.clone();
@@ -322,6 +494,7 @@ impl Engine {
                     () = cluster.announce_now.notified() => {}
                     () = scripts_queued(scripts.as_ref()) => {}
                 }
+                cluster.greet_candidates(&owner.config.node).await;
                 if owner.config.modules {
                     owner.replicate_and_watch(&cluster).await;
                 }
@@ -336,79 +509,10 @@ impl Engine {
                     pending: owner.pending_modules(),
                     unfinished,
                     scripts: waiting_scripts,
-                    proof: cluster.proof(&owner.config.node),
                 };
-                if let Ok(body) = serde_json::to_value(&announce) {
-                    let _ = cluster.config.node.query(SERVICE, body, 3).await;
-                }
+                cluster.to_members(&announce).await;
             }
         });
-    }
-
-    /// A `jobs` QUERY heard from the overlay: an owner's announcement, a candidacy in an
-    /// election, or an election's result.
-    pub async fn on_query(&self, body: &serde_json::Value) {
-        let Some(cluster) = &self.cluster else {
-            return;
-        };
-        let Ok(message) = serde_json::from_value::<JobMessage>(body.clone()) else {
-            return;
-        };
-        match message {
-            JobMessage::TaskAnnounce {
-                owner,
-                port,
-                proof,
-                pending,
-                scripts,
-                ..
-            } => {
-                if owner == self.config.node
-                    || !cluster
-                        .trusted(&self.config.node, &owner, proof.as_deref())
-                        .await
-                {
-                    return;
-                }
-                lock(&cluster.ports).insert(owner.clone(), port);
-                let mut owners = lock(&cluster.owners);
-                if owners.len() >= MAX_OWNERS && !owners.contains_key(&owner) {
-                    return;
-                }
-                owners.insert(
-                    owner,
-                    Owner {
-                        port,
-                        seen: Instant::now(),
-                        pending,
-                        scripts,
-                    },
-                );
-            }
-            JobMessage::RecoveryElection { eval, candidate } => {
-                let mut elections = lock(&cluster.elections);
-                if let Some(election) = elections.get_mut(&eval) {
-                    election.candidates.insert(candidate);
-                }
-            }
-            JobMessage::NodeStatus { ref peer_id, .. } => {
-                if *peer_id == self.config.node {
-                    return;
-                }
-                let mut statuses = lock(&cluster.statuses);
-                statuses.retain(|_, (_, at)| at.elapsed() < STATUS_FRESH);
-                if statuses.len() < MAX_OWNERS || statuses.contains_key(peer_id) {
-                    statuses.insert(peer_id.clone(), (message.clone(), Instant::now()));
-                }
-            }
-            JobMessage::EvaluationResponsibilityUpdate { eval, owner } => {
-                lock(&cluster.elections).remove(&eval);
-                if owner != self.config.node {
-                    self.set_owner(eval, &owner);
-                }
-            }
-            _ => {}
-        }
     }
 
     /// Pulls the ledgers of the owners whose evaluations we replicate (and the projects
@@ -504,9 +608,7 @@ impl Engine {
             eval,
             candidate: self.config.node.clone(),
         };
-        if let Ok(body) = serde_json::to_value(&candidacy) {
-            let _ = cluster.config.node.query(SERVICE, body, 3).await;
-        }
+        cluster.to_members(&candidacy).await;
     }
 
     /// Closes the elections whose candidacies are in: the lowest peer id takes over.
@@ -539,9 +641,7 @@ impl Engine {
                 eval,
                 owner: self.config.node.clone(),
             };
-            if let Ok(body) = serde_json::to_value(&update) {
-                let _ = cluster.config.node.query(SERVICE, body, 3).await;
-            }
+            cluster.to_members(&update).await;
         }
     }
 
@@ -592,8 +692,16 @@ impl Engine {
         port: Option<u16>,
     ) -> Result<DataStream, String> {
         let mut last = "no address".to_owned();
+        let Some(key) = cluster.member_key(owner) else {
+            return Err(format!("{owner} is not a proven member of this cluster"));
+        };
         for addr in cluster.addresses(owner, port).await {
-            match cluster.config.node.open_stream(addr, SERVICE, None).await {
+            match cluster
+                .config
+                .node
+                .open_stream(addr, SERVICE, Some(key))
+                .await
+            {
                 Ok(stream) if stream.peer_id() == owner => return Ok(stream),
                 Ok(stream) => last = format!("{addr} is {}, not {owner}", stream.peer_id()),
                 Err(e) => last = e.to_string(),
@@ -602,52 +710,128 @@ impl Engine {
         Err(last)
     }
 
-    /// A SEND whose payload is a job message, from `src` (its origin is authenticated).
-    pub async fn on_message(&self, src: &str, payload: &serde_json::Value) {
+    /// A SEND whose payload is a job message, from `src`, whose origin `origin_key` proved
+    /// (none: nothing did). A CLUSTER_HELLO makes a trusted sender a member; anything else
+    /// counts only from a member, and says only what its sender may say of itself.
+    pub async fn on_message(
+        &self,
+        src: &str,
+        origin_key: Option<PublicKey>,
+        payload: &serde_json::Value,
+    ) {
         let (Some(cluster), Some(message)) = (&self.cluster, messages::from_payload(payload))
         else {
             return;
         };
+        let me = self.config.node.as_str();
+        if let JobMessage::ClusterHello { proof, port } = &message {
+            let key = origin_key
+                .filter(|_| src != me && cluster.trusted(me, src, origin_key, proof.as_deref()));
+            let Some(key) = key else {
+                cluster.refuse(src, "CLUSTER_HELLO");
+                return;
+            };
+            if cluster.member_key(src).is_none() {
+                tracing::info!(peer = %src, "a node of the cluster proved itself");
+            }
+            cluster.admit(src, key);
+            lock(&cluster.ports).insert(src.to_owned(), *port);
+            // It does not know us (or it would not greet): tell it, at most every HELLO_EVERY.
+            if cluster.greet_due(src) {
+                cluster.greet(me, src).await;
+            }
+            return;
+        }
+        if !cluster.heard_member(src, origin_key) {
+            cluster.refuse(src, message.kind());
+            return;
+        }
         match message {
-            JobMessage::TaskRequest { request, proof } => {
-                let answer = if cluster
-                    .trusted(&self.config.node, src, proof.as_deref())
-                    .await
-                {
-                    self.lease_remote(src).map(|lease| {
-                        let holders = lock(&cluster.holders)
-                            .get(&lease.blob)
-                            .map(|h| h.iter().filter(|w| *w != src).cloned().collect())
-                            .unwrap_or_default();
-                        JobMessage::TaskSend {
-                            request,
-                            lease,
-                            timeout_s: self.config.limits.timeout.as_secs(),
-                            lease_ms: REMOTE_LEASE_MS,
-                            holders,
-                        }
-                    })
-                } else {
-                    tracing::warn!(%src, "module request from an untrusted node refused");
-                    None
-                };
+            JobMessage::ClusterHello { .. } => {}
+            JobMessage::TaskRequest { request } => {
+                let answer = self.lease_remote(src).map(|lease| {
+                    let holders = lock(&cluster.holders)
+                        .get(&lease.blob)
+                        .map(|h| h.iter().filter(|w| *w != src).cloned().collect())
+                        .unwrap_or_default();
+                    JobMessage::TaskSend {
+                        request,
+                        lease,
+                        timeout_s: self.config.limits.timeout.as_secs(),
+                        lease_ms: REMOTE_LEASE_MS,
+                        holders,
+                    }
+                });
                 let answer = answer.unwrap_or(JobMessage::NoTasks { request });
                 cluster.send(src, &answer).await;
             }
             JobMessage::TaskRenew { lease } => self.renew_remote(&lease, src),
             JobMessage::TaskResult { lease, result } => {
-                cluster.add_holder(&lease.blob, src);
-                self.complete(&lease, result, false);
-            }
-            JobMessage::TaskSend { request, .. } | JobMessage::NoTasks { request } => {
-                if let Some(waiter) = lock(&cluster.waiting).remove(&request) {
-                    let _ = waiter.send(message);
+                if self.complete(&lease, src, result) {
+                    cluster.add_holder(&lease.blob, src);
+                } else {
+                    tracing::debug!(%src, module = %lease.module, "a result for a lease the sender does not hold (any more) dropped");
                 }
             }
-            JobMessage::TaskAnnounce { .. }
-            | JobMessage::RecoveryElection { .. }
-            | JobMessage::NodeStatus { .. }
-            | JobMessage::EvaluationResponsibilityUpdate { .. } => {}
+            JobMessage::TaskSend { request, .. } | JobMessage::NoTasks { request } => {
+                let mut waiting = lock(&cluster.waiting);
+                if waiting.get(&request).is_some_and(|(owner, _)| owner == src) {
+                    if let Some((_, waiter)) = waiting.remove(&request) {
+                        let _ = waiter.send(message);
+                    }
+                }
+            }
+            JobMessage::TaskAnnounce {
+                ref owner,
+                port,
+                pending,
+                scripts,
+                ..
+            } => {
+                if owner != src {
+                    return cluster.refuse(src, "TASK_ANNOUNCE for another owner");
+                }
+                lock(&cluster.ports).insert(src.to_owned(), port);
+                let mut owners = lock(&cluster.owners);
+                if owners.len() >= MAX_OWNERS && !owners.contains_key(src) {
+                    return;
+                }
+                owners.insert(
+                    src.to_owned(),
+                    Owner {
+                        port,
+                        seen: Instant::now(),
+                        pending,
+                        scripts,
+                    },
+                );
+            }
+            JobMessage::RecoveryElection { eval, candidate } => {
+                if candidate != src {
+                    return cluster.refuse(src, "RECOVERY_ELECTION for another candidate");
+                }
+                if let Some(election) = lock(&cluster.elections).get_mut(&eval) {
+                    election.candidates.insert(candidate);
+                }
+            }
+            JobMessage::NodeStatus { ref peer_id, .. } => {
+                if peer_id != src {
+                    return cluster.refuse(src, "NODE_STATUS of another node");
+                }
+                let mut statuses = lock(&cluster.statuses);
+                statuses.retain(|_, (_, at)| at.elapsed() < STATUS_FRESH);
+                if statuses.len() < MAX_OWNERS || statuses.contains_key(src) {
+                    statuses.insert(src.to_owned(), (message.clone(), Instant::now()));
+                }
+            }
+            JobMessage::EvaluationResponsibilityUpdate { eval, ref owner } => {
+                if owner != src {
+                    return cluster
+                        .refuse(src, "EVALUATION_RESPONSIBILITY_UPDATE for another owner");
+                }
+                lock(&cluster.elections).remove(&eval);
+                self.set_owner(eval, src);
+            }
         }
     }
 
@@ -678,12 +862,9 @@ impl Engine {
             if waiting.len() >= MAX_WAITING {
                 return false;
             }
-            waiting.insert(request, reply);
+            waiting.insert(request, (owner.clone(), reply));
         }
-        let ask = JobMessage::TaskRequest {
-            request,
-            proof: cluster.proof(&self.config.node),
-        };
+        let ask = JobMessage::TaskRequest { request };
         cluster.send(&owner, &ask).await;
         let answer = tokio::time::timeout(ANSWER_WAIT, answer).await;
         lock(&cluster.waiting).remove(&request);
@@ -760,8 +941,17 @@ impl Engine {
         let mut last = "no address".to_owned();
         let mut fetched = false;
         'sources: for (source, port) in sources {
+            let Some(key) = cluster.member_key(source) else {
+                last = format!("{source} is not a proven member of this cluster");
+                continue;
+            };
             for addr in cluster.addresses(source, port).await {
-                match cluster.config.node.open_stream(addr, SERVICE, None).await {
+                match cluster
+                    .config
+                    .node
+                    .open_stream(addr, SERVICE, Some(key))
+                    .await
+                {
                     Ok(mut stream) if stream.peer_id() == source => {
                         match fetch_blob(
                             &mut stream,
@@ -829,7 +1019,12 @@ impl Engine {
         };
         let proof = request.get("proof").and_then(|p| p.as_str());
         let peer = stream.peer_id().to_owned();
-        let trusted = cluster.trusted(&self.config.node, &peer, proof).await;
+        let key = Some(stream.key());
+        let trusted = cluster.member_key(&peer) == key
+            || cluster.trusted(&self.config.node, &peer, key, proof);
+        if !trusted {
+            cluster.refuse(&peer, "a jobs stream");
+        }
         if request.get("script").is_some() {
             return self.serve_script(cluster, stream, trusted).await;
         }

@@ -246,6 +246,11 @@ pub enum NodeError {
 }
 
 impl NodeHandle {
+    /// This node's public key, if it has an identity.
+    pub fn public_key(&self) -> Option<PublicKey> {
+        self.us.as_ref().map(|us| us.identity.public_key())
+    }
+
     /// Where the node accepts links and streams, if it listens.
     pub fn listen_addr(&self) -> Option<SocketAddr> {
         self.listen

@@ -748,23 +748,31 @@ fn two_evaluations_run_at_once_and_a_restarted_node_keeps_its_history() {
 }
 
 #[test]
-fn stats_and_network_show_every_node_up() {
+fn stats_and_network_show_every_node_of_the_cluster_and_no_stranger() {
+    let secret = ["--cluster-secret", "our-lab"];
     let a = NodeProcess::start(
         "a-node",
         "eval",
-        &["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"],
+        &[
+            &["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"][..],
+            &secret,
+        ]
+        .concat(),
     );
     let http = field(&a.process.wait_for_log("HTTP API listening"), "bound").to_owned();
     let b = NodeProcess::start(
         "b-node",
         "eval",
-        &["--peer", &a.addr(), "--max-neighbours", "1"],
+        &[&["--peer", &a.addr(), "--max-neighbours", "2"][..], &secret].concat(),
     );
     let c = NodeProcess::start(
         "c-node",
         "eval",
-        &["--peer", &b.addr(), "--max-neighbours", "1"],
+        &[&["--peer", &b.addr(), "--max-neighbours", "1"][..], &secret].concat(),
     );
+    // A node without the secret, linked to a: not a node of the cluster, never shown.
+    let stranger = NodeProcess::start("stranger", "eval", &["--peer", &a.addr()]);
+    a.wait_link("stranger@eval");
     b.wait_link("c-node@eval");
     let deadline = Instant::now() + PATIENCE;
     loop {
@@ -790,6 +798,7 @@ fn stats_and_network_show_every_node_up() {
                 .map(|n| n["address"].as_str().unwrap())
                 .collect();
             assert!(addresses.contains(&c.addr().as_str()), "{stats}");
+            assert!(!addresses.contains(&stranger.addr().as_str()), "{stats}");
             break;
         }
         assert!(Instant::now() < deadline, "stats {stats} network {network}");

@@ -76,14 +76,16 @@ impl Node {
 
     pub(super) fn on_send(&mut self, now: Instant, link: LinkId, mut data: Data) {
         let for_us = data.dst == self.config.peer_id;
+        let mut origin_key = None;
         // Delivered here: checked in full. Relayed: a course peer's src is checked (and
         // vouched for); a teia origin's signature is checked where it is delivered.
         if for_us || self.is_course_link(link) {
             let auth = data.auth.take();
             let origin = Origin::of("SEND", &data);
-            if !self.authentic(link, &origin, auth.as_ref()) {
+            let Some(proven) = self.authentic(link, &origin, auth.as_ref()) else {
                 return;
-            }
+            };
+            origin_key = proven;
             let auth = if for_us {
                 auth
             } else {
@@ -93,7 +95,7 @@ impl Node {
         }
         self.learn_reverse(now, link, &data.src, data.ttl);
         if for_us {
-            self.deliver_send(now, Some(link), data);
+            self.deliver_send(now, Some(link), data, origin_key);
             return;
         }
         if data.ttl <= 1 {
@@ -114,7 +116,15 @@ impl Node {
         self.route(now, Message::Send(forwarded), Some(link));
     }
 
-    pub(super) fn deliver_send(&mut self, now: Instant, link: Option<LinkId>, data: Data) {
+    /// Delivers a SEND for this node whose origin `origin_key` proved (see
+    /// [`Event::Message`]), and acknowledges it.
+    pub(super) fn deliver_send(
+        &mut self,
+        now: Instant,
+        link: Option<LinkId>,
+        data: Data,
+        origin_key: Option<PublicKey>,
+    ) {
         if self.delivered.insert(&data.msg_id) {
             self.counters.delivered += 1;
             // Stored before the ACK below is written: an acknowledged message survives a
@@ -131,6 +141,7 @@ impl Node {
                 dst: data.dst.clone(),
                 cast: Cast::Unicast,
                 payload: data.payload,
+                origin_key,
             });
         } else {
             self.counters.duplicates += 1;
@@ -166,9 +177,9 @@ impl Node {
         }
         let auth = data.auth.take();
         let origin = Origin::of("PUB", &data);
-        if !self.authentic(link, &origin, auth.as_ref()) {
+        let Some(origin_key) = self.authentic(link, &origin, auth.as_ref()) else {
             return;
-        }
+        };
         let auth = self.vouch(link, &origin, auth);
         data.auth = auth;
         self.seen.insert(&seen_key);
@@ -206,6 +217,7 @@ impl Node {
                 dst: data.dst,
                 cast,
                 payload: data.payload,
+                origin_key,
             });
         }
     }
@@ -253,7 +265,7 @@ impl Node {
             dst: &me,
             payload: None,
         };
-        if !self.authentic(link, &origin, ack.auth.as_ref()) {
+        if self.authentic(link, &origin, ack.auth.as_ref()).is_none() {
             return;
         }
         if let Some(outgoing) = self.outbox.remove(&ack.msg_id) {

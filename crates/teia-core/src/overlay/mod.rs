@@ -342,6 +342,11 @@ pub enum Event {
         cast: Cast,
         /// Content.
         payload: Value,
+        /// The key that proved `src` sent it: its origin signature, or the encrypted link
+        /// it came on from `src` itself. `None` for a course peer, a message a teia node
+        /// vouched for, a plaintext link, or a message restored after a restart: nothing
+        /// that needs to know who sent it (the job engine's control) may act on those.
+        origin_key: Option<PublicKey>,
     },
     /// A SEND of ours was acknowledged end to end.
     Acked {
@@ -1109,7 +1114,8 @@ impl Node {
         );
         if dst == self.config.peer_id {
             self.actions.push_back(Action::Remember(remember));
-            self.deliver_send(now, None, data);
+            let own = self.public_key();
+            self.deliver_send(now, None, data, own);
         } else {
             self.defer(origin::Deferred::Send {
                 data,
@@ -1212,6 +1218,7 @@ impl Node {
                 dst: message.dst,
                 cast: Cast::Unicast,
                 payload: message.payload,
+                origin_key: None,
             });
         }
         let unix_now = self.unix_millis(now);

@@ -199,16 +199,19 @@ impl Node {
     ///   by a teia node vouching for `src` when `src` is not a teia node.
     ///
     /// A refused message is counted, reported ([`Event::Forged`]) and answered
-    /// `ERROR unauthorized`; the link stays up.
+    /// `ERROR unauthorized`; the link stays up. `None` when refused, else the key that
+    /// proved `src` (`Some(None)` when nothing did: a course peer, a vouched-for message, a
+    /// plaintext link).
     pub(super) fn authentic(
         &mut self,
         link: LinkId,
         origin: &Origin<'_>,
         auth: Option<&Auth>,
-    ) -> bool {
+    ) -> Option<Option<PublicKey>> {
         let verdict = self.verdict(link, origin, auth);
-        let Err(reason) = verdict else {
-            return true;
+        let reason = match verdict {
+            Ok(proven) => return Some(proven),
+            Err(reason) => reason,
         };
         self.counters.forged += 1;
         let from = self.peer_of(link);
@@ -225,7 +228,7 @@ impl Node {
             msg_id: origin.msg_id.to_owned(),
             reason,
         });
-        false
+        None
     }
 
     fn verdict(
@@ -233,14 +236,14 @@ impl Node {
         link: LinkId,
         origin: &Origin<'_>,
         auth: Option<&Auth>,
-    ) -> Result<(), String> {
+    ) -> Result<Option<PublicKey>, String> {
         let Some(state) = self.links.get(&link) else {
             return Err("unknown link".to_owned());
         };
         let neighbour = state.peer.clone().unwrap_or_default();
         if !state.has(feature::TEIA) {
             return if origin.src == neighbour {
-                Ok(())
+                Ok(None)
             } else {
                 Err(format!(
                     "a course peer may only send as itself ({neighbour}), not as {}",
@@ -248,8 +251,11 @@ impl Node {
                 ))
             };
         }
-        if !self.config.sign_messages || (state.encrypted && origin.src == neighbour) {
-            return Ok(());
+        if state.encrypted && origin.src == neighbour {
+            return Ok(state.key);
+        }
+        if !self.config.sign_messages {
+            return Ok(None);
         }
         let auth = auth.ok_or_else(|| format!("no origin signature for {}", origin.src))?;
         let key = PublicKey::parse(&auth.key).map_err(|e| e.to_string())?;
@@ -281,7 +287,7 @@ impl Node {
                 "{signer} signed with a key other than its pinned key"
             ));
         }
-        Ok(())
+        Ok((signer == origin.src).then_some(key))
     }
 
     /// For a message that entered from a course neighbour and goes on to others: this

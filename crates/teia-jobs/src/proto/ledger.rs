@@ -468,20 +468,28 @@ impl Ledger {
         }
     }
 
-    /// Records a module's result; false (and nothing changes) when it is not the current
-    /// attempt or the module is already done.
-    pub fn complete(&mut self, lease: &Lease, result: ModuleResult, unix_ms: u64) -> bool {
+    /// Records `worker`'s result of a module; false (and nothing changes) unless the module
+    /// is leased to `worker` for the lease's attempt (a module pending, leased to another,
+    /// taken back or done takes no result).
+    pub fn complete(
+        &mut self,
+        lease: &Lease,
+        worker: &str,
+        result: ModuleResult,
+        unix_ms: u64,
+    ) -> bool {
         let key = format!("{}/{}", lease.project, lease.module);
         let seconds = result.seconds;
         let Some(module) = self.module_mut(lease.eval, &lease.project, &lease.module) else {
             return false;
         };
-        let current = match module.state {
-            ModuleState::Leased { attempt, .. } | ModuleState::Pending { attempt } => attempt,
-            ModuleState::Done(_) => return false,
-        };
-        if current != lease.attempt {
-            return false;
+        match &module.state {
+            ModuleState::Leased {
+                worker: holder,
+                attempt,
+                ..
+            } if holder == worker && *attempt == lease.attempt => {}
+            _ => return false,
         }
         module.state = ModuleState::Done(result);
         self.durations.insert(key, seconds);
@@ -610,6 +618,21 @@ mod tests {
         assert_eq!(ledger.get(1).unwrap().status(), "queued");
         let (tests, modules) = ledger.get(1).unwrap().counts();
         assert_eq!((tests.pending, modules.pending), (7, 3));
+        assert!(
+            !ledger.complete(
+                &Lease {
+                    eval: 1,
+                    project: "b".into(),
+                    blob: String::new(),
+                    module: "tests/test_x.py".into(),
+                    attempt: 0,
+                },
+                "w",
+                ok(4, 0, 1.0),
+                0
+            ),
+            "a module never leased takes no result"
+        );
         let mut leases = Vec::new();
         while let Some(lease) = ledger.lease("o", "w", 0, 1000, 5) {
             leases.push(lease);
@@ -624,9 +647,13 @@ mod tests {
             } else {
                 result
             };
-            assert!(ledger.complete(lease, r, 9));
+            assert!(!ledger.complete(lease, "x", r.clone(), 9), "not its lease");
+            assert!(ledger.complete(lease, "w", r, 9));
         }
-        assert!(!ledger.complete(&leases[0], ok(9, 9, 1.0), 9), "idempotent");
+        assert!(
+            !ledger.complete(&leases[0], "w", ok(9, 9, 1.0), 9),
+            "idempotent"
+        );
         let evaluation = ledger.get(1).unwrap();
         assert_eq!(evaluation.status(), "done");
         assert_eq!(evaluation.finished_at, Some(9));
@@ -651,8 +678,16 @@ mod tests {
         let second = ledger.lease("o", "w2", 2000, 1000, 0).unwrap();
         assert_eq!(second.attempt, 1);
         assert!(
-            !ledger.complete(&first, ok(1, 0, 1.0), 0),
+            !ledger.complete(&first, "w1", ok(1, 0, 1.0), 0),
             "a stale attempt"
+        );
+        let stale_as_current = Lease {
+            attempt: 1,
+            ..first.clone()
+        };
+        assert!(
+            !ledger.complete(&stale_as_current, "w1", ok(1, 0, 1.0), 0),
+            "another worker's lease"
         );
         assert_eq!(ledger.expire(3000, 5), vec![second]);
         let evaluation = ledger.get(7).unwrap();
@@ -675,8 +710,8 @@ mod tests {
         );
         let a = ledger.lease("o", "w", 0, 1000, 0).unwrap();
         let b = ledger.lease("o", "w", 0, 1000, 0).unwrap();
-        ledger.complete(&a, ok(1, 0, 1.0), 0);
-        ledger.complete(&b, ok(1, 0, 9.0), 0);
+        ledger.complete(&a, "w", ok(1, 0, 1.0), 0);
+        ledger.complete(&b, "w", ok(1, 0, 9.0), 0);
         ledger.submit(
             2,
             "o",

@@ -1,10 +1,14 @@
 //! The job engine's messages between nodes (PROTOCOL.md section 8), named after seed 000's:
 //! carried as SEND payloads `{"svc":"jobs","msg":{...}}` (so they are acknowledged,
-//! retransmitted and signed by their origin like any SEND), except TASK_ANNOUNCE,
-//! RECOVERY_ELECTION and EVALUATION_RESPONSIBILITY_UPDATE, which are flooded as `jobs`
-//! QUERYs.
+//! retransmitted and signed by their origin like any SEND), to one node at a time: nothing
+//! of the engine is flooded. A node is a member of its cluster for another once its
+//! CLUSTER_HELLO, signed by its key, proved that key trusted (`--trust`) or the cluster
+//! secret bound to that key; every other message counts only from a member, by the key
+//! that proved it.
 
 use serde::{Deserialize, Serialize};
+
+use teia_core::identity::PublicKey;
 
 use super::ledger::{Lease, ModuleResult};
 
@@ -15,6 +19,16 @@ pub const SERVICE: &str = "jobs";
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "SCREAMING_SNAKE_CASE")]
 pub enum JobMessage {
+    /// A node asks to be known as a member of the cluster (sent to each teia neighbour that
+    /// is not a member yet, and to the nodes members name, every few seconds at most).
+    ClusterHello {
+        /// Proof that the sender holds the cluster secret, bound to its key, if it has one.
+        #[serde(default)]
+        proof: Option<String>,
+        /// Its listen port (for data streams), if it listens.
+        #[serde(default)]
+        port: Option<u16>,
+    },
     /// An owner has evaluations not finished (flooded now and then while it has).
     TaskAnnounce {
         /// The owner.
@@ -29,17 +43,11 @@ pub enum JobMessage {
         /// Script tasks (seed 001) waiting, taken over a `jobs` stream.
         #[serde(default)]
         scripts: u32,
-        /// Proof that the owner holds the cluster secret, if it has one.
-        #[serde(default)]
-        proof: Option<String>,
     },
     /// A worker asks an owner for a module.
     TaskRequest {
         /// Names the request, echoed by the answer.
         request: u64,
-        /// Proof that the worker holds the cluster secret, if it has one.
-        #[serde(default)]
-        proof: Option<String>,
     },
     /// The owner hands a module to the worker.
     TaskSend {
@@ -109,6 +117,24 @@ pub enum JobMessage {
     },
 }
 
+impl JobMessage {
+    /// Its type, as on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::ClusterHello { .. } => "CLUSTER_HELLO",
+            Self::TaskAnnounce { .. } => "TASK_ANNOUNCE",
+            Self::TaskRequest { .. } => "TASK_REQUEST",
+            Self::TaskSend { .. } => "TASK_SEND",
+            Self::NoTasks { .. } => "NO_TASKS",
+            Self::TaskRenew { .. } => "TASK_RENEW",
+            Self::TaskResult { .. } => "TASK_RESULT",
+            Self::RecoveryElection { .. } => "RECOVERY_ELECTION",
+            Self::NodeStatus { .. } => "NODE_STATUS",
+            Self::EvaluationResponsibilityUpdate { .. } => "EVALUATION_RESPONSIBILITY_UPDATE",
+        }
+    }
+}
+
 /// A SEND payload carrying `message`.
 pub fn payload(message: &JobMessage) -> serde_json::Value {
     serde_json::json!({"svc": SERVICE, "msg": message})
@@ -122,13 +148,15 @@ pub fn from_payload(payload: &serde_json::Value) -> Option<JobMessage> {
     serde_json::from_value(payload.get("msg")?.clone()).ok()
 }
 
-/// Proof that `peer_id` holds the cluster secret: BLAKE3 keyed by a key derived from the
-/// secret, over the peer id (the message carrying it is signed by that peer).
-pub fn proof(secret: &str, peer_id: &str) -> String {
-    let key = blake3::derive_key("teia cluster secret v1", secret.as_bytes());
-    blake3::keyed_hash(&key, peer_id.as_bytes())
-        .to_hex()
-        .to_string()
+/// Proof that the node `peer_id` with key `key` holds the cluster secret: BLAKE3 keyed by
+/// a key derived from the secret, over the key and the peer id. Bound to the key, it is
+/// worth nothing to anyone who sees it but cannot sign with that key.
+pub fn proof(secret: &str, peer_id: &str, key: &PublicKey) -> String {
+    let derived = blake3::derive_key("teia cluster secret v2", secret.as_bytes());
+    let mut hasher = blake3::Hasher::new_keyed(&derived);
+    hasher.update(key.as_bytes());
+    hasher.update(peer_id.as_bytes());
+    hasher.finalize().to_hex().to_string()
 }
 
 #[cfg(test)]
@@ -137,15 +165,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn payloads_round_trip_and_proofs_bind_the_peer() {
-        let message = JobMessage::TaskRequest {
-            request: 7,
-            proof: Some(proof("s", "a@x")),
+    fn payloads_round_trip_and_proofs_bind_the_peer_and_its_key() {
+        let one = teia_core::identity::Identity::from_seed(&[1; 32]).public_key();
+        let two = teia_core::identity::Identity::from_seed(&[2; 32]).public_key();
+        let message = JobMessage::ClusterHello {
+            proof: Some(proof("s", "a@x", &one)),
+            port: Some(9),
         };
+        assert_eq!(message.kind(), "CLUSTER_HELLO");
         assert_eq!(from_payload(&payload(&message)), Some(message));
         assert_eq!(from_payload(&serde_json::json!("hello")), None);
         assert_eq!(from_payload(&serde_json::json!({"svc": "other"})), None);
-        assert_ne!(proof("s", "a@x"), proof("s", "b@x"));
-        assert_ne!(proof("s", "a@x"), proof("t", "a@x"));
+        assert_ne!(proof("s", "a@x", &one), proof("s", "b@x", &one));
+        assert_ne!(proof("s", "a@x", &one), proof("t", "a@x", &one));
+        assert_ne!(proof("s", "a@x", &one), proof("s", "a@x", &two));
     }
 }

@@ -879,11 +879,6 @@ impl Session {
                     let (files, query_id, body) =
                         (self.files.clone(), query_id.clone(), body.clone());
                     tokio::spawn(async move { files.on_query(&query_id, &body).await });
-                } else if let (Some(engine), teia_jobs::proto::messages::SERVICE) =
-                    (&self.engine, service.as_str())
-                {
-                    let (engine, body) = (engine.clone(), body.clone());
-                    tokio::spawn(async move { engine.on_query(&body).await });
                 }
                 return;
             }
@@ -892,12 +887,14 @@ impl Session {
                 src,
                 payload,
                 cast: Cast::Unicast,
+                origin_key,
                 ..
             }) if teia_jobs::proto::messages::from_payload(payload).is_some() => {
                 // A job engine's message, not chat.
                 if let Some(engine) = &self.engine {
-                    let (engine, src, payload) = (engine.clone(), src.clone(), payload.clone());
-                    tokio::spawn(async move { engine.on_message(&src, &payload).await });
+                    let (engine, src, payload, key) =
+                        (engine.clone(), src.clone(), payload.clone(), *origin_key);
+                    tokio::spawn(async move { engine.on_message(&src, key, &payload).await });
                 }
                 let _ = self.handle.shown(msg_id).await;
                 return;
@@ -1050,6 +1047,7 @@ fn describe_overlay(event: &Event) -> (Value, String) {
             dst,
             cast,
             payload,
+            ..
         } => {
             let cast_name = match cast {
                 Cast::Unicast => "unicast",

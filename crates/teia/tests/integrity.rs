@@ -1,0 +1,188 @@
+//! Integration tests of the job engine's integrity on real `teia` processes: results and
+//! control messages count only from proven members of the cluster (a plaintext course
+//! client and a keyed node without the cluster secret change nothing), and a result only
+//! from the worker holding that module's lease.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+/// One project of `modules` test modules (`tests/test_slow_N.py`) that each take a moment,
+/// then have one test pass and one fail.
+fn slow_project_zip(dir: &std::path::Path, modules: usize) -> Vec<u8> {
+    let source = "import time\n\ndef test_slow_pass():\n    time.sleep(2)\n\ndef test_fails():\n    assert False\n";
+    let path = dir.join("projects.zip");
+    let status = std::process::Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile\nwith zipfile.ZipFile(sys.argv[1], 'w') as z:\n    for n in range(int(sys.argv[3])):\n        z.writestr('p/tests/test_slow_%d.py' % n, sys.argv[2])",
+        ])
+        .arg(&path)
+        .arg(source)
+        .arg(modules.to_string())
+        .status()
+        .unwrap();
+    assert!(status.success());
+    std::fs::read(&path).unwrap()
+}
+
+/// `bytes` posted as seed 000's `file` field to `addr`'s `/evaluation`: its id.
+fn submit(addr: &str, bytes: &[u8]) -> u64 {
+    let (status, created) = post_file(addr, "/evaluation", bytes);
+    assert_eq!(status, 201, "{created}");
+    created["id"].as_u64().unwrap()
+}
+
+/// Waits for evaluation `id` at `addr` to end; its detail.
+fn wait_done(addr: &str, id: u64) -> Value {
+    let deadline = Instant::now() + PATIENCE * 2;
+    loop {
+        let (status, detail) = get(addr, &format!("/evaluation/{id}"));
+        assert_eq!(status, 200, "{detail}");
+        if detail["status"] == "done" || detail["status"] == "failed" {
+            return detail;
+        }
+        assert!(Instant::now() < deadline, "not done: {detail}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A SEND from the course client `src` to `dst` carrying job message `msg`.
+fn job_send(msg_id: &str, src: &str, dst: &str, msg: Value) -> Value {
+    json!({"type":"SEND","msg_id":msg_id,"src":src,"dst":dst,
+           "payload":{"svc":"jobs","msg":msg},"require_ack":true,"ttl":8})
+}
+
+/// A plaintext client with no key and no secret sends the owner results for its pending
+/// module, takes its evaluation over, stands in an election, announces, and reports a
+/// node with 999,999 passed: the evaluation ends with pytest's own counts, run by the
+/// owner, which still owns it; `/stats` shows no invented node; the refusals are logged.
+#[test]
+fn forged_results_and_control_from_a_plaintext_client_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let owner = NodeProcess::start(
+        "judge",
+        "eval",
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--peer",
+            "127.0.0.1:1",
+            "--workers",
+            "1",
+        ],
+    );
+    let http = field(&owner.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let id = submit(&http, &slow_project_zip(dir.path(), 1));
+    let mut forger = CourseClient::connect(&owner.addr(), "forger@eval");
+    owner.wait_link("forger@eval");
+    let lease =
+        json!({"eval":id,"project":"p","blob":"","module":"tests/test_slow_0.py","attempt":0});
+    let result =
+        json!({"passed":1000,"failed":0,"errors":0,"skipped":0,"seconds":0.1,"node":"forger"});
+    let forged = [
+        json!({"type":"TASK_RESULT","lease":lease,"result":result}),
+        json!({"type":"EVALUATION_RESPONSIBILITY_UPDATE","eval":id,"owner":"forger@eval"}),
+        json!({"type":"RECOVERY_ELECTION","eval":id,"candidate":"forger@eval"}),
+        json!({"type":"TASK_ANNOUNCE","owner":"forger@eval","port":1,"pending":5}),
+        json!({"type":"NODE_STATUS","peer_id":"forger@eval","address":"6.6.6.6:1",
+               "neighbours":[],"passed":999999,"failed":0,"projects":1,"modules":1,"evaluations":[id]}),
+        json!({"type":"CLUSTER_HELLO","proof":"00","port":1}),
+    ];
+    for (n, msg) in forged.into_iter().enumerate() {
+        let msg_id = format!("forged-{n}");
+        forger.send(&job_send(&msg_id, "forger@eval", &owner.peer_id, msg));
+        forger.read_until(|m| m["type"] == "ACK" && m["msg_id"] == msg_id.as_str());
+    }
+    let detail = wait_done(&http, id);
+    let module = &detail["projects"]["p"]["modules"]["tests/test_slow_0.py"];
+    assert_eq!(
+        (module["passed"].as_u64(), module["failed"].as_u64()),
+        (Some(1), Some(1)),
+        "{detail}"
+    );
+    assert_ne!(module["node"], "forger", "{detail}");
+    let (_, stats) = get(&http, "/stats");
+    assert!(!stats.to_string().contains("999999"), "{stats}");
+    assert!(!stats.to_string().contains("6.6.6.6"), "{stats}");
+    assert_eq!(stats["nodes"].as_array().map(Vec::len), Some(1), "{stats}");
+    let refused = owner
+        .process
+        .wait_for_log("refused: the sender is not a proven member");
+    assert!(refused.contains("forger@eval"), "{refused}");
+    // One line for the burst, not one per message.
+    let lines = owner
+        .process
+        .lines()
+        .iter()
+        .filter(|l| l.contains("refused: the sender is not a proven member"))
+        .count();
+    assert_eq!(lines, 1, "refusals are summarised");
+}
+
+/// A teia node with its own key but without the cluster secret, linked to the owner, is
+/// not made a member: its CLUSTER_HELLO is refused, it is handed no module, and it is not
+/// shown; a node with the secret becomes a member and runs some of the modules.
+#[test]
+fn a_keyed_node_without_the_secret_is_no_member_and_runs_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = ["--cluster-secret", "our-lab"];
+    let owner = NodeProcess::start(
+        "owner",
+        "eval",
+        &[
+            &[
+                "--http",
+                "127.0.0.1:0",
+                "--peer",
+                "127.0.0.1:1",
+                "--workers",
+                "1",
+            ][..],
+            &secret,
+        ]
+        .concat(),
+    );
+    let http = field(&owner.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let stranger = NodeProcess::start(
+        "stranger",
+        "eval",
+        &["--peer", &owner.addr(), "--cluster-secret", "not-ours"],
+    );
+    owner.wait_link("stranger@eval");
+    let refused = owner
+        .process
+        .wait_for_log("CLUSTER_HELLO refused: the sender is not a proven member");
+    assert!(refused.contains("stranger@eval"), "{refused}");
+    let member = NodeProcess::start(
+        "member",
+        "eval",
+        &[&["--peer", &owner.addr(), "--workers", "1"][..], &secret].concat(),
+    );
+    let proved = owner
+        .process
+        .wait_for_log("a node of the cluster proved itself");
+    assert!(proved.contains("member@eval"), "{proved}");
+    let id = submit(&http, &slow_project_zip(dir.path(), 4));
+    let detail = wait_done(&http, id);
+    let modules = detail["projects"]["p"]["modules"].as_object().unwrap();
+    assert_eq!(modules.len(), 4, "{detail}");
+    assert!(modules.values().all(|m| m["passed"] == 1), "{detail}");
+    let ran_on: Vec<String> = modules
+        .values()
+        .map(|m| m["node"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(ran_on.contains(&member.addr()), "{detail}");
+    assert!(
+        ran_on
+            .iter()
+            .all(|n| *n == owner.addr() || *n == member.addr()),
+        "{detail}"
+    );
+    let (_, stats) = get(&http, "/stats");
+    assert!(!stats.to_string().contains(&stranger.addr()), "{stats}");
+}
