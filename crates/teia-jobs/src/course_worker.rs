@@ -306,20 +306,21 @@ async fn run_task(
         .await
         .map_err(|e| e.to_string())?;
     tracing::info!(task = %name, exit = ?outcome.exit_code, timed_out = outcome.timed_out, seconds = outcome.seconds, "task ran");
-    let read = |file: &str| read_bounded(&folder.join(file));
-    let result = zip_outputs(&read("stdout.txt"), &read("stderr.txt")).map_err(|e| e.to_string());
+    // The folder is the task's: read as hostile input (at most MAX_MESSAGE / 4 bytes of
+    // each, for a result must fit a message in base64), off the async threads.
+    let task_folder = folder.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let read = |file: &str| {
+            crate::taskfile::read_capped(&task_folder, Path::new(file), (MAX_MESSAGE / 4) as u64)
+                .unwrap_or_else(|e| e.to_string().into_bytes())
+        };
+        zip_outputs(&read("stdout.txt"), &read("stderr.txt")).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())
+    .and_then(|zipped| zipped);
     let _ = std::fs::remove_dir_all(&folder);
     result
-}
-
-/// The first [`MAX_MESSAGE`] / 4 bytes of a file (a result must fit a message in base64).
-fn read_bounded(path: &Path) -> Vec<u8> {
-    use std::io::Read;
-    let mut bytes = Vec::new();
-    if let Ok(file) = std::fs::File::open(path) {
-        let _ = file.take((MAX_MESSAGE / 4) as u64).read_to_end(&mut bytes);
-    }
-    bytes
 }
 
 /// A ZIP of `stdout.txt` and `stderr.txt`.

@@ -16,3 +16,4 @@ pub mod remote_scripts;
 pub mod runner;
 pub mod script;
 pub mod split;
+pub mod taskfile;

@@ -57,7 +57,12 @@ pub async fn run_task(
         })
         .take(MAX_OUTPUT_FILES)
         .collect();
-    write_result_zip(folder, &summary, &outputs, to).map_err(|e| e.to_string())
+    // The folder is the task's: read as hostile input, off the async threads.
+    let (folder, to) = (folder.to_owned(), to.to_owned());
+    tokio::task::spawn_blocking(move || write_result_zip(&folder, &summary, &outputs, &to))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())
 }
 
 /// The files under `dir`, relative to it (links not followed).
@@ -80,7 +85,9 @@ fn list_files(dir: &Path) -> Vec<PathBuf> {
     found
 }
 
-/// Writes the result ZIP, each file copied a piece at a time.
+/// Writes the result ZIP, each file copied a piece at a time; a file of the task's that is
+/// not a regular file inside its folder (a link, a FIFO, a device) is left out, and said
+/// so in `result.json`'s `skipped`.
 fn write_result_zip(
     folder: &Path,
     summary: &serde_json::Value,
@@ -94,8 +101,15 @@ fn write_result_zip(
         .compression_method(zip::CompressionMethod::Deflated)
         .large_file(true);
     let mut left = MAX_RESULT_CONTENT;
-    let mut add = |name: String, path: &Path| -> std::io::Result<()> {
-        let mut source = std::fs::File::open(path)?;
+    let mut skipped = Vec::new();
+    let mut add = |name: String, relative: &Path| -> std::io::Result<()> {
+        let mut source = match crate::taskfile::open(folder, relative) {
+            Ok(file) => file,
+            Err(e) => {
+                skipped.push(e.to_string());
+                return Ok(());
+            }
+        };
         zip.start_file(name, options)
             .map_err(std::io::Error::other)?;
         let copied = std::io::copy(
@@ -105,13 +119,14 @@ fn write_result_zip(
         left -= copied;
         Ok(())
     };
-    add("stdout.txt".into(), &folder.join("stdout.txt"))?;
-    add("stderr.txt".into(), &folder.join("stderr.txt"))?;
+    add("stdout.txt".into(), Path::new("stdout.txt"))?;
+    add("stderr.txt".into(), Path::new("stderr.txt"))?;
     for output in outputs {
-        add(
-            format!("outputs/{}", output.to_string_lossy()),
-            &folder.join(output),
-        )?;
+        add(format!("outputs/{}", output.to_string_lossy()), output)?;
+    }
+    let mut summary = summary.clone();
+    if let (Some(fields), false) = (summary.as_object_mut(), skipped.is_empty()) {
+        fields.insert("skipped".into(), skipped.into());
     }
     zip.start_file("result.json", options)
         .map_err(std::io::Error::other)?;

@@ -56,8 +56,14 @@ fn network_broadcast(ip: Ipv4Addr, netmask: Ipv4Addr) -> Option<Ipv4Addr> {
 /// Binds a UDP socket on `port` of every IPv4 address, able to broadcast; `shared` lets
 /// other sockets (other nodes of this machine) bind the same port.
 fn bind(port: u16, shared: bool) -> std::io::Result<UdpSocket> {
-    use rustix::net::{sockopt, AddressFamily, SocketType};
-    let fd = rustix::net::socket(AddressFamily::INET, SocketType::DGRAM, None)?;
+    use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
+    // Close-on-exec, as every descriptor of the node: a task it starts must not inherit it.
+    let fd = rustix::net::socket_with(
+        AddressFamily::INET,
+        SocketType::DGRAM,
+        SocketFlags::CLOEXEC,
+        None,
+    )?;
     if shared {
         sockopt::set_socket_reuseaddr(&fd, true)?;
         sockopt::set_socket_reuseport(&fd, true)?;

@@ -773,3 +773,56 @@ fn a_node_whose_python_has_no_pytest_runs_script_tasks() {
         serde_json::from_str(&result_file(&results, "first", "result.json", PATIENCE)).unwrap();
     assert_eq!(summary["node"], worker.peer_id.as_str(), "{summary}");
 }
+
+/// A task that leaves a link to the node's `/proc/self/cmdline` as its `stdout.txt`, a
+/// link to `/dev/zero` and a FIFO among its outputs: the node follows none of them (its
+/// secret is not in the result), is not blocked or flooded, and the job ends.
+#[test]
+fn links_and_fifos_a_task_leaves_are_not_followed() {
+    let (dir, tasks) = tasks_folder();
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let main = "import os\nprint('before')\nos.remove('stdout.txt')\nos.symlink('/proc/self/cmdline', 'stdout.txt')\nos.symlink('/dev/zero', 'zero.txt')\nos.mkfifo('fifo.txt')\n";
+    zip_task(&staging.join("tricks.zip"), main, "name,value\n");
+    let node = NodeProcess::start(
+        "jobs",
+        "seed001",
+        &[
+            "--peer",
+            "127.0.0.1:1",
+            "--http",
+            "127.0.0.1:0",
+            "--tasks-dir",
+            tasks.to_str().unwrap(),
+            "--master-port",
+            "127.0.0.1:0",
+            "--discovery-port",
+            &free_udp_port().to_string(),
+            "--cluster-secret",
+            "secret-of-the-node",
+        ],
+    );
+    let addr = field(&node.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let (status, created) = post_file(
+        &addr,
+        "/jobs",
+        &std::fs::read(staging.join("tricks.zip")).unwrap(),
+    );
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + PATIENCE;
+    let done = loop {
+        let (status, job) = get(&addr, &format!("/jobs/{id}"));
+        assert_eq!(status, 200, "{job}");
+        if job["status"] == "done" {
+            break job;
+        }
+        assert!(Instant::now() < deadline, "not done: {job}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!done.to_string().contains("secret-of-the-node"), "{done}");
+    assert_eq!(done["exit_code"], 0, "{done}");
+    // The node still serves, and kept nothing of /dev/zero.
+    let (status, list) = get(&addr, "/jobs");
+    assert_eq!((status, list["done"].as_u64()), (200, Some(1)), "{list}");
+}

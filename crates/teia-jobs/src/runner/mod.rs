@@ -54,6 +54,10 @@ def pytest_runtest_logreport(report):
 /// Bytes of a module's output kept (the rest is dropped).
 pub const OUTPUT_KEPT: usize = 64 * 1024;
 
+/// Bytes of a module's report (one JSON line per test) read at most; a report cut there
+/// counts the tests reported before the cut.
+pub const MAX_REPORT: u64 = 32 * 1024 * 1024;
+
 /// Limits a module runs under.
 #[derive(Debug, Clone)]
 pub struct Limits {
@@ -343,19 +347,36 @@ impl Runner {
             Some(pool) => pool.run(&python, &request).await,
             None => None,
         };
-        let (timed_out, output) = match warm {
-            Some(timed_out) => {
-                let mut kept = Vec::new();
-                if let Ok(file) = std::fs::File::open(&output_file) {
-                    use std::io::Read;
-                    let _ = file.take(OUTPUT_KEPT as u64).read_to_end(&mut kept);
-                }
-                (timed_out, String::from_utf8_lossy(&kept).into_owned())
-            }
-            None => self.run_cold(&python, &request).await?,
+        let cold = match warm {
+            Some(_) => None,
+            None => Some(self.run_cold(&python, &request).await?),
         };
         result.seconds = started.elapsed().as_secs_f64();
-        let text = std::fs::read_to_string(&report).unwrap_or_default();
+        // What the module left is the task's: read as hostile, off the async threads.
+        let folder = work.to_owned();
+        let read_warm_output = cold.is_none();
+        let (kept, text) = tokio::task::spawn_blocking(move || {
+            let kept = if read_warm_output {
+                crate::taskfile::read_capped(&folder, Path::new("output.txt"), OUTPUT_KEPT as u64)
+                    .unwrap_or_else(|e| e.to_string().into_bytes())
+            } else {
+                Vec::new()
+            };
+            let report =
+                crate::taskfile::read_capped(&folder, Path::new("report.jsonl"), MAX_REPORT)
+                    .unwrap_or_default();
+            (kept, report)
+        })
+        .await
+        .unwrap_or_default();
+        let (timed_out, output) = match cold {
+            Some(cold) => cold,
+            None => (
+                warm.unwrap_or(false),
+                String::from_utf8_lossy(&kept).into_owned(),
+            ),
+        };
+        let text = String::from_utf8_lossy(&text);
         for line in text.lines() {
             let Ok(report) = serde_json::from_str::<Report>(line) else {
                 continue;
