@@ -3,10 +3,13 @@
 //! `{"auth_token", "projects": [git URLs]}`), `GET /evaluation`, `GET /evaluation/<id>`,
 //! `GET /stats` and `GET /network`; and script jobs (seed 001) on a node with
 //! `--tasks-dir`: `POST /jobs` (a ZIP with `main.py`, field `file`) and `GET /jobs/<id>`.
-//! Every error is a 4xx or 5xx with `{"error": "..."}`.
+//! Every error is a 4xx or 5xx with `{"error": "..."}`. Every route is behind [`guard`]:
+//! the node's token, or a request only a program on this machine makes.
 //!
 //! Bounds: a request body of [`MAX_UPLOAD`] bytes at most (more is answered 413), 64
 //! repositories per submission, URLs of 2,048 bytes.
+
+pub mod guard;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -67,12 +70,14 @@ impl From<EngineError> for Problem {
     }
 }
 
-/// Serves the API on `listener` until `stop` completes.
+/// Serves the API on `listener` until `stop` completes; requests need `token` unless only
+/// a program on this machine makes them ([`guard`]).
 pub async fn serve(
     listener: tokio::net::TcpListener,
     services: Services,
     network: NetworkView,
     uploads: std::path::PathBuf,
+    token: String,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     std::fs::create_dir_all(&uploads)?;
@@ -92,10 +97,17 @@ pub async fn serve(
         .route("/jobs/{id}/result", get(job_result))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_UPLOAD))
+        .layer(axum::middleware::from_fn_with_state(
+            std::sync::Arc::<str>::from(token),
+            guard::require_token,
+        ))
         .with_state(app);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(stop)
-        .await
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(stop)
+    .await
 }
 
 /// Binds `addr` (a bare port means 127.0.0.1).

@@ -40,6 +40,11 @@ pub enum Command {
     Node(Box<NodeArgs>),
     /// Print a node's public key (its identity; created on the node's first start).
     Id(IdArgs),
+    /// Print the HTTP API's token of a data directory (made if it has none): requests to a
+    /// node's HTTP API from another machine or from a web page need it, as
+    /// `Authorization: Bearer TOKEN` (`teia eval` and `teia job` send it, from `TEIA_TOKEN`
+    /// or this data directory).
+    Token(TokenArgs),
     /// Run an index server (the Napster role of seed 004): peers join with their files and
     /// search by name; speaks the seed's messages and teia's.
     Index(IndexArgs),
@@ -233,6 +238,15 @@ pub struct ReceiveArgs {
     /// progress bar.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Flags of `teia token`.
+#[derive(Debug, Args)]
+pub struct TokenArgs {
+    /// The data directory whose token to print (default: the platform's data directory,
+    /// e.g. ~/.local/share/teia).
+    #[arg(long, env = "TEIA_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
 }
 
 /// Flags of `teia id`.

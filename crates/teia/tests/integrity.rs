@@ -186,3 +186,99 @@ fn a_keyed_node_without_the_secret_is_no_member_and_runs_nothing() {
     let (_, stats) = get(&http, "/stats");
     assert!(!stats.to_string().contains(&stranger.addr()), "{stats}");
 }
+
+/// One raw HTTP/1.1 request to `addr` with `headers` (lines, each ending in CRLF) and
+/// `body`: the status.
+fn raw_request(addr: &str, head: &str, headers: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let request = format!(
+        "{head} HTTP/1.1\r\n{headers}Connection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    (text[9..12].parse().unwrap(), text)
+}
+
+/// What a web page can make a browser send is refused before any code runs: a cross-site
+/// multipart POST (no preflight) is answered 403 and starts no evaluation, a DNS-rebound
+/// `Host` reads nothing (401); the same requests with the node's token (from its data
+/// directory's `http-token`, mode 0600, or `teia token`) pass, and the course statement's
+/// `curl` from this machine needs none.
+#[test]
+fn requests_a_web_page_makes_need_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(
+        "judge",
+        "eval",
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--peer",
+            "127.0.0.1:1",
+            "--workers",
+            "1",
+        ],
+    );
+    let http = field(&node.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let zip = slow_project_zip(dir.path(), 1);
+    let boundary = "teiaboundary7MA4YWxkTrZu0gW";
+    let mut form = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"all.zip\"\r\nContent-Type: application/zip\r\n\r\n"
+    )
+    .into_bytes();
+    form.extend_from_slice(&zip);
+    form.extend_from_slice(format!("\r\n--{boundary}--\r\n").as_bytes());
+    let multipart = format!("Content-Type: multipart/form-data; boundary={boundary}\r\n");
+    let page = format!(
+        "Host: {http}\r\nOrigin: https://attacker.example\r\nSec-Fetch-Site: cross-site\r\n{multipart}"
+    );
+    let (status, answer) = raw_request(&http, "POST /evaluation", &page, &form);
+    assert_eq!(status, 403, "{answer}");
+    let (status, answer) = raw_request(&http, "GET /evaluation", "Host: attacker.example\r\n", b"");
+    assert_eq!(status, 401, "{answer}");
+    let (_, list) = get(&http, "/evaluation");
+    assert_eq!(
+        list.as_array().map(Vec::len),
+        Some(0),
+        "nothing ran: {list}"
+    );
+
+    let token_file = node.data_dir().join("http-token");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&token_file).unwrap().permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600);
+    let printed = std::process::Command::new(env!("CARGO_BIN_EXE_teia"))
+        .args(["token", "--data-dir"])
+        .arg(node.data_dir())
+        .output()
+        .unwrap();
+    let token = String::from_utf8(printed.stdout).unwrap().trim().to_owned();
+    assert_eq!(
+        token,
+        std::fs::read_to_string(&token_file).unwrap().trim(),
+        "teia token prints the node's token"
+    );
+    let bearer = format!("Authorization: Bearer {token}\r\n");
+    let (status, answer) = raw_request(
+        &http,
+        "GET /evaluation",
+        &format!("Host: attacker.example\r\n{bearer}"),
+        b"",
+    );
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) =
+        raw_request(&http, "POST /evaluation", &format!("{page}{bearer}"), &form);
+    assert_eq!(status, 201, "{answer}");
+    // The course statement's curl: loopback, loopback Host, no Origin, no token.
+    let (status, created) = post_file(&http, "/evaluation", &zip);
+    assert_eq!(status, 201, "{created}");
+}

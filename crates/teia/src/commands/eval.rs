@@ -31,6 +31,22 @@ fn authority(node: &str) -> String {
     }
 }
 
+/// The `Authorization` header line for the node's HTTP API: the token in `TEIA_TOKEN`, else
+/// the one in the default data directory (the node's, on this machine), else none (a
+/// request from this machine to a loopback address needs none).
+fn authorization() -> String {
+    let token = std::env::var("TEIA_TOKEN").ok().or_else(|| {
+        let dir = std::env::var_os("TEIA_DATA_DIR")
+            .map(std::path::PathBuf::from)
+            .or_else(|| dirs::data_dir().map(|d| d.join("teia")))?;
+        std::fs::read_to_string(dir.join(teia_http::guard::TOKEN_FILE)).ok()
+    });
+    match token.map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()) {
+        Some(token) => format!("Authorization: Bearer {token}\r\n"),
+        None => String::new(),
+    }
+}
+
 /// One HTTP/1.1 request; the body is given as bytes or streamed from a file.
 pub(super) async fn request(
     node: &str,
@@ -50,7 +66,8 @@ pub(super) async fn request(
         }
     };
     let header = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{}Content-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n",
+        authorization()
     );
     stream.write_all(header.as_bytes()).await?;
     match body {
@@ -87,7 +104,10 @@ pub(super) async fn download(node: &str, path: &str, to: &Path) -> anyhow::Resul
     let mut stream = tokio::net::TcpStream::connect(&host)
         .await
         .with_context(|| format!("cannot reach the node's HTTP API at {host} (--node)"))?;
-    let header = format!("GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+    let header = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{}\r\n",
+        authorization()
+    );
     stream.write_all(header.as_bytes()).await?;
     let mut head = Vec::new();
     let mut piece = vec![0u8; 16 * 1024];

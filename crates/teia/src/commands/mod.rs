@@ -30,6 +30,14 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
             Command::Rdv(command) => rdv::run(command).await,
             Command::Node(args) => node::run(*args, log).await,
             Command::Id(args) => id::run(args),
+            Command::Token(args) => {
+                let dir = data_dir(args.data_dir)?;
+                let token = teia_http::guard::load_or_create_token(&dir).with_context(|| {
+                    format!("cannot read or make the token in {}", dir.display())
+                })?;
+                println!("{token}");
+                Ok(())
+            }
             Command::Index(args) => index(args).await,
             Command::Eval(args) => eval::run(args).await,
             Command::Send(args) => transfer::send(args).await,

@@ -333,7 +333,15 @@ async fn start_jobs(
         .await
         .with_context(|| format!("cannot serve the HTTP API on {addr}"))?;
     let bound = listener.local_addr()?;
+    let token = teia_http::guard::load_or_create_token(data_dir)
+        .with_context(|| format!("cannot keep the HTTP API's token in {}", data_dir.display()))?;
     tracing::info!(%bound, "HTTP API listening");
+    if !bound.ip().is_loopback() {
+        tracing::warn!(
+            %bound,
+            "the HTTP API is reachable from other machines: their requests need the node's token (`teia token` prints it; send it as Authorization: Bearer TOKEN)"
+        );
+    }
     let viewer = engine.clone();
     let network: teia_http::NetworkView = std::sync::Arc::new(move || {
         let engine = viewer.clone();
@@ -353,6 +361,7 @@ async fn start_jobs(
             },
             network,
             jobs_dir.join("uploads"),
+            token,
             stop,
         )
         .await
