@@ -94,7 +94,7 @@ fn has_token(headers: &HeaderMap, token: &str) -> bool {
 /// answered 401 (403 when it came from a web page), before any route sees it.
 pub(crate) async fn require_token(
     State(token): State<std::sync::Arc<str>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    ConnectInfo(crate::limits::Peer(peer)): ConnectInfo<crate::limits::Peer>,
     request: Request,
     next: Next,
 ) -> Response {

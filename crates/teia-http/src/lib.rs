@@ -7,9 +7,10 @@
 //! the node's token, or a request only a program on this machine makes.
 //!
 //! Bounds: a request body of [`MAX_UPLOAD`] bytes at most (more is answered 413), 64
-//! repositories per submission, URLs of 2,048 bytes.
+//! repositories per submission, URLs of 2,048 bytes; connections as [`limits`] says.
 
 pub mod guard;
+pub mod limits;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -103,8 +104,8 @@ pub async fn serve(
         ))
         .with_state(app);
     axum::serve(
-        listener,
-        router.into_make_service_with_connect_info::<SocketAddr>(),
+        limits::BoundedListener::new(listener),
+        router.into_make_service_with_connect_info::<limits::Peer>(),
     )
     .with_graceful_shutdown(stop)
     .await

@@ -282,3 +282,44 @@ fn requests_a_web_page_makes_need_the_token() {
     let (status, created) = post_file(&http, "/evaluation", &zip);
     assert_eq!(status, 201, "{created}");
 }
+
+/// Idle connections cannot take the HTTP API: 40 connections that send nothing from one
+/// address (127.0.0.2) hold at most the per-address share, a request from another address
+/// is answered at once, and the idle ones are closed by the node.
+#[test]
+fn idle_connections_do_not_take_the_http_api() {
+    let node = NodeProcess::start(
+        "judge",
+        "eval",
+        &["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"],
+    );
+    let http = field(&node.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let target: std::net::SocketAddr = http.parse().unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let idle: Vec<std::net::TcpStream> = (0..40)
+        .map(|_| {
+            let stream = runtime
+                .block_on(connect_from("127.0.0.2", target))
+                .into_std()
+                .unwrap();
+            stream.set_nonblocking(false).unwrap();
+            stream.set_read_timeout(Some(PATIENCE)).unwrap();
+            stream
+        })
+        .collect();
+    let (status, stats) = get(&http, "/stats");
+    assert_eq!(status, 200, "{stats}");
+    // The node closes every idle one (at once past the share, the rest at the idle timeout).
+    for mut connection in idle {
+        let mut byte = [0u8; 1];
+        let read = std::io::Read::read(&mut connection, &mut byte);
+        assert!(
+            matches!(read, Ok(0))
+                || read.is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+            "an idle connection was not closed by the node"
+        );
+    }
+}
