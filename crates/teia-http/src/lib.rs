@@ -30,6 +30,8 @@ use teia_jobs::master::{JobError, MasterHandle};
 pub const MAX_UPLOAD: usize = 256 * 1024 * 1024;
 /// Repositories one JSON submission may list at most.
 pub const MAX_REPOSITORIES: usize = 64;
+/// Evaluations `GET /evaluation` lists at most (`?offset=O&limit=L` pages through them).
+pub const MAX_LISTED: usize = 1000;
 
 /// What `/network` shows: each node's address and the addresses it has links to.
 pub type NetworkView = Arc<dyn Fn() -> Pin<Box<dyn Future<Output = Value> + Send>> + Send + Sync>;
@@ -65,6 +67,7 @@ impl From<EngineError> for Problem {
         let status = match &e {
             EngineError::Bundle(_) | EngineError::Clone { .. } => StatusCode::BAD_REQUEST,
             EngineError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::DiskFull => StatusCode::INSUFFICIENT_STORAGE,
             EngineError::Store(_) | EngineError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self(status, e.to_string())
@@ -81,6 +84,8 @@ pub async fn serve(
     token: String,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    // Uploads left by a node that stopped mid-upload: nothing refers to them.
+    let _ = std::fs::remove_dir_all(&uploads);
     std::fs::create_dir_all(&uploads)?;
     let app = App {
         engine: services.engine,
@@ -129,8 +134,24 @@ async fn not_found() -> Problem {
     )
 }
 
-async fn list(State(app): State<App>) -> Json<Value> {
-    Json(app.engine.list())
+/// `?offset=O&limit=L` of `GET /evaluation` (other or malformed parameters are ignored).
+fn page(uri: &axum::http::Uri) -> (usize, usize) {
+    let mut page = (0, MAX_LISTED);
+    for pair in uri.query().unwrap_or_default().split('&') {
+        match pair.split_once('=') {
+            Some(("offset", value)) => page.0 = value.parse().unwrap_or(0),
+            Some(("limit", value)) => {
+                page.1 = value.parse().unwrap_or(MAX_LISTED).min(MAX_LISTED);
+            }
+            _ => {}
+        }
+    }
+    page
+}
+
+async fn list(State(app): State<App>, uri: axum::http::Uri) -> Json<Value> {
+    let (offset, limit) = page(&uri);
+    Json(app.engine.list(offset, limit))
 }
 
 async fn detail(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
@@ -184,18 +205,30 @@ async fn submit(State(app): State<App>, request: Request) -> Result<Response, Pr
 }
 
 async fn submit_zip(app: &App, multipart: Multipart) -> Result<u64, Problem> {
-    let path = save_upload(app, multipart).await?;
+    let upload = save_upload(app, multipart).await?;
     let engine = app.engine.clone();
-    let archive = path.clone();
+    let archive = upload.path.clone();
     let result = tokio::task::spawn_blocking(move || engine.submit_zip(&archive))
         .await
         .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let _ = tokio::fs::remove_file(&path).await;
+    drop(upload);
     result.map_err(Problem::from)
 }
 
-/// Saves the form's `file` field in the uploads folder; its path.
-async fn save_upload(app: &App, mut multipart: Multipart) -> Result<std::path::PathBuf, Problem> {
+/// An uploaded file, removed when dropped: an upload that fails or is aborted halfway
+/// leaves nothing behind.
+struct Upload {
+    path: std::path::PathBuf,
+}
+
+impl Drop for Upload {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Saves the form's `file` field in the uploads folder.
+async fn save_upload(app: &App, mut multipart: Multipart) -> Result<Upload, Problem> {
     use tokio::io::AsyncWriteExt;
     let bad = |detail: String| Problem(StatusCode::BAD_REQUEST, detail);
     loop {
@@ -209,12 +242,14 @@ async fn save_upload(app: &App, mut multipart: Multipart) -> Result<std::path::P
         if field.name() != Some("file") {
             continue;
         }
-        let path = app.uploads.join(format!(
-            "upload-{}-{}.zip",
-            std::process::id(),
-            UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        let mut out = tokio::fs::File::create(&path)
+        let upload = Upload {
+            path: app.uploads.join(format!(
+                "upload-{}-{}.zip",
+                std::process::id(),
+                UPLOADS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            )),
+        };
+        let mut out = tokio::fs::File::create(&upload.path)
             .await
             .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         let mut size = 0usize;
@@ -233,10 +268,9 @@ async fn save_upload(app: &App, mut multipart: Multipart) -> Result<std::path::P
             .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
         drop(out);
         if size == 0 {
-            let _ = tokio::fs::remove_file(&path).await;
             return Err(bad("the `file` field is empty".into()));
         }
-        return Ok(path);
+        return Ok(upload);
     }
 }
 
@@ -263,12 +297,12 @@ async fn submit_job(State(app): State<App>, request: Request) -> Result<Response
                 ),
             )
         })?;
-    let path = save_upload(&app, multipart).await?;
-    let archive = path.clone();
+    let upload = save_upload(&app, multipart).await?;
+    let archive = upload.path.clone();
     let result = tokio::task::spawn_blocking(move || master.submit(&archive))
         .await
         .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
-    let _ = tokio::fs::remove_file(&path).await;
+    drop(upload);
     let id = result.map_err(|e| {
         let status = match e {
             JobError::NotATask(_) => StatusCode::BAD_REQUEST,

@@ -51,6 +51,12 @@ fn zip_error(e: zip::result::ZipError) -> BundleError {
 
 /// Unpacks the archive at `archive` into `into` (created), within the limits.
 pub fn unpack(archive: &Path, into: &Path) -> Result<(), BundleError> {
+    unpack_within(archive, into, MAX_EXPANDED)
+}
+
+/// Unpacks as [`unpack`] does, expanding to `limit` bytes at most (and [`MAX_EXPANDED`]).
+pub fn unpack_within(archive: &Path, into: &Path, limit: u64) -> Result<(), BundleError> {
+    let limit = limit.min(MAX_EXPANDED);
     let file = std::fs::File::open(archive)?;
     let mut zip = zip::ZipArchive::new(file).map_err(zip_error)?;
     if zip.len() > MAX_ENTRIES {
@@ -90,10 +96,8 @@ pub fn unpack(archive: &Path, into: &Path) -> Result<(), BundleError> {
             }
             entry_bytes += n as u64;
             written += n as u64;
-            if written > MAX_EXPANDED {
-                return Err(BundleError::TooBig {
-                    limit: MAX_EXPANDED,
-                });
+            if written > limit {
+                return Err(BundleError::TooBig { limit });
             }
             if entry_bytes > 1024 * 1024 && entry_bytes / compressed > MAX_RATIO {
                 return Err(BundleError::TooBig { limit: written });
@@ -291,6 +295,19 @@ mod tests {
             unpack(&bomb, &dir.path().join("b")),
             Err(BundleError::TooBig { .. })
         ));
+        let within = dir.path().join("within.zip");
+        write_zip(
+            &within,
+            &[("p/a.txt", &[b'a'; 600]), ("p/b.txt", &[b'b'; 600])],
+        );
+        assert!(
+            matches!(
+                unpack_within(&within, &dir.path().join("w"), 1000),
+                Err(BundleError::TooBig { limit: 1000 })
+            ),
+            "the disk left for evaluations bounds what one expands to"
+        );
+        unpack_within(&within, &dir.path().join("w2"), 1200).unwrap();
         let empty = dir.path().join("empty.zip");
         write_zip(&empty, &[("p/readme.txt", b"hi")]);
         unpack(&empty, &dir.path().join("c")).unwrap();

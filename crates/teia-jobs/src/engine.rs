@@ -25,6 +25,13 @@ static UNPACKING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::n
 
 /// Evaluations running or queued at once on this node; one more is refused.
 pub const MAX_ACTIVE: usize = 64;
+/// Bytes all evaluations' folders on this node may take on disk together (the projects as
+/// submitted while they are unpacked, their packed copies, and what their modules run
+/// in); a submission that would expand past what is left is refused (HTTP 507).
+pub const EVALUATIONS_DISK: u64 = 8 * 1024 * 1024 * 1024;
+/// Finished evaluations kept (with their results, answered by `GET /evaluation/<id>`);
+/// past it, the oldest finished are forgotten, their folders removed, when a new one comes.
+pub const KEEP_FINISHED: usize = 500;
 
 /// How to run the engine.
 #[derive(Debug, Clone)]
@@ -63,6 +70,9 @@ pub enum EngineError {
     /// Too many evaluations.
     #[error("{MAX_ACTIVE} evaluations are queued or running here; retry later")]
     Busy,
+    /// The evaluations' disk budget is used up.
+    #[error("the evaluations here use their whole disk budget ({EVALUATIONS_DISK} bytes); retry when some have finished")]
+    DiskFull,
     /// Cloning a repository failed.
     #[error("cannot clone {url}: {detail}")]
     Clone {
@@ -104,6 +114,28 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Bytes the regular files under `dir` take (links not followed; an unreadable part counts
+/// nothing).
+fn disk_usage(dir: &Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(folder) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&folder) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            match entry.file_type() {
+                Ok(kind) if kind.is_dir() => stack.push(entry.path()),
+                Ok(kind) if kind.is_file() => {
+                    total += entry.metadata().map_or(0, |m| m.len());
+                }
+                _ => {}
+            }
+        }
+    }
+    total
 }
 
 fn unix_ms() -> u64 {
@@ -185,6 +217,38 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Forgets the oldest finished evaluations past [`KEEP_FINISHED`]: from the ledger, the
+    /// database and the disk.
+    fn forget_oldest_finished(&self) {
+        let mut state = lock(&self.state);
+        let mut finished: Vec<(u64, EvalId)> = state
+            .ledger
+            .all()
+            .filter(|e| !matches!(e.status(), "queued" | "running"))
+            .map(|e| (e.finished_at.unwrap_or(e.submitted_at), e.id))
+            .collect();
+        if finished.len() <= KEEP_FINISHED {
+            return;
+        }
+        finished.sort_unstable();
+        let excess = finished.len() - KEEP_FINISHED;
+        for (_, id) in finished.into_iter().take(excess) {
+            state.ledger.remove(id);
+            if let Err(e) = state
+                .db
+                .execute("DELETE FROM evaluations WHERE id = ?1", params![id as i64])
+            {
+                tracing::error!(error = %e, "a forgotten evaluation stays in the database");
+            }
+            let _ =
+                std::fs::remove_dir_all(self.config.dir.join("evaluations").join(id.to_string()));
+            tracing::info!(
+                id,
+                "finished evaluation forgotten (more than {KEEP_FINISHED} kept)"
+            );
+        }
+    }
+
     fn now_ms(&self) -> u64 {
         self.started.elapsed().as_millis() as u64
     }
@@ -212,10 +276,15 @@ impl Engine {
     /// evaluation; returns its id.
     pub fn submit_zip(&self, archive: &Path) -> Result<EvalId, EngineError> {
         let id = self.reserve()?;
-        let root = self.config.dir.join("evaluations").join(id.to_string());
+        let evaluations = self.config.dir.join("evaluations");
+        let left = EVALUATIONS_DISK.saturating_sub(disk_usage(&evaluations));
+        if left == 0 {
+            return Err(EngineError::DiskFull);
+        }
+        let root = evaluations.join(id.to_string());
         let source = root.join("source");
-        let result =
-            bundle::unpack(archive, &source).and_then(|()| bundle::projects(&source, "project"));
+        let result = bundle::unpack_within(archive, &source, left)
+            .and_then(|()| bundle::projects(&source, "project"));
         match result {
             Ok(found) => self.record(id, &root, found),
             Err(e) => {
@@ -268,6 +337,7 @@ impl Engine {
     }
 
     fn reserve(&self) -> Result<EvalId, EngineError> {
+        self.forget_oldest_finished();
         let mut state = lock(&self.state);
         let active = state
             .ledger
@@ -292,13 +362,16 @@ impl Engine {
         for project in found {
             let packed = packs.join(format!("{}.zip", project.name));
             bundle::pack(&project.dir, &packed)?;
-            let blob = blake3::hash(&std::fs::read(&packed)?).to_hex().to_string();
+            let mut hasher = blake3::Hasher::new();
+            hasher.update_reader(std::fs::File::open(&packed)?)?;
             projects.push(NewProject {
                 name: project.name,
-                blob,
+                blob: hasher.finalize().to_hex().to_string(),
                 modules: project.modules,
             });
         }
+        // The projects are packed: the submission as it came takes no more room.
+        let _ = std::fs::remove_dir_all(root.join("source"));
         let project_count = projects.len() as u64;
         let mut state = lock(&self.state);
         state
@@ -601,12 +674,14 @@ impl Engine {
     }
 
     /// `GET /evaluation`: every evaluation known.
-    pub fn list(&self) -> Value {
+    pub fn list(&self, offset: usize, limit: usize) -> Value {
         let state = lock(&self.state);
         Value::Array(
             state
                 .ledger
                 .all()
+                .skip(offset)
+                .take(limit)
                 .map(|e| {
                     json!({"id": e.id, "status": e.status(),
                            "submitted_at": e.submitted_at as f64 / 1000.0})

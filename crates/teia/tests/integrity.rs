@@ -323,3 +323,67 @@ fn idle_connections_do_not_take_the_http_api() {
         );
     }
 }
+
+/// An upload aborted halfway leaves no file behind, and `GET /evaluation` pages.
+#[test]
+fn an_aborted_upload_leaves_nothing_and_the_list_pages() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProcess::start(
+        "judge",
+        "eval",
+        &[
+            "--http",
+            "127.0.0.1:0",
+            "--peer",
+            "127.0.0.1:1",
+            "--workers",
+            "1",
+        ],
+    );
+    let http = field(&node.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let uploads = node
+        .data_dir()
+        .join("nodes")
+        .join("judge@eval.jobs")
+        .join("uploads");
+    let boundary = "teiaboundary7MA4YWxkTrZu0gW";
+    let head = format!(
+        "POST /evaluation HTTP/1.1\r\nHost: {http}\r\nContent-Type: multipart/form-data; boundary={boundary}\r\nContent-Length: 100000000\r\n\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"all.zip\"\r\nContent-Type: application/zip\r\n\r\n"
+    );
+    let mut aborted = std::net::TcpStream::connect(&http).unwrap();
+    aborted.write_all(head.as_bytes()).unwrap();
+    let megabyte = vec![7u8; 1024 * 1024];
+    for _ in 0..4 {
+        aborted.write_all(&megabyte).unwrap();
+    }
+    // The upload is on disk while it comes...
+    let deadline = Instant::now() + PATIENCE;
+    while std::fs::read_dir(&uploads).map_or(0, |d| d.count()) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "no upload in {}",
+            uploads.display()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ...and gone once the client gives up.
+    drop(aborted);
+    while std::fs::read_dir(&uploads).map_or(0, |d| d.count()) > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "an aborted upload was left behind"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..2 {
+        submit(&http, &slow_project_zip(dir.path(), 1));
+    }
+    let (_, all) = get(&http, "/evaluation");
+    assert_eq!(all.as_array().map(Vec::len), Some(2), "{all}");
+    let (_, first) = get(&http, "/evaluation?limit=1");
+    let (_, second) = get(&http, "/evaluation?offset=1&limit=1");
+    assert_eq!(first.as_array().map(Vec::len), Some(1), "{first}");
+    assert_eq!(second.as_array().map(Vec::len), Some(1), "{second}");
+    assert_ne!(first[0]["id"], second[0]["id"]);
+}

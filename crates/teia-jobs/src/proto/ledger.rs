@@ -359,6 +359,11 @@ impl Ledger {
         self.evaluations.get(&id)
     }
 
+    /// Forgets evaluation `id`; whether it was here.
+    pub fn remove(&mut self, id: EvalId) -> bool {
+        self.evaluations.remove(&id).is_some()
+    }
+
     /// Every evaluation.
     pub fn all(&self) -> impl Iterator<Item = &Evaluation> {
         self.evaluations.values()
