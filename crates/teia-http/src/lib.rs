@@ -201,7 +201,11 @@ async fn submit(State(app): State<App>, request: Request) -> Result<Response, Pr
                 .into(),
         ));
     };
-    Ok((StatusCode::CREATED, Json(json!({"id": id}))).into_response())
+    let mut created = json!({"id": id});
+    if let (Some(warning), Some(fields)) = (app.engine.warning(), created.as_object_mut()) {
+        fields.insert("warning".into(), warning.into());
+    }
+    Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
 async fn submit_zip(app: &App, multipart: Multipart) -> Result<u64, Problem> {

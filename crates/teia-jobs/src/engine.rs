@@ -53,6 +53,10 @@ pub struct EngineConfig {
     /// Whether this node runs test modules (its Python has pytest); without, it runs only
     /// script tasks, and neither replicates nor takes over evaluations.
     pub modules: bool,
+    /// Whether it runs other nodes' modules and script tasks (it has a working sandbox, or
+    /// was told to without); without, it runs only its own submissions and takes over
+    /// nothing.
+    pub others: bool,
 }
 
 /// Why the engine could not do what was asked.
@@ -214,7 +218,21 @@ impl Engine {
             isolation = %engine.config.isolation.describe(),
             "job engine ready"
         );
+        if engine.config.isolation == crate::runner::Isolation::Limits {
+            tracing::warn!(
+                "modules and script tasks run WITHOUT A SANDBOX: they can read and change \
+                 everything this user can (install bubblewrap)"
+            );
+        }
         Ok(engine)
+    }
+
+    /// What a submitter must be told: tasks here run without a sandbox.
+    pub fn warning(&self) -> Option<&'static str> {
+        (self.config.isolation == crate::runner::Isolation::Limits).then_some(
+            "this node has no working sandbox: the submission's code runs with everything the \
+             node's user can reach (install bubblewrap on it)",
+        )
     }
 
     /// Forgets the oldest finished evaluations past [`KEEP_FINISHED`]: from the ledger, the
@@ -405,8 +423,12 @@ impl Engine {
                 )
             };
             let Some(lease) = lease else {
-                let modules = self.config.modules && self.work_remote(slot).await;
-                if !modules && !self.work_remote_script(slot).await {
+                // Other nodes' modules, else their script tasks (when this node runs others').
+                let others = self.config.others;
+                let worked = others
+                    && ((self.config.modules && self.work_remote(slot).await)
+                        || self.work_remote_script(slot).await);
+                if !worked {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 continue;

@@ -587,8 +587,12 @@ impl Engine {
         }
     }
 
-    /// Stands in the election for `eval` (once per election).
+    /// Stands in the election for `eval` (once per election); not on a node that runs
+    /// no other node's code.
     async fn stand(&self, cluster: &Cluster, eval: u64) {
+        if !self.config.others {
+            return;
+        }
         {
             let mut elections = lock(&cluster.elections);
             if elections.contains_key(&eval) || elections.len() >= MAX_OWNERS {

@@ -142,6 +142,11 @@ pub struct WorkerArgs {
     #[arg(long, default_value_t = 300, value_name = "SECONDS")]
     pub task_timeout: u64,
 
+    /// Run the master's tasks even without a working sandbox (bubblewrap): they could then
+    /// read and change everything this user can.
+    #[arg(long, env = "TEIA_UNSANDBOXED")]
+    pub unsandboxed: bool,
+
     /// Where the worker keeps its files (tasks run in `worker/work/` under it).
     #[arg(long, env = "TEIA_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -464,6 +469,12 @@ pub struct NodeArgs {
     /// Test modules run at once on this node (default: its cores).
     #[arg(long, env = "TEIA_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
+
+    /// Run other nodes' test modules and script tasks even without a working sandbox
+    /// (bubblewrap): they could then read and change everything this user can. Without
+    /// it, such a node runs only what is submitted to it.
+    #[arg(long, env = "TEIA_UNSANDBOXED")]
+    pub unsandboxed: bool,
 
     /// Seconds a test module may run before it is killed (its finished tests are kept).
     #[arg(

@@ -387,3 +387,99 @@ fn an_aborted_upload_leaves_nothing_and_the_list_pages() {
     assert_eq!(second.as_array().map(Vec::len), Some(1), "{second}");
     assert_ne!(first[0]["id"], second[0]["id"]);
 }
+
+/// A `PATH` with what a node needs but no `bwrap`: a machine without a working sandbox.
+fn path_without_bubblewrap(dir: &std::path::Path) -> std::path::PathBuf {
+    let bin = dir.join("bin-without-bwrap");
+    std::fs::create_dir_all(&bin).unwrap();
+    let python = std::process::Command::new("python3")
+        .args(["-c", "import sys; print(sys.executable)"])
+        .output()
+        .unwrap();
+    let python = String::from_utf8(python.stdout).unwrap().trim().to_owned();
+    std::os::unix::fs::symlink(python, bin.join("python3")).unwrap();
+    for tool in ["bash", "git", "env"] {
+        for folder in ["/usr/bin", "/bin"] {
+            let path = std::path::Path::new(folder).join(tool);
+            if path.exists() && !bin.join(tool).exists() {
+                std::os::unix::fs::symlink(path, bin.join(tool)).unwrap();
+            }
+        }
+    }
+    bin
+}
+
+/// A node without a working sandbox runs no other node's code: in a cluster, the owner's
+/// modules all run on the owner; its own submission still runs, and the answer says it ran
+/// without a sandbox.
+#[test]
+fn a_node_without_a_sandbox_runs_only_its_own_submissions() {
+    let dir = tempfile::tempdir().unwrap();
+    let secret = ["--cluster-secret", "our-lab"];
+    let owner = NodeProcess::start(
+        "owner",
+        "eval",
+        &[
+            &[
+                "--http",
+                "127.0.0.1:0",
+                "--peer",
+                "127.0.0.1:1",
+                "--workers",
+                "1",
+            ][..],
+            &secret,
+        ]
+        .concat(),
+    );
+    let owner_http = field(&owner.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let mut bare = teia();
+    bare.env("PATH", path_without_bubblewrap(dir.path()));
+    let worker = NodeProcess::start_with(
+        bare,
+        tempfile::tempdir().unwrap(),
+        "bare",
+        "eval",
+        &[
+            &[
+                "--http",
+                "127.0.0.1:0",
+                "--peer",
+                &owner.addr(),
+                "--workers",
+                "2",
+            ][..],
+            &secret,
+        ]
+        .concat(),
+    );
+    worker
+        .process
+        .wait_for_log("this node runs only what is submitted to it");
+    let worker_http = field(&worker.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    owner
+        .process
+        .wait_for_log("a node of the cluster proved itself");
+    let id = submit(&owner_http, &slow_project_zip(dir.path(), 3));
+    let detail = wait_done(&owner_http, id);
+    let modules = detail["projects"]["p"]["modules"].as_object().unwrap();
+    assert!(
+        modules.values().all(|m| m["node"] == owner.addr().as_str()),
+        "{detail}"
+    );
+    let (status, created) = post_file(
+        &worker_http,
+        "/evaluation",
+        &slow_project_zip(dir.path(), 1),
+    );
+    assert_eq!(status, 201, "{created}");
+    assert!(
+        created["warning"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("no working sandbox"),
+        "{created}"
+    );
+    let own = wait_done(&worker_http, created["id"].as_u64().unwrap());
+    assert_eq!(own["tests"]["passed"], 1, "{own}");
+}

@@ -1,14 +1,17 @@
 //! Running one test module: `pytest MODULE` in a fresh copy of its project, with the
-//! project's `requirements.txt` installed in a cached virtual environment ([`venv`]), a
-//! clean environment, resource limits (`ulimit`: memory, processes, file size), its own
-//! process group (killed whole at the timeout), and under `bubblewrap` (no network, a
-//! read-only system) when it is installed and works. Modules are forked from a warm
-//! interpreter ([`warm`]) that has pytest imported already (in one sandbox with bubblewrap).
+//! project's `requirements.txt` installed in a cached virtual environment ([`venv`], built
+//! in a sandbox too, with the network), a clean environment, resource limits (`ulimit`:
+//! memory, processes, file size), and under `bubblewrap` ([`sandbox`]: its own folder
+//! only, no network, no capabilities, its own PID namespace, a user id of its own when the
+//! node is root) when it is installed and works. Modules are forked from a warm
+//! interpreter ([`warm`]) that has pytest imported already, each then isolated in
+//! namespaces of its own.
 //!
 //! Results are counted per test as they happen, by a small pytest plugin that writes one
 //! JSON line per test report to a file: a module killed at its timeout keeps the results of
 //! the tests that finished, and counts one error for the one it was in.
 
+pub mod sandbox;
 mod venv;
 mod warm;
 
@@ -103,14 +106,15 @@ impl Isolation {
         }) else {
             return Self::Limits;
         };
+        let plan = sandbox::Plan {
+            readable: Vec::new(),
+            writable: Vec::new(),
+            network: false,
+            keep_capabilities: true,
+        };
         let probe = std::process::Command::new(&bwrap)
-            .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
-            .args([
-                "--unshare-net",
-                "--unshare-pid",
-                "--die-with-parent",
-                "true",
-            ])
+            .args(sandbox::bwrap_args(&plan))
+            .arg("true")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -135,8 +139,14 @@ impl Isolation {
     pub fn describe(&self) -> String {
         match self {
             Self::Bubblewrap(path) => format!(
-                "bubblewrap ({}): no network, read-only system, limits",
-                path.display()
+                "bubblewrap ({}): each task sees only its folder, no network, no capabilities, \
+                 its own PID namespace{}, limits",
+                path.display(),
+                if sandbox::running_as_root() {
+                    ", its own user id"
+                } else {
+                    ""
+                }
             ),
             Self::Limits => {
                 "clean environment, ulimits and a process group (install bubblewrap for \
@@ -243,6 +253,8 @@ pub struct Runner {
     venvs: venv::VenvCache,
     /// Where tasks' work folders go (writable in the sandbox).
     work: PathBuf,
+    /// The user ids tasks run as, when the node is root and sandboxes them.
+    ids: Option<std::sync::Arc<sandbox::TaskIds>>,
 }
 
 impl Runner {
@@ -256,17 +268,30 @@ impl Runner {
         let support = dir.join("support");
         std::fs::create_dir_all(&support)?;
         std::fs::write(support.join("teia_report.py"), PLUGIN)?;
-        let venvs = venv::VenvCache::new(dir.join("venvs"), support.clone(), limits.clone());
+        let ids = match (&isolation, sandbox::running_as_root()) {
+            (Isolation::Bubblewrap(_), true) => Some(std::sync::Arc::default()),
+            _ => None,
+        };
+        let bwrap = match &isolation {
+            Isolation::Bubblewrap(bwrap) => Some(bwrap.clone()),
+            Isolation::Limits => None,
+        };
+        let venvs = venv::VenvCache::new(
+            dir.join("venvs"),
+            support.clone(),
+            limits.clone(),
+            bwrap.map(|bwrap| (bwrap, ids.clone())),
+        );
         let work = dir.join("work");
         let sandbox = match &isolation {
             Isolation::Bubblewrap(bwrap) => Some(warm::Sandbox {
                 bwrap: bwrap.clone(),
                 readable: [support.as_path(), venvs.dir()]
                     .into_iter()
-                    .chain(python_prefix(&python))
                     .map(Path::to_path_buf)
+                    .chain(python_prefixes(&python))
                     .collect(),
-                writable: vec![work.clone()],
+                work: work.clone(),
             }),
             Isolation::Limits => None,
         };
@@ -284,7 +309,22 @@ impl Runner {
             support,
             warm,
             work,
+            ids,
         })
+    }
+
+    /// A user id for a task about to run in `folder` (given to it), when the node is root
+    /// and sandboxes tasks; none otherwise.
+    async fn task_id(&self, folder: &Path) -> Result<Option<sandbox::TaskId>, RunError> {
+        let Some(ids) = &self.ids else {
+            return Ok(None);
+        };
+        let id = ids.take().await;
+        sandbox::give_tree(folder, id.id).map_err(|source| RunError::Prepare {
+            path: folder.to_owned(),
+            source,
+        })?;
+        Ok(Some(id))
     }
 
     /// The folder tasks' work folders go in: a script task run in a folder under it is
@@ -336,7 +376,10 @@ impl Runner {
         let home = work.join("home");
         std::fs::create_dir_all(&home).map_err(prepare)?;
         let output_file = work.join("output.txt");
+        let id = self.task_id(work).await?;
         let request = warm::Request {
+            task: work,
+            id: id.as_ref().map(|id| id.id),
             dir: &tree,
             module,
             output: &output_file,
@@ -429,12 +472,15 @@ impl Runner {
         let stderr = std::fs::File::create(&stderr_file).map_err(prepare)?;
         let home = dir.join(".home");
         std::fs::create_dir_all(&home).map_err(prepare)?;
+        let id = self.task_id(dir).await?;
+        let id = id.as_ref().map(|id| id.id);
         let started = Instant::now();
         if let (Some(pool), true) = (&self.warm, dir.starts_with(&self.work)) {
             let main: Vec<&str> = std::iter::once("main.py")
                 .chain(args.iter().copied())
                 .collect();
             let request = warm::ScriptRequest {
+                id,
                 dir,
                 args: &main,
                 stdout: &stdout_file,
@@ -449,7 +495,7 @@ impl Runner {
                 });
             }
         }
-        let mut command = self.task_command(dir, &[], dir);
+        let mut command = self.task_command(dir, &[], dir, id);
         command
             .arg(&self.python)
             .arg("main.py")
@@ -480,32 +526,36 @@ impl Runner {
     }
 
     /// A command that runs its arguments with the tasks' limits, in `chdir`: under
-    /// bubblewrap, with the system read-only, a fresh `/tmp`, `readable` visible read-only,
-    /// only `writable` writable, and no network.
+    /// bubblewrap ([`sandbox`]), with the system and `readable` read-only, a fresh `/tmp`,
+    /// only `writable` writable, no network, as task id `id` when the node is root.
     fn task_command(
         &self,
         writable: &Path,
         readable: &[&Path],
         chdir: &Path,
+        id: Option<u32>,
     ) -> tokio::process::Command {
         let script = limits_script(&self.limits);
         match &self.isolation {
             Isolation::Bubblewrap(bwrap) => {
                 let mut command = tokio::process::Command::new(bwrap);
-                command
-                    .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
-                    .args(["--tmpfs", "/tmp"]);
                 // The interpreter's own prefix too (a virtual environment may be in /tmp).
-                for path in readable.iter().copied().chain(python_prefix(&self.python)) {
-                    command.arg("--ro-bind").arg(path).arg(path);
-                }
+                let prefixes = python_prefixes(&self.python);
+                let plan = sandbox::Plan {
+                    readable: readable
+                        .iter()
+                        .copied()
+                        .chain(prefixes.iter().map(PathBuf::as_path))
+                        .collect(),
+                    writable: vec![writable],
+                    network: false,
+                    keep_capabilities: false,
+                };
                 command
-                    .arg("--bind")
-                    .arg(writable)
-                    .arg(writable)
-                    .args(["--unshare-net", "--unshare-pid", "--die-with-parent"])
+                    .args(sandbox::bwrap_args(&plan))
                     .arg("--chdir")
                     .arg(chdir)
+                    .args(sandbox::become_task(id))
                     .args(["bash", "-c", &script, "bash"]);
                 command
             }
@@ -530,8 +580,7 @@ impl Runner {
         if python.starts_with(self.venvs.dir()) {
             readable.extend(python.parent().and_then(Path::parent));
         }
-        let work = request.dir.parent().unwrap_or(request.dir);
-        let mut command = self.task_command(work, &readable, request.dir);
+        let mut command = self.task_command(request.task, &readable, request.dir, request.id);
         command
             .arg(python)
             .args(["-m", "pytest", request.module])
@@ -603,10 +652,22 @@ pub fn resolve_python(python: &Path) -> PathBuf {
         .unwrap_or_else(|| python.to_owned())
 }
 
-/// The prefix of the interpreter at `python` (`P` for `P/bin/python`): what a sandbox must
-/// show of it, a virtual environment's `pyvenv.cfg` included.
-fn python_prefix(python: &Path) -> Option<&Path> {
-    python.parent().and_then(Path::parent)
+/// The prefixes of the interpreter at `python` (`P` for `P/bin/python`): what a sandbox
+/// must show of it: its own (a virtual environment's `pyvenv.cfg` included) and, when it
+/// is a link (a virtual environment's interpreter), that of the interpreter it links to.
+fn python_prefixes(python: &Path) -> Vec<PathBuf> {
+    let prefix = |path: &Path| path.parent().and_then(Path::parent).map(Path::to_path_buf);
+    let mut prefixes: Vec<PathBuf> = prefix(python).into_iter().collect();
+    if let Some(base) = std::fs::canonicalize(python)
+        .ok()
+        .as_deref()
+        .and_then(prefix)
+    {
+        if !prefixes.contains(&base) {
+            prefixes.push(base);
+        }
+    }
+    prefixes
 }
 
 /// A Python found on this machine.
@@ -734,7 +795,10 @@ mod tests {
     }
 
     /// Under bubblewrap (when it works here), a module, forked warm or started cold, has no
-    /// network, cannot write to the system and does not see the node's folder.
+    /// network, cannot write to the system (not even by remounting it, as root), has no
+    /// capabilities and no inherited socket, sees neither the node's folder nor another
+    /// task's, nor processes other than its own, stops at the process limit when the node is
+    /// root, and leaves no process behind (one that left its session included).
     #[tokio::test]
     async fn under_bubblewrap_a_module_has_no_network_and_sees_only_its_folder() {
         let isolation = Isolation::detect();
@@ -747,19 +811,27 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = listener.local_addr().unwrap().port();
         let secret = dir.path().join("runner").join("secret.txt");
-        let source = format!(
-            "import os, socket, pytest\n\ndef test_no_network():\n    s = socket.socket()\n    s.settimeout(2)\n    with pytest.raises(OSError):\n        s.connect(('127.0.0.1', {port}))\n\ndef test_system_read_only():\n    with pytest.raises(OSError):\n        open('/usr/teia-probe', 'w')\n\ndef test_node_folder_hidden():\n    assert not os.path.exists({secret:?})\n\ndef test_own_folder_writable():\n    open('written.txt', 'w').write('ok')\n",
-            secret = secret.to_string_lossy()
-        );
-        let src = dir.path().join("p");
-        project(&src, "test_sandbox.py", &source);
-        // Its own sleep, not to be mistaken for another test's.
-        project(&src, "test_hang.py", &HANG.replace("300", "301"));
         let runner_dir = dir.path().join("runner");
+        let other = runner_dir
+            .join("work")
+            .join("other-task")
+            .join("theirs.txt");
+        std::fs::create_dir_all(other.parent().unwrap()).unwrap();
+        std::fs::write(&other, "another submitter's").unwrap();
+        let src = dir.path().join("p");
         let (warm, cold) = warm_and_cold(&runner_dir, python, isolation);
         std::fs::write(&secret, "the node's").unwrap();
         for (name, runner) in [("warm", &warm), ("cold", &cold)] {
             let work = runner_dir.join("work").join(name);
+            let source = format!(
+                "PORT = {port}\nSECRET = {secret:?}\nOTHER = {other:?}\nTASK = {task:?}\nLIMITED = {limited}\n{body}",
+                secret = secret.to_string_lossy(),
+                other = other.to_string_lossy(),
+                task = work.to_string_lossy(),
+                limited = if sandbox::running_as_root() { "True" } else { "False" },
+                body = include_str!("sandbox_test_module.py"),
+            );
+            project(&src, "test_sandbox.py", &source);
             let outcome = runner
                 .run_module(&src, "tests/test_sandbox.py", &work, "n")
                 .await
@@ -767,10 +839,26 @@ mod tests {
             let r = outcome.result;
             assert_eq!(
                 (r.passed, r.failed, r.errors),
-                (4, 0, 0),
+                (11, 0, 0),
                 "{name}: {}",
                 outcome.output
             );
+            // The child that left its session held a lock: it is free once it is gone.
+            let held = std::fs::File::open(work.join("project").join("held.lock")).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+                .is_err()
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "{name}: a process of the task outlived it"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        // Its own sleep, not to be mistaken for another test's.
+        project(&src, "test_hang.py", &HANG.replace("300", "301"));
+        for (name, runner) in [("warm", &warm), ("cold", &cold)] {
             let work = runner_dir.join("work").join(format!("{name}-hang"));
             assert_killed_at_timeout(runner, &src, &work).await;
         }
@@ -911,6 +999,61 @@ mod tests {
             zip.write_all(body.as_bytes()).unwrap();
         }
         zip.finish().unwrap();
+    }
+
+    /// `pip install` runs a project's own code (here an in-tree build backend): in the
+    /// sandbox, it reads nothing of the node (its files, other processes' command lines)
+    /// and writes nowhere but the environment it builds.
+    #[tokio::test]
+    async fn requirements_are_built_in_the_sandbox() {
+        let isolation = Isolation::detect();
+        if isolation == Isolation::Limits {
+            return;
+        }
+        let python = interpreter().await;
+        let dir = tempfile::tempdir().unwrap();
+        let runner_dir = dir.path().join("runner");
+        let runner = Runner::new(&runner_dir, python, Limits::default(), isolation).unwrap();
+        let secret = runner_dir.join("secret.txt");
+        std::fs::write(&secret, "the node's secret").unwrap();
+        let outside = runner_dir.join("escaped.txt");
+        let marker = format!("teia-marker-{}", std::process::id());
+        let mut witness = std::process::Command::new("python3")
+            .args(["-c", "import time; time.sleep(120)", &marker])
+            .spawn()
+            .unwrap();
+        let src = dir.path().join("evil");
+        project(&src, "test_one.py", "def test_one():\n    pass\n");
+        std::fs::write(src.join("requirements.txt"), "./backend_pkg\n").unwrap();
+        let backend = src.join("backend_pkg");
+        std::fs::create_dir_all(&backend).unwrap();
+        std::fs::write(
+            backend.join("pyproject.toml"),
+            "[build-system]\nrequires = []\nbuild-backend = \"evil_backend\"\nbackend-path = [\".\"]\n",
+        )
+        .unwrap();
+        std::fs::write(
+            backend.join("evil_backend.py"),
+            format!(
+                "SECRET = {:?}\nOUTSIDE = {:?}\n{}",
+                secret.to_string_lossy(),
+                outside.to_string_lossy(),
+                include_str!("build_backend_test.py")
+            ),
+        )
+        .unwrap();
+        let outcome = runner
+            .run_module(&src, "tests/test_one.py", &dir.path().join("w"), "n")
+            .await
+            .unwrap();
+        let _ = witness.kill();
+        let _ = witness.wait();
+        assert_eq!(outcome.result.errors, 1, "{}", outcome.output);
+        let seen = std::fs::read_to_string(runner_dir.join("venvs").join("home").join("seen.txt"))
+            .unwrap_or_else(|e| panic!("the backend did not run ({e}): {}", outcome.output));
+        assert!(!seen.contains("the node's secret"), "{seen}");
+        assert!(!seen.contains(&marker), "{seen}");
+        assert!(!outside.exists(), "the build wrote outside its environment");
     }
 
     /// A project's requirements are installed once into an environment that its modules

@@ -3,7 +3,10 @@
 //! -r`) and reused by every module and later evaluation that has the same file.
 //!
 //! An environment is built in place and marked ready when whole; one left unmarked (the
-//! node stopped while building it) is built again. A build that failed is remembered until
+//! node stopped while building it) is built again. With bubblewrap, it is built in the
+//! tasks' sandbox (the project's code runs in `pip install`: a build backend, a `setup.py`):
+//! the network allowed, nothing of the node visible, only the environment being built and
+//! the build's home writable, as a task id of its own when the node is root. A build that failed is remembered until
 //! the node restarts, so the other modules of its project fail at once with the same
 //! message.
 
@@ -12,7 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
-use super::{clean_environment, limits_script, Limits, OUTPUT_KEPT};
+use super::sandbox::{self, TaskIds};
+use super::{clean_environment, limits_script, python_prefixes, Limits, OUTPUT_KEPT};
+
+/// The sandbox builds run in: `bwrap`, and the task ids when the node is root.
+pub(crate) type BuildSandbox = (PathBuf, Option<std::sync::Arc<TaskIds>>);
 
 /// Size of a `requirements.txt` read; a larger one is refused.
 pub const MAX_REQUIREMENTS: u64 = 64 * 1024;
@@ -26,6 +33,20 @@ const MAX_FAILED: usize = 64;
 /// The marker of a whole environment.
 const READY: &str = ".teia-ready";
 
+/// One environment being built.
+struct Build<'a> {
+    /// The interpreter it is made from.
+    python: &'a Path,
+    /// The project whose requirements it installs.
+    project: &'a Path,
+    /// The environment's folder.
+    venv: &'a Path,
+    /// The build's `HOME`.
+    home: &'a Path,
+    /// The task id it is built as (the node is root), if any.
+    id: Option<u32>,
+}
+
 /// The node's environments.
 pub(crate) struct VenvCache {
     dir: PathBuf,
@@ -33,16 +54,24 @@ pub(crate) struct VenvCache {
     limits: Limits,
     /// One build at a time; failures by key.
     failed: tokio::sync::Mutex<HashMap<String, String>>,
+    /// The sandbox builds run in, if any.
+    sandbox: Option<BuildSandbox>,
 }
 
 impl VenvCache {
     /// Environments go in `dir`.
-    pub fn new(dir: PathBuf, support: PathBuf, limits: Limits) -> Self {
+    pub fn new(
+        dir: PathBuf,
+        support: PathBuf,
+        limits: Limits,
+        sandbox: Option<BuildSandbox>,
+    ) -> Self {
         Self {
             dir,
             support,
             limits,
             failed: tokio::sync::Mutex::new(HashMap::new()),
+            sandbox,
         }
     }
 
@@ -107,19 +136,39 @@ impl VenvCache {
 
     async fn build(&self, python: &Path, project: &Path, venv: &Path) -> Result<(), String> {
         let _ = std::fs::remove_dir_all(venv);
-        std::fs::create_dir_all(&self.dir).map_err(|e| e.to_string())?;
         let home = self.dir.join("home");
-        std::fs::create_dir_all(&home).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_dir_all(&home);
+        for folder in [venv, &home] {
+            std::fs::create_dir_all(folder).map_err(|e| e.to_string())?;
+        }
+        let id = match self.sandbox.as_ref().and_then(|(_, ids)| ids.as_ref()) {
+            Some(ids) => {
+                let id = ids.take().await;
+                for folder in [venv, &home] {
+                    sandbox::give_tree(folder, id.id).map_err(|e| e.to_string())?;
+                }
+                Some(id)
+            }
+            None => None,
+        };
+        let build = Build {
+            python,
+            project,
+            venv,
+            home: &home,
+            id: id.as_ref().map(|id| id.id),
+        };
         let venv_text = venv.to_string_lossy();
         self.step(
+            &build,
             python,
             &["-m", "venv", "--system-site-packages", &venv_text],
-            &self.dir,
-            &home,
+            venv,
             "python -m venv (on Debian: apt-get install python3-venv)",
         )
         .await?;
         self.step(
+            &build,
             &venv.join("bin").join("python"),
             &[
                 "-m",
@@ -132,24 +181,45 @@ impl VenvCache {
                 "requirements.txt",
             ],
             project,
-            &home,
             "pip install -r requirements.txt",
         )
         .await?;
         std::fs::write(venv.join(READY), b"").map_err(|e| e.to_string())
     }
 
-    /// Runs one step of a build with the modules' environment and limits (but the network:
-    /// pip needs it).
+    /// Runs one step of `build` in `dir` with the modules' environment and limits (but the
+    /// network: pip needs it), in the sandbox when there is one.
     async fn step(
         &self,
+        build: &Build<'_>,
         program: &Path,
         args: &[&str],
         dir: &Path,
-        home: &Path,
         what: &str,
     ) -> Result<(), String> {
-        let mut command = tokio::process::Command::new("bash");
+        let mut command = match &self.sandbox {
+            Some((bwrap, _)) => {
+                let prefixes = python_prefixes(build.python);
+                let plan = sandbox::Plan {
+                    readable: [build.project, self.support.as_path()]
+                        .into_iter()
+                        .chain(prefixes.iter().map(PathBuf::as_path))
+                        .collect(),
+                    writable: vec![build.venv, build.home],
+                    network: true,
+                    keep_capabilities: false,
+                };
+                let mut command = tokio::process::Command::new(bwrap);
+                command
+                    .args(sandbox::bwrap_args(&plan))
+                    .arg("--chdir")
+                    .arg(dir)
+                    .args(sandbox::become_task(build.id))
+                    .arg("bash");
+                command
+            }
+            None => tokio::process::Command::new("bash"),
+        };
         command
             .args(["-c", &limits_script(&self.limits), "bash"])
             .arg(program)
@@ -160,7 +230,7 @@ impl VenvCache {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        clean_environment(&mut command, &self.support, home);
+        clean_environment(&mut command, &self.support, build.home);
         let output = match tokio::time::timeout(BUILD_TIME, command.output()).await {
             Err(_) => return Err(format!("{what} took more than {BUILD_TIME:?}")),
             Ok(Err(e)) => return Err(format!("{what}: {e}")),

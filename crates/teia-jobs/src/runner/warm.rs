@@ -32,9 +32,16 @@ const FORK_TIME: Duration = Duration::from_secs(10);
 /// Interpreters that failed to start, remembered so that modules start cold at once.
 const MAX_BROKEN: usize = 16;
 
+/// Bytes of what a forked child says last that are kept (its end: why its isolation
+/// failed, and its exit code).
+const SAID_KEPT: usize = 512;
+
 /// The warm interpreter's program: preload, then accept, fork, run.
 const ZYGOTE: &str = r#"
 import json, os, selectors, signal, socket, sys, traceback
+# Per-task isolation, {"hidden": [...], "keep": [...]} from the node (argv[2]); none without
+# a sandbox.
+ISOLATION = json.loads(sys.argv[2]) if len(sys.argv) > 2 else None
 # Script tasks need no pytest: without it, this interpreter forks them only.
 try:
     import pytest
@@ -70,15 +77,32 @@ events.register(server, selectors.EVENT_READ, "accept")
 events.register(0, selectors.EVENT_READ, "node")
 print("ready", flush=True)
 
-def detach(conn):
-    # The forked child: its own session, no listening, its pid said, no stdin.
+def detach(conn, request):
+    # The forked child C: its own session, no listening, no stdin; then, isolated, the pid
+    # of the task's PID 1 said. Returns in the task only: C stays behind, waits for it and
+    # says how it ended ("exit N"), so that the task cannot say it.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     os.setsid()
     events.close()
     server.close()
-    conn.sendall(b"%d\n" % os.getpid())
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
+    os.close(null)
+    if ISOLATION is None:
+        conn.sendall(b"%d\n" % os.getpid())
+        return
+    isolate(request["task"], ISOLATION["hidden"], request.get("uid"), request.get("uid"),
+            keep=ISOLATION["keep"], close_fds=[conn.fileno()],
+            on_pid=lambda pid: conn.sendall(b"%d\n" % pid), on_exit=said_exit(conn))
+    conn.detach()  # its descriptor is closed here: forget it (its number will be reused)
+
+def said_exit(conn):
+    def on_exit(status, message):
+        code = os.WEXITSTATUS(status) if os.WIFEXITED(status) else 1
+        if message:
+            conn.sendall(b"isolation failed: " + message.encode("utf-8", "replace")[:400].replace(b"\n", b" ") + b"\n")
+        conn.sendall(b"exit %d\n" % code)
+    return on_exit
 
 import atexit, runpy
 
@@ -87,7 +111,7 @@ def run_script(conn, request):
     # and its own modules its own (those imported here under the same names forgotten).
     code = 1
     try:
-        detach(conn)
+        detach(conn, request)
         for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
             out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
             os.dup2(out, fd)
@@ -124,7 +148,8 @@ def run_script(conn, request):
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-        conn.sendall(b"exit %d\n" % code)
+        if ISOLATION is None:
+            conn.sendall(b"exit %d\n" % code)
     finally:
         os._exit(code)
 
@@ -133,7 +158,7 @@ def run(conn, request):
         run_script(conn, request)
     code = 3
     try:
-        detach(conn)
+        detach(conn, request)
         out = os.open(request["output"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(out, 1)
         os.dup2(out, 2)
@@ -172,6 +197,8 @@ while True:
             continue
         if "kill" in request:
             try:
+                # Isolated, the pid is the task's PID 1: its namespaces die with it.
+                os.kill(int(request["kill"]), signal.SIGKILL)
                 os.killpg(int(request["kill"]), signal.SIGKILL)
             except Exception:
                 pass
@@ -191,8 +218,17 @@ struct Warm {
     _lifeline: tokio::process::ChildStdin,
 }
 
+/// The program of the warm interpreter: the per-task isolation, then the zygote.
+fn program() -> String {
+    format!("{}\n{ZYGOTE}", include_str!("isolate.py"))
+}
+
 /// What one forked module is to do.
 pub(crate) struct Request<'a> {
+    /// The task's own folder (the only one of the work folders it sees).
+    pub task: &'a Path,
+    /// The user id it runs as (the node is root), if any.
+    pub id: Option<u32>,
     /// The project's copy, where it runs.
     pub dir: &'a Path,
     /// The test module.
@@ -207,6 +243,8 @@ pub(crate) struct Request<'a> {
 
 /// What one forked script task is to do (`python ARGS...` in `dir`).
 pub(crate) struct ScriptRequest<'a> {
+    /// The user id it runs as (the node is root), if any.
+    pub id: Option<u32>,
     /// The task's folder, where it runs.
     pub dir: &'a Path,
     /// `main.py` and its arguments.
@@ -227,14 +265,16 @@ pub(crate) struct ScriptEnd {
     pub exit_code: Option<i32>,
 }
 
-/// The bubblewrap sandbox warm interpreters run in.
+/// The bubblewrap sandbox warm interpreters run in (see `sandbox`): each task forked
+/// from it is then isolated in namespaces of its own (`isolate.py`).
 pub(crate) struct Sandbox {
     /// The `bwrap` program.
     pub bwrap: PathBuf,
-    /// Folders visible read-only (under a fresh `/tmp`): the report plugin, environments.
+    /// Folders visible read-only (under a fresh `/tmp`): the report plugin, environments,
+    /// the interpreter's prefix.
     pub readable: Vec<PathBuf>,
-    /// Folders visible and writable: where the modules' work folders are.
-    pub writable: Vec<PathBuf>,
+    /// Where the tasks' work folders are: each task sees only its own.
+    pub work: PathBuf,
 }
 
 /// The node's warm interpreters.
@@ -271,6 +311,8 @@ impl WarmPool {
     /// interpreter took it (the caller starts it cold).
     pub async fn run(&self, python: &Path, request: &Request<'_>) -> Option<bool> {
         let line = serde_json::json!({
+            "task": request.task,
+            "uid": request.id,
             "dir": request.dir,
             "args": std::iter::once(request.module).chain(PYTEST_ARGS).collect::<Vec<_>>(),
             "output": request.output,
@@ -290,6 +332,8 @@ impl WarmPool {
     ) -> Option<ScriptEnd> {
         let line = serde_json::json!({
             "script": true,
+            "task": request.dir,
+            "uid": request.id,
             "dir": request.dir,
             "args": request.args,
             "stdout": request.stdout,
@@ -298,7 +342,9 @@ impl WarmPool {
         });
         let (timed_out, said) = self.fork(python, &line).await?;
         let exit_code = said
-            .strip_prefix("exit ")
+            .lines()
+            .last()
+            .and_then(|line| line.strip_prefix("exit "))
             .and_then(|code| code.trim().parse().ok())
             .filter(|_| !timed_out);
         Some(ScriptEnd {
@@ -331,10 +377,10 @@ impl WarmPool {
         let left = self.limits.timeout.saturating_sub(started.elapsed());
         let mut said = Vec::new();
         let ended = async {
-            let mut piece = [0u8; 64];
+            let mut piece = [0u8; 512];
             while let Ok(n @ 1..) = reader.read(&mut piece).await {
                 said.extend_from_slice(piece.get(..n).unwrap_or_default());
-                let excess = said.len().saturating_sub(64);
+                let excess = said.len().saturating_sub(SAID_KEPT);
                 said.drain(..excess);
             }
         };
@@ -351,7 +397,14 @@ impl WarmPool {
         } else {
             let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
         }
-        Some((timed_out, String::from_utf8_lossy(&said).into_owned()))
+        let said = String::from_utf8_lossy(&said).into_owned();
+        if let Some(why) = said
+            .lines()
+            .find_map(|l| l.strip_prefix("isolation failed: "))
+        {
+            tracing::error!(reason = %why, "a task's sandbox could not be made: it did not run");
+        }
+        Some((timed_out, said))
     }
 
     /// Starts `python`'s warm interpreter if it is not running.
@@ -417,22 +470,37 @@ impl WarmPool {
                 socket.display()
             ));
         }
+        let mut isolation = None;
         let mut command = match &self.sandbox {
             Some(sandbox) => {
+                for path in sandbox
+                    .readable
+                    .iter()
+                    .chain([&sandbox.work, &self.sockets])
+                {
+                    std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+                }
+                let plan = super::sandbox::Plan {
+                    readable: sandbox.readable.iter().map(PathBuf::as_path).collect(),
+                    writable: vec![&sandbox.work, &self.sockets],
+                    network: false,
+                    keep_capabilities: true,
+                };
+                let hidden: Vec<&Path> = vec![
+                    &sandbox.work,
+                    &self.sockets,
+                    Path::new("/tmp"),
+                    Path::new("/dev/shm"),
+                ];
+                let keep: Vec<&PathBuf> = sandbox
+                    .readable
+                    .iter()
+                    .filter(|p| hidden.iter().any(|h| p.starts_with(h)))
+                    .collect();
+                isolation = Some(serde_json::json!({"hidden": hidden, "keep": keep}).to_string());
                 let mut command = tokio::process::Command::new(&sandbox.bwrap);
                 command
-                    .args(["--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"])
-                    .args(["--tmpfs", "/tmp"]);
-                for path in &sandbox.readable {
-                    std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
-                    command.arg("--ro-bind").arg(path).arg(path);
-                }
-                for path in sandbox.writable.iter().chain([&self.sockets]) {
-                    std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
-                    command.arg("--bind").arg(path).arg(path);
-                }
-                command
-                    .args(["--unshare-net", "--unshare-pid", "--die-with-parent"])
+                    .args(super::sandbox::bwrap_args(&plan))
                     .arg("--chdir")
                     .arg(&self.sockets)
                     .arg("bash");
@@ -443,8 +511,9 @@ impl WarmPool {
         command
             .args(["-c", &limits_script(&self.limits), "bash"])
             .arg(python)
-            .args(["-c", ZYGOTE])
+            .args(["-c", &program()])
             .arg(&socket)
+            .args(isolation)
             .current_dir(&self.sockets);
         clean_environment(&mut command, &self.support, &self.sockets);
         let mut process = command

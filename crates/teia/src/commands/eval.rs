@@ -283,6 +283,9 @@ async fn submit(
     let id = at(&body, "id")
         .as_u64()
         .context("the node answered no id")?;
+    if let Some(warning) = body.get("warning").and_then(Value::as_str) {
+        eprintln!("WARNING: {warning}");
+    }
     if json_output {
         println!("{}", json!({"event": "submitted", "id": id}));
     } else {

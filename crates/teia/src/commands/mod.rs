@@ -63,6 +63,17 @@ async fn worker(args: crate::cli::WorkerArgs) -> anyhow::Result<()> {
         .map_err(|e| anyhow::anyhow!("tasks need Python: {e}"))?;
     let (python, version) = (found.executable, found.version);
     let isolation = teia_jobs::runner::Isolation::detect();
+    if isolation == teia_jobs::runner::Isolation::Limits {
+        if !args.unsandboxed {
+            bail!(
+                "no working sandbox here, and a master's tasks are other people's code: install \
+                 bubblewrap (apt-get install bubblewrap), or pass --unsandboxed to run them with \
+                 everything this user can reach"
+            );
+        }
+        tracing::warn!("--unsandboxed: the master's tasks run with everything this user can reach");
+    }
+    warn_if_root();
     tracing::info!(python = %version, isolation = %isolation.describe(), "worker ready");
     let limits = teia_jobs::runner::Limits {
         timeout: Duration::from_secs(args.task_timeout.max(1)),
@@ -125,6 +136,17 @@ fn survive_file_size_limit() {
         if let Ok(mut limit) = signal(SignalKind::from_raw(SIGXFSZ)) {
             tokio::spawn(async move { while limit.recv().await.is_some() {} });
         }
+    }
+}
+
+/// Says, when this process runs as root, what that means for the tasks it runs.
+pub fn warn_if_root() {
+    if teia_jobs::runner::sandbox::running_as_root() {
+        tracing::warn!(
+            "teia runs as root: tasks run in the sandbox as user ids of their own ({} and up), \
+             with no capabilities; running teia as an ordinary user is safer still",
+            teia_jobs::runner::sandbox::TASK_ID_BASE
+        );
     }
 }
 

@@ -255,6 +255,28 @@ async fn start_master(
     Ok(master.1)
 }
 
+/// Whether this node may run other nodes' code: with a working sandbox, or when told to
+/// without (`--unsandboxed`, said loudly). Without either, it says that it runs only its
+/// own submissions.
+fn sandboxed_or_allowed(isolation: &teia_jobs::runner::Isolation, unsandboxed: bool) -> bool {
+    super::warn_if_root();
+    if *isolation != teia_jobs::runner::Isolation::Limits {
+        return true;
+    }
+    if unsandboxed {
+        tracing::warn!(
+            "--unsandboxed: no working sandbox here, and this node runs other nodes' test \
+             modules and script tasks with everything this user can reach"
+        );
+    } else {
+        tracing::warn!(
+            "no working sandbox here (install bubblewrap): this node runs only what is submitted \
+             to it, unsandboxed, and no other node's modules or tasks (--unsandboxed to run them)"
+        );
+    }
+    unsandboxed
+}
+
 /// Starts the job engine when Python with pytest is here (required with `--http`), and the
 /// HTTP API when asked; returns the engine and what stops the API.
 async fn start_jobs(
@@ -305,6 +327,7 @@ async fn start_jobs(
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
     let jobs_dir = node_file(data_dir, peer_id, "jobs");
+    let isolation = teia_jobs::runner::Isolation::detect();
     let config = teia_jobs::engine::EngineConfig {
         dir: jobs_dir.clone(),
         node: peer_id.to_owned(),
@@ -315,7 +338,8 @@ async fn start_jobs(
             timeout: Duration::from_secs(args.module_timeout.max(1)),
             ..teia_jobs::runner::Limits::default()
         },
-        isolation: teia_jobs::runner::Isolation::detect(),
+        others: sandboxed_or_allowed(&isolation, args.unsandboxed),
+        isolation,
         modules,
     };
     let cluster = teia_jobs::remote::ClusterConfig {
