@@ -201,6 +201,8 @@ async fn submit(State(app): State<App>, request: Request) -> Result<Response, Pr
                 .into(),
         ));
     };
+    // Answered once the projects are at enough nodes of the cluster (or a while passed).
+    app.engine.wait_replicated(id).await;
     let mut created = json!({"id": id});
     if let (Some(warning), Some(fields)) = (app.engine.warning(), created.as_object_mut()) {
         fields.insert("warning".into(), warning.into());

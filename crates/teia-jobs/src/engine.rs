@@ -29,6 +29,14 @@ pub const MAX_ACTIVE: usize = 64;
 /// submitted while they are unpacked, their packed copies, and what their modules run
 /// in); a submission that would expand past what is left is refused (HTTP 507).
 pub const EVALUATIONS_DISK: u64 = 8 * 1024 * 1024 * 1024;
+/// Nodes of the cluster (besides the owner) that must hold a project's bytes before a
+/// module of it is handed out, when the cluster has that many: so that the evaluation
+/// survives its owner.
+pub const REPLICAS: usize = 2;
+/// Time an owner waits at most for a new evaluation's projects to reach [`REPLICAS`] nodes
+/// (nodes that run no test modules never pull them): then its modules are handed out, and
+/// `POST /evaluation` answered, regardless.
+pub const REPLICATION_WAIT: Duration = Duration::from_secs(5);
 /// Finished evaluations kept (with their results, answered by `GET /evaluation/<id>`);
 /// past it, the oldest finished are forgotten, their folders removed, when a new one comes.
 pub const KEEP_FINISHED: usize = 500;
@@ -227,6 +235,60 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Whether a module of a project with bytes `blob`, of an evaluation submitted at
+    /// `submitted` (unix ms), may be handed out: its bytes are at [`REPLICAS`] nodes of the
+    /// cluster (as many as it has that run modules), or [`REPLICATION_WAIT`] has passed.
+    pub(crate) fn replicated(&self, submitted: u64, blob: &str) -> bool {
+        let Some(cluster) = &self.cluster else {
+            return true;
+        };
+        let wanted = REPLICAS.min(cluster.member_count());
+        wanted == 0
+            || cluster.holder_count(blob) >= wanted
+            || unix_ms() >= submitted + REPLICATION_WAIT.as_millis() as u64
+    }
+
+    /// Waits until every project of evaluation `id` may be handed out (see
+    /// [`Engine::replicated`]): `POST /evaluation` answers then, so that an evaluation
+    /// answered survives its owner where the cluster allows.
+    pub async fn wait_replicated(&self, id: EvalId) {
+        loop {
+            let ready = {
+                let state = lock(&self.state);
+                state.ledger.get(id).is_none_or(|evaluation| {
+                    evaluation
+                        .projects
+                        .values()
+                        .all(|p| self.replicated(evaluation.submitted_at, &p.blob))
+                })
+            };
+            if ready {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The folder of a leased module's project here, fetched by hash from the nodes of the
+    /// cluster when this node does not have it (it took the evaluation over).
+    async fn project_here(&self, lease: &Lease) -> Option<PathBuf> {
+        if let Some(folder) = self.local_project(lease) {
+            return Some(folder);
+        }
+        let cluster = self.cluster.as_ref()?;
+        let members = cluster.member_names();
+        match self
+            .fetch_project(cluster, &self.config.node, None, &members, lease)
+            .await
+        {
+            Ok(folder) => Some(folder),
+            Err(e) => {
+                tracing::debug!(blob = %lease.blob, error = %e, "project not found in the cluster");
+                None
+            }
+        }
+    }
+
     /// What a submitter must be told: tasks here run without a sandbox.
     pub fn warning(&self) -> Option<&'static str> {
         (self.config.isolation == crate::runner::Isolation::Limits).then_some(
@@ -414,12 +476,13 @@ impl Engine {
             let lease = {
                 let mut state = lock(&self.state);
                 let now = self.now_ms();
-                state.ledger.lease(
+                state.ledger.lease_ready(
                     &self.config.node,
                     &self.config.address,
                     now,
                     lease_ms,
                     unix_ms(),
+                    |submitted, blob| self.replicated(submitted, blob),
                 )
             };
             let Some(lease) = lease else {
@@ -433,8 +496,23 @@ impl Engine {
                 }
                 continue;
             };
-            let Some(extracted) = self.local_project(&lease) else {
-                tracing::error!(module = %lease.module, "project bytes missing here");
+            let Some(extracted) = self.project_here(&lease).await else {
+                // Not a test failure: the module waits for its project's bytes.
+                let why = format!(
+                    "the bytes of project {} are not to be had here yet (no node of the cluster \
+                     that has them answers); its modules wait",
+                    lease.project
+                );
+                tracing::warn!(module = %lease.module, "{why}");
+                {
+                    let mut state = lock(&self.state);
+                    if state.ledger.give_back(&lease, &self.config.address, &why) {
+                        if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
+                            state.save(&evaluation);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_secs(1)).await;
                 continue;
             };
             let result = self.run_lease(&lease, &extracted, slot).await;
@@ -663,7 +741,7 @@ impl Engine {
     }
 
     /// The packed project `blob` of ours, if `peer` holds a lease of one of its modules (or
-    /// any of ours, when `trusted`: a replica).
+    /// any we have, when `trusted`: a replica).
     pub(crate) fn blob_for(&self, peer: &str, blob: &str, trusted: bool) -> Option<PathBuf> {
         if trusted {
             let cached = self.config.dir.join("blobs").join(format!("{blob}.zip"));
@@ -680,7 +758,7 @@ impl Engine {
                 let leased = project.modules.values().any(
                     |m| matches!(&m.state, ModuleState::Leased { worker, .. } if worker == peer),
                 );
-                if leased {
+                if leased || trusted {
                     return Some(
                         self.config
                             .dir
@@ -755,6 +833,7 @@ impl Engine {
             "percent_failed": round(tests.percent_failed()),
             "grade": round(evaluation.grade()),
             "error": evaluation.failure,
+            "waiting": evaluation.waiting,
             "tests": tests,
             "modules": modules,
             "projects": projects,

@@ -118,6 +118,9 @@ pub(crate) struct Cluster {
     greeted: Mutex<HashMap<String, Instant>>,
     /// Refused messages by sender: when last logged, and how many since.
     refusals: Mutex<HashMap<String, (Instant, u64)>>,
+    /// Projects we told their owner we hold, as (owner, blob) (at most
+    /// [`MAX_HELD_BLOBS`]; past it, all are forgotten and told again).
+    told: Mutex<std::collections::HashSet<(String, String)>>,
     pub(crate) next: AtomicU64,
     /// Owners' listen ports, as announced.
     ports: Mutex<HashMap<String, Option<u16>>>,
@@ -150,6 +153,7 @@ impl Cluster {
             members: Mutex::new(HashMap::new()),
             greeted: Mutex::new(HashMap::new()),
             refusals: Mutex::new(HashMap::new()),
+            told: Mutex::new(std::collections::HashSet::new()),
             next: AtomicU64::new(1),
             ports: Mutex::new(HashMap::new()),
             heard: Mutex::new(HashMap::new()),
@@ -234,6 +238,21 @@ impl Cluster {
             .get(peer)
             .filter(|m| m.seen.elapsed() < MEMBER_FRESH)
             .map(|m| m.key)
+    }
+
+    /// How many fresh members there are.
+    pub(crate) fn member_count(&self) -> usize {
+        self.members().len()
+    }
+
+    /// The fresh members' peer ids.
+    pub(crate) fn member_names(&self) -> Vec<String> {
+        self.members()
+    }
+
+    /// How many nodes are known to hold project `blob`.
+    pub(crate) fn holder_count(&self, blob: &str) -> usize {
+        lock(&self.holders).get(blob).map_or(0, Vec::len)
     }
 
     /// The fresh members.
@@ -673,17 +692,30 @@ impl Engine {
         self.take_replicas(owner, evaluations);
         lock(&cluster.heard).insert(owner.to_owned(), Instant::now());
         for blob in blobs {
-            if !self.config.dir.join("blobs").join(&blob).is_dir() {
-                let lease = Lease {
-                    eval: 0,
-                    project: String::new(),
-                    blob,
-                    module: String::new(),
-                    attempt: 0,
-                };
-                if let Err(e) = self.fetch_project(cluster, owner, port, &[], &lease).await {
-                    tracing::debug!(%owner, error = %e, "project not replicated yet");
+            let lease = Lease {
+                eval: 0,
+                project: String::new(),
+                blob,
+                module: String::new(),
+                attempt: 0,
+            };
+            match self.fetch_project(cluster, owner, port, &[], &lease).await {
+                Ok(_) => {
+                    // The owner hands the project's modules out once enough nodes hold it.
+                    let told = (owner.to_owned(), lease.blob.clone());
+                    let new = {
+                        let mut told_already = lock(&cluster.told);
+                        if told_already.len() >= MAX_HELD_BLOBS {
+                            told_already.clear();
+                        }
+                        told_already.insert(told)
+                    };
+                    if new {
+                        let held = JobMessage::ProjectHeld { blob: lease.blob };
+                        cluster.send(owner, &held).await;
+                    }
                 }
+                Err(e) => tracing::debug!(%owner, error = %e, "project not replicated yet"),
             }
         }
         Ok(())
@@ -770,6 +802,7 @@ impl Engine {
                 cluster.send(src, &answer).await;
             }
             JobMessage::TaskRenew { lease } => self.renew_remote(&lease, src),
+            JobMessage::ProjectHeld { blob } => cluster.add_holder(&blob, src),
             JobMessage::TaskResult { lease, result } => {
                 if self.complete(&lease, src, result) {
                     cluster.add_holder(&lease.blob, src);
@@ -913,7 +946,7 @@ impl Engine {
 
     /// The project's folder on this node, fetched if not here yet: from one of the
     /// `holders` (other workers that have it), else from `owner`; its hash is checked.
-    async fn fetch_project(
+    pub(crate) async fn fetch_project(
         &self,
         cluster: &Cluster,
         owner: &str,

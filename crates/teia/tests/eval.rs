@@ -649,6 +649,81 @@ fn when_the_owner_dies_a_survivor_takes_over_and_finishes_without_recomputing() 
     drop(second);
 }
 
+/// An evaluation answered `201` survives its owner killed at once, before any worker ran a
+/// module: the owner answered only once two other nodes held every project's bytes, so a
+/// survivor takes it over and every project gets pytest's own counts (no module counted as
+/// failed for want of its project).
+#[test]
+fn an_owner_killed_right_after_answering_loses_no_project() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = |n: u32| {
+        format!("import time\n\ndef test_slow():\n    time.sleep(0.5)\n\ndef test_fast():\n    assert {n} == {n}\n")
+    };
+    let sources: Vec<(String, String)> = ["one", "two", "three"]
+        .iter()
+        .flat_map(|project| {
+            (1..=2).map(move |i| (format!("{project}/tests/test_m{i}.py"), module(i)))
+        })
+        .collect();
+    let files: Vec<(&str, &str)> = sources
+        .iter()
+        .map(|(path, source)| (path.as_str(), source.as_str()))
+        .collect();
+    let bytes = zip_of(dir.path(), &files);
+    let common = [
+        "--cluster-secret",
+        "our-lab",
+        "--workers",
+        "1",
+        "--http",
+        "127.0.0.1:0",
+    ];
+    let owner = NodeProcess::start(
+        "a-owner",
+        "eval",
+        &[&["--peer", "127.0.0.1:1"][..], &common].concat(),
+    );
+    let owner_http = field(&owner.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let owner_addr = owner.addr();
+    let worker_args = [&["--peer", owner_addr.as_str()][..], &common].concat();
+    let first = NodeProcess::start("b-worker", "eval", &worker_args);
+    let second = NodeProcess::start("c-worker", "eval", &worker_args);
+    let first_http = field(&first.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    // Both workers are members of the owner's cluster.
+    let (after, _) = owner
+        .process
+        .wait_for_log_after("a node of the cluster proved itself", 0);
+    owner
+        .process
+        .wait_for_log_after("a node of the cluster proved itself", after + 1);
+    first
+        .process
+        .wait_for_log("a node of the cluster proved itself");
+    second
+        .process
+        .wait_for_log("a node of the cluster proved itself");
+
+    let (status, created) = post_zip(&owner_http, &bytes);
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    owner.kill9();
+    let done = wait_done(&first_http, id);
+    assert_ne!(done["owner"], "a-owner@eval", "{done}");
+    for project in ["one", "two", "three"] {
+        let tests = &done["projects"][project]["tests"];
+        assert_eq!(
+            (
+                tests["passed"].as_u64(),
+                tests["failed"].as_u64(),
+                tests["errors"].as_u64()
+            ),
+            (Some(4), Some(0), Some(0)),
+            "{project}: {done}"
+        );
+    }
+    drop(second);
+}
+
 #[test]
 fn teia_eval_submits_a_folder_follows_it_and_lists_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -94,6 +94,9 @@ pub struct Evaluation {
     pub finished_at: Option<u64>,
     /// Why it failed before running (no module, a bundle that could not be read).
     pub failure: Option<String>,
+    /// Why modules of it wait (a project's bytes not to be had here yet), if they do.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub waiting: Option<String>,
     /// Its projects by name.
     pub projects: BTreeMap<String, Project>,
 }
@@ -344,6 +347,7 @@ impl Ledger {
                 started_at: None,
                 finished_at: None,
                 failure,
+                waiting: None,
                 projects,
             },
         );
@@ -379,6 +383,20 @@ impl Ledger {
         lease_ms: u64,
         unix_ms: u64,
     ) -> Option<Lease> {
+        self.lease_ready(owner, worker, now, lease_ms, unix_ms, |_, _| true)
+    }
+
+    /// As [`Ledger::lease`], handing out only modules of projects for which
+    /// `ready(submitted_at, blob)` holds (their bytes are replicated enough).
+    pub fn lease_ready(
+        &mut self,
+        owner: &str,
+        worker: &str,
+        now: u64,
+        lease_ms: u64,
+        unix_ms: u64,
+        ready: impl Fn(u64, &str) -> bool,
+    ) -> Option<Lease> {
         let ids: Vec<EvalId> = self
             .evaluations
             .values()
@@ -406,6 +424,9 @@ impl Ledger {
             };
             let mut best: Option<(f64, String, String)> = None;
             for (project_name, project) in &evaluation.projects {
+                if !ready(evaluation.submitted_at, &project.blob) {
+                    continue;
+                }
                 for (path, module) in &project.modules {
                     if !matches!(module.state, ModuleState::Pending { .. }) {
                         continue;
@@ -473,6 +494,28 @@ impl Ledger {
         }
     }
 
+    /// Gives a module leased to `worker` back to the queue, as the same attempt (it did not
+    /// run: its project's bytes were not to be had); false if it is not `worker`'s lease.
+    pub fn give_back(&mut self, lease: &Lease, worker: &str, why: &str) -> bool {
+        let Some(module) = self.module_mut(lease.eval, &lease.project, &lease.module) else {
+            return false;
+        };
+        match &module.state {
+            ModuleState::Leased {
+                worker: holder,
+                attempt,
+                ..
+            } if holder == worker && *attempt == lease.attempt => {
+                module.state = ModuleState::Pending { attempt: *attempt };
+            }
+            _ => return false,
+        }
+        if let Some(evaluation) = self.evaluations.get_mut(&lease.eval) {
+            evaluation.waiting = Some(why.to_owned());
+        }
+        true
+    }
+
     /// Records `worker`'s result of a module; false (and nothing changes) unless the module
     /// is leased to `worker` for the lease's attempt (a module pending, leased to another,
     /// taken back or done takes no result).
@@ -497,6 +540,9 @@ impl Ledger {
             _ => return false,
         }
         module.state = ModuleState::Done(result);
+        if let Some(evaluation) = self.evaluations.get_mut(&lease.eval) {
+            evaluation.waiting = None;
+        }
         self.durations.insert(key, seconds);
         self.mark_finished(lease.eval, unix_ms);
         true

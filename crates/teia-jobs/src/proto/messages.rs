@@ -74,6 +74,12 @@ pub enum JobMessage {
         /// The lease.
         lease: Lease,
     },
+    /// A node of the cluster holds a project's bytes now (fetched and checked against their
+    /// hash): the owner counts it among the project's replicas.
+    ProjectHeld {
+        /// The bytes' BLAKE3 hash.
+        blob: String,
+    },
     /// The module's result.
     TaskResult {
         /// The lease.
@@ -128,6 +134,7 @@ impl JobMessage {
             Self::NoTasks { .. } => "NO_TASKS",
             Self::TaskRenew { .. } => "TASK_RENEW",
             Self::TaskResult { .. } => "TASK_RESULT",
+            Self::ProjectHeld { .. } => "PROJECT_HELD",
             Self::RecoveryElection { .. } => "RECOVERY_ELECTION",
             Self::NodeStatus { .. } => "NODE_STATUS",
             Self::EvaluationResponsibilityUpdate { .. } => "EVALUATION_RESPONSIBILITY_UPDATE",
