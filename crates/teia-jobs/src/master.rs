@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::proto::seed001::{
     encode, parse, Budget, Cidr, Envelope, Failed, Framer, Gate, Master, MessageError, Reply,
-    Request, Submitted, Task, Unwelcome, WorkerKey, MAX_PACKAGE,
+    Request, Spent, Submitted, Task, Unwelcome, WorkerKey, MAX_PACKAGE,
 };
 use crate::runner::Runner;
 
@@ -33,10 +33,21 @@ pub const MAX_CONNECTIONS: usize = 256;
 /// and closed at once (a course worker uses one or two at a time).
 pub const MAX_PER_SOURCE: usize = 16;
 
-/// Bytes of messages being received, all connections together; a connection whose next
-/// piece would pass it is answered an error and closed, the piece not kept. Parsing and
-/// decoding a whole message take about as much again while it is handled.
+/// Bytes of messages being received, all connections together (past the first
+/// [`UNCOUNTED`] of each); a connection whose next piece would pass it is answered an error
+/// and closed, the piece not kept. Parsing and decoding a whole message take about as much
+/// again while it is handled.
 pub const BUFFER_BUDGET: usize = 64 * 1024 * 1024;
+
+/// Bytes of messages being received from one source address, all its connections
+/// together: one message of [`crate::proto::seed001::MAX_MESSAGE`] and some; past it, as
+/// past [`BUFFER_BUDGET`]. One source cannot spend the whole budget.
+pub const SOURCE_BUDGET: usize = 20 * 1024 * 1024;
+
+/// The first bytes of each connection, not counted in the budget (a whole small request:
+/// register, heartbeat, ask for a task, a small result), so that a spent budget does not
+/// stop those; they are bounded by [`MAX_CONNECTIONS`] instead (4 MiB in all).
+pub const UNCOUNTED: usize = 16 * 1024;
 
 /// Time a connection may send nothing (before its first byte too) before it is closed;
 /// also the time it has to take its answer.
@@ -63,7 +74,7 @@ const SETTLE: Duration = Duration::from_secs(10);
 const DRAINED: usize = 1024 * 1024;
 
 /// Bytes read from a connection at a time.
-const READ_BUFFER: usize = 16 * 1024;
+const READ_BUFFER: usize = UNCOUNTED;
 
 /// Largest UDP datagram read; a discovery answer is well under it.
 const MAX_DATAGRAM: usize = 1024;
@@ -219,7 +230,7 @@ pub async fn start(config: MasterConfig) -> Result<(SocketAddr, MasterHandle), M
         config,
         master: Mutex::new(Master::default()),
         gate: Mutex::new(gate),
-        budget: Mutex::new(Budget::new(BUFFER_BUDGET)),
+        budget: Mutex::new(Budget::new(BUFFER_BUDGET, SOURCE_BUDGET, UNCOUNTED)),
         refusals: Mutex::new(RateLimiter::new(1, 1, 1024)),
         origin: Instant::now(),
         port: bound.port(),
@@ -730,26 +741,31 @@ impl Drop for Admitted<'_> {
     }
 }
 
-/// Bytes of the budget a connection holds, given back when it ends.
+/// Bytes of the budget a connection from `ip` holds, given back when it ends.
 struct Reserved<'a> {
     budget: &'a Mutex<Budget>,
+    ip: IpAddr,
+    /// Bytes received.
+    received: usize,
+    /// Bytes reserved.
     bytes: usize,
 }
 
 impl Reserved<'_> {
-    /// Reserves `bytes` more; false when the budget has no room for them.
-    fn more(&mut self, bytes: usize) -> bool {
-        let reserved = guard(self.budget).reserve(bytes);
-        if reserved {
-            self.bytes += bytes;
-        }
-        reserved
+    /// Counts a piece of `piece` bytes received, reserving what the budget counts of it.
+    fn more(&mut self, piece: usize) -> Result<(), Spent> {
+        let mut budget = guard(self.budget);
+        let counted = budget.counted(self.received, piece);
+        budget.reserve(self.ip, counted)?;
+        self.bytes += counted;
+        self.received = self.received.saturating_add(piece);
+        Ok(())
     }
 }
 
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
-        guard(self.budget).release(self.bytes);
+        guard(self.budget).release(self.ip, self.bytes);
     }
 }
 
@@ -785,9 +801,9 @@ enum ReadError {
     /// The connection failed.
     #[error("connection failed: {0}")]
     Io(#[from] std::io::Error),
-    /// Its next bytes would pass [`BUFFER_BUDGET`].
-    #[error("the master is receiving too much at once; send again later")]
-    Busy,
+    /// Its next bytes would pass [`BUFFER_BUDGET`] or [`SOURCE_BUDGET`].
+    #[error(transparent)]
+    Busy(#[from] Spent),
     /// Not a message.
     #[error(transparent)]
     Message(#[from] MessageError),
@@ -808,9 +824,7 @@ async fn read_message(
         if n == 0 {
             return Ok(framer.finish()?);
         }
-        if !reserved.more(n) {
-            return Err(ReadError::Busy);
-        }
+        reserved.more(n)?;
         if let Some(value) = framer.push(buffer.get(..n).unwrap_or_default())? {
             return Ok(value);
         }
@@ -823,6 +837,8 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     let mut buffer = vec![0u8; READ_BUFFER];
     let mut reserved = Reserved {
         budget: &shared.budget,
+        ip: peer.ip(),
+        received: 0,
         bytes: 0,
     };
     let read = read_message(&mut stream, &mut buffer, &mut reserved);
@@ -833,8 +849,12 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
         Ok(value) => value,
         Err(ReadError::Slow | ReadError::Io(_)) => return,
         Err(e) => {
-            if matches!(e, ReadError::Busy) {
-                tracing::warn!(%peer, budget = BUFFER_BUDGET, "course worker's message refused: the buffer budget is spent");
+            if let ReadError::Busy(spent) = &e {
+                let (what, limit) = match spent {
+                    Spent::Total => ("all connections'", BUFFER_BUDGET),
+                    Spent::Source => ("this source's", SOURCE_BUDGET),
+                };
+                tracing::warn!(%peer, limit, "course worker's message refused: {what} buffer budget is spent");
             } else {
                 tracing::debug!(%peer, error = %e, "course worker's message refused");
             }

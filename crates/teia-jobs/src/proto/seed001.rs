@@ -782,37 +782,93 @@ impl Gate {
     }
 }
 
-/// Bytes of messages being read, all connections together, within a limit: a connection
-/// reserves each piece before it keeps it.
+/// Why a piece of a message was not kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Spent {
+    /// All connections together hold as many bytes as the budget allows.
+    #[error("the master is receiving too much at once; send again later")]
+    Total,
+    /// This source's connections hold as many bytes as one source may.
+    #[error("your address is sending too much at once; send again later")]
+    Source,
+}
+
+/// Bytes of messages being received, within a limit for all connections together and a
+/// share for each source address: a connection reserves each piece before it keeps it,
+/// except its first [`Budget::free`] bytes (a whole small request), which are bounded by
+/// the number of connections instead.
 #[derive(Debug)]
 pub struct Budget {
     limit: usize,
+    share: usize,
+    free: usize,
     used: usize,
+    by_source: HashMap<IpAddr, usize>,
 }
 
 impl Budget {
-    /// A budget of `limit` bytes.
-    pub fn new(limit: usize) -> Self {
-        Self { limit, used: 0 }
-    }
-
-    /// Reserves `bytes`; false (nothing reserved) when that would pass the limit.
-    pub fn reserve(&mut self, bytes: usize) -> bool {
-        match self.used.checked_add(bytes) {
-            Some(used) if used <= self.limit => {
-                self.used = used;
-                true
-            }
-            _ => false,
+    /// A budget of `limit` bytes in all, `share` for each source, the first `free` bytes of
+    /// each connection not counted.
+    pub fn new(limit: usize, share: usize, free: usize) -> Self {
+        Self {
+            limit,
+            share,
+            free,
+            used: 0,
+            by_source: HashMap::new(),
         }
     }
 
-    /// Gives back `bytes` reserved before.
-    pub fn release(&mut self, bytes: usize) {
-        self.used = self.used.saturating_sub(bytes);
+    /// Bytes of a connection not counted.
+    pub fn free(&self) -> usize {
+        self.free
     }
 
-    /// Bytes reserved now.
+    /// Bytes of a piece of `piece` bytes to reserve on a connection that received
+    /// `received` bytes before it (those past its first [`Budget::free`]).
+    pub fn counted(&self, received: usize, piece: usize) -> usize {
+        let after = received.saturating_add(piece).saturating_sub(self.free);
+        after.saturating_sub(received.saturating_sub(self.free))
+    }
+
+    /// Reserves `bytes` for a connection from `ip`; nothing is reserved when that would
+    /// pass the total or the source's share.
+    pub fn reserve(&mut self, ip: IpAddr, bytes: usize) -> Result<(), Spent> {
+        if bytes == 0 {
+            return Ok(());
+        }
+        let ip = ip.to_canonical();
+        let used = self
+            .used
+            .checked_add(bytes)
+            .filter(|u| *u <= self.limit)
+            .ok_or(Spent::Total)?;
+        let mine = self
+            .by_source
+            .get(&ip)
+            .copied()
+            .unwrap_or(0)
+            .checked_add(bytes)
+            .filter(|m| *m <= self.share)
+            .ok_or(Spent::Source)?;
+        self.used = used;
+        self.by_source.insert(ip, mine);
+        Ok(())
+    }
+
+    /// Gives back `bytes` reserved before for a connection from `ip`.
+    pub fn release(&mut self, ip: IpAddr, bytes: usize) {
+        let ip = ip.to_canonical();
+        self.used = self.used.saturating_sub(bytes);
+        if let Some(mine) = self.by_source.get_mut(&ip) {
+            *mine = mine.saturating_sub(bytes);
+            if *mine == 0 {
+                self.by_source.remove(&ip);
+            }
+        }
+    }
+
+    /// Bytes reserved now, in all.
     pub fn used(&self) -> usize {
         self.used
     }
@@ -1238,16 +1294,44 @@ mod tests {
 
     #[test]
     fn the_budget_refuses_what_would_pass_it_and_takes_back_what_is_released() {
-        let mut budget = Budget::new(100);
-        assert!(budget.reserve(60));
-        assert!(!budget.reserve(41), "over the limit: nothing reserved");
-        assert_eq!(budget.used(), 60);
-        assert!(budget.reserve(40));
-        assert!(!budget.reserve(1));
-        assert!(!budget.reserve(usize::MAX));
-        budget.release(60);
-        assert!(budget.reserve(60));
-        budget.release(1000);
+        let (a, b, c): (IpAddr, IpAddr, IpAddr) = (
+            "10.0.0.1".parse().unwrap(),
+            "10.0.0.2".parse().unwrap(),
+            "10.0.0.3".parse().unwrap(),
+        );
+        let mut budget = Budget::new(100, 60, 10);
+        // The first 10 bytes of a connection are not counted.
+        assert_eq!(budget.counted(0, 8), 0);
+        assert_eq!(budget.counted(8, 8), 6);
+        assert_eq!(budget.counted(16, 8), 8);
+        assert_eq!(budget.counted(usize::MAX, 8), 0);
+        assert_eq!(budget.reserve(a, 0), Ok(()));
+        assert_eq!(budget.reserve(a, 50), Ok(()));
+        // One source cannot take more than its share; others still can.
+        assert_eq!(budget.reserve(a, 11), Err(Spent::Source));
+        assert_eq!(budget.reserve(b, 45), Ok(()));
+        // Nor can all of them together pass the total: nothing is reserved then.
+        assert_eq!(budget.reserve(c, 6), Err(Spent::Total));
+        assert_eq!(budget.reserve(c, usize::MAX), Err(Spent::Total));
+        assert_eq!(budget.used(), 95);
+        assert_eq!(budget.reserve(c, 5), Ok(()));
+        budget.release(a, 50);
+        assert_eq!(
+            budget.reserve("::ffff:10.0.0.3".parse().unwrap(), 50),
+            Ok(())
+        );
+        assert_eq!(budget.reserve(c, 10), Err(Spent::Total));
+        budget.release(b, 1000);
+        assert_eq!(
+            budget.reserve(c, 10),
+            Err(Spent::Source),
+            "10.0.0.3 holds 55"
+        );
+        budget.release(c, 1000);
         assert_eq!(budget.used(), 0);
+        assert!(
+            budget.by_source.is_empty(),
+            "a source with nothing held is forgotten"
+        );
     }
 }
