@@ -659,6 +659,11 @@ impl Cidr {
                 max,
             });
         }
+        // Kept as its network's address: `192.168.1.7/24` is `192.168.1.0/24`.
+        let addr = match addr {
+            IpAddr::V4(v4) => IpAddr::V4((u32::from(v4) & v4_mask(prefix)).into()),
+            IpAddr::V6(v6) => IpAddr::V6((u128::from(v6) & v6_mask(prefix)).into()),
+        };
         Ok(Self { addr, prefix })
     }
 
@@ -666,20 +671,28 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                let mask = u32::MAX
-                    .checked_shl(32 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u32::from(net) & mask == u32::from(ip) & mask
+                u32::from(net) == u32::from(ip) & v4_mask(self.prefix)
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
-                let mask = u128::MAX
-                    .checked_shl(128 - u32::from(self.prefix))
-                    .unwrap_or(0);
-                u128::from(net) & mask == u128::from(ip) & mask
+                u128::from(net) == u128::from(ip) & v6_mask(self.prefix)
             }
             _ => false,
         }
     }
+}
+
+/// The IPv4 netmask of `prefix` bits (at most 32).
+fn v4_mask(prefix: u8) -> u32 {
+    u32::MAX
+        .checked_shl(32u32.saturating_sub(u32::from(prefix)))
+        .unwrap_or(0)
+}
+
+/// The IPv6 netmask of `prefix` bits (at most 128).
+fn v6_mask(prefix: u8) -> u128 {
+    u128::MAX
+        .checked_shl(128u32.saturating_sub(u32::from(prefix)))
+        .unwrap_or(0)
 }
 
 impl std::str::FromStr for Cidr {
@@ -1220,7 +1233,8 @@ mod tests {
 
     #[test]
     fn networks_are_read_and_hold_their_addresses() {
-        let lan: Cidr = "192.168.1.0/24".parse().unwrap();
+        let lan: Cidr = "192.168.1.7/24".parse().unwrap();
+        assert_eq!(lan.to_string(), "192.168.1.0/24");
         assert!(lan.contains("192.168.1.77".parse().unwrap()));
         assert!(!lan.contains("192.168.2.1".parse().unwrap()));
         // An IPv4 source seen by a dual-stack socket is still IPv4.
