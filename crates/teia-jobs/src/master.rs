@@ -437,7 +437,7 @@ impl MasterHandle {
                 Some(bytes)
             };
             // result.json as the node wrote it; a course worker's result has none.
-            let mut status = read("result.json")
+            let mut status = read(crate::script::SUMMARY)
                 .and_then(|b| {
                     serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&b).ok()
                 })
@@ -952,7 +952,10 @@ fn handle(shared: &Shared, ip: IpAddr, request: Request) -> Reply {
             let done = lock(shared).submit(&worker, task.as_deref(), now);
             match done {
                 Ok(Submitted::Done(task)) => {
-                    match write_result(&shared.config.results, &task.name, &bytes) {
+                    let written = course_result(bytes)
+                        .map_err(std::io::Error::other)
+                        .and_then(|bytes| write_result(&shared.config.results, &task.name, &bytes));
+                    match written {
                         Ok(path) => {
                             tracing::info!(task = %task.name, %worker, result = %path.display(), "result stored");
                             Reply::Ok
@@ -973,6 +976,27 @@ fn handle(shared: &Shared, ip: IpAddr, request: Request) -> Reply {
             }
         }
     }
+}
+
+/// A course worker's result as stored: its ZIP without any `result.json` (that file is the
+/// node's account of a run a teia worker made, never a course worker's claim); anything
+/// else as sent.
+fn course_result(bytes: Vec<u8>) -> Result<Vec<u8>, zip::result::ZipError> {
+    let claims = zip::ZipArchive::new(std::io::Cursor::new(bytes.as_slice()))
+        .is_ok_and(|zip| zip.index_for_name(crate::script::SUMMARY).is_some());
+    if !claims {
+        return Ok(bytes);
+    }
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes.as_slice()))?;
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for index in 0..zip.len() {
+        let entry = zip.by_index_raw(index)?;
+        let keep = entry.name()? != crate::script::SUMMARY;
+        if keep {
+            out.raw_copy_file(entry)?;
+        }
+    }
+    Ok(out.finish()?.into_inner())
 }
 
 /// Writes `result_<task>.zip` (beside, flushed, then renamed): whole or absent.

@@ -856,8 +856,13 @@ fn ask_from(source: &str, addr: &str, message: &serde_json::Value) -> String {
 /// A result as a course worker sends it: the ZIP of `stdout.txt` (and an empty
 /// `stderr.txt`), in base64.
 fn result_data(dir: &Path, stdout: &str) -> String {
+    result_data_with(dir, &[("stdout.txt", stdout), ("stderr.txt", "")])
+}
+
+/// A result made of `files`, zipped, in base64.
+fn result_data_with(dir: &Path, files: &[(&str, &str)]) -> String {
     let path = dir.join("result-to-send.zip");
-    zip_files(&path, &[("stdout.txt", stdout), ("stderr.txt", "")]);
+    zip_files(&path, files);
     let script = "import base64, sys\nsys.stdout.write(base64.b64encode(open(sys.argv[1], 'rb').read()).decode())";
     let output = Command::new("python3")
         .args(["-c", script])
@@ -951,7 +956,19 @@ fn a_stranger_cannot_return_the_result_of_a_task_leased_to_a_worker() {
     // The worker's id from another address is another worker: it does not get the task.
     let answer = ask_from("127.0.0.2", &addr, &ask);
     assert_eq!(answer, "{\"action\":\"NO_TASKS\"}");
-    let real = result_data(dir.path(), "sum 3");
+    // Its result.json, claiming the node ran it, is not kept: that file is the node's own
+    // account of the runs teia workers make.
+    let real = result_data_with(
+        dir.path(),
+        &[
+            ("stdout.txt", "sum 3"),
+            ("stderr.txt", ""),
+            (
+                "result.json",
+                "{\"exit_code\": 0, \"node\": \"master@seed001\"}",
+            ),
+        ],
+    );
     let submit = serde_json::json!({
         "action": "SUBMIT_RESULT",
         "peer_id": "real",
@@ -962,6 +979,18 @@ fn a_stranger_cannot_return_the_result_of_a_task_leased_to_a_worker() {
     // Sent again (its OK lost), it is thanked and dropped.
     assert_eq!(ask_from("127.0.0.1", &addr, &submit), "{\"status\":\"OK\"}");
     assert_eq!(result_stdout(&results, "private", PATIENCE).trim(), "sum 3");
+    let names = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile\nprint(' '.join(sorted(zipfile.ZipFile(sys.argv[1]).namelist())))",
+        ])
+        .arg(results.join("result_private.zip"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&names.stdout).trim(),
+        "stderr.txt stdout.txt"
+    );
     let mut late = submit.clone();
     late["peer_id"] = "stranger".into();
     late["result_data"] = forged.into();
