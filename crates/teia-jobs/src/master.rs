@@ -20,12 +20,38 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
 use crate::proto::seed001::{
-    encode, parse, Envelope, Failed, Framer, Master, Reply, Request, Submitted, Task, MAX_PACKAGE,
+    encode, parse, Budget, Cidr, Envelope, Failed, Framer, Gate, Master, MessageError, Reply,
+    Request, Spent, Submitted, Task, Unwelcome, WorkerKey, MAX_PACKAGE,
 };
 use crate::runner::Runner;
 
-/// Course-worker connections served at once; more wait for a free one.
-pub const MAX_CONNECTIONS: usize = 64;
+/// Course-worker connections served at once, all sources together; more wait (in the
+/// kernel's queue) for a free one.
+pub const MAX_CONNECTIONS: usize = 256;
+
+/// Connections one source IP address may have open at once; one more is answered an error
+/// and closed at once (a course worker uses one or two at a time).
+pub const MAX_PER_SOURCE: usize = 16;
+
+/// Bytes of messages being received, all connections together (past the first
+/// [`UNCOUNTED`] of each); a connection whose next piece would pass it is answered an error
+/// and closed, the piece not kept. Parsing and decoding a whole message take about as much
+/// again while it is handled.
+pub const BUFFER_BUDGET: usize = 64 * 1024 * 1024;
+
+/// Bytes of messages being received from one source address, all its connections
+/// together: one message of [`crate::proto::seed001::MAX_MESSAGE`] and some; past it, as
+/// past [`BUFFER_BUDGET`]. One source cannot spend the whole budget.
+pub const SOURCE_BUDGET: usize = 20 * 1024 * 1024;
+
+/// The first bytes of each connection, not counted in the budget (a whole small request:
+/// register, heartbeat, ask for a task, a small result), so that a spent budget does not
+/// stop those; they are bounded by [`MAX_CONNECTIONS`] instead (4 MiB in all).
+pub const UNCOUNTED: usize = 16 * 1024;
+
+/// Time a connection may send nothing (before its first byte too) before it is closed;
+/// also the time it has to take its answer.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Time a worker has to send its whole message.
 pub const READ_TIME: Duration = Duration::from_secs(30);
@@ -47,6 +73,9 @@ const SETTLE: Duration = Duration::from_secs(10);
 /// Bytes read and dropped after a refused message, before closing.
 const DRAINED: usize = 1024 * 1024;
 
+/// Bytes read from a connection at a time.
+const READ_BUFFER: usize = UNCOUNTED;
+
 /// Largest UDP datagram read; a discovery answer is well under it.
 const MAX_DATAGRAM: usize = 1024;
 
@@ -61,6 +90,9 @@ pub struct MasterConfig {
     pub listen: SocketAddr,
     /// UDP ports answering `DISCOVER_MASTER` (course workers use 9999 and 55001).
     pub discovery_ports: Vec<u16>,
+    /// Networks course workers may connect (and discover the master) from; others are
+    /// refused at accept. Empty: none.
+    pub allow: Vec<Cidr>,
     /// The node's own workers for these tasks: how many run at once (0: none, the tasks
     /// go to course workers only), the runner, and where they work.
     pub local: Option<LocalWorkers>,
@@ -110,6 +142,14 @@ pub enum MasterError {
 struct Shared {
     config: MasterConfig,
     master: Mutex<Master>,
+    /// Who may connect, and how many connections each source has open.
+    gate: Mutex<Gate>,
+    /// Bytes of messages being received.
+    budget: Mutex<Budget>,
+    /// Refused connections are logged at most once a second per source.
+    refusals: Mutex<RateLimiter<IpAddr>>,
+    /// When the master started, for the rate limiter's clock.
+    origin: Instant,
     port: u16,
     /// Woken when tasks are queued (the node's announcement to its cluster).
     queued: tokio::sync::Notify,
@@ -126,10 +166,35 @@ impl Shared {
 }
 
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Master> {
-    shared
-        .master
+    guard(&shared.master)
+}
+
+/// Locks `mutex`, recovering it if a task panicked while holding it.
+fn guard<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The networks course workers may connect from when `--master-allow` is not given: those
+/// of the machine's interfaces, and loopback.
+pub fn default_allow() -> Vec<Cidr> {
+    let mut allow = Vec::new();
+    let loopback = [
+        (IpAddr::V4(Ipv4Addr::LOCALHOST), 8),
+        (IpAddr::V6(std::net::Ipv6Addr::LOCALHOST), 128),
+    ];
+    for (ip, prefix) in loopback
+        .into_iter()
+        .chain(teia_node::lan::interface_networks())
+    {
+        if let Ok(net) = Cidr::new(ip, prefix) {
+            if !allow.contains(&net) {
+                allow.push(net);
+            }
+        }
+    }
+    allow
 }
 
 /// Starts the master: binds its ports, then serves until the runtime stops. Returns the
@@ -160,17 +225,24 @@ pub async fn start(config: MasterConfig) -> Result<(SocketAddr, MasterHandle), M
             .map_err(|source| MasterError::Bind { addr, source })?;
         sockets.push(socket);
     }
+    let gate = Gate::new(config.allow.clone(), MAX_PER_SOURCE);
     let shared = Arc::new(Shared {
         config,
         master: Mutex::new(Master::default()),
+        gate: Mutex::new(gate),
+        budget: Mutex::new(Budget::new(BUFFER_BUDGET, SOURCE_BUDGET, UNCOUNTED)),
+        refusals: Mutex::new(RateLimiter::new(1, 1, 1024)),
+        origin: Instant::now(),
         port: bound.port(),
         queued: tokio::sync::Notify::new(),
         wake: tokio::sync::Notify::new(),
     });
     scan(&shared);
+    let allow: Vec<String> = shared.config.allow.iter().map(Cidr::to_string).collect();
     tracing::info!(
         %bound,
         discovery = ?shared.config.discovery_ports,
+        allow = %allow.join(","),
         tasks = %shared.config.tasks.display(),
         "seed 001 master listening"
     );
@@ -199,8 +271,17 @@ pub async fn start(config: MasterConfig) -> Result<(SocketAddr, MasterHandle), M
             let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
+            let admitted = guard(&shared.gate).admit(peer.ip());
+            if let Err(why) = admitted {
+                refuse(&shared, stream, peer, why);
+                continue;
+            }
             let serving = Arc::clone(&shared);
             tokio::spawn(async move {
+                let _open = Admitted {
+                    gate: &serving.gate,
+                    ip: peer.ip(),
+                };
                 serve(stream, peer, &serving).await;
                 drop(permit);
             });
@@ -277,14 +358,14 @@ impl MasterHandle {
 
     /// Leases a task, of any size, to the teia worker `worker`: the task and its ZIP.
     pub(crate) fn take(&self, worker: &str) -> Option<(Task, PathBuf)> {
-        let task = lock(&self.0).request(worker, Instant::now(), u64::MAX)?;
+        let task = lock(&self.0).request(&WorkerKey::teia(worker), Instant::now(), u64::MAX)?;
         let path = self.0.config.tasks.join(&task.name);
         Some((task, path))
     }
 
     /// Notes that the teia worker `worker` still runs its task (its lease is renewed).
     pub(crate) fn alive(&self, worker: &str) {
-        lock(&self.0).renew(worker, Instant::now());
+        lock(&self.0).renew(&WorkerKey::teia(worker), Instant::now());
     }
 
     /// Where a result being received from `worker` is written.
@@ -303,8 +384,8 @@ impl MasterHandle {
     /// holds: true when stored, false when the task is no longer its own (done by another,
     /// or taken back), the result then dropped.
     pub(crate) fn finish(&self, worker: &str, task: &str, partial: &Path) -> Result<bool, String> {
-        let done = lock(&self.0).submit(worker, Some(task), Instant::now());
-        let Submitted::Done(task) = done else {
+        let done = lock(&self.0).submit(&WorkerKey::teia(worker), Some(task), Instant::now());
+        let Ok(Submitted::Done(task)) = done else {
             let _ = std::fs::remove_file(partial);
             return Ok(false);
         };
@@ -320,7 +401,7 @@ impl MasterHandle {
 
     /// Forgets the teia worker `worker` and takes back the task it held, if any.
     pub(crate) fn give_back(&self, worker: &str) -> Option<String> {
-        let task = lock(&self.0).give_back(worker);
+        let task = lock(&self.0).give_back(&WorkerKey::teia(worker));
         if task.is_some() {
             self.0.queued();
         }
@@ -331,7 +412,7 @@ impl MasterHandle {
     /// after [`crate::proto::seed001::MAX_FAILURES`] times, is done with the error as its
     /// result.
     pub(crate) fn fail(&self, worker: &str, error: &str) {
-        let failed = lock(&self.0).failed(worker, Instant::now());
+        let failed = lock(&self.0).failed(&WorkerKey::teia(worker), Instant::now());
         match failed {
             Failed::Retry => {
                 tracing::warn!(%worker, %error, "a task could not be run; it goes back in line");
@@ -356,7 +437,7 @@ impl MasterHandle {
                 Some(bytes)
             };
             // result.json as the node wrote it; a course worker's result has none.
-            let mut status = read("result.json")
+            let mut status = read(crate::script::SUMMARY)
                 .and_then(|b| {
                     serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&b).ok()
                 })
@@ -369,9 +450,9 @@ impl MasterHandle {
         }
         let master = lock(&self.0);
         match (master.leased(&name)?, master.holder(&name)) {
-            (true, Some(worker)) => {
-                Some(serde_json::json!({"id": id, "status": "running", "worker": worker}))
-            }
+            (true, Some(worker)) => Some(
+                serde_json::json!({"id": id, "status": "running", "worker": worker.to_string()}),
+            ),
             _ => Some(serde_json::json!({"id": id, "status": "queued"})),
         }
     }
@@ -406,7 +487,7 @@ impl MasterHandle {
                 match master.leased(name) {
                     Some(true) => {
                         running += 1;
-                        ("running", master.holder(name))
+                        ("running", master.holder(name).map(WorkerKey::to_string))
                     }
                     _ => {
                         queued += 1;
@@ -448,9 +529,10 @@ impl MasterHandle {
 /// One of the node's own workers: takes a task, runs it, stores its result.
 async fn work_locally(shared: &Arc<Shared>, local: &LocalWorkers, slot: usize) {
     let me = format!("teia:local-{slot}");
+    let key = WorkerKey::teia(me.as_str());
     let handle = MasterHandle(Arc::clone(shared));
     loop {
-        let task = lock(shared).request(&me, Instant::now(), u64::MAX);
+        let task = lock(shared).request(&key, Instant::now(), u64::MAX);
         let Some(task) = task else {
             tokio::select! {
                 () = tokio::time::sleep(IDLE_POLL) => {}
@@ -460,11 +542,11 @@ async fn work_locally(shared: &Arc<Shared>, local: &LocalWorkers, slot: usize) {
         };
         tracing::info!(task = %task.name, worker = %me, "task run here");
         let alive = {
-            let (shared, me) = (Arc::clone(shared), me.clone());
+            let (shared, key) = (Arc::clone(shared), key.clone());
             tokio::spawn(async move {
                 loop {
                     tokio::time::sleep(SCAN_EVERY).await;
-                    lock(&shared).renew(&me, Instant::now());
+                    lock(&shared).renew(&key, Instant::now());
                 }
             })
         };
@@ -614,6 +696,9 @@ async fn answer_discovery(socket: UdpSocket, shared: Arc<Shared>) {
         let Some(bytes) = buffer.get(..len).filter(|_| len <= MAX_DATAGRAM) else {
             continue;
         };
+        if !guard(&shared.gate).allows(from.ip()) {
+            continue;
+        }
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
             continue;
         };
@@ -644,30 +729,139 @@ fn local_ip_towards(peer: SocketAddr) -> Option<IpAddr> {
     Some(socket.local_addr().ok()?.ip())
 }
 
+/// A connection admitted by the gate, given back when it ends.
+struct Admitted<'a> {
+    gate: &'a Mutex<Gate>,
+    ip: IpAddr,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        guard(self.gate).leave(self.ip);
+    }
+}
+
+/// Bytes of the budget a connection from `ip` holds, given back when it ends.
+struct Reserved<'a> {
+    budget: &'a Mutex<Budget>,
+    ip: IpAddr,
+    /// Bytes received.
+    received: usize,
+    /// Bytes reserved.
+    bytes: usize,
+}
+
+impl Reserved<'_> {
+    /// Counts a piece of `piece` bytes received, reserving what the budget counts of it.
+    fn more(&mut self, piece: usize) -> Result<(), Spent> {
+        let mut budget = guard(self.budget);
+        let counted = budget.counted(self.received, piece);
+        budget.reserve(self.ip, counted)?;
+        self.bytes += counted;
+        self.received = self.received.saturating_add(piece);
+        Ok(())
+    }
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        guard(self.budget).release(self.ip, self.bytes);
+    }
+}
+
+/// Closes a connection refused at accept: a source outside the allowed networks hears
+/// nothing; one with too many connections open is told so (if its socket takes it now).
+fn refuse(shared: &Shared, stream: TcpStream, peer: SocketAddr, why: Unwelcome) {
+    if why == Unwelcome::TooMany {
+        let _ = stream.try_write(&encode(Envelope::Flat, &Reply::Error(why.to_string())));
+    }
+    drop(stream);
+    let now = shared.origin.elapsed().as_millis() as u64;
+    if guard(&shared.refusals).allow(&peer.ip(), now) {
+        match why {
+            Unwelcome::NotAllowed => tracing::warn!(
+                %peer,
+                "seed 001 connection refused: source outside --master-allow"
+            ),
+            Unwelcome::TooMany => tracing::warn!(
+                %peer,
+                limit = MAX_PER_SOURCE,
+                "seed 001 connection refused: too many from one address"
+            ),
+        }
+    }
+}
+
+/// Why a connection's message was not read.
+#[derive(Debug, thiserror::Error)]
+enum ReadError {
+    /// It sent nothing for [`IDLE_TIMEOUT`], or not its whole message in [`READ_TIME`].
+    #[error("too slow")]
+    Slow,
+    /// The connection failed.
+    #[error("connection failed: {0}")]
+    Io(#[from] std::io::Error),
+    /// Its next bytes would pass [`BUFFER_BUDGET`] or [`SOURCE_BUDGET`].
+    #[error(transparent)]
+    Busy(#[from] Spent),
+    /// Not a message.
+    #[error(transparent)]
+    Message(#[from] MessageError),
+}
+
+/// Reads one message from `stream`, each piece within [`IDLE_TIMEOUT`] and counted in the
+/// budget before it is kept.
+async fn read_message(
+    stream: &mut TcpStream,
+    buffer: &mut [u8],
+    reserved: &mut Reserved<'_>,
+) -> Result<serde_json::Value, ReadError> {
+    let mut framer = Framer::default();
+    loop {
+        let n = tokio::time::timeout(IDLE_TIMEOUT, stream.read(buffer))
+            .await
+            .map_err(|_| ReadError::Slow)??;
+        if n == 0 {
+            return Ok(framer.finish()?);
+        }
+        reserved.more(n)?;
+        if let Some(value) = framer.push(buffer.get(..n).unwrap_or_default())? {
+            return Ok(value);
+        }
+    }
+}
+
 /// One connection: one message read whole (however it is split), one reply written in
 /// one piece.
 async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
-    let mut framer = Framer::default();
-    let mut buffer = vec![0u8; 64 * 1024];
-    let read = async {
-        loop {
-            match stream.read(&mut buffer).await {
-                Ok(0) => return framer.finish().map_err(|e| e.to_string()),
-                Ok(n) => match framer.push(buffer.get(..n).unwrap_or_default()) {
-                    Ok(Some(value)) => return Ok(value),
-                    Ok(None) => {}
-                    Err(e) => return Err(e.to_string()),
-                },
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+    let mut buffer = vec![0u8; READ_BUFFER];
+    let mut reserved = Reserved {
+        budget: &shared.budget,
+        ip: peer.ip(),
+        received: 0,
+        bytes: 0,
     };
-    let value = match tokio::time::timeout(READ_TIME, read).await {
-        Ok(Ok(value)) => value,
-        Ok(Err(e)) => {
-            tracing::debug!(%peer, error = %e, "course worker's message refused");
-            let reply = encode(Envelope::Flat, &Reply::Error(e));
-            let _ = stream.write_all(&reply).await;
+    let read = read_message(&mut stream, &mut buffer, &mut reserved);
+    let read = tokio::time::timeout(READ_TIME, read)
+        .await
+        .unwrap_or(Err(ReadError::Slow));
+    let value = match read {
+        Ok(value) => value,
+        Err(ReadError::Slow | ReadError::Io(_)) => return,
+        Err(e) => {
+            if let ReadError::Busy(spent) = &e {
+                let (what, limit) = match spent {
+                    Spent::Total => ("all connections'", BUFFER_BUDGET),
+                    Spent::Source => ("this source's", SOURCE_BUDGET),
+                };
+                tracing::warn!(%peer, limit, "course worker's message refused: {what} buffer budget is spent");
+            } else {
+                tracing::debug!(%peer, error = %e, "course worker's message refused");
+            }
+            // What was received is given back before the rest is drained.
+            drop(reserved);
+            let reply = encode(Envelope::Flat, &Reply::Error(e.to_string()));
+            let _ = tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(&reply)).await;
             let _ = stream.shutdown().await;
             // What it still sends is read and dropped (a little, for a little while), so
             // that closing does not reset the connection before it reads the error.
@@ -683,10 +877,9 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             let _ = tokio::time::timeout(Duration::from_secs(1), drain).await;
             return;
         }
-        Err(_) => return,
     };
     let reply = match parse(&value) {
-        Ok((envelope, request)) => encode(envelope, &handle(shared, request)),
+        Ok((envelope, request)) => encode(envelope, &handle(shared, peer.ip(), request)),
         Err(e) => {
             let envelope = if value.get("type").is_some() && value.get("action").is_none() {
                 Envelope::Typed
@@ -696,11 +889,14 @@ async fn serve(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             encode(envelope, &Reply::Error(e.to_string()))
         }
     };
-    let _ = stream.write_all(&reply).await;
+    drop(value);
+    let _ = tokio::time::timeout(IDLE_TIMEOUT, stream.write_all(&reply)).await;
     let _ = stream.shutdown().await;
 }
 
-fn handle(shared: &Shared, request: Request) -> Reply {
+/// Answers a course worker's request; `ip` is where it came from (with its `peer_id`, who
+/// it is: [`WorkerKey::Course`]).
+fn handle(shared: &Shared, ip: IpAddr, request: Request) -> Reply {
     let now = Instant::now();
     match request {
         Request::DiscoverMaster => Reply::MasterAnnounce {
@@ -708,27 +904,29 @@ fn handle(shared: &Shared, request: Request) -> Reply {
             port: shared.port,
         },
         Request::Register { peer_id } => {
-            if lock(shared).heard(&peer_id, now) {
-                tracing::info!(worker = %peer_id, "course worker registered");
+            let worker = WorkerKey::course(peer_id, ip);
+            if lock(shared).heard(&worker, now) {
+                tracing::info!(%worker, "course worker registered");
                 Reply::Registered
             } else {
                 Reply::Error("too many workers".into())
             }
         }
         Request::Heartbeat { peer_id } => {
-            lock(shared).heard(&peer_id, now);
+            lock(shared).heard(&WorkerKey::course(peer_id, ip), now);
             Reply::Alive
         }
         Request::RequestTask { peer_id } => {
+            let worker = WorkerKey::course(peer_id, ip);
             // Base64 makes 4 bytes of 3, and the envelope takes a few hundred.
             let fits = (MAX_PACKAGE as u64 - 512) / 4 * 3;
-            let task = lock(shared).request(&peer_id, now, fits);
+            let task = lock(shared).request(&worker, now, fits);
             let Some(task) = task else {
                 return Reply::NoTasks;
             };
             match std::fs::read(shared.config.tasks.join(&task.name)) {
                 Ok(bytes) => {
-                    tracing::info!(task = %task.name, worker = %peer_id, attempt = task.attempts, "task handed out");
+                    tracing::info!(task = %task.name, %worker, attempt = task.attempts, "task handed out");
                     Reply::TaskPackage {
                         name: task.name,
                         data: STANDARD.encode(bytes),
@@ -736,7 +934,7 @@ fn handle(shared: &Shared, request: Request) -> Reply {
                 }
                 Err(e) => {
                     tracing::warn!(task = %task.name, error = %e, "task unreadable; dropped");
-                    lock(shared).submit(&peer_id, Some(&task.name), now);
+                    let _ = lock(shared).submit(&worker, Some(&task.name), now);
                     Reply::NoTasks
                 }
             }
@@ -746,15 +944,20 @@ fn handle(shared: &Shared, request: Request) -> Reply {
             task,
             data,
         } => {
+            let worker = WorkerKey::course(peer_id, ip);
             let Ok(bytes) = STANDARD.decode(data.trim()) else {
                 return Reply::Error("result_data is not base64".into());
             };
-            let done = lock(shared).submit(&peer_id, task.as_deref(), now);
+            drop(data);
+            let done = lock(shared).submit(&worker, task.as_deref(), now);
             match done {
-                Submitted::Done(task) => {
-                    match write_result(&shared.config.results, &task.name, &bytes) {
+                Ok(Submitted::Done(task)) => {
+                    let written = course_result(bytes)
+                        .map_err(std::io::Error::other)
+                        .and_then(|bytes| write_result(&shared.config.results, &task.name, &bytes));
+                    match written {
                         Ok(path) => {
-                            tracing::info!(task = %task.name, worker = %peer_id, result = %path.display(), "result stored");
+                            tracing::info!(task = %task.name, %worker, result = %path.display(), "result stored");
                             Reply::Ok
                         }
                         Err(e) => {
@@ -764,11 +967,36 @@ fn handle(shared: &Shared, request: Request) -> Reply {
                         }
                     }
                 }
-                // A second result of a task already done, or of one taken back: thanks.
-                Submitted::Unmatched => Reply::Ok,
+                // Its result of the task it delivered last, again: the first one counts.
+                Ok(Submitted::Again) => Reply::Ok,
+                Err(refused) => {
+                    tracing::warn!(%worker, named = ?task, reason = %refused, "result refused: not from the task's lease holder");
+                    Reply::Error(refused.to_string())
+                }
             }
         }
     }
+}
+
+/// A course worker's result as stored: its ZIP without any `result.json` (that file is the
+/// node's account of a run a teia worker made, never a course worker's claim); anything
+/// else as sent.
+fn course_result(bytes: Vec<u8>) -> Result<Vec<u8>, zip::result::ZipError> {
+    let claims = zip::ZipArchive::new(std::io::Cursor::new(bytes.as_slice()))
+        .is_ok_and(|zip| zip.index_for_name(crate::script::SUMMARY).is_some());
+    if !claims {
+        return Ok(bytes);
+    }
+    let mut zip = zip::ZipArchive::new(std::io::Cursor::new(bytes.as_slice()))?;
+    let mut out = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for index in 0..zip.len() {
+        let entry = zip.by_index_raw(index)?;
+        let keep = entry.name()? != crate::script::SUMMARY;
+        if keep {
+            out.raw_copy_file(entry)?;
+        }
+    }
+    Ok(out.finish()?.into_inner())
 }
 
 /// Writes `result_<task>.zip` (beside, flushed, then renamed): whole or absent.

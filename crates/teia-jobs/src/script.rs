@@ -21,6 +21,10 @@ pub const MAX_RESULT_CONTENT: u64 = 1024 * 1024 * 1024;
 /// room for the ZIP's own records).
 pub const MAX_RESULT: u64 = MAX_RESULT_CONTENT + 16 * 1024 * 1024;
 
+/// The entry of a result made by a teia worker that tells how the run went (exit code,
+/// seconds, the node that ran it); a course worker's result is stored without one.
+pub const SUMMARY: &str = "result.json";
+
 /// Unpacks the task ZIP at `archive` (named `task`) in `folder`, runs `main.py input.csv`
 /// there with `runner`, and writes the result ZIP to `to`: `stdout.txt`, `stderr.txt`,
 /// `result.json` (exit code, seconds, whether it timed out, the `node` that ran it) and,
@@ -128,7 +132,7 @@ fn write_result_zip(
     if let (Some(fields), false) = (summary.as_object_mut(), skipped.is_empty()) {
         fields.insert("skipped".into(), skipped.into());
     }
-    zip.start_file("result.json", options)
+    zip.start_file(SUMMARY, options)
         .map_err(std::io::Error::other)?;
     zip.write_all(summary.to_string().as_bytes())?;
     zip.finish().map_err(std::io::Error::other)?;
@@ -151,7 +155,7 @@ pub fn write_error_result(task: &str, error: &str, to: &Path) -> std::io::Result
     for (name, bytes) in [
         ("stdout.txt", Vec::new()),
         ("stderr.txt", format!("{error}\n").into_bytes()),
-        ("result.json", summary.to_string().into_bytes()),
+        (SUMMARY, summary.to_string().into_bytes()),
     ] {
         zip.start_file(name, options)
             .map_err(std::io::Error::other)?;

@@ -47,6 +47,19 @@ fn targets(settings: &LanSettings) -> Vec<IpAddr> {
     targets
 }
 
+/// The networks of this machine's interfaces, loopback included: each address with its
+/// prefix length (none when the interfaces cannot be read).
+pub fn interface_networks() -> Vec<(IpAddr, u8)> {
+    if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|interface| match interface.addr {
+            if_addrs::IfAddr::V4(v4) => (IpAddr::V4(v4.ip), v4.prefixlen),
+            if_addrs::IfAddr::V6(v6) => (IpAddr::V6(v6.ip), v6.prefixlen),
+        })
+        .collect()
+}
+
 /// The broadcast address of `ip`'s network (none for a /31 or /32, which have none).
 fn network_broadcast(ip: Ipv4Addr, netmask: Ipv4Addr) -> Option<Ipv4Addr> {
     let mask = u32::from(netmask);

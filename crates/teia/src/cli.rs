@@ -506,6 +506,13 @@ pub struct NodeArgs {
     )]
     pub master_port: String,
 
+    /// A network seed 001 workers may connect from, `ADDR/PREFIX` (repeatable); others are
+    /// refused at accept and get no discovery answer. Default: the networks of this
+    /// machine's interfaces, and loopback. Everyone: `--master-allow 0.0.0.0/0
+    /// --master-allow ::/0`.
+    #[arg(long = "master-allow", value_name = "CIDR")]
+    pub master_allow: Vec<teia_jobs::proto::seed001::Cidr>,
+
     /// Tasks of --tasks-dir this node runs itself at once (default: its cores; 0: they go
     /// to course workers and to the nodes of its cluster only).
     #[arg(long, env = "TEIA_TASK_WORKERS", value_name = "N")]

@@ -826,3 +826,426 @@ fn links_and_fifos_a_task_leaves_are_not_followed() {
     let (status, list) = get(&addr, "/jobs");
     assert_eq!((status, list["done"].as_u64()), (200, Some(1)), "{list}");
 }
+
+/// A connection to the master at `addr` from the loopback address `source` (any
+/// 127.x.y.z: each is a source of its own to the master), blocking.
+fn dial_from(source: &str, addr: &str) -> std::io::Result<std::net::TcpStream> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let stream = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4()?;
+        socket.bind(format!("{source}:0").parse().unwrap())?;
+        socket.connect(addr.parse().unwrap()).await?.into_std()
+    })?;
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Sends `message` from `source` on a new connection and reads the master's whole answer
+/// (empty when it closed without one).
+fn ask_from(source: &str, addr: &str, message: &serde_json::Value) -> String {
+    let mut stream = dial_from(source, addr).unwrap();
+    stream.set_read_timeout(Some(PATIENCE)).unwrap();
+    let _ = stream.write_all(message.to_string().as_bytes());
+    let mut answer = String::new();
+    let _ = stream.read_to_string(&mut answer);
+    answer
+}
+
+/// A result as a course worker sends it: the ZIP of `stdout.txt` (and an empty
+/// `stderr.txt`), in base64.
+fn result_data(dir: &Path, stdout: &str) -> String {
+    result_data_with(dir, &[("stdout.txt", stdout), ("stderr.txt", "")])
+}
+
+/// A result made of `files`, zipped, in base64.
+fn result_data_with(dir: &Path, files: &[(&str, &str)]) -> String {
+    let path = dir.join("result-to-send.zip");
+    zip_files(&path, files);
+    let script = "import base64, sys\nsys.stdout.write(base64.b64encode(open(sys.argv[1], 'rb').read()).decode())";
+    let output = Command::new("python3")
+        .args(["-c", script])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(output.status.success());
+    String::from_utf8(output.stdout).unwrap()
+}
+
+/// The TCP address of a master started by [`master`] and the like.
+fn master_addr(master: &NodeProcess) -> String {
+    let line = master.process.wait_for_log("seed 001 master listening");
+    field(&line, "bound").to_owned()
+}
+
+/// A worker holds a task (its private `input.csv` with it); a stranger naming that task,
+/// naming none, or giving the worker's own id from another address, cannot return its
+/// result nor take it: each is answered the protocol's `ERROR` and nothing is written. The
+/// real worker's result is the one stored.
+#[test]
+fn a_stranger_cannot_return_the_result_of_a_task_leased_to_a_worker() {
+    let (dir, tasks) = tasks_folder();
+    task(&tasks, "private", &[1, 2]);
+    let master = master(dir.path(), free_udp_port());
+    let line = master.process.wait_for_log("seed 001 master listening");
+    assert!(
+        field(&line, "allow").split(',').any(|n| n == "127.0.0.0/8"),
+        "loopback is allowed by default: {line}"
+    );
+    let addr = master_addr(&master);
+    let results = dir.path().join("results");
+    let ask = serde_json::json!({"action": "REQUEST_TASK", "peer_id": "real"});
+    let taken = ask_from("127.0.0.1", &addr, &ask);
+    assert!(
+        taken.contains("TASK_PACKAGE") && taken.contains("private.zip"),
+        "{taken}"
+    );
+    let forged = result_data(dir.path(), "FORGED BY A STRANGER");
+    for (source, peer_id, named, error) in [
+        (
+            "127.0.0.2",
+            "stranger",
+            Some("private.zip"),
+            "private.zip is not leased to you",
+        ),
+        (
+            "127.0.0.2",
+            "real",
+            Some("private.zip"),
+            "private.zip is not leased to you",
+        ),
+        (
+            "127.0.0.1",
+            "stranger",
+            Some("result_private.zip"),
+            "result_private.zip is not leased to you",
+        ),
+        ("127.0.0.2", "real", None, "you hold no task"),
+        ("127.0.0.1", "teia:local-0", None, "you hold no task"),
+    ] {
+        let mut submit = serde_json::json!({
+            "action": "SUBMIT_RESULT",
+            "peer_id": peer_id,
+            "result_data": forged,
+        });
+        if let Some(named) = named {
+            submit["result_name"] = named.into();
+        }
+        let answer: serde_json::Value =
+            serde_json::from_str(&ask_from(source, &addr, &submit)).unwrap();
+        assert_eq!(
+            answer,
+            serde_json::json!({"status": "ERROR", "message": error}),
+            "{peer_id} from {source}"
+        );
+        assert!(!results.join("result_private.zip").exists());
+    }
+    // In the typed envelope, the refusal is typed.
+    let typed = serde_json::json!({"type": "SUBMIT_RESULT", "data": {
+        "peer_id": "stranger", "task_name": "private.zip", "result_data": forged}});
+    let answer: serde_json::Value =
+        serde_json::from_str(&ask_from("127.0.0.2", &addr, &typed)).unwrap();
+    assert_eq!(
+        answer,
+        serde_json::json!({"type": "ERROR", "data": {"message": "private.zip is not leased to you"}})
+    );
+    master
+        .process
+        .wait_for_log("result refused: not from the task's lease holder");
+    // The worker's id from another address is another worker: it does not get the task.
+    let answer = ask_from("127.0.0.2", &addr, &ask);
+    assert_eq!(answer, "{\"action\":\"NO_TASKS\"}");
+    // Its result.json, claiming the node ran it, is not kept: that file is the node's own
+    // account of the runs teia workers make.
+    let real = result_data_with(
+        dir.path(),
+        &[
+            ("stdout.txt", "sum 3"),
+            ("stderr.txt", ""),
+            (
+                "result.json",
+                "{\"exit_code\": 0, \"node\": \"master@seed001\"}",
+            ),
+        ],
+    );
+    let submit = serde_json::json!({
+        "action": "SUBMIT_RESULT",
+        "peer_id": "real",
+        "result_name": "private.zip",
+        "result_data": real,
+    });
+    assert_eq!(ask_from("127.0.0.1", &addr, &submit), "{\"status\":\"OK\"}");
+    // Sent again (its OK lost), it is thanked and dropped.
+    assert_eq!(ask_from("127.0.0.1", &addr, &submit), "{\"status\":\"OK\"}");
+    assert_eq!(result_stdout(&results, "private", PATIENCE).trim(), "sum 3");
+    let names = Command::new("python3")
+        .args([
+            "-c",
+            "import sys, zipfile\nprint(' '.join(sorted(zipfile.ZipFile(sys.argv[1]).namelist())))",
+        ])
+        .arg(results.join("result_private.zip"))
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&names.stdout).trim(),
+        "stderr.txt stdout.txt"
+    );
+    let mut late = submit.clone();
+    late["peer_id"] = "stranger".into();
+    late["result_data"] = forged.into();
+    assert!(ask_from("127.0.0.2", &addr, &late).contains("ERROR"));
+    assert_eq!(result_stdout(&results, "private", PATIENCE).trim(), "sum 3");
+}
+
+/// While the node runs a task itself, a course worker naming that task, or giving the
+/// node's own worker's name, cannot put its result in place of the node's.
+#[test]
+fn a_stranger_cannot_replace_the_result_of_a_task_the_node_runs() {
+    let (dir, tasks) = tasks_folder();
+    zip_task(
+        &tasks.join("slow.zip"),
+        "import time\ntime.sleep(2)\nprint('run by the node')\n",
+        "a\n1\n",
+    );
+    let master = master_running(dir.path(), free_udp_port(), "1");
+    let addr = master_addr(&master);
+    master.process.wait_for_log("task run here");
+    let forged = result_data(dir.path(), "FORGED BY A STRANGER");
+    for (source, peer_id) in [("127.0.0.2", "stranger"), ("127.0.0.1", "teia:local-0")] {
+        let submit = serde_json::json!({
+            "action": "SUBMIT_RESULT",
+            "peer_id": peer_id,
+            "result_name": "slow.zip",
+            "result_data": forged,
+        });
+        let answer = ask_from(source, &addr, &submit);
+        assert_eq!(
+            answer,
+            "{\"status\":\"ERROR\",\"message\":\"slow.zip is not leased to you\"}"
+        );
+    }
+    let results = dir.path().join("results");
+    assert_eq!(
+        result_stdout(&results, "slow", PATIENCE).trim(),
+        "run by the node"
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(&result_file(&results, "slow", "result.json", PATIENCE)).unwrap();
+    assert_eq!(summary["exit_code"], 0, "{summary}");
+}
+
+/// Connections from `sources` (`per_source` from each) that send nothing, each opened again
+/// as soon as the master closes it, until `stop`.
+fn idlers(
+    addr: &str,
+    sources: &[&str],
+    per_source: usize,
+    stop: &std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<std::thread::JoinHandle<()>> {
+    let mut threads = Vec::new();
+    for source in sources {
+        for _ in 0..per_source {
+            let (addr, source, stop) = (addr.to_owned(), source.to_string(), stop.clone());
+            threads.push(std::thread::spawn(move || {
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let Ok(mut stream) = dial_from(&source, &addr) else {
+                        continue;
+                    };
+                    stream
+                        .set_read_timeout(Some(Duration::from_millis(200)))
+                        .unwrap();
+                    let mut buffer = [0u8; 256];
+                    loop {
+                        match stream.read(&mut buffer) {
+                            Ok(_) => break,
+                            Err(e)
+                                if matches!(
+                                    e.kind(),
+                                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                                ) =>
+                            {
+                                if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                                    return;
+                                }
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    // Closed or refused: open it again soon, not in a tight loop.
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+            }));
+        }
+    }
+    threads
+}
+
+/// 80 connections from four other addresses that send nothing, opened again as soon as
+/// they are closed, do not keep a real course worker waiting: each source gets 16 at once,
+/// the others are refused at once, silent ones are closed after 5 s, and the worker (from
+/// 127.0.0.1) is served all along.
+#[test]
+fn idle_connections_do_not_delay_a_real_worker() {
+    let (dir, tasks) = tasks_folder();
+    for i in 0..3u32 {
+        task(&tasks, &format!("t{i}"), &[i, 20]);
+    }
+    let port = free_udp_port();
+    let master = master(dir.path(), port);
+    let addr = master_addr(&master);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let threads = idlers(
+        &addr,
+        &["127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5"],
+        20,
+        &stop,
+    );
+    master
+        .process
+        .wait_for_log("seed 001 connection refused: too many from one address");
+    // The worker's requests time out after 30 s: it succeeds only if it is never kept
+    // waiting behind the silent connections.
+    let worker = Worker::start(dir.path(), port, "flat", &[]);
+    let status = worker.wait();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert!(status.success());
+    let results = dir.path().join("results");
+    for i in 0..3u32 {
+        let stdout = result_stdout(&results, &format!("t{i}"), PATIENCE);
+        assert_eq!(stdout.trim(), format!("sum {}", i + 20));
+    }
+}
+
+/// Peak resident memory of process `pid`, in kB.
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// 24 connections from six addresses each send 15 MiB of one result and never end it
+/// (a space a second keeps them from being idle): the master keeps no more than its
+/// budget, refuses the rest with an error, and serves a real worker meanwhile; its peak
+/// memory stays far below what it was sent.
+#[test]
+fn big_messages_past_the_buffer_budget_are_refused_and_the_master_keeps_serving() {
+    let (dir, tasks) = tasks_folder();
+    task(&tasks, "after", &[5, 6]);
+    let port = free_udp_port();
+    let master = master(dir.path(), port);
+    let addr = master_addr(&master);
+    let mut body =
+        b"{\"action\": \"SUBMIT_RESULT\", \"peer_id\": \"flood\", \"result_data\": \"".to_vec();
+    body.extend(std::iter::repeat_n(b'A', 15 * 1024 * 1024));
+    let body = std::sync::Arc::new(body);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let answers = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let mut threads = Vec::new();
+    for source in 2..8 {
+        for _ in 0..4 {
+            let (addr, body, stop, answers) =
+                (addr.clone(), body.clone(), stop.clone(), answers.clone());
+            threads.push(std::thread::spawn(move || {
+                let Ok(mut stream) = dial_from(&format!("127.0.0.{source}"), &addr) else {
+                    return;
+                };
+                stream
+                    .set_read_timeout(Some(Duration::from_secs(1)))
+                    .unwrap();
+                let sent = stream.write_all(&body).is_ok();
+                let deadline = Instant::now() + PATIENCE;
+                let mut answer = Vec::new();
+                while sent && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let mut buffer = [0u8; 1024];
+                    match stream.read(&mut buffer) {
+                        Ok(0) => break,
+                        Ok(n) => answer.extend_from_slice(&buffer[..n]),
+                        Err(e)
+                            if matches!(
+                                e.kind(),
+                                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                            ) =>
+                        {
+                            if Instant::now() > deadline || stream.write_all(b" ").is_err() {
+                                break;
+                            }
+                        }
+                        Err(_) => break,
+                    }
+                }
+                answers
+                    .lock()
+                    .unwrap()
+                    .push(String::from_utf8_lossy(&answer).into_owned());
+            }));
+        }
+    }
+    master.process.wait_for_log("buffer budget is spent");
+    let worker = Worker::start(dir.path(), port, "typed", &[]);
+    let status = worker.wait();
+    let results = dir.path().join("results");
+    assert!(status.success());
+    assert_eq!(result_stdout(&results, "after", PATIENCE).trim(), "sum 11");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    let answers = answers.lock().unwrap();
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.is_empty() || a.contains("too much at once")),
+        "{answers:?}"
+    );
+    // 360 MiB were sent; the master kept at most its 64 MiB budget of them.
+    let peak = peak_rss_kb(master.process.child.id());
+    eprintln!("peak RSS of the master: {peak} kB");
+    assert!(peak < 400 * 1024, "peak RSS {peak} kB");
+}
+
+/// With `--master-allow 127.0.0.2/32`, a connection from 127.0.0.1 is closed unanswered
+/// and its discovery gets no answer; 127.0.0.2 is served.
+#[test]
+fn a_source_outside_master_allow_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_udp_port();
+    let master = master_with(dir.path(), port, "0", &["--master-allow", "127.0.0.2/32"]);
+    let line = master.process.wait_for_log("seed 001 master listening");
+    assert_eq!(field(&line, "allow"), "127.0.0.2/32");
+    let addr = master_addr(&master);
+    let register = serde_json::json!({"action": "REGISTER", "peer_id": "w"});
+    assert_eq!(ask_from("127.0.0.1", &addr, &register), "");
+    master
+        .process
+        .wait_for_log("seed 001 connection refused: source outside --master-allow");
+    assert_eq!(
+        ask_from("127.0.0.2", &addr, &register),
+        "{\"status\":\"REGISTERED\"}"
+    );
+    // Discovery: asked from 127.0.0.1 first, then from 127.0.0.2; only the second is
+    // answered (the master answers in order: the first was dropped, not delayed).
+    let outside = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let inside = std::net::UdpSocket::bind("127.0.0.2:0").unwrap();
+    inside.set_read_timeout(Some(PATIENCE)).unwrap();
+    let discover = b"{\"action\": \"DISCOVER_MASTER\", \"peer_id\": \"w\", \"port_tcp\": 0}";
+    outside.send_to(discover, ("127.0.0.1", port)).unwrap();
+    inside.send_to(discover, ("127.0.0.1", port)).unwrap();
+    let mut buffer = [0u8; 1024];
+    let (len, _) = inside.recv_from(&mut buffer).unwrap();
+    let announce: serde_json::Value = serde_json::from_slice(&buffer[..len]).unwrap();
+    assert_eq!(announce["action"], "MASTER_ANNOUNCE");
+    outside.set_nonblocking(true).unwrap();
+    assert_eq!(
+        outside.recv_from(&mut buffer).unwrap_err().kind(),
+        std::io::ErrorKind::WouldBlock
+    );
+}

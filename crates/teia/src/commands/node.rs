@@ -244,11 +244,17 @@ async fn start_master(
     } else {
         args.discovery_ports.clone()
     };
+    let allow = if args.master_allow.is_empty() {
+        teia_jobs::master::default_allow()
+    } else {
+        args.master_allow.clone()
+    };
     let master = teia_jobs::master::start(teia_jobs::master::MasterConfig {
         tasks: tasks.to_owned(),
         results,
         listen,
         discovery_ports,
+        allow,
         local,
     })
     .await?;
