@@ -65,8 +65,10 @@ impl IntoResponse for Problem {
 impl From<EngineError> for Problem {
     fn from(e: EngineError) -> Self {
         let status = match &e {
-            EngineError::Bundle(_) | EngineError::Clone { .. } => StatusCode::BAD_REQUEST,
-            EngineError::Busy => StatusCode::SERVICE_UNAVAILABLE,
+            EngineError::Bundle(_) | EngineError::Clone { .. } | EngineError::Refused { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            EngineError::Busy | EngineError::ClonesBusy => StatusCode::SERVICE_UNAVAILABLE,
             EngineError::DiskFull => StatusCode::INSUFFICIENT_STORAGE,
             EngineError::Store(_) | EngineError::Io(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

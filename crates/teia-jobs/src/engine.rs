@@ -29,6 +29,12 @@ pub const MAX_ACTIVE: usize = 64;
 /// submitted while they are unpacked, their packed copies, and what their modules run
 /// in); a submission that would expand past what is left is refused (HTTP 507).
 pub const EVALUATIONS_DISK: u64 = 8 * 1024 * 1024 * 1024;
+/// Git clones running at once at most; a submission that would start more is refused (503)
+/// before it clones anything.
+pub const MAX_CLONES: usize = 4;
+/// Time one clone may take.
+pub const CLONE_TIME: Duration = Duration::from_secs(300);
+
 /// Nodes of the cluster (besides the owner) that must hold a project's bytes before a
 /// module of it is handed out, when the cluster has that many: so that the evaluation
 /// survives its owner.
@@ -65,6 +71,9 @@ pub struct EngineConfig {
     /// was told to without); without, it runs only its own submissions and takes over
     /// nothing.
     pub others: bool,
+    /// The URL schemes of the git repositories it clones (`https`; `http`, `ssh`, `git`,
+    /// `file` only when allowed: `file` also allows local paths).
+    pub git_schemes: Vec<String>,
 }
 
 /// Why the engine could not do what was asked.
@@ -82,6 +91,17 @@ pub enum EngineError {
     /// Too many evaluations.
     #[error("{MAX_ACTIVE} evaluations are queued or running here; retry later")]
     Busy,
+    /// Too many clones running.
+    #[error("{MAX_CLONES} git clones are running here; retry later")]
+    ClonesBusy,
+    /// A repository URL this node does not clone.
+    #[error("{url}: {why}")]
+    Refused {
+        /// The URL.
+        url: String,
+        /// Why, and what is allowed.
+        why: String,
+    },
     /// The evaluations' disk budget is used up.
     #[error("the evaluations here use their whole disk budget ({EVALUATIONS_DISK} bytes); retry when some have finished")]
     DiskFull,
@@ -120,6 +140,8 @@ pub struct Engine {
     started: Instant,
     pub(crate) cluster: Option<Arc<Cluster>>,
     pub(crate) runner: Arc<Runner>,
+    /// Git clones running ([`MAX_CLONES`]).
+    clones: Arc<tokio::sync::Semaphore>,
 }
 
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
@@ -213,6 +235,7 @@ impl Engine {
             })),
             started: Instant::now(),
             cluster: cluster.map(|c| Arc::new(Cluster::new(c))),
+            clones: Arc::new(tokio::sync::Semaphore::new(MAX_CLONES)),
         };
         engine.start_cluster();
         let warming = Arc::clone(&engine.runner);
@@ -381,6 +404,13 @@ impl Engine {
         urls: &[String],
         token: Option<&str>,
     ) -> Result<EvalId, EngineError> {
+        for url in urls {
+            check_git_url(url, &self.config.git_schemes)?;
+        }
+        // Counted before anything is cloned: one submission holds one clone at a time.
+        let _clone = Arc::clone(&self.clones)
+            .try_acquire_owned()
+            .map_err(|_| EngineError::ClonesBusy)?;
         let id = self.reserve()?;
         let root = self.config.dir.join("evaluations").join(id.to_string());
         let source = root.join("source");
@@ -399,7 +429,7 @@ impl Engine {
                 name.to_owned()
             };
             let dir = source.join(&name);
-            if let Err(e) = clone(url, &dir, token).await {
+            if let Err(e) = clone(url, &dir, token, &self.config.git_schemes).await {
                 let _ = std::fs::remove_dir_all(&root);
                 return Err(e);
             }
@@ -915,12 +945,73 @@ fn requeue_running(evaluation: &mut Evaluation) {
 
 /// Clones `url` into `dir` with git; the token goes in an HTTP header set through git's
 /// environment (`GIT_CONFIG_*`), so it is on no command line and in no file.
-async fn clone(url: &str, dir: &Path, token: Option<&str>) -> Result<(), EngineError> {
+/// Refuses a repository URL whose scheme is not in `schemes` (a local path counts as
+/// `file`), saying what is allowed.
+fn check_git_url(url: &str, schemes: &[String]) -> Result<(), EngineError> {
+    let scheme = match url.split_once("://") {
+        Some((scheme, _)) => scheme.to_ascii_lowercase(),
+        // `host:path` is ssh's short form; anything else is a local path.
+        None if url.contains(':') && !url.starts_with('/') && !url.starts_with('.') => {
+            "ssh".to_owned()
+        }
+        None => "file".to_owned(),
+    };
+    if schemes.contains(&scheme) {
+        return Ok(());
+    }
+    Err(EngineError::Refused {
+        url: url.to_owned(),
+        why: format!(
+            "this node clones only {} repositories (a node's owner allows more with \
+             --allow-git-scheme; local paths are `file`)",
+            schemes.join(", ")
+        ),
+    })
+}
+
+/// Clones `url` into `dir` with git, in an empty environment (no `HOME`: none of the node
+/// user's keys, credentials or configuration), only by the allowed protocols, never
+/// prompting; the token goes in an HTTP header set through git's environment
+/// (`GIT_CONFIG_*`), so it is on no command line and in no file, and tasks cannot read it
+/// (they see no other process). What git said is logged; the submitter is told only that
+/// the clone failed, so that the node cannot be used to probe hosts and ports.
+async fn clone(
+    url: &str,
+    dir: &Path,
+    token: Option<&str>,
+    schemes: &[String],
+) -> Result<(), EngineError> {
+    let home = dir.with_extension("git-home");
+    std::fs::create_dir_all(&home)?;
     let mut command = tokio::process::Command::new("git");
     command
-        .args(["clone", "--depth", "1", "--quiet", "--", url])
-        .arg(dir)
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
+        .env("HOME", &home)
+        .env("LANG", "C.UTF-8")
         .env("GIT_TERMINAL_PROMPT", "0")
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("GIT_CONFIG_GLOBAL", "/dev/null")
+        .env("GIT_SSH_COMMAND", "ssh -o BatchMode=yes -F /dev/null")
+        .env("GIT_PROTOCOL_FROM_USER", "0")
+        .arg("-c")
+        .arg("protocol.allow=never");
+    for scheme in schemes {
+        command
+            .arg("-c")
+            .arg(format!("protocol.{scheme}.allow=always"));
+    }
+    command
+        .args([
+            "clone",
+            "--depth",
+            "1",
+            "--quiet",
+            "--no-recurse-submodules",
+            "--",
+            url,
+        ])
+        .arg(dir)
         .stdin(std::process::Stdio::null())
         .kill_on_drop(true);
     if let Some(token) = token.filter(|t| !t.is_empty()) {
@@ -932,24 +1023,28 @@ async fn clone(url: &str, dir: &Path, token: Option<&str>) -> Result<(), EngineE
                 format!("Authorization: Bearer {token}"),
             );
     }
-    let output = tokio::time::timeout(Duration::from_secs(300), command.output())
-        .await
+    let output = tokio::time::timeout(CLONE_TIME, command.output()).await;
+    let _ = std::fs::remove_dir_all(&home);
+    let output = output
         .map_err(|_| EngineError::Clone {
             url: url.to_owned(),
-            detail: "timed out after 300 s".into(),
+            detail: format!("timed out after {CLONE_TIME:?}"),
         })?
         .map_err(|e| EngineError::Clone {
             url: url.to_owned(),
             detail: format!("cannot run git: {e}"),
         })?;
     if !output.status.success() {
-        let mut detail = String::from_utf8_lossy(&output.stderr).trim().to_owned();
+        let mut said = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         if let Some(token) = token.filter(|t| !t.is_empty()) {
-            detail = detail.replace(token, "***");
+            said = said.replace(token, "***");
         }
+        tracing::warn!(%url, git = %said, "clone failed");
         return Err(EngineError::Clone {
             url: url.to_owned(),
-            detail,
+            detail: "git could not fetch it (no such repository, no access, or unreachable; \
+                     the node's log has git's message)"
+                .to_owned(),
         });
     }
     Ok(())

@@ -470,6 +470,12 @@ pub struct NodeArgs {
     #[arg(long, env = "TEIA_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
 
+    /// A URL scheme of git repositories submitted to clone besides `https` (repeatable:
+    /// `http`, `ssh`, `git`, or `file`, which also allows local paths: the node's own
+    /// repositories).
+    #[arg(long = "allow-git-scheme", value_name = "SCHEME", value_parser = ["http", "ssh", "git", "file"])]
+    pub allow_git_schemes: Vec<String>,
+
     /// Run other nodes' test modules and script tasks even without a working sandbox
     /// (bubblewrap): they could then read and change everything this user can. Without
     /// it, such a node runs only what is submitted to it.

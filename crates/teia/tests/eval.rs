@@ -377,7 +377,52 @@ fn a_git_url_submission_clones_a_local_bare_repository_and_keeps_the_token_secre
         ],
         dir.path(),
     );
-    let (node, addr) = start(&[]);
+    // By default a node clones https:// only: not its own repositories, not ssh with its
+    // user's keys, and it says nothing of what git found (no probing of hosts and ports).
+    let (strict, strict_addr) = start(&[]);
+    for url in [
+        format!("file://{}", bare.display()),
+        bare.display().to_string(),
+        "ssh://git@127.0.0.1:22/repo.git".to_owned(),
+        "git@127.0.0.1:repo.git".to_owned(),
+        "http://127.0.0.1:1/repo.git".to_owned(),
+    ] {
+        let body = serde_json::json!({"projects": [url]});
+        let (status, refused) = http(
+            &strict_addr,
+            "POST",
+            "/evaluation",
+            "application/json",
+            body.to_string().as_bytes(),
+        );
+        assert_eq!(status, 400, "{url}: {refused}");
+        assert!(
+            refused["error"]
+                .as_str()
+                .unwrap()
+                .contains("clones only https"),
+            "{refused}"
+        );
+    }
+    let body = serde_json::json!({"projects": ["https://127.0.0.1:1/closed.git"]});
+    let (status, failed) = http(
+        &strict_addr,
+        "POST",
+        "/evaluation",
+        "application/json",
+        body.to_string().as_bytes(),
+    );
+    assert_eq!(status, 400, "{failed}");
+    assert!(
+        !failed["error"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("connect"),
+        "git's message reached the submitter: {failed}"
+    );
+    drop(strict);
+    let (node, addr) = start(&["--allow-git-scheme", "file"]);
     let body = serde_json::json!({
         "auth_token": "s3cr3t-t0ken",
         "projects": [format!("file://{}", bare.display())],

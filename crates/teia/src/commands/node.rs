@@ -345,6 +345,9 @@ async fn start_jobs(
             ..teia_jobs::runner::Limits::default()
         },
         others: sandboxed_or_allowed(&isolation, args.unsandboxed),
+        git_schemes: std::iter::once("https".to_owned())
+            .chain(args.allow_git_schemes.iter().cloned())
+            .collect(),
         isolation,
         modules,
     };
