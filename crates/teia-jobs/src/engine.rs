@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::bundle::{self, BundleError};
 use crate::proto::ledger::{
-    EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState, NewProject,
+    Completed, EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState, NewProject,
 };
 use crate::remote::{Cluster, ClusterConfig};
 use crate::runner::{Isolation, Limits, Runner};
@@ -71,6 +71,9 @@ pub struct EngineConfig {
     /// was told to without); without, it runs only its own submissions and takes over
     /// nothing.
     pub others: bool,
+    /// The share of module results (0 to 1) run again, chosen at random when each arrives,
+    /// on another trusted node, to catch a node that lies or is broken.
+    pub verify: f64,
     /// The URL schemes of the git repositories it clones (`https`; `http`, `ssh`, `git`,
     /// `file` only when allowed: `file` also allows local paths).
     pub git_schemes: Vec<String>,
@@ -170,6 +173,15 @@ fn disk_usage(dir: &Path) -> u64 {
         }
     }
     total
+}
+
+/// A random number in [0, 1).
+fn random_fraction() -> f64 {
+    let mut bytes = [0u8; 8];
+    if getrandom::fill(&mut bytes).is_err() {
+        return 1.0;
+    }
+    (u64::from_le_bytes(bytes) >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn unix_ms() -> u64 {
@@ -599,14 +611,46 @@ impl Engine {
     /// Records `worker`'s result of `lease`; false (nothing recorded) unless `worker` holds
     /// that lease for the module's current attempt.
     pub(crate) fn complete(&self, lease: &Lease, worker: &str, result: ModuleResult) -> bool {
+        // Drawn once the result is here, so a worker cannot know which it runs are checked.
+        let verify = self.config.verify > 0.0
+            && random_fraction() < self.config.verify
+            && self.another_worker_than(worker);
         let mut state = lock(&self.state);
-        if !state.ledger.complete(lease, worker, result, unix_ms()) {
-            return false;
+        let owner_worker = self.config.address.as_str();
+        let completed =
+            state
+                .ledger
+                .complete_or_verify(lease, worker, result, unix_ms(), verify, owner_worker);
+        match &completed {
+            Completed::Refused => return false,
+            Completed::Disputed { stands, other } => tracing::warn!(
+                eval = lease.eval,
+                module = %format!("{}/{}", lease.project, lease.module),
+                stands = %stands.node,
+                disputed = %other.node,
+                "a verification disagreed: the module is disputed ({} says {}/{}/{}, {} says {}/{}/{} passed/failed/errors)",
+                stands.node, stands.passed, stands.failed, stands.errors,
+                other.node, other.passed, other.failed, other.errors,
+            ),
+            Completed::Verifying => {
+                tracing::debug!(module = %lease.module, %worker, "result kept; the module runs again to verify it");
+            }
+            Completed::Done | Completed::Agreed => {}
         }
         if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
             state.save(&evaluation);
         }
         true
+    }
+
+    /// Whether a worker other than `worker` can run a module of ours: our own workers when
+    /// `worker` is another node's, else another node of the cluster.
+    fn another_worker_than(&self, worker: &str) -> bool {
+        worker != self.config.address
+            || self
+                .cluster
+                .as_ref()
+                .is_some_and(|cluster| cluster.member_count() > 0)
     }
 
     /// Modules of ours waiting for a worker.
@@ -839,10 +883,23 @@ impl Engine {
                     ModuleState::Leased { worker, .. } => {
                         json!({"status": "running", "node": worker})
                     }
-                    ModuleState::Done(r) => json!({
-                        "status": "done", "passed": r.passed, "failed": r.failed,
-                        "errors": r.errors, "skipped": r.skipped,
-                        "seconds": round(r.seconds), "node": r.node}),
+                    ModuleState::Done(r) => {
+                        let mut done = json!({
+                            "status": "done", "passed": r.passed, "failed": r.failed,
+                            "errors": r.errors, "skipped": r.skipped,
+                            "seconds": round(r.seconds), "node": r.node});
+                        if let (Some(other), Some(fields)) =
+                            (&module.disputed, done.as_object_mut())
+                        {
+                            fields.insert(
+                                "disputed".into(),
+                                json!({"nodes": [r.node, other.node],
+                                       "other": {"passed": other.passed, "failed": other.failed,
+                                                 "errors": other.errors, "skipped": other.skipped}}),
+                            );
+                        }
+                        done
+                    }
                 };
                 module_map.insert(path.clone(), value);
             }

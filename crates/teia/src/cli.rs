@@ -470,6 +470,12 @@ pub struct NodeArgs {
     #[arg(long, env = "TEIA_WORKERS", value_name = "N")]
     pub workers: Option<usize>,
 
+    /// The share of module results (0 to 1) run again on another trusted node, chosen at
+    /// random as each arrives: a disagreement marks the module disputed (both nodes named
+    /// in `GET /evaluation/<id>` and the log), and the owner's own run stands.
+    #[arg(long, env = "TEIA_VERIFY", default_value_t = 0.0, value_name = "FRACTION", value_parser = fraction)]
+    pub verify: f64,
+
     /// A URL scheme of git repositories submitted to clone besides `https` (repeatable:
     /// `http`, `ssh`, `git`, or `file`, which also allows local paths: the node's own
     /// repositories).
@@ -663,4 +669,12 @@ pub struct RdvTarget {
     /// Seconds to wait for the connection and for the answer, each.
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub timeout: f64,
+}
+
+/// A fraction from 0 to 1 (`--verify`).
+fn fraction(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=1.0).contains(&value) => Ok(value),
+        _ => Err(format!("{text:?} is not a fraction from 0 to 1")),
+    }
 }

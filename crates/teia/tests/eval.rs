@@ -769,6 +769,117 @@ fn an_owner_killed_right_after_answering_loses_no_project() {
     drop(second);
 }
 
+/// A Python whose test reports lie: a virtual environment whose `sitecustomize` puts a
+/// report plugin first on the path that says every test passed.
+fn lying_python(dir: &Path) -> std::path::PathBuf {
+    let venv = dir.join("liar");
+    let status = Command::new("python3")
+        .args(["-m", "venv", "--system-site-packages", "--without-pip"])
+        .arg(&venv)
+        .status()
+        .unwrap();
+    assert!(status.success(), "python3 -m venv");
+    let python = venv.join("bin").join("python");
+    let purelib = Command::new(&python)
+        .args([
+            "-c",
+            "import sysconfig; print(sysconfig.get_paths()['purelib'])",
+        ])
+        .output()
+        .unwrap();
+    let purelib = String::from_utf8(purelib.stdout).unwrap().trim().to_owned();
+    let plugin = venv.join("plugin");
+    std::fs::create_dir_all(&plugin).unwrap();
+    std::fs::write(
+        plugin.join("teia_report.py"),
+        "import json, os\n_out = open(os.environ['TEIA_REPORT'], 'a', buffering=1)\n\ndef pytest_runtest_logreport(report):\n    if report.when == 'call':\n        _out.write(json.dumps({'kind': 'call', 'outcome': 'passed', 'nodeid': report.nodeid}) + '\\n')\n",
+    )
+    .unwrap();
+    std::fs::write(
+        Path::new(&purelib).join("sitecustomize.py"),
+        format!(
+            "import sys\nsys.path.insert(0, {:?})\n",
+            plugin.to_string_lossy()
+        ),
+    )
+    .unwrap();
+    python
+}
+
+/// With `--verify 1` every result is run again on another node of the cluster: a node that
+/// lies (its reports say every test passed) is caught, each module it ran or checked is
+/// disputed with both nodes named, and the owner's own run stands, so every count is
+/// pytest's own.
+#[test]
+fn verification_catches_a_node_that_lies() {
+    let dir = tempfile::tempdir().unwrap();
+    let liar_python = lying_python(dir.path());
+    let honest = "import time\n\ndef test_passes():\n    time.sleep(0.3)\n\ndef test_fails():\n    assert False\n";
+    let names: Vec<String> = (1..=4).map(|i| format!("p/tests/test_m{i}.py")).collect();
+    let files: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), honest)).collect();
+    let bytes = zip_of(dir.path(), &files);
+    let secret = ["--cluster-secret", "our-lab", "--workers", "1"];
+    let owner = NodeProcess::start(
+        "owner",
+        "eval",
+        &[
+            &[
+                "--http",
+                "127.0.0.1:0",
+                "--peer",
+                "127.0.0.1:1",
+                "--verify",
+                "1",
+            ][..],
+            &secret,
+        ]
+        .concat(),
+    );
+    let http = field(&owner.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let liar = NodeProcess::start(
+        "liar",
+        "eval",
+        &[
+            &[
+                "--peer",
+                &owner.addr(),
+                "--python",
+                liar_python.to_str().unwrap(),
+            ][..],
+            &secret,
+        ]
+        .concat(),
+    );
+    owner
+        .process
+        .wait_for_log("a node of the cluster proved itself");
+    liar.process
+        .wait_for_log("a node of the cluster proved itself");
+    let (status, created) = post_zip(&http, &bytes);
+    assert_eq!(status, 201, "{created}");
+    let detail = wait_done(&http, created["id"].as_u64().unwrap());
+    let modules = detail["projects"]["p"]["modules"].as_object().unwrap();
+    let mut disputed = 0;
+    for (path, module) in modules {
+        assert_eq!(
+            (module["passed"].as_u64(), module["failed"].as_u64()),
+            (Some(1), Some(1)),
+            "{path}: {detail}"
+        );
+        assert_eq!(module["node"], owner.addr().as_str(), "{path}: {detail}");
+        if let Some(dispute) = module.get("disputed") {
+            disputed += 1;
+            assert_eq!(dispute["nodes"][1], liar.addr().as_str(), "{dispute}");
+            assert_eq!(dispute["other"]["failed"], 0, "{dispute}");
+        }
+    }
+    assert_eq!(
+        disputed, 4,
+        "every module was run by the liar first or checked by it: {detail}"
+    );
+    owner.process.wait_for_log("a verification disagreed");
+}
+
 #[test]
 fn teia_eval_submits_a_folder_follows_it_and_lists_it() {
     let dir = tempfile::tempdir().unwrap();

@@ -68,6 +68,40 @@ pub struct Module {
     pub estimated_tests: u32,
     /// Workers it lost.
     pub crashes: u32,
+    /// Its first result while it is run again on another worker to verify it: the worker
+    /// that ran it (not to be given the verification) and what it said.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verifying: Option<(String, ModuleResult)>,
+    /// The result that disagreed with the one that stands ([`ModuleState::Done`]), when
+    /// a verification disagreed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disputed: Option<ModuleResult>,
+}
+
+/// What a result did to its module.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Completed {
+    /// Refused: the sender does not hold the module's lease for its current attempt.
+    Refused,
+    /// The module is done.
+    Done,
+    /// Kept; the module runs again, on another worker, to verify it.
+    Verifying,
+    /// A verification agreed with the first result, which stands.
+    Agreed,
+    /// A verification disagreed: `stands` is kept (the owner's own run, else the first),
+    /// `other` is recorded beside it.
+    Disputed {
+        /// The result kept.
+        stands: ModuleResult,
+        /// The other.
+        other: ModuleResult,
+    },
+}
+
+/// Whether two results of a module count the same.
+fn same_counts(a: &ModuleResult, b: &ModuleResult) -> bool {
+    (a.passed, a.failed, a.errors, a.skipped) == (b.passed, b.failed, b.errors, b.skipped)
 }
 
 /// One project of an evaluation.
@@ -325,6 +359,8 @@ impl Ledger {
                                 state: ModuleState::Pending { attempt: 0 },
                                 estimated_tests,
                                 crashes: 0,
+                                verifying: None,
+                                disputed: None,
                             },
                         )
                     })
@@ -431,6 +467,10 @@ impl Ledger {
                     if !matches!(module.state, ModuleState::Pending { .. }) {
                         continue;
                     }
+                    // A verification goes to another worker than the first run's.
+                    if module.verifying.as_ref().is_some_and(|(w, _)| w == worker) {
+                        continue;
+                    }
                     let seconds = durations
                         .get(&format!("{project_name}/{path}"))
                         .copied()
@@ -526,26 +566,65 @@ impl Ledger {
         result: ModuleResult,
         unix_ms: u64,
     ) -> bool {
+        self.complete_or_verify(lease, worker, result, unix_ms, false, "") != Completed::Refused
+    }
+
+    /// Records `worker`'s result as [`Ledger::complete`] does; when `verify`, the result is
+    /// kept and the module runs again on another worker, whose result then either agrees
+    /// (the first stands) or not (the module is disputed: the run of `owner_worker`, the
+    /// owner's own workers, stands, else the first).
+    pub fn complete_or_verify(
+        &mut self,
+        lease: &Lease,
+        worker: &str,
+        result: ModuleResult,
+        unix_ms: u64,
+        verify: bool,
+        owner_worker: &str,
+    ) -> Completed {
         let key = format!("{}/{}", lease.project, lease.module);
         let seconds = result.seconds;
         let Some(module) = self.module_mut(lease.eval, &lease.project, &lease.module) else {
-            return false;
+            return Completed::Refused;
         };
-        match &module.state {
+        let attempt = match &module.state {
             ModuleState::Leased {
                 worker: holder,
                 attempt,
                 ..
-            } if holder == worker && *attempt == lease.attempt => {}
-            _ => return false,
-        }
+            } if holder == worker && *attempt == lease.attempt => *attempt,
+            _ => return Completed::Refused,
+        };
+        let (result, completed) = match module.verifying.take() {
+            Some((first_worker, first)) if same_counts(&first, &result) => {
+                let _ = first_worker;
+                (first, Completed::Agreed)
+            }
+            Some((first_worker, first)) => {
+                let (stands, other) = if first_worker != owner_worker && worker == owner_worker {
+                    (result, first)
+                } else {
+                    (first, result)
+                };
+                module.disputed = Some(other.clone());
+                (stands.clone(), Completed::Disputed { stands, other })
+            }
+            None if verify => {
+                module.verifying = Some((worker.to_owned(), result));
+                module.state = ModuleState::Pending {
+                    attempt: attempt + 1,
+                };
+                return Completed::Verifying;
+            }
+            None => (result, Completed::Done),
+        };
         module.state = ModuleState::Done(result);
         if let Some(evaluation) = self.evaluations.get_mut(&lease.eval) {
             evaluation.waiting = None;
         }
         self.durations.insert(key, seconds);
         self.mark_finished(lease.eval, unix_ms);
-        true
+        completed
     }
 
     fn mark_finished(&mut self, eval: EvalId, unix_ms: u64) {
@@ -594,11 +673,15 @@ impl Ledger {
                     module.crashes += 1;
                     module.state = if module.crashes >= MAX_CRASHES {
                         finished.push(evaluation.id);
-                        ModuleState::Done(ModuleResult {
-                            errors: 1,
-                            node: worker,
-                            ..ModuleResult::default()
-                        })
+                        match module.verifying.take() {
+                            // The verification could not run: the first result stands.
+                            Some((_, first)) => ModuleState::Done(first),
+                            None => ModuleState::Done(ModuleResult {
+                                errors: 1,
+                                node: worker,
+                                ..ModuleResult::default()
+                            }),
+                        }
                     } else {
                         ModuleState::Pending {
                             attempt: attempt + 1,
@@ -715,6 +798,66 @@ mod tests {
         assert_eq!((ta.passed + ta.failed, tb.passed, tb.failed), (3, 3, 1));
         assert!((evaluation.grade() - (ta.grade() + tb.grade()) / 2.0).abs() < 1e-9);
         assert!((tb.grade() - 15.0).abs() < 1e-9);
+    }
+
+    /// A result chosen for verification is kept while another worker runs the module
+    /// again (never the first one); agreeing, the first stands; disagreeing, the module is
+    /// disputed and the owner's own run stands.
+    #[test]
+    fn verifications_go_to_another_worker_and_the_owners_run_stands() {
+        let mut ledger = Ledger::default();
+        ledger.submit(
+            3,
+            "o",
+            0,
+            vec![project(
+                "p",
+                &[("tests/test_a.py", 2), ("tests/test_b.py", 2)],
+            )],
+        );
+        let first = ledger.lease("o", "liar", 0, 1000, 0).unwrap();
+        let lie = ModuleResult {
+            node: "liar".into(),
+            ..ok(2, 0, 1.0)
+        };
+        assert_eq!(
+            ledger.complete_or_verify(&first, "liar", lie.clone(), 0, true, "own"),
+            Completed::Verifying
+        );
+        // The liar gets the other module, not its own verification.
+        let other = ledger.lease("o", "liar", 0, 1000, 0).unwrap();
+        assert_ne!(other.module, first.module);
+        assert!(ledger.lease("o", "liar", 0, 1000, 0).is_none());
+        let again = ledger.lease("o", "own", 0, 1000, 0).unwrap();
+        assert_eq!(
+            (again.module.as_str(), again.attempt),
+            (first.module.as_str(), 1)
+        );
+        let truth = ModuleResult {
+            node: "own".into(),
+            ..ok(1, 1, 1.0)
+        };
+        assert_eq!(
+            ledger.complete_or_verify(&again, "own", truth.clone(), 0, true, "own"),
+            Completed::Disputed {
+                stands: truth.clone(),
+                other: lie.clone()
+            }
+        );
+        let module = &ledger.get(3).unwrap().projects["p"].modules[&first.module];
+        assert_eq!(module.state, ModuleState::Done(truth));
+        assert_eq!(module.disputed, Some(lie));
+        // Agreeing, the first stands.
+        assert_eq!(
+            ledger.complete_or_verify(&other, "liar", ok(2, 0, 1.0), 0, true, "own"),
+            Completed::Verifying
+        );
+        let check = ledger.lease("o", "own", 0, 1000, 0).unwrap();
+        assert_eq!(
+            ledger.complete_or_verify(&check, "own", ok(2, 0, 3.0), 0, true, "own"),
+            Completed::Agreed
+        );
+        assert_eq!(ledger.get(3).unwrap().status(), "done");
     }
 
     #[test]

@@ -345,6 +345,7 @@ async fn start_jobs(
             ..teia_jobs::runner::Limits::default()
         },
         others: sandboxed_or_allowed(&isolation, args.unsandboxed),
+        verify: args.verify,
         git_schemes: std::iter::once("https".to_owned())
             .chain(args.allow_git_schemes.iter().cloned())
             .collect(),
