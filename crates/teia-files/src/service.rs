@@ -283,6 +283,8 @@ pub(crate) struct Inner {
     /// Queries we may still answer ([`ANSWERS_PER_SECOND`]).
     pub(crate) answer_budget: Mutex<Budget>,
     pub(crate) tokens: std::sync::atomic::AtomicU64,
+    /// Requests of course peers for files not shared, for their summarised log line.
+    pub(crate) not_found_log: Mutex<seed::LogSummary>,
 }
 
 /// A token bucket: `rate` tokens per second, at most `burst` saved.
@@ -620,6 +622,7 @@ impl Files {
                 dial_back_budget: Mutex::new(Budget::new(DIAL_BACKS_PER_MINUTE / 60.0, 5.0)),
                 answer_budget: Mutex::new(Budget::new(ANSWERS_PER_SECOND, ANSWERS_PER_SECOND)),
                 tokens: std::sync::atomic::AtomicU64::new(0),
+                not_found_log: Mutex::new(seed::LogSummary::new(seed::NOT_FOUND_LOG_EVERY)),
                 config,
             }),
         };
