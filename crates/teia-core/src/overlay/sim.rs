@@ -1057,6 +1057,36 @@ fn an_address_that_drops_every_link_is_given_up() {
 }
 
 #[test]
+fn a_node_whose_id_a_course_client_squats_backs_off_its_redials() {
+    let mut sim = Sim::new(2, 1, |_| {});
+    // A course client holds n1's (not yet pinned) peer id on a plaintext link to n0.
+    let now = sim.now;
+    let squatter = 9_999;
+    sim.node(0).link_opened(now, squatter, addr_of(50), true);
+    let hello = format!(
+        r#"{{"type":"HELLO","peer_id":"{}","version":"1.0","features":["ack"],"ttl":1}}"#,
+        name(1)
+    );
+    sim.node(0)
+        .line_received(now, squatter, Ok(hello.into_bytes()));
+    // The real n1 is told to keep n0 connected: each of its links is refused `duplicate`.
+    sim.connect(1, 0);
+    sim.run(Duration::from_secs(20));
+    let refused = sim.nodes[0]
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Refused { reason, .. } if reason.starts_with("duplicate")))
+        .count();
+    // Backed off 1, 2, 4 and 8 s: five dials in 20 s (not nine a second).
+    assert!((2..=6).contains(&refused), "{refused} refusals in 20 s");
+    assert_eq!(
+        sim.nodes[0].node.neighbours().len(),
+        1,
+        "the squatter stays"
+    );
+}
+
+#[test]
 fn a_query_floods_once_per_node_within_its_ttl_and_hits_come_back() {
     let mut sim = Sim::new(120, 11, |_| {});
     random_topology(&mut sim, 11, 60);
