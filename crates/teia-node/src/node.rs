@@ -474,8 +474,16 @@ pub async fn start(
         )));
     }
     if let (Some(settings), Some(identity)) = (config.lan.clone(), &config.overlay.identity) {
-        let lan =
-            teia_core::lan::Lan::new(&config.overlay.peer_id, identity, listen.map(|a| a.port()));
+        // Nonces need only be unique to this run: a random start, counted on from there.
+        let mut seed = [0u8; 8];
+        let _ = getrandom::fill(&mut seed);
+        let seed = u64::from_le_bytes(seed) ^ unix_millis();
+        let lan = teia_core::lan::Lan::new(
+            &config.overlay.peer_id,
+            identity,
+            listen.map(|a| a.port()),
+            seed,
+        );
         let sink = inputs.clone();
         background.push(tokio::spawn(crate::lan::run(
             lan,
