@@ -20,8 +20,8 @@
 //! - the node's budget for all sources, [`DATAGRAMS_PER_SECOND`] (twice as many at once);
 //! - parsing, its namespace (others are ignored) and its time, at most [`FRESH_WINDOW`]
 //!   from ours either way;
-//! - the replay cache: the last [`REPLAYS_KEPT`] (key, nonce) pairs accepted (an older one
-//!   is forgotten first; a replay of it is refused as stale once its window has passed);
+//! - the replay cache: the last [`REPLAYS_KEPT`] (key, nonce) pairs accepted (the oldest is
+//!   forgotten first, never one still fresh: see [`REPLAYS_KEPT`]);
 //! - the budget of signature checks, [`VERIFICATIONS_PER_SECOND`] (twice as many at once);
 //! - the signature.
 //!
@@ -78,8 +78,12 @@ pub const LAN_DIALS_BURST: u32 = 8;
 /// Most a datagram's time may differ from ours, either way, for it to be fresh.
 pub const FRESH_WINDOW: Duration = Duration::from_secs(60);
 
-/// (key, nonce) pairs of accepted datagrams remembered, to refuse their replays.
-pub const REPLAYS_KEPT: usize = 4096;
+/// (key, nonce) pairs of accepted datagrams remembered, to refuse their replays. More than
+/// can be accepted while one is fresh (an accepted datagram costs a signature check: at most
+/// twice [`VERIFICATIONS_PER_SECOND`] at once, then that many a second, over the two
+/// [`FRESH_WINDOW`]s a datagram is fresh for), so none is forgotten while it could be
+/// replayed.
+pub const REPLAYS_KEPT: usize = 16_384;
 
 /// Addresses a datagram lists at most (a node with more lists its first ones).
 pub const MAX_ADDRS: usize = 16;
@@ -676,6 +680,13 @@ mod tests {
             bob.handle_datagram(later, T0 + 6_000, spoofed, &fresh),
             Err(LanError::Unlisted { .. })
         ));
+    }
+
+    #[test]
+    fn the_replay_cache_outlasts_what_can_be_accepted_while_fresh() {
+        let window = FRESH_WINDOW.as_secs() * 2;
+        let accepted = u64::from(VERIFICATIONS_PER_SECOND) * (2 + window);
+        assert!(accepted < REPLAYS_KEPT as u64, "{accepted}");
     }
 
     #[test]
