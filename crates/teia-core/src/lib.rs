@@ -10,3 +10,4 @@ pub mod overlay;
 pub mod rate;
 pub mod rendezvous;
 pub mod rng;
+pub mod splice;

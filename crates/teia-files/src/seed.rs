@@ -32,6 +32,44 @@ pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bytes read or written at once.
 const PIECE: usize = 1024 * 1024;
+/// Shortest time between two log lines about requests for files not shared: the first is
+/// logged at once, the next ones counted and summarised in one line per this period.
+pub const NOT_FOUND_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// One kind of repeated log line, summarised: the first occurrence is logged at once, the
+/// next ones are counted, and one line with their count is due at most once per `period`
+/// (at the first occurrence after it). Its state is two numbers, however many come.
+#[derive(Debug)]
+pub(crate) struct LogSummary {
+    period: Duration,
+    last: Option<Instant>,
+    count: u64,
+}
+
+impl LogSummary {
+    /// A summary of at most one line per `period`.
+    pub(crate) fn new(period: Duration) -> Self {
+        Self {
+            period,
+            last: None,
+            count: 0,
+        }
+    }
+
+    /// Counts one occurrence at `now`; returns how many to report when a line is due
+    /// (this one included), `None` while they are being counted.
+    pub(crate) fn occurred(&mut self, now: Instant) -> Option<u64> {
+        self.count = self.count.saturating_add(1);
+        if self
+            .last
+            .is_some_and(|at| now.saturating_duration_since(at) < self.period)
+        {
+            return None;
+        }
+        self.last = Some(now);
+        Some(std::mem::take(&mut self.count))
+    }
+}
 
 async fn read_object(
     stream: &mut TcpStream,
@@ -97,7 +135,15 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut stream: TcpStream, peer: Socket
         }
     };
     let Some(file) = find(&inner, &filename) else {
-        tracing::info!(%peer, %filename, "course peer asked for a file not shared");
+        let due = lock(&inner.not_found_log).occurred(Instant::now());
+        match due {
+            Some(1) => tracing::info!(%peer, %filename, "course peer asked for a file not shared"),
+            Some(count) => tracing::info!(
+                count, %peer, %filename,
+                "course peers asked for files not shared (summarised; the last named)"
+            ),
+            None => {}
+        }
         let _ = stream.write_all(br#"{"status": "fileNotFound"}"#).await;
         return;
     };
@@ -239,4 +285,30 @@ async fn fetch_inner(
         .ok_or("size mismatch while hashing")?;
     std::fs::rename(&partial, &target).map_err(|e| e.to_string())?;
     Ok((target, size, hash))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_of_requests_makes_one_line_per_period_with_its_count() {
+        let start = Instant::now();
+        let mut summary = LogSummary::new(NOT_FOUND_LOG_EVERY);
+        assert_eq!(summary.occurred(start), Some(1), "the first at once");
+        let mut lines = Vec::new();
+        // 3,000 requests in 0.8 s, then one more 10 s later.
+        for i in 1..3_000u64 {
+            let now = start + Duration::from_micros(i * 266);
+            lines.extend(summary.occurred(now));
+        }
+        assert!(lines.is_empty(), "counted, not logged: {lines:?}");
+        let later = start + NOT_FOUND_LOG_EVERY;
+        assert_eq!(
+            summary.occurred(later),
+            Some(3_000),
+            "one line with the count"
+        );
+        assert_eq!(summary.occurred(later), None);
+    }
 }

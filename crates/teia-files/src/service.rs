@@ -283,6 +283,8 @@ pub(crate) struct Inner {
     /// Queries we may still answer ([`ANSWERS_PER_SECOND`]).
     pub(crate) answer_budget: Mutex<Budget>,
     pub(crate) tokens: std::sync::atomic::AtomicU64,
+    /// Requests of course peers for files not shared, for their summarised log line.
+    pub(crate) not_found_log: Mutex<seed::LogSummary>,
 }
 
 /// A token bucket: `rate` tokens per second, at most `burst` saved.
@@ -315,6 +317,16 @@ impl Budget {
         self.tokens -= 1.0;
         true
     }
+}
+
+/// A dial-back request heard: what to serve, to whom, and how to reach it.
+struct DialBack {
+    hash: String,
+    key: String,
+    addrs: Vec<String>,
+    token: String,
+    /// For a splice: the relays the asker asked.
+    relays: Option<Vec<String>>,
 }
 
 /// Who a dial-back request expects, and who waits for its stream.
@@ -361,18 +373,19 @@ pub fn reachable(listen: SocketAddr) -> Vec<SocketAddr> {
 }
 
 impl Inner {
-    /// Opens a stream back to an asker that cannot reach us, and serves `hash` on it: only
-    /// for content we share, with a policy that serves someone, within the dial-back budget,
-    /// to an asker proving `key`.
-    async fn dial_back(
-        self: &Arc<Self>,
-        hash: &str,
-        key: &str,
-        addrs: &[String],
-        token: String,
-        splice: bool,
-    ) {
-        let (Some(hash), Ok(key)) = (Hash::from_hex(hash), PublicKey::parse(key)) else {
+    /// Opens a stream back to `asker`, which cannot reach us, and serves `hash` on it
+    /// (directly at one of `addrs`, or spliced by the first of `relays` that is our
+    /// neighbour): only for content we share, with a policy that serves someone, within the
+    /// dial-back budget, to an asker proving `key`.
+    async fn dial_back(self: &Arc<Self>, asker: &str, request: DialBack) {
+        let DialBack {
+            hash,
+            key,
+            addrs,
+            token,
+            relays,
+        } = request;
+        let (Some(hash), Ok(key)) = (Hash::from_hex(&hash), PublicKey::parse(&key)) else {
             return;
         };
         if self.config.approval == Approval::None
@@ -384,18 +397,35 @@ impl Inner {
             tracing::warn!("dial-back request ignored: too many");
             return;
         }
+        if let Some(relays) = relays {
+            let Ok(snapshot) = self.node.snapshot().await else {
+                return;
+            };
+            let relay = relays.iter().take(msg::MAX_RELAYS).find(|relay| {
+                snapshot
+                    .neighbours
+                    .iter()
+                    .any(|n| n.peer == **relay && n.teia && n.key.is_some())
+            });
+            let Some(relay) = relay else {
+                tracing::debug!(%asker, "splice asked through no neighbour of ours");
+                return;
+            };
+            match self
+                .node
+                .accept_spliced_stream(relay, asker, &token, key)
+                .await
+            {
+                Ok(stream) => serve::serve_requests(Arc::clone(self), stream).await,
+                Err(e) => tracing::debug!(%relay, error = %e, "splice failed"),
+            }
+            return;
+        }
         for addr in addrs
             .iter()
             .filter_map(|a| a.parse::<SocketAddr>().ok())
             .take(4)
         {
-            if splice {
-                match self.node.accept_spliced_stream(addr, &token, key).await {
-                    Ok(stream) => serve::serve_requests(Arc::clone(self), stream).await,
-                    Err(e) => tracing::debug!(%addr, error = %e, "splice failed"),
-                }
-                return;
-            }
             match self.node.open_stream(addr, "files-back", Some(key)).await {
                 Ok(mut stream) => {
                     let offer = msg::line(&msg::Reply::Offer { token });
@@ -427,8 +457,9 @@ impl Inner {
         .collect()
     }
 
-    /// Asks `source`, which we cannot dial, to join us at a neighbour of ours that
-    /// listens (a splice): tried through up to two such neighbours.
+    /// Asks `source`, which we cannot dial, to join us through a neighbour of ours that
+    /// listens (a splice): we ask up to [`msg::MAX_RELAYS`] of them to splice us with it,
+    /// it asks the first that is its neighbour too, and the stream opens through that one.
     pub(crate) async fn request_splice(
         &self,
         source: &Source,
@@ -439,38 +470,52 @@ impl Inner {
             .snapshot()
             .await
             .map_err(|_| "the node has stopped".to_owned())?;
-        let relays: Vec<SocketAddr> = snapshot
+        let relays: Vec<String> = snapshot
             .neighbours
             .iter()
-            .filter(|n| !n.inbound && n.teia)
-            .map(|n| n.addr)
-            .take(2)
+            .filter(|n| !n.inbound && n.teia && n.key.is_some() && n.peer != source.peer_id)
+            .map(|n| n.peer.clone())
+            .take(msg::MAX_RELAYS)
             .collect();
         if relays.is_empty() {
             return Err("no neighbour accepts connections to splice through".into());
         }
-        let mut last = String::new();
-        for relay in relays {
-            let token = self.new_token();
-            let node = self.node.clone();
-            let (key, relay_token) = (source.key, token.clone());
-            let opening = tokio::spawn(async move {
-                node.open_spliced_stream(relay, &relay_token, "files", key)
-                    .await
+        let ask = self.new_token();
+        let mut openings = tokio::task::JoinSet::new();
+        for relay in &relays {
+            let (node, relay, holder, ask, key) = (
+                self.node.clone(),
+                relay.clone(),
+                source.peer_id.clone(),
+                ask.clone(),
+                source.key,
+            );
+            openings.spawn(async move {
+                let opened = node
+                    .open_spliced_stream(&relay, &holder, &ask, "files", key)
+                    .await;
+                opened.map_err(|e| format!("splice through {relay}: {e}"))
             });
-            let question = Question::DialBack {
-                holder: source.peer_id.clone(),
-                hash: hash.to_hex(),
-                key: self.config.key.to_string(),
-                addrs: vec![relay.to_string()],
-                token,
-                splice: true,
-            };
-            let body = serde_json::to_value(question).unwrap_or(Value::Null);
-            let _ = self.node.query("files", body, SEARCH_TTL).await;
-            match opening.await {
-                Ok(Ok(stream)) => return Ok(stream),
-                Ok(Err(e)) => last = format!("splice through {relay}: {e}"),
+        }
+        let question = Question::DialBack {
+            holder: source.peer_id.clone(),
+            hash: hash.to_hex(),
+            key: self.config.key.to_string(),
+            addrs: Vec::new(),
+            token: ask,
+            splice: true,
+            relays,
+        };
+        let body = serde_json::to_value(question).unwrap_or(Value::Null);
+        let _ = self.node.query("files", body, SEARCH_TTL).await;
+        let mut last = String::from("no relay answered");
+        while let Some(opened) = openings.join_next().await {
+            match opened {
+                Ok(Ok(stream)) => {
+                    openings.abort_all();
+                    return Ok(stream);
+                }
+                Ok(Err(e)) => last = e,
                 Err(e) => last = e.to_string(),
             }
         }
@@ -503,6 +548,7 @@ impl Inner {
             addrs: reachable(listen).iter().map(ToString::to_string).collect(),
             token: token.clone(),
             splice: false,
+            relays: Vec::new(),
         };
         let body = serde_json::to_value(question).unwrap_or(Value::Null);
         if self.node.query("files", body, SEARCH_TTL).await.is_err() {
@@ -620,6 +666,7 @@ impl Files {
                 dial_back_budget: Mutex::new(Budget::new(DIAL_BACKS_PER_MINUTE / 60.0, 5.0)),
                 answer_budget: Mutex::new(Budget::new(ANSWERS_PER_SECOND, ANSWERS_PER_SECOND)),
                 tokens: std::sync::atomic::AtomicU64::new(0),
+                not_found_log: Mutex::new(seed::LogSummary::new(seed::NOT_FOUND_LOG_EVERY)),
                 config,
             }),
         };
@@ -822,8 +869,8 @@ impl Files {
             .collect())
     }
 
-    /// Answers a `files` query heard from the overlay.
-    pub async fn on_query(&self, query_id: &str, body: &Value) {
+    /// Answers a `files` query that `src` asked through the overlay.
+    pub async fn on_query(&self, query_id: &str, src: &str, body: &Value) {
         let Ok(question) = serde_json::from_value::<Question>(body.clone()) else {
             return;
         };
@@ -838,11 +885,20 @@ impl Files {
                 addrs,
                 token,
                 splice,
+                relays,
             } => {
                 if holder == self.inner.config.peer_id {
                     let inner = Arc::clone(&self.inner);
+                    let asker = src.to_owned();
+                    let request = DialBack {
+                        hash,
+                        key,
+                        addrs,
+                        token,
+                        relays: splice.then_some(relays),
+                    };
                     tokio::spawn(async move {
-                        inner.dial_back(&hash, &key, &addrs, token, splice).await;
+                        inner.dial_back(&asker, request).await;
                     });
                 }
                 return;

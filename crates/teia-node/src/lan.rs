@@ -8,7 +8,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::Instant;
 
-use teia_core::lan::{Lan, LanAction, MAX_DATAGRAM};
+use teia_core::lan::{Lan, LanAction, LanError, MAX_DATAGRAM};
 use tokio::net::UdpSocket;
 
 /// Where LAN discovery listens and broadcasts.
@@ -66,6 +66,29 @@ fn network_broadcast(ip: Ipv4Addr, netmask: Ipv4Addr) -> Option<Ipv4Addr> {
     (mask < 0xFFFF_FFFE).then(|| Ipv4Addr::from(u32::from(ip) | !mask))
 }
 
+/// This machine's IPv4 addresses, listed in the announcements (a receiver dials the source
+/// of an announcement only if it is one of them): those of the interfaces but loopback
+/// first, then loopback's (where nodes of one machine hear each other).
+fn local_addresses() -> Vec<Ipv4Addr> {
+    let mut addrs: Vec<(bool, Ipv4Addr)> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|interface| match interface.addr {
+            if_addrs::IfAddr::V4(v4) => Some((v4.ip.is_loopback(), v4.ip)),
+            if_addrs::IfAddr::V6(_) => None,
+        })
+        .collect();
+    addrs.sort();
+    addrs.dedup();
+    addrs.into_iter().map(|(_, ip)| ip).collect()
+}
+
+fn unix_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// Binds a UDP socket on `port` of every IPv4 address, able to broadcast; `shared` lets
 /// other sockets (other nodes of this machine) bind the same port.
 fn bind(port: u16, shared: bool) -> std::io::Result<UdpSocket> {
@@ -103,7 +126,8 @@ pub(crate) async fn run(
         }
     };
     tracing::info!(port = settings.port, "LAN discovery on");
-    let mut actions = lan.start(Instant::now());
+    lan.set_addresses(local_addresses());
+    let mut actions = lan.start(Instant::now(), unix_millis());
     let mut shared_buffer = vec![0u8; MAX_DATAGRAM + 1];
     let mut own_buffer = vec![0u8; MAX_DATAGRAM + 1];
     loop {
@@ -135,7 +159,9 @@ pub(crate) async fn run(
             got = shared.recv_from(&mut shared_buffer) => got.map(|(n, from)| (n, from, true)),
             got = own.recv_from(&mut own_buffer) => got.map(|(n, from)| (n, from, false)),
             () = tokio::time::sleep_until(due) => {
-                actions = lan.handle_timeout(Instant::now());
+                // Addresses change (DHCP, a cable plugged in): listed as they are now.
+                lan.set_addresses(local_addresses());
+                actions = lan.handle_timeout(Instant::now(), unix_millis());
                 continue;
             }
         };
@@ -152,8 +178,10 @@ pub(crate) async fn run(
             &own_buffer
         };
         let bytes = buffer.get(..len).unwrap_or_default();
-        match lan.handle_datagram(Instant::now(), from, bytes) {
+        match lan.handle_datagram(Instant::now(), unix_millis(), from, bytes) {
             Ok(more) => actions = more,
+            // A flood is dropped unread, and unlogged.
+            Err(LanError::Flooded) => {}
             Err(e) => tracing::debug!(%from, error = %e, "LAN datagram ignored"),
         }
     }

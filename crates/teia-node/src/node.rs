@@ -9,7 +9,9 @@
 //! link that keeps its queue full for [`STALL_LIMIT`] is closed); the command queue holds
 //! [`COMMANDS`] requests; events to the application queue up to [`EVENTS`] and then make the
 //! node wait for the application; at most [`MAX_OPEN_LINKS`] connections are open at once
-//! (one more is answered BYE `busy` and closed).
+//! (one more is answered BYE `busy` and closed); at most [`MAX_SPLICE_ASKS`] of our splice
+//! asks wait for their relay's answer (one more fails at once). What the node splices for
+//! its neighbours is bounded as [`teia_core::splice`] says.
 //!
 //! Encrypted links: while a link is in its handshake its reader hands lines over one at a
 //! time and waits to hear whether the bytes after it are encrypted ([`Action::Encrypt`]);
@@ -36,7 +38,10 @@ use tokio::task::JoinHandle;
 
 use crate::rendezvous::{Registrar, RegistrarEvent, RendezvousClient};
 use crate::store::{NodeStore, StoreError};
-use crate::stream::{self, DataStream, Splicer, StreamAcceptor, StreamError, StreamIdentity};
+use crate::stream::{
+    self, DataStream, SharedSplices, Splicer, StreamAcceptor, StreamError, StreamIdentity,
+};
+use teia_core::splice::{SpliceAnswer, SpliceRefusal, SPLICE_WAIT};
 use teia_wire::stream::{SPLICE_PREFIX, STREAM_PREFIX};
 
 /// Events waiting for the driver, at most.
@@ -71,6 +76,9 @@ const CLASSIFYING: usize = 64;
 const CLASSIFY_TIMEOUT: Duration = Duration::from_secs(3);
 /// Time BYEs get to go out at shutdown.
 const SHUTDOWN_GRACE: Duration = Duration::from_millis(500);
+/// Our splice asks waiting for their relay's answer, at most; beyond, one more is refused
+/// `busy` at once (an ask whose caller stopped waiting is forgotten first).
+pub const MAX_SPLICE_ASKS: usize = 64;
 
 /// How to run a node.
 #[derive(Debug, Clone)]
@@ -178,6 +186,12 @@ enum Command {
         query_id: String,
         body: Value,
     },
+    SpliceAsk {
+        relay: String,
+        with: String,
+        ask: String,
+        reply: oneshot::Sender<Result<(SocketAddr, String), StreamError>>,
+    },
     Shutdown,
 }
 
@@ -279,29 +293,59 @@ impl NodeHandle {
         .await
     }
 
-    /// Opens a data stream for `service` to the peer that joins `relay` with `token`; the
-    /// peer must prove `expected`.
+    /// Asks neighbour `relay` (a teia node that listens) to splice a data stream between
+    /// this node and `peer`, which asks the same with the same `ask`; waits (at most
+    /// [`SPLICE_WAIT`]) for the relay's grant: where to join it, with which token.
+    async fn splice_grant(
+        &self,
+        relay: &str,
+        peer: &str,
+        ask: &str,
+    ) -> Result<(SocketAddr, String), StreamError> {
+        let (reply, answer) = oneshot::channel();
+        self.request(Command::SpliceAsk {
+            relay: relay.to_owned(),
+            with: peer.to_owned(),
+            ask: ask.to_owned(),
+            reply,
+        })
+        .await
+        .map_err(|_| StreamError::Stopped)?;
+        match tokio::time::timeout(SPLICE_WAIT, answer).await {
+            Ok(Ok(granted)) => granted,
+            Ok(Err(_)) => Err(StreamError::Stopped),
+            Err(_) => Err(StreamError::Timeout),
+        }
+    }
+
+    /// Opens a data stream for `service` to `peer` through neighbour `relay`, which splices
+    /// it once `peer` asked it too, with the same `ask` (PROTOCOL.md section 6, Splicing);
+    /// the peer must prove `expected`.
     pub async fn open_spliced_stream(
         &self,
-        relay: SocketAddr,
-        token: &str,
+        relay: &str,
+        peer: &str,
+        ask: &str,
         service: &str,
         expected: PublicKey,
     ) -> Result<DataStream, StreamError> {
         let us = self.us.as_ref().ok_or(StreamError::NoIdentity)?;
-        stream::open_spliced(us, relay, token, service, expected).await
+        let (addr, token) = self.splice_grant(relay, peer, ask).await?;
+        stream::open_spliced(us, addr, &token, service, expected).await
     }
 
-    /// Accepts, through `relay`, the data stream of the peer that joins it with `token`;
-    /// the peer must prove `expected`.
+    /// Accepts, through neighbour `relay`, the data stream `peer` opens, once both asked it
+    /// to splice them with the same `ask`; the peer must prove `expected`.
     pub async fn accept_spliced_stream(
         &self,
-        relay: SocketAddr,
-        token: &str,
+        relay: &str,
+        peer: &str,
+        ask: &str,
         expected: PublicKey,
     ) -> Result<DataStream, StreamError> {
         let us = self.us.as_ref().ok_or(StreamError::NoIdentity)?;
-        stream::accept_spliced(us, relay, token, expected).await
+        let (addr, token) = self.splice_grant(relay, peer, ask).await?;
+        stream::accept_spliced(us, addr, &token, expected).await
     }
 
     /// Opens a data stream to the peer listening at `addr` for `service`; when `expected` is
@@ -430,16 +474,22 @@ pub async fn start(
             identity,
             peer_id: config.overlay.peer_id.clone(),
         });
+    // Only a node that listens splices (the sides must reach it).
+    let splices: Option<SharedSplices> = listener.as_ref().map(|_| SharedSplices::default());
     if let Some(listener) = listener {
         let acceptor = StreamAcceptor {
             us: us.clone(),
             sink: config.streams.take(),
             pending: Arc::new(Semaphore::new(stream::MAX_PENDING_ACCEPTS)),
         };
+        let splicer = Splicer {
+            state: splices.clone().unwrap_or_default(),
+        };
         background.push(tokio::spawn(accept_loop(
             listener,
             inputs.clone(),
             acceptor,
+            splicer,
             config.foreign.take(),
         )));
     }
@@ -474,8 +524,16 @@ pub async fn start(
         )));
     }
     if let (Some(settings), Some(identity)) = (config.lan.clone(), &config.overlay.identity) {
-        let lan =
-            teia_core::lan::Lan::new(&config.overlay.peer_id, identity, listen.map(|a| a.port()));
+        // Nonces need only be unique to this run: a random start, counted on from there.
+        let mut seed = [0u8; 8];
+        let _ = getrandom::fill(&mut seed);
+        let seed = u64::from_le_bytes(seed) ^ unix_millis();
+        let lan = teia_core::lan::Lan::new(
+            &config.overlay.peer_id,
+            identity,
+            listen.map(|a| a.port()),
+            seed,
+        );
         let sink = inputs.clone();
         background.push(tokio::spawn(crate::lan::run(
             lan,
@@ -505,6 +563,8 @@ pub async fn start(
         queued_total: Arc::new(AtomicUsize::new(0)),
         warnings: Warnings::default(),
         service_sends: ServiceSends::default(),
+        splices,
+        splice_asks: HashMap::new(),
     };
     let peer_id = config.overlay.peer_id.clone();
     let peers = config.peers.clone();
@@ -554,7 +614,16 @@ struct Driver {
     queued_total: Arc<AtomicUsize>,
     warnings: Warnings,
     service_sends: ServiceSends,
+    /// What this node splices for its neighbours; `None` when it does not listen.
+    splices: Option<SharedSplices>,
+    /// Our splice asks waiting for their relay's answer: (relay, with, ask) → the waiter.
+    splice_asks: HashMap<SpliceKey, SpliceWaiter>,
 }
+
+/// Names one of our splice asks: the relay, the other side, the ask.
+type SpliceKey = (String, String, String);
+/// Who waits for a relay's answer to a splice ask.
+type SpliceWaiter = oneshot::Sender<Result<(SocketAddr, String), StreamError>>;
 
 /// SENDs of services awaiting their ACK (payloads `{"svc":...}`, such as the job engine's):
 /// their acknowledgement or failure is the service's business, not shown as chat events.
@@ -820,8 +889,37 @@ impl Driver {
                         let _ = inputs.send(input).await;
                     });
                 }
+                Action::Event(Event::SpliceAsked { peer, with, ask }) => {
+                    self.splice_asked(peer, with, ask);
+                }
+                Action::Event(Event::SpliceGranted {
+                    relay,
+                    with,
+                    ask,
+                    token,
+                    addr,
+                }) => {
+                    if let Some(waiter) = self.splice_asks.remove(&(relay, with, ask)) {
+                        let _ = waiter.send(Ok((addr, token)));
+                    }
+                }
+                Action::Event(Event::SpliceRefused {
+                    relay,
+                    with,
+                    ask,
+                    reason,
+                }) => {
+                    let key = (relay, with, ask);
+                    if let Some(waiter) = self.splice_asks.remove(&key) {
+                        let (relay, _, _) = key;
+                        let _ = waiter.send(Err(StreamError::SpliceRefused { relay, reason }));
+                    }
+                }
                 Action::Event(event) => {
                     self.log_event(&event);
+                    if let (Event::LinkDown { peer, .. }, Some(splices)) = (&event, &self.splices) {
+                        stream::lock_splices(splices).broker.peer_gone(peer);
+                    }
                     if !self.service_sends.ends(&event) {
                         let _ = self.events.send(NodeEvent::Overlay(event)).await;
                     }
@@ -979,7 +1077,61 @@ impl Driver {
                 let _ = reply.send(self.node.query(now, &service, body, ttl));
             }
             Command::Answer { query_id, body } => self.node.answer(now, &query_id, body),
+            Command::SpliceAsk {
+                relay,
+                with,
+                ask,
+                reply,
+            } => {
+                self.splice_asks.retain(|_, waiter| !waiter.is_closed());
+                if self.splice_asks.len() >= MAX_SPLICE_ASKS {
+                    let reason = SpliceRefusal::Busy;
+                    let _ = reply.send(Err(StreamError::SpliceRefused { relay, reason }));
+                    return;
+                }
+                match self.node.splice_ask(now, &relay, &with, &ask) {
+                    Ok(()) => {
+                        self.splice_asks.insert((relay, with, ask), reply);
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(StreamError::Api(e)));
+                    }
+                }
+            }
             Command::Send { .. } | Command::Shutdown => {}
+        }
+    }
+
+    /// A neighbour asks this node to splice it with another: the broker decides, with two
+    /// new tokens from the operating system, and its answers go out on the links.
+    fn splice_asked(&mut self, peer: String, with: String, ask: String) {
+        let now = Instant::now();
+        let refused = |reason| {
+            vec![SpliceAnswer {
+                peer: peer.clone(),
+                with: with.clone(),
+                ask: ask.clone(),
+                outcome: Err(reason),
+            }]
+        };
+        let answers =
+            match (&self.splices, splice_token(), splice_token()) {
+                (None, _, _) => refused(SpliceRefusal::Unsupported),
+                (Some(splices), Some(theirs), Some(ours)) => stream::lock_splices(splices)
+                    .broker
+                    .ask(now, &peer, &with, &ask, [theirs, ours]),
+                (Some(_), _, _) => refused(SpliceRefusal::Busy),
+            };
+        for answer in answers {
+            match &answer.outcome {
+                Ok(_) => {
+                    tracing::debug!(peer = %answer.peer, with = %answer.with, "splice granted")
+                }
+                Err(e) => {
+                    tracing::debug!(peer = %answer.peer, with = %answer.with, error = %e, "splice refused")
+                }
+            }
+            self.node.splice_answer(now, answer);
         }
     }
 
@@ -1080,10 +1232,10 @@ async fn accept_loop(
     listener: TcpListener,
     inputs: mpsc::Sender<Input>,
     streams: StreamAcceptor,
+    splicer: Splicer,
     foreign: Option<mpsc::Sender<(TcpStream, SocketAddr)>>,
 ) {
     let classifying = Arc::new(Semaphore::new(CLASSIFYING));
-    let splicer = Splicer::default();
     loop {
         match listener.accept().await {
             Ok((stream, addr)) => {
@@ -1358,6 +1510,14 @@ fn split_peer_id(peer_id: &str) -> (String, String) {
         Some((name, namespace)) => (name.to_owned(), namespace.to_owned()),
         None => (peer_id.to_owned(), String::new()),
     }
+}
+
+/// A new splice token: 16 bytes from the operating system, unpadded base64url; `None` when
+/// it has none to give.
+fn splice_token() -> Option<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).ok()?;
+    Some(teia_core::identity::encode(&bytes))
 }
 
 fn unix_millis() -> u64 {

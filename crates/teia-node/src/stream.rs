@@ -7,6 +7,11 @@
 //! writes them; [`DataStream::fill`] reads and opens frames into a buffer that
 //! [`DataStream::buffered`] shows and [`DataStream::consume`] empties. Its buffers are bounded:
 //! one read of [`READ_CHUNK`] bytes, one partial frame, and what the owner leaves unconsumed.
+//!
+//! A node that listens also splices streams for two of its neighbours that asked it to
+//! (the splicer, with the decisions of [`teia_core::splice::SpliceBroker`]): a connection
+//! joins with the token its side was granted, once; a joined splice relays at most
+//! [`SPLICE_BUDGET`] bytes and is cut after [`SPLICE_IDLE`] without one.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -14,10 +19,14 @@ use std::time::Duration;
 
 use teia_core::identity::{decode, encode, Identity, PublicKey};
 use teia_core::overlay::secure::{Handshake, SecureError, SecureReader, SecureWriter, Suite};
+use teia_core::overlay::ApiError;
+use teia_core::splice::{
+    Joined, SpliceBroker, SpliceId, SpliceRefusal, SPLICE_BUDGET, SPLICE_IDLE, SPLICE_WAIT,
+};
 use teia_wire::stream::{Opening, MAX_OPENING_LINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 /// Bytes of kernel socket buffer asked for, each way.
 pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
@@ -25,10 +34,6 @@ pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
 pub const READ_CHUNK: usize = 256 * 1024;
 /// Time a stream's opening (connect and handshake) may take.
 pub const OPEN_TIMEOUT: Duration = Duration::from_secs(5);
-/// Spliced pairs waiting, and joined, at once at most; beyond, a new one is refused `busy`.
-pub const MAX_SPLICES: usize = 32;
-/// Time the first connection of a splice waits for the second.
-pub const SPLICE_WAIT: Duration = Duration::from_secs(15);
 /// Streams being opened towards us at once; beyond, a new one is refused `busy`.
 pub const MAX_PENDING_ACCEPTS: usize = 32;
 
@@ -68,6 +73,21 @@ pub enum StreamError {
     /// This node has no identity (streams need one).
     #[error("this node has no key; data streams need one")]
     NoIdentity,
+    /// The splicing neighbour refused the ask.
+    #[error("splice through {relay}: {reason}")]
+    SpliceRefused {
+        /// The splicing neighbour.
+        relay: String,
+        /// Why.
+        reason: SpliceRefusal,
+    },
+    /// The overlay refused the ask (the relay is not a neighbour that proved its key, or
+    /// the peer id is not one).
+    #[error(transparent)]
+    Api(#[from] ApiError),
+    /// The node has stopped.
+    #[error("the node has stopped")]
+    Stopped,
 }
 
 /// Who we are on streams we open or accept.
@@ -323,9 +343,9 @@ async fn as_opener(
     ))
 }
 
-/// Opens a stream to the peer that joins `relay` with `token` (the relay splices the two
-/// connections; the handshake runs end to end through it, so the relay sees only
-/// ciphertext); the peer must prove `expected`.
+/// Opens a stream through the splicing node at `relay`, joining it with the `token` it
+/// granted us (the handshake runs end to end through it, so the relay sees only
+/// ciphertext); the peer at the other end must prove `expected`.
 pub async fn open_spliced(
     us: &StreamIdentity,
     relay: SocketAddr,
@@ -342,8 +362,8 @@ pub async fn open_spliced(
     .map_err(|_| StreamError::Timeout)?
 }
 
-/// Accepts, through `relay`, the stream of the peer that joins it with `token`; the peer
-/// must prove `expected`.
+/// Accepts, through the splicing node at `relay`, joined with the `token` it granted us,
+/// the stream of the peer at the other end; the peer must prove `expected`.
 pub async fn accept_spliced(
     us: &StreamIdentity,
     relay: SocketAddr,
@@ -364,7 +384,7 @@ pub async fn accept_spliced(
     Ok(stream)
 }
 
-/// Connects to `relay`, asks it to splice with `token`, and waits (at most
+/// Connects to `relay`, joins the splice with `token`, and waits (at most
 /// [`SPLICE_WAIT`]) for the other end.
 async fn join_splice(relay: SocketAddr, token: &str) -> Result<TcpStream, StreamError> {
     let mut tcp = tokio::time::timeout(OPEN_TIMEOUT, TcpStream::connect(relay))
@@ -387,79 +407,223 @@ async fn join_splice(relay: SocketAddr, token: &str) -> Result<TcpStream, Stream
     }
 }
 
-/// Joins pairs of connections that ask for the same token (PROTOCOL.md section 6): at
-/// most [`MAX_SPLICES`] waiting and as many joined at once; one waits at most
-/// [`SPLICE_WAIT`].
-#[derive(Clone, Default)]
+/// A splicing node's state, behind one lock: the broker's decisions
+/// ([`teia_core::splice`]), and the first connections of splices waiting for their
+/// second (one per splice the broker holds, so at most its bound).
+#[derive(Default)]
+pub(crate) struct SpliceState {
+    /// Asks, grants and tokens.
+    pub(crate) broker: SpliceBroker,
+    waiting: std::collections::HashMap<SpliceId, (TcpStream, oneshot::Sender<()>)>,
+}
+
+/// The splicing node's state, shared by the driver (asks) and the splicer (joins).
+pub(crate) type SharedSplices = Arc<std::sync::Mutex<SpliceState>>;
+
+pub(crate) fn lock_splices(state: &SharedSplices) -> std::sync::MutexGuard<'_, SpliceState> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Ends a splice in the broker when its task ends, however it ends.
+struct EndSplice(SharedSplices, SpliceId);
+
+impl Drop for EndSplice {
+    fn drop(&mut self) {
+        let mut state = lock_splices(&self.0);
+        state.waiting.remove(&self.1);
+        state.broker.end(self.1);
+    }
+}
+
+/// Joins the two connections of a splice the broker granted (PROTOCOL.md section 6,
+/// Splicing): each must come with its side's token, once, before it expires; the first
+/// waits at most [`SPLICE_WAIT`] for the second; then bytes flow, at most
+/// [`SPLICE_BUDGET`] of them, until both ends close or neither sends for [`SPLICE_IDLE`].
+#[derive(Clone)]
 pub(crate) struct Splicer {
-    waiting: Arc<std::sync::Mutex<std::collections::HashMap<String, TcpStream>>>,
-    active: Arc<std::sync::atomic::AtomicUsize>,
+    pub(crate) state: SharedSplices,
 }
 
 impl Splicer {
     /// Handles a connection that opened with `{"type":"SPLICE"`.
-    pub(crate) async fn handle(self, mut tcp: TcpStream, remote: SocketAddr) {
-        let token = match tokio::time::timeout(OPEN_TIMEOUT, read_opening(&mut tcp)).await {
-            Ok(Ok(Opening::Splice { token })) if !token.is_empty() && token.len() <= 128 => token,
-            _ => return,
+    pub(crate) async fn handle(self, tcp: TcpStream, remote: SocketAddr) {
+        let mut tcp = Some(tcp);
+        let token = match tcp.as_mut() {
+            Some(first) => match tokio::time::timeout(OPEN_TIMEOUT, read_opening(first)).await {
+                Ok(Ok(Opening::Splice { token })) => token,
+                _ => return,
+            },
+            None => return,
         };
-        let busy = || {
+        enum Step {
+            Refused(String),
+            Wait(SpliceId, oneshot::Receiver<()>),
+            Pair(SpliceId, TcpStream),
+        }
+        let step = {
+            let mut state = lock_splices(&self.state);
+            match state.broker.join(std::time::Instant::now(), &token) {
+                Err(refusal) => Step::Refused(refusal.to_string()),
+                Ok(Joined::First(id)) => {
+                    let (tell, told) = oneshot::channel();
+                    if let Some(first) = tcp.take() {
+                        state.waiting.insert(id, (first, tell));
+                    }
+                    Step::Wait(id, told)
+                }
+                Ok(Joined::Second(id)) => match state.waiting.remove(&id) {
+                    Some((first, tell)) => {
+                        let _ = tell.send(());
+                        Step::Pair(id, first)
+                    }
+                    None => {
+                        // The first gave up (or its task ended) just now.
+                        state.broker.end(id);
+                        Step::Refused("the other side of the splice is gone".into())
+                    }
+                },
+            }
+        };
+        let refuse = |code: &str, detail: String| {
             Opening::Error {
-                code: "busy".into(),
-                detail: "too many spliced streams".into(),
+                code: code.into(),
+                detail,
             }
             .to_line()
         };
-        enum Pair {
-            Joined(TcpStream, TcpStream),
-            Full(TcpStream),
-            Waiting,
-        }
-        let pair = {
-            let mut waiting = self
-                .waiting
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match waiting.remove(&token) {
-                Some(other) => Pair::Joined(tcp, other),
-                None if waiting.len() >= MAX_SPLICES => Pair::Full(tcp),
-                None => {
-                    waiting.insert(token.clone(), tcp);
-                    Pair::Waiting
+        match step {
+            Step::Refused(detail) => {
+                tracing::debug!(%remote, %detail, "splice join refused");
+                if let Some(mut tcp) = tcp {
+                    let _ = tcp.write_all(&refuse("unauthorized", detail)).await;
                 }
             }
-        };
-        let (mut tcp, mut other) = match pair {
-            Pair::Joined(tcp, other) => (tcp, other),
-            Pair::Full(mut tcp) => {
-                let _ = tcp.write_all(&busy()).await;
-                return;
+            Step::Wait(id, told) => {
+                // (Should this task end early, the broker forgets the splice when it
+                // expires, as it does any splice not joined by both.)
+                if let Ok(Ok(())) = tokio::time::timeout(SPLICE_WAIT, told).await {
+                    // The second took this connection over; the splice ends with it.
+                    return;
+                }
+                let first = {
+                    let mut state = lock_splices(&self.state);
+                    let first = state.waiting.remove(&id);
+                    // Still ours: the second did not come (else the splice is its now).
+                    if first.is_some() {
+                        state.broker.end(id);
+                    }
+                    first
+                };
+                if let Some((mut first, _)) = first {
+                    let detail = "the other side did not join in time".to_owned();
+                    let _ = first.write_all(&refuse("timeout", detail)).await;
+                }
             }
-            Pair::Waiting => {
-                // The first of the pair waits for the second.
-                tokio::time::sleep(SPLICE_WAIT).await;
-                let _ = self
-                    .waiting
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .remove(&token);
-                return;
+            Step::Pair(id, mut first) => {
+                let _end = EndSplice(Arc::clone(&self.state), id);
+                let Some(mut second) = tcp else {
+                    return;
+                };
+                let ok = Opening::SpliceOk.to_line();
+                if first.write_all(&ok).await.is_err() || second.write_all(&ok).await.is_err() {
+                    return;
+                }
+                tracing::debug!(%remote, splice = id, "splicing a stream");
+                let (end, bytes) = pipe(&mut first, &mut second, SPLICE_IDLE, SPLICE_BUDGET).await;
+                tracing::debug!(splice = id, bytes, ?end, "splice ended");
             }
-        };
-        use std::sync::atomic::Ordering;
-        if self.active.fetch_add(1, Ordering::Relaxed) >= MAX_SPLICES {
-            self.active.fetch_sub(1, Ordering::Relaxed);
-            let _ = tcp.write_all(&busy()).await;
-            let _ = other.write_all(&busy()).await;
-            return;
         }
-        tracing::debug!(%remote, "splicing a stream");
-        let ok = Opening::SpliceOk.to_line();
-        if tcp.write_all(&ok).await.is_ok() && other.write_all(&ok).await.is_ok() {
-            let _ = tokio::io::copy_bidirectional(&mut tcp, &mut other).await;
-        }
-        self.active.fetch_sub(1, Ordering::Relaxed);
     }
+}
+
+/// Copies one way for [`pipe`]: counts the bytes against `budget`, notes when the last
+/// came (milliseconds from `started`), and closes `to` for writing at the end of `from`.
+async fn one_way(
+    from: &mut tokio::net::tcp::ReadHalf<'_>,
+    to: &mut tokio::net::tcp::WriteHalf<'_>,
+    relayed: &std::sync::atomic::AtomicU64,
+    last: &std::sync::atomic::AtomicU64,
+    started: tokio::time::Instant,
+    budget: u64,
+) -> Result<(), PipeEnd> {
+    use std::sync::atomic::Ordering;
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = from
+            .read(&mut buffer)
+            .await
+            .map_err(|e| PipeEnd::Failed(e.kind()))?;
+        if n == 0 {
+            let _ = to.shutdown().await;
+            return Ok(());
+        }
+        let total = relayed.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+        if total > budget {
+            return Err(PipeEnd::Budget);
+        }
+        let since = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        last.store(since, Ordering::Relaxed);
+        to.write_all(buffer.get(..n).unwrap_or_default())
+            .await
+            .map_err(|e| PipeEnd::Failed(e.kind()))?;
+    }
+}
+
+/// How a splice's copying ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PipeEnd {
+    /// Both ends closed.
+    Closed,
+    /// No byte either way for the idle time.
+    Idle,
+    /// The byte budget was spent.
+    Budget,
+    /// A read or write failed.
+    Failed(std::io::ErrorKind),
+}
+
+/// Copies bytes both ways between `a` and `b` until both have closed, neither sent a
+/// byte for `idle`, or `budget` bytes (both ways together) would be passed: the chunk that
+/// would pass it is not forwarded. Returns how it ended and the bytes relayed.
+pub(crate) async fn pipe(
+    a: &mut TcpStream,
+    b: &mut TcpStream,
+    idle: Duration,
+    budget: u64,
+) -> (PipeEnd, u64) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let started = tokio::time::Instant::now();
+    let relayed = AtomicU64::new(0);
+    // Milliseconds from `started` to the last byte read.
+    let last = AtomicU64::new(0);
+    let (mut a_read, mut a_write) = a.split();
+    let (mut b_read, mut b_write) = b.split();
+    let both = async {
+        tokio::try_join!(
+            one_way(&mut a_read, &mut b_write, &relayed, &last, started, budget),
+            one_way(&mut b_read, &mut a_write, &relayed, &last, started, budget)
+        )
+    };
+    let watchdog = async {
+        loop {
+            let deadline = started + Duration::from_millis(last.load(Ordering::Relaxed)) + idle;
+            if tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline).await;
+        }
+    };
+    let end = tokio::select! {
+        done = both => match done {
+            Ok(_) => PipeEnd::Closed,
+            Err(end) => end,
+        },
+        () = watchdog => PipeEnd::Idle,
+    };
+    let bytes = relayed.load(Ordering::Relaxed).min(budget);
+    (end, bytes)
 }
 
 /// Accepts a stream whose first bytes were seen to be `{"type":"STREAM"`.
@@ -555,6 +719,79 @@ impl StreamAcceptor {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    /// Two connected sockets on 127.0.0.1.
+    async fn socket_pair() -> (TcpStream, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (outer, inner) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (outer.unwrap(), inner.unwrap().0)
+    }
+
+    /// A spliced pair: the two outer ends, and the splice's task with how it ended.
+    async fn spliced(
+        idle: Duration,
+        budget: u64,
+    ) -> (
+        TcpStream,
+        TcpStream,
+        tokio::task::JoinHandle<(PipeEnd, u64)>,
+    ) {
+        let (a, mut a_inner) = socket_pair().await;
+        let (b, mut b_inner) = socket_pair().await;
+        let task =
+            tokio::spawn(async move { pipe(&mut a_inner, &mut b_inner, idle, budget).await });
+        (a, b, task)
+    }
+
+    /// Reads `tcp` to its end (or a reset); the bytes read.
+    async fn read_to_end(tcp: &mut TcpStream) -> usize {
+        let mut total = 0;
+        let mut buffer = vec![0u8; 64 * 1024];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), tcp.read(&mut buffer)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => return total,
+                Ok(Ok(n)) => total += n,
+                Err(_) => panic!("the splice never ended"),
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_splice_carries_bytes_both_ways_until_both_close() {
+        let (mut a, mut b, task) = spliced(Duration::from_secs(30), 1 << 20).await;
+        a.write_all(b"hello").await.unwrap();
+        a.shutdown().await.unwrap();
+        b.write_all(b"hi there").await.unwrap();
+        b.shutdown().await.unwrap();
+        assert_eq!(read_to_end(&mut b).await, 5);
+        assert_eq!(read_to_end(&mut a).await, 8);
+        assert_eq!(task.await.unwrap(), (PipeEnd::Closed, 13));
+    }
+
+    #[tokio::test]
+    async fn a_splice_is_cut_at_its_byte_budget() {
+        let (mut a, mut b, task) = spliced(Duration::from_secs(30), 100_000).await;
+        let writer = tokio::spawn(async move {
+            let _ = a.write_all(&vec![7u8; 1_000_000]).await;
+            a
+        });
+        let received = read_to_end(&mut b).await;
+        assert!(received <= 100_000, "{received} bytes passed");
+        let (end, bytes) = task.await.unwrap();
+        assert_eq!(end, PipeEnd::Budget);
+        assert!(bytes <= 100_000);
+        drop(writer.await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn an_idle_splice_is_cut() {
+        let (mut a, mut b, task) = spliced(Duration::from_millis(200), 1 << 20).await;
+        a.write_all(b"one line, then nothing").await.unwrap();
+        assert_eq!(read_to_end(&mut b).await, 22, "cut after its bytes");
+        assert_eq!(read_to_end(&mut a).await, 0);
+        assert_eq!(task.await.unwrap(), (PipeEnd::Idle, 22));
+    }
 
     #[tokio::test]
     async fn open_and_accept_carry_bytes_both_ways() {

@@ -316,6 +316,48 @@ pub struct QueryHit {
     pub ttl: u32,
 }
 
+/// SPLICE_ASK (teia only, link-local): asks the neighbour it is sent to, which listens, to
+/// splice a data stream between the sender and `with`, another neighbour of it that asks
+/// the same, naming the sender and the same `ask` (PROTOCOL.md section 6, Splicing).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SpliceAsk {
+    /// Names the splice; both sides ask with the same.
+    pub ask: String,
+    /// The other side's peer id.
+    pub with: String,
+    /// Always 1.
+    pub ttl: u32,
+}
+
+/// SPLICE_GRANT (teia only, link-local): the splicing node's answer to each side once both
+/// asked: the token that joins this side's connection, once, at `port`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SpliceGrant {
+    /// The ask answered.
+    pub ask: String,
+    /// The other side's peer id.
+    pub with: String,
+    /// This side's token.
+    pub token: String,
+    /// The splicing node's listen port (its address is the link's).
+    pub port: u16,
+    /// Always 1.
+    pub ttl: u32,
+}
+
+/// SPLICE_REFUSED (teia only, link-local): the splicing node will not splice this ask.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SpliceRefused {
+    /// The ask refused.
+    pub ask: String,
+    /// The other side's peer id.
+    pub with: String,
+    /// Why: `bad_request`, `busy` or `unsupported`.
+    pub reason: String,
+    /// Always 1.
+    pub ttl: u32,
+}
+
 /// Error codes of peer links (PROTOCOL.md section 4).
 pub mod code {
     /// A routed message ran out of hops.
@@ -379,6 +421,12 @@ pub enum Message {
     Query(Query),
     /// An answer to a query.
     QueryHit(QueryHit),
+    /// Asks a neighbour to splice a data stream.
+    SpliceAsk(SpliceAsk),
+    /// Grants a splice.
+    SpliceGrant(SpliceGrant),
+    /// Refuses a splice.
+    SpliceRefused(SpliceRefused),
     /// A type this node does not know; ignored.
     Unknown(String),
 }
@@ -417,6 +465,9 @@ impl Message {
             Self::Noise(_) => "NOISE",
             Self::Query(_) => "QUERY",
             Self::QueryHit(_) => "QUERY_HIT",
+            Self::SpliceAsk(_) => "SPLICE_ASK",
+            Self::SpliceGrant(_) => "SPLICE_GRANT",
+            Self::SpliceRefused(_) => "SPLICE_REFUSED",
             Self::Unknown(kind) => kind,
         }
     }
@@ -439,6 +490,9 @@ impl Message {
             Self::Noise(m) => serde_json::to_vec(m),
             Self::Query(m) => serde_json::to_vec(m),
             Self::QueryHit(m) => serde_json::to_vec(m),
+            Self::SpliceAsk(m) => serde_json::to_vec(m),
+            Self::SpliceGrant(m) => serde_json::to_vec(m),
+            Self::SpliceRefused(m) => serde_json::to_vec(m),
             Self::Unknown(_) => Ok(b"{}".to_vec()),
         }?;
         // `body` is an object, `{...}`: put `"type":KIND` first inside it.
@@ -558,6 +612,27 @@ impl Message {
                 src: reader.required("src")?,
                 body: object.get("body").cloned().unwrap_or(Value::Null),
                 ttl: reader.ttl()?,
+            }),
+            "SPLICE_ASK" => Self::SpliceAsk(SpliceAsk {
+                ask: reader.required("ask")?,
+                with: reader.required("with")?,
+                ttl: 1,
+            }),
+            "SPLICE_GRANT" => Self::SpliceGrant(SpliceGrant {
+                ask: reader.required("ask")?,
+                with: reader.required("with")?,
+                token: reader.required("token")?,
+                port: reader
+                    .number("port")
+                    .filter(|p: &u16| *p > 0)
+                    .ok_or_else(|| reader.fail("missing field port"))?,
+                ttl: 1,
+            }),
+            "SPLICE_REFUSED" => Self::SpliceRefused(SpliceRefused {
+                ask: reader.required("ask")?,
+                with: reader.required("with")?,
+                reason: reader.text("reason").unwrap_or_default(),
+                ttl: 1,
             }),
             _ => Self::Unknown(kind),
         })
@@ -862,6 +937,24 @@ mod tests {
                     ip: "127.0.0.1".into(),
                     port: 9,
                 }],
+                ttl: 1,
+            }),
+            Message::SpliceAsk(SpliceAsk {
+                ask: "a1".into(),
+                with: "h@U".into(),
+                ttl: 1,
+            }),
+            Message::SpliceGrant(SpliceGrant {
+                ask: "a1".into(),
+                with: "h@U".into(),
+                token: "t".into(),
+                port: 7000,
+                ttl: 1,
+            }),
+            Message::SpliceRefused(SpliceRefused {
+                ask: "a1".into(),
+                with: "h@U".into(),
+                reason: "busy".into(),
                 ttl: 1,
             }),
         ];

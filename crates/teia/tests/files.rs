@@ -489,6 +489,34 @@ fn when_neither_side_can_be_dialed_a_common_neighbour_splices_the_stream() {
     fetch_from_a_holder_behind_a_relay("both.bin", 3 << 20, false);
 }
 
+/// What a node answers to a connection that asks it to splice with `token`, unasked.
+fn splice_unasked(addr: &str, token: &str) -> Value {
+    use std::io::{BufRead, Write};
+    let mut tcp = std::net::TcpStream::connect(addr).unwrap();
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let request = format!("{{\"type\":\"SPLICE\",\"token\":\"{token}\"}}\n");
+    tcp.write_all(request.as_bytes()).unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(tcp).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap_or(Value::Null)
+}
+
+#[test]
+fn strangers_who_bring_the_same_token_are_not_spliced() {
+    let relay = NodeProcess::start("relay", "files", &["--peer", "127.0.0.1:1"]);
+    let addr = relay.addr();
+    let (first, second) = std::thread::scope(|scope| {
+        let first = scope.spawn(|| splice_unasked(&addr, "same-token"));
+        let second = scope.spawn(|| splice_unasked(&addr, "same-token"));
+        (first.join().unwrap(), second.join().unwrap())
+    });
+    for answer in [first, second] {
+        assert_eq!(answer["type"], "ERROR", "{answer}");
+        assert_eq!(answer["code"], "unauthorized", "{answer}");
+    }
+}
+
 #[test]
 fn a_download_beyond_the_room_left_fails_cleanly_and_the_node_goes_on() {
     let (_a, share) = share_dir("s");

@@ -394,15 +394,21 @@ impl Node {
             self.mark_own(link);
         }
         let dial_addr = self.links.get(&link).and_then(|l| l.dial_addr);
+        let peer = self.links.get(&link).and_then(|l| l.peer.clone());
         let why = format!("peer said bye ({reason})");
         self.drop_link(now, link, &why, false);
         self.actions.push_back(Action::Close { link });
         let Some(addr) = dial_addr else {
             return;
         };
+        // A `duplicate` is explained by another link of ours to the same peer (both dialed
+        // at once). Without one, the peer refused us because someone else holds our id
+        // there (a course client squatting it): backed off like any refusal.
+        let explained = peer.is_some_and(|p| self.by_peer.contains_key(&p));
         match reason.as_str() {
             // Another link to the same peer stays: nothing to redial.
-            "duplicate" | "self" => {}
+            "duplicate" if explained => {}
+            "self" => {}
             // A peer that left is dialed again once it is seen again (a rendezvous or a
             // neighbour lists it, or it dials us); one asked for by the user, after a
             // backoff.

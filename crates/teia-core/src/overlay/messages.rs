@@ -14,6 +14,7 @@ impl Node {
                 | Message::WhoHas(_)
                 | Message::Ack(_)
                 | Message::Query(_)
+                | Message::SpliceAsk(_)
         );
         if costly && !self.quota.allow(&link, self.millis(now)) {
             let reference = msg_id_of(&message);
@@ -50,6 +51,9 @@ impl Node {
             Message::PeerList(list) => self.on_peer_list(now, link, list),
             Message::Query(query) => self.on_query(now, link, query),
             Message::QueryHit(hit) => self.on_query_hit(now, link, hit),
+            Message::SpliceAsk(ask) => self.on_splice_ask(link, ask),
+            Message::SpliceGrant(grant) => self.on_splice_grant(link, grant),
+            Message::SpliceRefused(refused) => self.on_splice_refused(link, refused),
             Message::Hello(_)
             | Message::HelloOk(_)
             | Message::Bye(_)

@@ -15,6 +15,7 @@ mod origin;
 mod query;
 mod routes;
 pub mod secure;
+mod splicing;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -302,6 +303,41 @@ pub enum Event {
         service: String,
         /// The question.
         body: Value,
+    },
+    /// A teia neighbour (its link proved its key) asks this node to splice a data stream
+    /// between it and `with`: for [`crate::splice::SpliceBroker::ask`], whose answers go
+    /// back with [`Node::splice_answer`].
+    SpliceAsked {
+        /// The neighbour asking.
+        peer: String,
+        /// The other side it names.
+        with: String,
+        /// The ask's name.
+        ask: String,
+    },
+    /// Neighbour `relay` granted our ask: join it at `addr` with `token`.
+    SpliceGranted {
+        /// The splicing neighbour.
+        relay: String,
+        /// The other side.
+        with: String,
+        /// The ask.
+        ask: String,
+        /// Our token.
+        token: String,
+        /// Where to join: the link's address and the relay's listen port.
+        addr: SocketAddr,
+    },
+    /// Neighbour `relay` refused our ask.
+    SpliceRefused {
+        /// The splicing neighbour.
+        relay: String,
+        /// The other side.
+        with: String,
+        /// The ask.
+        ask: String,
+        /// Why.
+        reason: crate::splice::SpliceRefusal,
     },
     /// An answer to a query of ours.
     QueryHit {

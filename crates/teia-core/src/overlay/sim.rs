@@ -1057,6 +1057,114 @@ fn an_address_that_drops_every_link_is_given_up() {
 }
 
 #[test]
+fn a_node_whose_id_a_course_client_squats_backs_off_its_redials() {
+    let mut sim = Sim::new(2, 1, |_| {});
+    // A course client holds n1's (not yet pinned) peer id on a plaintext link to n0.
+    let now = sim.now;
+    let squatter = 9_999;
+    sim.node(0).link_opened(now, squatter, addr_of(50), true);
+    let hello = format!(
+        r#"{{"type":"HELLO","peer_id":"{}","version":"1.0","features":["ack"],"ttl":1}}"#,
+        name(1)
+    );
+    sim.node(0)
+        .line_received(now, squatter, Ok(hello.into_bytes()));
+    // The real n1 is told to keep n0 connected: each of its links is refused `duplicate`.
+    sim.connect(1, 0);
+    sim.run(Duration::from_secs(20));
+    let refused = sim.nodes[0]
+        .events
+        .iter()
+        .filter(|e| matches!(e, Event::Refused { reason, .. } if reason.starts_with("duplicate")))
+        .count();
+    // Backed off 1, 2, 4 and 8 s: five dials in 20 s (not nine a second).
+    assert!((2..=6).contains(&refused), "{refused} refusals in 20 s");
+    assert_eq!(
+        sim.nodes[0].node.neighbours().len(),
+        1,
+        "the squatter stays"
+    );
+}
+
+#[test]
+fn a_splice_is_granted_only_to_neighbours_that_both_asked() {
+    let mut sim = Sim::new(3, 1, |_| {});
+    sim.connect(1, 0);
+    sim.connect(2, 0);
+    // A course client on node 0 asks too: it is ignored.
+    let now = sim.now;
+    sim.node(0).link_opened(now, 9_999, addr_of(50), true);
+    for line in [
+        r#"{"type":"HELLO","peer_id":"c@sim","features":["ack","teia"],"ttl":1}"#,
+        r#"{"type":"SPLICE_ASK","ask":"k","with":"n1@sim","ttl":1}"#,
+    ] {
+        sim.node(0)
+            .line_received(now, 9_999, Ok(line.as_bytes().to_vec()));
+    }
+    sim.run(Duration::from_secs(1));
+    let now = sim.now;
+    sim.node(1)
+        .splice_ask(now, &name(0), &name(2), "k")
+        .unwrap();
+    sim.node(2)
+        .splice_ask(now, &name(0), &name(1), "k")
+        .unwrap();
+    assert_eq!(
+        sim.node(1).splice_ask(now, &name(2), &name(0), "k"),
+        Err(ApiError::NoNeighbour(name(2))),
+        "only a neighbour is asked"
+    );
+    sim.run(Duration::from_secs(1));
+    let mut broker = crate::splice::SpliceBroker::new();
+    let asks: Vec<(String, String, String)> = sim.nodes[0]
+        .events
+        .iter()
+        .filter_map(|e| match e {
+            Event::SpliceAsked { peer, with, ask } => {
+                Some((peer.clone(), with.clone(), ask.clone()))
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        asks.len(),
+        2,
+        "the course client's ask is not heard: {asks:?}"
+    );
+    let mut answers = Vec::new();
+    for (i, (peer, with, ask)) in asks.iter().enumerate() {
+        let tokens = [format!("t{i}a"), format!("t{i}b")];
+        answers.extend(broker.ask(now, peer, with, ask, tokens));
+    }
+    for answer in answers {
+        let now = sim.now;
+        sim.node(0).splice_answer(now, answer);
+    }
+    sim.run(Duration::from_secs(1));
+    for (me, other) in [(1, 2), (2, 1)] {
+        let grants: Vec<(SocketAddr, String)> = sim.nodes[me]
+            .events
+            .iter()
+            .filter_map(|e| match e {
+                Event::SpliceGranted {
+                    relay,
+                    with,
+                    ask,
+                    token,
+                    addr,
+                } if *relay == name(0) && *with == name(other) && ask == "k" => {
+                    Some((*addr, token.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(grants.len(), 1, "n{me}: {:?}", sim.nodes[me].events);
+        assert_eq!(grants[0].0, addr_of(0));
+        assert!(broker.join(sim.now, &grants[0].1).is_ok());
+    }
+}
+
+#[test]
 fn a_query_floods_once_per_node_within_its_ttl_and_hits_come_back() {
     let mut sim = Sim::new(120, 11, |_| {});
     random_topology(&mut sim, 11, 60);

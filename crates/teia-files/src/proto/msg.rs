@@ -101,6 +101,9 @@ pub fn line<T: Serialize>(message: &T) -> Vec<u8> {
     line
 }
 
+/// Relays a splice request names at most (and a holder reads).
+pub const MAX_RELAYS: usize = 4;
+
 /// The body of a `files` QUERY.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(untagged)]
@@ -118,10 +121,15 @@ pub enum Question {
         addrs: Vec<String>,
         /// Names the request on the stream.
         token: String,
-        /// When true, `addrs` is a relay both can reach: the holder joins the asker there
-        /// with `token` (a splice) instead of opening a stream to the asker.
+        /// When true, the asker cannot be dialed either: the holder asks the first of
+        /// `relays` that is its neighbour to splice it with the asker under `token` (the
+        /// asker asked them all), and the asker opens the stream through it.
         #[serde(default)]
         splice: bool,
+        /// For a splice: peer ids of the asker's neighbours that listen, at most
+        /// [`MAX_RELAYS`].
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        relays: Vec<String>,
     },
     /// Files whose name has every word of `text`.
     Search {

@@ -914,14 +914,18 @@ impl Session {
         match event {
             NodeEvent::Overlay(Event::Query {
                 query_id,
+                src,
                 service,
                 body,
-                ..
             }) => {
                 if service == "files" {
-                    let (files, query_id, body) =
-                        (self.files.clone(), query_id.clone(), body.clone());
-                    tokio::spawn(async move { files.on_query(&query_id, &body).await });
+                    let (files, query_id, src, body) = (
+                        self.files.clone(),
+                        query_id.clone(),
+                        src.clone(),
+                        body.clone(),
+                    );
+                    tokio::spawn(async move { files.on_query(&query_id, &src, &body).await });
                 }
                 return;
             }
@@ -1070,6 +1074,29 @@ fn describe_overlay(event: &Event) -> (Value, String) {
         Event::QueryHit { query_id, src, .. } => (
             json!({"event":"query_hit","query_id":query_id,"src":src}),
             format!("* answer from {}", clean(src)),
+        ),
+        // The node's runtime answers these itself; described should one get here.
+        Event::SpliceAsked { peer, with, .. } => (
+            json!({"event":"splice_asked","peer":peer,"with":with}),
+            format!("* {} asks to be spliced with {}", clean(peer), clean(with)),
+        ),
+        Event::SpliceGranted { relay, with, .. } => (
+            json!({"event":"splice_granted","relay":relay,"with":with}),
+            format!("* {} splices us with {}", clean(relay), clean(with)),
+        ),
+        Event::SpliceRefused {
+            relay,
+            with,
+            reason,
+            ..
+        } => (
+            json!({"event":"splice_refused","relay":relay,"with":with,"reason":reason.code()}),
+            format!(
+                "* {} will not splice us with {}: {}",
+                clean(relay),
+                clean(with),
+                clean(&reason.to_string())
+            ),
         ),
         Event::LinkUp {
             peer,
