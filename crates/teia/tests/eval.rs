@@ -318,7 +318,7 @@ fn bad_submissions_are_answered_with_clear_4xx() {
             b"{\"projects\": [\"file:///nowhere/at/all.git\"]}",
         ),
         400,
-        "cannot clone",
+        "clones only https",
     );
     let boundary = "b0undary";
     let form = format!(
