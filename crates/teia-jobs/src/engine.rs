@@ -515,16 +515,17 @@ impl Engine {
     async fn work(&self, slot: usize) {
         let lease_ms = (self.config.limits.timeout + Duration::from_secs(30)).as_millis() as u64;
         loop {
+            // Our own workers start at once: the bytes they run are ours, and `POST
+            // /evaluation` answers only once they are replicated.
             let lease = {
                 let mut state = lock(&self.state);
                 let now = self.now_ms();
-                state.ledger.lease_ready(
+                state.ledger.lease(
                     &self.config.node,
                     &self.config.address,
                     now,
                     lease_ms,
                     unix_ms(),
-                    |submitted, blob| self.replicated(submitted, blob),
                 )
             };
             let Some(lease) = lease else {
@@ -792,12 +793,13 @@ impl Engine {
     pub(crate) fn lease_remote(&self, worker: &str) -> Option<Lease> {
         let mut state = lock(&self.state);
         let now = self.now_ms();
-        let lease = state.ledger.lease(
+        let lease = state.ledger.lease_ready(
             &self.config.node,
             worker,
             now,
             crate::remote::REMOTE_LEASE_MS,
             unix_ms(),
+            |submitted, blob| self.replicated(submitted, blob),
         )?;
         if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
             state.save(&evaluation);
