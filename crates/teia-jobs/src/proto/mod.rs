@@ -1,5 +1,6 @@
 //! The sans-IO part of the job engine: no processes, no files, no clock reads.
 
+pub mod cluster;
 pub mod discover;
 pub mod ledger;
 pub mod messages;
