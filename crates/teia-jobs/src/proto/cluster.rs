@@ -14,15 +14,17 @@
 //!
 //! Elections: when an owner that answered before has not answered for [`OWNER_GONE`], the
 //! node stands for each of its unfinished evaluations it replicates and collects the
-//! candidacies for [`ELECTION_TIME`]; the lowest peer id wins. A candidate that lost and
-//! does not hear the winner within [`ELECTION_TIME`] × 4 forgets the election and stands
-//! again.
+//! candidacies for [`ELECTION_TIME`], counting those heard in the [`ELECTION_TIME`] × 4
+//! before it stood (a candidacy may come before this node finds the owner gone: dropped,
+//! two nodes could each win, record the other as the owner, and leave the evaluation
+//! with none); the lowest peer id wins. A candidate that lost and does not hear the
+//! winner within [`ELECTION_TIME`] × 4 forgets the election and stands again.
 //!
 //! **Bounds.** Members, greetings, refusal counts, announced owners, their ports, owners
-//! heard, suspects, elections and statuses are each
+//! heard, suspects, elections, candidacies heard before standing, and statuses are each
 //! kept for at most [`MAX_OWNERS`] nodes or evaluations (candidates of one election are
 //! members, so at most [`MAX_OWNERS`] too): past it the stalest member is forgotten, stale
-//! greetings, refusal counts and statuses are dropped, and otherwise the new
+//! greetings, refusal counts, statuses and candidacies are dropped, and otherwise the new
 //! entry is not kept.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -176,6 +178,8 @@ pub struct ClusterRules {
     suspects: HashSet<String>,
     /// Elections going on, by evaluation.
     elections: HashMap<EvalId, Election>,
+    /// Candidacies heard for evaluations we do not stand for (yet), and when.
+    candidacies: HashMap<EvalId, (Instant, BTreeSet<String>)>,
     /// Other nodes' statuses, by peer id, and when they came.
     statuses: HashMap<String, (JobMessage, Instant)>,
 }
@@ -198,6 +202,7 @@ impl ClusterRules {
             heard: HashMap::new(),
             suspects: HashSet::new(),
             elections: HashMap::new(),
+            candidacies: HashMap::new(),
             statuses: HashMap::new(),
         }
     }
@@ -294,7 +299,7 @@ impl ClusterRules {
                 scripts,
                 ..
             } => self.announced(src, *port, *pending, *scripts, now),
-            JobMessage::RecoveryElection { eval, .. } => self.candidacy(*eval, src),
+            JobMessage::RecoveryElection { eval, .. } => self.candidacy(*eval, src, now),
             JobMessage::NodeStatus { .. } => {
                 self.statuses
                     .retain(|_, (_, at)| within(*at, now, STATUS_FRESH));
@@ -304,6 +309,7 @@ impl ClusterRules {
             }
             JobMessage::EvaluationResponsibilityUpdate { eval, .. } => {
                 self.elections.remove(eval);
+                self.candidacies.remove(eval);
             }
             _ => {}
         }
@@ -389,10 +395,28 @@ impl ClusterRules {
         );
     }
 
-    fn candidacy(&mut self, eval: EvalId, candidate: &str) {
+    fn candidacy(&mut self, eval: EvalId, candidate: &str, now: Instant) {
         if let Some(election) = self.elections.get_mut(&eval) {
             election.candidates.insert(candidate.to_owned());
+            return;
         }
+        let patience = ELECTION_TIME * ELECTION_PATIENCE;
+        if self.candidacies.len() >= MAX_OWNERS && !self.candidacies.contains_key(&eval) {
+            self.candidacies
+                .retain(|_, (at, _)| within(*at, now, patience));
+            if self.candidacies.len() >= MAX_OWNERS {
+                return;
+            }
+        }
+        let heard = self
+            .candidacies
+            .entry(eval)
+            .or_insert_with(|| (now, BTreeSet::new()));
+        if !within(heard.0, now, patience) {
+            heard.1.clear();
+        }
+        heard.0 = now;
+        heard.1.insert(candidate.to_owned());
     }
 
     /// When a refusal of `src`'s messages is to be logged: the first at once, then one line
@@ -596,7 +620,8 @@ impl ClusterRules {
         }
     }
 
-    /// Stands in the election for `eval` (once per election); false on a node that runs no other node's code, or already standing.
+    /// Stands in the election for `eval` (once per election), counting the candidacies
+    /// heard lately; false on a node that runs no other node's code, or already standing.
     pub fn stand(&mut self, eval: EvalId, now: Instant) -> bool {
         if !self.trust.stands
             || self.elections.contains_key(&eval)
@@ -605,6 +630,11 @@ impl ClusterRules {
             return false;
         }
         let mut candidates = BTreeSet::new();
+        if let Some((at, heard)) = self.candidacies.remove(&eval) {
+            if within(at, now, ELECTION_TIME * ELECTION_PATIENCE) {
+                candidates = heard;
+            }
+        }
         candidates.insert(self.trust.me.clone());
         self.elections.insert(
             eval,
@@ -823,5 +853,47 @@ mod tests {
         assert!(!c.electing(5));
         assert_eq!(c.pull_failed("a", &[], patience), Suspicion::Forgotten);
         assert!(c.suspects().is_empty());
+    }
+
+    #[test]
+    fn a_candidacy_heard_before_standing_counts() {
+        let now = Instant::now();
+        let mut c = rules("c", 3);
+        let proof = messages::proof("s", "b", &key(2));
+        c.receive("b", Some(key(2)), &hello(Some(proof)), now);
+        c.pulled("a", now);
+        // b found the owner gone first: its candidacy comes before c stands.
+        let from_b = JobMessage::RecoveryElection {
+            eval: 5,
+            candidate: "b".into(),
+        };
+        let t = now + OWNER_GONE;
+        assert_eq!(c.receive("b", Some(key(2)), &from_b, t), Verdict::Accepted);
+        let later = t + Duration::from_millis(300);
+        assert_eq!(
+            c.pull_failed("a", &[5], later),
+            Suspicion::Gone { stand: vec![5] }
+        );
+        // c does not win against b, and waits for it.
+        assert!(c.count_votes(later + ELECTION_TIME).is_empty());
+        assert!(c.electing(5));
+        // One heard longer ago than the patience does not count.
+        let mut d = rules("d", 4);
+        let proof = messages::proof("s", "b", &key(2));
+        d.receive("b", Some(key(2)), &hello(Some(proof)), now);
+        d.pulled("a", now);
+        assert_eq!(
+            d.receive("b", Some(key(2)), &from_b, now),
+            Verdict::Accepted
+        );
+        let stale = now + ELECTION_TIME * ELECTION_PATIENCE;
+        assert_eq!(
+            d.pull_failed("a", &[5], stale),
+            Suspicion::Gone { stand: vec![5] }
+        );
+        assert_eq!(
+            d.count_votes(stale + ELECTION_TIME),
+            vec![ElectionOutcome::Won(5)]
+        );
     }
 }
