@@ -2,7 +2,8 @@
 //! count and from whom, which owners announced work, when an owner whose evaluations we
 //! replicate is gone, and the elections of a new owner. Events and the time come in as
 //! arguments (`now`), decisions come out; the runtime ([`crate::remote`]) sends, streams
-//! and logs.
+//! and logs, and the simulator of `proto/sim.rs` (tests) runs many nodes of it in one
+//! process.
 //!
 //! Trust: a key proven by the overlay (a message's origin, a stream's handshake) is trusted
 //! if it is this node's, a `--trust` key, or carries [`messages::proof`] of the cluster

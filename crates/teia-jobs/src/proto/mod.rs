@@ -5,3 +5,5 @@ pub mod discover;
 pub mod ledger;
 pub mod messages;
 pub mod seed001;
+#[cfg(test)]
+mod sim;
