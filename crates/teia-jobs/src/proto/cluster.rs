@@ -25,8 +25,8 @@
 //! heard, suspects, elections, candidacies heard before standing, and statuses are each
 //! kept for at most [`MAX_OWNERS`] nodes or evaluations (candidates of one election are
 //! members, so at most [`MAX_OWNERS`] too): past it the stalest member is forgotten, stale
-//! greetings, refusal counts, statuses and candidacies are dropped, and otherwise the new
-//! entry is not kept.
+//! greetings, refusal counts, statuses and candidacies are dropped, as are the ports of
+//! nodes neither members nor owners heard, and otherwise the new entry is not kept.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -208,11 +208,6 @@ impl ClusterRules {
         }
     }
 
-    /// This node's peer id.
-    pub fn me(&self) -> &str {
-        &self.trust.me
-    }
-
     /// Our proof of the cluster secret, bound to our key.
     pub fn proof(&self) -> Option<String> {
         let key = self.trust.key?;
@@ -364,7 +359,14 @@ impl ClusterRules {
         }
     }
 
+    /// Records `peer`'s listen port; when [`MAX_OWNERS`] are known, those of nodes that
+    /// are no longer members nor owners we replicate are forgotten first.
     fn set_port(&mut self, peer: &str, port: Option<u16>) {
+        if self.ports.len() >= MAX_OWNERS && !self.ports.contains_key(peer) {
+            let (members, heard) = (&self.members, &self.heard);
+            self.ports
+                .retain(|known, _| members.contains_key(known) || heard.contains_key(known));
+        }
         if self.ports.len() < MAX_OWNERS || self.ports.contains_key(peer) {
             self.ports.insert(peer.to_owned(), port);
         }
@@ -896,5 +898,33 @@ mod tests {
             d.count_votes(stale + ELECTION_TIME),
             vec![ElectionOutcome::Won(5)]
         );
+    }
+
+    #[test]
+    fn members_and_ports_stay_bounded() {
+        let mut a = ClusterRules::new(Trust {
+            me: "a".into(),
+            key: Some(key(1)),
+            trusted: Vec::new(),
+            secret: Some("s".into()),
+            stands: true,
+        });
+        let start = Instant::now();
+        for n in 0..MAX_OWNERS + 44 {
+            let peer = format!("p{n:03}");
+            let peer_key = Identity::from_seed(&[(n % 200) as u8 + 10; 32]).public_key();
+            let proof = messages::proof("s", &peer, &peer_key);
+            let at = start + Duration::from_millis(n as u64);
+            let verdict = a.receive(&peer, Some(peer_key), &hello(Some(proof)), at);
+            assert!(matches!(verdict, Verdict::Admitted { new: true, .. }));
+        }
+        let now = start + Duration::from_millis(400);
+        let members = a.members(now);
+        assert_eq!(members.len(), MAX_OWNERS);
+        // The stalest were forgotten; the newest is a member with its port.
+        assert!(!members.contains(&"p000".to_owned()));
+        assert_eq!(a.port("p299"), Some(7));
+        assert!(a.ports.len() <= MAX_OWNERS);
+        assert!(a.greeted.len() <= MAX_OWNERS);
     }
 }

@@ -121,6 +121,8 @@ struct Sim {
     stood: Vec<(usize, EvalId, Instant)>,
     /// Elections won: (node, eval, when).
     won: Vec<(usize, EvalId, Instant)>,
+    /// Elections a loser forgot, not hearing its winner (to stand again).
+    abandoned: usize,
     /// Forged messages refused with the expected reason and no change of state.
     forged_refused: usize,
     /// Results of a lying node its owner took (first runs and verifications).
@@ -178,6 +180,7 @@ impl Sim {
             verify: 0,
             stood: Vec::new(),
             won: Vec::new(),
+            abandoned: 0,
             forged_refused: 0,
             liar_counted: 0,
         }
@@ -506,8 +509,12 @@ impl Sim {
         let now = self.now;
         let me = self.nodes[i].id.clone();
         for outcome in self.nodes[i].rules.count_votes(now) {
-            let ElectionOutcome::Won(eval) = outcome else {
-                continue;
+            let eval = match outcome {
+                ElectionOutcome::Won(eval) => eval,
+                ElectionOutcome::Abandoned(_) => {
+                    self.abandoned += 1;
+                    continue;
+                }
             };
             self.won.push((i, eval, now));
             let node = &mut self.nodes[i];
@@ -779,13 +786,19 @@ fn split_votes_converge_on_one_owner() {
         pull_loss: 100,
     };
     assert!(jittery.worst() * 2 < ELECTION_TIME);
+    let mut restarted = 0;
     for seed in 0..20 {
         let sim = owner_dies(60, 100 + seed, jittery.clone(), seed % 2 == 1);
         // Candidacies came at different times: nodes stood over a spread of time.
         let first = sim.stood.iter().map(|(_, _, at)| *at).min().unwrap();
         let last = sim.stood.iter().map(|(_, _, at)| *at).max().unwrap();
         assert!(last > first, "seed {seed}");
+        if sim.abandoned > 0 {
+            restarted += 1;
+        }
     }
+    // A winner that died before saying so made the others start over, and they agreed.
+    assert!(restarted > 0);
 }
 
 #[test]
