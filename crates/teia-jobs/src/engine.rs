@@ -236,6 +236,7 @@ impl Engine {
             config.limits.clone(),
             config.isolation.clone(),
         )?;
+        let cluster = cluster.map(|c| Arc::new(Cluster::new(c, &config.node, config.others)));
         let engine = Self {
             runner: Arc::new(runner),
             config: Arc::new(config),
@@ -246,7 +247,7 @@ impl Engine {
                 next: 0,
             })),
             started: Instant::now(),
-            cluster: cluster.map(|c| Arc::new(Cluster::new(c))),
+            cluster,
             clones: Arc::new(tokio::sync::Semaphore::new(MAX_CLONES)),
         };
         engine.start_cluster();

@@ -2,9 +2,11 @@
 //! suites, one test module per task, handed out by pull to the nodes that trust the owner.
 //!
 //! `proto` holds the decisions with no I/O: the ledger of an evaluation's modules (leases,
-//! results, retries), fair longest-first scheduling, grades, module discovery, and seed
-//! 001's master/worker messages and task table; [`master`] serves seed 001's workers and
-//! [`course_worker`] works for seed 001's masters.
+//! results, retries, verification), fair longest-first scheduling, grades, module
+//! discovery, the cluster's rules (members, which messages count and from whom, failure
+//! detection of owners, elections), and seed 001's master/worker messages and task table;
+//! [`remote`] carries the cluster's rules out over the node, [`master`] serves seed 001's
+//! workers and [`course_worker`] works for seed 001's masters.
 
 pub mod bundle;
 pub mod course_worker;

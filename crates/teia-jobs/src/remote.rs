@@ -13,6 +13,10 @@
 //! of the engine is flooded). A result counts only from the worker holding that module's
 //! lease for its current attempt. Refusals are logged once per sender every
 //! [`REFUSAL_LOG_EVERY`], with how many there were.
+//!
+//! These rules, failure detection of owners and elections are decided by the sans-IO
+//! [`ClusterRules`] (one lock, the time passed in); this module sends, opens streams,
+//! runs modules and logs.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -27,7 +31,12 @@ use teia_node::stream::{DataStream, StreamError};
 use tokio::sync::oneshot;
 
 use crate::engine::Engine;
-use crate::proto::ledger::Lease;
+use crate::proto::cluster::{ClusterRules, ElectionOutcome, Refusal, Suspicion, Trust, Verdict};
+pub use crate::proto::cluster::{
+    ELECTION_TIME, HELLO_EVERY, MAX_OWNERS, MEMBER_FRESH, OWNER_FRESH, OWNER_GONE,
+    REFUSAL_LOG_EVERY, STATUS_FRESH,
+};
+use crate::proto::ledger::{EvalId, Lease};
 use crate::proto::messages::{self, JobMessage, SERVICE};
 
 /// Milliseconds a remote worker's lease lasts without a renewal.
@@ -38,22 +47,12 @@ pub const RENEW_EVERY: Duration = Duration::from_millis(500);
 pub const EXPIRE_EVERY: Duration = Duration::from_millis(250);
 /// Time between two announcements by an owner with waiting modules.
 pub const ANNOUNCE_EVERY: Duration = Duration::from_secs(1);
-/// Time an announcement is believed.
-pub const OWNER_FRESH: Duration = Duration::from_secs(5);
 /// Time a worker waits for an owner's answer.
 pub const ANSWER_WAIT: Duration = Duration::from_secs(3);
 /// Time between two status floods of a node.
 pub const STATUS_EVERY: Duration = Duration::from_secs(2);
-/// Time a node's status is shown after it came.
-pub const STATUS_FRESH: Duration = Duration::from_secs(7);
-/// Time an owner may not answer before its evaluations are taken over.
-pub const OWNER_GONE: Duration = Duration::from_secs(3);
-/// Time an election collects candidacies.
-pub const ELECTION_TIME: Duration = Duration::from_millis(1000);
 /// Period of the watch on owners that stopped answering and on elections.
 pub const WATCH_EVERY: Duration = Duration::from_millis(250);
-/// Owners remembered at most.
-pub const MAX_OWNERS: usize = 256;
 /// Requests waiting for an answer at most.
 pub const MAX_WAITING: usize = 256;
 /// Bytes of a project's packed bytes at most.
@@ -64,13 +63,6 @@ pub const MAX_HOLDERS: usize = 8;
 pub const MAX_HELD_BLOBS: usize = 1024;
 /// Holders a worker tries before the owner.
 const HOLDERS_TRIED: usize = 2;
-/// Time between two CLUSTER_HELLOs to one node that is not (or no longer) a member.
-pub const HELLO_EVERY: Duration = Duration::from_secs(5);
-/// Time a member stays one without being heard (members send a status every
-/// [`STATUS_EVERY`]); then it must say CLUSTER_HELLO again.
-pub const MEMBER_FRESH: Duration = Duration::from_secs(15);
-/// Time between two log lines about one sender's refused messages.
-pub const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(10);
 
 /// How this node takes part in a cluster.
 #[derive(Clone)]
@@ -85,55 +77,20 @@ pub struct ClusterConfig {
     pub scripts: Option<crate::master::MasterHandle>,
 }
 
-pub(crate) struct Owner {
-    pub(crate) port: Option<u16>,
-    pub(crate) seen: Instant,
-    pending: u32,
-    /// Script tasks it has waiting.
-    pub(crate) scripts: u32,
-}
-
-/// A node proven to belong to the cluster.
-struct Member {
-    /// The key that proved it.
-    key: PublicKey,
-    /// When it was last heard.
-    seen: Instant,
-}
-
-struct Election {
-    candidates: std::collections::BTreeSet<String>,
-    started: Instant,
-}
-
-/// The cluster side of an engine.
+/// The cluster side of an engine: the sans-IO [`ClusterRules`] (one lock) and what only
+/// the runtime holds (requests waiting for their answer, projects' holders).
 pub(crate) struct Cluster {
     pub(crate) config: ClusterConfig,
-    pub(crate) owners: Mutex<HashMap<String, Owner>>,
+    /// Membership, acceptance, announced owners, failure detection and elections.
+    rules: Mutex<ClusterRules>,
     /// Requests for a module waiting for their answer: the owner asked, and where to tell.
     waiting: Mutex<HashMap<u64, (String, oneshot::Sender<JobMessage>)>>,
-    /// Nodes proven to belong to the cluster, by peer id (at most [`MAX_OWNERS`]).
-    members: Mutex<HashMap<String, Member>>,
-    /// When a CLUSTER_HELLO last went to each node (at most [`MAX_OWNERS`]).
-    greeted: Mutex<HashMap<String, Instant>>,
-    /// Refused messages by sender: when last logged, and how many since.
-    refusals: Mutex<HashMap<String, (Instant, u64)>>,
     /// Projects we told their owner we hold, as (owner, blob) (at most
     /// [`MAX_HELD_BLOBS`]; past it, all are forgotten and told again).
     told: Mutex<std::collections::HashSet<(String, String)>>,
     pub(crate) next: AtomicU64,
-    /// Owners' listen ports, as announced.
-    ports: Mutex<HashMap<String, Option<u16>>>,
-    /// When each owner whose evaluations we replicate last answered.
-    heard: Mutex<HashMap<String, Instant>>,
-    /// Elections going on, by evaluation.
-    elections: Mutex<HashMap<u64, Election>>,
-    /// Other nodes' statuses, by peer id, and when they came.
-    statuses: Mutex<HashMap<String, (JobMessage, Instant)>>,
     /// Workers that fetched a project's bytes, by their hash (for TASK_SEND's holders).
     holders: Mutex<HashMap<String, Vec<String>>>,
-    /// Owners whose last ledger pull failed, pulled again every [`WATCH_EVERY`].
-    suspects: Mutex<std::collections::HashSet<String>>,
     /// Wakes the owner's announcer before its period (a new evaluation to hand out).
     pub(crate) announce_now: tokio::sync::Notify,
 }
@@ -145,109 +102,49 @@ pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Cluster {
-    pub(crate) fn new(config: ClusterConfig) -> Self {
+    /// The cluster side of node `me`, standing in elections when `stands`.
+    pub(crate) fn new(config: ClusterConfig, me: &str, stands: bool) -> Self {
+        let rules = ClusterRules::new(Trust {
+            me: me.to_owned(),
+            key: config.node.public_key(),
+            trusted: config.trusted.clone(),
+            secret: config.secret.clone(),
+            stands,
+        });
         Self {
             config,
-            owners: Mutex::new(HashMap::new()),
+            rules: Mutex::new(rules),
             waiting: Mutex::new(HashMap::new()),
-            members: Mutex::new(HashMap::new()),
-            greeted: Mutex::new(HashMap::new()),
-            refusals: Mutex::new(HashMap::new()),
             told: Mutex::new(std::collections::HashSet::new()),
             next: AtomicU64::new(1),
-            ports: Mutex::new(HashMap::new()),
-            heard: Mutex::new(HashMap::new()),
-            elections: Mutex::new(HashMap::new()),
-            statuses: Mutex::new(HashMap::new()),
             holders: Mutex::new(HashMap::new()),
-            suspects: Mutex::new(std::collections::HashSet::new()),
             announce_now: tokio::sync::Notify::new(),
         }
     }
 
+    /// The rules, locked.
+    pub(crate) fn rules(&self) -> std::sync::MutexGuard<'_, ClusterRules> {
+        lock(&self.rules)
+    }
+
     /// Our proof of the cluster secret, bound to our key.
-    pub(crate) fn proof(&self, me: &str) -> Option<String> {
-        let key = self.config.node.public_key()?;
-        self.config
-            .secret
-            .as_deref()
-            .map(|secret| messages::proof(secret, me, &key))
-    }
-
-    /// Whether `peer`, whose origin `key` proved (none: nothing did), is trusted: this node
-    /// itself, a `--trust` key, or a proof of the cluster secret bound to that key.
-    pub(crate) fn trusted(
-        &self,
-        me: &str,
-        peer: &str,
-        key: Option<PublicKey>,
-        proof: Option<&str>,
-    ) -> bool {
-        let Some(key) = key else {
-            return false;
-        };
-        if peer == me {
-            return Some(key) == self.config.node.public_key();
-        }
-        if self.config.trusted.contains(&key) {
-            return true;
-        }
-        match (self.config.secret.as_deref(), proof) {
-            (Some(secret), Some(proof)) => messages::proof(secret, peer, &key) == proof,
-            _ => false,
-        }
-    }
-
-    /// Makes `peer` (proven by `key`) a member; the stalest member is forgotten when there
-    /// are [`MAX_OWNERS`].
-    fn admit(&self, peer: &str, key: PublicKey) {
-        let mut members = lock(&self.members);
-        if members.len() >= MAX_OWNERS && !members.contains_key(peer) {
-            let stalest = members
-                .iter()
-                .min_by_key(|(_, m)| m.seen)
-                .map(|(name, _)| name.clone());
-            if let Some(stalest) = stalest {
-                members.remove(&stalest);
-            }
-        }
-        members.insert(
-            peer.to_owned(),
-            Member {
-                key,
-                seen: Instant::now(),
-            },
-        );
-    }
-
-    /// Whether `peer` is a fresh member proven by `key`; if so it was just heard.
-    fn heard_member(&self, peer: &str, key: Option<PublicKey>) -> bool {
-        let mut members = lock(&self.members);
-        match members.get_mut(peer) {
-            Some(member) if Some(member.key) == key && member.seen.elapsed() < MEMBER_FRESH => {
-                member.seen = Instant::now();
-                true
-            }
-            _ => false,
-        }
+    pub(crate) fn proof(&self) -> Option<String> {
+        self.rules().proof()
     }
 
     /// The key of member `peer`, if it is a fresh member.
     fn member_key(&self, peer: &str) -> Option<PublicKey> {
-        lock(&self.members)
-            .get(peer)
-            .filter(|m| m.seen.elapsed() < MEMBER_FRESH)
-            .map(|m| m.key)
+        self.rules().member_key(peer, Instant::now())
     }
 
     /// How many fresh members there are.
     pub(crate) fn member_count(&self) -> usize {
-        self.members().len()
+        self.member_names().len()
     }
 
     /// The fresh members' peer ids.
     pub(crate) fn member_names(&self) -> Vec<String> {
-        self.members()
+        self.rules().members(Instant::now())
     }
 
     /// How many nodes are known to hold project `blob`.
@@ -255,70 +152,30 @@ impl Cluster {
         lock(&self.holders).get(blob).map_or(0, Vec::len)
     }
 
-    /// The fresh members.
-    fn members(&self) -> Vec<String> {
-        lock(&self.members)
-            .iter()
-            .filter(|(_, m)| m.seen.elapsed() < MEMBER_FRESH)
-            .map(|(name, _)| name.clone())
-            .collect()
-    }
-
-    /// Logs a refused message from `src`: the first at once, then one line with the count
-    /// every [`REFUSAL_LOG_EVERY`].
-    pub(crate) fn refuse(&self, src: &str, what: &str) {
-        let mut refusals = lock(&self.refusals);
-        if refusals.len() >= MAX_OWNERS && !refusals.contains_key(src) {
-            refusals.retain(|_, (at, _)| at.elapsed() < REFUSAL_LOG_EVERY);
-            if refusals.len() >= MAX_OWNERS {
-                return;
-            }
-        }
-        let entry = refusals
-            .entry(src.to_owned())
-            .or_insert((Instant::now() - REFUSAL_LOG_EVERY * 2, 0));
-        entry.1 += 1;
-        if entry.0.elapsed() >= REFUSAL_LOG_EVERY {
+    /// Logs a refused message (`what`) from `src`: the first at once, then one line with
+    /// the count every [`REFUSAL_LOG_EVERY`].
+    pub(crate) fn refuse(&self, src: &str, what: &str, why: Refusal) {
+        if let Some(refused) = self.rules().refused(src, Instant::now()) {
             tracing::warn!(
                 %src,
-                refused = entry.1,
+                refused,
+                reason = %why,
                 "{what} refused: the sender is not a proven member of this cluster (--trust its key, or give both nodes the same --cluster-secret)"
             );
-            *entry = (Instant::now(), 0);
         }
     }
 
     /// Sends `message` to every fresh member.
     async fn to_members(&self, message: &JobMessage) {
-        for member in self.members() {
+        for member in self.member_names() {
             self.send(&member, message).await;
         }
     }
 
-    /// Whether a CLUSTER_HELLO may go to `peer` now (none went for [`HELLO_EVERY`]); if so
-    /// it is counted as sent.
-    fn greet_due(&self, peer: &str) -> bool {
-        let mut greeted = lock(&self.greeted);
-        if greeted
-            .get(peer)
-            .is_some_and(|at| at.elapsed() < HELLO_EVERY)
-        {
-            return false;
-        }
-        if greeted.len() >= MAX_OWNERS && !greeted.contains_key(peer) {
-            greeted.retain(|_, at| at.elapsed() < HELLO_EVERY);
-            if greeted.len() >= MAX_OWNERS {
-                return false;
-            }
-        }
-        greeted.insert(peer.to_owned(), Instant::now());
-        true
-    }
-
     /// Says CLUSTER_HELLO to `peer`.
-    async fn greet(&self, me: &str, peer: &str) {
+    async fn greet(&self, peer: &str) {
         let hello = JobMessage::ClusterHello {
-            proof: self.proof(me),
+            proof: self.proof(),
             port: self.config.node.listen_addr().map(|a| a.port()),
         };
         self.send(peer, &hello).await;
@@ -326,28 +183,19 @@ impl Cluster {
 
     /// Says CLUSTER_HELLO to the teia neighbours (those with a pinned key) and the nodes
     /// members have links to, that are not fresh members, at most every [`HELLO_EVERY`].
-    async fn greet_candidates(&self, me: &str) {
+    async fn greet_candidates(&self) {
         let Ok(snapshot) = self.config.node.snapshot().await else {
             return;
         };
-        let mut candidates: Vec<String> = snapshot
+        let neighbours: Vec<String> = snapshot
             .neighbours
             .iter()
             .filter(|n| snapshot.pins.iter().any(|(id, _)| *id == n.peer))
             .map(|n| n.peer.clone())
             .collect();
-        for (status, _) in lock(&self.statuses).values() {
-            if let JobMessage::NodeStatus { neighbours, .. } = status {
-                candidates.extend(neighbours.iter().cloned());
-            }
-        }
-        candidates.sort();
-        candidates.dedup();
-        candidates.truncate(MAX_OWNERS);
-        for peer in candidates {
-            if peer != me && self.member_key(&peer).is_none() && self.greet_due(&peer) {
-                self.greet(me, &peer).await;
-            }
+        let due = self.rules().to_greet(neighbours, Instant::now());
+        for peer in due {
+            self.greet(&peer).await;
         }
     }
 
@@ -401,22 +249,10 @@ impl Cluster {
 impl Engine {
     /// The statuses of the other nodes heard from lately.
     pub(crate) fn heard_statuses(&self) -> Vec<JobMessage> {
-        let Some(cluster) = &self.cluster else {
-            return Vec::new();
-        };
-        let statuses = lock(&cluster.statuses);
-        let mut fresh: Vec<&(JobMessage, Instant)> = statuses
-            .values()
-            .filter(|(_, at)| at.elapsed() < STATUS_FRESH)
-            .collect();
-        fresh.sort_by_key(|(status, _)| match status {
-            JobMessage::NodeStatus { address, .. } => address.clone(),
-            _ => String::new(),
-        });
-        fresh
-            .into_iter()
-            .map(|(status, _)| status.clone())
-            .collect()
+        self.cluster
+            .as_ref()
+            .map(|cluster| cluster.rules().statuses(Instant::now()))
+            .unwrap_or_default()
     }
 
     /// `GET /network`: each node of the cluster's overlay address and the addresses of the
@@ -513,7 +349,7 @@ impl Engine {
                     () = cluster.announce_now.notified() => {}
                     () = scripts_queued(scripts.as_ref()) => {}
                 }
-                cluster.greet_candidates(&owner.config.node).await;
+                cluster.greet_candidates().await;
                 if owner.config.modules {
                     owner.replicate_and_watch(&cluster).await;
                 }
@@ -538,20 +374,9 @@ impl Engine {
     /// they need), and starts an election for the evaluations of an owner that stopped
     /// answering for [`OWNER_GONE`].
     pub(crate) async fn replicate_and_watch(&self, cluster: &Cluster) {
-        let mut owners: Vec<String> = lock(&cluster.owners)
-            .iter()
-            .filter(|(_, o)| o.seen.elapsed() < OWNER_FRESH)
-            .map(|(name, _)| name.clone())
-            .collect();
-        for (owner, _) in lock(&cluster.heard).iter() {
-            if !owners.contains(owner) {
-                owners.push(owner.clone());
-            }
-        }
+        let owners = cluster.rules().to_replicate(Instant::now());
         for owner in owners {
-            if owner != self.config.node {
-                self.replicate_from(cluster, owner).await;
-            }
+            self.replicate_from(cluster, owner).await;
         }
         self.count_votes(cluster).await;
     }
@@ -560,7 +385,7 @@ impl Engine {
     /// one gone is found [`OWNER_GONE`] after it last answered, not up to a period later),
     /// and closes the elections whose time is up.
     async fn watch_suspects(&self, cluster: &Cluster) {
-        let suspects: Vec<String> = lock(&cluster.suspects).iter().cloned().collect();
+        let suspects = cluster.rules().suspects();
         for owner in suspects {
             self.replicate_from(cluster, owner).await;
         }
@@ -570,95 +395,43 @@ impl Engine {
     /// Pulls `owner`'s ledger; when it has not answered for [`OWNER_GONE`], stands for
     /// its evaluations.
     async fn replicate_from(&self, cluster: &Cluster, owner: String) {
-        {
-            let port = lock(&cluster.ports).get(&owner).copied().flatten();
-            match self.pull_ledger(cluster, &owner, port).await {
-                Ok(()) => {
-                    lock(&cluster.suspects).remove(&owner);
-                    lock(&cluster.heard).insert(owner, Instant::now());
-                }
-                Err(e) => {
-                    // Gone: it answered before, and not for OWNER_GONE since.
-                    let gone = lock(&cluster.heard)
-                        .get(&owner)
-                        .is_some_and(|at| at.elapsed() >= OWNER_GONE);
-                    let replicas = self.replicas_owned_by(&owner);
-                    {
-                        let mut suspects = lock(&cluster.suspects);
-                        if replicas.is_empty() || suspects.len() >= MAX_OWNERS {
-                            suspects.remove(&owner);
-                        } else {
-                            suspects.insert(owner.clone());
-                        }
-                    }
-                    if gone && !replicas.is_empty() {
-                        tracing::warn!(%owner, error = %e, "an owner is gone; electing a new one");
-                        for (eval, _) in replicas {
-                            self.stand(cluster, eval).await;
-                        }
-                    } else if replicas.is_empty() && gone {
-                        lock(&cluster.heard).remove(&owner);
-                    } else {
-                        tracing::debug!(%owner, error = %e, "replication failed");
-                    }
-                }
-            }
-        }
-    }
-
-    /// Stands in the election for `eval` (once per election); not on a node that runs
-    /// no other node's code.
-    async fn stand(&self, cluster: &Cluster, eval: u64) {
-        if !self.config.others {
+        let port = cluster.rules().port(&owner);
+        let Err(e) = self.pull_ledger(cluster, &owner, port).await else {
+            cluster.rules().pulled(&owner, Instant::now());
             return;
-        }
-        {
-            let mut elections = lock(&cluster.elections);
-            if elections.contains_key(&eval) || elections.len() >= MAX_OWNERS {
-                return;
-            }
-            let mut candidates = std::collections::BTreeSet::new();
-            candidates.insert(self.config.node.clone());
-            elections.insert(
-                eval,
-                Election {
-                    candidates,
-                    started: Instant::now(),
-                },
-            );
-        }
-        let candidacy = JobMessage::RecoveryElection {
-            eval,
-            candidate: self.config.node.clone(),
         };
-        cluster.to_members(&candidacy).await;
+        let replicas: Vec<EvalId> = self
+            .replicas_owned_by(&owner)
+            .into_iter()
+            .map(|(eval, _)| eval)
+            .collect();
+        let suspicion = cluster
+            .rules()
+            .pull_failed(&owner, &replicas, Instant::now());
+        match suspicion {
+            Suspicion::Gone { stand } => {
+                tracing::warn!(%owner, error = %e, "an owner is gone; electing a new one");
+                for eval in stand {
+                    let candidacy = JobMessage::RecoveryElection {
+                        eval,
+                        candidate: self.config.node.clone(),
+                    };
+                    cluster.to_members(&candidacy).await;
+                }
+            }
+            Suspicion::Waiting | Suspicion::Forgotten => {
+                tracing::debug!(%owner, error = %e, "replication failed");
+            }
+        }
     }
 
     /// Closes the elections whose candidacies are in: the lowest peer id takes over.
     async fn count_votes(&self, cluster: &Cluster) {
-        let closed: Vec<(u64, String)> = {
-            let mut elections = lock(&cluster.elections);
-            let closed: Vec<(u64, String)> = elections
-                .iter()
-                .filter(|(_, e)| e.started.elapsed() >= ELECTION_TIME)
-                .filter_map(|(eval, e)| e.candidates.iter().next().map(|w| (*eval, w.clone())))
-                .collect();
-            for (eval, winner) in &closed {
-                if *winner == self.config.node {
-                    elections.remove(eval);
-                } else if let Some(election) = elections.get_mut(eval) {
-                    // The winner has a while to say so; then the election starts over.
-                    if election.started.elapsed() >= ELECTION_TIME * 4 {
-                        elections.remove(eval);
-                    }
-                }
-            }
-            closed
-        };
-        for (eval, winner) in closed {
-            if winner != self.config.node {
+        let outcomes = cluster.rules().count_votes(Instant::now());
+        for outcome in outcomes {
+            let ElectionOutcome::Won(eval) = outcome else {
                 continue;
-            }
+            };
             self.take_over(eval);
             let update = JobMessage::EvaluationResponsibilityUpdate {
                 eval,
@@ -676,8 +449,7 @@ impl Engine {
         port: Option<u16>,
     ) -> Result<(), String> {
         let mut stream = self.open_to(cluster, owner, port).await?;
-        let request =
-            serde_json::json!({"ledger": true, "proof": cluster.proof(&self.config.node)});
+        let request = serde_json::json!({"ledger": true, "proof": cluster.proof()});
         stream
             .write_all(format!("{request}\n").as_bytes())
             .await
@@ -690,7 +462,7 @@ impl Engine {
             .flat_map(|e| e.projects.values().map(|p| p.blob.clone()))
             .collect();
         self.take_replicas(owner, evaluations);
-        lock(&cluster.heard).insert(owner.to_owned(), Instant::now());
+        cluster.rules().pulled(owner, Instant::now());
         for blob in blobs {
             let lease = Lease {
                 eval: 0,
@@ -759,31 +531,23 @@ impl Engine {
         else {
             return;
         };
-        let me = self.config.node.as_str();
-        if let JobMessage::ClusterHello { proof, port } = &message {
-            let key = origin_key
-                .filter(|_| src != me && cluster.trusted(me, src, origin_key, proof.as_deref()));
-            let Some(key) = key else {
-                cluster.refuse(src, "CLUSTER_HELLO");
+        let verdict = cluster
+            .rules()
+            .receive(src, origin_key, &message, Instant::now());
+        match verdict {
+            Verdict::Refused(why) => return cluster.refuse(src, message.kind(), why),
+            Verdict::Admitted { new, greet_back } => {
+                if new {
+                    tracing::info!(peer = %src, "a node of the cluster proved itself");
+                }
+                if greet_back {
+                    cluster.greet(src).await;
+                }
                 return;
-            };
-            if cluster.member_key(src).is_none() {
-                tracing::info!(peer = %src, "a node of the cluster proved itself");
             }
-            cluster.admit(src, key);
-            lock(&cluster.ports).insert(src.to_owned(), *port);
-            // It does not know us (or it would not greet): tell it, at most every HELLO_EVERY.
-            if cluster.greet_due(src) {
-                cluster.greet(me, src).await;
-            }
-            return;
-        }
-        if !cluster.heard_member(src, origin_key) {
-            cluster.refuse(src, message.kind());
-            return;
+            Verdict::Accepted => {}
         }
         match message {
-            JobMessage::ClusterHello { .. } => {}
             JobMessage::TaskRequest { request } => {
                 let answer = self.lease_remote(src).map(|lease| {
                     let holders = lock(&cluster.holders)
@@ -818,57 +582,12 @@ impl Engine {
                     }
                 }
             }
-            JobMessage::TaskAnnounce {
-                ref owner,
-                port,
-                pending,
-                scripts,
-                ..
-            } => {
-                if owner != src {
-                    return cluster.refuse(src, "TASK_ANNOUNCE for another owner");
-                }
-                lock(&cluster.ports).insert(src.to_owned(), port);
-                let mut owners = lock(&cluster.owners);
-                if owners.len() >= MAX_OWNERS && !owners.contains_key(src) {
-                    return;
-                }
-                owners.insert(
-                    src.to_owned(),
-                    Owner {
-                        port,
-                        seen: Instant::now(),
-                        pending,
-                        scripts,
-                    },
-                );
-            }
-            JobMessage::RecoveryElection { eval, candidate } => {
-                if candidate != src {
-                    return cluster.refuse(src, "RECOVERY_ELECTION for another candidate");
-                }
-                if let Some(election) = lock(&cluster.elections).get_mut(&eval) {
-                    election.candidates.insert(candidate);
-                }
-            }
-            JobMessage::NodeStatus { ref peer_id, .. } => {
-                if peer_id != src {
-                    return cluster.refuse(src, "NODE_STATUS of another node");
-                }
-                let mut statuses = lock(&cluster.statuses);
-                statuses.retain(|_, (_, at)| at.elapsed() < STATUS_FRESH);
-                if statuses.len() < MAX_OWNERS || statuses.contains_key(src) {
-                    statuses.insert(src.to_owned(), (message.clone(), Instant::now()));
-                }
-            }
-            JobMessage::EvaluationResponsibilityUpdate { eval, ref owner } => {
-                if owner != src {
-                    return cluster
-                        .refuse(src, "EVALUATION_RESPONSIBILITY_UPDATE for another owner");
-                }
-                lock(&cluster.elections).remove(&eval);
-                self.set_owner(eval, src);
-            }
+            JobMessage::EvaluationResponsibilityUpdate { eval, .. } => self.set_owner(eval, src),
+            // Kept by the rules.
+            JobMessage::ClusterHello { .. }
+            | JobMessage::TaskAnnounce { .. }
+            | JobMessage::RecoveryElection { .. }
+            | JobMessage::NodeStatus { .. } => {}
         }
     }
 
@@ -878,17 +597,7 @@ impl Engine {
         let Some(cluster) = &self.cluster else {
             return false;
         };
-        let owner = {
-            let mut owners = lock(&cluster.owners);
-            owners.retain(|_, o| o.seen.elapsed() < OWNER_FRESH);
-            let mut fresh: Vec<(&String, &Owner)> =
-                owners.iter().filter(|(_, o)| o.pending > 0).collect();
-            fresh.sort_by_key(|(name, _)| (*name).clone());
-            let count = fresh.len();
-            (count > 0)
-                .then(|| fresh.get(slot % count).map(|(n, o)| ((*n).clone(), o.port)))
-                .flatten()
-        };
+        let owner = cluster.rules().owner_for_modules(slot, Instant::now());
         let Some((owner, port)) = owner else {
             return false;
         };
@@ -907,9 +616,7 @@ impl Engine {
         lock(&cluster.waiting).remove(&request);
         let Ok(Ok(JobMessage::TaskSend { lease, holders, .. })) = answer else {
             // Nothing there now: wait for its next announcement.
-            if let Some(known) = lock(&cluster.owners).get_mut(&owner) {
-                known.pending = 0;
-            }
+            cluster.rules().no_modules(&owner);
             return false;
         };
         let project = match self
@@ -990,14 +697,7 @@ impl Engine {
                     .await
                 {
                     Ok(mut stream) if stream.peer_id() == source => {
-                        match fetch_blob(
-                            &mut stream,
-                            &lease.blob,
-                            &packed,
-                            cluster.proof(&self.config.node),
-                        )
-                        .await
-                        {
+                        match fetch_blob(&mut stream, &lease.blob, &packed, cluster.proof()).await {
                             Ok(()) => {
                                 tracing::info!(from = %source, blob = %lease.blob, "project fetched");
                                 fetched = true;
@@ -1056,12 +756,16 @@ impl Engine {
         };
         let proof = request.get("proof").and_then(|p| p.as_str());
         let peer = stream.peer_id().to_owned();
-        let key = Some(stream.key());
-        let trusted = cluster.member_key(&peer) == key
-            || cluster.trusted(&self.config.node, &peer, key, proof);
-        if !trusted {
-            cluster.refuse(&peer, "a jobs stream");
-        }
+        let allowed = cluster
+            .rules()
+            .stream_allowed(&peer, stream.key(), proof, Instant::now());
+        let trusted = match allowed {
+            Ok(()) => true,
+            Err(why) => {
+                cluster.refuse(&peer, "a jobs stream", why);
+                false
+            }
+        };
         if request.get("script").is_some() {
             return self.serve_script(cluster, stream, trusted).await;
         }

@@ -10,7 +10,7 @@
 //! task no longer the worker's is dropped, so each task has one result.
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use teia_node::stream::DataStream;
@@ -19,8 +19,8 @@ use crate::engine::Engine;
 use crate::master::MasterHandle;
 use crate::proto::seed001::Task;
 use crate::remote::{
-    lock, read_head, receive_file, send_file, Cluster, ANSWER_WAIT, MAX_BLOB, OWNER_FRESH,
-    REMOTE_LEASE_MS, RENEW_EVERY,
+    read_head, receive_file, send_file, Cluster, ANSWER_WAIT, MAX_BLOB, REMOTE_LEASE_MS,
+    RENEW_EVERY,
 };
 use crate::script::MAX_RESULT;
 
@@ -109,20 +109,7 @@ impl Engine {
         let Some(cluster) = &self.cluster else {
             return false;
         };
-        let owner = {
-            let mut owners = lock(&cluster.owners);
-            owners.retain(|_, o| o.seen.elapsed() < OWNER_FRESH);
-            let mut with_tasks: Vec<(&String, Option<u16>)> = owners
-                .iter()
-                .filter(|(_, o)| o.scripts > 0)
-                .map(|(name, o)| (name, o.port))
-                .collect();
-            with_tasks.sort();
-            let count = with_tasks.len().max(1);
-            with_tasks
-                .get(slot % count)
-                .map(|(name, port)| ((*name).clone(), *port))
-        };
+        let owner = cluster.rules().owner_for_scripts(slot, Instant::now());
         let Some((owner, port)) = owner else {
             return false;
         };
@@ -130,16 +117,12 @@ impl Engine {
             Ok(true) => true,
             Ok(false) => {
                 // Nothing there now: wait for its next announcement.
-                if let Some(known) = lock(&cluster.owners).get_mut(&owner) {
-                    known.scripts = 0;
-                }
+                cluster.rules().no_scripts(&owner);
                 false
             }
             Err(e) => {
                 tracing::warn!(%owner, error = %e, "script task not done here");
-                if let Some(known) = lock(&cluster.owners).get_mut(&owner) {
-                    known.scripts = 0;
-                }
+                cluster.rules().no_scripts(&owner);
                 true
             }
         }
@@ -154,7 +137,7 @@ impl Engine {
         slot: usize,
     ) -> Result<bool, String> {
         let mut stream = self.open_to(cluster, owner, port).await?;
-        let take = json!({"script": "take", "proof": cluster.proof(&self.config.node)});
+        let take = json!({"script": "take", "proof": cluster.proof()});
         stream
             .write_all(&line(&take))
             .await

@@ -1,6 +1,9 @@
 //! The sans-IO part of the job engine: no processes, no files, no clock reads.
 
+pub mod cluster;
 pub mod discover;
 pub mod ledger;
 pub mod messages;
 pub mod seed001;
+#[cfg(test)]
+mod sim;
