@@ -93,6 +93,9 @@ pub(crate) struct Cluster {
     holders: Mutex<HashMap<String, Vec<String>>>,
     /// Wakes the owner's announcer before its period (a new evaluation to hand out).
     pub(crate) announce_now: tokio::sync::Notify,
+    /// The count of unfinished evaluations each owner announced last (at most
+    /// [`MAX_OWNERS`]; past it, all are forgotten): a new one is pulled at once.
+    unfinished_seen: Mutex<HashMap<String, u32>>,
 }
 
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -119,6 +122,7 @@ impl Cluster {
             next: AtomicU64::new(1),
             holders: Mutex::new(HashMap::new()),
             announce_now: tokio::sync::Notify::new(),
+            unfinished_seen: Mutex::new(HashMap::new()),
         }
     }
 
@@ -471,7 +475,13 @@ impl Engine {
                 module: String::new(),
                 attempt: 0,
             };
-            match self.fetch_project(cluster, owner, port, &[], &lease).await {
+            // Other members first (one that has it spares the owner), then the owner.
+            let others: Vec<String> = cluster
+                .member_names()
+                .into_iter()
+                .filter(|m| m != owner && *m != self.config.node)
+                .collect();
+            match self.fetch_project(cluster, owner, port, &others, &lease).await {
                 Ok(_) => {
                     // The owner hands the project's modules out once enough nodes hold it.
                     let told = (owner.to_owned(), lease.blob.clone());
@@ -566,7 +576,11 @@ impl Engine {
                 cluster.send(src, &answer).await;
             }
             JobMessage::TaskRenew { lease } => self.renew_remote(&lease, src),
-            JobMessage::ProjectHeld { blob } => cluster.add_holder(&blob, src),
+            JobMessage::ProjectHeld { blob } => {
+                cluster.add_holder(&blob, src);
+                // Its modules may go out now: say so to the workers at once.
+                cluster.announce_now.notify_one();
+            }
             JobMessage::TaskResult { lease, result } => {
                 if self.complete(&lease, src, result) {
                     cluster.add_holder(&lease.blob, src);
@@ -583,9 +597,22 @@ impl Engine {
                 }
             }
             JobMessage::EvaluationResponsibilityUpdate { eval, .. } => self.set_owner(eval, src),
+            JobMessage::TaskAnnounce { unfinished, .. } => {
+                // A new evaluation: replicate it now rather than at the next period, so that
+                // its owner may hand its modules out.
+                let changed = {
+                    let mut seen = lock(&cluster.unfinished_seen);
+                    if seen.len() >= MAX_OWNERS && !seen.contains_key(src) {
+                        seen.clear();
+                    }
+                    seen.insert(src.to_owned(), unfinished) != Some(unfinished)
+                };
+                if changed && self.config.modules {
+                    cluster.announce_now.notify_one();
+                }
+            }
             // Kept by the rules.
             JobMessage::ClusterHello { .. }
-            | JobMessage::TaskAnnounce { .. }
             | JobMessage::RecoveryElection { .. }
             | JobMessage::NodeStatus { .. } => {}
         }
