@@ -6,13 +6,14 @@
 //! Records are kept in SQLite and survive a restart; a record whose peer's connection is
 //! gone is dropped a grace time ([`GRACE`] by default) later unless the peer joins again.
 //! Searches go through the index's n-grams ([`crate::proto::napster`], Search) under a
-//! shared lock, many at once; a JOIN, UPDATE or LEAVE computes what it needs (the files'
-//! n-grams, what to drop, the database write) before it takes that lock alone to apply it,
-//! and runs on a blocking thread, never on the threads that answer searches. Changes are
-//! made one at a time, in the same order in the database and in memory.
+//! shared lock, many at once. A JOIN, UPDATE or LEAVE is made by one writer thread, never on
+//! the threads that answer searches, one change at a time, in the same order in the database
+//! and in memory: it computes what it needs (the files' n-grams, what to drop, the database
+//! write) before it takes that lock alone to apply it.
 //!
 //! **Bounds.** [`MAX_CONNECTIONS`] connections (one more is closed at once); messages of
-//! [`MAX_MESSAGE`] bytes; [`IDLE_TIMEOUT`] of silence per connection; the records' limits
+//! [`MAX_MESSAGE`] bytes; [`CHANGES`] changes waiting for the writer (a connection with one
+//! more waits); [`IDLE_TIMEOUT`] of silence per connection; the records' limits
 //! of [`Index`] (files per peer, name lengths, peers in all and per source address, bytes of
 //! memory in all and per source address: see [`crate::proto::napster`], Bounds), set by
 //! [`IndexConfig::limits`]; the database at most [`IndexConfig::max_disk`] bytes
@@ -32,7 +33,7 @@ use rusqlite::{params, Connection};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::proto::napster::{
     Index, Limits, Listed, ObjectReader, Prepared, ReadError, Record, Request, MAX_FILES_PER_PEER,
@@ -46,6 +47,9 @@ pub const GRACE: Duration = Duration::from_secs(60);
 pub const MAX_CONNECTIONS: usize = 1024;
 /// Time a connection may stay silent.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Changes (JOIN, UPDATE, LEAVE, a connection gone) waiting for the writer thread at most;
+/// a connection with one more waits for room (and reads nothing meanwhile).
+pub const CHANGES: usize = 16;
 /// Bytes the records' database may take, by default; a JOIN or UPDATE beyond is answered
 /// `full`.
 pub const MAX_DISK_BYTES: u64 = 512 << 20;
@@ -125,6 +129,7 @@ struct Shared {
     /// index change in the same order, and nothing changes between a plan and its doing.
     db: Mutex<Connection>,
     config: IndexConfig,
+    writer: Writer,
 }
 
 fn read(index: &RwLock<Index>) -> RwLockReadGuard<'_, Index> {
@@ -235,9 +240,43 @@ impl Shared {
     }
 }
 
-/// Runs `work` on a blocking thread; `None` if it panicked.
-async fn blocking<T: Send + 'static>(work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
-    tokio::task::spawn_blocking(work).await.ok()
+/// A change for the writer thread.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The thread that makes every change of the records, one at a time, in the order asked.
+struct Writer(mpsc::Sender<Job>);
+
+impl Writer {
+    /// Starts the thread; it ends when every sender is gone. If it cannot start, every change
+    /// is answered with an error.
+    fn start() -> Self {
+        let (sender, mut jobs) = mpsc::channel::<Job>(CHANGES);
+        let started = std::thread::Builder::new()
+            .name("teia-index-writer".into())
+            .spawn(move || {
+                while let Some(job) = jobs.blocking_recv() {
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(job)).is_err() {
+                        tracing::error!("an index change failed");
+                    }
+                }
+            });
+        if let Err(e) = started {
+            tracing::error!(error = %e, "the index's writer thread did not start");
+        }
+        Self(sender)
+    }
+
+    /// Runs `work` on the writer thread, waiting for room in its queue; `None` if it failed.
+    async fn run<T: Send + 'static>(&self, work: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+        let (done, result) = oneshot::channel();
+        self.0
+            .send(Box::new(move || {
+                let _ = done.send(work());
+            }))
+            .await
+            .ok()?;
+        result.await.ok()
+    }
 }
 
 /// A bound index server.
@@ -326,6 +365,7 @@ impl IndexServer {
                 index: RwLock::new(index),
                 db: Mutex::new(db),
                 config,
+                writer: Writer::start(),
             }),
         })
     }
@@ -357,7 +397,7 @@ impl IndexServer {
                 )
                 .await;
                 let shared = Arc::clone(&sweeper);
-                blocking(move || shared.expire()).await;
+                sweeper.writer.run(move || shared.expire()).await;
             }
         });
         let owners = AtomicU64::new(1);
@@ -437,7 +477,8 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr
         }
     }
     if let Some(id) = joined {
-        blocking(move || shared.gone(&id, owner)).await;
+        let writer = Arc::clone(&shared);
+        writer.writer.run(move || shared.gone(&id, owner)).await;
     }
 }
 
@@ -469,40 +510,44 @@ async fn answer(
             files,
             teia,
         } => {
+            let writer = Arc::clone(shared);
             let shared = Arc::clone(shared);
             let before = joined.clone();
-            let done = blocking(move || {
-                let record = match teia {
-                    Some(peer) => Record {
-                        id: peer.peer_id,
-                        port: peer.port.unwrap_or(0),
-                        ip: addr.ip().to_string(),
-                        key: Some(peer.key),
-                        files,
-                    },
-                    None => Record {
-                        id: addr.to_string(),
-                        port: addr.port(),
-                        ip: addr.ip().to_string(),
-                        key: None,
-                        files: file_path.map_or(files, |p| list_folder(&p, addr)),
-                    },
-                };
-                let prepared = Prepared::new(record);
-                let (id, count, ignored) = (
-                    prepared.record().id.clone(),
-                    prepared.record().files.len(),
-                    prepared.ignored(),
-                );
-                shared.hold(prepared, owner)?;
-                if let Some(previous) = before.filter(|p| *p != id) {
-                    // One connection holds one record: the one it joined before is left.
-                    shared.gone(&previous, owner);
-                }
-                tracing::info!(%id, files = count, ignored, "joined");
-                Ok(id)
-            })
-            .await;
+            let done = writer
+                .writer
+                .run(move || {
+                    let record = match teia {
+                        Some(peer) => Record {
+                            id: peer.peer_id,
+                            port: peer.port.unwrap_or(0),
+                            ip: addr.ip().to_string(),
+                            key: Some(peer.key),
+                            files,
+                        },
+                        None => Record {
+                            id: addr.to_string(),
+                            port: addr.port(),
+                            ip: addr.ip().to_string(),
+                            key: None,
+                            files: file_path.map_or(files, |p| list_folder(&p, addr)),
+                        },
+                    };
+                    let prepared = Prepared::new(record);
+                    let (id, count, ignored) = (
+                        prepared.record().id.clone(),
+                        prepared.record().files.len(),
+                        prepared.ignored(),
+                    );
+                    shared.hold(prepared, owner)?;
+                    if let Some(previous) = before.filter(|p| *p != id) {
+                        // One connection holds one record: the one it joined before is left.
+                        shared.gone(&previous, owner);
+                    }
+                    let bytes = read(&shared.index).bytes();
+                    tracing::info!(%id, files = count, ignored, bytes, "joined");
+                    Ok(id)
+                })
+                .await;
             match done {
                 Some(Ok(id)) => {
                     *joined = Some(id);
@@ -516,20 +561,23 @@ async fn answer(
             let Some(id) = joined.clone() else {
                 return error_answer("not_joined", "JOIN before UPDATE");
             };
+            let writer = Arc::clone(shared);
             let shared = Arc::clone(shared);
-            let done = blocking(move || {
-                let Some(record) = read(&shared.index).get(&id).map(|r| Record {
-                    id: r.id.clone(),
-                    port: r.port,
-                    ip: r.ip.clone(),
-                    key: r.key.clone(),
-                    files: Vec::new(),
-                }) else {
-                    return Err(("not_joined", "JOIN before UPDATE".to_owned()));
-                };
-                shared.hold(Prepared::new(Record { files, ..record }), owner)
-            })
-            .await;
+            let done = writer
+                .writer
+                .run(move || {
+                    let Some(record) = read(&shared.index).get(&id).map(|r| Record {
+                        id: r.id.clone(),
+                        port: r.port,
+                        ip: r.ip.clone(),
+                        key: r.key.clone(),
+                        files: Vec::new(),
+                    }) else {
+                        return Err(("not_joined", "JOIN before UPDATE".to_owned()));
+                    };
+                    shared.hold(Prepared::new(Record { files, ..record }), owner)
+                })
+                .await;
             match done {
                 Some(Ok(())) => b"UPDATE_OK".to_vec(),
                 Some(Err((code, detail))) => error_answer(code, &detail),
@@ -538,8 +586,9 @@ async fn answer(
         }
         Request::Leave => {
             if let Some(id) = joined.take() {
+                let writer = Arc::clone(shared);
                 let shared = Arc::clone(shared);
-                blocking(move || shared.delete(&id)).await;
+                writer.writer.run(move || shared.delete(&id)).await;
             }
             b"LEAVE_OK".to_vec()
         }

@@ -16,10 +16,11 @@
 //! 2-gram. A search walks the shortest posting list among the query's n-grams, keeps the
 //! file ids found in the next shortest ones too, and checks each with the matcher, stopping
 //! at [`MAX_RESULTS`]: it costs in proportion to the rarest n-gram's files, never to the
-//! whole index, and answers exactly what a scan of every file would (the same files, in the
-//! same order: by holder, then in the holder's order, when fewer than [`MAX_RESULTS`]
-//! match). A query with no word can only equal a name with no word: those files are listed
-//! apart. (SQLite's FTS5 trigram tokenizer was not used: it folds case unlike Rust's
+//! whole index, and answers exactly what a scan of every file would: the same files, in the
+//! same order (by holder, then in the holder's order). When more than [`MAX_RESULTS`] match,
+//! it answers the [`MAX_RESULTS`] listed first, in that order (the scan it replaces answered
+//! the first by holder). A query with no word can only equal a name with no word: those
+//! files are listed apart. (SQLite's FTS5 trigram tokenizer was not used: it folds case unlike Rust's
 //! `to_lowercase` and scans everything for words under 3 characters.)
 //!
 //! **Bounds.** What one peer may put in the index, and what happens at each limit:
