@@ -33,7 +33,8 @@
 //! - a query: [`MAX_QUERY_BYTES`] bytes (a longer one is answered `bad_request`), at most
 //!   [`MAX_RESULTS`] results;
 //! - peers: [`Limits::max_peers`] in all ([`MAX_PEERS`] by default) and
-//!   [`Limits::max_peers_per_ip`] from one source IP address ([`MAX_PEERS_PER_IP`]);
+//!   [`Limits::max_peers_per_ip`] from one source IP address ([`MAX_PEERS_PER_IP`]; an IPv6
+//!   address counts with its /64 network, [`source_of`]);
 //! - memory: [`Limits::max_bytes`] for all records and the search index together
 //!   ([`MAX_INDEX_BYTES`] by default), of which one source IP address may take
 //!   [`Limits::max_bytes_per_ip`] (a quarter, [`IP_SHARE`]). Bytes are counted by a model
@@ -369,7 +370,7 @@ pub enum Refusal {
     /// The index holds its most peers from this address.
     #[error("the index holds {max} peers from {ip}, its most for one address")]
     PeersPerIp {
-        /// The address.
+        /// The source address (an IPv6 one as its /64 network).
         ip: String,
         /// The limit.
         max: usize,
@@ -385,7 +386,7 @@ pub enum Refusal {
     /// The record does not fit in its address's share of the memory bound.
     #[error("{ip}'s share of the index's memory, {max} bytes, is reached ({needed} bytes needed)")]
     IpMemory {
-        /// The address.
+        /// The source address (an IPv6 one as its /64 network).
         ip: String,
         /// Bytes the address would hold with the record.
         needed: usize,
@@ -436,6 +437,21 @@ fn word_grams(word: &str, out: &mut Vec<u32>) {
     }
 }
 
+/// What a record's per-address limits count against: its IPv4 address, or the /64 network
+/// of its IPv6 address (one host commonly has a whole /64).
+pub fn source_of(ip: &str) -> String {
+    match ip.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V6(v6)) => match v6.to_ipv4_mapped() {
+            Some(v4) => v4.to_string(),
+            None => {
+                let [a, b, c, d, ..] = v6.segments();
+                format!("{a:x}:{b:x}:{c:x}:{d:x}::/64")
+            }
+        },
+        _ => ip.to_owned(),
+    }
+}
+
 /// Whether a name has no word (the only names a query with no word can equal).
 fn is_blank(name: &str) -> bool {
     name.split_whitespace().next().is_none()
@@ -446,6 +462,8 @@ fn is_blank(name: &str) -> bool {
 #[derive(Debug, Clone)]
 pub struct Prepared {
     record: Record,
+    /// What its per-address limits count against ([`source_of`]).
+    source: String,
     /// The files' n-grams, one after the other; file `i`'s end at `ends[i]`.
     grams: Vec<u32>,
     ends: Vec<usize>,
@@ -483,6 +501,7 @@ impl Prepared {
         distinct.sort_unstable();
         distinct.dedup();
         Self {
+            source: source_of(&record.ip),
             record,
             grams,
             ends,
@@ -513,6 +532,8 @@ impl Prepared {
 #[derive(Debug)]
 struct Entry {
     record: Record,
+    /// What its per-address limits count against.
+    source: String,
     /// The id of its first file; its files have the ids that follow.
     first: u32,
     cost: usize,
@@ -582,9 +603,9 @@ impl Index {
     /// oldest first), or why it is refused. Changes nothing.
     pub fn plan(&self, prepared: &Prepared) -> Result<Vec<String>, Refusal> {
         let id = &prepared.record.id;
-        let ip = &prepared.record.ip;
+        let ip = &prepared.source;
         let old = self.records.get(id);
-        let old_here = old.filter(|o| o.record.ip == *ip);
+        let old_here = old.filter(|o| o.source == *ip);
         let source = self.sources.get(ip);
         let new_lists = prepared
             .distinct
@@ -683,7 +704,7 @@ impl Index {
         if files > 0 {
             self.firsts.insert(first, record_id.clone());
         }
-        let source = self.sources.entry(prepared.record.ip.clone()).or_default();
+        let source = self.sources.entry(prepared.source.clone()).or_default();
         source.ids.insert(record_id.clone());
         source.bytes += prepared.cost;
         self.record_bytes += prepared.cost;
@@ -691,6 +712,7 @@ impl Index {
             record_id,
             Entry {
                 record: prepared.record,
+                source: prepared.source,
                 first,
                 cost: prepared.cost,
                 gone,
@@ -736,11 +758,11 @@ impl Index {
             }
             drain_range(&mut self.blank, first, end);
         }
-        if let Some(source) = self.sources.get_mut(&entry.record.ip) {
+        if let Some(source) = self.sources.get_mut(&entry.source) {
             source.ids.remove(id);
             source.bytes = source.bytes.saturating_sub(entry.cost);
             if source.ids.is_empty() {
-                self.sources.remove(&entry.record.ip);
+                self.sources.remove(&entry.source);
             }
         }
         self.record_bytes = self.record_bytes.saturating_sub(entry.cost);
@@ -1041,6 +1063,25 @@ mod tests {
         );
         assert_eq!(index.len(), 5);
         assert_eq!(index.expired(40, 10), vec!["a2".to_owned()]);
+        // IPv6 addresses count by their /64 network; a mapped IPv4 address as that address.
+        let mut index = Index::new(Limits {
+            max_peers_per_ip: 1,
+            ..Limits::default()
+        });
+        let put = |index: &mut Index, id: &str, ip: &str| {
+            index.put(Prepared::new(record(id, ip, &[])), 1).map(|_| ())
+        };
+        assert_eq!(put(&mut index, "v6a", "2001:db8:1:2::1"), Ok(()));
+        assert!(put(&mut index, "v6b", "2001:db8:1:2:ffff::9").is_err());
+        assert_eq!(put(&mut index, "v6c", "2001:db8:1:3::1"), Ok(()));
+        assert_eq!(put(&mut index, "v4a", "10.0.0.1"), Ok(()));
+        assert_eq!(
+            put(&mut index, "v4b", "::ffff:10.0.0.1"),
+            Err(Refusal::PeersPerIp {
+                ip: "10.0.0.1".into(),
+                max: 1
+            })
+        );
         assert!(index.expired(39, 10).is_empty());
     }
 
