@@ -85,7 +85,7 @@ pub const RECORD_COST: usize = 256;
 /// Bytes counted for a file besides its name and hash.
 pub const FILE_COST: usize = 96;
 /// Bytes counted for each entry of a posting list (a 4-byte file id, and the list's spare
-/// capacity: a list never has more than twice its length).
+/// capacity: a list's block never has more than twice its length, or 4).
 pub const POSTING_COST: usize = 8;
 /// Bytes counted for each posting list (its n-gram, its header, its place in the table).
 pub const GRAM_COST: usize = 96;
@@ -550,16 +550,81 @@ struct Source {
     bytes: usize,
 }
 
-/// Removes the ids `first..end` from a sorted posting list, keeping its capacity within
-/// twice its length.
-fn drain_range(list: &mut Vec<u32>, first: u32, end: u32) {
-    let lo = list.partition_point(|&id| id < first);
-    let hi = list.partition_point(|&id| id < end);
-    if lo < hi {
-        list.drain(lo..hi);
+/// File ids a posting list keeps in one block: 16 KiB, so that no list is one large
+/// allocation (large ones, grown and freed, fragment the heap).
+pub const BLOCK: usize = 4096;
+
+/// A sorted list of file ids, in blocks of at most [`BLOCK`] ids; each block's capacity is
+/// kept within twice its length (or 4).
+#[derive(Debug, Default)]
+struct Postings {
+    blocks: Vec<Vec<u32>>,
+    len: usize,
+}
+
+impl Postings {
+    /// Adds `id`, greater than every id held.
+    fn push(&mut self, id: u32) {
+        match self.blocks.last_mut() {
+            Some(block) if block.len() < BLOCK => {
+                if block.len() == block.capacity() {
+                    block.reserve_exact(block.len().max(4).min(BLOCK - block.len()));
+                }
+                block.push(id);
+            }
+            _ => {
+                let mut block = Vec::with_capacity(4);
+                block.push(id);
+                self.blocks.push(block);
+            }
+        }
+        self.len += 1;
     }
-    if list.capacity() > 2 * list.len() + 4 {
-        list.shrink_to_fit();
+
+    /// Removes the ids `first..end`.
+    fn remove_range(&mut self, first: u32, end: u32) {
+        let from = self
+            .blocks
+            .partition_point(|b| b.last().is_some_and(|&last| last < first));
+        let mut i = from;
+        while let Some(block) = self.blocks.get_mut(i) {
+            if block.first().is_none_or(|&id| id >= end) {
+                break;
+            }
+            let lo = block.partition_point(|&id| id < first);
+            let hi = block.partition_point(|&id| id < end);
+            if lo < hi {
+                block.drain(lo..hi);
+                self.len -= hi - lo;
+            }
+            if block.is_empty() {
+                self.blocks.remove(i);
+                continue;
+            }
+            if block.capacity() > 2 * block.len() + 4 {
+                block.shrink_to(block.len().max(4));
+            }
+            i += 1;
+        }
+    }
+
+    /// Whether `id` is held.
+    fn contains(&self, id: u32) -> bool {
+        let at = self
+            .blocks
+            .partition_point(|b| b.last().is_some_and(|&last| last < id));
+        self.blocks
+            .get(at)
+            .is_some_and(|block| block.binary_search(&id).is_ok())
+    }
+
+    /// The ids, in order.
+    fn iter(&self) -> impl Iterator<Item = u32> + '_ {
+        self.blocks.iter().flatten().copied()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.len == 0
     }
 }
 
@@ -571,9 +636,9 @@ pub struct Index {
     /// Each record's first file id, for finding a file by its id.
     firsts: BTreeMap<u32, String>,
     /// For each n-gram of a lowercased name, the ids of the files that have it, sorted.
-    lists: HashMap<u32, Vec<u32>>,
+    lists: HashMap<u32, Postings>,
     /// The ids of the files whose name has no word, sorted.
-    blank: Vec<u32>,
+    blank: Postings,
     sources: HashMap<String, Source>,
     /// Bytes counted for the records held (the posting lists' own cost aside).
     record_bytes: usize,
@@ -750,13 +815,13 @@ impl Index {
             grams.dedup();
             for g in grams {
                 if let Some(list) = self.lists.get_mut(&g) {
-                    drain_range(list, first, end);
+                    list.remove_range(first, end);
                     if list.is_empty() {
                         self.lists.remove(&g);
                     }
                 }
             }
-            drain_range(&mut self.blank, first, end);
+            self.blank.remove_range(first, end);
         }
         if let Some(source) = self.sources.get_mut(&entry.source) {
             source.ids.remove(id);
@@ -813,7 +878,7 @@ impl Index {
     /// Search), at most [`MAX_RESULTS`], by holder and then in the holder's order.
     pub fn search(&self, query: &str) -> Vec<Hit> {
         let words: Vec<String> = query.split_whitespace().map(str::to_lowercase).collect();
-        let mut lists: Vec<&[u32]> = Vec::new();
+        let mut lists: Vec<&Postings> = Vec::new();
         if words.is_empty() {
             lists.push(&self.blank);
         } else {
@@ -830,14 +895,14 @@ impl Index {
                 }
             }
         }
-        lists.sort_by_key(|list| list.len());
+        lists.sort_by_key(|list| list.len);
         let Some((driver, others)) = lists.split_first() else {
             return Vec::new();
         };
         let others = others.get(..others.len().min(3)).unwrap_or_default();
         let mut found: Vec<(&Record, usize, &Listed)> = Vec::new();
-        for &id in *driver {
-            if !others.iter().all(|list| list.binary_search(&id).is_ok()) {
+        for id in driver.iter() {
+            if !others.iter().all(|list| list.contains(id)) {
                 continue;
             }
             let Some((record, place, file)) = self.file(id) else {
@@ -1280,5 +1345,32 @@ mod tests {
         assert_eq!(index.search("more")[0].holder, "new");
         index.remove("old");
         assert!(index.search("kept").is_empty());
+    }
+
+    #[test]
+    fn posting_lists_in_blocks_behave_as_one_sorted_list() {
+        let mut random = Random(7);
+        let mut list = Postings::default();
+        let mut model: Vec<u32> = Vec::new();
+        let mut next = 0u32;
+        for _ in 0..200 {
+            for _ in 0..random.below(3 * BLOCK) {
+                next += 1 + random.below(3) as u32;
+                list.push(next);
+                model.push(next);
+            }
+            let first = random.below(next as usize + 1) as u32;
+            let end = first + random.below(2 * BLOCK) as u32;
+            list.remove_range(first, end);
+            model.retain(|id| !(first..end).contains(id));
+            assert_eq!(list.len, model.len());
+            assert!(list.iter().eq(model.iter().copied()));
+            for probe in [first, end, next, random.below(next as usize + 2) as u32] {
+                assert_eq!(list.contains(probe), model.binary_search(&probe).is_ok());
+            }
+            assert!(list.blocks.iter().all(|b| !b.is_empty()
+                && b.len() <= BLOCK
+                && b.capacity() <= (2 * b.len()).max(4) + 4));
+        }
     }
 }
