@@ -216,6 +216,33 @@ pub struct IndexArgs {
         value_name = "SECONDS"
     )]
     pub grace: u64,
+    /// Mebibytes of memory the records and their search index may take (one source address
+    /// a quarter of it); a JOIN or UPDATE beyond is refused (`full`).
+    #[arg(
+        long,
+        env = "TEIA_INDEX_MAX_MEMORY",
+        default_value_t = 256,
+        value_name = "MIB"
+    )]
+    pub max_memory: usize,
+    /// Mebibytes the records' database may take; a JOIN or UPDATE beyond is refused
+    /// (`full`).
+    #[arg(
+        long,
+        env = "TEIA_INDEX_MAX_DISK",
+        default_value_t = 512,
+        value_name = "MIB"
+    )]
+    pub max_disk: u64,
+    /// Peers of one source IP address the index holds at most; a JOIN beyond is refused
+    /// (`busy`), after dropping that address's records whose connection is gone.
+    #[arg(
+        long,
+        env = "TEIA_INDEX_MAX_PEERS_PER_IP",
+        default_value_t = 64,
+        value_name = "N"
+    )]
+    pub max_peers_per_ip: usize,
 }
 
 /// Flags of `teia send`.

@@ -248,3 +248,241 @@ fn a_teia_node_updates_the_index_when_its_shares_change_and_leaves_on_exit() {
     node.process.terminate();
     eventually_searches(&index, "first.bin", "[]");
 }
+
+/// One JOIN of a teia node as a flood from `source` sends it: `files` names, the last one
+/// `comum.bin`.
+fn flood_join(source: &str, n: usize, files: usize) -> Vec<u8> {
+    let mut names: Vec<String> = (0..files.saturating_sub(1))
+        .map(|j| format!("f{n:05}-{j:05}-{:06}x", (n * 7919 + j * 104_729) % 999_983))
+        .collect();
+    names.push("comum.bin".into());
+    serde_json::json!({"method":"JOIN","data":{"teia":1,
+        "peer":{"peer_id":format!("flood-{source}-{n}"),"key":"k".repeat(43),"port":1},
+        "files":names}})
+    .to_string()
+    .into_bytes()
+}
+
+/// Reads one answer of the index: `JOIN_OK` or a JSON object.
+async fn index_answer(stream: &mut tokio::net::TcpStream) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let mut buffer = vec![0u8; 64 * 1024];
+    loop {
+        let n = tokio::time::timeout(PATIENCE, stream.read(&mut buffer))
+            .await
+            .expect("the index answers")
+            .unwrap();
+        assert!(n > 0, "the index closed: {answer:?}");
+        answer.extend_from_slice(&buffer[..n]);
+        if answer == b"JOIN_OK" || serde_json::from_slice::<serde_json::Value>(&answer).is_ok() {
+            return String::from_utf8(answer).unwrap();
+        }
+    }
+}
+
+/// The answers' kinds: `JOIN_OK`, or the error code.
+fn kind(answer: &str) -> String {
+    if answer == "JOIN_OK" {
+        return answer.into();
+    }
+    let value: serde_json::Value = serde_json::from_str(answer).unwrap();
+    assert_eq!(value["status"], "ERROR", "{answer}");
+    value["error"].as_str().unwrap().to_owned()
+}
+
+/// Floods the index at `addr` from `source` with `count` JOINs of `files` files each, on
+/// `tasks` connections at once; the connections of the first `live` JOINs of each task stay
+/// open until the flood ends. Sends each answer's kind on `progress` as it comes; returns
+/// them all.
+fn flood(
+    addr: SocketAddr,
+    source: &'static str,
+    count: usize,
+    files: usize,
+    tasks: usize,
+    live: usize,
+    progress: std::sync::mpsc::Sender<String>,
+) -> std::thread::JoinHandle<Vec<String>> {
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async move {
+            let mut running = Vec::new();
+            for task in 0..tasks {
+                let progress = progress.clone();
+                running.push(tokio::spawn(async move {
+                    use tokio::io::AsyncWriteExt;
+                    let (mut kinds, mut kept) = (Vec::new(), Vec::new());
+                    for n in (task..count).step_by(tasks) {
+                        let mut stream = connect_from(source, addr).await;
+                        stream
+                            .write_all(&flood_join(source, n, files))
+                            .await
+                            .unwrap();
+                        let answer = kind(&index_answer(&mut stream).await);
+                        let _ = progress.send(answer.clone());
+                        kinds.push(answer);
+                        if kept.len() < live {
+                            kept.push(stream);
+                        }
+                    }
+                    (kinds, kept)
+                }));
+            }
+            let mut kinds = Vec::new();
+            let mut kept = Vec::new();
+            for task in running {
+                let (k, s) = task.await.unwrap();
+                kinds.extend(k);
+                kept.extend(s);
+            }
+            drop(kept);
+            kinds
+        })
+    })
+}
+
+/// The peak resident memory of a process, in bytes (`VmHWM` of /proc/PID/status).
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .expect("VmHWM");
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+#[test]
+fn a_flood_from_one_address_is_capped_and_a_course_peer_still_finds_its_file() {
+    let data = tempfile::tempdir().unwrap();
+    let process = Process::spawn(&[
+        "index",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--grace",
+        "600",
+        "--max-memory",
+        "32",
+    ]);
+    let line = process.wait_for_log("index listening");
+    let index = Index {
+        addr: field(&line, "addr").parse().unwrap(),
+        process,
+    };
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::write(folder.path().join("aula-rara.mp4"), b"video").unwrap();
+    let (_peer, port) = join(&index, folder.path(), &[]);
+
+    // 60 JOINs of 2,500 files (about 1.2 MB counted each) from 127.0.0.7, four at once, the
+    // first three of each kept connected: that address's share is 8 MiB.
+    let (progress, answers) = std::sync::mpsc::channel();
+    let one = flood(index.addr, "127.0.0.7", 60, 2_500, 4, 3, progress.clone());
+    // 100 empty JOINs from 127.0.0.8, all kept connected: 64 peers per address.
+    let many = flood(index.addr, "127.0.0.8", 100, 1, 4, 25, progress.clone());
+    // 40 JOINs like the first from each of four more addresses, six of each kept connected:
+    // together they pass the 32 MiB of the whole index.
+    let others: Vec<_> = ["127.0.0.10", "127.0.0.11", "127.0.0.12", "127.0.0.13"]
+        .into_iter()
+        .map(|source| flood(index.addr, source, 40, 2_500, 2, 3, progress.clone()))
+        .collect();
+    drop(progress);
+    // While it goes on, once the caps have refused something, a course peer searches.
+    loop {
+        let answer = answers.recv_timeout(PATIENCE).expect("flood answers");
+        if answer != "JOIN_OK" {
+            break;
+        }
+    }
+    let empty = tempfile::tempdir().unwrap();
+    let (probe, _) = join(&index, empty.path(), &["aula-rara.mp4"]);
+    probe.wait_for_log(&format!("SEARCH aula-rara.mp4 [{port}]"));
+
+    let one = one.join().unwrap();
+    assert_eq!(one.len(), 60);
+    assert!(one.iter().all(|k| k == "JOIN_OK" || k == "full"), "{one:?}");
+    // Twelve records kept connected do not fit in 8 MiB: some were refused.
+    assert!(one.iter().any(|k| k == "full"), "{one:?}");
+    let many = many.join().unwrap();
+    let ok = many.iter().filter(|k| *k == "JOIN_OK").count();
+    assert_eq!(ok, 64, "{many:?}");
+    assert!(
+        many.iter().all(|k| k == "JOIN_OK" || k == "busy"),
+        "{many:?}"
+    );
+    let others: Vec<String> = others.into_iter().flat_map(|f| f.join().unwrap()).collect();
+    assert!(
+        others.iter().all(|k| k == "JOIN_OK" || k == "full"),
+        "{others:?}"
+    );
+    assert!(others.iter().any(|k| k == "full"), "{others:?}");
+
+    // The bound held in the process: never more than 32 MiB counted, and its memory with it.
+    let mut most = 0;
+    for line in index.process.lines() {
+        if line.contains(" joined ") {
+            let bytes: usize = field(&line, "bytes").parse().unwrap();
+            assert!(bytes <= 32 << 20, "{line}");
+            most = most.max(bytes);
+        }
+    }
+    let peak = peak_rss(index.process.child.id());
+    eprintln!(
+        "the index counted {} MiB at most; its peak resident memory: {} MiB",
+        most >> 20,
+        peak >> 20
+    );
+    assert!(peak < 160 << 20, "the index took {peak} bytes");
+
+    // After the flood: the course peer's file, and the flood's records that were kept.
+    let (probe, _) = join(&index, empty.path(), &["aula-rara.mp4", "comum.bin"]);
+    probe.wait_for_log(&format!("SEARCH aula-rara.mp4 [{port}]"));
+    probe.wait_for_log("SEARCH comum.bin [1]");
+}
+
+#[test]
+fn the_index_database_stays_within_its_bound() {
+    let data = tempfile::tempdir().unwrap();
+    let process = Process::spawn(&[
+        "index",
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.path().to_str().unwrap(),
+        "--max-disk",
+        "2",
+    ]);
+    let line = process.wait_for_log("index listening");
+    let index = Index {
+        addr: field(&line, "addr").parse().unwrap(),
+        process,
+    };
+    let folder = tempfile::tempdir().unwrap();
+    std::fs::write(folder.path().join("pequeno.txt"), b"p").unwrap();
+    let (_peer, port) = join(&index, folder.path(), &[]);
+    // 40 records of 2,500 files (about 125 KB each in the database), all kept connected.
+    let (progress, _answers) = std::sync::mpsc::channel();
+    let kinds = flood(index.addr, "127.0.0.9", 40, 2_500, 2, 20, progress)
+        .join()
+        .unwrap();
+    assert!(
+        kinds.iter().all(|k| k == "JOIN_OK" || k == "full"),
+        "{kinds:?}"
+    );
+    assert!(kinds.iter().any(|k| k == "full"), "{kinds:?}");
+    assert!(kinds.iter().any(|k| k == "JOIN_OK"), "{kinds:?}");
+    let size = std::fs::metadata(data.path().join("index/index.sqlite3"))
+        .unwrap()
+        .len();
+    assert!(size <= 2 << 20, "the database takes {size} bytes");
+    // It still answers, from what it holds.
+    let empty = tempfile::tempdir().unwrap();
+    let (probe, _) = join(&index, empty.path(), &["pequeno.txt", "comum.bin"]);
+    probe.wait_for_log(&format!("SEARCH pequeno.txt [{port}]"));
+    probe.wait_for_log("SEARCH comum.bin [1]");
+}

@@ -115,10 +115,22 @@ pub fn random_seed() -> u64 {
 /// `teia index`: serves the index until a signal.
 async fn index(args: crate::cli::IndexArgs) -> anyhow::Result<()> {
     let dir = data_dir(args.data_dir)?.join("index");
-    let grace = Duration::from_secs(args.grace);
-    let server = teia_files::index::IndexServer::bind(args.listen, &dir, grace).await?;
+    let mut limits =
+        teia_files::proto::napster::Limits::with_memory(args.max_memory.saturating_mul(1 << 20));
+    limits.max_peers_per_ip = args.max_peers_per_ip;
+    let config = teia_files::index::IndexConfig {
+        grace: Duration::from_secs(args.grace),
+        limits,
+        max_disk: args.max_disk.saturating_mul(1 << 20),
+    };
+    let server = teia_files::index::IndexServer::bind(args.listen, &dir, config).await?;
     if let Some(addr) = server.local_addr() {
-        tracing::info!(%addr, records = server.records(), "index listening");
+        tracing::info!(
+            %addr,
+            records = server.records(),
+            bytes = server.bytes(),
+            "index listening"
+        );
     }
     server.serve(shutdown_signal()).await;
     Ok(())
