@@ -481,7 +481,10 @@ impl Engine {
                 .into_iter()
                 .filter(|m| m != owner && *m != self.config.node)
                 .collect();
-            match self.fetch_project(cluster, owner, port, &others, &lease).await {
+            match self
+                .fetch_project(cluster, owner, port, &others, &lease)
+                .await
+            {
                 Ok(_) => {
                     // The owner hands the project's modules out once enough nodes hold it.
                     let told = (owner.to_owned(), lease.blob.clone());

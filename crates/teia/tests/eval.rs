@@ -107,16 +107,7 @@ fn cluster_worker(owner: &NodeProcess, name: &str) -> NodeProcess {
 }
 
 fn wait_done(addr: &str, id: u64) -> Value {
-    let deadline = Instant::now() + PATIENCE * 2;
-    loop {
-        let (status, detail) = get(addr, &format!("/evaluation/{id}"));
-        assert_eq!(status, 200, "{detail}");
-        if detail["status"] == "done" || detail["status"] == "failed" {
-            return detail;
-        }
-        assert!(Instant::now() < deadline, "not done: {detail}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_evaluation(addr, id)
 }
 
 /// pytest's own counts for a project (one serial run that, like teia's runs by module,
@@ -387,13 +378,10 @@ fn a_git_url_submission_clones_a_local_bare_repository_and_keeps_the_token_secre
         "git@127.0.0.1:repo.git".to_owned(),
         "http://127.0.0.1:1/repo.git".to_owned(),
     ] {
-        let body = serde_json::json!({"projects": [url]});
-        let (status, refused) = http(
+        let (status, refused) = post_json(
             &strict_addr,
-            "POST",
             "/evaluation",
-            "application/json",
-            body.to_string().as_bytes(),
+            &serde_json::json!({"projects": [url]}),
         );
         assert_eq!(status, 400, "{url}: {refused}");
         assert!(
@@ -404,13 +392,10 @@ fn a_git_url_submission_clones_a_local_bare_repository_and_keeps_the_token_secre
             "{refused}"
         );
     }
-    let body = serde_json::json!({"projects": ["https://127.0.0.1:1/closed.git"]});
-    let (status, failed) = http(
+    let (status, failed) = post_json(
         &strict_addr,
-        "POST",
         "/evaluation",
-        "application/json",
-        body.to_string().as_bytes(),
+        &serde_json::json!({"projects": ["https://127.0.0.1:1/closed.git"]}),
     );
     assert_eq!(status, 400, "{failed}");
     assert!(

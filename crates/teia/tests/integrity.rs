@@ -37,20 +37,6 @@ fn submit(addr: &str, bytes: &[u8]) -> u64 {
     created["id"].as_u64().unwrap()
 }
 
-/// Waits for evaluation `id` at `addr` to end; its detail.
-fn wait_done(addr: &str, id: u64) -> Value {
-    let deadline = Instant::now() + PATIENCE * 2;
-    loop {
-        let (status, detail) = get(addr, &format!("/evaluation/{id}"));
-        assert_eq!(status, 200, "{detail}");
-        if detail["status"] == "done" || detail["status"] == "failed" {
-            return detail;
-        }
-        assert!(Instant::now() < deadline, "not done: {detail}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 /// A SEND from the course client `src` to `dst` carrying job message `msg`.
 fn job_send(msg_id: &str, src: &str, dst: &str, msg: Value) -> Value {
     json!({"type":"SEND","msg_id":msg_id,"src":src,"dst":dst,
@@ -64,19 +50,7 @@ fn job_send(msg_id: &str, src: &str, dst: &str, msg: Value) -> Value {
 #[test]
 fn forged_results_and_control_from_a_plaintext_client_change_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let owner = NodeProcess::start(
-        "judge",
-        "eval",
-        &[
-            "--http",
-            "127.0.0.1:0",
-            "--peer",
-            "127.0.0.1:1",
-            "--workers",
-            "1",
-        ],
-    );
-    let http = field(&owner.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let (owner, http) = http_node("judge", "eval", &["--workers", "1"]);
     let id = submit(&http, &slow_project_zip(dir.path(), 1));
     let mut forger = CourseClient::connect(&owner.addr(), "forger@eval");
     owner.wait_link("forger@eval");
@@ -98,7 +72,7 @@ fn forged_results_and_control_from_a_plaintext_client_change_nothing() {
         forger.send(&job_send(&msg_id, "forger@eval", &owner.peer_id, msg));
         forger.read_until(|m| m["type"] == "ACK" && m["msg_id"] == msg_id.as_str());
     }
-    let detail = wait_done(&http, id);
+    let detail = wait_evaluation(&http, id);
     let module = &detail["projects"]["p"]["modules"]["tests/test_slow_0.py"];
     assert_eq!(
         (module["passed"].as_u64(), module["failed"].as_u64()),
@@ -131,23 +105,11 @@ fn forged_results_and_control_from_a_plaintext_client_change_nothing() {
 fn a_keyed_node_without_the_secret_is_no_member_and_runs_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let secret = ["--cluster-secret", "our-lab"];
-    let owner = NodeProcess::start(
+    let (owner, http) = http_node(
         "owner",
         "eval",
-        &[
-            &[
-                "--http",
-                "127.0.0.1:0",
-                "--peer",
-                "127.0.0.1:1",
-                "--workers",
-                "1",
-            ][..],
-            &secret,
-        ]
-        .concat(),
+        &[&["--workers", "1"][..], &secret].concat(),
     );
-    let http = field(&owner.process.wait_for_log("HTTP API listening"), "bound").to_owned();
     let stranger = NodeProcess::start(
         "stranger",
         "eval",
@@ -168,7 +130,7 @@ fn a_keyed_node_without_the_secret_is_no_member_and_runs_nothing() {
         .wait_for_log("a node of the cluster proved itself");
     assert!(proved.contains("member@eval"), "{proved}");
     let id = submit(&http, &slow_project_zip(dir.path(), 4));
-    let detail = wait_done(&http, id);
+    let detail = wait_evaluation(&http, id);
     let modules = detail["projects"]["p"]["modules"].as_object().unwrap();
     assert_eq!(modules.len(), 4, "{detail}");
     assert!(modules.values().all(|m| m["passed"] == 1), "{detail}");
@@ -215,19 +177,7 @@ fn raw_request(addr: &str, head: &str, headers: &str, body: &[u8]) -> (u16, Stri
 #[test]
 fn requests_a_web_page_makes_need_the_token() {
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(
-        "judge",
-        "eval",
-        &[
-            "--http",
-            "127.0.0.1:0",
-            "--peer",
-            "127.0.0.1:1",
-            "--workers",
-            "1",
-        ],
-    );
-    let http = field(&node.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let (node, http) = http_node("judge", "eval", &["--workers", "1"]);
     let zip = slow_project_zip(dir.path(), 1);
     let boundary = "teiaboundary7MA4YWxkTrZu0gW";
     let mut form = format!(
@@ -288,12 +238,7 @@ fn requests_a_web_page_makes_need_the_token() {
 /// is answered at once, and the idle ones are closed by the node.
 #[test]
 fn idle_connections_do_not_take_the_http_api() {
-    let node = NodeProcess::start(
-        "judge",
-        "eval",
-        &["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"],
-    );
-    let http = field(&node.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let (_node, http) = http_node("judge", "eval", &[]);
     let target: std::net::SocketAddr = http.parse().unwrap();
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -329,19 +274,7 @@ fn idle_connections_do_not_take_the_http_api() {
 fn an_aborted_upload_leaves_nothing_and_the_list_pages() {
     use std::io::Write;
     let dir = tempfile::tempdir().unwrap();
-    let node = NodeProcess::start(
-        "judge",
-        "eval",
-        &[
-            "--http",
-            "127.0.0.1:0",
-            "--peer",
-            "127.0.0.1:1",
-            "--workers",
-            "1",
-        ],
-    );
-    let http = field(&node.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let (node, http) = http_node("judge", "eval", &["--workers", "1"]);
     let uploads = node
         .data_dir()
         .join("nodes")
@@ -416,23 +349,11 @@ fn path_without_bubblewrap(dir: &std::path::Path) -> std::path::PathBuf {
 fn a_node_without_a_sandbox_runs_only_its_own_submissions() {
     let dir = tempfile::tempdir().unwrap();
     let secret = ["--cluster-secret", "our-lab"];
-    let owner = NodeProcess::start(
+    let (owner, owner_http) = http_node(
         "owner",
         "eval",
-        &[
-            &[
-                "--http",
-                "127.0.0.1:0",
-                "--peer",
-                "127.0.0.1:1",
-                "--workers",
-                "1",
-            ][..],
-            &secret,
-        ]
-        .concat(),
+        &[&["--workers", "1"][..], &secret].concat(),
     );
-    let owner_http = field(&owner.process.wait_for_log("HTTP API listening"), "bound").to_owned();
     let mut bare = teia();
     bare.env("PATH", path_without_bubblewrap(dir.path()));
     let worker = NodeProcess::start_with(
@@ -461,7 +382,7 @@ fn a_node_without_a_sandbox_runs_only_its_own_submissions() {
         .process
         .wait_for_log("a node of the cluster proved itself");
     let id = submit(&owner_http, &slow_project_zip(dir.path(), 3));
-    let detail = wait_done(&owner_http, id);
+    let detail = wait_evaluation(&owner_http, id);
     let modules = detail["projects"]["p"]["modules"].as_object().unwrap();
     assert!(
         modules.values().all(|m| m["node"] == owner.addr().as_str()),
@@ -480,6 +401,6 @@ fn a_node_without_a_sandbox_runs_only_its_own_submissions() {
             .contains("no working sandbox"),
         "{created}"
     );
-    let own = wait_done(&worker_http, created["id"].as_u64().unwrap());
+    let own = wait_evaluation(&worker_http, created["id"].as_u64().unwrap());
     assert_eq!(own["tests"]["passed"], 1, "{own}");
 }

@@ -600,6 +600,44 @@ pub fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
+/// A JSON body POSTed to `path`.
+pub fn post_json(addr: &str, path: &str, body: &Value) -> (u16, Value) {
+    http(
+        addr,
+        "POST",
+        path,
+        "application/json",
+        body.to_string().as_bytes(),
+    )
+}
+
+/// Waits for evaluation `id` at the HTTP API `addr` to end (done or failed); its detail.
+pub fn wait_evaluation(addr: &str, id: u64) -> Value {
+    let deadline = Instant::now() + PATIENCE * 2;
+    loop {
+        let (status, detail) = get(addr, &format!("/evaluation/{id}"));
+        assert_eq!(status, 200, "{detail}");
+        if detail["status"] == "done" || detail["status"] == "failed" {
+            return detail;
+        }
+        assert!(Instant::now() < deadline, "not done: {detail}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A node with the HTTP API on a free port and `extra` flags, linked to no one unless
+/// `extra` says so; the node and its HTTP address.
+pub fn http_node(name: &str, namespace: &str, extra: &[&str]) -> (NodeProcess, String) {
+    let mut args = vec!["--http", "127.0.0.1:0"];
+    if !extra.contains(&"--peer") {
+        args.extend_from_slice(&["--peer", "127.0.0.1:1"]);
+    }
+    args.extend_from_slice(extra);
+    let node = NodeProcess::start(name, namespace, &args);
+    let addr = field(&node.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    (node, addr)
+}
+
 pub fn get(addr: &str, path: &str) -> (u16, Value) {
     http(addr, "GET", path, "text/plain", b"")
 }
