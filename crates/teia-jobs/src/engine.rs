@@ -43,8 +43,9 @@ pub const REPLICAS: usize = 2;
 /// (nodes that run no test modules never pull them): then its modules are handed out, and
 /// `POST /evaluation` answered, regardless.
 pub const REPLICATION_WAIT: Duration = Duration::from_secs(5);
-/// Finished evaluations kept (with their results, answered by `GET /evaluation/<id>`);
-/// past it, the oldest finished are forgotten, their folders removed, when a new one comes.
+/// Finished evaluations kept by default (with their results, answered by
+/// `GET /evaluation/<id>`); past it, the oldest finished are forgotten, their folders
+/// removed, when a new one comes.
 pub const KEEP_FINISHED: usize = 500;
 
 /// How to run the engine.
@@ -74,6 +75,9 @@ pub struct EngineConfig {
     /// The share of module results (0 to 1) run again, chosen at random when each arrives,
     /// on another trusted node, to catch a node that lies or is broken.
     pub verify: f64,
+    /// Finished evaluations kept (`--keep-evaluations`; [`KEEP_FINISHED`] by default): past
+    /// it, the oldest finished are forgotten, their folders removed, when a new one comes.
+    pub keep_finished: usize,
     /// The URL schemes of the git repositories it clones (`https`; `http`, `ssh`, `git`,
     /// `file` only when allowed: `file` also allows local paths).
     pub git_schemes: Vec<String>,
@@ -333,7 +337,7 @@ impl Engine {
         )
     }
 
-    /// Forgets the oldest finished evaluations past [`KEEP_FINISHED`]: from the ledger, the
+    /// Forgets the oldest finished evaluations past `keep_finished`: from the ledger, the
     /// database and the disk.
     fn forget_oldest_finished(&self) {
         let mut state = lock(&self.state);
@@ -343,11 +347,12 @@ impl Engine {
             .filter(|e| !matches!(e.status(), "queued" | "running"))
             .map(|e| (e.finished_at.unwrap_or(e.submitted_at), e.id))
             .collect();
-        if finished.len() <= KEEP_FINISHED {
+        let keep = self.config.keep_finished;
+        if finished.len() <= keep {
             return;
         }
         finished.sort_unstable();
-        let excess = finished.len() - KEEP_FINISHED;
+        let excess = finished.len() - keep;
         for (_, id) in finished.into_iter().take(excess) {
             state.ledger.remove(id);
             if let Err(e) = state
@@ -358,10 +363,7 @@ impl Engine {
             }
             let _ =
                 std::fs::remove_dir_all(self.config.dir.join("evaluations").join(id.to_string()));
-            tracing::info!(
-                id,
-                "finished evaluation forgotten (more than {KEEP_FINISHED} kept)"
-            );
+            tracing::info!(id, "finished evaluation forgotten (more than {keep} kept)");
         }
     }
 

@@ -503,6 +503,11 @@ pub struct NodeArgs {
     #[arg(long, env = "TEIA_VERIFY", default_value_t = 0.0, value_name = "FRACTION", value_parser = fraction)]
     pub verify: f64,
 
+    /// Finished evaluations kept (with their results); past it, the oldest finished are
+    /// forgotten, their folders removed, when a new one comes.
+    #[arg(long, env = "TEIA_KEEP_EVALUATIONS", default_value_t = teia_jobs::engine::KEEP_FINISHED, value_name = "N")]
+    pub keep_evaluations: usize,
+
     /// A URL scheme of git repositories submitted to clone besides `https` (repeatable:
     /// `http`, `ssh`, `git`, or `file`, which also allows local paths: the node's own
     /// repositories).

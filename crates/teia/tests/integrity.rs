@@ -404,3 +404,36 @@ fn a_node_without_a_sandbox_runs_only_its_own_submissions() {
     let own = wait_evaluation(&worker_http, created["id"].as_u64().unwrap());
     assert_eq!(own["tests"]["passed"], 1, "{own}");
 }
+
+/// `--keep-evaluations 1`: when a new evaluation comes, the finished ones past the newest
+/// are forgotten, their folders removed.
+#[test]
+fn finished_evaluations_are_kept_up_to_the_count_given() {
+    let dir = tempfile::tempdir().unwrap();
+    let (node, http) = http_node("judge", "eval", &["--keep-evaluations", "1"]);
+    let ids: Vec<u64> = (0..3)
+        .map(|_| {
+            let id = submit(&http, &slow_project_zip(dir.path(), 1));
+            wait_evaluation(&http, id);
+            id
+        })
+        .collect();
+    let (status, _) = get(&http, &format!("/evaluation/{}", ids[0]));
+    assert_eq!(status, 404, "the oldest was forgotten");
+    let (_, list) = get(&http, "/evaluation");
+    let listed: Vec<u64> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(listed.len(), 2, "{list}");
+    assert!(!listed.contains(&ids[0]), "{list}");
+    let folder = node
+        .data_dir()
+        .join("nodes")
+        .join("judge@eval.jobs")
+        .join("evaluations")
+        .join(ids[0].to_string());
+    assert!(!folder.exists(), "{} is left", folder.display());
+}

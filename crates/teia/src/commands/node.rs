@@ -346,6 +346,7 @@ async fn start_jobs(
         },
         others: sandboxed_or_allowed(&isolation, args.unsandboxed),
         verify: args.verify,
+        keep_finished: args.keep_evaluations,
         git_schemes: std::iter::once("https".to_owned())
             .chain(args.allow_git_schemes.iter().cloned())
             .collect(),
