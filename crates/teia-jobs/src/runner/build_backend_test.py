@@ -17,6 +17,12 @@ def _attack():
         open(OUTSIDE, "w").write("escaped")
     except Exception as e:
         seen.append("outside: %s" % type(e).__name__)
+    import socket
+    try:
+        socket.create_connection(("127.0.0.1", PORT), timeout=3).close()
+        seen.append("loopback: reached")
+    except Exception as e:
+        seen.append("loopback: %s" % type(e).__name__)
     open(os.path.join(os.environ["HOME"], "seen.txt"), "w").write("\n".join(seen))
 
 

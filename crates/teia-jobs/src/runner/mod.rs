@@ -1002,8 +1002,9 @@ mod tests {
     }
 
     /// `pip install` runs a project's own code (here an in-tree build backend): in the
-    /// sandbox, it reads nothing of the node (its files, other processes' command lines)
-    /// and writes nowhere but the environment it builds.
+    /// sandbox, it reads nothing of the node (its files, other processes' command lines),
+    /// writes nowhere but the environment it builds, and (with slirp4netns, which `.ci/run`
+    /// installs) reaches no service on this machine's loopback.
     #[tokio::test]
     async fn requirements_are_built_in_the_sandbox() {
         let isolation = Isolation::detect();
@@ -1017,6 +1018,7 @@ mod tests {
         let secret = runner_dir.join("secret.txt");
         std::fs::write(&secret, "the node's secret").unwrap();
         let outside = runner_dir.join("escaped.txt");
+        let service = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let marker = format!("teia-marker-{}", std::process::id());
         let mut witness = std::process::Command::new("python3")
             .args(["-c", "import time; time.sleep(120)", &marker])
@@ -1035,9 +1037,10 @@ mod tests {
         std::fs::write(
             backend.join("evil_backend.py"),
             format!(
-                "SECRET = {:?}\nOUTSIDE = {:?}\n{}",
+                "SECRET = {:?}\nOUTSIDE = {:?}\nPORT = {}\n{}",
                 secret.to_string_lossy(),
                 outside.to_string_lossy(),
+                service.local_addr().unwrap().port(),
                 include_str!("build_backend_test.py")
             ),
         )
@@ -1054,6 +1057,10 @@ mod tests {
         assert!(!seen.contains("the node's secret"), "{seen}");
         assert!(!seen.contains(&marker), "{seen}");
         assert!(!outside.exists(), "the build wrote outside its environment");
+        if venv::find_program("slirp4netns").is_some() {
+            assert!(seen.contains("loopback: "), "{seen}");
+            assert!(!seen.contains("loopback: reached"), "{seen}");
+        }
     }
 
     /// A project's requirements are installed once into an environment that its modules

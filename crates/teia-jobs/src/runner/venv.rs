@@ -6,7 +6,11 @@
 //! node stopped while building it) is built again. With bubblewrap, it is built in the
 //! tasks' sandbox (the project's code runs in `pip install`: a build backend, a `setup.py`):
 //! the network allowed, nothing of the node visible, only the environment being built and
-//! the build's home writable, as a task id of its own when the node is root. A build that failed is remembered until
+//! the build's home writable, as a task id of its own when the node is root. Its network
+//! is a namespace of its own behind `slirp4netns` with the host's loopback refused, so a
+//! build reaches the internet (PyPI) but none of this machine's local services (the node's
+//! HTTP API among them); without `slirp4netns`, it has the host's network, and the node
+//! says so. A build that failed is remembered until
 //! the node restarts, so the other modules of its project fail at once with the same
 //! message.
 
@@ -197,6 +201,10 @@ impl VenvCache {
         dir: &Path,
         what: &str,
     ) -> Result<(), String> {
+        let slirp = self
+            .sandbox
+            .as_ref()
+            .and_then(|_| find_program("slirp4netns"));
         let mut command = match &self.sandbox {
             Some((bwrap, _)) => {
                 let prefixes = python_prefixes(build.python);
@@ -206,12 +214,26 @@ impl VenvCache {
                         .chain(prefixes.iter().map(PathBuf::as_path))
                         .collect(),
                     writable: vec![build.venv, build.home],
-                    network: true,
+                    // With slirp4netns: a network namespace of its own, connected below.
+                    network: slirp.is_none(),
                     keep_capabilities: false,
                 };
                 let mut command = tokio::process::Command::new(bwrap);
+                command.args(sandbox::bwrap_args(&plan));
+                if slirp.is_some() {
+                    // slirp4netns answers DNS at 10.0.2.3; bwrap says the sandbox's pid on
+                    // stderr and waits for a byte on stdin before it runs the build.
+                    let resolv = self.dir.join("resolv.conf");
+                    std::fs::write(&resolv, "nameserver 10.0.2.3\n").map_err(|e| e.to_string())?;
+                    command
+                        .arg("--ro-bind")
+                        .arg(&resolv)
+                        .arg("/etc/resolv.conf")
+                        .args(["--info-fd", "2", "--block-fd", "0"]);
+                } else {
+                    warn_host_network();
+                }
                 command
-                    .args(sandbox::bwrap_args(&plan))
                     .arg("--chdir")
                     .arg(dir)
                     .args(sandbox::become_task(build.id))
@@ -225,13 +247,23 @@ impl VenvCache {
             .arg(program)
             .args(args)
             .current_dir(dir)
-            .stdin(Stdio::null())
+            .stdin(if slirp.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
         clean_environment(&mut command, &self.support, build.home);
-        let output = match tokio::time::timeout(BUILD_TIME, command.output()).await {
+        let run = async {
+            match &slirp {
+                Some(slirp) => run_behind_slirp(command, slirp).await,
+                None => command.output().await.map_err(|e| e.to_string()),
+            }
+        };
+        let output = match tokio::time::timeout(BUILD_TIME, run).await {
             Err(_) => return Err(format!("{what} took more than {BUILD_TIME:?}")),
             Ok(Err(e)) => return Err(format!("{what}: {e}")),
             Ok(Ok(output)) => output,
@@ -249,4 +281,109 @@ impl VenvCache {
         let tail = said.get(start..).unwrap_or_default();
         Err(format!("{what} failed: {tail}"))
     }
+}
+
+/// Time `slirp4netns` has to connect a build's network namespace.
+const SLIRP_TIME: Duration = Duration::from_secs(10);
+
+/// Bytes of what bwrap says about its sandbox read at most.
+const INFO_KEPT: usize = 4096;
+
+/// `program` on the node's `PATH`, if it is there.
+pub(crate) fn find_program(program: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|dir| dir.join(program))
+            .find(|p| p.is_file())
+    })
+}
+
+/// Says once that builds have the host's network (no `slirp4netns` here).
+fn warn_host_network() {
+    static SAID: std::sync::Once = std::sync::Once::new();
+    SAID.call_once(|| {
+        tracing::warn!(
+            "requirements are installed with the host's network, this machine's local \
+             services included: install slirp4netns to give builds the internet only"
+        );
+    });
+}
+
+/// Runs a build's bwrap `command` (started with `--info-fd 2 --block-fd 0`): reads the
+/// sandbox's pid from its stderr, connects the sandbox's network namespace to the internet
+/// with `slirp4netns` (the host's loopback refused), lets the build start, and collects its
+/// output; `slirp4netns` is stopped when the build ends.
+async fn run_behind_slirp(
+    mut command: tokio::process::Command,
+    slirp: &Path,
+) -> Result<std::process::Output, String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+    let mut child = command.spawn().map_err(|e| e.to_string())?;
+    let mut stdin = child.stdin.take().ok_or("no pipe to bwrap")?;
+    let stdout = child.stdout.take().ok_or("no pipe from bwrap")?;
+    let mut stderr = tokio::io::BufReader::new(child.stderr.take().ok_or("no pipe from bwrap")?);
+    // bwrap's JSON, `{ ... "child-pid": N, ... }`, one field a line, ends with `}`.
+    let mut info = String::new();
+    let mut pid = None;
+    while info.len() < INFO_KEPT {
+        let mut line = String::new();
+        let read = tokio::time::timeout(SLIRP_TIME, (&mut stderr).take(1024).read_line(&mut line))
+            .await
+            .map_err(|_| "bwrap did not say its sandbox's pid".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if read == 0 {
+            break;
+        }
+        if let Some(value) = line.trim().strip_prefix("\"child-pid\":") {
+            pid = value.trim().trim_end_matches(',').parse::<u32>().ok();
+        }
+        info.push_str(&line);
+        if line.trim() == "}" {
+            break;
+        }
+    }
+    let pid = pid.ok_or_else(|| format!("bwrap did not start: {}", info.trim()))?;
+    let mut network = tokio::process::Command::new(slirp)
+        .args([
+            "--configure",
+            "--mtu=65520",
+            "--disable-host-loopback",
+            "--ready-fd=1",
+        ])
+        .arg(pid.to_string())
+        .arg("tap0")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| format!("cannot run slirp4netns: {e}"))?;
+    let mut ready = network.stdout.take().ok_or("no pipe from slirp4netns")?;
+    let mut byte = [0u8; 1];
+    let connected = tokio::time::timeout(SLIRP_TIME, ready.read(&mut byte)).await;
+    if !matches!(connected, Ok(Ok(1))) {
+        let _ = network.kill().await;
+        return Err("slirp4netns could not give the build a network".into());
+    }
+    stdin.write_all(b"1").await.map_err(|e| e.to_string())?;
+    drop(stdin);
+    let collect = |pipe: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {
+        let mut bytes = Vec::new();
+        let _ = pipe
+            .take(OUTPUT_KEPT as u64 * 4)
+            .read_to_end(&mut bytes)
+            .await;
+        bytes
+    };
+    let (out, err, status) = tokio::join!(
+        collect(Box::new(stdout)),
+        collect(Box::new(stderr)),
+        child.wait()
+    );
+    let _ = network.kill().await;
+    Ok(std::process::Output {
+        status: status.map_err(|e| e.to_string())?,
+        stdout: out,
+        stderr: err,
+    })
 }
