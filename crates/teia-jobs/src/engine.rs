@@ -229,7 +229,7 @@ impl Engine {
             for body in rows.flatten() {
                 if let Ok(mut evaluation) = serde_json::from_str::<Evaluation>(&body) {
                     // Modules that were running when the node stopped run again.
-                    requeue_running(&mut evaluation);
+                    evaluation.requeue_running();
                     ledger.replicate(evaluation);
                 }
             }
@@ -728,7 +728,7 @@ impl Engine {
         let mut state = lock(&self.state);
         state.ledger.take_over(eval, &self.config.node);
         if let Some(mut evaluation) = state.ledger.get(eval).cloned() {
-            requeue_running(&mut evaluation);
+            evaluation.requeue_running();
             state.save(&evaluation);
             state.ledger.replicate(evaluation);
         }
@@ -986,22 +986,6 @@ impl Engine {
                     "evaluations": evaluations},
             "nodes": nodes,
         })
-    }
-}
-
-/// Puts the modules of `evaluation` that were running back in the queue, their attempt
-/// raised (their worker's result will not count).
-fn requeue_running(evaluation: &mut Evaluation) {
-    for module in evaluation
-        .projects
-        .values_mut()
-        .flat_map(|p| p.modules.values_mut())
-    {
-        if let ModuleState::Leased { attempt, .. } = module.state {
-            module.state = ModuleState::Pending {
-                attempt: attempt + 1,
-            };
-        }
     }
 }
 

@@ -62,34 +62,17 @@ fn python_zip(path: &Path, entries: &str) -> Vec<u8> {
 }
 
 fn start(extra: &[&str]) -> (NodeProcess, String) {
-    let mut args = vec!["--http", "127.0.0.1:0", "--peer", "127.0.0.1:1"];
-    args.extend_from_slice(extra);
-    let node = NodeProcess::start("judge", "eval", &args);
-    let line = node.process.wait_for_log("HTTP API listening");
-    let addr = field(&line, "bound").to_owned();
-    (node, addr)
+    http_node("judge", "eval", extra)
 }
 
 /// An owner in the cluster of secret "our-lab" (one worker), with the HTTP API; its
 /// address.
 fn cluster_owner() -> (NodeProcess, String) {
-    let owner = NodeProcess::start(
+    http_node(
         "owner",
         "eval",
-        &[
-            "--http",
-            "127.0.0.1:0",
-            "--peer",
-            "127.0.0.1:1",
-            "--cluster-secret",
-            "our-lab",
-            "--workers",
-            "1",
-        ],
-    );
-    let line = owner.process.wait_for_log("HTTP API listening");
-    let addr = field(&line, "bound").to_owned();
-    (owner, addr)
+        &["--cluster-secret", "our-lab", "--workers", "1"],
+    )
 }
 
 /// A worker of `owner`'s cluster (one worker), linked to it.
@@ -708,12 +691,7 @@ fn an_owner_killed_right_after_answering_loses_no_project() {
         "--http",
         "127.0.0.1:0",
     ];
-    let owner = NodeProcess::start(
-        "a-owner",
-        "eval",
-        &[&["--peer", "127.0.0.1:1"][..], &common].concat(),
-    );
-    let owner_http = field(&owner.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let (owner, owner_http) = http_node("a-owner", "eval", &common[..4]);
     let owner_addr = owner.addr();
     let worker_args = [&["--peer", owner_addr.as_str()][..], &common].concat();
     let first = NodeProcess::start("b-worker", "eval", &worker_args);
@@ -804,23 +782,7 @@ fn verification_catches_a_node_that_lies() {
     let files: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), honest)).collect();
     let bytes = zip_of(dir.path(), &files);
     let secret = ["--cluster-secret", "our-lab", "--workers", "1"];
-    let owner = NodeProcess::start(
-        "owner",
-        "eval",
-        &[
-            &[
-                "--http",
-                "127.0.0.1:0",
-                "--peer",
-                "127.0.0.1:1",
-                "--verify",
-                "1",
-            ][..],
-            &secret,
-        ]
-        .concat(),
-    );
-    let http = field(&owner.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let (owner, http) = http_node("owner", "eval", &[&["--verify", "1"][..], &secret].concat());
     let liar = NodeProcess::start(
         "liar",
         "eval",

@@ -448,27 +448,22 @@ fn a_teia_worker_works_for_a_python_master_in_both_envelopes() {
 /// A node serving script jobs from `tasks` over HTTP, running `task_workers` itself; its
 /// HTTP address.
 fn jobs_node(tasks: &Path, task_workers: &str) -> (NodeProcess, String) {
-    let node = NodeProcess::start(
-        "jobs",
-        "seed001",
-        &[
-            "--peer",
-            "127.0.0.1:1",
-            "--http",
-            "127.0.0.1:0",
-            "--tasks-dir",
-            tasks.to_str().unwrap(),
-            "--master-port",
-            "127.0.0.1:0",
-            "--discovery-port",
-            &free_udp_port().to_string(),
-            "--task-workers",
-            task_workers,
-        ],
-    );
-    let line = node.process.wait_for_log("HTTP API listening");
-    let addr = field(&line, "bound").to_owned();
-    (node, addr)
+    jobs_node_with(tasks, &["--task-workers", task_workers])
+}
+
+/// A node serving script jobs from `tasks` over HTTP, with `extra` flags; its HTTP address.
+fn jobs_node_with(tasks: &Path, extra: &[&str]) -> (NodeProcess, String) {
+    let discovery = free_udp_port().to_string();
+    let mut args = vec![
+        "--tasks-dir",
+        tasks.to_str().unwrap(),
+        "--master-port",
+        "127.0.0.1:0",
+        "--discovery-port",
+        &discovery,
+    ];
+    args.extend_from_slice(extra);
+    http_node("jobs", "seed001", &args)
 }
 
 /// `POST /jobs` queues a script job on a node with `--tasks-dir`; `GET /jobs/<id>` follows
@@ -784,25 +779,7 @@ fn links_and_fifos_a_task_leaves_are_not_followed() {
     std::fs::create_dir_all(&staging).unwrap();
     let main = "import os\nprint('before')\nos.remove('stdout.txt')\nos.symlink('/proc/self/cmdline', 'stdout.txt')\nos.symlink('/dev/zero', 'zero.txt')\nos.mkfifo('fifo.txt')\n";
     zip_task(&staging.join("tricks.zip"), main, "name,value\n");
-    let node = NodeProcess::start(
-        "jobs",
-        "seed001",
-        &[
-            "--peer",
-            "127.0.0.1:1",
-            "--http",
-            "127.0.0.1:0",
-            "--tasks-dir",
-            tasks.to_str().unwrap(),
-            "--master-port",
-            "127.0.0.1:0",
-            "--discovery-port",
-            &free_udp_port().to_string(),
-            "--cluster-secret",
-            "secret-of-the-node",
-        ],
-    );
-    let addr = field(&node.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let (_node, addr) = jobs_node_with(&tasks, &["--cluster-secret", "secret-of-the-node"]);
     let (status, created) = post_file(
         &addr,
         "/jobs",

@@ -263,6 +263,22 @@ fn counts_of(module: &Module) -> (TestCounts, ModuleCounts) {
 }
 
 impl Evaluation {
+    /// Puts the modules that were running back in the queue, their attempt raised (their
+    /// worker's result will not count): after a restart, or when another node takes over.
+    pub fn requeue_running(&mut self) {
+        for module in self
+            .projects
+            .values_mut()
+            .flat_map(|p| p.modules.values_mut())
+        {
+            if let ModuleState::Leased { attempt, .. } = module.state {
+                module.state = ModuleState::Pending {
+                    attempt: attempt + 1,
+                };
+            }
+        }
+    }
+
     /// `queued`, `running`, `done` or `failed`.
     pub fn status(&self) -> &'static str {
         if self.failure.is_some() {
@@ -805,16 +821,7 @@ mod tests {
     /// disputed and the owner's own run stands.
     #[test]
     fn verifications_go_to_another_worker_and_the_owners_run_stands() {
-        let mut ledger = Ledger::default();
-        ledger.submit(
-            3,
-            "o",
-            0,
-            vec![project(
-                "p",
-                &[("tests/test_a.py", 2), ("tests/test_b.py", 2)],
-            )],
-        );
+        let mut ledger = two_modules(3, 2);
         let first = ledger.lease("o", "liar", 0, 1000, 0).unwrap();
         let lie = ModuleResult {
             node: "liar".into(),
@@ -890,18 +897,25 @@ mod tests {
         assert!(ledger.lease("o", "w3", 4000, 1000, 0).is_none());
     }
 
-    #[test]
-    fn evaluations_take_turns_and_long_modules_go_first() {
+    /// A ledger with evaluation `id` of owner `o`: project `p` of `tests/test_a.py` and
+    /// `tests/test_b.py`, each of `tests` tests.
+    fn two_modules(id: EvalId, tests: u32) -> Ledger {
         let mut ledger = Ledger::default();
         ledger.submit(
-            1,
+            id,
             "o",
             0,
             vec![project(
                 "p",
-                &[("tests/test_a.py", 1), ("tests/test_b.py", 1)],
+                &[("tests/test_a.py", tests), ("tests/test_b.py", tests)],
             )],
         );
+        ledger
+    }
+
+    #[test]
+    fn evaluations_take_turns_and_long_modules_go_first() {
+        let mut ledger = two_modules(1, 1);
         let a = ledger.lease("o", "w", 0, 1000, 0).unwrap();
         let b = ledger.lease("o", "w", 0, 1000, 0).unwrap();
         ledger.complete(&a, "w", ok(1, 0, 1.0), 0);

@@ -520,17 +520,7 @@ impl Sim {
             let node = &mut self.nodes[i];
             node.ledger.take_over(eval, &me);
             if let Some(mut evaluation) = node.ledger.get(eval).cloned() {
-                for module in evaluation
-                    .projects
-                    .values_mut()
-                    .flat_map(|p| p.modules.values_mut())
-                {
-                    if let ModuleState::Leased { attempt, .. } = module.state {
-                        module.state = ModuleState::Pending {
-                            attempt: attempt + 1,
-                        };
-                    }
-                }
+                evaluation.requeue_running();
                 node.ledger.replicate(evaluation);
             }
             let update = JobMessage::EvaluationResponsibilityUpdate {

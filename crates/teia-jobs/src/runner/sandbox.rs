@@ -168,28 +168,23 @@ pub(crate) fn bwrap_args(plan: &Plan<'_>) -> Vec<OsString> {
         push(&["--unshare-user"]);
     }
     push(&["--cap-drop", "ALL"]);
-    if plan.keep_capabilities {
-        push(&["--cap-add", "CAP_SYS_ADMIN", "--cap-add", "CAP_NET_ADMIN"]);
-        if root {
-            push(&[
-                "--cap-add",
-                "CAP_SETUID",
-                "--cap-add",
-                "CAP_SETGID",
-                "--cap-add",
-                "CAP_KILL",
-            ]);
-        }
-    } else if root {
-        // Only to become the task's own id with no capability left (setpriv).
-        push(&[
-            "--cap-add",
+    // The warm interpreter's: to make each task's namespaces (and, as root, to give it its
+    // own id and end it). A cold task's, as root: only to become its own id with no
+    // capability left (setpriv).
+    let kept: &[&str] = match (plan.keep_capabilities, root) {
+        (true, true) => &[
+            "CAP_SYS_ADMIN",
+            "CAP_NET_ADMIN",
             "CAP_SETUID",
-            "--cap-add",
             "CAP_SETGID",
-            "--cap-add",
-            "CAP_SETPCAP",
-        ]);
+            "CAP_KILL",
+        ],
+        (true, false) => &["CAP_SYS_ADMIN", "CAP_NET_ADMIN"],
+        (false, true) => &["CAP_SETUID", "CAP_SETGID", "CAP_SETPCAP"],
+        (false, false) => &[],
+    };
+    for capability in kept {
+        push(&["--cap-add", capability]);
     }
     args
 }
