@@ -760,7 +760,14 @@ mod tests {
 
     const MIX: &str = "import pytest\n\ndef test_ok():\n    assert True\n\ndef test_no():\n    assert False\n\n@pytest.mark.skip\ndef test_skip():\n    pass\n\n@pytest.fixture\ndef broken():\n    raise RuntimeError\n\ndef test_error(broken):\n    pass\n";
 
-    const HANG: &str = "import subprocess, time\n\ndef test_first():\n    assert True\n\ndef test_hangs():\n    subprocess.Popen(['sleep', '300'])\n    time.sleep(60)\n";
+    /// Python that starts a child holding a lock on `outlives.lock` in its folder, waits
+    /// until it holds it, then hangs: the lock is free again only once the child is gone.
+    const HOLDER: &str = "import os, subprocess, sys, time\nHOLD = 'import fcntl, time\\nf = open(\"outlives.lock\", \"w\")\\nfcntl.flock(f, fcntl.LOCK_EX)\\nopen(\"outlives.ready\", \"w\").close()\\ntime.sleep(300)\\n'\n\ndef start_holder():\n    open('outlives.lock', 'w').close()\n    subprocess.Popen([sys.executable, '-c', HOLD])\n    while not os.path.exists('outlives.ready'):\n        time.sleep(0.01)\n";
+
+    /// A module whose second test starts a [`HOLDER`] child and hangs.
+    fn hang_module() -> String {
+        format!("{HOLDER}\ndef test_first():\n    assert True\n\ndef test_hangs():\n    start_holder()\n    time.sleep(60)\n")
+    }
 
     /// Both ways of starting a module (forked from a warm interpreter, and cold) count
     /// each outcome, keep the results of a module killed at its timeout, and kill what it
@@ -771,7 +778,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let src = dir.path().join("p");
         project(&src, "test_mix.py", MIX);
-        project(&src, "test_hang.py", HANG);
+        project(&src, "test_hang.py", &hang_module());
         let (warm, cold) = warm_and_cold(&dir.path().join("runner"), python, Isolation::Limits);
         for (name, runner) in [("warm", &warm), ("cold", &cold)] {
             let work = dir.path().join(format!("{name}-mix"));
@@ -791,7 +798,6 @@ mod tests {
         }
         let warm_running = warm_count(&warm).await;
         assert_eq!(warm_running, 1, "the warm runner forked its modules");
-        sleepers_gone(300).await;
     }
 
     /// Under bubblewrap (when it works here), a module, forked warm or started cold, has no
@@ -844,25 +850,13 @@ mod tests {
                 outcome.output
             );
             // The child that left its session held a lock: it is free once it is gone.
-            let held = std::fs::File::open(work.join("project").join("held.lock")).unwrap();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive)
-                .is_err()
-            {
-                assert!(
-                    Instant::now() < deadline,
-                    "{name}: a process of the task outlived it"
-                );
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
+            lock_freed(&work.join("project").join("held.lock"), name).await;
         }
-        // Its own sleep, not to be mistaken for another test's.
-        project(&src, "test_hang.py", &HANG.replace("300", "301"));
+        project(&src, "test_hang.py", &hang_module());
         for (name, runner) in [("warm", &warm), ("cold", &cold)] {
             let work = runner_dir.join("work").join(format!("{name}-hang"));
             assert_killed_at_timeout(runner, &src, &work).await;
         }
-        sleepers_gone(301).await;
         let warm_running = warm_count(&warm).await;
         assert_eq!(
             warm_running, 1,
@@ -879,12 +873,12 @@ mod tests {
         let python = interpreter().await;
         let dir = tempfile::tempdir().unwrap();
         let (warm, cold) = warm_and_cold(&dir.path().join("runner"), python, Isolation::detect());
-        let main = "import atexit, sys\nimport pluggy\nprint('args', sys.argv)\nprint('mine', pluggy.MINE)\nprint('to stderr', file=sys.stderr)\nopen('out.txt', 'w').write('made')\natexit.register(lambda: print('bye'))\nif sys.argv[1] == 'raise':\n    raise ValueError('no')\nif sys.argv[1] == 'hang':\n    import subprocess, time\n    subprocess.Popen(['sleep', '302'])\n    time.sleep(60)\nsys.exit(3)\n";
+        let main = format!("{HOLDER}import atexit\nimport pluggy\nprint('args', sys.argv)\nprint('mine', pluggy.MINE)\nprint('to stderr', file=sys.stderr)\nopen('out.txt', 'w').write('made')\natexit.register(lambda: print('bye'))\nif sys.argv[1] == 'raise':\n    raise ValueError('no')\nif sys.argv[1] == 'hang':\n    start_holder()\n    time.sleep(60)\nsys.exit(3)\n");
         for (name, runner) in [("warm", &warm), ("cold", &cold)] {
             for (arg, code) in [("exit", Some(3)), ("raise", Some(1)), ("hang", None)] {
                 let folder = runner.work_dir().join(format!("{name}-{arg}"));
                 std::fs::create_dir_all(&folder).unwrap();
-                std::fs::write(folder.join("main.py"), main).unwrap();
+                std::fs::write(folder.join("main.py"), &main).unwrap();
                 std::fs::write(folder.join("pluggy.py"), "MINE = 1\n").unwrap();
                 let outcome = runner.run_script(&folder, &[arg]).await.unwrap();
                 let stdout = std::fs::read_to_string(folder.join("stdout.txt")).unwrap();
@@ -906,9 +900,11 @@ mod tests {
                 if arg == "raise" {
                     assert!(stderr.contains("ValueError: no"), "{what}");
                 }
+                if arg == "hang" {
+                    lock_freed(&folder.join("outlives.lock"), &what).await;
+                }
             }
         }
-        sleepers_gone(302).await;
         assert_eq!(
             warm_count(&warm).await,
             1,
@@ -917,7 +913,7 @@ mod tests {
     }
 
     /// Runs `src`'s `tests/test_hang.py` in `work`: killed at the timeout, the test it
-    /// finished kept and the one it was in counted as an error.
+    /// finished kept, the one it was in counted as an error, and the child it started gone.
     async fn assert_killed_at_timeout(runner: &Runner, src: &Path, work: &Path) {
         let hang = runner
             .run_module(src, "tests/test_hang.py", work, "n")
@@ -930,6 +926,7 @@ mod tests {
             "{}",
             hang.output
         );
+        lock_freed(&work.join("project").join("outlives.lock"), &hang.output).await;
     }
 
     /// Two runners on `dir` with a 4 s timeout: one that forks from warm interpreters, one
@@ -953,22 +950,19 @@ mod tests {
         }
     }
 
-    /// Waits until no `sleep SECONDS` (as [`HANG`] starts them) is left; fails after 10 s.
-    async fn sleepers_gone(seconds: u32) {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let sleepers = std::process::Command::new("pgrep")
-                .args(["-f", &format!("^sleep {seconds}$")])
-                .output()
-                .unwrap();
-            if sleepers.stdout.is_empty() {
-                return;
-            }
+    /// Waits until the lock on `path` a task's child held is free, that is until that child
+    /// is gone; fails after 30 s.
+    async fn lock_freed(path: &Path, what: &str) {
+        let held = std::fs::File::open(path).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .is_err()
+        {
             assert!(
                 Instant::now() < deadline,
-                "what a module started outlived it"
+                "{what}: a process of the task outlived it"
             );
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

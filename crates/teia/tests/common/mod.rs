@@ -492,7 +492,11 @@ impl NodeProcess {
 
     /// Sends `/msg DST TEXT` and returns the message id from the `sent` event.
     pub fn msg(&mut self, dst: &str, text: &str) -> String {
-        let before = self.count(|e| e["event"] == "sent");
+        // Earlier commands' `sent` events may still be on their way: count only those to
+        // `dst` (as the shell names it, without a leading `@`), answered in order.
+        let named = dst.strip_prefix('@').unwrap_or(dst);
+        let to_dst = |e: &Value| e["event"] == "sent" && e["dst"] == named;
+        let before = self.count(to_dst);
         self.command(&format!("/msg {dst} {text}"));
         let deadline = Instant::now() + PATIENCE;
         loop {
@@ -502,7 +506,7 @@ impl NodeProcess {
                 .lock()
                 .unwrap()
                 .iter()
-                .filter(|e| e["event"] == "sent")
+                .filter(|e| to_dst(e))
                 .cloned()
                 .collect();
             if sent.len() > before {
