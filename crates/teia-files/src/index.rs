@@ -492,7 +492,7 @@ async fn answer(
 ) -> Vec<u8> {
     let request = match Request::from_value(value) {
         Ok(request) => request,
-        Err(detail) => return error_answer("bad_request", &detail),
+        Err(refused) => return error_answer("bad_request", &refused.to_string()),
     };
     match request {
         Request::Search { query, teia } => {

@@ -15,7 +15,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::download::Source;
 use crate::proto::msg::Found;
-use crate::proto::napster::{Hit, Listed, ObjectReader};
+use crate::proto::napster::{Hit, Listed, ObjectReader, ReadError};
 use crate::proto::tree::Hash;
 use crate::service::{lock, FilesEvent, Holding, Inner, SeedHolding};
 
@@ -36,21 +36,47 @@ pub(crate) enum IndexCommand {
     Leave(oneshot::Sender<()>),
 }
 
+/// Why the link to the index went down.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    /// The index closed the connection.
+    #[error("the index closed the connection")]
+    Closed,
+    /// The connection failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// No answer within [`ANSWER_TIMEOUT`].
+    #[error("the index did not answer")]
+    NoAnswer,
+    /// The connection did not open within [`ANSWER_TIMEOUT`].
+    #[error("connect timed out")]
+    ConnectTimedOut,
+    /// The answer is not a message.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The answer is longer than a message may be.
+    #[error("the index's answer is too long")]
+    TooLong,
+    /// JOIN was refused.
+    #[error("JOIN answered {0}")]
+    JoinRefused(String),
+}
+
 enum Answer {
     Token(String),
     Json(Value),
 }
 
-async fn read_answer(stream: &mut TcpStream) -> Result<Answer, String> {
+async fn read_answer(stream: &mut TcpStream) -> Result<Answer, LinkError> {
     let mut reader = ObjectReader::default();
     let mut raw = Vec::new();
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
         let n = match tokio::time::timeout(ANSWER_TIMEOUT, stream.read(&mut buffer)).await {
             Ok(Ok(n)) if n > 0 => n,
-            Ok(Ok(_)) => return Err("the index closed the connection".into()),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("the index did not answer".into()),
+            Ok(Ok(_)) => return Err(LinkError::Closed),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(LinkError::NoAnswer),
         };
         let bytes = buffer.get(..n).unwrap_or_default();
         raw.extend_from_slice(bytes);
@@ -59,7 +85,7 @@ async fn read_answer(stream: &mut TcpStream) -> Result<Answer, String> {
             reader.push(bytes);
             match reader.next_object() {
                 Some(Ok(value)) => return Ok(Answer::Json(value)),
-                Some(Err(e)) => return Err(e.to_string()),
+                Some(Err(e)) => return Err(e.into()),
                 None => continue,
             }
         }
@@ -67,16 +93,13 @@ async fn read_answer(stream: &mut TcpStream) -> Result<Answer, String> {
             return Ok(Answer::Token(trimmed));
         }
         if raw.len() > crate::proto::napster::MAX_MESSAGE {
-            return Err("the index's answer is too long".into());
+            return Err(LinkError::TooLong);
         }
     }
 }
 
-async fn exchange(stream: &mut TcpStream, request: &Value) -> Result<Answer, String> {
-    stream
-        .write_all(request.to_string().as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
+async fn exchange(stream: &mut TcpStream, request: &Value) -> Result<Answer, LinkError> {
+    stream.write_all(request.to_string().as_bytes()).await?;
     read_answer(stream).await
 }
 
@@ -135,12 +158,11 @@ async fn session(
     inner: &Arc<Inner>,
     server: &str,
     commands: &mut mpsc::Receiver<IndexCommand>,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let mut stream = tokio::time::timeout(ANSWER_TIMEOUT, TcpStream::connect(server))
         .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
-    let index_ip = stream.peer_addr().map_err(|e| e.to_string())?.ip();
+        .map_err(|_| LinkError::ConnectTimedOut)??;
+    let index_ip = stream.peer_addr()?.ip();
     let mut sent = listing(inner);
     let join = json!({"method":"JOIN","data":{"teia":1,"peer":{
         "peer_id": inner.node_peer_id(),
@@ -149,8 +171,8 @@ async fn session(
         "files": sent}});
     match exchange(&mut stream, &join).await? {
         Answer::Token(token) if token == "JOIN_OK" => {}
-        Answer::Token(token) => return Err(format!("JOIN answered {token}")),
-        Answer::Json(value) => return Err(format!("JOIN answered {value}")),
+        Answer::Token(token) => return Err(LinkError::JoinRefused(token)),
+        Answer::Json(value) => return Err(LinkError::JoinRefused(value.to_string())),
     }
     tracing::info!(%server, files = sent.len(), "joined the index");
     let mut ticker = tokio::time::interval(UPDATE_EVERY);

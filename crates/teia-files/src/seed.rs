@@ -18,7 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::download::PARTIAL_SUFFIX;
-use crate::proto::napster::{ObjectReader, Request};
+use crate::proto::napster::{ObjectReader, ReadError, Request, RequestError};
 use crate::proto::tree::OutboardBuilder;
 use crate::service::{lock, FilesEvent, Inner};
 use crate::share;
@@ -35,6 +35,60 @@ const PIECE: usize = 1024 * 1024;
 /// Shortest time between two log lines about requests for files not shared: the first is
 /// logged at once, the next ones counted and summarised in one line per this period.
 pub const NOT_FOUND_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Why a seed 004 exchange with a course peer failed.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum SeedError {
+    /// The bytes are not a message.
+    #[error(transparent)]
+    Read(#[from] ReadError),
+    /// The message is not a request.
+    #[error(transparent)]
+    Request(#[from] RequestError),
+    /// The connection closed before a whole message.
+    #[error("the connection closed")]
+    Closed,
+    /// The connection failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// No message within the time allowed.
+    #[error("timed out")]
+    TimedOut,
+    /// The requested name has no file name in it.
+    #[error("the file name has no final part")]
+    NoFileName,
+    /// The course peer did not accept the connection in time.
+    #[error("connect timed out")]
+    ConnectTimedOut,
+    /// The course peer refused (or answered something else).
+    #[error("the peer answered {0}")]
+    Refused(serde_json::Value),
+    /// The course peer's OK has no size.
+    #[error("the peer's answer has no fileSize")]
+    NoSize,
+    /// The partial file could not be written.
+    #[error("{path}: {source}", path = .path.display())]
+    File {
+        /// The partial file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The course peer closed before the whole file.
+    #[error("the peer closed after {received} of {size} bytes")]
+    Cut {
+        /// Bytes received.
+        received: u64,
+        /// Bytes announced.
+        size: u64,
+    },
+    /// The course peer sent nothing for [`STALL_TIMEOUT`].
+    #[error("the peer stalled")]
+    Stalled,
+    /// The bytes hashed are not the size announced.
+    #[error("size mismatch while hashing")]
+    SizeMismatch,
+}
 
 /// One kind of repeated log line, summarised: the first occurrence is logged at once, the
 /// next ones are counted, and one line with their count is due at most once per `period`
@@ -75,19 +129,19 @@ async fn read_object(
     stream: &mut TcpStream,
     reader: &mut ObjectReader,
     timeout: Duration,
-) -> Result<serde_json::Value, String> {
+) -> Result<serde_json::Value, SeedError> {
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
         match reader.next_object() {
             Some(Ok(value)) => return Ok(value),
-            Some(Err(e)) => return Err(e.to_string()),
+            Some(Err(e)) => return Err(e.into()),
             None => {}
         }
         let n = match tokio::time::timeout(timeout, stream.read(&mut buffer)).await {
             Ok(Ok(n)) if n > 0 => n,
-            Ok(Ok(_)) => return Err("the connection closed".into()),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("timed out".into()),
+            Ok(Ok(_)) => return Err(SeedError::Closed),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(SeedError::TimedOut),
         };
         reader.push(buffer.get(..n).unwrap_or_default());
     }
@@ -119,7 +173,7 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut stream: TcpStream, peer: Socket
     let mut reader = ObjectReader::default();
     let request = read_object(&mut stream, &mut reader, REQUEST_TIMEOUT)
         .await
-        .and_then(|value| Request::from_value(&value));
+        .and_then(|value| Request::from_value(&value).map_err(SeedError::from));
     let filename = match request {
         Ok(Request::DownloadRequest { filename }) => filename,
         Ok(_) => {
@@ -128,7 +182,8 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut stream: TcpStream, peer: Socket
             let _ = stream.write_all(answer.to_string().as_bytes()).await;
             return;
         }
-        Err(detail) => {
+        Err(e) => {
+            let detail = e.to_string();
             let answer = json!({"status": "ERROR", "error": "bad_format", "detail": detail});
             let _ = stream.write_all(answer.to_string().as_bytes()).await;
             return;
@@ -211,7 +266,7 @@ pub(crate) async fn fetch(inner: Arc<Inner>, addr: SocketAddr, filename: String,
         Err(reason) => FilesEvent::SeedFailed {
             name: filename,
             holder: addr.to_string(),
-            reason,
+            reason: reason.to_string(),
         },
     };
     inner.emit(event).await;
@@ -221,40 +276,38 @@ async fn fetch_inner(
     addr: &SocketAddr,
     filename: &str,
     dir: &Path,
-) -> Result<(PathBuf, u64, crate::proto::tree::Hash), String> {
+) -> Result<(PathBuf, u64, crate::proto::tree::Hash), SeedError> {
     let name = Path::new(filename)
         .file_name()
-        .ok_or("the file name has no final part")?
+        .ok_or(SeedError::NoFileName)?
         .to_owned();
     let target = dir.join(&name);
     let mut stream = tokio::time::timeout(REQUEST_TIMEOUT, TcpStream::connect(addr))
         .await
-        .map_err(|_| "connect timed out".to_owned())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|_| SeedError::ConnectTimedOut)??;
     let request = json!({"method": "DOWNLOAD_REQUEST",
                          "data": {"filename": filename, "port": addr.port()}});
-    stream
-        .write_all(request.to_string().as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
+    stream.write_all(request.to_string().as_bytes()).await?;
     let mut reader = ObjectReader::default();
     let first = read_object(&mut stream, &mut reader, REQUEST_TIMEOUT).await?;
     if first.get("status").and_then(|s| s.as_str()) != Some("OK") {
-        return Err(format!("the peer answered {first}"));
+        return Err(SeedError::Refused(first));
     }
     let size = first
         .get("fileSize")
         .and_then(serde_json::Value::as_u64)
-        .ok_or("the peer's answer has no fileSize")?;
+        .ok_or(SeedError::NoSize)?;
     let decision = read_object(&mut stream, &mut reader, crate::serve::APPROVAL_TIMEOUT).await?;
     if decision.get("status").and_then(|s| s.as_str()) != Some("downloadAccepted") {
-        return Err(format!("the peer answered {decision}"));
+        return Err(SeedError::Refused(decision));
     }
     let mut partial = target.as_os_str().to_owned();
     partial.push(PARTIAL_SUFFIX);
     let partial = PathBuf::from(partial);
-    let file =
-        std::fs::File::create(&partial).map_err(|e| format!("{}: {e}", partial.display()))?;
+    let file = std::fs::File::create(&partial).map_err(|source| SeedError::File {
+        path: partial.clone(),
+        source,
+    })?;
     let mut hasher = OutboardBuilder::new(size);
     let mut received = 0u64;
     let rest = reader.take_rest();
@@ -264,26 +317,30 @@ async fn fetch_inner(
         let take = (pending.len() as u64).min(size - received) as usize;
         let piece = pending.get(..take).unwrap_or_default();
         hasher.update(piece);
-        std::os::unix::fs::FileExt::write_all_at(&file, piece, received)
-            .map_err(|e| format!("{}: {e}", partial.display()))?;
+        std::os::unix::fs::FileExt::write_all_at(&file, piece, received).map_err(|source| {
+            SeedError::File {
+                path: partial.clone(),
+                source,
+            }
+        })?;
         received += take as u64;
         if received >= size {
             break;
         }
         let n = match tokio::time::timeout(STALL_TIMEOUT, stream.read(&mut buffer)).await {
             Ok(Ok(n)) if n > 0 => n,
-            Ok(Ok(_)) => return Err(format!("the peer closed after {received} of {size} bytes")),
-            Ok(Err(e)) => return Err(e.to_string()),
-            Err(_) => return Err("the peer stalled".into()),
+            Ok(Ok(_)) => return Err(SeedError::Cut { received, size }),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err(SeedError::Stalled),
         };
         pending = buffer.get(..n).unwrap_or_default().to_vec();
     }
-    file.sync_all().map_err(|e| e.to_string())?;
+    file.sync_all()?;
     let hash = hasher
         .finish()
         .map(|o| o.hash())
-        .ok_or("size mismatch while hashing")?;
-    std::fs::rename(&partial, &target).map_err(|e| e.to_string())?;
+        .ok_or(SeedError::SizeMismatch)?;
+    std::fs::rename(&partial, &target)?;
     Ok((target, size, hash))
 }
 

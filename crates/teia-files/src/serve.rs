@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 use std::time::Duration;
 
-use teia_node::stream::DataStream;
+use teia_node::stream::{DataStream, StreamError};
 
 use crate::proto::msg::{self, code, Reply, Request, MAX_CHUNKS_PER_REQUEST, MAX_STREAM_LINE};
 use crate::proto::tree::{Hash, Layout};
@@ -83,15 +83,24 @@ fn take_slot(inner: &Arc<Inner>, peer: &str) -> Option<Slot> {
     })
 }
 
-async fn read_request(stream: &mut DataStream) -> Result<Option<Request>, String> {
+/// Why a requester's line is not a request.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    /// The stream failed.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// The line is not a request.
+    #[error("bad request: {0}")]
+    Malformed(#[from] serde_json::Error),
+}
+
+async fn read_request(stream: &mut DataStream) -> Result<Option<Request>, RequestError> {
     let line = match tokio::time::timeout(IDLE_TIMEOUT, stream.read_line(MAX_STREAM_LINE)).await {
         Ok(Ok(Some(line))) => line,
         Ok(Ok(None)) | Err(_) => return Ok(None),
-        Ok(Err(e)) => return Err(e.to_string()),
+        Ok(Err(e)) => return Err(e.into()),
     };
-    serde_json::from_slice(&line)
-        .map(Some)
-        .map_err(|e| format!("bad request: {e}"))
+    Ok(Some(serde_json::from_slice(&line)?))
 }
 
 async fn refuse(stream: &mut DataStream, code: &str, detail: String) {
@@ -147,7 +156,7 @@ pub(crate) async fn serve_requests(inner: Arc<Inner>, mut stream: DataStream) {
             return refuse(&mut stream, code::BAD_REQUEST, "GET comes first".into()).await
         }
         Ok(None) => return,
-        Err(e) => return refuse(&mut stream, code::BAD_REQUEST, e).await,
+        Err(e) => return refuse(&mut stream, code::BAD_REQUEST, e.to_string()).await,
     };
     let Some(hash) = Hash::from_hex(&hash) else {
         return refuse(
@@ -205,7 +214,7 @@ pub(crate) async fn serve_requests(inner: Arc<Inner>, mut stream: DataStream) {
                 return refuse(&mut stream, code::BAD_REQUEST, detail).await;
             }
             Ok(None) => return,
-            Err(e) => return refuse(&mut stream, code::BAD_REQUEST, e).await,
+            Err(e) => return refuse(&mut stream, code::BAD_REQUEST, e.to_string()).await,
         };
         for index in chunks {
             let Some((offset, len)) = layout.range(index) else {

@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde_json::Value;
 use teia_core::identity::PublicKey;
 use teia_node::node::NodeHandle;
-use teia_node::stream::DataStream;
+use teia_node::stream::{DataStream, StreamError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::download::{self, Download, DownloadInfo, Source};
@@ -71,20 +71,51 @@ pub enum Approval {
     None,
 }
 
-impl std::str::FromStr for Approval {
-    type Err = String;
+/// A name that is not an approval policy.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown approval policy {0:?}; use all, ask, trusted or none")]
+pub struct UnknownApproval(pub String);
 
-    fn from_str(text: &str) -> Result<Self, String> {
+impl std::str::FromStr for Approval {
+    type Err = UnknownApproval;
+
+    fn from_str(text: &str) -> Result<Self, UnknownApproval> {
         match text {
             "all" => Ok(Self::All),
             "ask" => Ok(Self::Ask),
             "trusted" => Ok(Self::Trusted),
             "none" => Ok(Self::None),
-            other => Err(format!(
-                "unknown approval policy {other:?}; use all, ask, trusted or none"
-            )),
+            other => Err(UnknownApproval(other.to_owned())),
         }
     }
+}
+
+/// Why a holder we cannot dial did not reach us another way.
+#[derive(Debug, thiserror::Error)]
+pub enum DialBackError {
+    /// The node has stopped.
+    #[error("the node has stopped")]
+    NodeStopped,
+    /// No neighbour of ours accepts connections.
+    #[error("no neighbour accepts connections to splice through")]
+    NoRelay,
+    /// Every relay failed; the last one's reason.
+    #[error("splice through {relay}: {source}")]
+    Splice {
+        /// The relay.
+        relay: String,
+        /// Its failure.
+        source: StreamError,
+    },
+    /// No relay answered.
+    #[error("no relay answered")]
+    NoRelayAnswered,
+    /// [`MAX_DIAL_BACKS_WAITING`] requests already wait.
+    #[error("too many dial-back requests waiting")]
+    TooMany,
+    /// The holder did not open a stream to us within [`DIAL_BACK_TIMEOUT`].
+    #[error("the holder did not open a stream back")]
+    NoStreamBack,
 }
 
 /// How to run the service.
@@ -464,12 +495,12 @@ impl Inner {
         &self,
         source: &Source,
         hash: Hash,
-    ) -> Result<DataStream, String> {
+    ) -> Result<DataStream, DialBackError> {
         let snapshot = self
             .node
             .snapshot()
             .await
-            .map_err(|_| "the node has stopped".to_owned())?;
+            .map_err(|_| DialBackError::NodeStopped)?;
         let relays: Vec<String> = snapshot
             .neighbours
             .iter()
@@ -478,7 +509,7 @@ impl Inner {
             .take(msg::MAX_RELAYS)
             .collect();
         if relays.is_empty() {
-            return Err("no neighbour accepts connections to splice through".into());
+            return Err(DialBackError::NoRelay);
         }
         let ask = self.new_token();
         let mut openings = tokio::task::JoinSet::new();
@@ -494,7 +525,7 @@ impl Inner {
                 let opened = node
                     .open_spliced_stream(&relay, &holder, &ask, "files", key)
                     .await;
-                opened.map_err(|e| format!("splice through {relay}: {e}"))
+                opened.map_err(|source| DialBackError::Splice { relay, source })
             });
         }
         let question = Question::DialBack {
@@ -508,7 +539,7 @@ impl Inner {
         };
         let body = serde_json::to_value(question).unwrap_or(Value::Null);
         let _ = self.node.query("files", body, SEARCH_TTL).await;
-        let mut last = String::from("no relay answered");
+        let mut last = DialBackError::NoRelayAnswered;
         while let Some(opened) = openings.join_next().await {
             match opened {
                 Ok(Ok(stream)) => {
@@ -516,7 +547,7 @@ impl Inner {
                     return Ok(stream);
                 }
                 Ok(Err(e)) => last = e,
-                Err(e) => last = e.to_string(),
+                Err(_) => last = DialBackError::NoRelayAnswered,
             }
         }
         Err(last)
@@ -528,7 +559,7 @@ impl Inner {
         &self,
         source: &Source,
         hash: Hash,
-    ) -> Result<DataStream, String> {
+    ) -> Result<DataStream, DialBackError> {
         let Some(listen) = self.config.listen else {
             return self.request_splice(source, hash).await;
         };
@@ -537,7 +568,7 @@ impl Inner {
         {
             let mut waiting = lock(&self.dial_backs);
             if waiting.len() >= MAX_DIAL_BACKS_WAITING {
-                return Err("too many dial-back requests waiting".into());
+                return Err(DialBackError::TooMany);
             }
             waiting.insert(token.clone(), (source.key, reply));
         }
@@ -553,13 +584,13 @@ impl Inner {
         let body = serde_json::to_value(question).unwrap_or(Value::Null);
         if self.node.query("files", body, SEARCH_TTL).await.is_err() {
             lock(&self.dial_backs).remove(&token);
-            return Err("the node has stopped".into());
+            return Err(DialBackError::NodeStopped);
         }
         let result = tokio::time::timeout(DIAL_BACK_TIMEOUT, stream).await;
         lock(&self.dial_backs).remove(&token);
         match result {
             Ok(Ok(stream)) => Ok(stream),
-            _ => Err("the holder did not open a stream back".into()),
+            _ => Err(DialBackError::NoStreamBack),
         }
     }
 

@@ -230,13 +230,42 @@ fn files_of(data: &Value) -> Vec<Listed> {
         .unwrap_or_default()
 }
 
+/// Why a request object is not a request; the message goes back in the error answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// No `method` string.
+    #[error("no method")]
+    NoMethod,
+    /// A method this index does not know.
+    #[error("unknown method {0:?}")]
+    UnknownMethod(String),
+    /// A teia JOIN whose `data.peer` does not read.
+    #[error("teia JOIN without its peer: {0}")]
+    NoPeer(String),
+    /// A peer id or key longer than [`MAX_ID_BYTES`].
+    #[error("a peer id or key is at most {MAX_ID_BYTES} bytes")]
+    IdTooLong,
+    /// SEARCH without its query.
+    #[error("SEARCH without data.query")]
+    NoQuery,
+    /// A query longer than [`MAX_QUERY_BYTES`].
+    #[error("a query is at most {MAX_QUERY_BYTES} bytes")]
+    QueryTooLong,
+    /// UPDATE without its list of files.
+    #[error("UPDATE without data.files")]
+    NoFiles,
+    /// DOWNLOAD_REQUEST without the file's name.
+    #[error("DOWNLOAD_REQUEST without data.filename")]
+    NoFilename,
+}
+
 impl Request {
     /// Reads a request object; `Err` says what is wrong, for the error answer.
-    pub fn from_value(value: &Value) -> Result<Self, String> {
+    pub fn from_value(value: &Value) -> Result<Self, RequestError> {
         let method = value
             .get("method")
             .and_then(Value::as_str)
-            .ok_or("no method")?;
+            .ok_or(RequestError::NoMethod)?;
         let data = value.get("data").cloned().unwrap_or(Value::Null);
         let is_teia = data.get("teia").is_some_and(|t| !t.is_null());
         match method {
@@ -249,9 +278,9 @@ impl Request {
                 teia: if is_teia {
                     let peer: TeiaPeer =
                         serde_json::from_value(data.get("peer").cloned().unwrap_or(Value::Null))
-                            .map_err(|e| format!("teia JOIN without its peer: {e}"))?;
+                            .map_err(|e| RequestError::NoPeer(e.to_string()))?;
                     if peer.peer_id.len() > MAX_ID_BYTES || peer.key.len() > MAX_ID_BYTES {
-                        return Err(format!("a peer id or key is at most {MAX_ID_BYTES} bytes"));
+                        return Err(RequestError::IdTooLong);
                     }
                     Some(peer)
                 } else {
@@ -262,9 +291,9 @@ impl Request {
                 let query = data
                     .get("query")
                     .and_then(Value::as_str)
-                    .ok_or("SEARCH without data.query")?;
+                    .ok_or(RequestError::NoQuery)?;
                 if query.len() > MAX_QUERY_BYTES {
-                    return Err(format!("a query is at most {MAX_QUERY_BYTES} bytes"));
+                    return Err(RequestError::QueryTooLong);
                 }
                 Ok(Self::Search {
                     query: query.to_owned(),
@@ -273,7 +302,7 @@ impl Request {
             }
             "UPDATE" => {
                 if data.get("files").and_then(Value::as_array).is_none() {
-                    return Err("UPDATE without data.files".into());
+                    return Err(RequestError::NoFiles);
                 }
                 Ok(Self::Update {
                     files: files_of(&data),
@@ -284,10 +313,10 @@ impl Request {
                 filename: data
                     .get("filename")
                     .and_then(Value::as_str)
-                    .ok_or("DOWNLOAD_REQUEST without data.filename")?
+                    .ok_or(RequestError::NoFilename)?
                     .to_owned(),
             }),
-            other => Err(format!("unknown method {other:?}")),
+            other => Err(RequestError::UnknownMethod(other.to_owned())),
         }
     }
 }
