@@ -1,17 +1,19 @@
-//! Downloading one file from every holder at once: a stream per holder pulls chunks that
-//! the [`Planner`] hands out, each chunk is hashed as it lands in the partial file and
-//! checked against the outboard (so a bad byte costs one chunk and the holder that sent it),
-//! and the partial file is renamed once every chunk is verified.
+//! Downloading one file from every holder at once, the runtime of the [`Swarm`] policy: a
+//! stream per holder pulls the chunks the swarm hands out, each chunk is hashed as it lands
+//! in the partial file and checked against the outboard (so a bad byte costs one chunk and
+//! the holder that sent it), and the partial file is renamed once every chunk is verified.
+//! This file does the I/O and keeps the timers; the swarm decides.
 //!
 //! Resuming: the partial file and the verified outboard (in the database) survive an
 //! interruption or a `kill -9`; the next run re-hashes the partial file's chunks and asks
 //! only for those that do not verify.
 //!
-//! Bounds: [`MAX_HOLDERS`] holders per download at once, [`WINDOW_BYTES`] requested from one
-//! holder at a time, one read buffer per stream; a holder silent for [`STALL_TIMEOUT`] is
-//! dropped.
+//! Bounds: those of the [`Swarm`] (holders at once, bytes requested from one holder), one
+//! read buffer and two staging buffers of `STAGING` bytes per stream, `SOURCES_QUEUED`
+//! holders waiting to be tried (more are not queued); a holder silent for [`STALL_TIMEOUT`]
+//! is dropped.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
@@ -20,31 +22,19 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use teia_core::identity::PublicKey;
-use teia_node::stream::DataStream;
+use teia_node::stream::{DataStream, StreamError};
 use tokio::sync::{mpsc, Notify, OnceCell};
 use tokio::task::JoinSet;
 
 use crate::proto::msg::{self, Reply, Request, MAX_STREAM_LINE};
-use crate::proto::plan::{Arrival, HolderId, Planner};
-use crate::proto::tree::{Hash, Outboard, CV_LEN, MAX_CHUNKS};
-use crate::service::{lock, FilesEvent, Inner};
-use crate::store::PendingDownload;
+use crate::proto::plan::HolderId;
+use crate::proto::swarm::{Fault, Step, Swarm};
+use crate::proto::tree::{Hash, Outboard, VerifyError, CV_LEN, MAX_CHUNKS};
+use crate::service::{lock, DialBackError, FilesEvent, Inner};
+use crate::store::{PendingDownload, StoreError};
 
-/// Holders one download uses at once.
-pub const MAX_HOLDERS: usize = 8;
-/// Bytes requested from one holder and not yet received, at most.
-pub const WINDOW_BYTES: u64 = 8 * 1024 * 1024;
 /// Time a holder may send nothing while chunks are requested from it.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Time a download waits with no holder (asking the network again) before it fails.
-pub const NO_HOLDER_TIMEOUT: Duration = Duration::from_secs(20);
-/// Files from this size on are fetched over two streams per holder (each side then works
-/// on two cores).
-pub const PARALLEL_FROM: u64 = 64 * 1024 * 1024;
-/// Time between two questions for holders while a download has none.
-const ASK_ALONE_EVERY: Duration = Duration::from_secs(5);
-/// Time between two questions for more holders while a download has some.
-const ASK_MORE_EVERY: Duration = Duration::from_secs(30);
 /// Time between two progress events of one download.
 const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// Holders waiting to be tried, per download.
@@ -173,24 +163,12 @@ impl Staging {
     }
 }
 
-#[derive(Default)]
-struct State {
-    planner: Option<Planner>,
-    /// Holders sending now.
-    holders: HashMap<HolderId, String>,
-    /// Verified bytes each holder sent in this run.
-    by_peer: HashMap<String, u64>,
-    fetched: u64,
-    rate: f64,
-    sample: (u64, Option<Instant>),
-}
-
 /// One download in progress.
 pub struct Download {
     spec: Spec,
     started: Instant,
     ready: OnceCell<Ready>,
-    state: Mutex<State>,
+    swarm: Mutex<Swarm>,
     work: Notify,
     sources: mpsc::Sender<Source>,
     queued: Mutex<Option<mpsc::Receiver<Source>>>,
@@ -204,9 +182,142 @@ enum HolderEnd {
     /// Nothing left to fetch.
     Finished,
     /// This holder failed; others may go on.
-    Dropped(String),
+    Dropped(HolderError),
     /// The download cannot go on (disk full, write error).
-    Fatal(String),
+    Fatal(DownloadError),
+}
+
+/// Why one holder was dropped from a download.
+#[derive(Debug, thiserror::Error)]
+pub enum HolderError {
+    /// Its outboard does not verify against the hash.
+    #[error("corrupt: the holder's outboard is wrong: {0}")]
+    BadOutboard(VerifyError),
+    /// It announced another size than the verified outboard's.
+    #[error("corrupt: another size")]
+    OtherSize,
+    /// A chunk it sent does not match the hash.
+    #[error("corrupt: chunk {0} does not match the hash")]
+    BadChunk(u32),
+    /// It sent a chunk other than the one asked, or of the wrong length.
+    #[error("sent chunk {chunk} of {len} bytes, chunk {expected} was asked")]
+    WrongChunk {
+        /// The chunk it sent.
+        chunk: u32,
+        /// Its length.
+        len: u64,
+        /// The chunk asked.
+        expected: u32,
+    },
+    /// It named a chunk the file does not have.
+    #[error("no such chunk")]
+    NoSuchChunk,
+    /// Its outboard is longer than any file's.
+    #[error("outboard too large")]
+    OutboardTooLarge,
+    /// It could not be reached, neither dialed nor dialing back.
+    #[error("cannot open a stream: {dial}; {back}")]
+    Unreachable {
+        /// Why dialing it failed.
+        dial: String,
+        /// Why it did not reach us another way.
+        back: DialBackError,
+    },
+    /// Its stream failed.
+    #[error(transparent)]
+    Stream(#[from] StreamError),
+    /// Its stream closed.
+    #[error("the stream closed")]
+    Closed,
+    /// It sent nothing for [`STALL_TIMEOUT`].
+    #[error("the holder stalled")]
+    Stalled,
+    /// Its reply is not a reply.
+    #[error("bad reply: {0}")]
+    BadReply(serde_json::Error),
+    /// It refused (an ERROR reply).
+    #[error("{code}: {detail}")]
+    Refused {
+        /// The error's code.
+        code: String,
+        /// Its explanation.
+        detail: String,
+    },
+    /// It replied out of turn before its OK.
+    #[error("a reply out of order before OK")]
+    OutOfOrder,
+    /// It replied out of turn to CHUNKS.
+    #[error("unexpected {0}")]
+    Unexpected(String),
+}
+
+impl HolderError {
+    /// The failure as the swarm policy sees it.
+    pub fn fault(&self) -> Fault {
+        match self {
+            Self::BadOutboard(_) | Self::OtherSize | Self::BadChunk(_) => Fault::Corrupt,
+            Self::Stalled => Fault::Stalled,
+            Self::Unreachable { .. } | Self::Stream(_) | Self::Closed => Fault::Gone,
+            Self::WrongChunk { .. }
+            | Self::NoSuchChunk
+            | Self::OutboardTooLarge
+            | Self::BadReply(_)
+            | Self::Refused { .. }
+            | Self::OutOfOrder
+            | Self::Unexpected(_) => Fault::Misbehaved,
+        }
+    }
+}
+
+/// Why a download failed (what was verified stays on disk for the next attempt).
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    /// The database failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The partial file could not be created or sized.
+    #[error("cannot write the partial file: {0}")]
+    Partial(std::io::Error),
+    /// Writing into the partial file failed.
+    #[error("cannot write {path}: {source}", path = .path.display())]
+    Write {
+        /// The partial file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A blocking disk task did not complete.
+    #[error("writer failed: {0}")]
+    Writer(tokio::task::JoinError),
+    /// The size says empty but the hash is not the empty file's.
+    #[error("the holder says the file is empty, but the hash says otherwise")]
+    NotEmpty,
+    /// The empty file could not be created.
+    #[error("{0}")]
+    Create(std::io::Error),
+    /// The same download runs already.
+    #[error("download already running")]
+    AlreadyRunning,
+    /// Every holder left or failed, and no other came in time.
+    #[error("no holder left ({last}); what was verified is kept, /get again to resume")]
+    NoHolder {
+        /// The last holder's end, or that none answered.
+        last: String,
+    },
+    /// No holder ever sent the outboard.
+    #[error("no data")]
+    NoData,
+    /// The finished file could not be flushed to disk.
+    #[error("cannot flush the file: {0}")]
+    Flush(std::io::Error),
+    /// The finished file could not take its name.
+    #[error("cannot rename {path}: {source}", path = .path.display())]
+    Rename {
+        /// The partial file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
 }
 
 /// The safe relative path for a name a peer chose: plain components only.
@@ -234,12 +345,13 @@ fn partial_path(path: &Path) -> PathBuf {
 impl Download {
     pub(crate) fn new(spec: Spec) -> Self {
         let (sources, queued) = mpsc::channel(SOURCES_QUEUED);
-        let (seconds, seconds_queued) = mpsc::channel(MAX_HOLDERS);
+        let (seconds, seconds_queued) = mpsc::channel(crate::proto::swarm::MAX_HOLDERS);
+        let started = Instant::now();
         Self {
             spec,
-            started: Instant::now(),
+            started,
             ready: OnceCell::new(),
-            state: Mutex::new(State::default()),
+            swarm: Mutex::new(Swarm::new(started)),
             work: Notify::new(),
             sources,
             queued: Mutex::new(Some(queued)),
@@ -266,54 +378,37 @@ impl Download {
 
     /// Its state now.
     pub fn info(&self) -> DownloadInfo {
-        let state = lock(&self.state);
+        let swarm = lock(&self.swarm);
         let size = self
             .ready
             .get()
             .map(|r| r.outboard.layout().size)
             .or(self.spec.size);
-        let bytes = state.planner.as_ref().map_or(0, Planner::done_bytes);
-        let eta = match (size, state.rate > 0.0) {
-            (Some(size), true) => Some(size.saturating_sub(bytes) as f64 / state.rate),
+        let bytes = swarm.done_bytes();
+        let rate = swarm.rate();
+        let eta = match (size, rate > 0.0) {
+            (Some(size), true) => Some(size.saturating_sub(bytes) as f64 / rate),
             _ => None,
         };
-        let peers: HashSet<&String> = state.holders.values().collect();
         DownloadInfo {
             hash: self.spec.hash,
             name: self.spec.name.clone(),
             size,
             bytes,
-            fetched: state.fetched,
-            rate: state.rate,
-            holders: peers.len(),
+            fetched: swarm.fetched(),
+            rate,
+            holders: swarm.peers(),
             eta,
             seconds: self.started.elapsed().as_secs_f64(),
         }
     }
 
     fn update_rate(&self) {
-        let mut state = lock(&self.state);
-        let now = Instant::now();
-        let (bytes, at) = state.sample;
-        if let Some(at) = at {
-            let elapsed = now.duration_since(at).as_secs_f64();
-            if elapsed > 0.0 {
-                let current = state.fetched.saturating_sub(bytes) as f64 / elapsed;
-                state.rate = if state.rate == 0.0 {
-                    current
-                } else {
-                    0.5 * state.rate + 0.5 * current
-                };
-            }
-        }
-        state.sample = (state.fetched, Some(now));
+        lock(&self.swarm).sample_rate(Instant::now());
     }
 
     fn complete(&self) -> bool {
-        lock(&self.state)
-            .planner
-            .as_ref()
-            .is_some_and(Planner::is_complete)
+        lock(&self.swarm).is_complete()
     }
 
     /// Sets up the partial file and the plan from the first holder's outboard (checked
@@ -326,9 +421,8 @@ impl Download {
     ) -> Result<&Ready, HolderEnd> {
         self.ready
             .get_or_try_init(|| async {
-                let outboard = Outboard::verify(self.spec.hash, size, outboard).map_err(|e| {
-                    HolderEnd::Dropped(format!("corrupt: the holder's outboard is wrong: {e}"))
-                })?;
+                let outboard = Outboard::verify(self.spec.hash, size, outboard)
+                    .map_err(|e| HolderEnd::Dropped(HolderError::BadOutboard(e)))?;
                 let record = PendingDownload {
                     hash: self.spec.hash,
                     dir: self.spec.dir.clone(),
@@ -338,17 +432,15 @@ impl Download {
                 };
                 lock(&inner.store)
                     .put_download(&record)
-                    .map_err(|e| HolderEnd::Fatal(e.to_string()))?;
+                    .map_err(|e| HolderEnd::Fatal(e.into()))?;
                 let partial = partial_path(&self.path());
                 let checked = outboard.clone();
                 let (file, have) =
                     tokio::task::spawn_blocking(move || open_partial(&partial, &checked))
                         .await
-                        .map_err(|e| HolderEnd::Fatal(e.to_string()))?
-                        .map_err(|e| {
-                            HolderEnd::Fatal(format!("cannot write the partial file: {e}"))
-                        })?;
-                lock(&self.state).planner = Some(Planner::new(outboard.layout(), &have));
+                        .map_err(|e| HolderEnd::Fatal(DownloadError::Writer(e)))?
+                        .map_err(|e| HolderEnd::Fatal(DownloadError::Partial(e)))?;
+                lock(&self.swarm).plan(outboard.layout(), &have);
                 let direct = open_direct(&partial_path(&self.path()));
                 Ok(Ready {
                     outboard,
@@ -435,13 +527,7 @@ pub(crate) async fn run(inner: Arc<Inner>, download: Arc<Download>) {
             if let Err(e) = lock(&inner.store).remove_download(&hash) {
                 tracing::warn!(error = %e, "finished download not dropped from the database");
             }
-            let sources = {
-                let state = lock(&download.state);
-                let mut sources: Vec<(String, u64)> =
-                    state.by_peer.iter().map(|(p, b)| (p.clone(), *b)).collect();
-                sources.sort();
-                sources
-            };
+            let sources = lock(&download.swarm).sources();
             inner
                 .emit(FilesEvent::Done {
                     info: download.info(),
@@ -455,101 +541,74 @@ pub(crate) async fn run(inner: Arc<Inner>, download: Arc<Download>) {
                 .emit(FilesEvent::Failed {
                     hash,
                     name: download.spec.name.clone(),
-                    reason,
+                    reason: reason.to_string(),
                 })
                 .await;
         }
     }
 }
 
-async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, String> {
+async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, DownloadError> {
     let hash = download.hash();
     let target = download.path();
     if download.spec.size == Some(0) || hash == Hash::of(b"") {
         if hash != Hash::of(b"") {
-            return Err("the holder says the file is empty, but the hash says otherwise".into());
+            return Err(DownloadError::NotEmpty);
         }
         if let Some(dir) = target.parent() {
-            std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(dir).map_err(DownloadError::Create)?;
         }
-        File::create(&target).map_err(|e| e.to_string())?;
+        File::create(&target).map_err(DownloadError::Create)?;
         return Ok(target);
     }
-    lock(&inner.store)
-        .put_download(&PendingDownload {
-            hash,
-            dir: download.spec.dir.clone(),
-            name: download.spec.name.clone(),
-            size: download.spec.size.unwrap_or(0),
-            outboard: None,
-        })
-        .map_err(|e| e.to_string())?;
+    lock(&inner.store).put_download(&PendingDownload {
+        hash,
+        dir: download.spec.dir.clone(),
+        name: download.spec.name.clone(),
+        size: download.spec.size.unwrap_or(0),
+        outboard: None,
+    })?;
     let (Some(mut sources), Some(mut seconds)) = (
         lock(&download.queued).take(),
         lock(&download.seconds_queued).take(),
     ) else {
-        return Err("download already running".into());
+        return Err(DownloadError::AlreadyRunning);
     };
     let mut holders: HolderTasks = JoinSet::new();
-    let mut tried: HashSet<String> = HashSet::new();
-    let mut bad_keys: HashSet<PublicKey> = HashSet::new();
-    let mut next_id: HolderId = 1;
-    let mut alone_since = Some(Instant::now());
-    let mut asked_at: Option<Instant> = None;
     let mut last_reason = String::from("no holder answered");
     let mut ticker = tokio::time::interval(PROGRESS_EVERY);
     loop {
         if download.complete() {
             break;
         }
-        if holders.is_empty() {
-            let since = *alone_since.get_or_insert_with(Instant::now);
-            if since.elapsed() >= NO_HOLDER_TIMEOUT {
-                return Err(format!(
-                    "no holder left ({last_reason}); what was verified is kept, /get again to resume"
-                ));
-            }
-            if asked_at.is_none_or(|at| at.elapsed() >= ASK_ALONE_EVERY) {
-                asked_at = Some(Instant::now());
-                tried.clear();
-                inner.ask_holders(hash).await;
-            }
-        } else if holders.len() < MAX_HOLDERS
-            && asked_at.is_none_or(|at| at.elapsed() >= ASK_MORE_EVERY)
-        {
-            // Look for more holders now and then: new ones join in.
-            asked_at = Some(Instant::now());
-            inner.ask_holders(hash).await;
+        let step = lock(&download.swarm).poll(Instant::now());
+        match step {
+            Step::Wait => {}
+            Step::AskHolders => inner.ask_holders(hash).await,
+            Step::GiveUp => return Err(DownloadError::NoHolder { last: last_reason }),
         }
         tokio::select! {
             source = sources.recv() => {
                 let Some(source) = source else { continue };
-                if holders.len() >= MAX_HOLDERS
-                    || bad_keys.contains(&source.key)
-                    || !tried.insert(source.peer_id.clone())
-                {
-                    continue;
+                let admitted = lock(&download.swarm).offer(&source.peer_id, source.key);
+                if let Some(id) = admitted {
+                    spawn_holder(inner, download, &mut holders, id, source, true);
                 }
-                alone_since = None;
-                spawn_holder(inner, download, &mut holders, next_id, source, true);
-                next_id += 1;
             }
             Some(source) = seconds.recv() => {
-                if holders.len() < MAX_HOLDERS && !bad_keys.contains(&source.key) {
-                    spawn_holder(inner, download, &mut holders, next_id, source, false);
-                    next_id += 1;
+                let admitted = lock(&download.swarm).offer_second(&source.peer_id, source.key);
+                if let Some(id) = admitted {
+                    spawn_holder(inner, download, &mut holders, id, source, false);
                 }
             }
             Some(joined) = holders.join_next() => {
-                let Ok((peer, key, end)) = joined else { continue };
+                let Ok((peer, end)) = joined else { continue };
                 match end {
                     HolderEnd::Finished => {}
                     HolderEnd::Dropped(reason) => {
-                        if reason.starts_with("corrupt") {
-                            bad_keys.insert(key);
-                        }
                         tracing::info!(%peer, %reason, "holder dropped");
                         last_reason = format!("{peer}: {reason}");
+                        let reason = reason.to_string();
                         inner.emit(FilesEvent::HolderDropped { hash, holder: peer, reason }).await;
                     }
                     HolderEnd::Fatal(reason) => {
@@ -568,18 +627,17 @@ async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, 
     }
     holders.abort_all();
     download.update_rate();
-    let ready = download.ready.get().ok_or("no data")?;
-    ready
-        .file
-        .sync_all()
-        .map_err(|e| format!("cannot flush the file: {e}"))?;
+    let ready = download.ready.get().ok_or(DownloadError::NoData)?;
+    ready.file.sync_all().map_err(DownloadError::Flush)?;
     let partial = partial_path(&target);
-    std::fs::rename(&partial, &target)
-        .map_err(|e| format!("cannot rename {}: {e}", partial.display()))?;
+    std::fs::rename(&partial, &target).map_err(|source| DownloadError::Rename {
+        path: partial,
+        source,
+    })?;
     Ok(target)
 }
 
-type HolderTasks = JoinSet<(String, PublicKey, HolderEnd)>;
+type HolderTasks = JoinSet<(String, HolderEnd)>;
 
 /// Starts fetching from `source` as holder `id`; a `first` stream may ask for a second.
 fn spawn_holder(
@@ -590,22 +648,17 @@ fn spawn_holder(
     source: Source,
     first: bool,
 ) {
-    lock(&download.state)
-        .holders
-        .insert(id, source.peer_id.clone());
     let inner = Arc::clone(inner);
     let download = Arc::clone(download);
     holders.spawn(async move {
         let end = fetch(&inner, &download, id, &source, first).await;
-        {
-            let mut state = lock(&download.state);
-            state.holders.remove(&id);
-            if let Some(planner) = state.planner.as_mut() {
-                planner.remove_holder(id);
-            }
-        }
+        let fault = match &end {
+            HolderEnd::Dropped(reason) => Some(reason.fault()),
+            HolderEnd::Finished | HolderEnd::Fatal(_) => None,
+        };
+        lock(&download.swarm).ended(id, fault);
         download.work.notify_waiters();
-        (source.peer_id, source.key, end)
+        (source.peer_id, end)
     });
 }
 
@@ -637,8 +690,11 @@ async fn fetch(
         // It cannot be dialed (no address, or none answers): ask it to dial us.
         None => match inner.request_dial_back(source, download.hash()).await {
             Ok(stream) => stream,
-            Err(e) => {
-                return HolderEnd::Dropped(format!("cannot open a stream: {last_error}; {e}"))
+            Err(back) => {
+                return HolderEnd::Dropped(HolderError::Unreachable {
+                    dial: last_error,
+                    back,
+                })
             }
         },
     };
@@ -654,20 +710,20 @@ async fn fetch(
 async fn read_reply(stream: &mut DataStream, wait: Duration) -> Result<Reply, HolderEnd> {
     match tokio::time::timeout(wait, stream.read_line(MAX_STREAM_LINE)).await {
         Ok(Ok(Some(line))) => {
-            serde_json::from_slice(&line).map_err(|e| HolderEnd::Dropped(format!("bad reply: {e}")))
+            serde_json::from_slice(&line).map_err(|e| HolderEnd::Dropped(HolderError::BadReply(e)))
         }
-        Ok(Ok(None)) => Err(HolderEnd::Dropped("the stream closed".into())),
-        Ok(Err(e)) => Err(HolderEnd::Dropped(e.to_string())),
-        Err(_) => Err(HolderEnd::Dropped("the holder stalled".into())),
+        Ok(Ok(None)) => Err(HolderEnd::Dropped(HolderError::Closed)),
+        Ok(Err(e)) => Err(HolderEnd::Dropped(e.into())),
+        Err(_) => Err(HolderEnd::Dropped(HolderError::Stalled)),
     }
 }
 
 async fn fill(stream: &mut DataStream) -> Result<(), HolderEnd> {
     match tokio::time::timeout(STALL_TIMEOUT, stream.fill()).await {
         Ok(Ok(true)) => Ok(()),
-        Ok(Ok(false)) => Err(HolderEnd::Dropped("the stream closed".into())),
-        Ok(Err(e)) => Err(HolderEnd::Dropped(e.to_string())),
-        Err(_) => Err(HolderEnd::Dropped("the holder stalled".into())),
+        Ok(Ok(false)) => Err(HolderEnd::Dropped(HolderError::Closed)),
+        Ok(Err(e)) => Err(HolderEnd::Dropped(e.into())),
+        Err(_) => Err(HolderEnd::Dropped(HolderError::Stalled)),
     }
 }
 
@@ -684,16 +740,16 @@ async fn fetch_on(
     stream
         .write_all(&msg::line(&get))
         .await
-        .map_err(|e| HolderEnd::Dropped(e.to_string()))?;
+        .map_err(|e| HolderEnd::Dropped(e.into()))?;
     let (size, outboard_len) = loop {
         match read_reply(stream, crate::serve::APPROVAL_TIMEOUT + STALL_TIMEOUT).await? {
             Reply::Ok { size, outboard } => break (size, outboard),
             Reply::Wait { .. } => continue,
             Reply::Error { code, detail } => {
-                return Err(HolderEnd::Dropped(format!("{code}: {detail}")))
+                return Err(HolderEnd::Dropped(HolderError::Refused { code, detail }))
             }
             Reply::Data { .. } | Reply::Offer { .. } => {
-                return Err(HolderEnd::Dropped("a reply out of order before OK".into()))
+                return Err(HolderEnd::Dropped(HolderError::OutOfOrder))
             }
         }
     };
@@ -703,7 +759,7 @@ async fn fetch_on(
     let max_outboard = MAX_CHUNKS as usize * CV_LEN;
     let outboard_len = usize::try_from(outboard_len).unwrap_or(usize::MAX);
     if outboard_len > max_outboard {
-        return Err(HolderEnd::Dropped("outboard too large".into()));
+        return Err(HolderEnd::Dropped(HolderError::OutboardTooLarge));
     }
     while stream.buffered().len() < outboard_len {
         fill(stream).await?;
@@ -716,28 +772,21 @@ async fn fetch_on(
     stream.consume(outboard_len);
     let ready = download.prepare(inner, size, &outboard_bytes).await?;
     if ready.outboard.layout().size != size {
-        return Err(HolderEnd::Dropped("corrupt: another size".into()));
+        return Err(HolderEnd::Dropped(HolderError::OtherSize));
     }
     let layout = ready.outboard.layout();
-    // A holder asks for up to WINDOW_BYTES at once, but for at most an eighth of the file,
-    // so that on a small file every holder gets a share.
-    let window = (WINDOW_BYTES / layout.chunk)
-        .min(u64::from(layout.chunks()) / 8)
-        .max(2) as usize;
-    if let Some(planner) = lock(&download.state).planner.as_mut() {
-        planner.add_holder(id);
-    }
-    if let Some(source) = first_of.filter(|_| layout.size >= PARALLEL_FROM) {
+    let start = lock(&download.swarm).ready(id, first_of.is_some());
+    let Some(start) = start else {
+        return Err(HolderEnd::Fatal(DownloadError::NoData));
+    };
+    if let Some(source) = first_of.filter(|_| start.second) {
         let _ = download.seconds.try_send(source.clone());
     }
+    let window = start.window;
     let mut outstanding: VecDeque<u32> = VecDeque::new();
     let mut writes = Writes::new(Arc::clone(download));
     loop {
-        let asked = lock(&download.state)
-            .planner
-            .as_mut()
-            .map(|p| p.next_requests(id, window))
-            .unwrap_or_default();
+        let asked = lock(&download.swarm).next_requests(id, window);
         if !asked.is_empty() {
             let request = Request::Chunks {
                 chunks: asked.clone(),
@@ -745,7 +794,7 @@ async fn fetch_on(
             stream
                 .write_all(&msg::line(&request))
                 .await
-                .map_err(|e| HolderEnd::Dropped(e.to_string()))?;
+                .map_err(|e| HolderEnd::Dropped(e.into()))?;
             outstanding.extend(asked);
         }
         let Some(&expected) = outstanding.front() else {
@@ -762,19 +811,25 @@ async fn fetch_on(
         let (chunk, len) = match read_reply(stream, STALL_TIMEOUT).await? {
             Reply::Data { chunk, len } => (chunk, len),
             Reply::Error { code, detail } => {
-                return Err(HolderEnd::Dropped(format!("{code}: {detail}")))
+                return Err(HolderEnd::Dropped(HolderError::Refused { code, detail }))
             }
-            other => return Err(HolderEnd::Dropped(format!("unexpected {other:?}"))),
+            other => {
+                return Err(HolderEnd::Dropped(HolderError::Unexpected(format!(
+                    "{other:?}"
+                ))))
+            }
         };
         let range = layout.range(chunk);
         if chunk != expected || range.map(|(_, l)| l) != Some(len) {
-            return Err(HolderEnd::Dropped(format!(
-                "sent chunk {chunk} of {len} bytes, chunk {expected} was asked"
-            )));
+            return Err(HolderEnd::Dropped(HolderError::WrongChunk {
+                chunk,
+                len,
+                expected,
+            }));
         }
         let (offset, _) = range.unwrap_or_default();
         let Some(mut hasher) = ready.outboard.chunk_hasher(chunk) else {
-            return Err(HolderEnd::Dropped("no such chunk".into()));
+            return Err(HolderEnd::Dropped(HolderError::NoSuchChunk));
         };
         // A chunk of up to STAGING bytes is written only once verified; a larger one is
         // written a staged piece at a time and checked at its end. The write runs in a
@@ -800,9 +855,7 @@ async fn fetch_on(
         }
         outstanding.pop_front();
         if !hasher.matches() {
-            return Err(HolderEnd::Dropped(format!(
-                "corrupt: chunk {chunk} does not match the hash"
-            )));
+            return Err(HolderEnd::Dropped(HolderError::BadChunk(chunk)));
         }
         if let Some(written) = writes.submit(Some((chunk, len))).await? {
             arrived(download, id, written);
@@ -812,17 +865,7 @@ async fn fetch_on(
 
 /// Records that chunk `chunk` of `len` bytes from `id` is verified and on disk.
 fn arrived(download: &Download, id: HolderId, (chunk, len): (u32, u64)) {
-    let mut state = lock(&download.state);
-    let fresh = state
-        .planner
-        .as_mut()
-        .is_some_and(|p| p.arrived(id, chunk) == Arrival::Fresh);
-    if fresh {
-        state.fetched += len;
-        if let Some(peer) = state.holders.get(&id).cloned() {
-            *state.by_peer.entry(peer).or_default() += len;
-        }
-    }
+    lock(&download.swarm).arrived(id, chunk, len);
 }
 
 type Written = tokio::task::JoinHandle<(Staging, std::io::Result<()>, Option<(u32, u64)>)>;
@@ -858,11 +901,11 @@ impl Writes {
         self.current.push(bytes);
     }
 
-    fn fatal(&self, e: std::io::Error) -> HolderEnd {
-        HolderEnd::Fatal(format!(
-            "cannot write {}: {e}",
-            partial_path(&self.download.path()).display()
-        ))
+    fn fatal(&self, source: std::io::Error) -> HolderEnd {
+        HolderEnd::Fatal(DownloadError::Write {
+            path: partial_path(&self.download.path()),
+            source,
+        })
     }
 
     /// Waits for the write in flight; returns the chunk it completed, if any.
@@ -872,7 +915,7 @@ impl Writes {
         };
         let (buffer, result, chunk) = handle
             .await
-            .map_err(|e| HolderEnd::Fatal(format!("writer failed: {e}")))?;
+            .map_err(|e| HolderEnd::Fatal(DownloadError::Writer(e)))?;
         self.spare = Some(buffer);
         result.map_err(|e| self.fatal(e))?;
         Ok(chunk)

@@ -3,5 +3,9 @@
 pub mod msg;
 pub mod napster;
 pub mod plan;
+pub mod swarm;
 pub mod ticket;
 pub mod tree;
+
+#[cfg(test)]
+mod sim;
