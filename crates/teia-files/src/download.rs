@@ -30,8 +30,9 @@ use crate::proto::msg::{self, Reply, Request, MAX_STREAM_LINE};
 use crate::proto::plan::HolderId;
 use crate::proto::swarm::{Fault, Step, Swarm};
 use crate::proto::tree::{Hash, Outboard, VerifyError, CV_LEN, MAX_CHUNKS};
-use crate::service::{lock, DialBackError, FilesEvent, Inner};
+use crate::service::{DialBackError, FilesEvent, Inner};
 use crate::store::{PendingDownload, StoreError};
+use crate::sync::lock;
 
 /// Time a holder may send nothing while chunks are requested from it.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);

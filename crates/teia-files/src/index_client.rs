@@ -17,7 +17,8 @@ use crate::download::Source;
 use crate::proto::msg::Found;
 use crate::proto::napster::{Hit, Listed, ObjectReader, ReadError};
 use crate::proto::tree::Hash;
-use crate::service::{lock, FilesEvent, Holding, Inner, SeedHolding};
+use crate::service::{FilesEvent, Holding, Inner, SeedHolding};
+use crate::sync::lock;
 
 /// Longest wait between two connection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);

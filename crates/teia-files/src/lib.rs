@@ -15,6 +15,8 @@ pub mod serve;
 pub mod service;
 pub mod share;
 pub mod store;
+mod sync;
+mod tasks;
 
 pub use download::{DownloadInfo, Source};
 pub use service::{Approval, Files, FilesConfig, FilesError, FilesEvent};

@@ -20,9 +20,10 @@ use tokio::net::TcpStream;
 use crate::download::PARTIAL_SUFFIX;
 use crate::proto::napster::{ObjectReader, ReadError, Request, RequestError};
 use crate::proto::tree::OutboardBuilder;
-use crate::service::{lock, FilesEvent, Inner};
+use crate::service::{FilesEvent, Inner};
 use crate::share;
 use crate::store::SharedFile;
+use crate::sync::lock;
 
 /// Pause between two answers, so a client reading each with one `recv` gets them apart.
 pub const ANSWER_GAP: Duration = Duration::from_millis(100);

@@ -10,8 +10,9 @@ use teia_node::stream::{DataStream, StreamError};
 
 use crate::proto::msg::{self, code, Reply, Request, MAX_CHUNKS_PER_REQUEST, MAX_STREAM_LINE};
 use crate::proto::tree::{Hash, Layout};
-use crate::service::{lock, Inner, MAX_SERVING, MAX_STREAMS_PER_PEER};
+use crate::service::{Inner, MAX_SERVING, MAX_STREAMS_PER_PEER};
 use crate::share;
+use crate::sync::lock;
 
 /// Time a requester may stay silent between requests before the stream is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);

@@ -5,12 +5,13 @@
 //! [`MAX_STREAMS_PER_PEER`] per peer (one more is answered `busy`), [`MAX_PENDING_APPROVALS`]
 //! requests waiting for the user (more are denied), [`RESULTS_KEPT`] search results
 //! remembered, events to the interface up to [`EVENTS`] (progress events are dropped when
-//! the interface lags; the others wait).
+//! the interface lags; the others wait). Shutdown waits [`LEAVE_WAIT`] for the index and
+//! [`SHUTDOWN_GRACE`] for the service's tasks, then aborts those left.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::Value;
@@ -27,6 +28,8 @@ use crate::seed;
 use crate::serve;
 use crate::share;
 use crate::store::{FileStore, SharedFile, StoreError};
+use crate::sync::lock;
+use crate::tasks::Tasks;
 
 /// Downloads running at once; one more is refused.
 pub const MAX_DOWNLOADS: usize = 16;
@@ -57,6 +60,10 @@ pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(10);
 pub const SEARCH_TTL: u32 = 5;
 /// Time between two rescans of the shared folders.
 pub const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
+/// Time shutdown waits for the index's answer to LEAVE.
+pub const LEAVE_WAIT: Duration = Duration::from_secs(2);
+/// Time shutdown waits for the service's tasks to stop before aborting them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
 /// Who may download what this node shares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -316,6 +323,8 @@ pub(crate) struct Inner {
     pub(crate) tokens: std::sync::atomic::AtomicU64,
     /// Requests of course peers for files not shared, for their summarised log line.
     pub(crate) not_found_log: Mutex<seed::LogSummary>,
+    /// Every task the service starts, stopped and joined at shutdown.
+    pub(crate) tasks: Tasks,
 }
 
 /// A token bucket: `rate` tokens per second, at most `burst` saved.
@@ -362,13 +371,6 @@ struct DialBack {
 
 /// Who a dial-back request expects, and who waits for its stream.
 pub(crate) type DialBackWaiter = (PublicKey, oneshot::Sender<DataStream>);
-
-/// Locks a mutex, recovering it if a task panicked while holding it.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, cap: usize) {
     if queue.len() >= cap {
@@ -698,26 +700,28 @@ impl Files {
                 answer_budget: Mutex::new(Budget::new(ANSWERS_PER_SECOND, ANSWERS_PER_SECOND)),
                 tokens: std::sync::atomic::AtomicU64::new(0),
                 not_found_log: Mutex::new(seed::LogSummary::new(seed::NOT_FOUND_LOG_EVERY)),
+                tasks: Tasks::new(),
                 config,
             }),
         };
 
         let server = files.clone();
-        tokio::spawn(async move {
+        files.inner.tasks.spawn(async move {
             while let Some(stream) = streams.recv().await {
-                tokio::spawn(serve::serve(Arc::clone(&server.inner), stream));
+                let inner = Arc::clone(&server.inner);
+                server.inner.tasks.spawn(serve::serve(inner, stream));
             }
         });
         let scanner = files.clone();
-        tokio::spawn(async move {
+        files.inner.tasks.spawn(async move {
             scanner.rescan(true).await;
             // The index hears of the files once they are indexed.
             if let Some(server) = index_server {
-                tokio::spawn(index_client::run(
-                    Arc::clone(&scanner.inner),
-                    server,
-                    index_rx,
-                ));
+                let inner = Arc::clone(&scanner.inner);
+                scanner
+                    .inner
+                    .tasks
+                    .spawn(index_client::run(inner, server, index_rx));
             }
             loop {
                 tokio::time::sleep(RESCAN_INTERVAL).await;
@@ -928,7 +932,7 @@ impl Files {
                         token,
                         relays: splice.then_some(relays),
                     };
-                    tokio::spawn(async move {
+                    self.inner.tasks.spawn(async move {
                         inner.dial_back(&asker, request).await;
                     });
                 }
@@ -1088,12 +1092,10 @@ impl Files {
                 let Some(seed) = seed else {
                     return Err(error);
                 };
-                tokio::spawn(seed::fetch(
-                    Arc::clone(&self.inner),
-                    seed.addr,
-                    seed.name,
-                    dir,
-                ));
+                let inner = Arc::clone(&self.inner);
+                self.inner
+                    .tasks
+                    .spawn(seed::fetch(inner, seed.addr, seed.name, dir));
                 return Ok(format!("from course peer {}", seed.addr));
             }
         };
@@ -1109,17 +1111,22 @@ impl Files {
 
     /// Serves a course peer's connection (seed 004's DOWNLOAD_REQUEST) on our listen port.
     pub fn serve_course_peer(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
-        tokio::spawn(seed::serve(Arc::clone(&self.inner), stream, peer));
+        let inner = Arc::clone(&self.inner);
+        self.inner.tasks.spawn(seed::serve(inner, stream, peer));
     }
 
-    /// Leaves the index, if one is joined (waiting a moment for its answer).
+    /// Leaves the index, if one is joined (waiting [`LEAVE_WAIT`] at most for its answer),
+    /// then stops every task the service started and joins them ([`SHUTDOWN_GRACE`] at
+    /// most, then the rest are aborted). Downloads stop where they are and resume at the
+    /// next start.
     pub async fn shutdown(&self) {
         if let Some(index) = &self.inner.index {
             let (done, left) = oneshot::channel();
             if index.send(IndexCommand::Leave(done)).await.is_ok() {
-                let _ = tokio::time::timeout(Duration::from_secs(2), left).await;
+                let _ = tokio::time::timeout(LEAVE_WAIT, left).await;
             }
         }
+        self.inner.tasks.shutdown(SHUTDOWN_GRACE).await;
     }
 
     /// Starts the download of every file a search found under `folder` (`name/`), keeping
@@ -1215,7 +1222,8 @@ impl Files {
         for source in self.inner.sources_of(&download.hash()) {
             download.add_source(source);
         }
-        tokio::spawn(download::run(Arc::clone(&self.inner), download));
+        let inner = Arc::clone(&self.inner);
+        self.inner.tasks.spawn(download::run(inner, download));
         Ok(())
     }
 
