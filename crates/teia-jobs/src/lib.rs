@@ -19,3 +19,4 @@ pub mod runner;
 pub mod script;
 pub mod split;
 pub mod taskfile;
+pub mod transfer;

@@ -315,6 +315,11 @@ pub enum JobError {
     Queue(String),
 }
 
+/// A result that could not be moved into the results folder (the task waits again).
+#[derive(Debug, thiserror::Error)]
+#[error("result not stored: {0}")]
+pub struct NotStored(std::io::Error);
+
 /// Jobs numbered since the node started, for their names.
 static JOB_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
@@ -383,7 +388,12 @@ impl MasterHandle {
     /// Stores the result at `partial` (complete and flushed) as that of the task `worker`
     /// holds: true when stored, false when the task is no longer its own (done by another,
     /// or taken back), the result then dropped.
-    pub(crate) fn finish(&self, worker: &str, task: &str, partial: &Path) -> Result<bool, String> {
+    pub(crate) fn finish(
+        &self,
+        worker: &str,
+        task: &str,
+        partial: &Path,
+    ) -> Result<bool, NotStored> {
         let done = lock(&self.0).submit(&WorkerKey::teia(worker), Some(task), Instant::now());
         let Ok(Submitted::Done(task)) = done else {
             let _ = std::fs::remove_file(partial);
@@ -393,7 +403,7 @@ impl MasterHandle {
         if let Err(e) = std::fs::rename(partial, &path) {
             let _ = std::fs::remove_file(partial);
             lock(&self.0).add(&task.name, task.size);
-            return Err(format!("result not stored: {e}"));
+            return Err(NotStored(e));
         }
         tracing::info!(task = %task.name, %worker, "result stored");
         Ok(true)
@@ -567,13 +577,13 @@ async fn work_locally(shared: &Arc<Shared>, local: &LocalWorkers, slot: usize) {
         let made = made.and_then(|()| {
             std::fs::File::open(&partial)
                 .and_then(|file| file.sync_all())
-                .map_err(|e| format!("result not flushed: {e}"))
+                .map_err(crate::script::TaskError::NotFlushed)
         });
         let stored = match made {
             Ok(()) => handle.finish(&me, &task.name, &partial),
             Err(e) => {
                 let _ = std::fs::remove_file(&partial);
-                handle.fail(&me, &e);
+                handle.fail(&me, &e.to_string());
                 continue;
             }
         };
@@ -608,12 +618,8 @@ fn scan(shared: &Shared) {
         }
         let metadata = entry.metadata().ok();
         let whole = std::fs::File::open(entry.path())
-            .map_err(|e| e.to_string())
-            .and_then(|file| {
-                zip::ZipArchive::new(file)
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            });
+            .map_err(zip::result::ZipError::from)
+            .and_then(|file| zip::ZipArchive::new(file).map(drop));
         if let Err(e) = whole {
             let age = metadata
                 .as_ref()

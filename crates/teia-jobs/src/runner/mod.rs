@@ -366,7 +366,7 @@ impl Runner {
                 return Ok(Outcome {
                     result,
                     timed_out: false,
-                    output: reason,
+                    output: reason.to_string(),
                 });
             }
         };
@@ -682,25 +682,49 @@ pub struct FoundPython {
     pub pytest: Option<String>,
 }
 
+/// Why a Python cannot serve the job engine.
+#[derive(Debug, thiserror::Error)]
+pub enum PythonError {
+    /// It could not be started.
+    #[error("{} cannot run ({source}); install Python 3 or give --python PATH", python.display())]
+    CannotRun {
+        /// The interpreter given.
+        python: PathBuf,
+        /// Why it could not start.
+        source: std::io::Error,
+    },
+    /// It ran, but not as Python 3.
+    #[error("{} does not run Python 3: {said}", python.display())]
+    NotPython3 {
+        /// The interpreter given.
+        python: PathBuf,
+        /// What it said on stderr.
+        said: String,
+    },
+    /// It runs, without pytest.
+    #[error("{} has no pytest; install it (pip install pytest, or apt-get install python3-pytest)", python.display())]
+    NoPytest {
+        /// The interpreter given.
+        python: PathBuf,
+    },
+}
+
 /// Checks that `python` runs, and whether it has pytest; says what is wrong otherwise.
-pub async fn find_python(python: &Path) -> Result<FoundPython, String> {
+pub async fn find_python(python: &Path) -> Result<FoundPython, PythonError> {
     let probe = "import sys\nprint(sys.executable)\nprint(sys.version.split()[0])\ntry:\n    import pytest\n    print(pytest.__version__)\nexcept Exception:\n    print('')";
     let output = tokio::process::Command::new(python)
         .args(["-c", probe])
         .output()
         .await
-        .map_err(|e| {
-            format!(
-                "{} cannot run ({e}); install Python 3 or give --python PATH",
-                python.display()
-            )
+        .map_err(|source| PythonError::CannotRun {
+            python: python.to_owned(),
+            source,
         })?;
     if !output.status.success() {
-        return Err(format!(
-            "{} does not run Python 3: {}",
-            python.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
+        return Err(PythonError::NotPython3 {
+            python: python.to_owned(),
+            said: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
     }
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let mut lines = text.lines();
@@ -724,14 +748,13 @@ pub async fn find_python(python: &Path) -> Result<FoundPython, String> {
 
 /// Checks that `python` runs and has pytest; says what is missing otherwise. Returns the
 /// interpreter's own path and its and pytest's versions.
-pub async fn check_python(python: &Path) -> Result<(PathBuf, String), String> {
+pub async fn check_python(python: &Path) -> Result<(PathBuf, String), PythonError> {
     let found = find_python(python).await?;
     match found.pytest {
         Some(pytest) => Ok((found.executable, format!("{} {pytest}", found.version))),
-        None => Err(format!(
-            "{} has no pytest; install it (pip install pytest, or apt-get install python3-pytest)",
-            python.display()
-        )),
+        None => Err(PythonError::NoPytest {
+            python: python.to_owned(),
+        }),
     }
 }
 

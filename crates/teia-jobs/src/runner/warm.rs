@@ -36,6 +36,27 @@ const MAX_BROKEN: usize = 16;
 /// failed, and its exit code).
 const SAID_KEPT: usize = 512;
 
+/// Bytes of a socket's path at most (a Unix socket's address holds 108); a longer one
+/// leaves modules to start cold.
+const MAX_SOCKET_PATH: usize = 100;
+
+/// Why a warm interpreter could not be started (modules then start cold).
+#[derive(Debug, thiserror::Error)]
+enum WarmError {
+    /// Its folder could not be made, or it could not be started.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Its socket's path is over [`MAX_SOCKET_PATH`] bytes.
+    #[error("{} is too long a path for a socket", .0.display())]
+    SocketPathTooLong(PathBuf),
+    /// It was started without its pipes.
+    #[error("no pipe to or from it")]
+    NoPipe,
+    /// It did not say it was ready within [`START_TIME`].
+    #[error("it did not start (does the Python run?)")]
+    NotReady,
+}
+
 /// The warm interpreter's program: preload, then accept, fork, run.
 const ZYGOTE: &str = r#"
 import json, os, selectors, signal, socket, sys, traceback
@@ -455,20 +476,16 @@ impl WarmPool {
         self.running.lock().await.0.retain(|w| w.python != python);
     }
 
-    async fn start(&self, python: &Path) -> Result<Warm, String> {
+    async fn start(&self, python: &Path) -> Result<Warm, WarmError> {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(&self.sockets).map_err(|e| e.to_string())?;
-        std::fs::set_permissions(&self.sockets, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&self.sockets)?;
+        std::fs::set_permissions(&self.sockets, std::fs::Permissions::from_mode(0o700))?;
         let socket = self.sockets.join(format!(
             "{}.sock",
             self.next.fetch_add(1, Ordering::Relaxed)
         ));
-        if socket.as_os_str().len() > 100 {
-            return Err(format!(
-                "{} is too long a path for a socket",
-                socket.display()
-            ));
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(WarmError::SocketPathTooLong(socket));
         }
         let mut isolation = None;
         let mut command = match &self.sandbox {
@@ -478,7 +495,7 @@ impl WarmPool {
                     .iter()
                     .chain([&sandbox.work, &self.sockets])
                 {
-                    std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+                    std::fs::create_dir_all(path)?;
                 }
                 let plan = super::sandbox::Plan {
                     readable: sandbox.readable.iter().map(PathBuf::as_path).collect(),
@@ -521,10 +538,9 @@ impl WarmPool {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        let lifeline = process.stdin.take().ok_or("no pipe to it")?;
-        let stdout = process.stdout.take().ok_or("no pipe from it")?;
+            .spawn()?;
+        let lifeline = process.stdin.take().ok_or(WarmError::NoPipe)?;
+        let stdout = process.stdout.take().ok_or(WarmError::NoPipe)?;
         let mut ready = String::new();
         let said = tokio::time::timeout(
             START_TIME,
@@ -532,7 +548,7 @@ impl WarmPool {
         )
         .await;
         if !matches!(said, Ok(Ok(_))) || ready.trim() != "ready" {
-            return Err("it did not start (does the Python run?)".into());
+            return Err(WarmError::NotReady);
         }
         tracing::info!(python = %python.display(), "warm interpreter ready");
         Ok(Warm {
