@@ -19,6 +19,7 @@ use teia_core::rate::RateLimiter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+use crate::locking;
 use crate::proto::seed001::{
     encode, parse, Budget, Cidr, Envelope, Failed, Framer, Gate, Master, MessageError, Reply,
     Request, Spent, Submitted, Task, Unwelcome, WorkerKey, MAX_PACKAGE,
@@ -165,15 +166,9 @@ impl Shared {
     }
 }
 
+/// The master's queue, locked.
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Master> {
-    guard(&shared.master)
-}
-
-/// Locks `mutex`, recovering it if a task panicked while holding it.
-fn guard<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    locking::lock(&shared.master)
 }
 
 /// The networks course workers may connect from when `--master-allow` is not given: those
@@ -271,7 +266,7 @@ pub async fn start(config: MasterConfig) -> Result<(SocketAddr, MasterHandle), M
             let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
-            let admitted = guard(&shared.gate).admit(peer.ip());
+            let admitted = locking::lock(&shared.gate).admit(peer.ip());
             if let Err(why) = admitted {
                 refuse(&shared, stream, peer, why);
                 continue;
@@ -702,7 +697,7 @@ async fn answer_discovery(socket: UdpSocket, shared: Arc<Shared>) {
         let Some(bytes) = buffer.get(..len).filter(|_| len <= MAX_DATAGRAM) else {
             continue;
         };
-        if !guard(&shared.gate).allows(from.ip()) {
+        if !locking::lock(&shared.gate).allows(from.ip()) {
             continue;
         }
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
@@ -743,7 +738,7 @@ struct Admitted<'a> {
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        guard(self.gate).leave(self.ip);
+        locking::lock(self.gate).leave(self.ip);
     }
 }
 
@@ -760,7 +755,7 @@ struct Reserved<'a> {
 impl Reserved<'_> {
     /// Counts a piece of `piece` bytes received, reserving what the budget counts of it.
     fn more(&mut self, piece: usize) -> Result<(), Spent> {
-        let mut budget = guard(self.budget);
+        let mut budget = locking::lock(self.budget);
         let counted = budget.counted(self.received, piece);
         budget.reserve(self.ip, counted)?;
         self.bytes += counted;
@@ -771,7 +766,7 @@ impl Reserved<'_> {
 
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
-        guard(self.budget).release(self.ip, self.bytes);
+        locking::lock(self.budget).release(self.ip, self.bytes);
     }
 }
 
@@ -783,7 +778,7 @@ fn refuse(shared: &Shared, stream: TcpStream, peer: SocketAddr, why: Unwelcome) 
     }
     drop(stream);
     let now = shared.origin.elapsed().as_millis() as u64;
-    if guard(&shared.refusals).allow(&peer.ip(), now) {
+    if locking::lock(&shared.refusals).allow(&peer.ip(), now) {
         match why {
             Unwelcome::NotAllowed => tracing::warn!(
                 %peer,

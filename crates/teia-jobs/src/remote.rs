@@ -31,6 +31,7 @@ use teia_node::stream::{DataStream, StreamError};
 use tokio::sync::oneshot;
 
 use crate::bundle::BundleError;
+use crate::locking::lock;
 
 use crate::engine::Engine;
 use crate::proto::cluster::{ClusterRules, ElectionOutcome, Refusal, Suspicion, Trust, Verdict};
@@ -152,12 +153,6 @@ pub(crate) struct Cluster {
     /// The count of unfinished evaluations each owner announced last (at most
     /// [`MAX_OWNERS`]; past it, all are forgotten): a new one is pulled at once.
     unfinished_seen: Mutex<HashMap<String, u32>>,
-}
-
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Cluster {
@@ -373,7 +368,7 @@ impl Engine {
             return;
         };
         let expirer = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 tokio::time::sleep(EXPIRE_EVERY).await;
                 expirer.expire_leases();
@@ -381,7 +376,7 @@ impl Engine {
         });
         let reporter = self.clone();
         let reporter_cluster = Arc::clone(&cluster);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 tokio::time::sleep(STATUS_EVERY).await;
                 let neighbours = match reporter_cluster.config.node.snapshot().await {
@@ -394,14 +389,14 @@ impl Engine {
         });
         let watcher = self.clone();
         let watched = Arc::clone(&cluster);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 tokio::time::sleep(WATCH_EVERY).await;
                 watcher.watch_suspects(&watched).await;
             }
         });
         let owner = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let scripts = cluster.config.scripts.clone();
             loop {
                 tokio::select! {
@@ -725,21 +720,26 @@ impl Engine {
                 return true;
             }
         };
-        let renewing = {
-            let cluster_node = cluster.config.node.clone();
-            let (owner, lease) = (owner.clone(), lease.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(RENEW_EVERY).await;
-                    let renew = JobMessage::TaskRenew {
-                        lease: lease.clone(),
-                    };
-                    let _ = cluster_node.send(&owner, messages::payload(&renew)).await;
+        // Renewed while it runs, so that the owner does not hand it to another.
+        let result = {
+            let run = self.run_lease(&lease, &project, slot);
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    result = &mut run => break result,
+                    () = tokio::time::sleep(RENEW_EVERY) => {
+                        let renew = JobMessage::TaskRenew {
+                            lease: lease.clone(),
+                        };
+                        cluster.send(&owner, &renew).await;
+                    }
                 }
-            })
+            }
         };
-        let result = self.run_lease(&lease, &project, slot).await;
-        renewing.abort();
+        if self.tasks.stopping() {
+            // Killed by the stop: not a result; the owner hands the module to another.
+            return true;
+        }
         self.count_work(&lease, &result);
         cluster
             .send(&owner, &JobMessage::TaskResult { lease, result })
@@ -852,8 +852,22 @@ impl Engine {
     /// Serves a `jobs` stream: a project's packed bytes (`{"blob":H}`) to a worker holding
     /// a lease of one of its modules or to a trusted replica, and our unfinished
     /// evaluations (`{"ledger":true}`) to a trusted replica; answered `{"size":N}` and N
-    /// bytes, or `{"error":...}`.
-    pub async fn serve_stream(&self, mut stream: DataStream) {
+    /// bytes, or `{"error":...}`. Served by a task of the engine's (dropped when it stops);
+    /// returns when it is served.
+    pub async fn serve_stream(&self, stream: DataStream) {
+        let (served, done) = oneshot::channel();
+        let engine = self.clone();
+        let started = self.tasks.spawn(async move {
+            engine.serve(stream).await;
+            let _ = served.send(());
+        });
+        if started {
+            let _ = done.await;
+        }
+    }
+
+    /// Serves a `jobs` stream (see [`Engine::serve_stream`]).
+    async fn serve(&self, mut stream: DataStream) {
         let Some(cluster) = &self.cluster else {
             return;
         };

@@ -70,6 +70,10 @@ pub enum TakeError {
     /// The task could not be run here.
     #[error(transparent)]
     Task(#[from] TaskError),
+    /// The node stopped while the task ran: no result is sent (the owner gives the task to
+    /// another when the stream ends).
+    #[error("the node is stopping")]
+    Stopped,
 }
 
 /// Why an owner's task lent to a worker came back without a result.
@@ -280,6 +284,9 @@ impl Engine {
                 }
             }
         };
+        if self.tasks.stopping() {
+            return Err(TakeError::Stopped);
+        }
         if let Err(e) = made {
             let failed = json!({ "failed": e.to_string() });
             let _ = stream.write_all(&line(&failed)).await;

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
 
 use super::{clean_environment, limits_script, Limits, PYTEST_ARGS};
 
@@ -306,6 +307,8 @@ pub(crate) struct WarmPool {
     sandbox: Option<Sandbox>,
     running: tokio::sync::Mutex<(Vec<Warm>, Vec<PathBuf>)>,
     next: AtomicU64,
+    /// Cancelled when the runner stops: children running are killed, none is forked.
+    stop: CancellationToken,
 }
 
 impl WarmPool {
@@ -316,6 +319,7 @@ impl WarmPool {
         support: PathBuf,
         limits: Limits,
         sandbox: Option<Sandbox>,
+        stop: CancellationToken,
     ) -> Self {
         Self {
             sockets,
@@ -324,7 +328,13 @@ impl WarmPool {
             sandbox,
             running: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
             next: AtomicU64::new(0),
+            stop,
         }
+    }
+
+    /// Stops every warm interpreter (dropped, each is killed, and its sandbox with it).
+    pub async fn stop(&self) {
+        self.running.lock().await.0.clear();
     }
 
     /// Runs `request` in a child of `python`'s warm interpreter; waits for it to end or
@@ -405,7 +415,10 @@ impl WarmPool {
                 said.drain(..excess);
             }
         };
-        let timed_out = tokio::time::timeout(left, ended).await.is_err();
+        let timed_out = tokio::select! {
+            ended = tokio::time::timeout(left, ended) => ended.is_err(),
+            () = self.stop.cancelled() => true,
+        };
         // The whole session: pytest and whatever the tests started. In a sandbox, pids are
         // the sandbox's own: the warm interpreter kills it.
         if self.sandbox.is_some() {
@@ -435,6 +448,9 @@ impl WarmPool {
 
     /// The socket of `python`'s warm interpreter, started if needed.
     async fn socket(&self, python: &Path) -> Option<PathBuf> {
+        if self.stop.is_cancelled() {
+            return None;
+        }
         let mut running = self.running.lock().await;
         let (warm, broken) = &mut *running;
         warm.retain_mut(|w| matches!(w.process.try_wait(), Ok(None)));
