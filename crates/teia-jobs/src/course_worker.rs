@@ -15,8 +15,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
-use crate::proto::seed001::{Envelope, Framer, MAX_MESSAGE};
-use crate::runner::Runner;
+use crate::bundle::BundleError;
+use crate::proto::seed001::{Envelope, Framer, MessageError, MAX_MESSAGE};
+use crate::runner::{RunError, Runner};
 
 /// Time between two discovery broadcasts while no master answers.
 pub const DISCOVER_EVERY: Duration = Duration::from_secs(1);
@@ -32,6 +33,52 @@ pub const ANSWER_TIME: Duration = Duration::from_secs(30);
 
 /// Failed requests in a row after which the master is looked for again.
 pub const MAX_FAILURES: u32 = 3;
+
+/// Why a request to the master got no answer.
+#[derive(Debug, thiserror::Error)]
+enum RequestError {
+    /// The connection failed.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The request could not be written as JSON.
+    #[error("{0}")]
+    Json(#[from] serde_json::Error),
+    /// The answer is not a seed 001 message.
+    #[error(transparent)]
+    Message(#[from] MessageError),
+    /// No answer within [`ANSWER_TIME`].
+    #[error("the master did not answer")]
+    NoAnswer,
+}
+
+/// Why a master's task was not run here (said in its result's `stderr.txt`).
+#[derive(Debug, thiserror::Error)]
+enum CourseTaskError {
+    /// The package has no `task_data`.
+    #[error("the task has no task_data")]
+    NoData,
+    /// The package is over [`MAX_MESSAGE`] bytes.
+    #[error("the task is too large")]
+    TooLarge,
+    /// `task_data` is not base64.
+    #[error("task_data is not base64")]
+    NotBase64,
+    /// The work folder could not be used.
+    #[error("{0}")]
+    Disk(#[from] std::io::Error),
+    /// The task's ZIP could not be unpacked.
+    #[error(transparent)]
+    Unpack(#[from] BundleError),
+    /// The script could not be started.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// The outputs could not be zipped.
+    #[error("{0}")]
+    Zip(#[from] zip::result::ZipError),
+    /// The zipping stopped.
+    #[error("{0}")]
+    Zipper(#[from] tokio::task::JoinError),
+}
 
 /// Where to look for the master and where to work.
 #[derive(Debug, Clone)]
@@ -158,31 +205,26 @@ fn unwrap(answer: &Value) -> (String, &Value) {
 }
 
 /// One request on a connection of its own, and the master's answer.
-async fn request(master: Found, message: &Value) -> Result<Value, String> {
+async fn request(master: Found, message: &Value) -> Result<Value, RequestError> {
     let exchange = async {
-        let mut stream = TcpStream::connect(master.addr)
-            .await
-            .map_err(|e| e.to_string())?;
-        let bytes = serde_json::to_vec(message).map_err(|e| e.to_string())?;
-        stream.write_all(&bytes).await.map_err(|e| e.to_string())?;
+        let mut stream = TcpStream::connect(master.addr).await?;
+        let bytes = serde_json::to_vec(message)?;
+        stream.write_all(&bytes).await?;
         let mut framer = Framer::default();
         let mut buffer = vec![0u8; 64 * 1024];
         loop {
-            let n = stream.read(&mut buffer).await.map_err(|e| e.to_string())?;
+            let n = stream.read(&mut buffer).await?;
             if n == 0 {
-                return framer.finish().map_err(|e| e.to_string());
+                return Ok(framer.finish()?);
             }
-            if let Some(value) = framer
-                .push(buffer.get(..n).unwrap_or_default())
-                .map_err(|e| e.to_string())?
-            {
+            if let Some(value) = framer.push(buffer.get(..n).unwrap_or_default())? {
                 return Ok(value);
             }
         }
     };
     tokio::time::timeout(ANSWER_TIME, exchange)
         .await
-        .map_err(|_| "the master did not answer".to_owned())?
+        .map_err(|_| RequestError::NoAnswer)?
 }
 
 /// Registers, then runs the master's tasks until it stops answering.
@@ -244,7 +286,7 @@ async fn serve_master(config: &CourseWorkerConfig, runner: &Runner, master: Foun
             Ok(result) => result,
             Err(e) => {
                 tracing::warn!(task = %name, error = %e, "task not run");
-                zip_outputs(b"", e.as_bytes()).unwrap_or_default()
+                zip_outputs(b"", e.to_string().as_bytes()).unwrap_or_default()
             }
         };
         let submit = wrap(
@@ -272,17 +314,17 @@ async fn run_task(
     runner: &Runner,
     name: &str,
     fields: &Value,
-) -> Result<Vec<u8>, String> {
+) -> Result<Vec<u8>, CourseTaskError> {
     let data = fields
         .get("task_data")
         .and_then(Value::as_str)
-        .ok_or("the task has no task_data")?;
+        .ok_or(CourseTaskError::NoData)?;
     if data.len() > MAX_MESSAGE {
-        return Err("the task is too large".into());
+        return Err(CourseTaskError::TooLarge);
     }
     let bytes = STANDARD
         .decode(data.trim())
-        .map_err(|_| "task_data is not base64")?;
+        .map_err(|_| CourseTaskError::NotBase64)?;
     let safe: String = name
         .chars()
         .map(|c| {
@@ -295,16 +337,13 @@ async fn run_task(
         .collect();
     let folder = config.work.join(safe.trim_start_matches('.'));
     let _ = std::fs::remove_dir_all(&folder);
-    std::fs::create_dir_all(&config.work).map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&config.work)?;
     let archive = config.work.join(format!(".{safe}.zip"));
-    std::fs::write(&archive, &bytes).map_err(|e| e.to_string())?;
+    std::fs::write(&archive, &bytes)?;
     let unpacked = crate::bundle::unpack(&archive, &folder);
     let _ = std::fs::remove_file(&archive);
-    unpacked.map_err(|e| e.to_string())?;
-    let outcome = runner
-        .run_script(&folder, &["input.csv"])
-        .await
-        .map_err(|e| e.to_string())?;
+    unpacked?;
+    let outcome = runner.run_script(&folder, &["input.csv"]).await?;
     tracing::info!(task = %name, exit = ?outcome.exit_code, timed_out = outcome.timed_out, seconds = outcome.seconds, "task ran");
     // The folder is the task's: read as hostile input (at most MAX_MESSAGE / 4 bytes of
     // each, for a result must fit a message in base64), off the async threads.
@@ -314,11 +353,11 @@ async fn run_task(
             crate::taskfile::read_capped(&task_folder, Path::new(file), (MAX_MESSAGE / 4) as u64)
                 .unwrap_or_else(|e| e.to_string().into_bytes())
         };
-        zip_outputs(&read("stdout.txt"), &read("stderr.txt")).map_err(|e| e.to_string())
+        zip_outputs(&read("stdout.txt"), &read("stderr.txt"))
     })
     .await
-    .map_err(|e| e.to_string())
-    .and_then(|zipped| zipped);
+    .map_err(CourseTaskError::from)
+    .and_then(|zipped| Ok(zipped?));
     let _ = std::fs::remove_dir_all(&folder);
     result
 }

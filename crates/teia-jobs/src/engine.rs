@@ -7,18 +7,20 @@
 //! owner is gone ([`crate::remote`]).
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection};
 use serde_json::{json, Value};
 
 use crate::bundle::{self, BundleError};
+use crate::locking::lock;
 use crate::proto::ledger::{
     Completed, EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState, NewProject,
 };
 use crate::remote::{Cluster, ClusterConfig};
 use crate::runner::{Isolation, Limits, Runner};
+use crate::tasks::TaskSet;
 
 /// Numbers the folders projects are unpacked in before they are renamed.
 static UNPACKING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -47,6 +49,16 @@ pub const REPLICATION_WAIT: Duration = Duration::from_secs(5);
 /// `GET /evaluation/<id>`); past it, the oldest finished are forgotten, their folders
 /// removed, when a new one comes.
 pub const KEEP_FINISHED: usize = 500;
+/// Time [`Engine::shutdown`] waits for the engine's tasks to end (a worker records nothing
+/// of the module the stop killed, a stream being served is dropped) before it aborts them.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Time an idle worker waits before it looks for work again.
+const IDLE_WAIT: Duration = Duration::from_millis(50);
+/// Time a worker waits before it takes a module again after its project's bytes were not
+/// to be had.
+const PROJECT_WAIT: Duration = Duration::from_secs(1);
+/// Time between two looks at whether a new evaluation's projects are replicated.
+const REPLICATED_POLL: Duration = Duration::from_millis(50);
 
 /// How to run the engine.
 #[derive(Debug, Clone)]
@@ -149,12 +161,8 @@ pub struct Engine {
     pub(crate) runner: Arc<Runner>,
     /// Git clones running ([`MAX_CLONES`]).
     clones: Arc<tokio::sync::Semaphore>,
-}
-
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    /// The tasks it started, stopped by [`Engine::shutdown`].
+    pub(crate) tasks: Arc<TaskSet>,
 }
 
 /// Bytes the regular files under `dir` take (links not followed; an unreadable part counts
@@ -253,13 +261,16 @@ impl Engine {
             started: Instant::now(),
             cluster,
             clones: Arc::new(tokio::sync::Semaphore::new(MAX_CLONES)),
+            tasks: Arc::new(TaskSet::default()),
         };
         engine.start_cluster();
         let warming = Arc::clone(&engine.runner);
-        tokio::spawn(async move { warming.warm_up().await });
+        engine.tasks.spawn(async move { warming.warm_up().await });
         for slot in 0..engine.config.workers.max(1) {
             let worker = engine.clone();
-            tokio::spawn(async move { worker.work(slot).await });
+            engine
+                .tasks
+                .spawn_finishing(async move { worker.work(slot).await });
         }
         tracing::info!(
             workers = engine.config.workers,
@@ -273,6 +284,25 @@ impl Engine {
             );
         }
         Ok(engine)
+    }
+
+    /// Stops the engine: its workers take nothing more, the modules and script tasks
+    /// running are killed (and their results not recorded: they run again, here after a
+    /// restart or on another node), its periodic duties and the streams it serves end; waits
+    /// for its tasks up to [`SHUTDOWN_GRACE`], then aborts those left.
+    pub async fn shutdown(&self) {
+        self.tasks.stop();
+        self.runner.stop().await;
+        self.tasks.shutdown(SHUTDOWN_GRACE).await;
+        tracing::info!("job engine stopped");
+    }
+
+    /// Waits up to `wait`, or until the engine stops.
+    pub(crate) async fn pause(&self, wait: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(wait) => {}
+            () = self.tasks.stopped() => {}
+        }
     }
 
     /// Whether a module of a project with bytes `blob`, of an evaluation submitted at
@@ -302,10 +332,10 @@ impl Engine {
                         .all(|p| self.replicated(evaluation.submitted_at, &p.blob))
                 })
             };
-            if ready {
+            if ready || self.tasks.stopping() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.pause(REPLICATED_POLL).await;
         }
     }
 
@@ -514,10 +544,10 @@ impl Engine {
     }
 
     /// One worker: takes modules of this node's evaluations, or else of trusted owners',
-    /// and runs them.
+    /// and runs them, until the engine stops.
     async fn work(&self, slot: usize) {
         let lease_ms = (self.config.limits.timeout + Duration::from_secs(30)).as_millis() as u64;
-        loop {
+        while !self.tasks.stopping() {
             // Our own workers start at once: the bytes they run are ours, and `POST
             // /evaluation` answers only once they are replicated.
             let lease = {
@@ -538,7 +568,7 @@ impl Engine {
                     && ((self.config.modules && self.work_remote(slot).await)
                         || self.work_remote_script(slot).await);
                 if !worked {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    self.pause(IDLE_WAIT).await;
                 }
                 continue;
             };
@@ -558,10 +588,15 @@ impl Engine {
                         }
                     }
                 }
-                tokio::time::sleep(Duration::from_secs(1)).await;
+                self.pause(PROJECT_WAIT).await;
                 continue;
             };
             let result = self.run_lease(&lease, &extracted, slot).await;
+            if self.tasks.stopping() {
+                // Killed by the stop: the module stays leased in the database, and runs
+                // again when the node starts.
+                return;
+            }
             self.count_work(&lease, &result);
             self.complete(&lease, &self.config.address, result);
         }
@@ -1094,4 +1129,89 @@ async fn clone(
         });
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// A test module whose test starts a child holding a lock on `outlives.lock`, says so
+    /// with `outlives.ready`, and hangs: the lock is free again only once the child is gone.
+    const HANGS: &str = "import os, subprocess, sys, time\nHOLD = 'import fcntl, time\\nf = open(\"outlives.lock\", \"w\")\\nfcntl.flock(f, fcntl.LOCK_EX)\\nopen(\"outlives.ready\", \"w\").close()\\ntime.sleep(300)\\n'\n\ndef test_hangs():\n    open('outlives.lock', 'w').close()\n    subprocess.Popen([sys.executable, '-c', HOLD])\n    time.sleep(300)\n";
+
+    /// The first file named `name` under `dir`.
+    fn find(dir: &Path, name: &str) -> Option<PathBuf> {
+        let mut stack = vec![dir.to_owned()];
+        while let Some(folder) = stack.pop() {
+            for entry in std::fs::read_dir(&folder).into_iter().flatten().flatten() {
+                let path = entry.path();
+                if path.file_name().is_some_and(|n| n == name) {
+                    return Some(path);
+                }
+                if path.is_dir() {
+                    stack.push(path);
+                }
+            }
+        }
+        None
+    }
+
+    /// `Engine::shutdown` kills the module running (and what it started), ends the
+    /// engine's tasks within its grace, and records no result for the module it killed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn shutdown_kills_the_running_module_and_records_no_result() {
+        let dir = tempfile::tempdir().unwrap();
+        let submission = dir.path().join("submission");
+        std::fs::create_dir_all(submission.join("tests")).unwrap();
+        std::fs::write(submission.join("tests").join("test_hangs.py"), HANGS).unwrap();
+        let archive = dir.path().join("submission.zip");
+        bundle::pack(&submission, &archive).unwrap();
+        let node = dir.path().join("node");
+        let config = EngineConfig {
+            dir: node.clone(),
+            node: "node".into(),
+            address: "127.0.0.1:1".into(),
+            python: crate::runner::resolve_python(Path::new("python3")),
+            workers: 1,
+            limits: Limits::default(),
+            isolation: Isolation::Limits,
+            modules: true,
+            others: false,
+            verify: 0.0,
+            keep_finished: KEEP_FINISHED,
+            git_schemes: vec!["https".into()],
+        };
+        let engine = Engine::start(config, None).unwrap();
+        let id = engine.submit_zip(&archive).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let ready = loop {
+            if let Some(ready) = find(&node.join("work"), "outlives.ready") {
+                break ready;
+            }
+            assert!(Instant::now() < deadline, "the module never started");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let held = std::fs::File::open(ready.with_file_name("outlives.lock")).unwrap();
+        let asked = Instant::now();
+        engine.shutdown().await;
+        assert!(
+            asked.elapsed() < SHUTDOWN_GRACE,
+            "shutdown took {:?}",
+            asked.elapsed()
+        );
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive)
+            .is_err()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "a process of the module outlived the stop"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let detail = engine.detail(id).unwrap();
+        let module = &detail["projects"]["project"]["modules"]["tests/test_hangs.py"];
+        assert_eq!(module["status"], "running", "{detail}");
+    }
 }

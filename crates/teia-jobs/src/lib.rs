@@ -11,6 +11,7 @@
 pub mod bundle;
 pub mod course_worker;
 pub mod engine;
+mod locking;
 pub mod master;
 pub mod proto;
 pub mod remote;
@@ -19,3 +20,5 @@ pub mod runner;
 pub mod script;
 pub mod split;
 pub mod taskfile;
+mod tasks;
+pub mod transfer;

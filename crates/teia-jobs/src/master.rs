@@ -19,6 +19,7 @@ use teia_core::rate::RateLimiter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
+use crate::locking;
 use crate::proto::seed001::{
     encode, parse, Budget, Cidr, Envelope, Failed, Framer, Gate, Master, MessageError, Reply,
     Request, Spent, Submitted, Task, Unwelcome, WorkerKey, MAX_PACKAGE,
@@ -165,15 +166,9 @@ impl Shared {
     }
 }
 
+/// The master's queue, locked.
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Master> {
-    guard(&shared.master)
-}
-
-/// Locks `mutex`, recovering it if a task panicked while holding it.
-fn guard<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    locking::lock(&shared.master)
 }
 
 /// The networks course workers may connect from when `--master-allow` is not given: those
@@ -271,7 +266,7 @@ pub async fn start(config: MasterConfig) -> Result<(SocketAddr, MasterHandle), M
             let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
-            let admitted = guard(&shared.gate).admit(peer.ip());
+            let admitted = locking::lock(&shared.gate).admit(peer.ip());
             if let Err(why) = admitted {
                 refuse(&shared, stream, peer, why);
                 continue;
@@ -314,6 +309,11 @@ pub enum JobError {
     #[error("cannot queue the job: {0}")]
     Queue(String),
 }
+
+/// A result that could not be moved into the results folder (the task waits again).
+#[derive(Debug, thiserror::Error)]
+#[error("result not stored: {0}")]
+pub struct NotStored(std::io::Error);
 
 /// Jobs numbered since the node started, for their names.
 static JOB_COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -383,7 +383,12 @@ impl MasterHandle {
     /// Stores the result at `partial` (complete and flushed) as that of the task `worker`
     /// holds: true when stored, false when the task is no longer its own (done by another,
     /// or taken back), the result then dropped.
-    pub(crate) fn finish(&self, worker: &str, task: &str, partial: &Path) -> Result<bool, String> {
+    pub(crate) fn finish(
+        &self,
+        worker: &str,
+        task: &str,
+        partial: &Path,
+    ) -> Result<bool, NotStored> {
         let done = lock(&self.0).submit(&WorkerKey::teia(worker), Some(task), Instant::now());
         let Ok(Submitted::Done(task)) = done else {
             let _ = std::fs::remove_file(partial);
@@ -393,7 +398,7 @@ impl MasterHandle {
         if let Err(e) = std::fs::rename(partial, &path) {
             let _ = std::fs::remove_file(partial);
             lock(&self.0).add(&task.name, task.size);
-            return Err(format!("result not stored: {e}"));
+            return Err(NotStored(e));
         }
         tracing::info!(task = %task.name, %worker, "result stored");
         Ok(true)
@@ -567,13 +572,13 @@ async fn work_locally(shared: &Arc<Shared>, local: &LocalWorkers, slot: usize) {
         let made = made.and_then(|()| {
             std::fs::File::open(&partial)
                 .and_then(|file| file.sync_all())
-                .map_err(|e| format!("result not flushed: {e}"))
+                .map_err(crate::script::TaskError::NotFlushed)
         });
         let stored = match made {
             Ok(()) => handle.finish(&me, &task.name, &partial),
             Err(e) => {
                 let _ = std::fs::remove_file(&partial);
-                handle.fail(&me, &e);
+                handle.fail(&me, &e.to_string());
                 continue;
             }
         };
@@ -608,12 +613,8 @@ fn scan(shared: &Shared) {
         }
         let metadata = entry.metadata().ok();
         let whole = std::fs::File::open(entry.path())
-            .map_err(|e| e.to_string())
-            .and_then(|file| {
-                zip::ZipArchive::new(file)
-                    .map(drop)
-                    .map_err(|e| e.to_string())
-            });
+            .map_err(zip::result::ZipError::from)
+            .and_then(|file| zip::ZipArchive::new(file).map(drop));
         if let Err(e) = whole {
             let age = metadata
                 .as_ref()
@@ -696,7 +697,7 @@ async fn answer_discovery(socket: UdpSocket, shared: Arc<Shared>) {
         let Some(bytes) = buffer.get(..len).filter(|_| len <= MAX_DATAGRAM) else {
             continue;
         };
-        if !guard(&shared.gate).allows(from.ip()) {
+        if !locking::lock(&shared.gate).allows(from.ip()) {
             continue;
         }
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
@@ -737,7 +738,7 @@ struct Admitted<'a> {
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        guard(self.gate).leave(self.ip);
+        locking::lock(self.gate).leave(self.ip);
     }
 }
 
@@ -754,7 +755,7 @@ struct Reserved<'a> {
 impl Reserved<'_> {
     /// Counts a piece of `piece` bytes received, reserving what the budget counts of it.
     fn more(&mut self, piece: usize) -> Result<(), Spent> {
-        let mut budget = guard(self.budget);
+        let mut budget = locking::lock(self.budget);
         let counted = budget.counted(self.received, piece);
         budget.reserve(self.ip, counted)?;
         self.bytes += counted;
@@ -765,7 +766,7 @@ impl Reserved<'_> {
 
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
-        guard(self.budget).release(self.ip, self.bytes);
+        locking::lock(self.budget).release(self.ip, self.bytes);
     }
 }
 
@@ -777,7 +778,7 @@ fn refuse(shared: &Shared, stream: TcpStream, peer: SocketAddr, why: Unwelcome) 
     }
     drop(stream);
     let now = shared.origin.elapsed().as_millis() as u64;
-    if guard(&shared.refusals).allow(&peer.ip(), now) {
+    if locking::lock(&shared.refusals).allow(&peer.ip(), now) {
         match why {
             Unwelcome::NotAllowed => tracing::warn!(
                 %peer,

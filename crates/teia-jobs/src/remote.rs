@@ -30,6 +30,9 @@ use teia_node::node::NodeHandle;
 use teia_node::stream::{DataStream, StreamError};
 use tokio::sync::oneshot;
 
+use crate::bundle::BundleError;
+use crate::locking::lock;
+
 use crate::engine::Engine;
 use crate::proto::cluster::{ClusterRules, ElectionOutcome, Refusal, Suspicion, Trust, Verdict};
 pub use crate::proto::cluster::{
@@ -38,6 +41,8 @@ pub use crate::proto::cluster::{
 };
 use crate::proto::ledger::{EvalId, Lease};
 use crate::proto::messages::{self, JobMessage, SERVICE};
+pub use crate::transfer::MAX_BLOB;
+use crate::transfer::{fetch_blob, read_sized, send_file, TransferError, MAX_HEAD, SERVE_PIECE};
 
 /// Milliseconds a remote worker's lease lasts without a renewal.
 pub const REMOTE_LEASE_MS: u64 = 2_000;
@@ -55,14 +60,66 @@ pub const STATUS_EVERY: Duration = Duration::from_secs(2);
 pub const WATCH_EVERY: Duration = Duration::from_millis(250);
 /// Requests waiting for an answer at most.
 pub const MAX_WAITING: usize = 256;
-/// Bytes of a project's packed bytes at most.
-pub const MAX_BLOB: u64 = 1024 * 1024 * 1024;
 /// Workers remembered as holding a project's bytes, per project; the oldest is forgotten.
 pub const MAX_HOLDERS: usize = 8;
 /// Projects whose holders are remembered; past it, all are forgotten.
 pub const MAX_HELD_BLOBS: usize = 1024;
+/// Time a `jobs` stream's opener has to say what it wants.
+pub const REQUEST_WAIT: Duration = Duration::from_secs(10);
 /// Holders a worker tries before the owner.
 const HOLDERS_TRIED: usize = 2;
+
+/// Why a member could not be reached, or a project or ledger not fetched from one.
+#[derive(Debug, thiserror::Error)]
+pub enum RemoteError {
+    /// The peer has not proved itself a member.
+    #[error("{0} is not a proven member of this cluster")]
+    NotMember(String),
+    /// No address of the peer is known.
+    #[error("no address")]
+    NoAddress,
+    /// An address of the peer answered as another node.
+    #[error("{addr} is {found}, not {wanted}")]
+    WrongPeer {
+        /// The address.
+        addr: SocketAddr,
+        /// The node that answered.
+        found: String,
+        /// The node wanted.
+        wanted: String,
+    },
+    /// A stream to the peer could not be opened.
+    #[error("{peer}: {source}")]
+    Open {
+        /// The peer.
+        peer: String,
+        /// Why.
+        source: StreamError,
+    },
+    /// The peer did not send what was asked.
+    #[error("{peer}: {source}")]
+    Fetch {
+        /// The peer.
+        peer: String,
+        /// Why.
+        source: TransferError,
+    },
+    /// The exchange on an open stream failed.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// A file on this node could not be written.
+    #[error("{0}")]
+    Disk(#[from] std::io::Error),
+    /// A project's bytes are not a project.
+    #[error(transparent)]
+    Unpack(#[from] BundleError),
+    /// A project unpacked could not be put in its place.
+    #[error("cannot store the project")]
+    NotStored,
+    /// A ledger pulled is not one.
+    #[error("{0}")]
+    BadLedger(#[from] serde_json::Error),
+}
 
 /// How this node takes part in a cluster.
 #[derive(Clone)]
@@ -96,12 +153,6 @@ pub(crate) struct Cluster {
     /// The count of unfinished evaluations each owner announced last (at most
     /// [`MAX_OWNERS`]; past it, all are forgotten): a new one is pulled at once.
     unfinished_seen: Mutex<HashMap<String, u32>>,
-}
-
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Cluster {
@@ -317,7 +368,7 @@ impl Engine {
             return;
         };
         let expirer = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 tokio::time::sleep(EXPIRE_EVERY).await;
                 expirer.expire_leases();
@@ -325,7 +376,7 @@ impl Engine {
         });
         let reporter = self.clone();
         let reporter_cluster = Arc::clone(&cluster);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 tokio::time::sleep(STATUS_EVERY).await;
                 let neighbours = match reporter_cluster.config.node.snapshot().await {
@@ -338,14 +389,14 @@ impl Engine {
         });
         let watcher = self.clone();
         let watched = Arc::clone(&cluster);
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             loop {
                 tokio::time::sleep(WATCH_EVERY).await;
                 watcher.watch_suspects(&watched).await;
             }
         });
         let owner = self.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let scripts = cluster.config.scripts.clone();
             loop {
                 tokio::select! {
@@ -451,16 +502,15 @@ impl Engine {
         cluster: &Cluster,
         owner: &str,
         port: Option<u16>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RemoteError> {
         let mut stream = self.open_to(cluster, owner, port).await?;
         let request = serde_json::json!({"ledger": true, "proof": cluster.proof()});
         stream
             .write_all(format!("{request}\n").as_bytes())
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(TransferError::from)?;
         let bytes = read_sized(&mut stream).await?;
-        let evaluations: Vec<crate::proto::ledger::Evaluation> =
-            serde_json::from_slice(&bytes).map_err(|e| e.to_string())?;
+        let evaluations: Vec<crate::proto::ledger::Evaluation> = serde_json::from_slice(&bytes)?;
         let blobs: Vec<String> = evaluations
             .iter()
             .flat_map(|e| e.projects.values().map(|p| p.blob.clone()))
@@ -511,10 +561,10 @@ impl Engine {
         cluster: &Cluster,
         owner: &str,
         port: Option<u16>,
-    ) -> Result<DataStream, String> {
-        let mut last = "no address".to_owned();
+    ) -> Result<DataStream, RemoteError> {
+        let mut last = RemoteError::NoAddress;
         let Some(key) = cluster.member_key(owner) else {
-            return Err(format!("{owner} is not a proven member of this cluster"));
+            return Err(RemoteError::NotMember(owner.to_owned()));
         };
         for addr in cluster.addresses(owner, port).await {
             match cluster
@@ -524,8 +574,19 @@ impl Engine {
                 .await
             {
                 Ok(stream) if stream.peer_id() == owner => return Ok(stream),
-                Ok(stream) => last = format!("{addr} is {}, not {owner}", stream.peer_id()),
-                Err(e) => last = e.to_string(),
+                Ok(stream) => {
+                    last = RemoteError::WrongPeer {
+                        addr,
+                        found: stream.peer_id().to_owned(),
+                        wanted: owner.to_owned(),
+                    }
+                }
+                Err(source) => {
+                    last = RemoteError::Open {
+                        peer: owner.to_owned(),
+                        source,
+                    }
+                }
             }
         }
         Err(last)
@@ -659,21 +720,26 @@ impl Engine {
                 return true;
             }
         };
-        let renewing = {
-            let cluster_node = cluster.config.node.clone();
-            let (owner, lease) = (owner.clone(), lease.clone());
-            tokio::spawn(async move {
-                loop {
-                    tokio::time::sleep(RENEW_EVERY).await;
-                    let renew = JobMessage::TaskRenew {
-                        lease: lease.clone(),
-                    };
-                    let _ = cluster_node.send(&owner, messages::payload(&renew)).await;
+        // Renewed while it runs, so that the owner does not hand it to another.
+        let result = {
+            let run = self.run_lease(&lease, &project, slot);
+            tokio::pin!(run);
+            loop {
+                tokio::select! {
+                    result = &mut run => break result,
+                    () = tokio::time::sleep(RENEW_EVERY) => {
+                        let renew = JobMessage::TaskRenew {
+                            lease: lease.clone(),
+                        };
+                        cluster.send(&owner, &renew).await;
+                    }
                 }
-            })
+            }
         };
-        let result = self.run_lease(&lease, &project, slot).await;
-        renewing.abort();
+        if self.tasks.stopping() {
+            // Killed by the stop: not a result; the owner hands the module to another.
+            return true;
+        }
         self.count_work(&lease, &result);
         cluster
             .send(&owner, &JobMessage::TaskResult { lease, result })
@@ -690,13 +756,13 @@ impl Engine {
         port: Option<u16>,
         holders: &[String],
         lease: &Lease,
-    ) -> Result<PathBuf, String> {
+    ) -> Result<PathBuf, RemoteError> {
         let blobs = self.config.dir.join("blobs");
         let folder = blobs.join(&lease.blob);
         if folder.is_dir() {
             return Ok(folder);
         }
-        std::fs::create_dir_all(&blobs).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&blobs)?;
         let packed = blobs.join(format!(
             "{}.zip.part-{}",
             lease.blob,
@@ -712,11 +778,11 @@ impl Engine {
             .map(|h| (h.as_str(), None))
             .collect();
         sources.push((owner, port));
-        let mut last = "no address".to_owned();
+        let mut last = RemoteError::NoAddress;
         let mut fetched = false;
         'sources: for (source, port) in sources {
             let Some(key) = cluster.member_key(source) else {
-                last = format!("{source} is not a proven member of this cluster");
+                last = RemoteError::NotMember(source.to_owned());
                 continue;
             };
             for addr in cluster.addresses(source, port).await {
@@ -733,11 +799,27 @@ impl Engine {
                                 fetched = true;
                                 break 'sources;
                             }
-                            Err(e) => last = format!("{source}: {e}"),
+                            Err(e) => {
+                                last = RemoteError::Fetch {
+                                    peer: source.to_owned(),
+                                    source: e,
+                                }
+                            }
                         }
                     }
-                    Ok(stream) => last = format!("{addr} is {}, not {source}", stream.peer_id()),
-                    Err(e) => last = format!("{source}: {e}"),
+                    Ok(stream) => {
+                        last = RemoteError::WrongPeer {
+                            addr,
+                            found: stream.peer_id().to_owned(),
+                            wanted: source.to_owned(),
+                        }
+                    }
+                    Err(e) => {
+                        last = RemoteError::Open {
+                            peer: source.to_owned(),
+                            source: e,
+                        }
+                    }
                 }
             }
         }
@@ -752,17 +834,16 @@ impl Engine {
             lease.blob,
             cluster.next.fetch_add(1, Ordering::Relaxed)
         ));
-        let unpacked = crate::bundle::unpack(&packed, &partial).map_err(|e| e.to_string());
-        if let Err(e) = unpacked {
+        if let Err(e) = crate::bundle::unpack(&packed, &partial) {
             let _ = std::fs::remove_file(&packed);
             let _ = std::fs::remove_dir_all(&partial);
-            return Err(e);
+            return Err(e.into());
         }
         let _ = std::fs::rename(&packed, blobs.join(format!("{}.zip", lease.blob)));
         if std::fs::rename(&partial, &folder).is_err() {
             let _ = std::fs::remove_dir_all(&partial);
             if !folder.is_dir() {
-                return Err("cannot store the project".into());
+                return Err(RemoteError::NotStored);
             }
         }
         Ok(folder)
@@ -771,13 +852,27 @@ impl Engine {
     /// Serves a `jobs` stream: a project's packed bytes (`{"blob":H}`) to a worker holding
     /// a lease of one of its modules or to a trusted replica, and our unfinished
     /// evaluations (`{"ledger":true}`) to a trusted replica; answered `{"size":N}` and N
-    /// bytes, or `{"error":...}`.
-    pub async fn serve_stream(&self, mut stream: DataStream) {
+    /// bytes, or `{"error":...}`. Served by a task of the engine's (dropped when it stops);
+    /// returns when it is served.
+    pub async fn serve_stream(&self, stream: DataStream) {
+        let (served, done) = oneshot::channel();
+        let engine = self.clone();
+        let started = self.tasks.spawn(async move {
+            engine.serve(stream).await;
+            let _ = served.send(());
+        });
+        if started {
+            let _ = done.await;
+        }
+    }
+
+    /// Serves a `jobs` stream (see [`Engine::serve_stream`]).
+    async fn serve(&self, mut stream: DataStream) {
         let Some(cluster) = &self.cluster else {
             return;
         };
         let Ok(Ok(Some(line))) =
-            tokio::time::timeout(Duration::from_secs(10), stream.read_line(4096)).await
+            tokio::time::timeout(REQUEST_WAIT, stream.read_line(MAX_HEAD)).await
         else {
             return;
         };
@@ -836,9 +931,6 @@ enum Served {
     Bytes(Vec<u8>),
 }
 
-/// Bytes of a project's file read and written at once.
-const SERVE_PIECE: usize = 1024 * 1024;
-
 impl Served {
     /// Writes `{"size":N}` and the N bytes.
     async fn send(self, stream: &mut DataStream) -> Result<(), StreamError> {
@@ -859,126 +951,4 @@ impl Served {
         }
         Ok(())
     }
-}
-
-/// Writes the first `size` bytes of `file` on `stream`, a piece at a time.
-pub(crate) async fn send_file(
-    stream: &mut DataStream,
-    file: &mut std::fs::File,
-    size: u64,
-) -> Result<(), StreamError> {
-    use std::io::Read;
-    let mut piece = vec![0u8; SERVE_PIECE];
-    let mut left = size;
-    while left > 0 {
-        let want = piece.len().min(usize::try_from(left).unwrap_or(usize::MAX));
-        let buffer = piece.get_mut(..want).unwrap_or_default();
-        file.read_exact(buffer)?;
-        stream.write_all(buffer).await?;
-        left -= want as u64;
-    }
-    Ok(())
-}
-
-/// Reads one JSON line of at most 4 KiB, waiting up to `wait`.
-pub(crate) async fn read_head(
-    stream: &mut DataStream,
-    wait: Duration,
-) -> Result<serde_json::Value, String> {
-    let line = tokio::time::timeout(wait, stream.read_line(4096))
-        .await
-        .map_err(|_| format!("{} did not answer", stream.peer_id()))?
-        .map_err(|e| e.to_string())?
-        .ok_or_else(|| format!("{} closed the stream", stream.peer_id()))?;
-    serde_json::from_slice(&line).map_err(|e| e.to_string())
-}
-
-/// Reads a `{"size":N}` line.
-async fn read_size(stream: &mut DataStream) -> Result<u64, String> {
-    let head = read_head(stream, Duration::from_secs(30)).await?;
-    let size = head
-        .get("size")
-        .and_then(serde_json::Value::as_u64)
-        .ok_or_else(|| format!("the owner answered {head}"))?;
-    if size > MAX_BLOB {
-        return Err("answer too large".into());
-    }
-    Ok(size)
-}
-
-/// Reads more of the peer's bytes: an error if it stalls for 30 s or closes.
-async fn fill(stream: &mut DataStream) -> Result<(), String> {
-    let more = tokio::time::timeout(Duration::from_secs(30), stream.fill())
-        .await
-        .map_err(|_| format!("{} stalled", stream.peer_id()))?
-        .map_err(|e| e.to_string())?;
-    if more {
-        Ok(())
-    } else {
-        Err(format!("{} closed the stream early", stream.peer_id()))
-    }
-}
-
-/// Reads a `{"size":N}` line and N bytes.
-async fn read_sized(stream: &mut DataStream) -> Result<Vec<u8>, String> {
-    let size = read_size(stream).await?;
-    let mut bytes = Vec::new();
-    while (bytes.len() as u64) < size {
-        if stream.buffered().is_empty() {
-            fill(stream).await?;
-        }
-        let take = (stream.buffered().len() as u64).min(size - bytes.len() as u64) as usize;
-        bytes.extend_from_slice(stream.buffered().get(..take).unwrap_or_default());
-        stream.consume(take);
-    }
-    Ok(bytes)
-}
-
-/// Fetches `blob` on `stream` into `to`, checking its BLAKE3 hash.
-async fn fetch_blob(
-    stream: &mut DataStream,
-    blob: &str,
-    to: &std::path::Path,
-    proof: Option<String>,
-) -> Result<(), String> {
-    let request = serde_json::json!({"blob": blob, "proof": proof});
-    stream
-        .write_all(format!("{request}\n").as_bytes())
-        .await
-        .map_err(|e| e.to_string())?;
-    let size = read_size(stream).await?;
-    let hash = receive_file(stream, size, to, true).await?;
-    if hash.to_hex().as_str() != blob {
-        let _ = std::fs::remove_file(to);
-        return Err("the project's bytes do not match their hash".into());
-    }
-    Ok(())
-}
-
-/// Reads `size` bytes from `stream` into a new file at `to` (flushed to disk when
-/// `durable`); their BLAKE3 hash.
-pub(crate) async fn receive_file(
-    stream: &mut DataStream,
-    size: u64,
-    to: &std::path::Path,
-    durable: bool,
-) -> Result<blake3::Hash, String> {
-    let mut hasher = blake3::Hasher::new();
-    let mut file = std::fs::File::create(to).map_err(|e| e.to_string())?;
-    let mut received = 0u64;
-    while received < size {
-        if stream.buffered().is_empty() {
-            fill(stream).await?;
-        }
-        let take = (stream.buffered().len() as u64).min(size - received) as usize;
-        let piece = stream.buffered().get(..take).unwrap_or_default();
-        hasher.update(piece);
-        std::io::Write::write_all(&mut file, piece).map_err(|e| e.to_string())?;
-        stream.consume(take);
-        received += take as u64;
-    }
-    if durable {
-        file.sync_all().map_err(|e| e.to_string())?;
-    }
-    Ok(hasher.finalize())
 }

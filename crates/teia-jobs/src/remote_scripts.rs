@@ -15,14 +15,14 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 use teia_node::stream::DataStream;
 
+use teia_node::stream::StreamError;
+
 use crate::engine::Engine;
-use crate::master::MasterHandle;
+use crate::master::{MasterHandle, NotStored};
 use crate::proto::seed001::Task;
-use crate::remote::{
-    read_head, receive_file, send_file, Cluster, ANSWER_WAIT, MAX_BLOB, REMOTE_LEASE_MS,
-    RENEW_EVERY,
-};
-use crate::script::MAX_RESULT;
+use crate::remote::{Cluster, RemoteError, ANSWER_WAIT, REMOTE_LEASE_MS, RENEW_EVERY};
+use crate::script::{TaskError, MAX_RESULT};
+use crate::transfer::{read_head, receive_file, send_file, TransferError, MAX_BLOB};
 
 /// Time the worker has to say what it sends after the task ran, and the owner to answer.
 const RESULT_WAIT: Duration = Duration::from_secs(30);
@@ -31,20 +31,95 @@ const RESULT_WAIT: Duration = Duration::from_secs(30);
 /// stalled: a peer that stops reading does not hold the sender forever.
 const MIN_RATE: u64 = 1024 * 1024;
 
+/// Why a worker could not take, run or deliver an owner's script task.
+#[derive(Debug, thiserror::Error)]
+pub enum TakeError {
+    /// The owner could not be reached.
+    #[error(transparent)]
+    Reach(#[from] RemoteError),
+    /// The exchange with the owner failed.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// The owner answered something else than a task, none, or `ok`.
+    #[error("{owner} answered {answer}")]
+    Unexpected {
+        /// The owner.
+        owner: String,
+        /// Its answer.
+        answer: serde_json::Value,
+    },
+    /// The owner's task is over [`MAX_BLOB`] bytes.
+    #[error("{owner}'s task is {size} bytes, over {MAX_BLOB}")]
+    TooLarge {
+        /// The owner.
+        owner: String,
+        /// The task's size.
+        size: u64,
+    },
+    /// The task's work folder or result could not be used.
+    #[error("{0}")]
+    Disk(#[from] std::io::Error),
+    /// The owner stopped listening while the task ran (the task is its again).
+    #[error("{owner} is gone: {source}")]
+    OwnerGone {
+        /// The owner.
+        owner: String,
+        /// Why the stream failed.
+        source: StreamError,
+    },
+    /// The task could not be run here.
+    #[error(transparent)]
+    Task(#[from] TaskError),
+    /// The node stopped while the task ran: no result is sent (the owner gives the task to
+    /// another when the stream ends).
+    #[error("the node is stopping")]
+    Stopped,
+}
+
+/// Why an owner's task lent to a worker came back without a result.
+#[derive(Debug, thiserror::Error)]
+pub enum LendError {
+    /// The task's ZIP could not be read.
+    #[error("task unreadable: {0}")]
+    TaskUnreadable(std::io::Error),
+    /// A file on this node could not be read.
+    #[error("{0}")]
+    Disk(#[from] std::io::Error),
+    /// The exchange with the worker failed.
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    /// The worker could not run the task.
+    #[error("the task failed to run: {0}")]
+    TaskFailed(String),
+    /// The worker said something else than alive, failed or a result.
+    #[error("unexpected {0}")]
+    Unexpected(serde_json::Value),
+    /// The worker's result is over [`MAX_RESULT`] bytes.
+    #[error("a result of {0} bytes is over {MAX_RESULT}")]
+    ResultTooLarge(u64),
+    /// The worker's result is not a ZIP.
+    #[error("the result is not a ZIP")]
+    NotZip,
+    /// The result could not be stored.
+    #[error(transparent)]
+    NotStored(#[from] NotStored),
+}
+
 /// Sends the first `size` bytes of `file` within [`RESULT_WAIT`] plus a second per
 /// [`MIN_RATE`] bytes.
 async fn send_within(
     stream: &mut DataStream,
     file: &mut std::fs::File,
     size: u64,
-) -> Result<(), String> {
+) -> Result<(), TransferError> {
     let time = RESULT_WAIT + Duration::from_secs(size / MIN_RATE);
     match tokio::time::timeout(time, send_file(stream, file, size)).await {
-        Ok(sent) => sent.map_err(|e| e.to_string()),
-        Err(_) => Err(format!(
-            "{} did not read {size} bytes in {time:?}",
-            stream.peer_id()
-        )),
+        Ok(sent) => Ok(sent?),
+        Err(_) => Err(TransferError::NotRead {
+            peer: stream.peer_id().to_owned(),
+            size,
+            time,
+        }),
     }
 }
 
@@ -95,7 +170,7 @@ impl Engine {
                 if let Some(name) = master.give_back(&worker) {
                     tracing::warn!(task = %name, %worker, error = %e, "a teia worker let its task go; it goes to another");
                 }
-                json!({ "error": e })
+                json!({ "error": e.to_string() })
             }
         };
         let _ = stream.write_all(&line(&answer)).await;
@@ -135,13 +210,13 @@ impl Engine {
         owner: &str,
         port: Option<u16>,
         slot: usize,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, TakeError> {
         let mut stream = self.open_to(cluster, owner, port).await?;
         let take = json!({"script": "take", "proof": cluster.proof()});
         stream
             .write_all(&line(&take))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(TransferError::from)?;
         let head = read_head(&mut stream, ANSWER_WAIT).await?;
         if head.get("none").is_some() {
             return Ok(false);
@@ -150,15 +225,21 @@ impl Engine {
             head.get("task").and_then(serde_json::Value::as_str),
             head.get("size").and_then(serde_json::Value::as_u64),
         ) else {
-            return Err(format!("{owner} answered {head}"));
+            return Err(TakeError::Unexpected {
+                owner: owner.to_owned(),
+                answer: head,
+            });
         };
         if size > MAX_BLOB {
-            return Err(format!("{owner}'s task is {size} bytes, over {MAX_BLOB}"));
+            return Err(TakeError::TooLarge {
+                owner: owner.to_owned(),
+                size,
+            });
         }
         let task = task.to_owned();
         let work = self.runner.work_dir().join(format!("script-{slot}"));
         let _ = std::fs::remove_dir_all(&work);
-        std::fs::create_dir_all(&work).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&work)?;
         let done = self.run_taken(&mut stream, owner, &task, size, &work).await;
         let _ = std::fs::remove_dir_all(&work);
         done.map(|()| true)
@@ -173,7 +254,7 @@ impl Engine {
         task: &str,
         size: u64,
         work: &std::path::Path,
-    ) -> Result<(), String> {
+    ) -> Result<(), TakeError> {
         let archive = work.join("task.zip");
         // A work file: lost with the node, the task goes to another anyway.
         receive_file(stream, size, &archive, false).await?;
@@ -196,27 +277,37 @@ impl Engine {
                     stream
                         .write_all(&line(&json!({"alive": true})))
                         .await
-                        .map_err(|e| format!("{owner} is gone: {e}"))?;
+                        .map_err(|source| TakeError::OwnerGone {
+                            owner: owner.to_owned(),
+                            source,
+                        })?;
                 }
             }
         };
-        if let Err(e) = made {
-            let _ = stream.write_all(&line(&json!({ "failed": e }))).await;
-            return Err(e);
+        if self.tasks.stopping() {
+            return Err(TakeError::Stopped);
         }
-        let mut file = std::fs::File::open(&result).map_err(|e| e.to_string())?;
-        let size = file.metadata().map_err(|e| e.to_string())?.len();
+        if let Err(e) = made {
+            let failed = json!({ "failed": e.to_string() });
+            let _ = stream.write_all(&line(&failed)).await;
+            return Err(e.into());
+        }
+        let mut file = std::fs::File::open(&result)?;
+        let size = file.metadata()?.len();
         stream
             .write_all(&line(&json!({ "result": size })))
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(TransferError::from)?;
         send_within(stream, &mut file, size).await?;
         let answer = read_head(stream, RESULT_WAIT).await?;
         if answer.get("ok").is_some() {
             tracing::info!(%task, %owner, "script task's result delivered");
             Ok(())
         } else {
-            Err(format!("{owner} answered {answer}"))
+            Err(TakeError::Unexpected {
+                owner: owner.to_owned(),
+                answer,
+            })
         }
     }
 }
@@ -229,13 +320,13 @@ async fn lend(
     task: &Task,
     path: &std::path::Path,
     stream: &mut DataStream,
-) -> Result<(), String> {
-    let mut file = std::fs::File::open(path).map_err(|e| format!("task unreadable: {e}"))?;
-    let size = file.metadata().map_err(|e| e.to_string())?.len();
+) -> Result<(), LendError> {
+    let mut file = std::fs::File::open(path).map_err(LendError::TaskUnreadable)?;
+    let size = file.metadata()?.len();
     stream
         .write_all(&line(&json!({"task": task.name, "size": size})))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(TransferError::from)?;
     send_within(stream, &mut file, size).await?;
     let silence = Duration::from_millis(REMOTE_LEASE_MS);
     loop {
@@ -247,24 +338,23 @@ async fn lend(
         if let Some(failure) = said.get("failed") {
             let failure = failure.as_str().unwrap_or("no reason given");
             master.fail(worker, &format!("{worker}: {failure}"));
-            return Err(format!("the task failed to run: {failure}"));
+            return Err(LendError::TaskFailed(failure.to_owned()));
         }
         let Some(size) = said.get("result").and_then(serde_json::Value::as_u64) else {
-            return Err(format!("unexpected {said}"));
+            return Err(LendError::Unexpected(said));
         };
         if size > MAX_RESULT {
-            return Err(format!("a result of {size} bytes is over {MAX_RESULT}"));
+            return Err(LendError::ResultTooLarge(size));
         }
         let partial = master.partial(worker, &task.name);
         // Each piece must come within 30 s (the worker stalled, the task goes back).
         if let Err(e) = receive_file(stream, size, &partial, true).await {
             let _ = std::fs::remove_file(&partial);
-            return Err(e);
+            return Err(e.into());
         }
-        if zip::ZipArchive::new(std::fs::File::open(&partial).map_err(|e| e.to_string())?).is_err()
-        {
+        if zip::ZipArchive::new(std::fs::File::open(&partial)?).is_err() {
             let _ = std::fs::remove_file(&partial);
-            return Err("the result is not a ZIP".into());
+            return Err(LendError::NotZip);
         }
         master.finish(worker, &task.name, &partial)?;
         return Ok(());

@@ -4,7 +4,8 @@
 
 use std::path::{Path, PathBuf};
 
-use crate::runner::Runner;
+use crate::bundle::BundleError;
+use crate::runner::{RunError, Runner};
 
 /// Bytes of each file kept in a result made here (stdout, stderr, an output); the rest is
 /// left out.
@@ -25,6 +26,26 @@ pub const MAX_RESULT: u64 = MAX_RESULT_CONTENT + 16 * 1024 * 1024;
 /// seconds, the node that ran it); a course worker's result is stored without one.
 pub const SUMMARY: &str = "result.json";
 
+/// Why a script task could not be run here, or its result not written.
+#[derive(Debug, thiserror::Error)]
+pub enum TaskError {
+    /// The task's ZIP could not be unpacked.
+    #[error(transparent)]
+    Unpack(#[from] BundleError),
+    /// The script could not be started.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// The result ZIP could not be written.
+    #[error("{0}")]
+    Result(#[from] std::io::Error),
+    /// The result ZIP could not be flushed to disk.
+    #[error("result not flushed: {0}")]
+    NotFlushed(std::io::Error),
+    /// The writer of the result ZIP stopped.
+    #[error("{0}")]
+    Writer(#[from] tokio::task::JoinError),
+}
+
 /// Unpacks the task ZIP at `archive` (named `task`) in `folder`, runs `main.py input.csv`
 /// there with `runner`, and writes the result ZIP to `to`: `stdout.txt`, `stderr.txt`,
 /// `result.json` (exit code, seconds, whether it timed out, the `node` that ran it) and,
@@ -37,14 +58,11 @@ pub async fn run_task(
     node: &str,
     folder: &Path,
     to: &Path,
-) -> Result<(), String> {
+) -> Result<(), TaskError> {
     let _ = std::fs::remove_dir_all(folder);
-    crate::bundle::unpack(archive, folder).map_err(|e| e.to_string())?;
+    crate::bundle::unpack(archive, folder)?;
     let inputs = list_files(folder);
-    let outcome = runner
-        .run_script(folder, &["input.csv"])
-        .await
-        .map_err(|e| e.to_string())?;
+    let outcome = runner.run_script(folder, &["input.csv"]).await?;
     let summary = serde_json::json!({
         "task": task,
         "exit_code": outcome.exit_code,
@@ -63,10 +81,10 @@ pub async fn run_task(
         .collect();
     // The folder is the task's: read as hostile input, off the async threads.
     let (folder, to) = (folder.to_owned(), to.to_owned());
-    tokio::task::spawn_blocking(move || write_result_zip(&folder, &summary, &outputs, &to))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())
+    Ok(
+        tokio::task::spawn_blocking(move || write_result_zip(&folder, &summary, &outputs, &to))
+            .await??,
+    )
 }
 
 /// The files under `dir`, relative to it (links not followed).

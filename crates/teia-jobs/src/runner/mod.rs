@@ -23,6 +23,7 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
+use tokio_util::sync::CancellationToken;
 
 use crate::proto::ledger::ModuleResult;
 
@@ -162,7 +163,7 @@ impl Isolation {
 pub struct ScriptOutcome {
     /// Its exit code (none when killed by a signal).
     pub exit_code: Option<i32>,
-    /// Whether it was killed at its timeout.
+    /// Whether it was killed at its timeout (or by [`Runner::stop`]).
     pub timed_out: bool,
     /// How long it ran.
     pub seconds: f64,
@@ -182,6 +183,9 @@ pub enum RunError {
     /// The process could not start.
     #[error("cannot start python: {0}")]
     Spawn(std::io::Error),
+    /// The runner was stopped ([`Runner::stop`]): it starts nothing more.
+    #[error("the node is stopping")]
+    Stopped,
 }
 
 /// What a run produced.
@@ -255,6 +259,8 @@ pub struct Runner {
     work: PathBuf,
     /// The user ids tasks run as, when the node is root and sandboxes them.
     ids: Option<std::sync::Arc<sandbox::TaskIds>>,
+    /// Cancelled by [`Runner::stop`]: running tasks are killed, no new one starts.
+    stop: CancellationToken,
 }
 
 impl Runner {
@@ -295,11 +301,13 @@ impl Runner {
             }),
             Isolation::Limits => None,
         };
+        let stop = CancellationToken::new();
         let warm = Some(warm::WarmPool::new(
             dir.join("warm"),
             support.clone(),
             limits.clone(),
             sandbox,
+            stop.clone(),
         ));
         Ok(Self {
             venvs,
@@ -310,7 +318,18 @@ impl Runner {
             warm,
             work,
             ids,
+            stop,
         })
+    }
+
+    /// Stops the runner: the modules and scripts running are killed (with their process
+    /// groups, or their sandboxes), the warm interpreters stopped, and every later run
+    /// refused with [`RunError::Stopped`].
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        if let Some(pool) = &self.warm {
+            pool.stop().await;
+        }
     }
 
     /// A user id for a task about to run in `folder` (given to it), when the node is root
@@ -353,6 +372,9 @@ impl Runner {
             path: work.to_owned(),
             source,
         };
+        if self.stop.is_cancelled() {
+            return Err(RunError::Stopped);
+        }
         let started = Instant::now();
         let mut result = ModuleResult {
             node: node.to_owned(),
@@ -366,7 +388,7 @@ impl Runner {
                 return Ok(Outcome {
                     result,
                     timed_out: false,
-                    output: reason,
+                    output: reason.to_string(),
                 });
             }
         };
@@ -463,6 +485,9 @@ impl Runner {
     /// warm interpreter when `dir` is under [`Runner::work_dir`], else started cold. Killed
     /// with its process group at the timeout.
     pub async fn run_script(&self, dir: &Path, args: &[&str]) -> Result<ScriptOutcome, RunError> {
+        if self.stop.is_cancelled() {
+            return Err(RunError::Stopped);
+        }
         let prepare = |source| RunError::Prepare {
             path: dir.to_owned(),
             source,
@@ -510,13 +535,16 @@ impl Runner {
             .kill_on_drop(true);
         let mut child = command.spawn().map_err(RunError::Spawn)?;
         let pid = child.id();
-        let waited = tokio::time::timeout(self.limits.timeout, child.wait()).await;
+        let waited = tokio::select! {
+            waited = tokio::time::timeout(self.limits.timeout, child.wait()) => waited.ok(),
+            () = self.stop.cancelled() => None,
+        };
         if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
             let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
         }
         let (timed_out, status) = match waited {
-            Ok(status) => (false, status.ok()),
-            Err(_) => (true, child.wait().await.ok()),
+            Some(status) => (false, status.ok()),
+            None => (true, child.wait().await.ok()),
         };
         Ok(ScriptOutcome {
             exit_code: status.and_then(|s| s.code()),
@@ -621,9 +649,10 @@ impl Runner {
             output
         };
         let output_task = tokio::spawn(collect);
-        let timed_out = tokio::time::timeout(self.limits.timeout, child.wait())
-            .await
-            .is_err();
+        let timed_out = tokio::select! {
+            waited = tokio::time::timeout(self.limits.timeout, child.wait()) => waited.is_err(),
+            () = self.stop.cancelled() => true,
+        };
         if let Some(pid) = pid.and_then(|p| rustix::process::Pid::from_raw(p as i32)) {
             // The whole group: pytest and whatever the tests started.
             let _ = rustix::process::kill_process_group(pid, rustix::process::Signal::KILL);
@@ -682,25 +711,49 @@ pub struct FoundPython {
     pub pytest: Option<String>,
 }
 
+/// Why a Python cannot serve the job engine.
+#[derive(Debug, thiserror::Error)]
+pub enum PythonError {
+    /// It could not be started.
+    #[error("{} cannot run ({source}); install Python 3 or give --python PATH", python.display())]
+    CannotRun {
+        /// The interpreter given.
+        python: PathBuf,
+        /// Why it could not start.
+        source: std::io::Error,
+    },
+    /// It ran, but not as Python 3.
+    #[error("{} does not run Python 3: {said}", python.display())]
+    NotPython3 {
+        /// The interpreter given.
+        python: PathBuf,
+        /// What it said on stderr.
+        said: String,
+    },
+    /// It runs, without pytest.
+    #[error("{} has no pytest; install it (pip install pytest, or apt-get install python3-pytest)", python.display())]
+    NoPytest {
+        /// The interpreter given.
+        python: PathBuf,
+    },
+}
+
 /// Checks that `python` runs, and whether it has pytest; says what is wrong otherwise.
-pub async fn find_python(python: &Path) -> Result<FoundPython, String> {
+pub async fn find_python(python: &Path) -> Result<FoundPython, PythonError> {
     let probe = "import sys\nprint(sys.executable)\nprint(sys.version.split()[0])\ntry:\n    import pytest\n    print(pytest.__version__)\nexcept Exception:\n    print('')";
     let output = tokio::process::Command::new(python)
         .args(["-c", probe])
         .output()
         .await
-        .map_err(|e| {
-            format!(
-                "{} cannot run ({e}); install Python 3 or give --python PATH",
-                python.display()
-            )
+        .map_err(|source| PythonError::CannotRun {
+            python: python.to_owned(),
+            source,
         })?;
     if !output.status.success() {
-        return Err(format!(
-            "{} does not run Python 3: {}",
-            python.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        ));
+        return Err(PythonError::NotPython3 {
+            python: python.to_owned(),
+            said: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        });
     }
     let text = String::from_utf8_lossy(&output.stdout).into_owned();
     let mut lines = text.lines();
@@ -724,14 +777,13 @@ pub async fn find_python(python: &Path) -> Result<FoundPython, String> {
 
 /// Checks that `python` runs and has pytest; says what is missing otherwise. Returns the
 /// interpreter's own path and its and pytest's versions.
-pub async fn check_python(python: &Path) -> Result<(PathBuf, String), String> {
+pub async fn check_python(python: &Path) -> Result<(PathBuf, String), PythonError> {
     let found = find_python(python).await?;
     match found.pytest {
         Some(pytest) => Ok((found.executable, format!("{} {pytest}", found.version))),
-        None => Err(format!(
-            "{} has no pytest; install it (pip install pytest, or apt-get install python3-pytest)",
-            python.display()
-        )),
+        None => Err(PythonError::NoPytest {
+            python: python.to_owned(),
+        }),
     }
 }
 

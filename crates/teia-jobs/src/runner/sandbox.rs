@@ -18,6 +18,8 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use crate::locking::lock;
+
 /// The first user (and group) id a task runs as when the node is root.
 pub const TASK_ID_BASE: u32 = 2_000_000;
 /// User ids handed to tasks at once at most (tasks past it wait for one).
@@ -44,11 +46,7 @@ pub(crate) struct TaskId {
 
 impl Drop for TaskId {
     fn drop(&mut self) {
-        self.ids
-            .used
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(&self.id);
+        lock(&self.ids.used).remove(&self.id);
         self.ids.freed.notify_one();
     }
 }
@@ -59,10 +57,7 @@ impl TaskIds {
         loop {
             let freed = self.freed.notified();
             {
-                let mut used = self
-                    .used
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut used = lock(&self.used);
                 if let Some(id) =
                     (TASK_ID_BASE..TASK_ID_BASE + MAX_TASK_IDS).find(|id| !used.contains(id))
                 {

@@ -17,13 +17,14 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::Arc;
 use std::time::Duration;
 
 use super::sandbox::{self, TaskIds};
 use super::{clean_environment, limits_script, python_prefixes, Limits, OUTPUT_KEPT};
 
 /// The sandbox builds run in: `bwrap`, and the task ids when the node is root.
-pub(crate) type BuildSandbox = (PathBuf, Option<std::sync::Arc<TaskIds>>);
+pub(crate) type BuildSandbox = (PathBuf, Option<Arc<TaskIds>>);
 
 /// Size of a `requirements.txt` read; a larger one is refused.
 pub const MAX_REQUIREMENTS: u64 = 64 * 1024;
@@ -36,6 +37,77 @@ const MAX_FAILED: usize = 64;
 
 /// The marker of a whole environment.
 const READY: &str = ".teia-ready";
+
+/// Why a project's environment could not be made (remembered for the project's other
+/// modules, hence cloneable).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum VenvError {
+    /// The project's `requirements.txt` is not a file or is too large.
+    #[error("requirements.txt must be a file of at most {MAX_REQUIREMENTS} bytes")]
+    RequirementsTooLarge,
+    /// The project's `requirements.txt` could not be read.
+    #[error("requirements.txt: {0}")]
+    RequirementsUnreadable(Arc<std::io::Error>),
+    /// The environment's folders could not be prepared.
+    #[error("cannot prepare the environment: {0}")]
+    Prepare(Arc<std::io::Error>),
+    /// A step of the build took more than [`BUILD_TIME`].
+    #[error("{step} took more than {BUILD_TIME:?}")]
+    TimedOut {
+        /// The step.
+        step: &'static str,
+    },
+    /// A step of the build could not be run.
+    #[error("{step}: {cause}")]
+    NotRun {
+        /// The step.
+        step: &'static str,
+        /// Why.
+        cause: SlirpError,
+    },
+    /// A step of the build failed.
+    #[error("{step} failed: {said}")]
+    Failed {
+        /// The step.
+        step: &'static str,
+        /// The end of what it said.
+        said: String,
+    },
+}
+
+/// Why a build's command could not be run (behind `slirp4netns` or not).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SlirpError {
+    /// A process could not be started or waited for.
+    #[error("{0}")]
+    Io(Arc<std::io::Error>),
+    /// A pipe to or from bwrap or slirp4netns was missing.
+    #[error("no pipe to or from {0}")]
+    NoPipe(&'static str),
+    /// bwrap did not say its sandbox's pid in time.
+    #[error("bwrap did not say its sandbox's pid")]
+    NoPid,
+    /// bwrap said something other than its sandbox's pid.
+    #[error("bwrap did not start: {0}")]
+    NotStarted(String),
+    /// slirp4netns could not be run.
+    #[error("cannot run slirp4netns: {0}")]
+    SlirpNotRun(Arc<std::io::Error>),
+    /// slirp4netns did not say the network was ready in time.
+    #[error("slirp4netns could not give the build a network")]
+    NoNetwork,
+}
+
+impl From<std::io::Error> for SlirpError {
+    fn from(e: std::io::Error) -> Self {
+        Self::Io(Arc::new(e))
+    }
+}
+
+/// A [`VenvError::Prepare`] of `e`.
+fn prepare(e: std::io::Error) -> VenvError {
+    VenvError::Prepare(Arc::new(e))
+}
 
 /// One environment being built.
 struct Build<'a> {
@@ -57,7 +129,7 @@ pub(crate) struct VenvCache {
     support: PathBuf,
     limits: Limits,
     /// One build at a time; failures by key.
-    failed: tokio::sync::Mutex<HashMap<String, String>>,
+    failed: tokio::sync::Mutex<HashMap<String, VenvError>>,
     /// The sandbox builds run in, if any.
     sandbox: Option<BuildSandbox>,
 }
@@ -86,17 +158,16 @@ impl VenvCache {
 
     /// The interpreter for `project`: `python` itself when it has no requirements, else
     /// that of its environment (made now if needed). `Err` says why it could not be made.
-    pub async fn interpreter(&self, python: &Path, project: &Path) -> Result<PathBuf, String> {
+    pub async fn interpreter(&self, python: &Path, project: &Path) -> Result<PathBuf, VenvError> {
         let path = project.join("requirements.txt");
         let Ok(meta) = std::fs::metadata(&path) else {
             return Ok(python.to_owned());
         };
         if !meta.is_file() || meta.len() > MAX_REQUIREMENTS {
-            return Err(format!(
-                "requirements.txt must be a file of at most {MAX_REQUIREMENTS} bytes"
-            ));
+            return Err(VenvError::RequirementsTooLarge);
         }
-        let content = std::fs::read(&path).map_err(|e| format!("requirements.txt: {e}"))?;
+        let content =
+            std::fs::read(&path).map_err(|e| VenvError::RequirementsUnreadable(Arc::new(e)))?;
         let wanted = String::from_utf8_lossy(&content);
         if wanted
             .lines()
@@ -138,18 +209,18 @@ impl VenvCache {
         }
     }
 
-    async fn build(&self, python: &Path, project: &Path, venv: &Path) -> Result<(), String> {
+    async fn build(&self, python: &Path, project: &Path, venv: &Path) -> Result<(), VenvError> {
         let _ = std::fs::remove_dir_all(venv);
         let home = self.dir.join("home");
         let _ = std::fs::remove_dir_all(&home);
         for folder in [venv, &home] {
-            std::fs::create_dir_all(folder).map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(folder).map_err(prepare)?;
         }
         let id = match self.sandbox.as_ref().and_then(|(_, ids)| ids.as_ref()) {
             Some(ids) => {
                 let id = ids.take().await;
                 for folder in [venv, &home] {
-                    sandbox::give_tree(folder, id.id).map_err(|e| e.to_string())?;
+                    sandbox::give_tree(folder, id.id).map_err(prepare)?;
                 }
                 Some(id)
             }
@@ -188,7 +259,7 @@ impl VenvCache {
             "pip install -r requirements.txt",
         )
         .await?;
-        std::fs::write(venv.join(READY), b"").map_err(|e| e.to_string())
+        std::fs::write(venv.join(READY), b"").map_err(prepare)
     }
 
     /// Runs one step of `build` in `dir` with the modules' environment and limits (but the
@@ -199,8 +270,8 @@ impl VenvCache {
         program: &Path,
         args: &[&str],
         dir: &Path,
-        what: &str,
-    ) -> Result<(), String> {
+        step: &'static str,
+    ) -> Result<(), VenvError> {
         let slirp = self
             .sandbox
             .as_ref()
@@ -224,7 +295,7 @@ impl VenvCache {
                     // slirp4netns answers DNS at 10.0.2.3; bwrap says the sandbox's pid on
                     // stderr and waits for a byte on stdin before it runs the build.
                     let resolv = self.dir.join("resolv.conf");
-                    std::fs::write(&resolv, "nameserver 10.0.2.3\n").map_err(|e| e.to_string())?;
+                    std::fs::write(&resolv, "nameserver 10.0.2.3\n").map_err(prepare)?;
                     command
                         .arg("--ro-bind")
                         .arg(&resolv)
@@ -260,12 +331,12 @@ impl VenvCache {
         let run = async {
             match &slirp {
                 Some(slirp) => run_behind_slirp(command, slirp).await,
-                None => command.output().await.map_err(|e| e.to_string()),
+                None => command.output().await.map_err(SlirpError::from),
             }
         };
         let output = match tokio::time::timeout(BUILD_TIME, run).await {
-            Err(_) => return Err(format!("{what} took more than {BUILD_TIME:?}")),
-            Ok(Err(e)) => return Err(format!("{what}: {e}")),
+            Err(_) => return Err(VenvError::TimedOut { step }),
+            Ok(Err(cause)) => return Err(VenvError::NotRun { step, cause }),
             Ok(Ok(output)) => output,
         };
         if output.status.success() {
@@ -279,7 +350,10 @@ impl VenvCache {
             .find(|&i| said.is_char_boundary(i))
             .unwrap_or(said.len());
         let tail = said.get(start..).unwrap_or_default();
-        Err(format!("{what} failed: {tail}"))
+        Err(VenvError::Failed {
+            step,
+            said: tail.to_owned(),
+        })
     }
 }
 
@@ -316,12 +390,13 @@ fn warn_host_network() {
 async fn run_behind_slirp(
     mut command: tokio::process::Command,
     slirp: &Path,
-) -> Result<std::process::Output, String> {
+) -> Result<std::process::Output, SlirpError> {
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-    let mut child = command.spawn().map_err(|e| e.to_string())?;
-    let mut stdin = child.stdin.take().ok_or("no pipe to bwrap")?;
-    let stdout = child.stdout.take().ok_or("no pipe from bwrap")?;
-    let mut stderr = tokio::io::BufReader::new(child.stderr.take().ok_or("no pipe from bwrap")?);
+    let mut child = command.spawn()?;
+    let mut stdin = child.stdin.take().ok_or(SlirpError::NoPipe("bwrap"))?;
+    let stdout = child.stdout.take().ok_or(SlirpError::NoPipe("bwrap"))?;
+    let mut stderr =
+        tokio::io::BufReader::new(child.stderr.take().ok_or(SlirpError::NoPipe("bwrap"))?);
     // bwrap's JSON, `{ ... "child-pid": N, ... }`, one field a line, ends with `}`.
     let mut info = String::new();
     let mut pid = None;
@@ -329,8 +404,7 @@ async fn run_behind_slirp(
         let mut line = String::new();
         let read = tokio::time::timeout(SLIRP_TIME, (&mut stderr).take(1024).read_line(&mut line))
             .await
-            .map_err(|_| "bwrap did not say its sandbox's pid".to_owned())?
-            .map_err(|e| e.to_string())?;
+            .map_err(|_| SlirpError::NoPid)??;
         if read == 0 {
             break;
         }
@@ -342,7 +416,7 @@ async fn run_behind_slirp(
             break;
         }
     }
-    let pid = pid.ok_or_else(|| format!("bwrap did not start: {}", info.trim()))?;
+    let pid = pid.ok_or_else(|| SlirpError::NotStarted(info.trim().to_owned()))?;
     let mut network = tokio::process::Command::new(slirp)
         .args([
             "--configure",
@@ -357,15 +431,18 @@ async fn run_behind_slirp(
         .stderr(Stdio::piped())
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("cannot run slirp4netns: {e}"))?;
-    let mut ready = network.stdout.take().ok_or("no pipe from slirp4netns")?;
+        .map_err(|e| SlirpError::SlirpNotRun(Arc::new(e)))?;
+    let mut ready = network
+        .stdout
+        .take()
+        .ok_or(SlirpError::NoPipe("slirp4netns"))?;
     let mut byte = [0u8; 1];
     let connected = tokio::time::timeout(SLIRP_TIME, ready.read(&mut byte)).await;
     if !matches!(connected, Ok(Ok(1))) {
         let _ = network.kill().await;
-        return Err("slirp4netns could not give the build a network".into());
+        return Err(SlirpError::NoNetwork);
     }
-    stdin.write_all(b"1").await.map_err(|e| e.to_string())?;
+    stdin.write_all(b"1").await?;
     drop(stdin);
     let collect = |pipe: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {
         let mut bytes = Vec::new();
@@ -382,7 +459,7 @@ async fn run_behind_slirp(
     );
     let _ = network.kill().await;
     Ok(std::process::Output {
-        status: status.map_err(|e| e.to_string())?,
+        status: status?,
         stdout: out,
         stderr: err,
     })

@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio_util::sync::CancellationToken;
 
 use super::{clean_environment, limits_script, Limits, PYTEST_ARGS};
 
@@ -35,6 +36,27 @@ const MAX_BROKEN: usize = 16;
 /// Bytes of what a forked child says last that are kept (its end: why its isolation
 /// failed, and its exit code).
 const SAID_KEPT: usize = 512;
+
+/// Bytes of a socket's path at most (a Unix socket's address holds 108); a longer one
+/// leaves modules to start cold.
+const MAX_SOCKET_PATH: usize = 100;
+
+/// Why a warm interpreter could not be started (modules then start cold).
+#[derive(Debug, thiserror::Error)]
+enum WarmError {
+    /// Its folder could not be made, or it could not be started.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Its socket's path is over [`MAX_SOCKET_PATH`] bytes.
+    #[error("{} is too long a path for a socket", .0.display())]
+    SocketPathTooLong(PathBuf),
+    /// It was started without its pipes.
+    #[error("no pipe to or from it")]
+    NoPipe,
+    /// It did not say it was ready within [`START_TIME`].
+    #[error("it did not start (does the Python run?)")]
+    NotReady,
+}
 
 /// The warm interpreter's program: preload, then accept, fork, run.
 const ZYGOTE: &str = r#"
@@ -285,6 +307,8 @@ pub(crate) struct WarmPool {
     sandbox: Option<Sandbox>,
     running: tokio::sync::Mutex<(Vec<Warm>, Vec<PathBuf>)>,
     next: AtomicU64,
+    /// Cancelled when the runner stops: children running are killed, none is forked.
+    stop: CancellationToken,
 }
 
 impl WarmPool {
@@ -295,6 +319,7 @@ impl WarmPool {
         support: PathBuf,
         limits: Limits,
         sandbox: Option<Sandbox>,
+        stop: CancellationToken,
     ) -> Self {
         Self {
             sockets,
@@ -303,7 +328,13 @@ impl WarmPool {
             sandbox,
             running: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
             next: AtomicU64::new(0),
+            stop,
         }
+    }
+
+    /// Stops every warm interpreter (dropped, each is killed, and its sandbox with it).
+    pub async fn stop(&self) {
+        self.running.lock().await.0.clear();
     }
 
     /// Runs `request` in a child of `python`'s warm interpreter; waits for it to end or
@@ -384,7 +415,10 @@ impl WarmPool {
                 said.drain(..excess);
             }
         };
-        let timed_out = tokio::time::timeout(left, ended).await.is_err();
+        let timed_out = tokio::select! {
+            ended = tokio::time::timeout(left, ended) => ended.is_err(),
+            () = self.stop.cancelled() => true,
+        };
         // The whole session: pytest and whatever the tests started. In a sandbox, pids are
         // the sandbox's own: the warm interpreter kills it.
         if self.sandbox.is_some() {
@@ -414,6 +448,9 @@ impl WarmPool {
 
     /// The socket of `python`'s warm interpreter, started if needed.
     async fn socket(&self, python: &Path) -> Option<PathBuf> {
+        if self.stop.is_cancelled() {
+            return None;
+        }
         let mut running = self.running.lock().await;
         let (warm, broken) = &mut *running;
         warm.retain_mut(|w| matches!(w.process.try_wait(), Ok(None)));
@@ -455,20 +492,16 @@ impl WarmPool {
         self.running.lock().await.0.retain(|w| w.python != python);
     }
 
-    async fn start(&self, python: &Path) -> Result<Warm, String> {
+    async fn start(&self, python: &Path) -> Result<Warm, WarmError> {
         use std::os::unix::fs::PermissionsExt;
-        std::fs::create_dir_all(&self.sockets).map_err(|e| e.to_string())?;
-        std::fs::set_permissions(&self.sockets, std::fs::Permissions::from_mode(0o700))
-            .map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&self.sockets)?;
+        std::fs::set_permissions(&self.sockets, std::fs::Permissions::from_mode(0o700))?;
         let socket = self.sockets.join(format!(
             "{}.sock",
             self.next.fetch_add(1, Ordering::Relaxed)
         ));
-        if socket.as_os_str().len() > 100 {
-            return Err(format!(
-                "{} is too long a path for a socket",
-                socket.display()
-            ));
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(WarmError::SocketPathTooLong(socket));
         }
         let mut isolation = None;
         let mut command = match &self.sandbox {
@@ -478,7 +511,7 @@ impl WarmPool {
                     .iter()
                     .chain([&sandbox.work, &self.sockets])
                 {
-                    std::fs::create_dir_all(path).map_err(|e| e.to_string())?;
+                    std::fs::create_dir_all(path)?;
                 }
                 let plan = super::sandbox::Plan {
                     readable: sandbox.readable.iter().map(PathBuf::as_path).collect(),
@@ -521,10 +554,9 @@ impl WarmPool {
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .kill_on_drop(true)
-            .spawn()
-            .map_err(|e| e.to_string())?;
-        let lifeline = process.stdin.take().ok_or("no pipe to it")?;
-        let stdout = process.stdout.take().ok_or("no pipe from it")?;
+            .spawn()?;
+        let lifeline = process.stdin.take().ok_or(WarmError::NoPipe)?;
+        let stdout = process.stdout.take().ok_or(WarmError::NoPipe)?;
         let mut ready = String::new();
         let said = tokio::time::timeout(
             START_TIME,
@@ -532,7 +564,7 @@ impl WarmPool {
         )
         .await;
         if !matches!(said, Ok(Ok(_))) || ready.trim() != "ready" {
-            return Err("it did not start (does the Python run?)".into());
+            return Err(WarmError::NotReady);
         }
         tracing::info!(python = %python.display(), "warm interpreter ready");
         Ok(Warm {
