@@ -152,7 +152,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     let interactive = !args.json && std::io::stdin().is_terminal();
     let services = Services {
         files: files.clone(),
-        engine,
+        engine: engine.clone(),
     };
     let result = if interactive {
         shell(handle.clone(), services, events, files_events, log).await
@@ -171,9 +171,12 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         )
         .await
     };
-    files.shutdown().await;
     if let Some(stop) = http {
         let _ = stop.send(());
+    }
+    files.shutdown().await;
+    if let Some(engine) = &engine {
+        engine.shutdown().await;
     }
     let _ = handle.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
