@@ -111,11 +111,11 @@ async fn spawn_node(
         discover_interval: Duration::from_secs(3600),
         register_ttl: 60,
         store,
-        streams: None,
-        foreign: None,
+        services: Vec::new(),
         lan: None,
     };
-    let (handle, mut raw, _task) = start(config).await?;
+    let started = start(config).await?;
+    let (handle, mut raw) = (started.handle, started.events);
     let addr = match raw.recv().await {
         Some(NodeEvent::Ready {
             listen: Some(addr), ..

@@ -676,7 +676,7 @@ async fn fetch(
     for addr in &source.addrs {
         match inner
             .node
-            .open_stream(*addr, "files", Some(source.key))
+            .open_stream(*addr, crate::routed::SERVICE, Some(source.key))
             .await
         {
             Ok(stream) => {

@@ -10,6 +10,7 @@ pub mod download;
 pub mod index;
 mod index_client;
 pub mod proto;
+pub mod routed;
 pub mod seed;
 pub mod serve;
 pub mod service;
@@ -19,4 +20,5 @@ mod sync;
 mod tasks;
 
 pub use download::{DownloadInfo, Source};
+pub use routed::route;
 pub use service::{Approval, Files, FilesConfig, FilesError, FilesEvent};

@@ -114,8 +114,8 @@ async fn refuse(stream: &mut DataStream, code: &str, detail: String) {
 /// Serves one stream until the requester closes it, goes idle, or errs.
 pub(crate) async fn serve(inner: Arc<Inner>, mut stream: DataStream) {
     match stream.service() {
-        "files" => serve_requests(inner, stream).await,
-        "files-back" => take_offer(&inner, stream).await,
+        crate::routed::SERVICE => serve_requests(inner, stream).await,
+        crate::routed::DIAL_BACK_STREAM => take_offer(&inner, stream).await,
         _ => refuse(&mut stream, code::BAD_REQUEST, "unknown service".into()).await,
     }
 }

@@ -311,6 +311,10 @@ pub(crate) struct Inner {
     pub(crate) searches: Mutex<VecDeque<(String, String, usize)>>,
     /// Our holder queries for downloads: query id → hash.
     pub(crate) holder_queries: Mutex<VecDeque<(String, Hash)>>,
+    /// Held while a query of ours is asked and recorded (in `searches` or
+    /// `holder_queries`); an answer waits for it, so it is never taken for an answer to
+    /// an unknown query because it came back before its query was recorded.
+    pub(crate) asking: tokio::sync::Mutex<()>,
     pub(crate) throttle: Option<serve::Throttle>,
     pub(crate) seed_results: Mutex<VecDeque<SeedHolding>>,
     pub(crate) index: Option<mpsc::Sender<IndexCommand>>,
@@ -459,7 +463,11 @@ impl Inner {
             .filter_map(|a| a.parse::<SocketAddr>().ok())
             .take(4)
         {
-            match self.node.open_stream(addr, "files-back", Some(key)).await {
+            match self
+                .node
+                .open_stream(addr, crate::routed::DIAL_BACK_STREAM, Some(key))
+                .await
+            {
                 Ok(mut stream) => {
                     let offer = msg::line(&msg::Reply::Offer { token });
                     if stream.write_all(&offer).await.is_ok() {
@@ -525,7 +533,7 @@ impl Inner {
             );
             openings.spawn(async move {
                 let opened = node
-                    .open_spliced_stream(&relay, &holder, &ask, "files", key)
+                    .open_spliced_stream(&relay, &holder, &ask, crate::routed::SERVICE, key)
                     .await;
                 opened.map_err(|source| DialBackError::Splice { relay, source })
             });
@@ -540,7 +548,10 @@ impl Inner {
             relays,
         };
         let body = serde_json::to_value(question).unwrap_or(Value::Null);
-        let _ = self.node.query("files", body, SEARCH_TTL).await;
+        let _ = self
+            .node
+            .query(crate::routed::SERVICE, body, SEARCH_TTL)
+            .await;
         let mut last = DialBackError::NoRelayAnswered;
         while let Some(opened) = openings.join_next().await {
             match opened {
@@ -584,7 +595,12 @@ impl Inner {
             relays: Vec::new(),
         };
         let body = serde_json::to_value(question).unwrap_or(Value::Null);
-        if self.node.query("files", body, SEARCH_TTL).await.is_err() {
+        if self
+            .node
+            .query(crate::routed::SERVICE, body, SEARCH_TTL)
+            .await
+            .is_err()
+        {
             lock(&self.dial_backs).remove(&token);
             return Err(DialBackError::NodeStopped);
         }
@@ -634,7 +650,12 @@ impl Inner {
             hash: hash.to_hex(),
         })
         .unwrap_or(Value::Null);
-        if let Ok(query_id) = self.node.query("files", body, SEARCH_TTL).await {
+        let _asking = self.asking.lock().await;
+        if let Ok(query_id) = self
+            .node
+            .query(crate::routed::SERVICE, body, SEARCH_TTL)
+            .await
+        {
             push_bounded(&mut lock(&self.holder_queries), (query_id, hash), 256);
         }
     }
@@ -659,11 +680,11 @@ pub struct ShareSummary {
 
 impl Files {
     /// Starts the service: opens its database, indexes the shared folders (in the
-    /// background), serves the streams that `streams` brings, resumes unfinished downloads.
+    /// background), resumes unfinished downloads. The node hands it its queries, hits and
+    /// streams once it is attached to the node's router ([`crate::routed`]).
     pub async fn start(
         config: FilesConfig,
         node: NodeHandle,
-        mut streams: mpsc::Receiver<DataStream>,
     ) -> Result<(Self, mpsc::Receiver<FilesEvent>), FilesError> {
         let store = FileStore::open(&config.db)?;
         for path in &config.shares {
@@ -692,6 +713,7 @@ impl Files {
                 serving: Mutex::new(HashMap::new()),
                 searches: Mutex::new(VecDeque::new()),
                 holder_queries: Mutex::new(VecDeque::new()),
+                asking: tokio::sync::Mutex::new(()),
                 throttle: config.upload_limit.map(serve::Throttle::new),
                 seed_results: Mutex::new(VecDeque::new()),
                 index: index_server.is_some().then_some(index),
@@ -705,13 +727,6 @@ impl Files {
             }),
         };
 
-        let server = files.clone();
-        files.inner.tasks.spawn(async move {
-            while let Some(stream) = streams.recv().await {
-                let inner = Arc::clone(&server.inner);
-                server.inner.tasks.spawn(serve::serve(inner, stream));
-            }
-        });
         let scanner = files.clone();
         files.inner.tasks.spawn(async move {
             scanner.rescan(true).await;
@@ -873,17 +888,20 @@ impl Files {
             text: text.to_owned(),
         })
         .unwrap_or(Value::Null);
-        let query_id = self
-            .inner
-            .node
-            .query("files", body, SEARCH_TTL)
-            .await
-            .map_err(|_| FilesError::Stopped)?;
-        push_bounded(
-            &mut lock(&self.inner.searches),
-            (query_id, text.to_owned(), 0),
-            256,
-        );
+        {
+            let _asking = self.inner.asking.lock().await;
+            let query_id = self
+                .inner
+                .node
+                .query(crate::routed::SERVICE, body, SEARCH_TTL)
+                .await
+                .map_err(|_| FilesError::Stopped)?;
+            push_bounded(
+                &mut lock(&self.inner.searches),
+                (query_id, text.to_owned(), 0),
+                256,
+            );
+        }
         if let Some(index) = &self.inner.index {
             let _ = index.try_send(IndexCommand::Search(text.to_owned()));
         }
@@ -977,6 +995,8 @@ impl Files {
 
     /// Takes an answer to one of our queries.
     pub async fn on_hit(&self, query_id: &str, holder: &str, body: &Value) {
+        // A query being asked is recorded first.
+        drop(self.inner.asking.lock().await);
         let Ok(answer) = serde_json::from_value::<Answer>(body.clone()) else {
             return;
         };
@@ -1107,12 +1127,6 @@ impl Files {
         };
         self.start_download(spec).await?;
         Ok(hash.to_hex())
-    }
-
-    /// Serves a course peer's connection (seed 004's DOWNLOAD_REQUEST) on our listen port.
-    pub fn serve_course_peer(&self, stream: tokio::net::TcpStream, peer: SocketAddr) {
-        let inner = Arc::clone(&self.inner);
-        self.inner.tasks.spawn(seed::serve(inner, stream, peer));
     }
 
     /// Leaves the index, if one is joined (waiting [`LEAVE_WAIT`] at most for its answer),

@@ -16,6 +16,7 @@ pub mod master;
 pub mod proto;
 pub mod remote;
 pub mod remote_scripts;
+pub mod routed;
 pub mod runner;
 pub mod script;
 pub mod split;

@@ -255,7 +255,12 @@ impl Cluster {
     }
 
     async fn send(&self, to: &str, message: &JobMessage) {
-        if let Err(e) = self.config.node.send(to, messages::payload(message)).await {
+        if let Err(e) = self
+            .config
+            .node
+            .send_for(SERVICE, to, messages::payload(message))
+            .await
+        {
             tracing::debug!(%to, error = %e, "job message not sent");
         }
     }

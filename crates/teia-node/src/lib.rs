@@ -5,5 +5,6 @@ pub mod identity;
 pub mod lan;
 pub mod node;
 pub mod rendezvous;
+pub mod router;
 pub mod store;
 pub mod stream;

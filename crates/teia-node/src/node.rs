@@ -28,7 +28,7 @@ use teia_core::identity::PublicKey;
 use teia_core::overlay::secure::{SecureReader, SecureWriter};
 use teia_core::overlay::{
     Action, ApiError, Config as OverlayConfig, Counters, Event, LinkCipher, LinkId, NeighbourInfo,
-    Node, RouteInfo,
+    Node, Refusal, RouteInfo,
 };
 use teia_wire::codec::{DecodeError, LineDecoder};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -37,6 +37,9 @@ use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::rendezvous::{Registrar, RegistrarEvent, RendezvousClient};
+use crate::router::{
+    Delivery, Inboxes, Routes, ServiceMessage, ServiceQuery, ServiceRoute, Undeliverable,
+};
 use crate::store::{NodeStore, StoreError};
 use crate::stream::{
     self, DataStream, SharedSplices, Splicer, StreamAcceptor, StreamError, StreamIdentity,
@@ -98,13 +101,11 @@ pub struct NodeConfig {
     /// Database keeping SENDs awaiting their ACK, delivered messages and pinned keys
     /// across restarts; `None` keeps them in memory only.
     pub store: Option<std::path::PathBuf>,
-    /// Where data streams opened towards us go (PROTOCOL.md section 6); `None` refuses them.
-    /// When the channel is full, a new stream is refused.
-    pub streams: Option<mpsc::Sender<DataStream>>,
-    /// Where connections that open with [`COURSE_REQUEST_PREFIX`] go: requests of course
-    /// programs that are not peer links (seed 004's `DOWNLOAD_REQUEST`); `None` closes them.
-    /// When the channel is full, the connection is closed.
-    pub foreign: Option<mpsc::Sender<(TcpStream, SocketAddr)>>,
+    /// The services the node routes to ([`crate::router`]): their messages, queries, hits,
+    /// data streams (PROTOCOL.md section 6; a node with no route for streams refuses them)
+    /// and course programs' requests (connections opening with [`COURSE_REQUEST_PREFIX`],
+    /// such as seed 004's `DOWNLOAD_REQUEST`; closed when no route takes them).
+    pub services: Vec<ServiceRoute>,
     /// LAN discovery (needs an identity to sign with); `None` turns it off.
     pub lan: Option<crate::lan::LanSettings>,
 }
@@ -156,6 +157,8 @@ enum Command {
     Send {
         dst: String,
         payload: Value,
+        /// The service sending it, whose ACK the application does not hear.
+        service: Option<String>,
         reply: oneshot::Sender<Result<String, ApiError>>,
     },
     Connect(SocketAddr),
@@ -363,10 +366,31 @@ impl NodeHandle {
     /// Sends `payload` to `name@namespace` (acknowledged), `#namespace` or `*`; returns the
     /// message id.
     pub async fn send(&self, dst: &str, payload: Value) -> Result<String, NodeError> {
+        self.send_as(None, dst, payload).await
+    }
+
+    /// Sends `payload` (whose `svc` names `service`) on behalf of a service, like
+    /// [`Self::send`]; its ACK or failure is the service's business, not the application's.
+    pub async fn send_for(
+        &self,
+        service: &str,
+        dst: &str,
+        payload: Value,
+    ) -> Result<String, NodeError> {
+        self.send_as(Some(service.to_owned()), dst, payload).await
+    }
+
+    async fn send_as(
+        &self,
+        service: Option<String>,
+        dst: &str,
+        payload: Value,
+    ) -> Result<String, NodeError> {
         let (reply, answer) = oneshot::channel();
         self.request(Command::Send {
             dst: dst.to_owned(),
             payload,
+            service,
             reply,
         })
         .await?;
@@ -448,10 +472,20 @@ impl NodeHandle {
     }
 }
 
-/// Starts a node. Returns its handle, its events, and the task that ends when it stops.
-pub async fn start(
-    mut config: NodeConfig,
-) -> Result<(NodeHandle, mpsc::Receiver<NodeEvent>, JoinHandle<()>), NodeError> {
+/// A node just started.
+pub struct Started {
+    /// Its handle.
+    pub handle: NodeHandle,
+    /// What the application hears: everything no service route takes.
+    pub events: mpsc::Receiver<NodeEvent>,
+    /// Its services' inboxes, to attach the services with [`crate::router::Router::builder`].
+    pub inboxes: Inboxes,
+    /// The task that ends when the node stops.
+    pub task: JoinHandle<()>,
+}
+
+/// Starts a node.
+pub async fn start(mut config: NodeConfig) -> Result<Started, NodeError> {
     let listener = match config.listen {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -465,6 +499,7 @@ pub async fn start(
     let (inputs, inbox) = mpsc::channel(INBOX);
     let (commands, command_rx) = mpsc::channel(COMMANDS);
     let (events, event_rx) = mpsc::channel(EVENTS);
+    let (routes, inboxes) = Routes::new(&config.services);
     let mut background = Vec::new();
     let us = config
         .overlay
@@ -479,7 +514,7 @@ pub async fn start(
     if let Some(listener) = listener {
         let acceptor = StreamAcceptor {
             us: us.clone(),
-            sink: config.streams.take(),
+            routes: routes.clone(),
             pending: Arc::new(Semaphore::new(stream::MAX_PENDING_ACCEPTS)),
         };
         let splicer = Splicer {
@@ -490,7 +525,7 @@ pub async fn start(
             inputs.clone(),
             acceptor,
             splicer,
-            config.foreign.take(),
+            routes.clone(),
         )));
     }
     let (stop_registrar, registrar_stopped) = oneshot::channel::<()>();
@@ -563,6 +598,7 @@ pub async fn start(
         queued_total: Arc::new(AtomicUsize::new(0)),
         warnings: Warnings::default(),
         service_sends: ServiceSends::default(),
+        routes,
         splices,
         splice_asks: HashMap::new(),
     };
@@ -578,15 +614,16 @@ pub async fn start(
             task.abort();
         }
     });
-    Ok((
-        NodeHandle {
+    Ok(Started {
+        handle: NodeHandle {
             commands,
             us,
             listen,
         },
-        event_rx,
+        events: event_rx,
+        inboxes,
         task,
-    ))
+    })
 }
 
 struct LinkTasks {
@@ -614,6 +651,8 @@ struct Driver {
     queued_total: Arc<AtomicUsize>,
     warnings: Warnings,
     service_sends: ServiceSends,
+    /// Where services' deliveries go.
+    routes: Routes,
     /// What this node splices for its neighbours; `None` when it does not listen.
     splices: Option<SharedSplices>,
     /// Our splice asks waiting for their relay's answer: (relay, with, ask) → the waiter.
@@ -625,7 +664,7 @@ type SpliceKey = (String, String, String);
 /// Who waits for a relay's answer to a splice ask.
 type SpliceWaiter = oneshot::Sender<Result<(SocketAddr, String), StreamError>>;
 
-/// SENDs of services awaiting their ACK (payloads `{"svc":...}`, such as the job engine's):
+/// SENDs of services awaiting their ACK (sent with [`NodeHandle::send_for`]):
 /// their acknowledgement or failure is the service's business, not shown as chat events.
 #[derive(Default)]
 struct ServiceSends {
@@ -753,10 +792,9 @@ impl Driver {
                     for command in batch {
                         match command {
                             Some(Command::Shutdown) | None => stop = true,
-                            Some(Command::Send { dst, payload, reply }) => {
-                                let service = payload.get("svc").is_some();
+                            Some(Command::Send { dst, payload, service, reply }) => {
                                 let sent = self.node.send(Instant::now(), &dst, payload);
-                                if let (true, Ok(msg_id)) = (service, &sent) {
+                                if let (Some(_), Ok(msg_id)) = (service, &sent) {
                                     self.service_sends.remember(msg_id);
                                 }
                                 replies.push((reply, sent));
@@ -920,7 +958,10 @@ impl Driver {
                     if let (Event::LinkDown { peer, .. }, Some(splices)) = (&event, &self.splices) {
                         stream::lock_splices(splices).broker.peer_gone(peer);
                     }
-                    if !self.service_sends.ends(&event) {
+                    if self.service_sends.ends(&event) {
+                        continue;
+                    }
+                    if let Some(event) = self.route(event) {
                         let _ = self.events.send(NodeEvent::Overlay(event)).await;
                     }
                 }
@@ -1061,13 +1102,7 @@ impl Driver {
             Command::Forget { peer_id, reply } => {
                 let _ = reply.send(self.node.forget_pin(&peer_id));
             }
-            Command::Shown(msg_id) => {
-                if let Some(store) = &mut self.store {
-                    if let Err(e) = store.shown(&msg_id) {
-                        tracing::error!(error = %e, "shown message not dropped from storage");
-                    }
-                }
-            }
+            Command::Shown(msg_id) => self.shown(&msg_id),
             Command::Query {
                 service,
                 body,
@@ -1171,6 +1206,81 @@ impl Driver {
         self.node.link_opened(now, link, addr, inbound);
     }
 
+    /// Hands `event` to the service it is addressed to; gives it back when no route takes
+    /// it. A message handed over (or for a route left without a service) is marked shown; one
+    /// dropped because the service's inbox is full is not, so a restart hands it over again.
+    fn route(&mut self, event: Event) -> Option<Event> {
+        let (service, delivery, msg_id) = match event {
+            Event::Message {
+                msg_id,
+                src,
+                cast,
+                service: Some(service),
+                payload,
+                origin_key,
+                ..
+            } if self.routes.serves(&service) => {
+                let message = ServiceMessage {
+                    msg_id: msg_id.clone(),
+                    src,
+                    cast,
+                    payload,
+                    origin_key,
+                };
+                (service, Delivery::Message(message), Some(msg_id))
+            }
+            Event::Query {
+                query_id,
+                src,
+                service,
+                body,
+            } if self.routes.serves(&service) => {
+                let query = ServiceQuery {
+                    query_id,
+                    src,
+                    body,
+                };
+                (service, Delivery::Query(query), None)
+            }
+            Event::QueryHit {
+                query_id,
+                src,
+                service,
+                body,
+            } if self.routes.serves(&service) => {
+                let hit = ServiceQuery {
+                    query_id,
+                    src,
+                    body,
+                };
+                (service, Delivery::Hit(hit), None)
+            }
+            other => return Some(other),
+        };
+        let full = match self.routes.deliver(&service, delivery) {
+            Ok(()) => false,
+            Err(refused) => refused.why == Undeliverable::Full,
+        };
+        if full {
+            self.warnings.warn(
+                "a service's inbox is full; delivery dropped",
+                &format_args!("service {service}"),
+            );
+        } else if let Some(msg_id) = msg_id {
+            self.shown(&msg_id);
+        }
+        None
+    }
+
+    /// Drops a message handed over from storage, so a restart does not hand it over again.
+    fn shown(&mut self, msg_id: &str) {
+        if let Some(store) = &mut self.store {
+            if let Err(e) = store.shown(msg_id) {
+                tracing::error!(error = %e, "shown message not dropped from storage");
+            }
+        }
+    }
+
     fn log_event(&mut self, event: &Event) {
         match event {
             Event::LinkUp { peer, addr, .. } => tracing::info!(%peer, %addr, "link up"),
@@ -1198,12 +1308,23 @@ impl Driver {
                 "message refused: origin not authentic",
                 &format_args!("from {from} claiming {src}: {reason}"),
             ),
-            Event::Refused { addr, reason, .. } if reason.starts_with("duplicate") => {
-                tracing::debug!(%addr, %reason, "second link to a peer refused");
+            Event::Refused {
+                addr,
+                refusal: Refusal::Duplicate,
+                detail,
+                ..
+            } => {
+                tracing::debug!(%addr, %detail, "second link to a peer refused");
             }
-            Event::Refused { addr, reason, .. } => self
-                .warnings
-                .warn("connection refused", &format_args!("{addr}: {reason}")),
+            Event::Refused {
+                addr,
+                refusal,
+                detail,
+                ..
+            } => self.warnings.warn(
+                "connection refused",
+                &format_args!("{addr}: {refusal}: {detail}"),
+            ),
             Event::DialGaveUp {
                 addr,
                 attempts,
@@ -1233,7 +1354,7 @@ async fn accept_loop(
     inputs: mpsc::Sender<Input>,
     streams: StreamAcceptor,
     splicer: Splicer,
-    foreign: Option<mpsc::Sender<(TcpStream, SocketAddr)>>,
+    routes: Routes,
 ) {
     let classifying = Arc::new(Semaphore::new(CLASSIFYING));
     loop {
@@ -1248,20 +1369,19 @@ async fn accept_loop(
                 let inputs = inputs.clone();
                 let streams = streams.clone();
                 let splicer = splicer.clone();
-                let foreign = foreign.clone();
+                let routes = routes.clone();
                 tokio::spawn(async move {
                     let kind = classify(&stream).await;
                     drop(permit);
-                    match (kind, foreign) {
-                        (Kind::Stream, _) => streams.handle(stream, addr).await,
-                        (Kind::Splice, _) => splicer.handle(stream, addr).await,
-                        (Kind::Course, Some(foreign)) => {
-                            if foreign.try_send((stream, addr)).is_err() {
-                                tracing::debug!(%addr, "course request dropped: busy");
+                    match kind {
+                        Kind::Stream => streams.handle(stream, addr).await,
+                        Kind::Splice => splicer.handle(stream, addr).await,
+                        Kind::Course => {
+                            if let Err(refused) = routes.deliver_course_request(stream, addr) {
+                                tracing::debug!(%addr, why = ?refused.why, "course request closed");
                             }
                         }
-                        (Kind::Course, None) => {}
-                        (Kind::Link, _) => {
+                        Kind::Link => {
                             let _ = inputs.send(Input::Accepted(stream, addr)).await;
                         }
                     }

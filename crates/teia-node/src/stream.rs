@@ -26,7 +26,7 @@ use teia_core::splice::{
 use teia_wire::stream::{Opening, MAX_OPENING_LINE};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{oneshot, Semaphore};
 
 /// Bytes of kernel socket buffer asked for, each way.
 pub const SOCKET_BUFFER: usize = 4 * 1024 * 1024;
@@ -672,11 +672,11 @@ async fn accept(
 }
 
 /// Accepts streams on behalf of a node: bounded handshakes, then hands each stream to the
-/// application's channel (a full channel refuses the stream `busy`).
+/// service of its kind (a full inbox, or a kind no service takes, closes the stream).
 #[derive(Clone)]
 pub(crate) struct StreamAcceptor {
     pub(crate) us: Option<StreamIdentity>,
-    pub(crate) sink: Option<mpsc::Sender<DataStream>>,
+    pub(crate) routes: crate::router::Routes,
     pub(crate) pending: Arc<Semaphore>,
 }
 
@@ -690,7 +690,7 @@ impl StreamAcceptor {
             }
             .to_line()
         };
-        let (Some(us), Some(sink)) = (self.us, self.sink) else {
+        let (Some(us), true) = (self.us, self.routes.takes_streams()) else {
             let _ = tcp
                 .write_all(&refuse("unsupported", "this node accepts no data streams"))
                 .await;
@@ -704,9 +704,12 @@ impl StreamAcceptor {
         };
         match tokio::time::timeout(OPEN_TIMEOUT, accept(&us, tcp, remote)).await {
             Ok(Ok(stream)) => {
-                if let Err(mpsc::error::TrySendError::Full(mut stream)) = sink.try_send(stream) {
-                    tracing::debug!(%remote, "stream refused: the service is busy");
-                    stream.shutdown().await;
+                if let Err(refused) = self.routes.deliver_stream(stream) {
+                    let why = refused.why;
+                    if let crate::router::Delivery::Stream(mut stream) = refused.delivery {
+                        tracing::debug!(%remote, kind = stream.service(), ?why, "stream closed");
+                        stream.shutdown().await;
+                    }
                 }
             }
             Ok(Err(e)) => tracing::debug!(%remote, error = %e, "stream opening failed"),

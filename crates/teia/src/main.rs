@@ -4,6 +4,7 @@ mod chat;
 mod cli;
 mod commands;
 mod logging;
+mod present;
 
 use std::io::IsTerminal;
 use std::path::PathBuf;

@@ -1,7 +1,7 @@
-//! A bounded set of recently seen message ids: the oldest id is forgotten when the set is
-//! full, so memory stays fixed however much traffic passes.
+//! A bounded set of recently seen message ids, and a bounded map of recent ids to a value:
+//! the oldest id is forgotten when full, so memory stays fixed however much traffic passes.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 /// Recently seen ids, at most `capacity` of them.
 #[derive(Debug)]
@@ -52,9 +52,60 @@ impl SeenIds {
     }
 }
 
+/// Recently recorded ids with a value each, at most `capacity` of them: one more forgets
+/// the oldest.
+#[derive(Debug)]
+pub struct RecentMap<V> {
+    capacity: usize,
+    map: HashMap<String, V>,
+    order: VecDeque<String>,
+}
+
+impl<V> RecentMap<V> {
+    /// An empty map remembering at most `capacity` ids (at least 1).
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            capacity: capacity.max(1),
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+
+    /// Records `value` for `id` (a new id; an id already there keeps its first value).
+    pub fn insert(&mut self, id: &str, value: V) {
+        if self.map.contains_key(id) {
+            return;
+        }
+        if self.order.len() >= self.capacity {
+            if let Some(old) = self.order.pop_front() {
+                self.map.remove(&old);
+            }
+        }
+        self.map.insert(id.to_owned(), value);
+        self.order.push_back(id.to_owned());
+    }
+
+    /// The value recorded for `id`, while it is remembered.
+    pub fn get(&self, id: &str) -> Option<&V> {
+        self.map.get(id)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_recent_map_forgets_its_oldest_past_capacity() {
+        let mut map = RecentMap::new(2);
+        map.insert("a", 1);
+        map.insert("a", 5);
+        map.insert("b", 2);
+        assert_eq!(map.get("a"), Some(&1), "an id keeps its first value");
+        map.insert("c", 3);
+        assert_eq!(map.get("a"), None, "the oldest is forgotten");
+        assert_eq!(map.get("c"), Some(&3));
+    }
 
     #[test]
     fn remembers_up_to_capacity() {

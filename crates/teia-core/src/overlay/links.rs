@@ -47,24 +47,25 @@ impl Node {
             .min_by_key(|p| p.2)
             .map(|p| p.0);
         match victim {
-            Some(victim) => self.refuse(victim, "busy", "silent while handshakes are full"),
-            None => self.refuse(link, "busy", "too many handshakes in progress"),
+            Some(victim) => self.refuse(victim, Refusal::Busy, "silent while handshakes are full"),
+            None => self.refuse(link, Refusal::Busy, "too many handshakes in progress"),
         }
     }
 
-    /// Says BYE with `reason` on a link that is not up, reports it, and closes it.
-    pub(super) fn refuse(&mut self, link: LinkId, reason: &str, detail: &str) {
+    /// Says BYE with `refusal` on a link that is not up, reports it, and closes it.
+    pub(super) fn refuse(&mut self, link: LinkId, refusal: Refusal, detail: &str) {
         let Some(state) = self.links.get(&link) else {
             return;
         };
         let (addr, peer) = (state.addr, state.peer.clone());
-        self.say_bye(self.now, link, reason);
+        self.say_bye(self.now, link, refusal.code());
         self.emit(Event::Refused {
             peer,
             addr,
-            reason: format!("{reason}: {detail}"),
+            refusal,
+            detail: detail.to_owned(),
         });
-        self.close(self.now, link, reason);
+        self.close(self.now, link, refusal.code());
     }
 
     /// Dialer: HELLO, with Noise message 1 when the node has an identity.
@@ -79,7 +80,7 @@ impl Node {
                     }
                 }
                 Err(e) => {
-                    self.refuse(link, "handshake_failed", &e.to_string());
+                    self.refuse(link, Refusal::HandshakeFailed, &e.to_string());
                     return;
                 }
             }
@@ -94,16 +95,16 @@ impl Node {
             state.peer = Some(hello.peer_id.clone());
         }
         if hello.peer_id == self.config.peer_id {
-            self.refuse(link, "self", "a connection from this node itself");
+            self.refuse(link, Refusal::OwnNode, "a connection from this node itself");
             return;
         }
         if !is_peer_id(&hello.peer_id) {
-            self.refuse(link, "bad_format", "peer_id is not name@namespace");
+            self.refuse(link, Refusal::BadFormat, "peer_id is not name@namespace");
             return;
         }
         if self.by_peer.len() >= self.config.max_links && !self.by_peer.contains_key(&hello.peer_id)
         {
-            self.refuse(link, "busy", "links are full");
+            self.refuse(link, Refusal::Busy, "links are full");
             return;
         }
         let offered = hello.noise.as_deref().and_then(identity::decode);
@@ -123,7 +124,7 @@ impl Node {
                         state.opened = now;
                     }
                 }
-                Err(e) => self.refuse(link, "handshake_failed", &e.to_string()),
+                Err(e) => self.refuse(link, Refusal::HandshakeFailed, &e.to_string()),
             }
             return;
         }
@@ -149,11 +150,11 @@ impl Node {
         }
         if hello.peer_id == self.config.peer_id {
             self.mark_own(link);
-            self.refuse(link, "self", "this address is this node itself");
+            self.refuse(link, Refusal::OwnNode, "this address is this node itself");
             return;
         }
         if !is_peer_id(&hello.peer_id) {
-            self.refuse(link, "bad_format", "peer_id is not name@namespace");
+            self.refuse(link, Refusal::BadFormat, "peer_id is not name@namespace");
             return;
         }
         let handshake = self.links.get_mut(&link).and_then(|l| l.handshake.take());
@@ -170,7 +171,11 @@ impl Node {
                 match finished {
                     Ok((key, third, cipher)) => {
                         if !self.check_pin(&hello.peer_id, key, Some(link)) {
-                            self.refuse(link, "key_mismatch", "the key pinned for it differs");
+                            self.refuse(
+                                link,
+                                Refusal::KeyMismatch,
+                                "the key pinned for it differs",
+                            );
                             return;
                         }
                         let noise = Message::Noise(Noise {
@@ -181,10 +186,10 @@ impl Node {
                         self.secured(link, key, cipher);
                         self.link_up(now, link, hello);
                     }
-                    Err(e) => self.refuse(link, "handshake_failed", &e.to_string()),
+                    Err(e) => self.refuse(link, Refusal::HandshakeFailed, &e.to_string()),
                 }
             }
-            (_, _, Some(None)) => self.refuse(link, "bad_format", "noise is not base64url"),
+            (_, _, Some(None)) => self.refuse(link, Refusal::BadFormat, "noise is not base64url"),
             _ => {
                 if self.plaintext_allowed(link, &hello.peer_id) {
                     self.link_up(now, link, hello);
@@ -203,7 +208,7 @@ impl Node {
             return;
         };
         let Some(third) = identity::decode(&noise.msg) else {
-            self.refuse(link, "bad_format", "noise is not base64url");
+            self.refuse(link, Refusal::BadFormat, "noise is not base64url");
             return;
         };
         match handshake.finish_responder(&hello.peer_id, &third) {
@@ -212,12 +217,12 @@ impl Node {
                 // The dialer already encrypts: our answer, even a refusal, must be too.
                 self.secured(link, key, cipher);
                 if !pinned {
-                    self.refuse(link, "key_mismatch", "the key pinned for it differs");
+                    self.refuse(link, Refusal::KeyMismatch, "the key pinned for it differs");
                     return;
                 }
                 self.link_up(now, link, hello);
             }
-            Err(e) => self.refuse(link, "handshake_failed", &e.to_string()),
+            Err(e) => self.refuse(link, Refusal::HandshakeFailed, &e.to_string()),
         }
     }
 
@@ -235,14 +240,14 @@ impl Node {
         if self.config.require_encryption {
             self.refuse(
                 link,
-                "encryption_required",
+                Refusal::EncryptionRequired,
                 "this node accepts encrypted links only",
             );
             return false;
         }
         if let Some(pinned) = self.pins.get(peer) {
             let detail = format!("{peer} is pinned to key {pinned} and did not prove it");
-            self.refuse(link, "unauthorized", &detail);
+            self.refuse(link, Refusal::Unauthorized, &detail);
             return false;
         }
         true
@@ -312,12 +317,16 @@ impl Node {
                 let same_node = old_key.is_some() && old_key == state.key;
                 if !same_node {
                     let detail = format!("{peer} is already connected on another link");
-                    self.refuse(link, "duplicate", &detail);
+                    self.refuse(link, Refusal::Duplicate, &detail);
                     return;
                 }
                 let keep = self.tie_break(&peer, old, link);
                 if keep == old {
-                    self.refuse(link, "duplicate", "simultaneous dial; the other link stays");
+                    self.refuse(
+                        link,
+                        Refusal::Duplicate,
+                        "simultaneous dial; the other link stays",
+                    );
                     return;
                 }
                 self.routes.forget_link(old);

@@ -144,6 +144,7 @@ impl Node {
                 src: data.src.clone(),
                 dst: data.dst.clone(),
                 cast: Cast::Unicast,
+                service: service_of(&data.payload),
                 payload: data.payload,
                 origin_key,
             });
@@ -220,6 +221,7 @@ impl Node {
                 src: data.src,
                 dst: data.dst,
                 cast,
+                service: service_of(&data.payload),
                 payload: data.payload,
                 origin_key,
             });

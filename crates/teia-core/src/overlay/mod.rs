@@ -28,7 +28,7 @@ use teia_wire::peer::{
     Noise, PeerEntry, PeerList, Ping, Relay, WhoHas, WhoHasHit, VERSION,
 };
 
-pub use dedup::SeenIds;
+pub use dedup::{RecentMap, SeenIds};
 pub use query::{QUERY_FANOUT, QUERY_MAX_TTL};
 pub use routes::{ReversePaths, Route, RouteTable};
 pub use secure::LinkCipher;
@@ -290,6 +290,56 @@ pub enum Direction {
     Out,
 }
 
+/// The service a message's payload is addressed to: its `svc` string, when it has one
+/// (PROTOCOL.md section 5). Payloads without one are chat.
+pub fn service_of(payload: &Value) -> Option<String> {
+    payload.get("svc")?.as_str().map(str::to_owned)
+}
+
+/// Why a connection was refused before its link came up: the BYE `reason` it was sent
+/// (PROTOCOL.md section 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Links or handshakes are full.
+    Busy,
+    /// The encrypted handshake failed.
+    HandshakeFailed,
+    /// The connection is from this node itself.
+    OwnNode,
+    /// The HELLO was malformed.
+    BadFormat,
+    /// The key offered is not the one pinned for the peer id.
+    KeyMismatch,
+    /// A peer id pinned to a key came without proving it.
+    Unauthorized,
+    /// The peer is already linked (a simultaneous dial: the other link stays).
+    Duplicate,
+    /// A plaintext link to a node that accepts encrypted links only.
+    EncryptionRequired,
+}
+
+impl Refusal {
+    /// The BYE reason, as on the wire.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::Busy => "busy",
+            Self::HandshakeFailed => "handshake_failed",
+            Self::OwnNode => "self",
+            Self::BadFormat => "bad_format",
+            Self::KeyMismatch => "key_mismatch",
+            Self::Unauthorized => "unauthorized",
+            Self::Duplicate => "duplicate",
+            Self::EncryptionRequired => "encryption_required",
+        }
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.code())
+    }
+}
+
 /// What the application hears about.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -343,6 +393,8 @@ pub enum Event {
     QueryHit {
         /// The query.
         query_id: String,
+        /// The service the query was for.
+        service: String,
         /// Who answers.
         src: String,
         /// The answer.
@@ -376,6 +428,9 @@ pub enum Event {
         dst: String,
         /// How.
         cast: Cast,
+        /// The service it is addressed to (its payload's `svc`, PROTOCOL.md section 5),
+        /// `None` for chat.
+        service: Option<String>,
         /// Content.
         payload: Value,
         /// The key that proved `src` sent it: its origin signature, or the encrypted link
@@ -452,8 +507,10 @@ pub enum Event {
         peer: Option<String>,
         /// The connection's address.
         addr: SocketAddr,
-        /// Why.
-        reason: String,
+        /// Why (the BYE's reason).
+        refusal: Refusal,
+        /// What happened, for people.
+        detail: String,
     },
     /// An address was given up after its configured attempts (or because it is our own).
     DialGaveUp {
@@ -742,7 +799,7 @@ pub struct Node {
     /// Batch roots whose signature was verified (key and root).
     verified_roots: SeenIds,
     /// Queries we asked.
-    own_queries: SeenIds,
+    own_queries: dedup::RecentMap<String>,
     /// Where each query heard came from, for its answers.
     query_paths: ReversePaths,
 }
@@ -792,7 +849,7 @@ impl Node {
             now,
             unsigned: Vec::new(),
             verified_roots: SeenIds::new(VERIFIED_ROOTS_KEPT),
-            own_queries: SeenIds::new(query::QUERIES_KEPT),
+            own_queries: dedup::RecentMap::new(query::QUERIES_KEPT),
             query_paths: ReversePaths::new(query::QUERIES_KEPT, query::QUERY_LIFETIME),
             config,
         }
@@ -1253,6 +1310,7 @@ impl Node {
                 src: message.src,
                 dst: message.dst,
                 cast: Cast::Unicast,
+                service: service_of(&message.payload),
                 payload: message.payload,
                 origin_key: None,
             });

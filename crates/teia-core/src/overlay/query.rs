@@ -24,7 +24,7 @@ impl Node {
         self.now = now;
         let query_id = self.new_id();
         self.seen.insert(&format!("QUERY:{query_id}"));
-        self.own_queries.insert(&query_id);
+        self.own_queries.insert(&query_id, service.to_owned());
         let query = Message::Query(Query {
             query_id: query_id.clone(),
             src: self.config.peer_id.clone(),
@@ -90,8 +90,9 @@ impl Node {
         if self.is_course_link(link) {
             return;
         }
-        if self.own_queries.contains(&hit.query_id) {
+        if let Some(service) = self.own_queries.get(&hit.query_id) {
             self.emit(Event::QueryHit {
+                service: service.clone(),
                 query_id: hit.query_id,
                 src: hit.src,
                 body: hit.body,

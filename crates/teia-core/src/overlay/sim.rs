@@ -1075,7 +1075,15 @@ fn a_node_whose_id_a_course_client_squats_backs_off_its_redials() {
     let refused = sim.nodes[0]
         .events
         .iter()
-        .filter(|e| matches!(e, Event::Refused { reason, .. } if reason.starts_with("duplicate")))
+        .filter(|e| {
+            matches!(
+                e,
+                Event::Refused {
+                    refusal: Refusal::Duplicate,
+                    ..
+                }
+            )
+        })
         .count();
     // Backed off 1, 2, 4 and 8 s: five dials in 20 s (not nine a second).
     assert!((2..=6).contains(&refused), "{refused} refusals in 20 s");

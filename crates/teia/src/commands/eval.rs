@@ -369,7 +369,7 @@ fn print_report(body: &Value) {
         let modules = at(project, "modules").as_object().map_or(0, |m| m.len());
         println!(
             "{:<24} {:>6} {:>7} {:>7} {:>7} {:>7} {:>8}",
-            super::node::clean(name),
+            crate::present::clean(name),
             at(project, "grade").to_string(),
             at(tests, "passed").to_string(),
             at(tests, "failed").to_string(),

@@ -10,39 +10,8 @@ use serde_json::{json, Value};
 use teia_files::proto::tree::Hash;
 use teia_files::{DownloadInfo, Files, FilesEvent};
 
-use super::node::clean;
 use crate::chat::FilesCommand;
-
-/// Bytes in a human unit.
-pub fn human_bytes(bytes: u64) -> String {
-    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
-    let mut value = bytes as f64;
-    let mut unit = 0;
-    while value >= 1024.0 && unit + 1 < UNITS.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    if unit == 0 {
-        format!("{bytes} B")
-    } else {
-        format!("{value:.1} {}", UNITS.get(unit).unwrap_or(&"B"))
-    }
-}
-
-/// A text progress bar: `[#####.....] 50%`.
-pub fn bar(done: u64, total: u64) -> String {
-    const WIDTH: u64 = 24;
-    let filled = done
-        .saturating_mul(WIDTH)
-        .checked_div(total)
-        .unwrap_or(WIDTH);
-    let percent = done.saturating_mul(100).checked_div(total).unwrap_or(100);
-    format!(
-        "[{}{}] {percent:>3}%",
-        "#".repeat(filled.min(WIDTH) as usize),
-        ".".repeat(WIDTH.saturating_sub(filled) as usize)
-    )
-}
+use crate::present::{bar, clean, human_bytes};
 
 fn info_json(info: &DownloadInfo) -> Value {
     json!({"hash":info.hash.to_hex(),"name":info.name,"bytes":info.bytes,"size":info.size,

@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -16,11 +17,13 @@ use teia_files::proto::ticket::Ticket;
 use teia_files::proto::tree::Hash;
 use teia_files::{Approval, Files, FilesConfig, FilesEvent, Source};
 use teia_node::node::{start, NodeConfig};
+use teia_node::router::{Router, ServiceRoute};
 use tokio::sync::mpsc;
 
-use super::files::{describe, human_bytes};
+use super::files::describe;
 use super::shutdown_signal;
 use crate::cli::{ReceiveArgs, SendArgs};
+use crate::present::human_bytes;
 
 /// A scratch folder for a one-shot node's database, removed when dropped.
 struct Scratch(PathBuf);
@@ -50,6 +53,8 @@ struct OneShot {
     files: Files,
     events: mpsc::Receiver<FilesEvent>,
     node: teia_node::node::NodeHandle,
+    /// Feeds `files` its streams while the one-shot node runs.
+    _router: Router,
     key: PublicKey,
     peer_id: String,
     _scratch: Scratch,
@@ -67,7 +72,6 @@ async fn one_shot(
     let peer_id = format!("{role}-{}@teia", key.fingerprint());
     let mut overlay = OverlayConfig::new(peer_id.clone());
     overlay.identity = Some(identity);
-    let (stream_tx, stream_rx) = mpsc::channel(16);
     let config = NodeConfig {
         overlay,
         listen,
@@ -76,11 +80,13 @@ async fn one_shot(
         discover_interval: Duration::from_secs(3600),
         register_ttl: 60,
         store: None,
-        streams: Some(stream_tx),
-        foreign: None,
+        // Streams only: a one-shot node answers no course program.
+        services: vec![ServiceRoute::new(teia_files::routed::SERVICE)
+            .stream(teia_files::routed::DIAL_BACK_STREAM)],
         lan: None,
     };
-    let (node, mut node_events, _task) = start(config).await?;
+    let started = start(config).await?;
+    let (node, mut node_events) = (started.handle, started.events);
     tokio::spawn(async move { while node_events.recv().await.is_some() {} });
     let files_config = FilesConfig {
         db: scratch.0.join("files.sqlite3"),
@@ -94,11 +100,15 @@ async fn one_shot(
         peer_id: peer_id.clone(),
         index: None,
     };
-    let (files, events) = Files::start(files_config, node.clone(), stream_rx).await?;
+    let (files, events) = Files::start(files_config, node.clone()).await?;
+    let router = Router::builder(started.inboxes)
+        .service(teia_files::routed::SERVICE, Arc::new(files.clone()))?
+        .spawn();
     Ok(OneShot {
         files,
         events,
         node,
+        _router: router,
         key,
         peer_id,
         _scratch: scratch,
@@ -202,7 +212,7 @@ pub async fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
             .progress_chars("#>."),
         );
-        bar.set_message(super::node::clean(&name));
+        bar.set_message(crate::present::clean(&name));
         bar
     });
     let signal = shutdown_signal();
@@ -245,7 +255,7 @@ pub async fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
             }
             FilesEvent::HolderDropped { reason, .. } => {
                 if let Some(bar) = &bar {
-                    bar.println(format!("! sender: {}", super::node::clean(reason)));
+                    bar.println(format!("! sender: {}", crate::present::clean(reason)));
                 }
             }
             _ => {}
