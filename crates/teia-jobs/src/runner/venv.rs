@@ -96,6 +96,14 @@ pub enum SlirpError {
     /// slirp4netns did not say the network was ready in time.
     #[error("slirp4netns could not give the build a network")]
     NoNetwork,
+    /// The sandbox ended before it was let run the build.
+    #[error("the build's sandbox ended before the build started ({status}): {said}")]
+    SandboxEnded {
+        /// How bwrap ended.
+        status: std::process::ExitStatus,
+        /// What it said last.
+        said: String,
+    },
 }
 
 impl From<std::io::Error> for SlirpError {
@@ -442,7 +450,21 @@ async fn run_behind_slirp(
         let _ = network.kill().await;
         return Err(SlirpError::NoNetwork);
     }
-    stdin.write_all(b"1").await?;
+    if stdin.write_all(b"1").await.is_err() {
+        // bwrap is gone: say why, from what it said.
+        let _ = network.kill().await;
+        let mut said = Vec::new();
+        let _ = tokio::time::timeout(
+            SLIRP_TIME,
+            (&mut stderr).take(INFO_KEPT as u64).read_to_end(&mut said),
+        )
+        .await;
+        let status = child.wait().await?;
+        return Err(SlirpError::SandboxEnded {
+            status,
+            said: String::from_utf8_lossy(&said).trim().to_owned(),
+        });
+    }
     drop(stdin);
     let collect = |pipe: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {
         let mut bytes = Vec::new();
