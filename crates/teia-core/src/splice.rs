@@ -190,7 +190,7 @@ impl SpliceBroker {
         let well_formed = !ask.is_empty()
             && ask.len() <= MAX_ASK_LEN
             && from != with
-            && crate::overlay::is_peer_id(with)
+            && teia_wire::fields::is_peer_id(with)
             && tokens
                 .iter()
                 .all(|t| !t.is_empty() && t.len() <= MAX_TOKEN_LEN);

@@ -14,11 +14,11 @@ use rusqlite::{params, Connection};
 use serde_json::{json, Value};
 
 use crate::bundle::{self, BundleError};
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::locking::lock;
 use crate::proto::ledger::{
     Completed, EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState, NewProject,
 };
-use crate::remote::{Cluster, ClusterConfig};
 use crate::runner::{Isolation, Limits, Runner};
 use crate::tasks::TaskSet;
 
@@ -835,7 +835,7 @@ impl Engine {
             &self.config.node,
             worker,
             now,
-            crate::remote::REMOTE_LEASE_MS,
+            crate::proto::cluster::REMOTE_LEASE_MS,
             unix_ms(),
             |submitted, blob| self.replicated(submitted, blob),
         )?;
@@ -851,7 +851,7 @@ impl Engine {
         let now = self.now_ms();
         state
             .ledger
-            .renew(lease, worker, now, crate::remote::REMOTE_LEASE_MS);
+            .renew(lease, worker, now, crate::proto::cluster::REMOTE_LEASE_MS);
     }
 
     /// The packed project `blob` of ours, if `peer` holds a lease of one of its modules (or

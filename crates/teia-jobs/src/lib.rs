@@ -9,6 +9,7 @@
 //! workers and [`course_worker`] works for seed 001's masters.
 
 pub mod bundle;
+mod cluster;
 pub mod course_worker;
 pub mod engine;
 mod locking;

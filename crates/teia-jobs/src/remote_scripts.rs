@@ -17,10 +17,12 @@ use teia_node::stream::DataStream;
 
 use teia_node::stream::StreamError;
 
+use crate::cluster::Cluster;
 use crate::engine::Engine;
 use crate::master::{MasterHandle, NotStored};
+use crate::proto::cluster::REMOTE_LEASE_MS;
 use crate::proto::seed001::Task;
-use crate::remote::{Cluster, RemoteError, ANSWER_WAIT, REMOTE_LEASE_MS, RENEW_EVERY};
+use crate::remote::{RemoteError, ANSWER_WAIT, RENEW_EVERY};
 use crate::script::{TaskError, MAX_RESULT};
 use crate::transfer::{read_head, receive_file, send_file, TransferError, MAX_BLOB};
 

@@ -514,7 +514,7 @@ pub async fn start(mut config: NodeConfig) -> Result<Started, NodeError> {
     if let Some(listener) = listener {
         let acceptor = StreamAcceptor {
             us: us.clone(),
-            routes: routes.clone(),
+            wanted: routes.takes_streams(),
             pending: Arc::new(Semaphore::new(stream::MAX_PENDING_ACCEPTS)),
         };
         let splicer = Splicer {
@@ -1374,7 +1374,18 @@ async fn accept_loop(
                     let kind = classify(&stream).await;
                     drop(permit);
                     match kind {
-                        Kind::Stream => streams.handle(stream, addr).await,
+                        Kind::Stream => {
+                            let Some(stream) = streams.handle(stream, addr).await else {
+                                return;
+                            };
+                            if let Err(refused) = routes.deliver_stream(stream) {
+                                let why = refused.why;
+                                if let Delivery::Stream(mut stream) = refused.delivery {
+                                    tracing::debug!(%addr, kind = stream.service(), ?why, "stream closed");
+                                    stream.shutdown().await;
+                                }
+                            }
+                        }
                         Kind::Splice => splicer.handle(stream, addr).await,
                         Kind::Course => {
                             if let Err(refused) = routes.deliver_course_request(stream, addr) {

@@ -671,18 +671,19 @@ async fn accept(
     Ok(DataStream::new(tcp, keys, peer_id, key, service, remote))
 }
 
-/// Accepts streams on behalf of a node: bounded handshakes, then hands each stream to the
-/// service of its kind (a full inbox, or a kind no service takes, closes the stream).
+/// Accepts streams on behalf of a node: bounded handshakes, then gives each stream to its
+/// caller, which hands it to the service of its kind.
 #[derive(Clone)]
 pub(crate) struct StreamAcceptor {
     pub(crate) us: Option<StreamIdentity>,
-    pub(crate) routes: crate::router::Routes,
+    /// Whether some service takes data streams (if not, each is refused `unsupported`).
+    pub(crate) wanted: bool,
     pub(crate) pending: Arc<Semaphore>,
 }
 
 impl StreamAcceptor {
-    /// Handles one connection that opened with `{"type":"STREAM"`.
-    pub(crate) async fn handle(self, mut tcp: TcpStream, remote: SocketAddr) {
+    /// Handles one connection that opened with `{"type":"STREAM"`: the stream, once open.
+    pub(crate) async fn handle(self, mut tcp: TcpStream, remote: SocketAddr) -> Option<DataStream> {
         let refuse = |code: &str, detail: &str| {
             Opening::Error {
                 code: code.into(),
@@ -690,31 +691,24 @@ impl StreamAcceptor {
             }
             .to_line()
         };
-        let (Some(us), true) = (self.us, self.routes.takes_streams()) else {
+        let (Some(us), true) = (self.us, self.wanted) else {
             let _ = tcp
                 .write_all(&refuse("unsupported", "this node accepts no data streams"))
                 .await;
-            return;
+            return None;
         };
         let Ok(_permit) = self.pending.try_acquire() else {
             let _ = tcp
                 .write_all(&refuse("busy", "too many streams opening"))
                 .await;
-            return;
+            return None;
         };
         match tokio::time::timeout(OPEN_TIMEOUT, accept(&us, tcp, remote)).await {
-            Ok(Ok(stream)) => {
-                if let Err(refused) = self.routes.deliver_stream(stream) {
-                    let why = refused.why;
-                    if let crate::router::Delivery::Stream(mut stream) = refused.delivery {
-                        tracing::debug!(%remote, kind = stream.service(), ?why, "stream closed");
-                        stream.shutdown().await;
-                    }
-                }
-            }
+            Ok(Ok(stream)) => return Some(stream),
             Ok(Err(e)) => tracing::debug!(%remote, error = %e, "stream opening failed"),
             Err(_) => tracing::debug!(%remote, "stream opening timed out"),
         }
+        None
     }
 }
 

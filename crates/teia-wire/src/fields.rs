@@ -57,6 +57,13 @@ pub enum NameError {
     BadCharacter,
 }
 
+/// True for `name@namespace` with both parts valid names.
+pub fn is_peer_id(text: &str) -> bool {
+    text.split_once('@').is_some_and(|(name, namespace)| {
+        validate_name(name).is_ok() && validate_name(namespace).is_ok()
+    })
+}
+
 /// Checks a name or namespace: 1 to 64 characters, none of `@ # *`, whitespace or controls
 /// (they would break `name@namespace`, `#namespace` and `*`).
 pub fn validate_name(name: &str) -> Result<(), NameError> {

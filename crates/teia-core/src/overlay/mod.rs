@@ -32,6 +32,11 @@ pub use dedup::{RecentMap, SeenIds};
 pub use query::{QUERY_FANOUT, QUERY_MAX_TTL};
 pub use routes::{ReversePaths, Route, RouteTable};
 pub use secure::LinkCipher;
+pub use teia_wire::fields::is_peer_id;
+
+fn is_name(text: &str) -> bool {
+    teia_wire::fields::validate_name(text).is_ok()
+}
 
 use crate::identity::{Identity, PublicKey};
 use crate::rate::RateLimiter;
@@ -1596,16 +1601,6 @@ fn msg_id_of(message: &Message) -> Option<String> {
         Message::Error(e) => e.reference.clone(),
         _ => None,
     }
-}
-
-/// True for `name@namespace` with both parts valid.
-pub fn is_peer_id(text: &str) -> bool {
-    text.split_once('@')
-        .is_some_and(|(name, namespace)| is_name(name) && is_name(namespace))
-}
-
-fn is_name(text: &str) -> bool {
-    teia_wire::fields::validate_name(text).is_ok()
 }
 
 #[cfg(test)]

@@ -36,6 +36,8 @@ use teia_core::identity::PublicKey;
 use super::ledger::EvalId;
 use super::messages::{self, JobMessage};
 
+/// Milliseconds a remote worker's lease lasts without a renewal.
+pub const REMOTE_LEASE_MS: u64 = 2_000;
 /// Time an announcement is believed.
 pub const OWNER_FRESH: Duration = Duration::from_secs(5);
 /// Time a node's status is shown after it came.

@@ -24,7 +24,7 @@ const SECRET: &str = "the simulated cluster";
 /// The simulator's step.
 const STEP: Duration = Duration::from_millis(20);
 /// A lease's length without renewal, as the runtime's.
-const LEASE_MS: u64 = crate::remote::REMOTE_LEASE_MS;
+const LEASE_MS: u64 = super::cluster::REMOTE_LEASE_MS;
 const EVAL: EvalId = 1;
 
 /// How the network and the nodes behave in one run.
