@@ -1,8 +1,6 @@
-//! Downloading one file from every holder at once, the runtime of the [`Swarm`] policy: a
-//! stream per holder pulls the chunks the swarm hands out, each chunk is hashed as it lands
-//! in the partial file and checked against the outboard (so a bad byte costs one chunk and
-//! the holder that sent it), and the partial file is renamed once every chunk is verified.
-//! This file does the I/O and keeps the timers; the swarm decides.
+//! One download in progress ([`Download`]: its [`Swarm`] behind one lock, its partial file,
+//! the holders waiting to be tried) and what a download reports: its progress
+//! ([`DownloadInfo`]) and why a holder or the download stopped. [`crate::fetch`] drives it.
 //!
 //! Resuming: the partial file and the verified outboard (in the database) survive an
 //! interruption or a `kill -9`; the next run re-hashes the partial file's chunks and asks
@@ -13,31 +11,26 @@
 //! holders waiting to be tried (more are not queued); a holder silent for [`STALL_TIMEOUT`]
 //! is dropped.
 
-use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
 use std::net::SocketAddr;
 use std::os::unix::fs::FileExt;
 use std::path::{Component, Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use teia_core::identity::PublicKey;
-use teia_node::stream::{DataStream, StreamError};
+use teia_node::stream::StreamError;
 use tokio::sync::{mpsc, Notify, OnceCell};
-use tokio::task::JoinSet;
 
-use crate::proto::msg::{self, Reply, Request, MAX_STREAM_LINE};
-use crate::proto::plan::HolderId;
-use crate::proto::swarm::{Fault, Step, Swarm};
-use crate::proto::tree::{Hash, Outboard, VerifyError, CV_LEN, MAX_CHUNKS};
-use crate::service::{DialBackError, FilesEvent, Inner};
-use crate::store::{PendingDownload, StoreError};
+use crate::proto::swarm::{Fault, Swarm};
+use crate::proto::tree::{Hash, Outboard, VerifyError};
+use crate::store::{FileStore, PendingDownload, StoreError};
 use crate::sync::lock;
 
 /// Time a holder may send nothing while chunks are requested from it.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Time between two progress events of one download.
-const PROGRESS_EVERY: Duration = Duration::from_millis(500);
+pub(crate) const PROGRESS_EVERY: Duration = Duration::from_millis(500);
 /// Holders waiting to be tried, per download.
 const SOURCES_QUEUED: usize = 64;
 /// Suffix of a file being downloaded.
@@ -90,9 +83,9 @@ pub struct DownloadInfo {
     pub seconds: f64,
 }
 
-struct Ready {
-    outboard: Outboard,
-    file: File,
+pub(crate) struct Ready {
+    pub(crate) outboard: Outboard,
+    pub(crate) file: File,
     /// The same file opened for direct I/O (`O_DIRECT`), where the file system allows it:
     /// writes bypass the page cache, so a large download neither evicts the user's cache
     /// nor pays for filling it.
@@ -102,19 +95,19 @@ struct Ready {
 /// Alignment of direct I/O buffers, offsets and lengths.
 const DIRECT_ALIGN: usize = 4096;
 /// Bytes staged before a write, at most.
-const STAGING: usize = 1024 * 1024;
+pub(crate) const STAGING: usize = 1024 * 1024;
 
 /// Bytes of one chunk waiting to be written, in a buffer aligned for direct I/O.
-struct Staging {
+pub(crate) struct Staging {
     storage: Vec<u8>,
-    start: usize,
-    len: usize,
+    pub(crate) start: usize,
+    pub(crate) len: usize,
     /// File offset of the first staged byte.
-    at: u64,
+    pub(crate) at: u64,
 }
 
 impl Staging {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let storage = vec![0u8; STAGING + DIRECT_ALIGN];
         let start = storage
             .as_ptr()
@@ -128,11 +121,11 @@ impl Staging {
         }
     }
 
-    fn room(&self) -> usize {
+    pub(crate) fn room(&self) -> usize {
         STAGING - self.len
     }
 
-    fn push(&mut self, bytes: &[u8]) {
+    pub(crate) fn push(&mut self, bytes: &[u8]) {
         let end = self.start + self.len;
         if let Some(target) = self.storage.get_mut(end..end + bytes.len()) {
             target.copy_from_slice(bytes);
@@ -141,7 +134,7 @@ impl Staging {
     }
 
     /// Writes what is staged at its offset: the aligned part directly when possible.
-    fn flush(&mut self, ready: &Ready) -> std::io::Result<()> {
+    pub(crate) fn flush(&mut self, ready: &Ready) -> std::io::Result<()> {
         let data = self
             .storage
             .get(self.start..self.start + self.len)
@@ -164,22 +157,50 @@ impl Staging {
     }
 }
 
+/// Why a holder we cannot dial did not reach us another way.
+#[derive(Debug, thiserror::Error)]
+pub enum DialBackError {
+    /// The node has stopped.
+    #[error("the node has stopped")]
+    NodeStopped,
+    /// No neighbour of ours accepts connections.
+    #[error("no neighbour accepts connections to splice through")]
+    NoRelay,
+    /// Every relay failed; the last one's reason.
+    #[error("splice through {relay}: {source}")]
+    Splice {
+        /// The relay.
+        relay: String,
+        /// Its failure.
+        source: StreamError,
+    },
+    /// No relay answered.
+    #[error("no relay answered")]
+    NoRelayAnswered,
+    /// [`crate::state::MAX_DIAL_BACKS_WAITING`] requests already wait.
+    #[error("too many dial-back requests waiting")]
+    TooMany,
+    /// The holder did not open a stream to us within [`crate::state::DIAL_BACK_TIMEOUT`].
+    #[error("the holder did not open a stream back")]
+    NoStreamBack,
+}
+
 /// One download in progress.
 pub struct Download {
-    spec: Spec,
+    pub(crate) spec: Spec,
     started: Instant,
-    ready: OnceCell<Ready>,
-    swarm: Mutex<Swarm>,
-    work: Notify,
-    sources: mpsc::Sender<Source>,
-    queued: Mutex<Option<mpsc::Receiver<Source>>>,
+    pub(crate) ready: OnceCell<Ready>,
+    pub(crate) swarm: Mutex<Swarm>,
+    pub(crate) work: Notify,
+    pub(crate) sources: mpsc::Sender<Source>,
+    pub(crate) queued: Mutex<Option<mpsc::Receiver<Source>>>,
     /// Holders that served the file and may take a second stream.
-    seconds: mpsc::Sender<Source>,
-    seconds_queued: Mutex<Option<mpsc::Receiver<Source>>>,
+    pub(crate) seconds: mpsc::Sender<Source>,
+    pub(crate) seconds_queued: Mutex<Option<mpsc::Receiver<Source>>>,
 }
 
 /// Why fetching from one holder stopped.
-enum HolderEnd {
+pub(crate) enum HolderEnd {
     /// Nothing left to fetch.
     Finished,
     /// This holder failed; others may go on.
@@ -337,7 +358,7 @@ fn safe_relative(name: &str, hash: &Hash) -> PathBuf {
     }
 }
 
-fn partial_path(path: &Path) -> PathBuf {
+pub(crate) fn partial_path(path: &Path) -> PathBuf {
     let mut partial = path.as_os_str().to_owned();
     partial.push(PARTIAL_SUFFIX);
     PathBuf::from(partial)
@@ -404,19 +425,19 @@ impl Download {
         }
     }
 
-    fn update_rate(&self) {
+    pub(crate) fn update_rate(&self) {
         lock(&self.swarm).sample_rate(Instant::now());
     }
 
-    fn complete(&self) -> bool {
+    pub(crate) fn complete(&self) -> bool {
         lock(&self.swarm).is_complete()
     }
 
     /// Sets up the partial file and the plan from the first holder's outboard (checked
     /// against the hash), re-hashing what a previous run left.
-    async fn prepare(
+    pub(crate) async fn prepare(
         &self,
-        inner: &Arc<Inner>,
+        store: &Mutex<FileStore>,
         size: u64,
         outboard: &[u8],
     ) -> Result<&Ready, HolderEnd> {
@@ -431,7 +452,7 @@ impl Download {
                     size,
                     outboard: Some(outboard.to_bytes()),
                 };
-                lock(&inner.store)
+                lock(store)
                     .put_download(&record)
                     .map_err(|e| HolderEnd::Fatal(e.into()))?;
                 let partial = partial_path(&self.path());
@@ -516,429 +537,4 @@ fn open_partial(path: &Path, outboard: &Outboard) -> std::io::Result<(File, Vec<
         have.push(hasher.matches());
     }
     Ok((file, have))
-}
-
-/// Runs a download to its end: done (renamed, verified) or failed (partial kept).
-pub(crate) async fn run(inner: Arc<Inner>, download: Arc<Download>) {
-    let hash = download.hash();
-    let outcome = drive(&inner, &download).await;
-    lock(&inner.downloads).remove(&hash);
-    match outcome {
-        Ok(path) => {
-            if let Err(e) = lock(&inner.store).remove_download(&hash) {
-                tracing::warn!(error = %e, "finished download not dropped from the database");
-            }
-            let sources = lock(&download.swarm).sources();
-            inner
-                .emit(FilesEvent::Done {
-                    info: download.info(),
-                    path,
-                    sources,
-                })
-                .await;
-        }
-        Err(reason) => {
-            inner
-                .emit(FilesEvent::Failed {
-                    hash,
-                    name: download.spec.name.clone(),
-                    reason: reason.to_string(),
-                })
-                .await;
-        }
-    }
-}
-
-async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, DownloadError> {
-    let hash = download.hash();
-    let target = download.path();
-    if download.spec.size == Some(0) || hash == Hash::of(b"") {
-        if hash != Hash::of(b"") {
-            return Err(DownloadError::NotEmpty);
-        }
-        if let Some(dir) = target.parent() {
-            std::fs::create_dir_all(dir).map_err(DownloadError::Create)?;
-        }
-        File::create(&target).map_err(DownloadError::Create)?;
-        return Ok(target);
-    }
-    lock(&inner.store).put_download(&PendingDownload {
-        hash,
-        dir: download.spec.dir.clone(),
-        name: download.spec.name.clone(),
-        size: download.spec.size.unwrap_or(0),
-        outboard: None,
-    })?;
-    let (Some(mut sources), Some(mut seconds)) = (
-        lock(&download.queued).take(),
-        lock(&download.seconds_queued).take(),
-    ) else {
-        return Err(DownloadError::AlreadyRunning);
-    };
-    let mut holders: HolderTasks = JoinSet::new();
-    let mut last_reason = String::from("no holder answered");
-    let mut ticker = tokio::time::interval(PROGRESS_EVERY);
-    loop {
-        if download.complete() {
-            break;
-        }
-        let step = lock(&download.swarm).poll(Instant::now());
-        match step {
-            Step::Wait => {}
-            Step::AskHolders => inner.ask_holders(hash).await,
-            Step::GiveUp => return Err(DownloadError::NoHolder { last: last_reason }),
-        }
-        tokio::select! {
-            source = sources.recv() => {
-                let Some(source) = source else { continue };
-                let admitted = lock(&download.swarm).offer(&source.peer_id, source.key);
-                if let Some(id) = admitted {
-                    spawn_holder(inner, download, &mut holders, id, source, true);
-                }
-            }
-            Some(source) = seconds.recv() => {
-                let admitted = lock(&download.swarm).offer_second(&source.peer_id, source.key);
-                if let Some(id) = admitted {
-                    spawn_holder(inner, download, &mut holders, id, source, false);
-                }
-            }
-            Some(joined) = holders.join_next() => {
-                let Ok((peer, end)) = joined else { continue };
-                match end {
-                    HolderEnd::Finished => {}
-                    HolderEnd::Dropped(reason) => {
-                        tracing::info!(%peer, %reason, "holder dropped");
-                        last_reason = format!("{peer}: {reason}");
-                        let reason = reason.to_string();
-                        inner.emit(FilesEvent::HolderDropped { hash, holder: peer, reason }).await;
-                    }
-                    HolderEnd::Fatal(reason) => {
-                        holders.abort_all();
-                        return Err(reason);
-                    }
-                }
-            }
-            _ = ticker.tick() => {
-                download.update_rate();
-                if download.ready.get().is_some() {
-                    inner.emit_progress(FilesEvent::Progress(download.info()));
-                }
-            }
-        }
-    }
-    holders.abort_all();
-    download.update_rate();
-    let ready = download.ready.get().ok_or(DownloadError::NoData)?;
-    ready.file.sync_all().map_err(DownloadError::Flush)?;
-    let partial = partial_path(&target);
-    std::fs::rename(&partial, &target).map_err(|source| DownloadError::Rename {
-        path: partial,
-        source,
-    })?;
-    Ok(target)
-}
-
-type HolderTasks = JoinSet<(String, HolderEnd)>;
-
-/// Starts fetching from `source` as holder `id`; a `first` stream may ask for a second.
-fn spawn_holder(
-    inner: &Arc<Inner>,
-    download: &Arc<Download>,
-    holders: &mut HolderTasks,
-    id: HolderId,
-    source: Source,
-    first: bool,
-) {
-    let inner = Arc::clone(inner);
-    let download = Arc::clone(download);
-    holders.spawn(async move {
-        let end = fetch(&inner, &download, id, &source, first).await;
-        let fault = match &end {
-            HolderEnd::Dropped(reason) => Some(reason.fault()),
-            HolderEnd::Finished | HolderEnd::Fatal(_) => None,
-        };
-        lock(&download.swarm).ended(id, fault);
-        download.work.notify_waiters();
-        (source.peer_id, end)
-    });
-}
-
-/// Fetches chunks from one holder until none is left for it.
-async fn fetch(
-    inner: &Arc<Inner>,
-    download: &Arc<Download>,
-    id: HolderId,
-    source: &Source,
-    first: bool,
-) -> HolderEnd {
-    let mut last_error = String::from("no address");
-    let mut opened = None;
-    for addr in &source.addrs {
-        match inner
-            .node
-            .open_stream(*addr, crate::routed::SERVICE, Some(source.key))
-            .await
-        {
-            Ok(stream) => {
-                opened = Some(stream);
-                break;
-            }
-            Err(e) => last_error = e.to_string(),
-        }
-    }
-    let mut stream = match opened {
-        Some(stream) => stream,
-        // It cannot be dialed (no address, or none answers): ask it to dial us.
-        None => match inner.request_dial_back(source, download.hash()).await {
-            Ok(stream) => stream,
-            Err(back) => {
-                return HolderEnd::Dropped(HolderError::Unreachable {
-                    dial: last_error,
-                    back,
-                })
-            }
-        },
-    };
-    match fetch_on(inner, download, id, &mut stream, first.then_some(source)).await {
-        Ok(()) => {
-            stream.shutdown().await;
-            HolderEnd::Finished
-        }
-        Err(end) => end,
-    }
-}
-
-async fn read_reply(stream: &mut DataStream, wait: Duration) -> Result<Reply, HolderEnd> {
-    match tokio::time::timeout(wait, stream.read_line(MAX_STREAM_LINE)).await {
-        Ok(Ok(Some(line))) => {
-            serde_json::from_slice(&line).map_err(|e| HolderEnd::Dropped(HolderError::BadReply(e)))
-        }
-        Ok(Ok(None)) => Err(HolderEnd::Dropped(HolderError::Closed)),
-        Ok(Err(e)) => Err(HolderEnd::Dropped(e.into())),
-        Err(_) => Err(HolderEnd::Dropped(HolderError::Stalled)),
-    }
-}
-
-async fn fill(stream: &mut DataStream) -> Result<(), HolderEnd> {
-    match tokio::time::timeout(STALL_TIMEOUT, stream.fill()).await {
-        Ok(Ok(true)) => Ok(()),
-        Ok(Ok(false)) => Err(HolderEnd::Dropped(HolderError::Closed)),
-        Ok(Err(e)) => Err(HolderEnd::Dropped(e.into())),
-        Err(_) => Err(HolderEnd::Dropped(HolderError::Stalled)),
-    }
-}
-
-async fn fetch_on(
-    inner: &Arc<Inner>,
-    download: &Arc<Download>,
-    id: HolderId,
-    stream: &mut DataStream,
-    first_of: Option<&Source>,
-) -> Result<(), HolderEnd> {
-    let get = Request::Get {
-        hash: download.hash().to_hex(),
-    };
-    stream
-        .write_all(&msg::line(&get))
-        .await
-        .map_err(|e| HolderEnd::Dropped(e.into()))?;
-    let (size, outboard_len) = loop {
-        match read_reply(stream, crate::serve::APPROVAL_TIMEOUT + STALL_TIMEOUT).await? {
-            Reply::Ok { size, outboard } => break (size, outboard),
-            Reply::Wait { .. } => continue,
-            Reply::Error { code, detail } => {
-                return Err(HolderEnd::Dropped(HolderError::Refused { code, detail }))
-            }
-            Reply::Data { .. } | Reply::Offer { .. } => {
-                return Err(HolderEnd::Dropped(HolderError::OutOfOrder))
-            }
-        }
-    };
-    if download.spec.size.is_some_and(|s| s != size) && download.ready.get().is_none() {
-        tracing::debug!(size, "the holder's size differs from the search result's");
-    }
-    let max_outboard = MAX_CHUNKS as usize * CV_LEN;
-    let outboard_len = usize::try_from(outboard_len).unwrap_or(usize::MAX);
-    if outboard_len > max_outboard {
-        return Err(HolderEnd::Dropped(HolderError::OutboardTooLarge));
-    }
-    while stream.buffered().len() < outboard_len {
-        fill(stream).await?;
-    }
-    let outboard_bytes = stream
-        .buffered()
-        .get(..outboard_len)
-        .unwrap_or_default()
-        .to_vec();
-    stream.consume(outboard_len);
-    let ready = download.prepare(inner, size, &outboard_bytes).await?;
-    if ready.outboard.layout().size != size {
-        return Err(HolderEnd::Dropped(HolderError::OtherSize));
-    }
-    let layout = ready.outboard.layout();
-    let start = lock(&download.swarm).ready(id, first_of.is_some());
-    let Some(start) = start else {
-        return Err(HolderEnd::Fatal(DownloadError::NoData));
-    };
-    if let Some(source) = first_of.filter(|_| start.second) {
-        let _ = download.seconds.try_send(source.clone());
-    }
-    let window = start.window;
-    let mut outstanding: VecDeque<u32> = VecDeque::new();
-    let mut writes = Writes::new(Arc::clone(download));
-    loop {
-        let asked = lock(&download.swarm).next_requests(id, window);
-        if !asked.is_empty() {
-            let request = Request::Chunks {
-                chunks: asked.clone(),
-            };
-            stream
-                .write_all(&msg::line(&request))
-                .await
-                .map_err(|e| HolderEnd::Dropped(e.into()))?;
-            outstanding.extend(asked);
-        }
-        let Some(&expected) = outstanding.front() else {
-            if let Some(written) = writes.drain().await? {
-                arrived(download, id, written);
-                continue;
-            }
-            if download.complete() {
-                return Ok(());
-            }
-            let _ = tokio::time::timeout(Duration::from_secs(1), download.work.notified()).await;
-            continue;
-        };
-        let (chunk, len) = match read_reply(stream, STALL_TIMEOUT).await? {
-            Reply::Data { chunk, len } => (chunk, len),
-            Reply::Error { code, detail } => {
-                return Err(HolderEnd::Dropped(HolderError::Refused { code, detail }))
-            }
-            other => {
-                return Err(HolderEnd::Dropped(HolderError::Unexpected(format!(
-                    "{other:?}"
-                ))))
-            }
-        };
-        let range = layout.range(chunk);
-        if chunk != expected || range.map(|(_, l)| l) != Some(len) {
-            return Err(HolderEnd::Dropped(HolderError::WrongChunk {
-                chunk,
-                len,
-                expected,
-            }));
-        }
-        let (offset, _) = range.unwrap_or_default();
-        let Some(mut hasher) = ready.outboard.chunk_hasher(chunk) else {
-            return Err(HolderEnd::Dropped(HolderError::NoSuchChunk));
-        };
-        // A chunk of up to STAGING bytes is written only once verified; a larger one is
-        // written a staged piece at a time and checked at its end. The write runs in a
-        // blocking thread while the next chunk is read; a chunk counts as arrived once its
-        // bytes are written.
-        writes.start(offset);
-        while hasher.remaining() > 0 {
-            if stream.buffered().is_empty() {
-                fill(stream).await?;
-            }
-            let take = (stream.buffered().len() as u64)
-                .min(hasher.remaining())
-                .min(writes.room() as u64) as usize;
-            let piece = stream.buffered().get(..take).unwrap_or_default();
-            hasher.update(piece);
-            writes.push(piece);
-            stream.consume(take);
-            if writes.room() == 0 && hasher.remaining() > 0 {
-                if let Some(written) = writes.submit(None).await? {
-                    arrived(download, id, written);
-                }
-            }
-        }
-        outstanding.pop_front();
-        if !hasher.matches() {
-            return Err(HolderEnd::Dropped(HolderError::BadChunk(chunk)));
-        }
-        if let Some(written) = writes.submit(Some((chunk, len))).await? {
-            arrived(download, id, written);
-        }
-    }
-}
-
-/// Records that chunk `chunk` of `len` bytes from `id` is verified and on disk.
-fn arrived(download: &Download, id: HolderId, (chunk, len): (u32, u64)) {
-    lock(&download.swarm).arrived(id, chunk, len);
-}
-
-type Written = tokio::task::JoinHandle<(Staging, std::io::Result<()>, Option<(u32, u64)>)>;
-
-/// Double-buffered writes of one holder's chunks: one buffer fills while the other is
-/// written in a blocking thread.
-struct Writes {
-    download: Arc<Download>,
-    current: Staging,
-    spare: Option<Staging>,
-    inflight: Option<Written>,
-}
-
-impl Writes {
-    fn new(download: Arc<Download>) -> Self {
-        Self {
-            download,
-            current: Staging::new(),
-            spare: Some(Staging::new()),
-            inflight: None,
-        }
-    }
-
-    fn start(&mut self, offset: u64) {
-        self.current.at = offset;
-    }
-
-    fn room(&self) -> usize {
-        self.current.room()
-    }
-
-    fn push(&mut self, bytes: &[u8]) {
-        self.current.push(bytes);
-    }
-
-    fn fatal(&self, source: std::io::Error) -> HolderEnd {
-        HolderEnd::Fatal(DownloadError::Write {
-            path: partial_path(&self.download.path()),
-            source,
-        })
-    }
-
-    /// Waits for the write in flight; returns the chunk it completed, if any.
-    async fn drain(&mut self) -> Result<Option<(u32, u64)>, HolderEnd> {
-        let Some(handle) = self.inflight.take() else {
-            return Ok(None);
-        };
-        let (buffer, result, chunk) = handle
-            .await
-            .map_err(|e| HolderEnd::Fatal(DownloadError::Writer(e)))?;
-        self.spare = Some(buffer);
-        result.map_err(|e| self.fatal(e))?;
-        Ok(chunk)
-    }
-
-    /// Writes what is staged (completing `chunk`, if given) in the background; returns the
-    /// chunk the previous write completed, if any.
-    async fn submit(&mut self, chunk: Option<(u32, u64)>) -> Result<Option<(u32, u64)>, HolderEnd> {
-        let previous = self.drain().await?;
-        let next_at = self.current.at + self.current.len as u64;
-        let mut fresh = self.spare.take().unwrap_or_else(Staging::new);
-        fresh.at = next_at;
-        let full = std::mem::replace(&mut self.current, fresh);
-        let download = Arc::clone(&self.download);
-        self.inflight = Some(tokio::task::spawn_blocking(move || {
-            let mut full = full;
-            let result = match download.ready.get() {
-                Some(ready) => full.flush(ready),
-                None => Err(std::io::Error::other("no partial file")),
-            };
-            (full, result, chunk)
-        }));
-        Ok(previous)
-    }
 }

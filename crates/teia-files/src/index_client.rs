@@ -11,13 +11,13 @@ use serde_json::{json, Value};
 use teia_core::identity::PublicKey;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use crate::download::Source;
 use crate::proto::msg::Found;
 use crate::proto::napster::{Hit, Listed, ObjectReader, ReadError};
 use crate::proto::tree::Hash;
-use crate::service::{FilesEvent, Holding, Inner, SeedHolding};
+use crate::state::{FilesEvent, Holding, IndexCommand, Inner, SeedHolding};
 use crate::sync::lock;
 
 /// Longest wait between two connection attempts.
@@ -26,17 +26,6 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(30);
 pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time between two checks of the shared files for an UPDATE.
 pub const UPDATE_EVERY: Duration = Duration::from_secs(5);
-/// Commands waiting for the index link.
-pub const COMMANDS: usize = 32;
-
-/// What the service asks of its index link.
-pub(crate) enum IndexCommand {
-    /// Search by name.
-    Search(String),
-    /// Leave the index and stop.
-    Leave(oneshot::Sender<()>),
-}
-
 /// Why the link to the index went down.
 #[derive(Debug, thiserror::Error)]
 enum LinkError {

@@ -7,14 +7,17 @@
 //! other modules are the runtime: the share index on disk, serving, downloading.
 
 pub mod download;
+mod fetch;
 pub mod index;
 mod index_client;
+mod limits;
 pub mod proto;
 pub mod routed;
 pub mod seed;
 pub mod serve;
 pub mod service;
 pub mod share;
+mod state;
 pub mod store;
 mod sync;
 mod tasks;

@@ -16,10 +16,7 @@ use tokio::net::TcpStream;
 use crate::service::Files;
 use crate::{seed, serve};
 
-/// The service's name: of its queries and of its data streams.
-pub const SERVICE: &str = "files";
-/// The kind of the data streams a holder opens back to a downloader that cannot be dialed.
-pub const DIAL_BACK_STREAM: &str = "files-back";
+pub use crate::proto::msg::{DIAL_BACK_STREAM, SERVICE};
 
 /// What a node routes to file sharing.
 pub fn route() -> ServiceRoute {

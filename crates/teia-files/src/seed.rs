@@ -20,8 +20,8 @@ use tokio::net::TcpStream;
 use crate::download::PARTIAL_SUFFIX;
 use crate::proto::napster::{ObjectReader, ReadError, Request, RequestError};
 use crate::proto::tree::OutboardBuilder;
-use crate::service::{FilesEvent, Inner};
 use crate::share;
+use crate::state::{FilesEvent, Inner};
 use crate::store::SharedFile;
 use crate::sync::lock;
 
@@ -89,41 +89,6 @@ pub(crate) enum SeedError {
     /// The bytes hashed are not the size announced.
     #[error("size mismatch while hashing")]
     SizeMismatch,
-}
-
-/// One kind of repeated log line, summarised: the first occurrence is logged at once, the
-/// next ones are counted, and one line with their count is due at most once per `period`
-/// (at the first occurrence after it). Its state is two numbers, however many come.
-#[derive(Debug)]
-pub(crate) struct LogSummary {
-    period: Duration,
-    last: Option<Instant>,
-    count: u64,
-}
-
-impl LogSummary {
-    /// A summary of at most one line per `period`.
-    pub(crate) fn new(period: Duration) -> Self {
-        Self {
-            period,
-            last: None,
-            count: 0,
-        }
-    }
-
-    /// Counts one occurrence at `now`; returns how many to report when a line is due
-    /// (this one included), `None` while they are being counted.
-    pub(crate) fn occurred(&mut self, now: Instant) -> Option<u64> {
-        self.count = self.count.saturating_add(1);
-        if self
-            .last
-            .is_some_and(|at| now.saturating_duration_since(at) < self.period)
-        {
-            return None;
-        }
-        self.last = Some(now);
-        Some(std::mem::take(&mut self.count))
-    }
 }
 
 async fn read_object(
@@ -298,7 +263,7 @@ async fn fetch_inner(
         .get("fileSize")
         .and_then(serde_json::Value::as_u64)
         .ok_or(SeedError::NoSize)?;
-    let decision = read_object(&mut stream, &mut reader, crate::serve::APPROVAL_TIMEOUT).await?;
+    let decision = read_object(&mut stream, &mut reader, crate::state::APPROVAL_TIMEOUT).await?;
     if decision.get("status").and_then(|s| s.as_str()) != Some("downloadAccepted") {
         return Err(SeedError::Refused(decision));
     }
@@ -348,6 +313,7 @@ async fn fetch_inner(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::limits::LogSummary;
 
     #[test]
     fn a_flood_of_requests_makes_one_line_per_period_with_its_count() {

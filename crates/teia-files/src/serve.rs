@@ -10,47 +10,17 @@ use teia_node::stream::{DataStream, StreamError};
 
 use crate::proto::msg::{self, code, Reply, Request, MAX_CHUNKS_PER_REQUEST, MAX_STREAM_LINE};
 use crate::proto::tree::{Hash, Layout};
-use crate::service::{Inner, MAX_SERVING, MAX_STREAMS_PER_PEER};
 use crate::share;
+use crate::state::{Approval, DialBack, Inner, MAX_SERVING, MAX_STREAMS_PER_PEER};
 use crate::sync::lock;
+use std::net::SocketAddr;
+use teia_core::identity::PublicKey;
 
 /// Time a requester may stay silent between requests before the stream is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Time the user has to approve a request under `--approve ask`.
-pub const APPROVAL_TIMEOUT: Duration = Duration::from_secs(300);
+pub use crate::state::APPROVAL_TIMEOUT;
 /// Bytes read from disk and sealed at once.
 const PIECE: usize = 1024 * 1024;
-
-/// The node-wide upload limit: a token bucket in bytes (burst of a quarter second).
-pub(crate) struct Throttle {
-    rate: u64,
-    bucket: std::sync::Mutex<(f64, std::time::Instant)>,
-}
-
-impl Throttle {
-    pub(crate) fn new(rate: u64) -> Self {
-        Self {
-            rate: rate.max(1),
-            bucket: std::sync::Mutex::new((0.0, std::time::Instant::now())),
-        }
-    }
-
-    /// Waits until `bytes` may be sent.
-    pub(crate) async fn take(&self, bytes: usize) {
-        let wait = {
-            let mut bucket = lock(&self.bucket);
-            let now = std::time::Instant::now();
-            let rate = self.rate as f64;
-            let refill = now.duration_since(bucket.1).as_secs_f64() * rate;
-            bucket.0 = (bucket.0 + refill).min(rate / 4.0) - bytes as f64;
-            bucket.1 = now;
-            (bucket.0 < 0.0).then(|| Duration::from_secs_f64(-bucket.0 / rate))
-        };
-        if let Some(wait) = wait {
-            tokio::time::sleep(wait).await;
-        }
-    }
-}
 
 /// Counts a stream served to one peer; released on drop.
 struct Slot {
@@ -114,8 +84,8 @@ async fn refuse(stream: &mut DataStream, code: &str, detail: String) {
 /// Serves one stream until the requester closes it, goes idle, or errs.
 pub(crate) async fn serve(inner: Arc<Inner>, mut stream: DataStream) {
     match stream.service() {
-        crate::routed::SERVICE => serve_requests(inner, stream).await,
-        crate::routed::DIAL_BACK_STREAM => take_offer(&inner, stream).await,
+        msg::SERVICE => serve_requests(inner, stream).await,
+        msg::DIAL_BACK_STREAM => take_offer(&inner, stream).await,
         _ => refuse(&mut stream, code::BAD_REQUEST, "unknown service".into()).await,
     }
 }
@@ -244,6 +214,76 @@ pub(crate) async fn serve_requests(inner: Arc<Inner>, mut stream: DataStream) {
                 }
                 sent += want as u64;
             }
+        }
+    }
+}
+
+/// Opens a stream back to `asker`, which cannot reach us, and serves `hash` on it
+/// (directly at one of `addrs`, or spliced by the first of `relays` that is our
+/// neighbour): only for content we share, with a policy that serves someone, within the
+/// dial-back budget, to an asker proving `key`.
+pub(crate) async fn dial_back(inner: &Arc<Inner>, asker: &str, request: DialBack) {
+    let DialBack {
+        hash,
+        key,
+        addrs,
+        token,
+        relays,
+    } = request;
+    let (Some(hash), Ok(key)) = (Hash::from_hex(&hash), PublicKey::parse(&key)) else {
+        return;
+    };
+    if inner.config.approval == Approval::None
+        || !matches!(lock(&inner.store).by_hash(&hash), Ok(Some(_)))
+    {
+        return;
+    }
+    if !lock(&inner.dial_back_budget).take() {
+        tracing::warn!("dial-back request ignored: too many");
+        return;
+    }
+    if let Some(relays) = relays {
+        let Ok(snapshot) = inner.node.snapshot().await else {
+            return;
+        };
+        let relay = relays.iter().take(msg::MAX_RELAYS).find(|relay| {
+            snapshot
+                .neighbours
+                .iter()
+                .any(|n| n.peer == **relay && n.teia && n.key.is_some())
+        });
+        let Some(relay) = relay else {
+            tracing::debug!(%asker, "splice asked through no neighbour of ours");
+            return;
+        };
+        match inner
+            .node
+            .accept_spliced_stream(relay, asker, &token, key)
+            .await
+        {
+            Ok(stream) => serve_requests(Arc::clone(inner), stream).await,
+            Err(e) => tracing::debug!(%relay, error = %e, "splice failed"),
+        }
+        return;
+    }
+    for addr in addrs
+        .iter()
+        .filter_map(|a| a.parse::<SocketAddr>().ok())
+        .take(4)
+    {
+        match inner
+            .node
+            .open_stream(addr, msg::DIAL_BACK_STREAM, Some(key))
+            .await
+        {
+            Ok(mut stream) => {
+                let offer = msg::line(&msg::Reply::Offer { token });
+                if stream.write_all(&offer).await.is_ok() {
+                    serve_requests(Arc::clone(inner), stream).await;
+                }
+                return;
+            }
+            Err(e) => tracing::debug!(%addr, error = %e, "dial-back failed"),
         }
     }
 }

@@ -12,16 +12,15 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use serde_json::Value;
 use teia_core::identity::PublicKey;
 use teia_node::node::NodeHandle;
-use teia_node::stream::{DataStream, StreamError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::download::{self, Download, DownloadInfo, Source};
-use crate::index_client::{self, IndexCommand};
+use crate::index_client;
+use crate::limits::{Budget, LogSummary, Throttle};
 use crate::proto::msg::{self, Answer, Found, Question, MAX_RESULTS_PER_HIT, MAX_SEARCH_TEXT};
 use crate::proto::tree::Hash;
 use crate::seed;
@@ -31,635 +30,15 @@ use crate::store::{FileStore, SharedFile, StoreError};
 use crate::sync::lock;
 use crate::tasks::Tasks;
 
-/// Downloads running at once; one more is refused.
-pub const MAX_DOWNLOADS: usize = 16;
-/// Streams served at once.
-pub const MAX_SERVING: usize = 64;
-/// Streams served to one peer at once.
-pub const MAX_STREAMS_PER_PEER: usize = 4;
-/// Requests waiting for the user's approval at once.
-pub const MAX_PENDING_APPROVALS: usize = 64;
-/// Search results remembered (for `/get NAME` and for holders of a download).
-pub const RESULTS_KEPT: usize = 4_096;
-/// Approvals remembered (requester key and file); beyond, they are forgotten and asked again.
-pub const GRANTS_KEPT: usize = 4_096;
-/// Events waiting for the interface.
-pub const EVENTS: usize = 1_024;
-/// Holders whose answers to one search are shown; later ones are dropped.
-pub const MAX_ANSWERS_PER_SEARCH: usize = 64;
-/// Streams this node opens back to askers (when it cannot be dialed), per minute at most;
-/// requests beyond are ignored.
-pub const DIAL_BACKS_PER_MINUTE: f64 = 10.0;
-/// Queries this node answers per second at most (burst as many); beyond, it stays silent.
-pub const ANSWERS_PER_SECOND: f64 = 50.0;
-/// Our dial-back requests waiting at once; more fail at once.
-pub const MAX_DIAL_BACKS_WAITING: usize = 64;
-/// Time a holder has to open a stream back to us.
-pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(10);
-/// Hops a search travels.
-pub const SEARCH_TTL: u32 = 5;
-/// Time between two rescans of the shared folders.
-pub const RESCAN_INTERVAL: Duration = Duration::from_secs(30);
-/// Time shutdown waits for the index's answer to LEAVE.
-pub const LEAVE_WAIT: Duration = Duration::from_secs(2);
-/// Time shutdown waits for the service's tasks to stop before aborting them.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
-
-/// Who may download what this node shares.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Approval {
-    /// Anyone.
-    All,
-    /// The user approves each requester (`/approve ID`, `/deny ID`).
-    Ask,
-    /// Only keys given with `--trust`.
-    Trusted,
-    /// No one.
-    None,
-}
-
-/// A name that is not an approval policy.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown approval policy {0:?}; use all, ask, trusted or none")]
-pub struct UnknownApproval(pub String);
-
-impl std::str::FromStr for Approval {
-    type Err = UnknownApproval;
-
-    fn from_str(text: &str) -> Result<Self, UnknownApproval> {
-        match text {
-            "all" => Ok(Self::All),
-            "ask" => Ok(Self::Ask),
-            "trusted" => Ok(Self::Trusted),
-            "none" => Ok(Self::None),
-            other => Err(UnknownApproval(other.to_owned())),
-        }
-    }
-}
-
-/// Why a holder we cannot dial did not reach us another way.
-#[derive(Debug, thiserror::Error)]
-pub enum DialBackError {
-    /// The node has stopped.
-    #[error("the node has stopped")]
-    NodeStopped,
-    /// No neighbour of ours accepts connections.
-    #[error("no neighbour accepts connections to splice through")]
-    NoRelay,
-    /// Every relay failed; the last one's reason.
-    #[error("splice through {relay}: {source}")]
-    Splice {
-        /// The relay.
-        relay: String,
-        /// Its failure.
-        source: StreamError,
-    },
-    /// No relay answered.
-    #[error("no relay answered")]
-    NoRelayAnswered,
-    /// [`MAX_DIAL_BACKS_WAITING`] requests already wait.
-    #[error("too many dial-back requests waiting")]
-    TooMany,
-    /// The holder did not open a stream to us within [`DIAL_BACK_TIMEOUT`].
-    #[error("the holder did not open a stream back")]
-    NoStreamBack,
-}
-
-/// How to run the service.
-#[derive(Debug, Clone)]
-pub struct FilesConfig {
-    /// Its database.
-    pub db: PathBuf,
-    /// Folders and files to share (added to those shared before).
-    pub shares: Vec<PathBuf>,
-    /// Who may download.
-    pub approval: Approval,
-    /// Keys `Approval::Trusted` lets in.
-    pub trusted: Vec<PublicKey>,
-    /// Where downloads go unless told otherwise.
-    pub download_dir: PathBuf,
-    /// Our listen address, advertised in answers (`None`: we do not listen).
-    pub listen: Option<SocketAddr>,
-    /// Our key.
-    pub key: PublicKey,
-    /// Bytes per second served at most, all streams together (`None`: no limit).
-    pub upload_limit: Option<u64>,
-    /// Our peer id.
-    pub peer_id: String,
-    /// An index server to join (`HOST:PORT`).
-    pub index: Option<String>,
-}
-
-/// What the service tells the interface.
-#[derive(Debug, Clone)]
-pub enum FilesEvent {
-    /// A folder was (re)indexed.
-    Shared {
-        /// The folder or file.
-        path: PathBuf,
-        /// Files in it.
-        files: usize,
-        /// Their bytes.
-        bytes: u64,
-        /// Files hashed this time (new or changed).
-        hashed: usize,
-    },
-    /// A holder answered a search.
-    SearchResults {
-        /// The words searched.
-        text: String,
-        /// The holder.
-        holder: String,
-        /// What it has.
-        files: Vec<Found>,
-    },
-    /// A download's progress (a few per second at most).
-    Progress(DownloadInfo),
-    /// A download finished, verified.
-    Done {
-        /// Its state at the end.
-        info: DownloadInfo,
-        /// Where the file is.
-        path: PathBuf,
-        /// Bytes fetched from each holder this run.
-        sources: Vec<(String, u64)>,
-    },
-    /// A download failed; what was verified is kept for a later `/get`.
-    Failed {
-        /// The content.
-        hash: Hash,
-        /// Its name.
-        name: String,
-        /// Why.
-        reason: String,
-    },
-    /// A holder was dropped from a download.
-    HolderDropped {
-        /// The content.
-        hash: Hash,
-        /// The holder.
-        holder: String,
-        /// Why (`denied`, a corrupt chunk, a broken stream).
-        reason: String,
-    },
-    /// A peer asks to download a file of ours; answer with [`Files::approve`] or
-    /// [`Files::deny`].
-    ApprovalRequest {
-        /// The request's id.
-        id: u64,
-        /// Who asks.
-        peer: String,
-        /// Its key (none for a seed peer).
-        key: Option<PublicKey>,
-        /// The file.
-        name: String,
-        /// Its size.
-        size: u64,
-        /// Its hash.
-        hash: Hash,
-    },
-    /// A download from a course peer (seed 004) finished.
-    SeedDone {
-        /// The file's name.
-        name: String,
-        /// Where it is.
-        path: PathBuf,
-        /// Its size.
-        bytes: u64,
-        /// Its BLAKE3 hash, computed on the way.
-        hash: Hash,
-        /// Time taken.
-        seconds: f64,
-        /// The course peer.
-        holder: String,
-    },
-    /// A download from a course peer failed.
-    SeedFailed {
-        /// The file's name.
-        name: String,
-        /// The course peer.
-        holder: String,
-        /// Why.
-        reason: String,
-    },
-    /// A warning about sharing (a folder that could not be read, ...).
-    Warning(String),
-}
-
-/// Why the service could not do what was asked.
-#[derive(Debug, thiserror::Error)]
-pub enum FilesError {
-    /// The database failed.
-    #[error(transparent)]
-    Store(#[from] StoreError),
-    /// A path could not be used.
-    #[error("{path}: {source}")]
-    Path {
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// A path to share cannot be read.
-    #[error("cannot share {path}: {source}")]
-    Share {
-        /// The path.
-        path: PathBuf,
-        /// The cause.
-        source: std::io::Error,
-    },
-    /// The node has stopped.
-    #[error("the node has stopped")]
-    Stopped,
-    /// The request is not valid.
-    #[error("{0}")]
-    Invalid(String),
-}
-
-/// A search result remembered: a file and who has it.
-#[derive(Debug, Clone)]
-pub(crate) struct Holding {
-    pub(crate) name: String,
-    pub(crate) size: u64,
-    pub(crate) hash: Hash,
-    pub(crate) source: Source,
-}
-
-/// A course peer's file found through a seed 004 index (no hash, no key).
-#[derive(Debug, Clone)]
-pub(crate) struct SeedHolding {
-    pub(crate) name: String,
-    pub(crate) addr: SocketAddr,
-}
-
-pub(crate) struct Approvals {
-    next: u64,
-    pending: HashMap<u64, oneshot::Sender<bool>>,
-    granted: HashSet<(Option<PublicKey>, Hash)>,
-}
-
-pub(crate) struct Inner {
-    pub(crate) node: NodeHandle,
-    pub(crate) store: Mutex<FileStore>,
-    pub(crate) events: mpsc::Sender<FilesEvent>,
-    pub(crate) config: FilesConfig,
-    pub(crate) downloads: Mutex<HashMap<Hash, Arc<Download>>>,
-    pub(crate) results: Mutex<VecDeque<Holding>>,
-    pub(crate) approvals: Mutex<Approvals>,
-    pub(crate) serving: Mutex<HashMap<String, usize>>,
-    /// Our searches: query id, text, holders that answered.
-    pub(crate) searches: Mutex<VecDeque<(String, String, usize)>>,
-    /// Our holder queries for downloads: query id → hash.
-    pub(crate) holder_queries: Mutex<VecDeque<(String, Hash)>>,
-    /// Held while a query of ours is asked and recorded (in `searches` or
-    /// `holder_queries`); an answer waits for it, so it is never taken for an answer to
-    /// an unknown query because it came back before its query was recorded.
-    pub(crate) asking: tokio::sync::Mutex<()>,
-    pub(crate) throttle: Option<serve::Throttle>,
-    pub(crate) seed_results: Mutex<VecDeque<SeedHolding>>,
-    pub(crate) index: Option<mpsc::Sender<IndexCommand>>,
-    /// Our dial-back requests waiting for their stream: token → holder key and the waiter.
-    pub(crate) dial_backs: Mutex<HashMap<String, DialBackWaiter>>,
-    /// Dial-backs we may still make ([`DIAL_BACKS_PER_MINUTE`]).
-    pub(crate) dial_back_budget: Mutex<Budget>,
-    /// Queries we may still answer ([`ANSWERS_PER_SECOND`]).
-    pub(crate) answer_budget: Mutex<Budget>,
-    pub(crate) tokens: std::sync::atomic::AtomicU64,
-    /// Requests of course peers for files not shared, for their summarised log line.
-    pub(crate) not_found_log: Mutex<seed::LogSummary>,
-    /// Every task the service starts, stopped and joined at shutdown.
-    pub(crate) tasks: Tasks,
-}
-
-/// A token bucket: `rate` tokens per second, at most `burst` saved.
-pub(crate) struct Budget {
-    tokens: f64,
-    rate: f64,
-    burst: f64,
-    at: std::time::Instant,
-}
-
-impl Budget {
-    fn new(rate: f64, burst: f64) -> Self {
-        Self {
-            tokens: burst,
-            rate,
-            burst,
-            at: std::time::Instant::now(),
-        }
-    }
-
-    /// Takes a token if there is one.
-    fn take(&mut self) -> bool {
-        let now = std::time::Instant::now();
-        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
-        self.tokens = (self.tokens + refill).min(self.burst);
-        self.at = now;
-        if self.tokens < 1.0 {
-            return false;
-        }
-        self.tokens -= 1.0;
-        true
-    }
-}
-
-/// A dial-back request heard: what to serve, to whom, and how to reach it.
-struct DialBack {
-    hash: String,
-    key: String,
-    addrs: Vec<String>,
-    token: String,
-    /// For a splice: the relays the asker asked.
-    relays: Option<Vec<String>>,
-}
-
-/// Who a dial-back request expects, and who waits for its stream.
-pub(crate) type DialBackWaiter = (PublicKey, oneshot::Sender<DataStream>);
-
-fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, cap: usize) {
-    if queue.len() >= cap {
-        queue.pop_front();
-    }
-    queue.push_back(item);
-}
-
-/// The addresses we can be reached on: the one we listen on, or, listening on all
-/// interfaces, loopback and the address of the default route (found without sending
-/// anything: connecting a UDP socket only picks a route).
-pub fn reachable(listen: SocketAddr) -> Vec<SocketAddr> {
-    if !listen.ip().is_unspecified() {
-        return vec![listen];
-    }
-    let mut addrs = Vec::new();
-    let primary = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))
-        .and_then(|socket| {
-            socket.connect((std::net::Ipv4Addr::new(192, 0, 2, 1), 9))?;
-            socket.local_addr()
-        })
-        .map(|a| a.ip())
-        .ok()
-        .filter(|ip| !ip.is_unspecified() && !ip.is_loopback());
-    if let Some(ip) = primary {
-        addrs.push(SocketAddr::new(ip, listen.port()));
-    }
-    addrs.push(SocketAddr::new(
-        IpAddr::V4(std::net::Ipv4Addr::LOCALHOST),
-        listen.port(),
-    ));
-    addrs
-}
-
-impl Inner {
-    /// Opens a stream back to `asker`, which cannot reach us, and serves `hash` on it
-    /// (directly at one of `addrs`, or spliced by the first of `relays` that is our
-    /// neighbour): only for content we share, with a policy that serves someone, within the
-    /// dial-back budget, to an asker proving `key`.
-    async fn dial_back(self: &Arc<Self>, asker: &str, request: DialBack) {
-        let DialBack {
-            hash,
-            key,
-            addrs,
-            token,
-            relays,
-        } = request;
-        let (Some(hash), Ok(key)) = (Hash::from_hex(&hash), PublicKey::parse(&key)) else {
-            return;
-        };
-        if self.config.approval == Approval::None
-            || !matches!(lock(&self.store).by_hash(&hash), Ok(Some(_)))
-        {
-            return;
-        }
-        if !lock(&self.dial_back_budget).take() {
-            tracing::warn!("dial-back request ignored: too many");
-            return;
-        }
-        if let Some(relays) = relays {
-            let Ok(snapshot) = self.node.snapshot().await else {
-                return;
-            };
-            let relay = relays.iter().take(msg::MAX_RELAYS).find(|relay| {
-                snapshot
-                    .neighbours
-                    .iter()
-                    .any(|n| n.peer == **relay && n.teia && n.key.is_some())
-            });
-            let Some(relay) = relay else {
-                tracing::debug!(%asker, "splice asked through no neighbour of ours");
-                return;
-            };
-            match self
-                .node
-                .accept_spliced_stream(relay, asker, &token, key)
-                .await
-            {
-                Ok(stream) => serve::serve_requests(Arc::clone(self), stream).await,
-                Err(e) => tracing::debug!(%relay, error = %e, "splice failed"),
-            }
-            return;
-        }
-        for addr in addrs
-            .iter()
-            .filter_map(|a| a.parse::<SocketAddr>().ok())
-            .take(4)
-        {
-            match self
-                .node
-                .open_stream(addr, crate::routed::DIAL_BACK_STREAM, Some(key))
-                .await
-            {
-                Ok(mut stream) => {
-                    let offer = msg::line(&msg::Reply::Offer { token });
-                    if stream.write_all(&offer).await.is_ok() {
-                        serve::serve_requests(Arc::clone(self), stream).await;
-                    }
-                    return;
-                }
-                Err(e) => tracing::debug!(%addr, error = %e, "dial-back failed"),
-            }
-        }
-    }
-
-    fn new_token(&self) -> String {
-        let number = self
-            .tokens
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        blake3::hash(
-            format!(
-                "{}:{number}:{:?}",
-                self.config.key,
-                std::time::SystemTime::now()
-            )
-            .as_bytes(),
-        )
-        .to_hex()
-        .chars()
-        .take(32)
-        .collect()
-    }
-
-    /// Asks `source`, which we cannot dial, to join us through a neighbour of ours that
-    /// listens (a splice): we ask up to [`msg::MAX_RELAYS`] of them to splice us with it,
-    /// it asks the first that is its neighbour too, and the stream opens through that one.
-    pub(crate) async fn request_splice(
-        &self,
-        source: &Source,
-        hash: Hash,
-    ) -> Result<DataStream, DialBackError> {
-        let snapshot = self
-            .node
-            .snapshot()
-            .await
-            .map_err(|_| DialBackError::NodeStopped)?;
-        let relays: Vec<String> = snapshot
-            .neighbours
-            .iter()
-            .filter(|n| !n.inbound && n.teia && n.key.is_some() && n.peer != source.peer_id)
-            .map(|n| n.peer.clone())
-            .take(msg::MAX_RELAYS)
-            .collect();
-        if relays.is_empty() {
-            return Err(DialBackError::NoRelay);
-        }
-        let ask = self.new_token();
-        let mut openings = tokio::task::JoinSet::new();
-        for relay in &relays {
-            let (node, relay, holder, ask, key) = (
-                self.node.clone(),
-                relay.clone(),
-                source.peer_id.clone(),
-                ask.clone(),
-                source.key,
-            );
-            openings.spawn(async move {
-                let opened = node
-                    .open_spliced_stream(&relay, &holder, &ask, crate::routed::SERVICE, key)
-                    .await;
-                opened.map_err(|source| DialBackError::Splice { relay, source })
-            });
-        }
-        let question = Question::DialBack {
-            holder: source.peer_id.clone(),
-            hash: hash.to_hex(),
-            key: self.config.key.to_string(),
-            addrs: Vec::new(),
-            token: ask,
-            splice: true,
-            relays,
-        };
-        let body = serde_json::to_value(question).unwrap_or(Value::Null);
-        let _ = self
-            .node
-            .query(crate::routed::SERVICE, body, SEARCH_TTL)
-            .await;
-        let mut last = DialBackError::NoRelayAnswered;
-        while let Some(opened) = openings.join_next().await {
-            match opened {
-                Ok(Ok(stream)) => {
-                    openings.abort_all();
-                    return Ok(stream);
-                }
-                Ok(Err(e)) => last = e,
-                Err(_) => last = DialBackError::NoRelayAnswered,
-            }
-        }
-        Err(last)
-    }
-
-    /// Asks `source`, which we cannot dial, to open a stream to us (or, when we cannot be
-    /// dialed either, to join us at a neighbour); waits for it.
-    pub(crate) async fn request_dial_back(
-        &self,
-        source: &Source,
-        hash: Hash,
-    ) -> Result<DataStream, DialBackError> {
-        let Some(listen) = self.config.listen else {
-            return self.request_splice(source, hash).await;
-        };
-        let token = self.new_token();
-        let (reply, stream) = oneshot::channel();
-        {
-            let mut waiting = lock(&self.dial_backs);
-            if waiting.len() >= MAX_DIAL_BACKS_WAITING {
-                return Err(DialBackError::TooMany);
-            }
-            waiting.insert(token.clone(), (source.key, reply));
-        }
-        let question = Question::DialBack {
-            holder: source.peer_id.clone(),
-            hash: hash.to_hex(),
-            key: self.config.key.to_string(),
-            addrs: reachable(listen).iter().map(ToString::to_string).collect(),
-            token: token.clone(),
-            splice: false,
-            relays: Vec::new(),
-        };
-        let body = serde_json::to_value(question).unwrap_or(Value::Null);
-        if self
-            .node
-            .query(crate::routed::SERVICE, body, SEARCH_TTL)
-            .await
-            .is_err()
-        {
-            lock(&self.dial_backs).remove(&token);
-            return Err(DialBackError::NodeStopped);
-        }
-        let result = tokio::time::timeout(DIAL_BACK_TIMEOUT, stream).await;
-        lock(&self.dial_backs).remove(&token);
-        match result {
-            Ok(Ok(stream)) => Ok(stream),
-            _ => Err(DialBackError::NoStreamBack),
-        }
-    }
-
-    pub(crate) fn node_peer_id(&self) -> String {
-        self.config.peer_id.clone()
-    }
-
-    pub(crate) fn remember(&self, holding: Holding) {
-        push_bounded(&mut lock(&self.results), holding, RESULTS_KEPT);
-    }
-
-    pub(crate) fn remember_seed(&self, holding: SeedHolding) {
-        push_bounded(&mut lock(&self.seed_results), holding, RESULTS_KEPT);
-    }
-
-    pub(crate) async fn emit(&self, event: FilesEvent) {
-        let _ = self.events.send(event).await;
-    }
-
-    pub(crate) fn emit_progress(&self, event: FilesEvent) {
-        let _ = self.events.try_send(event);
-    }
-
-    /// Holders of `hash` heard in answers.
-    pub(crate) fn sources_of(&self, hash: &Hash) -> Vec<Source> {
-        let mut seen = HashSet::new();
-        lock(&self.results)
-            .iter()
-            .rev()
-            .filter(|h| h.hash == *hash)
-            .filter(|h| seen.insert(h.source.peer_id.clone()))
-            .map(|h| h.source.clone())
-            .collect()
-    }
-
-    /// Asks the network who holds `hash`; answers reach the download as new holders.
-    pub(crate) async fn ask_holders(&self, hash: Hash) {
-        let body = serde_json::to_value(Question::Holders {
-            hash: hash.to_hex(),
-        })
-        .unwrap_or(Value::Null);
-        let _asking = self.asking.lock().await;
-        if let Ok(query_id) = self
-            .node
-            .query(crate::routed::SERVICE, body, SEARCH_TTL)
-            .await
-        {
-            push_bounded(&mut lock(&self.holder_queries), (query_id, hash), 256);
-        }
-    }
-}
+use crate::state::{
+    push_bounded, Approvals, DialBack, Holding, IndexCommand, Inner, INDEX_COMMANDS,
+};
+pub use crate::state::{
+    reachable, Approval, FilesConfig, FilesError, FilesEvent, UnknownApproval, ANSWERS_PER_SECOND,
+    APPROVAL_TIMEOUT, DIAL_BACKS_PER_MINUTE, DIAL_BACK_TIMEOUT, EVENTS, GRANTS_KEPT, LEAVE_WAIT,
+    MAX_ANSWERS_PER_SEARCH, MAX_DIAL_BACKS_WAITING, MAX_DOWNLOADS, MAX_PENDING_APPROVALS,
+    MAX_SERVING, MAX_STREAMS_PER_PEER, RESCAN_INTERVAL, RESULTS_KEPT, SEARCH_TTL, SHUTDOWN_GRACE,
+};
 
 /// The file-sharing service's handle.
 #[derive(Clone)]
@@ -696,7 +75,7 @@ impl Files {
         }
         let pending = store.downloads()?;
         let (events, event_rx) = mpsc::channel(EVENTS);
-        let (index, index_rx) = mpsc::channel(index_client::COMMANDS);
+        let (index, index_rx) = mpsc::channel(INDEX_COMMANDS);
         let index_server = config.index.clone();
         let files = Self {
             inner: Arc::new(Inner {
@@ -714,14 +93,14 @@ impl Files {
                 searches: Mutex::new(VecDeque::new()),
                 holder_queries: Mutex::new(VecDeque::new()),
                 asking: tokio::sync::Mutex::new(()),
-                throttle: config.upload_limit.map(serve::Throttle::new),
+                throttle: config.upload_limit.map(Throttle::new),
                 seed_results: Mutex::new(VecDeque::new()),
                 index: index_server.is_some().then_some(index),
                 dial_backs: Mutex::new(HashMap::new()),
                 dial_back_budget: Mutex::new(Budget::new(DIAL_BACKS_PER_MINUTE / 60.0, 5.0)),
                 answer_budget: Mutex::new(Budget::new(ANSWERS_PER_SECOND, ANSWERS_PER_SECOND)),
                 tokens: std::sync::atomic::AtomicU64::new(0),
-                not_found_log: Mutex::new(seed::LogSummary::new(seed::NOT_FOUND_LOG_EVERY)),
+                not_found_log: Mutex::new(LogSummary::new(seed::NOT_FOUND_LOG_EVERY)),
                 tasks: Tasks::new(),
                 config,
             }),
@@ -893,7 +272,7 @@ impl Files {
             let query_id = self
                 .inner
                 .node
-                .query(crate::routed::SERVICE, body, SEARCH_TTL)
+                .query(msg::SERVICE, body, SEARCH_TTL)
                 .await
                 .map_err(|_| FilesError::Stopped)?;
             push_bounded(
@@ -951,7 +330,7 @@ impl Files {
                         relays: splice.then_some(relays),
                     };
                     self.inner.tasks.spawn(async move {
-                        inner.dial_back(&asker, request).await;
+                        serve::dial_back(&inner, &asker, request).await;
                     });
                 }
                 return;
@@ -1237,7 +616,7 @@ impl Files {
             download.add_source(source);
         }
         let inner = Arc::clone(&self.inner);
-        self.inner.tasks.spawn(download::run(inner, download));
+        self.inner.tasks.spawn(crate::fetch::run(inner, download));
         Ok(())
     }
 
@@ -1282,68 +661,5 @@ impl Files {
             .pending
             .remove(&id)
             .is_some_and(|reply| reply.send(yes).is_ok())
-    }
-}
-
-impl Inner {
-    /// Decides whether `key` may download `file`: by policy, or by asking the user (the
-    /// stream is told to wait meanwhile).
-    pub(crate) async fn approve(
-        &self,
-        peer: &str,
-        key: Option<PublicKey>,
-        file: &SharedFile,
-        stream: Option<&mut DataStream>,
-    ) -> bool {
-        match self.config.approval {
-            Approval::All => true,
-            Approval::None => false,
-            Approval::Trusted => key.is_some_and(|k| self.config.trusted.contains(&k)),
-            Approval::Ask => {
-                let (id, answer) = {
-                    let mut approvals = lock(&self.approvals);
-                    if approvals.granted.contains(&(key, file.hash)) {
-                        return true;
-                    }
-                    if approvals.pending.len() >= MAX_PENDING_APPROVALS {
-                        return false;
-                    }
-                    let id = approvals.next;
-                    approvals.next += 1;
-                    let (reply, answer) = oneshot::channel();
-                    approvals.pending.insert(id, reply);
-                    (id, answer)
-                };
-                if let Some(stream) = stream {
-                    let wait = msg::line(&msg::Reply::Wait { request: id });
-                    if stream.write_all(&wait).await.is_err() {
-                        lock(&self.approvals).pending.remove(&id);
-                        return false;
-                    }
-                }
-                self.emit(FilesEvent::ApprovalRequest {
-                    id,
-                    peer: peer.to_owned(),
-                    key,
-                    name: file.name.clone(),
-                    size: file.size,
-                    hash: file.hash,
-                })
-                .await;
-                let yes = matches!(
-                    tokio::time::timeout(serve::APPROVAL_TIMEOUT, answer).await,
-                    Ok(Ok(true))
-                );
-                let mut approvals = lock(&self.approvals);
-                approvals.pending.remove(&id);
-                if yes {
-                    if approvals.granted.len() >= GRANTS_KEPT {
-                        approvals.granted.clear();
-                    }
-                    approvals.granted.insert((key, file.hash));
-                }
-                yes
-            }
-        }
     }
 }

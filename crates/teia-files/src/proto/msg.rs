@@ -3,6 +3,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The service's name: of its queries and of its data streams.
+pub const SERVICE: &str = "files";
+/// The kind of the data streams a holder opens back to a downloader that cannot be dialed.
+pub const DIAL_BACK_STREAM: &str = "files-back";
 /// Longest request or answer line on a stream.
 pub const MAX_STREAM_LINE: usize = 64 * 1024;
 /// Chunks asked in one `CHUNKS` request at most.
