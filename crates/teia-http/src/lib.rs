@@ -9,6 +9,7 @@
 //! Bounds: a request body of [`MAX_UPLOAD`] bytes at most (more is answered 413), 64
 //! repositories per submission, URLs of 2,048 bytes; connections as [`limits`] says.
 
+pub mod answers;
 pub mod guard;
 pub mod limits;
 
@@ -17,12 +18,13 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use answers::{Created, Detail, ErrorAnswer, JobCreated, Listed, Stats};
 use axum::extract::{DefaultBodyLimit, Multipart, Path, Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
-use serde_json::{json, Value};
+use serde_json::Value;
 use teia_jobs::engine::{Engine, EngineError};
 use teia_jobs::master::{JobError, MasterHandle};
 
@@ -58,7 +60,7 @@ struct Problem(StatusCode, String);
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": self.1}))).into_response()
+        (self.0, Json(ErrorAnswer { error: self.1 })).into_response()
     }
 }
 
@@ -151,26 +153,38 @@ fn page(uri: &axum::http::Uri) -> (usize, usize) {
     page
 }
 
-async fn list(State(app): State<App>, uri: axum::http::Uri) -> Json<Value> {
+async fn list(State(app): State<App>, uri: axum::http::Uri) -> Json<Vec<Listed>> {
     let (offset, limit) = page(&uri);
-    Json(app.engine.list(offset, limit))
+    let evaluations = app.engine.evaluations(offset, limit);
+    Json(evaluations.iter().map(Listed::from).collect())
 }
 
-async fn detail(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Value>, Problem> {
+async fn detail(State(app): State<App>, Path(id): Path<String>) -> Result<Json<Detail>, Problem> {
     let id: u64 = id.parse().map_err(|_| {
         Problem(
             StatusCode::BAD_REQUEST,
             format!("{id:?} is not an evaluation id (a non-negative integer)"),
         )
     })?;
-    app.engine
-        .detail(id)
-        .map(Json)
-        .ok_or_else(|| Problem(StatusCode::NOT_FOUND, format!("no evaluation {id}")))
+    let evaluation = app
+        .engine
+        .evaluation(id)
+        .ok_or_else(|| Problem(StatusCode::NOT_FOUND, format!("no evaluation {id}")))?;
+    Ok(Json(Detail::of(&evaluation, unix_ms())))
 }
 
-async fn stats(State(app): State<App>) -> Json<Value> {
-    Json(app.engine.stats())
+async fn stats(State(app): State<App>) -> Json<Stats> {
+    Json(Stats {
+        all: app.engine.totals(),
+        nodes: app.engine.loads(),
+    })
+}
+
+/// The time now, in Unix milliseconds.
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn network_view(State(app): State<App>) -> Json<Value> {
@@ -205,10 +219,10 @@ async fn submit(State(app): State<App>, request: Request) -> Result<Response, Pr
     };
     // Answered once the projects are at enough nodes of the cluster (or a while passed).
     app.engine.wait_replicated(id).await;
-    let mut created = json!({"id": id});
-    if let (Some(warning), Some(fields)) = (app.engine.warning(), created.as_object_mut()) {
-        fields.insert("warning".into(), warning.into());
-    }
+    let created = Created {
+        id,
+        warning: app.engine.warning(),
+    };
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
@@ -318,7 +332,8 @@ async fn submit_job(State(app): State<App>, request: Request) -> Result<Response
         };
         Problem(status, e.to_string())
     })?;
-    Ok((StatusCode::CREATED, Json(json!({"id": id}))).into_response())
+    let created = JobCreated { id };
+    Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
 async fn list_jobs(State(app): State<App>) -> Result<Json<Value>, Problem> {

