@@ -36,14 +36,7 @@ pub const MAX_CLONES: usize = 4;
 /// Time one clone may take.
 pub const CLONE_TIME: Duration = Duration::from_secs(300);
 
-/// Nodes of the cluster (besides the owner) that must hold a project's bytes before a
-/// module of it is handed out, when the cluster has that many: so that the evaluation
-/// survives its owner.
-pub const REPLICAS: usize = 2;
-/// Time an owner waits at most for a new evaluation's projects to reach [`REPLICAS`] nodes
-/// (nodes that run no test modules never pull them): then its modules are handed out, and
-/// `POST /evaluation` answered, regardless.
-pub const REPLICATION_WAIT: Duration = Duration::from_secs(5);
+pub use crate::proto::cluster::{REPLICAS, REPLICATION_WAIT};
 /// Finished evaluations kept by default (with their results, answered by
 /// `GET /evaluation/<id>`); past it, the oldest finished are forgotten, their folders
 /// removed, when a new one comes.
@@ -307,10 +300,12 @@ impl Engine {
         let Some(cluster) = &self.cluster else {
             return true;
         };
-        let wanted = REPLICAS.min(cluster.member_count());
-        wanted == 0
-            || cluster.holder_count(blob) >= wanted
-            || unix_ms() >= submitted + REPLICATION_WAIT.as_millis() as u64
+        crate::proto::cluster::may_hand_out(
+            cluster.member_count(),
+            cluster.holder_count(blob),
+            submitted,
+            unix_ms(),
+        )
     }
 
     /// Waits until every project of evaluation `id` may be handed out (see
@@ -709,15 +704,12 @@ impl Engine {
 
     /// Our evaluations not finished, for replicas.
     pub(crate) fn replica_of_ours(&self) -> Vec<Evaluation> {
+        let now = unix_ms();
         let state = lock(&self.state);
         state
             .ledger
             .owned_by(&self.config.node)
-            .filter(|e| {
-                matches!(e.status(), "queued" | "running")
-                    || e.finished_at
-                        .is_some_and(|f| unix_ms().saturating_sub(f) < 60_000)
-            })
+            .filter(|e| e.worth_replicating(now))
             .cloned()
             .collect()
     }

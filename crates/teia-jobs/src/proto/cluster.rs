@@ -36,6 +36,26 @@ use teia_core::identity::PublicKey;
 use super::ledger::EvalId;
 use super::messages::{self, JobMessage};
 
+/// Nodes of the cluster (besides the owner) that must hold a project's bytes before a
+/// module of it is handed out, when the cluster has that many: so that the evaluation
+/// survives its owner.
+pub const REPLICAS: usize = 2;
+/// Time an owner waits at most for a new evaluation's projects to reach [`REPLICAS`] nodes
+/// (nodes that run no test modules never pull them): then its modules are handed out, and
+/// `POST /evaluation` answered, regardless.
+pub const REPLICATION_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether a module of a project held by `holders` of the cluster's `members` (besides its
+/// owner), of an evaluation submitted at `submitted` (Unix ms), may be handed out at `now`:
+/// its bytes are at [`REPLICAS`] nodes (as many as the cluster has), or [`REPLICATION_WAIT`]
+/// has passed.
+pub fn may_hand_out(members: usize, holders: usize, submitted: u64, now: u64) -> bool {
+    let wanted = REPLICAS.min(members);
+    wanted == 0
+        || holders >= wanted
+        || now >= submitted.saturating_add(REPLICATION_WAIT.as_millis() as u64)
+}
+
 /// Milliseconds a remote worker's lease lasts without a renewal.
 pub const REMOTE_LEASE_MS: u64 = 2_000;
 /// Time an announcement is believed.
@@ -708,6 +728,30 @@ impl ClusterRules {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_module_waits_for_its_replicas_or_for_the_wait_to_pass() {
+        let submitted = 1_000_000;
+        let wait = REPLICATION_WAIT.as_millis() as u64;
+        assert!(
+            may_hand_out(0, 0, submitted, submitted),
+            "no cluster: at once"
+        );
+        assert!(
+            !may_hand_out(5, 1, submitted, submitted),
+            "one holder of two"
+        );
+        assert!(may_hand_out(5, 2, submitted, submitted), "two holders");
+        assert!(
+            may_hand_out(1, 1, submitted, submitted),
+            "as many as the cluster has"
+        );
+        assert!(!may_hand_out(5, 0, submitted, submitted + wait - 1));
+        assert!(
+            may_hand_out(5, 0, submitted, submitted + wait),
+            "the wait passed"
+        );
+    }
     use teia_core::identity::Identity;
 
     fn key(n: u8) -> PublicKey {

@@ -11,6 +11,7 @@
 //! the result of the current attempt of a module not yet done counts.
 
 use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
@@ -262,7 +263,19 @@ fn counts_of(module: &Module) -> (TestCounts, ModuleCounts) {
     (tests, modules)
 }
 
+/// Time a finished evaluation is still sent to the nodes that replicate it.
+pub const REPLICATED_AFTER_END: Duration = Duration::from_secs(60);
+
 impl Evaluation {
+    /// Whether the owner still sends it to the nodes that replicate it at `now` (Unix ms):
+    /// while it is queued or running, and for [`REPLICATED_AFTER_END`] after its end.
+    pub fn worth_replicating(&self, now: u64) -> bool {
+        matches!(self.status(), "queued" | "running")
+            || self.finished_at.is_some_and(|end| {
+                now.saturating_sub(end) < REPLICATED_AFTER_END.as_millis() as u64
+            })
+    }
+
     /// Puts the modules that were running back in the queue, their attempt raised (their
     /// worker's result will not count): after a restart, or when another node takes over.
     pub fn requeue_running(&mut self) {
