@@ -1207,8 +1207,8 @@ impl Driver {
     }
 
     /// Hands `event` to the service it is addressed to; gives it back when no route takes
-    /// it. A message handed over (or for a route left without a service) is marked shown; one
-    /// dropped because the service's inbox is full is not, so a restart hands it over again.
+    /// it. A message handed over is marked shown; one its service could not take (its inbox
+    /// full, or the service stopping) is not, so a restart hands it over again.
     fn route(&mut self, event: Event) -> Option<Event> {
         let (service, delivery, msg_id) = match event {
             Event::Message {
@@ -1257,17 +1257,17 @@ impl Driver {
             }
             other => return Some(other),
         };
-        let full = match self.routes.deliver(&service, delivery) {
-            Ok(()) => false,
-            Err(refused) => refused.why == Undeliverable::Full,
-        };
-        if full {
-            self.warnings.warn(
+        match self.routes.deliver(&service, delivery) {
+            Ok(()) => {
+                if let Some(msg_id) = msg_id {
+                    self.shown(&msg_id);
+                }
+            }
+            Err(refused) if refused.why == Undeliverable::Full => self.warnings.warn(
                 "a service's inbox is full; delivery dropped",
                 &format_args!("service {service}"),
-            );
-        } else if let Some(msg_id) = msg_id {
-            self.shown(&msg_id);
+            ),
+            Err(_) => tracing::debug!(%service, "the service is stopping; delivery dropped"),
         }
         None
     }

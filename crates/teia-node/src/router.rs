@@ -12,9 +12,9 @@
 //!
 //! Bounds: each inbox holds [`INBOX`] deliveries. When it is full the node never waits: one
 //! more is dropped and the drop warned about (summarised); a dropped message stays unshown in
-//! the node's store and is handed over again at the next start; a dropped stream is closed
-//! (its opener sees `busy` semantics: the stream ends at once), a dropped course request
-//! closed. Each service runs at most [`HANDLERS`] deliveries at once; beyond, its inbox
+//! the node's store and is handed over again at the next start (so is one that arrives
+//! while the services stop); a dropped stream is closed (the stream ends at once), a dropped
+//! course request closed. Each service runs at most [`HANDLERS`] deliveries at once; beyond, its inbox
 //! fills. Shutdown waits [`SHUTDOWN_GRACE`] for the deliveries being handled, aborts the
 //! rest, then runs each service's own shutdown.
 
@@ -312,10 +312,21 @@ impl RouterBuilder {
     }
 
     /// Starts handing each service its deliveries. Routes left without a service drop what
-    /// comes for them.
+    /// comes for them (as taken: a message is not handed over again after a restart).
     pub fn spawn(self) -> Router {
         let cancel = CancellationToken::new();
         let mut dispatchers = JoinSet::new();
+        for (_, mut inbox) in self.inboxes.receivers {
+            let cancel = cancel.clone();
+            dispatchers.spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = cancel.cancelled() => break,
+                        delivery = inbox.recv() => if delivery.is_none() { break },
+                    }
+                }
+            });
+        }
         let mut services = Vec::new();
         for (name, service, inbox) in self.services {
             dispatchers.spawn(dispatch(

@@ -64,7 +64,7 @@ pub enum StoreError {
     Stopped,
     /// The commit of a batch failed.
     #[error("commit failed: {0}")]
-    Commit(String),
+    Commit(std::sync::Arc<rusqlite::Error>),
 }
 
 /// One change to persist.
@@ -82,7 +82,7 @@ pub enum Change {
 #[derive(Debug)]
 pub struct Job {
     change: Change,
-    done: Option<oneshot::Sender<Result<(), String>>>,
+    done: Option<oneshot::Sender<Result<(), std::sync::Arc<rusqlite::Error>>>>,
 }
 
 /// A place reserved in the writer's queue: sending through it cannot fail for lack of room,
@@ -108,7 +108,7 @@ impl Reserved<'_> {
 }
 
 /// Resolves when a queued change has been committed.
-pub struct Committed(oneshot::Receiver<Result<(), String>>);
+pub struct Committed(oneshot::Receiver<Result<(), std::sync::Arc<rusqlite::Error>>>);
 
 impl Committed {
     /// Waits for the commit.
@@ -310,7 +310,7 @@ fn write_loop(mut conn: Connection, mut rx: mpsc::Receiver<Job>, mut live: usize
                 Err(_) => break,
             }
         }
-        let outcome = commit(&mut conn, &batch).map_err(|e| e.to_string());
+        let outcome = commit(&mut conn, &batch).map_err(std::sync::Arc::new);
         match &outcome {
             Ok(rows) => logged += rows,
             Err(e) => tracing::error!(error = %e, changes = batch.len(), "storage commit failed"),

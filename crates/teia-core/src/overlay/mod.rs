@@ -29,6 +29,7 @@ use teia_wire::peer::{
 };
 
 pub use dedup::{RecentMap, SeenIds};
+pub use origin::Forgery;
 pub use query::{QUERY_FANOUT, QUERY_MAX_TTL};
 pub use routes::{ReversePaths, Route, RouteTable};
 pub use secure::LinkCipher;
@@ -535,7 +536,7 @@ pub enum Event {
         /// Its id.
         msg_id: String,
         /// Why it was refused.
-        reason: String,
+        reason: Forgery,
     },
     /// A dial failed.
     DialFailed {

@@ -10,6 +10,48 @@ use serde_json::Value;
 use super::*;
 use crate::identity;
 
+/// Why a message's origin was not accepted: the detail of its `ERROR unauthorized`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Forgery {
+    /// It came on a link this node no longer has.
+    #[error("unknown link")]
+    UnknownLink,
+    /// A course peer sent it as someone else.
+    #[error("a course peer may only send as itself ({neighbour}), not as {src}")]
+    NotItself {
+        /// The course peer.
+        neighbour: String,
+        /// The origin it claimed.
+        src: String,
+    },
+    /// It carries no origin signature.
+    #[error("no origin signature for {0}")]
+    Unsigned(String),
+    /// Its signing key is not a key.
+    #[error("{0}")]
+    BadKey(String),
+    /// A node signed for a teia node, which signs for itself.
+    #[error("{src} is a teia node: {signer} cannot sign for it")]
+    SignedForTeiaNode {
+        /// The origin claimed.
+        src: String,
+        /// Who signed.
+        signer: String,
+    },
+    /// Its batch proof is not base64url.
+    #[error("proof is not base64url")]
+    ProofEncoding,
+    /// Its batch proof does not lead to a root.
+    #[error("malformed batch proof")]
+    MalformedProof,
+    /// Its signature does not verify.
+    #[error("bad origin signature for {0}")]
+    BadSignature(String),
+    /// Its signer used a key other than the one pinned for it.
+    #[error("{0} signed with a key other than its pinned key")]
+    NotPinnedKey(String),
+}
+
 /// What an origin signature covers, borrowed from the message.
 pub(super) struct Origin<'a> {
     pub kind: &'a str,
@@ -218,7 +260,7 @@ impl Node {
         let error = self.error_msg(
             code::UNAUTHORIZED,
             Some(origin.msg_id.to_owned()),
-            Some(reason.clone()),
+            Some(reason.to_string()),
             None,
         );
         self.write(link, &Message::Error(error));
@@ -236,19 +278,19 @@ impl Node {
         link: LinkId,
         origin: &Origin<'_>,
         auth: Option<&Auth>,
-    ) -> Result<Option<PublicKey>, String> {
+    ) -> Result<Option<PublicKey>, Forgery> {
         let Some(state) = self.links.get(&link) else {
-            return Err("unknown link".to_owned());
+            return Err(Forgery::UnknownLink);
         };
         let neighbour = state.peer.clone().unwrap_or_default();
         if !state.has(feature::TEIA) {
             return if origin.src == neighbour {
                 Ok(None)
             } else {
-                Err(format!(
-                    "a course peer may only send as itself ({neighbour}), not as {}",
-                    origin.src
-                ))
+                Err(Forgery::NotItself {
+                    neighbour,
+                    src: origin.src.to_owned(),
+                })
             };
         }
         if state.encrypted && origin.src == neighbour {
@@ -257,35 +299,33 @@ impl Node {
         if !self.config.sign_messages {
             return Ok(None);
         }
-        let auth = auth.ok_or_else(|| format!("no origin signature for {}", origin.src))?;
-        let key = PublicKey::parse(&auth.key).map_err(|e| e.to_string())?;
+        let auth = auth.ok_or_else(|| Forgery::Unsigned(origin.src.to_owned()))?;
+        let key = PublicKey::parse(&auth.key).map_err(|e| Forgery::BadKey(e.to_string()))?;
         let signer = auth.signer.as_deref().unwrap_or(origin.src);
         if signer != origin.src && self.pins.contains_key(origin.src) {
-            return Err(format!(
-                "{} is a teia node: {signer} cannot sign for it",
-                origin.src
-            ));
+            return Err(Forgery::SignedForTeiaNode {
+                src: origin.src.to_owned(),
+                signer: signer.to_owned(),
+            });
         }
         let proof = match &auth.proof {
-            Some(proof) => identity::decode(proof).ok_or("proof is not base64url")?,
+            Some(proof) => identity::decode(proof).ok_or(Forgery::ProofEncoding)?,
             None => Vec::new(),
         };
         let leaf = identity::leaf_hash(&origin.bytes());
         let root = identity::batch_root(leaf, auth.leaf.unwrap_or(0), &proof)
-            .ok_or("malformed batch proof")?;
+            .ok_or(Forgery::MalformedProof)?;
         // A root verified once vouches for every message of its batch.
         let verified = format!("{key}:{}", identity::encode(&root));
         if !self.verified_roots.contains(&verified) {
             let signature = identity::decode(&auth.sig).unwrap_or_default();
             if !key.verify(&identity::batch_message(&root), &signature) {
-                return Err(format!("bad origin signature for {}", origin.src));
+                return Err(Forgery::BadSignature(origin.src.to_owned()));
             }
             self.verified_roots.insert(&verified);
         }
         if !self.check_pin(signer, key, None) {
-            return Err(format!(
-                "{signer} signed with a key other than its pinned key"
-            ));
+            return Err(Forgery::NotPinnedKey(signer.to_owned()));
         }
         Ok((signer == origin.src).then_some(key))
     }

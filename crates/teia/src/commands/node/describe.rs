@@ -235,12 +235,13 @@ fn describe_overlay(event: &Event) -> (Value, String) {
             msg_id,
             reason,
         } => (
-            json!({"event":"forged","from":from,"src":src,"msg_id":msg_id,"reason":reason}),
+            json!({"event":"forged","from":from,"src":src,"msg_id":msg_id,
+                   "reason":reason.to_string()}),
             format!(
                 "! dropped a message from {} claiming to come from {}: {}",
                 clean(from),
                 clean(src),
-                clean(reason)
+                clean(&reason.to_string())
             ),
         ),
         Event::DialFailed {
