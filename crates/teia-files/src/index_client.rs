@@ -14,10 +14,11 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
 use crate::download::Source;
+use crate::findings::{Holding, SeedHolding};
 use crate::proto::msg::Found;
 use crate::proto::napster::{Hit, Listed, ObjectReader, ReadError};
 use crate::proto::tree::Hash;
-use crate::state::{FilesEvent, Holding, IndexCommand, Inner, SeedHolding};
+use crate::state::{FilesEvent, IndexCommand, Inner};
 use crate::sync::lock;
 
 /// Longest wait between two connection attempts.

@@ -8,6 +8,7 @@
 
 pub mod download;
 mod fetch;
+mod findings;
 pub mod index;
 mod index_client;
 mod limits;

@@ -8,7 +8,7 @@
 //! the interface lags; the others wait). Shutdown waits [`LEAVE_WAIT`] for the index and
 //! [`SHUTDOWN_GRACE`] for the service's tasks, then aborts those left.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -19,6 +19,7 @@ use teia_node::node::NodeHandle;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::download::{self, Download, DownloadInfo, Source};
+use crate::findings::{Findings, Holding};
 use crate::index_client;
 use crate::limits::{Budget, LogSummary, Throttle};
 use crate::proto::msg::{self, Answer, Found, Question, MAX_RESULTS_PER_HIT, MAX_SEARCH_TEXT};
@@ -30,15 +31,13 @@ use crate::store::{FileStore, SharedFile, StoreError};
 use crate::sync::lock;
 use crate::tasks::Tasks;
 
-use crate::state::{
-    push_bounded, Approvals, DialBack, Holding, IndexCommand, Inner, INDEX_COMMANDS,
-};
 pub use crate::state::{
     reachable, Approval, FilesConfig, FilesError, FilesEvent, UnknownApproval, ANSWERS_PER_SECOND,
     APPROVAL_TIMEOUT, DIAL_BACKS_PER_MINUTE, DIAL_BACK_TIMEOUT, EVENTS, GRANTS_KEPT, LEAVE_WAIT,
     MAX_ANSWERS_PER_SEARCH, MAX_DIAL_BACKS_WAITING, MAX_DOWNLOADS, MAX_PENDING_APPROVALS,
     MAX_SERVING, MAX_STREAMS_PER_PEER, RESCAN_INTERVAL, RESULTS_KEPT, SEARCH_TTL, SHUTDOWN_GRACE,
 };
+use crate::state::{Approvals, DialBack, IndexCommand, Inner, INDEX_COMMANDS};
 
 /// The file-sharing service's handle.
 #[derive(Clone)]
@@ -83,18 +82,15 @@ impl Files {
                 store: Mutex::new(store),
                 events,
                 downloads: Mutex::new(HashMap::new()),
-                results: Mutex::new(VecDeque::new()),
+                findings: Mutex::new(Findings::default()),
                 approvals: Mutex::new(Approvals {
                     next: 1,
                     pending: HashMap::new(),
                     granted: HashSet::new(),
                 }),
                 serving: Mutex::new(HashMap::new()),
-                searches: Mutex::new(VecDeque::new()),
-                holder_queries: Mutex::new(VecDeque::new()),
                 asking: tokio::sync::Mutex::new(()),
                 throttle: config.upload_limit.map(Throttle::new),
-                seed_results: Mutex::new(VecDeque::new()),
                 index: index_server.is_some().then_some(index),
                 dial_backs: Mutex::new(HashMap::new()),
                 dial_back_budget: Mutex::new(Budget::new(DIAL_BACKS_PER_MINUTE / 60.0, 5.0)),
@@ -275,11 +271,7 @@ impl Files {
                 .query(msg::SERVICE, body, SEARCH_TTL)
                 .await
                 .map_err(|_| FilesError::Stopped)?;
-            push_bounded(
-                &mut lock(&self.inner.searches),
-                (query_id, text.to_owned(), 0),
-                256,
-            );
+            lock(&self.inner.findings).asked(query_id, text.to_owned());
         }
         if let Some(index) = &self.inner.index {
             let _ = index.try_send(IndexCommand::Search(text.to_owned()));
@@ -395,19 +387,15 @@ impl Files {
             .filter(|f| Hash::from_hex(&f.hash).is_some())
             .collect();
         {
-            let mut results = lock(&self.inner.results);
+            let mut findings = lock(&self.inner.findings);
             for file in &files {
                 if let Some(hash) = Hash::from_hex(&file.hash) {
-                    push_bounded(
-                        &mut results,
-                        Holding {
-                            name: file.name.clone(),
-                            size: file.size,
-                            hash,
-                            source: source.clone(),
-                        },
-                        RESULTS_KEPT,
-                    );
+                    findings.remember(Holding {
+                        name: file.name.clone(),
+                        size: file.size,
+                        hash,
+                        source: source.clone(),
+                    });
                 }
             }
         }
@@ -420,13 +408,7 @@ impl Files {
                 download.add_source(source.clone());
             }
         }
-        let search = lock(&self.inner.searches)
-            .iter_mut()
-            .find(|(id, _, _)| id == query_id)
-            .and_then(|(_, text, answers)| {
-                *answers += 1;
-                (*answers <= MAX_ANSWERS_PER_SEARCH).then(|| text.clone())
-            });
+        let search = lock(&self.inner.findings).answered(query_id);
         if let Some(text) = search {
             self.inner
                 .emit(FilesEvent::SearchResults {
@@ -483,11 +465,7 @@ impl Files {
         let (hash, name, size) = match self.resolve_target(target) {
             Ok(found) => found,
             Err(error) => {
-                let seed = lock(&self.inner.seed_results)
-                    .iter()
-                    .rev()
-                    .find(|h| h.name == target.trim())
-                    .cloned();
+                let seed = lock(&self.inner.findings).seed_file(target.trim());
                 let Some(seed) = seed else {
                     return Err(error);
                 };
@@ -525,8 +503,8 @@ impl Files {
     /// Starts the download of every file a search found under `folder` (`name/`), keeping
     /// its structure.
     async fn get_folder(&self, folder: &str, dir: PathBuf) -> Result<String, FilesError> {
-        let mut files: Vec<(Hash, String, u64)> = lock(&self.inner.results)
-            .iter()
+        let mut files: Vec<(Hash, String, u64)> = lock(&self.inner.findings)
+            .holdings()
             .filter(|h| h.name.starts_with(folder))
             .map(|h| (h.hash, h.name.clone(), h.size))
             .collect();
@@ -570,16 +548,16 @@ impl Files {
 
     fn resolve_target(&self, target: &str) -> Result<(Hash, String, Option<u64>), FilesError> {
         let target = target.trim();
-        let results = lock(&self.inner.results);
+        let findings = lock(&self.inner.findings);
         if let Some(hash) = Hash::from_hex(target) {
-            let known = results.iter().rev().find(|h| h.hash == hash);
+            let known = findings.holdings().rev().find(|h| h.hash == hash);
             let name = known.map_or_else(|| hash.to_hex(), |h| h.name.clone());
             return Ok((hash, name, known.map(|h| h.size)));
         }
-        let exact: Vec<&Holding> = results.iter().filter(|h| h.name == target).collect();
+        let exact: Vec<&Holding> = findings.holdings().filter(|h| h.name == target).collect();
         let candidates: Vec<&Holding> = if exact.is_empty() {
-            results
-                .iter()
+            findings
+                .holdings()
                 .filter(|h| msg::matches(&h.name, target))
                 .collect()
         } else {
@@ -625,16 +603,12 @@ impl Files {
         let download = lock(&self.inner.downloads).get(&hash).cloned();
         match download {
             Some(download) => download.add_source(source),
-            None => push_bounded(
-                &mut lock(&self.inner.results),
-                Holding {
-                    name: hash.to_hex(),
-                    size: 0,
-                    hash,
-                    source,
-                },
-                RESULTS_KEPT,
-            ),
+            None => lock(&self.inner.findings).remember(Holding {
+                name: hash.to_hex(),
+                size: 0,
+                hash,
+                source,
+            }),
         }
     }
 

@@ -23,6 +23,7 @@ use teia_node::stream::DataStream;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::download::{DialBackError, Download, DownloadInfo, Source};
+use crate::findings::{Findings, Holding, SeedHolding};
 use crate::limits::{Budget, LogSummary, Throttle};
 use crate::proto::msg::{self, Found, Question};
 use crate::proto::tree::Hash;
@@ -260,22 +261,6 @@ pub enum FilesError {
     Invalid(String),
 }
 
-/// A search result remembered: a file and who has it.
-#[derive(Debug, Clone)]
-pub(crate) struct Holding {
-    pub(crate) name: String,
-    pub(crate) size: u64,
-    pub(crate) hash: Hash,
-    pub(crate) source: Source,
-}
-
-/// A course peer's file found through a seed 004 index (no hash, no key).
-#[derive(Debug, Clone)]
-pub(crate) struct SeedHolding {
-    pub(crate) name: String,
-    pub(crate) addr: SocketAddr,
-}
-
 pub(crate) struct Approvals {
     pub(crate) next: u64,
     pub(crate) pending: HashMap<u64, oneshot::Sender<bool>>,
@@ -288,19 +273,15 @@ pub(crate) struct Inner {
     pub(crate) events: mpsc::Sender<FilesEvent>,
     pub(crate) config: FilesConfig,
     pub(crate) downloads: Mutex<HashMap<Hash, Arc<Download>>>,
-    pub(crate) results: Mutex<VecDeque<Holding>>,
+    /// What our searches found: searches asked, holders heard, course peers' files.
+    pub(crate) findings: Mutex<Findings>,
     pub(crate) approvals: Mutex<Approvals>,
     pub(crate) serving: Mutex<HashMap<String, usize>>,
-    /// Our searches: query id, text, holders that answered.
-    pub(crate) searches: Mutex<VecDeque<(String, String, usize)>>,
-    /// Our holder queries for downloads: query id → hash.
-    pub(crate) holder_queries: Mutex<VecDeque<(String, Hash)>>,
-    /// Held while a query of ours is asked and recorded (in `searches` or
-    /// `holder_queries`); an answer waits for it, so it is never taken for an answer to
-    /// an unknown query because it came back before its query was recorded.
+    /// Held while a search of ours is asked and recorded in `findings`; an answer waits for
+    /// it, so it is never taken for an answer to an unknown search because it came back
+    /// before its search was recorded.
     pub(crate) asking: tokio::sync::Mutex<()>,
     pub(crate) throttle: Option<Throttle>,
-    pub(crate) seed_results: Mutex<VecDeque<SeedHolding>>,
     pub(crate) index: Option<mpsc::Sender<IndexCommand>>,
     /// Our dial-back requests waiting for their stream: token → holder key and the waiter.
     pub(crate) dial_backs: Mutex<HashMap<String, DialBackWaiter>>,
@@ -496,11 +477,11 @@ impl Inner {
     }
 
     pub(crate) fn remember(&self, holding: Holding) {
-        push_bounded(&mut lock(&self.results), holding, RESULTS_KEPT);
+        lock(&self.findings).remember(holding);
     }
 
     pub(crate) fn remember_seed(&self, holding: SeedHolding) {
-        push_bounded(&mut lock(&self.seed_results), holding, RESULTS_KEPT);
+        lock(&self.findings).remember_seed(holding);
     }
 
     pub(crate) async fn emit(&self, event: FilesEvent) {
@@ -513,14 +494,7 @@ impl Inner {
 
     /// Holders of `hash` heard in answers.
     pub(crate) fn sources_of(&self, hash: &Hash) -> Vec<Source> {
-        let mut seen = HashSet::new();
-        lock(&self.results)
-            .iter()
-            .rev()
-            .filter(|h| h.hash == *hash)
-            .filter(|h| seen.insert(h.source.peer_id.clone()))
-            .map(|h| h.source.clone())
-            .collect()
+        lock(&self.findings).sources_of(hash)
     }
 
     /// Asks the network who holds `hash`; answers reach the download as new holders.
@@ -529,10 +503,8 @@ impl Inner {
             hash: hash.to_hex(),
         })
         .unwrap_or(Value::Null);
-        let _asking = self.asking.lock().await;
-        if let Ok(query_id) = self.node.query(msg::SERVICE, body, SEARCH_TTL).await {
-            push_bounded(&mut lock(&self.holder_queries), (query_id, hash), 256);
-        }
+        // Answers are matched to the download by the hashes they hold, not by the query.
+        let _ = self.node.query(msg::SERVICE, body, SEARCH_TTL).await;
     }
 }
 
