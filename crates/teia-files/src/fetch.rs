@@ -35,7 +35,7 @@ pub(crate) async fn run(inner: Arc<Inner>, download: Arc<Download>) {
     let outcome = drive(&inner, &download).await;
     lock(&inner.downloads).remove(&hash);
     match outcome {
-        Ok(path) => {
+        Ok((path, already_here)) => {
             if let Err(e) = lock(&inner.store).remove_download(&hash) {
                 tracing::warn!(error = %e, "finished download not dropped from the database");
             }
@@ -45,6 +45,7 @@ pub(crate) async fn run(inner: Arc<Inner>, download: Arc<Download>) {
                     info: download.info(),
                     path,
                     sources,
+                    already_here,
                 })
                 .await;
         }
@@ -60,7 +61,26 @@ pub(crate) async fn run(inner: Arc<Inner>, download: Arc<Download>) {
     }
 }
 
-async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, DownloadError> {
+/// Whether `path` already holds the content `hash` (of `size`, when known): a regular file
+/// (not followed through a link), hashed off the async threads.
+async fn already_here(path: &std::path::Path, hash: Hash, size: Option<u64>) -> bool {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return false;
+    };
+    if !meta.is_file() || size.is_some_and(|size| size != meta.len()) {
+        return false;
+    }
+    let path = path.to_owned();
+    let hashed = tokio::task::spawn_blocking(move || crate::share::hash_file(&path)).await;
+    matches!(hashed, Ok(Ok(Some(outboard))) if outboard.hash() == hash)
+}
+
+/// Fetches a download to its target; where it is, and whether it was already there (a
+/// complete, verified file is not fetched again).
+async fn drive(
+    inner: &Arc<Inner>,
+    download: &Arc<Download>,
+) -> Result<(PathBuf, bool), DownloadError> {
     let hash = download.hash();
     let target = download.path();
     if download.spec.size == Some(0) || hash == Hash::of(b"") {
@@ -71,7 +91,10 @@ async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, 
             std::fs::create_dir_all(dir).map_err(DownloadError::Create)?;
         }
         File::create(&target).map_err(DownloadError::Create)?;
-        return Ok(target);
+        return Ok((target, false));
+    }
+    if already_here(&target, hash, download.spec.size).await {
+        return Ok((target, true));
     }
     lock(&inner.store).put_download(&PendingDownload {
         hash,
@@ -120,8 +143,11 @@ async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, 
                     HolderEnd::Dropped(reason) => {
                         tracing::info!(%peer, %reason, "holder dropped");
                         last_reason = format!("{peer}: {reason}");
+                        let unreachable = matches!(reason, HolderError::Unreachable { .. });
                         let reason = reason.to_string();
-                        inner.emit(FilesEvent::HolderDropped { hash, holder: peer, reason }).await;
+                        inner
+                            .emit(FilesEvent::HolderDropped { hash, holder: peer, reason, unreachable })
+                            .await;
                     }
                     HolderEnd::Fatal(reason) => {
                         holders.abort_all();
@@ -146,7 +172,7 @@ async fn drive(inner: &Arc<Inner>, download: &Arc<Download>) -> Result<PathBuf, 
         path: partial,
         source,
     })?;
-    Ok(target)
+    Ok((target, false))
 }
 
 type HolderTasks = JoinSet<(String, HolderEnd)>;

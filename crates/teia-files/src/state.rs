@@ -168,6 +168,8 @@ pub enum FilesEvent {
         path: PathBuf,
         /// Bytes fetched from each holder this run.
         sources: Vec<(String, u64)>,
+        /// The file was already there, whole and verified: nothing was fetched.
+        already_here: bool,
     },
     /// A download failed; what was verified is kept for a later `/get`.
     Failed {
@@ -186,6 +188,9 @@ pub enum FilesEvent {
         holder: String,
         /// Why (`denied`, a corrupt chunk, a broken stream).
         reason: String,
+        /// It could be neither dialed nor reached another way (it is gone, or a firewall is
+        /// in the way), rather than refusing or failing on its stream.
+        unreachable: bool,
     },
     /// A peer asks to download a file of ours; answer with [`Files::approve`] or
     /// [`Files::deny`].

@@ -46,6 +46,9 @@ pub struct Created {
 pub struct JobCreated {
     /// The job's id.
     pub id: String,
+    /// Why no worker can take it yet, when none can (it waits until one comes).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warning: Option<String>,
 }
 
 /// One evaluation in `GET /evaluation`.

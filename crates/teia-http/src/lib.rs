@@ -321,7 +321,9 @@ async fn submit_job(State(app): State<App>, request: Request) -> Result<Response
         })?;
     let upload = save_upload(&app, multipart).await?;
     let archive = upload.path.clone();
-    let result = tokio::task::spawn_blocking(move || master.submit(&archive))
+    let size = std::fs::metadata(&archive).map_or(0, |m| m.len());
+    let submitter = master.clone();
+    let result = tokio::task::spawn_blocking(move || submitter.submit(&archive))
         .await
         .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     drop(upload);
@@ -332,7 +334,10 @@ async fn submit_job(State(app): State<App>, request: Request) -> Result<Response
         };
         Problem(status, e.to_string())
     })?;
-    let created = JobCreated { id };
+    let created = JobCreated {
+        id,
+        warning: master.no_taker(size),
+    };
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 

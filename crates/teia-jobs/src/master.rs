@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use crate::locking;
 use crate::proto::seed001::{
     encode, parse, Budget, Cidr, Envelope, Failed, Framer, Gate, Master, MessageError, Reply,
-    Request, Spent, Submitted, Task, Unwelcome, WorkerKey, MAX_PACKAGE,
+    Request, Spent, Submitted, Task, Unwelcome, WorkerKey, COURSE_TASK_FITS, MAX_PACKAGE,
 };
 use crate::runner::Runner;
 
@@ -154,6 +154,9 @@ struct Shared {
     port: u16,
     /// Woken when tasks are queued (the node's announcement to its cluster).
     queued: tokio::sync::Notify,
+    /// Nodes of the cluster heard lately (set by the node's announcer; none without one):
+    /// they may take tasks.
+    cluster_members: std::sync::atomic::AtomicUsize,
     /// Wakes the idle local workers when tasks are queued.
     wake: tokio::sync::Notify,
 }
@@ -230,6 +233,7 @@ pub async fn start(config: MasterConfig) -> Result<(SocketAddr, MasterHandle), M
         origin: Instant::now(),
         port: bound.port(),
         queued: tokio::sync::Notify::new(),
+        cluster_members: std::sync::atomic::AtomicUsize::new(0),
         wake: tokio::sync::Notify::new(),
     });
     scan(&shared);
@@ -342,8 +346,55 @@ impl MasterHandle {
             return Err(JobError::Queue("the queue is full".into()));
         }
         tracing::info!(job = %id, size, "job queued");
+        if let Some(why) = self.no_taker(size) {
+            tracing::warn!(job = %id, "{why}");
+        }
         self.0.queued();
         Ok(id)
+    }
+
+    /// Why no worker can take a task of `size` bytes now, if none can: this node runs no
+    /// tasks itself, no course worker that could take it asked lately, and no node of its
+    /// cluster is linked. The task waits until one comes.
+    pub fn no_taker(&self, size: u64) -> Option<String> {
+        if self.0.config.local.is_some() {
+            return None;
+        }
+        if self.cluster_members() > 0 {
+            return None;
+        }
+        let course = lock(&self.0).course_workers(Instant::now());
+        if course > 0 && size <= COURSE_TASK_FITS {
+            return None;
+        }
+        let course = if course > 0 {
+            format!(
+                "the course workers asking for tasks take ZIPs of {COURSE_TASK_FITS} bytes at most"
+            )
+        } else {
+            format!(
+                "no course worker asked for a task in the last {} s",
+                crate::proto::seed001::WORKER_SILENT.as_secs()
+            )
+        };
+        Some(format!(
+            "no worker can take it yet: this node runs no tasks itself (no Python here, or \
+             --task-workers 0), {course}, and no node of its cluster (--cluster-secret, --trust) \
+             is linked; it waits until one comes"
+        ))
+    }
+
+    /// Notes how many nodes of the cluster were heard lately (they may take tasks).
+    pub(crate) fn set_cluster_members(&self, members: usize) {
+        self.0
+            .cluster_members
+            .store(members, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn cluster_members(&self) -> usize {
+        self.0
+            .cluster_members
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Tasks waiting for a worker.
@@ -458,7 +509,15 @@ impl MasterHandle {
             (true, Some(worker)) => Some(
                 serde_json::json!({"id": id, "status": "running", "worker": worker.to_string()}),
             ),
-            _ => Some(serde_json::json!({"id": id, "status": "queued"})),
+            _ => {
+                drop(master);
+                let size =
+                    std::fs::metadata(self.0.config.tasks.join(&name)).map_or(0, |m| m.len());
+                Some(match self.no_taker(size) {
+                    Some(why) => serde_json::json!({"id": id, "status": "queued", "waiting": why}),
+                    None => serde_json::json!({"id": id, "status": "queued"}),
+                })
+            }
         }
     }
 
@@ -919,9 +978,7 @@ fn handle(shared: &Shared, ip: IpAddr, request: Request) -> Reply {
         }
         Request::RequestTask { peer_id } => {
             let worker = WorkerKey::course(peer_id, ip);
-            // Base64 makes 4 bytes of 3, and the envelope takes a few hundred.
-            let fits = (MAX_PACKAGE as u64 - 512) / 4 * 3;
-            let task = lock(shared).request(&worker, now, fits);
+            let task = lock(shared).request(&worker, now, COURSE_TASK_FITS);
             let Some(task) = task else {
                 return Reply::NoTasks;
             };

@@ -222,6 +222,9 @@ impl Engine {
                     owner.replicate_and_watch(&cluster).await;
                 }
                 let unfinished = owner.unfinished();
+                if let Some(scripts) = &scripts {
+                    scripts.set_cluster_members(cluster.member_count());
+                }
                 let waiting_scripts = scripts.as_ref().map_or(0, |m| m.waiting());
                 if unfinished == 0 && waiting_scripts == 0 {
                     continue;

@@ -1329,10 +1329,20 @@ impl Driver {
                 addr,
                 attempts,
                 reason,
+                ..
             } => tracing::warn!(%addr, attempts, %reason, "gave up dialing"),
             Event::RemoteError { code, from, .. } => {
                 tracing::debug!(%code, %from, "error received")
             }
+            Event::DialFailed {
+                addr,
+                error,
+                asked: false,
+                ..
+            } => self.warnings.warn(
+                "cannot reach peers learnt from a rendezvous, LAN discovery or a peer list",
+                &format_args!("{addr}: {error}"),
+            ),
             Event::DialFailed { addr, error, .. } => tracing::debug!(%addr, %error, "dial failed"),
             _ => {}
         }

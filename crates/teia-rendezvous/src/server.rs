@@ -102,11 +102,9 @@ pub struct Server {
 }
 
 impl Server {
-    /// Opens storage, restores the records still alive and binds the listen address.
+    /// Binds the listen address, then opens storage and restores the records still alive
+    /// (a server that cannot bind never touches the database another one may be using).
     pub async fn bind(config: Config) -> Result<Self, ServerError> {
-        let (store, stored) = Store::open(&config.data_dir)?;
-        let mut registry = Registry::new(config.limits);
-        registry.restore(stored, now_millis());
         let listener =
             TcpListener::bind(config.listen)
                 .await
@@ -114,6 +112,9 @@ impl Server {
                     addr: config.listen,
                     source,
                 })?;
+        let (store, stored) = Store::open(&config.data_dir)?;
+        let mut registry = Registry::new(config.limits);
+        registry.restore(stored, now_millis());
         let limiter = config
             .rate_limit
             .map(|rate| Mutex::new(RateLimiter::new(rate, rate, RATE_TABLE_SIZE)));

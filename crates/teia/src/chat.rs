@@ -8,7 +8,8 @@ pub enum ChatCommand {
     Peers(Option<String>),
     /// `/connect <peer_id|host:port>`.
     Connect(String),
-    /// `/msg @peer text`, `/msg #ns text`, `/msg * text`.
+    /// `/msg @peer text`, `/msg #ns text`, `/msg * text`; the destination may be a bare name
+    /// (`/msg alice text`), which the session resolves among the peers it knows.
     Msg {
         /// `name@namespace`, `#namespace` or `*`.
         dst: String,
@@ -85,7 +86,8 @@ pub enum FilesCommand {
 pub const HELP: &str = "\
 /peers [#ns|*]              connected peers (key fingerprint, encrypted or not) and known peers
 /connect <peer_id|host:port> connect to a peer and keep the link up
-/msg @name@ns text          send to one peer (acknowledged end to end)
+/msg name text              send to one peer (acknowledged end to end); name@ns when
+                            two known peers share the name
 /msg #ns text               send to everyone in a namespace
 /msg * text                 send to everyone
 /pub #ns|* text             same as /msg #ns or /msg *
@@ -146,21 +148,18 @@ pub fn parse(line: &str) -> Result<Option<ChatCommand>, String> {
             let (dst, text) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
             let text = text.trim();
             if text.is_empty() {
-                return Err(
-                    "usage: /msg @name@namespace text | /msg #namespace text | /msg * text".into(),
-                );
+                return Err(MSG_USAGE.into());
             }
+            let bare = dst.strip_prefix('@').unwrap_or(dst);
             let dst = match dst {
                 "*" => "*".to_owned(),
                 d if d.starts_with('#') && d.len() > 1 => d.to_owned(),
-                d if d.starts_with('@') && d[1..].contains('@') => d[1..].to_owned(),
-                d if d.contains('@') && !d.starts_with('@') => d.to_owned(),
-                _ => {
-                    return Err(
-                        "usage: /msg @name@namespace text | /msg #namespace text | /msg * text"
-                            .into(),
-                    )
+                _ if teia_wire::fields::is_peer_id(bare)
+                    || teia_wire::fields::validate_name(bare).is_ok() =>
+                {
+                    bare.to_owned()
                 }
+                _ => return Err(MSG_USAGE.into()),
             };
             Ok(Some(ChatCommand::Msg {
                 dst,
@@ -250,6 +249,10 @@ pub fn parse(line: &str) -> Result<Option<ChatCommand>, String> {
 }
 
 /// Log levels accepted by `/log` and `--log`.
+/// What `/msg` expects.
+const MSG_USAGE: &str =
+    "usage: /msg name text | /msg name@namespace text | /msg #namespace text | /msg * text";
+
 const LEVELS: [&str; 6] = ["error", "warn", "info", "debug", "trace", "off"];
 
 /// True for a level, or a list of `level` and `target=level` directives.
@@ -281,6 +284,13 @@ mod tests {
             ChatCommand::Msg {
                 dst: "bob@UnB".into(),
                 text: "Olá Bob!".into()
+            }
+        );
+        assert_eq!(
+            ok("/msg bob hi"),
+            ChatCommand::Msg {
+                dst: "bob".into(),
+                text: "hi".into()
             }
         );
         assert_eq!(
@@ -359,7 +369,7 @@ mod tests {
         for bad in [
             "/msg",
             "/msg @bob",
-            "/msg bob hi",
+            "/msg b#b hi",
             "/pub UnB hi",
             "/connect",
             "/frobnicate",

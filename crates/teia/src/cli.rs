@@ -182,6 +182,10 @@ pub enum EvalCommand {
         /// Token for cloning private repositories.
         #[arg(long, env = "TEIA_GIT_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// Exit with an error only when the grade (0 to 20) is under GRADE. Without it, the
+        /// command fails when any test failed or errored.
+        #[arg(long, value_name = "GRADE", value_parser = grade)]
+        fail_under: Option<f64>,
     },
     /// Show one evaluation.
     Status {
@@ -372,6 +376,17 @@ pub struct NodeArgs {
     /// answers.
     #[arg(long, env = "TEIA_RENDEZVOUS", value_name = "HOST:PORT")]
     pub rendezvous: Option<String>,
+
+    /// Where a node given neither --rendezvous nor --peer looks for a rendezvous, and starts
+    /// one when none answers (nodes of one machine meet there; another address keeps a
+    /// separate network on the same machine).
+    #[arg(
+        long,
+        env = "TEIA_LOCAL_RENDEZVOUS",
+        default_value = "127.0.0.1:8080",
+        value_name = "IP:PORT"
+    )]
+    pub local_rendezvous: SocketAddr,
 
     /// A peer to dial at start and keep connected (repeatable); no rendezvous needed.
     #[arg(long = "peer", value_name = "HOST:PORT")]
@@ -701,6 +716,14 @@ pub struct RdvTarget {
     /// Seconds to wait for the connection and for the answer, each.
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     pub timeout: f64,
+}
+
+/// A grade from 0 to 20 (`--fail-under`).
+fn grade(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(value) if (0.0..=20.0).contains(&value) => Ok(value),
+        _ => Err(format!("{text:?} is not a grade from 0 to 20")),
+    }
 }
 
 /// A fraction from 0 to 1 (`--verify`).

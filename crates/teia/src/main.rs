@@ -29,12 +29,17 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    match commands::run(cli.command, log) {
+    let result = commands::run(cli.command, log);
+    if let Err(e) = &result {
+        eprintln!("error: {}", report(e));
+    }
+    if commands::INTERRUPTED.load(std::sync::atomic::Ordering::Relaxed) {
+        // Interrupted by Ctrl-C: 128 + SIGINT, as shells report it.
+        return std::process::ExitCode::from(130);
+    }
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {}", report(&e));
-            std::process::ExitCode::FAILURE
-        }
+        Err(_) => std::process::ExitCode::FAILURE,
     }
 }
 

@@ -839,11 +839,10 @@ fn teia_eval_submits_a_folder_follows_it_and_lists_it() {
         .arg(dir.path().join("submission"))
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    // One test of two fails: the command says so and fails.
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("1 test(s) failed"), "{stderr}");
     let lines: Vec<Value> = String::from_utf8_lossy(&output.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
@@ -866,6 +865,67 @@ fn teia_eval_submits_a_folder_follows_it_and_lists_it() {
         .unwrap();
     assert!(!missing.status.success());
     assert!(String::from_utf8_lossy(&missing.stderr).contains("404"));
+    // A grade of 10 / 20 passes --fail-under 10 and fails --fail-under 12.
+    for (minimum, code) in [("10", 0), ("12", 1)] {
+        let output = teia()
+            .args([
+                "eval",
+                "--node",
+                &addr,
+                "--json",
+                "submit",
+                "--fail-under",
+                minimum,
+            ])
+            .arg(dir.path().join("submission"))
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(
+            output.status.code(),
+            Some(code),
+            "--fail-under {minimum}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn clients_without_a_node_say_how_to_start_one() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = free.local_addr().unwrap().to_string();
+    drop(free);
+    let output = teia()
+        .args(["eval", "--node", &addr, "list"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("no node's HTTP API answers"), "{stderr}");
+    assert!(stderr.contains("--http"), "{stderr}");
+}
+
+#[test]
+fn a_job_for_a_node_without_tasks_gets_the_nodes_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let task = dir.path().join("task");
+    std::fs::create_dir_all(&task).unwrap();
+    std::fs::write(task.join("main.py"), "print('hi')\n").unwrap();
+    std::fs::write(task.join("input.csv"), "a\n1\n").unwrap();
+    // A task larger than the socket buffers: refused before it is sent, not mid-way.
+    std::fs::write(task.join("padding.bin"), vec![7u8; 4 << 20]).unwrap();
+    let (_node, addr) = start(&[]);
+    let output = teia()
+        .args(["job", "--node", &addr, "submit"])
+        .arg(&task)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("503") && stderr.contains("--tasks-dir"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("Broken pipe"), "{stderr}");
 }
 
 #[test]

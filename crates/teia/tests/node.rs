@@ -303,3 +303,57 @@ fn a_sent_message_survives_kill_9_of_its_sender() {
         1
     );
 }
+
+/// Two nodes started at once with neither a rendezvous nor a peer race for the local
+/// rendezvous's port: one runs the rendezvous, the other uses it, and they meet there.
+#[test]
+fn two_nodes_started_at_once_share_the_local_rendezvous() {
+    let free = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let local = free.local_addr().unwrap().to_string();
+    drop(free);
+    let starts: Vec<_> = ["alice", "bob"]
+        .into_iter()
+        .map(|name| {
+            let local = local.clone();
+            std::thread::spawn(move || {
+                NodeProcess::start(name, "race", &["--local-rendezvous", &local])
+            })
+        })
+        .collect();
+    let nodes: Vec<NodeProcess> = starts.into_iter().map(|s| s.join().unwrap()).collect();
+    let [alice, bob] = nodes.as_slice() else {
+        panic!("two nodes")
+    };
+    alice.wait_link("bob@race");
+    bob.wait_link("alice@race");
+}
+
+/// A listener that cannot be bound ends the start at once, on standard error, before the
+/// node links to anyone (no `ready`).
+#[test]
+fn a_port_in_use_stops_the_start_before_anything_runs() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let data = tempfile::tempdir().unwrap();
+    for flag in [["--http", port.as_str()], ["--port", port.as_str()]] {
+        let output = teia()
+            .args(["node", "--json", "--name", "early", "--peer", "127.0.0.1:1"])
+            .args(["--listen-ip", "127.0.0.1"])
+            .args(flag)
+            .arg("--data-dir")
+            .arg(data.path())
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{flag:?}");
+        assert!(
+            stderr.contains("Address already in use"),
+            "{flag:?}: {stderr}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&output.stdout).contains("\"ready\""),
+            "{flag:?} started the node"
+        );
+    }
+}

@@ -553,6 +553,35 @@ fn script_jobs_are_submitted_and_followed_over_http() {
     drop(plain);
 }
 
+/// A job no worker can take (the node runs no tasks itself, no course worker asks and no
+/// cluster node is linked) is queued with a warning saying why, and its status says it too.
+#[test]
+fn a_job_nobody_can_take_is_queued_with_a_warning_saying_why() {
+    let (dir, tasks) = tasks_folder();
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    task(&staging, "sum", &[20, 22]);
+    let (_node, addr) = jobs_node(&tasks, "0");
+    let (status, created) = post_file(
+        &addr,
+        "/jobs",
+        &std::fs::read(staging.join("sum.zip")).unwrap(),
+    );
+    assert_eq!(status, 201, "{created}");
+    let warning = created["warning"].as_str().unwrap_or_default();
+    assert!(warning.contains("no worker can take it yet"), "{created}");
+    let id = created["id"].as_str().unwrap();
+    let (status, job) = get(&addr, &format!("/jobs/{id}"));
+    assert_eq!(status, 200, "{job}");
+    assert_eq!(job["status"], "queued", "{job}");
+    assert!(
+        job["waiting"]
+            .as_str()
+            .is_some_and(|w| w.contains("--task-workers 0")),
+        "{job}"
+    );
+}
+
 /// `teia job submit --split-csv 3` cuts a task's input.csv into three row ranges run as
 /// three jobs, and prints their stdouts concatenated in order: those of the whole task.
 #[test]

@@ -293,11 +293,12 @@ impl Node {
             }
             self.own_addrs.push(addr);
         }
-        if self.known.remove(&addr).is_some() {
+        if let Some(known) = self.known.remove(&addr) {
             self.emit(Event::DialGaveUp {
                 addr,
                 attempts: 1,
                 reason: "the address is this node itself".to_owned(),
+                asked: known.pinned,
             });
         }
     }
@@ -640,11 +641,13 @@ impl Node {
         known.failures = known.failures.saturating_add(1);
         if known.failures > config.reconnect_attempts {
             let attempts = known.failures.saturating_sub(1);
+            let asked = known.pinned;
             self.known.remove(&addr);
             self.emit(Event::DialGaveUp {
                 addr,
                 attempts,
                 reason: reason.to_owned(),
+                asked,
             });
             return None;
         }

@@ -526,6 +526,10 @@ pub enum Event {
         attempts: u32,
         /// The last failure.
         reason: String,
+        /// Whether it was asked for (`--peer`, [`Node::connect`]) rather than learnt (from a
+        /// rendezvous, LAN discovery or a peer list): what was asked for is the user's
+        /// business, what was learnt is summarised in the log.
+        asked: bool,
     },
     /// A message was dropped because its origin could not be authenticated.
     Forged {
@@ -546,6 +550,8 @@ pub enum Event {
         error: String,
         /// When it is tried again, if it is.
         retry_in: Option<Duration>,
+        /// Whether it was asked for rather than learnt (as in [`Event::DialGaveUp`]).
+        asked: bool,
     },
     /// One message in or out, reported only while watching (see [`Node::set_watch`]).
     Traffic {
@@ -1072,11 +1078,13 @@ impl Node {
     /// A dial asked for by [`Action::Dial`] failed.
     pub fn dial_failed(&mut self, now: Instant, addr: SocketAddr, error: &str) {
         self.now = now;
+        let asked = self.known.get(&addr).is_some_and(|k| k.pinned);
         let retry_in = self.schedule_redial(now, addr, error);
         self.emit(Event::DialFailed {
             addr,
             error: error.to_owned(),
             retry_in,
+            asked,
         });
     }
 
@@ -1252,6 +1260,7 @@ impl Node {
                 addr,
                 attempts: 0,
                 reason: "the address is this node itself".to_owned(),
+                asked: true,
             });
             return;
         }

@@ -404,7 +404,22 @@ pub struct Master {
     failures: HashMap<String, u32>,
 }
 
+/// Bytes of a task's ZIP a course worker can be handed: base64 makes 4 bytes of 3, and the
+/// envelope takes a few hundred of [`MAX_PACKAGE`].
+pub const COURSE_TASK_FITS: u64 = (MAX_PACKAGE as u64 - 512) / 4 * 3;
+
 impl Master {
+    /// Course workers heard within [`WORKER_SILENT`] before `now`.
+    pub fn course_workers(&self, now: Instant) -> usize {
+        self.workers
+            .iter()
+            .filter(|(key, worker)| {
+                matches!(key, WorkerKey::Course { .. })
+                    && now.saturating_duration_since(worker.heard) < WORKER_SILENT
+            })
+            .count()
+    }
+
     /// Adds a task to hand out (a name already waiting or leased is ignored, and so is any
     /// past [`MAX_TASKS`]).
     pub fn add(&mut self, name: &str, size: u64) -> bool {

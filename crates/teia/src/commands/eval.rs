@@ -17,6 +17,91 @@ pub(super) fn at<'a>(value: &'a Value, key: &str) -> &'a Value {
 
 /// Bytes of an answer read at most.
 const MAX_ANSWER: usize = 16 * 1024 * 1024;
+/// How long a client waits for a node that is starting (its HTTP API refuses connections
+/// until it is up); past it, the command ends with what to do.
+const NODE_START_WAIT: Duration = Duration::from_secs(10);
+/// How long a client that announced its body (`Expect: 100-continue`) waits for the node's
+/// go-ahead before sending it anyway.
+const CONTINUE_WAIT: Duration = Duration::from_secs(3);
+
+/// A connection to the node's HTTP API at `host`. A node that is starting refuses
+/// connections for a moment: they are tried again for up to [`NODE_START_WAIT`], with a
+/// spinner on a terminal.
+async fn connect(host: &str) -> anyhow::Result<tokio::net::TcpStream> {
+    let deadline = tokio::time::Instant::now() + NODE_START_WAIT;
+    let mut spinner: Option<indicatif::ProgressBar> = None;
+    loop {
+        match tokio::net::TcpStream::connect(host).await {
+            Ok(stream) => {
+                if let Some(spinner) = spinner {
+                    spinner.finish_and_clear();
+                }
+                return Ok(stream);
+            }
+            Err(e)
+                if e.kind() == std::io::ErrorKind::ConnectionRefused
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                let spinner = spinner.get_or_insert_with(|| {
+                    let spinner = indicatif::ProgressBar::new_spinner();
+                    spinner.set_message(format!("waiting for a node's HTTP API at {host}"));
+                    spinner.enable_steady_tick(Duration::from_millis(100));
+                    spinner
+                });
+                spinner.tick();
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => {
+                if let Some(spinner) = spinner {
+                    spinner.finish_and_clear();
+                }
+                bail!(
+                    "no node's HTTP API answers at {host}: start one with `teia node --name NAME \
+                     --http {port}`, or point --node (or TEIA_NODE) at one",
+                    port = host.rsplit(':').next().unwrap_or("5001")
+                );
+            }
+            Err(e) => {
+                if let Some(spinner) = spinner {
+                    spinner.finish_and_clear();
+                }
+                return Err(e).with_context(|| {
+                    format!("cannot reach the node's HTTP API at {host} (--node)")
+                });
+            }
+        }
+    }
+}
+
+/// Reads an answer's head (up to its blank line) into `buffer`; the head's length with its
+/// blank line, or `None` when the connection ends first.
+async fn read_head(
+    stream: &mut tokio::net::TcpStream,
+    buffer: &mut Vec<u8>,
+) -> anyhow::Result<Option<usize>> {
+    let mut piece = vec![0u8; 16 * 1024];
+    loop {
+        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+            return Ok(Some(at + 4));
+        }
+        if buffer.len() > MAX_HEAD {
+            bail!("the node's answer is not HTTP");
+        }
+        let n = stream.read(&mut piece).await?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buffer.extend_from_slice(piece.get(..n).unwrap_or_default());
+    }
+}
+
+/// The status code of an answer's head.
+fn status_of(head: &[u8]) -> anyhow::Result<u16> {
+    head.get(9..12)
+        .and_then(|s| std::str::from_utf8(s).ok())
+        .and_then(|s| s.parse().ok())
+        .context("the node's answer is not HTTP")
+}
 
 /// The node's `host:port` from `http://host:port`, `host:port` or a bare port.
 fn authority(node: &str) -> String {
@@ -56,39 +141,69 @@ pub(super) async fn request(
     body: Body<'_>,
 ) -> anyhow::Result<(u16, Value)> {
     let host = authority(node);
-    let mut stream = tokio::net::TcpStream::connect(&host)
-        .await
-        .with_context(|| format!("cannot reach the node's HTTP API at {host} (--node)"))?;
+    let mut stream = connect(&host).await?;
     let length = match &body {
         Body::Bytes(bytes) => bytes.len() as u64,
         Body::Multipart { head, file, tail } => {
             head.len() as u64 + std::fs::metadata(file)?.len() + tail.len() as u64
         }
     };
+    // A file is announced first: a node that refuses it (no --tasks-dir, no token, too
+    // large) answers before a byte of it is sent, and that answer is what the user sees.
+    let announce = matches!(body, Body::Multipart { .. });
     let header = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{}Content-Type: {content_type}\r\nContent-Length: {length}\r\n\r\n",
-        authorization()
+        "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{}Content-Type: {content_type}\r\nContent-Length: {length}\r\n{}\r\n",
+        authorization(),
+        if announce { "Expect: 100-continue\r\n" } else { "" }
     );
     stream.write_all(header.as_bytes()).await?;
-    match body {
-        Body::Bytes(bytes) => stream.write_all(bytes).await?,
-        Body::Multipart { head, file, tail } => {
-            stream.write_all(head.as_bytes()).await?;
-            let mut source = tokio::fs::File::open(file).await?;
-            tokio::io::copy(&mut source, &mut stream).await?;
-            stream.write_all(tail.as_bytes()).await?;
+    let mut answer = Vec::new();
+    if announce {
+        match tokio::time::timeout(CONTINUE_WAIT, read_head(&mut stream, &mut answer)).await {
+            Ok(Ok(Some(end))) if status_of(&answer)? == 100 => {
+                answer.drain(..end);
+            }
+            Ok(Ok(Some(_))) => return finish(stream, answer).await,
+            Ok(Ok(None)) => bail!("the node closed the connection before answering"),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => {}
         }
     }
-    let mut answer = Vec::new();
+    let sent = async {
+        match body {
+            Body::Bytes(bytes) => stream.write_all(bytes).await?,
+            Body::Multipart { head, file, tail } => {
+                stream.write_all(head.as_bytes()).await?;
+                let mut source = tokio::fs::File::open(file).await?;
+                tokio::io::copy(&mut source, &mut stream).await?;
+                stream.write_all(tail.as_bytes()).await?;
+            }
+        }
+        anyhow::Ok(())
+    }
+    .await;
+    if let Err(e) = sent {
+        // The node may have answered and closed while the body was on its way: its answer
+        // says why, better than the broken connection.
+        return match finish(stream, answer).await {
+            Ok(answer) => Ok(answer),
+            Err(_) => Err(e.context("the node closed the connection while the request was sent")),
+        };
+    }
+    finish(stream, answer).await
+}
+
+/// Reads the rest of an answer (after what is already in `answer`): its status and JSON body.
+async fn finish(
+    mut stream: tokio::net::TcpStream,
+    mut answer: Vec<u8>,
+) -> anyhow::Result<(u16, Value)> {
     (&mut stream)
         .take(MAX_ANSWER as u64)
         .read_to_end(&mut answer)
         .await?;
+    let status = status_of(&answer)?;
     let text = String::from_utf8_lossy(&answer);
-    let status = text
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .context("the node's answer is not HTTP")?;
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     Ok((status, serde_json::from_str(body).unwrap_or(Value::Null)))
 }
@@ -101,35 +216,19 @@ const MAX_HEAD: usize = 64 * 1024;
 /// message.
 pub(super) async fn download(node: &str, path: &str, to: &Path) -> anyhow::Result<u64> {
     let host = authority(node);
-    let mut stream = tokio::net::TcpStream::connect(&host)
-        .await
-        .with_context(|| format!("cannot reach the node's HTTP API at {host} (--node)"))?;
+    let mut stream = connect(&host).await?;
     let header = format!(
         "GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n{}\r\n",
         authorization()
     );
     stream.write_all(header.as_bytes()).await?;
     let mut head = Vec::new();
-    let mut piece = vec![0u8; 16 * 1024];
-    let split = loop {
-        if let Some(at) = head.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at;
-        }
-        if head.len() > MAX_HEAD {
-            bail!("the node's answer is not HTTP");
-        }
-        let n = stream.read(&mut piece).await?;
-        if n == 0 {
-            bail!("the node closed the connection before answering");
-        }
-        head.extend_from_slice(piece.get(..n).unwrap_or_default());
+    let Some(end) = read_head(&mut stream, &mut head).await? else {
+        bail!("the node closed the connection before answering");
     };
-    let body_start = head.split_off(split + 4);
+    let body_start = head.split_off(end);
+    let status = status_of(&head)?;
     let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    let status: u16 = text
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .context("the node's answer is not HTTP")?;
     if status != 200 {
         let mut body = body_start;
         (&mut stream)
@@ -184,8 +283,13 @@ pub(super) async fn get(node: &str, path: &str) -> anyhow::Result<Value> {
 /// Runs `teia eval ...`.
 pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
     match args.command {
-        EvalCommand::Submit { targets, token } => {
-            submit(&args.node, &targets, token, args.json).await
+        EvalCommand::Submit {
+            targets,
+            token,
+            fail_under,
+        } => {
+            let body = submit(&args.node, &targets, token, args.json).await?;
+            judge(&body, fail_under)
         }
         EvalCommand::Status { id } => {
             let body = get(&args.node, &format!("/evaluation/{id}")).await?;
@@ -216,12 +320,35 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
     }
 }
 
+/// The exit of `teia eval submit`: with `--fail-under GRADE`, a grade under it is an error;
+/// without it, any test that failed or errored is.
+fn judge(body: &Value, fail_under: Option<f64>) -> anyhow::Result<()> {
+    let grade = at(body, "grade").as_f64().unwrap_or(0.0);
+    if let Some(minimum) = fail_under {
+        if grade < minimum {
+            bail!("grade {grade} / 20 is under --fail-under {minimum}");
+        }
+        return Ok(());
+    }
+    let tests = at(body, "tests");
+    let failed = at(tests, "failed").as_u64().unwrap_or(0);
+    let errors = at(tests, "errors").as_u64().unwrap_or(0);
+    if failed + errors > 0 {
+        bail!(
+            "{failed} test(s) failed and {errors} errored (grade {grade} / 20); \
+             --fail-under GRADE accepts a grade instead"
+        );
+    }
+    Ok(())
+}
+
+/// Submits and follows an evaluation; its final state.
 async fn submit(
     node: &str,
     targets: &[String],
     token: Option<String>,
     json_output: bool,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Value> {
     let urls: Vec<&String> = targets
         .iter()
         .filter(|t| t.contains("://") || t.starts_with("git@"))
@@ -294,8 +421,9 @@ async fn submit(
     follow(node, id, json_output).await
 }
 
-/// Polls the evaluation until it is done, with a progress bar (or JSON lines).
-async fn follow(node: &str, id: u64, json_output: bool) -> anyhow::Result<()> {
+/// Polls the evaluation until it is done, with a progress bar (or JSON lines); its final
+/// state.
+async fn follow(node: &str, id: u64, json_output: bool) -> anyhow::Result<Value> {
     let bar = (!json_output).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
@@ -345,7 +473,7 @@ async fn follow(node: &str, id: u64, json_output: bool) -> anyhow::Result<()> {
                         at(&body, "error").as_str().unwrap_or("see its status")
                     );
                 }
-                return Ok(());
+                return Ok(body);
             }
             _ => tokio::time::sleep(Duration::from_millis(500)).await,
         }

@@ -324,7 +324,22 @@ pub fn describe(event: &FilesEvent) -> (Value, String) {
         FilesEvent::Done {
             info,
             path,
+            already_here: true,
+            ..
+        } => (
+            json!({"event":"download_done","hash":info.hash.to_hex(),"name":info.name,
+                   "path":path,"fetched":0,"already_here":true}),
+            format!(
+                "✓ {} already here, whole and verified → {}",
+                clean(&info.name),
+                clean(&path.display().to_string())
+            ),
+        ),
+        FilesEvent::Done {
+            info,
+            path,
             sources,
+            ..
         } => {
             let size = info.size.unwrap_or(info.bytes);
             let by_source: serde_json::Map<String, Value> = sources
@@ -358,8 +373,10 @@ pub fn describe(event: &FilesEvent) -> (Value, String) {
             hash,
             holder,
             reason,
+            unreachable,
         } => (
-            json!({"event":"holder_dropped","hash":hash.to_hex(),"holder":holder,"reason":reason}),
+            json!({"event":"holder_dropped","hash":hash.to_hex(),"holder":holder,"reason":reason,
+                   "unreachable":unreachable}),
             format!(
                 "! {} dropped from the download of {}: {}",
                 clean(holder),

@@ -126,6 +126,7 @@ async fn submit_all(
     scratch: &Path,
 ) -> anyhow::Result<Vec<Submitted>> {
     let mut jobs = Vec::new();
+    let mut warned = false;
     for (index, target) in targets.iter().enumerate() {
         let label = target.display().to_string();
         let archive = if target.is_dir() {
@@ -150,7 +151,15 @@ async fn submit_all(
             None => vec![(None, archive)],
         };
         for (part, path) in parts {
-            let id = post(node, &path).await?;
+            let (id, warning) = post(node, &path).await?;
+            if let Some(warning) = warning.filter(|_| !warned) {
+                warned = true;
+                if json_output {
+                    println!("{}", json!({"event": "warning", "warning": warning}));
+                } else {
+                    eprintln!("WARNING: {warning}");
+                }
+            }
             if json_output {
                 println!(
                     "{}",
@@ -170,8 +179,9 @@ async fn submit_all(
     Ok(jobs)
 }
 
-/// `POST /jobs` with the ZIP at `path`; the job's id.
-async fn post(node: &str, path: &Path) -> anyhow::Result<String> {
+/// `POST /jobs` with the ZIP at `path`; the job's id, and why no worker can take it yet
+/// when none can.
+async fn post(node: &str, path: &Path) -> anyhow::Result<(String, Option<String>)> {
     let boundary = "teia-job-boundary-7c2e";
     let head = format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"task.zip\"\r\nContent-Type: application/zip\r\n\r\n"
@@ -192,10 +202,12 @@ async fn post(node: &str, path: &Path) -> anyhow::Result<String> {
     if status != 201 {
         return Err(api_error(status, &body));
     }
-    at(&body, "id")
+    let id = at(&body, "id")
         .as_str()
         .map(str::to_owned)
-        .context("the node answered no job id")
+        .context("the node answered no job id")?;
+    let warning = at(&body, "warning").as_str().map(str::to_owned);
+    Ok((id, warning))
 }
 
 /// Polls every job until all are done, then prints the summary.

@@ -180,27 +180,37 @@ fn seconds(value: f64, flag: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs_f64(value))
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+/// Set once the user pressed Ctrl-C: the command then exits with 130, as a shell expects
+/// of a program interrupted by SIGINT.
+pub static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Records that the user interrupted the command (Ctrl-C).
+pub(crate) fn interrupted() {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Resolves on SIGINT (Ctrl-C, recorded in [`INTERRUPTED`]) or SIGTERM.
 async fn shutdown_signal() {
-    let interrupt = tokio::signal::ctrl_c();
+    let interrupt = async {
+        let _ = tokio::signal::ctrl_c().await;
+        interrupted();
+    };
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
         match signal(SignalKind::terminate()) {
             Ok(mut terminate) => {
                 tokio::select! {
-                    _ = interrupt => {}
+                    () = interrupt => {}
                     _ = terminate.recv() => {}
                 }
             }
-            Err(_) => {
-                let _ = interrupt.await;
-            }
+            Err(_) => interrupt.await,
         }
     }
     #[cfg(not(unix))]
     {
-        let _ = interrupt.await;
+        interrupt.await;
     }
 }
 

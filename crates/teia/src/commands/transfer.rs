@@ -172,6 +172,17 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The addresses a ticket's sender served on, for people.
+fn where_sent(ticket: &Ticket) -> String {
+    ticket
+        .addrs
+        .iter()
+        .take(3)
+        .map(|a| crate::present::clean(a))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// `teia receive TICKET`: fetches, verifies, exits 0 when the file is on disk.
 pub async fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
     let ticket = Ticket::decode(&args.ticket)?;
@@ -234,6 +245,17 @@ pub async fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
                     bar.set_position(info.bytes);
                 }
             }
+            FilesEvent::Done {
+                path,
+                already_here: true,
+                ..
+            } => {
+                if let Some(bar) = &bar {
+                    bar.finish_and_clear();
+                    println!("✓ {} already here, whole and verified", path.display());
+                }
+                break Ok(());
+            }
             FilesEvent::Done { info, path, .. } => {
                 if let Some(bar) = &bar {
                     bar.finish_and_clear();
@@ -253,10 +275,30 @@ pub async fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
                 }
                 break Err(anyhow::anyhow!("{reason}"));
             }
-            FilesEvent::HolderDropped { reason, .. } => {
+            // A ticket names one sender: without it, nothing more can come.
+            FilesEvent::HolderDropped {
+                reason,
+                unreachable,
+                ..
+            } => {
                 if let Some(bar) = &bar {
-                    bar.println(format!("! sender: {}", crate::present::clean(reason)));
+                    bar.abandon();
                 }
+                tracing::info!(%reason, "the sender was dropped");
+                break Err(if *unreachable {
+                    anyhow::anyhow!(
+                        "the sender cannot be reached at {}: its `teia send` has stopped, or a \
+                         firewall is in the way; ask for it to be run again, then run this \
+                         command again (what arrived so far is kept)",
+                        where_sent(&ticket)
+                    )
+                } else {
+                    anyhow::anyhow!(
+                        "the sender stopped the transfer ({}); run this command again to \
+                         resume (what arrived so far is kept)",
+                        crate::present::clean(reason)
+                    )
+                });
             }
             _ => {}
         }

@@ -302,6 +302,21 @@ pub struct NodeProcess {
 struct Events {
     list: Mutex<Vec<Value>>,
     changed: Condvar,
+    /// The node's stdout has ended (it exited): no event will come any more.
+    ended: std::sync::atomic::AtomicBool,
+}
+
+/// Marks the events ended when the stdout reader stops, however it stops.
+struct EndOnDrop(Arc<Events>);
+
+impl Drop for EndOnDrop {
+    fn drop(&mut self) {
+        let _list = self.0.list.lock();
+        self.0
+            .ended
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        self.0.changed.notify_all();
+    }
 }
 
 impl NodeProcess {
@@ -356,6 +371,7 @@ impl NodeProcess {
         let events = Arc::new(Events::default());
         let sink = Arc::clone(&events);
         let stdout_reader = std::thread::spawn(move || {
+            let _end = EndOnDrop(Arc::clone(&sink));
             for line in BufReader::new(stdout).lines() {
                 let Ok(line) = line else { break };
                 let value: Value = serde_json::from_str(&line)
@@ -442,11 +458,19 @@ impl NodeProcess {
             if let Some(found) = list.iter().find(|e| predicate(e)) {
                 return found.clone();
             }
-            let left = deadline.saturating_duration_since(Instant::now());
+            let ended = self.events.ended.load(std::sync::atomic::Ordering::SeqCst);
+            let left = if ended {
+                // The node exited: what its stderr says is read before it is shown.
+                std::thread::sleep(Duration::from_millis(200));
+                Duration::ZERO
+            } else {
+                deadline.saturating_duration_since(Instant::now())
+            };
             assert!(
                 !left.is_zero(),
-                "{}: no event {what}; events:\n{}\nlog:\n{}",
+                "{}: no event {what}{}; events:\n{}\nlog:\n{}",
                 self.peer_id,
+                if ended { " (the node exited)" } else { "" },
                 list.iter()
                     .map(Value::to_string)
                     .collect::<Vec<_>>()
@@ -462,11 +486,13 @@ impl NodeProcess {
         let deadline = Instant::now() + PATIENCE;
         let mut list = self.events.list.lock().unwrap();
         while list.iter().filter(|e| predicate(e)).count() < count {
+            let ended = self.events.ended.load(std::sync::atomic::Ordering::SeqCst);
             let left = deadline.saturating_duration_since(Instant::now());
             assert!(
-                !left.is_zero(),
-                "{}: fewer than {count} events {what}",
-                self.peer_id
+                !left.is_zero() && !ended,
+                "{}: fewer than {count} events {what}{}",
+                self.peer_id,
+                if ended { " (the node exited)" } else { "" }
             );
             list = self.events.changed.wait_timeout(list, left).unwrap().0;
         }
@@ -638,7 +664,8 @@ pub fn http_node(name: &str, namespace: &str, extra: &[&str]) -> (NodeProcess, S
     }
     args.extend_from_slice(extra);
     let node = NodeProcess::start(name, namespace, &args);
-    let addr = field(&node.process.wait_for_log("HTTP API listening"), "bound").to_owned();
+    let listening = node.wait_event("http_listening", |e| e["event"] == "http_listening");
+    let addr = listening["addr"].as_str().unwrap().to_owned();
     (node, addr)
 }
 

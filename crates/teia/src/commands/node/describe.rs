@@ -222,8 +222,10 @@ fn describe_overlay(event: &Event) -> (Value, String) {
             addr,
             attempts,
             reason,
+            asked,
         } => (
-            json!({"event":"dial_gave_up","addr":addr.to_string(),"attempts":attempts,"reason":reason}),
+            json!({"event":"dial_gave_up","addr":addr.to_string(),"attempts":attempts,
+                   "reason":reason,"asked":asked}),
             format!(
                 "! gave up dialing {addr} after {attempts} attempts: {}",
                 clean(reason)
@@ -248,9 +250,10 @@ fn describe_overlay(event: &Event) -> (Value, String) {
             addr,
             error,
             retry_in,
+            asked,
         } => (
             json!({"event":"dial_failed","addr":addr.to_string(),"error":error,
-                   "retry_in_ms":retry_in.map(|r| r.as_millis() as u64)}),
+                   "retry_in_ms":retry_in.map(|r| r.as_millis() as u64),"asked":asked}),
             format!("! cannot reach {addr}: {}", clean(error)),
         ),
         Event::Traffic {

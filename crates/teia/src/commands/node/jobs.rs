@@ -1,4 +1,6 @@
-//! The job engine of `teia node`: seed 001's master and the engine with its HTTP API.
+//! The job engine of `teia node`: the script jobs' master and the engine with its HTTP API.
+//! What they listen on is bound, and their Python checked, before the node links to anyone
+//! ([`prepare`]); they start once the node is up ([`start_jobs`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -9,26 +11,91 @@ use teia_node::node::NodeHandle;
 use crate::cli::NodeArgs;
 use crate::commands::node_file;
 
-/// Starts the seed 001 master on `tasks`, with the node's own workers (which keep their
+/// What `teia node` makes ready before it links to anyone: the job engine's Python, the
+/// HTTP API's listener and the script jobs' master with its ports. An address in use or a
+/// missing Python stops the node here, at once, before anything else has started.
+pub(super) struct Prepared {
+    /// The Python that runs test modules and script tasks, when there is one.
+    python: Option<teia_jobs::runner::FoundPython>,
+    /// The HTTP API's listener (`--http`).
+    http: Option<tokio::net::TcpListener>,
+    /// The script jobs' master (`--tasks-dir`), already listening.
+    master: Option<teia_jobs::master::MasterHandle>,
+}
+
+/// Finds Python (with pytest when `--http` asks for it), binds the HTTP API and starts the
+/// script jobs' master.
+pub(super) async fn prepare(
+    args: &NodeArgs,
+    peer_id: &str,
+    data_dir: &std::path::Path,
+) -> anyhow::Result<Prepared> {
+    let python = teia_jobs::runner::resolve_python(&args.python);
+    let found = match teia_jobs::runner::find_python(&python).await {
+        Ok(found) => Some(found),
+        Err(e) if args.http.is_some() => bail!("--http needs Python 3 with pytest: {e}"),
+        Err(e) => {
+            tracing::warn!("this node runs no test modules and no script tasks: {e}");
+            None
+        }
+    };
+    if args.http.is_some() && found.as_ref().is_some_and(|f| f.pytest.is_none()) {
+        bail!(
+            "--http needs Python 3 with pytest: {} has no pytest; install it (pip install pytest, or apt-get install python3-pytest)",
+            python.display()
+        );
+    }
+    let http = match &args.http {
+        Some(addr) => Some(
+            teia_http::bind(addr)
+                .await
+                .with_context(|| format!("cannot serve the HTTP API on {addr} (--http)"))?,
+        ),
+        None => None,
+    };
+    let master = match &args.tasks_dir {
+        Some(tasks) => Some(
+            start_master(
+                args,
+                peer_id,
+                tasks,
+                &node_file(data_dir, peer_id, "tasks"),
+                found.as_ref(),
+            )
+            .await
+            .context("cannot start the script jobs' master (--tasks-dir)")?,
+        ),
+        None => None,
+    };
+    Ok(Prepared {
+        python: found,
+        http,
+        master,
+    })
+}
+
+/// Starts the script jobs' master on `tasks`, with the node's own workers (which keep their
 /// files in `dir`) when it has Python.
-pub(super) async fn start_master(
+async fn start_master(
     args: &NodeArgs,
     peer_id: &str,
     tasks: &std::path::Path,
     dir: &std::path::Path,
+    python: Option<&teia_jobs::runner::FoundPython>,
 ) -> anyhow::Result<teia_jobs::master::MasterHandle> {
     let slots = args.task_workers.unwrap_or_else(|| {
         std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
     });
-    let python = teia_jobs::runner::resolve_python(&args.python);
-    let local = match (slots, teia_jobs::runner::find_python(&python).await) {
+    let local = match (slots, python) {
         (0, _) => None,
-        (_, Err(e)) => {
-            tracing::warn!("tasks go to course workers only: {e}");
+        (_, None) => {
+            tracing::warn!(
+                "script tasks go to course workers and cluster nodes only: no Python here"
+            );
             None
         }
-        (slots, Ok(found)) => {
-            let python = found.executable;
+        (slots, Some(found)) => {
+            let python = found.executable.clone();
             let limits = teia_jobs::runner::Limits {
                 timeout: Duration::from_secs(args.module_timeout.max(1)),
                 ..teia_jobs::runner::Limits::default()
@@ -102,39 +169,45 @@ fn sandboxed_or_allowed(isolation: &teia_jobs::runner::Isolation, unsandboxed: b
     unsandboxed
 }
 
-/// Starts the job engine when Python with pytest is here (required with `--http`), and the
-/// HTTP API when asked; returns the engine and what stops the API.
+/// The job engine of a started node, and its HTTP API when it serves one.
+pub(super) struct Jobs {
+    /// The engine (none without Python).
+    pub(super) engine: Option<teia_jobs::engine::Engine>,
+    /// What stops the HTTP API.
+    pub(super) http_stop: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Where the HTTP API answers.
+    pub(super) http_addr: Option<SocketAddr>,
+}
+
+/// Starts the job engine when Python is here, and the HTTP API on the listener
+/// [`prepare`] bound.
 pub(super) async fn start_jobs(
     args: &NodeArgs,
     data_dir: &std::path::Path,
     peer_id: &str,
     handle: &NodeHandle,
     trusted: Vec<teia_core::identity::PublicKey>,
-    master: Option<teia_jobs::master::MasterHandle>,
-) -> anyhow::Result<(
-    Option<teia_jobs::engine::Engine>,
-    Option<tokio::sync::oneshot::Sender<()>>,
-)> {
-    let python = teia_jobs::runner::resolve_python(&args.python);
-    let found = match teia_jobs::runner::find_python(&python).await {
-        Ok(found) => found,
-        Err(e) if args.http.is_some() => bail!("--http needs Python 3 with pytest: {e}"),
-        Err(e) => {
-            tracing::warn!("this node runs no test modules and no script tasks: {e}");
-            return Ok((None, None));
-        }
+    prepared: Prepared,
+) -> anyhow::Result<Jobs> {
+    let Prepared {
+        python,
+        http,
+        master,
+    } = prepared;
+    let Some(found) = python else {
+        return Ok(Jobs {
+            engine: None,
+            http_stop: None,
+            http_addr: None,
+        });
     };
     let modules = found.pytest.is_some();
-    match (&found.pytest, &args.http) {
-        (Some(pytest), _) => tracing::info!(python = %found.version, %pytest, "job engine's Python"),
-        (None, Some(_)) => bail!(
-            "--http needs Python 3 with pytest: {} has no pytest; install it (pip install pytest, or apt-get install python3-pytest)",
-            python.display()
-        ),
-        (None, None) => tracing::warn!(
+    match &found.pytest {
+        Some(pytest) => tracing::info!(python = %found.version, %pytest, "job engine's Python"),
+        None => tracing::warn!(
             python = %found.version,
             "this node runs script tasks but no test modules: {} has no pytest",
-            python.display()
+            found.executable.display()
         ),
     }
     let python = found.executable;
@@ -180,12 +253,13 @@ pub(super) async fn start_jobs(
     };
     let engine = teia_jobs::engine::Engine::start(config, Some(cluster))?;
 
-    let Some(addr) = &args.http else {
-        return Ok((Some(engine), None));
+    let Some(listener) = http else {
+        return Ok(Jobs {
+            engine: Some(engine),
+            http_stop: None,
+            http_addr: None,
+        });
     };
-    let listener = teia_http::bind(addr)
-        .await
-        .with_context(|| format!("cannot serve the HTTP API on {addr}"))?;
     let bound = listener.local_addr()?;
     let token = teia_http::guard::load_or_create_token(data_dir)
         .with_context(|| format!("cannot keep the HTTP API's token in {}", data_dir.display()))?;
@@ -223,5 +297,9 @@ pub(super) async fn start_jobs(
             tracing::error!(error = %e, "HTTP API stopped");
         }
     });
-    Ok((Some(engine), Some(stop)))
+    Ok(Jobs {
+        engine: Some(engine),
+        http_stop: Some(stop),
+        http_addr: Some(bound),
+    })
 }

@@ -22,11 +22,12 @@ mod describe;
 mod jobs;
 mod session;
 
-use jobs::{start_jobs, start_master};
+use jobs::{prepare, start_jobs, Prepared};
 use session::{lines, shell};
 
-/// The rendezvous a node uses when told of none.
-const LOCAL_RENDEZVOUS: &str = "127.0.0.1:8080";
+/// How long a node that lost the race for the local rendezvous's port waits for the
+/// winner's rendezvous to accept; past it, the node stops with an error.
+const RENDEZVOUS_RACE: Duration = Duration::from_secs(5);
 /// Input lines waiting for the interface, at most.
 const INPUT_LINES: usize = 64;
 
@@ -72,13 +73,16 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
                 .with_context(|| format!("--trust {text:?} is not a key as `teia id` prints it"))?,
         );
     }
+    // Every listener is bound before the node links to anyone or starts its engine: an
+    // address in use ends the start here, at once, with nothing else started.
+    let prepared = prepare(&args, &peer_id, &data_dir).await?;
     let mut embedded = None;
     let rendezvous = match (args.rendezvous.clone(), peers.is_empty()) {
         (Some(server), _) => Some(server),
         (None, false) => None,
         (None, true) => {
-            embedded = local_rendezvous(data_dir.clone()).await?;
-            Some(LOCAL_RENDEZVOUS.to_owned())
+            embedded = local_rendezvous(data_dir.clone(), args.local_rendezvous).await?;
+            Some(args.local_rendezvous.to_string())
         }
     };
     let config = NodeConfig {
@@ -107,7 +111,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     let (handle, task) = (started.handle.clone(), started.task);
     // Whatever the services and the session end with, the node says BYE and stops.
     let node = (started.handle, started.events, started.inboxes);
-    let result = serve(args, data_dir, trusted, key, node, log).await;
+    let result = serve(args, data_dir, (trusted, key), prepared, node, log).await;
     let _ = handle.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     if let Some(stop) = embedded {
@@ -121,8 +125,11 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
 async fn serve(
     args: NodeArgs,
     data_dir: std::path::PathBuf,
-    trusted: Vec<teia_core::identity::PublicKey>,
-    key: teia_core::identity::PublicKey,
+    (trusted, key): (
+        Vec<teia_core::identity::PublicKey>,
+        teia_core::identity::PublicKey,
+    ),
+    prepared: Prepared,
     (handle, events, inboxes): (
         teia_node::node::NodeHandle,
         tokio::sync::mpsc::Receiver<teia_node::node::NodeEvent>,
@@ -144,22 +151,12 @@ async fn serve(
         index: args.index.clone(),
     };
     let (files, files_events) = Files::start(files_config, handle.clone()).await?;
-    let jobs = async {
-        let master = match &args.tasks_dir {
-            Some(tasks) => Some(
-                start_master(
-                    &args,
-                    &peer_id,
-                    tasks,
-                    &node_file(&data_dir, &peer_id, "tasks"),
-                )
-                .await?,
-            ),
-            None => None,
-        };
-        start_jobs(&args, &data_dir, &peer_id, &handle, trusted, master).await
-    };
-    let (engine, http) = match jobs.await {
+    let jobs = start_jobs(&args, &data_dir, &peer_id, &handle, trusted, prepared).await;
+    let jobs::Jobs {
+        engine,
+        http_stop,
+        http_addr,
+    } = match jobs {
         Ok(jobs) => jobs,
         Err(e) => {
             files.shutdown().await;
@@ -177,12 +174,13 @@ async fn serve(
             Arc::new(engine.clone()),
         )?;
     }
-    let stop = Stopper::new(http, router.spawn(), handle.clone());
+    let stop = Stopper::new(http_stop, router.spawn(), handle.clone());
     let style = if args.json { Style::Json } else { Style::Text };
     let interactive = !args.json && std::io::stdin().is_terminal();
     let services = Services {
         files: files.clone(),
         stop: stop.clone(),
+        http: http_addr,
     };
     let result = if interactive {
         shell(handle.clone(), services, events, files_events, log).await
@@ -211,6 +209,8 @@ async fn serve(
 struct Services {
     files: Files,
     stop: Stopper,
+    /// Where the HTTP API answers (said once the node is ready).
+    http: Option<SocketAddr>,
 }
 
 /// Stops a node in order, once, whoever asks first (the session on `/quit`, a signal or the
@@ -254,24 +254,50 @@ impl Stopper {
     }
 }
 
-/// Checks `127.0.0.1:8080`; when nothing answers there, starts a rendezvous on it.
+/// Whether something accepts connections on the local rendezvous's address.
+async fn local_rendezvous_answers(addr: SocketAddr) -> bool {
+    let probe =
+        tokio::time::timeout(Duration::from_secs(1), tokio::net::TcpStream::connect(addr)).await;
+    matches!(probe, Ok(Ok(_)))
+}
+
+/// Checks `addr` (`--local-rendezvous`, 127.0.0.1:8080 by default); when nothing answers
+/// there, starts a rendezvous on it. Two nodes
+/// started at once both find nothing: the one that binds first runs the rendezvous, the
+/// other uses it (it waits up to [`RENDEZVOUS_RACE`] for the winner to accept).
 async fn local_rendezvous(
     data_dir: std::path::PathBuf,
+    addr: SocketAddr,
 ) -> anyhow::Result<Option<tokio::sync::oneshot::Sender<()>>> {
-    let probe = tokio::time::timeout(
-        Duration::from_secs(1),
-        tokio::net::TcpStream::connect(LOCAL_RENDEZVOUS),
-    )
-    .await;
-    if matches!(probe, Ok(Ok(_))) {
+    if local_rendezvous_answers(addr).await {
         return Ok(None);
     }
-    let addr: SocketAddr = LOCAL_RENDEZVOUS.parse()?;
     let mut config = teia_rendezvous::Config::new(addr, data_dir.join("rendezvous"));
     config.max_connections = super::connection_cap(config.max_connections as u64);
-    let server = teia_rendezvous::Server::bind(config)
-        .await
-        .context("no rendezvous answers on 127.0.0.1:8080 and one cannot be started there")?;
+    let server = match teia_rendezvous::Server::bind(config).await {
+        Ok(server) => server,
+        Err(teia_rendezvous::ServerError::Bind { source, .. })
+            if source.kind() == std::io::ErrorKind::AddrInUse =>
+        {
+            let deadline = tokio::time::Instant::now() + RENDEZVOUS_RACE;
+            while tokio::time::Instant::now() < deadline {
+                if local_rendezvous_answers(addr).await {
+                    tracing::info!("another node runs the local rendezvous; using it");
+                    return Ok(None);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            bail!(
+                "{addr} is taken by a program that does not accept connections; stop it, or \
+                 give --local-rendezvous, --rendezvous HOST:PORT or --peer HOST:PORT"
+            );
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("no rendezvous answers on {addr} and one cannot be started there")
+            })
+        }
+    };
     tracing::info!(%addr, "started a local rendezvous");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(server.serve(async {

@@ -5,7 +5,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use teia_core::overlay::{Cast, Event, Refusal};
 use teia_files::{Files, FilesEvent};
@@ -52,6 +52,7 @@ pub(super) async fn lines(
         watching: false,
         registered: false,
         connected: std::collections::HashSet::new(),
+        http: services.http,
         print: Box::new(|line: String| {
             let mut out = std::io::stdout().lock();
             let _ = writeln!(out, "{line}");
@@ -122,7 +123,10 @@ pub(super) async fn shell(
                     return;
                 }
             }
-            Err(_) => {
+            Err(e) => {
+                if matches!(e, rustyline::error::ReadlineError::Interrupted) {
+                    crate::commands::interrupted();
+                }
                 let _ = tx.blocking_send(None);
                 return;
             }
@@ -137,6 +141,7 @@ pub(super) async fn shell(
         watching: false,
         registered: false,
         connected: std::collections::HashSet::new(),
+        http: services.http,
         bars: Some(files::ShellBars::new(Arc::new({
             let printer = Arc::clone(&printer);
             move |line: String| {
@@ -189,6 +194,8 @@ struct Session {
     /// again); at most one per link.
     connected: std::collections::HashSet<String>,
     print: Box<dyn FnMut(String) + Send>,
+    /// Where the HTTP API answers, said after the node's `ready`.
+    http: Option<std::net::SocketAddr>,
 }
 
 impl Session {
@@ -233,6 +240,7 @@ impl Session {
     async fn execute(&mut self, command: ChatCommand) -> anyhow::Result<()> {
         match command {
             ChatCommand::Msg { dst, text } | ChatCommand::Pub { dst, text } => {
+                let dst = self.destination(dst).await?;
                 let msg_id = self.handle.send(&dst, Value::String(text)).await?;
                 self.emit(
                     json!({"event":"sent","msg_id":msg_id,"dst":dst}),
@@ -465,6 +473,66 @@ impl Session {
         Ok(())
     }
 
+    /// Where `/msg` sends: a bare name is resolved among the peers this node knows (linked,
+    /// routed, learnt or pinned); a full peer id nobody here knows is sent anyway (the
+    /// network may find it) but said at once, with the peers known, in text.
+    async fn destination(&mut self, dst: String) -> anyhow::Result<String> {
+        if dst == "*" || dst.starts_with('#') {
+            return Ok(dst);
+        }
+        let snapshot = self.handle.snapshot().await?;
+        let mut known: Vec<String> = snapshot
+            .neighbours
+            .iter()
+            .map(|n| n.peer.clone())
+            .chain(snapshot.routes.iter().map(|r| r.dst.clone()))
+            .chain(snapshot.known.iter().map(|(peer, _)| peer.clone()))
+            .chain(snapshot.pins.iter().map(|(peer, _)| peer.clone()))
+            .filter(|peer| teia_wire::fields::is_peer_id(peer))
+            .collect();
+        known.sort();
+        known.dedup();
+        let listed = || {
+            let shown: Vec<String> = known.iter().take(8).map(|p| clean(p)).collect();
+            match (shown.is_empty(), known.len() > shown.len()) {
+                (true, _) => "no peer is known yet".to_owned(),
+                (false, false) => format!("known: {}", shown.join(", ")),
+                (false, true) => format!("known: {}, … (/peers lists them)", shown.join(", ")),
+            }
+        };
+        if !dst.contains('@') {
+            let named: Vec<&String> = known
+                .iter()
+                .filter(|peer| peer.split_once('@').is_some_and(|(name, _)| name == dst))
+                .collect();
+            return match named.as_slice() {
+                [one] => Ok((*one).clone()),
+                [] => bail!("no known peer is named {}; {}", clean(&dst), listed()),
+                several => bail!(
+                    "{} is the name of several peers: {}; write name@namespace",
+                    clean(&dst),
+                    several
+                        .iter()
+                        .map(|p| clean(p))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            };
+        }
+        if self.style == Style::Text && !known.contains(&dst) {
+            self.emit(
+                json!({}),
+                format!(
+                    "! {} is not a peer this node knows ({}); sending anyway: it arrives if the \
+                     network finds it before --send-deadline",
+                    clean(&dst),
+                    listed()
+                ),
+            );
+        }
+        Ok(dst)
+    }
+
     /// Shows an event; a message is then marked shown, so a restart does not hand it over
     /// again. A renewed registration is shown in text only the first time.
     async fn show(&mut self, event: &NodeEvent) {
@@ -486,6 +554,14 @@ impl Session {
                 ..
             })
         );
+        // Peers learnt from a rendezvous, LAN discovery or a peer list that cannot be reached
+        // are summarised in the log; only what the user asked for is said in the chat.
+        let learnt = matches!(
+            event,
+            NodeEvent::Overlay(
+                Event::DialFailed { asked: false, .. } | Event::DialGaveUp { asked: false, .. }
+            )
+        );
         let again = match event {
             NodeEvent::Overlay(Event::LinkUp { peer, .. }) => !self.connected.insert(peer.clone()),
             NodeEvent::Overlay(Event::LinkDown { peer, .. }) => {
@@ -494,8 +570,14 @@ impl Session {
             }
             _ => false,
         };
-        if !((renewal || simultaneous || again) && self.style == Style::Text) {
+        if !((renewal || simultaneous || again || learnt) && self.style == Style::Text) {
             self.emit(json, text);
+        }
+        if let (NodeEvent::Ready { .. }, Some(addr)) = (event, self.http) {
+            self.emit(
+                json!({"event":"http_listening","addr":addr.to_string()}),
+                format!("… HTTP API on http://{addr} (teia eval, teia job, curl)"),
+            );
         }
         if let NodeEvent::Overlay(Event::Message {
             msg_id,
