@@ -693,7 +693,7 @@ impl Engine {
     }
 
     /// Our evaluations not finished.
-    pub(crate) fn unfinished(&self) -> u32 {
+    pub fn unfinished(&self) -> u32 {
         let state = lock(&self.state);
         state
             .ledger

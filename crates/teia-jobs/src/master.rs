@@ -397,6 +397,11 @@ impl MasterHandle {
             .load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Tasks a worker runs now.
+    pub fn running(&self) -> u32 {
+        u32::try_from(lock(&self.0).counts().1).unwrap_or(u32::MAX)
+    }
+
     /// Tasks waiting for a worker.
     pub fn waiting(&self) -> u32 {
         u32::try_from(lock(&self.0).counts().0).unwrap_or(u32::MAX)

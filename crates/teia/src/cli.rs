@@ -6,12 +6,43 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
+/// The version `teia --version` prints: the crate's, and the commit it was built from.
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("TEIA_COMMIT"),
+    ")"
+);
+
+/// Examples under `teia --help`.
+const EXAMPLES: &str = "\
+Examples:
+  teia node --name alice             a node and its chat shell (in another terminal:
+                                     teia node --name bob, then /msg alice hi)
+  teia send photo.jpg                send one file; the other side runs the printed
+                                     `teia receive …` line
+  teia node --name judge --http 5001 serve evaluations; then: teia eval submit work.zip
+  teia status                        what the nodes of this machine are doing
+
+Every flag can also be set by an environment variable (shown as [env: ...]); a flag on the
+command line wins. `teia COMMAND --help` tells more of each command.";
+
+/// Examples under `teia node --help`.
+const NODE_EXAMPLES: &str = "\
+Examples:
+  teia node --name alice                          chat with the nodes of this machine and LAN
+  teia node --name bob --peer 10.0.0.5:7000       link to a node on another network
+  teia node --name alice --share ~/Music          share a folder; others /search and /get
+  teia node --name judge --http 5001              evaluations over HTTP (teia eval, curl)
+  teia node --name boss --tasks-dir tasks --http 5002
+                                                  script jobs (teia job submit DIR)
+
+In the chat shell, /help lists the commands; /quit or Ctrl-D stops the node.";
+
 /// teia: one peer-to-peer node for chat, file sharing and distributed jobs.
-///
-/// Every flag can also be set by an environment variable (shown as [env: ...]); a flag on
-/// the command line wins over the variable.
 #[derive(Debug, Parser)]
-#[command(name = "teia", version, about, long_about = None, propagate_version = true)]
+#[command(name = "teia", version = VERSION, about, long_about = None, propagate_version = true,
+          after_help = EXAMPLES)]
 pub struct Cli {
     /// Log level or filter (error, warn, info, debug, trace, or a RUST_LOG-style filter such
     /// as `teia_rendezvous=debug`). Without it, RUST_LOG is used, else `info`.
@@ -37,6 +68,7 @@ pub enum Command {
     Rdv(RdvCommand),
     /// Run a peer node: links to other peers, relays for them, and opens the chat shell
     /// (or, with --json, reads commands on stdin and prints one JSON event per line).
+    #[command(after_help = NODE_EXAMPLES)]
     Node(Box<NodeArgs>),
     /// Print a node's public key (its identity; created on the node's first start).
     Id(IdArgs),
@@ -45,8 +77,8 @@ pub enum Command {
     /// `Authorization: Bearer TOKEN` (`teia eval` and `teia job` send it, from `TEIA_TOKEN`
     /// or this data directory).
     Token(TokenArgs),
-    /// Run an index server (the Napster role of seed 004): peers join with their files and
-    /// search by name; speaks the seed's messages and teia's.
+    /// Run an index server: peers join with the files they share and search them by name
+    /// (a central index, as in Napster; plain Python peers of that protocol can use it too).
     Index(IndexArgs),
     /// Submit an evaluation to a node's HTTP API and follow it; or show or list evaluations.
     Eval(EvalArgs),
@@ -55,12 +87,62 @@ pub enum Command {
     Send(SendArgs),
     /// Fetch the file of a ticket printed by `teia send`, verified, and exit.
     Receive(ReceiveArgs),
-    /// Submit script jobs (seed 001: `main.py` over `input.csv`) to a node's HTTP API and
+    /// Submit script jobs (a `main.py` run over its `input.csv`) to a node's HTTP API and
     /// follow them; or show one.
     Job(JobArgs),
-    /// Work for a seed 001 master written by others (--master-compat): find it by UDP
+    /// Work for a master/worker program's master (--master-compat): find it by UDP
     /// broadcast, run its tasks (`main.py input.csv`) in the sandbox, return the results.
     Worker(WorkerArgs),
+    /// Say what the nodes of this machine's data directory are doing: peers, downloads,
+    /// evaluations and jobs, their addresses, and where their data and log are.
+    Status(StatusArgs),
+    /// Remove a stopped node's state (messages, shares, downloads under way, evaluations
+    /// and jobs), keeping its identity unless --identity; with --all, the whole data
+    /// directory.
+    Reset(ResetArgs),
+    /// Print a completion script for a shell, e.g. `teia completions bash >
+    /// ~/.local/share/bash-completion/completions/teia`.
+    Completions {
+        /// The shell: bash, zsh, fish, elvish or powershell.
+        shell: clap_complete::Shell,
+    },
+}
+
+/// Flags of `teia status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The data directory whose nodes to show (default: the platform's data directory,
+    /// e.g. ~/.local/share/teia).
+    #[arg(long, env = "TEIA_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Print one JSON object per node instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Flags of `teia reset`.
+#[derive(Debug, Args)]
+pub struct ResetArgs {
+    /// The node's name; without it, the only node of the data directory.
+    #[arg(long, env = "TEIA_NAME")]
+    pub name: Option<String>,
+
+    #[command(flatten)]
+    pub home: NodeHome,
+
+    /// Remove the node's identity (its key) too: it comes back as a new node, which its
+    /// peers, having pinned the old key, refuse under the same name until they /forget it.
+    #[arg(long)]
+    pub identity: bool,
+
+    /// Remove the whole data directory: every node, the local rendezvous's records, the
+    /// HTTP API's token.
+    #[arg(long, conflicts_with_all = ["name", "identity"])]
+    pub all: bool,
+
+    /// Do not ask for confirmation (needed without a terminal).
+    #[arg(long, short)]
+    pub yes: bool,
 }
 
 /// Flags of `teia job`.
@@ -113,7 +195,8 @@ pub enum JobCommand {
 /// Flags of `teia worker`.
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
-    /// Speak seed 001's master/worker messages (the only kind of master for now).
+    /// Speak the master/worker protocol of the Python masters that hand out `main.py` tasks
+    /// over TCP after a UDP broadcast (the only kind of master for now).
     #[arg(long)]
     pub master_compat: bool,
 
@@ -340,11 +423,12 @@ pub struct NodeArgs {
     pub home: NodeHome,
 
     /// Port to accept links on (0: any free port, shown at start).
-    #[arg(long, env = "TEIA_PORT", default_value_t = 0)]
+    #[arg(help_heading = "Network", long, env = "TEIA_PORT", default_value_t = 0)]
     pub port: u16,
 
     /// Address to accept links on.
     #[arg(
+        help_heading = "Network",
         long,
         env = "TEIA_LISTEN_IP",
         default_value = "0.0.0.0",
@@ -353,34 +437,40 @@ pub struct NodeArgs {
     pub listen_ip: std::net::IpAddr,
 
     /// Accept no links: only dial out (as a peer behind NAT does).
-    #[arg(long)]
+    #[arg(help_heading = "Network", long)]
     pub no_listen: bool,
 
     /// Turn LAN discovery off (UDP broadcasts that find the namespace's nodes on this LAN
     /// with no rendezvous and no --peer).
-    #[arg(long, env = "TEIA_NO_LAN", value_parser = clap::builder::BoolishValueParser::new())]
+    #[arg(help_heading = "Network", long, env = "TEIA_NO_LAN", value_parser = clap::builder::BoolishValueParser::new())]
     pub no_lan: bool,
 
     /// UDP port of LAN discovery (the same on every node of the LAN).
-    #[arg(long, env = "TEIA_LAN_PORT", value_name = "PORT", default_value_t = teia_core::lan::LAN_PORT)]
+    #[arg(help_heading = "Network", long, env = "TEIA_LAN_PORT", value_name = "PORT", default_value_t = teia_core::lan::LAN_PORT)]
     pub lan_port: u16,
 
     /// Address LAN announcements are broadcast to (repeatable; 127.255.255.255 keeps them
     /// on this machine). Default: 255.255.255.255 and each network interface's broadcast
     /// address.
-    #[arg(long = "lan-broadcast", value_name = "IP")]
+    #[arg(help_heading = "Network", long = "lan-broadcast", value_name = "IP")]
     pub lan_broadcast: Vec<IpAddr>,
 
     /// Rendezvous server to register with and discover peers from. Without it and without
-    /// --peer, the node uses 127.0.0.1:8080 and starts a rendezvous there itself if none
-    /// answers.
-    #[arg(long, env = "TEIA_RENDEZVOUS", value_name = "HOST:PORT")]
+    /// --peer, the node uses --local-rendezvous (127.0.0.1:8080), and starts a rendezvous
+    /// there itself if none answers.
+    #[arg(
+        help_heading = "Network",
+        long,
+        env = "TEIA_RENDEZVOUS",
+        value_name = "HOST:PORT"
+    )]
     pub rendezvous: Option<String>,
 
     /// Where a node given neither --rendezvous nor --peer looks for a rendezvous, and starts
     /// one when none answers (nodes of one machine meet there; another address keeps a
     /// separate network on the same machine).
     #[arg(
+        help_heading = "Network",
         long,
         env = "TEIA_LOCAL_RENDEZVOUS",
         default_value = "127.0.0.1:8080",
@@ -389,15 +479,16 @@ pub struct NodeArgs {
     pub local_rendezvous: SocketAddr,
 
     /// A peer to dial at start and keep connected (repeatable); no rendezvous needed.
-    #[arg(long = "peer", value_name = "HOST:PORT")]
+    #[arg(help_heading = "Network", long = "peer", value_name = "HOST:PORT")]
     pub peers: Vec<String>,
 
     /// Print one JSON event per line on stdout and read commands from stdin (for scripts).
-    #[arg(long)]
+    #[arg(help_heading = "Output", long)]
     pub json: bool,
 
     /// Seconds between two PINGs on a link.
     #[arg(
+        help_heading = "Limits and timing",
         long,
         env = "TEIA_PING_INTERVAL",
         default_value_t = 30.0,
@@ -407,6 +498,7 @@ pub struct NodeArgs {
 
     /// Neighbours the node dials on its own (from the rendezvous and peer lists).
     #[arg(
+        help_heading = "Limits and timing",
         long,
         env = "TEIA_MAX_NEIGHBOURS",
         default_value_t = 8,
@@ -416,6 +508,7 @@ pub struct NodeArgs {
 
     /// Seconds between two DISCOVERs at the rendezvous.
     #[arg(
+        help_heading = "Limits and timing",
         long,
         env = "TEIA_DISCOVER_INTERVAL",
         default_value_t = 30.0,
@@ -425,6 +518,7 @@ pub struct NodeArgs {
 
     /// Lifetime asked for the rendezvous registration, in seconds (renewed at half of it).
     #[arg(
+        help_heading = "Limits and timing",
         long,
         env = "TEIA_REGISTER_TTL",
         default_value_t = 120,
@@ -434,6 +528,7 @@ pub struct NodeArgs {
 
     /// Seconds a SEND is retransmitted for before it is reported undelivered.
     #[arg(
+        help_heading = "Limits and timing",
         long,
         env = "TEIA_SEND_DEADLINE",
         default_value_t = 60.0,
@@ -443,6 +538,7 @@ pub struct NodeArgs {
 
     /// Failed dials in a row before a peer's address is given up.
     #[arg(
+        help_heading = "Limits and timing",
         long,
         env = "TEIA_RECONNECT_ATTEMPTS",
         default_value_t = 10,
@@ -450,18 +546,19 @@ pub struct NodeArgs {
     )]
     pub reconnect_attempts: u32,
 
-    /// Refuse peers that do not complete the encrypted, authenticated handshake (course
-    /// clients, which speak plain JSON lines, are then refused).
-    #[arg(long, env = "TEIA_REQUIRE_ENCRYPTION")]
+    /// Refuse peers that do not complete the encrypted, authenticated handshake (chat
+    /// programs that speak plain JSON lines are then refused).
+    #[arg(help_heading = "Network", long, env = "TEIA_REQUIRE_ENCRYPTION")]
     pub require_encryption: bool,
 
     /// Share a folder or file (repeatable; also /share). Shared folders are remembered.
-    #[arg(long = "share", value_name = "PATH")]
+    #[arg(help_heading = "Sharing files", long = "share", value_name = "PATH")]
     pub shares: Vec<PathBuf>,
 
     /// Who may download what you share: all, ask (you /approve each requester), trusted
     /// (only --trust keys) or none.
     #[arg(
+        help_heading = "Sharing files",
         long,
         env = "TEIA_APPROVE",
         default_value = "all",
@@ -471,27 +568,44 @@ pub struct NodeArgs {
 
     /// A trusted key (repeatable), as `teia id` prints it: `--approve trusted` serves it, and
     /// the job engine runs its test modules and gives it modules to run.
-    #[arg(long = "trust", value_name = "KEY")]
+    #[arg(help_heading = "Sharing files", long = "trust", value_name = "KEY")]
     pub trusted: Vec<String>,
 
     /// Bytes per second this node serves at most, all downloaders together (no limit by
     /// default).
-    #[arg(long, env = "TEIA_UPLOAD_LIMIT", value_name = "BYTES_PER_SECOND")]
+    #[arg(
+        help_heading = "Sharing files",
+        long,
+        env = "TEIA_UPLOAD_LIMIT",
+        value_name = "BYTES_PER_SECOND"
+    )]
     pub upload_limit: Option<u64>,
 
-    /// An index server to join with the files you share (teia index, or a seed 004 index);
+    /// An index server to join with the files you share (`teia index`, or a Napster-style
+    /// Python index);
     /// /search asks it too.
-    #[arg(long, env = "TEIA_INDEX", value_name = "HOST:PORT")]
+    #[arg(
+        help_heading = "Sharing files",
+        long,
+        env = "TEIA_INDEX",
+        value_name = "HOST:PORT"
+    )]
     pub index: Option<String>,
 
-    /// Serve the HTTP API of seed 000 (evaluations of pytest suites) on this address; a bare
+    /// Serve the HTTP API (evaluations of pytest suites, script jobs) on this address; a bare
     /// port means 127.0.0.1. Needs Python 3 with pytest.
-    #[arg(long, env = "TEIA_HTTP", value_name = "ADDR")]
+    #[arg(
+        help_heading = "Evaluations (HTTP API)",
+        long,
+        env = "TEIA_HTTP",
+        value_name = "ADDR"
+    )]
     pub http: Option<String>,
 
     /// A secret shared by the nodes of your cluster: they run each other's test modules
     /// (as they do for `--trust` keys).
     #[arg(
+        help_heading = "Evaluations (HTTP API)",
         long,
         env = "TEIA_CLUSTER_SECRET",
         value_name = "SECRET",
@@ -501,6 +615,7 @@ pub struct NodeArgs {
 
     /// Python that runs script tasks, and test modules when it has pytest.
     #[arg(
+        help_heading = "Evaluations (HTTP API)",
         long,
         env = "TEIA_PYTHON",
         default_value = "python3",
@@ -509,34 +624,44 @@ pub struct NodeArgs {
     pub python: PathBuf,
 
     /// Test modules run at once on this node (default: its cores).
-    #[arg(long, env = "TEIA_WORKERS", value_name = "N")]
+    #[arg(
+        help_heading = "Evaluations (HTTP API)",
+        long,
+        env = "TEIA_WORKERS",
+        value_name = "N"
+    )]
     pub workers: Option<usize>,
 
     /// The share of module results (0 to 1) run again on another trusted node, chosen at
     /// random as each arrives: a disagreement marks the module disputed (both nodes named
     /// in `GET /evaluation/<id>` and the log), and the owner's own run stands.
-    #[arg(long, env = "TEIA_VERIFY", default_value_t = 0.0, value_name = "FRACTION", value_parser = fraction)]
+    #[arg(help_heading = "Evaluations (HTTP API)", long, env = "TEIA_VERIFY", default_value_t = 0.0, value_name = "FRACTION", value_parser = fraction)]
     pub verify: f64,
 
     /// Finished evaluations kept (with their results); past it, the oldest finished are
     /// forgotten, their folders removed, when a new one comes.
-    #[arg(long, env = "TEIA_KEEP_EVALUATIONS", default_value_t = teia_jobs::engine::KEEP_FINISHED, value_name = "N")]
+    #[arg(help_heading = "Evaluations (HTTP API)", long, env = "TEIA_KEEP_EVALUATIONS", default_value_t = teia_jobs::engine::KEEP_FINISHED, value_name = "N")]
     pub keep_evaluations: usize,
 
     /// A URL scheme of git repositories submitted to clone besides `https` (repeatable:
     /// `http`, `ssh`, `git`, or `file`, which also allows local paths: the node's own
     /// repositories).
-    #[arg(long = "allow-git-scheme", value_name = "SCHEME", value_parser = ["http", "ssh", "git", "file"])]
+    #[arg(help_heading = "Evaluations (HTTP API)", long = "allow-git-scheme", value_name = "SCHEME", value_parser = ["http", "ssh", "git", "file"])]
     pub allow_git_schemes: Vec<String>,
 
     /// Run other nodes' test modules and script tasks even without a working sandbox
     /// (bubblewrap): they could then read and change everything this user can. Without
     /// it, such a node runs only what is submitted to it.
-    #[arg(long, env = "TEIA_UNSANDBOXED")]
+    #[arg(
+        help_heading = "Evaluations (HTTP API)",
+        long,
+        env = "TEIA_UNSANDBOXED"
+    )]
     pub unsandboxed: bool,
 
     /// Seconds a test module may run before it is killed (its finished tests are kept).
     #[arg(
+        help_heading = "Evaluations (HTTP API)",
         long,
         env = "TEIA_MODULE_TIMEOUT",
         default_value_t = 120,
@@ -544,20 +669,31 @@ pub struct NodeArgs {
     )]
     pub module_timeout: u64,
 
-    /// Run script jobs (seed 001, master/worker computing): hand out the ZIPs dropped in
-    /// this folder (`main.py` and its inputs) to this node's workers, the nodes of its
-    /// cluster and seed 001's course workers, and write `result_<task>.zip` to
+    /// Run script jobs: hand out the ZIPs dropped in this folder (or sent with `teia job
+    /// submit`: `main.py` and its inputs) to this node's workers, the nodes of its cluster
+    /// and master/worker programs' workers on the LAN, and write `result_<task>.zip` to
     /// --results-dir.
-    #[arg(long, env = "TEIA_TASKS_DIR", value_name = "DIR")]
+    #[arg(
+        help_heading = "Script jobs",
+        long,
+        env = "TEIA_TASKS_DIR",
+        value_name = "DIR"
+    )]
     pub tasks_dir: Option<PathBuf>,
 
-    /// Where seed 001 results go (default: `results` beside --tasks-dir).
-    #[arg(long, env = "TEIA_RESULTS_DIR", value_name = "DIR")]
+    /// Where script jobs' results go (default: `results` beside --tasks-dir).
+    #[arg(
+        help_heading = "Script jobs",
+        long,
+        env = "TEIA_RESULTS_DIR",
+        value_name = "DIR"
+    )]
     pub results_dir: Option<PathBuf>,
 
-    /// TCP address seed 001 workers connect to (a bare port means every address; workers
-    /// learn it from the discovery answer).
+    /// TCP address LAN workers connect to (a bare port means every address; workers learn it
+    /// from the discovery answer).
     #[arg(
+        help_heading = "Script jobs",
         long,
         env = "TEIA_MASTER_PORT",
         value_name = "[IP:]PORT",
@@ -565,25 +701,39 @@ pub struct NodeArgs {
     )]
     pub master_port: String,
 
-    /// A network seed 001 workers may connect from, `ADDR/PREFIX` (repeatable); others are
+    /// A network LAN workers may connect from, `ADDR/PREFIX` (repeatable); others are
     /// refused at accept and get no discovery answer. Default: the networks of this
     /// machine's interfaces, and loopback. Everyone: `--master-allow 0.0.0.0/0
     /// --master-allow ::/0`.
-    #[arg(long = "master-allow", value_name = "CIDR")]
+    #[arg(
+        help_heading = "Script jobs",
+        long = "master-allow",
+        value_name = "CIDR"
+    )]
     pub master_allow: Vec<teia_jobs::proto::seed001::Cidr>,
 
     /// Tasks of --tasks-dir this node runs itself at once (default: its cores; 0: they go
-    /// to course workers and to the nodes of its cluster only).
-    #[arg(long, env = "TEIA_TASK_WORKERS", value_name = "N")]
+    /// to LAN workers and to the nodes of its cluster only).
+    #[arg(
+        help_heading = "Script jobs",
+        long,
+        env = "TEIA_TASK_WORKERS",
+        value_name = "N"
+    )]
     pub task_workers: Option<usize>,
 
-    /// UDP port answering seed 001's DISCOVER_MASTER (repeatable; default 9999 and 55001,
-    /// the ports known workers broadcast to).
-    #[arg(long = "discovery-port", value_name = "PORT")]
+    /// UDP port answering LAN workers' discovery broadcasts (repeatable; default 9999 and
+    /// 55001, the ports known workers broadcast to).
+    #[arg(
+        help_heading = "Script jobs",
+        long = "discovery-port",
+        value_name = "PORT"
+    )]
     pub discovery_ports: Vec<u16>,
 
     /// Folder downloads go to unless /get names one.
     #[arg(
+        help_heading = "Sharing files",
         long,
         env = "TEIA_DOWNLOAD_DIR",
         default_value = ".",

@@ -11,11 +11,19 @@ use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{reload, EnvFilter, Registry};
 
-/// Changes the log filter of the running process.
+/// Changes the log filter of the running process; knows where the log goes.
 #[derive(Clone)]
-pub struct LogControl(reload::Handle<EnvFilter, Registry>);
+pub struct LogControl {
+    filter: reload::Handle<EnvFilter, Registry>,
+    file: Option<std::path::PathBuf>,
+}
 
 impl LogControl {
+    /// The file logs go to (none: standard error).
+    pub fn file(&self) -> Option<&Path> {
+        self.file.as_deref()
+    }
+
     /// Replaces the filter (`debug`, `teia_node=trace,info`, ...).
     pub fn set(&self, filter: &str) -> anyhow::Result<()> {
         if !crate::chat::is_log_filter(filter) {
@@ -25,7 +33,9 @@ impl LogControl {
         }
         let filter =
             EnvFilter::try_new(filter).with_context(|| format!("invalid log level {filter:?}"))?;
-        self.0.reload(filter).context("cannot change the log level")
+        self.filter
+            .reload(filter)
+            .context("cannot change the log level")
     }
 }
 
@@ -61,5 +71,8 @@ pub fn init(level: Option<&str>, file: Option<&Path>) -> anyhow::Result<LogContr
             registry.with(layer).init();
         }
     }
-    Ok(LogControl(handle))
+    Ok(LogControl {
+        filter: handle,
+        file: file.map(Path::to_path_buf),
+    })
 }

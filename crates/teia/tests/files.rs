@@ -340,6 +340,14 @@ fn send_and_receive_with_a_ticket() {
         .unwrap();
     assert!(status.success());
     assert!(same_content(&out.join("report.pdf"), &file));
+    // The same ticket again: the file is here, whole and verified, and not fetched again.
+    let again = teia()
+        .args(["receive", ticket["ticket"].as_str().unwrap(), "--to"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(again.status.success());
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already here"));
     let bad = teia()
         .args(["receive", "teia1garbage", "--to"])
         .arg(&out)
@@ -347,7 +355,22 @@ fn send_and_receive_with_a_ticket() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("not a teia ticket"));
-    drop(sender);
+    // Ctrl-C stops the sender, which exits as interrupted (130); the ticket then says, at
+    // once and in one sentence, that the sender is gone.
+    let interrupt = std::process::Command::new("kill")
+        .args(["-INT", &sender.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(interrupt.success());
+    assert_eq!(sender.wait_exit().code(), Some(130));
+    let gone = teia()
+        .args(["receive", ticket["ticket"].as_str().unwrap(), "--to"])
+        .arg(dir.path().join("elsewhere"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&gone.stderr);
+    assert!(!gone.status.success());
+    assert!(stderr.contains("the sender cannot be reached"), "{stderr}");
 }
 
 /// Opens a `files` stream to `addr` as a fresh identity.

@@ -40,6 +40,22 @@ fn direct_chat_through_a_rendezvous() {
         1,
         "exactly one message event"
     );
+
+    // A bare name is one of the known peers; an unknown one is refused at once.
+    bob.command("/msg alice by name");
+    let sent = bob.wait_event("sent to alice by name", |e| {
+        e["event"] == "sent" && e["dst"] == "alice@UnB" && e["msg_id"] != to_alice.as_str()
+    });
+    alice.wait_message(sent["msg_id"].as_str().unwrap());
+    bob.command("/msg alcie typo");
+    let refused = bob.wait_event("unknown name refused", |e| e["event"] == "command_error");
+    assert!(
+        refused["error"]
+            .as_str()
+            .unwrap()
+            .contains("no known peer is named alcie"),
+        "{refused}"
+    );
 }
 
 #[test]

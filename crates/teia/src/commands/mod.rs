@@ -7,6 +7,7 @@ mod job;
 mod node;
 mod rdv;
 mod rendezvous;
+pub(crate) mod status;
 mod transfer;
 
 use std::path::PathBuf;
@@ -44,6 +45,16 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
             Command::Receive(args) => transfer::receive(args).await,
             Command::Worker(args) => worker(args).await,
             Command::Job(args) => job::run(args).await,
+            Command::Status(args) => status::show(args),
+            Command::Reset(args) => status::reset(args),
+            Command::Completions { shell } => {
+                use clap::CommandFactory;
+                let mut command = crate::cli::Cli::command();
+                let mut script = Vec::new();
+                clap_complete::generate(shell, &mut command, "teia", &mut script);
+                std::io::Write::write_all(&mut std::io::stdout(), &script)
+                    .context("cannot print the completion script")
+            }
         }
     });
     // A read of stdin blocks a thread that only ends with more input: do not wait for it.
@@ -51,10 +62,14 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
     result
 }
 
-/// `teia worker --master-compat`: works for seed 001 masters until a signal.
+/// `teia worker --master-compat`: works for a master/worker program's master until a
+/// signal.
 async fn worker(args: crate::cli::WorkerArgs) -> anyhow::Result<()> {
     if !args.master_compat {
-        bail!("teia worker works only for seed 001 masters for now: pass --master-compat");
+        bail!(
+            "teia worker works only for the Python master/worker programs' masters for now: \
+             pass --master-compat"
+        );
     }
     let dir = data_dir(args.data_dir)?.join("worker");
     let python = teia_jobs::runner::resolve_python(&args.python);

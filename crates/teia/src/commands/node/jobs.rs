@@ -20,7 +20,7 @@ pub(super) struct Prepared {
     /// The HTTP API's listener (`--http`).
     http: Option<tokio::net::TcpListener>,
     /// The script jobs' master (`--tasks-dir`), already listening.
-    master: Option<teia_jobs::master::MasterHandle>,
+    pub(super) master: Option<teia_jobs::master::MasterHandle>,
 }
 
 /// Finds Python (with pytest when `--http` asks for it), binds the HTTP API and starts the

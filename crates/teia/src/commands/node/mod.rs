@@ -77,7 +77,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     // address in use ends the start here, at once, with nothing else started.
     let prepared = prepare(&args, &peer_id, &data_dir).await?;
     let mut embedded = None;
-    let rendezvous = match (args.rendezvous.clone(), peers.is_empty()) {
+    let rendezvous: Option<String> = match (args.rendezvous.clone(), peers.is_empty()) {
         (Some(server), _) => Some(server),
         (None, false) => None,
         (None, true) => {
@@ -85,6 +85,14 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
             Some(args.local_rendezvous.to_string())
         }
     };
+    let facts = serde_json::json!({
+        "pid": std::process::id(),
+        "peer_id": peer_id,
+        "key": key.to_string(),
+        "started_at": super::status::unix_now(),
+        "rendezvous": rendezvous,
+        "log": log.file(),
+    });
     let config = NodeConfig {
         overlay,
         listen: (!args.no_listen).then_some(SocketAddr::new(args.listen_ip, args.port)),
@@ -111,7 +119,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     let (handle, task) = (started.handle.clone(), started.task);
     // Whatever the services and the session end with, the node says BYE and stops.
     let node = (started.handle, started.events, started.inboxes);
-    let result = serve(args, data_dir, (trusted, key), prepared, node, log).await;
+    let result = serve(args, data_dir, (trusted, key), prepared, node, (log, facts)).await;
     let _ = handle.shutdown().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), task).await;
     if let Some(stop) = embedded {
@@ -135,9 +143,10 @@ async fn serve(
         tokio::sync::mpsc::Receiver<teia_node::node::NodeEvent>,
         teia_node::router::Inboxes,
     ),
-    log: LogControl,
+    (log, facts): (LogControl, serde_json::Value),
 ) -> anyhow::Result<()> {
     let peer_id = args.home.peer_id(&args.name)?;
+    let master = prepared.master.clone();
     let files_config = FilesConfig {
         db: node_file(&data_dir, &peer_id, "files.sqlite3"),
         shares: args.shares.clone(),
@@ -175,6 +184,18 @@ async fn serve(
         )?;
     }
     let stop = Stopper::new(http_stop, router.spawn(), handle.clone());
+    let status_path = node_file(&data_dir, &peer_id, "status.json");
+    let status = tokio::spawn(keep_status(
+        status_path.clone(),
+        facts,
+        Watched {
+            node: handle.clone(),
+            files: files.clone(),
+            engine: engine.clone(),
+            master,
+            http: http_addr,
+        },
+    ));
     let style = if args.json { Style::Json } else { Style::Text };
     let interactive = !args.json && std::io::stdin().is_terminal();
     let services = Services {
@@ -199,8 +220,74 @@ async fn serve(
         )
         .await
     };
+    status.abort();
+    let _ = std::fs::remove_file(&status_path);
     stop.stop().await;
     result
+}
+
+/// What a node's status file is made of, besides the facts known at start.
+struct Watched {
+    node: teia_node::node::NodeHandle,
+    files: Files,
+    engine: Option<teia_jobs::engine::Engine>,
+    master: Option<teia_jobs::master::MasterHandle>,
+    http: Option<SocketAddr>,
+}
+
+/// Rewrites the node's status file (`teia status` reads it) every
+/// [`super::status::STATUS_EVERY`] until aborted: the `facts` known at start, its addresses,
+/// peers, downloads, evaluations and jobs.
+async fn keep_status(path: std::path::PathBuf, facts: serde_json::Value, watched: Watched) {
+    use super::status::{DOWNLOADS_LISTED, PEERS_LISTED};
+    let mut ticker = tokio::time::interval(super::status::STATUS_EVERY);
+    loop {
+        ticker.tick().await;
+        let mut status = facts.clone();
+        let Some(map) = status.as_object_mut() else {
+            return;
+        };
+        let peers: Vec<String> = match watched.node.snapshot().await {
+            Ok(snapshot) => snapshot.neighbours.into_iter().map(|n| n.peer).collect(),
+            Err(_) => return,
+        };
+        map.insert("peer_count".into(), peers.len().into());
+        map.insert(
+            "peers".into(),
+            peers
+                .into_iter()
+                .take(PEERS_LISTED)
+                .collect::<Vec<_>>()
+                .into(),
+        );
+        let downloads = watched.files.downloads();
+        map.insert("download_count".into(), downloads.len().into());
+        let downloads: Vec<serde_json::Value> = downloads
+            .iter()
+            .take(DOWNLOADS_LISTED)
+            .map(|d| serde_json::json!({"name": d.name, "bytes": d.bytes, "size": d.size}))
+            .collect();
+        map.insert("downloads".into(), downloads.into());
+        map.insert(
+            "listen".into(),
+            serde_json::json!(watched.node.listen_addr().map(|a| a.to_string())),
+        );
+        map.insert(
+            "http".into(),
+            serde_json::json!(watched.http.map(|a| a.to_string())),
+        );
+        if let Some(engine) = &watched.engine {
+            map.insert("evaluations_unfinished".into(), engine.unfinished().into());
+        }
+        if let Some(master) = &watched.master {
+            map.insert("jobs_queued".into(), master.waiting().into());
+            map.insert("jobs_running".into(), master.running().into());
+        }
+        map.insert("updated_at".into(), super::status::unix_now().into());
+        if let Err(e) = super::status::write(&path, &status).await {
+            tracing::debug!(error = %e, path = %path.display(), "status file not written");
+        }
+    }
 }
 
 /// The services whose commands a session offers (`/get`, `/share`, …), and what stops the
