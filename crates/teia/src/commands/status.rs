@@ -104,18 +104,18 @@ pub fn show(args: StatusArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Where a node's files are, as a pattern (`DIR/nodes/PEER.*`).
+fn data_files(dir: &Path, peer: &str) -> String {
+    let stem = node_file(dir, peer, "").display().to_string();
+    format!("{}.*", stem.trim_end_matches('.'))
+}
+
 /// One node, in text.
 fn print_node(dir: &Path, peer: &str, is_running: bool, status: Option<&Value>) {
     let clean = crate::present::clean;
     if !is_running {
         println!("{}  stopped", clean(peer));
-        println!(
-            "  data: {}.*",
-            node_file(dir, peer, "")
-                .display()
-                .to_string()
-                .trim_end_matches('.')
-        );
+        println!("  data: {}", data_files(dir, peer));
         return;
     }
     let Some(status) = status else {
@@ -185,13 +185,7 @@ fn print_node(dir: &Path, peer: &str, is_running: bool, status: Option<&Value>) 
     ) {
         println!("  script jobs: {queued} queued, {running} running");
     }
-    println!(
-        "  data: {}.*",
-        node_file(dir, peer, "")
-            .display()
-            .to_string()
-            .trim_end_matches('.')
-    );
+    println!("  data: {}", data_files(dir, peer));
     match text("log") {
         Some(log) => println!("  log: {log}"),
         None => println!("  log: on its standard error"),
