@@ -12,6 +12,9 @@ use std::path::PathBuf;
 use clap::Parser;
 
 fn main() -> std::process::ExitCode {
+    // Descriptors inherited from whoever started teia (a lock, a socket) are no one else's
+    // business: none reaches a task, an interpreter or a tool the node starts.
+    close_fds::set_fds_cloexec(3, &[]);
     let cli = cli::Cli::parse();
     let log_file = cli
         .log_file

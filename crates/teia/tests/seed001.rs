@@ -1255,3 +1255,202 @@ fn a_source_outside_master_allow_is_refused() {
         std::io::ErrorKind::WouldBlock
     );
 }
+
+/// A task gets no descriptor its node inherited (here a file that whoever started the node
+/// left open), and its processes die with the node: killed with SIGKILL in the middle of a
+/// task, the node leaves nothing of it running.
+#[test]
+fn a_task_gets_nothing_the_node_inherited_and_dies_with_the_node() {
+    task_gets_nothing_inherited_and_dies_with_node(true);
+}
+
+/// The same without a sandbox (no `bwrap` on the node's `PATH`, `--unsandboxed`): the warm
+/// interpreter kills what it forked when its node is gone.
+#[test]
+fn without_a_sandbox_a_task_still_dies_with_the_node() {
+    task_gets_nothing_inherited_and_dies_with_node(false);
+}
+
+fn task_gets_nothing_inherited_and_dies_with_node(sandboxed: bool) {
+    let (dir, tasks) = tasks_folder();
+    let staging = dir.path().join("staging");
+    std::fs::create_dir_all(&staging).unwrap();
+    let inherited = dir.path().join("inherited-by-the-node");
+    // The node started by a shell that leaves descriptor 7 open, as `flock FILE teia` does.
+    let mut wrapper = Command::new("bash");
+    wrapper
+        .env("TEIA_NO_LAN", "1")
+        .args(["-c", "exec 7>>\"$0\" && exec \"$@\""])
+        .arg(&inherited)
+        .arg(env!("CARGO_BIN_EXE_teia"));
+    if !sandboxed {
+        // The programs a node and these tasks use, and no bwrap.
+        let bin = dir.path().join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        let python = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .unwrap();
+        let python = String::from_utf8(python.stdout).unwrap();
+        std::os::unix::fs::symlink(python.trim(), bin.join("python3")).unwrap();
+        for program in ["bash", "sh", "sleep", "env"] {
+            let found = Command::new("sh")
+                .args(["-c", "command -v \"$0\"", program])
+                .output()
+                .unwrap();
+            let path = String::from_utf8(found.stdout).unwrap();
+            std::os::unix::fs::symlink(path.trim(), bin.join(program)).unwrap();
+        }
+        wrapper.env("PATH", &bin);
+    }
+    let discovery = free_udp_port().to_string();
+    let mut flags = vec![
+        "--tasks-dir",
+        tasks.to_str().unwrap(),
+        "--master-port",
+        "127.0.0.1:0",
+        "--discovery-port",
+        &discovery,
+        "--http",
+        "127.0.0.1:0",
+        "--peer",
+        "127.0.0.1:1",
+    ];
+    if !sandboxed {
+        flags.push("--unsandboxed");
+    }
+    let node = NodeProcess::start_with(
+        wrapper,
+        tempfile::tempdir().unwrap(),
+        "jobs",
+        "seed001",
+        &flags,
+    );
+
+    let listening = node.wait_event("http_listening", |e| e["event"] == "http_listening");
+    let addr = listening["addr"].as_str().unwrap().to_owned();
+    let look = "import os\nprint('pid', os.getpid())\nfor fd in sorted(os.listdir('/proc/self/fd')):\n    try:\n        print(fd, os.readlink('/proc/self/fd/' + fd))\n    except OSError:\n        pass\n";
+    zip_task(&staging.join("look.zip"), look, "name,value\n");
+    let looked = run_job(&addr, &staging.join("look.zip"));
+    assert_eq!(looked["exit_code"], 0, "{looked}");
+    let seen = looked["stdout"].as_str().unwrap();
+    assert!(seen.contains("stdout.txt"), "{looked}");
+    assert!(!seen.contains("inherited-by-the-node"), "{seen}");
+    // In the sandbox, the task has a PID namespace of its own.
+    assert_eq!(
+        seen.lines().any(|line| line == "pid 1" || line == "pid 2"),
+        sandboxed,
+        "{seen}"
+    );
+
+    zip_task(
+        &staging.join("forever.zip"),
+        "import subprocess, time\nsubprocess.Popen(['sleep', '3600'])\ntime.sleep(3600)\n",
+        "name,value\n",
+    );
+    let (status, created) = post_file(
+        &addr,
+        "/jobs",
+        &std::fs::read(staging.join("forever.zip")).unwrap(),
+    );
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let node_pid = node.process.child.id();
+    // Running, and its `sleep` started: the node's descendants then include it.
+    let deadline = Instant::now() + PATIENCE;
+    let started = loop {
+        let (_, job) = get(&addr, &format!("/jobs/{id}"));
+        let family = descendants(node_pid);
+        if job["status"] == "running" && family.iter().any(|p| p.command == "sleep") {
+            break family;
+        }
+        assert!(Instant::now() < deadline, "not running: {job}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    node.kill9();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let left: Vec<&Descendant> = started.iter().filter(|p| p.still_running()).collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "left running after the node died: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Posts the job ZIP at `zip` to the node at `addr` and waits until it is done.
+fn run_job(addr: &str, zip: &Path) -> serde_json::Value {
+    let (status, created) = post_file(addr, "/jobs", &std::fs::read(zip).unwrap());
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_str().unwrap().to_owned();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, job) = get(addr, &format!("/jobs/{id}"));
+        assert_eq!(status, 200, "{job}");
+        if job["status"] == "done" {
+            return job;
+        }
+        assert!(Instant::now() < deadline, "not done: {job}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A process started, directly or not, by one of this test's processes.
+#[derive(Debug)]
+struct Descendant {
+    pid: u32,
+    /// Its start time (clock ticks since boot): tells it from a later process of its pid.
+    started: u64,
+    command: String,
+}
+
+impl Descendant {
+    /// Still running (not ended, not a zombie waiting for a reaper).
+    fn still_running(&self) -> bool {
+        stat_of(self.pid)
+            .is_some_and(|(state, _, started, _)| started == self.started && state != 'Z')
+    }
+}
+
+/// (state, parent pid, start time, command name) of `pid`, from `/proc/PID/stat`.
+fn stat_of(pid: u32) -> Option<(char, u32, u64, String)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let command = head.split_once('(')?.1.to_owned();
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let parent = fields.get(1)?.parse().ok()?;
+    let started = fields.get(19)?.parse().ok()?;
+    Some((state, parent, started, command))
+}
+
+/// Every living process under `root`, by parent links in `/proc`.
+fn descendants(root: u32) -> Vec<Descendant> {
+    let all: Vec<(u32, char, u32, u64, String)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let (state, parent, started, command) = stat_of(pid)?;
+            Some((pid, state, parent, started, command))
+        })
+        .collect();
+    let mut family = vec![root];
+    let mut found = Vec::new();
+    while let Some(parent) = family.pop() {
+        for (pid, state, _, started, command) in all.iter().filter(|p| p.2 == parent) {
+            family.push(*pid);
+            if *state != 'Z' {
+                found.push(Descendant {
+                    pid: *pid,
+                    started: *started,
+                    command: command.clone(),
+                });
+            }
+        }
+    }
+    found
+}

@@ -727,7 +727,7 @@ pub enum PythonError {
     NotPython3 {
         /// The interpreter given.
         python: PathBuf,
-        /// What it said on stderr.
+        /// What it said on stderr, or how it ended when it said nothing.
         said: String,
     },
     /// It runs, without pytest.
@@ -750,9 +750,14 @@ pub async fn find_python(python: &Path) -> Result<FoundPython, PythonError> {
             source,
         })?;
     if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr).trim().to_owned();
         return Err(PythonError::NotPython3 {
             python: python.to_owned(),
-            said: String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+            said: if stderr.is_empty() {
+                format!("it ended ({}) and said nothing", output.status)
+            } else {
+                stderr
+            },
         });
     }
     let text = String::from_utf8_lossy(&output.stdout).into_owned();

@@ -97,13 +97,38 @@ signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 events = selectors.DefaultSelector()
 events.register(server, selectors.EVENT_READ, "accept")
 events.register(0, selectors.EVENT_READ, "node")
+ZYGOTE = os.getpid()
+# Each forked child C leads a process group of its own (setsid): the zygote kills those
+# left when the node is gone. The ended ones are pruned once 256 are listed.
+children = set()
 print("ready", flush=True)
+
+def alive_child(pid):
+    try:
+        with open("/proc/%d/stat" % pid) as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        return int(fields[1]) == ZYGOTE and int(fields[2]) == pid
+    except (OSError, ValueError, IndexError):
+        return False
+
+def end():
+    for pid in children:
+        if alive_child(pid):
+            try:
+                os.killpg(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    sys.exit(0)
 
 def detach(conn, request):
     # The forked child C: its own session, no listening, no stdin; then, isolated, the pid
     # of the task's PID 1 said. Returns in the task only: C stays behind, waits for it and
     # says how it ended ("exit N"), so that the task cannot say it.
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    # C dies with the zygote, which dies with the node; a zygote gone already is seen here.
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != ZYGOTE:
+        os._exit(1)
     os.setsid()
     events.close()
     server.close()
@@ -201,7 +226,7 @@ while True:
     for key, _ in events.select():
         if key.data == "node":
             if not os.read(0, 4096):
-                sys.exit(0)
+                end()
             continue
         conn, _ = server.accept()
         try:
@@ -226,8 +251,12 @@ while True:
                 pass
             conn.close()
             continue
-        if os.fork() == 0:
+        pid = os.fork()
+        if pid == 0:
             run(conn, request)
+        if len(children) >= 256:
+            children = {child for child in children if alive_child(child)}
+        children.add(pid)
         conn.close()
 "#;
 
