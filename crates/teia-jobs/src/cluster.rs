@@ -133,8 +133,17 @@ impl Cluster {
         }
     }
 
-    /// Says CLUSTER_HELLO to `peer`.
+    /// Whether this node is in a cluster: it has a secret or trusts keys. Membership goes
+    /// both ways, so a node in none says no CLUSTER_HELLO.
+    pub(crate) fn configured(&self) -> bool {
+        self.config.secret.is_some() || !self.config.trusted.is_empty()
+    }
+
+    /// Says CLUSTER_HELLO to `peer`, when this node is in a cluster.
     pub(crate) async fn greet(&self, peer: &str) {
+        if !self.configured() {
+            return;
+        }
         let hello = JobMessage::ClusterHello {
             proof: self.proof(),
             port: self.config.node.listen_addr().map(|a| a.port()),

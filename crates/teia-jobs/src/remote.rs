@@ -425,6 +425,13 @@ impl Engine {
             .rules()
             .receive(src, origin_key, &message, Instant::now());
         match verdict {
+            // A node in no cluster (no secret, no trusted key) refuses every greeting: that
+            // is no news for the warning log.
+            Verdict::Refused(why)
+                if !cluster.configured() && matches!(message, JobMessage::ClusterHello { .. }) =>
+            {
+                return tracing::debug!(%src, reason = %why, "CLUSTER_HELLO refused: this node is in no cluster");
+            }
             Verdict::Refused(why) => return cluster.refuse(src, message.kind(), why),
             Verdict::Admitted { new, greet_back } => {
                 if new {

@@ -43,8 +43,8 @@ fn shell_chats_with_a_peer_and_quits() {
     bob.msg("@alice@UnB", "resposta");
     alice.wait_for_log("[bob@UnB] resposta");
 
-    type_line("/routes");
     let from = alice.log_len();
+    type_line("/routes");
     alice.wait_for_log_after("neighbours:", from);
     type_line("/frobnicate");
     alice.wait_for_log("unknown command /frobnicate");
