@@ -501,7 +501,15 @@ fn measure(teia: &Path, work: &Path, size: u64, raw: f64, raw_disk: f64) -> anyh
     // teia send / teia receive.
     let big = work.join("share/big.bin");
     let mut sender = Command::new(teia)
-        .args(["send", "--json", "--listen", "127.0.0.1:0", "--log", "warn"])
+        .args([
+            "send",
+            "--json",
+            "--no-code",
+            "--listen",
+            "127.0.0.1:0",
+            "--log",
+            "warn",
+        ])
         .arg(&big)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

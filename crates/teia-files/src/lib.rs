@@ -6,6 +6,7 @@
 //! download planner ([`proto::plan`]), the messages ([`proto::msg`]) and name matching. The
 //! other modules are the runtime: the share index on disk, serving, downloading.
 
+pub mod code;
 pub mod download;
 mod fetch;
 mod findings;

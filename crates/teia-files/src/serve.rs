@@ -11,7 +11,8 @@ use teia_node::stream::{DataStream, StreamError};
 use crate::proto::msg::{self, code, Reply, Request, MAX_CHUNKS_PER_REQUEST, MAX_STREAM_LINE};
 use crate::proto::tree::{Hash, Layout};
 use crate::share;
-use crate::state::{Approval, DialBack, Inner, MAX_SERVING, MAX_STREAMS_PER_PEER};
+use crate::state::{Approval, DialBack, FilesEvent, Inner, MAX_SERVING, MAX_STREAMS_PER_PEER};
+use crate::store::SharedFile;
 use crate::sync::lock;
 use std::net::SocketAddr;
 use teia_core::identity::PublicKey;
@@ -173,46 +174,74 @@ pub(crate) async fn serve_requests(inner: Arc<Inner>, mut stream: DataStream) {
         return;
     }
     tracing::info!(%peer, file = %file.name, "serving");
+    let started = std::time::Instant::now();
+    let bytes = send_chunks(&inner, &mut stream, &file, &opened).await;
+    if bytes > 0 {
+        inner
+            .emit(FilesEvent::Served {
+                peer,
+                name: file.name.clone(),
+                size: file.size,
+                bytes,
+                seconds: started.elapsed().as_secs_f64(),
+            })
+            .await;
+    }
+}
+
+/// Sends the chunks `stream` asks for until it ends or errs; the file's bytes sent.
+async fn send_chunks(
+    inner: &Inner,
+    stream: &mut DataStream,
+    file: &SharedFile,
+    opened: &std::fs::File,
+) -> u64 {
     let layout = Layout::new(file.size);
     let mut buffer = vec![0u8; PIECE.min(layout.chunk as usize)];
+    let mut total = 0u64;
     loop {
-        let chunks = match read_request(&mut stream).await {
+        let chunks = match read_request(stream).await {
             Ok(Some(Request::Chunks { chunks })) if chunks.len() <= MAX_CHUNKS_PER_REQUEST => {
                 chunks
             }
             Ok(Some(_)) => {
                 let detail = format!("CHUNKS of at most {MAX_CHUNKS_PER_REQUEST} expected");
-                return refuse(&mut stream, code::BAD_REQUEST, detail).await;
+                refuse(stream, code::BAD_REQUEST, detail).await;
+                return total;
             }
-            Ok(None) => return,
-            Err(e) => return refuse(&mut stream, code::BAD_REQUEST, e.to_string()).await,
+            Ok(None) => return total,
+            Err(e) => {
+                refuse(stream, code::BAD_REQUEST, e.to_string()).await;
+                return total;
+            }
         };
         for index in chunks {
             let Some((offset, len)) = layout.range(index) else {
-                let detail = format!("no chunk {index}");
-                return refuse(&mut stream, code::BAD_REQUEST, detail).await;
+                refuse(stream, code::BAD_REQUEST, format!("no chunk {index}")).await;
+                return total;
             };
             let header = msg::line(&Reply::Data { chunk: index, len });
             if stream.queue(&header).is_err() {
-                return;
+                return total;
             }
             let mut sent = 0u64;
             while sent < len {
                 let want = ((len - sent) as usize).min(buffer.len());
                 let Some(piece) = buffer.get_mut(..want) else {
-                    return;
+                    return total;
                 };
                 if let Err(e) = opened.read_exact_at(piece, offset + sent) {
-                    let detail = format!("{}: {e}", file.name);
-                    return refuse(&mut stream, code::IO, detail).await;
+                    refuse(stream, code::IO, format!("{}: {e}", file.name)).await;
+                    return total;
                 }
                 if let Some(throttle) = &inner.throttle {
                     throttle.take(want).await;
                 }
                 if stream.queue(piece).is_err() || stream.flush().await.is_err() {
-                    return;
+                    return total;
                 }
                 sent += want as u64;
+                total += want as u64;
             }
         }
     }

@@ -208,6 +208,19 @@ pub enum FilesEvent {
         /// Its hash.
         hash: Hash,
     },
+    /// A stream that served one of our files to a peer ended (a download may use several).
+    Served {
+        /// Who fetched.
+        peer: String,
+        /// The file's name.
+        name: String,
+        /// Its size.
+        size: u64,
+        /// Bytes of it sent on this stream.
+        bytes: u64,
+        /// Time the stream served, from its first byte.
+        seconds: f64,
+    },
     /// A download from a course peer (seed 004) finished.
     SeedDone {
         /// The file's name.

@@ -20,7 +20,7 @@ Examples:
   teia node --name alice             a node and its chat shell (in another terminal:
                                      teia node --name bob, then /msg alice hi)
   teia send photo.jpg                send one file; the other side runs the printed
-                                     `teia receive …` line
+                                     `teia receive 174-cider-chimney` line
   teia node --name judge --http 5001 serve evaluations; then: teia eval submit work.zip
   teia status                        what the nodes of this machine are doing
 
@@ -82,10 +82,10 @@ pub enum Command {
     Index(IndexArgs),
     /// Submit an evaluation to a node's HTTP API and follow it; or show or list evaluations.
     Eval(EvalArgs),
-    /// Send one file without running a node: prints a ticket, then serves the file until
-    /// interrupted.
+    /// Send one file without running a node: prints a short code and a ticket, then serves
+    /// the file until interrupted.
     Send(SendArgs),
-    /// Fetch the file of a ticket printed by `teia send`, verified, and exit.
+    /// Fetch the file of a code or ticket printed by `teia send`, verified, and exit.
     Receive(ReceiveArgs),
     /// Submit script jobs (a `main.py` run over its `input.csv`) to a node's HTTP API and
     /// follow them; or show one.
@@ -340,7 +340,12 @@ pub struct SendArgs {
     /// Address to serve it on (port 0: any free port).
     #[arg(long, default_value = "0.0.0.0:0", value_name = "ADDR")]
     pub listen: SocketAddr,
-    /// Print JSON lines (the ticket, then one per finished receiver) instead of text.
+    #[command(flatten)]
+    pub codes: CodeRendezvous,
+    /// Print the ticket only, no short code.
+    #[arg(long)]
+    pub no_code: bool,
+    /// Print JSON lines (the ticket and code, then one per stream served) instead of text.
     #[arg(long)]
     pub json: bool,
 }
@@ -348,8 +353,10 @@ pub struct SendArgs {
 /// Flags of `teia receive`.
 #[derive(Debug, Args)]
 pub struct ReceiveArgs {
-    /// The ticket `teia send` printed.
+    /// The short code (like 7-maple-otter) or the ticket `teia send` printed.
     pub ticket: String,
+    #[command(flatten)]
+    pub codes: CodeRendezvous,
     /// Folder to put the file in.
     #[arg(long, default_value = ".", value_name = "DIR")]
     pub to: PathBuf,
@@ -357,6 +364,20 @@ pub struct ReceiveArgs {
     /// progress bar.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Where `teia send` and `teia receive` meet over a short code.
+#[derive(Debug, Args)]
+pub struct CodeRendezvous {
+    /// Rendezvous where a short code's number is registered by the sender and looked up by
+    /// the receiver (on this machine's, if nothing answers, `teia send` runs it).
+    #[arg(
+        long,
+        env = "TEIA_RENDEZVOUS",
+        default_value = "127.0.0.1:8080",
+        value_name = "HOST:PORT"
+    )]
+    pub rendezvous: String,
 }
 
 /// Flags of `teia token`.

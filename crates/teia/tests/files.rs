@@ -326,7 +326,7 @@ fn send_and_receive_with_a_ticket() {
     random_file(&file, 5 << 20, 13);
     let mut sender = teia();
     sender
-        .args(["send", "--json", "--listen", "127.0.0.1:0"])
+        .args(["send", "--json", "--no-code", "--listen", "127.0.0.1:0"])
         .arg(&file);
     let (sender, _stdin) = Process::spawn_capturing(sender);
     let line = sender.wait_for_log("\"ticket\"");
@@ -371,6 +371,87 @@ fn send_and_receive_with_a_ticket() {
     let stderr = String::from_utf8_lossy(&gone.stderr);
     assert!(!gone.status.success());
     assert!(stderr.contains("the sender cannot be reached"), "{stderr}");
+}
+
+/// A file sent with a short code: the receiver gets it with the code alone (found at the
+/// rendezvous), the sender says who got what; the code is then spent. Another sender's
+/// code, given with a wrong word, is refused and void: the right code no longer finds it,
+/// and its ticket still works.
+#[test]
+fn a_short_code_gets_the_file_once_and_a_wrong_one_voids_it() {
+    let (_rdv_dir, rdv) = rendezvous();
+    let rdv_addr = rdv.addr.to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("notes.txt");
+    random_file(&file, 300_000, 5);
+    let start_sender = || {
+        let mut sender = teia();
+        sender
+            .args([
+                "send",
+                "--json",
+                "--listen",
+                "127.0.0.1:0",
+                "--rendezvous",
+                &rdv_addr,
+            ])
+            .arg(&file);
+        let (sender, stdin) = Process::spawn_capturing(sender);
+        let line = sender.wait_for_log("\"ticket\"");
+        let ticket: Value = serde_json::from_str(&line[line.find('{').unwrap()..]).unwrap();
+        (sender, stdin, ticket)
+    };
+    let receive = |what: &str, to: &str| {
+        teia()
+            .args(["receive", what, "--rendezvous", &rdv_addr, "--to"])
+            .arg(dir.path().join(to))
+            .output()
+            .unwrap()
+    };
+
+    let (sender, _stdin, ticket) = start_sender();
+    let code = ticket["code"].as_str().unwrap().to_owned();
+    let got = receive(&code, "first");
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert!(same_content(&dir.path().join("first/notes.txt"), &file));
+    let used = sender.wait_for_log("\"code_used\"");
+    assert!(used.contains(&code), "{used}");
+    let served = sender.wait_for_log("\"served\"");
+    assert!(
+        served.contains("notes.txt") && served.contains("receive-"),
+        "{served}"
+    );
+    let again = receive(&code, "again");
+    assert!(!again.status.success());
+    let said = String::from_utf8_lossy(&again.stderr);
+    assert!(said.contains("no sender has code number"), "{said}");
+
+    let (other, _other_stdin, other_ticket) = start_sender();
+    let other_code = other_ticket["code"].as_str().unwrap().to_owned();
+    let (number, words) = other_code.split_once('-').unwrap();
+    let wrong_word = if words.starts_with("zebra-") {
+        "yogurt"
+    } else {
+        "zebra"
+    };
+    let wrong = format!("{number}-{wrong_word}-{}", words.split_once('-').unwrap().1);
+    let guessed = receive(&wrong, "guess");
+    assert!(!guessed.status.success());
+    let said = String::from_utf8_lossy(&guessed.stderr);
+    assert!(said.contains("wrong code"), "{said}");
+    assert!(!dir.path().join("guess/notes.txt").exists());
+    other.wait_for_log("\"code_void\"");
+    let late = receive(&other_code, "late");
+    assert!(!late.status.success());
+    let ticket_still = receive(other_ticket["ticket"].as_str().unwrap(), "by-ticket");
+    assert!(ticket_still.status.success());
+    assert!(same_content(&dir.path().join("by-ticket/notes.txt"), &file));
+    let junk = receive("seven-maple-otter", "junk");
+    assert!(String::from_utf8_lossy(&junk.stderr).contains("neither a code"));
 }
 
 /// Opens a `files` stream to `addr` as a fresh identity.

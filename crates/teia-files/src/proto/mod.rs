@@ -1,5 +1,6 @@
 //! The sans-IO part of file sharing: no sockets, no files, no clock.
 
+pub mod code;
 pub mod msg;
 pub mod napster;
 pub mod plan;

@@ -406,6 +406,23 @@ pub fn describe(event: &FilesEvent) -> (Value, String) {
                 human_bytes(*size)
             ),
         ),
+        FilesEvent::Served {
+            peer,
+            name,
+            size,
+            bytes,
+            seconds,
+        } => (
+            json!({"event":"served","peer":peer,"name":name,"size":size,"bytes":bytes,
+                   "seconds":(seconds * 1000.0).round() / 1000.0}),
+            format!(
+                "⇡ sent {} of {} ({}) to {} in {seconds:.1} s",
+                human_bytes(*bytes),
+                clean(name),
+                human_bytes(*size),
+                clean(peer)
+            ),
+        ),
         FilesEvent::SeedDone {
             name,
             path,

@@ -1,7 +1,13 @@
-//! `teia send` and `teia receive`: one-shot transfers with a ticket, like `sendme`. Each side
-//! runs a short-lived node of its own (a fresh key, no rendezvous, no peers, nothing kept)
-//! with the file-sharing service, so a transfer is the same verified, encrypted data stream
-//! as a download between nodes.
+//! `teia send` and `teia receive`: one-shot transfers with a ticket, like `sendme`, or with a
+//! short code a person can read out, like magic-wormhole. Each side runs a short-lived node
+//! of its own (a fresh key, no peers, nothing kept) with the file-sharing service, so a
+//! transfer is the same verified, encrypted data stream as a download between nodes. A
+//! code's number is registered at a rendezvous (the local one by default, which `teia send`
+//! runs when none does); its words are checked by a PAKE ([`teia_files::proto::code`]).
+//!
+//! **Bounds**: a code's record lives [`CODE_TTL`] seconds at the rendezvous and is renewed
+//! at half of it while `teia send` runs; [`NAMEPLATE_DRAWS`] numbers are drawn before the
+//! rendezvous is called full.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -13,10 +19,13 @@ use anyhow::{bail, Context};
 use serde_json::json;
 use teia_core::identity::PublicKey;
 use teia_core::overlay::Config as OverlayConfig;
-use teia_files::proto::ticket::Ticket;
+use teia_files::code::OfferEnd;
+use teia_files::proto::code::{Code, MAX_NAMEPLATE, NAMESPACE as CODES};
+use teia_files::proto::ticket::{Ticket, PREFIX};
 use teia_files::proto::tree::Hash;
 use teia_files::{Approval, Files, FilesConfig, FilesEvent, Source};
 use teia_node::node::{start, NodeConfig};
+use teia_node::rendezvous::RendezvousClient;
 use teia_node::router::{Router, ServiceRoute};
 use tokio::sync::mpsc;
 
@@ -24,6 +33,11 @@ use super::files::describe;
 use super::shutdown_signal;
 use crate::cli::{ReceiveArgs, SendArgs};
 use crate::present::human_bytes;
+
+/// Seconds a code's rendezvous record lives (renewed at half of it).
+const CODE_TTL: u32 = 600;
+/// Numbers drawn for a code before the rendezvous is called full.
+const NAMEPLATE_DRAWS: usize = 32;
 
 /// A scratch folder for a one-shot node's database, removed when dropped.
 struct Scratch(PathBuf);
@@ -152,24 +166,251 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
             .collect(),
     };
     let encoded = ticket.encode();
+    let rendezvous_dir = Scratch::new("send-rendezvous")?;
+    let offer = if args.no_code {
+        None
+    } else {
+        match offer_code(
+            &args.codes.rendezvous,
+            args.listen.ip(),
+            &encoded,
+            &rendezvous_dir.0,
+        )
+        .await
+        {
+            Ok(offer) => Some(offer),
+            Err(e) => {
+                eprintln!("no short code: {e:#}; the ticket works without one");
+                None
+            }
+        }
+    };
+    let code = offer.as_ref().map(|o| o.code.to_string());
     if args.json {
         println!(
             "{}",
-            json!({"event":"ticket","ticket":encoded,"hash":ticket.hash,"size":ticket.size,
-                   "name":ticket.name,"addrs":ticket.addrs})
+            json!({"event":"ticket","ticket":encoded,"code":code,"hash":ticket.hash,
+                   "size":ticket.size,"name":ticket.name,"addrs":ticket.addrs})
         );
     } else {
         println!(
-            "sending {} ({}), BLAKE3 {}\nto receive it, run:\n\n  teia receive {encoded}\n\nserving until Ctrl-C",
+            "sending {} ({}), BLAKE3 {}",
             summary.path.display(),
             human_bytes(file.size),
             ticket.hash
         );
+        match &code {
+            Some(code) => println!(
+                "to receive it, run:\n\n  teia receive {code}\n\n(one try: a wrong code voids it; \
+                 on another machine add --rendezvous HOST:PORT, or use the ticket:\n  teia receive {encoded} )"
+            ),
+            None => println!("to receive it, run:\n\n  teia receive {encoded}\n"),
+        }
+        println!("serving until Ctrl-C");
     }
     let _ = std::io::stdout().flush();
-    shutdown_signal().await;
+    let mut shot = shot;
+    let (ended_tx, mut ended) = mpsc::channel::<OfferEnd>(1);
+    let mut code_open = offer.is_some();
+    let mut offer = offer;
+    if let Some(offer) = offer.as_mut() {
+        if let Some(task) = offer.task.take() {
+            tokio::spawn(async move {
+                if let Ok(end) = task.await {
+                    let _ = ended_tx.send(end).await;
+                }
+            });
+        }
+    }
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    loop {
+        tokio::select! {
+            () = &mut signal => break,
+            end = ended.recv(), if code_open => {
+                code_open = false;
+                if let (Some(end), Some(offer)) = (end, offer.as_mut()) {
+                    say_offer_end(&end, &offer.code, args.json);
+                    offer.withdraw().await;
+                }
+            }
+            event = shot.events.recv() => {
+                let Some(event) = event else { break };
+                if let FilesEvent::Served { .. } = &event {
+                    let (json, text) = describe(&event);
+                    if args.json {
+                        println!("{json}");
+                    } else {
+                        println!("{text}");
+                    }
+                }
+            }
+        }
+    }
+    if let Some(offer) = offer.as_mut() {
+        if code_open {
+            offer.withdraw().await;
+        }
+    }
     let _ = shot.node.shutdown().await;
     Ok(())
+}
+
+/// A short code on offer: what ends it, and what to withdraw at the end.
+struct CodeOffer {
+    code: Code,
+    /// Answers exchanges until one proves the code or a proof is wrong (taken to wait on).
+    task: Option<tokio::task::JoinHandle<OfferEnd>>,
+    rendezvous: RendezvousClient,
+    port: u16,
+    /// Renews the record.
+    renew: tokio::task::JoinHandle<()>,
+    /// Stops the local rendezvous this sender runs, if it runs one.
+    _local: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl CodeOffer {
+    /// Removes the code's record and stops answering for it (a local rendezvous it runs
+    /// keeps running until the offer is dropped).
+    async fn withdraw(&mut self) {
+        self.renew.abort();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+        let name = self.code.nameplate.to_string();
+        if let Err(e) = self
+            .rendezvous
+            .unregister(CODES, Some(&name), Some(self.port))
+            .await
+        {
+            tracing::debug!(error = %e, "code record not removed (it expires)");
+        }
+    }
+}
+
+/// Draws a code whose number is free at `rendezvous`, registers it, and answers exchanges
+/// for it with `ticket` on a listener of its own on `ip`. On a loopback `rendezvous` that
+/// nothing answers, runs one (its database in `dir`).
+async fn offer_code(
+    rendezvous: &str,
+    ip: std::net::IpAddr,
+    ticket: &str,
+    dir: &Path,
+) -> anyhow::Result<CodeOffer> {
+    let mut local = None;
+    if let Ok(addr) = rendezvous.parse::<SocketAddr>() {
+        if addr.ip().is_loopback() {
+            local = super::node::local_rendezvous(dir.to_path_buf(), addr).await?;
+        }
+    }
+    let client = RendezvousClient::new(rendezvous)
+        .with_timeouts(Duration::from_secs(2), Duration::from_secs(5));
+    let taken: Vec<String> = client
+        .discover(Some(CODES))
+        .await
+        .with_context(|| format!("the rendezvous {rendezvous} does not answer"))?
+        .into_iter()
+        .map(|record| record.name)
+        .collect();
+    let mut nameplate = None;
+    for _ in 0..NAMEPLATE_DRAWS {
+        let mut draw = [0u8; 2];
+        getrandom::fill(&mut draw).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
+        let number = u32::from(u16::from_le_bytes(draw)) % MAX_NAMEPLATE + 1;
+        if !taken.contains(&number.to_string()) {
+            nameplate = Some(number);
+            break;
+        }
+    }
+    let nameplate = nameplate.context("the rendezvous holds too many codes")?;
+    let code = Code::random(nameplate)?;
+    let listener = tokio::net::TcpListener::bind((ip, 0))
+        .await
+        .context("cannot listen for code exchanges")?;
+    let port = listener.local_addr()?.port();
+    let name = nameplate.to_string();
+    client
+        .register(CODES, &name, port, CODE_TTL)
+        .await
+        .with_context(|| format!("the rendezvous {rendezvous} refused the code's record"))?;
+    let renew = tokio::spawn({
+        let client = client.clone();
+        async move {
+            loop {
+                tokio::time::sleep(Duration::from_secs(u64::from(CODE_TTL / 2))).await;
+                if let Err(e) = client.register(CODES, &name, port, CODE_TTL).await {
+                    tracing::warn!(error = %e, "the code's record could not be renewed");
+                }
+            }
+        }
+    });
+    let task = tokio::spawn(teia_files::code::offer(
+        listener,
+        code.clone(),
+        ticket.to_owned(),
+    ));
+    Ok(CodeOffer {
+        code,
+        task: Some(task),
+        rendezvous: client,
+        port,
+        renew,
+        _local: local,
+    })
+}
+
+/// Says how the offer of `code` ended.
+fn say_offer_end(end: &OfferEnd, code: &Code, json: bool) {
+    match (end, json) {
+        (OfferEnd::Used { by }, true) => {
+            println!(
+                "{}",
+                json!({"event":"code_used","code":code.to_string(),"by":by.to_string()})
+            )
+        }
+        (OfferEnd::Voided { by }, true) => {
+            println!(
+                "{}",
+                json!({"event":"code_void","code":code.to_string(),"by":by.to_string()})
+            )
+        }
+        (OfferEnd::Used { by }, false) => println!(
+            "… code {code} used by {}: the ticket went there (the code is spent)",
+            by.ip()
+        ),
+        (OfferEnd::Voided { by }, false) => println!(
+            "! {} gave a wrong code: {code} is void (one try per code); the ticket still works",
+            by.ip()
+        ),
+    }
+}
+
+/// The ticket of a code: the sender's number looked up at `rendezvous`, then the exchange.
+async fn redeem_code(rendezvous: &str, code: &Code) -> anyhow::Result<String> {
+    let client = RendezvousClient::new(rendezvous)
+        .with_timeouts(Duration::from_secs(2), Duration::from_secs(5));
+    let records = client.discover(Some(CODES)).await.with_context(|| {
+        format!(
+            "cannot look the code up: the rendezvous {rendezvous} does not answer (give the \
+             one the sender used with --rendezvous HOST:PORT, or use the ticket)"
+        )
+    })?;
+    let name = code.nameplate.to_string();
+    let record = records
+        .iter()
+        .find(|record| record.name == name)
+        .with_context(|| {
+            format!(
+                "no sender has code number {name} at the rendezvous {rendezvous}: a code works \
+                 only while its `teia send` runs (and on another machine, with the same \
+                 --rendezvous)"
+            )
+        })?;
+    let ip: std::net::IpAddr = record
+        .ip
+        .parse()
+        .with_context(|| format!("the rendezvous gave no address for code {name}"))?;
+    Ok(teia_files::code::redeem(SocketAddr::new(ip, record.port), code).await?)
 }
 
 /// The addresses a ticket's sender served on, for people.
@@ -185,7 +426,20 @@ fn where_sent(ticket: &Ticket) -> String {
 
 /// `teia receive TICKET`: fetches, verifies, exits 0 when the file is on disk.
 pub async fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
-    let ticket = Ticket::decode(&args.ticket)?;
+    let given = args.ticket.trim();
+    let text = if given.starts_with(PREFIX) {
+        given.to_owned()
+    } else {
+        match Code::parse(given) {
+            Ok(code) => redeem_code(&args.codes.rendezvous, &code).await?,
+            Err(_) => bail!(
+                "{} is neither a code (like 7-maple-otter) nor a ticket (teia1…): copy what \
+                 `teia send` printed",
+                crate::present::clean(given)
+            ),
+        }
+    };
+    let ticket = Ticket::decode(&text)?;
     let hash = Hash::from_hex(&ticket.hash).context("the ticket's hash is not 64 hex digits")?;
     let key = PublicKey::parse(&ticket.key).context("the ticket's key is malformed")?;
     let addrs: Vec<SocketAddr> = ticket

@@ -352,7 +352,7 @@ async fn local_rendezvous_answers(addr: SocketAddr) -> bool {
 /// there, starts a rendezvous on it. Two nodes
 /// started at once both find nothing: the one that binds first runs the rendezvous, the
 /// other uses it (it waits up to [`RENDEZVOUS_RACE`] for the winner to accept).
-async fn local_rendezvous(
+pub(crate) async fn local_rendezvous(
     data_dir: std::path::PathBuf,
     addr: SocketAddr,
 ) -> anyhow::Result<Option<tokio::sync::oneshot::Sender<()>>> {
