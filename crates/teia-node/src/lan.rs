@@ -23,7 +23,7 @@ pub struct LanSettings {
 }
 
 /// Where a broadcast goes now: the given addresses, or those of the interfaces.
-fn targets(settings: &LanSettings) -> Vec<IpAddr> {
+pub fn targets(settings: &LanSettings) -> Vec<IpAddr> {
     if !settings.broadcast.is_empty() {
         return settings.broadcast.clone();
     }
@@ -91,7 +91,7 @@ fn unix_millis() -> u64 {
 
 /// Binds a UDP socket on `port` of every IPv4 address, able to broadcast; `shared` lets
 /// other sockets (other nodes of this machine) bind the same port.
-fn bind(port: u16, shared: bool) -> std::io::Result<UdpSocket> {
+pub fn bind(port: u16, shared: bool) -> std::io::Result<UdpSocket> {
     use rustix::net::{sockopt, AddressFamily, SocketFlags, SocketType};
     // Close-on-exec, as every descriptor of the node: a task it starts must not inherit it.
     let fd = rustix::net::socket_with(

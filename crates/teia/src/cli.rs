@@ -366,7 +366,7 @@ pub struct ReceiveArgs {
     pub json: bool,
 }
 
-/// Where `teia send` and `teia receive` meet over a short code.
+/// Where `teia send` and `teia receive` meet over a short code: a rendezvous, and the LAN.
 #[derive(Debug, Args)]
 pub struct CodeRendezvous {
     /// Rendezvous where a short code's number is registered by the sender and looked up by
@@ -378,6 +378,26 @@ pub struct CodeRendezvous {
         value_name = "HOST:PORT"
     )]
     pub rendezvous: String,
+    /// Do not look for (or answer) the code's number on the LAN by UDP broadcast.
+    #[arg(long, env = "TEIA_NO_LAN", value_parser = clap::builder::BoolishValueParser::new())]
+    pub no_lan: bool,
+    /// UDP port of LAN discovery (the nodes' own).
+    #[arg(long, env = "TEIA_LAN_PORT", value_name = "PORT", default_value_t = teia_core::lan::LAN_PORT)]
+    pub lan_port: u16,
+    /// Address LAN broadcasts go to (repeatable; 127.255.255.255 keeps them on this
+    /// machine). Default: 255.255.255.255 and each interface's broadcast address.
+    #[arg(long = "lan-broadcast", value_name = "IP")]
+    pub lan_broadcast: Vec<IpAddr>,
+}
+
+impl CodeRendezvous {
+    /// LAN discovery's settings, unless it is off.
+    pub fn lan(&self) -> Option<teia_node::lan::LanSettings> {
+        (!self.no_lan).then(|| teia_node::lan::LanSettings {
+            port: self.lan_port,
+            broadcast: self.lan_broadcast.clone(),
+        })
+    }
 }
 
 /// Flags of `teia token`.
@@ -503,70 +523,6 @@ pub struct NodeArgs {
     #[arg(help_heading = "Network", long = "peer", value_name = "HOST:PORT")]
     pub peers: Vec<String>,
 
-    /// Print one JSON event per line on stdout and read commands from stdin (for scripts).
-    #[arg(help_heading = "Output", long)]
-    pub json: bool,
-
-    /// Seconds between two PINGs on a link.
-    #[arg(
-        help_heading = "Limits and timing",
-        long,
-        env = "TEIA_PING_INTERVAL",
-        default_value_t = 30.0,
-        value_name = "SECONDS"
-    )]
-    pub ping_interval: f64,
-
-    /// Neighbours the node dials on its own (from the rendezvous and peer lists).
-    #[arg(
-        help_heading = "Limits and timing",
-        long,
-        env = "TEIA_MAX_NEIGHBOURS",
-        default_value_t = 8,
-        value_name = "N"
-    )]
-    pub max_neighbours: usize,
-
-    /// Seconds between two DISCOVERs at the rendezvous.
-    #[arg(
-        help_heading = "Limits and timing",
-        long,
-        env = "TEIA_DISCOVER_INTERVAL",
-        default_value_t = 30.0,
-        value_name = "SECONDS"
-    )]
-    pub discover_interval: f64,
-
-    /// Lifetime asked for the rendezvous registration, in seconds (renewed at half of it).
-    #[arg(
-        help_heading = "Limits and timing",
-        long,
-        env = "TEIA_REGISTER_TTL",
-        default_value_t = 120,
-        value_name = "SECONDS"
-    )]
-    pub register_ttl: u32,
-
-    /// Seconds a SEND is retransmitted for before it is reported undelivered.
-    #[arg(
-        help_heading = "Limits and timing",
-        long,
-        env = "TEIA_SEND_DEADLINE",
-        default_value_t = 60.0,
-        value_name = "SECONDS"
-    )]
-    pub send_deadline: f64,
-
-    /// Failed dials in a row before a peer's address is given up.
-    #[arg(
-        help_heading = "Limits and timing",
-        long,
-        env = "TEIA_RECONNECT_ATTEMPTS",
-        default_value_t = 10,
-        value_name = "N"
-    )]
-    pub reconnect_attempts: u32,
-
     /// Refuse peers that do not complete the encrypted, authenticated handshake (chat
     /// programs that speak plain JSON lines are then refused).
     #[arg(help_heading = "Network", long, env = "TEIA_REQUIRE_ENCRYPTION")]
@@ -612,6 +568,16 @@ pub struct NodeArgs {
         value_name = "HOST:PORT"
     )]
     pub index: Option<String>,
+
+    /// Folder downloads go to unless /get names one.
+    #[arg(
+        help_heading = "Sharing files",
+        long,
+        env = "TEIA_DOWNLOAD_DIR",
+        default_value = ".",
+        value_name = "DIR"
+    )]
+    pub download_dir: PathBuf,
 
     /// Serve the HTTP API (evaluations of pytest suites, script jobs) on this address; a bare
     /// port means 127.0.0.1. Needs Python 3 with pytest.
@@ -752,15 +718,69 @@ pub struct NodeArgs {
     )]
     pub discovery_ports: Vec<u16>,
 
-    /// Folder downloads go to unless /get names one.
+    /// Print one JSON event per line on stdout and read commands from stdin (for scripts).
+    #[arg(help_heading = "Output", long)]
+    pub json: bool,
+
+    /// Seconds between two PINGs on a link.
     #[arg(
-        help_heading = "Sharing files",
+        help_heading = "Limits and timing",
         long,
-        env = "TEIA_DOWNLOAD_DIR",
-        default_value = ".",
-        value_name = "DIR"
+        env = "TEIA_PING_INTERVAL",
+        default_value_t = 30.0,
+        value_name = "SECONDS"
     )]
-    pub download_dir: PathBuf,
+    pub ping_interval: f64,
+
+    /// Neighbours the node dials on its own (from the rendezvous and peer lists).
+    #[arg(
+        help_heading = "Limits and timing",
+        long,
+        env = "TEIA_MAX_NEIGHBOURS",
+        default_value_t = 8,
+        value_name = "N"
+    )]
+    pub max_neighbours: usize,
+
+    /// Seconds between two DISCOVERs at the rendezvous.
+    #[arg(
+        help_heading = "Limits and timing",
+        long,
+        env = "TEIA_DISCOVER_INTERVAL",
+        default_value_t = 30.0,
+        value_name = "SECONDS"
+    )]
+    pub discover_interval: f64,
+
+    /// Lifetime asked for the rendezvous registration, in seconds (renewed at half of it).
+    #[arg(
+        help_heading = "Limits and timing",
+        long,
+        env = "TEIA_REGISTER_TTL",
+        default_value_t = 120,
+        value_name = "SECONDS"
+    )]
+    pub register_ttl: u32,
+
+    /// Seconds a SEND is retransmitted for before it is reported undelivered.
+    #[arg(
+        help_heading = "Limits and timing",
+        long,
+        env = "TEIA_SEND_DEADLINE",
+        default_value_t = 60.0,
+        value_name = "SECONDS"
+    )]
+    pub send_deadline: f64,
+
+    /// Failed dials in a row before a peer's address is given up.
+    #[arg(
+        help_heading = "Limits and timing",
+        long,
+        env = "TEIA_RECONNECT_ATTEMPTS",
+        default_value_t = 10,
+        value_name = "N"
+    )]
+    pub reconnect_attempts: u32,
 }
 
 /// Flags of `teia rendezvous`.

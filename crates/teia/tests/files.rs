@@ -454,6 +454,47 @@ fn a_short_code_gets_the_file_once_and_a_wrong_one_voids_it() {
     assert!(String::from_utf8_lossy(&junk.stderr).contains("neither a code"));
 }
 
+/// With no rendezvous, a short code is found on the LAN (broadcasts kept on loopback).
+#[test]
+fn a_short_code_is_found_on_the_lan_without_a_rendezvous() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("slides.txt");
+    random_file(&file, 70_000, 9);
+    let lan_port = free_udp_port().to_string();
+    let lan = [
+        "--rendezvous",
+        "localhost:1",
+        "--lan-broadcast",
+        "127.255.255.255",
+        "--lan-port",
+        &lan_port,
+    ];
+    let mut sender = teia();
+    sender
+        .env_remove("TEIA_NO_LAN")
+        .args(["send", "--json", "--listen", "127.0.0.1:0"])
+        .args(lan)
+        .arg(&file);
+    let (sender, _stdin) = Process::spawn_capturing(sender);
+    let line = sender.wait_for_log("\"ticket\"");
+    let ticket: Value = serde_json::from_str(&line[line.find('{').unwrap()..]).unwrap();
+    let code = ticket["code"].as_str().expect("a code with the LAN alone");
+    let got = teia()
+        .env_remove("TEIA_NO_LAN")
+        .args(["receive", code, "--to"])
+        .arg(dir.path().join("got"))
+        .args(lan)
+        .output()
+        .unwrap();
+    assert!(
+        got.status.success(),
+        "{}",
+        String::from_utf8_lossy(&got.stderr)
+    );
+    assert!(same_content(&dir.path().join("got/slides.txt"), &file));
+    sender.wait_for_log("\"code_used\"");
+}
+
 /// Opens a `files` stream to `addr` as a fresh identity.
 async fn raw_stream(addr: &str) -> teia_node::stream::DataStream {
     let us = teia_node::stream::StreamIdentity {

@@ -143,6 +143,44 @@ impl Code {
     }
 }
 
+/// Longest LAN datagram of codes.
+pub const MAX_LAN_DATAGRAM: usize = 256;
+
+/// A datagram that finds a code's sender on the LAN, on the port of LAN discovery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type")]
+pub enum LanMessage {
+    /// Broadcast by a receiver (or a sender choosing its number): who has this nameplate?
+    #[serde(rename = "CODE_WHERE")]
+    Where {
+        /// The nameplate.
+        nameplate: u32,
+    },
+    /// A sender's answer, unicast: its exchanges are on `port` of the address it answers from.
+    #[serde(rename = "CODE_HERE")]
+    Here {
+        /// The nameplate.
+        nameplate: u32,
+        /// Its TCP port for exchanges.
+        port: u16,
+    },
+}
+
+impl LanMessage {
+    /// The datagram.
+    pub fn bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Reads a datagram; `None` for anything else (LAN discovery's own datagrams included).
+    pub fn parse(bytes: &[u8]) -> Option<Self> {
+        if bytes.len() > MAX_LAN_DATAGRAM {
+            return None;
+        }
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
 /// A message of the exchange, one JSON line each.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type")]

@@ -31,7 +31,7 @@ use tokio::sync::mpsc;
 
 use super::files::describe;
 use super::shutdown_signal;
-use crate::cli::{ReceiveArgs, SendArgs};
+use crate::cli::{CodeRendezvous, ReceiveArgs, SendArgs};
 use crate::present::human_bytes;
 
 /// Seconds a code's rendezvous record lives (renewed at half of it).
@@ -170,14 +170,7 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
     let offer = if args.no_code {
         None
     } else {
-        match offer_code(
-            &args.codes.rendezvous,
-            args.listen.ip(),
-            &encoded,
-            &rendezvous_dir.0,
-        )
-        .await
-        {
+        match offer_code(&args.codes, args.listen.ip(), &encoded, &rendezvous_dir.0).await {
             Ok(offer) => Some(offer),
             Err(e) => {
                 eprintln!("no short code: {e:#}; the ticket works without one");
@@ -201,8 +194,14 @@ pub async fn send(args: SendArgs) -> anyhow::Result<()> {
         );
         match &code {
             Some(code) => println!(
-                "to receive it, run:\n\n  teia receive {code}\n\n(one try: a wrong code voids it; \
-                 on another machine add --rendezvous HOST:PORT, or use the ticket:\n  teia receive {encoded} )"
+                "to receive it, run:\n\n  teia receive {code}\n\n(one receiver, one try: a wrong \
+                 code voids it; beyond this machine{}, add --rendezvous HOST:PORT on both \
+                 sides)\nor, for anyone, the ticket:\n  teia receive {encoded}\n",
+                if args.codes.lan().is_some() {
+                    " and its LAN"
+                } else {
+                    ""
+                }
             ),
             None => println!("to receive it, run:\n\n  teia receive {encoded}\n"),
         }
@@ -261,10 +260,11 @@ struct CodeOffer {
     code: Code,
     /// Answers exchanges until one proves the code or a proof is wrong (taken to wait on).
     task: Option<tokio::task::JoinHandle<OfferEnd>>,
-    rendezvous: RendezvousClient,
+    /// The code's record at the rendezvous, if it has one, and what renews it.
+    record: Option<(RendezvousClient, tokio::task::JoinHandle<()>)>,
+    /// Answers the LAN's searches for the code's number, if it does.
+    lan: Option<tokio::task::JoinHandle<()>>,
     port: u16,
-    /// Renews the record.
-    renew: tokio::task::JoinHandle<()>,
     /// Stops the local rendezvous this sender runs, if it runs one.
     _local: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -273,77 +273,109 @@ impl CodeOffer {
     /// Removes the code's record and stops answering for it (a local rendezvous it runs
     /// keeps running until the offer is dropped).
     async fn withdraw(&mut self) {
-        self.renew.abort();
         if let Some(task) = self.task.take() {
             task.abort();
         }
-        let name = self.code.nameplate.to_string();
-        if let Err(e) = self
-            .rendezvous
-            .unregister(CODES, Some(&name), Some(self.port))
-            .await
-        {
-            tracing::debug!(error = %e, "code record not removed (it expires)");
+        if let Some(lan) = self.lan.take() {
+            lan.abort();
+        }
+        if let Some((client, renew)) = self.record.take() {
+            renew.abort();
+            let name = self.code.nameplate.to_string();
+            if let Err(e) = client.unregister(CODES, Some(&name), Some(self.port)).await {
+                tracing::debug!(error = %e, "code record not removed (it expires)");
+            }
         }
     }
 }
 
-/// Draws a code whose number is free at `rendezvous`, registers it, and answers exchanges
-/// for it with `ticket` on a listener of its own on `ip`. On a loopback `rendezvous` that
-/// nothing answers, runs one (its database in `dir`).
+/// Draws a code whose number is free at the rendezvous and on the LAN, registers it at the
+/// rendezvous and answers the LAN's searches for it, and answers exchanges for it with
+/// `ticket` on a listener of its own on `ip`. On a loopback rendezvous that nothing
+/// answers, runs one (its database in `dir`). It needs one of the two ways found.
 async fn offer_code(
-    rendezvous: &str,
+    meeting: &CodeRendezvous,
     ip: std::net::IpAddr,
     ticket: &str,
     dir: &Path,
 ) -> anyhow::Result<CodeOffer> {
+    let rendezvous = meeting.rendezvous.as_str();
+    let lan = meeting.lan();
     let mut local = None;
     if let Ok(addr) = rendezvous.parse::<SocketAddr>() {
         if addr.ip().is_loopback() {
-            local = super::node::local_rendezvous(dir.to_path_buf(), addr).await?;
+            match super::node::local_rendezvous(dir.to_path_buf(), addr).await {
+                Ok(started) => local = started,
+                Err(e) => tracing::info!(error = %e, "no local rendezvous for the code"),
+            }
         }
     }
     let client = RendezvousClient::new(rendezvous)
         .with_timeouts(Duration::from_secs(2), Duration::from_secs(5));
-    let taken: Vec<String> = client
-        .discover(Some(CODES))
-        .await
-        .with_context(|| format!("the rendezvous {rendezvous} does not answer"))?
-        .into_iter()
-        .map(|record| record.name)
-        .collect();
+    let taken = client.discover(Some(CODES)).await;
+    if let (Err(e), None) = (&taken, &lan) {
+        bail!("the rendezvous {rendezvous} does not answer ({e}) and LAN discovery is off");
+    }
+    let taken: Vec<String> = taken
+        .as_ref()
+        .map(|records| records.iter().map(|r| r.name.clone()).collect())
+        .unwrap_or_default();
     let mut nameplate = None;
     for _ in 0..NAMEPLATE_DRAWS {
         let mut draw = [0u8; 2];
         getrandom::fill(&mut draw).map_err(|e| anyhow::anyhow!("no randomness: {e}"))?;
         let number = u32::from(u16::from_le_bytes(draw)) % MAX_NAMEPLATE + 1;
-        if !taken.contains(&number.to_string()) {
-            nameplate = Some(number);
-            break;
+        if taken.contains(&number.to_string()) {
+            continue;
         }
+        if let Some(lan) = &lan {
+            if teia_files::code::find_on_lan(lan, number, 1)
+                .await
+                .is_some()
+            {
+                continue;
+            }
+        }
+        nameplate = Some(number);
+        break;
     }
-    let nameplate = nameplate.context("the rendezvous holds too many codes")?;
+    let nameplate = nameplate.context("every code number drawn is taken")?;
     let code = Code::random(nameplate)?;
     let listener = tokio::net::TcpListener::bind((ip, 0))
         .await
         .context("cannot listen for code exchanges")?;
     let port = listener.local_addr()?.port();
     let name = nameplate.to_string();
-    client
-        .register(CODES, &name, port, CODE_TTL)
-        .await
-        .with_context(|| format!("the rendezvous {rendezvous} refused the code's record"))?;
-    let renew = tokio::spawn({
-        let client = client.clone();
-        async move {
-            loop {
-                tokio::time::sleep(Duration::from_secs(u64::from(CODE_TTL / 2))).await;
-                if let Err(e) = client.register(CODES, &name, port, CODE_TTL).await {
-                    tracing::warn!(error = %e, "the code's record could not be renewed");
+    let record = match client.register(CODES, &name, port, CODE_TTL).await {
+        Ok(_) => {
+            let renew = tokio::spawn({
+                let client = client.clone();
+                async move {
+                    loop {
+                        tokio::time::sleep(Duration::from_secs(u64::from(CODE_TTL / 2))).await;
+                        if let Err(e) = client.register(CODES, &name, port, CODE_TTL).await {
+                            tracing::warn!(error = %e, "the code's record could not be renewed");
+                        }
+                    }
                 }
-            }
+            });
+            Some((client, renew))
         }
-    });
+        Err(e) => {
+            tracing::info!(%rendezvous, error = %e, "the code is not at the rendezvous");
+            None
+        }
+    };
+    let mut answering = None;
+    if let Some(lan) = &lan {
+        match teia_files::code::answer_on_lan(lan, nameplate, port).await {
+            Ok(answer) => answering = Some(tokio::spawn(answer)),
+            Err(e) => tracing::info!(port = lan.port, error = %e, "the code is not on the LAN"),
+        }
+    }
+    if record.is_none() && answering.is_none() {
+        bail!("neither the rendezvous {rendezvous} nor the LAN can carry the code");
+    }
     let task = tokio::spawn(teia_files::code::offer(
         listener,
         code.clone(),
@@ -352,9 +384,9 @@ async fn offer_code(
     Ok(CodeOffer {
         code,
         task: Some(task),
-        rendezvous: client,
+        record,
+        lan: answering,
         port,
-        renew,
         _local: local,
     })
 }
@@ -385,32 +417,46 @@ fn say_offer_end(end: &OfferEnd, code: &Code, json: bool) {
     }
 }
 
-/// The ticket of a code: the sender's number looked up at `rendezvous`, then the exchange.
-async fn redeem_code(rendezvous: &str, code: &Code) -> anyhow::Result<String> {
+/// The ticket of a code: the sender's number looked up at the rendezvous, else on the LAN,
+/// then the exchange.
+async fn redeem_code(meeting: &CodeRendezvous, code: &Code) -> anyhow::Result<String> {
+    let rendezvous = meeting.rendezvous.as_str();
+    let name = code.nameplate.to_string();
     let client = RendezvousClient::new(rendezvous)
         .with_timeouts(Duration::from_secs(2), Duration::from_secs(5));
-    let records = client.discover(Some(CODES)).await.with_context(|| {
-        format!(
-            "cannot look the code up: the rendezvous {rendezvous} does not answer (give the \
-             one the sender used with --rendezvous HOST:PORT, or use the ticket)"
-        )
-    })?;
-    let name = code.nameplate.to_string();
-    let record = records
-        .iter()
-        .find(|record| record.name == name)
-        .with_context(|| {
-            format!(
-                "no sender has code number {name} at the rendezvous {rendezvous}: a code works \
-                 only while its `teia send` runs (and on another machine, with the same \
-                 --rendezvous)"
-            )
-        })?;
-    let ip: std::net::IpAddr = record
-        .ip
-        .parse()
-        .with_context(|| format!("the rendezvous gave no address for code {name}"))?;
-    Ok(teia_files::code::redeem(SocketAddr::new(ip, record.port), code).await?)
+    let at_rendezvous = match client.discover(Some(CODES)).await {
+        Ok(records) => match records.iter().find(|record| record.name == name) {
+            Some(record) => match record.ip.parse::<std::net::IpAddr>() {
+                Ok(ip) => Ok(SocketAddr::new(ip, record.port)),
+                Err(_) => Err(format!(
+                    "the rendezvous {rendezvous} gave no address for it"
+                )),
+            },
+            None => Err(format!("it is not at the rendezvous {rendezvous}")),
+        },
+        Err(e) => Err(format!("the rendezvous {rendezvous} does not answer ({e})")),
+    };
+    let addr = match (at_rendezvous, meeting.lan()) {
+        (Ok(addr), _) => addr,
+        (Err(why), None) => bail!(
+            "no sender has code number {name}: {why}, and LAN discovery is off; a code works \
+             only while its `teia send` runs (give the rendezvous it used with --rendezvous, \
+             or use the ticket)"
+        ),
+        (Err(why), Some(lan)) => {
+            match teia_files::code::find_on_lan(&lan, code.nameplate, teia_files::code::LAN_ROUNDS)
+                .await
+            {
+                Some(addr) => addr,
+                None => bail!(
+                    "no sender has code number {name}: {why}, and none answered on the LAN; a \
+                     code works only while its `teia send` runs (give the rendezvous it used \
+                     with --rendezvous, or use the ticket)"
+                ),
+            }
+        }
+    };
+    Ok(teia_files::code::redeem(addr, code).await?)
 }
 
 /// The addresses a ticket's sender served on, for people.
@@ -431,7 +477,7 @@ pub async fn receive(args: ReceiveArgs) -> anyhow::Result<()> {
         given.to_owned()
     } else {
         match Code::parse(given) {
-            Ok(code) => redeem_code(&args.codes.rendezvous, &code).await?,
+            Ok(code) => redeem_code(&args.codes, &code).await?,
             Err(_) => bail!(
                 "{} is neither a code (like 7-maple-otter) nor a ticket (teia1…): copy what \
                  `teia send` printed",
