@@ -510,6 +510,8 @@ async fn answer(
             files,
             teia,
         } => {
+            // A teia node learns from the answer's form that this is a teia index.
+            let teia_join = teia.is_some();
             let writer = Arc::clone(shared);
             let shared = Arc::clone(shared);
             let before = joined.clone();
@@ -551,7 +553,13 @@ async fn answer(
             match done {
                 Some(Ok(id)) => {
                     *joined = Some(id);
-                    b"JOIN_OK".to_vec()
+                    if teia_join {
+                        json!({"status":"JOIN_OK","teia":1})
+                            .to_string()
+                            .into_bytes()
+                    } else {
+                        b"JOIN_OK".to_vec()
+                    }
                 }
                 Some(Err((code, detail))) => error_answer(code, &detail),
                 None => error_answer("busy", "the index failed to take the record"),

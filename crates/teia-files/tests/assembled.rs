@@ -47,6 +47,7 @@ async fn assemble(
         store: None,
         services: vec![teia_files::route()],
         lan: None,
+        share_listen_port: false,
     };
     let started = start(config).await.unwrap();
     let listen = started.handle.listen_addr().unwrap();

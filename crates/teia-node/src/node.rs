@@ -67,6 +67,8 @@ pub const EVENTS: usize = 4096;
 const INPUT_BATCH: usize = 64;
 /// Bytes written in one `write` at most when a link coalesces lines.
 const COALESCE_MAX: usize = 64 * 1024;
+/// Bytes of what a link first receives handed to the core, to name a failed handshake.
+const FIRST_BYTES: usize = 256;
 /// Time allowed to connect to a peer.
 const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Wait before asking a rendezvous again that refused a DISCOVER as not yet registered.
@@ -90,6 +92,10 @@ pub struct NodeConfig {
     pub overlay: OverlayConfig,
     /// Where to accept links; `None` for a node that only dials out.
     pub listen: Option<SocketAddr>,
+    /// Bind the listen port with `SO_REUSEPORT` too, so that a connection can be opened
+    /// *from* it: a seed 004 index takes a JOIN's source port for the peer's port. Another
+    /// program of the same user could then bind the port as well; off unless needed.
+    pub share_listen_port: bool,
     /// Rendezvous server to register with and discover from.
     pub rendezvous: Option<String>,
     /// Peers to dial at start and keep connected.
@@ -220,6 +226,8 @@ enum Input {
     Dialed(TcpStream, SocketAddr),
     DialFailed(SocketAddr, String),
     Frame(LinkId, Result<Vec<u8>, DecodeError>),
+    /// The first bytes read on a link (at most [`FIRST_BYTES`]), line or not.
+    FirstBytes(LinkId, Vec<u8>),
     /// A line of the handshake; the reader waits for the answer.
     HandshakeFrame(
         LinkId,
@@ -484,11 +492,28 @@ pub struct Started {
     pub task: JoinHandle<()>,
 }
 
+/// Binds the node's listener on `addr`; `shared` adds `SO_REUSEPORT` (see
+/// [`NodeConfig::share_listen_port`]).
+async fn bind_listener(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> {
+    if !shared {
+        return TcpListener::bind(addr).await;
+    }
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
 /// Starts a node.
 pub async fn start(mut config: NodeConfig) -> Result<Started, NodeError> {
     let listener = match config.listen {
         Some(addr) => Some(
-            TcpListener::bind(addr)
+            bind_listener(addr, config.share_listen_port)
                 .await
                 .map_err(|source| NodeError::Bind { addr, source })?,
         ),
@@ -1046,6 +1071,7 @@ impl Driver {
             Input::Dialed(stream, addr) => self.open(now, stream, addr, false),
             Input::DialFailed(addr, error) => self.node.dial_failed(now, addr, &error),
             Input::Frame(link, frame) => self.node.line_received(now, link, frame),
+            Input::FirstBytes(link, bytes) => self.node.first_bytes(now, link, &bytes),
             Input::HandshakeFrame(link, frame, reply) => {
                 self.node.line_received(now, link, frame);
                 self.execute().await;
@@ -1483,6 +1509,7 @@ async fn read_loop(
     let mut plain = Vec::new();
     let mut lockstep = true;
     let mut secure: Option<SecureReader> = None;
+    let mut first = true;
     let reason = 'read: loop {
         let n = match stream.read(&mut chunk).await {
             Ok(0) => break "closed by peer".to_owned(),
@@ -1490,6 +1517,13 @@ async fn read_loop(
             Err(e) => break e.to_string(),
         };
         let mut input = chunk.get(..n).unwrap_or_default();
+        if first {
+            first = false;
+            let said = input.get(..n.min(FIRST_BYTES)).unwrap_or_default().to_vec();
+            if inputs.send(Input::FirstBytes(link, said)).await.is_err() {
+                return;
+            }
+        }
         if let Some(reader) = &mut secure {
             plain.clear();
             if let Err(e) = reader.open(input, &mut plain) {

@@ -264,3 +264,29 @@ fn teia_id_prints_the_key_the_node_proves() {
         assert!(String::from_utf8_lossy(&output.stderr).contains("chmod 600"));
     }
 }
+
+/// A dial that reaches a program of another protocol (here one that writes a seed 003
+/// `welcome`, with no newline, and waits) says so once, naming the address and what came
+/// back, then backs off: no silent redial for ever.
+#[test]
+fn a_dial_whose_handshake_never_completes_says_what_came_back() {
+    let other = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = other.local_addr().unwrap().to_string();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in other.incoming() {
+            let Ok(mut stream) = stream else { break };
+            let _ = stream
+                .write_all(br#"{"type":"welcome","myPort":3001,"loopback":false,"knownHosts":[]}"#);
+            held.push(stream);
+        }
+    });
+    let node = NodeProcess::start("dialer", "robust", &["--peer", &addr]);
+    let failed = node.wait_event("dial_failed", |e| {
+        e["event"] == "dial_failed" && e["addr"] == addr.as_str()
+    });
+    let error = failed["error"].as_str().unwrap();
+    assert!(error.contains("no teia handshake"), "{failed}");
+    assert!(error.contains(r#"it said: {"type":"welcome""#), "{failed}");
+    assert!(failed["retry_in_ms"].as_u64().unwrap() > 0, "{failed}");
+}

@@ -51,11 +51,16 @@ fn start_index(dir: &Path, grace: &str) -> Index {
 
 /// Starts the Python course peer in `join` mode; returns it and its port.
 fn join(index: &Index, folder: &Path, queries: &[&str]) -> (Process, u16) {
+    join_at(index.addr.port(), folder, queries)
+}
+
+/// Starts the Python course peer in `join` mode with the index on 127.0.0.1:`index_port`.
+fn join_at(index_port: u16, folder: &Path, queries: &[&str]) -> (Process, u16) {
     let port = free_port();
     let mut command = python();
     command
         .args(["join", "127.0.0.1"])
-        .arg(index.addr.port().to_string())
+        .arg(index_port.to_string())
         .arg(port.to_string())
         .arg(folder)
         .args(queries);
@@ -203,6 +208,92 @@ fn a_teia_node_downloads_from_a_course_peer_found_through_the_index() {
     assert_eq!(std::fs::read(out.path().join("aula.bin")).unwrap(), content);
 }
 
+/// The seed's own index server (`tests/seed004/server.py`, its functions as the document
+/// prints them) with teia nodes, both ways: a teia node sharing 81 files joins it from its
+/// listen port (the server lists its folder and names it by that port), says which files
+/// its UPDATE left out of the server's one 1,024-byte read, and serves a course peer that
+/// found it there; another teia node finds the course peer's file through the server and
+/// downloads it.
+#[test]
+fn the_seeds_own_index_server_works_with_teia_nodes_both_ways() {
+    let server_port = free_port();
+    let mut server = Command::new("python3");
+    server
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/seed004/server.py"))
+        .arg(server_port.to_string());
+    let (server, _server_stdin) = Process::spawn_capturing(server);
+    server.wait_for_log("READY");
+    let index = format!("127.0.0.1:{server_port}");
+
+    let shared = tempfile::tempdir().unwrap();
+    let content: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 253) as u8).collect();
+    std::fs::write(shared.path().join("aula.bin"), &content).unwrap();
+    for n in 0..80 {
+        let name = format!("zz-handout-of-week-{n:02}.txt");
+        std::fs::write(shared.path().join(name), b"notes").unwrap();
+    }
+    let holder = NodeProcess::start(
+        "holder",
+        "seed",
+        &[
+            "--share",
+            shared.path().to_str().unwrap(),
+            "--index",
+            &index,
+            "--peer",
+            "127.0.0.1:1",
+        ],
+    );
+    server.wait_for_log(&format!("Peer 127.0.0.1:{} adicionado", holder.port));
+    let warning = holder.wait_event("the files left out", |e| {
+        e["event"] == "files_warning"
+            && e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("left out"))
+    });
+    assert!(
+        warning["message"]
+            .as_str()
+            .unwrap()
+            .contains("zz-handout-of-week-"),
+        "{warning}"
+    );
+
+    let course = tempfile::tempdir().unwrap();
+    std::fs::write(course.path().join("lecture.pdf"), b"%PDF course notes").unwrap();
+    let (_peer, peer_port) = join_at(server_port, course.path(), &["aula.bin"]);
+    _peer.wait_for_log(&format!("SEARCH aula.bin [{}]", holder.port));
+    let out = tempfile::tempdir().unwrap();
+    let mut download = python();
+    download
+        .args(["download", "127.0.0.1"])
+        .arg(holder.port.to_string())
+        .arg("aula.bin")
+        .arg(out.path());
+    let (download, _stdin) = Process::spawn_capturing(download);
+    download.wait_for_log(&format!("SAVED {}", content.len()));
+    assert_eq!(std::fs::read(out.path().join("aula.bin")).unwrap(), content);
+
+    let mut fetcher = NodeProcess::start(
+        "fetcher",
+        "seed",
+        &["--index", &index, "--peer", "127.0.0.1:1"],
+    );
+    server.wait_for_log(&format!("Peer 127.0.0.1:{} adicionado", fetcher.port));
+    fetcher.command("/search lecture.pdf");
+    fetcher.wait_event("the course peer's file", |e| {
+        e["event"] == "search_results" && e["holder"] == format!("127.0.0.1:{peer_port}")
+    });
+    let got = tempfile::tempdir().unwrap();
+    fetcher.command(&format!("/get lecture.pdf {}", got.path().display()));
+    let done = fetcher.wait_event("download_done", |e| e["event"] == "download_done");
+    assert_eq!(done["course_peer"], true, "{done}");
+    assert_eq!(
+        std::fs::read(got.path().join("lecture.pdf")).unwrap(),
+        b"%PDF course notes"
+    );
+}
+
 /// Searches the index as a course peer until the answer ends with `expected`.
 fn eventually_searches(index: &Index, query: &str, expected: &str) {
     let deadline = std::time::Instant::now() + PATIENCE;
@@ -287,6 +378,9 @@ fn kind(answer: &str) -> String {
         return answer.into();
     }
     let value: serde_json::Value = serde_json::from_str(answer).unwrap();
+    if value["status"] == "JOIN_OK" {
+        return "JOIN_OK".into();
+    }
     assert_eq!(value["status"], "ERROR", "{answer}");
     value["error"].as_str().unwrap().to_owned()
 }

@@ -503,8 +503,23 @@ impl Node {
             }
         }
         let never_up = !state.inbound && !was_active;
-        if redial && (was_active || never_up) {
+        if redial && was_active {
             self.schedule_redial(now, addr, reason);
+        } else if redial && never_up {
+            // A dial that connected but never came up: said once, with what came back
+            // (an HTTP page, a program of another protocol), then backed off.
+            let error = match &state.said {
+                Some(said) => format!("no teia handshake ({reason}); it said: {said}"),
+                None => format!("no teia handshake ({reason}); it said nothing"),
+            };
+            let asked = self.known.get(&addr).is_some_and(|k| k.pinned);
+            let retry_in = self.schedule_redial(now, addr, &error);
+            self.emit(Event::DialFailed {
+                addr,
+                error,
+                retry_in,
+                asked,
+            });
         }
     }
 

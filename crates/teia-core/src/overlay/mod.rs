@@ -699,6 +699,10 @@ struct Link {
     encrypted: bool,
     /// A line has arrived on this link.
     heard: bool,
+    /// What the other end first sent, for people (at most [`SAID_CHARS`] characters,
+    /// control characters as spaces), kept while the link is not up: a dial whose
+    /// handshake fails names it.
+    said: Option<String>,
     /// Lines waiting to be paced out to a course peer.
     paced: VecDeque<(Option<String>, Vec<u8>)>,
     /// Bytes in `paced`.
@@ -822,6 +826,8 @@ const PEER_LIST_DELAY: Duration = Duration::from_millis(500);
 const PEER_LIST_MAX: usize = 32;
 /// Time a link must stay up for its address's failures to be forgotten.
 const STABLE_LINK: Duration = Duration::from_secs(10);
+/// Characters of what a peer first sent kept to name a failed handshake.
+const SAID_CHARS: usize = 80;
 /// Relayed SENDs remembered for routing back course peers' ACKs.
 const RELAYED_KEPT: usize = 4_096;
 /// Verified batch roots remembered.
@@ -1062,6 +1068,7 @@ impl Node {
                 key: None,
                 encrypted: false,
                 heard: false,
+                said: None,
                 paced: VecDeque::new(),
                 paced_bytes: 0,
                 paced_at: now,
@@ -1103,6 +1110,29 @@ impl Node {
                 LinkState::AwaitingHello | LinkState::AwaitingHelloOk | LinkState::AwaitingNoise
             )
         })
+    }
+
+    /// The first bytes that arrived on a link (the runtime reports them once, whether or
+    /// not they make a line): a dial whose handshake then fails says what came back.
+    pub fn first_bytes(&mut self, now: Instant, link: LinkId, bytes: &[u8]) {
+        self.now = now;
+        if let Some(state) = self.links.get_mut(&link) {
+            if state.state != LinkState::Up {
+                // Control characters (an HTTP answer's line ends) become spaces; the
+                // interfaces escape what is left as they escape anything a peer chose.
+                let text = String::from_utf8_lossy(bytes);
+                let text = text.trim();
+                let mut said: String = text
+                    .chars()
+                    .take(SAID_CHARS)
+                    .map(|c| if c.is_control() { ' ' } else { c })
+                    .collect();
+                if text.chars().count() > SAID_CHARS {
+                    said.push('…');
+                }
+                state.said = Some(said);
+            }
+        }
     }
 
     /// A frame arrived on a link: a line, or the report that a line was too long.
@@ -1375,12 +1405,22 @@ impl Node {
         Ok(())
     }
 
-    /// Says BYE on every link; the runtime closes them after a short grace period.
+    /// Says BYE on every link that is up (the runtime closes them after a short grace
+    /// period) and closes the others: a program that never spoke teia gets no BYE.
     pub fn shutdown(&mut self, now: Instant) {
         self.now = now;
-        let links: Vec<LinkId> = self.links.keys().copied().collect();
-        for link in links {
-            self.say_bye(now, link, "shutdown");
+        let links: Vec<(LinkId, bool)> = self
+            .links
+            .iter()
+            .map(|(id, link)| (*id, link.state == LinkState::Up))
+            .collect();
+        for (link, up) in links {
+            if up {
+                self.say_bye(now, link, "shutdown");
+            } else {
+                self.drop_link(now, link, "shutdown", false);
+                self.actions.push_back(Action::Close { link });
+            }
         }
         self.stopping = true;
     }

@@ -98,6 +98,7 @@ async fn one_shot(
         services: vec![ServiceRoute::new(teia_files::routed::SERVICE)
             .stream(teia_files::routed::DIAL_BACK_STREAM)],
         lan: None,
+        share_listen_port: false,
     };
     let started = start(config).await?;
     let (node, mut node_events) = (started.handle, started.events);

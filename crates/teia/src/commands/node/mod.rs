@@ -96,6 +96,8 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     let config = NodeConfig {
         overlay,
         listen: (!args.no_listen).then_some(SocketAddr::new(args.listen_ip, args.port)),
+        // A seed 004 index takes the JOIN's source port for ours.
+        share_listen_port: args.index.is_some(),
         rendezvous,
         peers,
         discover_interval: seconds(args.discover_interval, "--discover-interval")?,
