@@ -31,6 +31,8 @@ pub(crate) struct Holding {
 pub(crate) struct SeedHolding {
     pub(crate) name: String,
     pub(crate) addr: SocketAddr,
+    /// Its size as the index listed it, when it did.
+    pub(crate) size: Option<u64>,
 }
 
 /// A search of ours: its query, its words, and how many holders answered.
@@ -94,9 +96,21 @@ impl Findings {
         self.holdings.iter()
     }
 
-    /// The course peer's file named `name` heard last.
-    pub(crate) fn seed_file(&self, name: &str) -> Option<SeedHolding> {
-        self.seed.iter().rev().find(|h| h.name == name).cloned()
+    /// The course peers holding a file named `name`, one per address, the best first: the
+    /// largest listed size first (a short copy of a file is a holder's too), unknown sizes
+    /// last, the latest heard first among equals.
+    pub(crate) fn seed_holders(&self, name: &str) -> Vec<SeedHolding> {
+        let mut seen = HashSet::new();
+        let mut holders: Vec<SeedHolding> = self
+            .seed
+            .iter()
+            .rev()
+            .filter(|h| h.name == name)
+            .filter(|h| seen.insert(h.addr))
+            .cloned()
+            .collect();
+        holders.sort_by_key(|h| std::cmp::Reverse(h.size.map(|s| s + 1).unwrap_or(0)));
+        holders
     }
 }
 

@@ -441,6 +441,7 @@ async fn take_results(inner: &Arc<Inner>, text: &str, answer: Answer, index_ip: 
             _ => inner.remember_seed(SeedHolding {
                 name: hit.name.clone(),
                 addr,
+                size: (hit.size > 0).then_some(hit.size),
             }),
         }
         by_holder.entry(hit.holder).or_default().push(Found {

@@ -18,6 +18,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use crate::download::PARTIAL_SUFFIX;
+use crate::findings::SeedHolding;
 use crate::proto::napster::{ObjectReader, ReadError, Request, RequestError};
 use crate::proto::tree::OutboardBuilder;
 use crate::share;
@@ -67,6 +68,14 @@ pub(crate) enum SeedError {
     /// The course peer's OK has no size.
     #[error("the peer's answer has no fileSize")]
     NoSize,
+    /// Its copy is shorter than another holder's.
+    #[error("its copy has {size} bytes, another holder's {least}")]
+    Short {
+        /// Its size.
+        size: u64,
+        /// The largest listed.
+        least: u64,
+    },
     /// The partial file could not be written.
     #[error("{path}: {source}", path = .path.display())]
     File {
@@ -217,31 +226,60 @@ pub(crate) async fn serve(inner: Arc<Inner>, mut stream: TcpStream, peer: Socket
     let _ = stream.shutdown().await;
 }
 
-/// Downloads `filename` from the course peer at `addr` into `dir`.
-pub(crate) async fn fetch(inner: Arc<Inner>, addr: SocketAddr, filename: String, dir: PathBuf) {
+/// Downloads `filename` into `dir` from the first of the course peers `holders` (the best
+/// first, [`crate::findings::Findings::seed_holders`]) that serves it: one whose copy is
+/// shorter than the largest size listed is passed over while others remain, and the
+/// last resort's short copy is reported as such.
+pub(crate) async fn fetch(
+    inner: Arc<Inner>,
+    holders: Vec<SeedHolding>,
+    filename: String,
+    dir: PathBuf,
+) {
     let started = Instant::now();
-    let event = match fetch_inner(&addr, &filename, &dir).await {
-        Ok((path, size, hash)) => FilesEvent::SeedDone {
-            name: filename,
-            path,
-            bytes: size,
-            hash,
-            seconds: started.elapsed().as_secs_f64(),
-            holder: addr.to_string(),
-        },
-        Err(reason) => FilesEvent::SeedFailed {
-            name: filename,
-            holder: addr.to_string(),
-            reason: reason.to_string(),
-        },
-    };
-    inner.emit(event).await;
+    let expected = holders.iter().filter_map(|h| h.size).max();
+    let mut last = None;
+    for (n, holder) in holders.iter().enumerate() {
+        let last_resort = n + 1 == holders.len();
+        let least = if last_resort { None } else { expected };
+        match fetch_inner(&holder.addr, &filename, &dir, least).await {
+            Ok((path, size, hash)) => {
+                let event = FilesEvent::SeedDone {
+                    name: filename,
+                    path,
+                    bytes: size,
+                    hash,
+                    seconds: started.elapsed().as_secs_f64(),
+                    holder: holder.addr.to_string(),
+                    expected: expected.filter(|e| *e != size),
+                };
+                inner.emit(event).await;
+                return;
+            }
+            Err(reason) => {
+                tracing::info!(holder = %holder.addr, %reason, "course peer passed over");
+                last = Some((holder.addr, reason));
+            }
+        }
+    }
+    if let Some((addr, reason)) = last {
+        inner
+            .emit(FilesEvent::SeedFailed {
+                name: filename,
+                holder: addr.to_string(),
+                reason: reason.to_string(),
+            })
+            .await;
+    }
 }
 
+/// Downloads `filename` from the course peer at `addr` into `dir`; refuses a copy shorter
+/// than `least` bytes.
 async fn fetch_inner(
     addr: &SocketAddr,
     filename: &str,
     dir: &Path,
+    least: Option<u64>,
 ) -> Result<(PathBuf, u64, crate::proto::tree::Hash), SeedError> {
     let name = Path::new(filename)
         .file_name()
@@ -263,6 +301,9 @@ async fn fetch_inner(
         .get("fileSize")
         .and_then(serde_json::Value::as_u64)
         .ok_or(SeedError::NoSize)?;
+    if let Some(least) = least.filter(|least| size < *least) {
+        return Err(SeedError::Short { size, least });
+    }
     let decision = read_object(&mut stream, &mut reader, crate::state::APPROVAL_TIMEOUT).await?;
     if decision.get("status").and_then(|s| s.as_str()) != Some("downloadAccepted") {
         return Err(SeedError::Refused(decision));

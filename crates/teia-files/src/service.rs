@@ -465,15 +465,16 @@ impl Files {
         let (hash, name, size) = match self.resolve_target(target) {
             Ok(found) => found,
             Err(error) => {
-                let seed = lock(&self.inner.findings).seed_file(target.trim());
-                let Some(seed) = seed else {
+                let holders = lock(&self.inner.findings).seed_holders(target.trim());
+                let Some(first) = holders.first().map(|h| h.addr) else {
                     return Err(error);
                 };
                 let inner = Arc::clone(&self.inner);
+                let name = target.trim().to_owned();
                 self.inner
                     .tasks
-                    .spawn(seed::fetch(inner, seed.addr, seed.name, dir));
-                return Ok(format!("from course peer {}", seed.addr));
+                    .spawn(seed::fetch(inner, holders, name, dir));
+                return Ok(format!("from course peer {first}"));
             }
         };
         let spec = download::Spec {

@@ -235,12 +235,15 @@ pub enum FilesEvent {
         seconds: f64,
         /// The course peer.
         holder: String,
+        /// The largest size the index listed for this name, when it is not `bytes`: the
+        /// copy may be partial (a course peer's file has no hash to check it by).
+        expected: Option<u64>,
     },
     /// A download from a course peer failed.
     SeedFailed {
         /// The file's name.
         name: String,
-        /// The course peer.
+        /// The last course peer tried.
         holder: String,
         /// Why.
         reason: String,

@@ -294,6 +294,68 @@ fn the_seeds_own_index_server_works_with_teia_nodes_both_ways() {
     );
 }
 
+/// Two course peers hold `aula.bin`: one whole, one a 64 KiB copy (what the seed's single
+/// `recv` leaves). `/get` takes the whole one, and says the download is unverified; with
+/// the whole one gone, the short copy comes with a warning that it may be partial.
+#[test]
+fn a_whole_copy_is_preferred_and_a_short_one_is_called_partial() {
+    let data = tempfile::tempdir().unwrap();
+    let index = start_index(data.path(), "60");
+    let content: Vec<u8> = (0..400_000u32).map(|i| (i * 11 % 241) as u8).collect();
+    let whole = tempfile::tempdir().unwrap();
+    std::fs::write(whole.path().join("aula.bin"), &content).unwrap();
+    let short = tempfile::tempdir().unwrap();
+    std::fs::write(short.path().join("aula.bin"), &content[..65_536]).unwrap();
+    let (short_peer, short_port) = join(&index, short.path(), &[]);
+    let (whole_peer, whole_port) = join(&index, whole.path(), &[]);
+    let mut node = NodeProcess::start(
+        "picky",
+        "seed",
+        &["--index", &index.addr.to_string(), "--peer", "127.0.0.1:1"],
+    );
+    index.process.wait_for_log("picky@seed");
+    let search = |node: &mut NodeProcess| {
+        node.command("/search aula.bin");
+        node.wait_event("both holders", |e| {
+            e["event"] == "search_results" && e["holder"] == format!("127.0.0.1:{short_port}")
+        });
+    };
+    search(&mut node);
+    let first = tempfile::tempdir().unwrap();
+    node.command(&format!("/get aula.bin {}", first.path().display()));
+    let done = node.wait_event("download_done", |e| e["event"] == "download_done");
+    assert_eq!(done["bytes"], content.len(), "{done}");
+    assert_eq!(done["unverified"], true, "{done}");
+    assert!(done["expected_size"].is_null(), "{done}");
+    assert!(
+        done["sources"]
+            .get(format!("127.0.0.1:{whole_port}"))
+            .is_some(),
+        "{done}"
+    );
+    assert_eq!(
+        std::fs::read(first.path().join("aula.bin")).unwrap(),
+        content
+    );
+
+    drop(whole_peer);
+    let second = tempfile::tempdir().unwrap();
+    let before = node.count(|e| e["event"] == "download_done");
+    node.command(&format!("/get aula.bin {}", second.path().display()));
+    node.wait_count("download_done", before + 1, |e| {
+        e["event"] == "download_done"
+    });
+    let partial = node
+        .events()
+        .into_iter()
+        .rev()
+        .find(|e| e["event"] == "download_done")
+        .unwrap();
+    assert_eq!(partial["bytes"], 65_536, "{partial}");
+    assert_eq!(partial["expected_size"], content.len(), "{partial}");
+    drop(short_peer);
+}
+
 /// Searches the index as a course peer until the answer ends with `expected`.
 fn eventually_searches(index: &Index, query: &str, expected: &str) {
     let deadline = std::time::Instant::now() + PATIENCE;

@@ -430,17 +430,31 @@ pub fn describe(event: &FilesEvent) -> (Value, String) {
             hash,
             seconds,
             holder,
+            expected,
         } => (
             json!({"event":"download_done","hash":hash.to_hex(),"name":name,"path":path,
                    "bytes":bytes,"fetched":bytes,"seconds":(seconds * 1000.0).round() / 1000.0,
-                   "sources":{holder.clone(): bytes},"course_peer":true}),
-            format!(
-                "✓ {} from course peer {}: {} in {seconds:.1} s → {} (BLAKE3 {hash})",
-                clean(name),
-                clean(holder),
-                human_bytes(*bytes),
-                path.display()
-            ),
+                   "sources":{holder.clone(): bytes},"course_peer":true,"unverified":true,
+                   "expected_size":expected}),
+            match expected {
+                Some(expected) => format!(
+                    "⚠ {} from course peer {}: {}, but the index listed {} for it elsewhere: \
+                     it may be a partial copy (a course peer's file has no hash to check) → {}",
+                    clean(name),
+                    clean(holder),
+                    human_bytes(*bytes),
+                    human_bytes(*expected),
+                    path.display()
+                ),
+                None => format!(
+                    "✓ {} from course peer {}: {} in {seconds:.1} s → {} (unverified: no hash to \
+                     check; BLAKE3 {hash})",
+                    clean(name),
+                    clean(holder),
+                    human_bytes(*bytes),
+                    path.display()
+                ),
+            },
         ),
         FilesEvent::SeedFailed {
             name,

@@ -36,6 +36,12 @@ use crate::present::human_bytes;
 
 /// Seconds a code's rendezvous record lives (renewed at half of it).
 const CODE_TTL: u32 = 600;
+/// How often a code's record at a local rendezvous is checked (and the rendezvous run here
+/// when the node that ran it stopped).
+const LOCAL_RENEW: Duration = Duration::from_secs(1);
+/// How long a receiver waits for a local rendezvous that does not answer (it changes hands
+/// when the node that ran it stops).
+const LOCAL_HANDOVER: Duration = Duration::from_secs(3);
 /// Numbers drawn for a code before the rendezvous is called full.
 const NAMEPLATE_DRAWS: usize = 32;
 
@@ -349,13 +355,38 @@ async fn offer_code(
     let name = nameplate.to_string();
     let record = match client.register(CODES, &name, port, CODE_TTL).await {
         Ok(_) => {
+            // The local rendezvous changes hands when the node that runs it stops: checked
+            // every LOCAL_RENEW, and run here when it is gone.
+            let local_addr = rendezvous
+                .parse::<SocketAddr>()
+                .ok()
+                .filter(|a| a.ip().is_loopback());
+            let every = if local_addr.is_some() {
+                LOCAL_RENEW
+            } else {
+                Duration::from_secs(u64::from(CODE_TTL / 2))
+            };
+            let dir = dir.to_path_buf();
             let renew = tokio::spawn({
                 let client = client.clone();
                 async move {
+                    let mut hosted = None;
                     loop {
-                        tokio::time::sleep(Duration::from_secs(u64::from(CODE_TTL / 2))).await;
-                        if let Err(e) = client.register(CODES, &name, port, CODE_TTL).await {
-                            tracing::warn!(error = %e, "the code's record could not be renewed");
+                        tokio::time::sleep(every).await;
+                        let Err(e) = client.register(CODES, &name, port, CODE_TTL).await else {
+                            continue;
+                        };
+                        match (local_addr, &hosted) {
+                            (Some(addr), None) => {
+                                hosted = super::node::local_rendezvous(dir.clone(), addr)
+                                    .await
+                                    .ok()
+                                    .flatten();
+                                let _ = client.register(CODES, &name, port, CODE_TTL).await;
+                            }
+                            _ => {
+                                tracing::warn!(error = %e, "the code's record could not be renewed")
+                            }
                         }
                     }
                 }
@@ -425,7 +456,16 @@ async fn redeem_code(meeting: &CodeRendezvous, code: &Code) -> anyhow::Result<St
     let name = code.nameplate.to_string();
     let client = RendezvousClient::new(rendezvous)
         .with_timeouts(Duration::from_secs(2), Duration::from_secs(5));
-    let at_rendezvous = match client.discover(Some(CODES)).await {
+    let local = rendezvous
+        .parse::<SocketAddr>()
+        .is_ok_and(|a| a.ip().is_loopback());
+    let deadline = tokio::time::Instant::now() + LOCAL_HANDOVER;
+    let mut records = client.discover(Some(CODES)).await;
+    while records.is_err() && local && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        records = client.discover(Some(CODES)).await;
+    }
+    let at_rendezvous = match records {
         Ok(records) => match records.iter().find(|record| record.name == name) {
             Some(record) => match record.ip.parse::<std::net::IpAddr>() {
                 Ok(ip) => Ok(SocketAddr::new(ip, record.port)),
