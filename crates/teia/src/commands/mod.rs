@@ -177,10 +177,12 @@ pub fn warn_if_root() {
     }
 }
 
-/// The data directory: the one given, else the platform's data directory plus `teia`.
+/// The data directory: the one given (made absolute: tasks and the warm interpreter run in
+/// other folders), else the platform's data directory plus `teia`.
 pub fn data_dir(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     match given {
-        Some(dir) => Ok(dir),
+        Some(dir) => std::path::absolute(&dir)
+            .with_context(|| format!("--data-dir {}: cannot make it absolute", dir.display())),
         None => dirs::data_dir()
             .map(|d| d.join("teia"))
             .context("no platform data directory is known here; pass --data-dir DIR"),
