@@ -113,6 +113,7 @@ async fn spawn_node(
         store,
         services: Vec::new(),
         lan: None,
+        pex: Default::default(),
         share_listen_port: false,
     };
     let started = start(config).await?;

@@ -7,6 +7,7 @@
 pub mod identity;
 pub mod lan;
 pub mod overlay;
+pub mod pex;
 pub mod rate;
 pub mod rendezvous;
 pub mod rng;

@@ -36,8 +36,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::proto::napster::{
-    Index, Limits, Listed, ObjectReader, Prepared, ReadError, Record, Request, MAX_FILES_PER_PEER,
-    MAX_MESSAGE,
+    Index, Limits, Listed, ObjectError, ObjectReader, Prepared, Record, Request,
+    MAX_FILES_PER_PEER, MAX_MESSAGE,
 };
 use crate::sync::lock;
 
@@ -452,7 +452,7 @@ fn error_answer(code: &str, detail: &str) -> Vec<u8> {
 }
 
 async fn connection(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr, owner: u64) {
-    let mut reader = ObjectReader::default();
+    let mut reader = ObjectReader::new(MAX_MESSAGE);
     let mut buffer = vec![0u8; 64 * 1024];
     let mut joined: Option<String> = None;
     'read: loop {
@@ -464,12 +464,12 @@ async fn connection(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr
         while let Some(object) = reader.next_object() {
             let answer = match object {
                 Ok(value) => answer(&shared, &value, addr, owner, &mut joined).await,
-                Err(ReadError::TooLong) => {
+                Err(ObjectError::TooLong { .. }) => {
                     let detail = format!("messages are at most {MAX_MESSAGE} bytes");
                     let _ = stream.write_all(&error_answer("too_long", &detail)).await;
                     break 'read;
                 }
-                Err(ReadError::Malformed(detail)) => error_answer("bad_format", &detail),
+                Err(ObjectError::Malformed(detail)) => error_answer("bad_format", &detail),
             };
             if stream.write_all(&answer).await.is_err() {
                 break 'read;

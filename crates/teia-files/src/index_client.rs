@@ -29,7 +29,7 @@ use tokio::sync::mpsc;
 use crate::download::Source;
 use crate::findings::{Holding, SeedHolding};
 use crate::proto::msg::Found;
-use crate::proto::napster::{Hit, Listed, ObjectReader, ReadError};
+use crate::proto::napster::{Hit, Listed, ObjectError, ObjectReader, MAX_MESSAGE};
 use crate::proto::tree::Hash;
 use crate::state::{FilesEvent, IndexCommand, Inner};
 use crate::sync::lock;
@@ -68,7 +68,7 @@ enum LinkError {
     ConnectTimedOut,
     /// The answer is not a message.
     #[error(transparent)]
-    Read(#[from] ReadError),
+    Read(#[from] ObjectError),
     /// The answer is longer than a message may be.
     #[error("the index's answer is too long")]
     TooLong,
@@ -89,7 +89,7 @@ enum Answer {
 }
 
 async fn read_answer(stream: &mut TcpStream) -> Result<Answer, LinkError> {
-    let mut reader = ObjectReader::default();
+    let mut reader = ObjectReader::new(MAX_MESSAGE);
     let mut raw = Vec::new();
     let mut buffer = vec![0u8; 64 * 1024];
     loop {
@@ -113,7 +113,7 @@ async fn read_answer(stream: &mut TcpStream) -> Result<Answer, LinkError> {
         if trimmed.ends_with("_OK") {
             return Ok(Answer::Token(trimmed));
         }
-        if raw.len() > crate::proto::napster::MAX_MESSAGE {
+        if raw.len() > MAX_MESSAGE {
             return Err(LinkError::TooLong);
         }
     }

@@ -19,7 +19,7 @@ use tokio::net::TcpStream;
 
 use crate::download::PARTIAL_SUFFIX;
 use crate::findings::SeedHolding;
-use crate::proto::napster::{ObjectReader, ReadError, Request, RequestError};
+use crate::proto::napster::{ObjectError, ObjectReader, Request, RequestError, MAX_MESSAGE};
 use crate::proto::tree::OutboardBuilder;
 use crate::share;
 use crate::state::{FilesEvent, Inner};
@@ -43,7 +43,7 @@ pub const NOT_FOUND_LOG_EVERY: Duration = Duration::from_secs(10);
 pub(crate) enum SeedError {
     /// The bytes are not a message.
     #[error(transparent)]
-    Read(#[from] ReadError),
+    Read(#[from] ObjectError),
     /// The message is not a request.
     #[error(transparent)]
     Request(#[from] RequestError),
@@ -145,7 +145,7 @@ fn find(inner: &Inner, filename: &str) -> Option<SharedFile> {
 
 /// Answers one course peer's DOWNLOAD_REQUEST.
 pub(crate) async fn serve(inner: Arc<Inner>, mut stream: TcpStream, peer: SocketAddr) {
-    let mut reader = ObjectReader::default();
+    let mut reader = ObjectReader::new(MAX_MESSAGE);
     let request = read_object(&mut stream, &mut reader, REQUEST_TIMEOUT)
         .await
         .and_then(|value| Request::from_value(&value).map_err(SeedError::from));
@@ -292,7 +292,7 @@ async fn fetch_inner(
     let request = json!({"method": "DOWNLOAD_REQUEST",
                          "data": {"filename": filename, "port": addr.port()}});
     stream.write_all(request.to_string().as_bytes()).await?;
-    let mut reader = ObjectReader::default();
+    let mut reader = ObjectReader::new(MAX_MESSAGE);
     let first = read_object(&mut stream, &mut reader, REQUEST_TIMEOUT).await?;
     if first.get("status").and_then(|s| s.as_str()) != Some("OK") {
         return Err(SeedError::Refused(first));

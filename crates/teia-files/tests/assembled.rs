@@ -47,6 +47,7 @@ async fn assemble(
         store: None,
         services: vec![teia_files::route()],
         lan: None,
+        pex: Default::default(),
         share_listen_port: false,
     };
     let started = start(config).await.unwrap();

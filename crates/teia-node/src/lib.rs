@@ -4,6 +4,7 @@
 pub mod identity;
 pub mod lan;
 pub mod node;
+pub mod pex;
 pub mod rendezvous;
 pub mod router;
 pub mod store;

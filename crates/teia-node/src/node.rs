@@ -36,6 +36,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::pex::{PexInput, PexLinks, PexSettings};
 use crate::rendezvous::{Registrar, RegistrarEvent, RendezvousClient};
 use crate::router::{
     Delivery, Inboxes, Routes, ServiceMessage, ServiceQuery, ServiceRoute, Undeliverable,
@@ -114,6 +115,9 @@ pub struct NodeConfig {
     pub services: Vec<ServiceRoute>,
     /// LAN discovery (needs an identity to sign with); `None` turns it off.
     pub lan: Option<crate::lan::LanSettings>,
+    /// Seed 003's peers to link with, and their namespace (a listening node also takes those
+    /// that dial it).
+    pub pex: PexSettings,
 }
 
 /// What a course program's request (one JSON object with a `method`, no newline) starts
@@ -205,7 +209,7 @@ enum Command {
 }
 
 /// What a link's reader does after handing over a line of the handshake.
-enum ReadNext {
+pub(crate) enum ReadNext {
     /// Hand over the next line and wait again.
     Lockstep,
     /// Plaintext from now on: hand lines over freely.
@@ -221,7 +225,7 @@ enum Out {
     Encrypt(LinkCipher),
 }
 
-enum Input {
+pub(crate) enum Input {
     Accepted(TcpStream, SocketAddr),
     Dialed(TcpStream, SocketAddr),
     DialFailed(SocketAddr, String),
@@ -238,6 +242,8 @@ enum Input {
     Discovered(Vec<(String, SocketAddr)>),
     Registrar(RegistrarEvent),
     DiscoverFailed(String),
+    /// From the connections to seed 003's peers.
+    Pex(PexInput),
 }
 
 /// Handle to a running node: the node's API for services and interfaces.
@@ -613,6 +619,19 @@ pub async fn start(mut config: NodeConfig) -> Result<Started, NodeError> {
         }
         None => None,
     };
+    let pex = listen.map(|addr| {
+        let (_, namespace) = split_peer_id(&config.overlay.peer_id);
+        let namespace = config.pex.namespace.clone().unwrap_or(namespace);
+        let mut seed = [0u8; 8];
+        let _ = getrandom::fill(&mut seed);
+        let settings = teia_core::pex::PexConfig::new(
+            config.overlay.peer_id.clone(),
+            namespace,
+            addr.port(),
+            u64::from_le_bytes(seed) ^ unix_millis(),
+        );
+        PexLinks::new(teia_core::pex::Pex::new(settings), inputs.clone())
+    });
     let driver = Driver {
         node,
         store,
@@ -626,11 +645,15 @@ pub async fn start(mut config: NodeConfig) -> Result<Started, NodeError> {
         routes,
         splices,
         splice_asks: HashMap::new(),
+        pex,
     };
     let peer_id = config.overlay.peer_id.clone();
     let peers = config.peers.clone();
+    let pex_peers = config.pex.peers.clone();
     let task = tokio::spawn(async move {
-        driver.run(peer_id, listen, peers, inbox, command_rx).await;
+        driver
+            .run(peer_id, listen, (peers, pex_peers), inbox, command_rx)
+            .await;
         let _ = stop_registrar.send(());
         if let Some(registrar) = registrar {
             let _ = tokio::time::timeout(Duration::from_secs(3), registrar).await;
@@ -682,6 +705,8 @@ struct Driver {
     splices: Option<SharedSplices>,
     /// Our splice asks waiting for their relay's answer: (relay, with, ask) → the waiter.
     splice_asks: HashMap<SpliceKey, SpliceWaiter>,
+    /// Seed 003's peers; `None` when the node does not listen (they must dial back).
+    pex: Option<PexLinks>,
 }
 
 /// Names one of our splice asks: the relay, the other side, the ask.
@@ -757,7 +782,7 @@ impl Driver {
         mut self,
         peer_id: String,
         listen: Option<SocketAddr>,
-        peers: Vec<SocketAddr>,
+        (peers, pex_peers): (Vec<SocketAddr>, Vec<SocketAddr>),
         mut inbox: mpsc::Receiver<Input>,
         mut commands: mpsc::Receiver<Command>,
     ) {
@@ -773,6 +798,17 @@ impl Driver {
         for addr in peers {
             self.node.connect(Instant::now(), addr);
         }
+        match &mut self.pex {
+            Some(pex) => {
+                for addr in pex_peers {
+                    pex.machine.connect(Instant::now(), addr);
+                }
+            }
+            None if !pex_peers.is_empty() => {
+                tracing::warn!("peer-exchange peers need a node that listens; not linked");
+            }
+            None => {}
+        }
         let timer = tokio::time::sleep(Duration::from_secs(3600));
         tokio::pin!(timer);
         loop {
@@ -782,6 +818,7 @@ impl Driver {
                 .poll_timeout()
                 .into_iter()
                 .chain(self.next_stall_check())
+                .chain(self.pex.as_ref().and_then(|p| p.machine.poll_timeout()))
                 .min()
                 .map(tokio::time::Instant::from_std)
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
@@ -839,11 +876,17 @@ impl Driver {
                 () = &mut timer => {
                     self.close_stalled();
                     self.node.handle_timeout(Instant::now());
+                    if let Some(pex) = &mut self.pex {
+                        pex.machine.handle_timeout(Instant::now());
+                    }
                 }
             }
         }
         self.node.shutdown(Instant::now());
         self.execute().await;
+        if let Some(pex) = &mut self.pex {
+            pex.shutdown();
+        }
         let writers: Vec<_> = self
             .links
             .drain()
@@ -862,6 +905,28 @@ impl Driver {
     }
 
     async fn execute(&mut self) {
+        loop {
+            self.execute_overlay().await;
+            if !self.execute_pex().await {
+                return;
+            }
+        }
+    }
+
+    /// Carries out what the seed 003 machine asked for; false when it asked for nothing.
+    async fn execute_pex(&mut self) -> bool {
+        let Some(pex) = &mut self.pex else {
+            return false;
+        };
+        let (events, acted) = pex.drive(Instant::now(), &mut self.node, &mut self.next_link);
+        for event in events {
+            self.log_event(&event);
+            let _ = self.events.send(NodeEvent::Overlay(event)).await;
+        }
+        acted
+    }
+
+    async fn execute_overlay(&mut self) {
         // Lines queued since the last storage write: let their writers run before the next
         // (blocking) commit, so the disk is not in their way.
         let mut queued_lines = false;
@@ -879,10 +944,19 @@ impl Driver {
             }
             match action {
                 Action::Write { link, line } => {
+                    if let Some(pex) = &mut self.pex {
+                        if let Some(peer) = pex.peer_of(link) {
+                            pex.machine.overlay_line(Instant::now(), peer, &line);
+                            continue;
+                        }
+                    }
                     self.write(link, line);
                     queued_lines = true;
                 }
                 Action::Close { link } => {
+                    if let Some(pex) = &mut self.pex {
+                        pex.link_closed(Instant::now(), link);
+                    }
                     if let Some(tasks) = self.links.remove(&link) {
                         drop(tasks.writer);
                         tasks.reader.abort();
@@ -939,15 +1013,9 @@ impl Driver {
                 Action::Dial { addr } => {
                     let inputs = self.inputs.clone();
                     tokio::spawn(async move {
-                        let input = match tokio::time::timeout(
-                            DIAL_TIMEOUT,
-                            TcpStream::connect(addr),
-                        )
-                        .await
-                        {
-                            Ok(Ok(stream)) => Input::Dialed(stream, addr),
-                            Ok(Err(e)) => Input::DialFailed(addr, e.to_string()),
-                            Err(_) => Input::DialFailed(addr, "connect timed out".to_owned()),
+                        let input = match dial(addr).await {
+                            Ok(stream) => Input::Dialed(stream, addr),
+                            Err(error) => Input::DialFailed(addr, error),
                         };
                         let _ = inputs.send(input).await;
                     });
@@ -978,7 +1046,31 @@ impl Driver {
                         let _ = waiter.send(Err(StreamError::SpliceRefused { relay, reason }));
                     }
                 }
+                Action::Event(Event::Message {
+                    src,
+                    service: Some(service),
+                    payload,
+                    origin_key: Some(_),
+                    ..
+                }) if service == teia_core::pex::VIEW_SERVICE => {
+                    if let Some(pex) = &mut self.pex {
+                        pex.machine.view(Instant::now(), &src, &payload);
+                    }
+                }
                 Action::Event(event) => {
+                    if let Some(pex) = &mut self.pex {
+                        match &event {
+                            Event::LinkDown { peer, .. } => {
+                                pex.machine.teia_gone(Instant::now(), peer);
+                            }
+                            Event::LinkUp { features, .. }
+                                if features.iter().any(|f| f == teia_wire::peer::feature::TEIA) =>
+                            {
+                                pex.machine.teia_linked(Instant::now());
+                            }
+                            _ => {}
+                        }
+                    }
                     self.log_event(&event);
                     if let (Event::LinkDown { peer, .. }, Some(splices)) = (&event, &self.splices) {
                         stream::lock_splices(splices).broker.peer_gone(peer);
@@ -1095,6 +1187,11 @@ impl Driver {
             }
             Input::DiscoverFailed(error) => {
                 let _ = self.events.send(NodeEvent::DiscoverFailed(error)).await;
+            }
+            Input::Pex(input) => {
+                if let Some(pex) = &mut self.pex {
+                    pex.input(now, input);
+                }
             }
         }
     }
@@ -1376,6 +1473,15 @@ impl Driver {
 }
 
 /// Answers a connection beyond [`MAX_OPEN_LINKS`] with BYE `busy` and closes it.
+/// Connects to `addr` within [`DIAL_TIMEOUT`]; the error is for people.
+pub(crate) async fn dial(addr: SocketAddr) -> Result<TcpStream, String> {
+    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("connect timed out".to_owned()),
+    }
+}
+
 async fn refuse_busy(mut stream: TcpStream, bye: Vec<u8>) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bye)).await;
     let _ = stream.shutdown().await;
@@ -1431,6 +1537,10 @@ async fn accept_loop(
                         Kind::Link => {
                             let _ = inputs.send(Input::Accepted(stream, addr)).await;
                         }
+                        Kind::Pex => {
+                            let input = Input::Pex(PexInput::Accepted(stream, addr));
+                            let _ = inputs.send(input).await;
+                        }
                     }
                 });
             }
@@ -1453,6 +1563,8 @@ enum Kind {
     Splice,
     /// A course program's request.
     Course,
+    /// A seed 003 peer (its connection opens with a `welcome`).
+    Pex,
 }
 
 /// Decides what `first` (the bytes that came so far) opens; `None` until enough came.
@@ -1461,6 +1573,7 @@ fn kind_of(first: &[u8]) -> Option<Kind> {
         (STREAM_PREFIX, Kind::Stream),
         (SPLICE_PREFIX, Kind::Splice),
         (COURSE_REQUEST_PREFIX, Kind::Course),
+        (teia_wire::pex::WELCOME_PREFIX, Kind::Pex),
     ];
     let mut undecided = false;
     for (prefix, kind) in kinds {
@@ -1715,5 +1828,6 @@ mod tests {
         assert_eq!(kind_of(b"{\"meth"), None);
         assert_eq!(kind_of(b"{\""), None);
         assert_eq!(kind_of(b"GET / HTTP/1.1"), Some(Kind::Link));
+        assert_eq!(kind_of(b"{\"type\":\"welcome\",\"m"), Some(Kind::Pex));
     }
 }

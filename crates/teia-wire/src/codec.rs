@@ -340,3 +340,75 @@ mod tests {
         }
     }
 }
+
+/// Why a stream of JSON values with no delimiters could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ObjectError {
+    /// A value grew past the reader's limit.
+    #[error("message longer than {limit} bytes")]
+    TooLong {
+        /// The limit, in bytes.
+        limit: usize,
+    },
+    /// The bytes are not JSON.
+    #[error("not a JSON object: {0}")]
+    Malformed(String),
+}
+
+/// Finds whole JSON values in a byte stream with no delimiters between them, as the seeds'
+/// programs write them (seeds 003 and 004): cut anywhere, whitespace between values allowed.
+/// It holds at most its limit plus one read of bytes: a value still incomplete past the limit
+/// is [`ObjectError::TooLong`].
+#[derive(Debug)]
+pub struct ObjectReader {
+    buffer: Vec<u8>,
+    limit: usize,
+}
+
+impl ObjectReader {
+    /// A reader of values of at most `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Self {
+            buffer: Vec::new(),
+            limit,
+        }
+    }
+
+    /// Adds bytes read.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buffer.extend_from_slice(bytes);
+    }
+
+    /// Takes the bytes after the values read (raw file bytes after a seed's answer).
+    pub fn take_rest(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.buffer)
+    }
+
+    /// The next whole value, if one arrived.
+    pub fn next_object(&mut self) -> Option<Result<Value, ObjectError>> {
+        let start = self
+            .buffer
+            .iter()
+            .position(|b| !b.is_ascii_whitespace())
+            .unwrap_or(self.buffer.len());
+        self.buffer.drain(..start);
+        if self.buffer.is_empty() {
+            return None;
+        }
+        let mut stream = serde_json::Deserializer::from_slice(&self.buffer).into_iter::<Value>();
+        match stream.next() {
+            Some(Ok(value)) => {
+                let used = stream.byte_offset();
+                self.buffer.drain(..used);
+                Some(Ok(value))
+            }
+            Some(Err(e)) if e.is_eof() => (self.buffer.len() > self.limit)
+                .then_some(Err(ObjectError::TooLong { limit: self.limit })),
+            Some(Err(e)) => {
+                self.buffer.clear();
+                Some(Err(ObjectError::Malformed(e.to_string())))
+            }
+            None => None,
+        }
+    }
+}

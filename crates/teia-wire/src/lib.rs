@@ -6,5 +6,6 @@
 pub mod codec;
 pub mod fields;
 pub mod peer;
+pub mod pex;
 pub mod rendezvous;
 pub mod stream;

@@ -523,6 +523,16 @@ pub struct NodeArgs {
     #[arg(help_heading = "Network", long = "peer", value_name = "HOST:PORT")]
     pub peers: Vec<String>,
 
+    /// A peer of the Node.js peer-exchange chat (`PORT=3001 npm start`) to link with at start
+    /// and keep linked (repeatable). Such peers that dial this node are taken without it.
+    #[arg(help_heading = "Network", long = "pex-peer", value_name = "HOST:PORT")]
+    pub pex_peers: Vec<String>,
+
+    /// Namespace the peer-exchange chat's peers are placed in: their lines go to
+    /// #NAMESPACE, and they see what is sent there and to everyone (default: the node's).
+    #[arg(help_heading = "Network", long, value_name = "NAMESPACE")]
+    pub pex_namespace: Option<String>,
+
     /// Refuse peers that do not complete the encrypted, authenticated handshake (chat
     /// programs that speak plain JSON lines are then refused).
     #[arg(help_heading = "Network", long, env = "TEIA_REQUIRE_ENCRYPTION")]

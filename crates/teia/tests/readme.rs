@@ -34,12 +34,13 @@ const AFTER_END: Duration = Duration::from_secs(5);
 const DONE: &str = "__readme_command_done ";
 
 /// Commands that keep running (and reading the terminal) until stopped.
-const LONG_RUNNING: [&str; 5] = [
+const LONG_RUNNING: [&str; 6] = [
     "teia node",
     "teia send",
     "teia rendezvous",
     "teia index",
     "teia worker",
+    "PORT=3001 node",
 ];
 
 #[test]

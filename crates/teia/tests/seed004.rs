@@ -21,14 +21,6 @@ fn python() -> Command {
     command
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 struct Index {
     process: Process,
     addr: SocketAddr,

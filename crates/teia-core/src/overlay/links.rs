@@ -510,7 +510,10 @@ impl Node {
             // (an HTTP page, a program of another protocol), then backed off.
             let error = match &state.said {
                 Some(said) => format!("no teia handshake ({reason}); it said: {said}"),
-                None => format!("no teia handshake ({reason}); it said nothing"),
+                None => format!(
+                    "no teia handshake ({reason}); it said nothing (a peer of the Node.js \
+                     peer-exchange chat stays silent: link it with --pex-peer)"
+                ),
             };
             let asked = self.known.get(&addr).is_some_and(|k| k.pinned);
             let retry_in = self.schedule_redial(now, addr, &error);

@@ -1441,6 +1441,10 @@ impl Node {
             return;
         };
         if state.paced() {
+            // A service's PUB (a payload with `svc`) means nothing to a course peer.
+            if matches!(message, Message::Pub(data) if service_of(&data.payload).is_some()) {
+                return;
+            }
             if state.paced_bytes + line.len() > self.config.course_queue_bytes {
                 self.counters.dropped += 1;
                 return;

@@ -90,63 +90,9 @@ pub const POSTING_COST: usize = 8;
 /// Bytes counted for each posting list (its n-gram, its header, its place in the table).
 pub const GRAM_COST: usize = 96;
 
-/// Why bytes are not a message.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ReadError {
-    /// Not JSON.
-    #[error("not a JSON object: {0}")]
-    Malformed(String),
-    /// Longer than [`MAX_MESSAGE`].
-    #[error("message longer than {MAX_MESSAGE} bytes")]
-    TooLong,
-}
-
-/// Finds whole JSON objects in a byte stream with no delimiters.
-#[derive(Debug, Default)]
-pub struct ObjectReader {
-    buffer: Vec<u8>,
-}
-
-impl ObjectReader {
-    /// Adds bytes read.
-    pub fn push(&mut self, bytes: &[u8]) {
-        self.buffer.extend_from_slice(bytes);
-    }
-
-    /// Takes the bytes after the objects read (raw file bytes after the seed's answers).
-    pub fn take_rest(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.buffer)
-    }
-
-    /// The next whole object, if one arrived.
-    pub fn next_object(&mut self) -> Option<Result<Value, ReadError>> {
-        let start = self
-            .buffer
-            .iter()
-            .position(|b| !b.is_ascii_whitespace())
-            .unwrap_or(self.buffer.len());
-        self.buffer.drain(..start);
-        if self.buffer.is_empty() {
-            return None;
-        }
-        let mut stream = serde_json::Deserializer::from_slice(&self.buffer).into_iter::<Value>();
-        match stream.next() {
-            Some(Ok(value)) => {
-                let used = stream.byte_offset();
-                self.buffer.drain(..used);
-                Some(Ok(value))
-            }
-            Some(Err(e)) if e.is_eof() => {
-                (self.buffer.len() > MAX_MESSAGE).then_some(Err(ReadError::TooLong))
-            }
-            Some(Err(e)) => {
-                self.buffer.clear();
-                Some(Err(ReadError::Malformed(e.to_string())))
-            }
-            None => None,
-        }
-    }
-}
+/// Finds whole messages in the seed's stream (at most [`MAX_MESSAGE`] bytes each: use
+/// `ObjectReader::new(MAX_MESSAGE)`).
+pub use teia_wire::codec::{ObjectError, ObjectReader};
 
 /// A file as a teia node lists it to the index.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -987,7 +933,7 @@ mod tests {
     fn objects_are_found_however_the_bytes_are_cut() {
         let stream = br#"{"method":"JOIN","data":{"filePath":"/p"}} {"method":"SEARCH","data":{"query":"a b"}}"#;
         for cut in 1..stream.len() {
-            let mut reader = ObjectReader::default();
+            let mut reader = ObjectReader::new(MAX_MESSAGE);
             let mut found = Vec::new();
             for piece in [&stream[..cut], &stream[cut..]] {
                 reader.push(piece);
@@ -997,16 +943,19 @@ mod tests {
             }
             assert_eq!(found.len(), 2, "cut at {cut}");
         }
-        let mut reader = ObjectReader::default();
+        let mut reader = ObjectReader::new(MAX_MESSAGE);
         reader.push(b"{nope}");
         assert!(matches!(
             reader.next_object(),
-            Some(Err(ReadError::Malformed(_)))
+            Some(Err(ObjectError::Malformed(_)))
         ));
-        let mut reader = ObjectReader::default();
+        let mut reader = ObjectReader::new(MAX_MESSAGE);
         reader.push(b"{\"a\":\"");
         reader.push(&vec![b'x'; MAX_MESSAGE + 1]);
-        assert_eq!(reader.next_object(), Some(Err(ReadError::TooLong)));
+        assert_eq!(
+            reader.next_object(),
+            Some(Err(ObjectError::TooLong { limit: MAX_MESSAGE }))
+        );
     }
 
     #[test]

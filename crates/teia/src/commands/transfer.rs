@@ -104,6 +104,7 @@ async fn one_shot(
         services: vec![ServiceRoute::new(teia_files::routed::SERVICE)
             .stream(teia_files::routed::DIAL_BACK_STREAM)],
         lan: None,
+        pex: Default::default(),
         share_listen_port: false,
     };
     let started = start(config).await?;

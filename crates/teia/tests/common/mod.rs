@@ -699,3 +699,12 @@ pub fn free_udp_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// A TCP port free now on 127.0.0.1, for a program a test starts.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

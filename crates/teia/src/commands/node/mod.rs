@@ -52,6 +52,14 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     for peer in &args.peers {
         peers.push(resolve(peer).await?);
     }
+    let mut pex_peers = Vec::new();
+    for peer in &args.pex_peers {
+        pex_peers.push(resolve(peer).await?);
+    }
+    if let Some(namespace) = &args.pex_namespace {
+        teia_wire::fields::validate_name(namespace)
+            .map_err(|e| anyhow::anyhow!("--pex-namespace {namespace:?}: {e}"))?;
+    }
     if let Some(server) = &args.rendezvous {
         resolve(server).await?;
     }
@@ -108,6 +116,10 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
             port: args.lan_port,
             broadcast: args.lan_broadcast.clone(),
         }),
+        pex: teia_node::pex::PexSettings {
+            peers: pex_peers,
+            namespace: args.pex_namespace.clone(),
+        },
     };
     let started = match start(config).await {
         Ok(started) => started,
