@@ -31,11 +31,16 @@ pub struct ErrorAnswer {
     pub error: String,
 }
 
-/// `POST /evaluation`'s answer: the new evaluation's id (and a warning about this node).
+/// `POST /evaluation`'s answer: the new evaluation's id (and a warning about this node), with
+/// the two fields the published seed 000 nodes answer, for their clients.
 #[derive(Debug, Serialize)]
 pub struct Created {
     /// The evaluation's id.
     pub id: EvalId,
+    /// The same id as a string, as seed 000's published nodes give it.
+    pub eval_id: String,
+    /// Always `submitted`, as seed 000's published nodes say.
+    pub status: &'static str,
     /// Something the submitter should know (such as a node that runs no one's code).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub warning: Option<&'static str>,

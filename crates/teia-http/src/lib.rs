@@ -221,6 +221,8 @@ async fn submit(State(app): State<App>, request: Request) -> Result<Response, Pr
     app.engine.wait_replicated(id).await;
     let created = Created {
         id,
+        eval_id: id.to_string(),
+        status: "submitted",
         warning: app.engine.warning(),
     };
     Ok((StatusCode::CREATED, Json(created)).into_response())

@@ -170,6 +170,9 @@ fn a_zip_of_projects_is_graded_with_the_counts_of_a_serial_pytest() {
     assert_eq!(status, 201, "{created}");
     let id = created["id"].as_u64().unwrap();
     assert!(id < (1u64 << 53));
+    // What the published seed 000 nodes answer, for their clients.
+    assert_eq!(created["eval_id"], id.to_string().as_str());
+    assert_eq!(created["status"], "submitted");
     let detail = wait_done(&addr, id);
 
     for name in ["alpha", "beta"] {
