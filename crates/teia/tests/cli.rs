@@ -102,3 +102,25 @@ fn status_shows_a_running_node_and_reset_waits_until_it_stops() {
     assert!(all.status.success());
     assert!(!data.path().exists());
 }
+
+/// A data directory given as a relative path works like an absolute one: the warm
+/// interpreter, which runs in another folder, starts.
+#[test]
+fn a_relative_data_dir_is_made_absolute() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = teia();
+    command
+        .current_dir(dir.path())
+        .args([
+            "node",
+            "--name",
+            "rel",
+            "--no-listen",
+            "--data-dir",
+            "state",
+        ])
+        .env_remove("RUST_LOG");
+    let (node, _stdin) = Process::spawn_capturing(command);
+    node.wait_for_log("warm interpreter ready");
+    assert!(dir.path().join("state/nodes/rel@teia.key").exists());
+}

@@ -157,7 +157,7 @@ fn a_mixed_network_of_node_peers_and_teia_nodes_shows_every_line_once() {
 
     // t2 is asked to link n2 (--pex-peer), and learns n1 from it: n1 has a home, t1.
     let mut t2 = NodeProcess::start(
-        "t2b",
+        "t2",
         "UnB",
         &[
             "--rendezvous",
@@ -174,7 +174,7 @@ fn a_mixed_network_of_node_peers_and_teia_nodes_shows_every_line_once() {
         n1.addr()
     ));
     t1.process.wait_for_log(&format!(
-        "t2b@UnB is home to {}, directly linked with [{}]",
+        "t2@UnB is home to {}, directly linked with [{}]",
         n2.addr(),
         n1.addr()
     ));
@@ -190,9 +190,9 @@ fn a_mixed_network_of_node_peers_and_teia_nodes_shows_every_line_once() {
 
     let mut t3 = NodeProcess::joining("t3", "UnB", &rdv, &t1.addr());
     t3.wait_link("t1@UnB");
-    t3.wait_link("t2b@UnB");
+    t3.wait_link("t2@UnB");
     t3.process
-        .wait_for_log(&format!("t2b@UnB is home to {}", n2.addr()));
+        .wait_for_log(&format!("t2@UnB is home to {}", n2.addr()));
 
     every_line_once_everywhere(
         &mut [
@@ -220,7 +220,7 @@ fn a_mixed_network_of_node_peers_and_teia_nodes_shows_every_line_once() {
     }
     // Its new home's view reaches the other teia node before anyone speaks.
     let (home, other) = if adopted(&t2) > 0 {
-        ("t2b@UnB", &t3)
+        ("t2@UnB", &t3)
     } else {
         ("t3@UnB", &t2)
     };
@@ -241,30 +241,31 @@ fn a_mixed_network_of_node_peers_and_teia_nodes_shows_every_line_once() {
 
 #[test]
 fn node_peers_live_in_their_namespace_and_take_private_messages() {
-    let mut t1 = NodeProcess::start("t1", "UnB", &["--pex-namespace", "lab"]);
-    let mut t2 = NodeProcess::start("t2", "lab", &["--peer", &t1.addr()]);
-    t2.wait_link("t1@UnB");
+    // Namespaces of their own: other tests' nodes may share the local rendezvous.
+    let mut t1 = NodeProcess::start("t1", "sala3", &["--pex-namespace", "lab3"]);
+    let mut t2 = NodeProcess::start("t2", "lab3", &["--peer", &t1.addr()]);
+    t2.wait_link("t1@sala3");
     let mut n1 = NodePeer::start(&[t1.addr()]);
-    let n1_id = format!("127.0.0.1:{}@lab", n1.port);
+    let n1_id = format!("127.0.0.1:{}@lab3", n1.port);
     t1.wait_link(&n1_id);
 
-    // Its lines go to #lab: t2, in lab, shows them; t1, in UnB, only passes them on.
+    // Its lines go to #lab3: t2, in lab3, shows them; t1, in sala3, only passes them on.
     n1.type_line("para o lab");
     let shown = t2.wait_event("n1's line", |e| is_message(e, "para o lab"));
     assert_eq!(shown["src"], n1_id.as_str());
-    assert_eq!(shown["dst"], "#lab");
+    assert_eq!(shown["dst"], "#lab3");
 
-    // What is sent to #lab and to everyone reaches it; #UnB does not.
-    t1.command("/msg #UnB só UnB");
-    t2.command("/msg #lab para lab");
+    // What is sent to #lab3 and to everyone reaches it; #sala3 does not.
+    t1.command("/msg #sala3 só sala3");
+    t2.command("/msg #lab3 para lab");
     t2.command("/msg * para todos");
-    n1.wait_count("[t2@lab] para lab", 1);
-    n1.wait_count("[t2@lab] para todos", 1);
+    n1.wait_count("[t2@lab3] para lab", 1);
+    n1.wait_count("[t2@lab3] para todos", 1);
 
     // A private message is shown and acknowledged.
     let msg_id = t2.msg(&format!("@{n1_id}"), "só pra você");
-    n1.wait_count("[t2@lab → you] só pra você", 1);
+    n1.wait_count("[t2@lab3 → you] só pra você", 1);
     t2.wait_ack(&msg_id);
-    assert_eq!(n1.count("só UnB"), 0);
+    assert_eq!(n1.count("só sala3"), 0);
     assert_eq!(t1.count(|e| is_message(e, "para o lab")), 0);
 }
