@@ -16,8 +16,8 @@
 //! The runtime feeds it connections, objects read, lines the overlay writes to a Node peer's
 //! link, views heard and time; it carries out [`PexAction`]s.
 //!
-//! **Bounds**: Node peers known, at most [`PexConfig::max_peers`] (beyond, newly learnt ones
-//! are ignored); connections, at most [`PexConfig::max_conns`] (beyond, a new one is closed);
+//! **Bounds**: Node peers known, at most [`PexConfig::max_peers`] (beyond, one that is idle
+//! is forgotten to make room, and when none is, newly learnt ones are ignored); connections, at most [`PexConfig::max_conns`] (beyond, a new one is closed);
 //! text waiting for one Node peer, at most [`PexConfig::queue_bytes`] (beyond, lines are
 //! dropped and reported); one `message` written, at most [`PexConfig::max_object`] bytes of
 //! text (a longer line is cut); adjacency lists of at most [`MAX_ADJACENT`] hosts; views from
@@ -901,13 +901,30 @@ impl Pex {
         self.actions.push_back(PexAction::Event(event));
     }
 
-    /// Makes sure `addr` is known; false when it is not and there is no room.
+    /// Makes sure `addr` is known; false when it is not and there is no room (a full table
+    /// first forgets a Node peer that is neither linked, nor asked for, nor about to be
+    /// dialed).
     fn knows(&mut self, now: Instant, addr: SocketAddr) -> bool {
         if self.peers.contains_key(&addr) {
             return true;
         }
         if self.peers.len() >= self.config.max_peers {
-            return false;
+            let idle = self
+                .peers
+                .iter()
+                .find(|(a, p)| {
+                    p.state == State::Idle
+                        && !p.asked
+                        && p.dial_at.is_none()
+                        && !self.dials.contains_key(a)
+                })
+                .map(|(a, _)| *a);
+            match idle {
+                Some(forgotten) => {
+                    self.peers.remove(&forgotten);
+                }
+                None => return false,
+            }
         }
         self.peers.insert(addr, Peer::new(now));
         true
@@ -1274,6 +1291,27 @@ mod tests {
             assert!(done.contains(&PexAction::Close { conn }), "{first}");
             assert!(!done.iter().any(|a| matches!(a, PexAction::Dial { .. })));
         }
+    }
+
+    #[test]
+    fn a_full_table_forgets_idle_node_peers_for_new_ones() {
+        let (mut pex, now) = machine();
+        pex.config.max_peers = 2;
+        for (conn, port) in [(1, "3001"), (2, "3002"), (3, "3003")] {
+            let remote: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+            pex.accepted(now, conn, remote);
+            let welcome = json!({"type": "welcome", "myPort": port, "loopback": false});
+            pex.object(now, conn, &welcome);
+            let dialed = actions(&mut pex)
+                .iter()
+                .any(|a| matches!(a, PexAction::Dial { addr } if addr.port().to_string() == port));
+            assert!(dialed, "{port} taken");
+            // It goes away before the dial back: idle, forgettable.
+            pex.closed(now, conn);
+            pex.dial_failed(now, format!("127.0.0.1:{port}").parse().unwrap(), "refused");
+            actions(&mut pex);
+        }
+        assert!(pex.peers.len() <= 2);
     }
 
     #[test]
