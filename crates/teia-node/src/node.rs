@@ -619,19 +619,22 @@ pub async fn start(mut config: NodeConfig) -> Result<Started, NodeError> {
         }
         None => None,
     };
-    let pex = listen.map(|addr| {
-        let (_, namespace) = split_peer_id(&config.overlay.peer_id);
-        let namespace = config.pex.namespace.clone().unwrap_or(namespace);
-        let mut seed = [0u8; 8];
-        let _ = getrandom::fill(&mut seed);
-        let settings = teia_core::pex::PexConfig::new(
-            config.overlay.peer_id.clone(),
-            namespace,
-            addr.port(),
-            u64::from_le_bytes(seed) ^ unix_millis(),
-        );
-        PexLinks::new(teia_core::pex::Pex::new(settings), inputs.clone())
-    });
+    let pex = listen
+        .map(|addr| {
+            let (_, namespace) = split_peer_id(&config.overlay.peer_id);
+            let namespace = config.pex.namespace.clone().unwrap_or(namespace);
+            let mut seed = [0u8; 8];
+            let _ = getrandom::fill(&mut seed);
+            let settings = teia_core::pex::PexConfig::new(
+                config.overlay.peer_id.clone(),
+                namespace,
+                addr.port(),
+                u64::from_le_bytes(seed) ^ unix_millis(),
+            );
+            PexLinks::new(teia_core::pex::Pex::new(settings), addr, inputs.clone())
+        })
+        // Node peers are plaintext: a node that requires encryption takes none.
+        .filter(|_| !config.overlay.require_encryption);
     let driver = Driver {
         node,
         store,
@@ -805,7 +808,10 @@ impl Driver {
                 }
             }
             None if !pex_peers.is_empty() => {
-                tracing::warn!("peer-exchange peers need a node that listens; not linked");
+                tracing::warn!(
+                    "peer-exchange peers need a node that listens and takes plaintext peers \
+                     (no --no-listen, no --require-encryption); not linked"
+                );
             }
             None => {}
         }
@@ -1054,22 +1060,12 @@ impl Driver {
                     ..
                 }) if service == teia_core::pex::VIEW_SERVICE => {
                     if let Some(pex) = &mut self.pex {
-                        pex.machine.view(Instant::now(), &src, &payload);
+                        pex.view(Instant::now(), &src, &payload);
                     }
                 }
                 Action::Event(event) => {
                     if let Some(pex) = &mut self.pex {
-                        match &event {
-                            Event::LinkDown { peer, .. } => {
-                                pex.machine.teia_gone(Instant::now(), peer);
-                            }
-                            Event::LinkUp { features, .. }
-                                if features.iter().any(|f| f == teia_wire::peer::feature::TEIA) =>
-                            {
-                                pex.machine.teia_linked(Instant::now());
-                            }
-                            _ => {}
-                        }
+                        pex.overlay_event(Instant::now(), &event);
                     }
                     self.log_event(&event);
                     if let (Event::LinkDown { peer, .. }, Some(splices)) = (&event, &self.splices) {
@@ -1188,11 +1184,13 @@ impl Driver {
             Input::DiscoverFailed(error) => {
                 let _ = self.events.send(NodeEvent::DiscoverFailed(error)).await;
             }
-            Input::Pex(input) => {
-                if let Some(pex) = &mut self.pex {
-                    pex.input(now, input);
+            Input::Pex(input) => match (&mut self.pex, input) {
+                (Some(pex), input) => pex.input(now, input),
+                (None, PexInput::Accepted(stream, _) | PexInput::Dialed(stream, _)) => {
+                    tokio::spawn(crate::pex::close_gently(stream));
                 }
-            }
+                (None, _) => {}
+            },
         }
     }
 

@@ -8,7 +8,7 @@
 //! read are bounded by [`teia_wire::pex::MAX_OBJECT`]; the rest is bounded by the machine.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -60,21 +60,27 @@ struct Conn {
 /// that stand for linked Node peers.
 pub(crate) struct PexLinks {
     pub(crate) machine: Pex,
+    /// Where the node listens: a Node peer must be able to dial back to it.
+    listen: SocketAddr,
     conns: HashMap<ConnId, Conn>,
     next_conn: ConnId,
     link_of: HashMap<SocketAddr, LinkId>,
     peer_of: HashMap<LinkId, SocketAddr>,
+    /// The address of each teia neighbour (their views' loopback addresses are theirs).
+    teia_ips: HashMap<String, IpAddr>,
     inputs: mpsc::Sender<Input>,
 }
 
 impl PexLinks {
-    pub(crate) fn new(machine: Pex, inputs: mpsc::Sender<Input>) -> Self {
+    pub(crate) fn new(machine: Pex, listen: SocketAddr, inputs: mpsc::Sender<Input>) -> Self {
         Self {
             machine,
+            listen,
             conns: HashMap::new(),
             next_conn: 1,
             link_of: HashMap::new(),
             peer_of: HashMap::new(),
+            teia_ips: HashMap::new(),
             inputs,
         }
     }
@@ -82,6 +88,32 @@ impl PexLinks {
     /// The Node peer an overlay link stands for.
     pub(crate) fn peer_of(&self, link: LinkId) -> Option<SocketAddr> {
         self.peer_of.get(&link).copied()
+    }
+
+    /// What the overlay says of teia neighbours: their links (for views), their going.
+    pub(crate) fn overlay_event(&mut self, now: Instant, event: &Event) {
+        match event {
+            Event::LinkDown { peer, .. } => {
+                self.teia_ips.remove(peer);
+                self.machine.teia_gone(now, peer);
+            }
+            Event::LinkUp {
+                peer,
+                addr,
+                features,
+                ..
+            } if features.iter().any(|f| f == teia_wire::peer::feature::TEIA) => {
+                self.teia_ips.insert(peer.clone(), addr.ip());
+                self.machine.teia_linked(now);
+            }
+            _ => {}
+        }
+    }
+
+    /// A view from the teia node `from`, read in our frame when it is a neighbour.
+    pub(crate) fn view(&mut self, now: Instant, from: &str, payload: &Value) {
+        let ip = self.teia_ips.get(from).copied();
+        self.machine.view(now, from, ip, payload);
     }
 
     /// The overlay closed a Node peer's link.
@@ -125,6 +157,13 @@ impl PexLinks {
         while let Some(action) = self.machine.poll_action() {
             acted = true;
             match action {
+                PexAction::Dial { addr } if addr.is_ipv4() != self.listen.is_ipv4() => {
+                    let error = format!(
+                        "this node listens on {}, which it could not dial back",
+                        self.listen
+                    );
+                    self.machine.dial_failed(now, addr, &error);
+                }
                 PexAction::Dial { addr } => {
                     let inputs = self.inputs.clone();
                     tokio::spawn(async move {
@@ -275,16 +314,36 @@ async fn read_objects(
         reader.push(chunk.get(..n).unwrap_or_default());
         while let Some(object) = reader.next_object() {
             let Ok(value) = object else {
-                break 'read;
+                // What it sends is no longer read; its connection ends when it has closed
+                // its side (a reset would crash it).
+                let _ = inputs.send(Input::Pex(PexInput::Closed(conn))).await;
+                drain(&mut stream).await;
+                return;
             };
             if inputs
                 .send(Input::Pex(PexInput::Object(conn, value)))
                 .await
                 .is_err()
             {
-                return;
+                break 'read;
             }
         }
     }
     let _ = inputs.send(Input::Pex(PexInput::Closed(conn))).await;
+}
+
+/// Reads and drops what comes until the other side closes, for at most [`CLOSE_GRACE`].
+async fn drain(stream: &mut (impl AsyncReadExt + Unpin)) {
+    let mut chunk = vec![0u8; 16 * 1024];
+    let _ = tokio::time::timeout(CLOSE_GRACE, async {
+        while matches!(stream.read(&mut chunk).await, Ok(n) if n > 0) {}
+    })
+    .await;
+}
+
+/// Closes a connection of a seed 003 peer this node does not take: our side first, then
+/// theirs once they closed it.
+pub(crate) async fn close_gently(mut stream: TcpStream) {
+    let _ = stream.shutdown().await;
+    drain(&mut stream).await;
 }

@@ -358,12 +358,29 @@ pub enum ObjectError {
 /// Finds whole JSON values in a byte stream with no delimiters between them, as the seeds'
 /// programs write them (seeds 003 and 004): cut anywhere, whitespace between values allowed.
 /// It holds at most its limit plus one read of bytes: a value still incomplete past the limit
-/// is [`ObjectError::TooLong`].
+/// is [`ObjectError::TooLong`]. An object or array is scanned once, byte by byte, for its end
+/// (however its bytes are cut) and parsed when whole, its syntax checked on the way each time
+/// it doubles (so bytes arriving one at a time cost linear time, and garbage is refused as
+/// soon as it comes); a bare value (a number, a string) of more than [`MAX_BARE_VALUE`] bytes
+/// is refused as malformed.
 #[derive(Debug)]
 pub struct ObjectReader {
     buffer: Vec<u8>,
     limit: usize,
+    /// Bytes of the current object or array already scanned.
+    scanned: usize,
+    /// Brackets open at `scanned`.
+    depth: usize,
+    /// `scanned` is inside a string.
+    in_string: bool,
+    /// The byte before `scanned` was a backslash in a string.
+    escaped: bool,
+    /// Bytes of the current object when its syntax was last checked.
+    checked: usize,
 }
+
+/// Bytes of a value that is not an object or an array, at most.
+pub const MAX_BARE_VALUE: usize = 64;
 
 impl ObjectReader {
     /// A reader of values of at most `limit` bytes.
@@ -371,7 +388,49 @@ impl ObjectReader {
         Self {
             buffer: Vec::new(),
             limit,
+            scanned: 0,
+            depth: 0,
+            in_string: false,
+            escaped: false,
+            checked: 0,
         }
+    }
+
+    /// Where the object or array at the start of the buffer ends, scanning only what was not
+    /// scanned before.
+    fn scan(&mut self) -> Option<usize> {
+        while let Some(&byte) = self.buffer.get(self.scanned) {
+            self.scanned += 1;
+            if self.in_string {
+                match (self.escaped, byte) {
+                    (true, _) => self.escaped = false,
+                    (false, b'\\') => self.escaped = true,
+                    (false, b'"') => self.in_string = false,
+                    _ => {}
+                }
+                continue;
+            }
+            match byte {
+                b'"' => self.in_string = true,
+                b'{' | b'[' => self.depth += 1,
+                b'}' | b']' => {
+                    self.depth = self.depth.saturating_sub(1);
+                    if self.depth == 0 {
+                        return Some(self.scanned);
+                    }
+                }
+                _ => {}
+            }
+        }
+        None
+    }
+
+    fn restart(&mut self) {
+        self.scanned = 0;
+        self.depth = 0;
+        self.in_string = false;
+        self.escaped = false;
+        self.checked = 0;
     }
 
     /// Adds bytes read.
@@ -386,14 +445,48 @@ impl ObjectReader {
 
     /// The next whole value, if one arrived.
     pub fn next_object(&mut self) -> Option<Result<Value, ObjectError>> {
-        let start = self
-            .buffer
-            .iter()
-            .position(|b| !b.is_ascii_whitespace())
-            .unwrap_or(self.buffer.len());
-        self.buffer.drain(..start);
-        if self.buffer.is_empty() {
-            return None;
+        if self.scanned == 0 {
+            let start = self
+                .buffer
+                .iter()
+                .position(|b| !b.is_ascii_whitespace())
+                .unwrap_or(self.buffer.len());
+            self.buffer.drain(..start);
+        }
+        let first = *self.buffer.first()?;
+        if matches!(first, b'{' | b'[') {
+            let Some(end) = self.scan() else {
+                if self.buffer.len() > self.limit {
+                    return Some(Err(ObjectError::TooLong { limit: self.limit }));
+                }
+                // Bytes that can no longer be JSON are said at once, not when the object would
+                // end: checked each time the object has doubled, so at most twice its length.
+                if self.buffer.len() >= 2 * self.checked {
+                    self.checked = self.buffer.len();
+                    let mut stream =
+                        serde_json::Deserializer::from_slice(&self.buffer).into_iter::<Value>();
+                    if let Some(Err(e)) = stream.next() {
+                        if !e.is_eof() {
+                            self.buffer.clear();
+                            self.restart();
+                            return Some(Err(ObjectError::Malformed(e.to_string())));
+                        }
+                    }
+                }
+                return None;
+            };
+            self.restart();
+            let value = serde_json::from_slice::<Value>(self.buffer.get(..end).unwrap_or_default());
+            return Some(match value {
+                Ok(value) => {
+                    self.buffer.drain(..end);
+                    Ok(value)
+                }
+                Err(e) => {
+                    self.buffer.clear();
+                    Err(ObjectError::Malformed(e.to_string()))
+                }
+            });
         }
         let mut stream = serde_json::Deserializer::from_slice(&self.buffer).into_iter::<Value>();
         match stream.next() {
@@ -402,8 +495,10 @@ impl ObjectReader {
                 self.buffer.drain(..used);
                 Some(Ok(value))
             }
-            Some(Err(e)) if e.is_eof() => (self.buffer.len() > self.limit)
-                .then_some(Err(ObjectError::TooLong { limit: self.limit })),
+            Some(Err(e)) if e.is_eof() => (self.buffer.len() > MAX_BARE_VALUE).then(|| {
+                self.buffer.clear();
+                Err(ObjectError::Malformed("not an object".to_owned()))
+            }),
             Some(Err(e)) => {
                 self.buffer.clear();
                 Some(Err(ObjectError::Malformed(e.to_string())))

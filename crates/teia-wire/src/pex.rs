@@ -180,6 +180,28 @@ mod tests {
     }
 
     #[test]
+    fn an_object_sent_a_byte_at_a_time_is_read_and_garbage_is_refused_at_once() {
+        let text = "x\\\"}{".repeat(2_000);
+        let object = serde_json::to_vec(&json!({"type": "message", "message": text})).unwrap();
+        let mut reader = ObjectReader::new(MAX_OBJECT);
+        for (i, byte) in object.iter().enumerate() {
+            reader.push(&[*byte]);
+            let next = reader.next_object();
+            if i + 1 < object.len() {
+                assert_eq!(next, None, "at byte {i}");
+            } else {
+                assert_eq!(ChatLine::read(&next.unwrap().unwrap()).unwrap().text, text);
+            }
+        }
+        let mut reader = ObjectReader::new(MAX_OBJECT);
+        reader.push(b"{not json");
+        assert!(matches!(
+            reader.next_object(),
+            Some(Err(ObjectError::Malformed(_)))
+        ));
+    }
+
+    #[test]
     fn an_endless_object_is_refused_and_garbage_is_malformed() {
         let mut reader = ObjectReader::new(MAX_OBJECT);
         reader.push(b"{\"type\":\"message\",\"message\":\"");

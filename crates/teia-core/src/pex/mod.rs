@@ -19,12 +19,12 @@
 //! **Bounds**: Node peers known, at most [`PexConfig::max_peers`] (beyond, one that is idle
 //! is forgotten to make room, and when none is, newly learnt ones are ignored); connections, at most [`PexConfig::max_conns`] (beyond, a new one is closed);
 //! text waiting for one Node peer, at most [`PexConfig::queue_bytes`] (beyond, lines are
-//! dropped and reported); one `message` written, at most [`PexConfig::max_object`] bytes of
-//! text (a longer line is cut); adjacency lists of at most [`MAX_ADJACENT`] hosts; views from
+//! dropped and reported); one `message` written, at most [`PexConfig::max_object`] bytes (a
+//! longer line goes in several); adjacency lists of at most [`MAX_ADJACENT`] hosts; views from
 //! at most [`MAX_VIEWS`] teia nodes (beyond, a new sender is ignored until one expires).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -43,6 +43,12 @@ pub const MAX_ADJACENT: usize = 64;
 /// Teia nodes whose views are kept, at most.
 pub const MAX_VIEWS: usize = 256;
 
+/// A link that lasts this long resets its peer's failures.
+const STEADY: Duration = Duration::from_secs(30);
+
+/// Time an accepted connection has to complete its `welcome`.
+const WELCOME_WAIT: Duration = Duration::from_secs(5);
+
 /// Settings of the machine.
 #[derive(Debug, Clone)]
 pub struct PexConfig {
@@ -60,7 +66,9 @@ pub struct PexConfig {
     pub gap: Duration,
     /// Bytes of text waiting for one Node peer, at most.
     pub queue_bytes: usize,
-    /// Bytes of text in one `message` written, at most.
+    /// Bytes of one `message` on the wire, at most: one TCP segment on an Ethernet path, so
+    /// that a Node peer reads it whole (lines waiting are joined up to it; a longer line goes
+    /// in pieces).
     pub max_object: usize,
     /// Time after a Node peer's link comes up before its host list is asked for again
     /// (once), when its own dials have settled.
@@ -102,7 +110,7 @@ impl PexConfig {
             seed,
             gap: Duration::from_millis(100),
             queue_bytes: 64 * 1024,
-            max_object: 16 * 1024,
+            max_object: 1_200,
             refresh_after: Duration::from_secs(3),
             dial_back_wait: Duration::from_secs(5),
             view_interval: Duration::from_secs(10),
@@ -258,6 +266,8 @@ struct Peer {
     /// Our connection asking for its host list, and the dial back it answers with.
     refresh_conns: Vec<ConnId>,
     failures: u32,
+    /// When its link came up.
+    linked_at: Option<Instant>,
     /// When to dial it (while idle).
     dial_at: Option<Instant>,
     /// When the dial back must have come.
@@ -278,6 +288,7 @@ impl Peer {
             refresh_at: None,
             refresh_conns: Vec::new(),
             failures: 0,
+            linked_at: None,
             dial_at: None,
             deadline: None,
         }
@@ -301,6 +312,8 @@ struct Conn {
     remote: SocketAddr,
     peer: Option<SocketAddr>,
     role: Role,
+    /// When it was accepted or dialed.
+    opened: Instant,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -370,7 +383,7 @@ impl Pex {
     }
 
     /// A connection was accepted whose first bytes are a seed 003 welcome.
-    pub fn accepted(&mut self, _now: Instant, conn: ConnId, remote: SocketAddr) {
+    pub fn accepted(&mut self, now: Instant, conn: ConnId, remote: SocketAddr) {
         if self.conns.len() >= self.config.max_conns {
             self.actions.push_back(PexAction::Close { conn });
             return;
@@ -381,6 +394,7 @@ impl Pex {
                 remote,
                 peer: None,
                 role: Role::Accepted,
+                opened: now,
             },
         );
     }
@@ -406,6 +420,7 @@ impl Pex {
                 remote: addr,
                 peer: Some(addr),
                 role,
+                opened: now,
             },
         );
         let known = known_hosts(&self.peers, addr);
@@ -543,8 +558,11 @@ impl Pex {
         self.down(now, addr, "", false);
     }
 
-    /// A view from the teia node `from` (authenticated by the overlay).
-    pub fn view(&mut self, now: Instant, from: &str, payload: &Value) {
+    /// A view from the teia node `from` (authenticated by the overlay), whose address is
+    /// `from_ip` when it is a neighbour: the view's loopback addresses are its machine's, so
+    /// they are read as `from_ip` (and left out when it is not known); the Node peers it names
+    /// are dialed only when they are near it (see [`nearby`]).
+    pub fn view(&mut self, now: Instant, from: &str, from_ip: Option<IpAddr>, payload: &Value) {
         if from == self.config.peer_id {
             return;
         }
@@ -562,7 +580,11 @@ impl Pex {
             let Some(addr) = entry.get("addr").and_then(Value::as_str) else {
                 continue;
             };
-            let Ok(addr) = addr.parse::<SocketAddr>() else {
+            let Some(addr) = addr
+                .parse::<SocketAddr>()
+                .ok()
+                .and_then(|a| in_our_frame(a, from_ip))
+            else {
                 continue;
             };
             let adjacent: Vec<SocketAddr> = entry
@@ -571,12 +593,20 @@ impl Pex {
                 .into_iter()
                 .flatten()
                 .take(MAX_ADJACENT)
-                .filter_map(|a| a.as_str()?.parse().ok())
+                .filter_map(|a| in_our_frame(a.as_str()?.parse().ok()?, from_ip))
                 .collect();
-            homed.insert(canonical(addr), adjacent);
+            homed.insert(addr, adjacent);
         }
         let addrs: Vec<SocketAddr> = homed.keys().copied().collect();
-        let learnt: Vec<SocketAddr> = homed.values().flatten().copied().collect();
+        let learnt: Vec<SocketAddr> = match from_ip {
+            Some(ip) => homed
+                .values()
+                .flatten()
+                .copied()
+                .filter(|a| nearby(a.ip(), ip))
+                .collect(),
+            None => Vec::new(),
+        };
         if self.views.get(from).is_none_or(|old| old.homed != homed) {
             let mut listed: Vec<(SocketAddr, Vec<SocketAddr>)> = homed
                 .iter()
@@ -607,8 +637,10 @@ impl Pex {
                 self.decline(now, addr, from.to_owned());
             }
         }
+        // Every node that hears the view learns them: they take turns, as for adoption.
+        let turn = self.turn();
         for addr in learnt {
-            self.learn(now, addr);
+            self.learn(now, addr, turn);
         }
     }
 
@@ -634,11 +666,30 @@ impl Pex {
             [write, p.refresh_at, p.dial_at, p.deadline]
         });
         let views = self.views.values().map(|v| Some(v.expires));
-        peers.chain(views).chain([self.view_due]).flatten().min()
+        let welcomes = self
+            .conns
+            .values()
+            .filter(|c| c.role == Role::Accepted)
+            .map(|c| Some(c.opened + WELCOME_WAIT));
+        peers
+            .chain(views)
+            .chain(welcomes)
+            .chain([self.view_due])
+            .flatten()
+            .min()
     }
 
     /// Time passed.
     pub fn handle_timeout(&mut self, now: Instant) {
+        let silent: Vec<(ConnId, SocketAddr)> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.role == Role::Accepted && c.opened + WELCOME_WAIT <= now)
+            .map(|(id, c)| (*id, c.remote))
+            .collect();
+        for (conn, addr) in silent {
+            self.refuse(conn, addr, "no whole welcome within 5 s");
+        }
         let expired: Vec<String> = self
             .views
             .iter()
@@ -798,7 +849,7 @@ impl Pex {
             return;
         }
         peer.state = State::Linked;
-        peer.failures = 0;
+        peer.linked_at = Some(now);
         peer.deadline = None;
         peer.refresh_at = Some(now + self.config.refresh_after);
         // Our welcome may just have been written on the connection the lines go to.
@@ -836,6 +887,13 @@ impl Pex {
         peer.queued_bytes = 0;
         peer.refresh_at = None;
         peer.deadline = None;
+        // A link that did not last counts as a failure: redials of a peer whose links keep
+        // dropping back off.
+        match peer.linked_at.take() {
+            Some(at) if now.saturating_duration_since(at) >= STEADY => peer.failures = 0,
+            Some(_) => peer.failures += 1,
+            None => {}
+        }
         if peer.asked {
             peer.dial_at = Some(now + backoff(peer.failures, self.config.retry_max));
         }
@@ -931,27 +989,29 @@ impl Pex {
     }
 
     /// A Node peer heard of: dialed if no teia node is its home and it is not linked.
-    fn learn(&mut self, now: Instant, addr: SocketAddr) {
+    fn learn(&mut self, now: Instant, addr: SocketAddr, turn: Duration) {
         let fresh = !self.peers.contains_key(&addr);
         if !fresh || !self.knows(now, addr) {
             return;
         }
         if self.home_elsewhere(addr).is_none() {
             if let Some(peer) = self.peers.get_mut(&addr) {
-                peer.dial_at = Some(now + self.config.learn_delay);
+                peer.dial_at = Some(now + self.config.learn_delay + turn);
             }
         }
     }
 
     fn learn_hosts(&mut self, now: Instant, addr: SocketAddr, hosts: &[KnownHost]) {
+        // Its loopback hosts are on its machine.
         let adjacent: BTreeSet<SocketAddr> = hosts
             .iter()
-            .filter(|h| !h.teia && h.addr != addr && nearby(h.addr.ip(), addr.ip()))
-            .map(|h| h.addr)
+            .filter(|h| !h.teia)
+            .filter_map(|h| in_our_frame(h.addr, Some(addr.ip())))
+            .filter(|h| *h != addr && nearby(h.ip(), addr.ip()))
             .take(MAX_ADJACENT)
             .collect();
         for host in &adjacent {
-            self.learn(now, *host);
+            self.learn(now, *host, Duration::ZERO);
         }
         if let Some(peer) = self.peers.get_mut(&addr) {
             if peer.adjacent != adjacent {
@@ -985,14 +1045,19 @@ impl Pex {
         knows(from, to) || knows(to, from)
     }
 
-    fn adopt(&mut self, now: Instant, orphans: Vec<SocketAddr>) {
+    /// This node's turn among the teia nodes with views, as a delay: the node whose peer id
+    /// sorts first goes first, each next one [`PexConfig::adopt_step`] later.
+    fn turn(&self) -> Duration {
         let rank = self
             .views
             .keys()
             .filter(|k| k.as_str() < self.config.peer_id.as_str())
             .count();
-        let wait = self.config.adopt_step / 4
-            + self.config.adopt_step * u32::try_from(rank).unwrap_or(u32::MAX);
+        self.config.adopt_step * u32::try_from(rank).unwrap_or(u32::MAX)
+    }
+
+    fn adopt(&mut self, now: Instant, orphans: Vec<SocketAddr>) {
+        let wait = self.config.adopt_step / 4 + self.turn();
         for addr in orphans {
             if !self.knows(now, addr) {
                 continue;
@@ -1066,31 +1131,39 @@ impl Pex {
         let Some(conn) = peer.out_conn.or(peer.in_conn) else {
             return;
         };
+        let (port, max) = (self.config.port, self.config.max_object);
+        let fits = |text: &str| ChatLine::write(&format!("{text}\n"), port).len() <= max;
         let mut text = String::new();
-        while let Some(next) = peer.queue.front() {
-            if !text.is_empty() && text.len() + 1 + next.len() > self.config.max_object {
-                break;
-            }
-            let Some(next) = peer.queue.pop_front() else {
-                break;
+        while let Some(next) = peer.queue.front_mut() {
+            let candidate = if text.is_empty() {
+                next.clone()
+            } else {
+                format!("{text}\n{next}")
             };
-            peer.queued_bytes = peer.queued_bytes.saturating_sub(next.len());
-            if !text.is_empty() {
-                text.push('\n');
+            if fits(&candidate) {
+                peer.queued_bytes = peer.queued_bytes.saturating_sub(next.len());
+                peer.queue.pop_front();
+                text = candidate;
+                continue;
             }
-            text.push_str(&next);
-        }
-        if text.len() > self.config.max_object {
-            let mut cut = self.config.max_object;
-            while !text.is_char_boundary(cut) {
-                cut -= 1;
+            if text.is_empty() {
+                // A line too long for one object: its longest head that fits goes now, the
+                // rest waits its turn.
+                let cuts: Vec<usize> = next.char_indices().map(|(i, _)| i).skip(1).collect();
+                let fitting = cuts.partition_point(|&cut| fits(next.get(..cut).unwrap_or("")));
+                let cut = fitting
+                    .checked_sub(1)
+                    .and_then(|i| cuts.get(i))
+                    .copied()
+                    .unwrap_or_else(|| cuts.first().copied().unwrap_or(next.len()));
+                let rest = next.split_off(cut);
+                peer.queued_bytes = peer.queued_bytes.saturating_sub(next.len());
+                text = std::mem::replace(next, rest);
             }
-            text.truncate(cut);
-            text.push('…');
+            break;
         }
-        text.push('\n');
         peer.next_write = now + self.config.gap;
-        let bytes = ChatLine::write(&text, self.config.port);
+        let bytes = ChatLine::write(&format!("{text}\n"), port);
         self.actions.push_back(PexAction::Write { conn, bytes });
     }
 
@@ -1138,10 +1211,20 @@ fn known_hosts(peers: &HashMap<SocketAddr, Peer>, to: SocketAddr) -> Vec<SocketA
     hosts
 }
 
-/// Whether a host a Node peer at `told_by` lists may be dialed: on its machine, or on a
-/// loopback or private network (a Node peer cannot make teia nodes dial the internet).
-fn nearby(host: std::net::IpAddr, told_by: std::net::IpAddr) -> bool {
-    use std::net::IpAddr;
+/// `addr` as said by a program at `teller` (a Node peer, or a teia node's view) in this
+/// node's frame: a loopback address is the teller's machine, so it is read as the teller's
+/// address; `None` when that is not known.
+fn in_our_frame(addr: SocketAddr, teller: Option<IpAddr>) -> Option<SocketAddr> {
+    let addr = canonical(addr);
+    if addr.ip().is_loopback() || addr.ip().is_unspecified() {
+        return Some(SocketAddr::new(teller?, addr.port()));
+    }
+    Some(addr)
+}
+
+/// Whether a host named by a program at `told_by` may be dialed: on its machine, or on a
+/// loopback or private network (nobody can make teia nodes dial the internet).
+fn nearby(host: IpAddr, told_by: IpAddr) -> bool {
     host == told_by
         || host.is_loopback()
         || match host {
@@ -1154,8 +1237,9 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
     SocketAddr::new(addr.ip().to_canonical(), addr.port())
 }
 
+/// 1 s after the first failure, doubling, at most `max`.
 fn backoff(failures: u32, max: Duration) -> Duration {
-    let exp = failures.min(6);
+    let exp = failures.saturating_sub(1).min(6);
     (Duration::from_secs(1) * (1u32 << exp)).min(max)
 }
 
@@ -1338,6 +1422,33 @@ mod tests {
         pex.handle_timeout(now + Duration::from_millis(100));
         let objects = written(&actions(&mut pex));
         assert_eq!(objects.len(), 1);
-        assert!(objects[0]["message"].as_str().unwrap().len() <= 16 * 1024 + 4);
+    }
+
+    #[test]
+    fn a_long_line_goes_in_pieces_that_each_fit_one_segment() {
+        let (mut pex, now) = machine();
+        let addr = linked(&mut pex, now);
+        // Control characters take six bytes each in JSON.
+        let text: String = "ação\u{1}".repeat(500);
+        let line = json!({
+            "type": "PUB", "msg_id": "long", "src": "bob@UnB", "dst": "*",
+            "payload": text, "require_ack": false, "ttl": 8,
+        });
+        pex.overlay_line(now, addr, &serde_json::to_vec(&line).unwrap());
+        let mut at = now;
+        let mut got = String::new();
+        for _ in 0..100 {
+            at += Duration::from_millis(100);
+            pex.handle_timeout(at);
+            for action in actions(&mut pex) {
+                if let PexAction::Write { bytes, .. } = action {
+                    assert!(bytes.len() <= 1_200, "{} bytes in one object", bytes.len());
+                    let value: Value = serde_json::from_slice(&bytes).unwrap();
+                    let piece = value["message"].as_str().unwrap();
+                    got.push_str(piece.strip_suffix('\n').unwrap());
+                }
+            }
+        }
+        assert_eq!(got, format!("[bob@UnB] {text}"));
     }
 }

@@ -230,7 +230,9 @@ impl Sim {
             }
             Ev::View { hub, from, payload } => {
                 if self.hubs[hub].alive {
-                    self.hubs[hub].pex.view(now, &from, &payload);
+                    self.hubs[hub]
+                        .pex
+                        .view(now, &from, Some(LOCALHOST), &payload);
                     self.drive(hub);
                 }
             }
@@ -270,6 +272,7 @@ impl Sim {
                     }
                 }
                 PexAction::Write { conn, bytes } => {
+                    assert!(bytes.len() <= 1_200, "an object of {} bytes", bytes.len());
                     let value: Value = serde_json::from_slice(&bytes).unwrap();
                     if let Some(last) = self.hubs[hub].last_write.insert(conn, now) {
                         let gap = now.duration_since(last);

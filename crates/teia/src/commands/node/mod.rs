@@ -4,7 +4,7 @@
 //! HTTP API, [`session`] is the chat's interface, [`describe`] puts events into words.
 
 use std::io::IsTerminal;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,7 +54,7 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
     }
     let mut pex_peers = Vec::new();
     for peer in &args.pex_peers {
-        pex_peers.push(resolve(peer).await?);
+        pex_peers.push(resolve_like(peer, args.listen_ip).await?);
     }
     if let Some(namespace) = &args.pex_namespace {
         teia_wire::fields::validate_name(namespace)
@@ -435,5 +435,21 @@ async fn resolve(peer: &str) -> anyhow::Result<SocketAddr> {
         .await
         .with_context(|| format!("cannot resolve peer {peer:?}; use HOST:PORT"))?
         .next()
+        .with_context(|| format!("peer {peer:?} resolves to no address"))
+}
+
+/// `peer` resolved to an address of the family the node listens on when it has one (a
+/// peer-exchange peer dials back the address it sees: `localhost` must not be `::1` for a
+/// node listening on IPv4).
+async fn resolve_like(peer: &str, listen: IpAddr) -> anyhow::Result<SocketAddr> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host(peer)
+        .await
+        .with_context(|| format!("cannot resolve peer {peer:?}; use HOST:PORT"))?
+        .collect();
+    addrs
+        .iter()
+        .find(|a| a.is_ipv4() == listen.is_ipv4())
+        .or(addrs.first())
+        .copied()
         .with_context(|| format!("peer {peer:?} resolves to no address"))
 }
