@@ -43,6 +43,10 @@ pub const MAX_ADJACENT: usize = 64;
 /// Teia nodes whose views are kept, at most.
 pub const MAX_VIEWS: usize = 256;
 
+/// Lines a Node peer sends before its link is up that are kept for it, at most (each is at
+/// most one object, 64 KiB); more are dropped.
+const MAX_EARLY_LINES: usize = 16;
+
 /// A link that lasts this long resets its peer's failures.
 const STEADY: Duration = Duration::from_secs(30);
 
@@ -268,6 +272,8 @@ struct Peer {
     failures: u32,
     /// When its link came up.
     linked_at: Option<Instant>,
+    /// Lines it sent before its link came up (at most [`MAX_EARLY_LINES`]).
+    early: Vec<String>,
     /// When to dial it (while idle).
     dial_at: Option<Instant>,
     /// When the dial back must have come.
@@ -289,6 +295,7 @@ impl Peer {
             refresh_conns: Vec::new(),
             failures: 0,
             linked_at: None,
+            early: Vec::new(),
             dial_at: None,
             deadline: None,
         }
@@ -471,8 +478,18 @@ impl Pex {
                 let (Some(peer), Some(line)) = (peer, ChatLine::read(value)) else {
                     return;
                 };
-                if self.peers.get(&peer).map(|p| p.state) == Some(State::Linked) {
-                    self.line_from(peer, &line.text);
+                let Some(state) = self.peers.get_mut(&peer) else {
+                    return;
+                };
+                match state.state {
+                    State::Linked => self.line_from(peer, &line.text),
+                    // Typed before our dial back connected: passed on once it has.
+                    State::DialingBack | State::AwaitingDialBack
+                        if state.early.len() < MAX_EARLY_LINES =>
+                    {
+                        state.early.push(line.text);
+                    }
+                    _ => {}
                 }
             }
             // The seed's peers write nothing on connections they did not open.
@@ -857,6 +874,14 @@ impl Pex {
         self.actions.push_back(PexAction::LinkUp { peer: addr });
         let hello = Message::Hello(self.hello(addr));
         self.line_to_overlay(addr, &hello);
+        let early = self
+            .peers
+            .get_mut(&addr)
+            .map(|p| std::mem::take(&mut p.early))
+            .unwrap_or_default();
+        for text in early {
+            self.line_from(addr, &text);
+        }
         self.view_changed(now);
     }
 
@@ -884,6 +909,7 @@ impl Pex {
         conns.append(&mut peer.refresh_conns);
         peer.state = State::Idle;
         peer.queue.clear();
+        peer.early.clear();
         peer.queued_bytes = 0;
         peer.refresh_at = None;
         peer.deadline = None;
@@ -932,6 +958,7 @@ impl Pex {
         let mut conns: Vec<ConnId> = peer.out_conn.take().into_iter().collect();
         conns.extend(peer.in_conn.take());
         peer.state = State::Idle;
+        peer.early.clear();
         peer.deadline = None;
         peer.dial_at = retry_in.map(|d| now + d);
         self.close_all(conns);
@@ -1307,6 +1334,30 @@ mod tests {
             ("127.0.0.1:3001@UnB", "#UnB")
         );
         assert_eq!(data.payload, json!("oi"));
+    }
+
+    #[test]
+    fn a_line_typed_before_the_dial_back_is_passed_on_after_the_hello() {
+        let (mut pex, now) = machine();
+        let remote: SocketAddr = "127.0.0.1:50000".parse().unwrap();
+        pex.accepted(now, 1, remote);
+        let welcome = json!({"type": "welcome", "myPort": "3001", "loopback": false});
+        pex.object(now, 1, &welcome);
+        pex.object(now, 1, &json!({"type": "message", "message": "cedo\n"}));
+        let addr: SocketAddr = "127.0.0.1:3001".parse().unwrap();
+        actions(&mut pex);
+        pex.dialed(now, 2, addr);
+        let lines: Vec<Message> = actions(&mut pex)
+            .into_iter()
+            .filter_map(|a| match a {
+                PexAction::LinkLine { line, .. } => Message::parse(&line).ok(),
+                _ => None,
+            })
+            .collect();
+        assert!(
+            matches!(lines.as_slice(), [Message::Hello(_), Message::Pub(data)]
+            if data.payload == json!("cedo"))
+        );
     }
 
     #[test]
