@@ -170,78 +170,49 @@ impl Sim {
     fn handle(&mut self, event: Ev) {
         let now = self.now;
         match event {
-            Ev::Object { wire, to_a, value } => {
-                let side = if to_a {
-                    self.wires[wire].a
-                } else {
-                    self.wires[wire].b
-                };
-                match side {
-                    Side::Hub { hub, conn } => {
-                        if self.hubs[hub].alive {
-                            self.hubs[hub].pex.object(now, conn, &value);
-                            self.drive(hub);
-                        }
-                    }
-                    Side::Seed { peer } => self.seed_reads(peer, wire, to_a, &value),
-                }
-            }
-            Ev::Fin { wire, to_a } => {
-                let side = if to_a {
-                    self.wires[wire].a
-                } else {
-                    self.wires[wire].b
-                };
-                match side {
-                    Side::Hub { hub, conn } => {
-                        if self.hubs[hub].alive {
-                            self.hubs[hub].pex.closed(now, conn);
-                            self.drive(hub);
-                        }
-                    }
-                    // Node.js ends its side when the other side ended (allowHalfOpen false).
-                    Side::Seed { .. } => self.end(wire, to_a),
-                }
-            }
-            Ev::Dialed { hub, conn, addr } => {
-                if self.hubs[hub].alive {
-                    self.hubs[hub].pex.dialed(now, conn, addr);
-                    self.drive(hub);
-                }
-            }
+            Ev::Object { wire, to_a, value } => match self.side(wire, to_a) {
+                Side::Hub { hub, conn } => self.at_hub(hub, |pex| pex.object(now, conn, &value)),
+                Side::Seed { peer } => self.seed_reads(peer, &value),
+            },
+            Ev::Fin { wire, to_a } => match self.side(wire, to_a) {
+                Side::Hub { hub, conn } => self.at_hub(hub, |pex| pex.closed(now, conn)),
+                // Node.js ends its side when the other side ended (allowHalfOpen false).
+                Side::Seed { .. } => self.end(wire, to_a),
+            },
+            Ev::Dialed { hub, conn, addr } => self.at_hub(hub, |pex| pex.dialed(now, conn, addr)),
             Ev::DialFailed { hub, addr } => {
-                if self.hubs[hub].alive {
-                    self.hubs[hub].pex.dial_failed(now, addr, "refused");
-                    self.drive(hub);
-                }
+                self.at_hub(hub, |pex| pex.dial_failed(now, addr, "refused"));
             }
             Ev::Timer { hub } => {
                 self.hubs[hub].timer = None;
-                if self.hubs[hub].alive {
-                    self.hubs[hub].pex.handle_timeout(now);
-                    self.drive(hub);
-                }
+                self.at_hub(hub, |pex| pex.handle_timeout(now));
             }
             Ev::LinkLine { hub, peer, line } => {
-                if self.hubs[hub].alive && self.hubs[hub].links.contains(&peer) {
-                    self.hubs[hub].pex.overlay_line(now, peer, &line);
-                    self.drive(hub);
+                if self.hubs[hub].links.contains(&peer) {
+                    self.at_hub(hub, |pex| pex.overlay_line(now, peer, &line));
                 }
             }
             Ev::View { hub, from, payload } => {
-                if self.hubs[hub].alive {
-                    self.hubs[hub]
-                        .pex
-                        .view(now, &from, Some(LOCALHOST), &payload);
-                    self.drive(hub);
-                }
+                self.at_hub(hub, |pex| pex.view(now, &from, Some(LOCALHOST), &payload));
             }
-            Ev::Gone { hub, from } => {
-                if self.hubs[hub].alive {
-                    self.hubs[hub].pex.teia_gone(now, &from);
-                    self.drive(hub);
-                }
-            }
+            Ev::Gone { hub, from } => self.at_hub(hub, |pex| pex.teia_gone(now, &from)),
+        }
+    }
+
+    /// The end of `wire` that a delivery `to_a` reaches.
+    fn side(&self, wire: usize, to_a: bool) -> Side {
+        if to_a {
+            self.wires[wire].a
+        } else {
+            self.wires[wire].b
+        }
+    }
+
+    /// Hands a live hub an input, then carries out what it asks for.
+    fn at_hub(&mut self, hub: usize, input: impl FnOnce(&mut Pex)) {
+        if self.hubs[hub].alive {
+            input(&mut self.hubs[hub].pex);
+            self.drive(hub);
         }
     }
 
@@ -444,7 +415,7 @@ impl Sim {
     }
 
     /// What the seed's `listenClientData` does with an object.
-    fn seed_reads(&mut self, peer: usize, wire: usize, to_a: bool, value: &Value) {
+    fn seed_reads(&mut self, peer: usize, value: &Value) {
         if !self.seeds[peer].alive {
             return;
         }
@@ -467,7 +438,6 @@ impl Sim {
         self.seeds[peer]
             .known
             .push(json!({"host": "::ffff:127.0.0.1", "port": my_port}));
-        let _ = (wire, to_a);
         if value["loopback"] != true {
             let port = teia_wire::fields::liberal_u64(my_port).unwrap_or(0);
             self.seed_dials(peer, u16::try_from(port).unwrap_or(0), true);
