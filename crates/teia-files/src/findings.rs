@@ -3,19 +3,30 @@
 //! `/get NAME`, folders, and the holders of a download), and course peers' files heard from
 //! a seed 004 index.
 //!
-//! Bounds: [`SEARCHES_KEPT`] searches and [`crate::state::RESULTS_KEPT`] holdings and course
-//! peers' files, the oldest forgotten first; the answers of one search are shown up to
-//! [`crate::state::MAX_ANSWERS_PER_SEARCH`] holders.
+//! Bounds: [`SEARCHES_KEPT`] searches and [`RESULTS_KEPT`] holdings and course peers' files,
+//! the oldest forgotten first; the answers of one search are shown up to
+//! [`MAX_ANSWERS_PER_SEARCH`] holders.
 
 use std::collections::{HashSet, VecDeque};
 use std::net::SocketAddr;
 
 use crate::download::Source;
 use crate::proto::tree::Hash;
-use crate::state::{push_bounded, MAX_ANSWERS_PER_SEARCH, RESULTS_KEPT};
 
 /// Searches of ours remembered, for their answers; the oldest is forgotten first.
 pub const SEARCHES_KEPT: usize = 256;
+/// Search results remembered (for `/get NAME` and for holders of a download).
+pub const RESULTS_KEPT: usize = 4_096;
+/// Holders whose answers to one search are shown; later ones are dropped.
+pub const MAX_ANSWERS_PER_SEARCH: usize = 64;
+
+/// Appends `item`, forgetting the oldest when `queue` holds `cap` already.
+fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, cap: usize) {
+    if queue.len() >= cap {
+        queue.pop_front();
+    }
+    queue.push_back(item);
+}
 
 /// A search result remembered: a file and who has it.
 #[derive(Debug, Clone)]

@@ -10,7 +10,7 @@
 //! remembered, events to the interface up to [`EVENTS`] (progress events are dropped when
 //! the interface lags; the others wait).
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::download::{DialBackError, Download, DownloadInfo, Source};
 use crate::findings::{Findings, Holding, SeedHolding};
+pub use crate::findings::{MAX_ANSWERS_PER_SEARCH, RESULTS_KEPT};
 use crate::limits::{Budget, LogSummary, Throttle};
 use crate::proto::msg::{self, Found, Question};
 use crate::proto::tree::Hash;
@@ -41,14 +42,10 @@ pub const MAX_SERVING: usize = 64;
 pub const MAX_STREAMS_PER_PEER: usize = 4;
 /// Requests waiting for the user's approval at once.
 pub const MAX_PENDING_APPROVALS: usize = 64;
-/// Search results remembered (for `/get NAME` and for holders of a download).
-pub const RESULTS_KEPT: usize = 4_096;
 /// Approvals remembered (requester key and file); beyond, they are forgotten and asked again.
 pub const GRANTS_KEPT: usize = 4_096;
 /// Events waiting for the interface.
 pub const EVENTS: usize = 1_024;
-/// Holders whose answers to one search are shown; later ones are dropped.
-pub const MAX_ANSWERS_PER_SEARCH: usize = 64;
 /// Streams this node opens back to askers (when it cannot be dialed), per minute at most;
 /// requests beyond are ignored.
 pub const DIAL_BACKS_PER_MINUTE: f64 = 10.0;
@@ -329,13 +326,6 @@ pub(crate) struct DialBack {
 
 /// Who a dial-back request expects, and who waits for its stream.
 pub(crate) type DialBackWaiter = (PublicKey, oneshot::Sender<DataStream>);
-
-pub(crate) fn push_bounded<T>(queue: &mut VecDeque<T>, item: T, cap: usize) {
-    if queue.len() >= cap {
-        queue.pop_front();
-    }
-    queue.push_back(item);
-}
 
 /// The addresses we can be reached on: the one we listen on, or, listening on all
 /// interfaces, loopback and the address of the default route (found without sending

@@ -36,6 +36,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::dial::dial;
 use crate::pex::{PexInput, PexLinks, PexSettings};
 use crate::rendezvous::{Registrar, RegistrarEvent, RendezvousClient};
 use crate::router::{
@@ -70,8 +71,6 @@ const INPUT_BATCH: usize = 64;
 const COALESCE_MAX: usize = 64 * 1024;
 /// Bytes of what a link first receives handed to the core, to name a failed handshake.
 const FIRST_BYTES: usize = 256;
-/// Time allowed to connect to a peer.
-const DIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// Wait before asking a rendezvous again that refused a DISCOVER as not yet registered.
 const DISCOVER_EARLY_RETRY: Duration = Duration::from_millis(500);
 /// Such early retries at most.
@@ -631,7 +630,12 @@ pub async fn start(mut config: NodeConfig) -> Result<Started, NodeError> {
                 addr.port(),
                 u64::from_le_bytes(seed) ^ unix_millis(),
             );
-            PexLinks::new(teia_core::pex::Pex::new(settings), addr, inputs.clone())
+            PexLinks::new(
+                teia_core::pex::Pex::new(settings),
+                addr,
+                inputs.clone(),
+                Input::Pex,
+            )
         })
         // Node peers are plaintext: a node that requires encryption takes none.
         .filter(|_| !config.overlay.require_encryption);
@@ -709,7 +713,7 @@ struct Driver {
     /// Our splice asks waiting for their relay's answer: (relay, with, ask) → the waiter.
     splice_asks: HashMap<SpliceKey, SpliceWaiter>,
     /// Seed 003's peers; `None` when the node does not listen (they must dial back).
-    pex: Option<PexLinks>,
+    pex: Option<PexLinks<Input>>,
 }
 
 /// Names one of our splice asks: the relay, the other side, the ask.
@@ -1021,7 +1025,7 @@ impl Driver {
                     tokio::spawn(async move {
                         let input = match dial(addr).await {
                             Ok(stream) => Input::Dialed(stream, addr),
-                            Err(error) => Input::DialFailed(addr, error),
+                            Err(error) => Input::DialFailed(addr, error.to_string()),
                         };
                         let _ = inputs.send(input).await;
                     });
@@ -1471,15 +1475,6 @@ impl Driver {
 }
 
 /// Answers a connection beyond [`MAX_OPEN_LINKS`] with BYE `busy` and closes it.
-/// Connects to `addr` within [`DIAL_TIMEOUT`]; the error is for people.
-pub(crate) async fn dial(addr: SocketAddr) -> Result<TcpStream, String> {
-    match tokio::time::timeout(DIAL_TIMEOUT, TcpStream::connect(addr)).await {
-        Ok(Ok(stream)) => Ok(stream),
-        Ok(Err(e)) => Err(e.to_string()),
-        Err(_) => Err("connect timed out".to_owned()),
-    }
-}
-
 async fn refuse_busy(mut stream: TcpStream, bye: Vec<u8>) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(&bye)).await;
     let _ = stream.shutdown().await;

@@ -20,7 +20,7 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::node::Input;
+use crate::dial::dial;
 
 /// Objects waiting to be written on one connection, at most.
 pub const WRITE_QUEUE: usize = 64;
@@ -58,7 +58,8 @@ struct Conn {
 
 /// The Node peers' side of the driver: the machine, the connections, and the overlay links
 /// that stand for linked Node peers.
-pub(crate) struct PexLinks {
+/// `I` is the node's input, which a [`PexInput`] becomes with `wrap`.
+pub(crate) struct PexLinks<I> {
     pub(crate) machine: Pex,
     /// Where the node listens: a Node peer must be able to dial back to it.
     listen: SocketAddr,
@@ -68,11 +69,17 @@ pub(crate) struct PexLinks {
     peer_of: HashMap<LinkId, SocketAddr>,
     /// The address of each teia neighbour (their views' loopback addresses are theirs).
     teia_ips: HashMap<String, IpAddr>,
-    inputs: mpsc::Sender<Input>,
+    inputs: mpsc::Sender<I>,
+    wrap: fn(PexInput) -> I,
 }
 
-impl PexLinks {
-    pub(crate) fn new(machine: Pex, listen: SocketAddr, inputs: mpsc::Sender<Input>) -> Self {
+impl<I: Send + 'static> PexLinks<I> {
+    pub(crate) fn new(
+        machine: Pex,
+        listen: SocketAddr,
+        inputs: mpsc::Sender<I>,
+        wrap: fn(PexInput) -> I,
+    ) -> Self {
         Self {
             machine,
             listen,
@@ -82,6 +89,7 @@ impl PexLinks {
             peer_of: HashMap::new(),
             teia_ips: HashMap::new(),
             inputs,
+            wrap,
         }
     }
 
@@ -165,13 +173,13 @@ impl PexLinks {
                     self.machine.dial_failed(now, addr, &error);
                 }
                 PexAction::Dial { addr } => {
-                    let inputs = self.inputs.clone();
+                    let (inputs, wrap) = (self.inputs.clone(), self.wrap);
                     tokio::spawn(async move {
-                        let input = match crate::node::dial(addr).await {
+                        let input = match dial(addr).await {
                             Ok(stream) => PexInput::Dialed(stream, addr),
-                            Err(error) => PexInput::DialFailed(addr, error),
+                            Err(error) => PexInput::DialFailed(addr, error.to_string()),
                         };
-                        let _ = inputs.send(Input::Pex(input)).await;
+                        let _ = inputs.send(wrap(input)).await;
                     });
                 }
                 PexAction::Write { conn, bytes } => {
@@ -279,7 +287,12 @@ impl PexLinks {
         let (read_half, write_half) = stream.into_split();
         let (writer, objects) = mpsc::channel(WRITE_QUEUE);
         tokio::spawn(write_objects(write_half, objects));
-        let reader = tokio::spawn(read_objects(read_half, conn, self.inputs.clone()));
+        let reader = tokio::spawn(read_objects(
+            read_half,
+            conn,
+            self.inputs.clone(),
+            self.wrap,
+        ));
         self.conns.insert(conn, Conn { writer, reader });
         conn
     }
@@ -299,10 +312,11 @@ async fn write_objects(
 }
 
 /// Reads objects back to back until the connection ends or sends what is not JSON.
-async fn read_objects(
+async fn read_objects<I>(
     mut stream: tokio::net::tcp::OwnedReadHalf,
     conn: ConnId,
-    inputs: mpsc::Sender<Input>,
+    inputs: mpsc::Sender<I>,
+    wrap: fn(PexInput) -> I,
 ) {
     let mut reader = ObjectReader::new(MAX_OBJECT);
     let mut chunk = vec![0u8; 16 * 1024];
@@ -316,12 +330,12 @@ async fn read_objects(
             let Ok(value) = object else {
                 // What it sends is no longer read; its connection ends when it has closed
                 // its side (a reset would crash it).
-                let _ = inputs.send(Input::Pex(PexInput::Closed(conn))).await;
+                let _ = inputs.send(wrap(PexInput::Closed(conn))).await;
                 drain(&mut stream).await;
                 return;
             };
             if inputs
-                .send(Input::Pex(PexInput::Object(conn, value)))
+                .send(wrap(PexInput::Object(conn, value)))
                 .await
                 .is_err()
             {
@@ -329,7 +343,7 @@ async fn read_objects(
             }
         }
     }
-    let _ = inputs.send(Input::Pex(PexInput::Closed(conn))).await;
+    let _ = inputs.send(wrap(PexInput::Closed(conn))).await;
 }
 
 /// Reads and drops what comes until the other side closes, for at most [`CLOSE_GRACE`].
