@@ -1,5 +1,6 @@
-//! Link life: admission of inbound connections, the HELLO handshake with its Noise exchange,
-//! key pinning, duplicate links, BYE, keep-alive, and dialing peers with backoff.
+//! The node's side of link life: admission of inbound connections, the HELLO handshake with
+//! its Noise exchange, key pinning, duplicate links, BYE, asking each link what its timers
+//! want ([`super::link`]), and dialing what [`super::membership`] finds due.
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -287,18 +288,12 @@ impl Node {
         let Some(addr) = self.links.get(&link).and_then(|l| l.dial_addr) else {
             return;
         };
-        if !self.own_addrs.contains(&addr) {
-            if self.own_addrs.len() >= OWN_ADDRS_KEPT {
-                self.own_addrs.remove(0);
-            }
-            self.own_addrs.push(addr);
-        }
-        if let Some(known) = self.known.remove(&addr) {
+        if let Some(asked) = self.members.mark_own(addr) {
             self.emit(Event::DialGaveUp {
                 addr,
                 attempts: 1,
                 reason: "the address is this node itself".to_owned(),
-                asked: known.pinned,
+                asked,
             });
         }
     }
@@ -337,22 +332,16 @@ impl Node {
         let Some(state) = self.links.get_mut(&link) else {
             return;
         };
-        state.state = LinkState::Up;
-        state.opened = now;
-        state.peer = Some(peer.clone());
-        state.features = features.clone();
-        state.next_ping = now + self.config.ping_interval;
-        state.paced_at = now;
-        if let Some(port) = hello.listen_port {
-            state.dial_addr = Some(SocketAddr::new(state.addr.ip(), port));
-        }
+        state.up(
+            now,
+            peer.clone(),
+            features.clone(),
+            hello.listen_port,
+            &self.config,
+        );
         let (addr, inbound, dial_addr) = (state.addr, state.inbound, state.dial_addr);
         if let Some(addr) = dial_addr {
-            let entry = self.known_entry(now, addr, Some(peer.clone()), None);
-            if let Some(known) = entry {
-                known.state = Dial::Connected;
-                known.departed = false;
-            }
+            self.members.link_up(now, addr, peer.clone());
         }
         self.by_peer.insert(peer.clone(), link);
         self.routes.forget(&peer);
@@ -423,12 +412,8 @@ impl Node {
             // neighbour lists it, or it dials us); one asked for by the user, after a
             // backoff.
             _ if was_up => {
-                if let Some(known) = self.known.get_mut(&addr) {
-                    if known.pinned {
-                        self.schedule_redial(now, addr, &why);
-                    } else {
-                        known.departed = true;
-                    }
+                if self.members.departed(addr) {
+                    self.schedule_redial(now, addr, &why);
                 }
             }
             _ => {
@@ -454,8 +439,7 @@ impl Node {
         });
         self.write(link, &bye);
         if let Some(state) = self.links.get_mut(&link) {
-            state.state = LinkState::Closing;
-            state.opened = now;
+            state.closing(now);
         }
     }
 
@@ -489,19 +473,11 @@ impl Node {
         let Some(addr) = state.dial_addr else {
             return;
         };
-        if let Some(known) = self.known.get_mut(&addr) {
-            if known.state != Dial::Dialing {
-                known.state = Dial::Idle;
-            }
-        }
         // A link that stayed up a while wipes the address's record of failures; one that
         // fell at once counts as a failure, so a peer that accepts and then drops us is
         // backed off and given up like one that cannot be reached.
-        if was_active && now.saturating_duration_since(state.opened) >= STABLE_LINK {
-            if let Some(known) = self.known.get_mut(&addr) {
-                known.failures = 0;
-            }
-        }
+        let stable = was_active && now.saturating_duration_since(state.opened) >= STABLE_LINK;
+        self.members.link_lost(addr, stable);
         let never_up = !state.inbound && !was_active;
         if redial && was_active {
             self.schedule_redial(now, addr, reason);
@@ -515,7 +491,7 @@ impl Node {
                      peer-exchange chat stays silent: link it with --pex-peer)"
                 ),
             };
-            let asked = self.known.get(&addr).is_some_and(|k| k.pinned);
+            let asked = self.members.asked(addr);
             let retry_in = self.schedule_redial(now, addr, &error);
             self.emit(Event::DialFailed {
                 addr,
@@ -530,28 +506,10 @@ impl Node {
         let mut expired = Vec::new();
         let mut pings = Vec::new();
         for (&id, link) in &self.links {
-            match link.state {
-                LinkState::Up if link.next_ping <= now => {
-                    if link.outstanding_pings.len() >= self.config.max_missed_pings as usize {
-                        expired.push((id, "keep-alive timeout"));
-                    } else {
-                        pings.push(id);
-                    }
-                }
-                LinkState::AwaitingHello
-                    if !link.heard && link.opened + self.config.first_line_timeout <= now =>
-                {
-                    expired.push((id, "silent connection"));
-                }
-                LinkState::AwaitingHello
-                | LinkState::AwaitingHelloOk
-                | LinkState::AwaitingNoise
-                | LinkState::Closing
-                    if link.opened + self.config.hello_timeout <= now =>
-                {
-                    expired.push((id, "handshake timeout"));
-                }
-                _ => {}
+            match link.due(now, &self.config) {
+                Some(Due::Ping) => pings.push(id),
+                Some(Due::Expire(reason)) => expired.push((id, reason)),
+                None => {}
             }
         }
         for (id, reason) in expired {
@@ -565,83 +523,20 @@ impl Node {
                 ttl: 1,
             });
             if let Some(link) = self.links.get_mut(&id) {
-                link.outstanding_pings.push_back((msg_id, now));
-                link.next_ping = now + self.config.ping_interval;
+                link.keep_alive.sent(msg_id, now, self.config.ping_interval);
             }
             self.write(id, &ping);
         }
     }
 
-    pub(super) fn wants(&self, known: &Known) -> bool {
-        if self.stopping || known.departed || known.failures > self.config.reconnect_attempts {
-            return false;
-        }
-        if known
-            .peer
-            .as_ref()
-            .is_some_and(|p| self.by_peer.contains_key(p))
-        {
-            return false;
-        }
-        known.pinned || self.by_peer.len() < self.config.target_neighbours
-    }
-
-    /// When the node-wide dial budget next has a dial to spend.
-    pub(super) fn next_dial_token(&self) -> Instant {
-        if self.dial_tokens >= 1.0 || self.config.dial_rate == 0 {
-            return self.dial_tokens_at;
-        }
-        let missing = 1.0 - self.dial_tokens;
-        self.dial_tokens_at + Duration::from_secs_f64(missing / f64::from(self.config.dial_rate))
-    }
-
-    fn take_dial_token(&mut self, now: Instant) -> bool {
-        let rate = f64::from(self.config.dial_rate);
-        let elapsed = now.saturating_duration_since(self.dial_tokens_at);
-        self.dial_tokens = (self.dial_tokens + elapsed.as_secs_f64() * rate).min(rate * 2.0);
-        self.dial_tokens_at = now;
-        if self.dial_tokens >= 1.0 {
-            self.dial_tokens -= 1.0;
-            true
-        } else {
-            false
-        }
-    }
-
+    /// Dials what membership finds due now (nothing once the node is stopping).
     pub(super) fn redial(&mut self, now: Instant) {
-        let mut budget = self
-            .config
-            .target_neighbours
-            .saturating_sub(self.by_peer.len() + self.dialing());
-        let mut due: Vec<(bool, SocketAddr)> = self
-            .known
-            .iter()
-            .filter(|(_, k)| k.state == Dial::Idle && k.next_attempt <= now && self.wants(k))
-            .map(|(addr, k)| (!k.pinned, *addr))
-            .collect();
-        due.sort();
-        for (unpinned, addr) in due {
-            if unpinned {
-                if budget == 0 {
-                    continue;
-                }
-                budget -= 1;
-            }
-            if !self.take_dial_token(now) {
-                return;
-            }
-            if let Some(known) = self.known.get_mut(&addr) {
-                known.state = Dial::Dialing;
-            }
+        if self.stopping {
+            return;
+        }
+        for addr in self.members.due(now, &self.by_peer) {
             self.actions.push_back(Action::Dial { addr });
         }
-    }
-
-    pub(super) fn dialing(&self) -> usize {
-        self.known
-            .values()
-            .filter(|k| k.state == Dial::Dialing)
-            .count()
     }
 
     /// After a failure or loss: the delay before the next dial of `addr`, if any. After
@@ -653,90 +548,15 @@ impl Node {
         addr: SocketAddr,
         reason: &str,
     ) -> Option<Duration> {
-        let config = &self.config;
-        let known = self.known.get_mut(&addr)?;
-        known.state = Dial::Idle;
-        known.failures = known.failures.saturating_add(1);
-        if known.failures > config.reconnect_attempts {
-            let attempts = known.failures.saturating_sub(1);
-            let asked = known.pinned;
-            self.known.remove(&addr);
+        let redial = self.members.failed(now, addr);
+        if let Redial::GaveUp { attempts, asked } = redial {
             self.emit(Event::DialGaveUp {
                 addr,
                 attempts,
                 reason: reason.to_owned(),
                 asked,
             });
-            return None;
         }
-        let factor = 1u32 << known.failures.saturating_sub(1).min(16);
-        let delay = (config.reconnect_initial * factor).min(config.reconnect_max_delay);
-        known.next_attempt = now + delay;
-        Some(delay)
-    }
-
-    /// True for an address this node must not dial: one found to be itself, or its own
-    /// listening port on a loopback or unspecified address.
-    pub(super) fn is_own(&self, addr: SocketAddr) -> bool {
-        self.own_addrs.contains(&addr)
-            || (Some(addr.port()) == self.config.listen_port
-                && (addr.ip().is_loopback() || addr.ip().is_unspecified()))
-    }
-
-    /// The entry for `addr`, created if there is room; its peer id updated when given.
-    /// `source` is the neighbour whose PEER_LIST named it: each neighbour may fill at most
-    /// [`Config::learned_per_peer`] entries. Seeing a departed peer again makes it dialable.
-    pub(super) fn known_entry(
-        &mut self,
-        now: Instant,
-        addr: SocketAddr,
-        peer: Option<String>,
-        source: Option<String>,
-    ) -> Option<&mut Known> {
-        if self.is_own(addr) {
-            return None;
-        }
-        if !self.known.contains_key(&addr) {
-            if let Some(source) = &source {
-                let from_source = self
-                    .known
-                    .values()
-                    .filter(|k| k.source.as_ref() == Some(source))
-                    .count();
-                if from_source >= self.config.learned_per_peer {
-                    return None;
-                }
-            }
-            if self.known.len() >= self.config.known_capacity {
-                let stale = self
-                    .known
-                    .iter()
-                    .filter(|(_, k)| !k.pinned && k.state == Dial::Idle)
-                    .min_by_key(|(_, k)| k.learned)
-                    .map(|(a, _)| *a)?;
-                self.known.remove(&stale);
-            }
-            self.known.insert(
-                addr,
-                Known {
-                    peer: None,
-                    pinned: false,
-                    state: Dial::Idle,
-                    failures: 0,
-                    next_attempt: now,
-                    learned: now,
-                    source,
-                    departed: false,
-                },
-            );
-        } else if let Some(known) = self.known.get_mut(&addr) {
-            known.departed = false;
-        }
-        let known = self.known.get_mut(&addr)?;
-        if peer.is_some() {
-            known.peer = peer;
-        }
-        known.learned = now;
-        Some(known)
+        redial.delay()
     }
 }

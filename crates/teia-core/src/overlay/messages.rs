@@ -65,16 +65,7 @@ impl Node {
 
     pub(super) fn on_pong(&mut self, now: Instant, link: LinkId, msg_id: &str) {
         if let Some(state) = self.links.get_mut(&link) {
-            if let Some(pos) = state
-                .outstanding_pings
-                .iter()
-                .position(|(id, _)| id == msg_id)
-            {
-                if let Some((_, sent)) = state.outstanding_pings.get(pos).cloned() {
-                    state.rtt = Some(now.saturating_duration_since(sent));
-                }
-                state.outstanding_pings.clear();
-            }
+            state.keep_alive.pong(msg_id, now);
         }
     }
 
@@ -229,15 +220,12 @@ impl Node {
     }
 
     pub(super) fn on_ack(&mut self, now: Instant, link: LinkId, ack: Ack) {
-        if let Some(state) = self.links.get_mut(&link) {
-            if state
-                .awaiting_ack
-                .as_ref()
-                .is_some_and(|(id, _)| *id == ack.msg_id)
-            {
-                state.awaiting_ack = None;
-                self.pace(link);
-            }
+        if self
+            .links
+            .get_mut(&link)
+            .is_some_and(|state| state.pacing.acked(&ack.msg_id))
+        {
+            self.pace(link);
         }
         if self.is_course_link(link) && !self.outbox.contains_key(&ack.msg_id) {
             if let Some(origin) = self.relayed.get(&ack.msg_id).cloned() {
@@ -438,7 +426,7 @@ impl Node {
             msg_id: request.msg_id,
             src: self.config.peer_id.clone(),
             dst: request.src,
-            rtt_ms: state.rtt.map(|r| r.as_millis() as u64),
+            rtt_ms: state.keep_alive.rtt().map(|r| r.as_millis() as u64),
             sent_count: state.sent,
             recv_count: state.received,
             last_seen: self.timestamp(now),
@@ -470,7 +458,7 @@ impl Node {
             if ip.is_unspecified() || ip.is_multicast() {
                 continue;
             }
-            self.known_entry(
+            self.members.learn(
                 now,
                 SocketAddr::new(ip, entry.port),
                 Some(entry.peer_id),

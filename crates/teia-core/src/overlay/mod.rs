@@ -9,7 +9,9 @@
 
 mod dedup;
 mod exchange;
+mod link;
 mod links;
+mod membership;
 mod messages;
 mod origin;
 mod query;
@@ -42,6 +44,8 @@ fn is_name(text: &str) -> bool {
 use crate::identity::{Identity, PublicKey};
 use crate::rate::RateLimiter;
 use crate::rng::SplitMix64;
+use link::{Due, Link, LinkState, SAID_CHARS};
+use membership::{Membership, Redial, STABLE_LINK};
 use secure::{Handshake, Suite};
 
 /// Identifies one connection, chosen by the runtime.
@@ -660,74 +664,6 @@ pub struct RouteInfo {
     pub age: Duration,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum LinkState {
-    /// Inbound: waiting for HELLO.
-    AwaitingHello,
-    /// Outbound: HELLO sent, waiting for HELLO_OK.
-    AwaitingHelloOk,
-    /// Inbound: HELLO_OK with Noise message 2 sent, waiting for NOISE.
-    AwaitingNoise,
-    /// Handshake done.
-    Up,
-    /// BYE sent or received; closing.
-    Closing,
-}
-
-#[derive(Debug)]
-struct Link {
-    addr: SocketAddr,
-    inbound: bool,
-    opened: Instant,
-    state: LinkState,
-    peer: Option<String>,
-    features: Vec<String>,
-    /// Where the peer can be dialed (for PEER_LIST and reconnection).
-    dial_addr: Option<SocketAddr>,
-    next_ping: Instant,
-    outstanding_pings: VecDeque<(String, Instant)>,
-    rtt: Option<Duration>,
-    sent: u64,
-    received: u64,
-    /// Noise handshake in progress.
-    handshake: Option<Handshake>,
-    /// The HELLO whose link comes up when the handshake completes.
-    pending_hello: Option<Hello>,
-    /// Key proven by the handshake.
-    key: Option<PublicKey>,
-    /// The link is encrypted.
-    encrypted: bool,
-    /// A line has arrived on this link.
-    heard: bool,
-    /// What the other end first sent, for people (at most [`SAID_CHARS`] characters,
-    /// control characters as spaces), kept while the link is not up: a dial whose
-    /// handshake fails names it.
-    said: Option<String>,
-    /// Lines waiting to be paced out to a course peer.
-    paced: VecDeque<(Option<String>, Vec<u8>)>,
-    /// Bytes in `paced`.
-    paced_bytes: usize,
-    /// Earliest time the next paced line may go.
-    paced_at: Instant,
-    /// A SEND written to this course peer and not yet acknowledged, with its wait's end.
-    awaiting_ack: Option<(String, Instant)>,
-}
-
-impl Link {
-    fn has(&self, feature: &str) -> bool {
-        self.features.iter().any(|f| f == feature)
-    }
-
-    fn label(&self) -> String {
-        self.peer.clone().unwrap_or_else(|| self.addr.to_string())
-    }
-
-    /// A course peer: lines to it are paced.
-    fn paced(&self) -> bool {
-        self.state == LinkState::Up && !self.has(feature::TEIA)
-    }
-}
-
 #[derive(Debug)]
 struct Outgoing {
     dst: String,
@@ -753,28 +689,6 @@ struct Discovery {
     pending: VecDeque<Pending>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Dial {
-    Idle,
-    Dialing,
-    Connected,
-}
-
-#[derive(Debug)]
-struct Known {
-    peer: Option<String>,
-    /// Asked for by the user (`--peer`, `/connect`): kept connected.
-    pinned: bool,
-    state: Dial,
-    failures: u32,
-    next_attempt: Instant,
-    learned: Instant,
-    /// The neighbour whose PEER_LIST named it, for the per-neighbour cap.
-    source: Option<String>,
-    /// It said BYE: not dialed again until it is seen again.
-    departed: bool,
-}
-
 /// The overlay state machine of one node.
 pub struct Node {
     config: Config,
@@ -790,7 +704,8 @@ pub struct Node {
     reverse: ReversePaths,
     discoveries: HashMap<String, Discovery>,
     outbox: HashMap<String, Outgoing>,
-    known: HashMap<SocketAddr, Known>,
+    /// Known addresses and when to dial them.
+    members: Membership,
     quota: RateLimiter<LinkId>,
     peer_list_due: Option<Instant>,
     watch: bool,
@@ -799,11 +714,6 @@ pub struct Node {
     actions: VecDeque<Action>,
     /// Keys pinned per peer id.
     pins: HashMap<String, PublicKey>,
-    /// Addresses found to be this node itself: never dialed.
-    own_addrs: Vec<SocketAddr>,
-    /// Node-wide dial budget.
-    dial_tokens: f64,
-    dial_tokens_at: Instant,
     /// SENDs relayed to a course neighbour, by id: their origin, so the neighbour's bare
     /// ACK can be routed back.
     relayed: HashMap<String, String>,
@@ -824,16 +734,10 @@ pub struct Node {
 const PEER_LIST_DELAY: Duration = Duration::from_millis(500);
 /// Neighbours listed in one PEER_LIST at most; entries beyond are ignored.
 const PEER_LIST_MAX: usize = 32;
-/// Time a link must stay up for its address's failures to be forgotten.
-const STABLE_LINK: Duration = Duration::from_secs(10);
-/// Characters of what a peer first sent kept to name a failed handshake.
-const SAID_CHARS: usize = 80;
 /// Relayed SENDs remembered for routing back course peers' ACKs.
 const RELAYED_KEPT: usize = 4_096;
 /// Verified batch roots remembered.
 const VERIFIED_ROOTS_KEPT: usize = 4_096;
-/// Addresses remembered as our own.
-const OWN_ADDRS_KEPT: usize = 16;
 
 impl Node {
     /// A node with no links, at monotonic time `now` and wall time `unix_ms`.
@@ -851,7 +755,7 @@ impl Node {
             reverse: ReversePaths::new(config.dedup_capacity, config.discovery_timeout * 2),
             discoveries: HashMap::new(),
             outbox: HashMap::new(),
-            known: HashMap::new(),
+            members: Membership::new(&config, now),
             quota: RateLimiter::new(config.link_rate, config.link_rate * 2, config.max_links),
             peer_list_due: None,
             watch: false,
@@ -859,9 +763,6 @@ impl Node {
             counters: Counters::default(),
             actions: VecDeque::new(),
             pins: HashMap::new(),
-            own_addrs: Vec::new(),
-            dial_tokens: f64::from(config.dial_rate) * 2.0,
-            dial_tokens_at: now,
             relayed: HashMap::new(),
             relayed_order: VecDeque::new(),
             now,
@@ -889,33 +790,15 @@ impl Node {
 
     /// When [`Node::handle_timeout`] must be called next.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let links = self.links.values().map(|l| match l.state {
-            LinkState::Up => l.next_ping,
-            LinkState::AwaitingHello if !l.heard => {
-                l.opened
-                    + self
-                        .config
-                        .first_line_timeout
-                        .min(self.config.hello_timeout)
-            }
-            _ => l.opened + self.config.hello_timeout,
-        });
-        let paced = self
-            .links
-            .values()
-            .filter(|l| !l.paced.is_empty())
-            .map(|l| match &l.awaiting_ack {
-                Some((_, until)) => l.paced_at.max(*until),
-                None => l.paced_at,
-            });
+        let links = self.links.values().map(|l| l.deadline(&self.config));
+        let paced = self.links.values().filter_map(|l| l.pacing.deadline());
         let outbox = self.outbox.values().map(|o| o.next_try.min(o.deadline));
         let discoveries = self.discoveries.values().map(|d| d.deadline);
-        let room = self.by_peer.len() + self.dialing() < self.config.target_neighbours;
-        let dials = self
-            .known
-            .values()
-            .filter(|k| k.state == Dial::Idle && self.wants(k) && (k.pinned || room))
-            .map(|k| k.next_attempt.max(self.next_dial_token()));
+        let dials = if self.stopping {
+            None
+        } else {
+            self.members.next_dial(&self.by_peer)
+        };
         links
             .chain(paced)
             .chain(outbox)
@@ -951,7 +834,7 @@ impl Node {
                     peer: peer.clone(),
                     addr: link.addr,
                     inbound: link.inbound,
-                    rtt: link.rtt,
+                    rtt: link.keep_alive.rtt(),
                     sent: link.sent,
                     received: link.received,
                     teia: link.has(feature::TEIA),
@@ -984,13 +867,7 @@ impl Node {
 
     /// Peers known by id but not connected (from the rendezvous or peer lists).
     pub fn known_peers(&self) -> Vec<(String, SocketAddr)> {
-        let mut list: Vec<_> = self
-            .known
-            .iter()
-            .filter_map(|(addr, k)| k.peer.clone().map(|p| (p, *addr)))
-            .collect();
-        list.sort();
-        list
+        self.members.known_peers()
     }
 
     /// The line that refuses a connection the node has no room for at all (BYE `busy`),
@@ -1041,40 +918,11 @@ impl Node {
     /// A connection is open: dialed by us (`inbound == false`) or accepted.
     pub fn link_opened(&mut self, now: Instant, link: LinkId, addr: SocketAddr, inbound: bool) {
         self.now = now;
-        if let Some(known) = self.known.get_mut(&addr).filter(|_| !inbound) {
-            known.state = Dial::Connected;
+        if !inbound {
+            self.members.connected(addr);
         }
-        self.links.insert(
-            link,
-            Link {
-                addr,
-                inbound,
-                opened: now,
-                state: if inbound {
-                    LinkState::AwaitingHello
-                } else {
-                    LinkState::AwaitingHelloOk
-                },
-                peer: None,
-                features: Vec::new(),
-                dial_addr: (!inbound).then_some(addr),
-                next_ping: now + self.config.ping_interval,
-                outstanding_pings: VecDeque::new(),
-                rtt: None,
-                sent: 0,
-                received: 0,
-                handshake: None,
-                pending_hello: None,
-                key: None,
-                encrypted: false,
-                heard: false,
-                said: None,
-                paced: VecDeque::new(),
-                paced_bytes: 0,
-                paced_at: now,
-                awaiting_ack: None,
-            },
-        );
+        self.links
+            .insert(link, Link::new(addr, inbound, now, &self.config));
         if inbound {
             self.admit(link, addr);
         } else {
@@ -1085,7 +933,7 @@ impl Node {
     /// A dial asked for by [`Action::Dial`] failed.
     pub fn dial_failed(&mut self, now: Instant, addr: SocketAddr, error: &str) {
         self.now = now;
-        let asked = self.known.get(&addr).is_some_and(|k| k.pinned);
+        let asked = self.members.asked(addr);
         let retry_in = self.schedule_redial(now, addr, error);
         self.emit(Event::DialFailed {
             addr,
@@ -1285,7 +1133,7 @@ impl Node {
     /// until it fails the configured attempts in a row.
     pub fn connect(&mut self, now: Instant, addr: SocketAddr) {
         self.now = now;
-        if self.is_own(addr) {
+        if self.members.is_own(addr) {
             self.emit(Event::DialGaveUp {
                 addr,
                 attempts: 0,
@@ -1294,13 +1142,7 @@ impl Node {
             });
             return;
         }
-        let entry = self.known_entry(now, addr, None, None);
-        if let Some(known) = entry {
-            known.pinned = true;
-            known.failures = 0;
-            known.departed = false;
-            known.next_attempt = now;
-        }
+        self.members.pin(now, addr);
         self.redial(now);
     }
 
@@ -1313,7 +1155,7 @@ impl Node {
         self.now = now;
         for (peer, addr) in peers {
             if peer != self.config.peer_id {
-                self.known_entry(now, addr, Some(peer), None);
+                self.members.learn(now, addr, Some(peer), None);
             }
         }
         self.redial(now);
@@ -1322,13 +1164,7 @@ impl Node {
     /// Dials every known peer that is not connected now, forgetting its backoff.
     pub fn reconnect(&mut self, now: Instant) {
         self.now = now;
-        for known in self.known.values_mut() {
-            if known.state == Dial::Idle {
-                known.failures = 0;
-                known.departed = false;
-                known.next_attempt = now;
-            }
-        }
+        self.members.reconnect_all(now);
         self.redial(now);
     }
 
@@ -1445,16 +1281,17 @@ impl Node {
             if matches!(message, Message::Pub(data) if service_of(&data.payload).is_some()) {
                 return;
             }
-            if state.paced_bytes + line.len() > self.config.course_queue_bytes {
-                self.counters.dropped += 1;
-                return;
-            }
-            state.paced_bytes += line.len();
             let send_id = match message {
                 Message::Send(data) => Some(data.msg_id.clone()),
                 _ => None,
             };
-            state.paced.push_back((send_id, line));
+            if !state
+                .pacing
+                .queue(send_id, line, self.config.course_queue_bytes)
+            {
+                self.counters.dropped += 1;
+                return;
+            }
         } else {
             self.actions.push_back(Action::Write { link, line });
         }
@@ -1485,25 +1322,7 @@ impl Node {
         let Some(state) = self.links.get_mut(&link) else {
             return;
         };
-        while state.paced_at <= now {
-            let Some((send_id, _)) = state.paced.front() else {
-                break;
-            };
-            let waiting = state
-                .awaiting_ack
-                .as_ref()
-                .is_some_and(|(_, until)| *until > now);
-            if send_id.is_some() && waiting {
-                break;
-            }
-            let Some((send_id, line)) = state.paced.pop_front() else {
-                break;
-            };
-            state.paced_bytes = state.paced_bytes.saturating_sub(line.len());
-            if let Some(id) = send_id {
-                state.awaiting_ack = Some((id, now + self.config.course_ack_wait));
-            }
-            state.paced_at = now + self.config.course_gap;
+        while let Some(line) = state.pacing.next(now, &self.config) {
             self.actions.push_back(Action::Write { link, line });
         }
     }
@@ -1512,7 +1331,7 @@ impl Node {
         let due: Vec<LinkId> = self
             .links
             .iter()
-            .filter(|(_, l)| !l.paced.is_empty() && l.paced_at <= now)
+            .filter(|(_, l)| l.pacing.due(now))
             .map(|(id, _)| *id)
             .collect();
         for link in due {
@@ -1523,9 +1342,7 @@ impl Node {
     /// True when a SEND is still waiting in a course link's pacing queue (so retransmitting
     /// it would only queue a copy).
     fn queued_for_course(&self, msg_id: &str) -> bool {
-        self.links
-            .values()
-            .any(|l| l.paced.iter().any(|(id, _)| id.as_deref() == Some(msg_id)))
+        self.links.values().any(|l| l.pacing.holds(msg_id))
     }
 
     fn emit(&mut self, event: Event) {

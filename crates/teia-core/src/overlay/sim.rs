@@ -998,9 +998,8 @@ fn new_dials_are_rate_limited_node_wide() {
 
 #[test]
 fn a_peer_that_said_bye_is_dialed_again_only_once_seen_again() {
-    let mut sim = Sim::new(2, 1, |_| {});
+    let mut sim = Sim::new(2, 1, |config| config.target_neighbours = 4);
     let now = sim.now;
-    sim.nodes[0].node.config.target_neighbours = 4;
     sim.node(0).discovered(now, [(name(1), addr_of(1))]);
     sim.run(Duration::from_secs(1));
     assert_eq!(sim.nodes[0].node.neighbours().len(), 1);
