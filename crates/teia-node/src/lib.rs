@@ -1,6 +1,7 @@
 //! The teia node's runtime: tokio networking around the sans-IO overlay in `teia-core`,
 //! the rendezvous client and LAN discovery that nodes use to find each other.
 
+pub mod chat;
 pub mod dial;
 pub mod identity;
 pub mod lan;

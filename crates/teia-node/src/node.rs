@@ -36,11 +36,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
+use crate::chat;
 use crate::dial::dial;
 use crate::pex::{PexInput, PexLinks, PexSettings};
 use crate::rendezvous::{Registrar, RegistrarEvent, RendezvousClient};
 use crate::router::{
-    Delivery, Inboxes, Routes, ServiceMessage, ServiceQuery, ServiceRoute, Undeliverable,
+    Delivery, Inboxes, Routes, SendOutcome, ServiceMessage, ServiceQuery, ServiceRoute,
+    Undeliverable,
 };
 use crate::store::{NodeStore, StoreError};
 use crate::stream::{
@@ -725,35 +727,58 @@ type SpliceWaiter = oneshot::Sender<Result<(SocketAddr, String), StreamError>>;
 /// their acknowledgement or failure is the service's business, not shown as chat events.
 #[derive(Default)]
 struct ServiceSends {
-    ids: std::collections::HashSet<String>,
+    services: HashMap<String, String>,
     order: std::collections::VecDeque<String>,
 }
 
-/// Service SENDs remembered; past it, the oldest is forgotten (its ACK would be shown).
+/// Service SENDs remembered; past it, the oldest is forgotten (its outcome goes to the
+/// application).
 const MAX_SERVICE_SENDS: usize = 4096;
 
 impl ServiceSends {
-    fn remember(&mut self, msg_id: &str) {
+    fn remember(&mut self, msg_id: &str, service: String) {
         if self.order.len() >= MAX_SERVICE_SENDS {
             if let Some(oldest) = self.order.pop_front() {
-                self.ids.remove(&oldest);
+                self.services.remove(&oldest);
             }
         }
-        if self.ids.insert(msg_id.to_owned()) {
+        if self.services.insert(msg_id.to_owned(), service).is_none() {
             self.order.push_back(msg_id.to_owned());
         }
     }
 
-    /// Whether `event` ends a service SEND (and forgets it).
-    fn ends(&mut self, event: &Event) -> bool {
-        let (Event::Acked { msg_id, .. } | Event::Undelivered { msg_id, .. }) = event else {
-            return false;
+    /// When `event` ends a service SEND: the service and the outcome (the SEND forgotten).
+    fn ends(&mut self, event: &Event) -> Option<(String, SendOutcome)> {
+        let (outcome, msg_id) = match event {
+            Event::Acked {
+                msg_id,
+                from,
+                elapsed,
+            } => (
+                SendOutcome::Acked {
+                    msg_id: msg_id.clone(),
+                    from: from.clone(),
+                    elapsed: *elapsed,
+                },
+                msg_id,
+            ),
+            Event::Undelivered {
+                msg_id,
+                dst,
+                reason,
+            } => (
+                SendOutcome::Undelivered {
+                    msg_id: msg_id.clone(),
+                    dst: dst.clone(),
+                    reason: reason.clone(),
+                },
+                msg_id,
+            ),
+            _ => return None,
         };
-        if !self.ids.remove(msg_id) {
-            return false;
-        }
+        let service = self.services.remove(msg_id)?;
         self.order.retain(|id| id != msg_id);
-        true
+        Some((service, outcome))
     }
 }
 
@@ -866,8 +891,8 @@ impl Driver {
                             Some(Command::Shutdown) | None => stop = true,
                             Some(Command::Send { dst, payload, service, reply }) => {
                                 let sent = self.node.send(Instant::now(), &dst, payload);
-                                if let (Some(_), Ok(msg_id)) = (service, &sent) {
-                                    self.service_sends.remember(msg_id);
+                                if let (Some(service), Ok(msg_id)) = (service, &sent) {
+                                    self.service_sends.remember(msg_id, service);
                                 }
                                 replies.push((reply, sent));
                             }
@@ -1075,7 +1100,8 @@ impl Driver {
                     if let (Event::LinkDown { peer, .. }, Some(splices)) = (&event, &self.splices) {
                         stream::lock_splices(splices).broker.peer_gone(peer);
                     }
-                    if self.service_sends.ends(&event) {
+                    if let Some((service, outcome)) = self.service_sends.ends(&event) {
+                        self.hand_over(&service, Delivery::Outcome(outcome), None);
                         continue;
                     }
                     if let Some(event) = self.route(event) {
@@ -1339,19 +1365,24 @@ impl Driver {
             Event::Message {
                 msg_id,
                 src,
+                dst,
                 cast,
-                service: Some(service),
+                service,
                 payload,
                 origin_key,
-                ..
-            } if self.routes.serves(&service) => {
+            } if self
+                .routes
+                .serves(service.as_deref().unwrap_or(chat::SERVICE)) =>
+            {
                 let message = ServiceMessage {
                     msg_id: msg_id.clone(),
                     src,
                     cast,
                     payload,
                     origin_key,
+                    dst,
                 };
+                let service = service.unwrap_or_else(|| chat::SERVICE.to_owned());
                 (service, Delivery::Message(message), Some(msg_id))
             }
             Event::Query {
@@ -1382,9 +1413,16 @@ impl Driver {
             }
             other => return Some(other),
         };
-        match self.routes.deliver(&service, delivery) {
+        self.hand_over(&service, delivery, msg_id);
+        None
+    }
+
+    /// Hands `delivery` to `service`; a message handed over (`msg_id`) is dropped from
+    /// storage unless it is the chat's, which its interface marks shown once it has shown it.
+    fn hand_over(&mut self, service: &str, delivery: Delivery, msg_id: Option<String>) {
+        match self.routes.deliver(service, delivery) {
             Ok(()) => {
-                if let Some(msg_id) = msg_id {
+                if let Some(msg_id) = msg_id.filter(|_| service != chat::SERVICE) {
                     self.shown(&msg_id);
                 }
             }
@@ -1392,9 +1430,11 @@ impl Driver {
                 "a service's inbox is full; delivery dropped",
                 &format_args!("service {service}"),
             ),
+            Err(refused) if refused.why == Undeliverable::NoRoute => {
+                tracing::debug!(%service, "no route for the service; delivery dropped");
+            }
             Err(_) => tracing::debug!(%service, "the service is stopping; delivery dropped"),
         }
-        None
     }
 
     /// Drops a message handed over from storage, so a restart does not hand it over again.

@@ -3,9 +3,11 @@
 //!
 //! A node is started with the [`ServiceRoute`]s it serves ([`crate::node::NodeConfig::services`]).
 //! The node hands each service what is addressed to it (messages the core tagged with the
-//! service's name, queries for it, answers to its own queries, data streams of its kinds,
-//! and course programs' requests when it takes them) through the service's bounded inbox;
-//! the application hears everything else as [`crate::node::NodeEvent`]s. Once the services
+//! service's name, queries for it, answers to its own queries, the outcome of the SENDs it
+//! made, data streams of its kinds, and course programs' requests when it takes them) through
+//! the service's bounded inbox; the chat ([`crate::chat`]) is the service of messages with no
+//! service named. The application hears the rest (links, dials, the rendezvous) as
+//! [`crate::node::NodeEvent`]s, and what a route it was not started with would take. Once the services
 //! are built (they need the node's handle), a [`RouterBuilder`] attaches each [`Service`] to
 //! its inbox and [`Router::shutdown`] stops them all. What arrives before that waits in the
 //! inbox; a route left without a service drops what comes for it.
@@ -58,6 +60,31 @@ pub struct ServiceMessage {
     pub payload: Value,
     /// The key that proved `src` sent it (see [`teia_core::overlay::Event::Message`]).
     pub origin_key: Option<PublicKey>,
+    /// Its destination as addressed (`name@namespace`, `#namespace` or `*`).
+    pub dst: String,
+}
+
+/// How a SEND a service made ended.
+#[derive(Debug, Clone)]
+pub enum SendOutcome {
+    /// Acknowledged end to end.
+    Acked {
+        /// The SEND's id.
+        msg_id: String,
+        /// Who acknowledged.
+        from: String,
+        /// Time from the first transmission to the ACK.
+        elapsed: Duration,
+    },
+    /// Not delivered before its deadline.
+    Undelivered {
+        /// The SEND's id.
+        msg_id: String,
+        /// Its destination.
+        dst: String,
+        /// Why (the last error seen, or `timeout`).
+        reason: String,
+    },
 }
 
 /// A query for a service, or an answer to one of its own: the same three parts.
@@ -79,6 +106,8 @@ pub enum Delivery {
     Query(ServiceQuery),
     /// An answer to a query the service asked.
     Hit(ServiceQuery),
+    /// How a SEND the service made ended.
+    Outcome(SendOutcome),
     /// A data stream of one of the service's kinds.
     Stream(DataStream),
     /// A course program's request (a connection opening with
@@ -92,6 +121,7 @@ impl std::fmt::Debug for Delivery {
             Self::Message(message) => f.debug_tuple("Message").field(message).finish(),
             Self::Query(query) => f.debug_tuple("Query").field(query).finish(),
             Self::Hit(hit) => f.debug_tuple("Hit").field(hit).finish(),
+            Self::Outcome(outcome) => f.debug_tuple("Outcome").field(outcome).finish(),
             Self::Stream(stream) => f.debug_tuple("Stream").field(&stream.service()).finish(),
             Self::CourseRequest(_, addr) => f.debug_tuple("CourseRequest").field(addr).finish(),
         }
@@ -116,6 +146,12 @@ pub trait Service: Send + Sync + 'static {
     /// An answer to a query the service asked.
     fn on_hit(&self, hit: ServiceQuery) -> Handling {
         drop(hit);
+        Box::pin(async {})
+    }
+
+    /// How a SEND the service made ([`crate::node::NodeHandle::send_for`]) ended.
+    fn on_outcome(&self, outcome: SendOutcome) -> Handling {
+        drop(outcome);
         Box::pin(async {})
     }
 
@@ -402,6 +438,7 @@ async fn dispatch(
             Delivery::Message(message) => service.on_message(message),
             Delivery::Query(query) => service.on_query(query),
             Delivery::Hit(hit) => service.on_hit(hit),
+            Delivery::Outcome(outcome) => service.on_outcome(outcome),
             Delivery::Stream(stream) => service.on_stream(stream),
             Delivery::CourseRequest(tcp, addr) => service.on_course_request(tcp, addr),
         };

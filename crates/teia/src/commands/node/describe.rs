@@ -1,9 +1,11 @@
-//! A node's events as JSON objects and as lines of text.
+//! A node's and its chat's events as JSON objects and as lines of text.
 
 use serde_json::{json, Value};
 use teia_core::overlay::{Cast, Direction, Event};
+use teia_node::chat::ChatEvent;
 use teia_node::node::NodeEvent;
 use teia_node::rendezvous::RegistrarEvent;
+use teia_node::router::SendOutcome;
 
 use crate::present::{clean, fmt_rtt, short};
 
@@ -45,6 +47,79 @@ pub(super) fn describe(event: &NodeEvent) -> (Value, String) {
         ),
         NodeEvent::Overlay(event) => describe_overlay(event),
     }
+}
+
+/// A chat event as a JSON object and as a line of text.
+pub(super) fn describe_chat(event: &ChatEvent) -> (Value, String) {
+    match event {
+        ChatEvent::Message(message) => describe_message(
+            &message.msg_id,
+            &message.src,
+            &message.dst,
+            message.cast,
+            &message.payload,
+        ),
+        ChatEvent::Outcome(SendOutcome::Acked {
+            msg_id,
+            from,
+            elapsed,
+        }) => describe_acked(msg_id, from, *elapsed),
+        ChatEvent::Outcome(SendOutcome::Undelivered {
+            msg_id,
+            dst,
+            reason,
+        }) => describe_undelivered(msg_id, dst, reason),
+    }
+}
+
+fn describe_message(
+    msg_id: &str,
+    src: &str,
+    dst: &str,
+    cast: Cast,
+    payload: &Value,
+) -> (Value, String) {
+    let cast_name = match cast {
+        Cast::Unicast => "unicast",
+        Cast::Namespace => "namespace",
+        Cast::Broadcast => "broadcast",
+    };
+    let text = match payload {
+        Value::String(s) => clean(s),
+        other => clean(&other.to_string()),
+    };
+    let shown = match cast {
+        Cast::Unicast => format!("[{}] {text}", clean(src)),
+        _ => format!("[{} → {}] {text}", clean(src), clean(dst)),
+    };
+    (
+        json!({"event":"message","msg_id":msg_id,"src":src,"dst":dst,"cast":cast_name,"payload":payload}),
+        shown,
+    )
+}
+
+fn describe_acked(msg_id: &str, from: &str, elapsed: std::time::Duration) -> (Value, String) {
+    (
+        json!({"event":"ack","msg_id":msg_id,"from":from,"rtt_ms":elapsed.as_secs_f64() * 1000.0}),
+        format!(
+            "✓ {} delivered to {} in {} ms",
+            short(msg_id),
+            clean(from),
+            elapsed.as_millis()
+        ),
+    )
+}
+
+fn describe_undelivered(msg_id: &str, dst: &str, reason: &str) -> (Value, String) {
+    (
+        json!({"event":"undelivered","msg_id":msg_id,"dst":dst,"reason":reason}),
+        format!(
+            "! {} not delivered to {}: {}",
+            short(msg_id),
+            clean(dst),
+            clean(reason)
+        ),
+    )
 }
 
 fn describe_overlay(event: &Event) -> (Value, String) {
@@ -102,51 +177,17 @@ fn describe_overlay(event: &Event) -> (Value, String) {
             cast,
             payload,
             ..
-        } => {
-            let cast_name = match cast {
-                Cast::Unicast => "unicast",
-                Cast::Namespace => "namespace",
-                Cast::Broadcast => "broadcast",
-            };
-            let text = match payload {
-                Value::String(s) => clean(s),
-                other => clean(&other.to_string()),
-            };
-            let shown = match cast {
-                Cast::Unicast => format!("[{}] {text}", clean(src)),
-                _ => format!("[{} → {}] {text}", clean(src), clean(dst)),
-            };
-            (
-                json!({"event":"message","msg_id":msg_id,"src":src,"dst":dst,"cast":cast_name,"payload":payload}),
-                shown,
-            )
-        }
+        } => describe_message(msg_id, src, dst, *cast, payload),
         Event::Acked {
             msg_id,
             from,
             elapsed,
-        } => (
-            json!({"event":"ack","msg_id":msg_id,"from":from,"rtt_ms":elapsed.as_secs_f64() * 1000.0}),
-            format!(
-                "✓ {} delivered to {} in {} ms",
-                short(msg_id),
-                clean(from),
-                elapsed.as_millis()
-            ),
-        ),
+        } => describe_acked(msg_id, from, *elapsed),
         Event::Undelivered {
             msg_id,
             dst,
             reason,
-        } => (
-            json!({"event":"undelivered","msg_id":msg_id,"dst":dst,"reason":reason}),
-            format!(
-                "! {} not delivered to {}: {}",
-                short(msg_id),
-                clean(dst),
-                clean(reason)
-            ),
-        ),
+        } => describe_undelivered(msg_id, dst, reason),
         Event::Relayed {
             msg_id,
             via,

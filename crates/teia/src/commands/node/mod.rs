@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use teia_core::overlay::Config as OverlayConfig;
 use teia_files::{Files, FilesConfig};
+use teia_node::chat::Chat;
 use teia_node::node::{start, NodeConfig};
 use teia_node::router::Router;
 
@@ -111,7 +112,11 @@ pub async fn run(args: NodeArgs, log: LogControl) -> anyhow::Result<()> {
         discover_interval: seconds(args.discover_interval, "--discover-interval")?,
         register_ttl: args.register_ttl.clamp(1, 86_400),
         store: Some(store),
-        services: vec![teia_files::route(), teia_jobs::routed::route()],
+        services: vec![
+            teia_node::chat::route(),
+            teia_files::route(),
+            teia_jobs::routed::route(),
+        ],
         lan: (!args.no_lan).then(|| teia_node::lan::LanSettings {
             port: args.lan_port,
             broadcast: args.lan_broadcast.clone(),
@@ -187,10 +192,12 @@ async fn serve(
         }
     };
     // The services hear what is addressed to them from the node itself; the session below
-    // is the chat's interface and hears the rest. Without an engine, what comes for the
-    // jobs service is dropped.
-    let mut router =
-        Router::builder(inboxes).service(teia_files::routed::SERVICE, Arc::new(files.clone()))?;
+    // is the chat's interface and also shows the node's own events (links, dials, the
+    // rendezvous). Without an engine, what comes for the jobs service is dropped.
+    let (chat, chat_service, chat_events) = Chat::start(handle.clone());
+    let mut router = Router::builder(inboxes)
+        .service(teia_node::chat::SERVICE, chat_service)?
+        .service(teia_files::routed::SERVICE, Arc::new(files.clone()))?;
     if let Some(engine) = &engine {
         router = router.service(
             teia_jobs::proto::messages::SERVICE,
@@ -213,26 +220,29 @@ async fn serve(
     let style = if args.json { Style::Json } else { Style::Text };
     let interactive = !args.json && std::io::stdin().is_terminal();
     let services = Services {
+        chat,
         files: files.clone(),
         stop: stop.clone(),
         http: http_addr,
     };
     let result = if interactive {
-        shell(handle.clone(), services, events, files_events, log).await
+        let feeds = Feeds {
+            node: events,
+            chat: chat_events,
+            files: files_events,
+        };
+        shell(handle.clone(), services, feeds, log).await
     } else {
         // A node that serves the HTTP API or works for a cluster is a server: the end of its
         // input (`</dev/null`, a service manager) does not stop it; a signal does.
         let server = args.http.is_some() || args.cluster_secret.is_some();
         let stop_at_end = style == Style::Text && !server;
-        lines(
-            handle.clone(),
-            services,
-            (events, files_events),
-            style,
-            stop_at_end,
-            log,
-        )
-        .await
+        let feeds = Feeds {
+            node: events,
+            chat: chat_events,
+            files: files_events,
+        };
+        lines(handle.clone(), services, feeds, style, stop_at_end, log).await
     };
     status.abort();
     let _ = std::fs::remove_file(&status_path);
@@ -308,10 +318,18 @@ async fn keep_status(path: std::path::PathBuf, facts: serde_json::Value, watched
 /// node.
 #[derive(Clone)]
 struct Services {
+    chat: teia_node::chat::Chat,
     files: Files,
     stop: Stopper,
     /// Where the HTTP API answers (said once the node is ready).
     http: Option<SocketAddr>,
+}
+
+/// What a session shows: the node's own events, the chat's, and file sharing's.
+struct Feeds {
+    node: tokio::sync::mpsc::Receiver<teia_node::node::NodeEvent>,
+    chat: tokio::sync::mpsc::Receiver<teia_node::chat::ChatEvent>,
+    files: tokio::sync::mpsc::Receiver<teia_files::FilesEvent>,
 }
 
 /// Stops a node in order, once, whoever asks first (the session on `/quit`, a signal or the

@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 use teia_core::overlay::{Cast, Event, Refusal};
 use teia_files::{Files, FilesEvent};
+use teia_node::chat::{Chat, ChatEvent};
 use teia_node::node::{NodeEvent, NodeHandle};
 use teia_node::rendezvous::RegistrarEvent;
 use tokio::io::AsyncBufReadExt;
@@ -19,15 +20,15 @@ use crate::commands::{files, shutdown_signal};
 use crate::logging::LogControl;
 use crate::present::{clean, fmt_rtt, short};
 
-use super::describe::describe;
-use super::{resolve, Services, Style, INPUT_LINES};
+use super::describe::{describe, describe_chat};
+use super::{resolve, Feeds, Services, Style, INPUT_LINES};
 
 /// Non-interactive interface: commands from stdin lines, events and output on stdout; the
 /// end of stdin stops the node when `stop_at_end`, else it runs until a signal.
 pub(super) async fn lines(
     handle: NodeHandle,
     services: Services,
-    (mut events, mut files_events): (mpsc::Receiver<NodeEvent>, mpsc::Receiver<FilesEvent>),
+    mut feeds: Feeds,
     style: Style,
     stop_at_end: bool,
     log: LogControl,
@@ -44,6 +45,7 @@ pub(super) async fn lines(
     let stop = services.stop;
     let mut session = Session {
         handle,
+        chat: services.chat,
         files: services.files,
         progress_shown: Default::default(),
         bars: None,
@@ -69,7 +71,7 @@ pub(super) async fn lines(
                 stopping = true;
                 stop.stop().await;
             }
-            event = events.recv() => match event {
+            event = feeds.node.recv() => match event {
                 Some(event @ NodeEvent::Stopped) => {
                     session.show(&event).await;
                     return Ok(());
@@ -77,7 +79,8 @@ pub(super) async fn lines(
                 None => return Ok(()),
                 Some(event) => session.show(&event).await,
             },
-            Some(event) = files_events.recv() => session.show_files(&event),
+            Some(event) = feeds.chat.recv() => session.show_chat(&event).await,
+            Some(event) = feeds.files.recv() => session.show_files(&event),
             line = input.recv(), if input_open && !stopping => match line {
                 Some(line) => {
                     if !session.command(&line).await {
@@ -102,8 +105,7 @@ pub(super) async fn lines(
 pub(super) async fn shell(
     handle: NodeHandle,
     services: Services,
-    mut events: mpsc::Receiver<NodeEvent>,
-    mut files_events: mpsc::Receiver<FilesEvent>,
+    mut feeds: Feeds,
     log: LogControl,
 ) -> anyhow::Result<()> {
     use rustyline::ExternalPrinter;
@@ -134,6 +136,7 @@ pub(super) async fn shell(
     });
     let mut session = Session {
         handle,
+        chat: services.chat,
         files: services.files,
         progress_shown: Default::default(),
         style: Style::Text,
@@ -161,11 +164,12 @@ pub(super) async fn shell(
     loop {
         tokio::select! {
             () = &mut signal => return Ok(()),
-            event = events.recv() => match event {
+            event = feeds.node.recv() => match event {
                 Some(NodeEvent::Stopped) | None => return Ok(()),
                 Some(event) => session.show(&event).await,
             },
-            Some(event) = files_events.recv() => session.show_files(&event),
+            Some(event) = feeds.chat.recv() => session.show_chat(&event).await,
+            Some(event) = feeds.files.recv() => session.show_files(&event),
             line = input.recv() => match line.flatten() {
                 Some(line) => {
                     if !session.command(&line).await {
@@ -180,6 +184,8 @@ pub(super) async fn shell(
 
 struct Session {
     handle: NodeHandle,
+    /// The chat service: what the user says goes through it.
+    chat: Chat,
     files: Files,
     /// The last tenth of each download's progress shown in text.
     progress_shown: std::collections::HashMap<teia_files::proto::tree::Hash, u64>,
@@ -241,7 +247,7 @@ impl Session {
         match command {
             ChatCommand::Msg { dst, text } | ChatCommand::Pub { dst, text } => {
                 let dst = self.destination(dst).await?;
-                let msg_id = self.handle.send(&dst, Value::String(text)).await?;
+                let msg_id = self.chat.say(&dst, Value::String(text)).await?;
                 self.emit(
                     json!({"event":"sent","msg_id":msg_id,"dst":dst}),
                     format!("… sent to {dst} ({})", short(&msg_id)),
@@ -533,8 +539,19 @@ impl Session {
         Ok(dst)
     }
 
-    /// Shows an event; a message is then marked shown, so a restart does not hand it over
-    /// again. A renewed registration is shown in text only the first time.
+    /// Shows a chat event; a direct message is then marked shown, so a restart does not
+    /// hand it over again.
+    async fn show_chat(&mut self, event: &ChatEvent) {
+        let (json, text) = describe_chat(event);
+        self.emit(json, text);
+        if let ChatEvent::Message(message) = event {
+            if message.cast == Cast::Unicast {
+                let _ = self.chat.shown(&message.msg_id).await;
+            }
+        }
+    }
+
+    /// Shows a node event. A renewed registration is shown in text only the first time.
     async fn show(&mut self, event: &NodeEvent) {
         // Queries and hits of services this node does not run: nothing for the chat.
         if let NodeEvent::Overlay(Event::Query { .. } | Event::QueryHit { .. }) = event {
@@ -578,14 +595,6 @@ impl Session {
                 json!({"event":"http_listening","addr":addr.to_string()}),
                 format!("… HTTP API on http://{addr} (teia eval, teia job, curl)"),
             );
-        }
-        if let NodeEvent::Overlay(Event::Message {
-            msg_id,
-            cast: Cast::Unicast,
-            ..
-        }) = event
-        {
-            let _ = self.handle.shown(msg_id).await;
         }
     }
 }
