@@ -6,7 +6,9 @@
 //! download planner ([`proto::plan`]), the messages ([`proto::msg`]) and name matching. The
 //! other modules are the runtime: the share index on disk, serving, downloading.
 
+mod approvals;
 pub mod code;
+mod dial_back;
 pub mod download;
 mod fetch;
 mod findings;

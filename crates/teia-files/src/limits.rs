@@ -1,7 +1,10 @@
-//! Rates the file-sharing service keeps to: the node-wide upload limit ([`Throttle`]),
-//! token buckets for what peers may ask ([`Budget`]), and summaries of repeated log lines
-//! ([`LogSummary`]). Each holds a few numbers, whatever comes.
+//! Rates and counts the file-sharing service keeps to: the node-wide upload limit
+//! ([`Throttle`]), token buckets for what peers may ask ([`Budget`]), the streams served at
+//! once ([`Serving`]), and summaries of repeated log lines ([`LogSummary`]). Each holds a
+//! few numbers, whatever comes; [`Serving`] one count per peer served now, at most
+//! [`MAX_SERVING`].
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use crate::sync::lock;
@@ -101,5 +104,70 @@ impl LogSummary {
         }
         self.last = Some(now);
         Some(std::mem::take(&mut self.count))
+    }
+}
+
+/// Streams served at once.
+pub const MAX_SERVING: usize = 64;
+/// Streams served to one peer at once.
+pub const MAX_STREAMS_PER_PEER: usize = 4;
+
+/// The streams served now, per peer.
+#[derive(Default)]
+pub(crate) struct Serving {
+    per_peer: HashMap<String, usize>,
+    total: usize,
+}
+
+impl Serving {
+    /// Counts one more stream to `peer`; false (not counted) when [`MAX_SERVING`] streams
+    /// are served, or [`MAX_STREAMS_PER_PEER`] to this peer.
+    pub(crate) fn take(&mut self, peer: &str) -> bool {
+        let mine = self.per_peer.get(peer).copied().unwrap_or(0);
+        if self.total >= MAX_SERVING || mine >= MAX_STREAMS_PER_PEER {
+            return false;
+        }
+        self.per_peer.insert(peer.to_owned(), mine + 1);
+        self.total += 1;
+        true
+    }
+
+    /// A stream to `peer` counted by [`Serving::take`] is over.
+    pub(crate) fn release(&mut self, peer: &str) {
+        if let Some(count) = self.per_peer.get_mut(peer) {
+            *count -= 1;
+            self.total -= 1;
+            if *count == 0 {
+                self.per_peer.remove(peer);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn serving_counts_streams_per_peer_and_in_all_and_frees_them() {
+        let mut serving = Serving::default();
+        for _ in 0..MAX_STREAMS_PER_PEER {
+            assert!(serving.take("a"));
+        }
+        assert!(!serving.take("a"), "one more than a peer may have");
+        serving.release("a");
+        assert!(serving.take("a"), "a freed slot serves again");
+        let mut peers = 1;
+        while serving.take(&format!("p{peers}")) {
+            peers += 1;
+        }
+        assert_eq!(serving.total, MAX_SERVING);
+        serving.release("ghost");
+        assert_eq!(
+            serving.total, MAX_SERVING,
+            "a peer never served frees nothing"
+        );
+        serving.release("a");
+        assert!(serving.take("new"));
     }
 }

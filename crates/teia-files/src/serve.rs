@@ -11,7 +11,7 @@ use teia_node::stream::{DataStream, StreamError};
 use crate::proto::msg::{self, code, Reply, Request, MAX_CHUNKS_PER_REQUEST, MAX_STREAM_LINE};
 use crate::proto::tree::{Hash, Layout};
 use crate::share;
-use crate::state::{Approval, DialBack, FilesEvent, Inner, MAX_SERVING, MAX_STREAMS_PER_PEER};
+use crate::state::{Approval, DialBack, FilesEvent, Inner};
 use crate::store::SharedFile;
 use crate::sync::lock;
 use std::net::SocketAddr;
@@ -31,24 +31,16 @@ struct Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut serving = lock(&self.inner.serving);
-        if let Some(count) = serving.get_mut(&self.peer) {
-            *count -= 1;
-            if *count == 0 {
-                serving.remove(&self.peer);
-            }
-        }
+        lock(&self.inner.serving).release(&self.peer);
     }
 }
 
+/// A slot to serve `peer`, unless [`crate::state::MAX_SERVING`] streams are served or
+/// [`crate::state::MAX_STREAMS_PER_PEER`] to this peer.
 fn take_slot(inner: &Arc<Inner>, peer: &str) -> Option<Slot> {
-    let mut serving = lock(&inner.serving);
-    let total: usize = serving.values().sum();
-    let mine = serving.get(peer).copied().unwrap_or(0);
-    if total >= MAX_SERVING || mine >= MAX_STREAMS_PER_PEER {
+    if !lock(&inner.serving).take(peer) {
         return None;
     }
-    serving.insert(peer.to_owned(), mine + 1);
     Some(Slot {
         inner: Arc::clone(inner),
         peer: peer.to_owned(),
@@ -101,7 +93,7 @@ async fn take_offer(inner: &Arc<Inner>, mut stream: DataStream) {
     let Ok(Reply::Offer { token }) = serde_json::from_slice::<Reply>(&line) else {
         return refuse(&mut stream, code::BAD_REQUEST, "OFFER comes first".into()).await;
     };
-    let waiting = lock(&inner.dial_backs).remove(&token);
+    let waiting = lock(&inner.dial_backs).answered(&token);
     match waiting {
         Some((key, reply)) if key == stream.key() => {
             let _ = reply.send(stream);
@@ -267,7 +259,7 @@ pub(crate) async fn dial_back(inner: &Arc<Inner>, asker: &str, request: DialBack
     {
         return;
     }
-    if !lock(&inner.dial_back_budget).take() {
+    if !lock(&inner.dial_backs).may_open_back() {
         tracing::warn!("dial-back request ignored: too many");
         return;
     }

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::download::{self, Download, DownloadInfo, Source};
 use crate::findings::{Findings, Holding};
 use crate::index_client;
-use crate::limits::{Budget, LogSummary, Throttle};
+use crate::limits::{Budget, LogSummary, Serving, Throttle};
 use crate::proto::msg::{self, Answer, Found, Question, MAX_RESULTS_PER_HIT, MAX_SEARCH_TEXT};
 use crate::proto::tree::Hash;
 use crate::seed;
@@ -31,13 +31,15 @@ use crate::store::{FileStore, SharedFile, StoreError};
 use crate::sync::lock;
 use crate::tasks::Tasks;
 
+use crate::approvals::Approvals;
+use crate::dial_back::DialBacks;
 pub use crate::state::{
     reachable, Approval, FilesConfig, FilesError, FilesEvent, UnknownApproval, ANSWERS_PER_SECOND,
     APPROVAL_TIMEOUT, DIAL_BACKS_PER_MINUTE, DIAL_BACK_TIMEOUT, EVENTS, GRANTS_KEPT, LEAVE_WAIT,
     MAX_ANSWERS_PER_SEARCH, MAX_DIAL_BACKS_WAITING, MAX_DOWNLOADS, MAX_PENDING_APPROVALS,
     MAX_SERVING, MAX_STREAMS_PER_PEER, RESCAN_INTERVAL, RESULTS_KEPT, SEARCH_TTL, SHUTDOWN_GRACE,
 };
-use crate::state::{Approvals, DialBack, IndexCommand, Inner, INDEX_COMMANDS};
+use crate::state::{DialBack, IndexCommand, Inner, INDEX_COMMANDS};
 
 /// The file-sharing service's handle.
 #[derive(Clone)]
@@ -83,19 +85,13 @@ impl Files {
                 events,
                 downloads: Mutex::new(HashMap::new()),
                 findings: Mutex::new(Findings::default()),
-                approvals: Mutex::new(Approvals {
-                    next: 1,
-                    pending: HashMap::new(),
-                    granted: HashSet::new(),
-                }),
-                serving: Mutex::new(HashMap::new()),
+                approvals: Mutex::new(Approvals::default()),
+                serving: Mutex::new(Serving::default()),
                 asking: tokio::sync::Mutex::new(()),
                 throttle: config.upload_limit.map(Throttle::new),
                 index: index_server.is_some().then_some(index),
-                dial_backs: Mutex::new(HashMap::new()),
-                dial_back_budget: Mutex::new(Budget::new(DIAL_BACKS_PER_MINUTE / 60.0, 5.0)),
+                dial_backs: Mutex::new(DialBacks::default()),
                 answer_budget: Mutex::new(Budget::new(ANSWERS_PER_SECOND, ANSWERS_PER_SECOND)),
-                tokens: std::sync::atomic::AtomicU64::new(0),
                 not_found_log: Mutex::new(LogSummary::new(seed::NOT_FOUND_LOG_EVERY)),
                 tasks: Tasks::new(),
                 config,
@@ -632,9 +628,6 @@ impl Files {
     }
 
     fn answer_approval(&self, id: u64, yes: bool) -> bool {
-        lock(&self.inner.approvals)
-            .pending
-            .remove(&id)
-            .is_some_and(|reply| reply.send(yes).is_ok())
+        lock(&self.inner.approvals).answer(id, yes)
     }
 }

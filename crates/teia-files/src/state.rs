@@ -1,8 +1,12 @@
 //! The file-sharing service's shared state: the parts the handle ([`crate::service`]), the
 //! downloads ([`crate::fetch`]), serving ([`crate::serve`]), course peers ([`crate::seed`])
-//! and the index link ([`crate::index_client`]) share, each behind a lock of its own, and
-//! the few operations on them. The modules that work on this state depend on it; it depends
-//! on none of them.
+//! and the index link ([`crate::index_client`]) share, and the few operations that span
+//! them (asking a holder to dial back, deciding an approval). Each part is one owner type
+//! behind a lock of its own, its methods in its own module: the share index
+//! ([`crate::store`]), search findings ([`crate::findings`]), approvals
+//! ([`crate::approvals`]), dial-backs ([`crate::dial_back`]), streams served and rates
+//! ([`crate::limits`]). The modules that work on this state depend on it; it depends on
+//! none of them.
 //!
 //! Bounds: [`MAX_DOWNLOADS`] downloads at once, [`MAX_SERVING`] streams served at once and
 //! [`MAX_STREAMS_PER_PEER`] per peer (one more is answered `busy`), [`MAX_PENDING_APPROVALS`]
@@ -10,7 +14,7 @@
 //! remembered, events to the interface up to [`EVENTS`] (progress events are dropped when
 //! the interface lags; the others wait).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -22,39 +26,28 @@ use teia_node::node::NodeHandle;
 use teia_node::stream::DataStream;
 use tokio::sync::{mpsc, oneshot};
 
+use crate::approvals::{Approvals, Asked};
+pub use crate::approvals::{APPROVAL_TIMEOUT, GRANTS_KEPT, MAX_PENDING_APPROVALS};
+pub(crate) use crate::dial_back::DialBack;
+use crate::dial_back::DialBacks;
+pub use crate::dial_back::{DIAL_BACKS_PER_MINUTE, DIAL_BACK_TIMEOUT, MAX_DIAL_BACKS_WAITING};
 use crate::download::{DialBackError, Download, DownloadInfo, Source};
 use crate::findings::{Findings, Holding, SeedHolding};
 pub use crate::findings::{MAX_ANSWERS_PER_SEARCH, RESULTS_KEPT};
-use crate::limits::{Budget, LogSummary, Throttle};
+use crate::limits::{Budget, LogSummary, Serving, Throttle};
+pub use crate::limits::{MAX_SERVING, MAX_STREAMS_PER_PEER};
 use crate::proto::msg::{self, Found, Question};
 use crate::proto::tree::Hash;
 use crate::store::{FileStore, SharedFile, StoreError};
 use crate::sync::lock;
 use crate::tasks::Tasks;
 
-/// Time the user has to approve a request under `--approve ask`.
-pub const APPROVAL_TIMEOUT: Duration = Duration::from_secs(300);
 /// Downloads running at once; one more is refused.
 pub const MAX_DOWNLOADS: usize = 16;
-/// Streams served at once.
-pub const MAX_SERVING: usize = 64;
-/// Streams served to one peer at once.
-pub const MAX_STREAMS_PER_PEER: usize = 4;
-/// Requests waiting for the user's approval at once.
-pub const MAX_PENDING_APPROVALS: usize = 64;
-/// Approvals remembered (requester key and file); beyond, they are forgotten and asked again.
-pub const GRANTS_KEPT: usize = 4_096;
 /// Events waiting for the interface.
 pub const EVENTS: usize = 1_024;
-/// Streams this node opens back to askers (when it cannot be dialed), per minute at most;
-/// requests beyond are ignored.
-pub const DIAL_BACKS_PER_MINUTE: f64 = 10.0;
 /// Queries this node answers per second at most (burst as many); beyond, it stays silent.
 pub const ANSWERS_PER_SECOND: f64 = 50.0;
-/// Our dial-back requests waiting at once; more fail at once.
-pub const MAX_DIAL_BACKS_WAITING: usize = 64;
-/// Time a holder has to open a stream back to us.
-pub const DIAL_BACK_TIMEOUT: Duration = Duration::from_secs(10);
 /// Hops a search travels.
 pub const SEARCH_TTL: u32 = 5;
 /// Time between two rescans of the shared folders.
@@ -279,12 +272,6 @@ pub enum FilesError {
     Invalid(String),
 }
 
-pub(crate) struct Approvals {
-    pub(crate) next: u64,
-    pub(crate) pending: HashMap<u64, oneshot::Sender<bool>>,
-    pub(crate) granted: HashSet<(Option<PublicKey>, Hash)>,
-}
-
 pub(crate) struct Inner {
     pub(crate) node: NodeHandle,
     pub(crate) store: Mutex<FileStore>,
@@ -293,39 +280,25 @@ pub(crate) struct Inner {
     pub(crate) downloads: Mutex<HashMap<Hash, Arc<Download>>>,
     /// What our searches found: searches asked, holders heard, course peers' files.
     pub(crate) findings: Mutex<Findings>,
+    /// Requests waiting for the user, and grants ([`Approval::Ask`]).
     pub(crate) approvals: Mutex<Approvals>,
-    pub(crate) serving: Mutex<HashMap<String, usize>>,
+    /// Streams served now, per peer.
+    pub(crate) serving: Mutex<Serving>,
     /// Held while a search of ours is asked and recorded in `findings`; an answer waits for
     /// it, so it is never taken for an answer to an unknown search because it came back
     /// before its search was recorded.
     pub(crate) asking: tokio::sync::Mutex<()>,
     pub(crate) throttle: Option<Throttle>,
     pub(crate) index: Option<mpsc::Sender<IndexCommand>>,
-    /// Our dial-back requests waiting for their stream: token → holder key and the waiter.
-    pub(crate) dial_backs: Mutex<HashMap<String, DialBackWaiter>>,
-    /// Dial-backs we may still make ([`DIAL_BACKS_PER_MINUTE`]).
-    pub(crate) dial_back_budget: Mutex<Budget>,
+    /// Our dial-back requests waiting for their stream, and the streams we may open back.
+    pub(crate) dial_backs: Mutex<DialBacks>,
     /// Queries we may still answer ([`ANSWERS_PER_SECOND`]).
     pub(crate) answer_budget: Mutex<Budget>,
-    pub(crate) tokens: std::sync::atomic::AtomicU64,
     /// Requests of course peers for files not shared, for their summarised log line.
     pub(crate) not_found_log: Mutex<LogSummary>,
     /// Every task the service starts, stopped and joined at shutdown.
     pub(crate) tasks: Tasks,
 }
-
-/// A dial-back request heard: what to serve, to whom, and how to reach it.
-pub(crate) struct DialBack {
-    pub(crate) hash: String,
-    pub(crate) key: String,
-    pub(crate) addrs: Vec<String>,
-    pub(crate) token: String,
-    /// For a splice: the relays the asker asked.
-    pub(crate) relays: Option<Vec<String>>,
-}
-
-/// Who a dial-back request expects, and who waits for its stream.
-pub(crate) type DialBackWaiter = (PublicKey, oneshot::Sender<DataStream>);
 
 /// The addresses we can be reached on: the one we listen on, or, listening on all
 /// interfaces, loopback and the address of the default route (found without sending
@@ -354,24 +327,6 @@ pub fn reachable(listen: SocketAddr) -> Vec<SocketAddr> {
 }
 
 impl Inner {
-    fn new_token(&self) -> String {
-        let number = self
-            .tokens
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        blake3::hash(
-            format!(
-                "{}:{number}:{:?}",
-                self.config.key,
-                std::time::SystemTime::now()
-            )
-            .as_bytes(),
-        )
-        .to_hex()
-        .chars()
-        .take(32)
-        .collect()
-    }
-
     /// Asks `source`, which we cannot dial, to join us through a neighbour of ours that
     /// listens (a splice): we ask up to [`msg::MAX_RELAYS`] of them to splice us with it,
     /// it asks the first that is its neighbour too, and the stream opens through that one.
@@ -395,7 +350,7 @@ impl Inner {
         if relays.is_empty() {
             return Err(DialBackError::NoRelay);
         }
-        let ask = self.new_token();
+        let ask = lock(&self.dial_backs).token(&self.config.key);
         let mut openings = tokio::task::JoinSet::new();
         for relay in &relays {
             let (node, relay, holder, ask, key) = (
@@ -447,15 +402,14 @@ impl Inner {
         let Some(listen) = self.config.listen else {
             return self.request_splice(source, hash).await;
         };
-        let token = self.new_token();
-        let (reply, stream) = oneshot::channel();
-        {
-            let mut waiting = lock(&self.dial_backs);
-            if waiting.len() >= MAX_DIAL_BACKS_WAITING {
-                return Err(DialBackError::TooMany);
-            }
-            waiting.insert(token.clone(), (source.key, reply));
-        }
+        let (token, stream) = {
+            let mut dial_backs = lock(&self.dial_backs);
+            let token = dial_backs.token(&self.config.key);
+            let stream = dial_backs
+                .expect(&token, source.key)
+                .ok_or(DialBackError::TooMany)?;
+            (token, stream)
+        };
         let question = Question::DialBack {
             holder: source.peer_id.clone(),
             hash: hash.to_hex(),
@@ -472,11 +426,11 @@ impl Inner {
             .await
             .is_err()
         {
-            lock(&self.dial_backs).remove(&token);
+            lock(&self.dial_backs).forget(&token);
             return Err(DialBackError::NodeStopped);
         }
         let result = tokio::time::timeout(DIAL_BACK_TIMEOUT, stream).await;
-        lock(&self.dial_backs).remove(&token);
+        lock(&self.dial_backs).forget(&token);
         match result {
             Ok(Ok(stream)) => Ok(stream),
             _ => Err(DialBackError::NoStreamBack),
@@ -534,24 +488,16 @@ impl Inner {
             Approval::None => false,
             Approval::Trusted => key.is_some_and(|k| self.config.trusted.contains(&k)),
             Approval::Ask => {
-                let (id, answer) = {
-                    let mut approvals = lock(&self.approvals);
-                    if approvals.granted.contains(&(key, file.hash)) {
-                        return true;
-                    }
-                    if approvals.pending.len() >= MAX_PENDING_APPROVALS {
-                        return false;
-                    }
-                    let id = approvals.next;
-                    approvals.next += 1;
-                    let (reply, answer) = oneshot::channel();
-                    approvals.pending.insert(id, reply);
-                    (id, answer)
+                let asked = lock(&self.approvals).ask(key, file.hash);
+                let (id, answer) = match asked {
+                    Asked::Granted => return true,
+                    Asked::Full => return false,
+                    Asked::Waiting(id, answer) => (id, answer),
                 };
                 if let Some(stream) = stream {
                     let wait = msg::line(&msg::Reply::Wait { request: id });
                     if stream.write_all(&wait).await.is_err() {
-                        lock(&self.approvals).pending.remove(&id);
+                        lock(&self.approvals).settle(id, false, key, file.hash);
                         return false;
                     }
                 }
@@ -568,14 +514,7 @@ impl Inner {
                     tokio::time::timeout(APPROVAL_TIMEOUT, answer).await,
                     Ok(Ok(true))
                 );
-                let mut approvals = lock(&self.approvals);
-                approvals.pending.remove(&id);
-                if yes {
-                    if approvals.granted.len() >= GRANTS_KEPT {
-                        approvals.granted.clear();
-                    }
-                    approvals.granted.insert((key, file.hash));
-                }
+                lock(&self.approvals).settle(id, yes, key, file.hash);
                 yes
             }
         }
