@@ -5,7 +5,9 @@
 //! Measured: `/get` between two nodes and `teia receive` from `teia send` (encrypted,
 //! verified, written to disk), with each side's peak RSS and CPU seconds per GiB; a resume
 //! after a `kill -9` of the downloader at 50 %; two holders (each one's share, and the rate
-//! against one holder's); a 20 MiB file from `/get` to verified on disk.
+//! against one holder's); a 20 MiB file from `/get` to verified on disk; and the same `/get`
+//! between two nodes assembled in this process on the service router
+//! ([`crate::assembled`]), without the binary.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -14,6 +16,8 @@ use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+
+use crate::assembled;
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -368,6 +372,15 @@ pub async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "raw TCP copy written to disk (1 MiB writes, then fsync): {}",
         gbps(raw_disk)
+    );
+
+    let assembled = assembled::get(&work, &work.join("share"), "big.bin", size).await?;
+    println!(
+        "/get between two nodes assembled in this process on the router (no binary): {} = \
+         {:.2} of raw TCP, {:.2} of raw TCP to disk",
+        gbps(assembled),
+        assembled / raw,
+        assembled / raw_disk
     );
 
     let result =

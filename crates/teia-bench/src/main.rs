@@ -2,6 +2,7 @@
 //! minimal reference that marks the ceiling of the machine, and prints the ratio.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod assembled;
 mod eval;
 mod files;
 mod jobs;
