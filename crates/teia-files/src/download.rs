@@ -22,6 +22,7 @@ use teia_core::identity::PublicKey;
 use teia_node::stream::StreamError;
 use tokio::sync::{mpsc, Notify, OnceCell};
 
+use crate::proto::exchange::ReplyFault;
 use crate::proto::swarm::{Fault, Swarm};
 use crate::proto::tree::{Hash, Outboard, VerifyError};
 use crate::store::{FileStore, PendingDownload, StoreError};
@@ -221,22 +222,9 @@ pub enum HolderError {
     /// A chunk it sent does not match the hash.
     #[error("corrupt: chunk {0} does not match the hash")]
     BadChunk(u32),
-    /// It sent a chunk other than the one asked, or of the wrong length.
-    #[error("sent chunk {chunk} of {len} bytes, chunk {expected} was asked")]
-    WrongChunk {
-        /// The chunk it sent.
-        chunk: u32,
-        /// Its length.
-        len: u64,
-        /// The chunk asked.
-        expected: u32,
-    },
     /// It named a chunk the file does not have.
     #[error("no such chunk")]
     NoSuchChunk,
-    /// Its outboard is longer than any file's.
-    #[error("outboard too large")]
-    OutboardTooLarge,
     /// It could not be reached, neither dialed nor dialing back.
     #[error("cannot open a stream: {dial}; {back}")]
     Unreachable {
@@ -257,20 +245,9 @@ pub enum HolderError {
     /// Its reply is not a reply.
     #[error("bad reply: {0}")]
     BadReply(serde_json::Error),
-    /// It refused (an ERROR reply).
-    #[error("{code}: {detail}")]
-    Refused {
-        /// The error's code.
-        code: String,
-        /// Its explanation.
-        detail: String,
-    },
-    /// It replied out of turn before its OK.
-    #[error("a reply out of order before OK")]
-    OutOfOrder,
-    /// It replied out of turn to CHUNKS.
-    #[error("unexpected {0}")]
-    Unexpected(String),
+    /// It refused, or replied out of turn (the stream's states, [`crate::proto::exchange`]).
+    #[error(transparent)]
+    Reply(#[from] ReplyFault),
 }
 
 impl HolderError {
@@ -280,13 +257,7 @@ impl HolderError {
             Self::BadOutboard(_) | Self::OtherSize | Self::BadChunk(_) => Fault::Corrupt,
             Self::Stalled => Fault::Stalled,
             Self::Unreachable { .. } | Self::Stream(_) | Self::Closed => Fault::Gone,
-            Self::WrongChunk { .. }
-            | Self::NoSuchChunk
-            | Self::OutboardTooLarge
-            | Self::BadReply(_)
-            | Self::Refused { .. }
-            | Self::OutOfOrder
-            | Self::Unexpected(_) => Fault::Misbehaved,
+            Self::NoSuchChunk | Self::BadReply(_) | Self::Reply(_) => Fault::Misbehaved,
         }
     }
 }

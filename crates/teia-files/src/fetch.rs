@@ -8,7 +8,6 @@
 //! Bounds: those of [`crate::download`]; a holder silent for
 //! [`crate::download::STALL_TIMEOUT`] is dropped.
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,10 +20,11 @@ use crate::download::{
     partial_path, Download, DownloadError, HolderEnd, HolderError, Source, Staging, PROGRESS_EVERY,
     STALL_TIMEOUT,
 };
-use crate::proto::msg::{self, Reply, Request, MAX_STREAM_LINE};
+use crate::proto::exchange::{AwaitingHead, Head, Incoming, ReplyFault};
+use crate::proto::msg::{self, Reply, MAX_STREAM_LINE};
 use crate::proto::plan::HolderId;
 use crate::proto::swarm::Step;
-use crate::proto::tree::{Hash, CV_LEN, MAX_CHUNKS};
+use crate::proto::tree::Hash;
 use crate::state::{FilesEvent, Inner};
 use crate::store::PendingDownload;
 use crate::sync::lock;
@@ -272,32 +272,21 @@ async fn fetch_on(
     stream: &mut DataStream,
     first_of: Option<&Source>,
 ) -> Result<(), HolderEnd> {
-    let get = Request::Get {
-        hash: download.hash().to_hex(),
-    };
+    let (mut awaiting, get) = AwaitingHead::get(download.hash());
     stream
         .write_all(&msg::line(&get))
         .await
         .map_err(|e| HolderEnd::Dropped(e.into()))?;
-    let (size, outboard_len) = loop {
-        match read_reply(stream, crate::state::APPROVAL_TIMEOUT + STALL_TIMEOUT).await? {
-            Reply::Ok { size, outboard } => break (size, outboard),
-            Reply::Wait { .. } => continue,
-            Reply::Error { code, detail } => {
-                return Err(HolderEnd::Dropped(HolderError::Refused { code, detail }))
-            }
-            Reply::Data { .. } | Reply::Offer { .. } => {
-                return Err(HolderEnd::Dropped(HolderError::OutOfOrder))
-            }
+    let head = loop {
+        let reply = read_reply(stream, crate::state::APPROVAL_TIMEOUT + STALL_TIMEOUT).await?;
+        match awaiting.on_reply(reply).map_err(dropped)? {
+            Head::Wait(still) => awaiting = still,
+            Head::Outboard(head) => break head,
         }
     };
+    let (size, outboard_len) = (head.size, head.len);
     if download.spec.size.is_some_and(|s| s != size) && download.ready.get().is_none() {
         tracing::debug!(size, "the holder's size differs from the search result's");
-    }
-    let max_outboard = MAX_CHUNKS as usize * CV_LEN;
-    let outboard_len = usize::try_from(outboard_len).unwrap_or(usize::MAX);
-    if outboard_len > max_outboard {
-        return Err(HolderEnd::Dropped(HolderError::OutboardTooLarge));
     }
     while stream.buffered().len() < outboard_len {
         fill(stream).await?;
@@ -314,7 +303,7 @@ async fn fetch_on(
     if ready.outboard.layout().size != size {
         return Err(HolderEnd::Dropped(HolderError::OtherSize));
     }
-    let layout = ready.outboard.layout();
+    let mut exchange = head.verified(ready.outboard.layout());
     let start = lock(&download.swarm).ready(id, first_of.is_some());
     let Some(start) = start else {
         return Err(HolderEnd::Fatal(DownloadError::NoData));
@@ -323,21 +312,16 @@ async fn fetch_on(
         let _ = download.seconds.try_send(source.clone());
     }
     let window = start.window;
-    let mut outstanding: VecDeque<u32> = VecDeque::new();
     let mut writes = Writes::new(Arc::clone(download));
     loop {
         let asked = lock(&download.swarm).next_requests(id, window);
-        if !asked.is_empty() {
-            let request = Request::Chunks {
-                chunks: asked.clone(),
-            };
+        if let Some(request) = exchange.ask(asked) {
             stream
                 .write_all(&msg::line(&request))
                 .await
                 .map_err(|e| HolderEnd::Dropped(e.into()))?;
-            outstanding.extend(asked);
         }
-        let Some(&expected) = outstanding.front() else {
+        if !exchange.awaiting() {
             if let Some(written) = writes.drain().await? {
                 arrived(download, id, written);
                 continue;
@@ -347,27 +331,9 @@ async fn fetch_on(
             }
             let _ = tokio::time::timeout(Duration::from_secs(1), download.work.notified()).await;
             continue;
-        };
-        let (chunk, len) = match read_reply(stream, STALL_TIMEOUT).await? {
-            Reply::Data { chunk, len } => (chunk, len),
-            Reply::Error { code, detail } => {
-                return Err(HolderEnd::Dropped(HolderError::Refused { code, detail }))
-            }
-            other => {
-                return Err(HolderEnd::Dropped(HolderError::Unexpected(format!(
-                    "{other:?}"
-                ))))
-            }
-        };
-        let range = layout.range(chunk);
-        if chunk != expected || range.map(|(_, l)| l) != Some(len) {
-            return Err(HolderEnd::Dropped(HolderError::WrongChunk {
-                chunk,
-                len,
-                expected,
-            }));
         }
-        let (offset, _) = range.unwrap_or_default();
+        let reply = read_reply(stream, STALL_TIMEOUT).await?;
+        let Incoming { chunk, offset, len } = exchange.on_reply(reply).map_err(dropped)?;
         let Some(mut hasher) = ready.outboard.chunk_hasher(chunk) else {
             return Err(HolderEnd::Dropped(HolderError::NoSuchChunk));
         };
@@ -393,7 +359,6 @@ async fn fetch_on(
                 }
             }
         }
-        outstanding.pop_front();
         if !hasher.matches() {
             return Err(HolderEnd::Dropped(HolderError::BadChunk(chunk)));
         }
@@ -401,6 +366,11 @@ async fn fetch_on(
             arrived(download, id, written);
         }
     }
+}
+
+/// A holder dropped for a fault in its replies.
+fn dropped(fault: ReplyFault) -> HolderEnd {
+    HolderEnd::Dropped(HolderError::Reply(fault))
 }
 
 /// Records that chunk `chunk` of `len` bytes from `id` is verified and on disk.

@@ -8,8 +8,9 @@ use std::time::Duration;
 
 use teia_node::stream::{DataStream, StreamError};
 
-use crate::proto::msg::{self, code, Reply, Request, MAX_CHUNKS_PER_REQUEST, MAX_STREAM_LINE};
-use crate::proto::tree::{Hash, Layout};
+use crate::proto::exchange::{AwaitingGet, Refusal, Serving};
+use crate::proto::msg::{self, code, Reply, Request, MAX_STREAM_LINE};
+use crate::proto::tree::Hash;
 use crate::share;
 use crate::state::{Approval, DialBack, FilesEvent, Inner};
 use crate::store::SharedFile;
@@ -74,6 +75,12 @@ async fn refuse(stream: &mut DataStream, code: &str, detail: String) {
     stream.shutdown().await;
 }
 
+/// Writes the stream state's refusal and closes the stream.
+async fn refuse_with(stream: &mut DataStream, refusal: Refusal) {
+    let _ = stream.write_all(&msg::line(&refusal.reply())).await;
+    stream.shutdown().await;
+}
+
 /// Serves one stream until the requester closes it, goes idle, or errs.
 pub(crate) async fn serve(inner: Arc<Inner>, mut stream: DataStream) {
     match stream.service() {
@@ -115,20 +122,12 @@ pub(crate) async fn serve_requests(inner: Arc<Inner>, mut stream: DataStream) {
         .await;
     };
     let hash = match read_request(&mut stream).await {
-        Ok(Some(Request::Get { hash })) => hash,
-        Ok(Some(Request::Chunks { .. })) => {
-            return refuse(&mut stream, code::BAD_REQUEST, "GET comes first".into()).await
-        }
+        Ok(Some(request)) => match AwaitingGet.on_request(request) {
+            Ok(hash) => hash,
+            Err(refusal) => return refuse_with(&mut stream, refusal).await,
+        },
         Ok(None) => return,
         Err(e) => return refuse(&mut stream, code::BAD_REQUEST, e.to_string()).await,
-    };
-    let Some(hash) = Hash::from_hex(&hash) else {
-        return refuse(
-            &mut stream,
-            code::BAD_REQUEST,
-            "hash is not 64 hex digits".into(),
-        )
-        .await;
     };
     let found = lock(&inner.store).by_hash(&hash);
     let (file, outboard) = match found {
@@ -188,19 +187,18 @@ async fn send_chunks(
     file: &SharedFile,
     opened: &std::fs::File,
 ) -> u64 {
-    let layout = Layout::new(file.size);
-    let mut buffer = vec![0u8; PIECE.min(layout.chunk as usize)];
+    let serving = Serving::new(file.size);
+    let mut buffer = vec![0u8; PIECE.min(serving.layout().chunk as usize)];
     let mut total = 0u64;
     loop {
         let chunks = match read_request(stream).await {
-            Ok(Some(Request::Chunks { chunks })) if chunks.len() <= MAX_CHUNKS_PER_REQUEST => {
-                chunks
-            }
-            Ok(Some(_)) => {
-                let detail = format!("CHUNKS of at most {MAX_CHUNKS_PER_REQUEST} expected");
-                refuse(stream, code::BAD_REQUEST, detail).await;
-                return total;
-            }
+            Ok(Some(request)) => match serving.on_request(request) {
+                Ok(chunks) => chunks,
+                Err(refusal) => {
+                    refuse_with(stream, refusal).await;
+                    return total;
+                }
+            },
             Ok(None) => return total,
             Err(e) => {
                 refuse(stream, code::BAD_REQUEST, e.to_string()).await;
@@ -208,9 +206,12 @@ async fn send_chunks(
             }
         };
         for index in chunks {
-            let Some((offset, len)) = layout.range(index) else {
-                refuse(stream, code::BAD_REQUEST, format!("no chunk {index}")).await;
-                return total;
+            let (offset, len) = match serving.chunk(index) {
+                Ok(range) => range,
+                Err(refusal) => {
+                    refuse_with(stream, refusal).await;
+                    return total;
+                }
             };
             let header = msg::line(&Reply::Data { chunk: index, len });
             if stream.queue(&header).is_err() {
