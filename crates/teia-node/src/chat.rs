@@ -15,10 +15,10 @@ use serde_json::Value;
 use tokio::sync::mpsc;
 
 use crate::node::{NodeError, NodeHandle};
-use crate::router::{Handling, SendOutcome, Service, ServiceMessage, ServiceRoute};
+use crate::router::{Handling, SendOutcome, Service, ServiceMessage, ServiceRoute, UNTAGGED};
 
-/// The chat's route name.
-pub const SERVICE: &str = "chat";
+/// The chat's route name: the route of messages that name no service.
+pub const SERVICE: &str = UNTAGGED;
 /// Events waiting for the interface, at most.
 pub const EVENTS: usize = 1024;
 /// Dropped events between two warnings.

@@ -36,13 +36,12 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 use tokio::task::JoinHandle;
 
-use crate::chat;
 use crate::dial::dial;
 use crate::pex::{PexInput, PexLinks, PexSettings};
 use crate::rendezvous::{Registrar, RegistrarEvent, RendezvousClient};
 use crate::router::{
     Delivery, Inboxes, Routes, SendOutcome, ServiceMessage, ServiceQuery, ServiceRoute,
-    Undeliverable,
+    Undeliverable, UNTAGGED,
 };
 use crate::store::{NodeStore, StoreError};
 use crate::stream::{
@@ -1370,10 +1369,7 @@ impl Driver {
                 service,
                 payload,
                 origin_key,
-            } if self
-                .routes
-                .serves(service.as_deref().unwrap_or(chat::SERVICE)) =>
-            {
+            } if self.routes.serves(service.as_deref().unwrap_or(UNTAGGED)) => {
                 let message = ServiceMessage {
                     msg_id: msg_id.clone(),
                     src,
@@ -1382,7 +1378,7 @@ impl Driver {
                     origin_key,
                     dst,
                 };
-                let service = service.unwrap_or_else(|| chat::SERVICE.to_owned());
+                let service = service.unwrap_or_else(|| UNTAGGED.to_owned());
                 (service, Delivery::Message(message), Some(msg_id))
             }
             Event::Query {
@@ -1422,7 +1418,7 @@ impl Driver {
     fn hand_over(&mut self, service: &str, delivery: Delivery, msg_id: Option<String>) {
         match self.routes.deliver(service, delivery) {
             Ok(()) => {
-                if let Some(msg_id) = msg_id.filter(|_| service != chat::SERVICE) {
+                if let Some(msg_id) = msg_id.filter(|_| service != UNTAGGED) {
                     self.shown(&msg_id);
                 }
             }

@@ -43,6 +43,9 @@ pub const INBOX: usize = 1024;
 pub const HANDLERS: usize = 256;
 /// Time the deliveries being handled get to finish at shutdown.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
+/// The route of messages that name no service (a chat line from a course peer, an older
+/// teia node, `/msg`): the chat's ([`crate::chat`]).
+pub const UNTAGGED: &str = "chat";
 
 /// A service's work on one delivery: a future that owns what it needs.
 pub type Handling = Pin<Box<dyn Future<Output = ()> + Send + 'static>>;
