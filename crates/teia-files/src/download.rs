@@ -26,7 +26,7 @@ use crate::proto::exchange::ReplyFault;
 use crate::proto::swarm::{Fault, Swarm};
 use crate::proto::tree::{Hash, Outboard, VerifyError};
 use crate::store::{FileStore, PendingDownload, StoreError};
-use crate::sync::lock;
+use teia_node::sync::lock;
 
 /// Time a holder may send nothing while chunks are requested from it.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);

@@ -27,7 +27,7 @@ use crate::proto::swarm::Step;
 use crate::proto::tree::Hash;
 use crate::state::{FilesEvent, Inner};
 use crate::store::PendingDownload;
-use crate::sync::lock;
+use teia_node::sync::lock;
 
 /// Runs a download to its end: done (renamed, verified) or failed (partial kept).
 pub(crate) async fn run(inner: Arc<Inner>, download: Arc<Download>) {

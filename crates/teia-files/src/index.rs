@@ -39,7 +39,7 @@ use crate::proto::napster::{
     Index, Limits, Listed, ObjectError, ObjectReader, Prepared, Record, Request,
     MAX_FILES_PER_PEER, MAX_MESSAGE,
 };
-use crate::sync::lock;
+use teia_node::sync::lock;
 
 /// Time a record outlives its peer's connection, by default.
 pub const GRACE: Duration = Duration::from_secs(60);

@@ -32,7 +32,7 @@ use crate::proto::msg::Found;
 use crate::proto::napster::{Hit, Listed, ObjectError, ObjectReader, MAX_MESSAGE};
 use crate::proto::tree::Hash;
 use crate::state::{FilesEvent, IndexCommand, Inner};
-use crate::sync::lock;
+use teia_node::sync::lock;
 
 /// Longest wait between two connection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(30);

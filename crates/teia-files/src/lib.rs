@@ -23,7 +23,6 @@ pub mod service;
 pub mod share;
 mod state;
 pub mod store;
-mod sync;
 mod tasks;
 
 pub use download::{DownloadInfo, Source};

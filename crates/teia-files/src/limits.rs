@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use crate::sync::lock;
+use teia_node::sync::lock;
 
 /// The node-wide upload limit: a token bucket in bytes (burst of a quarter second).
 pub(crate) struct Throttle {

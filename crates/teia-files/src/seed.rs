@@ -24,7 +24,7 @@ use crate::proto::tree::OutboardBuilder;
 use crate::share;
 use crate::state::{FilesEvent, Inner};
 use crate::store::SharedFile;
-use crate::sync::lock;
+use teia_node::sync::lock;
 
 /// Pause between two answers, so a client reading each with one `recv` gets them apart.
 pub const ANSWER_GAP: Duration = Duration::from_millis(100);

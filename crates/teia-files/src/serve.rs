@@ -14,9 +14,9 @@ use crate::proto::tree::Hash;
 use crate::share;
 use crate::state::{Approval, DialBack, FilesEvent, Inner};
 use crate::store::SharedFile;
-use crate::sync::lock;
 use std::net::SocketAddr;
 use teia_core::identity::PublicKey;
+use teia_node::sync::lock;
 
 /// Time a requester may stay silent between requests before the stream is closed.
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);

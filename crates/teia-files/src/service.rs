@@ -28,8 +28,8 @@ use crate::seed;
 use crate::serve;
 use crate::share;
 use crate::store::{FileStore, SharedFile, StoreError};
-use crate::sync::lock;
 use crate::tasks::Tasks;
+use teia_node::sync::lock;
 
 use crate::approvals::Approvals;
 use crate::dial_back::DialBacks;

@@ -39,8 +39,8 @@ pub use crate::limits::{MAX_SERVING, MAX_STREAMS_PER_PEER};
 use crate::proto::msg::{self, Found, Question};
 use crate::proto::tree::Hash;
 use crate::store::{FileStore, SharedFile, StoreError};
-use crate::sync::lock;
 use crate::tasks::Tasks;
+use teia_node::sync::lock;
 
 /// Downloads running at once; one more is refused.
 pub const MAX_DOWNLOADS: usize = 16;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::sync::lock;
+use teia_node::sync::lock;
 
 /// The service's running tasks and the token that stops them.
 pub(crate) struct Tasks {

@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use axum::extract::connect_info::Connected;
 use axum::serve::{IncomingStream, Listener};
+use teia_node::sync::lock;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -80,10 +81,7 @@ impl Listener for BoundedListener {
                 }
             };
             {
-                let mut sources = self
-                    .sources
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut sources = lock(&self.sources);
                 let open = sources.entry(addr.ip()).or_insert(0);
                 if *open >= MAX_PER_SOURCE {
                     tracing::debug!(%addr, "HTTP connection refused: too many from this address");
@@ -117,10 +115,7 @@ struct SourceSlot {
 
 impl Drop for SourceSlot {
     fn drop(&mut self) {
-        let mut sources = self
-            .sources
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut sources = lock(&self.sources);
         if let Some(open) = sources.get_mut(&self.ip) {
             *open = open.saturating_sub(1);
             if *open == 0 {

@@ -17,9 +17,9 @@ use teia_core::identity::PublicKey;
 use teia_node::node::NodeHandle;
 use tokio::sync::oneshot;
 
-use crate::locking::lock;
 use crate::proto::cluster::{ClusterRules, Refusal, Trust};
 use crate::proto::messages::{self, JobMessage, SERVICE};
+use teia_node::sync::lock;
 
 /// Requests waiting for an answer at most.
 pub const MAX_WAITING: usize = 256;

@@ -14,12 +14,12 @@ use rusqlite::{params, Connection};
 
 use crate::bundle::{self, BundleError};
 use crate::cluster::{Cluster, ClusterConfig};
-use crate::locking::lock;
 use crate::proto::ledger::{
     Completed, EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState, NewProject,
 };
 use crate::runner::{Isolation, Limits, Runner};
 use crate::tasks::TaskSet;
+use teia_node::sync::lock;
 
 /// Numbers the folders projects are unpacked in before they are renamed.
 static UNPACKING: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);

@@ -12,7 +12,6 @@ pub mod bundle;
 mod cluster;
 pub mod course_worker;
 pub mod engine;
-mod locking;
 pub mod master;
 pub mod proto;
 pub mod remote;

@@ -19,12 +19,12 @@ use teia_core::rate::RateLimiter;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 
-use crate::locking;
 use crate::proto::seed001::{
     encode, parse, Budget, Cidr, Envelope, Failed, Framer, Gate, Master, MessageError, Reply,
     Request, Spent, Submitted, Task, Unwelcome, WorkerKey, COURSE_TASK_FITS, MAX_PACKAGE,
 };
 use crate::runner::Runner;
+use teia_node::sync;
 
 /// Course-worker connections served at once, all sources together; more wait (in the
 /// kernel's queue) for a free one.
@@ -171,7 +171,7 @@ impl Shared {
 
 /// The master's queue, locked.
 fn lock(shared: &Shared) -> std::sync::MutexGuard<'_, Master> {
-    locking::lock(&shared.master)
+    sync::lock(&shared.master)
 }
 
 /// The networks course workers may connect from when `--master-allow` is not given: those
@@ -270,7 +270,7 @@ pub async fn start(config: MasterConfig) -> Result<(SocketAddr, MasterHandle), M
             let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
-            let admitted = locking::lock(&shared.gate).admit(peer.ip());
+            let admitted = sync::lock(&shared.gate).admit(peer.ip());
             if let Err(why) = admitted {
                 refuse(&shared, stream, peer, why);
                 continue;
@@ -761,7 +761,7 @@ async fn answer_discovery(socket: UdpSocket, shared: Arc<Shared>) {
         let Some(bytes) = buffer.get(..len).filter(|_| len <= MAX_DATAGRAM) else {
             continue;
         };
-        if !locking::lock(&shared.gate).allows(from.ip()) {
+        if !sync::lock(&shared.gate).allows(from.ip()) {
             continue;
         }
         let Ok(value) = serde_json::from_slice::<serde_json::Value>(bytes) else {
@@ -802,7 +802,7 @@ struct Admitted<'a> {
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        locking::lock(self.gate).leave(self.ip);
+        sync::lock(self.gate).leave(self.ip);
     }
 }
 
@@ -819,7 +819,7 @@ struct Reserved<'a> {
 impl Reserved<'_> {
     /// Counts a piece of `piece` bytes received, reserving what the budget counts of it.
     fn more(&mut self, piece: usize) -> Result<(), Spent> {
-        let mut budget = locking::lock(self.budget);
+        let mut budget = sync::lock(self.budget);
         let counted = budget.counted(self.received, piece);
         budget.reserve(self.ip, counted)?;
         self.bytes += counted;
@@ -830,7 +830,7 @@ impl Reserved<'_> {
 
 impl Drop for Reserved<'_> {
     fn drop(&mut self) {
-        locking::lock(self.budget).release(self.ip, self.bytes);
+        sync::lock(self.budget).release(self.ip, self.bytes);
     }
 }
 
@@ -842,7 +842,7 @@ fn refuse(shared: &Shared, stream: TcpStream, peer: SocketAddr, why: Unwelcome) 
     }
     drop(stream);
     let now = shared.origin.elapsed().as_millis() as u64;
-    if locking::lock(&shared.refusals).allow(&peer.ip(), now) {
+    if sync::lock(&shared.refusals).allow(&peer.ip(), now) {
         match why {
             Unwelcome::NotAllowed => tracing::warn!(
                 %peer,

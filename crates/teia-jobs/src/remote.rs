@@ -30,7 +30,7 @@ use teia_node::stream::{DataStream, StreamError};
 use tokio::sync::oneshot;
 
 use crate::bundle::BundleError;
-use crate::locking::lock;
+use teia_node::sync::lock;
 
 use crate::cluster::Cluster;
 pub use crate::cluster::{ClusterConfig, MAX_HELD_BLOBS, MAX_HOLDERS, MAX_WAITING};

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::locking::lock;
+use teia_node::sync::lock;
 
 /// The engine's tasks and the token that stops them.
 #[derive(Default)]

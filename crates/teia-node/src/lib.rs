@@ -11,3 +11,4 @@ pub mod rendezvous;
 pub mod router;
 pub mod store;
 pub mod stream;
+pub mod sync;

@@ -421,9 +421,7 @@ pub(crate) struct SpliceState {
 pub(crate) type SharedSplices = Arc<std::sync::Mutex<SpliceState>>;
 
 pub(crate) fn lock_splices(state: &SharedSplices) -> std::sync::MutexGuard<'_, SpliceState> {
-    state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
+    crate::sync::lock(state)
 }
 
 /// Ends a splice in the broker when its task ends, however it ends.

@@ -18,7 +18,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use crate::locking::lock;
+use teia_node::sync::lock;
 
 /// The first user (and group) id a task runs as when the node is root.
 pub const TASK_ID_BASE: u32 = 2_000_000;

@@ -54,7 +54,7 @@ impl std::fmt::Debug for LineTerm {
 
 impl LineTerm {
     fn emit(&self) {
-        let line = std::mem::take(&mut *self.line.lock().unwrap_or_else(|e| e.into_inner()));
+        let line = std::mem::take(&mut *teia_node::sync::lock(&self.line));
         let line = line.trim_end();
         if !line.is_empty() {
             (self.sink)(line.to_owned());
@@ -84,14 +84,11 @@ impl indicatif::TermLike for LineTerm {
         Ok(())
     }
     fn write_str(&self, s: &str) -> std::io::Result<()> {
-        self.line
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push_str(s);
+        teia_node::sync::lock(&self.line).push_str(s);
         Ok(())
     }
     fn clear_line(&self) -> std::io::Result<()> {
-        self.line.lock().unwrap_or_else(|e| e.into_inner()).clear();
+        teia_node::sync::lock(&self.line).clear();
         Ok(())
     }
     fn flush(&self) -> std::io::Result<()> {
