@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use teia_core::overlay::{Config as OverlayConfig, Event};
-use teia_files::{Approval, Files, FilesConfig, FilesEvent};
+use teia_files::{Files, FilesConfig, FilesEvent};
 use teia_node::node::{start, NodeConfig, NodeEvent, NodeHandle};
 use teia_node::router::Router;
 use tokio::sync::mpsc;
@@ -68,18 +68,13 @@ async fn assemble(
         .handle
         .listen_addr()
         .context("the node does not listen")?;
-    let files_config = FilesConfig {
-        db: dir.join(format!("{name}.files.sqlite3")),
+    let files_config = FilesConfig::defaults(
+        dir.join(format!("{name}.files.sqlite3")),
+        dir.join(format!("{name}-downloads")),
         shares,
-        approval: Approval::All,
-        trusted: Vec::new(),
-        download_dir: dir.join(format!("{name}-downloads")),
-        listen: Some(listen),
-        key,
-        upload_limit: None,
-        peer_id,
-        index: None,
-    };
+        (key, peer_id),
+        Some(listen),
+    );
     let (files, files_events) = Files::start(files_config, started.handle.clone()).await?;
     let router = Router::builder(started.inboxes)
         .service(teia_files::routed::SERVICE, Arc::new(files.clone()))?

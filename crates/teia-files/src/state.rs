@@ -125,6 +125,32 @@ pub struct FilesConfig {
     pub index: Option<String>,
 }
 
+impl FilesConfig {
+    /// A node that shares `shares` with anyone (`--approve all`), with no upload limit and
+    /// no index server: `teia node`'s defaults, its database at `db` and its downloads in
+    /// `download_dir`.
+    pub fn defaults(
+        db: PathBuf,
+        download_dir: PathBuf,
+        shares: Vec<PathBuf>,
+        (key, peer_id): (PublicKey, String),
+        listen: Option<SocketAddr>,
+    ) -> Self {
+        Self {
+            db,
+            shares,
+            approval: Approval::All,
+            trusted: Vec::new(),
+            download_dir,
+            listen,
+            key,
+            upload_limit: None,
+            peer_id,
+            index: None,
+        }
+    }
+}
+
 /// What the service tells the interface.
 #[derive(Debug, Clone)]
 pub enum FilesEvent {

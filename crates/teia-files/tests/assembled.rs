@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use teia_core::overlay::{Config as OverlayConfig, Event};
-use teia_files::{Approval, Files, FilesConfig, FilesEvent};
+use teia_files::{Files, FilesConfig, FilesEvent};
 use teia_node::node::{start, NodeConfig, NodeEvent};
 use teia_node::router::Router;
 use tokio::sync::mpsc;
@@ -52,18 +52,13 @@ async fn assemble(
     };
     let started = start(config).await.unwrap();
     let listen = started.handle.listen_addr().unwrap();
-    let files_config = FilesConfig {
-        db: dir.join(format!("{name}.sqlite3")),
+    let files_config = FilesConfig::defaults(
+        dir.join(format!("{name}.sqlite3")),
+        dir.join(format!("{name}-downloads")),
         shares,
-        approval: Approval::All,
-        trusted: Vec::new(),
-        download_dir: dir.join(format!("{name}-downloads")),
-        listen: Some(listen),
-        key,
-        upload_limit: None,
-        peer_id,
-        index: None,
-    };
+        (key, peer_id),
+        Some(listen),
+    );
     let (files, files_events) = Files::start(files_config, started.handle.clone())
         .await
         .unwrap();
