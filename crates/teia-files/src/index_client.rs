@@ -6,7 +6,8 @@
 //! A seed 004 server reads each request with one 1,024-byte `recv`, takes the files of a
 //! JOIN from `filePath` (a folder it lists itself, on its own machine) and records the
 //! JOIN connection's *source port* as the peer's port. So the connection is opened from the
-//! node's listen port (which `--index` binds with `SO_REUSEPORT`), and teia's JOIN carries
+//! node's listen port (which `--index` binds with `SO_REUSEPORT`; tried again for
+//! [`SAME_PORT_PATIENCE`] while that port is taken, then from any port with a warning), and teia's JOIN carries
 //! `filePath` and no file (the files follow in an UPDATE), so that it fits that `recv`. A
 //! teia index answers it with JSON; a bare `JOIN_OK` is the seed's server, spoken to in its
 //! own form from then on ([`SEED_MAX_REQUEST`] bytes at most): names only, an UPDATE with
@@ -42,6 +43,11 @@ pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const UPDATE_EVERY: Duration = Duration::from_secs(5);
 /// Longest request in the seed's form: its server reads one `recv(1024)`.
 pub const SEED_MAX_REQUEST: usize = 1024;
+/// How long a connection from the listen port is tried again while the kernel still holds
+/// an earlier connection between the same ports; then any port is taken, with a warning.
+pub const SAME_PORT_PATIENCE: Duration = Duration::from_secs(5);
+/// Time between two such tries.
+const SAME_PORT_RETRY: Duration = Duration::from_millis(200);
 
 /// How a node speaks to its index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -191,6 +197,10 @@ pub(crate) async fn run(
 
 /// Opens a connection to `server`, from the node's listen port when it can (a seed 004
 /// server takes the source port for the peer's), else from any port.
+///
+/// The port or the pair of ports may be taken for a while (an earlier connection between
+/// the same ports still closing, TIME_WAIT; another program's socket on the port), so the
+/// listen port is tried again for [`SAME_PORT_PATIENCE`] before any port is taken.
 async fn connect(server: &str, from: Option<SocketAddr>) -> Result<TcpStream, LinkError> {
     let open = async {
         let Some(from) = from else {
@@ -198,11 +208,6 @@ async fn connect(server: &str, from: Option<SocketAddr>) -> Result<TcpStream, Li
         };
         let mut last = std::io::Error::other("no address");
         for to in tokio::net::lookup_host(server).await? {
-            let socket = if to.is_ipv4() {
-                tokio::net::TcpSocket::new_v4()?
-            } else {
-                tokio::net::TcpSocket::new_v6()?
-            };
             let local = SocketAddr::new(
                 if to.is_ipv4() {
                     std::net::Ipv4Addr::UNSPECIFIED.into()
@@ -211,29 +216,45 @@ async fn connect(server: &str, from: Option<SocketAddr>) -> Result<TcpStream, Li
                 },
                 from.port(),
             );
-            let bound = socket
-                .set_reuseaddr(true)
-                .and_then(|()| socket.set_reuseport(true))
-                .and_then(|()| socket.bind(local));
-            match bound {
-                Ok(()) => match socket.connect(to).await {
+            let started = tokio::time::Instant::now();
+            loop {
+                match connect_from(local, to).await {
                     Ok(stream) => return Ok(stream),
-                    Err(e) => last = e,
-                },
-                Err(e) => {
-                    tracing::debug!(error = %e, port = from.port(), "index link not from the listen port");
-                    return TcpStream::connect(to).await;
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::AddrNotAvailable | std::io::ErrorKind::AddrInUse
+                        ) && started.elapsed() < SAME_PORT_PATIENCE =>
+                    {
+                        tokio::time::sleep(SAME_PORT_RETRY).await;
+                    }
+                    Err(e) => {
+                        last = e;
+                        break;
+                    }
                 }
             }
         }
-        // From the listen port the same connection may still be closing (TIME_WAIT).
-        tracing::debug!(error = %last, "index link from any port");
+        tracing::warn!(error = %last, port = from.port(), "index link not from the listen port");
         TcpStream::connect(server).await
     };
     tokio::time::timeout(ANSWER_TIMEOUT, open)
         .await
         .map_err(|_| LinkError::ConnectTimedOut)?
         .map_err(LinkError::from)
+}
+
+/// One connection from `local` (shared with the node's listener) to `to`.
+async fn connect_from(local: SocketAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = if to.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_reuseport(true)?;
+    socket.bind(local)?;
+    socket.connect(to).await
 }
 
 /// The folder a seed 004 server lists for our JOIN: the first shared folder, else an empty
@@ -297,6 +318,23 @@ async fn session(
     commands: &mut mpsc::Receiver<IndexCommand>,
 ) -> Result<(), LinkError> {
     let mut stream = connect(server, inner.config.listen).await?;
+    let outcome = talk(inner, server, form, commands, &mut stream).await;
+    if outcome.is_err() {
+        // Closed with a reset, so that no TIME_WAIT keeps the next connection from the
+        // listen port.
+        let _ = stream.set_zero_linger();
+    }
+    outcome
+}
+
+/// The requests and answers of one connection.
+async fn talk(
+    inner: &Arc<Inner>,
+    server: &str,
+    form: Form,
+    commands: &mut mpsc::Receiver<IndexCommand>,
+    stream: &mut TcpStream,
+) -> Result<(), LinkError> {
     let index_ip = stream.peer_addr()?.ip();
     let folder = seed_folder(inner).to_string_lossy().into_owned();
     // JOIN lists no file, so that it fits the seed server's one read too; the files follow
@@ -318,7 +356,7 @@ async fn session(
     };
     // A teia index answers teia's JOIN with JSON; a bare JOIN_OK is the seed's server,
     // spoken to in its own form from here on.
-    let form = match exchange(&mut stream, &join).await {
+    let form = match exchange(stream, &join).await {
         Ok(Answer::Json(value))
             if value.get("status").and_then(Value::as_str) == Some("JOIN_OK") =>
         {
@@ -331,6 +369,20 @@ async fn session(
         Err(e) => return Err(e),
     };
     tracing::info!(%server, ?form, "joined the index");
+    if let (Form::Seed, Some(listen), Ok(local)) = (form, inner.config.listen, stream.local_addr())
+    {
+        if local.port() != listen.port() {
+            inner
+                .emit(FilesEvent::Warning(format!(
+                    "index {server}: joined from port {}, not from the listen port {}: this \
+                     seed 004 index lists the node under the port it joined from, where \
+                     nothing serves",
+                    local.port(),
+                    listen.port()
+                )))
+                .await;
+        }
+    }
     let mut seed_sent = Vec::new();
     let mut ticker = tokio::time::interval(UPDATE_EVERY);
     loop {
@@ -340,7 +392,7 @@ async fn session(
                     let now = listing(inner);
                     if now != sent {
                         let update = json!({"method":"UPDATE","data":{"teia":1,"files":now}});
-                        exchange(&mut stream, &update).await?;
+                        exchange(stream, &update).await?;
                         sent = now;
                     }
                 }
@@ -359,7 +411,7 @@ async fn session(
                             ))).await;
                         }
                         stream.write_all(&update).await?;
-                        read_answer(&mut stream).await?;
+                        read_answer(stream).await?;
                         seed_sent = update;
                     }
                 }
@@ -370,13 +422,13 @@ async fn session(
                         Form::Teia => json!({"method":"SEARCH","data":{"teia":1,"query":text}}),
                         Form::Seed => json!({"method":"SEARCH","data":{"query":text}}),
                     };
-                    let answer = exchange(&mut stream, &search).await?;
+                    let answer = exchange(stream, &search).await?;
                     take_results(inner, &text, answer, index_ip).await;
                 }
                 Some(IndexCommand::Leave(done)) => {
                     // The seed's server knows no LEAVE: the connection just closes.
                     if form == Form::Teia {
-                        let _ = exchange(&mut stream, &json!({"method":"LEAVE","data":{}})).await;
+                        let _ = exchange(stream, &json!({"method":"LEAVE","data":{}})).await;
                     }
                     let _ = done.send(());
                     return Ok(());
