@@ -4,9 +4,10 @@
 //! `proto` holds the decisions with no I/O: the ledger of an evaluation's modules (leases,
 //! results, retries, verification), fair longest-first scheduling, grades, module
 //! discovery, the cluster's rules (members, which messages count and from whom, failure
-//! detection of owners, elections), and seed 001's master/worker messages and task table;
-//! [`remote`] carries the cluster's rules out over the node, [`master`] serves seed 001's
-//! workers and [`course_worker`] works for seed 001's masters.
+//! detection of owners, elections), seed 001's master/worker messages and task table, and
+//! seed 000's worker; [`remote`] carries the cluster's rules out over the node, [`master`]
+//! serves seed 001's workers, [`course_worker`] works for seed 001's masters and
+//! [`seed000_worker`] in seed 000's networks.
 
 pub mod bundle;
 mod cluster;
@@ -19,6 +20,7 @@ pub mod remote_scripts;
 pub mod routed;
 pub mod runner;
 pub mod script;
+pub mod seed000_worker;
 pub mod split;
 pub mod taskfile;
 mod tasks;

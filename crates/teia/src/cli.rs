@@ -90,8 +90,10 @@ pub enum Command {
     /// Submit script jobs (a `main.py` run over its `input.csv`) to a node's HTTP API and
     /// follow them; or show one.
     Job(JobArgs),
-    /// Work for a master/worker program's master (--master-compat): find it by UDP
-    /// broadcast, run its tasks (`main.py input.csv`) in the sandbox, return the results.
+    /// Work for the course programs' job networks, their tasks run in the sandbox: a
+    /// master/worker program's master found by UDP broadcast (--master-compat; tasks are
+    /// `main.py input.csv`), or a distributed pytest network of seed 000 nodes joined
+    /// through one of them (--pytest-compat HOST:PORT; tasks are test modules).
     Worker(WorkerArgs),
     /// Say what the nodes of this machine's data directory are doing: peers, downloads,
     /// evaluations and jobs, their addresses, and where their data and log are.
@@ -196,9 +198,27 @@ pub enum JobCommand {
 #[derive(Debug, Args)]
 pub struct WorkerArgs {
     /// Speak the master/worker protocol of the Python masters that hand out `main.py` tasks
-    /// over TCP after a UDP broadcast (the only kind of master for now).
-    #[arg(long)]
+    /// over TCP after a UDP broadcast.
+    #[arg(long, conflicts_with = "pytest_compat")]
     pub master_compat: bool,
+
+    /// Join the distributed pytest network (seed 000's nodes) through the node whose UDP
+    /// address this is (their `HOST`), and run the test modules it hands out.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub pytest_compat: Option<String>,
+
+    /// UDP port to bind with --pytest-compat (0: any free port, shown at start).
+    #[arg(long, default_value_t = 0, value_name = "PORT")]
+    pub udp_port: u16,
+
+    /// Address the other nodes reach this worker at, with --pytest-compat (default: this
+    /// machine's address on the route to HOST).
+    #[arg(long, value_name = "IP")]
+    pub advertise_ip: Option<std::net::IpAddr>,
+
+    /// Modules run at once, with --pytest-compat (default: the number of cores).
+    #[arg(long, value_name = "N")]
+    pub slots: Option<usize>,
 
     /// UDP port the master answers discovery on (repeatable; default 9999 and 55001).
     #[arg(long = "discovery-port", value_name = "PORT")]
@@ -221,9 +241,10 @@ pub struct WorkerArgs {
     )]
     pub python: PathBuf,
 
-    /// Seconds a task may run; then it is killed with its process group.
-    #[arg(long, default_value_t = 300, value_name = "SECONDS")]
-    pub task_timeout: u64,
+    /// Seconds a task may run; then it is killed with its process group (default: 300, and
+    /// 35 with --pytest-compat, whose holders give a module to another after 40 s).
+    #[arg(long, value_name = "SECONDS")]
+    pub task_timeout: Option<u64>,
 
     /// Run the master's tasks even without a working sandbox (bubblewrap): they could then
     /// read and change everything this user can.

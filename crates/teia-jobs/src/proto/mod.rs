@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod discover;
 pub mod ledger;
 pub mod messages;
+pub mod seed000;
 pub mod seed001;
 #[cfg(test)]
 mod sim;

@@ -62,13 +62,13 @@ pub fn run(command: Command, log: LogControl) -> anyhow::Result<()> {
     result
 }
 
-/// `teia worker --master-compat`: works for a master/worker program's master until a
-/// signal.
+/// `teia worker --master-compat` or `--pytest-compat`: works for a master/worker
+/// program's master, or in a seed 000 pytest network, until a signal.
 async fn worker(args: crate::cli::WorkerArgs) -> anyhow::Result<()> {
-    if !args.master_compat {
+    if !args.master_compat && args.pytest_compat.is_none() {
         bail!(
-            "teia worker works only for the Python master/worker programs' masters for now: \
-             pass --master-compat"
+            "say whose tasks to run: --master-compat (a master/worker program's master, found \
+             by broadcast) or --pytest-compat HOST:PORT (a distributed pytest network)"
         );
     }
     let dir = data_dir(args.data_dir)?.join("worker");
@@ -90,12 +90,49 @@ async fn worker(args: crate::cli::WorkerArgs) -> anyhow::Result<()> {
     }
     warn_if_root();
     tracing::info!(python = %version, isolation = %isolation.describe(), "worker ready");
+    let default_timeout = if args.pytest_compat.is_some() {
+        35
+    } else {
+        300
+    };
     let limits = teia_jobs::runner::Limits {
-        timeout: Duration::from_secs(args.task_timeout.max(1)),
+        timeout: Duration::from_secs(args.task_timeout.unwrap_or(default_timeout).max(1)),
         ..teia_jobs::runner::Limits::default()
     };
     let runner = teia_jobs::runner::Runner::new(&dir, python, limits, isolation)
         .with_context(|| format!("cannot prepare {}", dir.display()))?;
+    if let Some(host) = &args.pytest_compat {
+        let host = tokio::net::lookup_host(host.as_str())
+            .await
+            .ok()
+            .and_then(|mut found| found.find(std::net::SocketAddr::is_ipv4))
+            .with_context(|| format!("--pytest-compat {host}: not an IPv4 HOST:PORT"))?;
+        let advertise_ip = match args.advertise_ip {
+            Some(ip) => ip,
+            None => route_to(host)
+                .with_context(|| format!("no route to {host}: pass --advertise-ip"))?,
+        };
+        let config = teia_jobs::seed000_worker::Seed000Config {
+            host,
+            bind: std::net::SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), args.udp_port),
+            advertise: std::net::SocketAddr::new(advertise_ip, args.udp_port),
+            slots: args.slots.unwrap_or_else(|| {
+                std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+            }),
+            work: dir.join("pytest"),
+        };
+        let runner = std::sync::Arc::new(runner);
+        return tokio::select! {
+            ended = teia_jobs::seed000_worker::run(config, runner.clone()) => {
+                runner.stop().await;
+                ended.context("the seed 000 worker's socket failed")
+            }
+            () = shutdown_signal() => {
+                runner.stop().await;
+                Ok(())
+            }
+        };
+    }
     let config = teia_jobs::course_worker::CourseWorkerConfig {
         peer_id: args
             .peer_id
@@ -112,6 +149,14 @@ async fn worker(args: crate::cli::WorkerArgs) -> anyhow::Result<()> {
         () = teia_jobs::course_worker::run(config, std::sync::Arc::new(runner)) => Ok(()),
         () = shutdown_signal() => Ok(()),
     }
+}
+
+/// This machine's address on the route to `to` (a UDP socket connected to it: nothing is
+/// sent).
+fn route_to(to: std::net::SocketAddr) -> std::io::Result<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind((std::net::Ipv4Addr::UNSPECIFIED, 0))?;
+    socket.connect(to)?;
+    Ok(socket.local_addr()?.ip())
 }
 
 /// A random 64-bit number (the standard library seeds `RandomState` from the operating
