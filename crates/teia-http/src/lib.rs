@@ -27,11 +27,14 @@ use axum::{Json, Router};
 use serde_json::Value;
 use teia_jobs::engine::{Engine, EngineError};
 use teia_jobs::master::{JobError, MasterHandle};
+use teia_jobs::seed000_members::{MembersError, MembersHandle};
 
 /// Bytes a request body may have at most.
 pub const MAX_UPLOAD: usize = 256 * 1024 * 1024;
 /// Repositories one JSON submission may list at most.
 pub const MAX_REPOSITORIES: usize = 64;
+/// Bytes a seed 000 node's `POST /task` may have at most.
+pub const MAX_COURSE_RESULT: usize = 64 * 1024;
 /// Evaluations `GET /evaluation` lists at most (`?offset=O&limit=L` pages through them).
 pub const MAX_LISTED: usize = 1000;
 
@@ -45,12 +48,15 @@ pub struct Services {
     pub engine: Engine,
     /// The seed 001 task queue, on a node with `--tasks-dir`.
     pub master: Option<MasterHandle>,
+    /// Seed 000's nodes working for this one, on a node with `--pytest-port`.
+    pub seed000: Option<MembersHandle>,
 }
 
 #[derive(Clone)]
 struct App {
     engine: Engine,
     master: Option<MasterHandle>,
+    seed000: Option<MembersHandle>,
     network: NetworkView,
     uploads: std::path::PathBuf,
 }
@@ -94,9 +100,17 @@ pub async fn serve(
     let app = App {
         engine: services.engine,
         master: services.master,
+        seed000: services.seed000,
         network,
         uploads,
     };
+    // Seed 000's nodes have no token: their two routes answer only the addresses of the
+    // nodes that joined (and nothing a web page sends), outside the token's guard.
+    let course = Router::new()
+        .route("/file/{id}", get(course_file))
+        .route("/task", axum::routing::post(course_task))
+        .layer(DefaultBodyLimit::max(MAX_COURSE_RESULT))
+        .with_state(app.clone());
     let router = Router::new()
         .route("/evaluation", get(list).post(submit))
         .route("/evaluation/{id}", get(detail))
@@ -111,7 +125,8 @@ pub async fn serve(
             std::sync::Arc::<str>::from(token),
             guard::require_token,
         ))
-        .with_state(app);
+        .with_state(app)
+        .merge(course);
     axum::serve(
         limits::BoundedListener::new(listener),
         router.into_make_service_with_connect_info::<limits::Peer>(),
@@ -355,7 +370,6 @@ const RESULT_PIECE: usize = 256 * 1024;
 
 /// `GET /jobs/<id>/result`: the job's result ZIP, streamed from its file.
 async fn job_result(State(app): State<App>, Path(id): Path<String>) -> Result<Response, Problem> {
-    use tokio::io::AsyncReadExt;
     let master = master(&app)?;
     let Some(path) = master.result(&id) else {
         return Err(Problem(
@@ -363,7 +377,13 @@ async fn job_result(State(app): State<App>, Path(id): Path<String>) -> Result<Re
             format!("no result for job {id:?}: unknown, or not done yet"),
         ));
     };
-    let file = tokio::fs::File::open(&path)
+    stream_zip(&path, &format!("result_{id}.zip")).await
+}
+
+/// Answers the ZIP at `path`, streamed, as the attachment `name`.
+async fn stream_zip(path: &std::path::Path, name: &str) -> Result<Response, Problem> {
+    use tokio::io::AsyncReadExt;
+    let file = tokio::fs::File::open(path)
         .await
         .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     let size = file
@@ -383,7 +403,7 @@ async fn job_result(State(app): State<App>, Path(id): Path<String>) -> Result<Re
             Err(e) => Some((Err(e), None)),
         }
     });
-    let disposition = format!("attachment; filename=\"result_{id}.zip\"");
+    let disposition = format!("attachment; filename=\"{name}\"");
     Ok((
         [
             (header::CONTENT_TYPE, "application/zip".to_owned()),
@@ -436,4 +456,85 @@ async fn submit_json(app: &App, body: &Value) -> Result<u64, Problem> {
         .submit_git(&urls, token.as_deref())
         .await
         .map_err(Problem::from)
+}
+
+/// Whether a web page sent the request (browsers name the page's origin, or say the
+/// request is cross-site): seed 000's nodes never do.
+fn from_a_web_page(headers: &axum::http::HeaderMap) -> bool {
+    headers.contains_key(header::ORIGIN)
+        || headers
+            .get("sec-fetch-site")
+            .is_some_and(|v| v.as_bytes() != b"none" && v.as_bytes() != b"same-origin")
+}
+
+fn members(app: &App, headers: &axum::http::HeaderMap) -> Result<MembersHandle, Problem> {
+    if from_a_web_page(headers) {
+        return Err(Problem(
+            StatusCode::FORBIDDEN,
+            "seed 000 routes do not answer web pages".into(),
+        ));
+    }
+    app.seed000.clone().ok_or_else(|| {
+        Problem(
+            StatusCode::NOT_FOUND,
+            "this node takes no seed 000 nodes (start it with --pytest-port)".into(),
+        )
+    })
+}
+
+fn members_problem(e: MembersError) -> Problem {
+    match e {
+        MembersError::Refused(refusal) => Problem(StatusCode::CONFLICT, refusal.to_string()),
+        MembersError::Unavailable => Problem(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+    }
+}
+
+/// `GET /file/<project_id>`: a project announced to seed 000's nodes, as a ZIP of the
+/// folder `<project_id>/`, for the nodes that joined.
+async fn course_file(
+    State(app): State<App>,
+    axum::extract::ConnectInfo(limits::Peer(peer)): axum::extract::ConnectInfo<limits::Peer>,
+    headers: axum::http::HeaderMap,
+    Path(id): Path<String>,
+) -> Result<Response, Problem> {
+    let members = members(&app, &headers)?;
+    match members
+        .file(peer.ip(), &id)
+        .await
+        .map_err(members_problem)?
+    {
+        Some(path) => stream_zip(&path, &format!("{id}.zip")).await,
+        None => Err(Problem(StatusCode::NOT_FOUND, "File not found".into())),
+    }
+}
+
+/// `POST /task`: a seed 000 node's result, counted only from the node the module is
+/// handed to.
+async fn course_task(
+    State(app): State<App>,
+    axum::extract::ConnectInfo(limits::Peer(peer)): axum::extract::ConnectInfo<limits::Peer>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Result<Response, Problem> {
+    let members = members(&app, &headers)?;
+    let json = headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes() == b"application/json");
+    if !json {
+        return Err(Problem(
+            StatusCode::BAD_REQUEST,
+            "Invalid content type".into(),
+        ));
+    }
+    let body: Value = serde_json::from_slice(&body).map_err(|e| {
+        Problem(
+            StatusCode::BAD_REQUEST,
+            format!("the result is not JSON: {e}"),
+        )
+    })?;
+    members
+        .result(peer.ip(), body)
+        .await
+        .map_err(members_problem)?;
+    Ok(Json(serde_json::json!({"status": "success"})).into_response())
 }

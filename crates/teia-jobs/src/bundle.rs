@@ -188,6 +188,11 @@ pub fn projects(root: &Path, fallback: &str) -> Result<Vec<FoundProject>, Bundle
 
 /// Packs `dir` into a ZIP at `out` (entries in sorted order; links not followed).
 pub fn pack(dir: &Path, out: &Path) -> Result<(), BundleError> {
+    pack_under(dir, "", out)
+}
+
+/// Packs `dir` as [`pack`] does, each entry under the folder `prefix` (none when empty).
+pub fn pack_under(dir: &Path, prefix: &str, out: &Path) -> Result<(), BundleError> {
     let file = std::fs::File::create(out)?;
     let mut zip = zip::ZipWriter::new(file);
     let options = zip::write::SimpleFileOptions::default()
@@ -207,11 +212,16 @@ pub fn pack(dir: &Path, out: &Path) -> Result<(), BundleError> {
     files.sort();
     let mut buffer = vec![0u8; 64 * 1024];
     for path in files {
-        let name = path
+        let relative = path
             .strip_prefix(dir)
             .unwrap_or(&path)
             .to_string_lossy()
             .replace('\\', "/");
+        let name = if prefix.is_empty() {
+            relative
+        } else {
+            format!("{prefix}/{relative}")
+        };
         zip.start_file(name, options).map_err(zip_error)?;
         let mut source = std::fs::File::open(&path)?;
         loop {

@@ -770,21 +770,26 @@ impl Engine {
     /// The folder of a leased module's project here: unpacked from the evaluation's own
     /// packs (we accepted it) or from the cache of projects fetched by hash.
     pub(crate) fn local_project(&self, lease: &Lease) -> Option<PathBuf> {
+        self.project_dir(lease.eval, &lease.project, &lease.blob)
+    }
+
+    /// The folder of project `project` (bytes `blob`) of evaluation `eval`, unpacked from
+    /// its ZIP when it is ours, or the cached copy of another owner's.
+    pub(crate) fn project_dir(&self, eval: EvalId, project: &str, blob: &str) -> Option<PathBuf> {
         let packs = self
             .config
             .dir
             .join("evaluations")
-            .join(lease.eval.to_string())
+            .join(eval.to_string())
             .join("projects");
-        let packed = packs.join(format!("{}.zip", lease.project));
+        let packed = packs.join(format!("{project}.zip"));
         if packed.is_file() {
-            let extracted = packs.join(&lease.project);
+            let extracted = packs.join(project);
             if !extracted.is_dir() {
                 // Unpacked aside, then renamed: another worker of this node never sees a
                 // project half unpacked; when two race, the first rename wins.
                 let partial = packs.join(format!(
-                    ".{}.unpacking-{}",
-                    lease.project,
+                    ".{project}.unpacking-{}",
                     UNPACKING.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
                 ));
                 let unpacked = bundle::unpack(&packed, &partial);
@@ -797,7 +802,7 @@ impl Engine {
             }
             return Some(extracted);
         }
-        let cached = self.config.dir.join("blobs").join(&lease.blob);
+        let cached = self.config.dir.join("blobs").join(blob);
         cached.is_dir().then_some(cached)
     }
 
@@ -830,6 +835,72 @@ impl Engine {
             state.save(&evaluation);
         }
         Some(lease)
+    }
+
+    /// Leases one of our modules whose path `module_ok` takes to a course node `worker`,
+    /// until `lease_ms` from now (renewed with [`Engine::renew_course`]).
+    pub(crate) fn lease_course(
+        &self,
+        worker: &str,
+        lease_ms: u64,
+        module_ok: impl Fn(&str) -> bool,
+    ) -> Option<Lease> {
+        let mut state = lock(&self.state);
+        let now = self.now_ms();
+        let lease = state.ledger.lease_matching(
+            &self.config.node,
+            worker,
+            now,
+            lease_ms,
+            unix_ms(),
+            |submitted, blob| self.replicated(submitted, blob),
+            module_ok,
+        )?;
+        if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
+            state.save(&evaluation);
+        }
+        Some(lease)
+    }
+
+    /// Extends a course node's lease to `lease_ms` from now; false if it is no longer its.
+    pub(crate) fn renew_course(&self, lease: &Lease, worker: &str, lease_ms: u64) -> bool {
+        let mut state = lock(&self.state);
+        let now = self.now_ms();
+        state.ledger.renew(lease, worker, now, lease_ms)
+    }
+
+    /// Gives back a module a course node never started (it did not confirm it).
+    pub(crate) fn release_course(&self, lease: &Lease, worker: &str) {
+        let mut state = lock(&self.state);
+        if state.ledger.release(lease, worker) {
+            if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
+                state.save(&evaluation);
+            }
+        }
+    }
+
+    /// Our evaluations' projects that have modules waiting or running: (evaluation,
+    /// project, bytes' hash).
+    pub(crate) fn projects_under_way(&self) -> Vec<(EvalId, String, String)> {
+        let state = lock(&self.state);
+        state
+            .ledger
+            .owned_by(&self.config.node)
+            .filter(|e| e.failure.is_none())
+            .flat_map(|e| {
+                e.projects
+                    .iter()
+                    .filter(|(_, project)| {
+                        project.modules.values().any(|m| {
+                            matches!(
+                                m.state,
+                                ModuleState::Pending { .. } | ModuleState::Leased { .. }
+                            )
+                        })
+                    })
+                    .map(move |(name, project)| (e.id, name.clone(), project.blob.clone()))
+            })
+            .collect()
     }
 
     /// Renews a remote worker's lease.

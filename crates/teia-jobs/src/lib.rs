@@ -5,9 +5,10 @@
 //! results, retries, verification), fair longest-first scheduling, grades, module
 //! discovery, the cluster's rules (members, which messages count and from whom, failure
 //! detection of owners, elections), seed 001's master/worker messages and task table, and
-//! seed 000's worker; [`remote`] carries the cluster's rules out over the node, [`master`]
-//! serves seed 001's workers, [`course_worker`] works for seed 001's masters and
-//! [`seed000_worker`] in seed 000's networks.
+//! seed 000's worker and members; [`remote`] carries the cluster's rules out over the node,
+//! [`master`] serves seed 001's workers, [`course_worker`] works for seed 001's masters,
+//! [`seed000_worker`] works in seed 000's networks and [`seed000_members`] has seed 000's
+//! nodes work for this one.
 
 pub mod bundle;
 mod cluster;
@@ -20,6 +21,7 @@ pub mod remote_scripts;
 pub mod routed;
 pub mod runner;
 pub mod script;
+pub mod seed000_members;
 pub mod seed000_worker;
 pub mod split;
 pub mod taskfile;

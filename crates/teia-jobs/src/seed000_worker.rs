@@ -25,7 +25,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 
 use crate::bundle::{self, BundleError};
-use crate::proto::seed000::{encode, Action, Counts, Note, Task, Worker, MAX_DATAGRAM};
+use crate::proto::seed000::{encode, Action, Counts, Note, Outgoing, Task, Worker, MAX_DATAGRAM};
 use crate::runner::Runner;
 
 /// Largest project ZIP fetched.
@@ -117,19 +117,7 @@ pub async fn run(config: Seed000Config, runner: Arc<Runner>) -> std::io::Result<
     loop {
         while let Some(action) = worker.poll_action() {
             match action {
-                Action::Send { to, cmd, data } => {
-                    let stamp = SystemTime::now()
-                        .duration_since(UNIX_EPOCH)
-                        .map_or(0.0, |d| d.as_secs_f64());
-                    match encode(me, cmd, &data, stamp) {
-                        Ok(bytes) => {
-                            if let Err(e) = socket.send_to(&bytes, to).await {
-                                tracing::debug!(%to, cmd, error = %e, "not sent");
-                            }
-                        }
-                        Err(e) => tracing::warn!(%to, cmd, error = %e, "not sent"),
-                    }
-                }
+                Action::Send(outgoing) => send(&socket, me, &outgoing).await,
                 Action::Fetch { project, api } => {
                     let done = done_tx.clone();
                     let dir = projects.clone();
@@ -216,6 +204,23 @@ pub async fn run(config: Seed000Config, runner: Arc<Runner>) -> std::io::Result<
                 }
             }
         }
+    }
+}
+
+/// Sends `outgoing` from `me`, stamped now; a failure is logged (UDP: their nodes send
+/// again on their own timers).
+pub(crate) async fn send(socket: &UdpSocket, me: SocketAddr, outgoing: &Outgoing) {
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64());
+    let Outgoing { to, cmd, data } = outgoing;
+    match encode(me, cmd, data, stamp) {
+        Ok(bytes) => {
+            if let Err(e) = socket.send_to(&bytes, to).await {
+                tracing::debug!(%to, cmd, error = %e, "not sent");
+            }
+        }
+        Err(e) => tracing::warn!(%to, cmd, error = %e, "not sent"),
     }
 }
 

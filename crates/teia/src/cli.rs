@@ -620,6 +620,19 @@ pub struct NodeArgs {
     )]
     pub http: Option<String>,
 
+    /// Let the distributed pytest network's own nodes (seed 000's) join this node and run
+    /// modules of its evaluations: the UDP address they send CONNECT to (a bare port: every
+    /// address, advertised as the HTTP API's address, which must then be a specific one).
+    /// Needs --http.
+    #[arg(
+        help_heading = "Evaluations (HTTP API)",
+        long,
+        env = "TEIA_PYTEST_PORT",
+        value_name = "[IP:]PORT",
+        requires = "http"
+    )]
+    pub pytest_port: Option<String>,
+
     /// A secret shared by the nodes of your cluster: they run each other's test modules
     /// (as they do for `--trust` keys).
     #[arg(

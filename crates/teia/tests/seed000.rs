@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::io::{Read, Write};
 use std::path::Path;
 use std::process::Command;
 
@@ -163,4 +164,119 @@ fn a_module_of_a_killed_teia_worker_is_run_by_another() {
             .any(|l| l.starts_with("CONFIRM ") && l.ends_with(&format!("::test_slow.py {other}"))),
         "{lines:?}"
     );
+}
+
+/// Seed 000's own nodes as workers of a teia node (`--pytest-port`): a node written from the
+/// protocol joins, fetches the project announced, runs modules handed to it (beside the
+/// teia node's one worker; each test takes a second) and posts their counts, which the
+/// evaluation shows as that node's; a result for a module not handed to the sender, or sent
+/// by a web page, is refused.
+#[test]
+fn a_seed000_node_runs_the_modules_of_a_teia_evaluation_under_its_leases() {
+    let udp = free_udp_port();
+    let (_node, http) = common::http_node(
+        "judge",
+        "seed000",
+        &[
+            "--pytest-port",
+            &format!("127.0.0.1:{udp}"),
+            "--workers",
+            "1",
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    project(&dir.path().join("calc"));
+    std::fs::write(
+        dir.path().join("calc/tests/conftest.py"),
+        "import time, pytest\n@pytest.fixture(autouse=True)\ndef slow():\n    time.sleep(1)\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("calc/tests/test_d.py"),
+        "def test_1(): assert 1\ndef test_2(): assert 1\n",
+    )
+    .unwrap();
+    let zipped = Command::new("python3")
+        .args(["-m", "zipfile", "-c", "all.zip", "calc"])
+        .current_dir(dir.path())
+        .status()
+        .unwrap();
+    assert!(zipped.success());
+
+    let folder = tempfile::tempdir().unwrap();
+    let their_port = free_udp_port();
+    let mut command = Command::new("python3");
+    command
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/seed000/worker.py"))
+        .arg(format!("127.0.0.1:{udp}"))
+        .arg(their_port.to_string())
+        .arg(folder.path());
+    let (worker, _stdin) = Process::spawn_capturing(command);
+    worker.wait_for_log("JOINED ");
+
+    let bytes = std::fs::read(dir.path().join("all.zip")).unwrap();
+    let (status, created) = common::post_file(&http, "/evaluation", &bytes);
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    let detail = common::wait_evaluation(&http, id);
+    assert_eq!(detail["status"], "done", "{detail}");
+    let modules = &detail["projects"]["calc"]["modules"];
+    let theirs = format!("127.0.0.1:{their_port} (seed 000)");
+    let mut ran_there = Vec::new();
+    for (module, passed, failed) in [
+        ("test_a.py", 3, 1),
+        ("test_b.py", 2, 0),
+        ("test_c.py", 1, 1),
+        ("test_d.py", 2, 0),
+    ] {
+        let counted = &modules[format!("tests/{module}")];
+        // Their nodes count an error as a failure; teia keeps errors apart.
+        let failed_or_errors =
+            counted["failed"].as_u64().unwrap() + counted["errors"].as_u64().unwrap();
+        assert_eq!(
+            (counted["passed"].as_u64(), failed_or_errors),
+            (Some(passed), failed),
+            "{module}: {detail}"
+        );
+        if counted["node"] == theirs.as_str() {
+            worker.wait_for_log(&format!("::{module} {passed} {failed} 200"));
+            ran_there.push(module);
+        }
+    }
+    assert!(
+        !ran_there.is_empty(),
+        "no module ran on the seed 000 node: {detail}"
+    );
+
+    let task = worker
+        .wait_for_log("CONFIRMED ")
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_owned();
+    let forged = serde_json::json!({"task_id": task, "passed": 9, "failed": 0, "time": 1.0,
+        "ip": "127.0.0.1", "port": their_port.to_string()})
+    .to_string();
+    let (status, answer) = common::http(
+        &http,
+        "POST",
+        "/task",
+        "application/json",
+        forged.as_bytes(),
+    );
+    assert_eq!(status, 409, "{answer}");
+    // The same from a web page (a browser names its origin).
+    let mut stream = std::net::TcpStream::connect(&http).unwrap();
+    write!(
+        stream,
+        "POST /task HTTP/1.1\r\nHost: {http}\r\nOrigin: http://example.com\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{forged}",
+        forged.len()
+    )
+    .unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    let after = common::get(&http, &format!("/evaluation/{id}")).1;
+    assert_eq!(after["projects"]["calc"], detail["projects"]["calc"]);
 }

@@ -462,6 +462,22 @@ impl Ledger {
         unix_ms: u64,
         ready: impl Fn(u64, &str) -> bool,
     ) -> Option<Lease> {
+        self.lease_matching(owner, worker, now, lease_ms, unix_ms, ready, |_| true)
+    }
+
+    /// As [`Ledger::lease_ready`], handing out only modules whose path `module_ok` takes
+    /// (a worker that can run only some).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lease_matching(
+        &mut self,
+        owner: &str,
+        worker: &str,
+        now: u64,
+        lease_ms: u64,
+        unix_ms: u64,
+        ready: impl Fn(u64, &str) -> bool,
+        module_ok: impl Fn(&str) -> bool,
+    ) -> Option<Lease> {
         let ids: Vec<EvalId> = self
             .evaluations
             .values()
@@ -493,7 +509,7 @@ impl Ledger {
                     continue;
                 }
                 for (path, module) in &project.modules {
-                    if !matches!(module.state, ModuleState::Pending { .. }) {
+                    if !matches!(module.state, ModuleState::Pending { .. }) || !module_ok(path) {
                         continue;
                     }
                     // A verification goes to another worker than the first run's.
@@ -566,6 +582,18 @@ impl Ledger {
     /// Gives a module leased to `worker` back to the queue, as the same attempt (it did not
     /// run: its project's bytes were not to be had); false if it is not `worker`'s lease.
     pub fn give_back(&mut self, lease: &Lease, worker: &str, why: &str) -> bool {
+        if !self.release(lease, worker) {
+            return false;
+        }
+        if let Some(evaluation) = self.evaluations.get_mut(&lease.eval) {
+            evaluation.waiting = Some(why.to_owned());
+        }
+        true
+    }
+
+    /// Gives a module leased to `worker` back to the queue, as the same attempt (it never
+    /// started); false if it is not `worker`'s lease.
+    pub fn release(&mut self, lease: &Lease, worker: &str) -> bool {
         let Some(module) = self.module_mut(lease.eval, &lease.project, &lease.module) else {
             return false;
         };
@@ -576,13 +604,10 @@ impl Ledger {
                 ..
             } if holder == worker && *attempt == lease.attempt => {
                 module.state = ModuleState::Pending { attempt: *attempt };
+                true
             }
-            _ => return false,
+            _ => false,
         }
-        if let Some(evaluation) = self.evaluations.get_mut(&lease.eval) {
-            evaluation.waiting = Some(why.to_owned());
-        }
-        true
     }
 
     /// Records `worker`'s result of a module; false (and nothing changes) unless the module

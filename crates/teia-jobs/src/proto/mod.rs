@@ -5,6 +5,7 @@ pub mod discover;
 pub mod ledger;
 pub mod messages;
 pub mod seed000;
+pub mod seed000_members;
 pub mod seed001;
 #[cfg(test)]
 mod sim;

@@ -153,6 +153,18 @@ pub fn encode(
     Ok(out)
 }
 
+/// A message to send: `cmd` with `data` to `to`, whose envelope the runtime writes
+/// ([`encode`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outgoing {
+    /// The peer's advertised UDP address.
+    pub to: SocketAddr,
+    /// The command.
+    pub cmd: &'static str,
+    /// Its data.
+    pub data: Value,
+}
+
 /// A module handed to this worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Task {
@@ -204,15 +216,8 @@ pub enum Note {
 /// What the runtime is to do.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
-    /// Send `cmd` with `data` to `to`.
-    Send {
-        /// The peer's advertised UDP address.
-        to: SocketAddr,
-        /// The command.
-        cmd: &'static str,
-        /// Its data.
-        data: Value,
-    },
+    /// Send this.
+    Send(Outgoing),
     /// Fetch `GET http://{api}/file/{project}` (a ZIP of the folder `{project}/`), then
     /// call [`Worker::fetched`].
     Fetch {
@@ -292,7 +297,7 @@ pub struct Worker {
 }
 
 /// A name their nodes use as a folder or file name: no path, nothing hidden.
-fn plain_name(name: &str) -> bool {
+pub(crate) fn plain_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= MAX_NAME
         && !name.starts_with('.')
@@ -660,37 +665,58 @@ impl Worker {
     }
 
     fn send(&mut self, to: SocketAddr, cmd: &'static str, data: Value) {
-        self.actions.push_back(Action::Send { to, cmd, data });
+        self.actions
+            .push_back(Action::Send(Outgoing { to, cmd, data }));
+    }
+}
+
+/// What the tests of both roles share.
+#[cfg(test)]
+pub(crate) mod testing {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    /// An address from text.
+    pub(crate) fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    /// A datagram from `from`.
+    pub(crate) fn datagram(from: &str, cmd: &str, data: Value) -> Vec<u8> {
+        encode(addr(from), cmd, &data, 1.0).unwrap()
+    }
+
+    /// Where each `cmd` among `sends` goes, and with what.
+    pub(crate) fn sent<'a>(
+        sends: impl IntoIterator<Item = &'a Outgoing>,
+        cmd: &str,
+    ) -> Vec<(SocketAddr, Value)> {
+        sends
+            .into_iter()
+            .filter(|o| o.cmd == cmd)
+            .map(|o| (o.to, o.data.clone()))
+            .collect()
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::testing::{addr, datagram};
     use super::*;
 
     const HOLDER: &str = "127.0.0.1:8001";
     const ME: &str = "127.0.0.1:8002";
-
-    fn addr(s: &str) -> SocketAddr {
-        s.parse().unwrap()
-    }
-
-    fn datagram(from: &str, cmd: &str, data: Value) -> Vec<u8> {
-        encode(addr(from), cmd, &data, 1.0).unwrap()
-    }
 
     fn drain(worker: &mut Worker) -> Vec<Action> {
         std::iter::from_fn(|| worker.poll_action()).collect()
     }
 
     fn sent(actions: &[Action], cmd: &str) -> Vec<(SocketAddr, Value)> {
-        actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Send { to, cmd: c, data } if *c == cmd => Some((*to, data.clone())),
-                _ => None,
-            })
-            .collect()
+        let sends = actions.iter().filter_map(|a| match a {
+            Action::Send(o) => Some(o),
+            _ => None,
+        });
+        super::testing::sent(sends, cmd)
     }
 
     fn joined(now: Instant) -> Worker {

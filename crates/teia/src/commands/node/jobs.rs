@@ -261,6 +261,16 @@ pub(super) async fn start_jobs(
         });
     };
     let bound = listener.local_addr()?;
+    let seed000 = match &args.pytest_port {
+        Some(given) => Some(
+            start_seed000_members(given, bound, &jobs_dir, &engine)
+                .await
+                .with_context(|| {
+                    format!("cannot take seed 000 nodes on {given} (--pytest-port)")
+                })?,
+        ),
+        None => None,
+    };
     let token = teia_http::guard::load_or_create_token(data_dir)
         .with_context(|| format!("cannot keep the HTTP API's token in {}", data_dir.display()))?;
     tracing::info!(%bound, "HTTP API listening");
@@ -286,6 +296,7 @@ pub(super) async fn start_jobs(
             teia_http::Services {
                 engine: served,
                 master,
+                seed000,
             },
             network,
             jobs_dir.join("uploads"),
@@ -302,4 +313,37 @@ pub(super) async fn start_jobs(
         http_stop: Some(stop),
         http_addr: Some(bound),
     })
+}
+
+/// Binds `--pytest-port` and starts taking seed 000's nodes; they reach the HTTP API on
+/// `http`'s port at the advertised address.
+async fn start_seed000_members(
+    given: &str,
+    http: SocketAddr,
+    jobs_dir: &std::path::Path,
+    engine: &teia_jobs::engine::Engine,
+) -> anyhow::Result<teia_jobs::seed000_members::MembersHandle> {
+    let bind: SocketAddr = match given.parse::<u16>() {
+        Ok(port) => SocketAddr::from(([0, 0, 0, 0], port)),
+        Err(_) => given
+            .parse()
+            .with_context(|| format!("{given:?} is neither a port nor IP:PORT"))?,
+    };
+    let advertise_ip = if !bind.ip().is_unspecified() {
+        bind.ip()
+    } else if !http.ip().is_unspecified() {
+        http.ip()
+    } else {
+        bail!(
+            "the HTTP API and the UDP port listen on every address: say which one seed 000 \
+             nodes reach this node at, --pytest-port IP:PORT"
+        );
+    };
+    let config = teia_jobs::seed000_members::MembersConfig {
+        bind,
+        advertise: SocketAddr::new(advertise_ip, bind.port()),
+        api_port: http.port(),
+        dir: jobs_dir.join("seed000"),
+    };
+    Ok(teia_jobs::seed000_members::start(config, engine.clone()).await?)
 }
