@@ -1,8 +1,10 @@
 //! The evaluation benchmark: one corpus of projects run by a serial pytest, by
 //! `pytest -n N --dist worksteal` (pytest-xdist) and by teia with N nodes of one worker each
-//! on this machine (N = 2 and 3), in the same run; then the time from `kill -9` of a worker
-//! to its module running elsewhere, and from `kill -9` of the owner to the evaluation
-//! progressing again on a survivor.
+//! on this machine (N = 2 and 3), in the same run; with 3 nodes, the same corpus submitted
+//! again (every result reused from the cache) and with one module changed (that module
+//! alone run), beside the cold run; then the time from `kill -9` of a worker to its module
+//! running elsewhere, and from `kill -9` of the owner to the evaluation progressing again on
+//! a survivor.
 //!
 //! The corpus is synthetic and uneven, as real suites are: modules whose tests sleep from
 //! 0.1 s to 2 s (the work is waiting, so the machine's two cores do not cap the speed-up of
@@ -47,6 +49,57 @@ fn write_corpus(root: &Path) -> anyhow::Result<f64> {
         }
     }
     Ok(total)
+}
+
+/// Times `zip` submitted again to `owner` (the result cache serves every module), then the
+/// corpus with one module changed (the longest: it alone runs), against the cold run.
+fn resubmissions(
+    owner: &str,
+    python: &str,
+    corpus: &Path,
+    dir: &Path,
+    zip: &[u8],
+    cold: f64,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let id = submit(owner, zip)?;
+    let done = wait_done(owner, id)?;
+    let again = started.elapsed().as_secs_f64();
+    let reused = done["projects"]
+        .as_object()
+        .into_iter()
+        .flatten()
+        .flat_map(|(_, p)| p["modules"].as_object().into_iter().flatten())
+        .filter(|(_, m)| m["cached"] == true)
+        .count();
+    println!(
+        "{:<44} {:>8.2} s   ({:.3} of cold; {reused} of 24 modules reused)",
+        "teia, 3 nodes, the same corpus again",
+        again,
+        again / cold
+    );
+    let changed = corpus.join("parser/tests/test_m0.py");
+    let mut source = std::fs::read_to_string(&changed)?;
+    source.push_str("\n# changed\n");
+    std::fs::write(&changed, source)?;
+    let changed_zip = dir.join("changed.zip");
+    zip_corpus(python, corpus, &changed_zip)?;
+    let started = Instant::now();
+    let id = submit(owner, &std::fs::read(&changed_zip)?)?;
+    wait_done(owner, id)?;
+    let one = started.elapsed().as_secs_f64();
+    let module = CORPUS
+        .first()
+        .and_then(|(_, m)| m.first())
+        .copied()
+        .unwrap_or(0.0);
+    println!(
+        "{:<44} {:>8.2} s   ({:.3} of cold; the module alone takes {module:.1} s)",
+        "teia, 3 nodes, one module changed",
+        one,
+        one / cold
+    );
+    Ok(())
 }
 
 fn zip_corpus(python: &str, root: &Path, out: &Path) -> anyhow::Result<()> {
@@ -246,6 +299,9 @@ fn measure(args: Args) -> anyhow::Result<()> {
             teia_time / xdist,
             busiest * 100.0 / total.max(1e-9)
         );
+        if n == 3 {
+            resubmissions(&owner.http, &python, &corpus, &dir, &zip, teia_time)?;
+        }
         drop(nodes);
     }
 

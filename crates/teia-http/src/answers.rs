@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use teia_jobs::engine::{NodeLoad, Totals};
 use teia_jobs::proto::ledger::{
-    EvalId, Evaluation, ModuleCounts, ModuleResult, ModuleState, TestCounts,
+    CachedFrom, EvalId, Evaluation, ModuleCounts, ModuleResult, ModuleState, TestCounts,
 };
 
 /// A figure rounded to two decimals, as shown.
@@ -151,6 +151,12 @@ pub enum ModuleDetail {
         /// Another worker's different result, when a verification disagreed.
         #[serde(skip_serializing_if = "Option::is_none")]
         disputed: Option<Disputed>,
+        /// Whether the result was reused from an earlier run of the same module on the same
+        /// files, and which (`cached_from`).
+        cached: bool,
+        /// The earlier run it was reused from: its evaluation and node.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        cached_from: Option<CachedFrom>,
     },
 }
 
@@ -220,6 +226,8 @@ impl Detail {
                                     nodes: [result.node.clone(), other.node.clone()],
                                     other: Counts::from(other),
                                 }),
+                                cached: result.cached.is_some(),
+                                cached_from: result.cached.clone(),
                             },
                         };
                         (path.clone(), detail)

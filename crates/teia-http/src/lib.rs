@@ -25,7 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde_json::Value;
-use teia_jobs::engine::{Engine, EngineError};
+use teia_jobs::engine::{Engine, EngineError, SubmitOptions};
 use teia_jobs::master::{JobError, MasterHandle};
 use teia_jobs::seed000_members::{MembersError, MembersHandle};
 
@@ -206,7 +206,27 @@ async fn network_view(State(app): State<App>) -> Json<Value> {
     Json((app.network)().await)
 }
 
+/// The submission's options from its query: `?cache=false` (or `0`, `no`, `off`) runs every
+/// module, whatever the result cache holds.
+fn submit_options(query: Option<&str>) -> SubmitOptions {
+    let no_cache = query
+        .unwrap_or_default()
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .any(|(name, value)| {
+            name == "cache"
+                && matches!(
+                    value.to_ascii_lowercase().as_str(),
+                    "false" | "0" | "no" | "off"
+                )
+        });
+    SubmitOptions {
+        use_cache: !no_cache,
+    }
+}
+
 async fn submit(State(app): State<App>, request: Request) -> Result<Response, Problem> {
+    let options = submit_options(request.uri().query());
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -217,13 +237,13 @@ async fn submit(State(app): State<App>, request: Request) -> Result<Response, Pr
         let multipart = <Multipart as axum::extract::FromRequest<()>>::from_request(request, &())
             .await
             .map_err(|e| Problem(StatusCode::BAD_REQUEST, e.body_text()))?;
-        submit_zip(&app, multipart).await?
+        submit_zip(&app, multipart, options).await?
     } else if content_type.starts_with("application/json") {
         let Json(body) =
             <Json<Value> as axum::extract::FromRequest<()>>::from_request(request, &())
                 .await
                 .map_err(|e| Problem(StatusCode::BAD_REQUEST, e.body_text()))?;
-        submit_json(&app, &body).await?
+        submit_json(&app, &body, options).await?
     } else {
         return Err(Problem(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -243,11 +263,15 @@ async fn submit(State(app): State<App>, request: Request) -> Result<Response, Pr
     Ok((StatusCode::CREATED, Json(created)).into_response())
 }
 
-async fn submit_zip(app: &App, multipart: Multipart) -> Result<u64, Problem> {
+async fn submit_zip(
+    app: &App,
+    multipart: Multipart,
+    options: SubmitOptions,
+) -> Result<u64, Problem> {
     let upload = save_upload(app, multipart).await?;
     let engine = app.engine.clone();
     let archive = upload.path.clone();
-    let result = tokio::task::spawn_blocking(move || engine.submit_zip(&archive))
+    let result = tokio::task::spawn_blocking(move || engine.submit_zip_with(&archive, options))
         .await
         .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?;
     drop(upload);
@@ -430,7 +454,7 @@ async fn job_detail(
 
 static UPLOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-async fn submit_json(app: &App, body: &Value) -> Result<u64, Problem> {
+async fn submit_json(app: &App, body: &Value, options: SubmitOptions) -> Result<u64, Problem> {
     let bad = |detail: &str| Problem(StatusCode::BAD_REQUEST, detail.to_owned());
     let projects = body
         .get("projects")
@@ -453,7 +477,7 @@ async fn submit_json(app: &App, body: &Value) -> Result<u64, Problem> {
         Some(_) => return Err(bad("`auth_token` must be a string")),
     };
     app.engine
-        .submit_git(&urls, token.as_deref())
+        .submit_git_with(&urls, token.as_deref(), options)
         .await
         .map_err(Problem::from)
 }

@@ -186,6 +186,81 @@ pub fn projects(root: &Path, fallback: &str) -> Result<Vec<FoundProject>, Bundle
     Ok(found)
 }
 
+/// What pytest and Python write into a project as it runs: left out of its content hash.
+fn written_by_runs(name: &std::ffi::OsStr) -> bool {
+    let name = name.to_string_lossy();
+    name == "__pycache__" || name == ".pytest_cache" || name.ends_with(".pyc")
+}
+
+/// A project's files as the result cache sees them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectContent {
+    /// The hash of every file but the test modules (sources, `conftest.py`, data,
+    /// requirements): what any module may depend on.
+    pub shared: String,
+    /// Each test module's own hash, by path.
+    pub modules: std::collections::BTreeMap<String, String>,
+}
+
+/// The hashes of a project's files, whatever their times or the order they were packed in:
+/// BLAKE3 over each regular file's path (relative, `/`-separated, in sorted order), length
+/// and bytes, the test modules (`tests/**/test_*.py`) apart from the rest; links are not
+/// followed, and what pytest and Python write as they run (`__pycache__`, `.pytest_cache`,
+/// `*.pyc`) is left out. Files are read in pieces.
+pub fn content_hashes(dir: &Path) -> std::io::Result<ProjectContent> {
+    let mut stack = vec![dir.to_owned()];
+    let mut files = Vec::new();
+    while let Some(folder) = stack.pop() {
+        for entry in std::fs::read_dir(&folder)? {
+            let entry = entry?;
+            if written_by_runs(&entry.file_name()) {
+                continue;
+            }
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                stack.push(entry.path());
+            } else if kind.is_file() {
+                files.push(entry.path());
+            }
+        }
+    }
+    let mut named: Vec<(String, std::path::PathBuf)> = files
+        .into_iter()
+        .map(|path| {
+            let relative = path
+                .strip_prefix(dir)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .replace('\\', "/");
+            (relative, path)
+        })
+        .collect();
+    named.sort();
+    let mut shared = blake3::Hasher::new_derive_key("teia project content v1");
+    let mut modules = std::collections::BTreeMap::new();
+    for (relative, path) in named {
+        let file = std::fs::File::open(&path)?;
+        let length = file.metadata()?.len();
+        let mut module = blake3::Hasher::new_derive_key("teia project content v1");
+        let hasher = if is_test_module(&relative) {
+            &mut module
+        } else {
+            &mut shared
+        };
+        hasher.update(&(relative.len() as u64).to_le_bytes());
+        hasher.update(relative.as_bytes());
+        hasher.update(&length.to_le_bytes());
+        hasher.update_reader(file.take(length))?;
+        if is_test_module(&relative) {
+            modules.insert(relative, module.finalize().to_hex().to_string());
+        }
+    }
+    Ok(ProjectContent {
+        shared: shared.finalize().to_hex().to_string(),
+        modules,
+    })
+}
+
 /// Packs `dir` into a ZIP at `out` (entries in sorted order; links not followed).
 pub fn pack(dir: &Path, out: &Path) -> Result<(), BundleError> {
     pack_under(dir, "", out)
@@ -250,6 +325,34 @@ mod tests {
             zip.write_all(bytes).unwrap();
         }
         zip.finish().unwrap();
+    }
+
+    #[test]
+    fn the_content_hash_sees_files_not_times_nor_what_runs_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let project = dir.path().join("p");
+        std::fs::create_dir_all(project.join("tests/__pycache__")).unwrap();
+        std::fs::write(project.join("tests/test_a.py"), "def test_1(): pass\n").unwrap();
+        std::fs::write(project.join("tests/test_b.py"), "def test_1(): pass\n").unwrap();
+        let first = content_hashes(&project).unwrap();
+        std::fs::write(project.join("tests/__pycache__/x.pyc"), "junk").unwrap();
+        std::fs::write(project.join("tests/test_a.py"), "def test_1(): pass\n").unwrap();
+        assert_eq!(content_hashes(&project).unwrap(), first);
+        // One module changed: its hash alone.
+        std::fs::write(project.join("tests/test_a.py"), "def test_1(): assert 0\n").unwrap();
+        let changed = content_hashes(&project).unwrap();
+        assert_eq!(changed.shared, first.shared);
+        assert_ne!(
+            changed.modules["tests/test_a.py"],
+            first.modules["tests/test_a.py"]
+        );
+        assert_eq!(
+            changed.modules["tests/test_b.py"],
+            first.modules["tests/test_b.py"]
+        );
+        // Anything else changed: what every module shares.
+        std::fs::write(project.join("tests/conftest.py"), "").unwrap();
+        assert_ne!(content_hashes(&project).unwrap().shared, first.shared);
     }
 
     #[test]

@@ -15,8 +15,9 @@ use rusqlite::{params, Connection};
 use crate::bundle::{self, BundleError};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::proto::ledger::{
-    Completed, EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState, NewProject,
+    CachedFrom, Completed, EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState, NewProject,
 };
+use crate::proto::result_cache::{self, Policy};
 use crate::runner::{Isolation, Limits, Runner};
 use crate::tasks::TaskSet;
 use teia_node::sync::lock;
@@ -85,6 +86,23 @@ pub struct EngineConfig {
     /// The URL schemes of the git repositories it clones (`https`; `http`, `ssh`, `git`,
     /// `file` only when allowed: `file` also allows local paths).
     pub git_schemes: Vec<String>,
+    /// How it reuses module results whose inputs did not change (none: it runs every
+    /// module; `--no-result-cache`).
+    pub result_cache: Option<Policy>,
+}
+
+/// How one submission is to be run.
+#[derive(Debug, Clone, Copy)]
+pub struct SubmitOptions {
+    /// Whether modules whose results the cache has are not run again (`cache=false` on a
+    /// submission runs them all).
+    pub use_cache: bool,
+}
+
+impl Default for SubmitOptions {
+    fn default() -> Self {
+        Self { use_cache: true }
+    }
 }
 
 /// Why the engine could not do what was asked.
@@ -141,6 +159,8 @@ struct State {
     db: Connection,
     work: Work,
     next: u64,
+    /// Bytes of the results in the cache's table.
+    cache_bytes: u64,
 }
 
 /// The engine's handle.
@@ -155,6 +175,75 @@ pub struct Engine {
     clones: Arc<tokio::sync::Semaphore>,
     /// The tasks it started, stopped by [`Engine::shutdown`].
     pub(crate) tasks: Arc<TaskSet>,
+}
+
+/// Fills the modules of evaluation `id` whose results the cache has (and `policy` lets
+/// serve) with them; returns how many.
+fn reuse_results(state: &mut State, id: EvalId, policy: &Policy) -> usize {
+    let Some(evaluation) = state.ledger.get(id) else {
+        return 0;
+    };
+    let wanted: Vec<(String, String, String)> = evaluation
+        .projects
+        .iter()
+        .filter_map(|(name, project)| Some((name, project.content.as_deref()?, project)))
+        .flat_map(|(name, shared, project)| {
+            project.modules.iter().filter_map(move |(path, module)| {
+                let key = result_cache::key(
+                    &policy.environment,
+                    shared,
+                    path,
+                    module.content.as_deref()?,
+                );
+                Some((name.clone(), path.clone(), key))
+            })
+        })
+        .collect();
+    let mut reused = 0;
+    for (project, module, key) in wanted {
+        let Some((mut result, from)) = state.cached(&key) else {
+            continue;
+        };
+        if !result_cache::reusable(policy, &result) {
+            continue;
+        }
+        result.cached = Some(CachedFrom {
+            eval: from,
+            node: result.node.clone(),
+        });
+        if state
+            .ledger
+            .fill_cached(id, &project, &module, result, unix_ms())
+        {
+            reused += 1;
+        }
+    }
+    reused
+}
+
+/// Keeps the result the ledger now holds for `lease`'s module in the cache, if `policy`
+/// keeps it.
+fn keep_result(state: &mut State, lease: &Lease, policy: &Policy, trusted: bool) {
+    let Some(project) = state
+        .ledger
+        .get(lease.eval)
+        .and_then(|e| e.projects.get(&lease.project))
+    else {
+        return;
+    };
+    let (Some(shared), Some(module)) = (&project.content, project.modules.get(&lease.module))
+    else {
+        return;
+    };
+    let (ModuleState::Done(result), Some(module_content)) = (&module.state, &module.content) else {
+        return;
+    };
+    if module.disputed.is_some() || !result_cache::keeps(policy, result, trusted) {
+        return;
+    }
+    let key = result_cache::key(&policy.environment, shared, &lease.module, module_content);
+    let result = result.clone();
+    state.keep(&key, &result, lease.eval, policy.max_bytes);
 }
 
 /// Bytes the regular files under `dir` take (links not followed; an unreadable part counts
@@ -194,7 +283,78 @@ fn unix_ms() -> u64 {
         .map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Results evicted from the cache at once when it is over its budget.
+const EVICT_BATCH: i64 = 64;
+
 impl State {
+    /// The result kept under `key`, and the evaluation it was run for.
+    fn cached(&self, key: &str) -> Option<(ModuleResult, EvalId)> {
+        let row: Option<(String, i64)> = self
+            .db
+            .query_row(
+                "SELECT body, eval FROM result_cache WHERE key = ?1",
+                params![key],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .ok();
+        let (body, eval) = row?;
+        Some((serde_json::from_str(&body).ok()?, u64::try_from(eval).ok()?))
+    }
+
+    /// Keeps `result` (of evaluation `eval`) under `key`, then evicts the oldest results
+    /// past `max_bytes`.
+    fn keep(&mut self, key: &str, result: &ModuleResult, eval: EvalId, max_bytes: u64) {
+        let body = serde_json::to_string(result).unwrap_or_default();
+        let size = (key.len() + body.len()) as u64;
+        let replaced: u64 = self
+            .db
+            .query_row(
+                "SELECT LENGTH(key) + LENGTH(body) FROM result_cache WHERE key = ?1",
+                params![key],
+                |row| row.get::<_, i64>(0),
+            )
+            .map_or(0, |n| n.unsigned_abs());
+        let stored = self.db.execute(
+            "INSERT OR REPLACE INTO result_cache (key, body, eval, at) VALUES (?1, ?2, ?3, ?4)",
+            params![key, body, eval as i64, unix_ms() as i64],
+        );
+        match stored {
+            Ok(_) => self.cache_bytes = (self.cache_bytes + size).saturating_sub(replaced),
+            Err(e) => tracing::error!(error = %e, "result not kept in the cache"),
+        }
+        while self.cache_bytes > max_bytes {
+            let oldest: Vec<(String, u64)> = self
+                .db
+                .prepare(
+                    "SELECT key, LENGTH(key) + LENGTH(body) FROM result_cache ORDER BY at LIMIT ?1",
+                )
+                .and_then(|mut statement| {
+                    statement
+                        .query_map(params![EVICT_BATCH], |row| {
+                            Ok((
+                                row.get::<_, String>(0)?,
+                                row.get::<_, i64>(1)?.unsigned_abs(),
+                            ))
+                        })
+                        .map(|rows| rows.flatten().collect())
+                })
+                .unwrap_or_default();
+            if oldest.is_empty() {
+                self.cache_bytes = 0;
+                break;
+            }
+            for (key, size) in oldest {
+                if self
+                    .db
+                    .execute("DELETE FROM result_cache WHERE key = ?1", params![key])
+                    .is_ok()
+                {
+                    self.cache_bytes = self.cache_bytes.saturating_sub(size);
+                }
+            }
+        }
+    }
+
     fn save(&self, evaluation: &Evaluation) {
         let text = serde_json::to_string(evaluation).unwrap_or_default();
         if let Err(e) = self.db.execute(
@@ -216,7 +376,18 @@ impl Engine {
         std::fs::create_dir_all(&config.dir)?;
         let db = teia_node::store::open_database(&config.dir.join("jobs.sqlite3"), false)?;
         db.execute_batch(
-            "CREATE TABLE IF NOT EXISTS evaluations (id INTEGER PRIMARY KEY, body TEXT NOT NULL);",
+            "CREATE TABLE IF NOT EXISTS evaluations (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
+             CREATE TABLE IF NOT EXISTS result_cache (key TEXT PRIMARY KEY, body TEXT NOT NULL,
+                 eval INTEGER NOT NULL, at INTEGER NOT NULL);
+             CREATE INDEX IF NOT EXISTS result_cache_at ON result_cache (at);",
+        )?;
+        if config.result_cache.is_none() {
+            db.execute("DELETE FROM result_cache", [])?;
+        }
+        let cache_bytes: i64 = db.query_row(
+            "SELECT COALESCE(SUM(LENGTH(key) + LENGTH(body)), 0) FROM result_cache",
+            [],
+            |row| row.get(0),
         )?;
         let mut ledger = Ledger::default();
         {
@@ -245,6 +416,7 @@ impl Engine {
                 db,
                 work: Work::default(),
                 next: 0,
+                cache_bytes: cache_bytes.unsigned_abs(),
             })),
             started: Instant::now(),
             cluster,
@@ -413,6 +585,15 @@ impl Engine {
     /// Accepts a submitted ZIP (at `archive`): unpacks it, finds its projects, records the
     /// evaluation; returns its id.
     pub fn submit_zip(&self, archive: &Path) -> Result<EvalId, EngineError> {
+        self.submit_zip_with(archive, SubmitOptions::default())
+    }
+
+    /// As [`Engine::submit_zip`], with `options`.
+    pub fn submit_zip_with(
+        &self,
+        archive: &Path,
+        options: SubmitOptions,
+    ) -> Result<EvalId, EngineError> {
         let id = self.reserve()?;
         let evaluations = self.config.dir.join("evaluations");
         let left = EVALUATIONS_DISK.saturating_sub(disk_usage(&evaluations));
@@ -424,7 +605,7 @@ impl Engine {
         let result = bundle::unpack_within(archive, &source, left)
             .and_then(|()| bundle::projects(&source, "project"));
         match result {
-            Ok(found) => self.record(id, &root, found),
+            Ok(found) => self.record(id, &root, found, options),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&root);
                 Err(e.into())
@@ -438,6 +619,17 @@ impl Engine {
         &self,
         urls: &[String],
         token: Option<&str>,
+    ) -> Result<EvalId, EngineError> {
+        self.submit_git_with(urls, token, SubmitOptions::default())
+            .await
+    }
+
+    /// As [`Engine::submit_git`], with `options`.
+    pub async fn submit_git_with(
+        &self,
+        urls: &[String],
+        token: Option<&str>,
+        options: SubmitOptions,
     ) -> Result<EvalId, EngineError> {
         for url in urls {
             check_git_url(url, &self.config.git_schemes)?;
@@ -478,7 +670,7 @@ impl Engine {
             let _ = std::fs::remove_dir_all(&root);
             return Err(BundleError::NoProject.into());
         }
-        self.record(id, &root, found)
+        self.record(id, &root, found, options)
     }
 
     fn reserve(&self) -> Result<EvalId, EngineError> {
@@ -500,6 +692,7 @@ impl Engine {
         id: EvalId,
         root: &Path,
         found: Vec<bundle::FoundProject>,
+        options: SubmitOptions,
     ) -> Result<EvalId, EngineError> {
         let packs = root.join("projects");
         std::fs::create_dir_all(&packs)?;
@@ -509,9 +702,18 @@ impl Engine {
             bundle::pack(&project.dir, &packed)?;
             let mut hasher = blake3::Hasher::new();
             hasher.update_reader(std::fs::File::open(&packed)?)?;
+            let (content, module_content) = match &self.config.result_cache {
+                Some(_) => {
+                    let hashes = bundle::content_hashes(&project.dir)?;
+                    (Some(hashes.shared), hashes.modules)
+                }
+                None => (None, Default::default()),
+            };
             projects.push(NewProject {
                 name: project.name,
                 blob: hasher.finalize().to_hex().to_string(),
+                content,
+                module_content,
                 modules: project.modules,
             });
         }
@@ -522,6 +724,10 @@ impl Engine {
         state
             .ledger
             .submit(id, &self.config.node, unix_ms(), projects);
+        let reused = match &self.config.result_cache {
+            Some(policy) if options.use_cache => reuse_results(&mut state, id, policy),
+            _ => 0,
+        };
         if let Some(evaluation) = state.ledger.get(id).cloned() {
             state.save(&evaluation);
         }
@@ -529,7 +735,7 @@ impl Engine {
         if let Some(cluster) = &self.cluster {
             cluster.announce_now.notify_one();
         }
-        tracing::info!(id, projects = project_count, "evaluation accepted");
+        tracing::info!(id, projects = project_count, reused, "evaluation accepted");
         Ok(id)
     }
 
@@ -664,7 +870,12 @@ impl Engine {
             Completed::Verifying => {
                 tracing::debug!(module = %lease.module, %worker, "result kept; the module runs again to verify it");
             }
-            Completed::Done | Completed::Agreed => {}
+            Completed::Done | Completed::Agreed => {
+                if let Some(policy) = &self.config.result_cache {
+                    let trusted = !crate::proto::seed000_members::is_course_worker(worker);
+                    keep_result(&mut state, lease, policy, trusted);
+                }
+            }
         }
         if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
             state.save(&evaluation);
@@ -1209,6 +1420,7 @@ mod tests {
             verify: 0.0,
             keep_finished: KEEP_FINISHED,
             git_schemes: vec!["https".into()],
+            result_cache: None,
         };
         let engine = Engine::start(config, None).unwrap();
         let id = engine.submit_zip(&archive).unwrap();

@@ -290,6 +290,10 @@ pub enum EvalCommand {
         /// command fails when any test failed or errored.
         #[arg(long, value_name = "GRADE", value_parser = grade)]
         fail_under: Option<f64>,
+        /// Run every module, even those whose results the node has from an earlier run of
+        /// the same files.
+        #[arg(long)]
+        no_cache: bool,
     },
     /// Show one evaluation.
     Status {
@@ -668,6 +672,35 @@ pub struct NodeArgs {
     /// in `GET /evaluation/<id>` and the log), and the owner's own run stands.
     #[arg(help_heading = "Evaluations (HTTP API)", long, env = "TEIA_VERIFY", default_value_t = 0.0, value_name = "FRACTION", value_parser = fraction)]
     pub verify: f64,
+
+    /// Run every module of every evaluation, never reusing the result of an earlier run of
+    /// the same module on the same files (the result cache is emptied).
+    #[arg(
+        help_heading = "Evaluations (HTTP API)",
+        long,
+        env = "TEIA_NO_RESULT_CACHE"
+    )]
+    pub no_result_cache: bool,
+
+    /// Reuse cached results with failures or errors too (by default a module that failed
+    /// runs again).
+    #[arg(
+        help_heading = "Evaluations (HTTP API)",
+        long,
+        env = "TEIA_CACHE_FAILURES",
+        conflicts_with = "no_result_cache"
+    )]
+    pub cache_failures: bool,
+
+    /// Mebibytes of module results the cache keeps (the oldest evicted past it).
+    #[arg(
+        help_heading = "Evaluations (HTTP API)",
+        long,
+        env = "TEIA_RESULT_CACHE_MIB",
+        default_value_t = 64,
+        value_name = "MIB"
+    )]
+    pub result_cache_mib: u64,
 
     /// Finished evaluations kept (with their results); past it, the oldest finished are
     /// forgotten, their folders removed, when a new one comes.

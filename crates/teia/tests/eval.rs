@@ -1046,3 +1046,106 @@ fn stats_and_network_show_every_node_of_the_cluster_and_no_stranger() {
         std::thread::sleep(Duration::from_millis(200));
     }
 }
+
+/// A module whose files did not change is not run again: its result is reused, said so
+/// (with the evaluation it came from), and counted as before; a module that failed runs
+/// again, a changed test module alone runs again, a change to a file every module may use
+/// (a `conftest.py`) runs them all, and `?cache=false` runs everything.
+#[test]
+fn an_unchanged_resubmission_reuses_the_results_of_modules_that_passed() {
+    let (_node, addr) = start(&["--workers", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let files = [
+        (
+            "calc/tests/test_ok.py",
+            "def test_1(): pass\ndef test_2(): pass\n",
+        ),
+        (
+            "calc/tests/test_bad.py",
+            "def test_1(): pass\ndef test_2(): assert 0\n",
+        ),
+        ("calc/tests/test_other.py", "def test_1(): pass\n"),
+    ];
+    let first = wait_done(
+        &addr,
+        post_zip(&addr, &zip_of(dir.path(), &files)).1["id"]
+            .as_u64()
+            .unwrap(),
+    );
+    let counts = |detail: &Value, module: &str| {
+        let m = &detail["projects"]["calc"]["modules"][module];
+        (
+            m["passed"].as_u64(),
+            m["failed"].as_u64(),
+            m["cached"].as_bool(),
+        )
+    };
+    assert_eq!(
+        counts(&first, "tests/test_ok.py"),
+        (Some(2), Some(0), Some(false))
+    );
+
+    // The same files, zipped again (other times in the ZIP).
+    let again = zip_of(dir.path(), &files);
+    let (status, created) = post_zip(&addr, &again);
+    assert_eq!(status, 201, "{created}");
+    let second = wait_done(&addr, created["id"].as_u64().unwrap());
+    assert_eq!(
+        counts(&second, "tests/test_ok.py"),
+        (Some(2), Some(0), Some(true))
+    );
+    assert_eq!(
+        counts(&second, "tests/test_other.py"),
+        (Some(1), Some(0), Some(true))
+    );
+    assert_eq!(
+        second["projects"]["calc"]["modules"]["tests/test_ok.py"]["cached_from"]["eval"],
+        first["id"]
+    );
+    // A module that failed runs again.
+    assert_eq!(
+        counts(&second, "tests/test_bad.py"),
+        (Some(1), Some(1), Some(false))
+    );
+    assert_eq!(second["tests"], first["tests"]);
+    assert_eq!(second["grade"], first["grade"]);
+
+    // One module changed: it alone runs.
+    let mut changed = files;
+    changed[2].1 = "def test_1(): pass\ndef test_2(): pass\n";
+    let third = wait_done(
+        &addr,
+        post_zip(&addr, &zip_of(dir.path(), &changed)).1["id"]
+            .as_u64()
+            .unwrap(),
+    );
+    assert_eq!(
+        counts(&third, "tests/test_other.py"),
+        (Some(2), Some(0), Some(false))
+    );
+    assert_eq!(
+        counts(&third, "tests/test_ok.py"),
+        (Some(2), Some(0), Some(true))
+    );
+    // Anything else changed (a conftest.py): every module runs.
+    let mut shared = changed.to_vec();
+    shared.push(("calc/tests/conftest.py", "# shared by every module\n"));
+    let fourth = wait_done(
+        &addr,
+        post_zip(&addr, &zip_of(dir.path(), &shared)).1["id"]
+            .as_u64()
+            .unwrap(),
+    );
+    assert_eq!(
+        counts(&fourth, "tests/test_ok.py"),
+        (Some(2), Some(0), Some(false))
+    );
+
+    let (status, created) = post_file(&addr, "/evaluation?cache=false", &again);
+    assert_eq!(status, 201, "{created}");
+    let fifth = wait_done(&addr, created["id"].as_u64().unwrap());
+    assert_eq!(
+        counts(&fifth, "tests/test_ok.py"),
+        (Some(2), Some(0), Some(false))
+    );
+}

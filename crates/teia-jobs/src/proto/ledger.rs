@@ -36,6 +36,18 @@ pub struct ModuleResult {
     pub seconds: f64,
     /// The node that ran it.
     pub node: String,
+    /// Where the result was reused from, when it was not run for this evaluation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached: Option<CachedFrom>,
+}
+
+/// The run a reused result came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CachedFrom {
+    /// The evaluation it was run for.
+    pub eval: EvalId,
+    /// The node that ran it.
+    pub node: String,
 }
 
 /// Where a module stands.
@@ -77,6 +89,9 @@ pub struct Module {
     /// a verification disagreed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub disputed: Option<ModuleResult>,
+    /// Hash of the module's file, for the result cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
 }
 
 /// What a result did to its module.
@@ -110,6 +125,10 @@ fn same_counts(a: &ModuleResult, b: &ModuleResult) -> bool {
 pub struct Project {
     /// Content hash of the project's bytes, which workers fetch.
     pub blob: String,
+    /// Hash of its files but its test modules (paths and bytes, not times), for the result
+    /// cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub content: Option<String>,
     /// Its modules by path.
     pub modules: BTreeMap<String, Module>,
 }
@@ -158,8 +177,13 @@ pub struct NewProject {
     pub name: String,
     /// Its bytes' hash.
     pub blob: String,
+    /// Hash of its files but its test modules (paths and bytes, not times), for the result
+    /// cache.
+    pub content: Option<String>,
     /// Its modules and their estimated tests.
     pub modules: Vec<(String, u32)>,
+    /// Each module's file hash, by path, for the result cache.
+    pub module_content: BTreeMap<String, String>,
 }
 
 /// All evaluations this node knows, and durations seen before.
@@ -378,10 +402,12 @@ impl Ledger {
         let projects = projects
             .into_iter()
             .map(|p| {
+                let mut module_content = p.module_content;
                 let modules = p
                     .modules
                     .into_iter()
                     .map(|(path, estimated_tests)| {
+                        let content = module_content.remove(&path);
                         (
                             path,
                             Module {
@@ -390,6 +416,7 @@ impl Ledger {
                                 crashes: 0,
                                 verifying: None,
                                 disputed: None,
+                                content,
                             },
                         )
                     })
@@ -398,6 +425,7 @@ impl Ledger {
                     p.name,
                     Project {
                         blob: p.blob,
+                        content: p.content,
                         modules,
                     },
                 )
@@ -681,6 +709,30 @@ impl Ledger {
         completed
     }
 
+    /// Records a reused result for a module still waiting for its first worker; false
+    /// (nothing changes) if it is not.
+    pub fn fill_cached(
+        &mut self,
+        eval: EvalId,
+        project: &str,
+        module: &str,
+        result: ModuleResult,
+        unix_ms: u64,
+    ) -> bool {
+        let Some(entry) = self.module_mut(eval, project, module) else {
+            return false;
+        };
+        if entry.state != (ModuleState::Pending { attempt: 0 }) {
+            return false;
+        }
+        entry.state = ModuleState::Done(result);
+        if let Some(evaluation) = self.evaluations.get_mut(&eval) {
+            evaluation.started_at.get_or_insert(unix_ms);
+        }
+        self.mark_finished(eval, unix_ms);
+        true
+    }
+
     fn mark_finished(&mut self, eval: EvalId, unix_ms: u64) {
         if let Some(evaluation) = self.evaluations.get_mut(&eval) {
             if evaluation.status() == "done" {
@@ -777,6 +829,8 @@ mod tests {
         NewProject {
             name: name.into(),
             blob: format!("blob-{name}"),
+            content: None,
+            module_content: BTreeMap::new(),
             modules: modules.iter().map(|(m, t)| ((*m).into(), *t)).collect(),
         }
     }

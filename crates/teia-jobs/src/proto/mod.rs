@@ -4,6 +4,7 @@ pub mod cluster;
 pub mod discover;
 pub mod ledger;
 pub mod messages;
+pub mod result_cache;
 pub mod seed000;
 pub mod seed000_members;
 pub mod seed001;

@@ -70,9 +70,17 @@ impl Offer {
     }
 }
 
+/// What the worker names of course nodes start with.
+const COURSE_WORKER: &str = "seed000@";
+
 /// The worker name a member's leases are held under.
 pub fn worker_key(member: SocketAddr) -> String {
-    format!("seed000@{member}")
+    format!("{COURSE_WORKER}{member}")
+}
+
+/// Whether `worker` names a course node (its results prove nothing beyond its word).
+pub fn is_course_worker(worker: &str) -> bool {
+    worker.starts_with(COURSE_WORKER)
 }
 
 /// The name their nodes run a module by (`tests/<name>`), if they can run it.

@@ -99,6 +99,7 @@ fn truth(module: &str, node: &str) -> ModuleResult {
         skipped: 0,
         seconds: 0.1,
         node: node.to_owned(),
+        cached: None,
     }
 }
 
@@ -633,6 +634,8 @@ impl Sim {
         let project = NewProject {
             name: "p".into(),
             blob: "b".into(),
+            content: None,
+            module_content: Default::default(),
             modules: (0..modules)
                 .map(|m| (format!("tests/test_{m:02}.py"), 1))
                 .collect(),

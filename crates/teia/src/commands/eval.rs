@@ -287,8 +287,14 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
             targets,
             token,
             fail_under,
+            no_cache,
         } => {
-            let body = submit(&args.node, &targets, token, args.json).await?;
+            let path = if no_cache {
+                "/evaluation?cache=false"
+            } else {
+                "/evaluation"
+            };
+            let body = submit(&args.node, path, &targets, token, args.json).await?;
             judge(&body, fail_under)
         }
         EvalCommand::Status { id } => {
@@ -345,6 +351,7 @@ fn judge(body: &Value, fail_under: Option<f64>) -> anyhow::Result<()> {
 /// Submits and follows an evaluation; its final state.
 async fn submit(
     node: &str,
+    path_and_query: &str,
     targets: &[String],
     token: Option<String>,
     json_output: bool,
@@ -361,7 +368,7 @@ async fn submit(
         request(
             node,
             "POST",
-            "/evaluation",
+            path_and_query,
             "application/json",
             Body::Bytes(body.to_string().as_bytes()),
         )
@@ -390,7 +397,7 @@ async fn submit(
         let answer = request(
             node,
             "POST",
-            "/evaluation",
+            path_and_query,
             &format!("multipart/form-data; boundary={boundary}"),
             Body::Multipart {
                 head,
@@ -504,6 +511,18 @@ fn print_report(body: &Value) {
             at(tests, "errors").to_string(),
             at(tests, "skipped").to_string(),
             modules
+        );
+    }
+    let cached = at(body, "projects")
+        .as_object()
+        .into_iter()
+        .flatten()
+        .flat_map(|(_, project)| at(project, "modules").as_object().into_iter().flatten())
+        .filter(|(_, module)| at(module, "cached") == &Value::Bool(true))
+        .count();
+    if cached > 0 {
+        println!(
+            "{cached} module(s) reused from earlier runs of the same files (--no-cache runs all)"
         );
     }
     println!(

@@ -122,6 +122,9 @@ async fn worker(args: crate::cli::WorkerArgs) -> anyhow::Result<()> {
             work: dir.join("pytest"),
         };
         let runner = std::sync::Arc::new(runner);
+        // The warm interpreter starts now, not with the first module a holder waits for.
+        let warming = runner.clone();
+        tokio::spawn(async move { warming.warm_up().await });
         return tokio::select! {
             ended = teia_jobs::seed000_worker::run(config, runner.clone()) => {
                 runner.stop().await;

@@ -210,6 +210,14 @@ pub(super) async fn start_jobs(
             found.executable.display()
         ),
     }
+    let result_cache = (!args.no_result_cache).then(|| teia_jobs::proto::result_cache::Policy {
+        environment: teia_jobs::proto::result_cache::environment(
+            &found.version,
+            found.pytest.as_deref().unwrap_or("none"),
+        ),
+        keep_failures: args.cache_failures,
+        max_bytes: args.result_cache_mib.saturating_mul(1 << 20),
+    });
     let python = found.executable;
     let listen = handle.listen_addr();
     let address = listen
@@ -242,6 +250,7 @@ pub(super) async fn start_jobs(
         git_schemes: std::iter::once("https".to_owned())
             .chain(args.allow_git_schemes.iter().cloned())
             .collect(),
+        result_cache,
         isolation,
         modules,
     };
