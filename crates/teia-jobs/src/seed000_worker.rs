@@ -48,7 +48,7 @@ pub struct Seed000Config {
     pub advertise: SocketAddr,
     /// Modules run at once.
     pub slots: usize,
-    /// Where projects are kept (`projects/`) and modules run (`run/`).
+    /// Where projects are kept (`projects/`; modules run in the runner's work folder).
     pub work: PathBuf,
 }
 
@@ -134,7 +134,9 @@ pub async fn run(config: Seed000Config, runner: Arc<Runner>) -> std::io::Result<
                 }
                 Action::Run(task) => {
                     runs += 1;
-                    let work = config.work.join("run").join(runs.to_string());
+                    // Under the runner's work folder: there a module is forked from the warm
+                    // interpreter, already isolated, instead of starting a sandbox of its own.
+                    let work = runner.work_dir().join(format!("pytest-{runs}"));
                     let project = projects.join(&task.project);
                     let runner = runner.clone();
                     let done = done_tx.clone();
@@ -233,6 +235,8 @@ async fn run_task(
     node: &str,
 ) -> Option<Counts> {
     let module = format!("tests/{}", task.module);
+    // A folder of the same name left by an earlier run of the worker.
+    let _ = tokio::fs::remove_dir_all(work).await;
     let outcome = runner.run_module(project, &module, work, node).await;
     let _ = tokio::fs::remove_dir_all(work).await;
     match outcome {
