@@ -128,11 +128,18 @@ pub struct ProjectDetail {
 #[serde(tag = "status", rename_all = "lowercase")]
 pub enum ModuleDetail {
     /// Waiting for a worker.
-    Pending,
+    Pending {
+        /// Seconds it took when it last ran on the owner's cluster, if it did.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expected_seconds: Option<f64>,
+    },
     /// Running on `node`.
     Running {
         /// The worker.
         node: String,
+        /// Seconds it took when it last ran, if it did.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expected_seconds: Option<f64>,
     },
     /// Run.
     Done {
@@ -146,6 +153,9 @@ pub enum ModuleDetail {
         skipped: u32,
         /// Seconds it took.
         seconds: f64,
+        /// Seconds it took when it last ran before this evaluation, if it did.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        expected_seconds: Option<f64>,
         /// The worker.
         node: String,
         /// Another worker's different result, when a verification disagreed.
@@ -210,10 +220,14 @@ impl Detail {
                     .modules
                     .iter()
                     .map(|(path, module)| {
+                        let expected_seconds = module.expected_seconds.map(round);
                         let detail = match &module.state {
-                            ModuleState::Pending { .. } => ModuleDetail::Pending,
+                            ModuleState::Pending { .. } => {
+                                ModuleDetail::Pending { expected_seconds }
+                            }
                             ModuleState::Leased { worker, .. } => ModuleDetail::Running {
                                 node: worker.clone(),
+                                expected_seconds,
                             },
                             ModuleState::Done(result) => ModuleDetail::Done {
                                 passed: result.passed,
@@ -221,6 +235,7 @@ impl Detail {
                                 errors: result.errors,
                                 skipped: result.skipped,
                                 seconds: round(result.seconds),
+                                expected_seconds,
                                 node: result.node.clone(),
                                 disputed: module.disputed.as_ref().map(|other| Disputed {
                                     nodes: [result.node.clone(), other.node.clone()],

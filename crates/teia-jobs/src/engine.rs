@@ -355,6 +355,17 @@ impl State {
         }
     }
 
+    /// Keeps how long a module took, for longest-first and the expected times of the
+    /// next evaluations (within the ledger's bound on durations).
+    fn save_duration(&self, key: &str, seconds: f64) {
+        if let Err(e) = self.db.execute(
+            "INSERT OR REPLACE INTO durations (key, seconds) VALUES (?1, ?2)",
+            params![key, seconds],
+        ) {
+            tracing::error!(error = %e, "duration not stored");
+        }
+    }
+
     fn save(&self, evaluation: &Evaluation) {
         let text = serde_json::to_string(evaluation).unwrap_or_default();
         if let Err(e) = self.db.execute(
@@ -379,7 +390,8 @@ impl Engine {
             "CREATE TABLE IF NOT EXISTS evaluations (id INTEGER PRIMARY KEY, body TEXT NOT NULL);
              CREATE TABLE IF NOT EXISTS result_cache (key TEXT PRIMARY KEY, body TEXT NOT NULL,
                  eval INTEGER NOT NULL, at INTEGER NOT NULL);
-             CREATE INDEX IF NOT EXISTS result_cache_at ON result_cache (at);",
+             CREATE INDEX IF NOT EXISTS result_cache_at ON result_cache (at);
+             CREATE TABLE IF NOT EXISTS durations (key TEXT PRIMARY KEY, seconds REAL NOT NULL);",
         )?;
         if config.result_cache.is_none() {
             db.execute("DELETE FROM result_cache", [])?;
@@ -390,6 +402,15 @@ impl Engine {
             |row| row.get(0),
         )?;
         let mut ledger = Ledger::default();
+        {
+            let mut statement = db.prepare("SELECT key, seconds FROM durations")?;
+            let rows = statement.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, f64>(1)?))
+            })?;
+            for (key, seconds) in rows.flatten() {
+                ledger.learn_duration(key, seconds);
+            }
+        }
         {
             let mut statement = db.prepare("SELECT body FROM evaluations")?;
             let rows = statement.query_map([], |row| row.get::<_, String>(0))?;
@@ -876,6 +897,9 @@ impl Engine {
                     keep_result(&mut state, lease, policy, trusted);
                 }
             }
+        }
+        if let Some(seconds) = state.ledger.duration(&lease.project, &lease.module) {
+            state.save_duration(&format!("{}/{}", lease.project, lease.module), seconds);
         }
         if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
             state.save(&evaluation);

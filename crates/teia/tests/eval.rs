@@ -1102,10 +1102,17 @@ fn an_unchanged_resubmission_reuses_the_results_of_modules_that_passed() {
         second["projects"]["calc"]["modules"]["tests/test_ok.py"]["cached_from"]["eval"],
         first["id"]
     );
-    // A module that failed runs again.
+    // A module that failed runs again, expected to take what it took the first time.
     assert_eq!(
         counts(&second, "tests/test_bad.py"),
         (Some(1), Some(1), Some(false))
+    );
+    let bad = |detail: &Value| detail["projects"]["calc"]["modules"]["tests/test_bad.py"].clone();
+    assert!(bad(&first).get("expected_seconds").is_none(), "{first}");
+    assert_eq!(
+        bad(&second)["expected_seconds"],
+        bad(&first)["seconds"],
+        "{second}"
     );
     assert_eq!(second["tests"], first["tests"]);
     assert_eq!(second["grade"], first["grade"]);

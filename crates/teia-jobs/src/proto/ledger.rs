@@ -92,6 +92,9 @@ pub struct Module {
     /// Hash of the module's file, for the result cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub content: Option<String>,
+    /// Seconds it took when it last ran here, at submission (none: never seen).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_seconds: Option<f64>,
 }
 
 /// What a result did to its module.
@@ -185,6 +188,10 @@ pub struct NewProject {
     /// Each module's file hash, by path, for the result cache.
     pub module_content: BTreeMap<String, String>,
 }
+
+/// Durations of modules remembered at most; past it, those of modules not seen yet are not
+/// remembered.
+pub const MAX_DURATIONS: usize = 100_000;
 
 /// All evaluations this node knows, and durations seen before.
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
@@ -408,6 +415,8 @@ impl Ledger {
                     .into_iter()
                     .map(|(path, estimated_tests)| {
                         let content = module_content.remove(&path);
+                        let expected_seconds =
+                            self.durations.get(&format!("{}/{path}", p.name)).copied();
                         (
                             path,
                             Module {
@@ -417,6 +426,7 @@ impl Ledger {
                                 verifying: None,
                                 disputed: None,
                                 content,
+                                expected_seconds,
                             },
                         )
                     })
@@ -704,9 +714,22 @@ impl Ledger {
         if let Some(evaluation) = self.evaluations.get_mut(&lease.eval) {
             evaluation.waiting = None;
         }
-        self.durations.insert(key, seconds);
+        self.learn_duration(key, seconds);
         self.mark_finished(lease.eval, unix_ms);
         completed
+    }
+
+    /// Remembers that module `key` (`project/module`) took `seconds` (within
+    /// [`MAX_DURATIONS`]).
+    pub fn learn_duration(&mut self, key: String, seconds: f64) {
+        if self.durations.len() < MAX_DURATIONS || self.durations.contains_key(&key) {
+            self.durations.insert(key, seconds);
+        }
+    }
+
+    /// Seconds module `module` of project `project` took when it last ran.
+    pub fn duration(&self, project: &str, module: &str) -> Option<f64> {
+        self.durations.get(&format!("{project}/{module}")).copied()
     }
 
     /// Records a reused result for a module still waiting for its first worker; false
@@ -911,6 +934,25 @@ mod tests {
     /// A result chosen for verification is kept while another worker runs the module
     /// again (never the first one); agreeing, the first stands; disagreeing, the module is
     /// disputed and the owner's own run stands.
+    #[test]
+    fn a_module_seen_before_is_expected_to_take_what_it_took() {
+        let mut ledger = Ledger::default();
+        ledger.submit(1, "o", 0, vec![project("a", &[("tests/test_1.py", 1)])]);
+        let module = |ledger: &Ledger, id| {
+            ledger.get(id).unwrap().projects["a"].modules["tests/test_1.py"].expected_seconds
+        };
+        assert_eq!(module(&ledger, 1), None);
+        let lease = ledger.lease("o", "w", 0, 1000, 0).unwrap();
+        assert!(ledger.complete(&lease, "w", ok(1, 0, 1.5), 0));
+        ledger.submit(2, "o", 0, vec![project("a", &[("tests/test_1.py", 1)])]);
+        assert_eq!(module(&ledger, 2), Some(1.5));
+        // Durations learnt from the database count the same.
+        let mut restarted = Ledger::default();
+        restarted.learn_duration("a/tests/test_1.py".into(), 0.5);
+        restarted.submit(3, "o", 0, vec![project("a", &[("tests/test_1.py", 1)])]);
+        assert_eq!(module(&restarted, 3), Some(0.5));
+    }
+
     #[test]
     fn verifications_go_to_another_worker_and_the_owners_run_stands() {
         let mut ledger = two_modules(3, 2);
