@@ -889,6 +889,18 @@ fn teia_eval_submits_a_folder_follows_it_and_lists_it() {
             Some(code),
             "--fail-under {minimum}: {stderr}"
         );
+        // The module ran before: its progress says how much work is expected to be left.
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let progress: Vec<Value> = stdout
+            .lines()
+            .map(|l| serde_json::from_str::<Value>(l).unwrap())
+            .filter(|l| l["event"] == "progress")
+            .collect();
+        assert!(!progress.is_empty(), "{stdout}");
+        assert!(
+            progress.iter().all(|p| p["expected_seconds_left"].is_f64()),
+            "{stdout}"
+        );
     }
 }
 

@@ -428,17 +428,65 @@ async fn submit(
     follow(node, id, json_output).await
 }
 
+/// An evaluation's work by the modules' expected times (`expected_seconds`: what each took
+/// when it last ran; a module never seen counts as the mean of those seen, or 1 s).
+struct Work {
+    /// Expected milliseconds of the modules done.
+    done_ms: u64,
+    /// Expected milliseconds of all its modules.
+    total_ms: u64,
+    /// Expected seconds of work left (running modules count whole), when every module left
+    /// has an expectation.
+    left_seconds: Option<f64>,
+}
+
+impl Work {
+    fn of(body: &Value) -> Self {
+        let modules: Vec<&Value> = at(body, "projects")
+            .as_object()
+            .into_iter()
+            .flatten()
+            .flat_map(|(_, p)| at(p, "modules").as_object().into_iter().flatten())
+            .map(|(_, m)| m)
+            .collect();
+        let known: Vec<f64> = modules
+            .iter()
+            .filter_map(|m| at(m, "expected_seconds").as_f64())
+            .collect();
+        let fallback = if known.is_empty() {
+            1.0
+        } else {
+            known.iter().sum::<f64>() / known.len() as f64
+        };
+        let (mut done_ms, mut total_ms, mut left, mut all_known) = (0u64, 0u64, 0.0, true);
+        for module in modules {
+            let expected = at(module, "expected_seconds").as_f64();
+            let ms = (expected.unwrap_or(fallback).max(0.001) * 1000.0) as u64;
+            total_ms += ms;
+            if at(module, "status") == "done" {
+                done_ms += ms;
+            } else {
+                all_known &= expected.is_some();
+                left += expected.unwrap_or(0.0);
+            }
+        }
+        Self {
+            done_ms,
+            total_ms,
+            left_seconds: all_known.then_some((left * 100.0).round() / 100.0),
+        }
+    }
+}
+
 /// Polls the evaluation until it is done, with a progress bar (or JSON lines); its final
 /// state.
 async fn follow(node: &str, id: u64, json_output: bool) -> anyhow::Result<Value> {
     let bar = (!json_output).then(|| {
         let bar = indicatif::ProgressBar::new(0);
         bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} [{bar:30}] {pos}/{len} modules, {msg} ETA {eta}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
-            .progress_chars("#>."),
+            indicatif::ProgressStyle::with_template("{spinner} [{bar:30}] {msg} ETA {eta}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar())
+                .progress_chars("#>."),
         );
         bar
     });
@@ -450,11 +498,13 @@ async fn follow(node: &str, id: u64, json_output: bool) -> anyhow::Result<Value>
             + at(modules, "running").as_u64().unwrap_or(0)
             + at(modules, "pending").as_u64().unwrap_or(0);
         let tests = &at(&body, "tests");
+        let work = Work::of(&body);
         if let Some(bar) = &bar {
-            bar.set_length(total);
-            bar.set_position(done);
+            // The bar moves by expected work, so that its ETA weighs long modules as such.
+            bar.set_length(work.total_ms.max(1));
+            bar.set_position(work.done_ms);
             bar.set_message(format!(
-                "tests passed {} failed {}",
+                "{done}/{total} modules, tests passed {} failed {}",
                 at(tests, "passed"),
                 at(tests, "failed").as_u64().unwrap_or(0)
                     + at(tests, "errors").as_u64().unwrap_or(0)
@@ -463,7 +513,8 @@ async fn follow(node: &str, id: u64, json_output: bool) -> anyhow::Result<Value>
             println!(
                 "{}",
                 json!({"event": "progress", "id": id, "modules_done": done, "modules": total,
-                       "passed": at(tests, "passed"), "failed": at(tests, "failed"), "errors": at(tests, "errors")})
+                       "passed": at(tests, "passed"), "failed": at(tests, "failed"), "errors": at(tests, "errors"),
+                       "expected_seconds_left": work.left_seconds})
             );
         }
         match at(&body, "status").as_str() {
