@@ -246,15 +246,9 @@ async fn connect(server: &str, from: Option<SocketAddr>) -> Result<TcpStream, Li
 
 /// One connection from `local` (shared with the node's listener) to `to`.
 async fn connect_from(local: SocketAddr, to: SocketAddr) -> std::io::Result<TcpStream> {
-    let socket = if to.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_reuseport(true)?;
-    socket.bind(local)?;
-    socket.connect(to).await
+    teia_node::node::port_sharing_socket(local)?
+        .connect(to)
+        .await
 }
 
 /// The folder a seed 004 server lists for our JOIN: the first shared folder, else an empty

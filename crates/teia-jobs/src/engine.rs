@@ -1056,25 +1056,13 @@ impl Engine {
 
     /// Leases one of our modules to a remote worker.
     pub(crate) fn lease_remote(&self, worker: &str) -> Option<Lease> {
-        let mut state = lock(&self.state);
-        let now = self.now_ms();
-        let lease = state.ledger.lease_ready(
-            &self.config.node,
-            worker,
-            now,
-            crate::proto::cluster::REMOTE_LEASE_MS,
-            unix_ms(),
-            |submitted, blob| self.replicated(submitted, blob),
-        )?;
-        if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
-            state.save(&evaluation);
-        }
-        Some(lease)
+        self.lease_matching(worker, crate::proto::cluster::REMOTE_LEASE_MS, |_| true)
     }
 
-    /// Leases one of our modules whose path `module_ok` takes to a course node `worker`,
-    /// until `lease_ms` from now (renewed with [`Engine::renew_course`]).
-    pub(crate) fn lease_course(
+    /// Leases one of our modules whose path `module_ok` takes to `worker`, another node
+    /// (of the cluster, or a course node: renewed with [`Engine::renew_course`]), until
+    /// `lease_ms` from now, once its project's bytes are replicated enough.
+    pub(crate) fn lease_matching(
         &self,
         worker: &str,
         lease_ms: u64,

@@ -225,7 +225,7 @@ async fn perform(
     match action {
         MemberAction::Send(outgoing) => crate::seed000_worker::send(socket, me, &outgoing).await,
         MemberAction::Lease { member } => {
-            let lease = engine.lease_course(&worker_key(member), LEASE_MS, |path| {
+            let lease = engine.lease_matching(&worker_key(member), LEASE_MS, |path| {
                 course_module(path).is_some()
             });
             members.hand(Instant::now(), member, lease);

@@ -498,12 +498,10 @@ pub struct Started {
     pub task: JoinHandle<()>,
 }
 
-/// Binds the node's listener on `addr`; `shared` adds `SO_REUSEPORT` (see
+/// A TCP socket bound to `addr` with `SO_REUSEADDR` and `SO_REUSEPORT`, so that the node's
+/// listener and connections opened from its listen port share it (see
 /// [`NodeConfig::share_listen_port`]).
-async fn bind_listener(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> {
-    if !shared {
-        return TcpListener::bind(addr).await;
-    }
+pub fn port_sharing_socket(addr: SocketAddr) -> std::io::Result<tokio::net::TcpSocket> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
     } else {
@@ -512,7 +510,16 @@ async fn bind_listener(addr: SocketAddr, shared: bool) -> std::io::Result<TcpLis
     socket.set_reuseaddr(true)?;
     socket.set_reuseport(true)?;
     socket.bind(addr)?;
-    socket.listen(1024)
+    Ok(socket)
+}
+
+/// Binds the node's listener on `addr`; `shared` adds `SO_REUSEPORT` (see
+/// [`NodeConfig::share_listen_port`]).
+async fn bind_listener(addr: SocketAddr, shared: bool) -> std::io::Result<TcpListener> {
+    if !shared {
+        return TcpListener::bind(addr).await;
+    }
+    port_sharing_socket(addr)?.listen(1024)
 }
 
 /// Starts a node.

@@ -486,25 +486,12 @@ impl Ledger {
         lease_ms: u64,
         unix_ms: u64,
     ) -> Option<Lease> {
-        self.lease_ready(owner, worker, now, lease_ms, unix_ms, |_, _| true)
+        self.lease_matching(owner, worker, now, lease_ms, unix_ms, |_, _| true, |_| true)
     }
 
     /// As [`Ledger::lease`], handing out only modules of projects for which
-    /// `ready(submitted_at, blob)` holds (their bytes are replicated enough).
-    pub fn lease_ready(
-        &mut self,
-        owner: &str,
-        worker: &str,
-        now: u64,
-        lease_ms: u64,
-        unix_ms: u64,
-        ready: impl Fn(u64, &str) -> bool,
-    ) -> Option<Lease> {
-        self.lease_matching(owner, worker, now, lease_ms, unix_ms, ready, |_| true)
-    }
-
-    /// As [`Ledger::lease_ready`], handing out only modules whose path `module_ok` takes
-    /// (a worker that can run only some).
+    /// `ready(submitted_at, blob)` holds (their bytes are replicated enough), and only
+    /// modules whose path `module_ok` takes (a worker that can run only some).
     #[allow(clippy::too_many_arguments)]
     pub fn lease_matching(
         &mut self,
