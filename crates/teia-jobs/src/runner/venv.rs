@@ -66,10 +66,12 @@ pub enum VenvError {
         cause: SlirpError,
     },
     /// A step of the build failed.
-    #[error("{step} failed: {said}")]
+    #[error("{step} failed ({status}): {said}")]
     Failed {
         /// The step.
         step: &'static str,
+        /// How it ended (an exit code, or the signal that killed it).
+        status: std::process::ExitStatus,
         /// The end of what it said.
         said: String,
     },
@@ -360,6 +362,7 @@ impl VenvCache {
         let tail = said.get(start..).unwrap_or_default();
         Err(VenvError::Failed {
             step,
+            status: output.status,
             said: tail.to_owned(),
         })
     }
