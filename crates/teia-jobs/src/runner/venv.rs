@@ -299,18 +299,29 @@ impl VenvCache {
                     network: slirp.is_none(),
                     keep_capabilities: false,
                 };
-                let mut command = tokio::process::Command::new(bwrap);
+                let mut command = if slirp.is_some() {
+                    // bwrap closes its info descriptor once it has said the sandbox's pid,
+                    // so it gets one of its own (3, the pipe on stderr), and everything
+                    // else bwrap and the build say goes to stdout.
+                    let mut command = tokio::process::Command::new("bash");
+                    command
+                        .args(["-c", "exec \"$@\" 3>&2 2>&1", "bash"])
+                        .arg(bwrap);
+                    command
+                } else {
+                    tokio::process::Command::new(bwrap)
+                };
                 command.args(sandbox::bwrap_args(&plan));
                 if slirp.is_some() {
                     // slirp4netns answers DNS at 10.0.2.3; bwrap says the sandbox's pid on
-                    // stderr and waits for a byte on stdin before it runs the build.
+                    // fd 3.
                     let resolv = self.dir.join("resolv.conf");
                     std::fs::write(&resolv, "nameserver 10.0.2.3\n").map_err(prepare)?;
                     command
                         .arg("--ro-bind")
                         .arg(&resolv)
                         .arg("/etc/resolv.conf")
-                        .args(["--info-fd", "2", "--block-fd", "0"]);
+                        .args(["--info-fd", "3"]);
                 } else {
                     warn_host_network();
                 }
@@ -323,8 +334,19 @@ impl VenvCache {
             }
             None => tokio::process::Command::new("bash"),
         };
+        let script = if slirp.is_some() {
+            // The sandbox says it is set up (bwrap has configured its loopback: slirp4netns
+            // must not join the namespace before), then waits for a byte on stdin, sent
+            // once slirp4netns has connected it, before it runs the build.
+            format!(
+                "echo {SANDBOX_READY} && read -r -n 1 _ && {}",
+                limits_script(&self.limits)
+            )
+        } else {
+            limits_script(&self.limits)
+        };
         command
-            .args(["-c", &limits_script(&self.limits), "bash"])
+            .args(["-c", &script, "bash"])
             .arg(program)
             .args(args)
             .current_dir(dir)
@@ -368,6 +390,9 @@ impl VenvCache {
     }
 }
 
+/// What a build's sandbox says on stdout once bwrap has set it up.
+const SANDBOX_READY: &str = "teia-sandbox-ready";
+
 /// Time `slirp4netns` has to connect a build's network namespace.
 const SLIRP_TIME: Duration = Duration::from_secs(10);
 
@@ -394,10 +419,11 @@ fn warn_host_network() {
     });
 }
 
-/// Runs a build's bwrap `command` (started with `--info-fd 2 --block-fd 0`): reads the
-/// sandbox's pid from its stderr, connects the sandbox's network namespace to the internet
-/// with `slirp4netns` (the host's loopback refused), lets the build start, and collects its
-/// output; `slirp4netns` is stopped when the build ends.
+/// Runs a build's bwrap `command` (its info descriptor on stderr, what it and the build say
+/// on stdout, where the sandbox says [`SANDBOX_READY`] before it waits for a byte on
+/// stdin): reads the sandbox's pid from stderr, waits for it to be set up, connects its
+/// network namespace to the internet with `slirp4netns` (the host's loopback refused), lets
+/// the build start, and collects its output; `slirp4netns` is stopped when the build ends.
 async fn run_behind_slirp(
     mut command: tokio::process::Command,
     slirp: &Path,
@@ -405,7 +431,8 @@ async fn run_behind_slirp(
     use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
     let mut child = command.spawn()?;
     let mut stdin = child.stdin.take().ok_or(SlirpError::NoPipe("bwrap"))?;
-    let stdout = child.stdout.take().ok_or(SlirpError::NoPipe("bwrap"))?;
+    let mut stdout =
+        tokio::io::BufReader::new(child.stdout.take().ok_or(SlirpError::NoPipe("bwrap"))?);
     let mut stderr =
         tokio::io::BufReader::new(child.stderr.take().ok_or(SlirpError::NoPipe("bwrap"))?);
     // bwrap's JSON, `{ ... "child-pid": N, ... }`, one field a line, ends with `}`.
@@ -427,7 +454,21 @@ async fn run_behind_slirp(
             break;
         }
     }
-    let pid = pid.ok_or_else(|| SlirpError::NotStarted(info.trim().to_owned()))?;
+    let Some(pid) = pid else {
+        let said = read_what_is_left(&mut stdout).await;
+        return Err(SlirpError::NotStarted(format!("{}{said}", info.trim())));
+    };
+    let mut line = String::new();
+    let _ = tokio::time::timeout(SLIRP_TIME, (&mut stdout).take(1024).read_line(&mut line)).await;
+    if line.trim() != SANDBOX_READY {
+        let said = read_what_is_left(&mut stdout).await;
+        let _ = child.start_kill();
+        let status = child.wait().await?;
+        return Err(SlirpError::SandboxEnded {
+            status,
+            said: format!("{}{said}", line.trim()),
+        });
+    }
     let mut network = tokio::process::Command::new(slirp)
         .args([
             "--configure",
@@ -456,17 +497,9 @@ async fn run_behind_slirp(
     if stdin.write_all(b"1").await.is_err() {
         // bwrap is gone: say why, from what it said.
         let _ = network.kill().await;
-        let mut said = Vec::new();
-        let _ = tokio::time::timeout(
-            SLIRP_TIME,
-            (&mut stderr).take(INFO_KEPT as u64).read_to_end(&mut said),
-        )
-        .await;
+        let said = read_what_is_left(&mut stdout).await;
         let status = child.wait().await?;
-        return Err(SlirpError::SandboxEnded {
-            status,
-            said: String::from_utf8_lossy(&said).trim().to_owned(),
-        });
+        return Err(SlirpError::SandboxEnded { status, said });
     }
     drop(stdin);
     let collect = |pipe: Box<dyn tokio::io::AsyncRead + Unpin + Send>| async move {
@@ -488,4 +521,17 @@ async fn run_behind_slirp(
         stdout: out,
         stderr: err,
     })
+}
+
+/// What a sandbox that ended early said, at most [`INFO_KEPT`] bytes, waiting at most
+/// [`SLIRP_TIME`] for it.
+async fn read_what_is_left(pipe: &mut tokio::io::BufReader<tokio::process::ChildStdout>) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut said = Vec::new();
+    let _ = tokio::time::timeout(
+        SLIRP_TIME,
+        pipe.take(INFO_KEPT as u64).read_to_end(&mut said),
+    )
+    .await;
+    String::from_utf8_lossy(&said).trim().to_owned()
 }
