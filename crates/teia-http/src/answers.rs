@@ -119,6 +119,9 @@ pub struct ProjectDetail {
     pub grade: f64,
     /// Its tests' counts.
     pub tests: TestCounts,
+    /// Its flaky tests (node ids): they failed, then passed when run again.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub flaky: Vec<String>,
     /// Each test module, by path.
     pub modules: BTreeMap<String, ModuleDetail>,
 }
@@ -132,6 +135,9 @@ pub enum ModuleDetail {
         /// Seconds it took when it last ran on the owner's cluster, if it did.
         #[serde(skip_serializing_if = "Option::is_none")]
         expected_seconds: Option<f64>,
+        /// The failed tests to run again, when that is what waits.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        rerunning: Vec<String>,
     },
     /// Running on `node`.
     Running {
@@ -140,6 +146,9 @@ pub enum ModuleDetail {
         /// Seconds it took when it last ran, if it did.
         #[serde(skip_serializing_if = "Option::is_none")]
         expected_seconds: Option<f64>,
+        /// The failed tests it runs again, when that is what runs.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        rerunning: Vec<String>,
     },
     /// Run.
     Done {
@@ -167,6 +176,16 @@ pub enum ModuleDetail {
         /// The earlier run it was reused from: its evaluation and node.
         #[serde(skip_serializing_if = "Option::is_none")]
         cached_from: Option<CachedFrom>,
+        /// Its tests that failed or errored (node ids, the first
+        /// [`teia_jobs::proto::ledger::MAX_LISTED_TESTS`]).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        failed_tests: Vec<String>,
+        /// Those of them that passed when run again: flaky (they count as failed).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        flaky: Vec<String>,
+        /// The workers that ran the failed tests again, in turn.
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        rerun_on: Vec<String>,
     },
 }
 
@@ -221,13 +240,20 @@ impl Detail {
                     .iter()
                     .map(|(path, module)| {
                         let expected_seconds = module.expected_seconds.map(round);
+                        let rerunning = module
+                            .rerun
+                            .as_ref()
+                            .map(|rerun| rerun.tests.clone())
+                            .unwrap_or_default();
                         let detail = match &module.state {
-                            ModuleState::Pending { .. } => {
-                                ModuleDetail::Pending { expected_seconds }
-                            }
+                            ModuleState::Pending { .. } => ModuleDetail::Pending {
+                                expected_seconds,
+                                rerunning,
+                            },
                             ModuleState::Leased { worker, .. } => ModuleDetail::Running {
                                 node: worker.clone(),
                                 expected_seconds,
+                                rerunning,
                             },
                             ModuleState::Done(result) => ModuleDetail::Done {
                                 passed: result.passed,
@@ -243,16 +269,29 @@ impl Detail {
                                 }),
                                 cached: result.cached.is_some(),
                                 cached_from: result.cached.clone(),
+                                failed_tests: result.failed_tests.clone(),
+                                flaky: result.flaky.clone(),
+                                rerun_on: result.rerun_on.clone(),
                             },
                         };
                         (path.clone(), detail)
                     })
+                    .collect();
+                let flaky = project
+                    .modules
+                    .values()
+                    .filter_map(|module| match &module.state {
+                        ModuleState::Done(result) => Some(result.flaky.iter().cloned()),
+                        _ => None,
+                    })
+                    .flatten()
                     .collect();
                 let project = ProjectDetail {
                     percent_passed: round(tests.percent_passed()),
                     percent_failed: round(tests.percent_failed()),
                     grade: round(tests.grade()),
                     tests,
+                    flaky,
                     modules,
                 };
                 (name.clone(), project)

@@ -207,26 +207,47 @@ async fn network_view(State(app): State<App>) -> Json<Value> {
 }
 
 /// The submission's options from its query: `?cache=false` (or `0`, `no`, `off`) runs every
-/// module, whatever the result cache holds.
-fn submit_options(query: Option<&str>) -> SubmitOptions {
-    let no_cache = query
+/// module, whatever the result cache holds; `?rerun_failures=N` (0 to
+/// [`teia_jobs::engine::MAX_RERUNS`]) runs failed tests again N times at most. Another
+/// value is a `400`.
+fn submit_options(query: Option<&str>) -> Result<SubmitOptions, Problem> {
+    let mut options = SubmitOptions::default();
+    let pairs = query
         .unwrap_or_default()
         .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .any(|(name, value)| {
-            name == "cache"
-                && matches!(
+        .filter_map(|pair| pair.split_once('='));
+    for (name, value) in pairs {
+        match name {
+            "cache" => {
+                options.use_cache = !matches!(
                     value.to_ascii_lowercase().as_str(),
                     "false" | "0" | "no" | "off"
-                )
-        });
-    SubmitOptions {
-        use_cache: !no_cache,
+                );
+            }
+            "rerun_failures" => {
+                let times = value
+                    .parse::<u32>()
+                    .ok()
+                    .filter(|t| *t <= teia_jobs::engine::MAX_RERUNS)
+                    .ok_or_else(|| {
+                        Problem(
+                            StatusCode::BAD_REQUEST,
+                            format!(
+                                "rerun_failures={value:?}: give a number from 0 to {}",
+                                teia_jobs::engine::MAX_RERUNS
+                            ),
+                        )
+                    })?;
+                options.rerun_failures = Some(times);
+            }
+            _ => {}
+        }
     }
+    Ok(options)
 }
 
 async fn submit(State(app): State<App>, request: Request) -> Result<Response, Problem> {
-    let options = submit_options(request.uri().query());
+    let options = submit_options(request.uri().query())?;
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)

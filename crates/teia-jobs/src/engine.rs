@@ -89,7 +89,15 @@ pub struct EngineConfig {
     /// How it reuses module results whose inputs did not change (none: it runs every
     /// module; `--no-result-cache`).
     pub result_cache: Option<Policy>,
+    /// Times a module's failed tests run again, on another node when the cluster has one,
+    /// to name the flaky ones, for submissions that do not say (`--rerun-failures`;
+    /// [`RERUN_FAILURES`] by default, at most [`MAX_RERUNS`]).
+    pub rerun_failures: u32,
 }
+
+/// Times a module's failed tests run again by default.
+pub const RERUN_FAILURES: u32 = 1;
+pub use crate::proto::ledger::MAX_RERUNS;
 
 /// How one submission is to be run.
 #[derive(Debug, Clone, Copy)]
@@ -97,11 +105,17 @@ pub struct SubmitOptions {
     /// Whether modules whose results the cache has are not run again (`cache=false` on a
     /// submission runs them all).
     pub use_cache: bool,
+    /// Times failed tests run again (`rerun_failures=N` on a submission); none: the node's
+    /// [`EngineConfig::rerun_failures`].
+    pub rerun_failures: Option<u32>,
 }
 
 impl Default for SubmitOptions {
     fn default() -> Self {
-        Self { use_cache: true }
+        Self {
+            use_cache: true,
+            rerun_failures: None,
+        }
     }
 }
 
@@ -745,6 +759,8 @@ impl Engine {
         state
             .ledger
             .submit(id, &self.config.node, unix_ms(), projects);
+        let reruns = options.rerun_failures.unwrap_or(self.config.rerun_failures);
+        state.ledger.set_rerun_failures(id, reruns);
         let reused = match &self.config.result_cache {
             Some(policy) if options.use_cache => reuse_results(&mut state, id, policy),
             _ => 0,
@@ -834,7 +850,13 @@ impl Engine {
         let _ = std::fs::remove_dir_all(&work);
         let outcome = self
             .runner
-            .run_module(project, &lease.module, &work, &self.config.address)
+            .run_module(
+                project,
+                &lease.module,
+                &lease.selection,
+                &work,
+                &self.config.address,
+            )
             .await;
         let _ = std::fs::remove_dir_all(&work);
         match outcome {
@@ -863,20 +885,24 @@ impl Engine {
         state.work.evaluations.insert(lease.eval);
     }
 
-    /// Records a module's result in our ledger (we own its evaluation).
-    /// Records `worker`'s result of `lease`; false (nothing recorded) unless `worker` holds
-    /// that lease for the module's current attempt.
+    /// Records `worker`'s result of `lease` in our ledger (we own its evaluation); false
+    /// (nothing recorded) unless `worker` holds that lease for the module's current attempt.
     pub(crate) fn complete(&self, lease: &Lease, worker: &str, result: ModuleResult) -> bool {
+        let elsewhere = self.another_worker_than(worker);
         // Drawn once the result is here, so a worker cannot know which it runs are checked.
-        let verify = self.config.verify > 0.0
-            && random_fraction() < self.config.verify
-            && self.another_worker_than(worker);
+        let verify =
+            self.config.verify > 0.0 && random_fraction() < self.config.verify && elsewhere;
         let mut state = lock(&self.state);
         let owner_worker = self.config.address.as_str();
-        let completed =
-            state
-                .ledger
-                .complete_or_verify(lease, worker, result, unix_ms(), verify, owner_worker);
+        let completed = state.ledger.complete_or_verify(
+            lease,
+            worker,
+            result,
+            unix_ms(),
+            verify,
+            owner_worker,
+            elsewhere,
+        );
         match &completed {
             Completed::Refused => return false,
             Completed::Disputed { stands, other } => tracing::warn!(
@@ -891,9 +917,18 @@ impl Engine {
             Completed::Verifying => {
                 tracing::debug!(module = %lease.module, %worker, "result kept; the module runs again to verify it");
             }
+            Completed::Rerunning => {
+                tracing::debug!(module = %lease.module, %worker, "result kept; its failed tests run again");
+            }
             Completed::Done | Completed::Agreed => {
                 if let Some(policy) = &self.config.result_cache {
                     let trusted = !crate::proto::seed000_members::is_course_worker(worker);
+                    keep_result(&mut state, lease, policy, trusted);
+                }
+            }
+            Completed::RerunsOver { first_worker } => {
+                if let Some(policy) = &self.config.result_cache {
+                    let trusted = !crate::proto::seed000_members::is_course_worker(first_worker);
                     keep_result(&mut state, lease, policy, trusted);
                 }
             }
@@ -1056,17 +1091,17 @@ impl Engine {
 
     /// Leases one of our modules to a remote worker.
     pub(crate) fn lease_remote(&self, worker: &str) -> Option<Lease> {
-        self.lease_matching(worker, crate::proto::cluster::REMOTE_LEASE_MS, |_| true)
+        self.lease_matching(worker, crate::proto::cluster::REMOTE_LEASE_MS, |_, _| true)
     }
 
-    /// Leases one of our modules whose path `module_ok` takes to `worker`, another node
+    /// Leases one of our modules that `module_ok(path, whole)` takes to `worker`, another node
     /// (of the cluster, or a course node: renewed with [`Engine::renew_course`]), until
     /// `lease_ms` from now, once its project's bytes are replicated enough.
     pub(crate) fn lease_matching(
         &self,
         worker: &str,
         lease_ms: u64,
-        module_ok: impl Fn(&str) -> bool,
+        module_ok: impl Fn(&str, bool) -> bool,
     ) -> Option<Lease> {
         let mut state = lock(&self.state);
         let now = self.now_ms();
@@ -1433,6 +1468,7 @@ mod tests {
             keep_finished: KEEP_FINISHED,
             git_schemes: vec!["https".into()],
             result_cache: None,
+            rerun_failures: RERUN_FAILURES,
         };
         let engine = Engine::start(config, None).unwrap();
         let id = engine.submit_zip(&archive).unwrap();

@@ -340,6 +340,7 @@ impl Engine {
                 blob,
                 module: String::new(),
                 attempt: 0,
+                selection: Vec::new(),
             };
             // Other members first (one that has it spares the owner), then the owner.
             let others: Vec<String> = cluster

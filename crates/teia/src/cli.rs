@@ -294,6 +294,10 @@ pub enum EvalCommand {
         /// the same files.
         #[arg(long)]
         no_cache: bool,
+        /// Times failed tests run again to find the flaky ones (0: never; default: the
+        /// node's `--rerun-failures`).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=i64::from(teia_jobs::engine::MAX_RERUNS)))]
+        rerun_failures: Option<u32>,
     },
     /// Show one evaluation.
     Status {
@@ -701,6 +705,12 @@ pub struct NodeArgs {
         value_name = "MIB"
     )]
     pub result_cache_mib: u64,
+
+    /// Times a module's failed tests run again (alone, on another node when the cluster
+    /// has one) for submissions that do not say: a test that then passes is reported
+    /// flaky, and counts as it first did. 0 turns reruns off.
+    #[arg(help_heading = "Evaluations (HTTP API)", long, env = "TEIA_RERUN_FAILURES", default_value_t = teia_jobs::engine::RERUN_FAILURES, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=i64::from(teia_jobs::engine::MAX_RERUNS)))]
+    pub rerun_failures: u32,
 
     /// Finished evaluations kept (with their results); past it, the oldest finished are
     /// forgotten, their folders removed, when a new one comes.

@@ -1168,3 +1168,101 @@ fn an_unchanged_resubmission_reuses_the_results_of_modules_that_passed() {
         (Some(2), Some(0), Some(false))
     );
 }
+
+/// A module with a test that fails when the whole module runs and passes when run by its
+/// node id (as a rerun runs it), a test that always passes, and a parametrised test of
+/// which one case always fails.
+const SHAKY: &str = "import pytest\n\ndef test_steady():\n    pass\n\ndef test_flaky(request):\n    assert any('::' in arg for arg in request.config.args)\n\n@pytest.mark.parametrize('n', [1, 2])\ndef test_real(n):\n    assert n == 1\n";
+
+/// Failed tests run again by default: the one that then passes is named flaky (in the
+/// module, the project and `teia eval status`), the one that fails again is not, and the
+/// counts stay those of the first run (a serial pytest's); `rerun_failures=0` runs nothing
+/// again, and a bad value is a 400.
+#[test]
+fn a_test_that_fails_then_passes_when_run_again_is_reported_flaky() {
+    let (_node, addr) = start(&["--workers", "1"]);
+    let dir = tempfile::tempdir().unwrap();
+    let files = [("shaky/tests/test_shaky.py", SHAKY)];
+    let zip = zip_of(dir.path(), &files);
+    let (status, created) = post_zip(&addr, &zip);
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    let detail = wait_done(&addr, id);
+    let module = "tests/test_shaky.py";
+    let project = &detail["projects"]["shaky"];
+    let shaky = &project["modules"][module];
+    assert_eq!(
+        (shaky["passed"].as_u64(), shaky["failed"].as_u64()),
+        (Some(2), Some(2)),
+        "{detail}"
+    );
+    let serial = dir.path().join("serial");
+    std::fs::create_dir_all(serial.join("tests")).unwrap();
+    std::fs::write(serial.join(module), SHAKY).unwrap();
+    assert_serial_counts(&detail, "shaky", &serial);
+    let flaky = serde_json::json!([format!("{module}::test_flaky")]);
+    assert_eq!(shaky["flaky"], flaky, "{detail}");
+    assert_eq!(project["flaky"], flaky, "{detail}");
+    assert_eq!(
+        shaky["failed_tests"],
+        serde_json::json!([
+            format!("{module}::test_flaky"),
+            format!("{module}::test_real[2]")
+        ]),
+        "{detail}"
+    );
+    let status = teia()
+        .args(["eval", "--node", &addr, "status", &id.to_string()])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&status.stdout);
+    assert!(said.contains("flaky"), "{said}");
+    assert!(
+        said.contains(&format!("shaky: {module}::test_flaky")),
+        "{said}"
+    );
+    assert!(!said.contains("test_real[2]"), "{said}");
+
+    let (status, created) = post_file(&addr, "/evaluation?cache=false&rerun_failures=0", &zip);
+    assert_eq!(status, 201, "{created}");
+    let once = wait_done(&addr, created["id"].as_u64().unwrap());
+    assert!(once["projects"]["shaky"].get("flaky").is_none(), "{once}");
+    assert_eq!(once["tests"], detail["tests"]);
+
+    let (status, refused) = post_file(&addr, "/evaluation?rerun_failures=9", &zip);
+    assert_eq!(status, 400, "{refused}");
+}
+
+/// In a cluster, failed tests run again on another node than the one that failed them.
+#[test]
+fn failed_tests_run_again_on_another_node_of_the_cluster() {
+    let (owner, addr) = cluster_owner();
+    let _worker = cluster_worker(&owner, "worker");
+    owner.wait_link("worker@eval");
+    // The worker is a member once the owner shows its status.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, stats) = get(&addr, "/stats");
+        if stats["nodes"].as_array().map_or(0, Vec::len) >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the worker never joined: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let zip = zip_of(dir.path(), &[("shaky/tests/test_shaky.py", SHAKY)]);
+    let (status, created) = post_zip(&addr, &zip);
+    assert_eq!(status, 201, "{created}");
+    let detail = wait_done(&addr, created["id"].as_u64().unwrap());
+    let shaky = &detail["projects"]["shaky"]["modules"]["tests/test_shaky.py"];
+    assert_eq!(
+        shaky["flaky"],
+        serde_json::json!(["tests/test_shaky.py::test_flaky"]),
+        "{detail}"
+    );
+    let reran = shaky["rerun_on"][0].as_str().unwrap();
+    assert_ne!(reran, shaky["node"].as_str().unwrap(), "{detail}");
+}

@@ -9,6 +9,15 @@
 //! attempt number raised; a module that lost its worker [`MAX_CRASHES`] times is recorded
 //! as failed (one error), so the evaluation still finishes. Results are idempotent: only
 //! the result of the current attempt of a module not yet done counts.
+//!
+//! Failed tests are run again ([`Rerun`]): a result with failed or errored tests, listed
+//! by node id, does not end its module when its evaluation allows reruns
+//! ([`Evaluation::rerun_failures`]); those tests alone (`pytest MODULE::test ...`, the
+//! lease's [`Lease::selection`]) run again, on another worker when the cluster has one.
+//! A test that then passes is flaky. The first result is the one that counts, its flaky
+//! tests named beside it ([`ModuleResult::flaky`]); reruns go on while tests still fail
+//! and runs are left. What is not a listed test (a collection error, a module that
+//! crashed or timed out) is never run again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
@@ -20,6 +29,56 @@ pub type EvalId = u64;
 
 /// Times a module may lose its worker before it is recorded as failed.
 pub const MAX_CRASHES: u32 = 2;
+
+/// Tests a result lists at most in each of its lists (the first ones reported); the
+/// others are counted but never run again.
+pub const MAX_LISTED_TESTS: usize = 32;
+
+/// Bytes of a test's node id listed at most; a longer one is counted but not listed.
+pub const MAX_TEST_ID_BYTES: usize = 512;
+
+/// Bytes one list of tests takes at most, as JSON: a result with its lists, and a lease
+/// with its selection, stay well within one line of the overlay (32 KiB).
+pub const MAX_LISTED_BYTES: usize = 6 * 1024;
+
+/// Adds `test` to `list` when it is a test of `module` ([`is_test_of`]), not listed yet,
+/// and the list stays within [`MAX_LISTED_TESTS`] and [`MAX_LISTED_BYTES`]; false if not
+/// added.
+pub fn list_test(list: &mut Vec<String>, module: &str, test: &str) -> bool {
+    let bytes = |t: &str| serde_json::to_string(t).map_or(usize::MAX, |json| json.len() + 1);
+    let used: usize = list.iter().map(|t| bytes(t)).sum();
+    if list.len() >= MAX_LISTED_TESTS
+        || !is_test_of(module, test)
+        || list.iter().any(|t| t == test)
+        || used.saturating_add(bytes(test)) > MAX_LISTED_BYTES
+    {
+        return false;
+    }
+    list.push(test.to_owned());
+    true
+}
+
+/// `tests` kept as [`list_test`] keeps them, in order.
+fn listed(module: &str, tests: &[String]) -> Vec<String> {
+    let mut list = Vec::new();
+    for test in tests {
+        list_test(&mut list, module, test);
+    }
+    list
+}
+
+/// Reruns of a module's failed tests an evaluation may ask for at most.
+pub const MAX_RERUNS: u32 = 5;
+
+/// Whether `test` is a test of `module` that may be listed and run again: its node id is
+/// the module's path, `::`, and the rest (so never a pytest option), within
+/// [`MAX_TEST_ID_BYTES`].
+pub fn is_test_of(module: &str, test: &str) -> bool {
+    test.len() <= MAX_TEST_ID_BYTES
+        && test
+            .strip_prefix(module)
+            .is_some_and(|rest| rest.len() > 2 && rest.starts_with("::"))
+}
 
 /// The result of running one module.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -39,6 +98,19 @@ pub struct ModuleResult {
     /// Where the result was reused from, when it was not run for this evaluation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached: Option<CachedFrom>,
+    /// Tests that failed or errored, by node id (at most [`MAX_LISTED_TESTS`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed_tests: Vec<String>,
+    /// Tests that passed, by node id: listed only by a run of selected tests (a rerun).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub passed_tests: Vec<String>,
+    /// Tests that failed here, then passed when run again: flaky (they still count as
+    /// this result says).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub flaky: Vec<String>,
+    /// The workers that ran its failed tests again, in turn.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub rerun_on: Vec<String>,
 }
 
 /// The run a reused result came from.
@@ -95,6 +167,25 @@ pub struct Module {
     /// Seconds it took when it last ran here, at submission (none: never seen).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_seconds: Option<f64>,
+    /// Its failed tests being run again, when they are.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rerun: Option<Rerun>,
+}
+
+/// A module's failed tests being run again, to tell flaky tests from real failures.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Rerun {
+    /// The module's result that counts (its first), the flaky tests found so far named.
+    pub first: ModuleResult,
+    /// The tests that still fail, which the next run runs (node ids).
+    pub tests: Vec<String>,
+    /// Runs left after the next one.
+    pub runs_left: u32,
+    /// The workers that ran the module so far.
+    pub ran_on: Vec<String>,
+    /// Whether the next run goes to another worker than those (there was one when the
+    /// last result came).
+    pub elsewhere: bool,
 }
 
 /// What a result did to its module.
@@ -106,15 +197,23 @@ pub enum Completed {
     Done,
     /// Kept; the module runs again, on another worker, to verify it.
     Verifying,
+    /// Kept; its failed tests run again, to find the flaky ones.
+    Rerunning,
+    /// The reruns of its failed tests are over: its first result, by `first_worker`,
+    /// stands, the flaky tests named.
+    RerunsOver {
+        /// The worker whose result stands.
+        first_worker: String,
+    },
     /// A verification agreed with the first result, which stands.
     Agreed,
     /// A verification disagreed: `stands` is kept (the owner's own run, else the first),
     /// `other` is recorded beside it.
     Disputed {
         /// The result kept.
-        stands: ModuleResult,
+        stands: Box<ModuleResult>,
         /// The other.
-        other: ModuleResult,
+        other: Box<ModuleResult>,
     },
 }
 
@@ -156,6 +255,9 @@ pub struct Evaluation {
     pub waiting: Option<String>,
     /// Its projects by name.
     pub projects: BTreeMap<String, Project>,
+    /// Times a module's failed tests are run again, at most (`--rerun-failures`).
+    #[serde(default)]
+    pub rerun_failures: u32,
 }
 
 /// A module handed to a worker.
@@ -171,6 +273,9 @@ pub struct Lease {
     pub module: String,
     /// Which attempt.
     pub attempt: u32,
+    /// The tests to run (node ids), when not the whole module: a rerun of failed tests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub selection: Vec<String>,
 }
 
 /// A project as submitted: its name, bytes' hash and modules.
@@ -427,6 +532,7 @@ impl Ledger {
                                 disputed: None,
                                 content,
                                 expected_seconds,
+                                rerun: None,
                             },
                         )
                     })
@@ -452,8 +558,21 @@ impl Ledger {
                 failure,
                 waiting: None,
                 projects,
+                rerun_failures: 0,
             },
         );
+    }
+
+    /// Lets the failed tests of evaluation `id`'s modules run again up to `times` times
+    /// (at most [`MAX_RERUNS`]); false if there is no such evaluation.
+    pub fn set_rerun_failures(&mut self, id: EvalId, times: u32) -> bool {
+        match self.evaluations.get_mut(&id) {
+            Some(evaluation) => {
+                evaluation.rerun_failures = times.min(MAX_RERUNS);
+                true
+            }
+            None => false,
+        }
     }
 
     /// Takes in an evaluation replicated from its owner (replacing an older copy).
@@ -486,12 +605,21 @@ impl Ledger {
         lease_ms: u64,
         unix_ms: u64,
     ) -> Option<Lease> {
-        self.lease_matching(owner, worker, now, lease_ms, unix_ms, |_, _| true, |_| true)
+        self.lease_matching(
+            owner,
+            worker,
+            now,
+            lease_ms,
+            unix_ms,
+            |_, _| true,
+            |_, _| true,
+        )
     }
 
     /// As [`Ledger::lease`], handing out only modules of projects for which
     /// `ready(submitted_at, blob)` holds (their bytes are replicated enough), and only
-    /// modules whose path `module_ok` takes (a worker that can run only some).
+    /// modules that `module_ok(path, whole)` takes (a worker that can run only some, or
+    /// only whole modules: `whole` is false for a rerun of some tests).
     #[allow(clippy::too_many_arguments)]
     pub fn lease_matching(
         &mut self,
@@ -501,7 +629,7 @@ impl Ledger {
         lease_ms: u64,
         unix_ms: u64,
         ready: impl Fn(u64, &str) -> bool,
-        module_ok: impl Fn(&str) -> bool,
+        module_ok: impl Fn(&str, bool) -> bool,
     ) -> Option<Lease> {
         let ids: Vec<EvalId> = self
             .evaluations
@@ -534,7 +662,17 @@ impl Ledger {
                     continue;
                 }
                 for (path, module) in &project.modules {
-                    if !matches!(module.state, ModuleState::Pending { .. }) || !module_ok(path) {
+                    if !matches!(module.state, ModuleState::Pending { .. })
+                        || !module_ok(path, module.rerun.is_none())
+                    {
+                        continue;
+                    }
+                    // A rerun goes to another worker when there was one.
+                    if module
+                        .rerun
+                        .as_ref()
+                        .is_some_and(|r| r.elsewhere && r.ran_on.iter().any(|w| w == worker))
+                    {
                         continue;
                     }
                     // A verification goes to another worker than the first run's.
@@ -571,6 +709,11 @@ impl Ledger {
                 blob: project.blob.clone(),
                 module: path,
                 attempt,
+                selection: module
+                    .rerun
+                    .as_ref()
+                    .map(|r| r.tests.clone())
+                    .unwrap_or_default(),
             });
         }
         None
@@ -645,24 +788,38 @@ impl Ledger {
         result: ModuleResult,
         unix_ms: u64,
     ) -> bool {
-        self.complete_or_verify(lease, worker, result, unix_ms, false, "") != Completed::Refused
+        self.complete_or_verify(lease, worker, result, unix_ms, false, "", false)
+            != Completed::Refused
     }
 
     /// Records `worker`'s result as [`Ledger::complete`] does; when `verify`, the result is
     /// kept and the module runs again on another worker, whose result then either agrees
     /// (the first stands) or not (the module is disputed: the run of `owner_worker`, the
-    /// owner's own workers, stands, else the first).
+    /// owner's own workers, stands, else the first). A result that stands with failed
+    /// tests has them run again ([`Rerun`]) when its evaluation allows, on another worker
+    /// when `elsewhere` (the cluster has one).
+    #[allow(clippy::too_many_arguments)]
     pub fn complete_or_verify(
         &mut self,
         lease: &Lease,
         worker: &str,
-        result: ModuleResult,
+        mut result: ModuleResult,
         unix_ms: u64,
         verify: bool,
         owner_worker: &str,
+        elsewhere: bool,
     ) -> Completed {
+        // What a worker lists is kept within bounds; only the owner names flaky tests.
+        result.failed_tests = listed(&lease.module, &result.failed_tests);
+        result.passed_tests = listed(&lease.module, &result.passed_tests);
+        result.flaky.clear();
+        result.rerun_on.clear();
         let key = format!("{}/{}", lease.project, lease.module);
         let seconds = result.seconds;
+        let reruns = self
+            .evaluations
+            .get(&lease.eval)
+            .map_or(0, |e| e.rerun_failures);
         let Some(module) = self.module_mut(lease.eval, &lease.project, &lease.module) else {
             return Completed::Refused;
         };
@@ -674,6 +831,33 @@ impl Ledger {
             } if holder == worker && *attempt == lease.attempt => *attempt,
             _ => return Completed::Refused,
         };
+        if let Some(mut rerun) = module.rerun.take() {
+            // A rerun: the tests that passed (and did not then fail) are flaky.
+            let (flaky, still): (Vec<String>, Vec<String>) =
+                rerun.tests.into_iter().partition(|test| {
+                    result.passed_tests.contains(test) && !result.failed_tests.contains(test)
+                });
+            rerun.first.flaky.extend(flaky);
+            rerun.ran_on.push(worker.to_owned());
+            if !still.is_empty() && rerun.runs_left > 0 {
+                rerun.tests = still;
+                rerun.runs_left -= 1;
+                rerun.elsewhere = elsewhere;
+                module.rerun = Some(rerun);
+                module.state = ModuleState::Pending {
+                    attempt: attempt + 1,
+                };
+                return Completed::Rerunning;
+            }
+            let first_worker = rerun.ran_on.first().cloned().unwrap_or_default();
+            rerun.first.rerun_on = rerun.ran_on.split_off(1);
+            module.state = ModuleState::Done(rerun.first);
+            if let Some(evaluation) = self.evaluations.get_mut(&lease.eval) {
+                evaluation.waiting = None;
+            }
+            self.mark_finished(lease.eval, unix_ms);
+            return Completed::RerunsOver { first_worker };
+        }
         let (result, completed) = match module.verifying.take() {
             Some((first_worker, first)) if same_counts(&first, &result) => {
                 let _ = first_worker;
@@ -686,7 +870,13 @@ impl Ledger {
                     (first, result)
                 };
                 module.disputed = Some(other.clone());
-                (stands.clone(), Completed::Disputed { stands, other })
+                (
+                    stands.clone(),
+                    Completed::Disputed {
+                        stands: Box::new(stands),
+                        other: Box::new(other),
+                    },
+                )
             }
             None if verify => {
                 module.verifying = Some((worker.to_owned(), result));
@@ -697,6 +887,24 @@ impl Ledger {
             }
             None => (result, Completed::Done),
         };
+        let failed_tests = result.failed_tests.clone();
+        if reruns > 0
+            && !failed_tests.is_empty()
+            && !matches!(completed, Completed::Disputed { .. })
+        {
+            module.rerun = Some(Rerun {
+                first: result,
+                tests: failed_tests,
+                runs_left: reruns - 1,
+                ran_on: vec![worker.to_owned()],
+                elsewhere,
+            });
+            module.state = ModuleState::Pending {
+                attempt: attempt + 1,
+            };
+            self.learn_duration(key, seconds);
+            return Completed::Rerunning;
+        }
         module.state = ModuleState::Done(result);
         if let Some(evaluation) = self.evaluations.get_mut(&lease.eval) {
             evaluation.waiting = None;
@@ -785,18 +993,28 @@ impl Ledger {
                         blob: project.blob.clone(),
                         module: path.clone(),
                         attempt,
+                        selection: module
+                            .rerun
+                            .as_ref()
+                            .map(|r| r.tests.clone())
+                            .unwrap_or_default(),
                     });
                     module.crashes += 1;
                     module.state = if module.crashes >= MAX_CRASHES {
                         finished.push(evaluation.id);
-                        match module.verifying.take() {
-                            // The verification could not run: the first result stands.
-                            Some((_, first)) => ModuleState::Done(first),
-                            None => ModuleState::Done(ModuleResult {
-                                errors: 1,
-                                node: worker,
-                                ..ModuleResult::default()
-                            }),
+                        if let Some(rerun) = module.rerun.take() {
+                            // The reruns could not run: the first result stands.
+                            ModuleState::Done(rerun.first)
+                        } else {
+                            match module.verifying.take() {
+                                // The verification could not run: the first result stands.
+                                Some((_, first)) => ModuleState::Done(first),
+                                None => ModuleState::Done(ModuleResult {
+                                    errors: 1,
+                                    node: worker,
+                                    ..ModuleResult::default()
+                                }),
+                            }
                         }
                     } else {
                         ModuleState::Pending {
@@ -878,6 +1096,7 @@ mod tests {
                     blob: String::new(),
                     module: "tests/test_x.py".into(),
                     attempt: 0,
+                    selection: Vec::new(),
                 },
                 "w",
                 ok(4, 0, 1.0),
@@ -949,7 +1168,7 @@ mod tests {
             ..ok(2, 0, 1.0)
         };
         assert_eq!(
-            ledger.complete_or_verify(&first, "liar", lie.clone(), 0, true, "own"),
+            ledger.complete_or_verify(&first, "liar", lie.clone(), 0, true, "own", true),
             Completed::Verifying
         );
         // The liar gets the other module, not its own verification.
@@ -966,10 +1185,10 @@ mod tests {
             ..ok(1, 1, 1.0)
         };
         assert_eq!(
-            ledger.complete_or_verify(&again, "own", truth.clone(), 0, true, "own"),
+            ledger.complete_or_verify(&again, "own", truth.clone(), 0, true, "own", true),
             Completed::Disputed {
-                stands: truth.clone(),
-                other: lie.clone()
+                stands: Box::new(truth.clone()),
+                other: Box::new(lie.clone())
             }
         );
         let module = &ledger.get(3).unwrap().projects["p"].modules[&first.module];
@@ -977,12 +1196,12 @@ mod tests {
         assert_eq!(module.disputed, Some(lie));
         // Agreeing, the first stands.
         assert_eq!(
-            ledger.complete_or_verify(&other, "liar", ok(2, 0, 1.0), 0, true, "own"),
+            ledger.complete_or_verify(&other, "liar", ok(2, 0, 1.0), 0, true, "own", true),
             Completed::Verifying
         );
         let check = ledger.lease("o", "own", 0, 1000, 0).unwrap();
         assert_eq!(
-            ledger.complete_or_verify(&check, "own", ok(2, 0, 3.0), 0, true, "own"),
+            ledger.complete_or_verify(&check, "own", ok(2, 0, 3.0), 0, true, "own", true),
             Completed::Agreed
         );
         assert_eq!(ledger.get(3).unwrap().status(), "done");
@@ -1067,5 +1286,135 @@ mod tests {
         let mut ledger = Ledger::default();
         ledger.submit(1, "o", 0, vec![project("p", &[])]);
         assert_eq!(ledger.get(1).unwrap().status(), "failed");
+    }
+
+    fn failing(module: &str, passed: u32, failed: &[&str], node: &str) -> ModuleResult {
+        ModuleResult {
+            passed,
+            failed: failed.len() as u32,
+            node: node.into(),
+            failed_tests: failed.iter().map(|t| format!("{module}::{t}")).collect(),
+            ..ModuleResult::default()
+        }
+    }
+
+    /// Failed tests run again, alone, on another worker; one that then passes is flaky, the
+    /// first result counts, and one that fails again is a real failure.
+    #[test]
+    fn failed_tests_run_again_elsewhere_and_flaky_ones_are_named() {
+        let module = "tests/test_f.py";
+        let mut ledger = Ledger::default();
+        ledger.submit(1, "o", 0, vec![project("p", &[(module, 4)])]);
+        assert!(ledger.set_rerun_failures(1, 1));
+        let first = ledger.lease("o", "a", 0, 1000, 0).unwrap();
+        assert!(first.selection.is_empty(), "the whole module first");
+        let result = failing(module, 2, &["test_x", "test_y[1-2]"], "a");
+        assert_eq!(
+            ledger.complete_or_verify(&first, "a", result.clone(), 0, false, "o", true),
+            Completed::Rerunning
+        );
+        assert_eq!(ledger.get(1).unwrap().status(), "running");
+        assert!(
+            ledger.lease("o", "a", 0, 1000, 0).is_none(),
+            "not on the worker that failed them"
+        );
+        let rerun = ledger.lease("o", "b", 0, 1000, 0).unwrap();
+        assert_eq!(
+            rerun.selection,
+            [
+                format!("{module}::test_x"),
+                format!("{module}::test_y[1-2]")
+            ]
+        );
+        let mut second = failing(module, 1, &["test_y[1-2]"], "b");
+        second.passed_tests = vec![format!("{module}::test_x")];
+        assert_eq!(
+            ledger.complete_or_verify(&rerun, "b", second, 0, false, "o", true),
+            Completed::RerunsOver {
+                first_worker: "a".into()
+            }
+        );
+        let evaluation = ledger.get(1).unwrap();
+        assert_eq!(evaluation.status(), "done");
+        let ModuleState::Done(done) = &evaluation.projects["p"].modules[module].state else {
+            panic!("not done");
+        };
+        assert_eq!((done.passed, done.failed, done.node.as_str()), (2, 2, "a"));
+        assert_eq!(done.flaky, [format!("{module}::test_x")]);
+        assert_eq!(done.rerun_on, ["b"]);
+    }
+
+    /// Without another worker the rerun runs where the first did; reruns stop when every
+    /// test passed or none is left; no reruns unless the evaluation asks; what is not a
+    /// test of the module (an option, another module's test) is never run again.
+    #[test]
+    fn reruns_follow_the_evaluations_policy() {
+        let module = "tests/test_f.py";
+        let mut ledger = Ledger::default();
+        ledger.submit(1, "o", 0, vec![project("p", &[(module, 4)])]);
+        ledger.set_rerun_failures(1, 3);
+        let lease = ledger.lease("o", "a", 0, 1000, 0).unwrap();
+        let mut result = failing(module, 0, &["test_x"], "a");
+        result.failed_tests.push("--rootdir=/".into());
+        result
+            .failed_tests
+            .push("tests/test_other.py::test_z".into());
+        ledger.complete_or_verify(&lease, "a", result, 0, false, "o", false);
+        let again = ledger.lease("o", "a", 0, 1000, 0).unwrap();
+        assert_eq!(again.selection, [format!("{module}::test_x")]);
+        let still = failing(module, 0, &["test_x"], "a");
+        assert_eq!(
+            ledger.complete_or_verify(&again, "a", still.clone(), 0, false, "o", false),
+            Completed::Rerunning,
+            "runs left: it fails again"
+        );
+        let third = ledger.lease("o", "a", 0, 1000, 0).unwrap();
+        let mut passed = ModuleResult {
+            passed: 1,
+            node: "a".into(),
+            ..ModuleResult::default()
+        };
+        passed.passed_tests = vec![format!("{module}::test_x")];
+        assert!(matches!(
+            ledger.complete_or_verify(&third, "a", passed, 0, false, "o", false),
+            Completed::RerunsOver { .. }
+        ));
+
+        ledger.submit(2, "o", 0, vec![project("q", &[(module, 1)])]);
+        let lease = ledger.lease("o", "a", 0, 1000, 0).unwrap();
+        assert_eq!(lease.eval, 2);
+        assert_eq!(
+            ledger.complete_or_verify(&lease, "a", still, 0, false, "o", true),
+            Completed::Done,
+            "no reruns unless asked"
+        );
+    }
+
+    /// A course node, which runs only whole modules, is not given a rerun; a rerun whose
+    /// workers keep being lost ends with the first result.
+    #[test]
+    fn reruns_go_only_to_workers_that_run_tests_by_name_and_end_when_lost() {
+        let module = "tests/test_f.py";
+        let mut ledger = Ledger::default();
+        ledger.submit(1, "o", 0, vec![project("p", &[(module, 2)])]);
+        ledger.set_rerun_failures(1, 1);
+        let lease = ledger.lease("o", "a", 0, 1000, 0).unwrap();
+        let first = failing(module, 1, &["test_x"], "a");
+        ledger.complete_or_verify(&lease, "a", first.clone(), 0, false, "o", true);
+        let whole_only = |_: &str, whole: bool| whole;
+        assert!(ledger
+            .lease_matching("o", "course", 0, 1000, 0, |_, _| true, whole_only)
+            .is_none());
+        for worker in ["b", "c"] {
+            let rerun = ledger.lease("o", worker, 0, 1000, 0).unwrap();
+            assert_eq!(rerun.selection.len(), 1);
+            assert_eq!(ledger.worker_lost(worker, 0), [rerun]);
+        }
+        let evaluation = ledger.get(1).unwrap();
+        assert_eq!(
+            evaluation.projects["p"].modules[module].state,
+            ModuleState::Done(first)
+        );
+        assert_eq!(evaluation.status(), "done");
     }
 }

@@ -648,6 +648,7 @@ mod tests {
             blob: "0123456789abcdef0123".into(),
             module: module.into(),
             attempt: 0,
+            selection: Vec::new(),
         }
     }
 

@@ -99,7 +99,7 @@ fn truth(module: &str, node: &str) -> ModuleResult {
         skipped: 0,
         seconds: 0.1,
         node: node.to_owned(),
-        cached: None,
+        ..ModuleResult::default()
     }
 }
 
@@ -374,7 +374,7 @@ impl Sim {
         let me = node.id.clone();
         let completed = node
             .ledger
-            .complete_or_verify(lease, worker, result, ms, verify, &me);
+            .complete_or_verify(lease, worker, result, ms, verify, &me, true);
         let liar = |id: &str| self.nodes.iter().any(|n| n.liar && n.id == id);
         if completed != Completed::Refused && liar(worker) {
             self.liar_counted += 1;

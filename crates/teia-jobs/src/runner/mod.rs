@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::proto::ledger::ModuleResult;
+use crate::proto::ledger::{list_test, ModuleResult};
 
 /// The pytest plugin that reports each test as it ends.
 const PLUGIN: &str = r#"
@@ -203,6 +203,8 @@ pub struct Outcome {
 struct Report {
     kind: String,
     outcome: String,
+    #[serde(default)]
+    nodeid: String,
 }
 
 /// pytest's arguments after the module.
@@ -360,11 +362,14 @@ impl Runner {
     }
 
     /// Runs `module` of the project in `project` (copied into `work`, which must not
-    /// exist); `node` names this node in the result.
+    /// exist), or only its tests in `selection` (node ids: a rerun) when there are any;
+    /// `node` names this node in the result. The result lists the tests that failed and,
+    /// for a selection, those that passed (within [`list_test`]'s bounds).
     pub async fn run_module(
         &self,
         project: &Path,
         module: &str,
+        selection: &[String],
         work: &Path,
         node: &str,
     ) -> Result<Outcome, RunError> {
@@ -399,11 +404,18 @@ impl Runner {
         std::fs::create_dir_all(&home).map_err(prepare)?;
         let output_file = work.join("output.txt");
         let id = self.task_id(work).await?;
+        // Only the module's own tests (never an option), as the ledger lists them.
+        let mut kept = Vec::new();
+        for test in selection {
+            list_test(&mut kept, module, test);
+        }
+        let selection = kept;
         let request = warm::Request {
             task: work,
             id: id.as_ref().map(|id| id.id),
             dir: &tree,
             module,
+            selection: &selection,
             output: &output_file,
             home: &home,
             report: &report,
@@ -446,12 +458,27 @@ impl Runner {
             let Ok(report) = serde_json::from_str::<Report>(line) else {
                 continue;
             };
-            match (report.kind.as_str(), report.outcome.as_str()) {
-                ("call", "passed") => result.passed += 1,
-                ("call", "failed") => result.failed += 1,
-                (_, "skipped") => result.skipped += 1,
-                (_, "error") => result.errors += 1,
-                _ => {}
+            let listed = match (report.kind.as_str(), report.outcome.as_str()) {
+                ("call", "passed") => {
+                    result.passed += 1;
+                    (!selection.is_empty()).then_some(&mut result.passed_tests)
+                }
+                ("call", "failed") => {
+                    result.failed += 1;
+                    Some(&mut result.failed_tests)
+                }
+                (_, "skipped") => {
+                    result.skipped += 1;
+                    None
+                }
+                (_, "error") => {
+                    result.errors += 1;
+                    Some(&mut result.failed_tests)
+                }
+                _ => None,
+            };
+            if let Some(list) = listed {
+                list_test(list, module, &report.nodeid);
             }
         }
         let counted = result.passed + result.failed + result.errors + result.skipped;
@@ -611,7 +638,8 @@ impl Runner {
         let mut command = self.task_command(request.task, &readable, request.dir, request.id);
         command
             .arg(python)
-            .args(["-m", "pytest", request.module])
+            .args(["-m", "pytest"])
+            .args(request.targets())
             .args(PYTEST_ARGS)
             .current_dir(request.dir);
         clean_environment(&mut command, &self.support, request.home);
@@ -840,7 +868,7 @@ mod tests {
         for (name, runner) in [("warm", &warm), ("cold", &cold)] {
             let work = dir.path().join(format!("{name}-mix"));
             let mix = runner
-                .run_module(&src, "tests/test_mix.py", &work, "n")
+                .run_module(&src, "tests/test_mix.py", &[], &work, "n")
                 .await
                 .unwrap();
             let r = mix.result;
@@ -855,6 +883,70 @@ mod tests {
         }
         let warm_running = warm_count(&warm).await;
         assert_eq!(warm_running, 1, "the warm runner forked its modules");
+    }
+
+    /// A run lists the tests that failed or errored by node id (parametrised ones
+    /// included); a run of selected tests, forked warm or started cold, runs those alone
+    /// and lists those that passed too; what is not a test of the module is not run.
+    #[tokio::test]
+    async fn failed_tests_are_listed_and_a_selection_runs_only_them() {
+        let python = interpreter().await;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("p");
+        project(
+            &src,
+            "test_sel.py",
+            "import pytest\n\n@pytest.mark.parametrize('n', [1, 2, 3])\ndef test_p(n):\n    assert n != 2\n\ndef test_ok():\n    pass\n\ndef test_no():\n    assert False\n",
+        );
+        let module = "tests/test_sel.py";
+        let (warm, cold) = warm_and_cold(&dir.path().join("runner"), python, Isolation::Limits);
+        for (name, runner) in [("warm", &warm), ("cold", &cold)] {
+            let all = runner
+                .run_module(
+                    &src,
+                    module,
+                    &[],
+                    &dir.path().join(format!("{name}-all")),
+                    "n",
+                )
+                .await
+                .unwrap();
+            let r = &all.result;
+            assert_eq!((r.passed, r.failed), (3, 2), "{name}: {}", all.output);
+            assert_eq!(
+                r.failed_tests,
+                [format!("{module}::test_p[2]"), format!("{module}::test_no")],
+                "{name}"
+            );
+            assert!(
+                r.passed_tests.is_empty(),
+                "{name}: passed listed only for a selection"
+            );
+            let selection = [
+                format!("{module}::test_p[2]"),
+                format!("{module}::test_ok"),
+                "--collect-only".to_owned(),
+            ];
+            let some = runner
+                .run_module(
+                    &src,
+                    module,
+                    &selection,
+                    &dir.path().join(format!("{name}-some")),
+                    "n",
+                )
+                .await
+                .unwrap();
+            let r = &some.result;
+            assert_eq!(
+                (r.passed, r.failed, r.errors),
+                (1, 1, 0),
+                "{name}: {}",
+                some.output
+            );
+            assert_eq!(r.failed_tests, [format!("{module}::test_p[2]")], "{name}");
+            assert_eq!(r.passed_tests, [format!("{module}::test_ok")], "{name}");
+        }
     }
 
     /// Under bubblewrap (when it works here), a module, forked warm or started cold, has no
@@ -896,7 +988,7 @@ mod tests {
             );
             project(&src, "test_sandbox.py", &source);
             let outcome = runner
-                .run_module(&src, "tests/test_sandbox.py", &work, "n")
+                .run_module(&src, "tests/test_sandbox.py", &[], &work, "n")
                 .await
                 .unwrap();
             let r = outcome.result;
@@ -973,7 +1065,7 @@ mod tests {
     /// finished kept, the one it was in counted as an error, and the child it started gone.
     async fn assert_killed_at_timeout(runner: &Runner, src: &Path, work: &Path) {
         let hang = runner
-            .run_module(src, "tests/test_hang.py", work, "n")
+            .run_module(src, "tests/test_hang.py", &[], work, "n")
             .await
             .unwrap();
         assert!(hang.timed_out, "{}", hang.output);
@@ -1097,7 +1189,7 @@ mod tests {
         )
         .unwrap();
         let outcome = runner
-            .run_module(&src, "tests/test_one.py", &dir.path().join("w"), "n")
+            .run_module(&src, "tests/test_one.py", &[], &dir.path().join("w"), "n")
             .await
             .unwrap();
         let _ = witness.kill();
@@ -1144,7 +1236,10 @@ mod tests {
             for module in ["tests/test_one.py", "tests/test_two.py"] {
                 let work = dir.path().join(format!("w-{name}-{}", module.len()));
                 let _ = std::fs::remove_dir_all(&work);
-                let outcome = runner.run_module(&src, module, &work, "n").await.unwrap();
+                let outcome = runner
+                    .run_module(&src, module, &[], &work, "n")
+                    .await
+                    .unwrap();
                 assert_eq!(
                     (outcome.result.passed, outcome.result.errors),
                     (1, 0),
@@ -1172,6 +1267,7 @@ mod tests {
             .run_module(
                 &broken,
                 "tests/test_one.py",
+                &[],
                 &dir.path().join("w-broken"),
                 "n",
             )

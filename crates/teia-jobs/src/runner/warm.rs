@@ -284,12 +284,24 @@ pub(crate) struct Request<'a> {
     pub dir: &'a Path,
     /// The test module.
     pub module: &'a str,
+    /// Its tests to run (node ids), when not all of them.
+    pub selection: &'a [String],
     /// Where its stdout and stderr go.
     pub output: &'a Path,
     /// Its `HOME`.
     pub home: &'a Path,
     /// Where the report plugin writes.
     pub report: &'a Path,
+}
+
+impl Request<'_> {
+    /// What pytest is given to run: the module, or the selected tests.
+    pub fn targets(&self) -> impl Iterator<Item = &str> {
+        let whole = self.selection.is_empty().then_some(self.module);
+        whole
+            .into_iter()
+            .chain(self.selection.iter().map(String::as_str))
+    }
 }
 
 /// What one forked script task is to do (`python ARGS...` in `dir`).
@@ -374,7 +386,7 @@ impl WarmPool {
             "task": request.task,
             "uid": request.id,
             "dir": request.dir,
-            "args": std::iter::once(request.module).chain(PYTEST_ARGS).collect::<Vec<_>>(),
+            "args": request.targets().chain(PYTEST_ARGS).collect::<Vec<_>>(),
             "output": request.output,
             "env": {"HOME": request.home, "TEIA_REPORT": request.report},
         });

@@ -288,13 +288,21 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
             token,
             fail_under,
             no_cache,
+            rerun_failures,
         } => {
-            let path = if no_cache {
-                "/evaluation?cache=false"
+            let mut query = Vec::new();
+            if no_cache {
+                query.push("cache=false".to_owned());
+            }
+            if let Some(times) = rerun_failures {
+                query.push(format!("rerun_failures={times}"));
+            }
+            let path = if query.is_empty() {
+                "/evaluation".to_owned()
             } else {
-                "/evaluation"
+                format!("/evaluation?{}", query.join("&"))
             };
-            let body = submit(&args.node, path, &targets, token, args.json).await?;
+            let body = submit(&args.node, &path, &targets, token, args.json).await?;
             judge(&body, fail_under)
         }
         EvalCommand::Status { id } => {
@@ -575,6 +583,28 @@ fn print_report(body: &Value) {
         println!(
             "{cached} module(s) reused from earlier runs of the same files (--no-cache runs all)"
         );
+    }
+    let flaky: Vec<(&String, &Value)> = at(body, "projects")
+        .as_object()
+        .into_iter()
+        .flatten()
+        .flat_map(|(name, project)| {
+            at(project, "flaky")
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(move |test| (name, test))
+        })
+        .collect();
+    if !flaky.is_empty() {
+        println!("flaky: failed, then passed when run again (counted as failed):");
+        for (project, test) in flaky {
+            println!(
+                "  {}: {}",
+                crate::present::clean(project),
+                crate::present::clean(test.as_str().unwrap_or("?"))
+            );
+        }
     }
     println!(
         "grade {} / 20 ({} % passed)",

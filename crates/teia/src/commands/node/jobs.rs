@@ -251,6 +251,7 @@ pub(super) async fn start_jobs(
             .chain(args.allow_git_schemes.iter().cloned())
             .collect(),
         result_cache,
+        rerun_failures: args.rerun_failures,
         isolation,
         modules,
     };
