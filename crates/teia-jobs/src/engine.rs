@@ -255,9 +255,50 @@ fn keep_result(state: &mut State, lease: &Lease, policy: &Policy, trusted: bool)
     if module.disputed.is_some() || !result_cache::keeps(policy, result, trusted) {
         return;
     }
-    let key = result_cache::key(&policy.environment, shared, &lease.module, module_content);
+    let Some(key) = result_cache::key_of_result(result, shared, &lease.module, module_content)
+    else {
+        return;
+    };
     let result = result.clone();
     state.keep(&key, &result, lease.eval, policy.max_bytes);
+}
+
+/// Keeps the results newly done in `evaluation`, replicated from its owner (a member of
+/// the cluster), as the owner keeps them; evicts the results of a node a verification
+/// found disagreeing. `before` is the copy replicated here until now.
+fn keep_replicated(
+    state: &mut State,
+    before: Option<&Evaluation>,
+    evaluation: &Evaluation,
+    policy: &Policy,
+) {
+    for (name, project) in &evaluation.projects {
+        for (path, module) in &project.modules {
+            let ModuleState::Done(result) = &module.state else {
+                continue;
+            };
+            let known = before
+                .and_then(|e| e.projects.get(name))
+                .and_then(|p| p.modules.get(path))
+                .is_some_and(|m| m.state == module.state && m.disputed == module.disputed);
+            if known {
+                continue;
+            }
+            if let Some(other) = &module.disputed {
+                state.evict_from(&other.node);
+                continue;
+            }
+            let (Some(shared), Some(module_content)) = (&project.content, &module.content) else {
+                continue;
+            };
+            if !result_cache::keeps(policy, result, true) {
+                continue;
+            }
+            if let Some(key) = result_cache::key_of_result(result, shared, path, module_content) {
+                state.keep(&key, result, evaluation.id, policy.max_bytes);
+            }
+        }
+    }
 }
 
 /// Bytes the regular files under `dir` take (links not followed; an unreadable part counts
@@ -366,6 +407,29 @@ impl State {
                     self.cache_bytes = self.cache_bytes.saturating_sub(size);
                 }
             }
+        }
+    }
+
+    /// Evicts from the cache every result `node` ran (a verification disagreed with it).
+    fn evict_from(&mut self, node: &str) {
+        let evicted = self.db.execute(
+            "DELETE FROM result_cache WHERE json_extract(body, '$.node') = ?1",
+            params![node],
+        );
+        match evicted {
+            Ok(0) => {}
+            Ok(count) => {
+                tracing::warn!(%node, count, "results of a node a verification disagreed with evicted from the cache");
+                self.cache_bytes = self
+                    .db
+                    .query_row(
+                        "SELECT COALESCE(SUM(LENGTH(key) + LENGTH(body)), 0) FROM result_cache",
+                        [],
+                        |row| row.get::<_, i64>(0),
+                    )
+                    .map_or(0, i64::unsigned_abs);
+            }
+            Err(e) => tracing::error!(error = %e, "results not evicted from the cache"),
         }
     }
 
@@ -860,7 +924,14 @@ impl Engine {
             .await;
         let _ = std::fs::remove_dir_all(&work);
         match outcome {
-            Ok(outcome) => outcome.result,
+            Ok(outcome) => ModuleResult {
+                environment: self
+                    .config
+                    .result_cache
+                    .as_ref()
+                    .map(|policy| policy.environment.clone()),
+                ..outcome.result
+            },
             Err(e) => {
                 tracing::error!(error = %e, module = %lease.module, "module not run");
                 ModuleResult {
@@ -905,15 +976,18 @@ impl Engine {
         );
         match &completed {
             Completed::Refused => return false,
-            Completed::Disputed { stands, other } => tracing::warn!(
-                eval = lease.eval,
-                module = %format!("{}/{}", lease.project, lease.module),
-                stands = %stands.node,
-                disputed = %other.node,
-                "a verification disagreed: the module is disputed ({} says {}/{}/{}, {} says {}/{}/{} passed/failed/errors)",
-                stands.node, stands.passed, stands.failed, stands.errors,
-                other.node, other.passed, other.failed, other.errors,
-            ),
+            Completed::Disputed { stands, other } => {
+                state.evict_from(&other.node);
+                tracing::warn!(
+                    eval = lease.eval,
+                    module = %format!("{}/{}", lease.project, lease.module),
+                    stands = %stands.node,
+                    disputed = %other.node,
+                    "a verification disagreed: the module is disputed ({} says {}/{}/{}, {} says {}/{}/{} passed/failed/errors)",
+                    stands.node, stands.passed, stands.failed, stands.errors,
+                    other.node, other.passed, other.failed, other.errors,
+                );
+            }
             Completed::Verifying => {
                 tracing::debug!(module = %lease.module, %worker, "result kept; the module runs again to verify it");
             }
@@ -999,6 +1073,10 @@ impl Engine {
                 continue;
             }
             state.save(&evaluation);
+            if let Some(policy) = &self.config.result_cache {
+                let before = state.ledger.get(evaluation.id).cloned();
+                keep_replicated(&mut state, before.as_ref(), &evaluation, policy);
+            }
             state.ledger.replicate(evaluation);
         }
     }
@@ -1426,6 +1504,26 @@ mod tests {
     /// with `outlives.ready`, and hangs: the lock is free again only once the child is gone.
     const HANGS: &str = "import os, subprocess, sys, time\nHOLD = 'import fcntl, time\\nf = open(\"outlives.lock\", \"w\")\\nfcntl.flock(f, fcntl.LOCK_EX)\\nopen(\"outlives.ready\", \"w\").close()\\ntime.sleep(300)\\n'\n\ndef test_hangs():\n    open('outlives.lock', 'w').close()\n    subprocess.Popen([sys.executable, '-c', HOLD])\n    time.sleep(300)\n";
 
+    /// A node's engine in `dir`: one worker running its own modules, no cache.
+    fn test_config(dir: &Path) -> EngineConfig {
+        EngineConfig {
+            dir: dir.to_owned(),
+            node: "node".into(),
+            address: "127.0.0.1:1".into(),
+            python: crate::runner::resolve_python(Path::new("python3")),
+            workers: 1,
+            limits: Limits::default(),
+            isolation: Isolation::Limits,
+            modules: true,
+            others: false,
+            verify: 0.0,
+            keep_finished: KEEP_FINISHED,
+            git_schemes: vec!["https".into()],
+            result_cache: None,
+            rerun_failures: RERUN_FAILURES,
+        }
+    }
+
     /// The first file named `name` under `dir`.
     fn find(dir: &Path, name: &str) -> Option<PathBuf> {
         let mut stack = vec![dir.to_owned()];
@@ -1454,22 +1552,7 @@ mod tests {
         let archive = dir.path().join("submission.zip");
         bundle::pack(&submission, &archive).unwrap();
         let node = dir.path().join("node");
-        let config = EngineConfig {
-            dir: node.clone(),
-            node: "node".into(),
-            address: "127.0.0.1:1".into(),
-            python: crate::runner::resolve_python(Path::new("python3")),
-            workers: 1,
-            limits: Limits::default(),
-            isolation: Isolation::Limits,
-            modules: true,
-            others: false,
-            verify: 0.0,
-            keep_finished: KEEP_FINISHED,
-            git_schemes: vec!["https".into()],
-            result_cache: None,
-            rerun_failures: RERUN_FAILURES,
-        };
+        let config = test_config(&node);
         let engine = Engine::start(config, None).unwrap();
         let id = engine.submit_zip(&archive).unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -1503,5 +1586,43 @@ mod tests {
             "{:?}",
             module.state
         );
+    }
+
+    /// A node a verification disagreed with loses every result it ran from the cache; the
+    /// others' stay, and the cache's size follows.
+    #[tokio::test]
+    async fn the_results_of_a_node_found_disagreeing_are_evicted() {
+        let dir = tempfile::tempdir().unwrap();
+        let policy = Policy {
+            environment: "env".into(),
+            keep_failures: false,
+            max_bytes: result_cache::MAX_BYTES,
+        };
+        let config = EngineConfig {
+            modules: false,
+            result_cache: Some(policy.clone()),
+            ..test_config(&dir.path().join("node"))
+        };
+        let engine = Engine::start(config, None).unwrap();
+        let result = |node: &str| ModuleResult {
+            passed: 1,
+            node: node.into(),
+            environment: Some("env".into()),
+            ..ModuleResult::default()
+        };
+        {
+            let mut state = lock(&engine.state);
+            state.keep("k-liar", &result("liar"), 1, policy.max_bytes);
+            state.keep("k-honest", &result("honest"), 1, policy.max_bytes);
+            let both = state.cache_bytes;
+            state.evict_from("liar");
+            assert!(state.cached("k-liar").is_none());
+            assert_eq!(
+                state.cached("k-honest").map(|(r, _)| r.node),
+                Some("honest".into())
+            );
+            assert!(state.cache_bytes < both && state.cache_bytes > 0);
+        }
+        engine.shutdown().await;
     }
 }

@@ -1169,6 +1169,23 @@ fn an_unchanged_resubmission_reuses_the_results_of_modules_that_passed() {
     );
 }
 
+/// Waits until the node at `addr` shows `nodes` nodes of its cluster (itself included) in
+/// `/stats`: its members are known.
+fn wait_for_cluster(addr: &str, nodes: usize) {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, stats) = get(addr, "/stats");
+        if stats["nodes"].as_array().map_or(0, Vec::len) >= nodes {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the cluster never formed: {stats}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 /// A module with a test that fails when the whole module runs and passes when run by its
 /// node id (as a rerun runs it), a test that always passes, and a parametrised test of
 /// which one case always fails.
@@ -1239,19 +1256,7 @@ fn failed_tests_run_again_on_another_node_of_the_cluster() {
     let (owner, addr) = cluster_owner();
     let _worker = cluster_worker(&owner, "worker");
     owner.wait_link("worker@eval");
-    // The worker is a member once the owner shows its status.
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        let (_, stats) = get(&addr, "/stats");
-        if stats["nodes"].as_array().map_or(0, Vec::len) >= 2 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the worker never joined: {stats}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_for_cluster(&addr, 2);
     let dir = tempfile::tempdir().unwrap();
     let zip = zip_of(dir.path(), &[("shaky/tests/test_shaky.py", SHAKY)]);
     let (status, created) = post_zip(&addr, &zip);
@@ -1265,4 +1270,58 @@ fn failed_tests_run_again_on_another_node_of_the_cluster() {
     );
     let reran = shaky["rerun_on"][0].as_str().unwrap();
     assert_ne!(reran, shaky["node"].as_str().unwrap(), "{detail}");
+}
+
+/// The result cache is the cluster's: a node that replicated another's evaluation reuses
+/// its results for the same files submitted to it, though it owned none of them.
+#[test]
+fn a_node_of_the_cluster_reuses_the_results_another_node_ran() {
+    let (owner, addr) = cluster_owner();
+    let (_other, other_addr) = http_node(
+        "other",
+        "eval",
+        &[
+            "--peer",
+            &owner.addr(),
+            "--cluster-secret",
+            "our-lab",
+            "--workers",
+            "1",
+        ],
+    );
+    owner.wait_link("other@eval");
+    wait_for_cluster(&addr, 2);
+    wait_for_cluster(&other_addr, 2);
+    let dir = tempfile::tempdir().unwrap();
+    let files = [
+        (
+            "calc/tests/test_a.py",
+            "def test_1(): pass\ndef test_2(): pass\n",
+        ),
+        ("calc/tests/test_b.py", "def test_1(): pass\n"),
+    ];
+    let zip = zip_of(dir.path(), &files);
+    let (status, created) = post_zip(&addr, &zip);
+    assert_eq!(status, 201, "{created}");
+    let id = created["id"].as_u64().unwrap();
+    wait_done(&addr, id);
+    // The other node has the evaluation, done, once it replicated it.
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (status, copy) = get(&other_addr, &format!("/evaluation/{id}"));
+        if status == 200 && copy["status"] == "done" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never replicated: {copy}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (status, created) = post_zip(&other_addr, &zip);
+    assert_eq!(status, 201, "{created}");
+    let again = wait_done(&other_addr, created["id"].as_u64().unwrap());
+    for module in ["tests/test_a.py", "tests/test_b.py"] {
+        let entry = &again["projects"]["calc"]["modules"][module];
+        assert_eq!(entry["cached"], true, "{module}: {again}");
+        assert_eq!(entry["cached_from"]["eval"], id, "{module}: {again}");
+    }
+    assert_eq!(again["tests"]["passed"], 3, "{again}");
 }

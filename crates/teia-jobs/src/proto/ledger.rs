@@ -70,6 +70,10 @@ fn listed(module: &str, tests: &[String]) -> Vec<String> {
 /// Reruns of a module's failed tests an evaluation may ask for at most.
 pub const MAX_RERUNS: u32 = 5;
 
+/// Time a rerun waits for another worker than those that ran its module (Unix ms from
+/// when it was queued); past it, any worker takes it (the others may not be taking work).
+pub const RERUN_ELSEWHERE_MS: u64 = 3_000;
+
 /// Whether `test` is a test of `module` that may be listed and run again: its node id is
 /// the module's path, `::`, and the rest (so never a pytest option), within
 /// [`MAX_TEST_ID_BYTES`].
@@ -111,6 +115,11 @@ pub struct ModuleResult {
     /// The workers that ran its failed tests again, in turn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rerun_on: Vec<String>,
+    /// The environment it ran in, as the result cache keys it
+    /// ([`super::result_cache::environment`]); none from a node without a result cache,
+    /// or a seed 000 node: such a result is never kept.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<String>,
 }
 
 /// The run a reused result came from.
@@ -184,8 +193,11 @@ pub struct Rerun {
     /// The workers that ran the module so far.
     pub ran_on: Vec<String>,
     /// Whether the next run goes to another worker than those (there was one when the
-    /// last result came).
+    /// last result came), for [`RERUN_ELSEWHERE_MS`] from `queued_at`.
     pub elsewhere: bool,
+    /// Unix milliseconds of when the next run was queued.
+    #[serde(default)]
+    pub queued_at: u64,
 }
 
 /// What a result did to its module.
@@ -667,12 +679,12 @@ impl Ledger {
                     {
                         continue;
                     }
-                    // A rerun goes to another worker when there was one.
-                    if module
-                        .rerun
-                        .as_ref()
-                        .is_some_and(|r| r.elsewhere && r.ran_on.iter().any(|w| w == worker))
-                    {
+                    // A rerun goes to another worker when there was one, for a while.
+                    if module.rerun.as_ref().is_some_and(|r| {
+                        r.elsewhere
+                            && r.ran_on.iter().any(|w| w == worker)
+                            && unix_ms < r.queued_at.saturating_add(RERUN_ELSEWHERE_MS)
+                    }) {
                         continue;
                     }
                     // A verification goes to another worker than the first run's.
@@ -843,6 +855,7 @@ impl Ledger {
                 rerun.tests = still;
                 rerun.runs_left -= 1;
                 rerun.elsewhere = elsewhere;
+                rerun.queued_at = unix_ms;
                 module.rerun = Some(rerun);
                 module.state = ModuleState::Pending {
                     attempt: attempt + 1,
@@ -898,6 +911,7 @@ impl Ledger {
                 runs_left: reruns - 1,
                 ran_on: vec![worker.to_owned()],
                 elsewhere,
+                queued_at: unix_ms,
             });
             module.state = ModuleState::Pending {
                 attempt: attempt + 1,
@@ -1318,6 +1332,10 @@ mod tests {
             ledger.lease("o", "a", 0, 1000, 0).is_none(),
             "not on the worker that failed them"
         );
+        let late = RERUN_ELSEWHERE_MS;
+        let mut waited = ledger.clone();
+        let taken = waited.lease("o", "a", 0, 1000, late).unwrap();
+        assert_eq!(taken.selection.len(), 2, "on it when no other came in time");
         let rerun = ledger.lease("o", "b", 0, 1000, 0).unwrap();
         assert_eq!(
             rerun.selection,

@@ -17,7 +17,11 @@
 //! Kept: results of modules run by this node or a node of its cluster (never by course
 //! nodes, which prove nothing), that were not themselves reused, and, unless
 //! [`Policy::keep_failures`], only those with no failure and no error: a module that failed
-//! runs again. A result that a verification disputed is not kept.
+//! runs again. A result that a verification disputed is not kept. Each result is keyed on
+//! the environment of the node that ran it ([`ModuleResult::environment`]), and reused
+//! under the environment of the node looking: so a cluster shares its cache (each node
+//! keeps the results it sees in the evaluations it owns and those it replicates) while a
+//! node with another Python or pytest reuses none of them.
 //!
 //! **Bounds**: [`Policy::max_bytes`] bytes of kept results ([`MAX_BYTES`] by default); past
 //! it, the oldest are evicted first.
@@ -60,9 +64,24 @@ pub fn key(environment: &str, shared: &str, module: &str, module_content: &str) 
 }
 
 /// Whether a result is kept: run (not reused) by a worker whose results count for the
-/// cache, and reusable under `policy`.
+/// cache, in an environment it says, and reusable under `policy`.
 pub fn keeps(policy: &Policy, result: &ModuleResult, trusted_worker: bool) -> bool {
-    trusted_worker && result.cached.is_none() && reusable(policy, result)
+    trusted_worker
+        && result.cached.is_none()
+        && result.environment.is_some()
+        && reusable(policy, result)
+}
+
+/// The key `result` of module `module` (its file hashing to `module_content`, the other
+/// files of its project to `shared`) is kept under: in the environment it ran in.
+pub fn key_of_result(
+    result: &ModuleResult,
+    shared: &str,
+    module: &str,
+    module_content: &str,
+) -> Option<String> {
+    let environment = result.environment.as_deref()?;
+    Some(key(environment, shared, module, module_content))
 }
 
 /// Whether a kept result may serve a new evaluation.
@@ -110,15 +129,25 @@ mod tests {
     fn failures_run_again_unless_kept_and_reused_results_are_not_kept_again() {
         let passed = ModuleResult {
             passed: 3,
+            environment: Some(policy(false).environment),
             ..ModuleResult::default()
         };
         let failed = ModuleResult {
             passed: 2,
             failed: 1,
+            environment: Some(policy(false).environment),
             ..ModuleResult::default()
         };
         assert!(keeps(&policy(false), &passed, true));
         assert!(!keeps(&policy(false), &passed, false));
+        let unsaid = ModuleResult {
+            environment: None,
+            ..passed.clone()
+        };
+        assert!(
+            !keeps(&policy(false), &unsaid, true),
+            "an environment unknown"
+        );
         assert!(!keeps(&policy(false), &failed, true));
         assert!(keeps(&policy(true), &failed, true));
         let reused = ModuleResult {
