@@ -208,8 +208,8 @@ async fn network_view(State(app): State<App>) -> Json<Value> {
 
 /// The submission's options from its query: `?cache=false` (or `0`, `no`, `off`) runs every
 /// module, whatever the result cache holds; `?rerun_failures=N` (0 to
-/// [`teia_jobs::engine::MAX_RERUNS`]) runs failed tests again N times at most. Another
-/// value is a `400`.
+/// [`teia_jobs::engine::MAX_RERUNS`]) runs failed tests again N times at most (another
+/// value is a `400`); `?split=false` runs each module whole.
 fn submit_options(query: Option<&str>) -> Result<SubmitOptions, Problem> {
     let mut options = SubmitOptions::default();
     let pairs = query
@@ -220,6 +220,12 @@ fn submit_options(query: Option<&str>) -> Result<SubmitOptions, Problem> {
         match name {
             "cache" => {
                 options.use_cache = !matches!(
+                    value.to_ascii_lowercase().as_str(),
+                    "false" | "0" | "no" | "off"
+                );
+            }
+            "split" => {
+                options.split = !matches!(
                     value.to_ascii_lowercase().as_str(),
                     "false" | "0" | "no" | "off"
                 );

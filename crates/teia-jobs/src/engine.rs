@@ -108,6 +108,9 @@ pub struct SubmitOptions {
     /// Times failed tests run again (`rerun_failures=N` on a submission); none: the node's
     /// [`EngineConfig::rerun_failures`].
     pub rerun_failures: Option<u32>,
+    /// Whether modules expected to hold the evaluation up are split in pieces run on
+    /// several workers (`split=false` on a submission runs each whole).
+    pub split: bool,
 }
 
 impl Default for SubmitOptions {
@@ -115,6 +118,7 @@ impl Default for SubmitOptions {
         Self {
             use_cache: true,
             rerun_failures: None,
+            split: true,
         }
     }
 }
@@ -444,6 +448,17 @@ impl State {
         }
     }
 
+    /// Keeps how many tests a module held when it last ran whole (0: it may not be
+    /// split), for splitting the next evaluations' stragglers.
+    fn save_shape(&self, key: &str, tests: u32) {
+        if let Err(e) = self.db.execute(
+            "INSERT OR REPLACE INTO shapes (key, tests) VALUES (?1, ?2)",
+            params![key, tests],
+        ) {
+            tracing::error!(error = %e, "module's shape not stored");
+        }
+    }
+
     fn save(&self, evaluation: &Evaluation) {
         let text = serde_json::to_string(evaluation).unwrap_or_default();
         if let Err(e) = self.db.execute(
@@ -469,7 +484,8 @@ impl Engine {
              CREATE TABLE IF NOT EXISTS result_cache (key TEXT PRIMARY KEY, body TEXT NOT NULL,
                  eval INTEGER NOT NULL, at INTEGER NOT NULL);
              CREATE INDEX IF NOT EXISTS result_cache_at ON result_cache (at);
-             CREATE TABLE IF NOT EXISTS durations (key TEXT PRIMARY KEY, seconds REAL NOT NULL);",
+             CREATE TABLE IF NOT EXISTS durations (key TEXT PRIMARY KEY, seconds REAL NOT NULL);
+             CREATE TABLE IF NOT EXISTS shapes (key TEXT PRIMARY KEY, tests INTEGER NOT NULL);",
         )?;
         if config.result_cache.is_none() {
             db.execute("DELETE FROM result_cache", [])?;
@@ -487,6 +503,13 @@ impl Engine {
             })?;
             for (key, seconds) in rows.flatten() {
                 ledger.learn_duration(key, seconds);
+            }
+            let mut statement = db.prepare("SELECT key, tests FROM shapes")?;
+            let rows = statement.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?))
+            })?;
+            for (key, tests) in rows.flatten() {
+                ledger.learn_shape(key, tests);
             }
         }
         {
@@ -825,10 +848,20 @@ impl Engine {
             .submit(id, &self.config.node, unix_ms(), projects);
         let reruns = options.rerun_failures.unwrap_or(self.config.rerun_failures);
         state.ledger.set_rerun_failures(id, reruns);
-        let reused = match &self.config.result_cache {
-            Some(policy) if options.use_cache => reuse_results(&mut state, id, policy),
+        let reuse = |state: &mut State| match &self.config.result_cache {
+            Some(policy) if options.use_cache => reuse_results(state, id, policy),
             _ => 0,
         };
+        let mut reused = reuse(&mut state);
+        let split = if options.split {
+            state.ledger.split_stragglers(id, self.worker_estimate())
+        } else {
+            0
+        };
+        if split > 0 {
+            // Pieces of an earlier split the same way may be cached too.
+            reused += reuse(&mut state);
+        }
         if let Some(evaluation) = state.ledger.get(id).cloned() {
             state.save(&evaluation);
         }
@@ -836,7 +869,13 @@ impl Engine {
         if let Some(cluster) = &self.cluster {
             cluster.announce_now.notify_one();
         }
-        tracing::info!(id, projects = project_count, reused, "evaluation accepted");
+        tracing::info!(
+            id,
+            projects = project_count,
+            reused,
+            split,
+            "evaluation accepted"
+        );
         Ok(id)
     }
 
@@ -916,8 +955,9 @@ impl Engine {
             .runner
             .run_module(
                 project,
-                &lease.module,
+                lease.path(),
                 &lease.selection,
+                lease.piece.as_ref().map(|piece| (piece.index, piece.of)),
                 &work,
                 &self.config.address,
             )
@@ -1007,13 +1047,27 @@ impl Engine {
                 }
             }
         }
-        if let Some(seconds) = state.ledger.duration(&lease.project, &lease.module) {
-            state.save_duration(&format!("{}/{}", lease.project, lease.module), seconds);
+        let key = format!("{}/{}", lease.project, lease.path());
+        if let Some(seconds) = state.ledger.duration(&lease.project, lease.path()) {
+            state.save_duration(&key, seconds);
+        }
+        if let Some(tests) = state.ledger.shape(&lease.project, lease.path()) {
+            state.save_shape(&key, tests);
         }
         if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
             state.save(&evaluation);
         }
         true
+    }
+
+    /// Workers the cluster is expected to have: this node's, as many again for each member
+    /// (what splitting a straggler counts on).
+    fn worker_estimate(&self) -> usize {
+        let members = self
+            .cluster
+            .as_ref()
+            .map_or(0, |cluster| cluster.member_count());
+        self.config.workers.max(1) * (1 + members)
     }
 
     /// Whether a worker other than `worker` can run a module of ours: our own workers when

@@ -341,6 +341,7 @@ impl Engine {
                 module: String::new(),
                 attempt: 0,
                 selection: Vec::new(),
+                piece: None,
             };
             // Other members first (one that has it spares the owner), then the owner.
             let others: Vec<String> = cluster

@@ -237,7 +237,9 @@ async fn run_task(
     let module = format!("tests/{}", task.module);
     // A folder of the same name left by an earlier run of the worker.
     let _ = tokio::fs::remove_dir_all(work).await;
-    let outcome = runner.run_module(project, &module, &[], work, node).await;
+    let outcome = runner
+        .run_module(project, &module, &[], None, work, node)
+        .await;
     let _ = tokio::fs::remove_dir_all(work).await;
     match outcome {
         Ok(outcome) => {

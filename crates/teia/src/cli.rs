@@ -294,6 +294,9 @@ pub enum EvalCommand {
         /// the same files.
         #[arg(long)]
         no_cache: bool,
+        /// Run each module whole, never split over several workers.
+        #[arg(long)]
+        no_split: bool,
         /// Times failed tests run again to find the flaky ones (0: never; default: the
         /// node's `--rerun-failures`).
         #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(0..=i64::from(teia_jobs::engine::MAX_RERUNS)))]

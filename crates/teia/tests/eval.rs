@@ -1325,3 +1325,68 @@ fn a_node_of_the_cluster_reuses_the_results_another_node_ran() {
     }
     assert_eq!(again["tests"]["passed"], 3, "{again}");
 }
+
+/// A module of parametrised tests that takes a few seconds, one case failing.
+const BIG: &str = "import time, pytest\n\n@pytest.mark.parametrize('n', range(10))\ndef test_slow(n):\n    time.sleep(0.3)\n    assert n != 7\n";
+
+/// As long, its tests sharing a module-scoped fixture: it may not be split.
+const SHARED: &str = "import time, pytest\n\n@pytest.fixture(scope='module')\ndef seen():\n    return []\n\n@pytest.mark.parametrize('n', range(10))\ndef test_order(seen, n):\n    time.sleep(0.3)\n    seen.append(n)\n    assert seen == list(range(n + 1))\n";
+
+/// A module that took more than its share of an evaluation is split over the workers the
+/// next time: its pieces show in the detail and add up to a serial pytest's counts, while
+/// a module whose tests share a module-scoped fixture stays whole; `split=false` runs it
+/// whole.
+#[test]
+fn a_straggler_is_split_in_pieces_that_add_up_to_serial_pytest() {
+    let (_node, addr) = start(&["--workers", "4"]);
+    let dir = tempfile::tempdir().unwrap();
+    let files = [
+        ("split/tests/test_big.py", BIG),
+        ("split/tests/test_shared.py", SHARED),
+        ("split/tests/test_small.py", "def test_1(): pass\n"),
+    ];
+    let zip = zip_of(dir.path(), &files);
+    let serial = dir.path().join("serial");
+    for (path, source) in files {
+        let path = serial.join(path.trim_start_matches("split/"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, source).unwrap();
+    }
+    let names = |detail: &Value| -> Vec<String> {
+        detail["projects"]["split"]["modules"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let (status, created) = post_zip(&addr, &zip);
+    assert_eq!(status, 201, "{created}");
+    let first = wait_done(&addr, created["id"].as_u64().unwrap());
+    assert_eq!(names(&first).len(), 3, "never run: not split: {first}");
+    assert_serial_counts(&first, "split", &serial);
+
+    let (status, created) = post_file(&addr, "/evaluation?cache=false", &zip);
+    assert_eq!(status, 201, "{created}");
+    let second = wait_done(&addr, created["id"].as_u64().unwrap());
+    let modules = names(&second);
+    assert!(
+        modules.contains(&"tests/test_big.py [1/2]".to_owned()),
+        "{second}"
+    );
+    assert!(
+        modules.contains(&"tests/test_big.py [2/2]".to_owned()),
+        "{second}"
+    );
+    assert!(
+        modules.contains(&"tests/test_shared.py".to_owned()),
+        "{second}"
+    );
+    assert_serial_counts(&second, "split", &serial);
+
+    let (status, created) = post_file(&addr, "/evaluation?cache=false&split=false", &zip);
+    assert_eq!(status, 201, "{created}");
+    let whole = wait_done(&addr, created["id"].as_u64().unwrap());
+    assert_eq!(names(&whole).len(), 3, "{whole}");
+    assert_eq!(whole["tests"], second["tests"]);
+}

@@ -10,6 +10,13 @@
 //! as failed (one error), so the evaluation still finishes. Results are idempotent: only
 //! the result of the current attempt of a module not yet done counts.
 //!
+//! Stragglers are split ([`Ledger::split_stragglers`]): a module expected (from its last
+//! run) to take longer than its share of the evaluation's expected work over the workers,
+//! and whose last run said it may be split (no class- or module-scoped fixture, no
+//! `teia_no_split` mark), is replaced by pieces ([`Piece`]: `path [i/k]`), each running the
+//! i-th of k contiguous runs of its collected tests; their counts add up to the module's.
+//! A module never run here is not split.
+//!
 //! Failed tests are run again ([`Rerun`]): a result with failed or errored tests, listed
 //! by node id, does not end its module when its evaluation allows reruns
 //! ([`Evaluation::rerun_failures`]); those tests alone (`pytest MODULE::test ...`, the
@@ -74,6 +81,32 @@ pub const MAX_RERUNS: u32 = 5;
 /// when it was queued); past it, any worker takes it (the others may not be taking work).
 pub const RERUN_ELSEWHERE_MS: u64 = 3_000;
 
+/// Pieces a module is split into at most.
+pub const MAX_PIECES: u32 = 16;
+
+/// Seconds a piece of a split module is expected to take at least (each piece starts a
+/// process and collects the whole module again).
+pub const MIN_PIECE_SECONDS: f64 = 1.0;
+
+/// One piece of a split module: the `index`-th (from 1) of `of` contiguous runs of the
+/// tests of the module at `path`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Piece {
+    /// The module's path.
+    pub path: String,
+    /// Which piece, from 1.
+    pub index: u32,
+    /// Of how many.
+    pub of: u32,
+}
+
+impl Piece {
+    /// The name the piece goes by in its project: `path [index/of]`.
+    pub fn name(&self) -> String {
+        format!("{} [{}/{}]", self.path, self.index, self.of)
+    }
+}
+
 /// Whether `test` is a test of `module` that may be listed and run again: its node id is
 /// the module's path, `::`, and the rest (so never a pytest option), within
 /// [`MAX_TEST_ID_BYTES`].
@@ -115,6 +148,13 @@ pub struct ModuleResult {
     /// The workers that ran its failed tests again, in turn.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rerun_on: Vec<String>,
+    /// Tests its module holds, as collected (of the whole module, for a piece).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collected: Option<u32>,
+    /// Whether its module may be split: no class- or module-scoped fixture, no
+    /// `teia_no_split` mark.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub splittable: Option<bool>,
     /// The environment it ran in, as the result cache keys it
     /// ([`super::result_cache::environment`]); none from a node without a result cache,
     /// or a seed 000 node: such a result is never kept.
@@ -179,6 +219,18 @@ pub struct Module {
     /// Its failed tests being run again, when they are.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rerun: Option<Rerun>,
+    /// The module it is a piece of, when it is one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub piece: Option<Piece>,
+}
+
+impl Module {
+    /// The path of its test module's file (a piece's module's).
+    pub fn path<'a>(&'a self, name: &'a str) -> &'a str {
+        self.piece
+            .as_ref()
+            .map_or(name, |piece| piece.path.as_str())
+    }
 }
 
 /// A module's failed tests being run again, to tell flaky tests from real failures.
@@ -288,6 +340,18 @@ pub struct Lease {
     /// The tests to run (node ids), when not the whole module: a rerun of failed tests.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub selection: Vec<String>,
+    /// The piece of a split module to run (`module` is then the piece's name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub piece: Option<Piece>,
+}
+
+impl Lease {
+    /// The path of the test module to run.
+    pub fn path(&self) -> &str {
+        self.piece
+            .as_ref()
+            .map_or(self.module.as_str(), |piece| piece.path.as_str())
+    }
 }
 
 /// A project as submitted: its name, bytes' hash and modules.
@@ -316,6 +380,10 @@ pub struct Ledger {
     evaluations: BTreeMap<EvalId, Evaluation>,
     /// Seconds each module took last time, by `project/module` path.
     durations: HashMap<String, f64>,
+    /// Tests each module held when it last ran whole, by `project/module` path: 0 when it
+    /// may not be split (within [`MAX_DURATIONS`]).
+    #[serde(default)]
+    shapes: HashMap<String, u32>,
     /// The evaluation served last, for taking turns.
     last_served: Option<EvalId>,
 }
@@ -545,6 +613,7 @@ impl Ledger {
                                 content,
                                 expected_seconds,
                                 rerun: None,
+                                piece: None,
                             },
                         )
                     })
@@ -664,7 +733,6 @@ impl Ledger {
             .copied()
             .collect();
         for id in order {
-            let durations = &self.durations;
             let Some(evaluation) = self.evaluations.get_mut(&id) else {
                 continue;
             };
@@ -674,8 +742,9 @@ impl Ledger {
                     continue;
                 }
                 for (path, module) in &project.modules {
+                    let whole = module.rerun.is_none() && module.piece.is_none();
                     if !matches!(module.state, ModuleState::Pending { .. })
-                        || !module_ok(path, module.rerun.is_none())
+                        || !module_ok(path, whole)
                     {
                         continue;
                     }
@@ -691,10 +760,7 @@ impl Ledger {
                     if module.verifying.as_ref().is_some_and(|(w, _)| w == worker) {
                         continue;
                     }
-                    let seconds = durations
-                        .get(&format!("{project_name}/{path}"))
-                        .copied()
-                        .unwrap_or(0.0);
+                    let seconds = module.expected_seconds.unwrap_or(0.0);
                     if best.as_ref().is_none_or(|(s, _, _)| seconds > *s) {
                         best = Some((seconds, project_name.clone(), path.clone()));
                     }
@@ -726,6 +792,7 @@ impl Ledger {
                     .as_ref()
                     .map(|r| r.tests.clone())
                     .unwrap_or_default(),
+                piece: module.piece.clone(),
             });
         }
         None
@@ -822,12 +889,12 @@ impl Ledger {
         elsewhere: bool,
     ) -> Completed {
         // What a worker lists is kept within bounds; only the owner names flaky tests.
-        result.failed_tests = listed(&lease.module, &result.failed_tests);
-        result.passed_tests = listed(&lease.module, &result.passed_tests);
+        result.failed_tests = listed(lease.path(), &result.failed_tests);
+        result.passed_tests = listed(lease.path(), &result.passed_tests);
         result.flaky.clear();
         result.rerun_on.clear();
-        let key = format!("{}/{}", lease.project, lease.module);
         let seconds = result.seconds;
+        let shape = (result.collected, result.splittable);
         let reruns = self
             .evaluations
             .get(&lease.eval)
@@ -916,16 +983,145 @@ impl Ledger {
             module.state = ModuleState::Pending {
                 attempt: attempt + 1,
             };
-            self.learn_duration(key, seconds);
+            self.learn_run(lease, seconds, shape);
             return Completed::Rerunning;
         }
         module.state = ModuleState::Done(result);
         if let Some(evaluation) = self.evaluations.get_mut(&lease.eval) {
             evaluation.waiting = None;
         }
-        self.learn_duration(key, seconds);
+        self.learn_run(lease, seconds, shape);
         self.mark_finished(lease.eval, unix_ms);
         completed
+    }
+
+    /// Learns from a run of `lease` that took `seconds` and said `(collected, splittable)`:
+    /// a whole module's duration and shape; for a piece, the module's duration (the sum of
+    /// its pieces') once every piece is done, and that it may no longer be split if the
+    /// piece says so.
+    fn learn_run(&mut self, lease: &Lease, seconds: f64, shape: (Option<u32>, Option<bool>)) {
+        let key = format!("{}/{}", lease.project, lease.path());
+        let Some(piece) = &lease.piece else {
+            self.learn_duration(key.clone(), seconds);
+            if let (Some(tests), Some(splittable)) = shape {
+                self.learn_shape(key, if splittable { tests } else { 0 });
+            }
+            return;
+        };
+        if shape.1 == Some(false) {
+            self.learn_shape(key.clone(), 0);
+        }
+        let Some(project) = self
+            .evaluations
+            .get(&lease.eval)
+            .and_then(|e| e.projects.get(&lease.project))
+        else {
+            return;
+        };
+        let mut total = 0.0;
+        for module in project.modules.values() {
+            if module.piece.as_ref().is_some_and(|p| p.path == piece.path) {
+                let ModuleState::Done(done) = &module.state else {
+                    return;
+                };
+                total += done.seconds;
+            }
+        }
+        self.learn_duration(key, total);
+    }
+
+    /// Remembers that module `key` (`project/module`) held `tests` tests when it last ran
+    /// whole, 0 if it may not be split (within [`MAX_DURATIONS`]).
+    pub fn learn_shape(&mut self, key: String, tests: u32) {
+        if self.shapes.len() < MAX_DURATIONS || self.shapes.contains_key(&key) {
+            self.shapes.insert(key, tests);
+        }
+    }
+
+    /// Tests module `module` of project `project` held when it last ran whole, 0 if it may
+    /// not be split; none if it never ran whole here.
+    pub fn shape(&self, project: &str, module: &str) -> Option<u32> {
+        self.shapes.get(&format!("{project}/{module}")).copied()
+    }
+
+    /// Splits the stragglers of evaluation `id` for `workers` workers: each module waiting
+    /// for its first run, expected to take longer than its share of the evaluation's
+    /// expected work (a fifth more than the work over the workers), that holds tests enough
+    /// and may be split, is replaced by `k` pieces expected to take that share each (at
+    /// most [`MAX_PIECES`], none under [`MIN_PIECE_SECONDS`]). Returns the modules split.
+    pub fn split_stragglers(&mut self, id: EvalId, workers: usize) -> usize {
+        let Some(evaluation) = self.evaluations.get(&id) else {
+            return 0;
+        };
+        let waiting =
+            |m: &Module| m.state == ModuleState::Pending { attempt: 0 } && m.piece.is_none();
+        let known: Vec<f64> = evaluation
+            .projects
+            .values()
+            .flat_map(|p| p.modules.values())
+            .filter(|m| waiting(m))
+            .filter_map(|m| m.expected_seconds)
+            .collect();
+        if known.is_empty() {
+            return 0;
+        }
+        let mean = known.iter().sum::<f64>() / known.len() as f64;
+        let work: f64 = evaluation
+            .projects
+            .values()
+            .flat_map(|p| p.modules.values())
+            .filter(|m| waiting(m))
+            .map(|m| m.expected_seconds.unwrap_or(mean))
+            .sum();
+        let share = (work / workers.max(1) as f64).max(MIN_PIECE_SECONDS);
+        let mut splits = Vec::new();
+        for (project_name, project) in &evaluation.projects {
+            for (path, module) in &project.modules {
+                let (Some(expected), Some(tests)) =
+                    (module.expected_seconds, self.shape(project_name, path))
+                else {
+                    continue;
+                };
+                if !waiting(module) || expected <= share * 1.2 {
+                    continue;
+                }
+                let pieces = (expected / share)
+                    .ceil()
+                    .min((expected / MIN_PIECE_SECONDS).floor())
+                    .min(f64::from(tests))
+                    .min(f64::from(MAX_PIECES)) as u32;
+                if pieces >= 2 {
+                    splits.push((project_name.clone(), path.clone(), pieces));
+                }
+            }
+        }
+        let Some(evaluation) = self.evaluations.get_mut(&id) else {
+            return 0;
+        };
+        for (project_name, path, of) in &splits {
+            let Some(project) = evaluation.projects.get_mut(project_name) else {
+                continue;
+            };
+            let Some(module) = project.modules.remove(path) else {
+                continue;
+            };
+            for index in 1..=*of {
+                let piece = Piece {
+                    path: path.clone(),
+                    index,
+                    of: *of,
+                };
+                let part = Module {
+                    estimated_tests: module.estimated_tests / of
+                        + u32::from(index <= module.estimated_tests % of),
+                    expected_seconds: module.expected_seconds.map(|s| s / f64::from(*of)),
+                    piece: Some(piece.clone()),
+                    ..module.clone()
+                };
+                project.modules.insert(piece.name(), part);
+            }
+        }
+        splits.len()
     }
 
     /// Remembers that module `key` (`project/module`) took `seconds` (within
@@ -1012,6 +1208,7 @@ impl Ledger {
                             .as_ref()
                             .map(|r| r.tests.clone())
                             .unwrap_or_default(),
+                        piece: module.piece.clone(),
                     });
                     module.crashes += 1;
                     module.state = if module.crashes >= MAX_CRASHES {
@@ -1111,6 +1308,7 @@ mod tests {
                     module: "tests/test_x.py".into(),
                     attempt: 0,
                     selection: Vec::new(),
+                    piece: None,
                 },
                 "w",
                 ok(4, 0, 1.0),
@@ -1434,5 +1632,61 @@ mod tests {
             ModuleState::Done(first)
         );
         assert_eq!(evaluation.status(), "done");
+    }
+
+    /// A module expected to take more than its share of the work, that ran whole before
+    /// and may be split, becomes pieces that take the share each; a module never run, or
+    /// that may not be split, stays whole; once every piece is done, the module's duration
+    /// is their sum.
+    #[test]
+    fn stragglers_are_split_in_pieces_whose_times_add_up() {
+        let mut ledger = Ledger::default();
+        let modules = [
+            ("tests/test_big.py", 40),
+            ("tests/test_fixture.py", 40),
+            ("tests/test_new.py", 4),
+            ("tests/test_small.py", 4),
+        ];
+        ledger.learn_duration("p/tests/test_big.py".into(), 8.0);
+        ledger.learn_shape("p/tests/test_big.py".into(), 40);
+        ledger.learn_duration("p/tests/test_fixture.py".into(), 8.0);
+        ledger.learn_shape("p/tests/test_fixture.py".into(), 0);
+        ledger.learn_duration("p/tests/test_small.py".into(), 1.0);
+        ledger.learn_shape("p/tests/test_small.py".into(), 4);
+        ledger.submit(1, "o", 0, vec![project("p", &modules)]);
+        // Work: 8 + 8 + 1 + 1 (the unknown module counts the mean of the known, 17/3).
+        assert_eq!(ledger.split_stragglers(1, 4), 1);
+        let names: Vec<&String> = ledger.get(1).unwrap().projects["p"]
+            .modules
+            .keys()
+            .collect();
+        assert!(
+            names.contains(&&"tests/test_fixture.py".to_owned()),
+            "{names:?}"
+        );
+        assert!(
+            names.contains(&&"tests/test_new.py".to_owned()),
+            "{names:?}"
+        );
+        let pieces: Vec<&String> = names.iter().copied().filter(|n| n.contains(" [")).collect();
+        assert_eq!(pieces.len(), 2, "{names:?}");
+        assert!(pieces.contains(&&"tests/test_big.py [1/2]".to_owned()));
+
+        let mut leases = Vec::new();
+        while let Some(lease) = ledger.lease("o", "w", 0, 1000, 0) {
+            leases.push(lease);
+        }
+        assert_eq!(leases.len(), 5);
+        let first = leases.iter().find(|l| l.piece.is_some()).unwrap();
+        assert_eq!(first.path(), "tests/test_big.py");
+        for lease in &leases {
+            let mut result = ok(10, 0, 3.0);
+            result.collected = Some(40);
+            result.splittable = Some(true);
+            assert!(ledger.complete(lease, "w", result, 0));
+        }
+        assert_eq!(ledger.duration("p", "tests/test_big.py"), Some(6.0));
+        assert_eq!(ledger.get(1).unwrap().counts().0.passed, 50);
+        assert_eq!(ledger.split_stragglers(1, 4), 0, "nothing waits");
     }
 }

@@ -649,6 +649,7 @@ mod tests {
             module: module.into(),
             attempt: 0,
             selection: Vec::new(),
+            piece: None,
         }
     }
 

@@ -27,17 +27,48 @@ use tokio_util::sync::CancellationToken;
 
 use crate::proto::ledger::{list_test, ModuleResult};
 
-/// The pytest plugin that reports each test as it ends.
+/// The pytest plugin that reports each test as it ends, what was collected (and whether
+/// the module may be split: no class- or module-scoped fixture, no `teia_no_split` mark),
+/// and, for a piece of a split module (`TEIA_SHARD=I/K`), keeps only the I-th of K
+/// contiguous runs of the collected tests (a collection error is reported by piece 1
+/// alone).
 const PLUGIN: &str = r#"
 import json, os
 
 _out = open(os.environ["TEIA_REPORT"], "a", buffering=1)
+_shard = os.environ.get("TEIA_SHARD")
 
-def _write(kind, outcome, nodeid):
-    _out.write(json.dumps({"kind": kind, "outcome": outcome, "nodeid": nodeid}) + "\n")
+def _write(kind, outcome, nodeid, **more):
+    _out.write(json.dumps(dict(kind=kind, outcome=outcome, nodeid=nodeid, **more)) + "\n")
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "teia_no_split: never split this module's tests over several workers")
+
+def _splittable(items):
+    for item in items:
+        if item.get_closest_marker("teia_no_split"):
+            return False
+        info = getattr(item, "_fixtureinfo", None)
+        for defs in (getattr(info, "name2fixturedefs", None) or {}).values():
+            for fixture in defs:
+                if str(getattr(fixture, "scope", "function")) in ("class", "module"):
+                    return False
+    return True
+
+def pytest_collection_modifyitems(session, config, items):
+    collected, splittable = len(items), _splittable(items)
+    if _shard:
+        index, of = (int(part) for part in _shard.split("/"))
+        start, end = (index - 1) * collected // of, index * collected // of
+        deselected = items[:start] + items[end:]
+        if deselected:
+            config.hook.pytest_deselected(items=deselected)
+        items[:] = items[start:end]
+    _write("collected", "ok", "", count=collected, selected=len(items), splittable=splittable)
 
 def pytest_collectreport(report):
-    if report.failed:
+    if report.failed and (not _shard or _shard.startswith("1/")):
         _write("collect", "error", report.nodeid)
 
 def pytest_runtest_logreport(report):
@@ -205,6 +236,15 @@ struct Report {
     outcome: String,
     #[serde(default)]
     nodeid: String,
+    /// Tests collected (a `collected` line).
+    #[serde(default)]
+    count: Option<u32>,
+    /// Tests kept to run (a `collected` line).
+    #[serde(default)]
+    selected: Option<u32>,
+    /// Whether the module may be split (a `collected` line).
+    #[serde(default)]
+    splittable: Option<bool>,
 }
 
 /// pytest's arguments after the module.
@@ -362,7 +402,8 @@ impl Runner {
     }
 
     /// Runs `module` of the project in `project` (copied into `work`, which must not
-    /// exist), or only its tests in `selection` (node ids: a rerun) when there are any;
+    /// exist), or only its tests in `selection` (node ids: a rerun) when there are any,
+    /// else only piece `shard` (`(i, k)`: the i-th of k runs of its tests) when given;
     /// `node` names this node in the result. The result lists the tests that failed and,
     /// for a selection, those that passed (within [`list_test`]'s bounds).
     pub async fn run_module(
@@ -370,6 +411,7 @@ impl Runner {
         project: &Path,
         module: &str,
         selection: &[String],
+        shard: Option<(u32, u32)>,
         work: &Path,
         node: &str,
     ) -> Result<Outcome, RunError> {
@@ -416,6 +458,9 @@ impl Runner {
             dir: &tree,
             module,
             selection: &selection,
+            shard: shard
+                .filter(|(i, k)| (1..=*k).contains(i) && selection.is_empty())
+                .map(|(i, k)| format!("{i}/{k}")),
             output: &output_file,
             home: &home,
             report: &report,
@@ -454,10 +499,17 @@ impl Runner {
             ),
         };
         let text = String::from_utf8_lossy(&text);
+        let mut selected = None;
         for line in text.lines() {
             let Ok(report) = serde_json::from_str::<Report>(line) else {
                 continue;
             };
+            if report.kind == "collected" {
+                result.collected = report.count;
+                result.splittable = report.splittable;
+                selected = report.selected;
+                continue;
+            }
             let listed = match (report.kind.as_str(), report.outcome.as_str()) {
                 ("call", "passed") => {
                     result.passed += 1;
@@ -482,7 +534,7 @@ impl Runner {
             }
         }
         let counted = result.passed + result.failed + result.errors + result.skipped;
-        let crashed = counted == 0 && !output.contains("no tests ran");
+        let crashed = counted == 0 && selected != Some(0) && !output.contains("no tests ran");
         if crashed && !timed_out {
             let start = output.len().saturating_sub(2048);
             let start = (start..output.len())
@@ -643,6 +695,9 @@ impl Runner {
             .args(PYTEST_ARGS)
             .current_dir(request.dir);
         clean_environment(&mut command, &self.support, request.home);
+        if let Some(shard) = &request.shard {
+            command.env("TEIA_SHARD", shard);
+        }
         command
             .env("TEIA_REPORT", request.report)
             .stdin(Stdio::null())
@@ -868,7 +923,7 @@ mod tests {
         for (name, runner) in [("warm", &warm), ("cold", &cold)] {
             let work = dir.path().join(format!("{name}-mix"));
             let mix = runner
-                .run_module(&src, "tests/test_mix.py", &[], &work, "n")
+                .run_module(&src, "tests/test_mix.py", &[], None, &work, "n")
                 .await
                 .unwrap();
             let r = mix.result;
@@ -906,6 +961,7 @@ mod tests {
                     &src,
                     module,
                     &[],
+                    None,
                     &dir.path().join(format!("{name}-all")),
                     "n",
                 )
@@ -932,6 +988,7 @@ mod tests {
                     &src,
                     module,
                     &selection,
+                    None,
                     &dir.path().join(format!("{name}-some")),
                     "n",
                 )
@@ -946,6 +1003,86 @@ mod tests {
             );
             assert_eq!(r.failed_tests, [format!("{module}::test_p[2]")], "{name}");
             assert_eq!(r.passed_tests, [format!("{module}::test_ok")], "{name}");
+        }
+    }
+
+    /// The pieces of a split module, forked warm or started cold, run disjoint runs of its
+    /// tests that add up to the whole (parametrised ones included), each saying what the
+    /// module holds; a module with a module- or class-scoped fixture or the `teia_no_split`
+    /// mark says it may not be split; a collection error counts once, in piece 1; a piece
+    /// left no test is not a crash.
+    #[tokio::test]
+    async fn pieces_of_a_split_module_add_up_to_the_whole() {
+        let python = interpreter().await;
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("p");
+        project(
+            &src,
+            "test_many.py",
+            "import pytest\n\n@pytest.mark.parametrize('n', range(4))\ndef test_p(n):\n    assert n != 3\n\nclass TestC:\n    def test_a(self):\n        pass\n    def test_b(self):\n        pytest.skip('no')\n",
+        );
+        project(
+            &src,
+            "test_fixture.py",
+            "import pytest\n\n@pytest.fixture(scope='module')\ndef shared():\n    return []\n\ndef test_a(shared):\n    shared.append(1)\n\ndef test_b(shared):\n    assert shared == [1]\n",
+        );
+        project(
+            &src,
+            "test_marked.py",
+            "import pytest\n\npytestmark = pytest.mark.teia_no_split\n\ndef test_a():\n    pass\n\ndef test_b():\n    pass\n",
+        );
+        project(&src, "test_broken.py", "import nothing_here\n");
+        let (warm, cold) = warm_and_cold(&dir.path().join("runner"), python, Isolation::Limits);
+        for (name, runner) in [("warm", &warm), ("cold", &cold)] {
+            let run = |module: &'static str, shard: Option<(u32, u32)>, tag: String| {
+                let work = dir.path().join(format!("{name}-{tag}"));
+                let src = src.clone();
+                async move {
+                    runner
+                        .run_module(&src, module, &[], shard, &work, "n")
+                        .await
+                        .unwrap()
+                        .result
+                }
+            };
+            let mut sum = (0, 0, 0, 0);
+            for index in 1..=3 {
+                let piece = run("tests/test_many.py", Some((index, 3)), format!("m{index}")).await;
+                assert_eq!(piece.collected, Some(6), "{name}");
+                assert_eq!(piece.splittable, Some(true), "{name}");
+                sum.0 += piece.passed;
+                sum.1 += piece.failed;
+                sum.2 += piece.errors;
+                sum.3 += piece.skipped;
+            }
+            let whole = run("tests/test_many.py", None, "whole".into()).await;
+            assert_eq!(
+                sum,
+                (whole.passed, whole.failed, whole.errors, whole.skipped),
+                "{name}"
+            );
+            assert_eq!(sum, (4, 1, 0, 1), "{name}");
+            let fixture = run("tests/test_fixture.py", None, "fixture".into()).await;
+            assert_eq!(fixture.splittable, Some(false), "{name}");
+            let marked = run("tests/test_marked.py", None, "marked".into()).await;
+            assert_eq!(marked.splittable, Some(false), "{name}");
+            let mut errors = 0;
+            for index in 1..=2 {
+                let piece = run(
+                    "tests/test_broken.py",
+                    Some((index, 2)),
+                    format!("b{index}"),
+                )
+                .await;
+                errors += piece.errors;
+            }
+            assert_eq!(errors, 1, "{name}: a collection error counts once");
+            let empty = run("tests/test_marked.py", Some((1, 3)), "empty".into()).await;
+            assert_eq!(
+                (empty.passed, empty.errors),
+                (0, 0),
+                "{name}: a piece left no test"
+            );
         }
     }
 
@@ -988,7 +1125,7 @@ mod tests {
             );
             project(&src, "test_sandbox.py", &source);
             let outcome = runner
-                .run_module(&src, "tests/test_sandbox.py", &[], &work, "n")
+                .run_module(&src, "tests/test_sandbox.py", &[], None, &work, "n")
                 .await
                 .unwrap();
             let r = outcome.result;
@@ -1065,7 +1202,7 @@ mod tests {
     /// finished kept, the one it was in counted as an error, and the child it started gone.
     async fn assert_killed_at_timeout(runner: &Runner, src: &Path, work: &Path) {
         let hang = runner
-            .run_module(src, "tests/test_hang.py", &[], work, "n")
+            .run_module(src, "tests/test_hang.py", &[], None, work, "n")
             .await
             .unwrap();
         assert!(hang.timed_out, "{}", hang.output);
@@ -1189,7 +1326,14 @@ mod tests {
         )
         .unwrap();
         let outcome = runner
-            .run_module(&src, "tests/test_one.py", &[], &dir.path().join("w"), "n")
+            .run_module(
+                &src,
+                "tests/test_one.py",
+                &[],
+                None,
+                &dir.path().join("w"),
+                "n",
+            )
             .await
             .unwrap();
         let _ = witness.kill();
@@ -1237,7 +1381,7 @@ mod tests {
                 let work = dir.path().join(format!("w-{name}-{}", module.len()));
                 let _ = std::fs::remove_dir_all(&work);
                 let outcome = runner
-                    .run_module(&src, module, &[], &work, "n")
+                    .run_module(&src, module, &[], None, &work, "n")
                     .await
                     .unwrap();
                 assert_eq!(
@@ -1268,6 +1412,7 @@ mod tests {
                 &broken,
                 "tests/test_one.py",
                 &[],
+                None,
                 &dir.path().join("w-broken"),
                 "n",
             )

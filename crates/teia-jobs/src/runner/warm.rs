@@ -286,6 +286,8 @@ pub(crate) struct Request<'a> {
     pub module: &'a str,
     /// Its tests to run (node ids), when not all of them.
     pub selection: &'a [String],
+    /// The piece of its tests to run (`I/K`, `TEIA_SHARD`), when it is split.
+    pub shard: Option<String>,
     /// Where its stdout and stderr go.
     pub output: &'a Path,
     /// Its `HOME`.
@@ -388,7 +390,10 @@ impl WarmPool {
             "dir": request.dir,
             "args": request.targets().chain(PYTEST_ARGS).collect::<Vec<_>>(),
             "output": request.output,
-            "env": {"HOME": request.home, "TEIA_REPORT": request.report},
+            "env": match &request.shard {
+                Some(shard) => serde_json::json!({"HOME": request.home, "TEIA_REPORT": request.report, "TEIA_SHARD": shard}),
+                None => serde_json::json!({"HOME": request.home, "TEIA_REPORT": request.report}),
+            },
         });
         self.fork(python, &line)
             .await

@@ -288,11 +288,15 @@ pub async fn run(args: EvalArgs) -> anyhow::Result<()> {
             token,
             fail_under,
             no_cache,
+            no_split,
             rerun_failures,
         } => {
             let mut query = Vec::new();
             if no_cache {
                 query.push("cache=false".to_owned());
+            }
+            if no_split {
+                query.push("split=false".to_owned());
             }
             if let Some(times) = rerun_failures {
                 query.push(format!("rerun_failures={times}"));
