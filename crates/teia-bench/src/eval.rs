@@ -9,6 +9,12 @@
 //! The corpus is synthetic and uneven, as real suites are: modules whose tests sleep from
 //! 0.1 s to 2 s (the work is waiting, so the machine's two cores do not cap the speed-up of
 //! three workers), spread over three projects.
+//!
+//! Then two corpora for splitting and its cost, with 3 nodes: one whose module of 24 tests
+//! takes 12 s of 18 (a straggler: whole, it decides the makespan), run once (never seen:
+//! whole) and again with the cache off (its duration known: split), against xdist; and
+//! one of 60 modules of one fast test (where neither the cache nor splitting can help), on
+//! nodes with both on and on nodes with both off, three times each, alternating.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -25,6 +31,22 @@ use crate::node::{remove_all, Node, Programs};
 pub struct Args {
     #[command(flatten)]
     programs: Programs,
+    /// Run one part only (all by default).
+    #[arg(long, value_enum)]
+    only: Option<Part>,
+}
+
+/// A part of the evaluation benchmark.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Part {
+    /// The synthetic corpus against serial pytest and xdist, the cache, and failover.
+    Corpus,
+    /// The straggler corpus, whole then split, against xdist.
+    Stragglers,
+    /// Tiny modules with the cache and splitting on and off.
+    Tiny,
+    /// Real projects from PyPI (the test corpus), against xdist, counts checked.
+    Real,
 }
 
 /// Seconds of sleep of each module's tests, by project: 24 modules, 22.3 s of work.
@@ -154,6 +176,10 @@ fn http(
 }
 
 fn submit(addr: &str, zip: &[u8]) -> anyhow::Result<u64> {
+    submit_to(addr, "/evaluation", zip)
+}
+
+fn submit_to(addr: &str, path: &str, zip: &[u8]) -> anyhow::Result<u64> {
     let boundary = "teiabenchboundary";
     let mut body = format!(
         "--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"corpus.zip\"\r\n\r\n"
@@ -164,7 +190,7 @@ fn submit(addr: &str, zip: &[u8]) -> anyhow::Result<u64> {
     let (status, answer) = http(
         addr,
         "POST",
-        "/evaluation",
+        path,
         &format!("multipart/form-data; boundary={boundary}"),
         &body,
     )?;
@@ -192,13 +218,23 @@ const NODE_FLAGS: [&str; 6] = [
 ];
 
 fn cluster(teia: &Path, dir: &Path, count: usize) -> anyhow::Result<Vec<Node>> {
+    cluster_with(teia, dir, count, &[])
+}
+
+fn cluster_with(
+    teia: &Path,
+    dir: &Path,
+    count: usize,
+    extra: &[&str],
+) -> anyhow::Result<Vec<Node>> {
+    let flags: Vec<&str> = NODE_FLAGS.iter().chain(extra).copied().collect();
     let mut nodes = Vec::new();
-    let owner = Node::start(teia, &dir.join("n0"), "n0", None, &NODE_FLAGS)?;
+    let owner = Node::start(teia, &dir.join("n0"), "n0", None, &flags)?;
     let first = format!("127.0.0.1:{}", owner.port);
     nodes.push(owner);
     for index in 1..count {
         let name = format!("n{index}");
-        let node = Node::start(teia, &dir.join(&name), &name, Some(&first), &NODE_FLAGS)?;
+        let node = Node::start(teia, &dir.join(&name), &name, Some(&first), &flags)?;
         nodes.push(node);
     }
     // Let the links come up and the announcements flow.
@@ -230,10 +266,30 @@ fn measure(args: Args) -> anyhow::Result<()> {
     let python = args.programs.python;
     let dir = std::env::temp_dir().join(format!("teia-bench-eval-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
+    let wanted = |part: Part| args.only.is_none_or(|only| only == part);
+    if wanted(Part::Corpus) {
+        corpus(&teia, &python, &dir)?;
+    }
+    if wanted(Part::Stragglers) {
+        stragglers(&teia, &python, &dir)?;
+    }
+    if wanted(Part::Tiny) {
+        tiny_modules(&teia, &python, &dir)?;
+    }
+    if wanted(Part::Real) {
+        real_projects(&teia, &python, &dir)?;
+    }
+    remove_all(&dir);
+    Ok(())
+}
+
+/// The synthetic corpus by serial pytest, xdist and teia with 2 and 3 nodes, submitted
+/// again and with one module changed, then failover.
+fn corpus(teia: &Path, python: &str, dir: &Path) -> anyhow::Result<()> {
     let corpus = dir.join("corpus");
     let work = write_corpus(&corpus)?;
     let zip_path = dir.join("corpus.zip");
-    zip_corpus(&python, &corpus, &zip_path)?;
+    zip_corpus(python, &corpus, &zip_path)?;
     let zip = std::fs::read(&zip_path)?;
     println!(
         "corpus: 3 projects, 24 modules, 48 tests, {work:.1} s of work (longest module 2.0 s)"
@@ -241,7 +297,7 @@ fn measure(args: Args) -> anyhow::Result<()> {
 
     let mut serial = 0.0;
     for (project, _) in CORPUS {
-        let mut command = Command::new(&python);
+        let mut command = Command::new(python);
         command
             .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
             .current_dir(corpus.join(project));
@@ -254,7 +310,7 @@ fn measure(args: Args) -> anyhow::Result<()> {
 
     for n in [2usize, 3] {
         let ideal = (work / n as f64).max(2.0);
-        let mut command = Command::new(&python);
+        let mut command = Command::new(python);
         command
             .args([
                 "-m",
@@ -268,7 +324,7 @@ fn measure(args: Args) -> anyhow::Result<()> {
             .args(CORPUS.iter().map(|(p, _)| format!("{p}/tests")))
             .current_dir(&corpus);
         let xdist = timed(command)?;
-        let nodes = cluster(&teia, &dir.join(format!("c{n}")), n)?;
+        let nodes = cluster(teia, &dir.join(format!("c{n}")), n)?;
         let owner = nodes.first().context("no owner")?;
         let started = Instant::now();
         let id = submit(&owner.http, &zip)?;
@@ -300,13 +356,13 @@ fn measure(args: Args) -> anyhow::Result<()> {
             busiest * 100.0 / total.max(1e-9)
         );
         if n == 3 {
-            resubmissions(&owner.http, &python, &corpus, &dir, &zip, teia_time)?;
+            resubmissions(&owner.http, python, &corpus, dir, &zip, teia_time)?;
         }
         drop(nodes);
     }
 
     // Failover: a worker killed while it runs a module; then the owner killed.
-    let mut nodes = cluster(&teia, &dir.join("failover"), 3)?;
+    let mut nodes = cluster(teia, &dir.join("failover"), 3)?;
     let owner_http = nodes.first().context("no owner")?.http.clone();
     let survivor_http = nodes.get(1).context("no survivor")?.http.clone();
     let id = submit(&owner_http, &zip)?;
@@ -364,6 +420,281 @@ fn measure(args: Args) -> anyhow::Result<()> {
     };
     println!("kill -9 of the owner → the evaluation progressing again: {resumed:.2} s");
     drop(nodes);
-    remove_all(&dir);
+    Ok(())
+}
+
+/// Seconds of the straggler corpus's dominant module, and its tests.
+const STRAGGLER: (f64, usize) = (12.0, 24);
+
+/// Seconds of each of the straggler corpus's other modules (2 tests each).
+const OTHERS: [f64; 6] = [1.0; 6];
+
+/// One module of `tests` tests sleeping `seconds` in all.
+fn sleeping_module(seconds: f64, tests: usize) -> String {
+    let each = seconds / tests as f64;
+    format!(
+        "import time, pytest\n\n@pytest.mark.parametrize('n', range({tests}))\ndef test_sleep(n):\n    time.sleep({each})\n"
+    )
+}
+
+/// A corpus whose one module takes most of the work, on 3 nodes: run whole (never seen),
+/// then split (its duration known; the cache off), against `pytest -n 3 --dist worksteal`.
+fn stragglers(teia: &Path, python: &str, dir: &Path) -> anyhow::Result<()> {
+    let corpus = dir.join("stragglers");
+    let tests = corpus.join("report").join("tests");
+    std::fs::create_dir_all(&tests)?;
+    std::fs::write(
+        tests.join("test_big.py"),
+        sleeping_module(STRAGGLER.0, STRAGGLER.1),
+    )?;
+    for (index, seconds) in OTHERS.iter().enumerate() {
+        std::fs::write(
+            tests.join(format!("test_m{index}.py")),
+            sleeping_module(*seconds, 2),
+        )?;
+    }
+    let work = STRAGGLER.0 + OTHERS.iter().sum::<f64>();
+    let zip_path = dir.join("stragglers.zip");
+    zip_corpus(python, &corpus, &zip_path)?;
+    let zip = std::fs::read(&zip_path)?;
+    println!(
+        "straggler corpus: 1 project, 7 modules, {work:.0} s of work, one module {:.0} s ({} tests)",
+        STRAGGLER.0, STRAGGLER.1
+    );
+    let mut command = Command::new(python);
+    command
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+        .args(["-n", "3", "--dist", "worksteal", "report/tests"])
+        .current_dir(&corpus);
+    let xdist = timed(command)?;
+    let ideal = work / 3.0;
+    println!(
+        "{:<44} {:>8.2} s   ({:.2} of ideal {ideal:.2} s)",
+        "pytest -n 3 --dist worksteal",
+        xdist,
+        xdist / ideal
+    );
+    let nodes = cluster(teia, &dir.join("s3"), 3)?;
+    let owner = &nodes.first().context("no owner")?.http;
+    let started = Instant::now();
+    let id = submit(owner, &zip)?;
+    wait_done(owner, id)?;
+    let whole = started.elapsed().as_secs_f64();
+    println!(
+        "{:<44} {:>8.2} s   ({:.2} of xdist; never seen: each module whole)",
+        "teia, 3 nodes, first run",
+        whole,
+        whole / xdist
+    );
+    let started = Instant::now();
+    let id = submit_to(owner, "/evaluation?cache=false", &zip)?;
+    let done = wait_done(owner, id)?;
+    let split = started.elapsed().as_secs_f64();
+    let pieces = done["projects"]["report"]["modules"]
+        .as_object()
+        .map_or(0, |m| m.keys().filter(|k| k.contains(" [")).count());
+    println!(
+        "{:<44} {:>8.2} s   ({:.2} of xdist; {:.2} of the first run; the straggler in {pieces} pieces)",
+        "teia, 3 nodes, again (cache off)",
+        split,
+        split / xdist,
+        split / whole
+    );
+    drop(nodes);
+    Ok(())
+}
+
+/// The real projects of the test corpus (`crates/teia/tests/corpus`: cachetools and
+/// tabulate from their sdists, 768 tests).
+const REAL: [&str; 2] = ["cachetools", "tabulate"];
+
+/// Tests a pytest summary line says passed, failed and skipped.
+fn summary_counts(output: &str) -> [u64; 3] {
+    let mut counts = [0; 3];
+    let words: Vec<&str> = output
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .split([' ', ','])
+        .collect();
+    for pair in words.windows(2) {
+        if let [number, word] = pair {
+            let slot = match *word {
+                "passed" => 0,
+                "failed" => 1,
+                "skipped" => 2,
+                _ => continue,
+            };
+            if let (Some(count), Ok(n)) = (counts.get_mut(slot), number.parse::<u64>()) {
+                *count = n;
+            }
+        }
+    }
+    counts
+}
+
+/// The real projects by serial pytest and `pytest -n 3 --dist worksteal`, each project
+/// after the other, and by teia on 3 nodes in one submission, cold then again with the
+/// cache off; each run's counts against the serial pytest's.
+fn real_projects(teia: &Path, python: &str, dir: &Path) -> anyhow::Result<()> {
+    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../teia/tests/corpus");
+    let corpus = dir.join("real");
+    let mut serial_counts = [0u64; 3];
+    let (mut serial, mut xdist) = (0.0, 0.0);
+    for project in REAL {
+        copy_tree(&source.join(project), &corpus.join(project))?;
+        let started = Instant::now();
+        let output = Command::new(python)
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+            .current_dir(corpus.join(project))
+            .output()?;
+        serial += started.elapsed().as_secs_f64();
+        let counts = summary_counts(String::from_utf8_lossy(&output.stdout).trim_end());
+        for (total, count) in serial_counts.iter_mut().zip(counts) {
+            *total += count;
+        }
+        let mut command = Command::new(python);
+        command
+            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+            .args(["-n", "3", "--dist", "worksteal"])
+            .current_dir(corpus.join(project));
+        xdist += timed(command)?;
+    }
+    let zip_path = dir.join("real.zip");
+    zip_corpus(python, &corpus, &zip_path)?;
+    let zip = std::fs::read(&zip_path)?;
+    println!(
+        "real projects: {} (PyPI sdists), {} passed, {} failed, {} skipped by a serial pytest",
+        REAL.join(" and "),
+        serial_counts[0],
+        serial_counts[1],
+        serial_counts[2]
+    );
+    println!(
+        "{:<44} {:>8.2} s",
+        "serial pytest (one project after another)", serial
+    );
+    println!(
+        "{:<44} {:>8.2} s",
+        "pytest -n 3 --dist worksteal (each project)", xdist
+    );
+    let nodes = cluster(teia, &dir.join("r3"), 3)?;
+    let owner = &nodes.first().context("no owner")?.http;
+    for (label, path) in [
+        ("teia, 3 nodes, cold", "/evaluation"),
+        (
+            "teia, 3 nodes, again (cache off)",
+            "/evaluation?cache=false",
+        ),
+    ] {
+        let started = Instant::now();
+        let id = submit_to(owner, path, &zip)?;
+        let done = wait_done(owner, id)?;
+        let took = started.elapsed().as_secs_f64();
+        let tests = &done["tests"];
+        let counts = [
+            tests["passed"].as_u64().unwrap_or(0),
+            tests["failed"].as_u64().unwrap_or(0) + tests["errors"].as_u64().unwrap_or(0),
+            tests["skipped"].as_u64().unwrap_or(0),
+        ];
+        let exact = if counts == serial_counts {
+            "counts exact".to_owned()
+        } else {
+            format!("COUNTS DIFFER: {counts:?}")
+        };
+        println!(
+            "{label:<44} {took:>8.2} s   ({:.2} of xdist; {exact})",
+            took / xdist
+        );
+    }
+    drop(nodes);
+    Ok(())
+}
+
+/// Copies the folder `from` to `to` (`cp -r`).
+fn copy_tree(from: &Path, to: &Path) -> anyhow::Result<()> {
+    if let Some(parent) = to.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let status = Command::new("cp").arg("-r").arg(from).arg(to).status()?;
+    if !status.success() {
+        bail!("cannot copy {} to {}", from.display(), to.display());
+    }
+    Ok(())
+}
+
+/// Modules of the tiny corpus (one fast test each).
+const TINY: usize = 60;
+
+/// Runs of the tiny corpus on each cluster.
+const TINY_ROUNDS: usize = 7;
+
+/// The cost of the cache and of splitting where they cannot help: a cold corpus of tiny
+/// modules on 3 nodes with both on (the defaults) and on 3 nodes with both off,
+/// [`TINY_ROUNDS`] times each, alternating which goes first (a new corpus each time, so
+/// that nothing is cached).
+fn tiny_modules(teia: &Path, python: &str, dir: &Path) -> anyhow::Result<()> {
+    let on = cluster(teia, &dir.join("tiny-on"), 3)?;
+    let off = cluster_with(teia, &dir.join("tiny-off"), 3, &["--no-result-cache"])?;
+    let mut times = [Vec::new(), Vec::new()];
+    for round in 0..TINY_ROUNDS {
+        let mut order = [
+            (0, &on, "/evaluation"),
+            (1, &off, "/evaluation?split=false"),
+        ];
+        if round % 2 == 1 {
+            order.reverse();
+        }
+        for (which, nodes, path) in order {
+            let corpus = dir.join(format!("tiny-{round}-{which}"));
+            let tests = corpus.join("tiny").join("tests");
+            std::fs::create_dir_all(&tests)?;
+            for index in 0..TINY {
+                std::fs::write(
+                    tests.join(format!("test_t{index}.py")),
+                    format!("def test_{index}_{round}_{which}():\n    assert {index} >= 0\n"),
+                )?;
+            }
+            let zip_path = dir.join(format!("tiny-{round}-{which}.zip"));
+            zip_corpus(python, &corpus, &zip_path)?;
+            let zip = std::fs::read(&zip_path)?;
+            let owner = &nodes.first().context("no owner")?.http;
+            let started = Instant::now();
+            let id = submit_to(owner, path, &zip)?;
+            wait_done(owner, id)?;
+            times[which].push(started.elapsed().as_secs_f64());
+        }
+    }
+    let median = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or(0.0)
+    };
+    let [mut with, mut without] = times;
+    let said = |v: &[f64]| {
+        v.iter()
+            .map(|t| format!("{t:.2}"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let runs = format!("on: {}; off: {}", said(&with), said(&without));
+    // Each round's two runs side by side: the machine's drift between rounds cancels.
+    let paired = with
+        .iter()
+        .zip(&without)
+        .map(|(on, off)| on / off)
+        .sum::<f64>()
+        / with.len().max(1) as f64;
+    let (with, without) = (median(&mut with), median(&mut without));
+    println!(
+        "{:<44} {:>8.2} s",
+        format!("teia, 3 nodes, {TINY} tiny modules, cache and split off"),
+        without
+    );
+    println!(
+        "{:<44} {:>8.2} s   ({:.3} of off, {paired:.3} by round; median of {TINY_ROUNDS} each: {runs})",
+        format!("teia, 3 nodes, {TINY} tiny modules, both on"),
+        with,
+        with / without
+    );
     Ok(())
 }

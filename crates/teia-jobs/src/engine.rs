@@ -267,14 +267,16 @@ fn keep_result(state: &mut State, lease: &Lease, policy: &Policy, trusted: bool)
     state.keep(&key, &result, lease.eval, policy.max_bytes);
 }
 
-/// Keeps the results newly done in `evaluation`, replicated from its owner (a member of
-/// the cluster), as the owner keeps them; evicts the results of a node a verification
-/// found disagreeing. `before` is the copy replicated here until now.
-fn keep_replicated(
+/// Learns from the modules newly done in `evaluation`, replicated from its owner (a member
+/// of the cluster): their durations and shapes, as the owner learns them (so that any node
+/// of the cluster splits a straggler), and, with a `policy`, their results, kept as the
+/// owner keeps them; evicts the results of a node a verification found disagreeing.
+/// `before` is the copy replicated here until now.
+fn learn_replicated(
     state: &mut State,
     before: Option<&Evaluation>,
     evaluation: &Evaluation,
-    policy: &Policy,
+    policy: Option<&Policy>,
 ) {
     for (name, project) in &evaluation.projects {
         for (path, module) in &project.modules {
@@ -292,6 +294,19 @@ fn keep_replicated(
                 state.evict_from(&other.node);
                 continue;
             }
+            if module.piece.is_none() && module.rerun.is_none() && result.cached.is_none() {
+                let key = format!("{name}/{path}");
+                state.ledger.learn_duration(key.clone(), result.seconds);
+                state.save_duration(&key, result.seconds);
+                if let (Some(tests), Some(splittable)) = (result.collected, result.splittable) {
+                    let tests = if splittable { tests } else { 0 };
+                    state.ledger.learn_shape(key.clone(), tests);
+                    state.save_shape(&key, tests);
+                }
+            }
+            let Some(policy) = policy else {
+                continue;
+            };
             let (Some(shared), Some(module_content)) = (&project.content, &module.content) else {
                 continue;
             };
@@ -1127,10 +1142,9 @@ impl Engine {
                 continue;
             }
             state.save(&evaluation);
-            if let Some(policy) = &self.config.result_cache {
-                let before = state.ledger.get(evaluation.id).cloned();
-                keep_replicated(&mut state, before.as_ref(), &evaluation, policy);
-            }
+            let before = state.ledger.get(evaluation.id).cloned();
+            let policy = self.config.result_cache.as_ref();
+            learn_replicated(&mut state, before.as_ref(), &evaluation, policy);
             state.ledger.replicate(evaluation);
         }
     }

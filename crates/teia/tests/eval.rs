@@ -1272,8 +1272,9 @@ fn failed_tests_run_again_on_another_node_of_the_cluster() {
     assert_ne!(reran, shaky["node"].as_str().unwrap(), "{detail}");
 }
 
-/// The result cache is the cluster's: a node that replicated another's evaluation reuses
-/// its results for the same files submitted to it, though it owned none of them.
+/// The result cache and the modules' durations are the cluster's: a node that replicated
+/// another's evaluation reuses its results for the same files submitted to it, though it
+/// owned none of them, and expects each module to take what it took there.
 #[test]
 fn a_node_of_the_cluster_reuses_the_results_another_node_ran() {
     let (owner, addr) = cluster_owner();
@@ -1322,6 +1323,8 @@ fn a_node_of_the_cluster_reuses_the_results_another_node_ran() {
         let entry = &again["projects"]["calc"]["modules"][module];
         assert_eq!(entry["cached"], true, "{module}: {again}");
         assert_eq!(entry["cached_from"]["eval"], id, "{module}: {again}");
+        // Durations travel too: the other node expects what the module took there.
+        assert!(entry["expected_seconds"].is_number(), "{module}: {again}");
     }
     assert_eq!(again["tests"]["passed"], 3, "{again}");
 }
