@@ -15,7 +15,8 @@ use rusqlite::{params, Connection};
 use crate::bundle::{self, BundleError};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::proto::ledger::{
-    CachedFrom, Completed, EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState, NewProject,
+    CachedFrom, Completed, EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState,
+    NewProject, Shape,
 };
 use crate::proto::result_cache::{self, Policy};
 use crate::runner::{Isolation, Limits, Runner};
@@ -298,10 +299,9 @@ fn learn_replicated(
                 let key = format!("{name}/{path}");
                 state.ledger.learn_duration(key.clone(), result.seconds);
                 state.save_duration(&key, result.seconds);
-                if let (Some(tests), Some(splittable)) = (result.collected, result.splittable) {
-                    let tests = if splittable { tests } else { 0 };
-                    state.ledger.learn_shape(key.clone(), tests);
-                    state.save_shape(&key, tests);
+                if let Some(shape) = Shape::of(result) {
+                    state.save_shape(&key, &shape);
+                    state.ledger.learn_shape(key.clone(), shape);
                 }
             }
             let Some(policy) = policy else {
@@ -463,12 +463,13 @@ impl State {
         }
     }
 
-    /// Keeps how many tests a module held when it last ran whole (0: it may not be
-    /// split), for splitting the next evaluations' stragglers.
-    fn save_shape(&self, key: &str, tests: u32) {
+    /// Keeps what a module held when it last ran whole, for splitting the next
+    /// evaluations' stragglers.
+    fn save_shape(&self, key: &str, shape: &Shape) {
+        let cuts = serde_json::to_string(&shape.cuts).unwrap_or_default();
         if let Err(e) = self.db.execute(
-            "INSERT OR REPLACE INTO shapes (key, tests) VALUES (?1, ?2)",
-            params![key, tests],
+            "INSERT OR REPLACE INTO module_shapes (key, tests, cuts) VALUES (?1, ?2, ?3)",
+            params![key, shape.tests, cuts],
         ) {
             tracing::error!(error = %e, "module's shape not stored");
         }
@@ -500,7 +501,8 @@ impl Engine {
                  eval INTEGER NOT NULL, at INTEGER NOT NULL);
              CREATE INDEX IF NOT EXISTS result_cache_at ON result_cache (at);
              CREATE TABLE IF NOT EXISTS durations (key TEXT PRIMARY KEY, seconds REAL NOT NULL);
-             CREATE TABLE IF NOT EXISTS shapes (key TEXT PRIMARY KEY, tests INTEGER NOT NULL);",
+             CREATE TABLE IF NOT EXISTS module_shapes (key TEXT PRIMARY KEY,
+                 tests INTEGER NOT NULL, cuts TEXT NOT NULL);",
         )?;
         if config.result_cache.is_none() {
             db.execute("DELETE FROM result_cache", [])?;
@@ -519,12 +521,17 @@ impl Engine {
             for (key, seconds) in rows.flatten() {
                 ledger.learn_duration(key, seconds);
             }
-            let mut statement = db.prepare("SELECT key, tests FROM shapes")?;
+            let mut statement = db.prepare("SELECT key, tests, cuts FROM module_shapes")?;
             let rows = statement.query_map([], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, u32>(1)?))
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, u32>(1)?,
+                    row.get::<_, String>(2)?,
+                ))
             })?;
-            for (key, tests) in rows.flatten() {
-                ledger.learn_shape(key, tests);
+            for (key, tests, cuts) in rows.flatten() {
+                let cuts = serde_json::from_str(&cuts).unwrap_or_default();
+                ledger.learn_shape(key, Shape { tests, cuts });
             }
         }
         {
@@ -972,7 +979,7 @@ impl Engine {
                 project,
                 lease.path(),
                 &lease.selection,
-                lease.piece.as_ref().map(|piece| (piece.index, piece.of)),
+                lease.piece.as_ref().map(|piece| (piece.start, piece.end)),
                 &work,
                 &self.config.address,
             )
@@ -1066,8 +1073,8 @@ impl Engine {
         if let Some(seconds) = state.ledger.duration(&lease.project, lease.path()) {
             state.save_duration(&key, seconds);
         }
-        if let Some(tests) = state.ledger.shape(&lease.project, lease.path()) {
-            state.save_shape(&key, tests);
+        if let Some(shape) = state.ledger.shape(&lease.project, lease.path()).cloned() {
+            state.save_shape(&key, &shape);
         }
         if let Some(evaluation) = state.ledger.get(lease.eval).cloned() {
             state.save(&evaluation);

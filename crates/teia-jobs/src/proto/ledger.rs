@@ -88,8 +88,48 @@ pub const MAX_PIECES: u32 = 16;
 /// process and collects the whole module again).
 pub const MIN_PIECE_SECONDS: f64 = 1.0;
 
-/// One piece of a split module: the `index`-th (from 1) of `of` contiguous runs of the
-/// tests of the module at `path`.
+/// Equal parts of a module's time its profile cuts it in ([`Shape::cuts`]).
+pub const PROFILE_PARTS: u32 = 16;
+
+/// What a module held when it last ran whole here (or on a node of the cluster), for
+/// splitting it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Shape {
+    /// Tests it held; 0 when it may not be split.
+    pub tests: u32,
+    /// Its tests' durations, in short: for each j from 1 to [`PROFILE_PARTS`] - 1, how
+    /// many of its tests (in pytest's order) had run when j parts of its time had passed.
+    /// Empty when not known: pieces are then cut by count.
+    #[serde(default)]
+    pub cuts: Vec<u32>,
+}
+
+impl Shape {
+    /// Where `pieces` pieces of such a module start (the first at 0), each taking about
+    /// the same time (the same number of tests without a profile); fewer when tests are
+    /// too few to cut there.
+    pub fn starts(&self, pieces: u32) -> Vec<u32> {
+        let pieces = pieces.max(1);
+        let profiled = self.cuts.len() == (PROFILE_PARTS - 1) as usize;
+        let mut starts = vec![0];
+        for m in 1..pieces {
+            let start = if profiled {
+                let part = ((m * PROFILE_PARTS + pieces / 2) / pieces).clamp(1, PROFILE_PARTS - 1);
+                self.cuts.get(part as usize - 1).copied().unwrap_or(0)
+            } else {
+                (u64::from(m) * u64::from(self.tests) / u64::from(pieces)) as u32
+            };
+            if starts.last().is_some_and(|last| start > *last) && start < self.tests {
+                starts.push(start);
+            }
+        }
+        starts
+    }
+}
+
+/// One piece of a split module: the tests of the module at `path` from `start` (in
+/// pytest's order, from 0) up to `end` (excluded; none: to the last), the `index`-th (from
+/// 1) of `of`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Piece {
     /// The module's path.
@@ -98,6 +138,25 @@ pub struct Piece {
     pub index: u32,
     /// Of how many.
     pub of: u32,
+    /// Its first test.
+    pub start: u32,
+    /// The test after its last (none: it runs to the last test the module holds).
+    pub end: Option<u32>,
+}
+
+impl Shape {
+    /// What a run of a whole module says of it, if it says (collected, splittable).
+    pub fn of(result: &ModuleResult) -> Option<Self> {
+        let (tests, splittable) = (result.collected?, result.splittable?);
+        Some(if splittable {
+            Self {
+                tests,
+                cuts: result.profile.clone(),
+            }
+        } else {
+            Self::default()
+        })
+    }
 }
 
 impl Piece {
@@ -155,6 +214,9 @@ pub struct ModuleResult {
     /// `teia_no_split` mark.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub splittable: Option<bool>,
+    /// Its tests' durations in short ([`Shape::cuts`]), from a run of the whole module.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub profile: Vec<u32>,
     /// The environment it ran in, as the result cache keys it
     /// ([`super::result_cache::environment`]); none from a node without a result cache,
     /// or a seed 000 node: such a result is never kept.
@@ -190,7 +252,7 @@ pub enum ModuleState {
         deadline: u64,
     },
     /// Finished (a result, possibly a failure recorded after crashes).
-    Done(ModuleResult),
+    Done(Box<ModuleResult>),
 }
 
 /// One module of a project.
@@ -380,10 +442,10 @@ pub struct Ledger {
     evaluations: BTreeMap<EvalId, Evaluation>,
     /// Seconds each module took last time, by `project/module` path.
     durations: HashMap<String, f64>,
-    /// Tests each module held when it last ran whole, by `project/module` path: 0 when it
-    /// may not be split (within [`MAX_DURATIONS`]).
+    /// What each module held when it last ran whole, by `project/module` path (within
+    /// [`MAX_DURATIONS`]).
     #[serde(default)]
-    shapes: HashMap<String, u32>,
+    shapes: HashMap<String, Shape>,
     /// The evaluation served last, for taking turns.
     last_served: Option<EvalId>,
 }
@@ -894,7 +956,7 @@ impl Ledger {
         result.flaky.clear();
         result.rerun_on.clear();
         let seconds = result.seconds;
-        let shape = (result.collected, result.splittable);
+        let shape = Shape::of(&result);
         let reruns = self
             .evaluations
             .get(&lease.eval)
@@ -931,7 +993,7 @@ impl Ledger {
             }
             let first_worker = rerun.ran_on.first().cloned().unwrap_or_default();
             rerun.first.rerun_on = rerun.ran_on.split_off(1);
-            module.state = ModuleState::Done(rerun.first);
+            module.state = ModuleState::Done(Box::new(rerun.first));
             if let Some(evaluation) = self.evaluations.get_mut(&lease.eval) {
                 evaluation.waiting = None;
             }
@@ -986,7 +1048,7 @@ impl Ledger {
             self.learn_run(lease, seconds, shape);
             return Completed::Rerunning;
         }
-        module.state = ModuleState::Done(result);
+        module.state = ModuleState::Done(Box::new(result));
         if let Some(evaluation) = self.evaluations.get_mut(&lease.eval) {
             evaluation.waiting = None;
         }
@@ -995,21 +1057,20 @@ impl Ledger {
         completed
     }
 
-    /// Learns from a run of `lease` that took `seconds` and said `(collected, splittable)`:
-    /// a whole module's duration and shape; for a piece, the module's duration (the sum of
-    /// its pieces') once every piece is done, and that it may no longer be split if the
-    /// piece says so.
-    fn learn_run(&mut self, lease: &Lease, seconds: f64, shape: (Option<u32>, Option<bool>)) {
+    /// Learns from a run of `lease` that took `seconds` and said `shape`: a whole module's
+    /// duration and shape; for a piece, the module's duration (the sum of its pieces') once
+    /// every piece is done, and that it may no longer be split if the piece says so.
+    fn learn_run(&mut self, lease: &Lease, seconds: f64, shape: Option<Shape>) {
         let key = format!("{}/{}", lease.project, lease.path());
         let Some(piece) = &lease.piece else {
             self.learn_duration(key.clone(), seconds);
-            if let (Some(tests), Some(splittable)) = shape {
-                self.learn_shape(key, if splittable { tests } else { 0 });
+            if let Some(shape) = shape {
+                self.learn_shape(key, shape);
             }
             return;
         };
-        if shape.1 == Some(false) {
-            self.learn_shape(key.clone(), 0);
+        if shape.is_some_and(|s| s.tests == 0) {
+            self.learn_shape(key.clone(), Shape::default());
         }
         let Some(project) = self
             .evaluations
@@ -1030,18 +1091,18 @@ impl Ledger {
         self.learn_duration(key, total);
     }
 
-    /// Remembers that module `key` (`project/module`) held `tests` tests when it last ran
-    /// whole, 0 if it may not be split (within [`MAX_DURATIONS`]).
-    pub fn learn_shape(&mut self, key: String, tests: u32) {
+    /// Remembers what module `key` (`project/module`) held when it last ran whole
+    /// (within [`MAX_DURATIONS`]).
+    pub fn learn_shape(&mut self, key: String, shape: Shape) {
         if self.shapes.len() < MAX_DURATIONS || self.shapes.contains_key(&key) {
-            self.shapes.insert(key, tests);
+            self.shapes.insert(key, shape);
         }
     }
 
-    /// Tests module `module` of project `project` held when it last ran whole, 0 if it may
-    /// not be split; none if it never ran whole here.
-    pub fn shape(&self, project: &str, module: &str) -> Option<u32> {
-        self.shapes.get(&format!("{project}/{module}")).copied()
+    /// What module `module` of project `project` held when it last ran whole; none if it
+    /// never did here.
+    pub fn shape(&self, project: &str, module: &str) -> Option<&Shape> {
+        self.shapes.get(&format!("{project}/{module}"))
     }
 
     /// Splits the stragglers of evaluation `id` for `workers` workers: each module waiting
@@ -1077,7 +1138,7 @@ impl Ledger {
         let mut splits = Vec::new();
         for (project_name, project) in &evaluation.projects {
             for (path, module) in &project.modules {
-                let (Some(expected), Some(tests)) =
+                let (Some(expected), Some(shape)) =
                     (module.expected_seconds, self.shape(project_name, path))
                 else {
                     continue;
@@ -1088,33 +1149,37 @@ impl Ledger {
                 let pieces = (expected / share)
                     .ceil()
                     .min((expected / MIN_PIECE_SECONDS).floor())
-                    .min(f64::from(tests))
+                    .min(f64::from(shape.tests))
                     .min(f64::from(MAX_PIECES)) as u32;
-                if pieces >= 2 {
-                    splits.push((project_name.clone(), path.clone(), pieces));
+                let starts = shape.starts(pieces);
+                if starts.len() >= 2 {
+                    splits.push((project_name.clone(), path.clone(), starts));
                 }
             }
         }
         let Some(evaluation) = self.evaluations.get_mut(&id) else {
             return 0;
         };
-        for (project_name, path, of) in &splits {
+        for (project_name, path, starts) in &splits {
             let Some(project) = evaluation.projects.get_mut(project_name) else {
                 continue;
             };
             let Some(module) = project.modules.remove(path) else {
                 continue;
             };
-            for index in 1..=*of {
+            let of = starts.len() as u32;
+            for (index, start) in (1..).zip(starts) {
                 let piece = Piece {
                     path: path.clone(),
                     index,
-                    of: *of,
+                    of,
+                    start: *start,
+                    end: starts.get(index as usize).copied(),
                 };
                 let part = Module {
                     estimated_tests: module.estimated_tests / of
                         + u32::from(index <= module.estimated_tests % of),
-                    expected_seconds: module.expected_seconds.map(|s| s / f64::from(*of)),
+                    expected_seconds: module.expected_seconds.map(|s| s / f64::from(of)),
                     piece: Some(piece.clone()),
                     ..module.clone()
                 };
@@ -1153,7 +1218,7 @@ impl Ledger {
         if entry.state != (ModuleState::Pending { attempt: 0 }) {
             return false;
         }
-        entry.state = ModuleState::Done(result);
+        entry.state = ModuleState::Done(Box::new(result));
         if let Some(evaluation) = self.evaluations.get_mut(&eval) {
             evaluation.started_at.get_or_insert(unix_ms);
         }
@@ -1215,16 +1280,16 @@ impl Ledger {
                         finished.push(evaluation.id);
                         if let Some(rerun) = module.rerun.take() {
                             // The reruns could not run: the first result stands.
-                            ModuleState::Done(rerun.first)
+                            ModuleState::Done(Box::new(rerun.first))
                         } else {
                             match module.verifying.take() {
                                 // The verification could not run: the first result stands.
-                                Some((_, first)) => ModuleState::Done(first),
-                                None => ModuleState::Done(ModuleResult {
+                                Some((_, first)) => ModuleState::Done(Box::new(first)),
+                                None => ModuleState::Done(Box::new(ModuleResult {
                                     errors: 1,
                                     node: worker,
                                     ..ModuleResult::default()
-                                }),
+                                })),
                             }
                         }
                     } else {
@@ -1404,7 +1469,7 @@ mod tests {
             }
         );
         let module = &ledger.get(3).unwrap().projects["p"].modules[&first.module];
-        assert_eq!(module.state, ModuleState::Done(truth));
+        assert_eq!(module.state, ModuleState::Done(Box::new(truth)));
         assert_eq!(module.disputed, Some(lie));
         // Agreeing, the first stands.
         assert_eq!(
@@ -1629,7 +1694,7 @@ mod tests {
         let evaluation = ledger.get(1).unwrap();
         assert_eq!(
             evaluation.projects["p"].modules[module].state,
-            ModuleState::Done(first)
+            ModuleState::Done(Box::new(first))
         );
         assert_eq!(evaluation.status(), "done");
     }
@@ -1647,12 +1712,16 @@ mod tests {
             ("tests/test_new.py", 4),
             ("tests/test_small.py", 4),
         ];
+        let shape = |tests| Shape {
+            tests,
+            cuts: Vec::new(),
+        };
         ledger.learn_duration("p/tests/test_big.py".into(), 8.0);
-        ledger.learn_shape("p/tests/test_big.py".into(), 40);
+        ledger.learn_shape("p/tests/test_big.py".into(), shape(40));
         ledger.learn_duration("p/tests/test_fixture.py".into(), 8.0);
-        ledger.learn_shape("p/tests/test_fixture.py".into(), 0);
+        ledger.learn_shape("p/tests/test_fixture.py".into(), shape(0));
         ledger.learn_duration("p/tests/test_small.py".into(), 1.0);
-        ledger.learn_shape("p/tests/test_small.py".into(), 4);
+        ledger.learn_shape("p/tests/test_small.py".into(), shape(4));
         ledger.submit(1, "o", 0, vec![project("p", &modules)]);
         // Work: 8 + 8 + 1 + 1 (the unknown module counts the mean of the known, 17/3).
         assert_eq!(ledger.split_stragglers(1, 4), 1);
@@ -1679,6 +1748,14 @@ mod tests {
         assert_eq!(leases.len(), 5);
         let first = leases.iter().find(|l| l.piece.is_some()).unwrap();
         assert_eq!(first.path(), "tests/test_big.py");
+        let ranges: Vec<(u32, Option<u32>)> = leases
+            .iter()
+            .filter_map(|l| l.piece.as_ref().map(|p| (p.start, p.end)))
+            .collect();
+        assert!(
+            ranges.contains(&(0, Some(20))) && ranges.contains(&(20, None)),
+            "{ranges:?}"
+        );
         for lease in &leases {
             let mut result = ok(10, 0, 3.0);
             result.collected = Some(40);
@@ -1688,5 +1765,32 @@ mod tests {
         assert_eq!(ledger.duration("p", "tests/test_big.py"), Some(6.0));
         assert_eq!(ledger.get(1).unwrap().counts().0.passed, 50);
         assert_eq!(ledger.split_stragglers(1, 4), 0, "nothing waits");
+    }
+
+    /// Pieces are cut where the module's time is shared evenly when its profile is known
+    /// (a slow test at the start gets a piece of its own), by count when not, and never
+    /// leave a piece empty.
+    #[test]
+    fn pieces_are_cut_by_time_when_the_profile_is_known() {
+        let by_count = Shape {
+            tests: 10,
+            cuts: Vec::new(),
+        };
+        assert_eq!(by_count.starts(2), [0, 5]);
+        assert_eq!(by_count.starts(3), [0, 3, 6]);
+        // Test 0 takes half the time; the other 99 the rest, evenly.
+        let cuts: Vec<u32> = (1..PROFILE_PARTS)
+            .map(|j| if j <= 8 { 1 } else { 1 + (j - 8) * 99 / 8 })
+            .collect();
+        let profiled = Shape { tests: 100, cuts };
+        assert_eq!(profiled.starts(2), [0, 1]);
+        let three = profiled.starts(3);
+        assert_eq!(three.len(), 3, "{three:?}");
+        assert_eq!(three[1], 1);
+        let few = Shape {
+            tests: 2,
+            cuts: Vec::new(),
+        };
+        assert_eq!(few.starts(4), [0, 1], "no empty piece");
     }
 }

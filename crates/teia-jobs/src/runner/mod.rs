@@ -29,14 +29,18 @@ use crate::proto::ledger::{list_test, ModuleResult};
 
 /// The pytest plugin that reports each test as it ends, what was collected (and whether
 /// the module may be split: no class- or module-scoped fixture, no `teia_no_split` mark),
-/// and, for a piece of a split module (`TEIA_SHARD=I/K`), keeps only the I-th of K
-/// contiguous runs of the collected tests (a collection error is reported by piece 1
-/// alone).
+/// and, at the end of a whole run, its tests' durations in short (the profile: how many
+/// tests had run at each sixteenth of the time); for a piece of a split module
+/// (`TEIA_SHARD=START:END`), it keeps only the collected tests from START up to END
+/// (excluded; empty: to the last), and a collection error is reported by the piece that
+/// starts at 0 alone.
 const PLUGIN: &str = r#"
 import json, os
 
 _out = open(os.environ["TEIA_REPORT"], "a", buffering=1)
 _shard = os.environ.get("TEIA_SHARD")
+_order = []
+_durations = {}
 
 def _write(kind, outcome, nodeid, **more):
     _out.write(json.dumps(dict(kind=kind, outcome=outcome, nodeid=nodeid, **more)) + "\n")
@@ -58,9 +62,10 @@ def _splittable(items):
 
 def pytest_collection_modifyitems(session, config, items):
     collected, splittable = len(items), _splittable(items)
+    _order[:] = [item.nodeid for item in items]
     if _shard:
-        index, of = (int(part) for part in _shard.split("/"))
-        start, end = (index - 1) * collected // of, index * collected // of
+        start, _, end = _shard.partition(":")
+        start, end = int(start), (int(end) if end else collected)
         deselected = items[:start] + items[end:]
         if deselected:
             config.hook.pytest_deselected(items=deselected)
@@ -68,10 +73,23 @@ def pytest_collection_modifyitems(session, config, items):
     _write("collected", "ok", "", count=collected, selected=len(items), splittable=splittable)
 
 def pytest_collectreport(report):
-    if report.failed and (not _shard or _shard.startswith("1/")):
+    if report.failed and (not _shard or _shard.startswith("0:")):
         _write("collect", "error", report.nodeid)
 
+def pytest_sessionfinish(session):
+    total = sum(_durations.get(nodeid, 0.0) for nodeid in _order)
+    if _shard or total <= 0:
+        return
+    cuts, spent, part = [], 0.0, 1
+    for index, nodeid in enumerate(_order):
+        spent += _durations.get(nodeid, 0.0)
+        while part < 16 and spent >= total * part / 16:
+            cuts.append(index + 1)
+            part += 1
+    _write("profile", "ok", "", cuts=cuts[:15])
+
 def pytest_runtest_logreport(report):
+    _durations[report.nodeid] = _durations.get(report.nodeid, 0.0) + (report.duration or 0.0)
     if type(report).__name__ == "SubtestReport":
         # As pytest's summary counts them: a failed subtest is a failure, a passed one
         # is not a test.
@@ -245,6 +263,9 @@ struct Report {
     /// Whether the module may be split (a `collected` line).
     #[serde(default)]
     splittable: Option<bool>,
+    /// The tests' durations in short (a `profile` line).
+    #[serde(default)]
+    cuts: Vec<u32>,
 }
 
 /// pytest's arguments after the module.
@@ -403,7 +424,8 @@ impl Runner {
 
     /// Runs `module` of the project in `project` (copied into `work`, which must not
     /// exist), or only its tests in `selection` (node ids: a rerun) when there are any,
-    /// else only piece `shard` (`(i, k)`: the i-th of k runs of its tests) when given;
+    /// else only the piece `shard` (`(start, end)`: its collected tests from `start` up to
+    /// `end`, excluded, or to the last) when given;
     /// `node` names this node in the result. The result lists the tests that failed and,
     /// for a selection, those that passed (within [`list_test`]'s bounds).
     pub async fn run_module(
@@ -411,7 +433,7 @@ impl Runner {
         project: &Path,
         module: &str,
         selection: &[String],
-        shard: Option<(u32, u32)>,
+        shard: Option<(u32, Option<u32>)>,
         work: &Path,
         node: &str,
     ) -> Result<Outcome, RunError> {
@@ -459,8 +481,11 @@ impl Runner {
             module,
             selection: &selection,
             shard: shard
-                .filter(|(i, k)| (1..=*k).contains(i) && selection.is_empty())
-                .map(|(i, k)| format!("{i}/{k}")),
+                .filter(|(start, end)| end.is_none_or(|end| end > *start) && selection.is_empty())
+                .map(|(start, end)| match end {
+                    Some(end) => format!("{start}:{end}"),
+                    None => format!("{start}:"),
+                }),
             output: &output_file,
             home: &home,
             report: &report,
@@ -508,6 +533,15 @@ impl Runner {
                 result.collected = report.count;
                 result.splittable = report.splittable;
                 selected = report.selected;
+                continue;
+            }
+            if report.kind == "profile" {
+                // Of a whole run alone; at most one cut a sixteenth, none past the tests.
+                let tests = result.collected.unwrap_or(0);
+                let whole = selection.is_empty() && shard.is_none();
+                if whole && report.cuts.len() < 16 && report.cuts.iter().all(|c| *c <= tests) {
+                    result.profile = report.cuts;
+                }
                 continue;
             }
             let listed = match (report.kind.as_str(), report.outcome.as_str()) {
@@ -1034,7 +1068,7 @@ mod tests {
         project(&src, "test_broken.py", "import nothing_here\n");
         let (warm, cold) = warm_and_cold(&dir.path().join("runner"), python, Isolation::Limits);
         for (name, runner) in [("warm", &warm), ("cold", &cold)] {
-            let run = |module: &'static str, shard: Option<(u32, u32)>, tag: String| {
+            let run = |module: &'static str, shard: Option<(u32, Option<u32>)>, tag: String| {
                 let work = dir.path().join(format!("{name}-{tag}"));
                 let src = src.clone();
                 async move {
@@ -1046,8 +1080,12 @@ mod tests {
                 }
             };
             let mut sum = (0, 0, 0, 0);
-            for index in 1..=3 {
-                let piece = run("tests/test_many.py", Some((index, 3)), format!("m{index}")).await;
+            for (index, range) in [(0, Some(2)), (2, Some(4)), (4, None)]
+                .into_iter()
+                .enumerate()
+            {
+                let piece = run("tests/test_many.py", Some(range), format!("m{index}")).await;
+                assert!(piece.profile.is_empty(), "{name}: a piece says no profile");
                 assert_eq!(piece.collected, Some(6), "{name}");
                 assert_eq!(piece.splittable, Some(true), "{name}");
                 sum.0 += piece.passed;
@@ -1056,6 +1094,9 @@ mod tests {
                 sum.3 += piece.skipped;
             }
             let whole = run("tests/test_many.py", None, "whole".into()).await;
+            // The profile of a whole run: 15 cuts, in order, within its 6 tests.
+            assert_eq!(whole.profile.len(), 15, "{name}: {:?}", whole.profile);
+            assert!(whole.profile.windows(2).all(|w| w[0] <= w[1]) && whole.profile[14] <= 6);
             assert_eq!(
                 sum,
                 (whole.passed, whole.failed, whole.errors, whole.skipped),
@@ -1067,17 +1108,12 @@ mod tests {
             let marked = run("tests/test_marked.py", None, "marked".into()).await;
             assert_eq!(marked.splittable, Some(false), "{name}");
             let mut errors = 0;
-            for index in 1..=2 {
-                let piece = run(
-                    "tests/test_broken.py",
-                    Some((index, 2)),
-                    format!("b{index}"),
-                )
-                .await;
+            for (index, range) in [(0, Some(1)), (1, None)].into_iter().enumerate() {
+                let piece = run("tests/test_broken.py", Some(range), format!("b{index}")).await;
                 errors += piece.errors;
             }
             assert_eq!(errors, 1, "{name}: a collection error counts once");
-            let empty = run("tests/test_marked.py", Some((1, 3)), "empty".into()).await;
+            let empty = run("tests/test_marked.py", Some((2, None)), "empty".into()).await;
             assert_eq!(
                 (empty.passed, empty.errors),
                 (0, 0),

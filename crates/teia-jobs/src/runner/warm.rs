@@ -286,7 +286,7 @@ pub(crate) struct Request<'a> {
     pub module: &'a str,
     /// Its tests to run (node ids), when not all of them.
     pub selection: &'a [String],
-    /// The piece of its tests to run (`I/K`, `TEIA_SHARD`), when it is split.
+    /// The piece of its tests to run (`START:END`, `TEIA_SHARD`), when it is split.
     pub shard: Option<String>,
     /// Where its stdout and stderr go.
     pub output: &'a Path,
