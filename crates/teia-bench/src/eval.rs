@@ -11,7 +11,7 @@
 //! three workers), spread over three projects.
 //!
 //! Then two corpora for splitting and its cost, with 3 nodes: one whose module of 24 tests
-//! takes 12 s of 18 (a straggler: whole, it decides the makespan), run once (never seen:
+//! takes 12 s of 18, its first test 4 s (a straggler: whole, it decides the makespan), run once (never seen:
 //! whole) and again with the cache off (its duration known: split), against xdist; and
 //! one of 60 modules of one fast test (where neither the cache nor splitting can help), on
 //! nodes with both on and on nodes with both off, three times each, alternating.
@@ -423,17 +423,21 @@ fn corpus(teia: &Path, python: &str, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Seconds of the straggler corpus's dominant module, and its tests.
+/// Seconds of the straggler corpus's dominant module, and its tests: its first test takes
+/// [`SLOW_FIRST`] of them, the others share the rest (pieces cut by count would be uneven).
 const STRAGGLER: (f64, usize) = (12.0, 24);
+
+/// Seconds the straggler's first test takes.
+const SLOW_FIRST: f64 = 4.0;
 
 /// Seconds of each of the straggler corpus's other modules (2 tests each).
 const OTHERS: [f64; 6] = [1.0; 6];
 
-/// One module of `tests` tests sleeping `seconds` in all.
-fn sleeping_module(seconds: f64, tests: usize) -> String {
-    let each = seconds / tests as f64;
+/// One module of `tests` tests sleeping `seconds` in all, the first `first` of them.
+fn sleeping_module(seconds: f64, tests: usize, first: f64) -> String {
+    let each = (seconds - first) / (tests - 1).max(1) as f64;
     format!(
-        "import time, pytest\n\n@pytest.mark.parametrize('n', range({tests}))\ndef test_sleep(n):\n    time.sleep({each})\n"
+        "import time, pytest\n\n@pytest.mark.parametrize('n', range({tests}))\ndef test_sleep(n):\n    time.sleep({first} if n == 0 else {each})\n"
     )
 }
 
@@ -445,12 +449,12 @@ fn stragglers(teia: &Path, python: &str, dir: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&tests)?;
     std::fs::write(
         tests.join("test_big.py"),
-        sleeping_module(STRAGGLER.0, STRAGGLER.1),
+        sleeping_module(STRAGGLER.0, STRAGGLER.1, SLOW_FIRST),
     )?;
     for (index, seconds) in OTHERS.iter().enumerate() {
         std::fs::write(
             tests.join(format!("test_m{index}.py")),
-            sleeping_module(*seconds, 2),
+            sleeping_module(*seconds, 2, seconds / 2.0),
         )?;
     }
     let work = STRAGGLER.0 + OTHERS.iter().sum::<f64>();
@@ -458,7 +462,7 @@ fn stragglers(teia: &Path, python: &str, dir: &Path) -> anyhow::Result<()> {
     zip_corpus(python, &corpus, &zip_path)?;
     let zip = std::fs::read(&zip_path)?;
     println!(
-        "straggler corpus: 1 project, 7 modules, {work:.0} s of work, one module {:.0} s ({} tests)",
+        "straggler corpus: 1 project, 7 modules, {work:.0} s of work, one module {:.0} s ({} tests, the first {SLOW_FIRST:.0} s)",
         STRAGGLER.0, STRAGGLER.1
     );
     let mut command = Command::new(python);

@@ -1373,12 +1373,19 @@ fn a_straggler_is_split_in_pieces_that_add_up_to_serial_pytest() {
     assert_eq!(status, 201, "{created}");
     let second = wait_done(&addr, created["id"].as_u64().unwrap());
     let modules = names(&second);
+    // As many pieces as its time over its share (2 or 3, as the machine's load has it).
+    let pieces: Vec<&String> = modules
+        .iter()
+        .filter(|m| m.starts_with("tests/test_big.py ["))
+        .collect();
+    assert!(pieces.len() >= 2, "{second}");
+    let of = pieces.len();
+    for index in 1..=of {
+        let name = format!("tests/test_big.py [{index}/{of}]");
+        assert!(modules.contains(&name), "{name}: {second}");
+    }
     assert!(
-        modules.contains(&"tests/test_big.py [1/2]".to_owned()),
-        "{second}"
-    );
-    assert!(
-        modules.contains(&"tests/test_big.py [2/2]".to_owned()),
+        !modules.contains(&"tests/test_big.py".to_owned()),
         "{second}"
     );
     assert!(
