@@ -14,7 +14,13 @@
 //! takes 12 s of 18, its first test 4 s (a straggler: whole, it decides the makespan), run once (never seen:
 //! whole) and again with the cache off (its duration known: split), against xdist; and
 //! one of 60 modules of one fast test (where neither the cache nor splitting can help), on
-//! nodes with both on and on nodes with both off, three times each, alternating.
+//! nodes with both on and on nodes with both off, seven times each, alternating.
+//!
+//! Last, real projects from PyPI (cachetools, tabulate and more-itertools, whose
+//! `test_more.py` dominates its suite) by a serial pytest, by xdist with 2 and 3 workers,
+//! and by teia with 2 and 3 nodes, cold (never seen: the dominant module split by its
+//! source's tests) then again with the cache off (split by its durations), every run's
+//! counts checked against the serial pytest's.
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -45,7 +51,7 @@ enum Part {
     Stragglers,
     /// Tiny modules with the cache and splitting on and off.
     Tiny,
-    /// Real projects from PyPI (the test corpus), against xdist, counts checked.
+    /// Real projects from PyPI, against xdist, counts checked.
     Real,
 }
 
@@ -508,9 +514,15 @@ fn stragglers(teia: &Path, python: &str, dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The real projects of the test corpus (`crates/teia/tests/corpus`: cachetools and
-/// tabulate from their sdists, 768 tests).
-const REAL: [&str; 2] = ["cachetools", "tabulate"];
+/// The real projects: cachetools and tabulate from the tests' corpus
+/// (`crates/teia/tests/corpus`, 768 tests), and more-itertools from the benchmark's
+/// (`crates/teia-bench/corpus`, 765 tests, one module dominating), each with the folder
+/// it is in, from this crate's.
+const REAL: [(&str, &str); 3] = [
+    ("../teia/tests/corpus", "cachetools"),
+    ("../teia/tests/corpus", "tabulate"),
+    ("corpus", "more_itertools"),
+];
 
 /// Tests a pytest summary line says passed, failed and skipped.
 fn summary_counts(output: &str) -> [u64; 3] {
@@ -541,11 +553,12 @@ fn summary_counts(output: &str) -> [u64; 3] {
 /// after the other, and by teia on 3 nodes in one submission, cold then again with the
 /// cache off; each run's counts against the serial pytest's.
 fn real_projects(teia: &Path, python: &str, dir: &Path) -> anyhow::Result<()> {
-    let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../teia/tests/corpus");
     let corpus = dir.join("real");
     let mut serial_counts = [0u64; 3];
-    let (mut serial, mut xdist) = (0.0, 0.0);
-    for project in REAL {
+    let mut serial = 0.0;
+    let mut xdist = [0.0; 2];
+    for (folder, project) in REAL {
+        let source = Path::new(env!("CARGO_MANIFEST_DIR")).join(folder);
         copy_tree(&source.join(project), &corpus.join(project))?;
         let started = Instant::now();
         let output = Command::new(python)
@@ -557,19 +570,21 @@ fn real_projects(teia: &Path, python: &str, dir: &Path) -> anyhow::Result<()> {
         for (total, count) in serial_counts.iter_mut().zip(counts) {
             *total += count;
         }
-        let mut command = Command::new(python);
-        command
-            .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
-            .args(["-n", "3", "--dist", "worksteal"])
-            .current_dir(corpus.join(project));
-        xdist += timed(command)?;
+        for (workers, total) in [2, 3].into_iter().zip(&mut xdist) {
+            let mut command = Command::new(python);
+            command
+                .args(["-m", "pytest", "-q", "-p", "no:cacheprovider"])
+                .args(["-n", &workers.to_string(), "--dist", "worksteal"])
+                .current_dir(corpus.join(project));
+            *total += timed(command)?;
+        }
     }
     let zip_path = dir.join("real.zip");
     zip_corpus(python, &corpus, &zip_path)?;
     let zip = std::fs::read(&zip_path)?;
     println!(
         "real projects: {} (PyPI sdists), {} passed, {} failed, {} skipped by a serial pytest",
-        REAL.join(" and "),
+        REAL.map(|(_, project)| project).join(", "),
         serial_counts[0],
         serial_counts[1],
         serial_counts[2]
@@ -578,40 +593,48 @@ fn real_projects(teia: &Path, python: &str, dir: &Path) -> anyhow::Result<()> {
         "{:<44} {:>8.2} s",
         "serial pytest (one project after another)", serial
     );
-    println!(
-        "{:<44} {:>8.2} s",
-        "pytest -n 3 --dist worksteal (each project)", xdist
-    );
-    let nodes = cluster(teia, &dir.join("r3"), 3)?;
-    let owner = &nodes.first().context("no owner")?.http;
-    for (label, path) in [
-        ("teia, 3 nodes, cold", "/evaluation"),
-        (
-            "teia, 3 nodes, again (cache off)",
-            "/evaluation?cache=false",
-        ),
-    ] {
-        let started = Instant::now();
-        let id = submit_to(owner, path, &zip)?;
-        let done = wait_done(owner, id)?;
-        let took = started.elapsed().as_secs_f64();
-        let tests = &done["tests"];
-        let counts = [
-            tests["passed"].as_u64().unwrap_or(0),
-            tests["failed"].as_u64().unwrap_or(0) + tests["errors"].as_u64().unwrap_or(0),
-            tests["skipped"].as_u64().unwrap_or(0),
-        ];
-        let exact = if counts == serial_counts {
-            "counts exact".to_owned()
-        } else {
-            format!("COUNTS DIFFER: {counts:?}")
-        };
+    for (workers, xdist) in [2, 3].into_iter().zip(xdist) {
         println!(
-            "{label:<44} {took:>8.2} s   ({:.2} of xdist; {exact})",
-            took / xdist
+            "{:<44} {xdist:>8.2} s",
+            format!("pytest -n {workers} --dist worksteal (each project)")
         );
+        let nodes = cluster(teia, &dir.join(format!("r{workers}")), workers)?;
+        let owner = &nodes.first().context("no owner")?.http;
+        for (run, path) in [
+            ("cold", "/evaluation"),
+            ("again (cache off)", "/evaluation?cache=false"),
+        ] {
+            let started = Instant::now();
+            let id = submit_to(owner, path, &zip)?;
+            let done = wait_done(owner, id)?;
+            let took = started.elapsed().as_secs_f64();
+            let tests = &done["tests"];
+            let counts = [
+                tests["passed"].as_u64().unwrap_or(0),
+                tests["failed"].as_u64().unwrap_or(0) + tests["errors"].as_u64().unwrap_or(0),
+                tests["skipped"].as_u64().unwrap_or(0),
+            ];
+            let exact = if counts == serial_counts {
+                "counts exact".to_owned()
+            } else {
+                format!("COUNTS DIFFER: {counts:?}")
+            };
+            let pieces = done["projects"]
+                .as_object()
+                .into_iter()
+                .flat_map(|projects| projects.values())
+                .filter_map(|project| project["modules"].as_object())
+                .flat_map(|modules| modules.keys())
+                .filter(|name| name.contains(" ["))
+                .count();
+            println!(
+                "{:<44} {took:>8.2} s   ({:.2} of xdist; {pieces} pieces; {exact})",
+                format!("teia, {workers} nodes, {run}"),
+                took / xdist
+            );
+        }
+        drop(nodes);
     }
-    drop(nodes);
     Ok(())
 }
 

@@ -7,7 +7,7 @@
 use std::io::{Read, Write};
 use std::path::{Component, Path, PathBuf};
 
-use crate::proto::discover::{estimate_tests, is_test_module};
+use crate::proto::discover::{estimate_tests, is_test_module, may_split, FoundModule};
 
 /// Entries an archive may hold at most.
 pub const MAX_ENTRIES: usize = 20_000;
@@ -115,12 +115,17 @@ pub struct FoundProject {
     pub name: String,
     /// Its folder.
     pub dir: PathBuf,
-    /// Its test modules (paths relative to it) and their estimated tests.
-    pub modules: Vec<(String, u32)>,
+    /// Its test modules (paths relative to it), with their estimated tests.
+    pub modules: Vec<FoundModule>,
 }
 
-fn modules_of(dir: &Path) -> std::io::Result<Vec<(String, u32)>> {
+/// The test modules of the project in `dir`; none may be split before it ran when one of
+/// the project's `conftest.py` files (its own or under `tests/`) says it must not.
+fn modules_of(dir: &Path) -> std::io::Result<Vec<FoundModule>> {
     let mut found = Vec::new();
+    let splittable_source =
+        |path: &Path| may_split(&std::fs::read_to_string(path).unwrap_or_default());
+    let mut conftests_allow = splittable_source(&dir.join("conftest.py"));
     let mut stack = vec![dir.join("tests")];
     while let Some(folder) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&folder) else {
@@ -139,12 +144,21 @@ fn modules_of(dir: &Path) -> std::io::Result<Vec<(String, u32)>> {
                     .replace('\\', "/");
                 if is_test_module(&relative) {
                     let source = std::fs::read_to_string(&path).unwrap_or_default();
-                    found.push((relative, estimate_tests(&source)));
+                    found.push(FoundModule {
+                        path: relative,
+                        estimated_tests: estimate_tests(&source),
+                        may_split: may_split(&source),
+                    });
+                } else if relative.ends_with("/conftest.py") {
+                    conftests_allow &= splittable_source(&path);
                 }
             }
         }
     }
-    found.sort();
+    found.sort_by(|a, b| a.path.cmp(&b.path));
+    for module in &mut found {
+        module.may_split &= conftests_allow;
+    }
     Ok(found)
 }
 
@@ -369,6 +383,11 @@ mod tests {
                 ),
                 ("alpha/tests/sub/test_b.py", b"def test_3(): pass\n"),
                 ("beta/tests/test_c.py", b"def test_4(): pass\n"),
+                ("beta/tests/test_d.py", b"def test_5(): pass\n"),
+                (
+                    "beta/tests/conftest.py",
+                    b"@pytest.fixture(scope='module')\ndef db(): pass\n",
+                ),
                 ("notes/readme.txt", b"no tests here"),
             ],
         );
@@ -377,11 +396,24 @@ mod tests {
         let found = projects(&root, "project").unwrap();
         let names: Vec<&str> = found.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, vec!["alpha", "beta"]);
+        let module = |path: &str, estimated_tests, may_split| FoundModule {
+            path: path.to_owned(),
+            estimated_tests,
+            may_split,
+        };
         assert_eq!(
             found[0].modules,
             vec![
-                ("tests/sub/test_b.py".to_owned(), 1),
-                ("tests/test_a.py".to_owned(), 2)
+                module("tests/sub/test_b.py", 1, true),
+                module("tests/test_a.py", 2, true)
+            ]
+        );
+        // A conftest.py with a module-scoped fixture keeps all its project's modules whole.
+        assert_eq!(
+            found[1].modules,
+            vec![
+                module("tests/test_c.py", 1, false),
+                module("tests/test_d.py", 1, false)
             ]
         );
         let packed = dir.path().join("alpha.zip");

@@ -16,7 +16,7 @@ use crate::bundle::{self, BundleError};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::proto::ledger::{
     CachedFrom, Completed, EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState,
-    NewProject, Shape,
+    NewProject, Piece, Shape,
 };
 use crate::proto::result_cache::{self, Policy};
 use crate::runner::{Isolation, Limits, Runner};
@@ -979,7 +979,7 @@ impl Engine {
                 project,
                 lease.path(),
                 &lease.selection,
-                lease.piece.as_ref().map(|piece| (piece.start, piece.end)),
+                lease.piece.as_ref().map(Piece::shard).as_deref(),
                 &work,
                 &self.config.address,
             )

@@ -1335,6 +1335,62 @@ const BIG: &str = "import time, pytest\n\n@pytest.mark.parametrize('n', range(10
 /// As long, its tests sharing a module-scoped fixture: it may not be split.
 const SHARED: &str = "import time, pytest\n\n@pytest.fixture(scope='module')\ndef seen():\n    return []\n\n@pytest.mark.parametrize('n', range(10))\ndef test_order(seen, n):\n    time.sleep(0.3)\n    seen.append(n)\n    assert seen == list(range(n + 1))\n";
 
+/// A module never run, whose source holds many more tests than its share of the
+/// evaluation's and nothing splitting could change, is split on its first run in equal
+/// parts whose counts add up to a serial pytest's; one as large whose tests share a
+/// module-scoped fixture stays whole.
+#[test]
+fn a_large_module_never_seen_is_split_on_its_first_run_when_its_source_allows() {
+    let (_node, addr) = start(&["--workers", "4"]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut many = String::from("import pytest\n\n");
+    for n in 0..150 {
+        let body = match n % 50 {
+            7 => "assert False",
+            9 => "pytest.skip('no')",
+            _ => "pass",
+        };
+        many.push_str(&format!("def test_{n}():\n    {body}\n\n"));
+    }
+    many.push_str("@pytest.mark.parametrize('x', range(5))\ndef test_p(x):\n    assert x != 3\n");
+    let shared = many.replacen(
+        "import pytest\n",
+        "import pytest\n\n@pytest.fixture(scope='module')\ndef db():\n    return []\n",
+        1,
+    );
+    let files = [
+        ("unseen/tests/test_many.py", many.as_str()),
+        ("unseen/tests/test_shared.py", shared.as_str()),
+        ("unseen/tests/test_small.py", "def test_1(): pass\n"),
+    ];
+    let zip = zip_of(dir.path(), &files);
+    let serial = dir.path().join("serial");
+    for (path, source) in files {
+        let path = serial.join(path.trim_start_matches("unseen/"));
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, source).unwrap();
+    }
+    let (status, created) = post_zip(&addr, &zip);
+    assert_eq!(status, 201, "{created}");
+    let first = wait_done(&addr, created["id"].as_u64().unwrap());
+    let modules: Vec<&String> = first["projects"]["unseen"]["modules"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .collect();
+    // 301 tests over 4 workers: test_many.py (151 by its source) is twice its share.
+    for name in [
+        "tests/test_many.py [1/2]",
+        "tests/test_many.py [2/2]",
+        "tests/test_shared.py",
+        "tests/test_small.py",
+    ] {
+        assert!(modules.contains(&&name.to_owned()), "{name}: {first}");
+    }
+    assert_eq!(modules.len(), 4, "{first}");
+    assert_serial_counts(&first, "unseen", &serial);
+}
+
 /// A module that took more than its share of an evaluation is split over the workers the
 /// next time: its pieces show in the detail and add up to a serial pytest's counts, while
 /// a module whose tests share a module-scoped fixture stays whole; `split=false` runs it

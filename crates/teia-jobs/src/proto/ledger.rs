@@ -31,6 +31,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::proto::discover::FoundModule;
+
 /// An evaluation's id: a JSON integer below 2^53.
 pub type EvalId = u64;
 
@@ -88,6 +90,13 @@ pub const MAX_PIECES: u32 = 16;
 /// process and collects the whole module again).
 pub const MIN_PIECE_SECONDS: f64 = 1.0;
 
+/// Tests (estimated from its source) a module never run on the cluster must hold to be
+/// split on its first run; below, nothing says it takes long.
+pub const MIN_UNSEEN_SPLIT_TESTS: u32 = 100;
+
+/// Tests (estimated) each piece of a module split before it ever ran holds at least.
+pub const MIN_UNSEEN_PIECE_TESTS: u32 = 50;
+
 /// Equal parts of a module's time its profile cuts it in ([`Shape::cuts`]).
 pub const PROFILE_PARTS: u32 = 16;
 
@@ -127,6 +136,14 @@ impl Shape {
     }
 }
 
+/// How a module is cut in pieces.
+enum Cut {
+    /// Where each piece starts, in the tests of its last run.
+    Starts(Vec<u32>),
+    /// In that many runs of equal count of the tests it holds when it runs.
+    EqualParts(u32),
+}
+
 /// One piece of a split module: the tests of the module at `path` from `start` (in
 /// pytest's order, from 0) up to `end` (excluded; none: to the last), the `index`-th (from
 /// 1) of `of`.
@@ -142,6 +159,11 @@ pub struct Piece {
     pub start: u32,
     /// The test after its last (none: it runs to the last test the module holds).
     pub end: Option<u32>,
+    /// Whether the piece is rather the `index`-th of `of` runs of equal count of the tests
+    /// the module holds when it runs (`start` and `end` unused): the module was split
+    /// before it ever ran, on its estimated tests.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub equal_part: bool,
 }
 
 impl Shape {
@@ -163,6 +185,16 @@ impl Piece {
     /// The name the piece goes by in its project: `path [index/of]`.
     pub fn name(&self) -> String {
         format!("{} [{}/{}]", self.path, self.index, self.of)
+    }
+
+    /// The tests it runs, as teia's pytest plugin reads them (`TEIA_SHARD`): `START:END`
+    /// (`START:` to the last), or `INDEX/OF` for an equal part.
+    pub fn shard(&self) -> String {
+        match (self.equal_part, self.end) {
+            (true, _) => format!("{}/{}", self.index, self.of),
+            (false, Some(end)) => format!("{}:{end}", self.start),
+            (false, None) => format!("{}:", self.start),
+        }
     }
 }
 
@@ -284,6 +316,10 @@ pub struct Module {
     /// The module it is a piece of, when it is one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub piece: Option<Piece>,
+    /// Whether its source lets it be split before it ever ran (a cheap reading of it:
+    /// [`may_split`](crate::proto::discover::may_split)).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub may_split_unseen: bool,
 }
 
 impl Module {
@@ -426,8 +462,8 @@ pub struct NewProject {
     /// Hash of its files but its test modules (paths and bytes, not times), for the result
     /// cache.
     pub content: Option<String>,
-    /// Its modules and their estimated tests.
-    pub modules: Vec<(String, u32)>,
+    /// Its modules, with their estimated tests.
+    pub modules: Vec<FoundModule>,
     /// Each module's file hash, by path, for the result cache.
     pub module_content: BTreeMap<String, String>,
 }
@@ -660,7 +696,12 @@ impl Ledger {
                 let modules = p
                     .modules
                     .into_iter()
-                    .map(|(path, estimated_tests)| {
+                    .map(|found| {
+                        let FoundModule {
+                            path,
+                            estimated_tests,
+                            may_split,
+                        } = found;
                         let content = module_content.remove(&path);
                         let expected_seconds =
                             self.durations.get(&format!("{}/{path}", p.name)).copied();
@@ -676,6 +717,7 @@ impl Ledger {
                                 expected_seconds,
                                 rerun: None,
                                 piece: None,
+                                may_split_unseen: may_split,
                             },
                         )
                     })
@@ -1059,7 +1101,8 @@ impl Ledger {
 
     /// Learns from a run of `lease` that took `seconds` and said `shape`: a whole module's
     /// duration and shape; for a piece, the module's duration (the sum of its pieces') once
-    /// every piece is done, and that it may no longer be split if the piece says so.
+    /// every piece is done, that it may no longer be split if the piece says so, and its
+    /// tests (without a profile) when no shape of that many tests is known.
     fn learn_run(&mut self, lease: &Lease, seconds: f64, shape: Option<Shape>) {
         let key = format!("{}/{}", lease.project, lease.path());
         let Some(piece) = &lease.piece else {
@@ -1069,8 +1112,11 @@ impl Ledger {
             }
             return;
         };
-        if shape.is_some_and(|s| s.tests == 0) {
-            self.learn_shape(key.clone(), Shape::default());
+        if let Some(shape) = shape {
+            let known = self.shapes.get(&key);
+            if shape.tests == 0 || known.is_none_or(|known| known.tests != shape.tests) {
+                self.learn_shape(key.clone(), shape);
+            }
         }
         let Some(project) = self
             .evaluations
@@ -1105,76 +1151,92 @@ impl Ledger {
         self.shapes.get(&format!("{project}/{module}"))
     }
 
-    /// Splits the stragglers of evaluation `id` for `workers` workers: each module waiting
-    /// for its first run, expected to take longer than its share of the evaluation's
-    /// expected work (a fifth more than the work over the workers), that holds tests enough
-    /// and may be split, is replaced by `k` pieces expected to take that share each (at
-    /// most [`MAX_PIECES`], none under [`MIN_PIECE_SECONDS`]). Returns the modules split.
+    /// Splits the stragglers of evaluation `id` for `workers` workers. A module waiting for
+    /// its first run, expected to take longer than its share of the evaluation's expected
+    /// work (a fifth more than the work over the workers), that holds tests enough and may
+    /// be split, is replaced by `k` pieces expected to take that share each (at most
+    /// [`MAX_PIECES`], none under [`MIN_PIECE_SECONDS`]). A module never run on the
+    /// cluster is split likewise by its estimated tests against the evaluation's (at least
+    /// [`MIN_UNSEEN_SPLIT_TESTS`], [`MIN_UNSEEN_PIECE_TESTS`] a piece) when its source lets
+    /// it, in equal parts of the tests it holds. Returns the modules split.
     pub fn split_stragglers(&mut self, id: EvalId, workers: usize) -> usize {
         let Some(evaluation) = self.evaluations.get(&id) else {
             return 0;
         };
+        let workers = workers.max(1) as f64;
         let waiting =
             |m: &Module| m.state == ModuleState::Pending { attempt: 0 } && m.piece.is_none();
-        let known: Vec<f64> = evaluation
-            .projects
-            .values()
-            .flat_map(|p| p.modules.values())
-            .filter(|m| waiting(m))
-            .filter_map(|m| m.expected_seconds)
+        let modules = || {
+            evaluation
+                .projects
+                .iter()
+                .flat_map(|(name, p)| p.modules.iter().map(move |(path, m)| (name, path, m)))
+                .filter(|(_, _, m)| waiting(m))
+        };
+        let known: Vec<f64> = modules()
+            .filter_map(|(_, _, m)| m.expected_seconds)
             .collect();
-        if known.is_empty() {
-            return 0;
-        }
-        let mean = known.iter().sum::<f64>() / known.len() as f64;
-        let work: f64 = evaluation
-            .projects
-            .values()
-            .flat_map(|p| p.modules.values())
-            .filter(|m| waiting(m))
-            .map(|m| m.expected_seconds.unwrap_or(mean))
+        let mean = known.iter().sum::<f64>() / known.len().max(1) as f64;
+        let work: f64 = modules()
+            .map(|(_, _, m)| m.expected_seconds.unwrap_or(mean))
             .sum();
-        let share = (work / workers.max(1) as f64).max(MIN_PIECE_SECONDS);
+        let share = (work / workers).max(MIN_PIECE_SECONDS);
+        let tests: u64 = modules()
+            .map(|(_, _, m)| u64::from(m.estimated_tests))
+            .sum();
+        let test_share = tests as f64 / workers;
         let mut splits = Vec::new();
-        for (project_name, project) in &evaluation.projects {
-            for (path, module) in &project.modules {
-                let (Some(expected), Some(shape)) =
-                    (module.expected_seconds, self.shape(project_name, path))
-                else {
-                    continue;
-                };
-                if !waiting(module) || expected <= share * 1.2 {
-                    continue;
+        for (project_name, path, module) in modules() {
+            match (module.expected_seconds, self.shape(project_name, path)) {
+                (Some(expected), Some(shape)) if expected > share * 1.2 => {
+                    let pieces = (expected / share)
+                        .ceil()
+                        .min((expected / MIN_PIECE_SECONDS).floor())
+                        .min(f64::from(shape.tests))
+                        .min(f64::from(MAX_PIECES)) as u32;
+                    let starts = shape.starts(pieces);
+                    if starts.len() >= 2 {
+                        splits.push((project_name.clone(), path.clone(), Cut::Starts(starts)));
+                    }
                 }
-                let pieces = (expected / share)
-                    .ceil()
-                    .min((expected / MIN_PIECE_SECONDS).floor())
-                    .min(f64::from(shape.tests))
-                    .min(f64::from(MAX_PIECES)) as u32;
-                let starts = shape.starts(pieces);
-                if starts.len() >= 2 {
-                    splits.push((project_name.clone(), path.clone(), starts));
+                (None, None)
+                    if module.may_split_unseen
+                        && module.estimated_tests >= MIN_UNSEEN_SPLIT_TESTS
+                        && f64::from(module.estimated_tests) > test_share * 1.2 =>
+                {
+                    let estimated = module.estimated_tests;
+                    let pieces = ((f64::from(estimated) / test_share).ceil() as u32)
+                        .min(estimated / MIN_UNSEEN_PIECE_TESTS)
+                        .min(MAX_PIECES);
+                    if pieces >= 2 {
+                        splits.push((project_name.clone(), path.clone(), Cut::EqualParts(pieces)));
+                    }
                 }
+                _ => {}
             }
         }
         let Some(evaluation) = self.evaluations.get_mut(&id) else {
             return 0;
         };
-        for (project_name, path, starts) in &splits {
+        for (project_name, path, cut) in &splits {
             let Some(project) = evaluation.projects.get_mut(project_name) else {
                 continue;
             };
             let Some(module) = project.modules.remove(path) else {
                 continue;
             };
-            let of = starts.len() as u32;
-            for (index, start) in (1..).zip(starts) {
+            let (of, starts, equal_part) = match cut {
+                Cut::Starts(starts) => (starts.len() as u32, starts.as_slice(), false),
+                Cut::EqualParts(of) => (*of, &[][..], true),
+            };
+            for index in 1..=of {
                 let piece = Piece {
                     path: path.clone(),
                     index,
                     of,
-                    start: *start,
+                    start: starts.get(index as usize - 1).copied().unwrap_or(0),
                     end: starts.get(index as usize).copied(),
+                    equal_part,
                 };
                 let part = Module {
                     estimated_tests: module.estimated_tests / of
@@ -1335,7 +1397,14 @@ mod tests {
             blob: format!("blob-{name}"),
             content: None,
             module_content: BTreeMap::new(),
-            modules: modules.iter().map(|(m, t)| ((*m).into(), *t)).collect(),
+            modules: modules
+                .iter()
+                .map(|(m, t)| FoundModule {
+                    path: (*m).into(),
+                    estimated_tests: *t,
+                    may_split: true,
+                })
+                .collect(),
         }
     }
 
@@ -1765,6 +1834,68 @@ mod tests {
         assert_eq!(ledger.duration("p", "tests/test_big.py"), Some(6.0));
         assert_eq!(ledger.get(1).unwrap().counts().0.passed, 50);
         assert_eq!(ledger.split_stragglers(1, 4), 0, "nothing waits");
+    }
+
+    /// A module never run is split on its first run when its source lets it and holds far
+    /// more tests than its share, in equal parts; the pieces' runs teach its duration and
+    /// its tests, so it is split by them the next time.
+    #[test]
+    fn a_large_module_never_seen_is_split_in_equal_parts() {
+        let mut ledger = Ledger::default();
+        let mut whole = project(
+            "p",
+            &[("tests/test_huge.py", 400), ("tests/test_kept.py", 400)],
+        );
+        whole.modules[1].may_split = false;
+        whole.modules.push(FoundModule {
+            path: "tests/test_small.py".into(),
+            estimated_tests: 10,
+            may_split: true,
+        });
+        ledger.submit(1, "o", 0, vec![whole.clone()]);
+        // 810 tests over 3 workers: a share of 270; 400 is more than a fifth over it.
+        assert_eq!(ledger.split_stragglers(1, 3), 1);
+        let mut leases = Vec::new();
+        while let Some(lease) = ledger.lease("o", "w", 0, 1000, 0) {
+            leases.push(lease);
+        }
+        let shards: Vec<String> = leases
+            .iter()
+            .filter_map(|l| l.piece.as_ref().map(Piece::shard))
+            .collect();
+        assert_eq!(shards, ["1/2", "2/2"], "{leases:?}");
+        assert_eq!(leases.len(), 4);
+        for lease in &leases {
+            let mut result = ok(10, 0, 2.0);
+            result.collected = Some(400);
+            result.splittable = Some(true);
+            assert!(ledger.complete(lease, "w", result, 0));
+        }
+        assert_eq!(ledger.duration("p", "tests/test_huge.py"), Some(4.0));
+        assert_eq!(ledger.shape("p", "tests/test_huge.py").unwrap().tests, 400);
+
+        // Known now: split by its duration, in ranges of its tests.
+        ledger.submit(2, "o", 0, vec![whole]);
+        assert_eq!(ledger.split_stragglers(2, 3), 1);
+        let ranges: Vec<String> = ledger.get(2).unwrap().projects["p"]
+            .modules
+            .values()
+            .filter_map(|m| m.piece.as_ref().map(Piece::shard))
+            .collect();
+        assert_eq!(ranges, ["0:200", "200:"]);
+
+        // Too few tests to tell: never split unseen.
+        let mut ledger = Ledger::default();
+        ledger.submit(
+            3,
+            "o",
+            0,
+            vec![project(
+                "p",
+                &[("tests/test_a.py", 90), ("tests/test_b.py", 1)],
+            )],
+        );
+        assert_eq!(ledger.split_stragglers(3, 3), 0);
     }
 
     /// Pieces are cut where the module's time is shared evenly when its profile is known

@@ -15,6 +15,7 @@ use teia_core::rng::SplitMix64;
 use super::cluster::{
     ClusterRules, ElectionOutcome, Refusal, Suspicion, Trust, Verdict, ELECTION_TIME,
 };
+use super::discover::FoundModule;
 use super::ledger::{
     Completed, EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState, NewProject,
 };
@@ -637,7 +638,11 @@ impl Sim {
             content: None,
             module_content: Default::default(),
             modules: (0..modules)
-                .map(|m| (format!("tests/test_{m:02}.py"), 1))
+                .map(|m| FoundModule {
+                    path: format!("tests/test_{m:02}.py"),
+                    estimated_tests: 1,
+                    may_split: true,
+                })
                 .collect(),
         };
         self.nodes[owner]

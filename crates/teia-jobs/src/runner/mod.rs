@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 use serde::Deserialize;
 use tokio_util::sync::CancellationToken;
 
+#[cfg(doc)]
+use crate::proto::ledger::Piece;
 use crate::proto::ledger::{list_test, ModuleResult};
 
 /// The pytest plugin that reports each test as it ends, what was collected (and whether
@@ -32,8 +34,9 @@ use crate::proto::ledger::{list_test, ModuleResult};
 /// and, at the end of a whole run, its tests' durations in short (the profile: how many
 /// tests had run at each sixteenth of the time); for a piece of a split module
 /// (`TEIA_SHARD=START:END`), it keeps only the collected tests from START up to END
-/// (excluded; empty: to the last), and a collection error is reported by the piece that
-/// starts at 0 alone.
+/// (excluded; empty: to the last), or for `TEIA_SHARD=INDEX/OF` the INDEX-th (from 1) of
+/// OF runs of equal count of them, and a collection error is reported by the first piece
+/// alone.
 const PLUGIN: &str = r#"
 import json, os
 
@@ -63,9 +66,14 @@ def _splittable(items):
 def pytest_collection_modifyitems(session, config, items):
     collected, splittable = len(items), _splittable(items)
     _order[:] = [item.nodeid for item in items]
-    if _shard:
+    if _shard and "/" in _shard:
+        index, _, parts = _shard.partition("/")
+        index, parts = int(index), int(parts)
+        start, end = collected * (index - 1) // parts, collected * index // parts
+    elif _shard:
         start, _, end = _shard.partition(":")
         start, end = int(start), (int(end) if end else collected)
+    if _shard:
         deselected = items[:start] + items[end:]
         if deselected:
             config.hook.pytest_deselected(items=deselected)
@@ -73,7 +81,7 @@ def pytest_collection_modifyitems(session, config, items):
     _write("collected", "ok", "", count=collected, selected=len(items), splittable=splittable)
 
 def pytest_collectreport(report):
-    if report.failed and (not _shard or _shard.startswith("0:")):
+    if report.failed and (not _shard or _shard.startswith(("0:", "1/"))):
         _write("collect", "error", report.nodeid)
 
 def pytest_sessionfinish(session):
@@ -424,8 +432,8 @@ impl Runner {
 
     /// Runs `module` of the project in `project` (copied into `work`, which must not
     /// exist), or only its tests in `selection` (node ids: a rerun) when there are any,
-    /// else only the piece `shard` (`(start, end)`: its collected tests from `start` up to
-    /// `end`, excluded, or to the last) when given;
+    /// else only the piece `shard` when given (its `TEIA_SHARD`, [`Piece::shard`]: its
+    /// collected tests from START up to END, excluded, or to the last, or an equal part);
     /// `node` names this node in the result. The result lists the tests that failed and,
     /// for a selection, those that passed (within [`list_test`]'s bounds).
     pub async fn run_module(
@@ -433,7 +441,7 @@ impl Runner {
         project: &Path,
         module: &str,
         selection: &[String],
-        shard: Option<(u32, Option<u32>)>,
+        shard: Option<&str>,
         work: &Path,
         node: &str,
     ) -> Result<Outcome, RunError> {
@@ -480,12 +488,7 @@ impl Runner {
             dir: &tree,
             module,
             selection: &selection,
-            shard: shard
-                .filter(|(start, end)| end.is_none_or(|end| end > *start) && selection.is_empty())
-                .map(|(start, end)| match end {
-                    Some(end) => format!("{start}:{end}"),
-                    None => format!("{start}:"),
-                }),
+            shard: shard.filter(|_| selection.is_empty()).map(str::to_owned),
             output: &output_file,
             home: &home,
             report: &report,
@@ -1068,7 +1071,7 @@ mod tests {
         project(&src, "test_broken.py", "import nothing_here\n");
         let (warm, cold) = warm_and_cold(&dir.path().join("runner"), python, Isolation::Limits);
         for (name, runner) in [("warm", &warm), ("cold", &cold)] {
-            let run = |module: &'static str, shard: Option<(u32, Option<u32>)>, tag: String| {
+            let run = |module: &'static str, shard: Option<&'static str>, tag: String| {
                 let work = dir.path().join(format!("{name}-{tag}"));
                 let src = src.clone();
                 async move {
@@ -1080,19 +1083,26 @@ mod tests {
                 }
             };
             let mut sum = (0, 0, 0, 0);
-            for (index, range) in [(0, Some(2)), (2, Some(4)), (4, None)]
+            let mut equal_parts = (0, 0, 0, 0);
+            for (index, shard) in ["0:2", "2:4", "4:", "1/4", "2/4", "3/4", "4/4"]
                 .into_iter()
                 .enumerate()
             {
-                let piece = run("tests/test_many.py", Some(range), format!("m{index}")).await;
+                let piece = run("tests/test_many.py", Some(shard), format!("m{index}")).await;
                 assert!(piece.profile.is_empty(), "{name}: a piece says no profile");
                 assert_eq!(piece.collected, Some(6), "{name}");
                 assert_eq!(piece.splittable, Some(true), "{name}");
-                sum.0 += piece.passed;
-                sum.1 += piece.failed;
-                sum.2 += piece.errors;
-                sum.3 += piece.skipped;
+                let total = if shard.contains('/') {
+                    &mut equal_parts
+                } else {
+                    &mut sum
+                };
+                total.0 += piece.passed;
+                total.1 += piece.failed;
+                total.2 += piece.errors;
+                total.3 += piece.skipped;
             }
+            assert_eq!(equal_parts, sum, "{name}: equal parts add up to ranges");
             let whole = run("tests/test_many.py", None, "whole".into()).await;
             // The profile of a whole run: 15 cuts, in order, within its 6 tests.
             assert_eq!(whole.profile.len(), 15, "{name}: {:?}", whole.profile);
@@ -1108,12 +1118,12 @@ mod tests {
             let marked = run("tests/test_marked.py", None, "marked".into()).await;
             assert_eq!(marked.splittable, Some(false), "{name}");
             let mut errors = 0;
-            for (index, range) in [(0, Some(1)), (1, None)].into_iter().enumerate() {
-                let piece = run("tests/test_broken.py", Some(range), format!("b{index}")).await;
+            for (index, shard) in ["0:1", "1:", "1/2", "2/2"].into_iter().enumerate() {
+                let piece = run("tests/test_broken.py", Some(shard), format!("b{index}")).await;
                 errors += piece.errors;
             }
-            assert_eq!(errors, 1, "{name}: a collection error counts once");
-            let empty = run("tests/test_marked.py", Some((2, None)), "empty".into()).await;
+            assert_eq!(errors, 2, "{name}: a collection error counts once a split");
+            let empty = run("tests/test_marked.py", Some("2:"), "empty".into()).await;
             assert_eq!(
                 (empty.passed, empty.errors),
                 (0, 0),
