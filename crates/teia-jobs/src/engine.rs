@@ -16,7 +16,7 @@ use crate::bundle::{self, BundleError};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::proto::ledger::{
     CachedFrom, Completed, EvalId, Evaluation, Lease, Ledger, ModuleResult, ModuleState,
-    NewProject, Piece, Shape,
+    NewProject, Piece, Project, Shape,
 };
 use crate::proto::result_cache::{self, Policy};
 use crate::runner::{Isolation, Limits, Runner};
@@ -240,8 +240,44 @@ fn reuse_results(state: &mut State, id: EvalId, policy: &Policy) -> usize {
     reused
 }
 
-/// Keeps the result the ledger now holds for `lease`'s module in the cache, if `policy`
-/// keeps it.
+/// The result to keep in the cache for module `name` of `project`, now done, and the
+/// module's path it is kept under: its own, or, for a piece, the whole module's joined
+/// from its pieces once the last is done ([`Project::joined_pieces`]); none when `policy`
+/// keeps none (`trusted`: whether the worker of its last run counts for the cache).
+fn result_to_keep(
+    project: &Project,
+    name: &str,
+    policy: &Policy,
+    trusted: bool,
+) -> Option<(ModuleResult, String)> {
+    let module = project.modules.get(name)?;
+    let (result, path) = match &module.piece {
+        None => {
+            let ModuleState::Done(result) = &module.state else {
+                return None;
+            };
+            if module.disputed.is_some() {
+                return None;
+            }
+            ((**result).clone(), name.to_owned())
+        }
+        Some(piece) => {
+            let joined = project.joined_pieces(&piece.path)?;
+            let course = joined
+                .pieces_by
+                .iter()
+                .any(|node| crate::proto::seed000_members::is_course_worker(node));
+            if course {
+                return None;
+            }
+            (joined, piece.path.clone())
+        }
+    };
+    result_cache::keeps(policy, &result, trusted).then_some((result, path))
+}
+
+/// Keeps the result the ledger now holds for `lease`'s module in the cache (for a piece,
+/// the whole module's once every piece is done), if `policy` keeps it.
 fn keep_result(state: &mut State, lease: &Lease, policy: &Policy, trusted: bool) {
     let Some(project) = state
         .ledger
@@ -250,21 +286,21 @@ fn keep_result(state: &mut State, lease: &Lease, policy: &Policy, trusted: bool)
     else {
         return;
     };
-    let (Some(shared), Some(module)) = (&project.content, project.modules.get(&lease.module))
-    else {
+    let Some((result, path)) = result_to_keep(project, &lease.module, policy, trusted) else {
         return;
     };
-    let (ModuleState::Done(result), Some(module_content)) = (&module.state, &module.content) else {
+    let (Some(shared), Some(module_content)) = (
+        &project.content,
+        project
+            .modules
+            .get(&lease.module)
+            .and_then(|m| m.content.as_ref()),
+    ) else {
         return;
     };
-    if module.disputed.is_some() || !result_cache::keeps(policy, result, trusted) {
-        return;
-    }
-    let Some(key) = result_cache::key_of_result(result, shared, &lease.module, module_content)
-    else {
+    let Some(key) = result_cache::key_of_result(&result, shared, &path, module_content) else {
         return;
     };
-    let result = result.clone();
     state.keep(&key, &result, lease.eval, policy.max_bytes);
 }
 
@@ -310,11 +346,11 @@ fn learn_replicated(
             let (Some(shared), Some(module_content)) = (&project.content, &module.content) else {
                 continue;
             };
-            if !result_cache::keeps(policy, result, true) {
+            let Some((result, path)) = result_to_keep(project, path, policy, true) else {
                 continue;
-            }
-            if let Some(key) = result_cache::key_of_result(result, shared, path, module_content) {
-                state.keep(&key, result, evaluation.id, policy.max_bytes);
+            };
+            if let Some(key) = result_cache::key_of_result(&result, shared, &path, module_content) {
+                state.keep(&key, &result, evaluation.id, policy.max_bytes);
             }
         }
     }
@@ -432,7 +468,8 @@ impl State {
     /// Evicts from the cache every result `node` ran (a verification disagreed with it).
     fn evict_from(&mut self, node: &str) {
         let evicted = self.db.execute(
-            "DELETE FROM result_cache WHERE json_extract(body, '$.node') = ?1",
+            "DELETE FROM result_cache WHERE json_extract(body, '$.node') = ?1 \
+             OR EXISTS (SELECT 1 FROM json_each(body, '$.pieces_by') WHERE value = ?1)",
             params![node],
         );
         match evicted {

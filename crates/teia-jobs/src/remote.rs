@@ -471,7 +471,7 @@ impl Engine {
                 cluster.announce_now.notify_one();
             }
             JobMessage::TaskResult { lease, result } => {
-                if self.complete(&lease, src, result) {
+                if self.complete(&lease, src, *result) {
                     cluster.add_holder(&lease.blob, src);
                 } else {
                     tracing::debug!(%src, module = %lease.module, "a result for a lease the sender does not hold (any more) dropped");
@@ -567,7 +567,13 @@ impl Engine {
         }
         self.count_work(&lease, &result);
         cluster
-            .send(&owner, &JobMessage::TaskResult { lease, result })
+            .send(
+                &owner,
+                &JobMessage::TaskResult {
+                    lease,
+                    result: Box::new(result),
+                },
+            )
             .await;
         true
     }

@@ -1338,10 +1338,11 @@ const SHARED: &str = "import time, pytest\n\n@pytest.fixture(scope='module')\nde
 /// A module never run, whose source holds many more tests than its share of the
 /// evaluation's and nothing splitting could change, is split on its first run in equal
 /// parts whose counts add up to a serial pytest's; one as large whose tests share a
-/// module-scoped fixture stays whole.
+/// module-scoped fixture stays whole. The pieces' results, joined, serve the whole module
+/// from the cache the next time.
 #[test]
 fn a_large_module_never_seen_is_split_on_its_first_run_when_its_source_allows() {
-    let (_node, addr) = start(&["--workers", "4"]);
+    let (_node, addr) = start(&["--workers", "4", "--cache-failures"]);
     let dir = tempfile::tempdir().unwrap();
     let mut many = String::from("import pytest\n\n");
     for n in 0..150 {
@@ -1389,6 +1390,20 @@ fn a_large_module_never_seen_is_split_on_its_first_run_when_its_source_allows() 
     }
     assert_eq!(modules.len(), 4, "{first}");
     assert_serial_counts(&first, "unseen", &serial);
+
+    let (status, created) = post_zip(&addr, &zip);
+    assert_eq!(status, 201, "{created}");
+    let again = wait_done(&addr, created["id"].as_u64().unwrap());
+    let modules = again["projects"]["unseen"]["modules"].as_object().unwrap();
+    assert_eq!(modules.len(), 3, "served whole: {again}");
+    let many = &modules["tests/test_many.py"];
+    assert_eq!(many["cached"], true, "{again}");
+    assert_eq!(many["cached_from"]["eval"], first["id"], "{again}");
+    let failed = many["failed_tests"].to_string();
+    for test in ["test_many.py::test_7", "test_many.py::test_p[3]"] {
+        assert!(failed.contains(test), "{test}: {again}");
+    }
+    assert_serial_counts(&again, "unseen", &serial);
 }
 
 /// A module that took more than its share of an evaluation is split over the workers the

@@ -221,8 +221,13 @@ pub struct ModuleResult {
     pub skipped: u32,
     /// Seconds the module ran.
     pub seconds: f64,
-    /// The node that ran it.
+    /// The node that ran it (of a split module's result joined from its pieces', the
+    /// first piece's: [`Project::joined_pieces`]).
     pub node: String,
+    /// The nodes that ran the pieces of a split module, when this result joins theirs
+    /// (at most [`MAX_PIECES`]), so that the cache evicts it with the results of any one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pieces_by: Vec<String>,
     /// Where the result was reused from, when it was not run for this evaluation.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached: Option<CachedFrom>,
@@ -395,6 +400,53 @@ pub struct Project {
     pub content: Option<String>,
     /// Its modules by path.
     pub modules: BTreeMap<String, Module>,
+}
+
+impl Project {
+    /// The result of module `path`, which was split, joined from its pieces' once every
+    /// piece is done: their counts and seconds added, their failed and flaky tests listed
+    /// together (within [`MAX_LISTED_TESTS`]), run by the first piece's node, `pieces_by`
+    /// naming every piece's. None while a piece is not done, and when one was reused,
+    /// disputed, or ran in another environment than the first (or in none said).
+    pub fn joined_pieces(&self, path: &str) -> Option<ModuleResult> {
+        let mut joined: Option<ModuleResult> = None;
+        let pieces = self
+            .modules
+            .values()
+            .filter(|m| m.piece.as_ref().is_some_and(|p| p.path == path));
+        for module in pieces {
+            let ModuleState::Done(result) = &module.state else {
+                return None;
+            };
+            if module.disputed.is_some() || result.cached.is_some() {
+                return None;
+            }
+            let whole = joined.get_or_insert_with(|| ModuleResult {
+                node: result.node.clone(),
+                environment: result.environment.clone(),
+                collected: result.collected,
+                ..Default::default()
+            });
+            if result.environment.is_none() || whole.environment != result.environment {
+                return None;
+            }
+            whole.passed = whole.passed.saturating_add(result.passed);
+            whole.failed = whole.failed.saturating_add(result.failed);
+            whole.errors = whole.errors.saturating_add(result.errors);
+            whole.skipped = whole.skipped.saturating_add(result.skipped);
+            whole.seconds += result.seconds;
+            for test in &result.failed_tests {
+                list_test(&mut whole.failed_tests, path, test);
+            }
+            for test in &result.flaky {
+                list_test(&mut whole.flaky, path, test);
+            }
+            if !whole.pieces_by.contains(&result.node) {
+                whole.pieces_by.push(result.node.clone());
+            }
+        }
+        joined
+    }
 }
 
 /// One evaluation.
@@ -1390,6 +1442,70 @@ impl Ledger {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::indexing_slicing)]
     use super::*;
+
+    /// A split module's result, for the cache, joins its pieces' once all are done, in one
+    /// environment, none reused.
+    #[test]
+    fn the_pieces_of_a_module_join_in_one_result() {
+        let piece = |index: u32, node: &str, environment: &str, failed: &[&str]| {
+            let result = ModuleResult {
+                passed: 10,
+                failed: failed.len() as u32,
+                skipped: 1,
+                seconds: 2.0,
+                node: node.into(),
+                failed_tests: failed
+                    .iter()
+                    .map(|t| format!("tests/test_x.py::{t}"))
+                    .collect(),
+                collected: Some(24),
+                environment: Some(environment.into()),
+                ..Default::default()
+            };
+            let module = Module {
+                state: ModuleState::Done(Box::new(result)),
+                estimated_tests: 12,
+                crashes: 0,
+                verifying: None,
+                disputed: None,
+                content: Some("c".into()),
+                expected_seconds: None,
+                rerun: None,
+                piece: Some(Piece {
+                    path: "tests/test_x.py".into(),
+                    index,
+                    of: 2,
+                    start: 0,
+                    end: None,
+                    equal_part: true,
+                }),
+                may_split_unseen: true,
+            };
+            (format!("tests/test_x.py [{index}/2]"), module)
+        };
+        let mut project = Project {
+            blob: "b".into(),
+            content: Some("s".into()),
+            modules: [piece(1, "a", "py", &["t1"]), piece(2, "b", "py", &["t2"])].into(),
+        };
+        let joined = project.joined_pieces("tests/test_x.py").unwrap();
+        assert_eq!((joined.passed, joined.failed, joined.skipped), (20, 2, 2));
+        assert_eq!(joined.seconds, 4.0);
+        assert_eq!(joined.node, "a");
+        assert_eq!(joined.pieces_by, ["a", "b"]);
+        assert_eq!(
+            joined.failed_tests,
+            ["tests/test_x.py::t1", "tests/test_x.py::t2"]
+        );
+        assert_eq!(joined.collected, Some(24));
+        assert!(project.joined_pieces("tests/test_y.py").is_none());
+
+        let (name, other) = piece(2, "b", "another python", &[]);
+        project.modules.insert(name.clone(), other);
+        assert!(project.joined_pieces("tests/test_x.py").is_none());
+        project.modules.get_mut(&name).unwrap().state = ModuleState::Pending { attempt: 0 };
+        assert!(project.joined_pieces("tests/test_x.py").is_none());
+    }
 
     fn project(name: &str, modules: &[(&str, u32)]) -> NewProject {
         NewProject {

@@ -85,7 +85,7 @@ pub enum JobMessage {
         /// The lease.
         lease: Lease,
         /// The counts.
-        result: ModuleResult,
+        result: Box<ModuleResult>,
     },
     /// A node holding a replica of an evaluation whose owner is gone stands to take it over
     /// (flooded); the lowest peer id among the candidates wins.

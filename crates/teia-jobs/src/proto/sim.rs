@@ -328,7 +328,7 @@ impl Sim {
             JobMessage::TaskRenew { lease } => {
                 self.nodes[at].ledger.renew(&lease, src, ms, LEASE_MS);
             }
-            JobMessage::TaskResult { lease, result } => self.complete(at, &lease, src, result),
+            JobMessage::TaskResult { lease, result } => self.complete(at, &lease, src, *result),
             JobMessage::TaskSend { request, lease, .. } => {
                 let run = self.run_time();
                 let node = &mut self.nodes[at];
@@ -595,7 +595,14 @@ impl Sim {
                     if owner == me {
                         self.complete(i, &lease, &me, result);
                     } else {
-                        self.send(i, &owner, JobMessage::TaskResult { lease, result });
+                        self.send(
+                            i,
+                            &owner,
+                            JobMessage::TaskResult {
+                                lease,
+                                result: Box::new(result),
+                            },
+                        );
                     }
                 } else if renew <= now {
                     if owner == me {
