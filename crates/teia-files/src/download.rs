@@ -95,16 +95,21 @@ pub(crate) struct Ready {
 
 /// Alignment of direct I/O buffers, offsets and lengths.
 const DIRECT_ALIGN: usize = 4096;
-/// Bytes staged before a write, at most.
-pub(crate) const STAGING: usize = 1024 * 1024;
+/// Bytes staged before a write, at most: consecutive chunks are written together, so a
+/// download makes one write per this many bytes whatever its chunk size.
+pub(crate) const STAGING: usize = 2 * 1024 * 1024;
 
-/// Bytes of one chunk waiting to be written, in a buffer aligned for direct I/O.
+/// Consecutive bytes of a file waiting to be written, in a buffer aligned for direct I/O,
+/// and the chunks they complete.
 pub(crate) struct Staging {
     storage: Vec<u8>,
     pub(crate) start: usize,
     pub(crate) len: usize,
     /// File offset of the first staged byte.
     pub(crate) at: u64,
+    /// The verified chunks (index, length) whose last bytes are staged here: they count as
+    /// arrived once this buffer is written.
+    pub(crate) completes: Vec<(u32, u64)>,
 }
 
 impl Staging {
@@ -119,7 +124,13 @@ impl Staging {
             start,
             len: 0,
             at: 0,
+            completes: Vec::new(),
         }
+    }
+
+    /// Whether nothing is staged.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.len == 0 && self.completes.is_empty()
     }
 
     pub(crate) fn room(&self) -> usize {

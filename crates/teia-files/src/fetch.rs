@@ -322,7 +322,9 @@ async fn fetch_on(
                 .map_err(|e| HolderEnd::Dropped(e.into()))?;
         }
         if !exchange.awaiting() {
-            if let Some(written) = writes.drain().await? {
+            let mut written = writes.submit().await?;
+            written.extend(writes.drain().await?);
+            if !written.is_empty() {
                 arrived(download, id, written);
                 continue;
             }
@@ -337,12 +339,17 @@ async fn fetch_on(
         let Some(mut hasher) = ready.outboard.chunk_hasher(chunk) else {
             return Err(HolderEnd::Dropped(HolderError::NoSuchChunk));
         };
-        // A chunk of up to STAGING bytes is written only once verified; a larger one is
-        // written a staged piece at a time and checked at its end. The write runs in a
-        // blocking thread while the next chunk is read; a chunk counts as arrived once its
-        // bytes are written.
-        writes.start(offset);
+        // Consecutive chunks are staged together and written STAGING bytes at a time, in
+        // a blocking thread while the next bytes are read; a chunk counts as arrived once
+        // it is verified and its bytes are written (a bad chunk's bytes already written
+        // are never counted, and are fetched again).
+        let written = writes.start(offset).await?;
+        arrived(download, id, written);
         while hasher.remaining() > 0 {
+            if writes.room() == 0 {
+                let written = writes.submit().await?;
+                arrived(download, id, written);
+            }
             if stream.buffered().is_empty() {
                 fill(stream).await?;
             }
@@ -353,18 +360,11 @@ async fn fetch_on(
             hasher.update(piece);
             writes.push(piece);
             stream.consume(take);
-            if writes.room() == 0 && hasher.remaining() > 0 {
-                if let Some(written) = writes.submit(None).await? {
-                    arrived(download, id, written);
-                }
-            }
         }
         if !hasher.matches() {
             return Err(HolderEnd::Dropped(HolderError::BadChunk(chunk)));
         }
-        if let Some(written) = writes.submit(Some((chunk, len))).await? {
-            arrived(download, id, written);
-        }
+        writes.completes(chunk, len);
     }
 }
 
@@ -373,12 +373,18 @@ fn dropped(fault: ReplyFault) -> HolderEnd {
     HolderEnd::Dropped(HolderError::Reply(fault))
 }
 
-/// Records that chunk `chunk` of `len` bytes from `id` is verified and on disk.
-fn arrived(download: &Download, id: HolderId, (chunk, len): (u32, u64)) {
-    lock(&download.swarm).arrived(id, chunk, len);
+/// Records that the chunks `written` (index, length) from `id` are verified and on disk.
+fn arrived(download: &Download, id: HolderId, written: Vec<(u32, u64)>) {
+    if written.is_empty() {
+        return;
+    }
+    let mut swarm = lock(&download.swarm);
+    for (chunk, len) in written {
+        swarm.arrived(id, chunk, len);
+    }
 }
 
-type Written = tokio::task::JoinHandle<(Staging, std::io::Result<()>, Option<(u32, u64)>)>;
+type Written = tokio::task::JoinHandle<(Staging, std::io::Result<()>)>;
 
 /// Double-buffered writes of one holder's chunks: one buffer fills while the other is
 /// written in a blocking thread.
@@ -399,8 +405,24 @@ impl Writes {
         }
     }
 
-    fn start(&mut self, offset: u64) {
+    /// Stages the chunk at `offset` next: after what is staged when it follows it, else
+    /// once that is written; returns the chunks a write completed, if any.
+    async fn start(&mut self, offset: u64) -> Result<Vec<(u32, u64)>, HolderEnd> {
+        if self.current.is_empty() {
+            self.current.at = offset;
+            return Ok(Vec::new());
+        }
+        if self.current.at + self.current.len as u64 == offset {
+            return Ok(Vec::new());
+        }
+        let written = self.submit().await?;
         self.current.at = offset;
+        Ok(written)
+    }
+
+    /// Chunk `chunk` of `len` bytes, verified, ends with the bytes staged last.
+    fn completes(&mut self, chunk: u32, len: u64) {
+        self.current.completes.push((chunk, len));
     }
 
     fn room(&self) -> usize {
@@ -418,22 +440,26 @@ impl Writes {
         })
     }
 
-    /// Waits for the write in flight; returns the chunk it completed, if any.
-    async fn drain(&mut self) -> Result<Option<(u32, u64)>, HolderEnd> {
+    /// Waits for the write in flight; returns the chunks it completed.
+    async fn drain(&mut self) -> Result<Vec<(u32, u64)>, HolderEnd> {
         let Some(handle) = self.inflight.take() else {
-            return Ok(None);
+            return Ok(Vec::new());
         };
-        let (buffer, result, chunk) = handle
+        let (mut buffer, result) = handle
             .await
             .map_err(|e| HolderEnd::Fatal(DownloadError::Writer(e)))?;
+        let completed = std::mem::take(&mut buffer.completes);
         self.spare = Some(buffer);
         result.map_err(|e| self.fatal(e))?;
-        Ok(chunk)
+        Ok(completed)
     }
 
-    /// Writes what is staged (completing `chunk`, if given) in the background; returns the
-    /// chunk the previous write completed, if any.
-    async fn submit(&mut self, chunk: Option<(u32, u64)>) -> Result<Option<(u32, u64)>, HolderEnd> {
+    /// Writes what is staged in the background (nothing when nothing is); returns the
+    /// chunks the previous write completed.
+    async fn submit(&mut self) -> Result<Vec<(u32, u64)>, HolderEnd> {
+        if self.current.is_empty() {
+            return Ok(Vec::new());
+        }
         let previous = self.drain().await?;
         let next_at = self.current.at + self.current.len as u64;
         let mut fresh = self.spare.take().unwrap_or_else(Staging::new);
@@ -446,7 +472,7 @@ impl Writes {
                 Some(ready) => full.flush(ready),
                 None => Err(std::io::Error::other("no partial file")),
             };
-            (full, result, chunk)
+            (full, result)
         }));
         Ok(previous)
     }

@@ -188,7 +188,7 @@ async fn send_chunks(
     opened: &std::fs::File,
 ) -> u64 {
     let serving = Serving::new(file.size);
-    let mut buffer = vec![0u8; PIECE.min(serving.layout().chunk as usize)];
+    let piece_max = PIECE.min(serving.layout().chunk as usize);
     let mut total = 0u64;
     loop {
         let chunks = match read_request(stream).await {
@@ -219,18 +219,26 @@ async fn send_chunks(
             }
             let mut sent = 0u64;
             while sent < len {
-                let want = ((len - sent) as usize).min(buffer.len());
-                let Some(piece) = buffer.get_mut(..want) else {
-                    return total;
-                };
-                if let Err(e) = opened.read_exact_at(piece, offset + sent) {
-                    refuse(stream, code::IO, format!("{}: {e}", file.name)).await;
-                    return total;
-                }
+                let want = ((len - sent) as usize).min(piece_max);
                 if let Some(throttle) = &inner.throttle {
                     throttle.take(want).await;
                 }
-                if stream.queue(piece).is_err() || stream.flush().await.is_err() {
+                // The file is read straight into the frames that carry it.
+                let mut at = offset + sent;
+                let read = stream.queue_from(want, |frame| {
+                    opened.read_exact_at(frame, at)?;
+                    at += frame.len() as u64;
+                    Ok(())
+                });
+                match read {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => {
+                        refuse(stream, code::IO, format!("{}: {e}", file.name)).await;
+                        return total;
+                    }
+                    Err(_) => return total,
+                }
+                if stream.flush().await.is_err() {
                     return total;
                 }
                 sent += want as u64;

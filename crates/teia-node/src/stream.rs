@@ -4,9 +4,10 @@
 //! chat on the link and chat never queues behind a download.
 //!
 //! A [`DataStream`] is a byte pipe: [`DataStream::queue`] seals bytes, [`DataStream::flush`]
-//! writes them; [`DataStream::fill`] reads and opens frames into a buffer that
-//! [`DataStream::buffered`] shows and [`DataStream::consume`] empties. Its buffers are bounded:
-//! one read of [`READ_CHUNK`] bytes, one partial frame, and what the owner leaves unconsumed.
+//! writes them; [`DataStream::fill`] reads into one buffer and opens the frames there, in
+//! place, and [`DataStream::buffered`] shows their plaintext until [`DataStream::consume`]
+//! empties it. Its buffers are bounded: one read of [`READ_CHUNK`] bytes, one partial frame,
+//! and what the owner leaves unconsumed.
 //!
 //! A node that listens also splices streams for two of its neighbours that asked it to
 //! (the splicer, with the decisions of [`teia_core::splice::SpliceBroker`]): a connection
@@ -104,9 +105,15 @@ pub struct DataStream {
     tcp: TcpStream,
     reader: SecureReader,
     writer: SecureWriter,
-    raw: Vec<u8>,
-    plain: Vec<u8>,
+    /// What was read: plaintext already consumed (`..consumed`), plaintext not yet
+    /// consumed (`consumed..opened`), frames' overhead left behind by their opening
+    /// (`opened..sealed_from`), and the start of a frame not complete yet
+    /// (`sealed_from..filled`).
+    read: Vec<u8>,
     consumed: usize,
+    opened: usize,
+    sealed_from: usize,
+    filled: usize,
     sealed: Vec<u8>,
     peer_id: String,
     key: PublicKey,
@@ -146,6 +153,17 @@ impl DataStream {
         Ok(())
     }
 
+    /// Seals, for the next [`flush`](Self::flush), `len` bytes that `fill` writes straight
+    /// into the frames (a frame's worth at a time, in order: a file read there is never
+    /// copied before it is sealed); the outer error is the stream's, the inner `fill`'s.
+    pub fn queue_from(
+        &mut self,
+        len: usize,
+        fill: impl FnMut(&mut [u8]) -> std::io::Result<()>,
+    ) -> Result<std::io::Result<()>, StreamError> {
+        Ok(self.writer.seal_from(len, &mut self.sealed, fill)?)
+    }
+
     /// Writes everything sealed.
     pub async fn flush(&mut self) -> Result<(), StreamError> {
         if !self.sealed.is_empty() {
@@ -164,28 +182,57 @@ impl DataStream {
     /// Reads once from the socket and opens the frames that completed; `false` at the end
     /// of the stream.
     pub async fn fill(&mut self) -> Result<bool, StreamError> {
-        if self.consumed > 0 && self.consumed >= self.plain.len() / 2 {
-            self.plain.drain(..self.consumed);
-            self.consumed = 0;
+        self.make_room();
+        let end = self.filled + READ_CHUNK;
+        if self.read.len() < end {
+            self.read.resize(end, 0);
         }
-        self.raw.resize(READ_CHUNK, 0);
-        let n = self.tcp.read(&mut self.raw).await?;
+        let room = self.read.get_mut(self.filled..end).unwrap_or_default();
+        let n = self.tcp.read(room).await?;
         if n == 0 {
             return Ok(false);
         }
-        let input = self.raw.get(..n).unwrap_or_default();
-        self.reader.open(input, &mut self.plain)?;
+        self.filled += n;
+        let unopened = self
+            .read
+            .get_mut(self.opened..self.filled)
+            .unwrap_or_default();
+        let (plaintext, frames_end) = self
+            .reader
+            .open_in_place(unopened, self.sealed_from - self.opened)?;
+        self.opened += plaintext;
+        self.sealed_from = self.opened + (frames_end - plaintext);
         Ok(true)
+    }
+
+    /// Moves what is still needed to the front of the read buffer once what was consumed
+    /// is at least half of it and a read would not fit (each byte moved at most once per
+    /// half a buffer read), or when nothing is left.
+    fn make_room(&mut self) {
+        let nothing_left = self.consumed == self.opened && self.sealed_from == self.filled;
+        let short = self.read.len() - self.filled < READ_CHUNK;
+        if nothing_left {
+            (self.consumed, self.opened, self.sealed_from, self.filled) = (0, 0, 0, 0);
+        } else if short && self.consumed > 0 && self.consumed >= self.read.len() / 2 {
+            let plaintext = self.opened - self.consumed;
+            self.read.copy_within(self.consumed..self.opened, 0);
+            self.read
+                .copy_within(self.sealed_from..self.filled, plaintext);
+            self.filled = plaintext + (self.filled - self.sealed_from);
+            (self.consumed, self.opened, self.sealed_from) = (0, plaintext, plaintext);
+        }
     }
 
     /// Plaintext read and not yet consumed.
     pub fn buffered(&self) -> &[u8] {
-        self.plain.get(self.consumed..).unwrap_or_default()
+        self.read
+            .get(self.consumed..self.opened)
+            .unwrap_or_default()
     }
 
     /// Drops the first `n` bytes of [`buffered`](Self::buffered).
     pub fn consume(&mut self, n: usize) {
-        self.consumed = (self.consumed + n).min(self.plain.len());
+        self.consumed = (self.consumed + n).min(self.opened);
     }
 
     /// Reads one `\n`-terminated line of at most `max` bytes (without its `\n`); `None` at
@@ -231,9 +278,11 @@ impl DataStream {
             tcp,
             reader: keys.reader(),
             writer: keys.writer(),
-            raw: Vec::new(),
-            plain: Vec::new(),
+            read: Vec::new(),
             consumed: 0,
+            opened: 0,
+            sealed_from: 0,
+            filled: 0,
             sealed: Vec::new(),
             peer_id,
             key,

@@ -7,6 +7,8 @@
 
 use std::sync::Arc;
 
+use ring::aead;
+
 use crate::identity::{Identity, PublicKey, SIGNATURE_LEN};
 
 /// The Noise protocol name of teia links.
@@ -69,9 +71,50 @@ impl From<snow::Error> for SecureError {
     }
 }
 
-/// The symmetric keys of one encrypted link, shared by its reader and writer.
+/// The symmetric keys of one encrypted link or stream (Noise's split: one key each way),
+/// shared by its reader and writer. Frames are sealed and opened in place with `ring`,
+/// exactly as Noise's transport messages (empty associated data; ChaChaPoly's nonce is the
+/// counter little-endian, AESGCM's big-endian, after 4 zero bytes).
 #[derive(Clone)]
-pub struct LinkCipher(Arc<snow::StatelessTransportState>);
+pub struct LinkCipher(Arc<Keys>);
+
+struct Keys {
+    send: aead::LessSafeKey,
+    receive: aead::LessSafeKey,
+    suite: Suite,
+}
+
+impl Keys {
+    fn new(suite: Suite, send: &[u8; 32], receive: &[u8; 32]) -> Result<Self, SecureError> {
+        let algorithm = match suite {
+            Suite::Link => &aead::CHACHA20_POLY1305,
+            Suite::Stream => &aead::AES_256_GCM,
+        };
+        let key = |bytes: &[u8; 32]| {
+            aead::UnboundKey::new(algorithm, bytes)
+                .map(aead::LessSafeKey::new)
+                .map_err(|_| SecureError::Noise("cipher key refused".into()))
+        };
+        Ok(Self {
+            send: key(send)?,
+            receive: key(receive)?,
+            suite,
+        })
+    }
+
+    /// Noise's nonce for counter `n`: 4 zero bytes, then `n` in the cipher's byte order.
+    fn nonce(&self, n: u64) -> aead::Nonce {
+        let counter = match self.suite {
+            Suite::Link => n.to_le_bytes(),
+            Suite::Stream => n.to_be_bytes(),
+        };
+        let mut bytes = [0u8; aead::NONCE_LEN];
+        if let Some(tail) = bytes.get_mut(4..) {
+            tail.copy_from_slice(&counter);
+        }
+        aead::Nonce::assume_unique_for_key(bytes)
+    }
+}
 
 impl std::fmt::Debug for LinkCipher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -105,28 +148,75 @@ impl LinkCipher {
 }
 
 /// Seals plaintext into frames: a 2-byte big-endian length, then that many bytes of
-/// ChaCha20-Poly1305 ciphertext and tag, nonce counting from 0.
+/// ciphertext and tag, nonce counting from 0.
 pub struct SecureWriter {
     cipher: LinkCipher,
     nonce: u64,
 }
 
 impl SecureWriter {
-    /// Appends the frames carrying `plaintext` to `out` (sealed in place, no extra copy).
+    fn next_nonce(&mut self) -> Result<aead::Nonce, SecureError> {
+        let nonce = self.cipher.0.nonce(self.nonce);
+        self.nonce = self.nonce.checked_add(1).ok_or(SecureError::Exhausted)?;
+        Ok(nonce)
+    }
+
+    /// Appends the frames carrying `plaintext` to `out` (copied once, then sealed in place).
     pub fn seal(&mut self, plaintext: &[u8], out: &mut Vec<u8>) -> Result<(), SecureError> {
         for chunk in plaintext.chunks(FRAME_PLAINTEXT) {
-            let nonce = self.nonce;
-            self.nonce = self.nonce.checked_add(1).ok_or(SecureError::Exhausted)?;
-            let start = out.len();
-            out.resize(start + 2 + chunk.len() + TAG, 0);
-            let sealed = out.get_mut(start + 2..).unwrap_or_default();
-            let len = self.cipher.0.write_message(nonce, chunk, sealed)?;
-            let prefix = u16::try_from(len).map_err(|_| SecureError::Frame)?;
-            out.truncate(start + 2 + len);
-            if let Some(slot) = out.get_mut(start..start + 2) {
-                slot.copy_from_slice(&prefix.to_be_bytes());
-            }
+            self.seal_frame(chunk.len(), out, |room| room.copy_from_slice(chunk))?;
         }
+        Ok(())
+    }
+
+    /// Appends the frames carrying `len` bytes that `fill` writes straight into `out`, a
+    /// frame's worth at a time in order (so bytes read from a file are never copied before
+    /// they are sealed); stops at the first error of `fill`.
+    pub fn seal_from<E>(
+        &mut self,
+        len: usize,
+        out: &mut Vec<u8>,
+        mut fill: impl FnMut(&mut [u8]) -> Result<(), E>,
+    ) -> Result<Result<(), E>, SecureError> {
+        let mut left = len;
+        while left > 0 {
+            let take = left.min(FRAME_PLAINTEXT);
+            let mut failed = None;
+            self.seal_frame(take, out, |room| {
+                if let Err(e) = fill(room) {
+                    failed = Some(e);
+                }
+            })?;
+            if let Some(e) = failed {
+                return Ok(Err(e));
+            }
+            left -= take;
+        }
+        Ok(Ok(()))
+    }
+
+    /// Appends one frame of `len` (at most [`FRAME_PLAINTEXT`]) plaintext bytes, which
+    /// `write` puts in place before they are sealed.
+    fn seal_frame(
+        &mut self,
+        len: usize,
+        out: &mut Vec<u8>,
+        write: impl FnOnce(&mut [u8]),
+    ) -> Result<(), SecureError> {
+        let prefix = u16::try_from(len + TAG).map_err(|_| SecureError::Frame)?;
+        let nonce = self.next_nonce()?;
+        out.extend_from_slice(&prefix.to_be_bytes());
+        let start = out.len();
+        out.resize(start + len, 0);
+        let body = out.get_mut(start..).unwrap_or_default();
+        write(body);
+        let tag = self
+            .cipher
+            .0
+            .send
+            .seal_in_place_separate_tag(nonce, aead::Aad::empty(), body)
+            .map_err(|_| SecureError::Frame)?;
+        out.extend_from_slice(tag.as_ref());
         Ok(())
     }
 }
@@ -141,8 +231,7 @@ pub struct SecureReader {
 
 impl SecureReader {
     /// Appends to `plaintext` what the complete frames in `input` (after what was held back)
-    /// carry; keeps an incomplete frame for the next call. Frames are opened straight from
-    /// `input` into `plaintext` when nothing was held back (the common case in bulk reads).
+    /// carry; keeps an incomplete frame for the next call.
     pub fn open(&mut self, input: &[u8], plaintext: &mut Vec<u8>) -> Result<(), SecureError> {
         let mut input = input;
         if !self.pending.is_empty() {
@@ -163,45 +252,83 @@ impl SecureReader {
                 return Ok(());
             }
             let frame = std::mem::take(&mut self.pending);
-            self.open_frames(&frame, plaintext)?;
+            self.open_copied(&frame, plaintext)?;
         }
-        let used = self.open_frames(input, plaintext)?;
+        let used = self.open_copied(input, plaintext)?;
         self.pending
             .extend_from_slice(input.get(used..).unwrap_or_default());
         Ok(())
     }
 
-    /// Opens the complete frames at the start of `input`; returns the bytes they took.
-    fn open_frames(&mut self, input: &[u8], plaintext: &mut Vec<u8>) -> Result<usize, SecureError> {
+    /// Opens the complete frames at the start of `input` into `plaintext` (each copied
+    /// once, then opened in place); returns the bytes they took.
+    fn open_copied(&mut self, input: &[u8], plaintext: &mut Vec<u8>) -> Result<usize, SecureError> {
         let mut used = 0;
-        loop {
-            let rest = input.get(used..).unwrap_or_default();
-            let Some(&[high, low]) = rest.get(..2) else {
-                break;
-            };
-            let len = usize::from(u16::from_be_bytes([high, low]));
-            let Some(sealed) = rest.get(2..2 + len) else {
-                break;
-            };
-            let nonce = self.nonce;
-            self.nonce = self.nonce.checked_add(1).ok_or(SecureError::Exhausted)?;
+        while let Some(len) = complete_frame(input.get(used..).unwrap_or_default()) {
+            let sealed = input.get(used + 2..used + 2 + len).unwrap_or_default();
             let start = plaintext.len();
-            plaintext.resize(start + len, 0);
-            let out = plaintext.get_mut(start..).unwrap_or_default();
-            let n = self
-                .cipher
-                .0
-                .read_message(nonce, sealed, out)
-                .map_err(|_| SecureError::Frame)?;
-            plaintext.truncate(start + n);
+            plaintext.extend_from_slice(sealed);
+            let opened = self.open_one(plaintext.get_mut(start..).unwrap_or_default(), 0)?;
+            plaintext.truncate(start + opened);
             used += 2 + len;
         }
         Ok(used)
     }
+
+    /// Opens, in place, the complete frames that start at `buffer[from..]`, moving their
+    /// plaintext to the start of `buffer` (no copy besides the decryption's own); returns
+    /// the plaintext bytes now at its start and where the frames opened end. An incomplete
+    /// frame is left where it was: the caller keeps it for when its end arrives.
+    pub fn open_in_place(
+        &mut self,
+        buffer: &mut [u8],
+        from: usize,
+    ) -> Result<(usize, usize), SecureError> {
+        let (mut written, mut used) = (0, from);
+        while let Some(len) = complete_frame(buffer.get(used..).unwrap_or_default()) {
+            let frame_end = used + 2 + len;
+            let in_out = buffer.get_mut(written..frame_end).unwrap_or_default();
+            written += self.open_one(in_out, used + 2 - written)?;
+            used = frame_end;
+        }
+        Ok((written, used))
+    }
+
+    /// Opens the frame body at `in_out[from..]` (ciphertext and tag), its plaintext moved
+    /// to the start of `in_out`; returns the plaintext's length.
+    fn open_one(&mut self, in_out: &mut [u8], from: usize) -> Result<usize, SecureError> {
+        let nonce = self.cipher.0.nonce(self.nonce);
+        self.nonce = self.nonce.checked_add(1).ok_or(SecureError::Exhausted)?;
+        self.cipher
+            .0
+            .receive
+            .open_within(nonce, aead::Aad::empty(), in_out, from..)
+            .map(|plain| plain.len())
+            .map_err(|_| SecureError::Frame)
+    }
+}
+
+/// The body length of the frame at the start of `bytes`, when all of it is there.
+fn complete_frame(bytes: &[u8]) -> Option<usize> {
+    let &[high, low] = bytes.get(..2)? else {
+        return None;
+    };
+    let len = usize::from(u16::from_be_bytes([high, low]));
+    (bytes.len() >= 2 + len).then_some(len)
+}
+
+/// Which side of the handshake this node took.
+#[derive(Clone, Copy)]
+enum Role {
+    Initiator,
+    Responder,
 }
 
 /// A Noise XX handshake in progress on one link or stream.
-pub struct Handshake(Box<snow::HandshakeState>);
+pub struct Handshake {
+    state: Box<snow::HandshakeState>,
+    suite: Suite,
+}
 
 impl std::fmt::Debug for Handshake {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -233,7 +360,8 @@ impl Handshake {
         let mut out = vec![0; NOISE_MAX];
         let len = state.write_message(&[], &mut out)?;
         out.truncate(len);
-        Ok((Self(Box::new(state)), out))
+        let state = Box::new(state);
+        Ok((Self { state, suite }, out))
     }
 
     /// The listener's side: reads message 1, writes message 2 (`<- e, ee, s, es` with our
@@ -250,7 +378,8 @@ impl Handshake {
         let mut out = vec![0; NOISE_MAX];
         let len = state.write_message(&payload(identity, our_peer_id), &mut out)?;
         out.truncate(len);
-        Ok((Self(Box::new(state)), out))
+        let state = Box::new(state);
+        Ok((Self { state, suite }, out))
     }
 
     /// The dialer's side: reads message 2 from `their_peer_id`, writes message 3
@@ -265,10 +394,10 @@ impl Handshake {
         let key = self.read_peer(second, their_peer_id)?;
         let mut out = vec![0; NOISE_MAX];
         let len = self
-            .0
+            .state
             .write_message(&payload(identity, our_peer_id), &mut out)?;
         out.truncate(len);
-        let cipher = LinkCipher(Arc::new(self.0.into_stateless_transport_mode()?));
+        let cipher = self.cipher(Role::Initiator)?;
         Ok((key, out, cipher))
     }
 
@@ -280,15 +409,29 @@ impl Handshake {
         third: &[u8],
     ) -> Result<(PublicKey, LinkCipher), SecureError> {
         let key = self.read_peer(third, their_peer_id)?;
-        let cipher = LinkCipher(Arc::new(self.0.into_stateless_transport_mode()?));
+        let cipher = self.cipher(Role::Responder)?;
         Ok((key, cipher))
+    }
+
+    /// The transport keys of a finished handshake: Noise's split gives the initiator's
+    /// sending key first.
+    fn cipher(mut self, role: Role) -> Result<LinkCipher, SecureError> {
+        if !self.state.is_handshake_finished() {
+            return Err(SecureError::Noise("the handshake is not finished".into()));
+        }
+        let (initiator, responder) = self.state.dangerously_get_raw_split();
+        let keys = match role {
+            Role::Initiator => Keys::new(self.suite, &initiator, &responder)?,
+            Role::Responder => Keys::new(self.suite, &responder, &initiator)?,
+        };
+        Ok(LinkCipher(Arc::new(keys)))
     }
 
     /// Reads a message carrying the peer's payload; checks that its key signs the Noise
     /// static key just proven, with `peer_id`.
     fn read_peer(&mut self, message: &[u8], peer_id: &str) -> Result<PublicKey, SecureError> {
         let mut scratch = vec![0; NOISE_MAX];
-        let len = self.0.read_message(message, &mut scratch)?;
+        let len = self.state.read_message(message, &mut scratch)?;
         let payload = scratch.get(..len).ok_or(SecureError::Payload)?;
         if payload.len() != PAYLOAD_LEN {
             return Err(SecureError::Payload);
@@ -296,7 +439,7 @@ impl Handshake {
         let (key, signature) = payload.split_at(32);
         let key = crate::identity::encode(key);
         let key = PublicKey::parse(&key).map_err(|_| SecureError::Payload)?;
-        let remote_static = self.0.get_remote_static().ok_or(SecureError::Payload)?;
+        let remote_static = self.state.get_remote_static().ok_or(SecureError::Payload)?;
         if !key.verify_binding(remote_static, peer_id, signature) {
             return Err(SecureError::Binding(peer_id.to_owned()));
         }
@@ -337,6 +480,75 @@ mod tests {
         }
         assert_eq!(plain.len(), 16 + big.len());
         assert!(plain.starts_with(b"{\"type\":\"PING\"}\n"));
+    }
+
+    #[test]
+    fn frames_are_noise_transport_messages() {
+        for suite in [Suite::Link, Suite::Stream] {
+            let (alice, bob) = (Identity::from_seed(&[1; 32]), Identity::from_seed(&[2; 32]));
+            let (mut dialer, first) = Handshake::initiate(&alice, suite).unwrap();
+            let (listener, second) = Handshake::respond(&bob, suite, "bob@U", &first).unwrap();
+            dialer.read_peer(&second, "bob@U").unwrap();
+            let mut third = vec![0; NOISE_MAX];
+            let len = dialer
+                .state
+                .write_message(&payload(&alice, "alice@U"), &mut third)
+                .unwrap();
+            third.truncate(len);
+            let (_, ours) = listener.finish_responder("alice@U", &third).unwrap();
+            let snow = dialer.state.into_stateless_transport_mode().unwrap();
+            for nonce in 0..3u64 {
+                let mut sealed = vec![0; 64];
+                let len = snow.write_message(nonce, b"hello", &mut sealed).unwrap();
+                let mut wire = u16::try_from(len).unwrap().to_be_bytes().to_vec();
+                wire.extend_from_slice(&sealed[..len]);
+                let mut reader = ours.reader();
+                reader.nonce = nonce;
+                let mut plain = Vec::new();
+                reader.open(&wire, &mut plain).unwrap();
+                assert_eq!(plain, b"hello", "{suite:?} nonce {nonce}");
+                let mut writer = ours.writer();
+                writer.nonce = nonce;
+                let mut wire = Vec::new();
+                writer.seal(b"world", &mut wire).unwrap();
+                let mut out = vec![0; 64];
+                let len = snow.read_message(nonce, &wire[2..], &mut out).unwrap();
+                assert_eq!(&out[..len], b"world", "{suite:?} nonce {nonce}");
+            }
+        }
+    }
+
+    #[test]
+    fn frames_open_in_place_in_any_cut() {
+        let (a, b) = handshake();
+        let mut writer = a.writer();
+        let mut wire = Vec::new();
+        let big: Vec<u8> = (0..FRAME_PLAINTEXT * 2 + 77).map(|i| i as u8).collect();
+        writer.seal(b"line\n", &mut wire).unwrap();
+        let mut offset = 0u8;
+        let filled = writer
+            .seal_from(big.len(), &mut wire, |room| {
+                for byte in room.iter_mut() {
+                    *byte = offset;
+                    offset = offset.wrapping_add(1);
+                }
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        assert_eq!(filled, Ok(()));
+        for cut in [1, 7, 4096, 70_000, wire.len()] {
+            let mut reader = b.reader();
+            let (mut buffer, mut plain) = (Vec::new(), Vec::new());
+            for piece in wire.chunks(cut) {
+                buffer.extend_from_slice(piece);
+                let (opened, used) = reader.open_in_place(&mut buffer, 0).unwrap();
+                plain.extend_from_slice(&buffer[..opened]);
+                buffer.drain(..used);
+            }
+            assert!(buffer.is_empty());
+            assert_eq!(&plain[..5], b"line\n");
+            assert_eq!(&plain[5..], &big[..], "cut {cut}");
+        }
     }
 
     #[test]
