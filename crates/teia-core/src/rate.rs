@@ -25,7 +25,22 @@ pub struct RateLimiter<K> {
 struct Bucket {
     /// Tokens, in thousandths of a request.
     milli_tokens: u64,
+    /// Requests taken on credit ([`RateLimiter::take_paced`]), in thousandths: the refill
+    /// repays them before it adds tokens.
+    milli_debt: u64,
     updated: Millis,
+}
+
+/// What [`RateLimiter::take_paced`] decided for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Paced {
+    /// Within the rate.
+    Free,
+    /// Taken on credit: the source should be slowed down (not heard) for this many
+    /// milliseconds, until its credit is repaid.
+    Wait(Millis),
+    /// Beyond the credit too (a burst's worth): refused.
+    Refused,
 }
 
 impl<K: Eq + Hash + Clone> RateLimiter<K> {
@@ -58,6 +73,7 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
                 source.clone(),
                 Bucket {
                     milli_tokens: full,
+                    milli_debt: 0,
                     updated: now,
                 },
             );
@@ -67,9 +83,12 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
             return false;
         };
         let elapsed = now.saturating_sub(bucket.updated);
+        let refill = elapsed.saturating_mul(per_second);
+        let repaid = refill.min(bucket.milli_debt);
+        bucket.milli_debt -= repaid;
         bucket.milli_tokens = bucket
             .milli_tokens
-            .saturating_add(elapsed.saturating_mul(per_second))
+            .saturating_add(refill - repaid)
             .min(full);
         bucket.updated = now;
         if bucket.milli_tokens >= 1000 {
@@ -80,6 +99,26 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
         }
     }
 
+    /// Takes one token for `source` at `now`, or, when it has none left, takes it on credit
+    /// (up to a burst's worth) and says how long the source should be paused to repay it;
+    /// refuses beyond that credit.
+    pub fn take_paced(&mut self, source: &K, now: Millis) -> Paced {
+        if self.allow(source, now) {
+            return Paced::Free;
+        }
+        let full = u64::from(self.burst) * 1000;
+        let per_second = u64::from(self.per_second);
+        let Some(bucket) = self.buckets.get_mut(source) else {
+            return Paced::Refused;
+        };
+        if bucket.milli_debt + 1000 > full {
+            return Paced::Refused;
+        }
+        bucket.milli_debt += 1000;
+        let missing = bucket.milli_debt + 1000 - bucket.milli_tokens.min(1000);
+        Paced::Wait(missing.div_ceil(per_second))
+    }
+
     fn forget_idle(&mut self, now: Millis) {
         let full = u64::from(self.burst) * 1000;
         let per_second = u64::from(self.per_second);
@@ -87,7 +126,7 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
             let refilled = b
                 .milli_tokens
                 .saturating_add(now.saturating_sub(b.updated).saturating_mul(per_second));
-            refilled < full
+            refilled < full.saturating_add(b.milli_debt)
         });
     }
 }
@@ -95,6 +134,19 @@ impl<K: Eq + Hash + Clone> RateLimiter<K> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn beyond_the_rate_requests_are_taken_on_credit_then_refused() {
+        let mut limiter = RateLimiter::new(2, 3, 10);
+        assert!((0..3).all(|_| limiter.take_paced(&"a", 0) == Paced::Free));
+        assert_eq!(limiter.take_paced(&"a", 0), Paced::Wait(1000));
+        assert_eq!(limiter.take_paced(&"a", 0), Paced::Wait(1500));
+        assert_eq!(limiter.take_paced(&"a", 0), Paced::Wait(2000));
+        assert_eq!(limiter.take_paced(&"a", 0), Paced::Refused);
+        // The refill repays the credit before it gives tokens again.
+        assert_eq!(limiter.take_paced(&"a", 1000), Paced::Wait(1500));
+        assert_eq!(limiter.take_paced(&"a", 3000), Paced::Free);
+    }
 
     #[test]
     fn burst_then_sustained_rate() {

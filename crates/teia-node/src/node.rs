@@ -5,8 +5,15 @@
 //! Bounds: the driver's inbox holds [`INBOX`] events (readers wait when it is full, which
 //! slows their peers through TCP); each link's write queue holds at most [`LINK_QUEUE`] lines
 //! and [`LINK_QUEUE_BYTES`] bytes, and all links together [`TOTAL_QUEUE_BYTES`] (beyond,
-//! lines for that link are dropped and counted, so one slow peer never stalls the others; a
-//! link that keeps its queue full for [`STALL_LIMIT`] is closed); the command queue holds
+//! lines for that link are dropped and counted; a link whose queue stays over half its
+//! budget while nothing of it is written for [`STALL_LIMIT`] is closed).
+//!
+//! Back-pressure: when a turn's lines fill a link's queue past its high-water mark (a
+//! quarter of either budget), the links whose lines that turn handled stop being read, and,
+//! when the turn was the application's, the node takes no new command, until that queue
+//! drains below an eighth: a publisher faster than the path is slowed down to its pace
+//! (through TCP, hop by hop, back to the application's `send`), instead of losing messages,
+//! while links that feed other queues go on. The command queue holds
 //! [`COMMANDS`] requests; events to the application queue up to [`EVENTS`] and then make the
 //! node wait for the application; at most [`MAX_OPEN_LINKS`] connections are open at once
 //! (one more is answered BYE `busy` and closed); at most [`MAX_SPLICE_ASKS`] of our splice
@@ -19,7 +26,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -52,13 +59,27 @@ use teia_wire::stream::{SPLICE_PREFIX, STREAM_PREFIX};
 
 /// Events waiting for the driver, at most.
 pub const INBOX: usize = 4096;
+/// Lines of one link waiting for the driver, at most (plus those of one read): the link
+/// is not read meanwhile, so one neighbour cannot fill the inbox, and a paced one is
+/// paused within this many lines.
+const READ_AHEAD: usize = 256;
+/// Bytes of one link's lines waiting for the driver, at most (plus those of one read).
+const READ_AHEAD_BYTES: usize = 64 * 1024;
 /// Lines waiting to be written on one link, at most.
-pub const LINK_QUEUE: usize = 1024;
+pub const LINK_QUEUE: usize = 4096;
 /// Bytes waiting to be written on one link, at most.
-pub const LINK_QUEUE_BYTES: usize = 512 * 1024;
+pub const LINK_QUEUE_BYTES: usize = 1024 * 1024;
+/// A link's queue past this share of either budget (1/`HIGH_WATER`) holds back what fills
+/// it; below half of it, what it held goes on.
+const HIGH_WATER: usize = 4;
 /// Bytes waiting to be written on all links together, at most.
 pub const TOTAL_QUEUE_BYTES: usize = 64 * 1024 * 1024;
-/// Time a link may keep its write queue full (its lines dropped) before it is closed.
+/// Time a link's full queue may hold others back with nothing of it written: past it, the
+/// link is taken as stuck (not slow), lets go of what it held, and its lines are dropped
+/// at its budget until it writes again.
+const STUCK_AFTER: Duration = Duration::from_secs(1);
+/// Time a link may keep its write queue over half its budget, with nothing of it written,
+/// before it is closed.
 pub const STALL_LIMIT: Duration = Duration::from_secs(10);
 /// Connections open at once, handshaking ones included; one more is answered BYE `busy`.
 pub const MAX_OPEN_LINKS: usize = 256;
@@ -655,6 +676,11 @@ pub async fn start(mut config: NodeConfig) -> Result<Started, NodeError> {
         links: HashMap::new(),
         next_link: 1,
         queued_total: Arc::new(AtomicUsize::new(0)),
+        drained: Arc::new(tokio::sync::Notify::new()),
+        turn: Turn::default(),
+        held: HashMap::new(),
+        commands_held_by: Vec::new(),
+        paced: HashMap::new(),
         warnings: Warnings::default(),
         service_sends: ServiceSends::default(),
         routes,
@@ -692,15 +718,92 @@ pub async fn start(mut config: NodeConfig) -> Result<Started, NodeError> {
 struct LinkTasks {
     writer: mpsc::Sender<Out>,
     reader: JoinHandle<()>,
-    /// Set when lines may be written several per `write`.
-    coalesce: Arc<AtomicBool>,
-    /// Bytes in this link's write queue.
-    queued: Arc<AtomicUsize>,
-    /// Since when this link's lines are being dropped.
-    full_since: Option<Instant>,
+    /// What the link's reader and writer share with the driver.
+    shared: Arc<LinkShared>,
+    /// Since when this link's queue is over half its budget, and the bytes written then.
+    full_since: Option<(Instant, u64)>,
+    /// The links this link's full queue holds back (their reading paused).
+    holding: Vec<LinkId>,
     /// Keys for the reader, set by [`Action::Encrypt`] and handed over with the answer to
     /// the handshake line that caused it.
     read_cipher: Option<LinkCipher>,
+}
+
+/// The state a link's reader and writer tasks share with the driver.
+struct LinkShared {
+    /// Set when lines may be written several per `write`.
+    coalesce: AtomicBool,
+    /// Bytes in this link's write queue.
+    queued: AtomicUsize,
+    /// Bytes written so far (the writer's progress).
+    written: AtomicU64,
+    /// Set while the driver waits for this link's queue to drain below the low-water mark.
+    watched: AtomicBool,
+    /// Set while this link is not read (another link's full queue holds it back, or it is
+    /// paced).
+    paused: AtomicBool,
+    /// Lines read from this link that the driver has not handled yet.
+    unread: AtomicUsize,
+    /// Their bytes.
+    unread_bytes: AtomicUsize,
+    /// Wakes the reader when `paused` is cleared or `unread` falls back.
+    resume: tokio::sync::Notify,
+}
+
+impl LinkShared {
+    fn new() -> Self {
+        Self {
+            coalesce: AtomicBool::new(false),
+            queued: AtomicUsize::new(0),
+            written: AtomicU64::new(0),
+            watched: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            unread: AtomicUsize::new(0),
+            unread_bytes: AtomicUsize::new(0),
+            resume: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Waits while the link is paused, or while [`READ_AHEAD`] of its lines (or
+    /// [`READ_AHEAD_BYTES`] of them) wait for the driver.
+    async fn wait_resumed(&self) {
+        loop {
+            let resumed = self.resume.notified();
+            if !self.paused.load(Ordering::Acquire) && !self.read_ahead_full() {
+                return;
+            }
+            resumed.await;
+        }
+    }
+
+    fn read_ahead_full(&self) -> bool {
+        self.unread.load(Ordering::Acquire) >= READ_AHEAD
+            || self.unread_bytes.load(Ordering::Acquire) >= READ_AHEAD_BYTES
+    }
+
+    /// The reader handed a line of `len` bytes to the driver.
+    fn read_one(&self, len: usize) {
+        self.unread.fetch_add(1, Ordering::AcqRel);
+        self.unread_bytes.fetch_add(len, Ordering::AcqRel);
+    }
+
+    /// The driver handled one of this link's lines, of `len` bytes: the reader, if it
+    /// waits for room, is woken (a spare wake-up only makes it look again).
+    fn handled(&self, len: usize) {
+        self.unread.fetch_sub(1, Ordering::AcqRel);
+        self.unread_bytes.fetch_sub(len, Ordering::AcqRel);
+        if !self.read_ahead_full() {
+            self.resume.notify_one();
+        }
+    }
+}
+
+/// The links whose lines the current turn handled (and whether the application's
+/// commands were among them): a queue they fill past its high-water mark holds them back.
+#[derive(Default)]
+struct Turn {
+    links: Vec<LinkId>,
+    local: bool,
 }
 
 struct Driver {
@@ -712,6 +815,16 @@ struct Driver {
     next_link: LinkId,
     /// Bytes in all write queues.
     queued_total: Arc<AtomicUsize>,
+    /// Signalled by a watched link's writer once its queue drained below the low-water mark.
+    drained: Arc<tokio::sync::Notify>,
+    /// What the current turn handled.
+    turn: Turn,
+    /// How many full queues hold each paused link back.
+    held: HashMap<LinkId, usize>,
+    /// The links whose full queues hold the application's commands back.
+    commands_held_by: Vec<LinkId>,
+    /// Links not read until a time, for sending faster than their share ([`Action::Pace`]).
+    paced: HashMap<LinkId, Instant>,
     warnings: Warnings,
     service_sends: ServiceSends,
     /// Where services' deliveries go.
@@ -859,6 +972,7 @@ impl Driver {
                 .poll_timeout()
                 .into_iter()
                 .chain(self.next_stall_check())
+                .chain(self.paced.values().min().copied())
                 .chain(self.pex.as_ref().and_then(|p| p.machine.poll_timeout()))
                 .min()
                 .map(tokio::time::Instant::from_std)
@@ -880,7 +994,9 @@ impl Driver {
                     }
                     None => break,
                 },
-                command = commands.recv() => {
+                () = self.drained.notified() => self.release_drained(),
+                command = commands.recv(), if self.commands_held_by.is_empty() => {
+                    self.turn.local = true;
                     // Take what else is already waiting, so that the messages of one turn
                     // are signed as one batch.
                     let mut batch = vec![command];
@@ -916,6 +1032,8 @@ impl Driver {
                 }
                 () = &mut timer => {
                     self.close_stalled();
+                    self.release_stuck(Instant::now());
+                    self.release_paced(Instant::now());
                     self.node.handle_timeout(Instant::now());
                     if let Some(pex) = &mut self.pex {
                         pex.machine.handle_timeout(Instant::now());
@@ -949,9 +1067,11 @@ impl Driver {
         loop {
             self.execute_overlay().await;
             if !self.execute_pex().await {
-                return;
+                break;
             }
         }
+        self.turn.links.clear();
+        self.turn.local = false;
     }
 
     /// Carries out what the seed 003 machine asked for; false when it asked for nothing.
@@ -998,10 +1118,7 @@ impl Driver {
                     if let Some(pex) = &mut self.pex {
                         pex.link_closed(Instant::now(), link);
                     }
-                    if let Some(tasks) = self.links.remove(&link) {
-                        drop(tasks.writer);
-                        tasks.reader.abort();
-                    }
+                    self.forget_link(link);
                 }
                 Action::Encrypt { link, cipher } => {
                     if let Some(tasks) = self.links.get_mut(&link) {
@@ -1046,9 +1163,10 @@ impl Driver {
                         }
                     }
                 }
+                Action::Pace { link, until } => self.pace(link, until),
                 Action::Coalesce { link } => {
                     if let Some(tasks) = self.links.get(&link) {
-                        tasks.coalesce.store(true, Ordering::Relaxed);
+                        tasks.shared.coalesce.store(true, Ordering::Relaxed);
                     }
                 }
                 Action::Dial { addr } => {
@@ -1125,52 +1243,213 @@ impl Driver {
             return;
         };
         let len = line.len();
-        let fits = tasks.queued.load(Ordering::Relaxed) + len <= LINK_QUEUE_BYTES
+        let queued = &tasks.shared.queued;
+        let fits = queued.load(Ordering::Relaxed) + len <= LINK_QUEUE_BYTES
             && self.queued_total.load(Ordering::Relaxed) + len <= TOTAL_QUEUE_BYTES;
         if fits {
-            tasks.queued.fetch_add(len, Ordering::Relaxed);
+            queued.fetch_add(len, Ordering::Relaxed);
             self.queued_total.fetch_add(len, Ordering::Relaxed);
-            // A small line that still fits does not end a stall: only a queue drained
-            // below half its budget does (see `close_stalled`).
             if tasks.writer.try_send(Out::Line(line)).is_ok() {
+                if over_high_water(tasks) {
+                    self.hold_back(link);
+                }
                 return;
             }
-            tasks.queued.fetch_sub(len, Ordering::Relaxed);
+            queued.fetch_sub(len, Ordering::Relaxed);
             self.queued_total.fetch_sub(len, Ordering::Relaxed);
         }
-        let now = Instant::now();
-        let since = *tasks.full_since.get_or_insert(now);
+        let written = tasks.shared.written.load(Ordering::Relaxed);
+        tasks.full_since.get_or_insert((Instant::now(), written));
         self.node.line_dropped(link);
         self.warnings.warn(
             "write queue full; line dropped",
             &format_args!("link {link}"),
         );
-        if now.duration_since(since) >= STALL_LIMIT {
-            self.close_link(link, "not reading: its write queue stayed full");
+    }
+
+    /// `link`'s queue is past its high-water mark: the links whose lines this turn handled
+    /// stop being read, and the application's commands wait when the turn was theirs, until
+    /// it drains (its writer signals [`Self::drained`]).
+    fn hold_back(&mut self, link: LinkId) {
+        let sources: Vec<LinkId> = self
+            .turn
+            .links
+            .iter()
+            .copied()
+            .filter(|&source| source != link)
+            .collect();
+        let local = self.turn.local && !self.commands_held_by.contains(&link);
+        let now = Instant::now();
+        let Some(tasks) = self.links.get_mut(&link) else {
+            return;
+        };
+        let written = tasks.shared.written.load(Ordering::Relaxed);
+        tasks.full_since.get_or_insert((now, written));
+        if stuck(tasks, now) {
+            return;
+        }
+        let mut newly_held = Vec::new();
+        for source in sources {
+            if !tasks.holding.contains(&source) {
+                tasks.holding.push(source);
+                newly_held.push(source);
+            }
+        }
+        tasks.shared.watched.store(true, Ordering::Release);
+        if local {
+            self.commands_held_by.push(link);
+        }
+        for source in newly_held {
+            self.hold(source);
+        }
+        // The writer may have drained the queue before it was watched.
+        if self.links.get(&link).is_some_and(|t| !over_low_water(t)) {
+            self.drained.notify_one();
         }
     }
 
-    /// When the first link whose lines are being dropped reaches [`STALL_LIMIT`].
-    fn next_stall_check(&self) -> Option<Instant> {
-        self.links
-            .values()
-            .filter_map(|t| t.full_since)
-            .min()
-            .map(|since| since + STALL_LIMIT)
+    /// Stops reading `link` until `until` (later, if it is already paced longer).
+    fn pace(&mut self, link: LinkId, until: Instant) {
+        if !self.links.contains_key(&link) {
+            return;
+        }
+        match self.paced.get_mut(&link) {
+            Some(paced) => *paced = (*paced).max(until),
+            None => {
+                self.paced.insert(link, until);
+                self.hold(link);
+            }
+        }
     }
 
-    /// Closes the links whose queue has stayed full for [`STALL_LIMIT`]; a link whose queue
-    /// has drained below half its budget meanwhile is given a fresh start.
+    /// Reads again the paced links whose time has come.
+    fn release_paced(&mut self, now: Instant) {
+        let due: Vec<LinkId> = self
+            .paced
+            .iter()
+            .filter(|(_, &until)| until <= now)
+            .map(|(&link, _)| link)
+            .collect();
+        for link in &due {
+            self.paced.remove(link);
+        }
+        self.unhold(due);
+    }
+
+    /// Adds one hold on `source`; the first stops its reading.
+    fn hold(&mut self, source: LinkId) {
+        let count = self.held.entry(source).or_insert(0);
+        *count += 1;
+        if *count == 1 {
+            if let Some(source) = self.links.get(&source) {
+                source.shared.paused.store(true, Ordering::Release);
+            }
+        }
+    }
+
+    /// Lets go of what the links whose queues drained below the low-water mark held back.
+    fn release_drained(&mut self) {
+        let mut drained = Vec::new();
+        for (&link, tasks) in &self.links {
+            if tasks.holding.is_empty() && !self.commands_held_by.contains(&link) {
+                continue;
+            }
+            if !over_low_water(tasks) {
+                drained.push(link);
+                continue;
+            }
+            // Filled again since its writer signalled: watched again, then checked again
+            // (the writer may have drained it in between).
+            tasks.shared.watched.store(true, Ordering::Release);
+            if !over_low_water(tasks) {
+                drained.push(link);
+            }
+        }
+        for link in drained {
+            self.release(link);
+        }
+    }
+
+    /// Lets go of what `link`'s queue held back (it drained, or it is closed).
+    fn release(&mut self, link: LinkId) {
+        self.commands_held_by.retain(|&held_by| held_by != link);
+        let holding = match self.links.get_mut(&link) {
+            Some(tasks) => {
+                tasks.shared.watched.store(false, Ordering::Release);
+                std::mem::take(&mut tasks.holding)
+            }
+            None => Vec::new(),
+        };
+        self.unhold(holding);
+    }
+
+    /// Ends one hold on each of `sources`; a link no queue holds any more is read again.
+    fn unhold(&mut self, sources: Vec<LinkId>) {
+        for source in sources {
+            let Some(count) = self.held.get_mut(&source) else {
+                continue;
+            };
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.held.remove(&source);
+                if let Some(source) = self.links.get(&source) {
+                    source.shared.paused.store(false, Ordering::Release);
+                    source.shared.resume.notify_one();
+                }
+            }
+        }
+    }
+
+    /// When the first link whose queue is over half its budget may have to be closed, or
+    /// one that holds others back may be stuck.
+    fn next_stall_check(&self) -> Option<Instant> {
+        self.links
+            .iter()
+            .filter_map(|(link, t)| {
+                let (since, _) = t.full_since?;
+                let holds = !t.holding.is_empty() || self.commands_held_by.contains(link);
+                Some(since + if holds { STUCK_AFTER } else { STALL_LIMIT })
+            })
+            .min()
+    }
+
+    /// Lets go of what stuck links held back (they write nothing: their lines are dropped
+    /// at their budget instead, and they are closed after [`STALL_LIMIT`]).
+    fn release_stuck(&mut self, now: Instant) {
+        let stuck_links: Vec<LinkId> = self
+            .links
+            .iter()
+            .filter(|(link, t)| {
+                (!t.holding.is_empty() || self.commands_held_by.contains(link)) && stuck(t, now)
+            })
+            .map(|(&link, _)| link)
+            .collect();
+        for link in stuck_links {
+            tracing::debug!(link, "a full write queue writes nothing: stuck");
+            self.release(link);
+        }
+    }
+
+    /// Closes the links whose queue stayed over half its budget, with nothing of it
+    /// written, for [`STALL_LIMIT`]; a link that drained below half, or wrote something,
+    /// meanwhile is given a fresh start.
     fn close_stalled(&mut self) {
         let now = Instant::now();
         let mut stalled = Vec::new();
         for (&link, tasks) in &mut self.links {
-            let Some(since) = tasks.full_since else {
+            let Some((since, written_then)) = tasks.full_since else {
                 continue;
             };
-            if tasks.queued.load(Ordering::Relaxed) < LINK_QUEUE_BYTES / 2 {
+            let written = tasks.shared.written.load(Ordering::Relaxed);
+            let queued = tasks.shared.queued.load(Ordering::Relaxed);
+            let lines = LINK_QUEUE - tasks.writer.capacity();
+            let over_half = queued >= LINK_QUEUE_BYTES / 2 || lines >= LINK_QUEUE / 2;
+            let holds = !tasks.holding.is_empty() || self.commands_held_by.contains(&link);
+            if !over_half && !holds {
                 tasks.full_since = None;
-            } else if now.duration_since(since) >= STALL_LIMIT {
+            } else if written != written_then {
+                tasks.full_since = Some((now, written));
+            } else if over_half && now.duration_since(since) >= STALL_LIMIT {
                 stalled.push(link);
             }
         }
@@ -1181,11 +1460,19 @@ impl Driver {
 
     /// Closes a link on the runtime's own account and tells the overlay.
     fn close_link(&mut self, link: LinkId, reason: &str) {
+        self.forget_link(link);
+        self.node.link_closed(Instant::now(), link, reason);
+    }
+
+    /// Stops a link's tasks and lets go of what its queue held back.
+    fn forget_link(&mut self, link: LinkId) {
+        self.release(link);
         if let Some(tasks) = self.links.remove(&link) {
             drop(tasks.writer);
             tasks.reader.abort();
         }
-        self.node.link_closed(Instant::now(), link, reason);
+        self.held.remove(&link);
+        self.paced.remove(&link);
     }
 
     async fn input(&mut self, input: Input) {
@@ -1194,7 +1481,15 @@ impl Driver {
             Input::Accepted(stream, addr) => self.open(now, stream, addr, true),
             Input::Dialed(stream, addr) => self.open(now, stream, addr, false),
             Input::DialFailed(addr, error) => self.node.dial_failed(now, addr, &error),
-            Input::Frame(link, frame) => self.node.line_received(now, link, frame),
+            Input::Frame(link, frame) => {
+                if !self.turn.links.contains(&link) {
+                    self.turn.links.push(link);
+                }
+                if let Some(tasks) = self.links.get(&link) {
+                    tasks.shared.handled(frame_len(&frame));
+                }
+                self.node.line_received(now, link, frame);
+            }
             Input::FirstBytes(link, bytes) => self.node.first_bytes(now, link, &bytes),
             Input::HandshakeFrame(link, frame, reply) => {
                 self.node.line_received(now, link, frame);
@@ -1208,9 +1503,7 @@ impl Driver {
                 let _ = reply.send(next);
             }
             Input::Closed(link, reason) => {
-                if let Some(tasks) = self.links.remove(&link) {
-                    tasks.reader.abort();
-                }
+                self.forget_link(link);
                 self.node.link_closed(now, link, &reason);
             }
             Input::Discovered(peers) => self.node.discovered(now, peers),
@@ -1339,24 +1632,28 @@ impl Driver {
         self.next_link += 1;
         let (read_half, write_half) = stream.into_split();
         let (writer, lines) = mpsc::channel(LINK_QUEUE);
-        let coalesce = Arc::new(AtomicBool::new(false));
-        let queued = Arc::new(AtomicUsize::new(0));
+        let shared = Arc::new(LinkShared::new());
         tokio::spawn(write_loop(
             write_half,
             lines,
-            Arc::clone(&coalesce),
-            Arc::clone(&queued),
+            Arc::clone(&shared),
             Arc::clone(&self.queued_total),
+            Arc::clone(&self.drained),
         ));
-        let reader = tokio::spawn(read_loop(read_half, link, self.inputs.clone()));
+        let reader = tokio::spawn(read_loop(
+            read_half,
+            link,
+            self.inputs.clone(),
+            Arc::clone(&shared),
+        ));
         self.links.insert(
             link,
             LinkTasks {
                 writer,
                 reader,
-                coalesce,
-                queued,
+                shared,
                 full_since: None,
+                holding: Vec::new(),
                 read_cipher: None,
             },
         );
@@ -1645,6 +1942,31 @@ async fn classify(stream: &TcpStream) -> Kind {
     }
 }
 
+/// Whether a link's queue has written nothing for [`STUCK_AFTER`] while full.
+fn stuck(tasks: &LinkTasks, now: Instant) -> bool {
+    tasks.full_since.is_some_and(|(since, written)| {
+        written == tasks.shared.written.load(Ordering::Relaxed)
+            && now.duration_since(since) >= STUCK_AFTER
+    })
+}
+
+/// The bytes of a line read (none for a line refused as too long).
+fn frame_len(frame: &Result<Vec<u8>, DecodeError>) -> usize {
+    frame.as_ref().map_or(0, Vec::len)
+}
+
+/// Whether a link's queue is past its high-water mark (in bytes or in lines).
+fn over_high_water(tasks: &LinkTasks) -> bool {
+    tasks.shared.queued.load(Ordering::Relaxed) >= LINK_QUEUE_BYTES / HIGH_WATER
+        || LINK_QUEUE - tasks.writer.capacity() >= LINK_QUEUE / HIGH_WATER
+}
+
+/// Whether a link's queue is still over its low-water mark (half the high-water mark).
+fn over_low_water(tasks: &LinkTasks) -> bool {
+    tasks.shared.queued.load(Ordering::Relaxed) >= LINK_QUEUE_BYTES / HIGH_WATER / 2
+        || LINK_QUEUE - tasks.writer.capacity() >= LINK_QUEUE / HIGH_WATER / 2
+}
+
 /// Reads a link: while it is in its handshake, one line at a time, waiting after each to
 /// hear whether what follows is encrypted; then lines as fast as they come, decrypting
 /// frames on an encrypted link.
@@ -1652,6 +1974,7 @@ async fn read_loop(
     mut stream: tokio::net::tcp::OwnedReadHalf,
     link: LinkId,
     inputs: mpsc::Sender<Input>,
+    shared: Arc<LinkShared>,
 ) {
     let mut decoder = LineDecoder::default();
     let mut chunk = vec![0u8; 64 * 1024];
@@ -1660,6 +1983,7 @@ async fn read_loop(
     let mut secure: Option<SecureReader> = None;
     let mut first = true;
     let reason = 'read: loop {
+        shared.wait_resumed().await;
         let n = match stream.read(&mut chunk).await {
             Ok(0) => break "closed by peer".to_owned(),
             Ok(n) => n,
@@ -1682,6 +2006,7 @@ async fn read_loop(
         }
         while let Some(frame) = decoder.decode(&mut input) {
             if !lockstep {
+                shared.read_one(frame_len(&frame));
                 if inputs.send(Input::Frame(link, frame)).await.is_err() {
                     return;
                 }
@@ -1708,6 +2033,7 @@ async fn read_loop(
                     secure = Some(reader);
                     let mut rest = opened.as_slice();
                     while let Some(frame) = decoder.decode(&mut rest) {
+                        shared.read_one(frame_len(&frame));
                         if inputs.send(Input::Frame(link, frame)).await.is_err() {
                             return;
                         }
@@ -1728,10 +2054,11 @@ async fn read_loop(
 async fn write_loop(
     mut stream: tokio::net::tcp::OwnedWriteHalf,
     mut lines: mpsc::Receiver<Out>,
-    coalesce: Arc<AtomicBool>,
-    queued: Arc<AtomicUsize>,
+    shared: Arc<LinkShared>,
     total: Arc<AtomicUsize>,
+    drained: Arc<tokio::sync::Notify>,
 ) {
+    let (coalesce, queued) = (&shared.coalesce, &shared.queued);
     let mut batch = Vec::new();
     let mut sealed = Vec::new();
     let mut secure: Option<SecureWriter> = None;
@@ -1772,8 +2099,17 @@ async fn write_loop(
         queued.fetch_sub(batch.len(), Ordering::Relaxed);
         total.fetch_sub(batch.len(), Ordering::Relaxed);
         if written.is_err() {
-            release_all(&mut lines, &queued, &total);
+            release_all(&mut lines, queued, &total);
             return;
+        }
+        shared
+            .written
+            .fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let lines_left = LINK_QUEUE - lines.len().min(LINK_QUEUE);
+        let below = queued.load(Ordering::Relaxed) < LINK_QUEUE_BYTES / HIGH_WATER / 2
+            && lines_left > LINK_QUEUE - LINK_QUEUE / HIGH_WATER / 2;
+        if below && shared.watched.swap(false, Ordering::AcqRel) {
+            drained.notify_one();
         }
         if let Some(cipher) = next_keys.take() {
             secure = Some(cipher.writer());

@@ -16,12 +16,21 @@ impl Node {
                 | Message::Query(_)
                 | Message::SpliceAsk(_)
         );
-        if costly && !self.quota.allow(&link, self.millis(now)) {
-            let reference = msg_id_of(&message);
-            let error = self.error_msg(code::OVER_QUOTA, reference, None, None);
-            self.write(link, &Message::Error(error));
-            self.counters.errors += 1;
-            return;
+        if costly {
+            match self.quota.take_paced(&link, self.millis(now)) {
+                Paced::Free => {}
+                Paced::Wait(millis) => self.actions.push_back(Action::Pace {
+                    link,
+                    until: now + Duration::from_millis(millis),
+                }),
+                Paced::Refused => {
+                    let reference = msg_id_of(&message);
+                    let error = self.error_msg(code::OVER_QUOTA, reference, None, None);
+                    self.write(link, &Message::Error(error));
+                    self.counters.errors += 1;
+                    return;
+                }
+            }
         }
         match message {
             Message::Ping(ping) => {

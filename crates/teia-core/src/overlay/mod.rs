@@ -42,7 +42,7 @@ fn is_name(text: &str) -> bool {
 }
 
 use crate::identity::{Identity, PublicKey};
-use crate::rate::RateLimiter;
+use crate::rate::{Paced, RateLimiter};
 use crate::rng::SplitMix64;
 use link::{Due, Link, LinkState, SAID_CHARS};
 use membership::{Membership, Redial, STABLE_LINK};
@@ -91,7 +91,8 @@ pub struct Config {
     /// Unacknowledged SENDs at most; beyond it `send` fails with `busy`.
     pub outbox_capacity: usize,
     /// Messages per second a neighbour may make this node handle (burst twice as many);
-    /// the excess is answered `over_quota`.
+    /// beyond, the link is not read until its share refills ([`Action::Pace`]), and what
+    /// still comes past a second burst's worth is answered `over_quota`.
     pub link_rate: u32,
     /// First delay before redialing a lost or failed peer; it doubles per failure.
     pub reconnect_initial: Duration,
@@ -159,7 +160,7 @@ impl Config {
             send_deadline: Duration::from_secs(60),
             retransmit_after: Duration::from_secs(1),
             outbox_capacity: 1_024,
-            link_rate: 2_000,
+            link_rate: 100_000,
             reconnect_initial: Duration::from_secs(1),
             reconnect_max_delay: Duration::from_secs(60),
             reconnect_attempts: 10,
@@ -202,6 +203,14 @@ pub enum Action {
     Close {
         /// The link.
         link: LinkId,
+    },
+    /// Stop reading this link until `until`: its neighbour sends faster than its share
+    /// ([`Config::link_rate`]), and is slowed down (through TCP) rather than refused.
+    Pace {
+        /// The link.
+        link: LinkId,
+        /// When it may be read again.
+        until: Instant,
     },
     /// Lines for this link may from now on be written several per `write` (the peer speaks
     /// teia; course peers read one line per read and need one line per write).
@@ -724,6 +733,9 @@ pub struct Node {
     unsigned: Vec<origin::Deferred>,
     /// Batch roots whose signature was verified (key and root).
     verified_roots: SeenIds,
+    /// Signing keys already read, by their text: a key is decoded and its point checked
+    /// once, not once per message of its batches.
+    known_keys: HashMap<String, PublicKey>,
     /// Queries we asked.
     own_queries: dedup::RecentMap<String>,
     /// Where each query heard came from, for its answers.
@@ -738,6 +750,9 @@ const PEER_LIST_MAX: usize = 32;
 const RELAYED_KEPT: usize = 4_096;
 /// Verified batch roots remembered.
 const VERIFIED_ROOTS_KEPT: usize = 4_096;
+/// Signing keys remembered once read; one more forgets them all (each is read again when
+/// next seen).
+const KNOWN_KEYS_KEPT: usize = 1_024;
 
 impl Node {
     /// A node with no links, at monotonic time `now` and wall time `unix_ms`.
@@ -768,6 +783,7 @@ impl Node {
             now,
             unsigned: Vec::new(),
             verified_roots: SeenIds::new(VERIFIED_ROOTS_KEPT),
+            known_keys: HashMap::new(),
             own_queries: dedup::RecentMap::new(query::QUERIES_KEPT),
             query_paths: ReversePaths::new(query::QUERIES_KEPT, query::QUERY_LIFETIME),
             config,

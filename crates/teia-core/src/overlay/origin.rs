@@ -273,6 +273,19 @@ impl Node {
         None
     }
 
+    /// The key `text` names, read once and then remembered (within [`KNOWN_KEYS_KEPT`]).
+    fn signing_key(&mut self, text: &str) -> Result<PublicKey, Forgery> {
+        if let Some(key) = self.known_keys.get(text) {
+            return Ok(*key);
+        }
+        let key = PublicKey::parse(text).map_err(|e| Forgery::BadKey(e.to_string()))?;
+        if self.known_keys.len() >= KNOWN_KEYS_KEPT {
+            self.known_keys.clear();
+        }
+        self.known_keys.insert(text.to_owned(), key);
+        Ok(key)
+    }
+
     fn verdict(
         &mut self,
         link: LinkId,
@@ -300,7 +313,7 @@ impl Node {
             return Ok(None);
         }
         let auth = auth.ok_or_else(|| Forgery::Unsigned(origin.src.to_owned()))?;
-        let key = PublicKey::parse(&auth.key).map_err(|e| Forgery::BadKey(e.to_string()))?;
+        let key = self.signing_key(&auth.key)?;
         let signer = auth.signer.as_deref().unwrap_or(origin.src);
         if signer != origin.src && self.pins.contains_key(origin.src) {
             return Err(Forgery::SignedForTeiaNode {

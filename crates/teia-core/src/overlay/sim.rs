@@ -202,6 +202,7 @@ impl Sim {
             Action::Forget { msg_id } => self.nodes[index].stored.retain(|s| s.msg_id != msg_id),
             // Lines travel in memory: the transport's encryption has nothing to do here.
             Action::Coalesce { .. }
+            | Action::Pace { .. }
             | Action::Delivered(_)
             | Action::Encrypt { .. }
             | Action::Pin { .. }
@@ -817,7 +818,7 @@ fn malformed_input_gets_errors_and_the_link_stays() {
 }
 
 #[test]
-fn over_quota_neighbour_gets_errors() {
+fn a_neighbour_over_its_quota_is_paced_then_refused() {
     let now = Instant::now();
     let mut config = Config::new("b@U");
     config.link_rate = 5;
@@ -839,8 +840,27 @@ fn over_quota_neighbour_gets_errors() {
         .iter()
         .filter(|a| matches!(a, Action::Write { line, .. } if String::from_utf8_lossy(line).contains("over_quota")))
         .count();
-    assert_eq!(delivered, 10, "burst of twice the rate");
-    assert_eq!(refused, 10);
+    let paced = actions
+        .iter()
+        .filter(|a| matches!(a, Action::Pace { link: 1, .. }))
+        .count();
+    assert_eq!(
+        delivered, 20,
+        "a burst of twice the rate, then as much again on credit"
+    );
+    assert_eq!(paced, 10, "the link is paused for what was taken on credit");
+    assert_eq!(refused, 0);
+    for i in 20..25 {
+        let line = format!(
+            r#"{{"type":"PUB","msg_id":"p{i}","src":"a@U","dst":"*","payload":"x","ttl":1}}"#
+        );
+        node.line_received(now, 1, Ok(line.into_bytes()));
+    }
+    let refused = actions_over_time(&mut node, now)
+        .iter()
+        .filter(|a| matches!(a, Action::Write { line, .. } if String::from_utf8_lossy(line).contains("over_quota")))
+        .count();
+    assert_eq!(refused, 5, "what comes on a paused link past its credit");
 }
 
 #[test]
