@@ -2,6 +2,7 @@
 //! minimal reference that marks the ceiling of the machine, and prints the ratio.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::indexing_slicing)]
 
+mod all;
 mod assembled;
 mod eval;
 mod files;
@@ -39,6 +40,10 @@ enum Command {
     /// against `xargs -P 3 python`, and the time from a worker's kill -9 to its task
     /// running elsewhere.
     Jobs(jobs::Args),
+    /// Every benchmark above, one after the other (each in its own process, with its
+    /// defaults), under a header naming the machine (CPU count and model), the date and the
+    /// commit: the whole table of docs/BENCHMARKS.md from one run.
+    All(all::Args),
     /// The reference server: reads one line per connection, answers a constant line, closes.
     /// Started by the benchmarks themselves.
     #[command(hide = true)]
@@ -61,6 +66,7 @@ fn main() -> anyhow::Result<()> {
             Command::Files(args) => files::run(args).await,
             Command::Eval(args) => eval::run(args).await,
             Command::Jobs(args) => jobs::run(args).await,
+            Command::All(args) => all::run(args),
             Command::ReferenceServer { listen } => rendezvous::reference_server(listen).await,
         }
     })
