@@ -81,7 +81,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|c| format!(", commit {c}"))
         .unwrap_or_default();
     let kernel = output_of("uname", &["-r"]).unwrap_or_default();
-    println!("teia-bench all: {date}{commit}; {cpus} CPUs ({}), Linux {kernel}", cpu_model());
+    println!(
+        "teia-bench all: {date}{commit}; {cpus} CPUs ({}), Linux {kernel}",
+        cpu_model()
+    );
     let mut failed = Vec::new();
     for part in Part::ALL {
         if args.skip.contains(&part) {

@@ -151,11 +151,23 @@ impl Node {
     /// Signs the queued messages as one batch and sends them.
     pub(super) fn flush_origins(&mut self) {
         let batch = std::mem::take(&mut self.unsigned);
-        let origins: Vec<Origin<'_>> = batch.iter().map(Deferred::origin).collect();
-        let auths = self.sign_batch(&origins);
+        let signed: Vec<bool> = batch.iter().map(|d| self.needs_signature(d)).collect();
+        let origins: Vec<Origin<'_>> = batch
+            .iter()
+            .zip(&signed)
+            .filter(|(_, &signed)| signed)
+            .map(|(deferred, _)| deferred.origin())
+            .collect();
+        let mut auths = if origins.is_empty() {
+            Vec::new()
+        } else {
+            self.sign_batch(&origins)
+        }
+        .into_iter();
         drop(origins);
         let now = self.now;
-        for (deferred, auth) in batch.into_iter().zip(auths) {
+        for (deferred, signed) in batch.into_iter().zip(signed) {
+            let auth = if signed { auths.next().flatten() } else { None };
             match deferred {
                 Deferred::Pub(mut data) => {
                     data.auth = auth;
@@ -185,6 +197,23 @@ impl Node {
                     self.reply(now, Message::Ack(ack), &origin, hint);
                 }
             }
+        }
+    }
+
+    /// Whether a message of ours needs its origin signature: not when it goes straight to
+    /// its destination over an encrypted link with a teia node (the link proves where it
+    /// comes from, and the destination forwards it no further); a PUB always does.
+    fn needs_signature(&self, deferred: &Deferred) -> bool {
+        let direct = |peer: &str| {
+            self.by_peer
+                .get(peer)
+                .and_then(|link| self.links.get(link))
+                .is_some_and(|state| state.encrypted && state.has(feature::TEIA))
+        };
+        match deferred {
+            Deferred::Pub(_) => true,
+            Deferred::Send { data, .. } => !direct(&data.dst),
+            Deferred::Ack { origin, .. } => !direct(origin),
         }
     }
 

@@ -57,6 +57,8 @@ struct Sim {
     deliveries: HashMap<u64, Delivery>,
     seq: u64,
     next_link: LinkId,
+    /// Every line written, by writer, when asked for ([`Sim::record_lines`]).
+    lines: Option<Vec<(usize, String)>>,
 }
 
 fn addr_of(index: usize) -> SocketAddr {
@@ -110,7 +112,23 @@ impl Sim {
             deliveries: HashMap::new(),
             seq: 0,
             next_link: 1,
+            lines: None,
         }
+    }
+
+    /// Keeps every line written from now on.
+    fn record_lines(&mut self) {
+        self.lines = Some(Vec::new());
+    }
+
+    /// The lines `index` wrote that mention `text`.
+    fn written_by(&self, index: usize, text: &str) -> Vec<String> {
+        self.lines
+            .iter()
+            .flatten()
+            .filter(|(writer, line)| *writer == index && line.contains(text))
+            .map(|(_, line)| line.clone())
+            .collect()
     }
 
     fn schedule(&mut self, delay: Duration, delivery: Delivery) {
@@ -144,6 +162,9 @@ impl Sim {
             Action::Write { link, line } => {
                 if let Some(&(_, other, other_node)) = self.ends.get(&link) {
                     let line = line[..line.len() - 1].to_vec();
+                    if let Some(lines) = &mut self.lines {
+                        lines.push((index, String::from_utf8_lossy(&line).into_owned()));
+                    }
                     self.schedule(
                         LATENCY,
                         Delivery::Line {
@@ -861,6 +882,43 @@ fn a_neighbour_over_its_quota_is_paced_then_refused() {
         .filter(|a| matches!(a, Action::Write { line, .. } if String::from_utf8_lossy(line).contains("over_quota")))
         .count();
     assert_eq!(refused, 5, "what comes on a paused link past its credit");
+}
+
+#[test]
+fn only_messages_that_cross_another_node_carry_a_signature() {
+    let mut sim = Sim::new(3, 5, |_| {});
+    sim.connect(0, 1);
+    sim.connect(1, 2);
+    sim.run(Duration::from_secs(1));
+    sim.record_lines();
+    let direct = sim.send(0, 1, "next door");
+    let far = sim.send(0, 2, "two hops");
+    sim.run(Duration::from_secs(2));
+    assert!(sim.acked(0, &direct) && sim.acked(0, &far));
+    assert_eq!(sim.messages(1, &direct), 1);
+    assert_eq!(sim.messages(2, &far), 1);
+    let signed = |lines: Vec<String>| {
+        assert!(!lines.is_empty());
+        lines.iter().all(|line| line.contains("\"sig\""))
+    };
+    let unsigned = |lines: Vec<String>| {
+        assert!(!lines.is_empty());
+        lines.iter().all(|line| !line.contains("\"sig\""))
+    };
+    // Straight to a neighbour on an encrypted link: the link proves the origin.
+    assert!(unsigned(
+        sim.written_by(0, &format!("\"SEND\",\"msg_id\":\"{direct}\""))
+    ));
+    assert!(unsigned(
+        sim.written_by(1, &format!("\"ACK\",\"msg_id\":\"{direct}\""))
+    ));
+    // Through a relay: signed at the origin, checked at the destination.
+    assert!(signed(
+        sim.written_by(0, &format!("\"SEND\",\"msg_id\":\"{far}\""))
+    ));
+    assert!(signed(
+        sim.written_by(2, &format!("\"ACK\",\"msg_id\":\"{far}\""))
+    ));
 }
 
 #[test]
