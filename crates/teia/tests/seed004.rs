@@ -266,12 +266,21 @@ fn the_seeds_own_index_server_works_with_teia_nodes_both_ways() {
     download.wait_for_log(&format!("SAVED {}", content.len()));
     assert_eq!(std::fs::read(out.path().join("aula.bin")).unwrap(), content);
 
+    let joined_from = server.log_len();
     let mut fetcher = NodeProcess::start(
         "fetcher",
         "seed",
         &["--index", &index, "--peer", "127.0.0.1:1"],
     );
-    server.wait_for_log(&format!("Peer 127.0.0.1:{} adicionado", fetcher.port));
+    // The seed's index lists a peer under the port it joined from: the fetcher's listen port
+    // (the fetcher shares nothing; the others joined with files).
+    let (_, joined) = server.wait_for_log_after(" adicionado com os arquivos []", joined_from);
+    assert!(
+        joined.contains(&format!("Peer 127.0.0.1:{} adicionado", fetcher.port)),
+        "the index listed the fetcher (port {}) as: {joined}\nthe fetcher's log:\n{}",
+        fetcher.port,
+        fetcher.process.lines().join("\n")
+    );
     fetcher.command("/search lecture.pdf");
     fetcher.wait_event("the course peer's file", |e| {
         e["event"] == "search_results" && e["holder"] == format!("127.0.0.1:{peer_port}")
