@@ -117,17 +117,10 @@ async fn spawn_node(
         Security::Signed => overlay.identity = Some(Identity::from_seed(&secret)),
     }
     let config = NodeConfig {
-        overlay,
         listen: Some("127.0.0.1:0".parse()?),
-        rendezvous: None,
         peers,
-        discover_interval: Duration::from_secs(3600),
-        register_ttl: 60,
         store,
-        services: Vec::new(),
-        lan: None,
-        pex: Default::default(),
-        share_listen_port: false,
+        ..NodeConfig::new(overlay)
     };
     let started = start(config).await?;
     let (handle, mut raw) = (started.handle, started.events);

@@ -38,17 +38,10 @@ async fn assemble(
     let mut overlay = OverlayConfig::new(peer_id.clone());
     overlay.identity = Some(identity);
     let config = NodeConfig {
-        overlay,
         listen: Some("127.0.0.1:0".parse().unwrap()),
-        rendezvous: None,
         peers,
-        discover_interval: Duration::from_secs(3600),
-        register_ttl: 60,
-        store: None,
         services: vec![teia_files::route()],
-        lan: None,
-        pex: Default::default(),
-        share_listen_port: false,
+        ..NodeConfig::new(overlay)
     };
     let started = start(config).await.unwrap();
     let listen = started.handle.listen_addr().unwrap();

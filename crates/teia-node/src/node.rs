@@ -141,6 +141,27 @@ pub struct NodeConfig {
     pub pex: PexSettings,
 }
 
+impl NodeConfig {
+    /// A node with only its overlay settings: no listener, rendezvous, peers, database,
+    /// services, LAN discovery or seed 003 peers; the binary's discovery interval (30 s) and
+    /// registration ttl (120 s). Set the rest with struct update syntax.
+    pub fn new(overlay: OverlayConfig) -> Self {
+        Self {
+            overlay,
+            listen: None,
+            share_listen_port: false,
+            rendezvous: None,
+            peers: Vec::new(),
+            discover_interval: Duration::from_secs(30),
+            register_ttl: 120,
+            store: None,
+            services: Vec::new(),
+            lan: None,
+            pex: PexSettings::default(),
+        }
+    }
+}
+
 /// What a course program's request (one JSON object with a `method`, no newline) starts
 /// with, as the seeds' programs write it.
 pub const COURSE_REQUEST_PREFIX: &[u8] = b"{\"method\"";

@@ -33,17 +33,9 @@ async fn node(name: &str, peers: Vec<SocketAddr>) -> TestNode {
     overlay.identity = Some(teia_node::identity::ephemeral().unwrap());
     overlay.target_neighbours = 0;
     let started = start(NodeConfig {
-        overlay,
         listen: Some("127.0.0.1:0".parse().unwrap()),
-        rendezvous: None,
         peers,
-        discover_interval: Duration::from_secs(3600),
-        register_ttl: 60,
-        store: None,
-        services: Vec::new(),
-        lan: None,
-        pex: Default::default(),
-        share_listen_port: false,
+        ..NodeConfig::new(overlay)
     })
     .await
     .unwrap();

@@ -33,17 +33,11 @@ impl ChatNode {
         let mut overlay = OverlayConfig::new(format!("{name}@test"));
         overlay.identity = Some(teia_node::identity::ephemeral().unwrap());
         let started = start(NodeConfig {
-            overlay,
             listen: Some("127.0.0.1:0".parse().unwrap()),
-            rendezvous: None,
             peers,
-            discover_interval: Duration::from_secs(3600),
-            register_ttl: 60,
             store,
             services: vec![chat::route()],
-            lan: None,
-            pex: Default::default(),
-            share_listen_port: false,
+            ..NodeConfig::new(overlay)
         })
         .await
         .unwrap();
