@@ -26,16 +26,19 @@ enum Part {
     Files,
     /// `teia-bench jobs`.
     Jobs,
+    /// `teia-bench web`.
+    Web,
     /// `teia-bench eval` (the longest: real projects from PyPI included).
     Eval,
 }
 
 impl Part {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Rendezvous,
         Self::Overlay,
         Self::Files,
         Self::Jobs,
+        Self::Web,
         Self::Eval,
     ];
 
@@ -45,6 +48,7 @@ impl Part {
             Self::Overlay => "overlay",
             Self::Files => "files",
             Self::Jobs => "jobs",
+            Self::Web => "web",
             Self::Eval => "eval",
         }
     }

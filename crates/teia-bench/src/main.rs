@@ -11,6 +11,7 @@ mod load;
 mod node;
 mod overlay;
 mod rendezvous;
+mod web;
 
 use clap::{Parser, Subcommand};
 
@@ -40,6 +41,9 @@ enum Command {
     /// against `xargs -P 3 python`, and the time from a worker's kill -9 to its task
     /// running elsewhere.
     Jobs(jobs::Args),
+    /// The dashboard: its first load from a `teia node --http` against the same bytes from
+    /// memory, and the time from a chat message posted to its event on `/events`.
+    Web(web::Args),
     /// Every benchmark above, one after the other (each in its own process, with its
     /// defaults), under a header naming the machine (CPU count and model), the date and the
     /// commit: the whole table of docs/BENCHMARKS.md from one run.
@@ -66,6 +70,7 @@ fn main() -> anyhow::Result<()> {
             Command::Files(args) => files::run(args).await,
             Command::Eval(args) => eval::run(args).await,
             Command::Jobs(args) => jobs::run(args).await,
+            Command::Web(args) => web::run(args).await,
             Command::All(args) => all::run(args),
             Command::ReferenceServer { listen } => rendezvous::reference_server(listen).await,
         }

@@ -26,8 +26,8 @@ pub const GRANTS_KEPT: usize = 4_096;
 pub(crate) struct Approvals {
     /// The next request's id.
     next: u64,
-    /// Request id → where its answer goes.
-    pending: HashMap<u64, oneshot::Sender<bool>>,
+    /// Request id → what is asked, and where its answer goes.
+    pending: HashMap<u64, (PendingApproval, oneshot::Sender<bool>)>,
     /// Requester key (none for a course peer) and file the user let through.
     granted: HashSet<(Option<PublicKey>, Hash)>,
 }
@@ -42,6 +42,23 @@ impl Default for Approvals {
     }
 }
 
+/// A request waiting for the user's answer, as an interface lists it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PendingApproval {
+    /// The request's id (answer it with `Files::approve` or `Files::deny`).
+    pub id: u64,
+    /// Who asks.
+    pub peer: String,
+    /// The requester's key, as `teia id` prints it (none for a course peer).
+    pub key: Option<String>,
+    /// The file's name.
+    pub name: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its hash, in hex.
+    pub hash: String,
+}
+
 /// What the approvals say of one request.
 pub(crate) enum Asked {
     /// Granted before.
@@ -53,8 +70,14 @@ pub(crate) enum Asked {
 }
 
 impl Approvals {
-    /// Asks the user whether `key` may download `hash`, unless granted already.
-    pub(crate) fn ask(&mut self, key: Option<PublicKey>, hash: Hash) -> Asked {
+    /// Asks the user whether `key` may download `hash` (`asked` says who and what, its id
+    /// is set here), unless granted already.
+    pub(crate) fn ask(
+        &mut self,
+        key: Option<PublicKey>,
+        hash: Hash,
+        mut asked: PendingApproval,
+    ) -> Asked {
         if self.granted.contains(&(key, hash)) {
             return Asked::Granted;
         }
@@ -64,7 +87,8 @@ impl Approvals {
         let id = self.next;
         self.next += 1;
         let (reply, answer) = oneshot::channel();
-        self.pending.insert(id, reply);
+        asked.id = id;
+        self.pending.insert(id, (asked, reply));
         Asked::Waiting(id, answer)
     }
 
@@ -83,13 +107,35 @@ impl Approvals {
     pub(crate) fn answer(&mut self, id: u64, yes: bool) -> bool {
         self.pending
             .remove(&id)
-            .is_some_and(|reply| reply.send(yes).is_ok())
+            .is_some_and(|(_, reply)| reply.send(yes).is_ok())
+    }
+
+    /// The requests waiting, oldest first.
+    pub(crate) fn pending(&self) -> Vec<PendingApproval> {
+        let mut pending: Vec<PendingApproval> = self
+            .pending
+            .values()
+            .map(|(asked, _)| asked.clone())
+            .collect();
+        pending.sort_by_key(|asked| asked.id);
+        pending
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn asked() -> PendingApproval {
+        PendingApproval {
+            id: 0,
+            peer: "bob@lab".into(),
+            key: None,
+            name: "notes.txt".into(),
+            size: 5,
+            hash: String::new(),
+        }
+    }
 
     fn hash(byte: u8) -> Hash {
         Hash::from_hex(&format!("{byte:02x}").repeat(32)).expect("a hash")
@@ -98,20 +144,26 @@ mod tests {
     #[test]
     fn a_granted_request_is_not_asked_again_and_a_denied_one_is() {
         let mut approvals = Approvals::default();
-        let Asked::Waiting(id, mut answer) = approvals.ask(None, hash(1)) else {
+        let Asked::Waiting(id, mut answer) = approvals.ask(None, hash(1), asked()) else {
             panic!("the first request waits for the user");
         };
         assert!(approvals.answer(id, true));
         assert_eq!(answer.try_recv(), Ok(true));
         approvals.settle(id, true, None, hash(1));
-        assert!(matches!(approvals.ask(None, hash(1)), Asked::Granted));
+        assert!(matches!(
+            approvals.ask(None, hash(1), asked()),
+            Asked::Granted
+        ));
         assert!(!approvals.answer(id, true), "an answered request is gone");
 
-        let Asked::Waiting(id, _) = approvals.ask(None, hash(2)) else {
+        let Asked::Waiting(id, _) = approvals.ask(None, hash(2), asked()) else {
             panic!("another file is asked");
         };
         approvals.settle(id, false, None, hash(2));
-        assert!(matches!(approvals.ask(None, hash(2)), Asked::Waiting(..)));
+        assert!(matches!(
+            approvals.ask(None, hash(2), asked()),
+            Asked::Waiting(..)
+        ));
     }
 
     #[test]
@@ -119,11 +171,14 @@ mod tests {
         let mut approvals = Approvals::default();
         let mut waiting = Vec::new();
         for n in 0..MAX_PENDING_APPROVALS {
-            match approvals.ask(None, hash((n % 250) as u8)) {
+            match approvals.ask(None, hash((n % 250) as u8), asked()) {
                 Asked::Waiting(_, answer) => waiting.push(answer),
                 _ => panic!("request {n} should wait"),
             }
         }
-        assert!(matches!(approvals.ask(None, hash(251)), Asked::Full));
+        assert!(matches!(
+            approvals.ask(None, hash(251), asked()),
+            Asked::Full
+        ));
     }
 }

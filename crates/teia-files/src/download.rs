@@ -209,6 +209,8 @@ pub struct Download {
     /// Holders that served the file and may take a second stream.
     pub(crate) seconds: mpsc::Sender<Source>,
     pub(crate) seconds_queued: Mutex<Option<mpsc::Receiver<Source>>>,
+    /// Cancelled by the user ([`crate::Files::cancel`]).
+    pub(crate) cancel: tokio_util::sync::CancellationToken,
 }
 
 /// Why fetching from one holder stopped.
@@ -302,6 +304,9 @@ pub enum DownloadError {
     /// The same download runs already.
     #[error("download already running")]
     AlreadyRunning,
+    /// The user cancelled it (what was fetched is deleted).
+    #[error("cancelled")]
+    Cancelled,
     /// Every holder left or failed, and no other came in time.
     #[error("no holder left ({last}); what was verified is kept, /get again to resume")]
     NoHolder {
@@ -361,6 +366,7 @@ impl Download {
             queued: Mutex::new(Some(queued)),
             seconds,
             seconds_queued: Mutex::new(Some(seconds_queued)),
+            cancel: tokio_util::sync::CancellationToken::new(),
         }
     }
 

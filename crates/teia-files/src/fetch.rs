@@ -32,8 +32,22 @@ use teia_node::sync::lock;
 /// Runs a download to its end: done (renamed, verified) or failed (partial kept).
 pub(crate) async fn run(inner: Arc<Inner>, download: Arc<Download>) {
     let hash = download.hash();
-    let outcome = drive(&inner, &download).await;
+    let outcome = tokio::select! {
+        outcome = drive(&inner, &download) => outcome,
+        () = download.cancel.cancelled() => Err(DownloadError::Cancelled),
+    };
     lock(&inner.downloads).remove(&hash);
+    if matches!(outcome, Err(DownloadError::Cancelled)) {
+        if let Err(e) = lock(&inner.store).remove_download(&hash) {
+            tracing::warn!(error = %e, "cancelled download not dropped from the database");
+        }
+        let partial = crate::download::partial_path(&download.path());
+        if let Err(e) = std::fs::remove_file(&partial) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(error = %e, path = %partial.display(), "partial file not removed");
+            }
+        }
+    }
     match outcome {
         Ok((path, already_here)) => {
             if let Err(e) = lock(&inner.store).remove_download(&hash) {

@@ -25,6 +25,7 @@ mod state;
 pub mod store;
 mod tasks;
 
+pub use approvals::PendingApproval;
 pub use download::{DownloadInfo, Source};
 pub use routed::route;
 pub use service::{Approval, Files, FilesConfig, FilesError, FilesEvent};

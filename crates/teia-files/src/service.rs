@@ -31,7 +31,7 @@ use crate::store::{FileStore, SharedFile, StoreError};
 use crate::tasks::Tasks;
 use teia_node::sync::lock;
 
-use crate::approvals::Approvals;
+use crate::approvals::{Approvals, PendingApproval};
 use crate::dial_back::DialBacks;
 pub use crate::state::{
     reachable, Approval, FilesConfig, FilesError, FilesEvent, UnknownApproval, ANSWERS_PER_SECOND,
@@ -615,6 +615,22 @@ impl Files {
             .values()
             .map(|d| d.info())
             .collect()
+    }
+
+    /// Cancels the download of `hash`: its holders are let go, and what it fetched is
+    /// deleted (it ends with a [`FilesEvent::Failed`] saying `cancelled`); false if no such
+    /// download runs.
+    pub fn cancel(&self, hash: Hash) -> bool {
+        let download = lock(&self.inner.downloads).get(&hash).cloned();
+        download.is_some_and(|download| {
+            download.cancel.cancel();
+            true
+        })
+    }
+
+    /// The download requests waiting for the user's answer (under `--approve ask`).
+    pub fn pending_approvals(&self) -> Vec<PendingApproval> {
+        lock(&self.inner.approvals).pending()
     }
 
     /// Approves request `id`; false if no such request waits.

@@ -514,7 +514,15 @@ impl Inner {
             Approval::None => false,
             Approval::Trusted => key.is_some_and(|k| self.config.trusted.contains(&k)),
             Approval::Ask => {
-                let asked = lock(&self.approvals).ask(key, file.hash);
+                let asked = crate::approvals::PendingApproval {
+                    id: 0,
+                    peer: peer.to_owned(),
+                    key: key.map(|k| k.to_string()),
+                    name: file.name.clone(),
+                    size: file.size,
+                    hash: file.hash.to_hex(),
+                };
+                let asked = lock(&self.approvals).ask(key, file.hash, asked);
                 let (id, answer) = match asked {
                     Asked::Granted => return true,
                     Asked::Full => return false,

@@ -3,8 +3,16 @@
 //! by DNS rebinding, read answers under another `Host`. Every route needs the node's token
 //! (`Authorization: Bearer TOKEN`), except a request that only a program on this machine
 //! makes: from a loopback address, to a loopback `Host`, with no `Origin` and no
-//! cross-site `Sec-Fetch-Site` (so the course statement's `curl -X POST
-//! http://127.0.0.1:PORT/evaluation -F file=@all_projects.zip` works as written).
+//! `Sec-Fetch-*` header (a browser sends those; so the course statement's `curl -X POST
+//! http://127.0.0.1:PORT/evaluation -F file=@all_projects.zip` works as written, and a
+//! browser always needs the token).
+//!
+//! The dashboard's browser holds the token in a cookie: opening the link the node prints,
+//! `http://ADDR/?token=TOKEN`, sets `teia_token_PORT` (`HttpOnly`, `SameSite=Strict`, so no
+//! other site's page sends it and no script reads it) and redirects to the same page without
+//! the token in its address. A request with the cookie may read; one that changes anything
+//! (any method but `GET` and `HEAD`) also needs the `X-Teia-Csrf` header with the value the
+//! node put in its page, which another site's page cannot read.
 //!
 //! The token is made at the first start, 32 random bytes in hex, in the data directory's
 //! `http-token` (mode 0600); `teia token` prints it.
@@ -14,12 +22,44 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 /// The token file's name in the data directory.
 pub const TOKEN_FILE: &str = "http-token";
+
+/// The header a dashboard's request that changes something carries.
+pub const CSRF_HEADER: &str = "x-teia-csrf";
+
+/// What the guard checks requests against.
+pub(crate) struct Keys {
+    /// The node's token.
+    pub(crate) token: String,
+    /// The value of [`CSRF_HEADER`], random at each start, written in the dashboard's page.
+    pub(crate) csrf: String,
+    /// The cookie's name (`teia_token_PORT`: cookies are per host, not per port, and two
+    /// nodes on one machine each keep theirs).
+    pub(crate) cookie: String,
+}
+
+impl Keys {
+    /// The keys of a node with `token`, serving on `port`.
+    pub(crate) fn new(token: String, port: u16) -> std::io::Result<Self> {
+        Ok(Self {
+            token,
+            csrf: random_hex()?,
+            cookie: format!("teia_token_{port}"),
+        })
+    }
+}
+
+/// 32 random bytes, in hex.
+fn random_hex() -> std::io::Result<String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
 
 /// The data directory's token, made (mode 0600) if it has none.
 pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
@@ -32,9 +72,7 @@ pub fn load_or_create_token(data_dir: &Path) -> std::io::Result<String> {
         Err(e) => return Err(e),
     }
     std::fs::create_dir_all(data_dir)?;
-    let mut bytes = [0u8; 32];
-    getrandom::fill(&mut bytes).map_err(std::io::Error::other)?;
-    let token: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    let token = random_hex()?;
     let mut file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -62,14 +100,50 @@ fn loopback_host(host: &str) -> bool {
 fn local_program(peer: SocketAddr, headers: &HeaderMap) -> bool {
     let text = |name: header::HeaderName| headers.get(name).and_then(|v| v.to_str().ok());
     let host_is_loopback = text(header::HOST).is_some_and(loopback_host);
-    let fetched_by_a_page = headers
-        .get("sec-fetch-site")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|site| site != "none" && site != "same-origin");
     peer.ip().is_loopback()
         && host_is_loopback
         && !headers.contains_key(header::ORIGIN)
-        && !fetched_by_a_page
+        && !from_a_browser(headers)
+}
+
+/// Whether a browser sent the request (browsers send `Sec-Fetch-*` on every request to a
+/// loopback address).
+fn from_a_browser(headers: &HeaderMap) -> bool {
+    headers
+        .keys()
+        .any(|name| name.as_str().starts_with("sec-fetch-"))
+}
+
+/// Compares two secrets in constant time.
+fn same_secret(given: &str, expected: &str) -> bool {
+    let (given, expected) = (given.trim().as_bytes(), expected.as_bytes());
+    given.len() == expected.len()
+        && given
+            .iter()
+            .zip(expected)
+            .fold(0u8, |differ, (a, b)| differ | (a ^ b))
+            == 0
+}
+
+/// The value of cookie `name` in `headers`.
+fn cookie<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .find(|(key, _)| *key == name)
+        .map(|(_, value)| value)
+}
+
+/// `?token=T` in a query.
+fn query_token(query: Option<&str>) -> Option<&str> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(key, _)| *key == "token")
+        .map(|(_, value)| value)
 }
 
 /// Whether `headers` carry `Authorization: Bearer TOKEN` (compared in constant time).
@@ -81,33 +155,83 @@ fn has_token(headers: &HeaderMap, token: &str) -> bool {
     else {
         return false;
     };
-    let (given, token) = (given.trim().as_bytes(), token.as_bytes());
-    given.len() == token.len()
-        && given
-            .iter()
-            .zip(token)
-            .fold(0u8, |differ, (a, b)| differ | (a ^ b))
-            == 0
+    same_secret(given, token)
+}
+
+/// What the cookie allows `request`: nothing (no cookie, or not the token's), reading, or
+/// changing too (it also carries the page's [`CSRF_HEADER`]).
+fn cookie_allows(keys: &Keys, request: &Request) -> Option<bool> {
+    let headers = request.headers();
+    let given = cookie(headers, &keys.cookie)?;
+    if !same_secret(given, &keys.token) {
+        return None;
+    }
+    let safe = matches!(*request.method(), Method::GET | Method::HEAD);
+    let csrf = headers
+        .get(CSRF_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| same_secret(v, &keys.csrf));
+    Some(safe || csrf)
+}
+
+/// The answer to the printed link (`GET /PATH?token=TOKEN`): the cookie, and the same page
+/// without the token in its address.
+fn log_in(keys: &Keys, request: &Request) -> Option<Response> {
+    let given = query_token(request.uri().query())?;
+    if request.method() != Method::GET || !same_secret(given, &keys.token) {
+        return None;
+    }
+    let cookie = format!(
+        "{}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age=2592000",
+        keys.cookie, keys.token
+    );
+    let mut response = StatusCode::SEE_OTHER.into_response();
+    let headers = response.headers_mut();
+    headers.insert(
+        header::LOCATION,
+        HeaderValue::from_str(request.uri().path()).unwrap_or(HeaderValue::from_static("/")),
+    );
+    if let Ok(cookie) = HeaderValue::from_str(&cookie) {
+        headers.insert(header::SET_COOKIE, cookie);
+    }
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Some(response)
 }
 
 /// The middleware: a request without the token that a local program would not make is
 /// answered 401 (403 when it came from a web page), before any route sees it.
 pub(crate) async fn require_token(
-    State(token): State<std::sync::Arc<str>>,
+    State(keys): State<std::sync::Arc<Keys>>,
     ConnectInfo(crate::limits::Peer(peer)): ConnectInfo<crate::limits::Peer>,
     request: Request,
     next: Next,
 ) -> Response {
+    if let Some(logged_in) = log_in(&keys, &request) {
+        return logged_in;
+    }
     let headers = request.headers();
-    if has_token(headers, &token) || local_program(peer, headers) {
+    if has_token(headers, &keys.token) || local_program(peer, headers) {
         return next.run(request).await;
     }
-    let from_a_page =
-        headers.contains_key(header::ORIGIN) || headers.contains_key("sec-fetch-site");
+    match cookie_allows(&keys, &request) {
+        Some(true) => return next.run(request).await,
+        Some(false) => {
+            let error =
+                "a change from the dashboard needs its page's X-Teia-Csrf header; reload the page";
+            return (
+                StatusCode::FORBIDDEN,
+                axum::Json(serde_json::json!({ "error": error })),
+            )
+                .into_response();
+        }
+        None => {}
+    }
+    let headers = request.headers();
+    let from_a_page = headers.contains_key(header::ORIGIN) || from_a_browser(headers);
     let (status, error) = if from_a_page {
         (
             StatusCode::FORBIDDEN,
-            "requests from web pages need the node's token (Authorization: Bearer TOKEN; `teia token` prints it)",
+            "requests from web pages need the node's token: open the dashboard's link that the node printed at start (http://ADDR/?token=TOKEN; `teia token` prints the token)",
         )
     } else {
         (
@@ -163,6 +287,13 @@ mod tests {
                 &headers(&[("host", "127.0.0.1:8000"), ("sec-fetch-site", "cross-site")])
             ),
             "a page's navigation"
+        );
+        assert!(
+            !local_program(
+                local,
+                &headers(&[("host", "127.0.0.1:8000"), ("sec-fetch-site", "none")])
+            ),
+            "an address typed in a browser"
         );
         let token = "ab".repeat(32);
         assert!(has_token(

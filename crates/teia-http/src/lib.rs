@@ -1,17 +1,23 @@
 //! teia's HTTP API (`teia node --http ADDR`), the routes of seed 000's course statement:
 //! `POST /evaluation` (a ZIP as `multipart/form-data` field `file`, or JSON
 //! `{"auth_token", "projects": [git URLs]}`), `GET /evaluation`, `GET /evaluation/<id>`,
-//! `GET /stats` and `GET /network`; and script jobs (seed 001) on a node with
-//! `--tasks-dir`: `POST /jobs` (a ZIP with `main.py`, field `file`) and `GET /jobs/<id>`.
+//! `GET /stats` and `GET /network`; script jobs (seed 001) on a node with
+//! `--tasks-dir`: `POST /jobs` (a ZIP with `main.py`, field `file`) and `GET /jobs/<id>`;
+//! the node's other services ([`api`]: `/api/...` and the live `/events`), `/metrics`
+//! ([`metrics`]) and the dashboard at `/` ([`web`]).
 //! Every error is a 4xx or 5xx with `{"error": "..."}`. Every route is behind [`guard`]:
-//! the node's token, or a request only a program on this machine makes.
+//! the node's token (or its cookie), or a request only a program on this machine makes.
 //!
 //! Bounds: a request body of [`MAX_UPLOAD`] bytes at most (more is answered 413), 64
 //! repositories per submission, URLs of 2,048 bytes; connections as [`limits`] says.
 
 pub mod answers;
+pub mod api;
 pub mod guard;
 pub mod limits;
+pub mod live;
+mod metrics;
+pub mod web;
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -50,6 +56,9 @@ pub struct Services {
     pub master: Option<MasterHandle>,
     /// Seed 000's nodes working for this one, on a node with `--pytest-port`.
     pub seed000: Option<MembersHandle>,
+    /// The node's other services (peers, chat, files, live events), for `/api`, `/events`,
+    /// `/metrics` and the dashboard.
+    pub node: Option<api::NodeServices>,
 }
 
 #[derive(Clone)]
@@ -57,12 +66,13 @@ struct App {
     engine: Engine,
     master: Option<MasterHandle>,
     seed000: Option<MembersHandle>,
+    node: Option<api::NodeServices>,
     network: NetworkView,
     uploads: std::path::PathBuf,
 }
 
 /// An error answer.
-struct Problem(StatusCode, String);
+pub(crate) struct Problem(pub(crate) StatusCode, pub(crate) String);
 
 impl IntoResponse for Problem {
     fn into_response(self) -> Response {
@@ -97,10 +107,18 @@ pub async fn serve(
     // Uploads left by a node that stopped mid-upload: nothing refers to them.
     let _ = std::fs::remove_dir_all(&uploads);
     std::fs::create_dir_all(&uploads)?;
+    let keys = Arc::new(guard::Keys::new(token, listener.local_addr()?.port())?);
+    let (stopping_tx, stopping) = tokio::sync::watch::channel(false);
+    // The live streams end first: a graceful shutdown waits for every connection.
+    let stop = async move {
+        stop.await;
+        let _ = stopping_tx.send(true);
+    };
     let app = App {
         engine: services.engine,
         master: services.master,
         seed000: services.seed000,
+        node: services.node.clone(),
         network,
         uploads,
     };
@@ -111,7 +129,7 @@ pub async fn serve(
         .route("/task", axum::routing::post(course_task))
         .layer(DefaultBodyLimit::max(MAX_COURSE_RESULT))
         .with_state(app.clone());
-    let router = Router::new()
+    let mut router = Router::new()
         .route("/evaluation", get(list).post(submit))
         .route("/evaluation/{id}", get(detail))
         .route("/stats", get(stats))
@@ -119,14 +137,26 @@ pub async fn serve(
         .route("/jobs", get(list_jobs).post(submit_job))
         .route("/jobs/{id}", get(job_detail))
         .route("/jobs/{id}/result", get(job_result))
+        .route("/metrics", get(metrics::metrics))
+        .merge(web::routes(Arc::from(keys.csrf.as_str())));
+    if let Some(node) = services.node {
+        tokio::spawn(api::publish_evaluations(
+            app.engine.changes(),
+            std::sync::Arc::clone(&node.live),
+            stopping.clone(),
+        ));
+        router = router.merge(api::routes(node, stopping));
+    }
+    let router = router
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(MAX_UPLOAD))
         .layer(axum::middleware::from_fn_with_state(
-            std::sync::Arc::<str>::from(token),
+            keys,
             guard::require_token,
         ))
         .with_state(app)
-        .merge(course);
+        .merge(course)
+        .layer(axum::middleware::from_fn(web::security_headers));
     axum::serve(
         limits::BoundedListener::new(listener),
         router.into_make_service_with_connect_info::<limits::Peer>(),
@@ -147,8 +177,9 @@ pub async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpListener> {
 async fn not_found() -> Problem {
     Problem(
         StatusCode::NOT_FOUND,
-        "no such route: use /evaluation, /evaluation/<id>, /stats, /network, /jobs or \
-         /jobs/<id>"
+        "no such route: the dashboard is at /; the API has /evaluation, /stats, /network, \
+         /jobs, /api/node, /api/peers, /api/chat, /api/shares, /api/search, /api/downloads, \
+         /api/approvals, /events and /metrics (docs/HTTP.md)"
             .into(),
     )
 }

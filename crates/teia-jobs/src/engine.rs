@@ -180,6 +180,8 @@ struct State {
     next: u64,
     /// Bytes of the results in the cache's table.
     cache_bytes: u64,
+    /// The last evaluation stored, for those who follow the evaluations ([`Engine::changes`]).
+    changes: tokio::sync::watch::Sender<EvalId>,
 }
 
 /// The engine's handle.
@@ -513,6 +515,7 @@ impl State {
     }
 
     fn save(&self, evaluation: &Evaluation) {
+        self.changes.send_replace(evaluation.id);
         let text = serde_json::to_string(evaluation).unwrap_or_default();
         if let Err(e) = self.db.execute(
             "INSERT OR REPLACE INTO evaluations (id, body) VALUES (?1, ?2)",
@@ -598,6 +601,7 @@ impl Engine {
                 work: Work::default(),
                 next: 0,
                 cache_bytes: cache_bytes.unsigned_abs(),
+                changes: tokio::sync::watch::Sender::new(0),
             })),
             started: Instant::now(),
             cluster,
@@ -1439,6 +1443,31 @@ impl Engine {
             totals.evaluations += 1;
         }
         totals
+    }
+
+    /// Tasks whose sandbox could not be made since the start (they did not run).
+    pub fn sandbox_failures(&self) -> u64 {
+        self.runner.sandbox_failures()
+    }
+
+    /// Follows the evaluations: the receiver is told the id of the last evaluation that
+    /// changed (submitted, a module leased or done, finished); changes that come faster
+    /// than it reads are seen as one.
+    pub fn changes(&self) -> tokio::sync::watch::Receiver<EvalId> {
+        lock(&self.state).changes.subscribe()
+    }
+
+    /// The test modules of every evaluation kept, by state: `done`, `running` and
+    /// `pending`.
+    pub fn module_states(&self) -> [(&'static str, usize); 3] {
+        let (mut done, mut running, mut pending) = (0usize, 0usize, 0usize);
+        for evaluation in lock(&self.state).ledger.all() {
+            let (_, modules) = evaluation.counts();
+            done += modules.executed as usize;
+            running += modules.running as usize;
+            pending += modules.pending as usize;
+        }
+        [("done", done), ("running", running), ("pending", pending)]
     }
 
     /// The load of this node and of the nodes heard from in the last seconds.

@@ -31,6 +31,15 @@ pub enum ChatEvent {
     Message(ServiceMessage),
     /// How a SEND of the user's ended.
     Outcome(SendOutcome),
+    /// The user said something, from any interface ([`Chat::say`]).
+    Sent {
+        /// The message's id (its outcome names it).
+        msg_id: String,
+        /// Where it went: `name@namespace`, `#namespace` or `*`.
+        dst: String,
+        /// What was said.
+        payload: Value,
+    },
 }
 
 /// The chat's route: messages that name no service (it takes no data streams).
@@ -46,6 +55,7 @@ pub fn route() -> ServiceRoute {
 #[derive(Clone)]
 pub struct Chat {
     node: NodeHandle,
+    service: Arc<ChatService>,
 }
 
 impl Chat {
@@ -54,16 +64,31 @@ impl Chat {
     pub fn start(node: NodeHandle) -> (Self, Arc<ChatService>, mpsc::Receiver<ChatEvent>) {
         let (events, receiver) = mpsc::channel(EVENTS);
         let service = Arc::new(ChatService {
-            events,
-            dropped: AtomicU64::new(0),
+            queue: Arc::new(Queue {
+                events,
+                dropped: AtomicU64::new(0),
+            }),
+            saying: Arc::new(tokio::sync::Mutex::new(())),
         });
-        (Self { node }, service, receiver)
+        let chat = Self {
+            node,
+            service: Arc::clone(&service),
+        };
+        (chat, service, receiver)
     }
 
     /// Sends `payload` to `name@namespace` (acknowledged: its outcome comes as a
-    /// [`ChatEvent::Outcome`]), `#namespace` or `*`; returns the message id.
+    /// [`ChatEvent::Outcome`]), `#namespace` or `*`; returns the message id. Every
+    /// interface hears of it as a [`ChatEvent::Sent`].
     pub async fn say(&self, dst: &str, payload: Value) -> Result<String, NodeError> {
-        self.node.send_for(SERVICE, dst, payload).await
+        let _saying = self.service.saying.lock().await;
+        let msg_id = self.node.send_for(SERVICE, dst, payload.clone()).await?;
+        self.service.queue.queue(ChatEvent::Sent {
+            msg_id: msg_id.clone(),
+            dst: dst.to_owned(),
+            payload,
+        });
+        Ok(msg_id)
     }
 
     /// The interface has shown the message `msg_id` to its user: it is not handed over
@@ -75,11 +100,19 @@ impl Chat {
 
 /// The chat's side of the router: queues what comes for the interface.
 pub struct ChatService {
+    queue: Arc<Queue>,
+    /// Held by [`Chat::say`] from its SEND to its [`ChatEvent::Sent`]: the outcome of a
+    /// message, which can come back faster, is queued after it.
+    saying: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The events waiting for the interface.
+struct Queue {
     events: mpsc::Sender<ChatEvent>,
     dropped: AtomicU64,
 }
 
-impl ChatService {
+impl Queue {
     /// Queues `event` at once (so lines keep their order), or drops it when the interface
     /// lags [`EVENTS`] behind.
     fn queue(&self, event: ChatEvent) {
@@ -99,12 +132,15 @@ impl ChatService {
 
 impl Service for ChatService {
     fn on_message(&self, message: ServiceMessage) -> Handling {
-        self.queue(ChatEvent::Message(message));
+        self.queue.queue(ChatEvent::Message(message));
         Box::pin(async {})
     }
 
     fn on_outcome(&self, outcome: SendOutcome) -> Handling {
-        self.queue(ChatEvent::Outcome(outcome));
-        Box::pin(async {})
+        let (queue, saying) = (Arc::clone(&self.queue), Arc::clone(&self.saying));
+        Box::pin(async move {
+            let _said = saying.lock().await;
+            queue.queue(ChatEvent::Outcome(outcome));
+        })
     }
 }

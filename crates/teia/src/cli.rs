@@ -621,8 +621,10 @@ pub struct NodeArgs {
     )]
     pub download_dir: PathBuf,
 
-    /// Serve the HTTP API (evaluations of pytest suites, script jobs) on this address; a bare
-    /// port means 127.0.0.1. Needs Python 3 with pytest.
+    /// Serve the HTTP API (evaluations of pytest suites, script jobs, the node's services,
+    /// live events, metrics) and the dashboard on this address; a bare port means
+    /// 127.0.0.1. The dashboard's link, with the token, is printed at start. Needs Python 3
+    /// with pytest.
     #[arg(
         help_heading = "Evaluations (HTTP API)",
         long,

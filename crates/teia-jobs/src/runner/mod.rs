@@ -335,6 +335,13 @@ pub struct Runner {
 }
 
 impl Runner {
+    /// Tasks whose sandbox could not be made since the start (they did not run).
+    pub fn sandbox_failures(&self) -> u64 {
+        self.warm
+            .as_ref()
+            .map_or(0, warm::WarmPool::sandbox_failures)
+    }
+
     /// A runner keeping its files (plugin, sockets, environments) in `dir`.
     pub fn new(
         dir: &Path,

@@ -350,6 +350,8 @@ pub(crate) struct WarmPool {
     sandbox: Option<Sandbox>,
     running: tokio::sync::Mutex<(Vec<Warm>, Vec<PathBuf>)>,
     next: AtomicU64,
+    /// Tasks whose sandbox could not be made (they did not run).
+    sandbox_failures: AtomicU64,
     /// Cancelled when the runner stops: children running are killed, none is forked.
     stop: CancellationToken,
 }
@@ -371,8 +373,15 @@ impl WarmPool {
             sandbox,
             running: tokio::sync::Mutex::new((Vec::new(), Vec::new())),
             next: AtomicU64::new(0),
+            sandbox_failures: AtomicU64::new(0),
             stop,
         }
+    }
+
+    /// Tasks whose sandbox could not be made since the start.
+    pub fn sandbox_failures(&self) -> u64 {
+        self.sandbox_failures
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Stops every warm interpreter (dropped, each is killed, and its sandbox with it).
@@ -482,6 +491,8 @@ impl WarmPool {
             .lines()
             .find_map(|l| l.strip_prefix("isolation failed: "))
         {
+            self.sandbox_failures
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::error!(reason = %why, "a task's sandbox could not be made: it did not run");
         }
         Some((timed_out, said))

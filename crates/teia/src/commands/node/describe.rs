@@ -49,6 +49,15 @@ pub(super) fn describe(event: &NodeEvent) -> (Value, String) {
     }
 }
 
+/// An event as `--json` shows it; none for the queries and hits of services (the session
+/// does not show them).
+pub(super) fn event_json(event: &NodeEvent) -> Option<Value> {
+    match event {
+        NodeEvent::Overlay(Event::Query { .. } | Event::QueryHit { .. }) => None,
+        event => Some(describe(event).0),
+    }
+}
+
 /// A chat event as a JSON object and as a line of text.
 pub(super) fn describe_chat(event: &ChatEvent) -> (Value, String) {
     match event {
@@ -69,6 +78,14 @@ pub(super) fn describe_chat(event: &ChatEvent) -> (Value, String) {
             dst,
             reason,
         }) => describe_undelivered(msg_id, dst, reason),
+        ChatEvent::Sent {
+            msg_id,
+            dst,
+            payload,
+        } => (
+            json!({"event":"sent","msg_id":msg_id,"dst":dst,"payload":payload}),
+            format!("… sent to {} ({})", clean(dst), short(msg_id)),
+        ),
     }
 }
 

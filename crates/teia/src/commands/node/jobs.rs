@@ -175,8 +175,17 @@ pub(super) struct Jobs {
     pub(super) engine: Option<teia_jobs::engine::Engine>,
     /// What stops the HTTP API.
     pub(super) http_stop: Option<tokio::sync::oneshot::Sender<()>>,
-    /// Where the HTTP API answers.
-    pub(super) http_addr: Option<SocketAddr>,
+    /// Where the HTTP API answers, and the dashboard's link (with the token).
+    pub(super) http: Option<HttpFacts>,
+}
+
+/// Where a node's HTTP API answers.
+#[derive(Clone)]
+pub(super) struct HttpFacts {
+    /// The bound address.
+    pub(super) addr: SocketAddr,
+    /// The dashboard's link, with the token: opening it logs the browser in.
+    pub(super) dashboard: String,
 }
 
 /// Starts the job engine when Python is here, and the HTTP API on the listener
@@ -188,6 +197,7 @@ pub(super) async fn start_jobs(
     handle: &NodeHandle,
     trusted: Vec<teia_core::identity::PublicKey>,
     prepared: Prepared,
+    node_services: teia_http::api::NodeServices,
 ) -> anyhow::Result<Jobs> {
     let Prepared {
         python,
@@ -198,7 +208,7 @@ pub(super) async fn start_jobs(
         return Ok(Jobs {
             engine: None,
             http_stop: None,
-            http_addr: None,
+            http: None,
         });
     };
     let modules = found.pytest.is_some();
@@ -267,7 +277,7 @@ pub(super) async fn start_jobs(
         return Ok(Jobs {
             engine: Some(engine),
             http_stop: None,
-            http_addr: None,
+            http: None,
         });
     };
     let bound = listener.local_addr()?;
@@ -295,6 +305,12 @@ pub(super) async fn start_jobs(
         let engine = viewer.clone();
         Box::pin(async move { engine.network().await })
     });
+    let link_host = if bound.ip().is_unspecified() {
+        SocketAddr::from(([127, 0, 0, 1], bound.port()))
+    } else {
+        bound
+    };
+    let dashboard = format!("http://{link_host}/?token={token}");
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let served = engine.clone();
     tokio::spawn(async move {
@@ -307,6 +323,7 @@ pub(super) async fn start_jobs(
                 engine: served,
                 master,
                 seed000,
+                node: Some(node_services),
             },
             network,
             jobs_dir.join("uploads"),
@@ -321,7 +338,10 @@ pub(super) async fn start_jobs(
     Ok(Jobs {
         engine: Some(engine),
         http_stop: Some(stop),
-        http_addr: Some(bound),
+        http: Some(HttpFacts {
+            addr: bound,
+            dashboard,
+        }),
     })
 }
 

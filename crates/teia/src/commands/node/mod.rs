@@ -179,11 +179,29 @@ async fn serve(
         index: args.index.clone(),
     };
     let (files, files_events) = Files::start(files_config, handle.clone()).await?;
-    let jobs = start_jobs(&args, &data_dir, &peer_id, &handle, trusted, prepared).await;
+    let (chat, chat_service, chat_events) = Chat::start(handle.clone());
+    let live = teia_http::live::Live::new(&peer_id);
+    let node_services = teia_http::api::NodeServices {
+        peer_id: peer_id.clone(),
+        node: handle.clone(),
+        chat: chat.clone(),
+        files: files.clone(),
+        live: Arc::clone(&live),
+    };
+    let jobs = start_jobs(
+        &args,
+        &data_dir,
+        &peer_id,
+        &handle,
+        trusted,
+        prepared,
+        node_services,
+    )
+    .await;
     let jobs::Jobs {
         engine,
         http_stop,
-        http_addr,
+        http,
     } = match jobs {
         Ok(jobs) => jobs,
         Err(e) => {
@@ -194,7 +212,6 @@ async fn serve(
     // The services hear what is addressed to them from the node itself; the session below
     // is the chat's interface and also shows the node's own events (links, dials, the
     // rendezvous). Without an engine, what comes for the jobs service is dropped.
-    let (chat, chat_service, chat_events) = Chat::start(handle.clone());
     let mut router = Router::builder(inboxes)
         .service(teia_node::chat::SERVICE, chat_service)?
         .service(teia_files::routed::SERVICE, Arc::new(files.clone()))?;
@@ -214,7 +231,7 @@ async fn serve(
             files: files.clone(),
             engine: engine.clone(),
             master,
-            http: http_addr,
+            http: http.as_ref().map(|h| h.addr),
         },
     ));
     let style = if args.json { Style::Json } else { Style::Text };
@@ -223,25 +240,26 @@ async fn serve(
         chat,
         files: files.clone(),
         stop: stop.clone(),
-        http: http_addr,
+        http,
+    };
+    let feeds = Feeds {
+        node: events,
+        chat: chat_events,
+        files: files_events,
+    };
+    // With the HTTP API, every event also goes to the web (`/events`, the dashboard).
+    let feeds = if services.http.is_some() {
+        publish(feeds, live)
+    } else {
+        feeds
     };
     let result = if interactive {
-        let feeds = Feeds {
-            node: events,
-            chat: chat_events,
-            files: files_events,
-        };
         shell(handle.clone(), services, feeds, log).await
     } else {
         // A node that serves the HTTP API or works for a cluster is a server: the end of its
         // input (`</dev/null`, a service manager) does not stop it; a signal does.
         let server = args.http.is_some() || args.cluster_secret.is_some();
         let stop_at_end = style == Style::Text && !server;
-        let feeds = Feeds {
-            node: events,
-            chat: chat_events,
-            files: files_events,
-        };
         lines(handle.clone(), services, feeds, style, stop_at_end, log).await
     };
     status.abort();
@@ -321,8 +339,8 @@ struct Services {
     chat: teia_node::chat::Chat,
     files: Files,
     stop: Stopper,
-    /// Where the HTTP API answers (said once the node is ready).
-    http: Option<SocketAddr>,
+    /// Where the HTTP API answers and the dashboard's link (said once the node is ready).
+    http: Option<jobs::HttpFacts>,
 }
 
 /// What a session shows: the node's own events, the chat's, and file sharing's.
@@ -330,6 +348,59 @@ struct Feeds {
     node: tokio::sync::mpsc::Receiver<teia_node::node::NodeEvent>,
     chat: tokio::sync::mpsc::Receiver<teia_node::chat::ChatEvent>,
     files: tokio::sync::mpsc::Receiver<teia_files::FilesEvent>,
+}
+
+/// Publishes every event of `feeds` to the web as `--json` shows it (the chat's, file
+/// sharing's and the node's own), then hands it on, in order, to the interface: the feeds
+/// returned, bounded as the ones given.
+fn publish(mut feeds: Feeds, live: Arc<teia_http::live::Live>) -> Feeds {
+    use tokio::sync::mpsc::channel;
+    let (node, node_out) = channel(teia_node::node::EVENTS);
+    let (chat, chat_out) = channel(teia_node::chat::EVENTS);
+    let (files, files_out) = channel(teia_files::service::EVENTS);
+    // A feed that ends ends its copy (the interface sees the end); a copy whose interface
+    // is gone is no longer fed.
+    async fn hand_on<T>(to: &mut Option<tokio::sync::mpsc::Sender<T>>, event: Option<T>) {
+        match (event, to.as_ref()) {
+            (Some(event), Some(sender)) => {
+                if sender.send(event).await.is_err() {
+                    *to = None;
+                }
+            }
+            _ => *to = None,
+        }
+    }
+    tokio::spawn(async move {
+        let (mut node, mut chat, mut files) = (Some(node), Some(chat), Some(files));
+        loop {
+            tokio::select! {
+                event = feeds.node.recv(), if node.is_some() => {
+                    if let Some(json) = event.as_ref().and_then(describe::event_json) {
+                        live.publish(&json);
+                    }
+                    hand_on(&mut node, event).await;
+                }
+                event = feeds.chat.recv(), if chat.is_some() => {
+                    if let Some(event) = &event {
+                        live.publish(&describe::describe_chat(event).0);
+                    }
+                    hand_on(&mut chat, event).await;
+                }
+                event = feeds.files.recv(), if files.is_some() => {
+                    if let Some(event) = &event {
+                        live.publish(&crate::commands::files::describe(event).0);
+                    }
+                    hand_on(&mut files, event).await;
+                }
+                else => return,
+            }
+        }
+    });
+    Feeds {
+        node: node_out,
+        chat: chat_out,
+        files: files_out,
+    }
 }
 
 /// Stops a node in order, once, whoever asks first (the session on `/quit`, a signal or the

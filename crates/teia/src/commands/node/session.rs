@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use crate::chat::{self, ChatCommand};
 use crate::commands::{files, shutdown_signal};
 use crate::logging::LogControl;
-use crate::present::{clean, fmt_rtt, short};
+use crate::present::{clean, fmt_rtt};
 
 use super::describe::{describe, describe_chat};
 use super::{resolve, Feeds, Services, Style, INPUT_LINES};
@@ -200,8 +200,8 @@ struct Session {
     /// again); at most one per link.
     connected: std::collections::HashSet<String>,
     print: Box<dyn FnMut(String) + Send>,
-    /// Where the HTTP API answers, said after the node's `ready`.
-    http: Option<std::net::SocketAddr>,
+    /// Where the HTTP API answers and the dashboard's link, said after the node's `ready`.
+    http: Option<super::jobs::HttpFacts>,
 }
 
 impl Session {
@@ -246,12 +246,9 @@ impl Session {
     async fn execute(&mut self, command: ChatCommand) -> anyhow::Result<()> {
         match command {
             ChatCommand::Msg { dst, text } | ChatCommand::Pub { dst, text } => {
+                // The chat tells every interface, this one included (`ChatEvent::Sent`).
                 let dst = self.destination(dst).await?;
-                let msg_id = self.chat.say(&dst, Value::String(text)).await?;
-                self.emit(
-                    json!({"event":"sent","msg_id":msg_id,"dst":dst}),
-                    format!("… sent to {dst} ({})", short(&msg_id)),
-                );
+                self.chat.say(&dst, Value::String(text)).await?;
             }
             ChatCommand::Connect(target) => {
                 let addr = match target.parse::<SocketAddr>() {
@@ -590,10 +587,14 @@ impl Session {
         if !((renewal || simultaneous || again || learnt) && self.style == Style::Text) {
             self.emit(json, text);
         }
-        if let (NodeEvent::Ready { .. }, Some(addr)) = (event, self.http) {
+        if let (NodeEvent::Ready { .. }, Some(http)) = (event, self.http.clone()) {
             self.emit(
-                json!({"event":"http_listening","addr":addr.to_string()}),
-                format!("… HTTP API on http://{addr} (teia eval, teia job, curl)"),
+                json!({"event":"http_listening","addr":http.addr.to_string(),
+                       "dashboard":http.dashboard}),
+                format!(
+                    "… HTTP API on http://{} (teia eval, teia job, curl); dashboard: {}",
+                    http.addr, http.dashboard
+                ),
             );
         }
     }
