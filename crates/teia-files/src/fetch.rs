@@ -32,11 +32,7 @@ use teia_node::sync::lock;
 /// Runs a download to its end: done (renamed, verified) or failed (partial kept).
 pub(crate) async fn run(inner: Arc<Inner>, download: Arc<Download>) {
     let hash = download.hash();
-    let outcome = tokio::select! {
-        outcome = drive(&inner, &download) => outcome,
-        () = download.cancel.cancelled() => Err(DownloadError::Cancelled),
-    };
-    lock(&inner.downloads).remove(&hash);
+    let outcome = drive(&inner, &download).await;
     if matches!(outcome, Err(DownloadError::Cancelled)) {
         if let Err(e) = lock(&inner.store).remove_download(&hash) {
             tracing::warn!(error = %e, "cancelled download not dropped from the database");
@@ -48,6 +44,8 @@ pub(crate) async fn run(inner: Arc<Inner>, download: Arc<Download>) {
             }
         }
     }
+    // Only now may the same content be asked for again (its cleanup is over).
+    lock(&inner.downloads).remove(&hash);
     match outcome {
         Ok((path, already_here)) => {
             if let Err(e) = lock(&inner.store).remove_download(&hash) {
@@ -174,6 +172,11 @@ async fn drive(
                 if download.ready.get().is_some() {
                     inner.emit_progress(FilesEvent::Progress(download.info()));
                 }
+            }
+            () = download.cancel.cancelled() => {
+                // Every holder's task ends before the caller deletes what they wrote.
+                holders.shutdown().await;
+                return Err(DownloadError::Cancelled);
             }
         }
     }

@@ -451,7 +451,7 @@ impl Files {
     /// download folder. Returns what is downloaded: the hash, or the course peer's address.
     pub async fn get(&self, target: &str, dir: Option<PathBuf>) -> Result<String, FilesError> {
         let dir = dir.unwrap_or_else(|| self.inner.config.download_dir.clone());
-        std::fs::create_dir_all(&dir).map_err(|source| FilesError::Path {
+        std::fs::create_dir_all(&dir).map_err(|source| FilesError::DownloadDir {
             path: dir.clone(),
             source,
         })?;
@@ -564,10 +564,10 @@ impl Files {
         match (hashes.len(), candidates.first()) {
             (1, Some(h)) => Ok((h.hash, h.name.clone(), Some(h.size))),
             (0, _) => Err(FilesError::Invalid(format!(
-                "no search result is named {target:?}; /search first, or /get HASH"
+                "no search result is named {target:?}; search first, or give its hash"
             ))),
             (n, _) => Err(FilesError::Invalid(format!(
-                "{n} different files match {target:?}; /get one of their hashes"
+                "{n} different files match {target:?}; give one of their hashes"
             ))),
         }
     }
@@ -575,13 +575,17 @@ impl Files {
     pub(crate) async fn start_download(&self, spec: download::Spec) -> Result<(), FilesError> {
         let download = {
             let mut downloads = lock(&self.inner.downloads);
-            if downloads.contains_key(&spec.hash) {
+            if let Some(running) = downloads.get(&spec.hash) {
+                if running.cancel.is_cancelled() {
+                    return Err(FilesError::Invalid(format!(
+                        "the download of {} is being cancelled; ask again in a moment",
+                        spec.hash.to_hex()
+                    )));
+                }
                 return Ok(());
             }
             if downloads.len() >= MAX_DOWNLOADS {
-                return Err(FilesError::Invalid(format!(
-                    "{MAX_DOWNLOADS} downloads are running; wait for one to finish"
-                )));
+                return Err(FilesError::Busy(MAX_DOWNLOADS));
             }
             let download = Arc::new(Download::new(spec));
             downloads.insert(download.hash(), Arc::clone(&download));

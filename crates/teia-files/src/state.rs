@@ -293,6 +293,17 @@ pub enum FilesError {
     /// The node has stopped.
     #[error("the node has stopped")]
     Stopped,
+    /// The download folder cannot be made.
+    #[error("cannot make the download folder {path}: {source}", path = .path.display())]
+    DownloadDir {
+        /// The folder.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// As many downloads as may run at once are running.
+    #[error("{0} downloads are running; wait for one to finish")]
+    Busy(usize),
     /// The request is not valid.
     #[error("{0}")]
     Invalid(String),

@@ -3,8 +3,9 @@
 //! (`GET /events`, server-sent events: the same objects as `teia node --json`). Every route
 //! is behind the token's guard ([`crate::guard`]); docs/HTTP.md has each with a curl example.
 //!
-//! **Bounds**: a chat text of [`MAX_CHAT_TEXT`] bytes (more is a 413), a path or search of
-//! 4,096 bytes (more is a 400); [`MAX_FILES_LISTED`] shared files listed; the `/events`
+//! **Bounds**: a chat text of [`MAX_CHAT_TEXT`] bytes (more is a 413), a destination, path,
+//! search or target of [`MAX_TEXT`] bytes (more is a 400); [`MAX_FILES_LISTED`] shared files
+//! listed; the `/events`
 //! streams as [`crate::live`] says, each sending a keep-alive comment every
 //! [`KEEP_ALIVE`] (under the connections' idle timeout) and ending when the node stops.
 
@@ -13,7 +14,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::request::Parts;
 use axum::http::StatusCode;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -98,8 +100,10 @@ impl From<FilesError> for Problem {
             FilesError::Invalid(_) | FilesError::Share { .. } | FilesError::Path { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            FilesError::Stopped => StatusCode::SERVICE_UNAVAILABLE,
-            FilesError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            FilesError::Stopped | FilesError::Busy(_) => StatusCode::SERVICE_UNAVAILABLE,
+            FilesError::Store(_) | FilesError::DownloadDir { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         Self(status, e.to_string())
     }
@@ -109,19 +113,58 @@ fn bad(detail: impl Into<String>) -> Problem {
     Problem(StatusCode::BAD_REQUEST, detail.into())
 }
 
-/// A text field of at most `max` bytes, not empty.
-fn bounded<'a>(name: &str, text: &'a str, max: usize) -> Result<&'a str, Problem> {
+/// A JSON body whose rejection (not JSON, a field missing) is answered as every error is,
+/// `{"error": ...}`.
+struct Body<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequest<S> for Body<T> {
+    type Rejection = Problem;
+
+    async fn from_request(request: Request, state: &S) -> Result<Self, Problem> {
+        Json::<T>::from_request(request, state)
+            .await
+            .map(|Json(body)| Self(body))
+            .map_err(|e| Problem(e.status(), e.body_text()))
+    }
+}
+
+/// A query whose rejection is answered as every error is.
+struct Params<T>(T);
+
+impl<S: Send + Sync, T: serde::de::DeserializeOwned> FromRequestParts<S> for Params<T> {
+    type Rejection = Problem;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Problem> {
+        axum::extract::Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|axum::extract::Query(query)| Self(query))
+            .map_err(|e| Problem(e.status(), e.body_text()))
+    }
+}
+
+/// A text field of at most `max` bytes (more is `too_long`), not empty.
+fn bounded<'a>(
+    name: &str,
+    text: &'a str,
+    max: usize,
+    too_long: StatusCode,
+) -> Result<&'a str, Problem> {
     let text = text.trim();
     if text.is_empty() {
         return Err(bad(format!("`{name}` is empty")));
     }
     if text.len() > max {
         return Err(Problem(
-            StatusCode::PAYLOAD_TOO_LARGE,
+            too_long,
             format!("`{name}` has {} bytes; at most {max}", text.len()),
         ));
     }
     Ok(text)
+}
+
+/// A destination, path, search or target: [`MAX_TEXT`] bytes at most.
+fn short_text<'a>(name: &str, text: &'a str) -> Result<&'a str, Problem> {
+    bounded(name, text, MAX_TEXT, StatusCode::BAD_REQUEST)
 }
 
 async fn node(State(state): State<ApiState>) -> Result<Json<Value>, Problem> {
@@ -191,15 +234,22 @@ struct Say {
 
 async fn chat_send(
     State(state): State<ApiState>,
-    Json(say): Json<Say>,
+    Body(say): Body<Say>,
 ) -> Result<(StatusCode, Json<Value>), Problem> {
-    let text = bounded("text", &say.text, MAX_CHAT_TEXT)?;
-    let to = bounded("to", &say.to, MAX_TEXT)?;
-    let msg_id = state
-        .services
-        .chat
-        .say(to, Value::String(text.into()))
-        .await?;
+    let text = bounded(
+        "text",
+        &say.text,
+        MAX_CHAT_TEXT,
+        StatusCode::PAYLOAD_TOO_LARGE,
+    )?;
+    let to = short_text("to", &say.to)?;
+    // Said on a task of its own: a client that goes away mid-request does not cut it
+    // between its SEND and the `sent` event every interface shows.
+    let chat = state.services.chat.clone();
+    let (dst, payload) = (to.to_owned(), Value::String(text.into()));
+    let msg_id = tokio::spawn(async move { chat.say(&dst, payload).await })
+        .await
+        .map_err(|e| Problem(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))??;
     Ok((
         StatusCode::CREATED,
         Json(json!({"msg_id": msg_id, "dst": to})),
@@ -227,9 +277,9 @@ struct SharedPath {
 
 async fn share(
     State(state): State<ApiState>,
-    Json(body): Json<SharedPath>,
+    Body(body): Body<SharedPath>,
 ) -> Result<(StatusCode, Json<Value>), Problem> {
-    let path = PathBuf::from(bounded("path", &body.path, MAX_TEXT)?);
+    let path = PathBuf::from(short_text("path", &body.path)?);
     let summary = state.services.files.share(&path).await?;
     Ok((
         StatusCode::CREATED,
@@ -239,9 +289,9 @@ async fn share(
 
 async fn unshare(
     State(state): State<ApiState>,
-    Query(query): Query<SharedPath>,
+    Params(query): Params<SharedPath>,
 ) -> Result<StatusCode, Problem> {
-    let path = PathBuf::from(bounded("path", &query.path, MAX_TEXT)?);
+    let path = PathBuf::from(short_text("path", &query.path)?);
     if state.services.files.unshare(&path)? {
         Ok(StatusCode::NO_CONTENT)
     } else {
@@ -260,9 +310,9 @@ struct SearchFor {
 
 async fn search(
     State(state): State<ApiState>,
-    Json(body): Json<SearchFor>,
+    Body(body): Body<SearchFor>,
 ) -> Result<Json<Value>, Problem> {
-    let text = bounded("text", &body.text, MAX_TEXT)?;
+    let text = short_text("text", &body.text)?;
     let local = state.services.files.search(text).await?;
     let local: Vec<Value> = local
         .into_iter()
@@ -298,9 +348,9 @@ struct Fetch {
 
 async fn download(
     State(state): State<ApiState>,
-    Json(body): Json<Fetch>,
+    Body(body): Body<Fetch>,
 ) -> Result<(StatusCode, Json<Value>), Problem> {
-    let target = bounded("target", &body.target, MAX_TEXT)?;
+    let target = short_text("target", &body.target)?;
     let started = state.services.files.get(target, None).await?;
     Ok((StatusCode::ACCEPTED, Json(json!({"download": started}))))
 }
@@ -334,7 +384,7 @@ struct Answer {
 async fn answer(
     State(state): State<ApiState>,
     Path(id): Path<String>,
-    Json(body): Json<Answer>,
+    Body(body): Body<Answer>,
 ) -> Result<Json<Value>, Problem> {
     let id: u64 = id
         .parse()

@@ -2,17 +2,21 @@
 //! POST a form to `http://127.0.0.1:PORT/evaluation` (no preflight for a multipart form) or,
 //! by DNS rebinding, read answers under another `Host`. Every route needs the node's token
 //! (`Authorization: Bearer TOKEN`), except a request that only a program on this machine
-//! makes: from a loopback address, to a loopback `Host`, with no `Origin` and no
-//! `Sec-Fetch-*` header (a browser sends those; so the course statement's `curl -X POST
-//! http://127.0.0.1:PORT/evaluation -F file=@all_projects.zip` works as written, and a
-//! browser always needs the token).
+//! makes to one of the course's routes ([`COURSE_ROUTES`]): from a loopback address, to a
+//! loopback `Host`, with no `Origin` and no `Sec-Fetch-*` header (a browser sends those; so
+//! the course statement's `curl -X POST http://127.0.0.1:PORT/evaluation -F
+//! file=@all_projects.zip` works as written, and a browser always needs the token). The
+//! node's other services (`/api/...`, `/events`, `/metrics`, the dashboard) always need the
+//! token: another account of the machine must not share its user's files.
 //!
-//! The dashboard's browser holds the token in a cookie: opening the link the node prints,
-//! `http://ADDR/?token=TOKEN`, sets `teia_token_PORT` (`HttpOnly`, `SameSite=Strict`, so no
-//! other site's page sends it and no script reads it) and redirects to the same page without
-//! the token in its address. A request with the cookie may read; one that changes anything
-//! (any method but `GET` and `HEAD`) also needs the `X-Teia-Csrf` header with the value the
-//! node put in its page, which another site's page cannot read.
+//! The dashboard's browser holds a session in a cookie: opening the link the node prints,
+//! `http://ADDR/?token=TOKEN`, sets `teia_session_PORT` to a secret random at each start
+//! (not the token: a browser sends a host's cookies to all its ports), `HttpOnly` (no script
+//! reads it), `SameSite=Strict` (no other site's page sends it) and for the browser's
+//! session only, and redirects to `/`, without the token in the address. A request with the
+//! cookie may read; one that changes anything (any method but `GET` and `HEAD`) also needs
+//! the `X-Teia-Csrf` header with the value the node put in its page, which another site's
+//! page cannot read.
 //!
 //! The token is made at the first start, 32 random bytes in hex, in the data directory's
 //! `http-token` (mode 0600); `teia token` prints it.
@@ -32,13 +36,19 @@ pub const TOKEN_FILE: &str = "http-token";
 /// The header a dashboard's request that changes something carries.
 pub const CSRF_HEADER: &str = "x-teia-csrf";
 
+/// The routes a program on this machine may call without the token (seed 000's and seed
+/// 001's, as their course statements use them), by path prefix.
+pub const COURSE_ROUTES: [&str; 4] = ["/evaluation", "/stats", "/network", "/jobs"];
+
 /// What the guard checks requests against.
 pub(crate) struct Keys {
     /// The node's token.
     pub(crate) token: String,
+    /// The dashboard's session: the cookie's value, random at each start.
+    pub(crate) session: String,
     /// The value of [`CSRF_HEADER`], random at each start, written in the dashboard's page.
     pub(crate) csrf: String,
-    /// The cookie's name (`teia_token_PORT`: cookies are per host, not per port, and two
+    /// The cookie's name (`teia_session_PORT`: cookies are per host, not per port, and two
     /// nodes on one machine each keep theirs).
     pub(crate) cookie: String,
 }
@@ -48,8 +58,9 @@ impl Keys {
     pub(crate) fn new(token: String, port: u16) -> std::io::Result<Self> {
         Ok(Self {
             token,
+            session: random_hex()?,
             csrf: random_hex()?,
-            cookie: format!("teia_token_{port}"),
+            cookie: format!("teia_session_{port}"),
         })
     }
 }
@@ -163,7 +174,7 @@ fn has_token(headers: &HeaderMap, token: &str) -> bool {
 fn cookie_allows(keys: &Keys, request: &Request) -> Option<bool> {
     let headers = request.headers();
     let given = cookie(headers, &keys.cookie)?;
-    if !same_secret(given, &keys.token) {
+    if !same_secret(given, &keys.session) {
         return None;
     }
     let safe = matches!(*request.method(), Method::GET | Method::HEAD);
@@ -174,23 +185,23 @@ fn cookie_allows(keys: &Keys, request: &Request) -> Option<bool> {
     Some(safe || csrf)
 }
 
-/// The answer to the printed link (`GET /PATH?token=TOKEN`): the cookie, and the same page
-/// without the token in its address.
+/// The answer to the printed link opened in a browser (`GET /?token=TOKEN`): the session's
+/// cookie, and the dashboard without the token in its address.
 fn log_in(keys: &Keys, request: &Request) -> Option<Response> {
     let given = query_token(request.uri().query())?;
-    if request.method() != Method::GET || !same_secret(given, &keys.token) {
+    if request.method() != Method::GET
+        || !from_a_browser(request.headers())
+        || !same_secret(given, &keys.token)
+    {
         return None;
     }
     let cookie = format!(
-        "{}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age=2592000",
-        keys.cookie, keys.token
+        "{}={}; HttpOnly; SameSite=Strict; Path=/",
+        keys.cookie, keys.session
     );
     let mut response = StatusCode::SEE_OTHER.into_response();
     let headers = response.headers_mut();
-    headers.insert(
-        header::LOCATION,
-        HeaderValue::from_str(request.uri().path()).unwrap_or(HeaderValue::from_static("/")),
-    );
+    headers.insert(header::LOCATION, HeaderValue::from_static("/"));
     if let Ok(cookie) = HeaderValue::from_str(&cookie) {
         headers.insert(header::SET_COOKIE, cookie);
     }
@@ -210,7 +221,10 @@ pub(crate) async fn require_token(
         return logged_in;
     }
     let headers = request.headers();
-    if has_token(headers, &keys.token) || local_program(peer, headers) {
+    let course_route = COURSE_ROUTES
+        .iter()
+        .any(|route| request.uri().path().starts_with(route));
+    if has_token(headers, &keys.token) || (course_route && local_program(peer, headers)) {
         return next.run(request).await;
     }
     match cookie_allows(&keys, &request) {

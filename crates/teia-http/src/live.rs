@@ -3,9 +3,11 @@
 //! messages are also kept, with each one's delivery state, for `GET /api/chat`. The node's
 //! interface feeds it ([`Live::publish`]); it owns nothing else.
 //!
-//! **Bounds**: [`EVENTS_BUFFERED`] events wait for the slowest stream; a stream further behind
-//! skips what it missed and is told so with a `{"event":"lagged","missed":N}` event (the page
-//! then reloads its views). [`CHAT_KEPT`] chat entries are kept, in memory, the oldest
+//! **Bounds**: [`EVENTS_BUFFERED`] events wait for the slowest stream, each of
+//! [`MAX_EVENT_BYTES`] at most (a longer one goes out cut to its kind and ids, with
+//! `"cut": true`: the page reloads what it names), so 16 MiB at most; a stream further
+//! behind skips what it missed and is told so with a `{"event":"lagged","missed":N}` event
+//! (the page then reloads its views). [`CHAT_KEPT`] chat entries are kept, in memory, the oldest
 //! forgotten first; texts longer than [`CHAT_TEXT_KEPT`] bytes are cut. Counters are kept for
 //! [`EVENT_KINDS_COUNTED`] kinds of event at most (others count as `other`). An outcome that
 //! comes before its message's `sent` (the ACK can beat it) waits for it among the last
@@ -20,7 +22,9 @@ use teia_node::sync::lock;
 use tokio::sync::broadcast;
 
 /// Events buffered for the slowest `/events` stream.
-pub const EVENTS_BUFFERED: usize = 1024;
+pub const EVENTS_BUFFERED: usize = 512;
+/// Bytes of one event sent to the streams at most.
+pub const MAX_EVENT_BYTES: usize = 32 * 1024;
 /// Chat entries kept for `GET /api/chat`.
 pub const CHAT_KEPT: usize = 500;
 /// Bytes of a chat text kept.
@@ -116,8 +120,21 @@ impl Live {
             }
             state.record_chat(kind, event);
         }
+        let mut text = event.to_string();
+        if text.len() > MAX_EVENT_BYTES {
+            let mut cut = serde_json::Map::new();
+            for field in [
+                "event", "msg_id", "hash", "id", "src", "dst", "holder", "text",
+            ] {
+                if let Some(value) = event.get(field).filter(|v| v.to_string().len() < 1024) {
+                    cut.insert(field.into(), value.clone());
+                }
+            }
+            cut.insert("cut".into(), Value::Bool(true));
+            text = Value::Object(cut).to_string();
+        }
         // No stream open is no error: the event is only counted.
-        let _ = self.events.send(Arc::from(event.to_string()));
+        let _ = self.events.send(Arc::from(text));
     }
 
     /// A new stream of the events published from now on.
@@ -291,6 +308,24 @@ mod tests {
         let first: Value = serde_json::from_str(&stream.try_recv().unwrap()).unwrap();
         assert_eq!(first["msg_id"], "m0");
         assert!(live.counted().contains(&("sent".to_owned(), 3)));
+    }
+
+    #[test]
+    fn an_event_too_long_goes_out_cut_to_its_ids() {
+        let live = Live::new("ana@lab");
+        let mut stream = live.subscribe();
+        live.publish(&json!({"event":"message","msg_id":"m1","src":"bob@lab",
+                             "payload":"x".repeat(MAX_EVENT_BYTES)}));
+        let sent: Value = serde_json::from_str(&stream.try_recv().unwrap()).unwrap();
+        assert_eq!(
+            sent,
+            json!({"event":"message","msg_id":"m1","src":"bob@lab","cut":true})
+        );
+        assert_eq!(
+            live.chat()[0].text.len(),
+            CHAT_TEXT_KEPT,
+            "kept whole up to its bound"
+        );
     }
 
     #[test]

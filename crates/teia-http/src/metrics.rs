@@ -19,6 +19,15 @@ use crate::App;
 /// Labels of one series.
 type Labels = Vec<(String, String)>;
 
+/// A label's value as the text format needs it: `\`, `"` and line feeds escaped (the
+/// encoder writes values as given, and a peer chooses its name).
+fn label(value: &str) -> String {
+    value
+        .replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
 fn gauge(registry: &mut Registry, name: &str, help: &str, value: i64) {
     let metric = Gauge::<i64>::default();
     metric.set(value);
@@ -51,7 +60,7 @@ pub(crate) async fn metrics(State(app): State<App>) -> Response {
                         ("encrypted".into(), n.encrypted.to_string()),
                     ])
                     .inc();
-                let peer = ("peer".to_owned(), n.peer.clone());
+                let peer = ("peer".to_owned(), label(&n.peer));
                 if let Some(r) = n.rtt {
                     rtt.get_or_create(&vec![peer.clone()]).set(r.as_secs_f64());
                 }
@@ -171,7 +180,7 @@ pub(crate) async fn metrics(State(app): State<App>) -> Response {
         let events = Family::<Labels, Counter>::default();
         for (kind, n) in services.live.counted() {
             events
-                .get_or_create(&vec![("event".into(), kind)])
+                .get_or_create(&vec![("event".into(), label(&kind))])
                 .inc_by(n);
         }
         let bytes = Family::<Labels, Counter>::default();

@@ -5,6 +5,9 @@
 
 const CSRF = document.querySelector('meta[name="teia-csrf"]').content;
 const REFRESH_MS = 250;
+// What the page keeps of what events bring: search results, finished downloads.
+const RESULTS_KEPT = 500;
+const FINISHED_KEPT = 100;
 const SVG = "http://www.w3.org/2000/svg";
 const $ = (id) => document.getElementById(id);
 
@@ -97,7 +100,7 @@ function debounced(load) {
 // ---- views ----
 
 function show(view) {
-  if (!document.getElementById(view)) view = "network";
+  if (!Object.hasOwn(loaders, view)) view = "network";
   state.view = view;
   for (const tab of document.querySelectorAll('[role="tab"]')) {
     const selected = tab.dataset.view === view;
@@ -207,7 +210,14 @@ $("search").addEventListener("submit", async (event) => {
   drawResults();
 });
 
+// Keeps the last FINISHED_KEPT finished downloads (a Map iterates in insertion order).
+function forgetOldDownloads() {
+  const finished = [...state.downloads.values()].filter((d) => d.state);
+  for (const d of finished.slice(0, Math.max(0, finished.length - FINISHED_KEPT))) state.downloads.delete(d.hash);
+}
+
 function drawDownloads() {
+  forgetOldDownloads();
   $("downloads").tBodies[0].replaceChildren(...[...state.downloads.values()].map((d) => {
     const percent = d.size ? Math.floor((100 * d.bytes) / d.size) : 0;
     const done = d.state === "done";
@@ -380,10 +390,15 @@ function onEvent(event) {
   switch (event.event) {
     case "link_up": case "link_down": case "dial_gave_up": case "metrics":
       refresh.network(); break;
+    case "lagged":
+      refresh[state.view](); break;
     case "message": case "sent": case "ack": case "undelivered": case "relay":
       refresh.chat(); break;
     case "search_results":
-      for (const r of event.results) state.results.set(r.hash + r.holder, r);
+      for (const r of event.results || []) {
+        if (state.results.size >= RESULTS_KEPT) break;
+        state.results.set(r.hash + r.holder, r);
+      }
       drawResults(); break;
     case "download_progress":
       state.downloads.set(event.hash, event);
@@ -404,8 +419,6 @@ function onEvent(event) {
       refresh.files(); break;
     case "evaluation_changed":
       refresh.evaluations(); refresh.network(); break;
-    case "lagged":
-      refresh[state.view](); break;
     default: break;
   }
 }

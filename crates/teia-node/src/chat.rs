@@ -64,11 +64,8 @@ impl Chat {
     pub fn start(node: NodeHandle) -> (Self, Arc<ChatService>, mpsc::Receiver<ChatEvent>) {
         let (events, receiver) = mpsc::channel(EVENTS);
         let service = Arc::new(ChatService {
-            queue: Arc::new(Queue {
-                events,
-                dropped: AtomicU64::new(0),
-            }),
-            saying: Arc::new(tokio::sync::Mutex::new(())),
+            events,
+            dropped: AtomicU64::new(0),
         });
         let chat = Self {
             node,
@@ -79,11 +76,11 @@ impl Chat {
 
     /// Sends `payload` to `name@namespace` (acknowledged: its outcome comes as a
     /// [`ChatEvent::Outcome`]), `#namespace` or `*`; returns the message id. Every
-    /// interface hears of it as a [`ChatEvent::Sent`].
+    /// interface hears of it as a [`ChatEvent::Sent`], which its outcome may overtake (the
+    /// ACK of a neighbour can come back first).
     pub async fn say(&self, dst: &str, payload: Value) -> Result<String, NodeError> {
-        let _saying = self.service.saying.lock().await;
         let msg_id = self.node.send_for(SERVICE, dst, payload.clone()).await?;
-        self.service.queue.queue(ChatEvent::Sent {
+        self.service.queue(ChatEvent::Sent {
             msg_id: msg_id.clone(),
             dst: dst.to_owned(),
             payload,
@@ -100,19 +97,11 @@ impl Chat {
 
 /// The chat's side of the router: queues what comes for the interface.
 pub struct ChatService {
-    queue: Arc<Queue>,
-    /// Held by [`Chat::say`] from its SEND to its [`ChatEvent::Sent`]: the outcome of a
-    /// message, which can come back faster, is queued after it.
-    saying: Arc<tokio::sync::Mutex<()>>,
-}
-
-/// The events waiting for the interface.
-struct Queue {
     events: mpsc::Sender<ChatEvent>,
     dropped: AtomicU64,
 }
 
-impl Queue {
+impl ChatService {
     /// Queues `event` at once (so lines keep their order), or drops it when the interface
     /// lags [`EVENTS`] behind.
     fn queue(&self, event: ChatEvent) {
@@ -132,15 +121,12 @@ impl Queue {
 
 impl Service for ChatService {
     fn on_message(&self, message: ServiceMessage) -> Handling {
-        self.queue.queue(ChatEvent::Message(message));
+        self.queue(ChatEvent::Message(message));
         Box::pin(async {})
     }
 
     fn on_outcome(&self, outcome: SendOutcome) -> Handling {
-        let (queue, saying) = (Arc::clone(&self.queue), Arc::clone(&self.saying));
-        Box::pin(async move {
-            let _said = saying.lock().await;
-            queue.queue(ChatEvent::Outcome(outcome));
-        })
+        self.queue(ChatEvent::Outcome(outcome));
+        Box::pin(async {})
     }
 }

@@ -45,8 +45,42 @@ fn raw(
     (status, head.to_lowercase(), body.to_owned())
 }
 
-fn delete(addr: &str, path: &str) -> (u16, Value) {
-    http(addr, "DELETE", path, "text/plain", b"")
+/// A node's API as a program with its token calls it.
+struct Api {
+    addr: String,
+    bearer: String,
+}
+
+impl Api {
+    fn of(node: &NodeProcess, addr: &str) -> Self {
+        Self {
+            addr: addr.to_owned(),
+            bearer: format!("Bearer {}", teia_token(node.data_dir())),
+        }
+    }
+
+    /// One request, with a JSON body if given; the status and the answer as JSON.
+    fn call(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        let body = body.map(Value::to_string).unwrap_or_default();
+        let headers = [
+            ("Authorization", self.bearer.as_str()),
+            ("Content-Type", "application/json"),
+        ];
+        let (status, _, text) = raw(&self.addr, method, path, &headers, &body);
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    fn get(&self, path: &str) -> (u16, Value) {
+        self.call("GET", path, None)
+    }
+
+    fn post(&self, path: &str, body: &Value) -> (u16, Value) {
+        self.call("POST", path, Some(body))
+    }
+
+    fn delete(&self, path: &str) -> (u16, Value) {
+        self.call("DELETE", path, None)
+    }
 }
 
 /// A folder with a 3 MB file and a file whose name is HTML.
@@ -59,13 +93,15 @@ fn shared_folder(dir: &Path) -> PathBuf {
     share
 }
 
-/// The `/events` stream of `addr`, read on a thread: each event's JSON as it comes. Returns
+/// The `/events` stream of `api`, read on a thread: each event's JSON as it comes. Returns
 /// once the stream's head came (the node sends it subscribed).
-fn events(addr: &str) -> Stream {
+fn events(api: &Api) -> Stream {
+    let addr = &api.addr;
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     write!(
         stream,
-        "GET /events HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n\r\n"
+        "GET /events HTTP/1.1\r\nHost: {addr}\r\nAuthorization: {}\r\nAccept: text/event-stream\r\n\r\n",
+        api.bearer
     )
     .unwrap();
     let mut reader = BufReader::new(stream);
@@ -122,8 +158,9 @@ impl Stream {
     }
 }
 
-/// Every route of the services' API, with curl's requests (a local program needs no
-/// token), and the token's rules for a browser.
+/// Every route of the services' API, as a program with the node's token calls them (even
+/// on the node's machine: only the course's routes go without it), and the token's rules
+/// for a browser.
 #[test]
 fn every_route_of_the_services_api_answers() {
     let dir = tempfile::tempdir().unwrap();
@@ -148,15 +185,22 @@ fn every_route_of_the_services_api_answers() {
         ],
     );
     ana.wait_link(&bob.peer_id);
-    let mut live = events(&ana_http);
+    let (ana_api, bob_api) = (Api::of(&ana, &ana_http), Api::of(&bob, &bob_http));
+    // A program of this machine without the token: the course's routes, not the others.
+    assert_eq!(get(&ana_http, "/stats").0, 200);
+    for path in ["/api/peers", "/api/chat", "/events", "/metrics", "/"] {
+        let (status, answer) = get(&ana_http, path);
+        assert_eq!(status, 401, "{path}: {answer}");
+    }
+    let mut live = events(&ana_api);
 
-    let (status, node) = get(&ana_http, "/api/node");
+    let (status, node) = ana_api.get("/api/node");
     assert_eq!(
         (status, node["peer_id"].as_str()),
         (200, Some("ana@api")),
         "{node}"
     );
-    let (status, peers) = get(&ana_http, "/api/peers");
+    let (status, peers) = ana_api.get("/api/peers");
     assert_eq!(status, 200, "{peers}");
     let link = peers["links"]
         .as_array()
@@ -170,7 +214,7 @@ fn every_route_of_the_services_api_answers() {
     );
 
     // Chat: sent, delivered, kept; bad input is a 4xx.
-    let (status, sent) = post_json(&ana_http, "/api/chat", &json!({"to":"bob@api","text":"oi"}));
+    let (status, sent) = ana_api.post("/api/chat", &json!({"to":"bob@api","text":"oi"}));
     assert_eq!(status, 201, "{sent}");
     let msg_id = sent["msg_id"].as_str().unwrap().to_owned();
     live.find("the sent event", |e| {
@@ -178,7 +222,7 @@ fn every_route_of_the_services_api_answers() {
     });
     live.find("the ack", |e| e["event"] == "ack" && e["msg_id"] == msg_id);
     bob.wait_message(&msg_id);
-    let (_, history) = get(&ana_http, "/api/chat");
+    let (_, history) = ana_api.get("/api/chat");
     let entry = history
         .as_array()
         .unwrap()
@@ -186,7 +230,7 @@ fn every_route_of_the_services_api_answers() {
         .find(|e| e["msg_id"] == msg_id.as_str())
         .unwrap_or_else(|| panic!("{history}"));
     assert_eq!(entry["state"], "delivered", "{entry}");
-    let (_, bob_history) = get(&bob_http, "/api/chat");
+    let (_, bob_history) = bob_api.get("/api/chat");
     assert!(
         bob_history
             .as_array()
@@ -201,12 +245,12 @@ fn every_route_of_the_services_api_answers() {
         (json!({"to":"bob@api","text":"x".repeat(20_000)}), 413),
         (json!({"text":"x"}), 422),
     ] {
-        let (status, answer) = post_json(&ana_http, "/api/chat", &body);
+        let (status, answer) = ana_api.post("/api/chat", &body);
         assert_eq!(status, expected, "{answer}");
     }
 
     // Shares: listed, added, removed.
-    let (status, shares) = get(&bob_http, "/api/shares");
+    let (status, shares) = bob_api.get("/api/shares");
     assert_eq!(
         (status, shares["file_count"].as_u64()),
         (200, Some(2)),
@@ -215,35 +259,28 @@ fn every_route_of_the_services_api_answers() {
     let extra = dir.path().join("extra");
     std::fs::create_dir_all(&extra).unwrap();
     std::fs::write(extra.join("notes.txt"), "notes\n").unwrap();
-    let (status, added) = post_json(
-        &ana_http,
-        "/api/shares",
-        &json!({"path": extra.to_str().unwrap()}),
-    );
+    let (status, added) = ana_api.post("/api/shares", &json!({"path": extra.to_str().unwrap()}));
     assert_eq!((status, added["files"].as_u64()), (201, Some(1)), "{added}");
     let path = extra.canonicalize().unwrap();
-    let (status, _) = delete(
-        &ana_http,
-        &format!("/api/shares?path={}", path.to_str().unwrap()),
-    );
+    let (status, _) = ana_api.delete(&format!("/api/shares?path={}", path.to_str().unwrap()));
     assert_eq!(status, 204);
-    let (status, _) = delete(&ana_http, "/api/shares?path=/no/such/folder");
+    let (status, _) = ana_api.delete("/api/shares?path=/no/such/folder");
     assert_eq!(status, 404);
-    let (status, answer) = post_json(&ana_http, "/api/shares", &json!({"path":"/no/such"}));
+    let (status, answer) = ana_api.post("/api/shares", &json!({"path":"/no/such"}));
     assert_eq!(status, 400, "{answer}");
 
     // Search, then get under `--approve ask`: bob approves from his API.
-    let (status, answer) = post_json(&ana_http, "/api/search", &json!({"text":"big"}));
+    let (status, answer) = ana_api.post("/api/search", &json!({"text":"big"}));
     assert_eq!(status, 200, "{answer}");
     let hit = live.find("search results", |e| e["event"] == "search_results");
     let hash = hit["results"][0]["hash"].as_str().unwrap().to_owned();
-    let (status, answer) = post_json(&ana_http, "/api/search", &json!({"text":""}));
+    let (status, answer) = ana_api.post("/api/search", &json!({"text":""}));
     assert_eq!(status, 400, "{answer}");
-    let (status, started) = post_json(&ana_http, "/api/downloads", &json!({"target": hash}));
+    let (status, started) = ana_api.post("/api/downloads", &json!({"target": hash}));
     assert_eq!(status, 202, "{started}");
     let deadline = Instant::now() + PATIENCE;
     let request = loop {
-        let (status, pending) = get(&bob_http, "/api/approvals");
+        let (status, pending) = bob_api.get("/api/approvals");
         assert_eq!(status, 200, "{pending}");
         if let Some(first) = pending.as_array().unwrap().first() {
             break first.clone();
@@ -251,7 +288,7 @@ fn every_route_of_the_services_api_answers() {
         assert!(
             Instant::now() < deadline,
             "no approval request at bob; ana's downloads {:?}\nana's log:\n{}\nbob's log:\n{}",
-            get(&ana_http, "/api/downloads").1,
+            ana_api.get("/api/downloads").1,
             ana.process.lines().join("\n"),
             bob.process.lines().join("\n")
         );
@@ -261,7 +298,7 @@ fn every_route_of_the_services_api_answers() {
         (request["peer"].as_str(), request["hash"].as_str()),
         (Some("ana@api"), Some(hash.as_str()))
     );
-    let (status, downloads) = get(&ana_http, "/api/downloads");
+    let (status, downloads) = ana_api.get("/api/downloads");
     assert_eq!(status, 200, "{downloads}");
     assert!(
         downloads
@@ -272,34 +309,28 @@ fn every_route_of_the_services_api_answers() {
         "{downloads}"
     );
     let id = request["id"].as_u64().unwrap();
-    let (status, answered) = post_json(
-        &bob_http,
-        &format!("/api/approvals/{id}"),
-        &json!({"allow": true}),
-    );
+    let (status, answered) = bob_api.post(&format!("/api/approvals/{id}"), &json!({"allow": true}));
     assert_eq!(status, 200, "{answered}");
     live.find("the download's end", |e| {
         e["event"] == "download_done" && e["hash"] == hash.as_str()
     });
-    let (status, _) = post_json(
-        &bob_http,
-        &format!("/api/approvals/{id}"),
-        &json!({"allow": true}),
-    );
+    let (status, _) = bob_api.post(&format!("/api/approvals/{id}"), &json!({"allow": true}));
     assert_eq!(status, 404, "answered twice");
-    let (status, _) = post_json(
-        &ana_http,
-        "/api/downloads",
-        &json!({"target":"nothing found"}),
-    );
+    let (status, _) = ana_api.post("/api/downloads", &json!({"target":"nothing found"}));
     assert_eq!(status, 400);
-    let (status, _) = delete(&ana_http, "/api/downloads/zz");
+    let (status, _) = ana_api.delete("/api/downloads/zz");
     assert_eq!(status, 400);
-    let (status, _) = delete(&ana_http, &format!("/api/downloads/{}", "ab".repeat(32)));
+    let (status, _) = ana_api.delete(&format!("/api/downloads/{}", "ab".repeat(32)));
     assert_eq!(status, 404);
 
     // Metrics, in Prometheus' text format.
-    let (status, head, text) = raw(&ana_http, "GET", "/metrics", &[], "");
+    let (status, head, text) = raw(
+        &ana_http,
+        "GET",
+        "/metrics",
+        &[("Authorization", &ana_api.bearer)],
+        "",
+    );
     assert_eq!(status, 200, "{text}");
     assert!(
         head.contains("content-type: application/openmetrics-text"),
@@ -324,12 +355,28 @@ fn every_route_of_the_services_api_answers() {
     let token = teia_token(ana.data_dir());
     let (status, head, _) = raw(&ana_http, "GET", &format!("/?token={token}"), &browser, "");
     assert_eq!(status, 303, "{head}");
+    assert!(head.contains("\r\nlocation: /\r\n"), "{head}");
     let port = ana_http.rsplit(':').next().unwrap();
-    let cookie = format!("teia_token_{port}={token}");
+    let set = head
+        .lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .unwrap_or_else(|| panic!("no cookie: {head}"));
+    let cookie = set.split(';').next().unwrap().to_owned();
+    let (name, session) = cookie.split_once('=').unwrap();
+    assert_eq!(name, format!("teia_session_{port}"));
     assert!(
-        head.contains(&format!("set-cookie: {cookie}; httponly; samesite=strict")),
-        "{head}"
+        session.len() == 64 && session != token,
+        "the cookie is not the token"
     );
+    assert!(
+        set.ends_with("; httponly; samesite=strict; path=/"),
+        "{set}"
+    );
+    // The link answers a program (no browser) with no cookie; the wrong token, none either.
+    let (status, _, _) = raw(&ana_http, "GET", &format!("/stats?token={token}"), &[], "");
+    assert_eq!(status, 200);
+    let (status, _, _) = raw(&ana_http, "GET", "/?token=00", &browser, "");
+    assert_eq!(status, 403);
     let with_cookie = [
         ("Sec-Fetch-Site", "same-origin"),
         ("Cookie", cookie.as_str()),
@@ -374,7 +421,7 @@ fn every_route_of_the_services_api_answers() {
         say,
     );
     assert_eq!(status, 201, "{body}");
-    let wrong = format!("teia_token_{port}={}", "0".repeat(64));
+    let wrong = format!("teia_session_{port}={token}");
     let (status, _, _) = raw(
         &ana_http,
         "GET",

@@ -64,8 +64,8 @@ try {
   const ana = await open(anaLink);
   check(!ana.page.url().includes("token="), `the address keeps the token: ${ana.page.url()}`);
   const cookies = await ana.context.cookies();
-  const cookie = cookies.find((c) => c.name.startsWith("teia_token_"));
-  check(cookie && cookie.httpOnly && cookie.sameSite === "Strict", `cookie ${JSON.stringify(cookie)}`);
+  const cookie = cookies.find((c) => c.name.startsWith("teia_session_"));
+  check(cookie && cookie.httpOnly && cookie.sameSite === "Strict" && cookie.expires === -1 && !anaLink.includes(cookie.value), `cookie ${JSON.stringify(cookie)}`);
   await ana.page.waitForSelector("#live.on");
   ok("logged_in_live");
 

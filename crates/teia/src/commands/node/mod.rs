@@ -352,50 +352,65 @@ struct Feeds {
 
 /// Publishes every event of `feeds` to the web as `--json` shows it (the chat's, file
 /// sharing's and the node's own), then hands it on, in order, to the interface: the feeds
-/// returned, bounded as the ones given.
-fn publish(mut feeds: Feeds, live: Arc<teia_http::live::Live>) -> Feeds {
-    use tokio::sync::mpsc::channel;
+/// returned, bounded as the ones given. Each feed has a task of its own, so one the
+/// interface is slow to read holds up only its own producer, as without the web: the
+/// node's events and file sharing's wait for room, the chat's are dropped when the
+/// interface lags (an unshown message is handed over again at the next start). A feed whose
+/// interface is gone is still read and published.
+fn publish(feeds: Feeds, live: Arc<teia_http::live::Live>) -> Feeds {
+    use tokio::sync::mpsc::{channel, Receiver, Sender};
+    fn forward<T: Send + 'static>(
+        mut from: Receiver<T>,
+        to: Sender<T>,
+        live: Arc<teia_http::live::Live>,
+        json: fn(&T) -> Option<serde_json::Value>,
+        wait_for_room: bool,
+    ) {
+        tokio::spawn(async move {
+            let mut to = Some(to);
+            while let Some(event) = from.recv().await {
+                if let Some(json) = json(&event) {
+                    live.publish(&json);
+                }
+                let Some(sender) = &to else { continue };
+                let gone = if wait_for_room {
+                    sender.send(event).await.is_err()
+                } else {
+                    matches!(
+                        sender.try_send(event),
+                        Err(tokio::sync::mpsc::error::TrySendError::Closed(_))
+                    )
+                };
+                if gone {
+                    to = None;
+                }
+            }
+        });
+    }
     let (node, node_out) = channel(teia_node::node::EVENTS);
     let (chat, chat_out) = channel(teia_node::chat::EVENTS);
     let (files, files_out) = channel(teia_files::service::EVENTS);
-    // A feed that ends ends its copy (the interface sees the end); a copy whose interface
-    // is gone is no longer fed.
-    async fn hand_on<T>(to: &mut Option<tokio::sync::mpsc::Sender<T>>, event: Option<T>) {
-        match (event, to.as_ref()) {
-            (Some(event), Some(sender)) => {
-                if sender.send(event).await.is_err() {
-                    *to = None;
-                }
-            }
-            _ => *to = None,
-        }
-    }
-    tokio::spawn(async move {
-        let (mut node, mut chat, mut files) = (Some(node), Some(chat), Some(files));
-        loop {
-            tokio::select! {
-                event = feeds.node.recv(), if node.is_some() => {
-                    if let Some(json) = event.as_ref().and_then(describe::event_json) {
-                        live.publish(&json);
-                    }
-                    hand_on(&mut node, event).await;
-                }
-                event = feeds.chat.recv(), if chat.is_some() => {
-                    if let Some(event) = &event {
-                        live.publish(&describe::describe_chat(event).0);
-                    }
-                    hand_on(&mut chat, event).await;
-                }
-                event = feeds.files.recv(), if files.is_some() => {
-                    if let Some(event) = &event {
-                        live.publish(&crate::commands::files::describe(event).0);
-                    }
-                    hand_on(&mut files, event).await;
-                }
-                else => return,
-            }
-        }
-    });
+    forward(
+        feeds.node,
+        node,
+        Arc::clone(&live),
+        describe::event_json,
+        true,
+    );
+    forward(
+        feeds.chat,
+        chat,
+        Arc::clone(&live),
+        |event| Some(describe::describe_chat(event).0),
+        false,
+    );
+    forward(
+        feeds.files,
+        files,
+        live,
+        |event| Some(crate::commands::files::describe(event).0),
+        true,
+    );
     Feeds {
         node: node_out,
         chat: chat_out,

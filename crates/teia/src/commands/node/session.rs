@@ -18,7 +18,10 @@ use tokio::sync::mpsc;
 use crate::chat::{self, ChatCommand};
 use crate::commands::{files, shutdown_signal};
 use crate::logging::LogControl;
-use crate::present::{clean, fmt_rtt};
+use crate::present::{clean, fmt_rtt, short};
+
+/// Messages said in this session remembered until their chat `Sent` comes back.
+const SAID_HERE_KEPT: usize = 256;
 
 use super::describe::{describe, describe_chat};
 use super::{resolve, Feeds, Services, Style, INPUT_LINES};
@@ -54,6 +57,7 @@ pub(super) async fn lines(
         watching: false,
         registered: false,
         connected: std::collections::HashSet::new(),
+        said_here: std::collections::VecDeque::new(),
         http: services.http,
         print: Box::new(|line: String| {
             let mut out = std::io::stdout().lock();
@@ -144,6 +148,7 @@ pub(super) async fn shell(
         watching: false,
         registered: false,
         connected: std::collections::HashSet::new(),
+        said_here: std::collections::VecDeque::new(),
         http: services.http,
         bars: Some(files::ShellBars::new(Arc::new({
             let printer = Arc::clone(&printer);
@@ -200,6 +205,9 @@ struct Session {
     /// again); at most one per link.
     connected: std::collections::HashSet<String>,
     print: Box<dyn FnMut(String) + Send>,
+    /// Messages this session said and showed, whose chat `Sent` is not shown again (at most
+    /// [`SAID_HERE_KEPT`]).
+    said_here: std::collections::VecDeque<String>,
     /// Where the HTTP API answers and the dashboard's link, said after the node's `ready`.
     http: Option<super::jobs::HttpFacts>,
 }
@@ -246,9 +254,18 @@ impl Session {
     async fn execute(&mut self, command: ChatCommand) -> anyhow::Result<()> {
         match command {
             ChatCommand::Msg { dst, text } | ChatCommand::Pub { dst, text } => {
-                // The chat tells every interface, this one included (`ChatEvent::Sent`).
+                // Said here before its outcome can be shown; the chat's `Sent` of it, for
+                // the other interfaces, is not shown again.
                 let dst = self.destination(dst).await?;
-                self.chat.say(&dst, Value::String(text)).await?;
+                let msg_id = self.chat.say(&dst, Value::String(text)).await?;
+                self.emit(
+                    json!({"event":"sent","msg_id":msg_id,"dst":dst}),
+                    format!("… sent to {dst} ({})", short(&msg_id)),
+                );
+                if self.said_here.len() >= SAID_HERE_KEPT {
+                    self.said_here.pop_front();
+                }
+                self.said_here.push_back(msg_id);
             }
             ChatCommand::Connect(target) => {
                 let addr = match target.parse::<SocketAddr>() {
@@ -539,6 +556,12 @@ impl Session {
     /// Shows a chat event; a direct message is then marked shown, so a restart does not
     /// hand it over again.
     async fn show_chat(&mut self, event: &ChatEvent) {
+        if let ChatEvent::Sent { msg_id, .. } = event {
+            if let Some(at) = self.said_here.iter().position(|id| id == msg_id) {
+                self.said_here.remove(at);
+                return;
+            }
+        }
         let (json, text) = describe_chat(event);
         self.emit(json, text);
         if let ChatEvent::Message(message) = event {
