@@ -55,6 +55,29 @@ fn fetch(addr: &str, path: &str, cookie: &str) -> anyhow::Result<Vec<u8>> {
     Ok(answer)
 }
 
+/// Opens the dashboard's link as a browser does; the session's cookie (`name=value`).
+fn log_in(addr: &str, token: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(addr)?;
+    write!(
+        stream,
+        "GET /?token={token} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nSec-Fetch-Site: none\r\n\r\n"
+    )?;
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer)?;
+    answer
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase().starts_with("set-cookie: ").then(|| {
+                l["set-cookie: ".len()..]
+                    .split(';')
+                    .next()
+                    .unwrap_or("")
+                    .to_owned()
+            })
+        })
+        .context("the dashboard's link set no cookie")
+}
+
 /// A server that answers each path of `answers` with its bytes, and closes.
 fn reference(answers: Vec<(String, Vec<u8>)>) -> anyhow::Result<String> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -126,8 +149,7 @@ fn measure_in(args: &Args, teia: &std::path::Path, dir: &std::path::Path) -> any
     let node = Node::start(teia, dir, "web", None, &["--http", "127.0.0.1:0"])?;
     let token = std::fs::read_to_string(dir.join("http-token"))
         .context("no http-token in the node's data directory")?;
-    let port = node.http.rsplit(':').next().unwrap_or_default();
-    let cookie = format!("teia_token_{port}={}", token.trim());
+    let cookie = log_in(&node.http, token.trim())?;
 
     // The same answers, from memory.
     let mut answers = Vec::new();
@@ -166,8 +188,9 @@ fn measure_in(args: &Args, teia: &std::path::Path, dir: &std::path::Path) -> any
     let mut events = TcpStream::connect(&node.http)?;
     write!(
         events,
-        "GET /events HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
-        node.http
+        "GET /events HTTP/1.1\r\nHost: {}\r\nAuthorization: Bearer {}\r\nAccept: text/event-stream\r\n\r\n",
+        node.http,
+        token.trim()
     )?;
     let mut events = BufReader::new(events);
     let mut line = String::new();
@@ -184,8 +207,9 @@ fn measure_in(args: &Args, teia: &std::path::Path, dir: &std::path::Path) -> any
         let mut post = TcpStream::connect(&node.http)?;
         write!(
             post,
-            "POST /api/chat HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            "POST /api/chat HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAuthorization: Bearer {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
             node.http,
+            token.trim(),
             body.len()
         )?;
         let needle = format!("\"payload\":\"m{n}\"");
