@@ -425,6 +425,38 @@ pub(crate) async fn publish_evaluations(
     }
 }
 
+/// Time between two looks at the script jobs' count of changes.
+pub const JOBS_LOOKED_EVERY: Duration = Duration::from_millis(500);
+
+/// Publishes `{"event":"jobs_changed","queued":N,"running":N}` when the script jobs
+/// changed (a job queued, leased, done or given back), looking every
+/// [`JOBS_LOOKED_EVERY`] at the queue's count of changes (in memory), and once more a look
+/// later (a job's result is stored just after the queue counts it done), until the node
+/// stops.
+pub(crate) async fn publish_jobs(
+    master: teia_jobs::master::MasterHandle,
+    live: Arc<Live>,
+    mut stopping: watch::Receiver<bool>,
+) {
+    let mut seen = master.changes();
+    let mut again = false;
+    let mut ticker = tokio::time::interval(JOBS_LOOKED_EVERY);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => {}
+            _ = stopping.changed() => return,
+        }
+        let now = master.changes();
+        let changed = now != seen;
+        if changed || again {
+            seen = now;
+            live.publish(&json!({"event": "jobs_changed", "queued": master.waiting(),
+                                 "running": master.running()}));
+        }
+        again = changed;
+    }
+}
+
 async fn events(State(state): State<ApiState>) -> Response {
     let stream = event_stream(state.services.live.subscribe(), state.stopping.clone());
     Sse::new(stream)

@@ -2,7 +2,7 @@
 //! POST a form to `http://127.0.0.1:PORT/evaluation` (no preflight for a multipart form) or,
 //! by DNS rebinding, read answers under another `Host`. Every route needs the node's token
 //! (`Authorization: Bearer TOKEN`), except a request that only a program on this machine
-//! makes to one of the course's routes ([`COURSE_ROUTES`]): from a loopback address, to a
+//! makes outside the node's services ([`SERVICE_ROUTES`]): from a loopback address, to a
 //! loopback `Host`, with no `Origin` and no `Sec-Fetch-*` header (a browser sends those; so
 //! the course statement's `curl -X POST http://127.0.0.1:PORT/evaluation -F
 //! file=@all_projects.zip` works as written, and a browser always needs the token). The
@@ -36,9 +36,15 @@ pub const TOKEN_FILE: &str = "http-token";
 /// The header a dashboard's request that changes something carries.
 pub const CSRF_HEADER: &str = "x-teia-csrf";
 
-/// The routes a program on this machine may call without the token (seed 000's and seed
-/// 001's, as their course statements use them), by path prefix.
-pub const COURSE_ROUTES: [&str; 4] = ["/evaluation", "/stats", "/network", "/jobs"];
+/// The node's services and the dashboard, by path prefix (and `/` itself): even a program
+/// on this machine needs the token for them. The rest (seed 000's and seed 001's routes, as
+/// their course statements use them) it may call without.
+pub const SERVICE_ROUTES: [&str; 4] = ["/api/", "/events", "/metrics", "/app."];
+
+/// Whether `path` is one of the node's services or the dashboard.
+fn service_route(path: &str) -> bool {
+    path == "/" || SERVICE_ROUTES.iter().any(|route| path.starts_with(route))
+}
 
 /// What the guard checks requests against.
 pub(crate) struct Keys {
@@ -221,9 +227,7 @@ pub(crate) async fn require_token(
         return logged_in;
     }
     let headers = request.headers();
-    let course_route = COURSE_ROUTES
-        .iter()
-        .any(|route| request.uri().path().starts_with(route));
+    let course_route = !service_route(request.uri().path());
     if has_token(headers, &keys.token) || (course_route && local_program(peer, headers)) {
         return next.run(request).await;
     }

@@ -145,6 +145,13 @@ pub async fn serve(
             std::sync::Arc::clone(&node.live),
             stopping.clone(),
         ));
+        if let Some(master) = &app.master {
+            tokio::spawn(api::publish_jobs(
+                master.clone(),
+                std::sync::Arc::clone(&node.live),
+                stopping.clone(),
+            ));
+        }
         router = router.merge(api::routes(node, stopping));
     }
     let router = router

@@ -340,13 +340,6 @@ async function loadEvaluation(id) {
   box.hidden = false;
 }
 
-// Reloads the jobs' list once a second while a job is queued or running and the view is
-// shown (script jobs have no event of their own yet; evaluations do).
-const timers = {};
-function later(view, running, load) {
-  clearTimeout(timers[view]);
-  if (running && state.view === view) timers[view] = setTimeout(() => load().catch(() => {}), 1000);
-}
 
 // ---- jobs ----
 
@@ -366,7 +359,6 @@ async function loadJobs() {
     el("button", { type: "button", class: "link", onclick: () => { state.openJob = j.id; loadJobs(); } }, j.id),
     ` ${j.status}${j.worker ? ` on ${j.worker}` : ""}`)));
   if (state.openJob !== null) await loadJob(state.openJob);
-  later("jobs", list.queued + list.running > 0, loadJobs);
 }
 
 async function loadJob(id) {
@@ -419,6 +411,8 @@ function onEvent(event) {
       refresh.files(); break;
     case "evaluation_changed":
       refresh.evaluations(); refresh.network(); break;
+    case "jobs_changed":
+      refresh.jobs(); break;
     default: break;
   }
 }

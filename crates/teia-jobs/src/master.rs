@@ -402,6 +402,12 @@ impl MasterHandle {
         u32::try_from(lock(&self.0).counts().1).unwrap_or(u32::MAX)
     }
 
+    /// Changes to the tasks so far (added, leased, done, given back): compare with the last
+    /// seen to know whether the jobs changed.
+    pub fn changes(&self) -> u64 {
+        lock(&self.0).changes()
+    }
+
     /// Tasks waiting for a worker.
     pub fn waiting(&self) -> u32 {
         u32::try_from(lock(&self.0).counts().0).unwrap_or(u32::MAX)

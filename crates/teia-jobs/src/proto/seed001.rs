@@ -402,6 +402,8 @@ pub struct Master {
     workers: HashMap<WorkerKey, Worker>,
     /// Times each task waiting or leased failed to run (none when it never did).
     failures: HashMap<String, u32>,
+    /// Changes to the tasks so far (added, leased, done, given back, failed, expired).
+    changes: u64,
 }
 
 /// Bytes of a task's ZIP a course worker can be handed: base64 makes 4 bytes of 3, and the
@@ -432,7 +434,14 @@ impl Master {
             size,
             attempts: 0,
         });
+        self.changes += 1;
         true
+    }
+
+    /// Changes to the tasks so far: one who follows the tasks compares it with the last
+    /// seen.
+    pub fn changes(&self) -> u64 {
+        self.changes
     }
 
     /// Tasks waiting and leased.
@@ -503,6 +512,7 @@ impl Master {
         let position = self.waiting.iter().position(|t| t.size <= max_size)?;
         let mut task = self.waiting.remove(position)?;
         task.attempts += 1;
+        self.changes += 1;
         self.leased.insert(task.name.clone(), task.clone());
         if let Some(known) = self.workers.get_mut(worker) {
             known.lease = Some((task.name.clone(), now + LEASE));
@@ -562,6 +572,7 @@ impl Master {
         };
         self.names.remove(&held);
         self.failures.remove(&held);
+        self.changes += 1;
         if let Some(known) = self.workers.get_mut(worker) {
             known.lease = None;
             known.delivered = Some(held);
@@ -577,6 +588,7 @@ impl Master {
         let Some(task) = held.and_then(|(name, _)| self.leased.remove(&name)) else {
             return Failed::Unmatched;
         };
+        self.changes += 1;
         let count = self.failures.entry(task.name.clone()).or_default();
         *count += 1;
         if *count >= MAX_FAILURES {
@@ -605,6 +617,7 @@ impl Master {
         let (name, _) = self.workers.remove(worker)?.lease?;
         let task = self.leased.remove(&name)?;
         self.waiting.push_front(task);
+        self.changes += 1;
         Some(name)
     }
 
@@ -626,6 +639,7 @@ impl Master {
         for name in &taken {
             if let Some(task) = self.leased.remove(name) {
                 self.waiting.push_front(task);
+                self.changes += 1;
             }
         }
         taken
@@ -1210,6 +1224,31 @@ mod tests {
         );
         assert_eq!(master.give_back(&y), None, "nothing held after its result");
         assert_eq!(master.counts(), (1, 0));
+    }
+
+    #[test]
+    fn every_change_to_the_tasks_is_counted_and_nothing_else() {
+        let now = Instant::now();
+        let w = WorkerKey::teia("w");
+        let mut master = Master::default();
+        assert!(master.add("a.zip", 10));
+        assert!(!master.add("a.zip", 10), "already there");
+        assert_eq!(master.changes(), 1);
+        master.request(&w, now, u64::MAX).unwrap();
+        master.request(&w, now, u64::MAX).unwrap();
+        master.renew(&w, now);
+        assert_eq!(
+            master.changes(),
+            2,
+            "asking again for the task held changes nothing"
+        );
+        assert_eq!(master.give_back(&w), Some("a.zip".into()));
+        master.request(&w, now, u64::MAX).unwrap();
+        assert!(matches!(
+            master.submit(&w, None, now),
+            Ok(Submitted::Done(_))
+        ));
+        assert_eq!(master.changes(), 5);
     }
 
     #[test]
