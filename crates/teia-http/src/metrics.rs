@@ -82,6 +82,30 @@ pub(crate) async fn metrics(State(app): State<App>) -> Response {
                 rtt,
             );
             registry.register("link_lines", "Lines written and read on each link", lines);
+            for (name, help, value) in [
+                (
+                    "link_queues_bytes",
+                    "Bytes in all links' write queues",
+                    snapshot.queued_bytes,
+                ),
+                (
+                    "link_queues_bytes_max",
+                    "Bytes all links' write queues may hold",
+                    teia_node::node::TOTAL_QUEUE_BYTES,
+                ),
+                (
+                    "link_queue_fullest_bytes",
+                    "Bytes in the fullest link's write queue",
+                    snapshot.fullest_queue_bytes,
+                ),
+                (
+                    "link_queue_bytes_max",
+                    "Bytes one link's write queue may hold",
+                    teia_node::node::LINK_QUEUE_BYTES,
+                ),
+            ] {
+                gauge(&mut registry, name, help, count(value));
+            }
             gauge(
                 &mut registry,
                 "known_peers",

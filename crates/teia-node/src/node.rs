@@ -203,6 +203,10 @@ pub struct Snapshot {
     pub pins: Vec<(String, PublicKey)>,
     /// Our public key.
     pub key: Option<PublicKey>,
+    /// Bytes in all links' write queues (bounded by [`TOTAL_QUEUE_BYTES`]).
+    pub queued_bytes: usize,
+    /// Bytes in the fullest link's write queue (bounded by [`LINK_QUEUE_BYTES`]).
+    pub fullest_queue_bytes: usize,
 }
 
 enum Command {
@@ -1561,6 +1565,13 @@ impl Driver {
                     counters: self.node.counters(),
                     pins: self.node.pins(),
                     key: self.node.public_key(),
+                    queued_bytes: self.queued_total.load(Ordering::Relaxed),
+                    fullest_queue_bytes: self
+                        .links
+                        .values()
+                        .map(|tasks| tasks.shared.queued.load(Ordering::Relaxed))
+                        .max()
+                        .unwrap_or(0),
                 });
             }
             Command::Trust {

@@ -343,6 +343,7 @@ fn every_route_of_the_services_api_answers() {
         "teia_lines_sent_total ",
         "teia_service_bytes_total{service=\"files\",direction=\"in\"} 3000000",
         "teia_sandbox_failures_total 0",
+        "teia_link_queue_bytes_max 1048576",
     ] {
         assert!(text.contains(series), "no {series} in:\n{text}");
     }

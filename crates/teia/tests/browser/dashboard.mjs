@@ -182,13 +182,16 @@ try {
   await shot(ana.page, "jobs");
   ok("job_stdout_shown");
 
-  // 8. At a phone's width every view fits; the tabs are reachable from the keyboard.
-  await ana.page.setViewportSize({ width: 375, height: 740 });
-  for (const name of ["network", "chat", "files", "evaluations", "jobs"]) {
-    await view(ana.page, name);
-    const width = await ana.page.evaluate(() => document.documentElement.scrollWidth);
-    check(width <= 375, `${name} is ${width} px wide at 375`);
-    await shot(ana.page, `${name}-375`);
+  // 8. At a phone's width and at a wide screen's every view fits; the tabs are reachable
+  // from the keyboard.
+  for (const width of [1920, 375]) {
+    await ana.page.setViewportSize({ width, height: width === 375 ? 740 : 1080 });
+    for (const name of ["network", "chat", "files", "evaluations", "jobs"]) {
+      await view(ana.page, name);
+      const wide = await ana.page.evaluate(() => document.documentElement.scrollWidth);
+      check(wide <= width, `${name} is ${wide} px wide at ${width}`);
+      await shot(ana.page, `${name}-${width}`);
+    }
   }
   await ana.page.focus("#tab-jobs");
   await ana.page.keyboard.press("ArrowRight");
