@@ -450,18 +450,6 @@ fn teia_token(data_dir: &Path) -> String {
         .to_owned()
 }
 
-/// A ZIP at `path` of (name, content) entries, written by Python's zipfile.
-fn zip_files(path: &Path, files: &[(&str, &str)]) {
-    let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nfor i in range(2, len(sys.argv), 2):\n    z.writestr(sys.argv[i], sys.argv[i + 1])\nz.close()";
-    let status = Command::new("python3")
-        .args(["-c", script])
-        .arg(path)
-        .args(files.iter().flat_map(|(name, content)| [name, content]))
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// The dashboard in a real browser, against three linked nodes: the network graph, a chat
 /// message from one page to the other page and to a terminal node, a file searched and
 /// fetched with its progress bar, an evaluation dropped on the page and graded, a job's

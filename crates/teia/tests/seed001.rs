@@ -42,18 +42,6 @@ fn zip_task(path: &Path, main: &str, csv: &str) {
     zip_files(path, &[("main.py", main), ("input.csv", csv)]);
 }
 
-/// Writes a ZIP at `path` holding each (name, content) as given, names unchecked.
-fn zip_files(path: &Path, files: &[(&str, &str)]) {
-    let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nfor i in range(2, len(sys.argv), 2):\n    z.writestr(sys.argv[i], sys.argv[i + 1])\nz.close()";
-    let status = Command::new("python3")
-        .args(["-c", script])
-        .arg(path)
-        .args(files.iter().flat_map(|(name, content)| [name, content]))
-        .status()
-        .unwrap();
-    assert!(status.success());
-}
-
 /// Drops `count` script tasks `tNN.zip` into `dir`'s tasks folder (each made beside, then
 /// moved in whole): each sleeps `seconds` and prints `task N`, checked by
 /// [`assert_task_outputs`].

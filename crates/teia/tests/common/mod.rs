@@ -708,3 +708,16 @@ pub fn free_port() -> u16 {
         .unwrap()
         .port()
 }
+
+/// Writes a ZIP at `path` holding each (name, content) as given, names unchecked,
+/// written by Python's zipfile.
+pub fn zip_files(path: &Path, files: &[(&str, &str)]) {
+    let script = "import sys, zipfile\nz = zipfile.ZipFile(sys.argv[1], 'w')\nfor i in range(2, len(sys.argv), 2):\n    z.writestr(sys.argv[i], sys.argv[i + 1])\nz.close()";
+    let status = Command::new("python3")
+        .args(["-c", script])
+        .arg(path)
+        .args(files.iter().flat_map(|(name, content)| [name, content]))
+        .status()
+        .unwrap();
+    assert!(status.success());
+}
