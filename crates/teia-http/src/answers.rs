@@ -12,6 +12,7 @@ use serde::Serialize;
 use teia_jobs::engine::{NodeLoad, Totals};
 use teia_jobs::proto::ledger::{
     CachedFrom, EvalId, Evaluation, ModuleCounts, ModuleResult, ModuleState, TestCounts,
+    TestFailure,
 };
 
 /// A figure rounded to two decimals, as shown.
@@ -180,6 +181,10 @@ pub enum ModuleDetail {
         /// [`teia_jobs::proto::ledger::MAX_LISTED_TESTS`]).
         #[serde(skip_serializing_if = "Vec::is_empty")]
         failed_tests: Vec<String>,
+        /// Why they failed, or the module erred: the end of pytest's report of each
+        /// (within [`teia_jobs::proto::ledger::MAX_FAILURES_BYTES`]).
+        #[serde(skip_serializing_if = "Vec::is_empty")]
+        failures: Vec<TestFailure>,
         /// Those of them that passed when run again: flaky (they count as failed).
         #[serde(skip_serializing_if = "Vec::is_empty")]
         flaky: Vec<String>,
@@ -270,6 +275,7 @@ impl Detail {
                                 cached: result.cached.is_some(),
                                 cached_from: result.cached.clone(),
                                 failed_tests: result.failed_tests.clone(),
+                                failures: result.failures.clone(),
                                 flaky: result.flaky.clone(),
                                 rerun_on: result.rerun_on.clone(),
                             },

@@ -307,7 +307,13 @@ async function loadEvaluations() {
   if (state.openEval !== null) await loadEvaluation(state.openEval);
 }
 
-function moduleCell(m) {
+function moduleCell(path, m) {
+  const piece = path.match(/ \[(\d+)\/(\d+)\]$/);
+  const split = piece ? el("span", { class: "badge" }, `split: piece ${piece[1]} of ${piece[2]}`) : null;
+  return [...stateCell(m), ...(split ? [" ", split] : [])];
+}
+
+function stateCell(m) {
   switch (m.status) {
     case "done": {
       const tags = [];
@@ -322,6 +328,25 @@ function moduleCell(m) {
   }
 }
 
+// A done module's failed tests, each with the end of pytest's report of it when kept.
+function failuresOf(path, m) {
+  if (m.status !== "done") return null;
+  const why = new Map((m.failures || []).map((f) => [f.test, f.output]));
+  const tests = m.failed_tests || [];
+  // A piece of a split module (`path [i/k]`) says its module's errors under the module's path.
+  const file = path.replace(/ \[\d+\/\d+\]$/, "");
+  const ids = [...(why.has(file) ? [file] : []), ...tests];
+  if (!ids.length) return null;
+  const counted = m.failed + m.errors;
+  const title = `${path}: failed tests (${counted > tests.length ? `${tests.length} of ${counted} listed` : tests.length})`;
+  return el("details", { class: "failures", "data-failures": path, open: ids.length <= 8 ? "" : null },
+    el("summary", {}, title),
+    ...ids.map((id) => el("div", { class: "failure", "data-test": id },
+      el("code", {}, id === file ? `${file} (the module itself)` : id),
+      (m.flaky || []).includes(id) ? el("span", { class: "badge" }, "flaky") : null,
+      why.has(id) ? el("pre", {}, why.get(id)) : el("p", { class: "muted" }, "no output kept"))));
+}
+
 async function loadEvaluation(id) {
   const d = await api("GET", `/evaluation/${id}`);
   const box = $("eval-detail");
@@ -329,9 +354,8 @@ async function loadEvaluation(id) {
     el("h3", {}, `${name}: grade ${p.grade.toFixed(2)} (${p.tests.passed} passed, ${p.tests.failed + p.tests.errors} failed)`),
     el("div", { class: "scroll" }, el("table", {}, el("thead", {}, el("tr", {}, el("th", {}, "module"), el("th", {}, "state"))),
       el("tbody", {}, ...Object.entries(p.modules).map(([path, m]) => el("tr", { "data-module": path },
-        el("td", {}, path), el("td", {}, ...moduleCell(m))))))),
-    ...Object.values(p.modules).filter((m) => m.failed_tests && m.failed_tests.length).map((m) =>
-      el("details", { open: m.failed_tests.length <= 8 ? "" : null }, el("summary", {}, `failed tests (${m.failed_tests.length})`), el("pre", {}, m.failed_tests.join("\n"))))));
+        el("td", {}, path), el("td", {}, ...moduleCell(path, m))))))),
+    ...Object.entries(p.modules).map(([path, m]) => failuresOf(path, m)).filter((f) => f)));
   box.replaceChildren(...present(el("h2", {}, `Evaluation #${d.id}: ${d.status}`),
     el("p", {}, `grade ${d.grade.toFixed(2)} · ${d.percent_passed.toFixed(1)} % passed · ${d.modules.executed} modules done, ${d.modules.running} running, ${d.modules.pending} pending · ${d.elapsed_seconds.toFixed(1)} s`),
     d.error ? el("p", { class: "error" }, d.error) : null,

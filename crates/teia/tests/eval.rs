@@ -1233,12 +1233,18 @@ fn a_test_that_fails_then_passes_when_run_again_is_reported_flaky() {
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&status.stdout);
-    assert!(said.contains("flaky"), "{said}");
+    let (failed, flaky) = said
+        .split_once("\nflaky: ")
+        .unwrap_or_else(|| panic!("{said}"));
     assert!(
-        said.contains(&format!("shaky: {module}::test_flaky")),
+        flaky.contains(&format!("shaky: {module}::test_flaky")),
         "{said}"
     );
-    assert!(!said.contains("test_real[2]"), "{said}");
+    assert!(!flaky.contains("test_real[2]"), "{said}");
+    assert!(
+        failed.contains(&format!("shaky: {module}::test_real[2]: assert 2 == 1")),
+        "{said}"
+    );
 
     let (status, created) = post_file(&addr, "/evaluation?cache=false&rerun_failures=0", &zip);
     assert_eq!(status, 201, "{created}");
@@ -1270,6 +1276,13 @@ fn failed_tests_run_again_on_another_node_of_the_cluster() {
     );
     let reran = shaky["rerun_on"][0].as_str().unwrap();
     assert_ne!(reran, shaky["node"].as_str().unwrap(), "{detail}");
+    let real = serde_json::json!("tests/test_shaky.py::test_real[2]");
+    let why = shaky["failures"]
+        .as_array()
+        .and_then(|all| all.iter().find(|f| f["test"] == real))
+        .and_then(|f| f["output"].as_str())
+        .unwrap_or_else(|| panic!("{detail}"));
+    assert!(why.contains("assert 2 == 1"), "{detail}");
 }
 
 /// The result cache and the modules' durations are the cluster's: a node that replicated

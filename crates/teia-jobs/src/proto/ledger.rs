@@ -67,6 +67,79 @@ pub fn list_test(list: &mut Vec<String>, module: &str, test: &str) -> bool {
     true
 }
 
+/// Bytes of a failed test's output kept at most: its end, where pytest says what failed
+/// and where; a longer output is cut at its start.
+pub const MAX_FAILURE_OUTPUT_BYTES: usize = 1024;
+
+/// Bytes a result's failed tests' outputs take at most, as JSON: past it, further failed
+/// tests are listed (in [`ModuleResult::failed_tests`]) without their output.
+pub const MAX_FAILURES_BYTES: usize = 8 * 1024;
+
+/// Why a test (or its module) failed: the end of pytest's report of it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestFailure {
+    /// The test's node id, or the module's path for an error of the module itself (it
+    /// could not be collected, crashed or timed out).
+    pub test: String,
+    /// The end of its report (at most [`MAX_FAILURE_OUTPUT_BYTES`]).
+    pub output: String,
+}
+
+/// The last `max` bytes of `text` at most, starting on a character.
+pub fn tail(text: &str, max: usize) -> &str {
+    let start = text.len().saturating_sub(max);
+    let start = (start..text.len())
+        .find(|&i| text.is_char_boundary(i))
+        .unwrap_or(text.len());
+    &text[start..]
+}
+
+/// Adds why `test` failed to `failures` when `test` is `module` itself or listed among
+/// `failed_tests`, has no output there yet, and the outputs stay within
+/// [`MAX_FAILURES_BYTES`]; the output is cut to its end ([`MAX_FAILURE_OUTPUT_BYTES`]).
+/// False if not added.
+pub fn list_failure(
+    failures: &mut Vec<TestFailure>,
+    module: &str,
+    failed_tests: &[String],
+    test: &str,
+    output: &str,
+) -> bool {
+    let bytes = |f: &TestFailure| serde_json::to_string(f).map_or(usize::MAX, |j| j.len() + 1);
+    let failure = TestFailure {
+        test: test.to_owned(),
+        output: tail(output, MAX_FAILURE_OUTPUT_BYTES).to_owned(),
+    };
+    let used: usize = failures.iter().map(bytes).sum();
+    if !(test == module || failed_tests.iter().any(|t| t == test))
+        || failures.iter().any(|f| f.test == test)
+        || used.saturating_add(bytes(&failure)) > MAX_FAILURES_BYTES
+    {
+        return false;
+    }
+    failures.push(failure);
+    true
+}
+
+/// `failures` kept as [`list_failure`] keeps them, in order.
+fn listed_failures(
+    module: &str,
+    failed_tests: &[String],
+    failures: &[TestFailure],
+) -> Vec<TestFailure> {
+    let mut list = Vec::new();
+    for failure in failures {
+        list_failure(
+            &mut list,
+            module,
+            failed_tests,
+            &failure.test,
+            &failure.output,
+        );
+    }
+    list
+}
+
 /// `tests` kept as [`list_test`] keeps them, in order.
 fn listed(module: &str, tests: &[String]) -> Vec<String> {
     let mut list = Vec::new();
@@ -234,6 +307,10 @@ pub struct ModuleResult {
     /// Tests that failed or errored, by node id (at most [`MAX_LISTED_TESTS`]).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failed_tests: Vec<String>,
+    /// Why its failed tests failed, or its module erred, as pytest reported it (within
+    /// [`MAX_FAILURES_BYTES`]; [`list_failure`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failures: Vec<TestFailure>,
     /// Tests that passed, by node id: listed only by a run of selected tests (a rerun).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub passed_tests: Vec<String>,
@@ -404,8 +481,8 @@ pub struct Project {
 
 impl Project {
     /// The result of module `path`, which was split, joined from its pieces' once every
-    /// piece is done: their counts and seconds added, their failed and flaky tests listed
-    /// together (within [`MAX_LISTED_TESTS`]), run by the first piece's node, `pieces_by`
+    /// piece is done: their counts and seconds added, their failed and flaky tests (and
+    /// why they failed) listed together (within [`MAX_LISTED_TESTS`]), run by the first piece's node, `pieces_by`
     /// naming every piece's. None while a piece is not done, and when one was reused,
     /// disputed, or ran in another environment than the first (or in none said).
     pub fn joined_pieces(&self, path: &str) -> Option<ModuleResult> {
@@ -437,6 +514,15 @@ impl Project {
             whole.seconds += result.seconds;
             for test in &result.failed_tests {
                 list_test(&mut whole.failed_tests, path, test);
+            }
+            for failure in &result.failures {
+                list_failure(
+                    &mut whole.failures,
+                    path,
+                    &whole.failed_tests,
+                    &failure.test,
+                    &failure.output,
+                );
             }
             for test in &result.flaky {
                 list_test(&mut whole.flaky, path, test);
@@ -1047,6 +1133,7 @@ impl Ledger {
         // What a worker lists is kept within bounds; only the owner names flaky tests.
         result.failed_tests = listed(lease.path(), &result.failed_tests);
         result.passed_tests = listed(lease.path(), &result.passed_tests);
+        result.failures = listed_failures(lease.path(), &result.failed_tests, &result.failures);
         result.flaky.clear();
         result.rerun_on.clear();
         let seconds = result.seconds;
@@ -1748,6 +1835,89 @@ mod tests {
         let mut ledger = Ledger::default();
         ledger.submit(1, "o", 0, vec![project("p", &[])]);
         assert_eq!(ledger.get(1).unwrap().status(), "failed");
+    }
+
+    /// Why a test failed is kept for a listed failed test or the module itself, once,
+    /// cut to its end, within the bytes of all outputs; a worker's result keeps only such.
+    #[test]
+    fn why_tests_failed_is_kept_within_bounds() {
+        let module = "tests/test_f.py";
+        let listed = [format!("{module}::test_a"), format!("{module}::test_b")];
+        let mut failures = Vec::new();
+        let long = format!(
+            "é{}\nE   assert 1 == 2",
+            "x".repeat(2 * MAX_FAILURE_OUTPUT_BYTES)
+        );
+        assert!(list_failure(
+            &mut failures,
+            module,
+            &listed,
+            &listed[0],
+            &long
+        ));
+        assert!(failures[0].output.len() <= MAX_FAILURE_OUTPUT_BYTES);
+        assert!(failures[0].output.ends_with("assert 1 == 2"));
+        assert!(!list_failure(
+            &mut failures,
+            module,
+            &listed,
+            &listed[0],
+            "again"
+        ));
+        assert!(!list_failure(
+            &mut failures,
+            module,
+            &listed,
+            "tests/test_f.py::test_z",
+            "not listed"
+        ));
+        assert!(list_failure(
+            &mut failures,
+            module,
+            &listed,
+            module,
+            "SyntaxError"
+        ));
+        let many: Vec<String> = (0..MAX_LISTED_TESTS)
+            .map(|i| format!("{module}::t{i}"))
+            .collect();
+        let mut full = Vec::new();
+        for test in &many {
+            list_failure(&mut full, module, &many, test, &long);
+        }
+        let bytes = serde_json::to_string(&full).unwrap().len();
+        assert!(
+            full.len() < many.len() && bytes <= MAX_FAILURES_BYTES,
+            "{} {bytes}",
+            full.len()
+        );
+
+        let mut ledger = Ledger::default();
+        ledger.submit(1, "o", 0, vec![project("p", &[(module, 2)])]);
+        let lease = ledger.lease("o", "a", 0, 1000, 0).unwrap();
+        let mut result = failing(module, 0, &["test_a"], "a");
+        result.failures = vec![
+            TestFailure {
+                test: listed[0].clone(),
+                output: long.clone(),
+            },
+            TestFailure {
+                test: listed[1].clone(),
+                output: "not among its failed tests".into(),
+            },
+            TestFailure {
+                test: module.into(),
+                output: "timed out".into(),
+            },
+        ];
+        ledger.complete_or_verify(&lease, "a", result, 0, false, "o", false);
+        let ModuleState::Done(done) = &ledger.get(1).unwrap().projects["p"].modules[module].state
+        else {
+            panic!("not done");
+        };
+        let kept: Vec<&str> = done.failures.iter().map(|f| f.test.as_str()).collect();
+        assert_eq!(kept, [listed[0].as_str(), module]);
+        assert!(done.failures[0].output.len() <= MAX_FAILURE_OUTPUT_BYTES);
     }
 
     fn failing(module: &str, passed: u32, failed: &[&str], node: &str) -> ModuleResult {

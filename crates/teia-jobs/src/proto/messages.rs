@@ -187,4 +187,54 @@ mod tests {
         assert_ne!(proof("s", "a@x", &one), proof("t", "a@x", &one));
         assert_ne!(proof("s", "a@x", &one), proof("s", "a@x", &two));
     }
+
+    /// A result with every list full (a rerun's selection, its failed and passed tests and
+    /// why they failed) still fits in one signed line of the overlay, its envelope beside.
+    #[test]
+    fn the_largest_result_fits_in_a_line() {
+        use crate::proto::ledger::{
+            list_failure, list_test, TestFailure, MAX_FAILURE_OUTPUT_BYTES, MAX_LISTED_TESTS,
+            MAX_TEST_ID_BYTES,
+        };
+        let module = "tests/test_m.py";
+        let mut tests = Vec::new();
+        for i in 0..MAX_LISTED_TESTS {
+            let id = format!("{module}::t{i}_{}", "\"".repeat(MAX_TEST_ID_BYTES));
+            list_test(&mut tests, module, &id[..MAX_TEST_ID_BYTES]);
+            list_test(&mut tests, module, &format!("{module}::t{i}"));
+        }
+        let mut failures: Vec<TestFailure> = Vec::new();
+        for test in &tests {
+            let why = "\u{1}".repeat(MAX_FAILURE_OUTPUT_BYTES);
+            list_failure(&mut failures, module, &tests, test, &why);
+        }
+        assert!(!failures.is_empty());
+        let lease = Lease {
+            eval: u64::MAX,
+            project: "p".repeat(255),
+            blob: "b".repeat(64),
+            module: module.into(),
+            attempt: u32::MAX,
+            selection: tests.clone(),
+            piece: None,
+        };
+        let result = ModuleResult {
+            node: "n".repeat(255),
+            failed_tests: tests.clone(),
+            passed_tests: tests,
+            failures,
+            profile: vec![u32::MAX; 15],
+            environment: Some("e".repeat(64)),
+            ..ModuleResult::default()
+        };
+        let message = JobMessage::TaskResult {
+            lease,
+            result: Box::new(result),
+        };
+        let bytes = serde_json::to_string(&payload(&message)).unwrap().len();
+        assert!(
+            bytes + 4096 <= teia_wire::codec::MAX_LINE,
+            "{bytes} bytes leave too little room"
+        );
+    }
 }

@@ -27,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 
 #[cfg(doc)]
 use crate::proto::ledger::Piece;
-use crate::proto::ledger::{list_test, ModuleResult};
+use crate::proto::ledger::{list_failure, list_test, tail, ModuleResult, MAX_FAILURE_OUTPUT_BYTES};
 
 /// The pytest plugin that reports each test as it ends, what was collected (and whether
 /// the module may be split: no class- or module-scoped fixture, no `teia_no_split` mark),
@@ -47,6 +47,13 @@ _durations = {}
 
 def _write(kind, outcome, nodeid, **more):
     _out.write(json.dumps(dict(kind=kind, outcome=outcome, nodeid=nodeid, **more)) + "\n")
+
+def _why(report):
+    # The end of pytest's report of a failure: where, and what was asserted.
+    try:
+        return str(report.longreprtext)[-4096:]
+    except Exception:
+        return ""
 
 def pytest_configure(config):
     config.addinivalue_line(
@@ -82,7 +89,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_collectreport(report):
     if report.failed and (not _shard or _shard.startswith(("0:", "1/"))):
-        _write("collect", "error", report.nodeid)
+        _write("collect", "error", report.nodeid, output=_why(report))
 
 def pytest_sessionfinish(session):
     total = sum(_durations.get(nodeid, 0.0) for nodeid in _order)
@@ -102,12 +109,13 @@ def pytest_runtest_logreport(report):
         # As pytest's summary counts them: a failed subtest is a failure, a passed one
         # is not a test.
         if report.failed:
-            _write("call", "failed", report.nodeid)
+            _write("call", "failed", report.nodeid, output=_why(report))
         return
     if report.when == "call":
-        _write("call", "skipped" if report.skipped else report.outcome, report.nodeid)
+        outcome = "skipped" if report.skipped else report.outcome
+        _write("call", outcome, report.nodeid, output=_why(report) if report.failed else "")
     elif report.failed:
-        _write(report.when, "error", report.nodeid)
+        _write(report.when, "error", report.nodeid, output=_why(report))
     elif report.skipped and report.when == "setup":
         _write("setup", "skipped", report.nodeid)
 "#;
@@ -274,6 +282,9 @@ struct Report {
     /// The tests' durations in short (a `profile` line).
     #[serde(default)]
     cuts: Vec<u32>,
+    /// The end of pytest's report of a failure or error.
+    #[serde(default)]
+    output: String,
 }
 
 /// pytest's arguments after the module.
@@ -573,20 +584,31 @@ impl Runner {
                 }
                 _ => None,
             };
+            let failed = !matches!(report.outcome.as_str(), "passed" | "skipped");
             if let Some(list) = listed {
                 list_test(list, module, &report.nodeid);
+            }
+            if failed {
+                let id = if report.kind == "collect" {
+                    module
+                } else {
+                    &report.nodeid
+                };
+                list_failure(
+                    &mut result.failures,
+                    module,
+                    &result.failed_tests,
+                    id,
+                    &report.output,
+                );
             }
         }
         let counted = result.passed + result.failed + result.errors + result.skipped;
         let crashed = counted == 0 && selected != Some(0) && !output.contains("no tests ran");
         if crashed && !timed_out {
-            let start = output.len().saturating_sub(2048);
-            let start = (start..output.len())
-                .find(|&i| output.is_char_boundary(i))
-                .unwrap_or(output.len());
             tracing::warn!(
                 module,
-                output = output.get(start..).unwrap_or_default(),
+                output = tail(&output, 2048),
                 "module ended before reporting any test"
             );
         }
@@ -594,6 +616,19 @@ impl Runner {
             // Killed at its timeout, or crashed before any report: the test it was in counts
             // as one error.
             result.errors += 1;
+            let why = if timed_out {
+                format!(
+                    "killed at its timeout of {} s; its output ended with:\n{}",
+                    self.limits.timeout.as_secs(),
+                    tail(&output, MAX_FAILURE_OUTPUT_BYTES / 2)
+                )
+            } else {
+                format!(
+                    "ended before reporting any test; its output ended with:\n{}",
+                    tail(&output, MAX_FAILURE_OUTPUT_BYTES / 2)
+                )
+            };
+            list_failure(&mut result.failures, module, &[], module, &why);
         }
         Ok(Outcome {
             result,
@@ -985,7 +1020,8 @@ mod tests {
     }
 
     /// A run lists the tests that failed or errored by node id (parametrised ones
-    /// included); a run of selected tests, forked warm or started cold, runs those alone
+    /// included), each with the end of pytest's report of it, and a module that cannot be
+    /// collected says why; a run of selected tests, forked warm or started cold, runs those alone
     /// and lists those that passed too; what is not a test of the module is not run.
     #[tokio::test]
     async fn failed_tests_are_listed_and_a_selection_runs_only_them() {
@@ -997,6 +1033,7 @@ mod tests {
             "test_sel.py",
             "import pytest\n\n@pytest.mark.parametrize('n', [1, 2, 3])\ndef test_p(n):\n    assert n != 2\n\ndef test_ok():\n    pass\n\ndef test_no():\n    assert False\n",
         );
+        project(&src, "test_broken.py", "def test_x(:\n    pass\n");
         let module = "tests/test_sel.py";
         let (warm, cold) = warm_and_cold(&dir.path().join("runner"), python, Isolation::Limits);
         for (name, runner) in [("warm", &warm), ("cold", &cold)] {
@@ -1021,6 +1058,37 @@ mod tests {
             assert!(
                 r.passed_tests.is_empty(),
                 "{name}: passed listed only for a selection"
+            );
+            let why: Vec<(&str, &str)> = r
+                .failures
+                .iter()
+                .map(|f| (f.test.as_str(), f.output.as_str()))
+                .collect();
+            assert!(
+                matches!(why[..], [(p, p_why), (no, no_why)]
+                    if p == r.failed_tests[0] && p_why.contains("assert 2 != 2")
+                        && no == r.failed_tests[1] && no_why.contains("assert False")),
+                "{name}: {why:?}"
+            );
+            let broken = runner
+                .run_module(
+                    &src,
+                    "tests/test_broken.py",
+                    &[],
+                    None,
+                    &dir.path().join(format!("{name}-broken")),
+                    "n",
+                )
+                .await
+                .unwrap();
+            let why = &broken.result.failures;
+            assert!(
+                broken.result.errors == 1
+                    && why.len() == 1
+                    && why[0].test == "tests/test_broken.py"
+                    && why[0].output.contains("SyntaxError"),
+                "{name}: {why:?} {}",
+                broken.output
             );
             let selection = [
                 format!("{module}::test_p[2]"),
@@ -1264,6 +1332,13 @@ mod tests {
             (1, 1),
             "{}",
             hang.output
+        );
+        let why = &hang.result.failures;
+        assert!(
+            why.len() == 1
+                && why[0].test == "tests/test_hang.py"
+                && why[0].output.starts_with("killed at its timeout of 4 s"),
+            "{why:?}"
         );
         lock_freed(&work.join("project").join("outlives.lock"), &hang.output).await;
     }

@@ -550,6 +550,84 @@ async fn follow(node: &str, id: u64, json_output: bool) -> anyhow::Result<Value>
     }
 }
 
+/// Characters of a failure's reason printed at most.
+const REASON_CHARS: usize = 160;
+
+/// Each failed test (or erring module) by project, with its reason in a line: pytest's
+/// `E` lines, else the last line of its report.
+fn print_failures(body: &Value) {
+    let mut lines = Vec::new();
+    for (name, project) in at(body, "projects").as_object().into_iter().flatten() {
+        for (path, module) in at(project, "modules").as_object().into_iter().flatten() {
+            let failures = at(module, "failures")
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let why = |test: &str| {
+                failures
+                    .iter()
+                    .find(|f| at(f, "test") == test)
+                    .and_then(|f| at(f, "output").as_str())
+                    .map(reason)
+            };
+            let module_error = why(path).map(|r| (format!("{path} (the module)"), Some(r)));
+            let tests = at(module, "failed_tests")
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let tests = tests
+                .iter()
+                .filter_map(Value::as_str)
+                .map(|test| (test.to_owned(), why(test)));
+            for (test, reason) in module_error.into_iter().chain(tests) {
+                let reason = reason.map(|r| format!(": {r}")).unwrap_or_default();
+                lines.push(format!(
+                    "  {}: {}{}",
+                    crate::present::clean(name),
+                    crate::present::clean(&test),
+                    crate::present::clean(&reason)
+                ));
+            }
+        }
+    }
+    if !lines.is_empty() {
+        println!(
+            "failed (pytest's report of each: `teia eval status {} --json`, or the dashboard):",
+            at(body, "id")
+        );
+        for line in lines {
+            println!("{line}");
+        }
+    }
+}
+
+/// A failure's reason in a line: its `E` lines joined, else the last line of its report,
+/// at most [`REASON_CHARS`].
+fn reason(output: &str) -> String {
+    let asserted: Vec<&str> = output
+        .lines()
+        .filter_map(|line| line.strip_prefix("E "))
+        .map(str::trim)
+        .filter(|line| !line.is_empty())
+        .collect();
+    let said = if asserted.is_empty() {
+        output
+            .lines()
+            .rev()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("")
+            .to_owned()
+    } else {
+        asserted.join(" ")
+    };
+    let mut cut: String = said.chars().take(REASON_CHARS).collect();
+    if cut.len() < said.len() {
+        cut.push('…');
+    }
+    cut
+}
+
 /// A table of the projects' results and the grade.
 fn print_report(body: &Value) {
     println!(
@@ -588,6 +666,7 @@ fn print_report(body: &Value) {
             "{cached} module(s) reused from earlier runs of the same files (--no-cache runs all)"
         );
     }
+    print_failures(body);
     let flaky: Vec<(&String, &Value)> = at(body, "projects")
         .as_object()
         .into_iter()

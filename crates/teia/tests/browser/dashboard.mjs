@@ -169,6 +169,11 @@ try {
   const grades = await ana.page.evaluate(() => [...document.querySelectorAll("#eval-detail .project h3")].map((h) => h.textContent));
   check(grades.some((g) => g.startsWith("good: grade 20.00")), `grades ${grades}`);
   check(grades.some((g) => g.startsWith("half: grade 10.00")), `grades ${grades}`);
+  const why = await ana.page.evaluate(() => {
+    const failure = document.querySelector('#eval-detail [data-test="tests/test_half.py::test_wrong"] pre');
+    return failure ? failure.textContent : "";
+  });
+  check(why.includes("assert 1 == 2"), `the failed test's output: ${JSON.stringify(why)}`);
   await shot(ana.page, "evaluations");
   ok("evaluation_dropped_and_graded");
 
