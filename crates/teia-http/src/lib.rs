@@ -14,6 +14,7 @@
 pub mod answers;
 pub mod api;
 pub mod guard;
+pub mod history;
 pub mod limits;
 pub mod live;
 mod metrics;

@@ -7,8 +7,8 @@
 //! [`MAX_EVENT_BYTES`] at most (a longer one goes out cut to its kind and ids, with
 //! `"cut": true`: the page reloads what it names), so 16 MiB at most; a stream further
 //! behind skips what it missed and is told so with a `{"event":"lagged","missed":N}` event
-//! (the page then reloads its views). [`CHAT_KEPT`] chat entries are kept, in memory, the oldest
-//! forgotten first; texts longer than [`CHAT_TEXT_KEPT`] bytes are cut. Counters are kept for
+//! (the page then reloads its views). [`CHAT_KEPT`] chat entries are kept, in memory (and,
+//! given a [`ChatHistory`], on disk for the next start), the oldest forgotten first; texts longer than [`CHAT_TEXT_KEPT`] bytes are cut. Counters are kept for
 //! [`EVENT_KINDS_COUNTED`] kinds of event at most (others count as `other`). An outcome that
 //! comes before its message's `sent` (the ACK can beat it) waits for it among the last
 //! [`EARLY_OUTCOMES_KEPT`].
@@ -20,6 +20,8 @@ use serde::Serialize;
 use serde_json::Value;
 use teia_node::sync::lock;
 use tokio::sync::broadcast;
+
+use crate::history::ChatHistory;
 
 /// Events buffered for the slowest `/events` stream.
 pub const EVENTS_BUFFERED: usize = 512;
@@ -33,6 +35,28 @@ pub const CHAT_TEXT_KEPT: usize = 4096;
 pub const EVENT_KINDS_COUNTED: usize = 64;
 /// Outcomes kept until their message's `sent` comes.
 pub const EARLY_OUTCOMES_KEPT: usize = 64;
+
+/// The states a chat entry can be in ([`ChatEntry::state`]).
+pub const CHAT_STATES: &[&str] = &[
+    "received",
+    "sent",
+    "relayed",
+    "delivered",
+    "failed",
+    "published",
+];
+
+/// `text` cut to [`CHAT_TEXT_KEPT`] bytes, on a character.
+pub(crate) fn cut_text(mut text: String) -> String {
+    if text.len() > CHAT_TEXT_KEPT {
+        let mut cut = CHAT_TEXT_KEPT;
+        while !text.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        text.truncate(cut);
+    }
+    text
+}
 
 /// One message of the conversation, as the dashboard shows it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -64,7 +88,10 @@ pub struct Live {
 
 #[derive(Default)]
 struct LiveState {
-    chat: VecDeque<ChatEntry>,
+    /// The conversation, each entry with its sequence number (the history's key).
+    chat: VecDeque<(u64, ChatEntry)>,
+    next_seq: u64,
+    history: Option<ChatHistory>,
     /// Outcomes (kind, event) whose `sent` has not come yet.
     early: VecDeque<(String, Value)>,
     counted: BTreeMap<String, u64>,
@@ -74,16 +101,39 @@ struct LiveState {
 }
 
 impl Live {
-    /// A hub for the node `peer_id`, with no event yet.
+    /// A hub for the node `peer_id`, with no event yet and its chat in memory only.
     pub fn new(peer_id: &str) -> Arc<Self> {
+        Self::with_history(peer_id, None)
+    }
+
+    /// A hub for the node `peer_id` whose chat starts with what `history` kept and keeps
+    /// each change there ([`ChatHistory::open`]).
+    pub fn with_history(
+        peer_id: &str,
+        history: Option<(ChatHistory, Vec<(u64, ChatEntry)>)>,
+    ) -> Arc<Self> {
         let (events, _) = broadcast::channel(EVENTS_BUFFERED);
+        let (history, kept) = history.map_or((None, Vec::new()), |(h, kept)| (Some(h), kept));
+        let next_seq = kept.last().map_or(0, |(seq, _)| seq.saturating_add(1));
+        let start = kept.len().saturating_sub(CHAT_KEPT);
         Arc::new(Self {
             events,
             state: Mutex::new(LiveState {
+                chat: kept.into_iter().skip(start).collect(),
+                next_seq,
+                history,
                 peer_id: peer_id.to_owned(),
                 ..LiveState::default()
             }),
         })
+    }
+
+    /// Chat writes the history dropped since the start (its disk was behind).
+    pub fn history_dropped(&self) -> u64 {
+        lock(&self.state)
+            .history
+            .as_ref()
+            .map_or(0, ChatHistory::dropped)
     }
 
     /// Publishes `event` (a JSON object with an `event` field, as `--json` prints it) to
@@ -149,7 +199,11 @@ impl Live {
 
     /// The conversation kept, oldest first.
     pub fn chat(&self) -> Vec<ChatEntry> {
-        lock(&self.state).chat.iter().cloned().collect()
+        lock(&self.state)
+            .chat
+            .iter()
+            .map(|(_, entry)| entry.clone())
+            .collect()
     }
 
     /// Bytes each service moved since the start, by (service, direction): file sharing's
@@ -185,17 +239,10 @@ impl LiveState {
         match kind {
             "message" | "sent" => {
                 let payload = event.get("payload").cloned().unwrap_or(Value::Null);
-                let mut said = match payload {
+                let said = cut_text(match payload {
                     Value::String(said) => said,
                     other => other.to_string(),
-                };
-                if said.len() > CHAT_TEXT_KEPT {
-                    let mut cut = CHAT_TEXT_KEPT;
-                    while !said.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    said.truncate(cut);
-                }
+                });
                 let dst = text("dst");
                 let (direction, src, state) = if kind == "message" {
                     ("in", text("src"), "received")
@@ -207,7 +254,7 @@ impl LiveState {
                 if self.chat.len() >= CHAT_KEPT {
                     self.chat.pop_front();
                 }
-                self.chat.push_back(ChatEntry {
+                let entry = ChatEntry {
                     msg_id: msg_id.clone(),
                     direction,
                     src,
@@ -216,7 +263,13 @@ impl LiveState {
                     state,
                     detail: None,
                     at_ms: unix_ms(),
-                });
+                };
+                let seq = self.next_seq;
+                self.next_seq = seq.saturating_add(1);
+                if let Some(history) = &self.history {
+                    history.keep(seq, &entry);
+                }
+                self.chat.push_back((seq, entry));
                 if direction == "out" {
                     let early: Vec<(String, Value)> = self
                         .early
@@ -232,11 +285,11 @@ impl LiveState {
                 }
             }
             "ack" | "undelivered" | "relay" => {
-                let Some(entry) = self
+                let Some((seq, entry)) = self
                     .chat
                     .iter_mut()
                     .rev()
-                    .find(|e| e.direction == "out" && e.msg_id == msg_id)
+                    .find(|(_, e)| e.direction == "out" && e.msg_id == msg_id)
                 else {
                     if self.early.len() >= EARLY_OUTCOMES_KEPT {
                         self.early.pop_front();
@@ -257,7 +310,10 @@ impl LiveState {
                         entry.state = "relayed";
                         entry.detail = Some(text("via"));
                     }
-                    _ => {}
+                    _ => return,
+                }
+                if let Some(history) = &self.history {
+                    history.keep(*seq, entry);
                 }
             }
             _ => {}

@@ -238,6 +238,12 @@ pub(crate) async fn metrics(State(app): State<App>) -> Response {
             "Events buffered for the slowest /events stream",
             count(crate::live::EVENTS_BUFFERED),
         );
+        counter(
+            &mut registry,
+            "chat_history_dropped",
+            "Chat entries shown but not kept on disk for the next start (the disk was behind)",
+            services.live.history_dropped(),
+        );
     }
     let totals = app.engine.totals();
     counter(

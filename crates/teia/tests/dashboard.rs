@@ -442,6 +442,83 @@ fn every_route_of_the_services_api_answers() {
     assert_eq!(status, 200);
 }
 
+/// The dashboard's chat survives the node's `kill -9`: a message delivered before it is
+/// there after the restart, with its state, and new ones follow it.
+#[test]
+fn the_chat_history_survives_a_kill_9() {
+    let (ana, ana_http) = http_node("ana", "hist", &[]);
+    let (bob, _bob_http) = http_node("bob", "hist", &["--peer", &ana.addr()]);
+    ana.wait_link(&bob.peer_id);
+    let api = Api::of(&ana, &ana_http);
+    let (status, sent) = api.post("/api/chat", &json!({"to":"bob@hist","text":"kept?"}));
+    assert_eq!(status, 201, "{sent}");
+    let msg_id = sent["msg_id"].as_str().unwrap().to_owned();
+    ana.wait_ack(&msg_id);
+    // The history's thread commits on its own time: wait until the file says delivered.
+    let file = ana.data_dir().join("nodes").join("ana@hist.chat.sqlite3");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let state: Option<String> = rusqlite::Connection::open(&file).ok().and_then(|db| {
+            db.query_row(
+                "SELECT state FROM chat WHERE msg_id = ?1",
+                [&msg_id],
+                |row| row.get(0),
+            )
+            .ok()
+        });
+        if state.as_deref() == Some("delivered") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "not kept: {state:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let data = ana.kill9();
+    let again = NodeProcess::start_in(
+        data,
+        "ana",
+        "hist",
+        &["--http", "127.0.0.1:0", "--peer", &bob.addr()],
+    );
+    let listening = again.wait_event("http_listening", |e| e["event"] == "http_listening");
+    let again_http = listening["addr"].as_str().unwrap().to_owned();
+    let api = Api::of(&again, &again_http);
+    let (status, history) = api.get("/api/chat");
+    assert_eq!(status, 200, "{history}");
+    let entry = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["msg_id"] == msg_id.as_str())
+        .unwrap_or_else(|| panic!("lost in the restart: {history}"));
+    assert_eq!(
+        (entry["state"].as_str(), entry["text"].as_str()),
+        (Some("delivered"), Some("kept?")),
+        "{entry}"
+    );
+    again.wait_link(&bob.peer_id);
+    let (status, later) = api.post("/api/chat", &json!({"to":"*","text":"after"}));
+    assert_eq!(status, 201, "{later}");
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, history) = api.get("/api/chat");
+        let said: Vec<&str> = history
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e["text"].as_str())
+            .collect();
+        if said.len() > 1 {
+            assert_eq!(said, ["kept?", "after"], "{history}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new message never came: {history}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// The node's token, as `teia token` prints it.
 fn teia_token(data_dir: &Path) -> String {
     std::fs::read_to_string(data_dir.join("http-token"))

@@ -180,7 +180,14 @@ async fn serve(
     };
     let (files, files_events) = Files::start(files_config, handle.clone()).await?;
     let (chat, chat_service, chat_events) = Chat::start(handle.clone());
-    let live = teia_http::live::Live::new(&peer_id);
+    // With the dashboard, the chat's history is kept for the next start.
+    let history = args.http.as_ref().and_then(|_| {
+        let path = node_file(&data_dir, &peer_id, "chat.sqlite3");
+        teia_http::history::ChatHistory::open(&path)
+            .map_err(|e| tracing::warn!("{e}; the dashboard keeps this run's chat only"))
+            .ok()
+    });
+    let live = teia_http::live::Live::with_history(&peer_id, history);
     let node_services = teia_http::api::NodeServices {
         peer_id: peer_id.clone(),
         node: handle.clone(),
