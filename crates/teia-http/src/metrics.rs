@@ -82,6 +82,17 @@ pub(crate) async fn metrics(State(app): State<App>) -> Response {
                 rtt,
             );
             registry.register("link_lines", "Lines written and read on each link", lines);
+            let queues = Family::<Labels, Gauge>::default();
+            for (peer, bytes) in &snapshot.queue_bytes_by_peer {
+                queues
+                    .get_or_create(&vec![("peer".to_owned(), label(peer))])
+                    .set(count(*bytes));
+            }
+            registry.register(
+                "link_queue_bytes",
+                "Bytes in each link's write queue (bounded by teia_link_queue_bytes_max)",
+                queues,
+            );
             for (name, help, value) in [
                 (
                     "link_queues_bytes",
@@ -208,7 +219,9 @@ pub(crate) async fn metrics(State(app): State<App>) -> Response {
                 .inc_by(n);
         }
         let bytes = Family::<Labels, Counter>::default();
-        for ((service, direction), n) in services.live.bytes() {
+        let (jobs_in, jobs_out) = app.engine.transferred();
+        let jobs = [(("jobs", "in"), jobs_in), (("jobs", "out"), jobs_out)];
+        for ((service, direction), n) in services.live.bytes().into_iter().chain(jobs) {
             bytes
                 .get_or_create(&vec![
                     ("service".into(), service.into()),
@@ -218,7 +231,8 @@ pub(crate) async fn metrics(State(app): State<App>) -> Response {
         }
         registry.register(
             "service_bytes",
-            "Bytes each service moved: files served (out) and fetched (in), chat payloads",
+            "Bytes each service moved: files served (out) and fetched (in), chat payloads, \
+             the job engine's projects, ledgers, script tasks and results",
             bytes,
         );
         registry.register(

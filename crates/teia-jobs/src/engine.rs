@@ -196,6 +196,32 @@ pub struct Engine {
     clones: Arc<tokio::sync::Semaphore>,
     /// The tasks it started, stopped by [`Engine::shutdown`].
     pub(crate) tasks: Arc<TaskSet>,
+    /// Bytes its streams moved.
+    pub(crate) traffic: Arc<Traffic>,
+}
+
+/// Bytes the engine's `jobs` streams moved since the start: projects, ledgers, script
+/// tasks and their results.
+#[derive(Debug, Default)]
+pub(crate) struct Traffic {
+    /// Fetched from other nodes.
+    pub(crate) fetched: std::sync::atomic::AtomicU64,
+    /// Served to other nodes.
+    pub(crate) served: std::sync::atomic::AtomicU64,
+}
+
+impl Traffic {
+    /// Counts `bytes` fetched.
+    pub(crate) fn fetched(&self, bytes: u64) {
+        self.fetched
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Counts `bytes` served.
+    pub(crate) fn served(&self, bytes: u64) {
+        self.served
+            .fetch_add(bytes, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Fills the modules of evaluation `id` whose results the cache has (and `policy` lets
@@ -607,6 +633,7 @@ impl Engine {
             cluster,
             clones: Arc::new(tokio::sync::Semaphore::new(MAX_CLONES)),
             tasks: Arc::new(TaskSet::default()),
+            traffic: Arc::new(Traffic::default()),
         };
         engine.start_cluster();
         let warming = Arc::clone(&engine.runner);
@@ -1443,6 +1470,13 @@ impl Engine {
             totals.evaluations += 1;
         }
         totals
+    }
+
+    /// Bytes its `jobs` streams moved since the start (projects, ledgers, script tasks and
+    /// their results): (fetched, served).
+    pub fn transferred(&self) -> (u64, u64) {
+        let load = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+        (load(&self.traffic.fetched), load(&self.traffic.served))
     }
 
     /// Tasks whose sandbox could not be made since the start (they did not run).

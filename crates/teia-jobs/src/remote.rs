@@ -326,6 +326,7 @@ impl Engine {
             .await
             .map_err(TransferError::from)?;
         let bytes = read_sized(&mut stream).await?;
+        self.traffic.fetched(bytes.len() as u64);
         let evaluations: Vec<crate::proto::ledger::Evaluation> = serde_json::from_slice(&bytes)?;
         let blobs: Vec<String> = evaluations
             .iter()
@@ -625,7 +626,8 @@ impl Engine {
                 {
                     Ok(mut stream) if stream.peer_id() == source => {
                         match fetch_blob(&mut stream, &lease.blob, &packed, cluster.proof()).await {
-                            Ok(()) => {
+                            Ok(size) => {
+                                self.traffic.fetched(size);
                                 tracing::info!(from = %source, blob = %lease.blob, "project fetched");
                                 fetched = true;
                                 break 'sources;
@@ -742,7 +744,8 @@ impl Engine {
                 .await;
             return;
         };
-        if served.send(&mut stream).await.is_ok() {
+        if let Ok(size) = served.send(&mut stream).await {
+            self.traffic.served(size);
             stream.shutdown().await;
         }
     }
@@ -763,8 +766,8 @@ enum Served {
 }
 
 impl Served {
-    /// Writes `{"size":N}` and the N bytes.
-    async fn send(self, stream: &mut DataStream) -> Result<(), StreamError> {
+    /// Writes `{"size":N}` and the N bytes; returns N.
+    async fn send(self, stream: &mut DataStream) -> Result<u64, StreamError> {
         match self {
             Self::Bytes(bytes) => {
                 let head = format!("{{\"size\":{}}}\n", bytes.len());
@@ -772,14 +775,15 @@ impl Served {
                 for piece in bytes.chunks(SERVE_PIECE) {
                     stream.write_all(piece).await?;
                 }
+                Ok(bytes.len() as u64)
             }
             Self::File(mut file) => {
                 let size = file.metadata()?.len();
                 let head = format!("{{\"size\":{size}}}\n");
                 stream.write_all(head.as_bytes()).await?;
                 send_file(stream, &mut file, size).await?;
+                Ok(size)
             }
         }
-        Ok(())
     }
 }

@@ -18,7 +18,7 @@ use teia_node::stream::DataStream;
 use teia_node::stream::StreamError;
 
 use crate::cluster::Cluster;
-use crate::engine::Engine;
+use crate::engine::{Engine, Traffic};
 use crate::master::{MasterHandle, NotStored};
 use crate::proto::cluster::REMOTE_LEASE_MS;
 use crate::proto::seed001::Task;
@@ -166,7 +166,7 @@ impl Engine {
             return;
         };
         tracing::info!(task = %task.name, %worker, attempt = task.attempts, "task handed to a teia worker");
-        let answer = match lend(master, &worker, &task, &path, &mut stream).await {
+        let answer = match lend(master, &worker, &task, &path, &mut stream, &self.traffic).await {
             Ok(()) => json!({"ok": true}),
             Err(e) => {
                 if let Some(name) = master.give_back(&worker) {
@@ -260,6 +260,7 @@ impl Engine {
         let archive = work.join("task.zip");
         // A work file: lost with the node, the task goes to another anyway.
         receive_file(stream, size, &archive, false).await?;
+        self.traffic.fetched(size);
         tracing::info!(%task, %owner, "script task running here");
         let (folder, result) = (work.join("run"), work.join("result.zip"));
         let run = crate::script::run_task(
@@ -301,6 +302,7 @@ impl Engine {
             .await
             .map_err(TransferError::from)?;
         send_within(stream, &mut file, size).await?;
+        self.traffic.served(size);
         let answer = read_head(stream, RESULT_WAIT).await?;
         if answer.get("ok").is_some() {
             tracing::info!(%task, %owner, "script task's result delivered");
@@ -322,6 +324,7 @@ async fn lend(
     task: &Task,
     path: &std::path::Path,
     stream: &mut DataStream,
+    traffic: &Traffic,
 ) -> Result<(), LendError> {
     let mut file = std::fs::File::open(path).map_err(LendError::TaskUnreadable)?;
     let size = file.metadata()?.len();
@@ -330,6 +333,7 @@ async fn lend(
         .await
         .map_err(TransferError::from)?;
     send_within(stream, &mut file, size).await?;
+    traffic.served(size);
     let silence = Duration::from_millis(REMOTE_LEASE_MS);
     loop {
         let said = read_head(stream, silence).await?;
@@ -354,6 +358,7 @@ async fn lend(
             let _ = std::fs::remove_file(&partial);
             return Err(e.into());
         }
+        traffic.fetched(size);
         if zip::ZipArchive::new(std::fs::File::open(&partial)?).is_err() {
             let _ = std::fs::remove_file(&partial);
             return Err(LendError::NotZip);

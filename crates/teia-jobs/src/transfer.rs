@@ -161,13 +161,13 @@ pub(crate) async fn read_sized(stream: &mut DataStream) -> Result<Vec<u8>, Trans
     Ok(bytes)
 }
 
-/// Fetches `blob` on `stream` into `to`, checking its BLAKE3 hash.
+/// Fetches `blob` on `stream` into `to`, checking its BLAKE3 hash; returns its size.
 pub(crate) async fn fetch_blob(
     stream: &mut DataStream,
     blob: &str,
     to: &Path,
     proof: Option<String>,
-) -> Result<(), TransferError> {
+) -> Result<u64, TransferError> {
     let request = serde_json::json!({"blob": blob, "proof": proof});
     stream.write_all(format!("{request}\n").as_bytes()).await?;
     let size = read_size(stream).await?;
@@ -176,7 +176,7 @@ pub(crate) async fn fetch_blob(
         let _ = std::fs::remove_file(to);
         return Err(TransferError::HashMismatch);
     }
-    Ok(())
+    Ok(size)
 }
 
 /// Reads `size` bytes from `stream` into a new file at `to` (flushed to disk when

@@ -207,6 +207,9 @@ pub struct Snapshot {
     pub queued_bytes: usize,
     /// Bytes in the fullest link's write queue (bounded by [`LINK_QUEUE_BYTES`]).
     pub fullest_queue_bytes: usize,
+    /// Bytes in each neighbour's write queue, by peer id (each bounded by
+    /// [`LINK_QUEUE_BYTES`]).
+    pub queue_bytes_by_peer: Vec<(String, usize)>,
 }
 
 enum Command {
@@ -1558,8 +1561,17 @@ impl Driver {
                 let _ = reply.send(self.node.request_metrics(&peer));
             }
             Command::Snapshot(reply) => {
+                let neighbours = self.node.neighbours();
+                let queue_bytes_by_peer = neighbours
+                    .iter()
+                    .filter_map(|n| {
+                        let tasks = self.links.get(&n.link)?;
+                        Some((n.peer.clone(), tasks.shared.queued.load(Ordering::Relaxed)))
+                    })
+                    .collect();
                 let _ = reply.send(Snapshot {
-                    neighbours: self.node.neighbours(),
+                    neighbours,
+                    queue_bytes_by_peer,
                     routes: self.node.routes(now),
                     known: self.node.known_peers(),
                     counters: self.node.counters(),

@@ -344,6 +344,8 @@ fn every_route_of_the_services_api_answers() {
         "teia_service_bytes_total{service=\"files\",direction=\"in\"} 3000000",
         "teia_sandbox_failures_total 0",
         "teia_link_queue_bytes_max 1048576",
+        "teia_link_queue_bytes{peer=\"bob@api\"} ",
+        "teia_chat_history_dropped_total 0",
     ] {
         assert!(text.contains(series), "no {series} in:\n{text}");
     }

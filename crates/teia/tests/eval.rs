@@ -1283,6 +1283,17 @@ fn failed_tests_run_again_on_another_node_of_the_cluster() {
         .and_then(|f| f["output"].as_str())
         .unwrap_or_else(|| panic!("{detail}"));
     assert!(why.contains("assert 2 == 1"), "{detail}");
+    // The owner served the project (and its ledger) to the other node: counted as the
+    // job engine's bytes.
+    let text = metrics(&addr, owner.data_dir());
+    let served = text
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("teia_service_bytes_total{service=\"jobs\",direction=\"out\"} ")
+        })
+        .and_then(|n| n.parse::<u64>().ok())
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(served > 0, "{text}");
 }
 
 /// The result cache and the modules' durations are the cluster's: a node that replicated

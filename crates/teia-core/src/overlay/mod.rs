@@ -642,6 +642,8 @@ pub struct Counters {
 pub struct NeighbourInfo {
     /// Its peer id.
     pub peer: String,
+    /// The link to it.
+    pub link: LinkId,
     /// Connected address.
     pub addr: SocketAddr,
     /// Whether it dialed us.
@@ -848,6 +850,7 @@ impl Node {
                 let link = self.links.get(id)?;
                 Some(NeighbourInfo {
                     peer: peer.clone(),
+                    link: *id,
                     addr: link.addr,
                     inbound: link.inbound,
                     rtt: link.keep_alive.rtt(),

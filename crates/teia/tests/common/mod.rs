@@ -630,6 +630,25 @@ pub fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
+/// The node's `/metrics` text at the HTTP API `addr`, asked with its token (from its data
+/// folder `data_dir`).
+pub fn metrics(addr: &str, data_dir: &Path) -> String {
+    let token = std::fs::read_to_string(data_dir.join("http-token")).unwrap();
+    let mut stream = std::net::TcpStream::connect(addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let head = format!(
+        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
+        token.trim()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    let mut answer = String::new();
+    stream.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    answer
+}
+
 /// A JSON body POSTed to `path`.
 pub fn post_json(addr: &str, path: &str, body: &Value) -> (u16, Value) {
     http(
