@@ -12,8 +12,6 @@ use serde_json::json;
 use teia_core::identity::Identity;
 use teia_core::overlay::{Config as OverlayConfig, Event};
 use teia_node::node::{start, NodeConfig, NodeEvent, NodeHandle};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
 
 use crate::load::mix;
@@ -320,11 +318,14 @@ async fn pub_rate(args: &Args, security: Security, relay: bool) -> anyhow::Resul
     } else {
         receiver.addr
     };
-    let sender = spawn_node("source", vec![first_hop], 0, store("source"), security).await?;
+    let mut sender = spawn_node("source", vec![first_hop], 0, store("source"), security).await?;
     match &mut middle {
         Some(node) => wait_links(node, 1).await?,
         None => wait_links(&mut receiver, 1).await?,
     }
+    // Up on both ends: a PUB goes to the links its node has, and the dialer's link is up
+    // only once the answer to its HELLO came.
+    wait_links(&mut sender, 1).await?;
     let started = Instant::now();
     // Several publishing tasks, as an application with several things to say has: the node
     // signs what they publish in one turn as one batch.
@@ -333,11 +334,14 @@ async fn pub_rate(args: &Args, security: Security, relay: bool) -> anyhow::Resul
             let handle = sender.handle.clone();
             let payload = payload.clone();
             tokio::spawn(async move {
+                let mut ids = Vec::new();
                 for _ in 0..count / PUBLISHERS {
-                    if handle.send("*", json!(payload)).await.is_err() {
-                        return;
+                    match handle.send("*", json!(payload)).await {
+                        Ok(id) => ids.push(id),
+                        Err(e) => return (ids, Some(e.to_string())),
                     }
                 }
+                (ids, None)
             })
         })
         .collect();
@@ -346,10 +350,12 @@ async fn pub_rate(args: &Args, security: Security, relay: bool) -> anyhow::Resul
     // arrives until the flow stops.
     let count = count / PUBLISHERS * PUBLISHERS;
     let mut delivered = 0;
+    let mut seen = std::collections::HashSet::new();
     let mut last = started;
     while delivered < count {
         match tokio::time::timeout(Duration::from_secs(2), receiver.events.recv()).await {
-            Ok(Some((at, Event::Message { .. }))) => {
+            Ok(Some((at, Event::Message { msg_id, .. }))) => {
+                seen.insert(msg_id);
                 delivered += 1;
                 last = at;
             }
@@ -359,8 +365,34 @@ async fn pub_rate(args: &Args, security: Security, relay: bool) -> anyhow::Resul
             Err(_) => bail!("no PUB arrived"),
         }
     }
-    for publisher in publishers {
-        publisher.await?;
+    let mut refused = Vec::new();
+    let mut missing = Vec::new();
+    for (index, publisher) in publishers.into_iter().enumerate() {
+        let (ids, error) = publisher.await?;
+        refused.extend(error);
+        let sent = ids.len();
+        for (position, id) in ids.into_iter().enumerate() {
+            if !seen.contains(&id) && missing.len() < 5 {
+                missing.push(format!("{id} (publisher {index}, {position} of {sent})"));
+            }
+        }
+    }
+    if delivered < count {
+        // Say where the missing ones went.
+        let said = sender.handle.snapshot().await?.counters;
+        let heard = receiver.handle.snapshot().await?.counters;
+        println!(
+            "  {security:?}: {} of {count} missing; source sent {} lines, dropped {}; sink \
+             received {}, duplicates {}, errors {}, forged {}, delivered {}; publishers refused: {refused:?}; first missing: {missing:?}",
+            count - delivered,
+            said.sent,
+            said.dropped,
+            heard.received,
+            heard.duplicates,
+            heard.errors,
+            heard.forged,
+            heard.delivered
+        );
     }
     let rate = delivered as f64 / last.duration_since(started).as_secs_f64();
     let _ = sender.handle.shutdown().await;
@@ -381,37 +413,50 @@ struct PubRate {
     delivered: usize,
 }
 
-/// Lines per second from one writer to one line-reading reader over loopback TCP, one
-/// `write` per line as teia writes them.
+/// Lines per second from one writer to one line-reading reader (that parses each as JSON)
+/// over loopback TCP, the writer's lines coalesced into writes of up to
+/// [`teia_node::node::COALESCE_MAX`] bytes as a teia link coalesces them; each end on a
+/// thread of its own with blocking sockets, as two processes would be. (One `write` per
+/// line made the figure hang on scheduling: from 74,000 to 422,000 lines/s between runs, as
+/// every write woke the reader, or not.)
 async fn raw_lines(line: Vec<u8>, count: usize) -> anyhow::Result<f64> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let reader = tokio::spawn(async move {
-        let (stream, _) = listener.accept().await?;
-        let mut lines = tokio::io::BufReader::new(stream);
-        let mut buffer = Vec::new();
-        let mut seen = 0;
-        while seen < count {
-            buffer.clear();
-            if lines.read_until(b'\n', &mut buffer).await? == 0 {
-                break;
+    tokio::task::spawn_blocking(move || {
+        use std::io::{BufRead, Write};
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let reader = std::thread::spawn(move || {
+            let (stream, _) = listener.accept()?;
+            let mut lines =
+                std::io::BufReader::with_capacity(teia_node::node::COALESCE_MAX, stream);
+            let mut buffer = Vec::new();
+            let mut seen = 0;
+            while seen < count {
+                buffer.clear();
+                if lines.read_until(b'\n', &mut buffer)? == 0 {
+                    break;
+                }
+                let _: serde_json::Value = serde_json::from_slice(&buffer)?;
+                seen += 1;
             }
-            let _: serde_json::Value = serde_json::from_slice(&buffer)?;
-            seen += 1;
+            anyhow::Ok((seen, Instant::now()))
+        });
+        let stream = std::net::TcpStream::connect(addr)?;
+        stream.set_nodelay(true)?;
+        let mut stream = std::io::BufWriter::with_capacity(teia_node::node::COALESCE_MAX, stream);
+        let started = Instant::now();
+        for _ in 0..count {
+            stream.write_all(&line)?;
         }
-        anyhow::Ok((seen, Instant::now()))
-    });
-    let mut stream = TcpStream::connect(addr).await?;
-    stream.set_nodelay(true)?;
-    let started = Instant::now();
-    for _ in 0..count {
-        stream.write_all(&line).await?;
-    }
-    let (seen, finished) = reader.await??;
-    if seen < count {
-        bail!("raw reader saw {seen} of {count} lines");
-    }
-    Ok(count as f64 / finished.duration_since(started).as_secs_f64())
+        stream.flush()?;
+        let (seen, finished) = reader
+            .join()
+            .map_err(|_| anyhow::anyhow!("the raw reader panicked"))??;
+        if seen < count {
+            bail!("raw reader saw {seen} of {count} lines");
+        }
+        Ok(count as f64 / finished.duration_since(started).as_secs_f64())
+    })
+    .await?
 }
 
 /// A random mesh: node i dials two earlier nodes; each keeps up to 4 neighbours.

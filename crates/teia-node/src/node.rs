@@ -90,7 +90,7 @@ pub const EVENTS: usize = 4096;
 /// Inputs handled in a row before the driver carries out the resulting actions.
 const INPUT_BATCH: usize = 64;
 /// Bytes written in one `write` at most when a link coalesces lines.
-const COALESCE_MAX: usize = 64 * 1024;
+pub const COALESCE_MAX: usize = 64 * 1024;
 /// Bytes of what a link first receives handed to the core, to name a failed handshake.
 const FIRST_BYTES: usize = 256;
 /// Wait before asking a rendezvous again that refused a DISCOVER as not yet registered.
@@ -1028,10 +1028,18 @@ impl Driver {
                     // Take what else is already waiting, so that the messages of one turn
                     // are signed as one batch.
                     let mut batch = vec![command];
-                    while batch.len() < INPUT_BATCH {
-                        match commands.try_recv() {
-                            Ok(more) => batch.push(Some(more)),
-                            Err(_) => break,
+                    // Twice: once at once, then once more after letting the tasks just
+                    // woken by the last turn's replies run, so that senders who keep
+                    // sending share a signature rather than each paying for one.
+                    for round in 0..2 {
+                        if round == 1 {
+                            tokio::task::yield_now().await;
+                        }
+                        while batch.len() < INPUT_BATCH {
+                            match commands.try_recv() {
+                                Ok(more) => batch.push(Some(more)),
+                                Err(_) => break,
+                            }
                         }
                     }
                     let mut replies = Vec::new();
