@@ -23,7 +23,7 @@ pub struct Args {
     #[arg(long, default_value_t = 200)]
     sends: usize,
     /// PUBs in the throughput measurement.
-    #[arg(long, default_value_t = 20_000)]
+    #[arg(long, default_value_t = 100_000)]
     pubs: usize,
     /// Nodes in the mesh.
     #[arg(long, default_value_t = 100)]
@@ -326,6 +326,14 @@ async fn pub_rate(args: &Args, security: Security, relay: bool) -> anyhow::Resul
     // Up on both ends: a PUB goes to the links its node has, and the dialer's link is up
     // only once the answer to its HELLO came.
     wait_links(&mut sender, 1).await?;
+    if let Some(node) = &mut middle {
+        // The relay's application hears each PUB too (it is addressed to everyone), and
+        // reads what it hears, as a `teia node` does: a node whose application stops
+        // reading holds back what it relays rather than lose what it was told.
+        let (_, idle) = mpsc::channel(1);
+        let mut heard = std::mem::replace(&mut node.events, idle);
+        tokio::spawn(async move { while heard.recv().await.is_some() {} });
+    }
     let started = Instant::now();
     // Several publishing tasks, as an application with several things to say has: the node
     // signs what they publish in one turn as one batch.
@@ -381,6 +389,19 @@ async fn pub_rate(args: &Args, security: Security, relay: bool) -> anyhow::Resul
         // Say where the missing ones went.
         let said = sender.handle.snapshot().await?.counters;
         let heard = receiver.handle.snapshot().await?.counters;
+        if let Some(node) = &middle {
+            let relayed = node.handle.snapshot().await?.counters;
+            println!(
+                "  relay: received {}, forwarded {}, sent {}, dropped {}, duplicates {}, errors {}, forged {}",
+                relayed.received,
+                relayed.forwarded,
+                relayed.sent,
+                relayed.dropped,
+                relayed.duplicates,
+                relayed.errors,
+                relayed.forged
+            );
+        }
         println!(
             "  {security:?}: {} of {count} missing; source sent {} lines, dropped {}; sink \
              received {}, duplicates {}, errors {}, forged {}, delivered {}; publishers refused: {refused:?}; first missing: {missing:?}",

@@ -520,6 +520,13 @@ impl Message {
     /// Reads a message from a JSON object, liberally: numbers as strings, missing optional
     /// fields, `code` for `error`, a bare namespace as a PUB destination.
     pub fn from_object(object: &Map<String, Value>) -> Result<Self, ParseError> {
+        Self::read(object, object.get("payload").cloned())
+    }
+
+    /// [`Message::from_object`], the payload of a SEND or PUB given apart (moved out of
+    /// the object rather than copied).
+    fn read(object: &Map<String, Value>, payload: Option<Value>) -> Result<Self, ParseError> {
+        let payload = payload.unwrap_or(Value::Null);
         let reader = Reader(object);
         let Some(kind) = message_type(object) else {
             // Some course servers answer with a bare {"status":"ERROR",...}.
@@ -535,9 +542,9 @@ impl Message {
             "PONG" => Self::Pong(reader.ping()?),
             "BYE" => Self::Bye(reader.bye()),
             "BYE_OK" => Self::ByeOk(reader.bye()),
-            "SEND" => Self::Send(reader.data(true)?),
+            "SEND" => Self::Send(reader.data(true, payload)?),
             "PUB" => {
-                let mut data = reader.data(false)?;
+                let mut data = reader.data(false, payload)?;
                 if !data.dst.starts_with('#') && data.dst != "*" && !data.dst.contains('@') {
                     data.dst = format!("#{}", data.dst);
                 }
@@ -640,11 +647,12 @@ impl Message {
 
     /// Parses a line already known to be a JSON object.
     pub fn parse(line: &[u8]) -> Result<Self, ParseError> {
-        let object = crate::codec::parse_object(line).map_err(|e| ParseError {
+        let mut object = crate::codec::parse_object(line).map_err(|e| ParseError {
             msg_id: None,
             detail: e.to_string(),
         })?;
-        Self::from_object(&object)
+        let payload = object.get_mut("payload").map(Value::take);
+        Self::read(&object, payload)
     }
 }
 
@@ -753,12 +761,12 @@ impl Reader<'_> {
         }
     }
 
-    fn data(&self, require_ack: bool) -> Result<Data, ParseError> {
+    fn data(&self, require_ack: bool, payload: Value) -> Result<Data, ParseError> {
         Ok(Data {
             msg_id: self.required("msg_id")?,
             src: self.required("src")?,
             dst: self.required("dst")?,
-            payload: self.0.get("payload").cloned().unwrap_or(Value::Null),
+            payload,
             require_ack: self
                 .0
                 .get("require_ack")

@@ -2,13 +2,17 @@
 //! the oldest id is forgotten when full, so memory stays fixed however much traffic passes.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, Hash, Hasher, RandomState};
 
-/// Recently seen ids, at most `capacity` of them.
+/// Recently seen ids, at most `capacity` of them, each kept as a 128-bit hash keyed at
+/// random for this set (no allocation per id; two ids collide with a chance of 2^-128, and
+/// a peer cannot aim for it without the key).
 #[derive(Debug)]
 pub struct SeenIds {
     capacity: usize,
-    set: HashSet<String>,
-    order: VecDeque<String>,
+    key: RandomState,
+    set: HashSet<u128>,
+    order: VecDeque<u128>,
 }
 
 impl SeenIds {
@@ -16,14 +20,34 @@ impl SeenIds {
     pub fn new(capacity: usize) -> Self {
         Self {
             capacity: capacity.max(1),
+            key: RandomState::new(),
             set: HashSet::new(),
             order: VecDeque::new(),
         }
     }
 
+    /// The keyed hash of `kind` and `id` together.
+    fn digest(&self, kind: &str, id: &str) -> u128 {
+        let half = |salt: u8| {
+            let mut hasher = self.key.build_hasher();
+            salt.hash(&mut hasher);
+            kind.hash(&mut hasher);
+            id.hash(&mut hasher);
+            hasher.finish()
+        };
+        u128::from(half(0)) << 64 | u128::from(half(1))
+    }
+
     /// Records `id`; returns false when it was already there (a duplicate).
     pub fn insert(&mut self, id: &str) -> bool {
-        if self.set.contains(id) {
+        self.insert_kind("", id)
+    }
+
+    /// Records `id` of messages of `kind` (ids of different kinds never meet); returns
+    /// false when it was already there (a duplicate).
+    pub fn insert_kind(&mut self, kind: &str, id: &str) -> bool {
+        let digest = self.digest(kind, id);
+        if self.set.contains(&digest) {
             return false;
         }
         if self.order.len() >= self.capacity {
@@ -31,14 +55,19 @@ impl SeenIds {
                 self.set.remove(&old);
             }
         }
-        self.set.insert(id.to_owned());
-        self.order.push_back(id.to_owned());
+        self.set.insert(digest);
+        self.order.push_back(digest);
         true
     }
 
     /// True when `id` is remembered.
     pub fn contains(&self, id: &str) -> bool {
-        self.set.contains(id)
+        self.contains_kind("", id)
+    }
+
+    /// True when `id` of messages of `kind` is remembered.
+    pub fn contains_kind(&self, kind: &str, id: &str) -> bool {
+        self.set.contains(&self.digest(kind, id))
     }
 
     /// Ids remembered.

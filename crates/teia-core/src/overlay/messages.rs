@@ -175,8 +175,7 @@ impl Node {
     }
 
     pub(super) fn on_pub(&mut self, now: Instant, link: LinkId, mut data: Data) {
-        let seen_key = format!("PUB:{}", data.msg_id);
-        if self.seen.contains(&seen_key) {
+        if self.seen.contains_kind("PUB", &data.msg_id) {
             self.counters.duplicates += 1;
             return;
         }
@@ -187,7 +186,7 @@ impl Node {
         };
         let auth = self.vouch(link, &origin, auth);
         data.auth = auth;
-        self.seen.insert(&seen_key);
+        self.seen.insert_kind("PUB", &data.msg_id);
         self.learn_reverse(now, link, &data.src, data.ttl);
         let cast = if data.dst == "*" {
             Some(Cast::Broadcast)
@@ -287,7 +286,7 @@ impl Node {
     }
 
     pub(super) fn on_who_has(&mut self, now: Instant, link: LinkId, who: WhoHas) {
-        if !self.seen.insert(&format!("WHO_HAS:{}", who.msg_id)) {
+        if !self.seen.insert_kind("WHO_HAS", &who.msg_id) {
             self.counters.duplicates += 1;
             return;
         }
@@ -337,7 +336,7 @@ impl Node {
             }
             return;
         }
-        if !self.seen.insert(&format!("HIT:{}", hit.msg_id)) {
+        if !self.seen.insert_kind("HIT", &hit.msg_id) {
             self.counters.duplicates += 1;
             return;
         }
@@ -618,7 +617,7 @@ impl Node {
             dst: dst.clone(),
             ttl: self.config.default_ttl,
         });
-        self.seen.insert(&format!("WHO_HAS:{msg_id}"));
+        self.seen.insert_kind("WHO_HAS", &msg_id);
         self.flood(&who, None, feature::WHO_HAS);
         self.discoveries.insert(
             dst,

@@ -1143,7 +1143,7 @@ impl Node {
         if !fits_signed(&Message::Pub(data.clone())) {
             return Err(ApiError::TooLarge);
         }
-        self.seen.insert(&format!("PUB:{msg_id}"));
+        self.seen.insert_kind("PUB", &msg_id);
         self.defer(origin::Deferred::Pub(data));
         Ok(msg_id)
     }

@@ -23,7 +23,7 @@ impl Node {
     pub fn query(&mut self, now: Instant, service: &str, body: Value, ttl: u32) -> String {
         self.now = now;
         let query_id = self.new_id();
-        self.seen.insert(&format!("QUERY:{query_id}"));
+        self.seen.insert_kind("QUERY", &query_id);
         self.own_queries.insert(&query_id, service.to_owned());
         let query = Message::Query(Query {
             query_id: query_id.clone(),
@@ -66,7 +66,7 @@ impl Node {
     }
 
     pub(super) fn on_query(&mut self, now: Instant, link: LinkId, query: Query) {
-        if self.is_course_link(link) || !self.seen.insert(&format!("QUERY:{}", query.query_id)) {
+        if self.is_course_link(link) || !self.seen.insert_kind("QUERY", &query.query_id) {
             self.counters.duplicates += 1;
             return;
         }
