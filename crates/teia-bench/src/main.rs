@@ -15,10 +15,6 @@ mod web;
 
 use clap::{Parser, Subcommand};
 
-/// The allocator the `teia` binary uses, so that in-process nodes allocate as it does.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// Load generators for teia, each compared against a reference measured in the same run.
 #[derive(Debug, Parser)]
 #[command(name = "teia-bench", version, about)]

@@ -11,11 +11,6 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-/// mimalloc: the message layer allocates per message from several threads, where glibc's
-/// allocator spent a quarter of the time (and its locks' wake-ups) in the PUB benchmark.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> std::process::ExitCode {
     // Descriptors inherited from whoever started teia (a lock, a socket) are no one else's
     // business: none reaches a task, an interpreter or a tool the node starts.
