@@ -149,26 +149,6 @@ fn a_keyed_node_without_the_secret_is_no_member_and_runs_nothing() {
     assert!(!stats.to_string().contains(&stranger.addr()), "{stats}");
 }
 
-/// One raw HTTP/1.1 request to `addr` with `headers` (lines, each ending in CRLF) and
-/// `body`: the status.
-fn raw_request(addr: &str, head: &str, headers: &str, body: &[u8]) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let request = format!(
-        "{head} HTTP/1.1\r\n{headers}Connection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    );
-    stream.write_all(request.as_bytes()).unwrap();
-    stream.write_all(body).unwrap();
-    let mut answer = Vec::new();
-    stream.read_to_end(&mut answer).unwrap();
-    let text = String::from_utf8_lossy(&answer).into_owned();
-    (text[9..12].parse().unwrap(), text)
-}
-
 /// What a web page can make a browser send is refused before any code runs: a cross-site
 /// multipart POST (no preflight) is answered 403 and starts no evaluation, a DNS-rebound
 /// `Host` reads nothing (401); the same requests with the node's token (from its data

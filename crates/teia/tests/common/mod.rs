@@ -610,22 +610,30 @@ impl CourseClient {
     }
 }
 
-/// One HTTP request with `Connection: close`; the status and the body as JSON.
-pub fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+/// One raw HTTP/1.1 request to `addr` (`head`: method and path) with `headers` (lines,
+/// each ending in CRLF) and `body`, with `Connection: close`: the status and the whole
+/// answer, head included.
+pub fn raw_request(addr: &str, head: &str, headers: &str, body: &[u8]) -> (u16, String) {
     let mut stream = std::net::TcpStream::connect(addr).unwrap();
     stream
         .set_read_timeout(Some(Duration::from_secs(60)))
         .unwrap();
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+    let request = format!(
+        "{head} HTTP/1.1\r\n{headers}Connection: close\r\nContent-Length: {}\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(request.as_bytes()).unwrap();
     stream.write_all(body).unwrap();
     let mut answer = Vec::new();
     stream.read_to_end(&mut answer).unwrap();
-    let text = String::from_utf8_lossy(&answer);
-    let status = text[9..12].parse().unwrap();
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    (text[9..12].parse().unwrap(), text)
+}
+
+/// One HTTP request with `Connection: close`; the status and the body as JSON.
+pub fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, Value) {
+    let headers = format!("Host: {addr}\r\nContent-Type: {content_type}\r\n");
+    let (status, text) = raw_request(addr, &format!("{method} {path}"), &headers, body);
     let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
@@ -634,18 +642,9 @@ pub fn http(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8
 /// folder `data_dir`).
 pub fn metrics(addr: &str, data_dir: &Path) -> String {
     let token = std::fs::read_to_string(data_dir.join("http-token")).unwrap();
-    let mut stream = std::net::TcpStream::connect(addr).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(60)))
-        .unwrap();
-    let head = format!(
-        "GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nAuthorization: Bearer {}\r\n\r\n",
-        token.trim()
-    );
-    stream.write_all(head.as_bytes()).unwrap();
-    let mut answer = String::new();
-    stream.read_to_string(&mut answer).unwrap();
-    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    let headers = format!("Host: {addr}\r\nAuthorization: Bearer {}\r\n", token.trim());
+    let (status, answer) = raw_request(addr, "GET /metrics", &headers, b"");
+    assert_eq!(status, 200, "{answer}");
     answer
 }
 
